@@ -1,0 +1,232 @@
+"""Checkpoints in, params out: HF safetensors directories, GGUF files, and jaxinfer's own (orbax).
+
+Every source is turned into HF-named tensors first; one table (`hf_layout`) says, for each of our
+params, which HF tensor it comes from, that tensor's shape, and how to lay it out. A missing,
+extra or mis-shaped tensor is an error naming the tensor and both shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.model import Model, abstract_params, resolve_dtype
+
+FORMAT_FILE = "jaxinfer.json"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+# HF names that carry no weights of ours (derived buffers some checkpoints include).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One param: where it sits in our tree, its HF name and shape, and whether to transpose."""
+
+    path: tuple[str, ...]
+    hf_name: str
+    hf_shape: tuple[int, ...]
+    transpose: bool  # HF linear weights are [out, in]; ours are [in, ...out]
+
+
+def hf_layout(cfg: ModelConfig) -> list[Entry]:
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    nh, kh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    entries = [Entry(("embed",), "model.embed_tokens.weight", (v, d), False),
+               Entry(("final_norm", "scale"), "model.norm.weight", (d,), False)]
+    if not cfg.tie_word_embeddings:
+        entries.append(Entry(("lm_head",), "lm_head.weight", (v, d), True))
+    for i in range(cfg.num_layers):
+        entries += _layer_layout(cfg, i, d, f, nh, kh)
+    return entries
+
+
+def _layer_layout(cfg: ModelConfig, i: int, d: int, f: int, nh: int, kh: int) -> list[Entry]:
+    ours, hf = f"layers_{i}", f"model.layers.{i}"
+    entries = [
+        Entry((ours, "attn_norm", "scale"), f"{hf}.input_layernorm.weight", (d,), False),
+        Entry((ours, "mlp_norm", "scale"), f"{hf}.post_attention_layernorm.weight", (d,), False),
+        Entry((ours, "attn", "q"), f"{hf}.self_attn.q_proj.weight", (nh, d), True),
+        Entry((ours, "attn", "k"), f"{hf}.self_attn.k_proj.weight", (kh, d), True),
+        Entry((ours, "attn", "v"), f"{hf}.self_attn.v_proj.weight", (kh, d), True),
+        Entry((ours, "attn", "o"), f"{hf}.self_attn.o_proj.weight", (d, nh), True),
+        Entry((ours, "mlp", "gate"), f"{hf}.mlp.gate_proj.weight", (f, d), True),
+        Entry((ours, "mlp", "up"), f"{hf}.mlp.up_proj.weight", (f, d), True),
+        Entry((ours, "mlp", "down"), f"{hf}.mlp.down_proj.weight", (d, f), True),
+    ]
+    if cfg.qkv_bias:
+        entries += [Entry((ours, "attn", f"{x}_bias"), f"{hf}.self_attn.{x}_proj.bias", (n,), False)
+                    for x, n in (("q", nh), ("k", kh), ("v", kh))]
+    if cfg.o_bias:
+        entries.append(Entry((ours, "attn", "o_bias"), f"{hf}.self_attn.o_proj.bias", (d,), False))
+    return entries
+
+
+def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, Any], dtype) -> dict:
+    """HF-named tensors -> our params pytree in `dtype`, every name and shape checked."""
+    dtype = resolve_dtype(dtype)
+    layout = hf_layout(cfg)
+    _check_names(cfg, layout, tensors)
+    shapes, _ = abstract_params(cfg, dtype)
+    params: dict = {}
+    for e in layout:
+        x = tensors[e.hf_name]
+        if tuple(x.shape) != e.hf_shape:
+            raise ValueError(f"tensor {e.hf_name} has shape {tuple(x.shape)}, expected {e.hf_shape}")
+        target = _get(shapes, e.path)
+        x = jnp.asarray(x)
+        x = (x.T if e.transpose else x).reshape(target.shape).astype(dtype)
+        _set(params, e.path, x)
+    return params
+
+
+def _check_names(cfg: ModelConfig, layout: list[Entry], tensors: Mapping[str, Any]) -> None:
+    expected = {e.hf_name for e in layout}
+    missing = sorted(expected - set(tensors))
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
+    extra = sorted(n for n in set(tensors) - expected if not n.endswith(IGNORED_SUFFIXES)
+                   and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if extra:
+        raise ValueError(f"checkpoint has {len(extra)} unexpected tensor(s): {', '.join(extra[:8])}")
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def load_model(path: str | os.PathLike | None = None, *, dtype="bfloat16") -> Model:
+    """Loads an HF directory, a `.gguf` file or a jaxinfer checkpoint; None = the default model."""
+    dtype = resolve_dtype(dtype)
+    path = pathlib.Path(path) if path is not None else ensure_default_model()
+    if not path.exists():
+        raise ValueError(f"model path {str(path)!r} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, dtype)
+    if path.is_dir() and (path / FORMAT_FILE).exists():
+        return _load_jaxinfer(path, dtype)
+    if path.is_dir() and (path / "config.json").exists():
+        return _load_hf(path, dtype)
+    raise ValueError(f"{str(path)!r} is not a model: expected an HF directory with config.json, "
+                     f"a .gguf file, or a jaxinfer checkpoint directory with {FORMAT_FILE}")
+
+
+def _load_hf(path: pathlib.Path, dtype) -> Model:
+    cfg = ModelConfig.from_json_file(path / "config.json")
+    params = params_from_hf(cfg, _read_safetensors(path), dtype)
+    return Model(cfg, params, _hf_tokenizer(path), dtype)
+
+
+def _read_safetensors(path: pathlib.Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {str(path)!r} (only safetensors are supported)")
+    tensors = {}
+    for name in files:
+        with safe_open(path / name, framework="flax") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def _hf_tokenizer(path: pathlib.Path):
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _load_gguf(path: pathlib.Path, dtype) -> Model:
+    from jaxinfer.gguf import gguf_tokenizer, read_gguf
+
+    hf_config, tensors = read_gguf(path)
+    cfg = ModelConfig.from_hf(hf_config)
+    return Model(cfg, params_from_hf(cfg, tensors, dtype), gguf_tokenizer(path), dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# jaxinfer's own checkpoints (orbax)
+
+
+def save_checkpoint(model: Model, path: str | os.PathLike) -> pathlib.Path:
+    """Writes `jaxinfer.json` (config, dtype), `params/` (orbax) and `tokenizer/` under `path`."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"checkpoint directory {str(path)!r} exists and is not empty")
+    path.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path / "params", model.params)
+    checkpointer.wait_until_finished()
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(path / "tokenizer"))
+    meta = {"format": "jaxinfer", "version": 1, "dtype": jnp.dtype(model.dtype).name,
+            "config": model.config.to_dict()}
+    (path / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def _load_jaxinfer(path: pathlib.Path, dtype) -> Model:
+    import orbax.checkpoint as ocp
+
+    try:
+        meta = json.loads((path / FORMAT_FILE).read_text())
+        cfg = ModelConfig.from_dict(meta["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path / FORMAT_FILE} is not a valid jaxinfer checkpoint file: {e}") from e
+    shapes, _ = abstract_params(cfg, meta["dtype"])
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+    params = ocp.StandardCheckpointer().restore(path.absolute() / "params", target)
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    tokenizer = _hf_tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else None
+    return Model(cfg, params, tokenizer, dtype)
+
+
+def checkpoints_dir() -> pathlib.Path:
+    env = os.environ.get("JAXINFER_CHECKPOINTS")
+    return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def ensure_default_model() -> pathlib.Path:
+    """The default model's jaxinfer checkpoint, converted once from its GGUF (kept in f32: lossless)."""
+    target = checkpoints_dir() / DEFAULT_MODEL_NAME
+    if (target / FORMAT_FILE).exists():
+        return target
+    from jaxinfer.gguf import default_gguf_path
+
+    gguf = default_gguf_path()
+    print(f"jaxinfer: converting {gguf.name} once into {target}", file=sys.stderr, flush=True)
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    save_checkpoint(_load_gguf(gguf, jnp.float32), partial)
+    partial.rename(target)  # a conversion cut short never looks finished
+    return target

@@ -1,0 +1,230 @@
+"""Model configuration: a frozen, hashable dataclass built from an HF `config.json`.
+
+It is static under `jit` (hashable), so one compiled program serves one model shape. Every field
+is checked when the config is built; an unsupported `model_type` or field value raises a
+`ValueError` that names the field, so nothing the model cannot honour is silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+# model_type -> the HF architecture name of its causal LM.
+SUPPORTED_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling (HF `rope_scaling` / `rope_parameters`)."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope_scaling type {self.rope_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            )
+        if self.factor <= 0:
+            raise ValueError(f"rope_scaling factor must be > 0, got {self.factor}")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError("rope_scaling llama3 needs high_freq_factor > low_freq_factor")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder (letters as in DESIGN.md)."""
+
+    model_type: str
+    vocab_size: int  # V
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        for token in self.eos_token_ids:
+            if not 0 <= token < self.vocab_size:
+                raise ValueError(f"eos_token_id {token} is outside the vocabulary [0, {self.vocab_size})")
+
+    @property
+    def q_per_kv(self) -> int:  # G
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def num_params(self) -> int:
+        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else d * self.vocab_size
+        return self.num_layers * per_layer + self.vocab_size * d + head + d
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Inverse of `to_dict` (jaxinfer's own checkpoints)."""
+        data = dict(data)
+        if data.get("rope_scaling") is not None:
+            data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
+        return cls(**data)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Builds a config from an HF `config.json` dict; raises ValueError on what it can't honour."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"config must be a JSON object, got {type(hf).__name__}")
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        _check_architectures(hf, model_type)
+        _check_activation_and_bias(hf, model_type)
+        num_heads = _require(hf, "num_attention_heads")
+        hidden = _require(hf, "hidden_size")
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        max_pos = _require(hf, "max_position_embeddings")
+        _check_sliding_window(hf, model_type, max_pos)
+        qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=_require(hf, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_require(hf, "intermediate_size"),
+            num_layers=_require(hf, "num_hidden_layers"),
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            max_position_embeddings=max_pos,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=_rope_theta(hf),
+            rope_scaling=_rope_scaling(hf),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=_as_tuple(hf.get("eos_token_id")),
+        )
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from e
+        return cls.from_hf(data)
+
+
+def _require(hf: dict, key: str):
+    if key not in hf or hf[key] is None:
+        raise ValueError(f"config is missing the required field {key!r}")
+    return hf[key]
+
+
+def _as_tuple(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _check_architectures(hf: dict, model_type: str) -> None:
+    expected = SUPPORTED_MODEL_TYPES[model_type]
+    for arch in hf.get("architectures") or []:
+        if arch != expected:
+            raise ValueError(f"architecture {arch!r} is not supported for model_type {model_type!r} "
+                             f"(expected {expected!r})")
+
+
+def _check_activation_and_bias(hf: dict, model_type: str) -> None:
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
+    if hf.get("mlp_bias"):
+        raise ValueError("mlp_bias=True is not supported")
+
+
+def _check_sliding_window(hf: dict, model_type: str, max_pos: int) -> None:
+    """A window narrower than the context changes the model's output: refuse it, never ignore it."""
+    window = hf.get("sliding_window")
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        return  # Qwen2 configs carry a window value that is off unless use_sliding_window is set
+    if window is not None and window < max_pos:
+        raise ValueError(
+            f"sliding_window={window} (narrower than max_position_embeddings={max_pos}) is not "
+            "supported yet: the model's output would differ from its reference"
+        )
+
+
+def _rope_params(hf: dict) -> dict:
+    # transformers >= 5 folds rope_theta and rope_scaling into one `rope_parameters` dict.
+    return dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+
+
+def _rope_theta(hf: dict) -> float:
+    theta = hf.get("rope_theta", _rope_params(hf).get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def _rope_scaling(hf: dict) -> RopeScaling | None:
+    params = _rope_params(hf)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return None
+    fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
+    unknown = set(params) - fields - {"rope_type", "type", "rope_theta"}
+    if unknown:
+        raise ValueError(f"rope_scaling fields {sorted(unknown)} are not supported")
+    values = {k: v for k, v in params.items() if k in fields}
+    if "factor" in values and not math.isfinite(float(values["factor"])):
+        raise ValueError(f"rope_scaling factor must be finite, got {values['factor']}")
+    return RopeScaling(rope_type=rope_type, **values)

@@ -1,0 +1,164 @@
+"""The jitted static-batch `generate()`: prefill + a `lax.while_loop` of decode steps, one program.
+
+Prompts of different lengths sit right-padded in one [B, T] block at their true positions, so
+row b's first new token goes to slot len_b; every row then advances one slot per step. Junk that
+padding writes past len_b is overwritten before any query can see it (a query at p sees s <= p).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from jaxinfer.model import Model, check_token_range
+from jaxinfer.models.llama import Decoder, init_cache
+from jaxinfer.sampling import check_sampling, sample
+
+PAD = -1  # marks the slots of `out` after a row has stopped
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def prefill(decoder: Decoder, params, cache, tokens: Int[Array, "B T"], lengths: Int[Array, "B"]):
+    """Runs the prompts through an empty cache; returns last-prompt-token logits [B, V] and the cache."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits, cache = decoder.apply({"params": params}, tokens, positions, cache, prefill=True,
+                                  logits_at=lengths - 1)
+    return logits[:, 0], cache
+
+
+def decode_step(decoder: Decoder, params, cache, tokens: Int[Array, "B"], positions: Int[Array, "B"]):
+    """One new token per row at `positions`; returns its logits [B, V] and the cache."""
+    logits, cache = decoder.apply({"params": params}, tokens[:, None], positions[:, None], cache)
+    return logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("decoder", "out_len"), donate_argnames=("cache",))
+def _generate(decoder: Decoder, params, cache, tokens: Int[Array, "B T"], lengths: Int[Array, "B"],
+              max_new: Int[Array, ""], eos: Int[Array, "E"], temperature: Float[Array, "B"],
+              top_k: Int[Array, "B"], top_p: Float[Array, "B"], key: Array, out_len: int):
+    logits, cache = prefill(decoder, params, cache, tokens, lengths)
+    key, sub = jax.random.split(key)
+    first = sample(logits, sub, temperature, top_k, top_p)
+    out = jnp.full((tokens.shape[0], out_len), PAD, jnp.int32).at[:, 0].set(first)  # [B, out_len]
+    done = jnp.isin(first, eos)
+
+    def cond(state):
+        _, _, _, _, done, step, _ = state
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(state):
+        cache, out, token, pos, done, step, key = state
+        logits, cache = decode_step(decoder, params, cache, token, pos)
+        key, sub = jax.random.split(key)
+        token = sample(logits, sub, temperature, top_k, top_p)
+        out = out.at[:, step].set(jnp.where(done, PAD, token))
+        return cache, out, token, pos + 1, done | jnp.isin(token, eos), step + 1, key
+
+    state = (cache, out, first, lengths, done, jnp.int32(1), key)
+    cache, out, *_ = jax.lax.while_loop(cond, body, state)
+    return out, cache  # returning the cache lets it alias the donated input: no copy
+
+
+def check_prompts(model: Model, prompts, max_new_tokens: int) -> list[list[int]]:
+    """Validates a batch of token-id prompts against the model; returns them as lists of ints."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    cfg = model.config
+    checked = []
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {prompt!r:.80}")
+        check_token_range(ids, cfg)
+        if ids.size + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(
+                f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                f"the model's context of {cfg.max_position_embeddings} tokens")
+        checked.append([int(t) for t in ids])
+    return checked
+
+
+def _bucket_lengths(model: Model, longest: int, max_new_tokens: int) -> tuple[int, int]:
+    """Padded prompt length T and cache length S, rounded so that few shapes get compiled."""
+    t = round_up(longest, 64)
+    s = min(round_up(t + max_new_tokens, 256), round_up(model.config.max_position_embeddings, 64))
+    return t, max(s, t, longest + max_new_tokens)
+
+
+def _stop_ids(model: Model, stop_token_ids) -> np.ndarray:
+    ids = set(model.config.eos_token_ids) | set(stop_token_ids or ())
+    check_token_range(np.asarray(sorted(ids), dtype=np.int64), model.config)
+    return np.asarray(sorted(ids) or [PAD - 1], np.int32)  # a sentinel no token equals
+
+
+def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_token_ids: Sequence[int] | None = None, impl: str | None = None) -> list[list[int]]:
+    """Generates up to `max_new_tokens` after each prompt in one jitted program.
+
+    Args:
+      prompts: token-id lists of any lengths (each >= 1 token).
+      temperature: 0 = greedy; top_k 0 = off; top_p in (0, 1].
+      stop_token_ids: stop ids beside the model's own EOS ids.
+    Returns:
+      Each prompt's new tokens, ending with the stop token when one was produced.
+    """
+    prompts = check_prompts(model, prompts, max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
+    batch, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
+    t, s = _bucket_lengths(model, int(lengths.max()), max_new_tokens)
+    tokens = np.zeros((batch, t), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    cache = init_cache(model.config, batch, s, model.dtype)
+    rows = lambda x, dt: jnp.full((batch,), x, dt)  # noqa: E731
+    out, _ = _generate(model.decoder(impl), model.params, cache, jnp.asarray(tokens), jnp.asarray(lengths),
+                    jnp.int32(max_new_tokens), jnp.asarray(_stop_ids(model, stop_token_ids)),
+                    rows(temperature, jnp.float32), rows(top_k, jnp.int32), rows(top_p, jnp.float32),
+                    jax.random.key(seed), out_len=round_up(max_new_tokens, 32))
+    return [_trim(row[:max_new_tokens]) for row in np.asarray(out)]
+
+
+def _trim(row: np.ndarray) -> list[int]:
+    stop = np.flatnonzero(row == PAD)
+    return row[: stop[0] if stop.size else len(row)].tolist()
+
+
+_prefill_jit = jax.jit(prefill, static_argnames=("decoder",), donate_argnames=("cache",))
+_decode_jit = jax.jit(decode_step, static_argnames=("decoder",), donate_argnames=("cache",))
+_sample_jit = jax.jit(sample)
+
+
+def stream(model: Model, prompt: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+           stop_token_ids: Sequence[int] | None = None, impl: str | None = None) -> Iterator[int]:
+    """Yields one prompt's new tokens as they are made (the same steps as `generate`, host-driven)."""
+    (ids,) = check_prompts(model, [prompt], max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
+    stop = set(_stop_ids(model, stop_token_ids).tolist())
+    t, s = _bucket_lengths(model, len(ids), max_new_tokens)
+    tokens = jnp.asarray(np.pad(np.asarray([ids], np.int32), ((0, 0), (0, t - len(ids)))))
+    settings = (jnp.full((1,), temperature, jnp.float32), jnp.full((1,), top_k, jnp.int32),
+                jnp.full((1,), top_p, jnp.float32))
+    decoder, key = model.decoder(impl), jax.random.key(seed)
+    cache = init_cache(model.config, 1, s, model.dtype)
+    logits, cache = _prefill_jit(decoder, model.params, cache, tokens, jnp.asarray([len(ids)], jnp.int32))
+    for step in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        token = _sample_jit(logits, sub, *settings)
+        value = int(token[0])
+        yield value
+        if value in stop or step == max_new_tokens - 1:
+            return
+        logits, cache = _decode_jit(decoder, model.params, cache, token,
+                                    jnp.asarray([len(ids) + step], jnp.int32))

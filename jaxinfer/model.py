@@ -1,0 +1,90 @@
+"""`Model` (config + params + tokenizer) and the cache-free `forward`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from jaxinfer import attention
+from jaxinfer.config import ModelConfig
+from jaxinfer.models.llama import Decoder
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        return jnp.dtype(DTYPES[dtype])
+    dt = jnp.dtype(dtype)
+    if dt not in [jnp.dtype(d) for d in DTYPES.values()]:
+        raise ValueError(f"dtype {dt} is not one of {sorted(DTYPES)}")
+    return dt
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model. `params` is the Flax params pytree of `Decoder(config, dtype)`."""
+
+    config: ModelConfig
+    params: Any
+    tokenizer: Any = None
+    dtype: jnp.dtype = jnp.bfloat16
+    impl: str = dataclasses.field(default_factory=attention.default_impl)
+
+    def decoder(self, impl: str | None = None) -> Decoder:
+        return Decoder(self.config, self.dtype, attention.check_impl(impl or self.impl))
+
+
+def abstract_params(cfg: ModelConfig, dtype) -> tuple[Any, Any]:
+    """Shapes/dtypes of the params (ShapeDtypeStructs) and their logical axis names, no memory used."""
+    dec = Decoder(cfg, resolve_dtype(dtype))
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda: dec.init(jax.random.key(0), tokens, tokens))["params"]
+    return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def init_params(cfg: ModelConfig, dtype="bfloat16", seed: int = 0) -> Any:
+    """Random params (normal, std 0.02; norms at 1), initialised on the default device."""
+    dec = Decoder(cfg, resolve_dtype(dtype))
+
+    @jax.jit
+    def init(key):
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        return nn.meta.unbox(dec.init(key, tokens, tokens)["params"])
+    return init(jax.random.key(seed))
+
+
+@functools.partial(jax.jit, static_argnames=("decoder",))
+def _forward(decoder: Decoder, params, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    logits, _ = decoder.apply({"params": params}, tokens, positions)
+    return logits
+
+
+def forward(model: Model, token_ids, *, impl: str | None = None) -> Float[Array, "B T V"]:
+    """A plain causal forward with no cache. token_ids: int32 [B, T] -> f32 logits [B, T, V]."""
+    tokens = np.asarray(token_ids)
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"token_ids must be a non-empty [B, T] array, got shape {tokens.shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"token_ids must be integers, got {tokens.dtype}")
+    check_token_range(tokens, model.config)
+    if tokens.shape[1] > model.config.max_position_embeddings:
+        raise ValueError(f"{tokens.shape[1]} tokens exceed the context of "
+                         f"{model.config.max_position_embeddings}")
+    return _forward(model.decoder(impl), model.params, jnp.asarray(tokens, jnp.int32))
+
+
+def check_token_range(tokens: np.ndarray, cfg: ModelConfig) -> None:
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")

@@ -1,0 +1,85 @@
+"""Small layers shared by the decoders: parameter declaration, RMSNorm, rotary embedding, MLP."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from jaxinfer.config import ModelConfig, RopeScaling
+
+_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def declare(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+            dtype, init=_INIT) -> Array:
+    """One declaration per array: shape, dtype, logical axes and init (sharding reads the axes)."""
+    assert len(shape) == len(axes), (name, shape, axes)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        scale = declare(self, "scale", (x.shape[-1],), ("embed",), self.dtype, nn.initializers.ones)
+        # Normalise in f32 and cast back before the scale, as HF Llama does.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * x32.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies [H/2] in float32, with HF's `linear` and `llama3` scalings."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    inv_freq = inv_freq.astype(np.float32)
+    if scaling is None or scaling.rope_type == "default":
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32)
+    return _llama3_inv_freq(inv_freq, scaling)
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
+    # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    old_len = s.original_max_position_embeddings
+    low_wavelen = old_len / s.low_freq_factor
+    high_wavelen = old_len / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: Float[Array, "B T N H"], positions: Int[Array, "B T"],
+               inv_freq: np.ndarray) -> Float[Array, "B T N H"]:
+    """Rotary embedding in HF's half-split layout (pairs are (i, i + H/2))."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+    cos = jnp.cos(freqs)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(freqs)[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up))."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        d, f = self.cfg.hidden_size, self.cfg.intermediate_size
+        gate = declare(self, "gate", (d, f), ("embed", "mlp"), self.dtype)
+        up = declare(self, "up", (d, f), ("embed", "mlp"), self.dtype)
+        down = declare(self, "down", (f, d), ("mlp", "embed"), self.dtype)
+        h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, gate)) * jnp.einsum("BTD,DF->BTF", x, up)
+        return jnp.einsum("BTF,FD->BTD", h, down)

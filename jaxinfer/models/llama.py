@@ -1,0 +1,127 @@
+"""The Llama-family decoder: Llama 2/3, Mistral and Qwen2 as variants of one config.
+
+embed -> N x (norm -> attention -> residual -> norm -> mlp -> residual) -> norm -> logits.
+Flax modules are used purely functionally (`Decoder(cfg).apply({"params": p}, ...)`); every
+parameter declares logical axes through `layers.declare`. The KV cache is a tuple over layers of
+(k, v) arrays [B, S, K, H], passed in and returned, never held by a module.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jaxinfer import attention
+from jaxinfer.config import ModelConfig
+from jaxinfer.models.layers import MLP, RMSNorm, apply_rope, declare, rope_inv_freq
+
+LayerCache = tuple[Array, Array]  # (k, v), each [B, S, K, H]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> tuple[LayerCache, ...]:
+    """A zeroed contiguous cache for `batch` sequences of up to `max_len` tokens."""
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # [B, S, K, H]
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+
+
+def _write(cache: Float[Array, "B S K H"], new: Float[Array, "B T K H"],
+           start: Int[Array, "B"]) -> Float[Array, "B S K H"]:
+    """Writes each row's T new entries at its own start slot."""
+    def one(c, n, s):
+        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
+    return jax.vmap(one)(cache, new, start)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    impl: str
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
+                 cache: LayerCache | None, prefill: bool):
+        c, dt = self.cfg, self.dtype
+        d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        wq = declare(self, "q", (d, n, h), ("embed", "heads", "head_dim"), dt)
+        wk = declare(self, "k", (d, k, h), ("embed", "kv_heads", "head_dim"), dt)
+        wv = declare(self, "v", (d, k, h), ("embed", "kv_heads", "head_dim"), dt)
+        wo = declare(self, "o", (n, h, d), ("heads", "head_dim", "embed"), dt)
+        q = jnp.einsum("BTD,DNH->BTNH", x, wq)
+        kk = jnp.einsum("BTD,DKH->BTKH", x, wk)
+        vv = jnp.einsum("BTD,DKH->BTKH", x, wv)
+        if c.qkv_bias:
+            zeros = nn.initializers.zeros
+            q = q + declare(self, "q_bias", (n, h), ("heads", "head_dim"), dt, zeros)
+            kk = kk + declare(self, "k_bias", (k, h), ("kv_heads", "head_dim"), dt, zeros)
+            vv = vv + declare(self, "v_bias", (k, h), ("kv_heads", "head_dim"), dt, zeros)
+        inv_freq = rope_inv_freq(h, c.rope_theta, c.rope_scaling)
+        q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
+        out, cache = self._attend(q, kk, vv, positions, cache, prefill)
+        y = jnp.einsum("BTNH,NHD->BTD", out, wo)
+        if c.o_bias:
+            y = y + declare(self, "o_bias", (d,), ("embed",), dt, nn.initializers.zeros)
+        return y, cache
+
+    def _attend(self, q, k, v, positions, cache, prefill):
+        if cache is None:  # a plain forward: attend to the tokens given, keep nothing
+            return attention.causal_attention(q, k, v, impl=self.impl), None
+        k_cache = _write(cache[0], k, positions[:, 0])
+        v_cache = _write(cache[1], v, positions[:, 0])
+        if prefill:  # the cache held nothing before: attend to the fresh tokens alone
+            out = attention.causal_attention(q, k, v, impl=self.impl)
+        else:
+            out = attention.cached_attention(q, k_cache, v_cache, positions, impl=self.impl)
+        return out, (k_cache, v_cache)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    impl: str
+
+    @nn.compact
+    def __call__(self, x, positions, cache, prefill):
+        eps = self.cfg.rms_norm_eps
+        h = RMSNorm(eps, self.dtype, name="attn_norm")(x)
+        h, cache = Attention(self.cfg, self.dtype, self.impl, name="attn")(h, positions, cache, prefill)
+        x = x + h
+        h = MLP(self.cfg, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="mlp_norm")(x))
+        return x + h, cache
+
+
+class Decoder(nn.Module):
+    """Token ids -> f32 logits, optionally reading and writing a KV cache."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"],
+                 cache: tuple[LayerCache, ...] | None = None, prefill: bool = False,
+                 logits_at: Int[Array, "B"] | None = None):
+        """Returns logits [B, T, V] (or [B, 1, V] at `logits_at`) in f32 and the new cache.
+
+        `positions` are absolute; with a cache, row b's T tokens are written at slots
+        positions[b, 0] .. positions[b, 0] + T - 1. `prefill=True` says the cache was empty.
+        """
+        c = self.cfg
+        embed = declare(self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.dtype)
+        x = jnp.take(embed, tokens, axis=0)  # [B, T, D]
+        new_cache = []
+        for i in range(c.num_layers):
+            layer_cache = None if cache is None else cache[i]
+            x, layer_cache = Block(c, self.dtype, self.impl, name=f"layers_{i}")(
+                x, positions, layer_cache, prefill)
+            new_cache.append(layer_cache)
+        if logits_at is not None:
+            x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]
+        x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
+        if c.tie_word_embeddings:
+            logits = jnp.einsum("BTD,VD->BTV", x, embed, preferred_element_type=jnp.float32)
+        else:
+            head = declare(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), self.dtype)
+            logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
+        return logits, (None if cache is None else tuple(new_cache))

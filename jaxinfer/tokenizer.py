@@ -1,0 +1,49 @@
+"""Text <-> token ids: prompt encoding (with the chat template on request) and incremental,
+UTF-8-safe detokenization for streaming."""
+
+from __future__ import annotations
+
+
+def encode_prompt(tokenizer, text: str, *, chat: bool = False) -> list[int]:
+    """Token ids of `text`; with `chat`, wrapped as one user turn by the model's chat template."""
+    if not isinstance(text, str) or not text:
+        raise ValueError("the prompt must be a non-empty string")
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer: pass token ids instead of text")
+    if not chat:
+        return list(tokenizer(text)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat was asked for but this model's tokenizer has no chat template")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                        add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, never splitting a UTF-8 character.
+
+    Text is decoded from a short window of recent tokens, so a token's text can depend on its
+    left neighbours (SentencePiece spaces, byte-level merges) without re-decoding everything.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # window start: decoded but already emitted context
+        self.read_offset = 0  # tokens whose text has been emitted
+
+    def push(self, token_id: int) -> str:
+        """Adds one token; returns the text that became final (possibly '')."""
+        self.ids.append(int(token_id))
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return ""  # an incomplete multi-byte character: wait for the next token
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix):]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip) if ids else ""

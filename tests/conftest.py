@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random HF models saved to temp dirs, one per supported family."""
+
+from __future__ import annotations
+
+import os
+
+# Fake CPU devices for sharding tests; must be set before jax initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=256, initializer_range=0.1,
+            rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+
+FAMILIES = {
+    "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4)),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_key_value_heads=2, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=1, head_dim=32,
+                                                             sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+}
+
+
+def build_hf_model(family: str, path, **overrides):
+    """Builds a random float32 HF model of `family`, perturbs its norms and biases, saves it."""
+    import torch
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**TINY, **extra, **overrides})
+    torch.manual_seed(hash(family) % 1000)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(path))
+    return model
+
+
+@pytest.fixture(scope="session", params=sorted(FAMILIES))
+def hf_family(request, tmp_path_factory):
+    """(family name, torch model, saved directory) for each family, built once per session."""
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, build_hf_model(request.param, path), path

@@ -1,0 +1,80 @@
+"""The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against HF transformers on the same file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import jaxinfer
+from jaxinfer.tokenizer import IncrementalDetokenizer, encode_prompt
+
+gguf = pytest.importorskip("jaxinfer.gguf")
+try:
+    GGUF_PATH = gguf.default_gguf_path()
+except FileNotFoundError as e:  # pragma: no cover - the README's setup installs it
+    pytest.skip(str(e), allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return jaxinfer.load_model(GGUF_PATH, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(GGUF_PATH.parent), gguf_file=GGUF_PATH.name,
+                                                dtype=torch.float32).eval()
+
+
+def test_config_of_default_model(ours):
+    c = ours.config
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size) == \
+        (30, 576, 9, 3, 49152)
+    assert c.tie_word_embeddings and c.eos_token_ids == (2,)
+
+
+@pytest.mark.parametrize("text, chat", [
+    ("The capital of France is", False),
+    ("def fibonacci(n):", False),
+    ("What is the tallest mountain on Earth?", True),
+])
+def test_greedy_tokens_match_hf(ours, hf_model, text, chat):
+    ids = encode_prompt(ours.tokenizer, text, chat=chat)
+    (tokens,) = jaxinfer.generate(ours, [ids], max_new_tokens=24)
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    assert tokens == ref[0, len(ids):].tolist()[: len(tokens)]
+    assert len(tokens) == 24 or tokens[-1] in ours.config.eos_token_ids
+
+
+def test_default_checkpoint_conversion_and_cli(tmp_path, monkeypatch, capsys, ours):
+    monkeypatch.setenv("JAXINFER_CHECKPOINTS", str(tmp_path))
+    from jaxinfer.__main__ import main
+
+    assert main(["generate", "--dtype", "float32", "--max-new-tokens", "12", "--chat",
+                 "Name a primary colour."]) == 0
+    assert (tmp_path / "smollm2-135m-instruct" / "jaxinfer.json").exists()
+    ids = encode_prompt(ours.tokenizer, "Name a primary colour.", chat=True)
+    (tokens,) = jaxinfer.generate(ours, [ids], max_new_tokens=12)
+    expected = ours.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_cli_reports_bad_input(capsys):
+    from jaxinfer.__main__ import main
+
+    assert main(["generate", "--model", str(GGUF_PATH), "--temperature", "-1", "hi"]) == 2
+    assert "temperature must be >= 0" in capsys.readouterr().err
+
+
+def test_incremental_detokenizer_never_splits_characters(ours):
+    text = "naïve café — 東京 🚀🎉 über ﬁn"
+    ids = ours.tokenizer(text)["input_ids"]
+    detok = IncrementalDetokenizer(ours.tokenizer)
+    deltas = [detok.push(t) for t in ids]
+    assert "".join(deltas) == ours.tokenizer.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
+    assert sum(d == "" for d in deltas) > 0  # some tokens held back a partial character

@@ -1,0 +1,208 @@
+"""The decoder against HF transformers on tiny random models of every supported family (float32)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import jaxinfer
+from conftest import build_hf_model
+
+
+def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_family):
+    family, hf_model, path = hf_family
+    return family, hf_model, jaxinfer.load_model(path, dtype="float32")
+
+
+def test_logits_match_hf(loaded):
+    family, hf_model, model = loaded
+    ids = np.random.RandomState(1).randint(0, model.config.vocab_size, (3, 37))
+    ours = np.asarray(jaxinfer.forward(model, ids))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(ids)).logits.numpy()
+    assert ours.shape == ref.shape == (3, 37, model.config.vocab_size)
+    assert np.isfinite(ours).all()
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max(), family
+
+
+def test_greedy_tokens_match_hf(loaded):
+    family, hf_model, model = loaded
+    prompt = np.random.RandomState(2).randint(0, model.config.vocab_size, 11).tolist()
+    (ours,) = jaxinfer.generate(model, [prompt], max_new_tokens=32)
+    assert ours == hf_greedy(hf_model, prompt, 32), family
+
+
+def test_batch_of_uneven_prompts_equals_each_alone(loaded):
+    _, _, model = loaded
+    rng = np.random.RandomState(3)
+    prompts = [rng.randint(0, model.config.vocab_size, n).tolist() for n in (1, 9, 70, 4)]
+    batched = jaxinfer.generate(model, prompts, max_new_tokens=12)
+    alone = [jaxinfer.generate(model, [p], max_new_tokens=12)[0] for p in prompts]
+    assert batched == alone
+    assert all(len(t) == 12 for t in batched)
+
+
+def test_stream_equals_generate(loaded):
+    _, _, model = loaded
+    prompt = [5, 17, 42, 7]
+    assert list(jaxinfer.stream(model, prompt, max_new_tokens=10)) == \
+        jaxinfer.generate(model, [prompt], max_new_tokens=10)[0]
+
+
+def test_stop_token_ends_generation(loaded):
+    _, _, model = loaded
+    prompt = [3, 1, 4, 1, 5]
+    (full,) = jaxinfer.generate(model, [prompt], max_new_tokens=16)
+    stop = full[5]
+    first = full.index(stop)
+    (stopped,) = jaxinfer.generate(model, [prompt], max_new_tokens=16, stop_token_ids=[stop])
+    assert stopped == full[: first + 1]  # the stop token ends the output and is kept
+    assert list(jaxinfer.stream(model, prompt, max_new_tokens=16, stop_token_ids=[stop])) == stopped
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(loaded):
+    _, _, model = loaded
+    prompt = [9, 8, 7]
+    greedy = jaxinfer.generate(model, [prompt], max_new_tokens=8)
+    assert jaxinfer.generate(model, [prompt], max_new_tokens=8, temperature=1.0, top_k=1) == greedy
+    a = jaxinfer.generate(model, [prompt] * 2, max_new_tokens=8, temperature=1.5, seed=7)
+    b = jaxinfer.generate(model, [prompt] * 2, max_new_tokens=8, temperature=1.5, seed=7)
+    c = jaxinfer.generate(model, [prompt] * 2, max_new_tokens=8, temperature=1.5, seed=8)
+    assert a == b and a != c
+    assert all(0 <= t < model.config.vocab_size for row in a + c for t in row)
+    nucleus = jaxinfer.generate(model, [prompt], max_new_tokens=8, temperature=1.0, top_p=1e-6)
+    assert nucleus == greedy  # a vanishing nucleus keeps only the most likely token
+
+
+def test_sharded_safetensors_and_bf16(tmp_path):
+    hf_model = build_hf_model("llama3", tmp_path / "m")
+    hf_model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    ids = np.arange(20)[None] % 300
+    a = jaxinfer.load_model(tmp_path / "m", dtype="float32")
+    b = jaxinfer.load_model(tmp_path / "sharded", dtype="float32")
+    np.testing.assert_array_equal(jaxinfer.forward(a, ids), jaxinfer.forward(b, ids))
+    half = jaxinfer.load_model(tmp_path / "m", dtype="bfloat16")
+    assert half.params["embed"].dtype == np.dtype("bfloat16")
+    ref = np.asarray(jaxinfer.forward(a, ids))
+    err = np.abs(np.asarray(jaxinfer.forward(half, ids)) - ref).max() / np.abs(ref).max()
+    assert err < 5e-2
+
+
+def test_orbax_checkpoint_round_trip(tmp_path):
+    build_hf_model("qwen2", tmp_path / "hf")
+    model = jaxinfer.load_model(tmp_path / "hf", dtype="float32")
+    jaxinfer.save_checkpoint(model, tmp_path / "ckpt")
+    back = jaxinfer.load_model(tmp_path / "ckpt", dtype="float32")
+    assert back.config == model.config
+    ids = np.arange(15)[None]
+    np.testing.assert_array_equal(jaxinfer.forward(back, ids), jaxinfer.forward(model, ids))
+    with pytest.raises(ValueError, match="not empty"):
+        jaxinfer.save_checkpoint(model, tmp_path / "ckpt")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs: each a ValueError that says what is wrong.
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    build_hf_model("llama2", path)
+    return path, jaxinfer.load_model(path, dtype="float32")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[[]]), "prompt 0 must be a non-empty"),
+    (dict(prompts=[]), "non-empty list"),
+    (dict(prompts=[[1, 2], [1, 400]]), "token id 400 is outside"),
+    (dict(prompts=[[1] * 250]), "exceeds the model's context of 256"),
+    (dict(prompts=[[1]], temperature=-0.5), "temperature must be >= 0"),
+    (dict(prompts=[[1]], top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(prompts=[[1]], top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(prompts=[[1]], top_k=-1), "top_k must be"),
+    (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens must be"),
+])
+def test_generate_rejects_bad_input(tiny, kwargs, message):
+    kwargs = {"max_new_tokens": 8, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        jaxinfer.generate(tiny[1], **kwargs)
+
+
+def test_forward_rejects_bad_input(tiny):
+    with pytest.raises(ValueError, match=r"non-empty \[B, T\]"):
+        jaxinfer.forward(tiny[1], np.zeros((1, 0), np.int32))
+    with pytest.raises(ValueError, match="exceed the context"):
+        jaxinfer.forward(tiny[1], np.zeros((1, 300), np.int32))
+
+
+def test_load_rejects_bad_paths_and_configs(tmp_path, tiny):
+    with pytest.raises(ValueError, match="does not exist"):
+        jaxinfer.load_model(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="is not a model"):
+        jaxinfer.load_model(tmp_path / "empty")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        jaxinfer.load_model(corrupt)
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        jaxinfer.load_model(tiny[0], dtype="int8")
+
+
+def _edited_copy(src, dst, edit):
+    import shutil
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    edit(config)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(model_type="gpt2"), "model_type 'gpt2' is not supported"),
+    (lambda c: c.update(hidden_act="gelu"), "hidden_act 'gelu'"),
+    (lambda c: c.update(num_key_value_heads=3), "multiple of num_key_value_heads"),
+    (lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "'yarn' is not supported"),
+    (lambda c: c.pop("hidden_size"), "missing the required field 'hidden_size'"),
+    (lambda c: c.update(hidden_size=128), r"has shape \(320, 64\), expected \(320, 128\)"),
+    (lambda c: c.update(num_hidden_layers=3), "missing 9 tensor"),
+    (lambda c: c.update(num_hidden_layers=1), "unexpected tensor"),
+])
+def test_bad_configs_and_tensors_are_named(tmp_path, tiny, edit, message):
+    with pytest.raises(ValueError, match=message):
+        jaxinfer.load_model(_edited_copy(tiny[0], tmp_path / "m", edit), dtype="float32")
+
+
+def test_mistral_sliding_window_is_refused_not_ignored(tmp_path):
+    build_hf_model("mistral", tmp_path, sliding_window=64)
+    with pytest.raises(ValueError, match="sliding_window=64"):
+        jaxinfer.load_model(tmp_path)
+
+
+def test_convert_checkpoint_script(tmp_path, tiny, capsys):
+    import importlib.util
+    import pathlib
+
+    script = pathlib.Path(__file__).parent.parent / "scripts" / "convert_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tiny[0]), str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    assert "2 layers" in capsys.readouterr().out
+    converted = jaxinfer.load_model(tmp_path / "out", dtype="float32")
+    ids = np.arange(9)[None]
+    np.testing.assert_array_equal(jaxinfer.forward(converted, ids), jaxinfer.forward(tiny[1], ids))
+    assert module.main([str(tmp_path / "nothing"), str(tmp_path / "out2")]) == 2
