@@ -1,0 +1,396 @@
+"""Continuous-batching scheduler over a paged KV cache (plain Python, no JAX).
+
+One engine step is `plan = scheduler.schedule()` -> the runner computes `plan` and samples ->
+`scheduler.update(plan, sampled)`. Each step:
+
+1. Running sequences with one token left to compute (decodes) get one token each, oldest first.
+2. Running sequences still prefilling get a chunk of the remaining token budget (chunked
+   prefill: a long prompt shares steps with decodes and continues next step).
+3. Waiting sequences are admitted in arrival order while seats, budget and pages allow. A prompt
+   starting with cached full pages takes them and starts computing after them.
+
+A sequence is scheduled only once its pages for the step are reserved. When pages run out, the
+most recently arrived running sequence not yet scheduled this step is preempted: it loses its
+pages and returns to the front of the waiting queue; later it recomputes prompt + output so far
+(prefix-cache hits included) and goes on, so its output is what it would have been anyway.
+
+A sequence needs no prefill/decode flag: it computes `token_ids[num_computed_tokens:]`, and a
+step that reaches the end of its tokens samples the next one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import enum
+import itertools
+from collections.abc import Iterable
+
+from jaxinfer.kv_cache import PageAllocator
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of the scheduler and the KV page pool; checks itself (ValueError names the field).
+
+    Attributes:
+      max_num_seqs: most sequences running at once (and so in one step).
+      max_num_batched_tokens: most tokens computed in one step, over all sequences.
+      max_model_len: most tokens (prompt + output) in one sequence.
+      page_size: L, token slots per KV page.
+      num_pages: P, pages in the KV pool.
+      enable_prefix_caching: reuse the cached pages of a shared prompt prefix.
+      long_prefill_token_threshold: if set, most prompt tokens one sequence computes per step.
+    """
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    page_size: int
+    num_pages: int
+    enable_prefix_caching: bool = True
+    long_prefill_token_threshold: int | None = None
+
+    def __post_init__(self):
+        names = ["max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size",
+                 "num_pages"]
+        if self.long_prefill_token_threshold is not None:
+            names.append("long_prefill_token_threshold")
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError("SchedulerConfig.enable_prefix_caching must be a bool, "
+                             f"got {self.enable_prefix_caching!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"SchedulerConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
+                f">= max_num_seqs ({self.max_num_seqs}) so every running decode fits a step")
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One request's tokens and scheduling state.
+
+    Args:
+      request_id: unique among unfinished requests.
+      prompt_token_ids: the prompt, at least one token.
+      max_tokens: most output tokens; reaching it finishes with reason "length".
+      stop_token_ids: sampling one of these (EOS, ...) finishes with reason "stop"; the stop
+        token is kept as the last output token.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: Iterable[int], max_tokens: int,
+                 stop_token_ids: Iterable[int] = ()):
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)  # prompt + output so far
+        self.num_prompt_tokens = len(self.token_ids)
+        self.max_tokens = max_tokens
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.num_computed_tokens = 0  # leading tokens whose K/V are in the pages
+        self.num_cached_tokens = 0  # of those, found in the prefix cache at last admission
+        self.num_preemptions = 0
+        self.block_table: list[int] = []  # page ids, kept by the PageAllocator
+        self.page_hashes: list[int] = []  # prefix-cache chain ids, kept by the PageAllocator
+        self.arrival = -1  # order of Scheduler.add
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, pages={self.block_table})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's work in a step.
+
+    Attributes:
+      request_id: the sequence.
+      token_ids: the T_i tokens to compute this step.
+      start_pos: position of token_ids[0] (= num_computed_tokens before the step); the tokens
+        attend to positions [0, start_pos + T_i).
+      block_table: the sequence's pages, covering at least start_pos + T_i slots.
+      slot_mapping: cache slot of each token, page * L + offset.
+      sample: whether this step samples the next token (a decode, or a prefill's last chunk).
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_table: tuple[int, ...]
+    slot_mapping: tuple[int, ...]
+    sample: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What one step computes: decodes first, then prefill chunks.
+
+    Attributes:
+      seqs: the scheduled sequences.
+      preempted: request ids that lost their pages this step (they wait to recompute).
+    """
+
+    seqs: tuple[ScheduledSeq, ...] = ()
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+class _Step:
+    """The step being planned: token budget left, scheduled sequences, preemptions."""
+
+    def __init__(self, budget: int, page_size: int):
+        self.budget = budget
+        self.page_size = page_size
+        self.seqs: list[ScheduledSeq] = []
+        self.ids: set[str] = set()
+        self.preempted: list[str] = []
+
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        start, size = seq.num_computed_tokens, self.page_size
+        positions = range(start, start + num_tokens)
+        self.seqs.append(ScheduledSeq(
+            request_id=seq.request_id,
+            token_ids=tuple(seq.token_ids[start:start + num_tokens]),
+            start_pos=start,
+            block_table=tuple(seq.block_table),
+            slot_mapping=tuple(seq.block_table[p // size] * size + p % size for p in positions),
+            sample=start + num_tokens == seq.num_tokens))
+        self.ids.add(seq.request_id)
+        self.budget -= num_tokens
+
+    def plan(self) -> StepPlan:
+        return StepPlan(tuple(self.seqs), tuple(self.preempted))
+
+
+class Scheduler:
+    """Waiting and running queues over a PageAllocator; turns them into StepPlans.
+
+    Attributes:
+      config: the SchedulerConfig.
+      allocator: the host PageAllocator of the KV pool.
+      waiting: sequences without pages, next to admit first.
+      running: sequences holding pages, oldest arrival first.
+    """
+
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.allocator = PageAllocator(config.num_pages, config.page_size,
+                                       config.enable_prefix_caching)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self._requests: dict[str, Sequence] = {}  # every unfinished sequence
+        self._arrivals = itertools.count()
+
+    # ---- requests ----
+
+    def add(self, seq: Sequence) -> None:
+        """Queues a new sequence.
+
+        Raises:
+          ValueError: a request that could never run (empty prompt, max_tokens < 1, prompt +
+            max_tokens past max_model_len, more pages than the pool) or a duplicate id.
+        """
+        self._check_request(seq)
+        seq.arrival = next(self._arrivals)
+        self.waiting.append(seq)
+        self._requests[seq.request_id] = seq
+
+    def get(self, request_id: str) -> Sequence | None:
+        """The unfinished sequence `request_id`, or None."""
+        return self._requests.get(request_id)
+
+    def has_unfinished(self) -> bool:
+        """Whether any sequence is waiting or running."""
+        return bool(self._requests)
+
+    def finish(self, request_id: str, reason: str) -> Sequence | None:
+        """Finishes an unfinished sequence now (e.g. "stop" on a stop string) and frees its pages.
+
+        Returns:
+          The finished sequence, or None if `request_id` is not unfinished.
+        """
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"finish reason must be one of {FINISH_REASONS}, got {reason!r}")
+        seq = self._requests.get(request_id)
+        if seq is not None:
+            self._finish(seq, reason)
+        return seq
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Finishes `request_id` with reason "abort", whatever its state; None if unknown."""
+        return self.finish(request_id, "abort")
+
+    # ---- the step ----
+
+    def schedule(self) -> StepPlan:
+        """Plans the next step: decodes, then prefill chunks, then admissions (see module doc)."""
+        step = _Step(self.config.max_num_batched_tokens, self.config.page_size)
+        for seq in [s for s in self.running if s.num_uncomputed_tokens == 1]:
+            self._schedule_running(seq, step)
+        for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:
+            self._schedule_running(seq, step)
+        if not step.preempted:  # else pages are short: don't admit the ones just preempted
+            self._admit_waiting(step)
+        return step.plan()
+
+    def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Sequence]:
+        """Applies a computed step: advances sequences, appends sampled tokens, finishes.
+
+        Args:
+          plan: the plan returned by the last `schedule()`.
+          sampled: request id -> sampled token, for every plan entry with `sample` set.
+
+        Returns:
+          The sequences that got a new token this step (finished ones included).
+        """
+        changed = []
+        for item in plan.seqs:
+            seq = self._requests.get(item.request_id)
+            if seq is None:  # aborted or finished since the plan was made
+                continue
+            if seq.num_computed_tokens != item.start_pos:
+                raise ValueError(f"stale plan for {item.request_id!r}")
+            seq.num_computed_tokens += len(item.token_ids)
+            self.allocator.register_full_pages(seq, seq.num_computed_tokens)
+            if item.sample:
+                self._append_token(seq, sampled[item.request_id])
+                changed.append(seq)
+        return changed
+
+    # ---- internals ----
+
+    def _check_request(self, seq: Sequence) -> None:
+        c, rid = self.config, seq.request_id
+        if rid in self._requests:
+            raise ValueError(f"request {rid!r} is already queued")
+        if seq.status is not SequenceStatus.WAITING or seq.num_output_tokens or seq.block_table:
+            raise ValueError(f"request {rid!r}: add a new Sequence")
+        if seq.num_prompt_tokens == 0:
+            raise ValueError(f"request {rid!r}: the prompt is empty")
+        if seq.max_tokens < 1:
+            raise ValueError(f"request {rid!r}: max_tokens must be >= 1, got {seq.max_tokens}")
+        total = seq.num_prompt_tokens + seq.max_tokens
+        if total > c.max_model_len:
+            raise ValueError(
+                f"request {rid!r}: prompt ({seq.num_prompt_tokens} tokens) + max_tokens "
+                f"({seq.max_tokens}) = {total} tokens exceeds max_model_len ({c.max_model_len})")
+        pages = -(-(total - 1) // c.page_size)  # the last sampled token is never computed
+        if pages > c.num_pages:
+            raise ValueError(
+                f"request {rid!r}: prompt + max_tokens needs {pages} KV pages of {c.page_size} "
+                f"tokens, more than the whole pool (num_pages={c.num_pages})")
+
+    def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
+        n = min(seq.num_uncomputed_tokens, budget)
+        if self.config.long_prefill_token_threshold is not None:
+            n = min(n, self.config.long_prefill_token_threshold)
+        return n
+
+    def _schedule_running(self, seq: Sequence, step: _Step) -> None:
+        if seq.status is not SequenceStatus.RUNNING:  # preempted earlier this step
+            return
+        n = self._num_new_tokens(seq, step.budget)
+        if n > 0 and self._make_room(seq, n, step):
+            step.add(seq, n)
+
+    def _make_room(self, seq: Sequence, num_tokens: int, step: _Step) -> bool:
+        """Reserves `seq`'s pages for `num_tokens` more, preempting the newest unscheduled."""
+        total = seq.num_computed_tokens + num_tokens
+        while not self.allocator.can_reserve(seq, total):
+            victim = next(s for s in reversed(self.running) if s.request_id not in step.ids)
+            self._preempt(victim)
+            step.preempted.append(victim.request_id)
+            if victim is seq:
+                return False
+        self.allocator.reserve(seq, total)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.allocator.free(seq)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit_waiting(self, step: _Step) -> None:
+        while (self.waiting and step.budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            if not self._admit(self.waiting[0], step):
+                break
+
+    def _admit(self, seq: Sequence, step: _Step) -> bool:
+        """Gives the first waiting sequence its cached prefix and pages for a first chunk."""
+        cached = self.allocator.allocate_prompt(seq)
+        seq.num_computed_tokens = cached
+        n = self._num_new_tokens(seq, step.budget)
+        if not self.allocator.can_reserve(seq, cached + n):
+            self.allocator.free(seq)  # give the cached pages back; wait for pages
+            seq.num_computed_tokens = 0
+            return False
+        self.allocator.reserve(seq, cached + n)
+        seq.num_cached_tokens = cached
+        seq.status = SequenceStatus.RUNNING
+        self.waiting.popleft()
+        bisect.insort(self.running, seq, key=lambda s: s.arrival)
+        step.add(seq, n)
+        return True
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        if token in seq.stop_token_ids:
+            self._finish(seq, "stop")
+        elif seq.num_output_tokens >= seq.max_tokens:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.allocator.free(seq)
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        del self._requests[seq.request_id]

@@ -1,0 +1,322 @@
+"""Benchmark of `jaxinfer.generate` on a GPU: decode ms/step and prefill tokens/s, beside the HBM
+roofline and the bf16 matmul peak measured on the same card, and beside HF transformers.
+
+    python scripts/bench_generate.py --models llama2-7b,llama3-8b --hf --out bench/results/x.json
+    python scripts/bench_generate.py --models tiny --batches 1,2 --prompt 32 --new 8 --prefill 64   # CPU smoke
+
+Random weights of real model shapes (speed does not depend on weight values). Decode step time =
+(one generate call of `--new` tokens - one prefill call) / (new - 1); medians of `--repeats` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    "llama2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
+                      max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0),
+    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256,
+                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=4096),
+}
+
+
+def median_time(fn, repeats: int, setup=lambda: None) -> float:
+    """Median seconds of `fn(setup())` over `repeats` runs, after one warm-up; fn must block."""
+    fn(setup())
+    times = []
+    for _ in range(repeats):
+        arg = setup()
+        t0 = time.perf_counter()
+        fn(arg)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------
+# The card's two ceilings
+
+
+def card_limits(repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    n = (1 << 29) if jax.default_backend() == "gpu" else (1 << 22)  # 1 GiB of bf16 on a GPU
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a * 1.5)
+    read = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    m = 8192 if jax.default_backend() == "gpu" else 256
+    a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
+    mm = jax.jit(lambda p, q: p @ q)
+
+    def many(f, *args, k=20):  # back-to-back launches, one sync
+        return lambda _: jax.block_until_ready([f(*args) for _ in range(k)])
+    t_copy = median_time(many(copy, x), repeats) / 20
+    t_read = median_time(many(read, x), repeats) / 20
+    t_mm = median_time(many(mm, a, a, k=10), repeats) / 10
+    return {"copy_read_plus_write_GBps": 2 * 2 * n / t_copy / 1e9,
+            "read_GBps": 2 * n / t_read / 1e9,
+            "bf16_matmul_TFLOPs": 2 * m ** 3 / t_mm / 1e12}
+
+
+# --------------------------------------------------------------------------------------------
+# jaxinfer
+
+
+def decode_bytes(cfg, batch: int, context: float) -> dict:
+    """Bytes one decode step must read: every weight but the embedding table, and the live KV."""
+    weights = 2 * (cfg.num_params - cfg.vocab_size * cfg.hidden_size * (not cfg.tie_word_embeddings))
+    kv = 2 * batch * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * context
+    return {"weight_bytes": weights, "kv_bytes": kv}
+
+
+def bench_jaxinfer(name: str, args, limits: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxinfer
+    from jaxinfer.config import ModelConfig
+
+    cfg = ModelConfig(**SHAPES[name])
+    model = jaxinfer.Model(cfg, jaxinfer.init_params(cfg, "bfloat16"), None, jnp.bfloat16)
+    rng = np.random.RandomState(0)
+    result = {"config": dataclasses.asdict(cfg), "params": cfg.num_params, "decode": [], "prefill": []}
+    impls = args.impls.split(",")
+    result["check"] = check_impls(model, impls, rng)
+    print(json.dumps(result["check"]), flush=True)
+    decoder = model.decoder(impls[0])  # decode attention is the same XLA code for every impl
+    for batch in [int(b) for b in args.batches.split(",")]:
+        result["decode"].append(_decode_row(model, decoder, batch, args, limits, rng))
+        print(json.dumps(result["decode"][-1]), flush=True)
+    for impl in impls:
+        for tokens in [int(t) for t in args.prefill.split(",")]:
+            result["prefill"].append(_prefill_row(model, model.decoder(impl), tokens, args, limits, rng))
+            print(json.dumps(result["prefill"][-1]), flush=True)
+    del model
+    return result
+
+
+def check_impls(model, impls, rng) -> dict:
+    """Max |logits - reference| / max |reference| of a bf16 forward, per impl, on this card."""
+    import numpy as np
+
+    import jaxinfer
+
+    ids = rng.randint(0, model.config.vocab_size, (2, 200))
+    ref = np.asarray(jaxinfer.forward(model, ids, impl="reference"))
+    errors = {}
+    for impl in impls:
+        try:
+            out = np.asarray(jaxinfer.forward(model, ids, impl=impl))
+            errors[impl] = float(np.abs(out - ref).max() / np.abs(ref).max())
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            errors[impl] = f"{type(e).__name__}: {e}"[:300]
+    return {"rel_error_vs_reference": errors}
+
+
+def _decode_row(model, decoder, batch, args, limits, rng) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.generate import _bucket_lengths, _generate, round_up
+    from jaxinfer.models.llama import init_cache
+
+    cfg = model.config
+    t, s = _bucket_lengths(model, args.prompt, args.new)
+    tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, t)), jnp.int32)
+    lengths = jnp.full((batch,), args.prompt, jnp.int32)
+    rows = lambda x, dt: jnp.full((batch,), x, dt)  # noqa: E731
+    fresh = lambda: jax.block_until_ready(init_cache(cfg, batch, s, model.dtype))  # noqa: E731
+
+    def run_generate(cache, new):
+        out, cache = _generate(decoder, model.params, cache, tokens, lengths, jnp.int32(new),
+                               jnp.asarray([-2], jnp.int32), rows(0.0, jnp.float32),
+                               rows(0, jnp.int32), rows(1.0, jnp.float32), jax.random.key(0),
+                               out_len=round_up(args.new, 32))
+        jax.block_until_ready(out)
+        assert int((out[:, :new] >= 0).sum()) == batch * new  # every step ran
+
+    # The same compiled program with 1 and with `new` tokens: the difference is new - 1 decode steps.
+    t_gen = median_time(lambda c: run_generate(c, args.new), args.repeats, fresh)
+    t_pre = median_time(lambda c: run_generate(c, 1), args.repeats, fresh)
+    step = (t_gen - t_pre) / (args.new - 1)
+    need = decode_bytes(cfg, batch, args.prompt + args.new / 2)
+    roofline = (need["weight_bytes"] + need["kv_bytes"]) / (limits["copy_read_plus_write_GBps"] * 1e9)
+    return {"impl": decoder.impl, "batch": batch, "prompt": args.prompt, "new_tokens": args.new,
+            "cache_len": s, "ms_per_step": step * 1e3, "out_tok_per_s": batch / step,
+            "generate_s": t_gen, "generate_1_token_s": t_pre, **need,
+            "roofline_ms": roofline * 1e3, "x_roofline": step / roofline}
+
+
+def _prefill_row(model, decoder, tokens_n, args, limits, rng) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.generate import _prefill_jit
+    from jaxinfer.models.llama import init_cache
+
+    cfg = model.config
+    tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (1, tokens_n)), jnp.int32)
+    lengths = jnp.full((1,), tokens_n, jnp.int32)
+    fresh = lambda: jax.block_until_ready(init_cache(cfg, 1, tokens_n, model.dtype))  # noqa: E731
+    try:
+        t = median_time(lambda c: jax.block_until_ready(
+            _prefill_jit(decoder, model.params, c, tokens, lengths)), args.repeats, fresh)
+    except Exception as e:  # an impl that cannot run here is reported, not fatal
+        return {"impl": decoder.impl, "tokens": tokens_n, "error": f"{type(e).__name__}: {e}"[:300]}
+    flops = prefill_flops(cfg, tokens_n)
+    return {"impl": decoder.impl, "tokens": tokens_n, "ms": t * 1e3, "tok_per_s": tokens_n / t,
+            "TFLOPs": flops / t / 1e12, "x_matmul_peak": flops / t / 1e12 / limits["bf16_matmul_TFLOPs"]}
+
+
+def prefill_flops(cfg, t: int) -> float:
+    """Matmul flops of one causal prefill of t tokens (weights, causal attention, last-token head)."""
+    body = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (2 - cfg.tie_word_embeddings)
+    attn = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * t * t / 2
+    return 2 * body * t + attn + 2 * cfg.hidden_size * cfg.vocab_size
+
+
+# --------------------------------------------------------------------------------------------
+# HF transformers, the peer (its own process, so the two frameworks don't share GPU memory)
+
+
+def bench_hf(name: str, args) -> dict:
+    import torch
+    import transformers
+
+    shape = SHAPES[name]
+    config = transformers.LlamaConfig(
+        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
+        max_position_embeddings=shape["max_position_embeddings"],
+        rope_theta=shape.get("rope_theta", 10000.0), eos_token_id=None, pad_token_id=0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    result = {"torch": torch.__version__, "transformers": transformers.__version__, "decode": [],
+              "prefill": []}
+    for batch in [int(b) for b in args.hf_batches.split(",")]:
+        ids = torch.randint(0, shape["vocab_size"], (batch, args.prompt), device=device)
+
+        def gen(_):
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                               min_new_tokens=args.new, do_sample=False)
+            sync()
+
+        def pre(_):
+            with torch.no_grad():
+                model(ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+            sync()
+        t_gen, t_pre = median_time(gen, args.hf_repeats), median_time(pre, args.hf_repeats)
+        step = (t_gen - t_pre) / (args.new - 1)
+        result["decode"].append({"batch": batch, "ms_per_step": step * 1e3, "out_tok_per_s": batch / step,
+                                 "generate_s": t_gen, "prefill_s": t_pre})
+        print(json.dumps(result["decode"][-1]), flush=True)
+    for tokens_n in [int(t) for t in args.prefill.split(",")]:
+        ids = torch.randint(0, shape["vocab_size"], (1, tokens_n), device=device)
+
+        def pre(_):
+            with torch.no_grad():
+                model(ids, logits_to_keep=1)
+            sync()
+        t = median_time(pre, args.hf_repeats)
+        result["prefill"].append({"tokens": tokens_n, "ms": t * 1e3, "tok_per_s": tokens_n / t})
+        print(json.dumps(result["prefill"][-1]), flush=True)
+    return result
+
+
+def run_hf_subprocess(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--hf-only", "--models", name, "--prompt", str(args.prompt),
+           "--new", str(args.new), "--prefill", args.prefill, "--hf-batches", args.hf_batches,
+           "--hf-repeats", str(args.hf_repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.hf_timeout)
+    sys.stderr.write(proc.stderr[-3000:])
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("HF_RESULT ")]
+    if proc.returncode or not lines:
+        return {"error": f"exit {proc.returncode}: {proc.stderr[-500:]}"}
+    return json.loads(lines[-1][len("HF_RESULT "):])
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="llama2-7b,llama3-8b")
+    p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--prefill", default="512,2048")
+    p.add_argument("--impls", default="cudnn,xla",
+                   help="attention impls for prefill, comma-separated; decode uses the first")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--hf", action="store_true", help="also time HF transformers (own process)")
+    p.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--hf-batches", default="1,8,64")
+    p.add_argument("--hf-repeats", type=int, default=2)
+    p.add_argument("--hf-timeout", type=int, default=900)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.hf_only:
+        (name,) = args.models.split(",")
+        print("HF_RESULT " + json.dumps(bench_hf(name, args)), flush=True)
+        return 0
+    # HF runs first, each model in its own process, so that it never shares the GPU with JAX's pool.
+    peers = {name: run_hf_subprocess(name, args) for name in args.models.split(",")} if args.hf else {}
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+    import jax
+
+    report = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+              "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "args": vars(args), "limits": card_limits(args.repeats), "models": {}}
+    print(json.dumps(report["limits"]), flush=True)
+    for name in args.models.split(","):
+        report["models"][name] = {"jaxinfer": bench_jaxinfer(name, args, report["limits"])}
+        if name in peers:
+            report["models"][name]["hf"] = peers[name]
+        jax.clear_caches()
+        if args.out:  # write as we go: a run cut short keeps what it measured
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+    print_table(report)
+    return 0
+
+
+def print_table(report: dict) -> None:
+    lim = report["limits"]
+    print(f"\n{report['device']}  jax {report['jax']}  copy {lim['copy_read_plus_write_GBps']:.0f} GB/s  "
+          f"read {lim['read_GBps']:.0f} GB/s  bf16 matmul {lim['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
+    for name, r in report["models"].items():
+        hf = {d["batch"]: d for d in r.get("hf", {}).get("decode", [])}
+        for d in r["jaxinfer"]["decode"]:
+            peer = hf.get(d["batch"], {}).get("ms_per_step", float("nan"))
+            print(f"{name:10s} decode {d['impl']:6s} B={d['batch']:<3d} {d['ms_per_step']:8.2f} ms/step "
+                  f"{d['out_tok_per_s']:9.0f} tok/s  roofline {d['roofline_ms']:6.2f} ms "
+                  f"({d['x_roofline']:.2f}x)  HF {peer:8.2f} ms/step")
+        hf_pre = {d["tokens"]: d for d in r.get("hf", {}).get("prefill", [])}
+        for d in r["jaxinfer"]["prefill"]:
+            if "error" in d:
+                print(f"{name:10s} prefill {d['impl']:6s} T={d['tokens']}: {d['error'][:100]}")
+                continue
+            peer = hf_pre.get(d["tokens"], {}).get("tok_per_s", float("nan"))
+            print(f"{name:10s} prefill {d['impl']:6s} T={d['tokens']:<5d} {d['tok_per_s']:9.0f} tok/s "
+                  f"{d['TFLOPs']:6.1f} TFLOP/s ({100 * d['x_matmul_peak']:.0f}% of matmul)  HF {peer:9.0f} tok/s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
