@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 IMPLS = ("xla", "reference", "cudnn", "pallas")
+PAGE = 64  # page size under which the paged decode kernel reads a contiguous cache
 
 
 def default_impl() -> str:
@@ -38,27 +39,36 @@ def causal_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"],
     return masked_attention(q, k, v, mask, reference=impl == "reference")
 
 
-def cached_attention(q: Float[Array, "B T N H"], k_cache: Float[Array, "B S K H"],
-                     v_cache: Float[Array, "B S K H"], q_positions: Int[Array, "B T"], *,
+def cached_attention(q: Float[Array, "B T N H"], k_cache: Float[Array, "K B S H"],
+                     v_cache: Float[Array, "K B S H"], q_positions: Int[Array, "B T"], *,
                      impl: str) -> Float[Array, "B T N H"]:
     """Attention of new tokens over a contiguous cache; key s is visible to a query at p iff s <= p."""
-    s = k_cache.shape[1]
+    kv_heads, b, s, h = k_cache.shape
+    if impl == "pallas" and q.shape[1] == 1 and s % PAGE == 0:
+        from pallas_kernels.paged_attention import paged_attention
+
+        pages = s // PAGE  # row b owns pages b * pages .. (b + 1) * pages - 1
+        as_pages = lambda c: c.reshape(kv_heads, b * pages, PAGE, h)  # noqa: E731 - no copy
+        tables = jnp.arange(b * pages, dtype=jnp.int32).reshape(b, pages)
+        out = paged_attention(q[:, 0], as_pages(k_cache), as_pages(v_cache), tables,
+                              q_positions[:, 0] + 1)
+        return out[:, None]
     mask = jnp.arange(s)[None, None, :] <= q_positions[:, :, None]  # [B, T, S]
-    return masked_attention(q, k_cache, v_cache, mask, reference=impl == "reference")
+    return masked_attention(q, k_cache, v_cache, mask, reference=impl == "reference", kv="KBSH")
 
 
-def masked_attention(q: Float[Array, "B T N H"], k: Float[Array, "B S K H"],
-                     v: Float[Array, "B S K H"], mask: Bool[Array, "B T S"], *,
-                     reference: bool = False) -> Float[Array, "B T N H"]:
+def masked_attention(q: Float[Array, "B T N H"], k: Array, v: Array, mask: Bool[Array, "B T S"], *,
+                     reference: bool = False, kv: str = "BSKH") -> Float[Array, "B T N H"]:
+    """Softmax attention under `mask`; k and v are laid out as `kv` says (BSKH or KBSH)."""
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[kv.index("K")]
     dtype = q.dtype
     if reference:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"BTKGH,{kv}->BKGTS", q, k, preferred_element_type=jnp.float32)
     scores = scores * (h ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"BKGTS,{kv}->BTKGH", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(dtype)

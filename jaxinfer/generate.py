@@ -92,7 +92,7 @@ def _bucket_lengths(model: Model, longest: int, max_new_tokens: int) -> tuple[in
     """Padded prompt length T and cache length S, rounded so that few shapes get compiled."""
     t = round_up(longest, 64)
     s = min(round_up(t + max_new_tokens, 256), round_up(model.config.max_position_embeddings, 64))
-    return t, max(s, t, longest + max_new_tokens)
+    return t, round_up(max(s, t, longest + max_new_tokens), 64)  # whole pages of 64
 
 
 def _stop_ids(model: Model, stop_token_ids) -> np.ndarray:

@@ -51,10 +51,10 @@ def card_limits(repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    n = (1 << 29) if jax.default_backend() == "gpu" else (1 << 22)  # 1 GiB of bf16 on a GPU
-    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a * 1.5)
-    read = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+    n = (1 << 29) if jax.default_backend() == "gpu" else (1 << 22)  # 2 GiB of f32 on a GPU
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1)
+    read = jax.jit(lambda a: jnp.sum(a))
     m = 8192 if jax.default_backend() == "gpu" else 256
     a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
     mm = jax.jit(lambda p, q: p @ q)
@@ -64,8 +64,8 @@ def card_limits(repeats: int) -> dict:
     t_copy = median_time(many(copy, x), repeats) / 20
     t_read = median_time(many(read, x), repeats) / 20
     t_mm = median_time(many(mm, a, a, k=10), repeats) / 10
-    return {"copy_read_plus_write_GBps": 2 * 2 * n / t_copy / 1e9,
-            "read_GBps": 2 * n / t_read / 1e9,
+    return {"copy_read_plus_write_GBps": 2 * 4 * n / t_copy / 1e9,
+            "read_GBps": 4 * n / t_read / 1e9,
             "bf16_matmul_TFLOPs": 2 * m ** 3 / t_mm / 1e12}
 
 
@@ -96,15 +96,19 @@ def bench_jaxinfer(name: str, args, limits: dict) -> dict:
     result["check"] = check_impls(model, impls, rng)
     print(json.dumps(result["check"]), flush=True)
     decoder = model.decoder(impls[0])  # decode attention is the same XLA code for every impl
-    for batch in [int(b) for b in args.batches.split(",")]:
+    for batch in _ints(args.batches):
         result["decode"].append(_decode_row(model, decoder, batch, args, limits, rng))
         print(json.dumps(result["decode"][-1]), flush=True)
     for impl in impls:
-        for tokens in [int(t) for t in args.prefill.split(",")]:
+        for tokens in _ints(args.prefill):
             result["prefill"].append(_prefill_row(model, model.decoder(impl), tokens, args, limits, rng))
             print(json.dumps(result["prefill"][-1]), flush=True)
     del model
     return result
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def check_impls(model, impls, rng) -> dict:
@@ -153,10 +157,12 @@ def _decode_row(model, decoder, batch, args, limits, rng) -> dict:
     step = (t_gen - t_pre) / (args.new - 1)
     need = decode_bytes(cfg, batch, args.prompt + args.new / 2)
     roofline = (need["weight_bytes"] + need["kv_bytes"]) / (limits["copy_read_plus_write_GBps"] * 1e9)
+    read_roofline = roofline * limits["copy_read_plus_write_GBps"] / limits["read_GBps"]
     return {"impl": decoder.impl, "batch": batch, "prompt": args.prompt, "new_tokens": args.new,
             "cache_len": s, "ms_per_step": step * 1e3, "out_tok_per_s": batch / step,
             "generate_s": t_gen, "generate_1_token_s": t_pre, **need,
-            "roofline_ms": roofline * 1e3, "x_roofline": step / roofline}
+            "roofline_ms": roofline * 1e3, "x_roofline": step / roofline,
+            "read_roofline_ms": read_roofline * 1e3, "x_read_roofline": step / read_roofline}
 
 
 def _prefill_row(model, decoder, tokens_n, args, limits, rng) -> dict:
@@ -208,7 +214,7 @@ def bench_hf(name: str, args) -> dict:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     result = {"torch": torch.__version__, "transformers": transformers.__version__, "decode": [],
               "prefill": []}
-    for batch in [int(b) for b in args.hf_batches.split(",")]:
+    for batch in _ints(args.hf_batches):
         ids = torch.randint(0, shape["vocab_size"], (batch, args.prompt), device=device)
 
         def gen(_):
@@ -226,7 +232,7 @@ def bench_hf(name: str, args) -> dict:
         result["decode"].append({"batch": batch, "ms_per_step": step * 1e3, "out_tok_per_s": batch / step,
                                  "generate_s": t_gen, "prefill_s": t_pre})
         print(json.dumps(result["decode"][-1]), flush=True)
-    for tokens_n in [int(t) for t in args.prefill.split(",")]:
+    for tokens_n in _ints(args.prefill):
         ids = torch.randint(0, shape["vocab_size"], (1, tokens_n), device=device)
 
         def pre(_):
@@ -281,7 +287,7 @@ def main() -> int:
     import jax
 
     report = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-              "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "args": vars(args), "limits": card_limits(args.repeats), "models": {}}
     print(json.dumps(report["limits"]), flush=True)
     for name in args.models.split(","):
@@ -307,7 +313,7 @@ def print_table(report: dict) -> None:
             peer = hf.get(d["batch"], {}).get("ms_per_step", float("nan"))
             print(f"{name:10s} decode {d['impl']:6s} B={d['batch']:<3d} {d['ms_per_step']:8.2f} ms/step "
                   f"{d['out_tok_per_s']:9.0f} tok/s  roofline {d['roofline_ms']:6.2f} ms "
-                  f"({d['x_roofline']:.2f}x)  HF {peer:8.2f} ms/step")
+                  f"({d['x_roofline']:.2f}x; {d['x_read_roofline']:.2f}x of read)  HF {peer:8.2f} ms/step")
         hf_pre = {d["tokens"]: d for d in r.get("hf", {}).get("prefill", [])}
         for d in r["jaxinfer"]["prefill"]:
             if "error" in d:

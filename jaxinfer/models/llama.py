@@ -3,7 +3,8 @@
 embed -> N x (norm -> attention -> residual -> norm -> mlp -> residual) -> norm -> logits.
 Flax modules are used purely functionally (`Decoder(cfg).apply({"params": p}, ...)`); every
 parameter declares logical axes through `layers.declare`. The KV cache is a tuple over layers of
-(k, v) arrays [B, S, K, H], passed in and returned, never held by a module.
+(k, v) arrays [K, B, S, H], passed in and returned, never held by a module. That layout is a page
+pool [K, B * S / L, L, H] as it stands, so the paged decode kernel reads it without a copy.
 """
 
 from __future__ import annotations
@@ -17,21 +18,20 @@ from jaxinfer import attention
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.layers import MLP, RMSNorm, apply_rope, declare, rope_inv_freq
 
-LayerCache = tuple[Array, Array]  # (k, v), each [B, S, K, H]
+LayerCache = tuple[Array, Array]  # (k, v), each [K, B, S, H]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> tuple[LayerCache, ...]:
     """A zeroed contiguous cache for `batch` sequences of up to `max_len` tokens."""
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # [B, S, K, H]
+    shape = (cfg.num_kv_heads, batch, max_len, cfg.head_dim)  # [K, B, S, H]
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
 
 
-def _write(cache: Float[Array, "B S K H"], new: Float[Array, "B T K H"],
-           start: Int[Array, "B"]) -> Float[Array, "B S K H"]:
-    """Writes each row's T new entries at its own start slot."""
-    def one(c, n, s):
-        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
-    return jax.vmap(one)(cache, new, start)
+def _write(cache: Float[Array, "K B S H"], new: Float[Array, "B T K H"],
+           positions: Int[Array, "B T"]) -> Float[Array, "K B S H"]:
+    """Writes row b's T new entries at slots positions[b]."""
+    rows = jnp.broadcast_to(jnp.arange(new.shape[0])[:, None], positions.shape)  # [B, T]
+    return cache.at[:, rows, positions].set(new.transpose(2, 0, 1, 3).astype(cache.dtype))
 
 
 class Attention(nn.Module):
@@ -67,8 +67,7 @@ class Attention(nn.Module):
     def _attend(self, q, k, v, positions, cache, prefill):
         if cache is None:  # a plain forward: attend to the tokens given, keep nothing
             return attention.causal_attention(q, k, v, impl=self.impl), None
-        k_cache = _write(cache[0], k, positions[:, 0])
-        v_cache = _write(cache[1], v, positions[:, 0])
+        k_cache, v_cache = _write(cache[0], k, positions), _write(cache[1], v, positions)
         if prefill:  # the cache held nothing before: attend to the fresh tokens alone
             out = attention.causal_attention(q, k, v, impl=self.impl)
         else:
@@ -104,8 +103,8 @@ class Decoder(nn.Module):
                  logits_at: Int[Array, "B"] | None = None):
         """Returns logits [B, T, V] (or [B, 1, V] at `logits_at`) in f32 and the new cache.
 
-        `positions` are absolute; with a cache, row b's T tokens are written at slots
-        positions[b, 0] .. positions[b, 0] + T - 1. `prefill=True` says the cache was empty.
+        `positions` are absolute; with a cache, row b's tokens are written at slots
+        positions[b]. `prefill=True` says the cache was empty before.
         """
         c = self.cfg
         embed = declare(self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.dtype)

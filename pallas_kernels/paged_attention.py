@@ -1,0 +1,610 @@
+"""Attention over a paged KV cache: decode, ragged (mixed prefill/decode), writes.
+
+Shapes (jaxinfer's letter table): B sequences, T query tokens, N query heads,
+K kv heads, G = N // K, H head dim, P pages in the pool, L tokens per page.
+
+The cache is one pool per layer: k_pages/v_pages [K, P, L, H]. A sequence's
+tokens live in the pages named by its row of ``block_tables`` [B, max_pages]
+(page ids into P, in any order); token t of sequence b is at
+``k_pages[:, block_tables[b, t // L], t % L]``. Inside the kernels the pool is
+viewed as [K, P * L, H] rows, so a tile of tokens is one gather of rows
+``page * L + offset``.
+
+Both kernels put the G query heads of one kv head in the same program: each
+K/V row is read once per kv head, not once per query head.
+
+* ``paged_attention``: one new token per sequence (decode). Split-K: each
+  sequence's pages are cut into ``num_splits`` ranges, one program each; the
+  partial (acc, max, sum) are merged with a log-sum-exp combine. This keeps
+  every SM busy at small batch and long context.
+* ``ragged_paged_attention``: sequence b brings q_len_b >= 1 new tokens
+  (packed in q [T, N, H]), the last q_len_b of its kv_len_b cached tokens,
+  causal among themselves.
+* ``write_kv``: scatter new K/V rows into their slots (page * L + offset).
+
+File layout: kernels -> pallas_call wrappers (tile sizes in frozen configs)
+-> jitted public entry points -> ``*_reference`` in plain jnp.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash_attention import (LOG2_E, MASK_VALUE,
+                                            SUPPORTED_DTYPES,
+                                            resolve_interpret)
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedConfig:
+  """Tiles of the paged kernels.
+
+  Attributes:
+    block_k: kv tokens per inner-loop step (power of two, a multiple of L or
+      smaller than L and dividing it).
+    num_splits: split-K ranges per sequence for decode; None picks enough
+      programs to fill the GPU.
+    block_rows: query rows (tokens x padded heads per kv head) per ragged
+      program (power of two >= 16).
+    num_warps, num_stages: Triton launch parameters.
+    backend: "triton" (Pallas Triton lowering).
+  """
+  # block_k=32, 4 stages: best of 5 tiles measured on an H200 (NOTES.md)
+  block_k: int = 32
+  num_splits: int | None = None
+  block_rows: int = 64
+  num_warps: int = 4
+  num_stages: int = 4
+  backend: str = "triton"
+
+  def __post_init__(self):
+    for name in ("block_k", "block_rows"):
+      b = getattr(self, name)
+      if b < 16 or b & (b - 1):
+        raise ValueError(f"{name}={b} must be a power of two >= 16")
+    if self.num_splits is not None and self.num_splits < 1:
+      raise ValueError(f"num_splits={self.num_splits} must be >= 1")
+    if self.backend not in ("triton",):
+      raise ValueError(f"unknown backend {self.backend!r}")
+
+
+def _num_sms() -> int:
+  try:
+    return int(getattr(jax.devices()[0], "core_count", 132)) or 132
+  except Exception:  # pylint: disable=broad-except
+    return 132
+
+
+def _choose_splits(config: PagedConfig, batch, num_kv_heads, max_tokens):
+  if config.num_splits is not None:
+    return min(config.num_splits, pl.cdiv(max_tokens, config.block_k))
+  target = 4 * _num_sms()  # a few waves over the SMs
+  splits = pl.cdiv(target, batch * num_kv_heads)
+  # at least two kv steps per split, so the pipeline has something to overlap
+  return max(1, min(splits, max_tokens // (2 * config.block_k)))
+
+
+# ----------------------------------------------------------------------------
+# Shared pieces of the kernels.
+# ----------------------------------------------------------------------------
+def _gather_kv(ref, rows, cols, mask):
+  """Rows of a [P * L, Hp] page pool: tile [rows.size, cols.size]."""
+  idx = (rows[:, None], cols[None, :])
+  if mask is None:
+    return ref[idx]
+  return plgpu.load(ref.at[idx], mask=mask, other=0.0)
+
+
+def _kv_tile(bt_ref, bt_row, k_ref, v_ref, first_token, *, block_k,
+             page_size, cols, head_mask, valid):
+  """Loads K and V of tokens [first_token, first_token + block_k).
+
+  bt_ref is a block-table row [max_pages] (bt_row None) or the whole table
+  [B, max_pages] with bt_row the sequence (one indexer: Triton takes one).
+  ``valid`` [block_k] masks tokens past the sequence (None: all valid), whose
+  block-table entries may hold anything.
+  """
+  tok = first_token + jnp.arange(block_k, dtype=jnp.int32)
+  slot = lax.div(tok, page_size)
+  bt_idx = (slot,) if bt_row is None else (bt_row, slot)
+  if valid is None:
+    page = bt_ref[bt_idx]
+  else:
+    page = plgpu.load(bt_ref.at[bt_idx], mask=valid, other=0)
+  rows = page * page_size + lax.rem(tok, page_size)
+  mask = None if valid is None else valid[:, None]
+  if head_mask is not None:
+    mask = head_mask if mask is None else jnp.logical_and(mask, head_mask)
+  return (_gather_kv(k_ref, rows, cols, mask),
+          _gather_kv(v_ref, rows, cols, mask), tok)
+
+
+def _softmax_step(q, k, v, carry, *, qk_scale, visible, dot_precision):
+  """One online-softmax step; visible [M, block_k] or None for all."""
+  acc, m_prev, l_prev = carry
+  s = plgpu.dot(q, k, trans_b=True, precision=dot_precision) * qk_scale
+  if visible is not None:
+    s = jnp.where(visible, s, MASK_VALUE)
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+  alpha = jnp.exp2(m_prev - m_new)
+  p = jnp.exp2(s - m_new[:, None])
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
+  l_new = l_prev * alpha + jnp.sum(p, axis=1)
+  acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v,
+                                         precision=dot_precision)
+  return acc, m_new, l_new
+
+
+def _init_carry(rows, head_pad):
+  return (jnp.zeros((rows, head_pad), jnp.float32),
+          jnp.full((rows,), MASK_VALUE, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+
+
+# ----------------------------------------------------------------------------
+# Decode kernel (split-K).
+# ----------------------------------------------------------------------------
+def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, len_ref, *out_refs,
+                   qk_scale, group, head_dim, page_size, block_k,
+                   tokens_per_split, finalize, dot_precision):
+  # q_ref [Gp, Hp]; k_ref/v_ref [P*L, Hp]; bt_ref [max_pages]; len_ref [B]
+  group_pad, head_pad = q_ref.shape
+  b = pl.program_id(1)
+  split = pl.program_id(2)
+  length = len_ref[b]
+  cols = jnp.arange(head_pad, dtype=jnp.int32)
+  head_mask = (cols < head_dim)[None, :] if head_pad != head_dim else None
+  g_ok = jnp.arange(group_pad) < group
+  q_mask = g_ok[:, None]
+  if head_mask is not None:
+    q_mask = jnp.logical_and(q_mask, head_mask)
+  q = plgpu.load(q_ref, mask=q_mask, other=0.0)
+
+  t0 = split * tokens_per_split
+  t1 = jnp.minimum(t0 + tokens_per_split, length)
+  n_steps = jnp.maximum(lax.div(t1 - t0 + block_k - 1, block_k), 0)
+  n_full = jnp.maximum(lax.div(t1 - t0, block_k), 0)
+  tile = functools.partial(_kv_tile, bt_ref, None, k_ref, v_ref,
+                           block_k=block_k, page_size=page_size, cols=cols,
+                           head_mask=head_mask)
+  step = functools.partial(_softmax_step, qk_scale=qk_scale,
+                           dot_precision=dot_precision)
+
+  def full_step(i, carry):
+    k, v, _ = tile(t0 + i * block_k, valid=None)
+    return step(q, k, v, carry, visible=None)
+
+  def tail_step(i, carry):
+    first = t0 + i * block_k
+    valid = first + jnp.arange(block_k, dtype=jnp.int32) < t1
+    k, v, _ = tile(first, valid=valid)
+    return step(q, k, v, carry, visible=valid[None, :])
+
+  carry = _init_carry(group_pad, head_pad)
+  carry = lax.fori_loop(0, n_full, full_step, carry)
+  acc, m, l = lax.fori_loop(n_full, n_steps, tail_step, carry)
+
+  if finalize:
+    (o_ref,) = out_refs  # [Gp, Hp] of [G, H]
+    out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+    plgpu.store(o_ref, out.astype(o_ref.dtype), mask=q_mask)
+  else:
+    o_ref, m_ref, l_ref = out_refs  # [Gp, Hp], [Gp], [Gp] of G rows
+    plgpu.store(o_ref, acc, mask=q_mask)
+    plgpu.store(m_ref, m, mask=g_ok)
+    plgpu.store(l_ref, l, mask=g_ok)
+
+
+def _decode_call(q, k_rows, v_rows, block_tables, lengths, *, sm_scale,
+                 page_size, config: PagedConfig, interpret):
+  """q [B, K, G, H]; k_rows/v_rows [K, P*L, H] -> [B, K, G, H]."""
+  batch, num_kv_heads, group, head_dim = q.shape
+  num_rows = k_rows.shape[1]
+  max_pages = block_tables.shape[1]
+  head_pad = pl.next_power_of_2(head_dim)
+  group_pad = max(16, pl.next_power_of_2(group))
+  block_k = config.block_k
+  max_tokens = max_pages * page_size
+  splits = _choose_splits(config, batch, num_kv_heads, max_tokens)
+  # whole steps per split, so only a sequence's last step needs masking
+  tokens_per_split = pl.cdiv(pl.cdiv(max_tokens, splits), block_k) * block_k
+  splits = pl.cdiv(max_tokens, tokens_per_split)
+  finalize = splits == 1
+  dot_precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+
+  kernel = functools.partial(
+      _decode_kernel, qk_scale=sm_scale * LOG2_E, group=group,
+      head_dim=head_dim, page_size=page_size, block_k=block_k,
+      tokens_per_split=tokens_per_split, finalize=finalize,
+      dot_precision=dot_precision)
+  in_specs = [
+      pl.BlockSpec((None, None, group_pad, head_pad),
+                   lambda h, b, s: (b, h, 0, 0)),
+      pl.BlockSpec((None, num_rows, head_pad), lambda h, b, s: (h, 0, 0)),
+      pl.BlockSpec((None, num_rows, head_pad), lambda h, b, s: (h, 0, 0)),
+      pl.BlockSpec((None, max_pages), lambda h, b, s: (b, 0)),
+      pl.BlockSpec((batch,), lambda h, b, s: (0,)),
+  ]
+  if finalize:
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    out_specs = [in_specs[0]]
+  else:
+    part = (splits, batch, num_kv_heads, group)
+    out_shape = [jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct(part, jnp.float32),
+                 jax.ShapeDtypeStruct(part, jnp.float32)]
+    out_specs = [
+        pl.BlockSpec((None, None, None, group_pad, head_pad),
+                     lambda h, b, s: (s, b, h, 0, 0)),
+        pl.BlockSpec((None, None, None, group_pad),
+                     lambda h, b, s: (s, b, h, 0)),
+        pl.BlockSpec((None, None, None, group_pad),
+                     lambda h, b, s: (s, b, h, 0)),
+    ]
+  outs = pl.pallas_call(
+      kernel,
+      grid=(num_kv_heads, batch, splits),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                           num_stages=config.num_stages),
+      interpret=interpret,
+      name=f"paged_decode_h{head_dim}_L{page_size}_bk{block_k}_s{splits}",
+  )(q, k_rows, v_rows, block_tables, lengths)
+  if finalize:
+    return outs[0]
+  acc, m, l = outs
+  # Log-sum-exp combine of the splits (m in log2 units; empty splits have
+  # m = MASK_VALUE, l = 0 and get weight 0).
+  m_all = jnp.max(m, axis=0)
+  w = jnp.exp2(m - m_all[None])
+  denom = jnp.sum(w * l, axis=0)
+  out = jnp.sum(w[..., None] * acc, axis=0) / jnp.where(
+      denom == 0.0, 1.0, denom)[..., None]
+  return out.astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Ragged kernel (packed queries of several lengths, causal within each).
+# ----------------------------------------------------------------------------
+def _ragged_kernel(work_seq_ref, work_q0_ref, q_ref, k_ref, v_ref, bt_ref,
+                   kv_len_ref, cu_ref, o_ref, *, qk_scale, group, group_pad,
+                   head_dim, page_size, block_k, block_tokens, dot_precision):
+  # q_ref/o_ref [T, N, Hp]; k_ref/v_ref [P*L, Hp]; bt_ref [B, max_pages]
+  head_pad = q_ref.shape[-1]
+  kv_head = pl.program_id(0)
+  w = pl.program_id(1)
+  seq = work_seq_ref[w]
+  live = seq >= 0
+  seq = jnp.maximum(seq, 0)
+  r0 = work_q0_ref[w]
+  q_start, q_end = cu_ref[seq], cu_ref[seq + 1]
+  kv_len = kv_len_ref[seq]
+
+  rows = block_tokens * group_pad
+  i = jnp.arange(rows, dtype=jnp.int32)
+  tok = r0 + lax.div(i, group_pad)  # row of q in [T]
+  g = lax.rem(i, group_pad)
+  row_ok = (tok < q_end) & (g < group) & live
+  cols = jnp.arange(head_pad, dtype=jnp.int32)
+  head_mask = (cols < head_dim)[None, :] if head_pad != head_dim else None
+  io_mask = row_ok[:, None]
+  if head_mask is not None:
+    io_mask = jnp.logical_and(io_mask, head_mask)
+  io_idx = (tok[:, None], (kv_head * group + g)[:, None], cols[None, :])
+  q = plgpu.load(q_ref.at[io_idx], mask=io_mask, other=0.0)
+
+  # query row at kv position pos sees keys 0..pos
+  offset = kv_len - (q_end - q_start) - q_start
+  pos = tok + offset
+  pos_first = r0 + offset
+  pos_last = jnp.minimum(r0 + block_tokens, q_end) - 1 + offset
+  n_full = jnp.where(live, lax.div(pos_first + 1, block_k), 0)
+  n_steps = jnp.where(live, lax.div(pos_last + block_k, block_k), 0)
+
+  tile = functools.partial(_kv_tile, bt_ref, seq, k_ref, v_ref,
+                           block_k=block_k, page_size=page_size, cols=cols,
+                           head_mask=head_mask)
+  step = functools.partial(_softmax_step, qk_scale=qk_scale,
+                           dot_precision=dot_precision)
+
+  def full_step(j, carry):
+    k, v, _ = tile(j * block_k, valid=None)
+    return step(q, k, v, carry, visible=None)
+
+  def diag_step(j, carry):
+    first = j * block_k
+    kv_tok = first + jnp.arange(block_k, dtype=jnp.int32)
+    k, v, _ = tile(first, valid=kv_tok < kv_len)
+    visible = kv_tok[None, :] <= pos[:, None]
+    return step(q, k, v, carry, visible=visible)
+
+  carry = _init_carry(rows, head_pad)
+  carry = lax.fori_loop(0, n_full, full_step, carry)
+  acc, _, l = lax.fori_loop(n_full, n_steps, diag_step, carry)
+  out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+  plgpu.store(o_ref.at[io_idx], out.astype(o_ref.dtype), mask=io_mask)
+
+
+def _ragged_work_list(cu_q_lens, block_tokens, num_work):
+  """(sequence, first q row) of each q block; -1 marks unused programs."""
+  q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+  blocks = (q_lens + block_tokens - 1) // block_tokens  # [B]
+  ends = jnp.cumsum(blocks)
+  w = jnp.arange(num_work, dtype=jnp.int32)
+  seq = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)
+  live = seq < q_lens.shape[0]
+  seq_c = jnp.minimum(seq, q_lens.shape[0] - 1)
+  first_block = ends[seq_c] - blocks[seq_c]
+  q0 = cu_q_lens[seq_c] + (w - first_block) * block_tokens
+  return jnp.where(live, seq, -1), jnp.where(live, q0, 0).astype(jnp.int32)
+
+
+def _ragged_call(q, k_rows, v_rows, block_tables, kv_lens, cu_q_lens, *,
+                 sm_scale, page_size, config: PagedConfig, interpret):
+  """q [T, N, H]; k_rows/v_rows [K, P*L, H] -> [T, N, H]."""
+  num_tokens, num_heads, head_dim = q.shape
+  num_kv_heads, num_rows, _ = k_rows.shape
+  num_seqs = block_tables.shape[0]
+  group = num_heads // num_kv_heads
+  group_pad = pl.next_power_of_2(group)
+  head_pad = pl.next_power_of_2(head_dim)
+  block_tokens = max(1, config.block_rows // group_pad)
+  num_work = num_tokens // block_tokens + num_seqs
+  work_seq, work_q0 = _ragged_work_list(cu_q_lens, block_tokens, num_work)
+  dot_precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+
+  kernel = functools.partial(
+      _ragged_kernel, qk_scale=sm_scale * LOG2_E, group=group,
+      group_pad=group_pad, head_dim=head_dim, page_size=page_size,
+      block_k=config.block_k, block_tokens=block_tokens,
+      dot_precision=dot_precision)
+  whole = lambda shape: pl.BlockSpec(shape, lambda h, w: (0,) * len(shape))
+  q_spec = whole((num_tokens, num_heads, head_pad))
+  kv_spec = pl.BlockSpec((None, num_rows, head_pad), lambda h, w: (h, 0, 0))
+  out = pl.pallas_call(
+      kernel,
+      grid=(num_kv_heads, num_work),
+      in_specs=[whole((num_work,)), whole((num_work,)), q_spec, kv_spec,
+                kv_spec, whole(block_tables.shape), whole((num_seqs,)),
+                whole((num_seqs + 1,))],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                           num_stages=config.num_stages),
+      interpret=interpret,
+      name=f"ragged_paged_h{head_dim}_L{page_size}",
+  )(work_seq, work_q0, q, k_rows, v_rows, block_tables, kv_lens, cu_q_lens)
+  # rows past cu_q_lens[-1] (bucket padding) belong to no sequence: zero them
+  live_row = jnp.arange(num_tokens) < cu_q_lens[-1]
+  return jnp.where(live_row[:, None, None], out, 0).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Public entry points.
+# ----------------------------------------------------------------------------
+def _check_pages(q, k_pages, v_pages, block_tables, num_q_rows, name):
+  if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+    raise ValueError(f"k_pages/v_pages must both be [K, P, L, H], got "
+                     f"{k_pages.shape} and {v_pages.shape}")
+  if q.dtype not in SUPPORTED_DTYPES or not (
+      q.dtype == k_pages.dtype == v_pages.dtype):
+    raise ValueError(f"dtypes must match and be bf16/f16/f32: q {q.dtype}, "
+                     f"k {k_pages.dtype}, v {v_pages.dtype}")
+  num_kv_heads, _, page_size, head_dim = k_pages.shape
+  if q.shape[-1] != head_dim:
+    raise ValueError(f"head dim of q {q.shape} and pages {k_pages.shape} "
+                     "differ")
+  if not 16 <= head_dim <= 256 or head_dim % 8:
+    raise ValueError(f"head dim {head_dim} must be a multiple of 8 in 16..256")
+  if q.shape[-2] % num_kv_heads:
+    raise ValueError(f"N={q.shape[-2]} not a multiple of K={num_kv_heads}")
+  if page_size < 1 or page_size & (page_size - 1):
+    raise ValueError(f"page size {page_size} must be a power of two")
+  if block_tables.ndim != 2 or block_tables.shape[0] != num_q_rows:
+    raise ValueError(f"block_tables must be [{name}, max_pages], got "
+                     f"{block_tables.shape}")
+  if block_tables.dtype != jnp.int32:
+    raise ValueError(f"block_tables must be int32, got {block_tables.dtype}")
+
+
+def _check_vector(x, size, name):
+  if x.shape != (size,) or x.dtype != jnp.int32:
+    raise ValueError(f"{name} must be int32 [{size}], got {x.dtype}{x.shape}")
+
+
+def _rows_view(pages):
+  """[K, P, L, H] -> [K, P * L, H]: a free reshape of a contiguous pool."""
+  k, p, l, h = pages.shape
+  return pages.reshape(k, p * l, h)
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("sm_scale", "config", "interpret"))
+def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
+                    sm_scale: float | None = None,
+                    config: PagedConfig | None = None,
+                    interpret: bool | None = None):
+  """Decode attention of one new token per sequence over a paged cache.
+
+  Args:
+    q: [B, N, H] queries.
+    k_pages, v_pages: [K, P, L, H] page pools.
+    block_tables: int32 [B, max_pages] page ids of each sequence.
+    lengths: int32 [B] cached tokens per sequence, 1..max_pages * L.
+    sm_scale: logit scale, default 1/sqrt(H).
+    config: tiles; default PagedConfig().
+    interpret: Pallas interpret mode (default: on CPU).
+
+  Returns:
+    [B, N, H] attention output, q's dtype.
+  """
+  if q.ndim != 3:
+    raise ValueError(f"q must be [B, N, H], got {q.shape}")
+  batch, num_heads, head_dim = q.shape
+  _check_pages(q, k_pages, v_pages, block_tables, batch, "B")
+  _check_vector(lengths, batch, "lengths")
+  num_kv_heads, _, page_size, _ = k_pages.shape
+  config = config or PagedConfig()
+  sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+  q4 = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  out = _decode_call(q4, _rows_view(k_pages), _rows_view(v_pages),
+                     block_tables, lengths, sm_scale=sm_scale,
+                     page_size=page_size, config=config,
+                     interpret=resolve_interpret(interpret))
+  return out.reshape(q.shape)
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("sm_scale", "config", "interpret"))
+def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens,
+                           cu_q_lens, *, sm_scale: float | None = None,
+                           config: PagedConfig | None = None,
+                           interpret: bool | None = None):
+  """Attention of packed new tokens of several sequences over a paged cache.
+
+  Args:
+    q: [T, N, H] new tokens, sequence b at rows cu_q_lens[b]:cu_q_lens[b+1].
+    k_pages, v_pages: [K, P, L, H] page pools, new tokens already written.
+    block_tables: int32 [B, max_pages].
+    kv_lens: int32 [B] cached tokens per sequence (new ones included).
+    cu_q_lens: int32 [B + 1]; each q_len_b >= 1 and <= kv_lens[b]. The new
+      tokens are the LAST q_len_b of the kv_lens[b], causal among themselves.
+    sm_scale: logit scale, default 1/sqrt(H).
+    config, interpret: as in ``paged_attention``.
+
+  Returns:
+    [T, N, H]; rows past cu_q_lens[-1] are zero.
+  """
+  if q.ndim != 3:
+    raise ValueError(f"q must be [T, N, H], got {q.shape}")
+  num_seqs = block_tables.shape[0] if block_tables.ndim == 2 else -1
+  _check_pages(q, k_pages, v_pages, block_tables, num_seqs, "B")
+  _check_vector(kv_lens, num_seqs, "kv_lens")
+  _check_vector(cu_q_lens, num_seqs + 1, "cu_q_lens")
+  config = config or PagedConfig()
+  head_dim = q.shape[-1]
+  sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+  return _ragged_call(q, _rows_view(k_pages), _rows_view(v_pages),
+                      block_tables, kv_lens, cu_q_lens, sm_scale=sm_scale,
+                      page_size=k_pages.shape[2], config=config,
+                      interpret=resolve_interpret(interpret))
+
+
+@jax.jit
+def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping):
+  """Writes new K/V rows into their cache slots.
+
+  Args:
+    k_pages, v_pages: [K, P, L, H] page pools (donate them at the caller's
+      jit for an in-place update).
+    k_new, v_new: [T, K, H] rows to write.
+    slot_mapping: int32 [T], slot = page * L + offset; negative = skip.
+
+  Returns:
+    (k_pages, v_pages) updated.
+  """
+  if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+    raise ValueError(f"pages must both be [K, P, L, H], got {k_pages.shape} "
+                     f"and {v_pages.shape}")
+  num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+  if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != (
+      num_kv_heads, head_dim):
+    raise ValueError(f"k_new/v_new must be [T, {num_kv_heads}, {head_dim}], "
+                     f"got {k_new.shape} and {v_new.shape}")
+  _check_vector(slot_mapping, k_new.shape[0], "slot_mapping")
+  num_rows = num_pages * page_size
+  # negative slots go out of range and are dropped by the scatter
+  slots = jnp.where(slot_mapping < 0, num_rows, slot_mapping)
+
+  def scatter(pages, new):
+    rows = _rows_view(pages)
+    rows = rows.at[:, slots].set(new.swapaxes(0, 1).astype(pages.dtype),
+                                 mode="drop")
+    return rows.reshape(pages.shape)
+
+  return scatter(k_pages, k_new), scatter(v_pages, v_new)
+
+
+# ----------------------------------------------------------------------------
+# References (plain jnp, f32).
+# ----------------------------------------------------------------------------
+def _gather_contiguous(pages, block_tables):
+  """[K, P, L, H] x [B, max_pages] -> [B, max_pages * L, K, H]."""
+  g = pages[:, block_tables]  # [K, B, max_pages, L, H]
+  k, b, mp, l, h = g.shape
+  return g.reshape(k, b, mp * l, h).transpose(1, 2, 0, 3)
+
+
+def _masked_attention(q, k, v, visible, sm_scale):
+  """q [B, T, N, H], k/v [B, S, K, H], visible [B, T, S] -> [B, T, N, H]."""
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32),
+                      precision=lax.Precision.HIGHEST) * sm_scale
+  logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST)
+  return out.reshape(q.shape)
+
+
+def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *,
+                              sm_scale: float | None = None):
+  """Gathers the pages to [B, S, K, H] and runs masked softmax in f32."""
+  sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+  k = _gather_contiguous(k_pages, block_tables)
+  v = _gather_contiguous(v_pages, block_tables)
+  visible = jnp.arange(k.shape[1])[None, None, :] < lengths[:, None, None]
+  out = _masked_attention(q[:, None], k, v, visible, sm_scale)
+  return out[:, 0].astype(q.dtype)
+
+
+def contiguous_decode_reference(q, k, v, lengths, *,
+                                sm_scale: float | None = None):
+  """Decode over a contiguous cache k/v [B, S, K, H] (the non-paged peer)."""
+  sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+  visible = jnp.arange(k.shape[1])[None, None, :] < lengths[:, None, None]
+  return _masked_attention(q[:, None], k, v, visible, sm_scale)[:, 0].astype(
+      q.dtype)
+
+
+def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables,
+                                     kv_lens, cu_q_lens, *,
+                                     sm_scale: float | None = None):
+  """Per-token masks over gathered pages; rows past cu_q_lens[-1] are 0."""
+  sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+  num_tokens = q.shape[0]
+  seq = jnp.searchsorted(cu_q_lens, jnp.arange(num_tokens), side="right") - 1
+  live = seq < block_tables.shape[0]
+  seq = jnp.minimum(seq, block_tables.shape[0] - 1)
+  q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+  pos = kv_lens[seq] - q_len + (jnp.arange(num_tokens) - cu_q_lens[seq])
+  k = _gather_contiguous(k_pages, block_tables)[seq]  # [T, S, K, H]
+  v = _gather_contiguous(v_pages, block_tables)[seq]
+  visible = jnp.arange(k.shape[1])[None, None, :] <= pos[:, None, None]
+  out = _masked_attention(q[:, None], k, v, visible, sm_scale)[:, 0]
+  return jnp.where(live[:, None, None], out, 0).astype(q.dtype)
+
+
+def write_kv_reference(k_pages, v_pages, k_new, v_new, slot_mapping):
+  """Row-by-row writes in a Python loop (host side; for tests)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  kp, vp = np.array(k_pages), np.array(v_pages)
+  page_size = kp.shape[2]
+  for t, slot in enumerate(np.asarray(slot_mapping)):
+    if slot < 0:
+      continue
+    kp[:, slot // page_size, slot % page_size] = np.asarray(k_new[t])
+    vp[:, slot // page_size, slot % page_size] = np.asarray(v_new[t])
+  return kp, vp

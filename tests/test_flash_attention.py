@@ -1,0 +1,141 @@
+"""flash_attention against its jnp reference, in Pallas interpret mode.
+
+Interpret mode fills output buffers with NaN before the kernel runs, so the
+finiteness check below proves that every output element was written.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.flash_attention import (FlashConfig, flash_attention,
+                                            flash_attention_reference)
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
+# Small tiles on the CPU: more blocks per case, so every masking stretch
+# (window-left, full, diagonal, tail) is exercised at modest lengths.
+SMALL = FlashConfig(block_q=32, block_k=32)
+
+
+def assert_close(out, ref, dtype):
+  out = np.asarray(out, np.float64)
+  ref = np.asarray(ref, np.float64)
+  assert out.shape == ref.shape
+  assert np.isfinite(out).all(), "NaN/inf in output (unwritten element?)"
+  tol = TOL[dtype]
+  rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+  assert rel <= tol, f"relative error {rel:.3g} > {tol}"
+  # every element, not only the norm
+  np.testing.assert_allclose(out, ref, rtol=0, atol=30 * tol * np.abs(ref).max())
+
+
+def _qkv(seed, q_shape, kv_shape, dtype):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return (jax.random.normal(ks[0], q_shape, dtype),
+          jax.random.normal(ks[1], kv_shape, dtype),
+          jax.random.normal(ks[2], kv_shape, dtype))
+
+
+# (B, T, S, N, K, H, causal, window, dtype, config)
+BATCHED = [
+    (2, 1, 1, 4, 4, 64, True, None, jnp.float32, SMALL),
+    (1, 3, 3, 8, 2, 80, True, None, jnp.bfloat16, SMALL),
+    (2, 17, 17, 4, 1, 128, True, None, jnp.float32, SMALL),
+    (1, 256, 256, 8, 1, 64, True, None, jnp.bfloat16, None),
+    (1, 513, 513, 4, 1, 128, True, None, jnp.bfloat16, None),
+    (1, 1023, 1023, 2, 2, 64, True, 100, jnp.bfloat16, None),
+    (1, 2048, 2048, 1, 1, 64, True, None, jnp.bfloat16, None),
+    (2, 17, 300, 4, 2, 64, True, None, jnp.float32, SMALL),   # T < S
+    (1, 100, 257, 4, 2, 80, False, None, jnp.float16, SMALL),  # non-causal
+    (1, 130, 130, 2, 1, 256, True, 33, jnp.float32, SMALL),
+    (2, 64, 64, 8, 8, 96, True, 1, jnp.bfloat16, SMALL),      # window = 1
+]
+
+
+@pytest.mark.parametrize("b,t,s,n,k,h,causal,window,dtype,config", BATCHED)
+def test_batched(b, t, s, n, k, h, causal, window, dtype, config):
+  q, kk, v = _qkv(t * 7 + h, (b, t, n, h), (b, s, k, h), dtype)
+  out, lse = flash_attention(q, kk, v, causal=causal, sliding_window=window,
+                             return_lse=True, config=config)
+  ref, ref_lse = flash_attention_reference(q, kk, v, causal=causal,
+                                           sliding_window=window,
+                                           return_lse=True)
+  assert out.dtype == dtype and lse.shape == (b, n, t)
+  assert_close(out, ref, dtype)
+  assert_close(lse, ref_lse, jnp.float32 if dtype == jnp.float32 else dtype)
+
+
+# (seq lens, N, K, H, window, dtype, config, pad tokens past cu[-1])
+PACKED = [
+    ((1, 3, 17, 256, 513), 8, 2, 64, None, jnp.bfloat16, None, 0),
+    ((5, 1, 40, 33), 4, 4, 80, 7, jnp.float32, SMALL, 3),
+    ((70, 2, 129), 8, 1, 128, 50, jnp.bfloat16, SMALL, 0),
+]
+
+
+@pytest.mark.parametrize("lens,n,k,h,window,dtype,config,pad", PACKED)
+def test_packed(lens, n, k, h, window, dtype, config, pad):
+  total = sum(lens) + pad
+  cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
+  q, kk, v = _qkv(total, (total, n, h), (total, k, h), dtype)
+  out, lse = flash_attention(q, kk, v, cu_seqlens=cu, sliding_window=window,
+                             return_lse=True, config=config)
+  ref, ref_lse = flash_attention_reference(q, kk, v, cu_seqlens=cu,
+                                           sliding_window=window,
+                                           return_lse=True)
+  assert_close(out, ref, dtype)
+  assert_close(lse, ref_lse, jnp.float32 if dtype == jnp.float32 else dtype)
+
+
+def test_packed_equals_batched_per_sequence():
+  lens = (9, 40)
+  cu = jnp.asarray([0, 9, 49], jnp.int32)
+  q, k, v = _qkv(1, (49, 4, 64), (49, 2, 64), jnp.float32)
+  out = flash_attention(q, k, v, cu_seqlens=cu, config=SMALL)
+  for a, b in zip(cu[:-1], cu[1:]):
+    one = flash_attention(q[None, a:b], k[None, a:b], v[None, a:b],
+                          config=SMALL)[0]
+    np.testing.assert_allclose(out[a:b], one, rtol=1e-6, atol=1e-6)
+  del lens
+
+
+def test_sm_scale():
+  q, k, v = _qkv(3, (1, 40, 2, 64), (1, 40, 2, 64), jnp.float32)
+  out = flash_attention(q, k, v, sm_scale=0.3, config=SMALL)
+  ref = flash_attention_reference(q, k, v, sm_scale=0.3)
+  assert_close(out, ref, jnp.float32)
+
+
+@pytest.mark.parametrize("q_shape,kv_shape,kwargs", [
+    ((1, 8, 4, 64), (1, 8, 3, 64), {}),             # N % K != 0
+    ((1, 8, 4, 64), (1, 8, 4, 32), {}),             # head dims differ
+    ((8, 4, 64), (8, 4, 64), {}),                   # rank 3 without cu
+    ((1, 8, 4, 64), (2, 8, 4, 64), {}),             # batch differs
+    ((1, 9, 4, 64), (1, 8, 4, 64), {}),             # causal T > S
+    ((1, 8, 4, 300), (1, 8, 4, 300), {}),           # head dim too big
+    ((1, 8, 4, 64), (1, 8, 4, 64), {"sliding_window": 0}),
+    ((1, 8, 4, 64), (1, 8, 4, 64), {"causal": False, "sliding_window": 4}),
+])
+def test_bad_shapes_raise(q_shape, kv_shape, kwargs):
+  q = jnp.ones(q_shape, jnp.float32)
+  k = jnp.ones(kv_shape, jnp.float32)
+  with pytest.raises(ValueError):
+    flash_attention(q, k, k, **kwargs)
+
+
+def test_bad_packed_raise():
+  q = jnp.ones((8, 4, 64), jnp.float32)
+  with pytest.raises(ValueError):
+    flash_attention(q, q[:6], q[:6], cu_seqlens=jnp.array([0, 8], jnp.int32))
+  with pytest.raises(ValueError):
+    flash_attention(q, q, q, cu_seqlens=jnp.array([[0, 8]], jnp.int32))
+  with pytest.raises(ValueError):
+    flash_attention(q.astype(jnp.int8), q, q,
+                    cu_seqlens=jnp.array([0, 8], jnp.int32))
+
+
+def test_config_validates():
+  with pytest.raises(ValueError):
+    FlashConfig(block_q=24)
+  with pytest.raises(ValueError):
+    FlashConfig(backend="cuda")
