@@ -11,8 +11,9 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -23,51 +24,75 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.model import Model, abstract_params, resolve_dtype
 
 FORMAT_FILE = "jaxinfer.json"
+FORMAT_VERSION = 2  # 2: fused qkv and gate_up params
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 # HF names that carry no weights of ours (derived buffers some checkpoints include).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def _copy(xs, shape):
+    return xs[0].reshape(shape)
+
+
+def _linear(xs, shape):  # HF linear weights are [out, in]; ours are [in, ...out]
+    return xs[0].T.reshape(shape)
+
+
+def _qkv(xs, shape):  # [D, K, G + 2, H]: each kv head's G query heads, then its k and v
+    d, k, c, h = shape
+    q, kk, v = (x.T.reshape(d, k, -1, h) for x in xs)
+    return jnp.concatenate([q, kk, v], axis=2)
+
+
+def _qkv_bias(xs, shape):  # [K, G + 2, H]
+    k, c, h = shape
+    return jnp.concatenate([x.reshape(k, -1, h) for x in xs], axis=1)
+
+
+def _gate_up(xs, shape):  # [D, 2, F]
+    return jnp.stack([x.T for x in xs], axis=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One param: where it sits in our tree, its HF name and shape, and whether to transpose."""
+    """One param: its place in our tree, the HF tensors (name, shape) it is built from, and how."""
 
     path: tuple[str, ...]
-    hf_name: str
-    hf_shape: tuple[int, ...]
-    transpose: bool  # HF linear weights are [out, in]; ours are [in, ...out]
+    sources: tuple[tuple[str, tuple[int, ...]], ...]
+    build: Callable  # (HF arrays, our shape) -> our array
 
 
 def hf_layout(cfg: ModelConfig) -> list[Entry]:
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    nh, kh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    entries = [Entry(("embed",), "model.embed_tokens.weight", (v, d), False),
-               Entry(("final_norm", "scale"), "model.norm.weight", (d,), False)]
+    d, v = cfg.hidden_size, cfg.vocab_size
+    entries = [Entry(("embed",), (("model.embed_tokens.weight", (v, d)),), _copy),
+               Entry(("final_norm", "scale"), (("model.norm.weight", (d,)),), _copy)]
     if not cfg.tie_word_embeddings:
-        entries.append(Entry(("lm_head",), "lm_head.weight", (v, d), True))
+        entries.append(Entry(("lm_head",), (("lm_head.weight", (v, d)),), _linear))
     for i in range(cfg.num_layers):
-        entries += _layer_layout(cfg, i, d, f, nh, kh)
+        entries += _layer_layout(cfg, i)
     return entries
 
 
-def _layer_layout(cfg: ModelConfig, i: int, d: int, f: int, nh: int, kh: int) -> list[Entry]:
+def _layer_layout(cfg: ModelConfig, i: int) -> list[Entry]:
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    nh, kh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     ours, hf = f"layers_{i}", f"model.layers.{i}"
+    attn = f"{hf}.self_attn"
+    qkv = tuple((f"{attn}.{x}_proj.weight", (n, d)) for x, n in (("q", nh), ("k", kh), ("v", kh)))
     entries = [
-        Entry((ours, "attn_norm", "scale"), f"{hf}.input_layernorm.weight", (d,), False),
-        Entry((ours, "mlp_norm", "scale"), f"{hf}.post_attention_layernorm.weight", (d,), False),
-        Entry((ours, "attn", "q"), f"{hf}.self_attn.q_proj.weight", (nh, d), True),
-        Entry((ours, "attn", "k"), f"{hf}.self_attn.k_proj.weight", (kh, d), True),
-        Entry((ours, "attn", "v"), f"{hf}.self_attn.v_proj.weight", (kh, d), True),
-        Entry((ours, "attn", "o"), f"{hf}.self_attn.o_proj.weight", (d, nh), True),
-        Entry((ours, "mlp", "gate"), f"{hf}.mlp.gate_proj.weight", (f, d), True),
-        Entry((ours, "mlp", "up"), f"{hf}.mlp.up_proj.weight", (f, d), True),
-        Entry((ours, "mlp", "down"), f"{hf}.mlp.down_proj.weight", (d, f), True),
+        Entry((ours, "attn_norm", "scale"), ((f"{hf}.input_layernorm.weight", (d,)),), _copy),
+        Entry((ours, "mlp_norm", "scale"), ((f"{hf}.post_attention_layernorm.weight", (d,)),), _copy),
+        Entry((ours, "attn", "qkv"), qkv, _qkv),
+        Entry((ours, "attn", "o"), ((f"{attn}.o_proj.weight", (d, nh)),), _linear),
+        Entry((ours, "mlp", "gate_up"), ((f"{hf}.mlp.gate_proj.weight", (f, d)),
+                                        (f"{hf}.mlp.up_proj.weight", (f, d))), _gate_up),
+        Entry((ours, "mlp", "down"), ((f"{hf}.mlp.down_proj.weight", (d, f)),), _linear),
     ]
     if cfg.qkv_bias:
-        entries += [Entry((ours, "attn", f"{x}_bias"), f"{hf}.self_attn.{x}_proj.bias", (n,), False)
-                    for x, n in (("q", nh), ("k", kh), ("v", kh))]
+        bias = tuple((f"{attn}.{x}_proj.bias", (n,)) for x, n in (("q", nh), ("k", kh), ("v", kh)))
+        entries.append(Entry((ours, "attn", "qkv_bias"), bias, _qkv_bias))
     if cfg.o_bias:
-        entries.append(Entry((ours, "attn", "o_bias"), f"{hf}.self_attn.o_proj.bias", (d,), False))
+        entries.append(Entry((ours, "attn", "o_bias"), ((f"{attn}.o_proj.bias", (d,)),), _copy))
     return entries
 
 
@@ -79,18 +104,16 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, Any], dtype) -> dict:
     shapes, _ = abstract_params(cfg, dtype)
     params: dict = {}
     for e in layout:
-        x = tensors[e.hf_name]
-        if tuple(x.shape) != e.hf_shape:
-            raise ValueError(f"tensor {e.hf_name} has shape {tuple(x.shape)}, expected {e.hf_shape}")
-        target = _get(shapes, e.path)
-        x = jnp.asarray(x)
-        x = (x.T if e.transpose else x).reshape(target.shape).astype(dtype)
-        _set(params, e.path, x)
+        for name, shape in e.sources:
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+        xs = [jnp.asarray(tensors[name]) for name, _ in e.sources]
+        _set(params, e.path, e.build(xs, _get(shapes, e.path).shape).astype(dtype))
     return params
 
 
 def _check_names(cfg: ModelConfig, layout: list[Entry], tensors: Mapping[str, Any]) -> None:
-    expected = {e.hf_name for e in layout}
+    expected = {name for e in layout for name, _ in e.sources}
     missing = sorted(expected - set(tensors))
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
@@ -189,7 +212,7 @@ def save_checkpoint(model: Model, path: str | os.PathLike) -> pathlib.Path:
     checkpointer.wait_until_finished()
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(path / "tokenizer"))
-    meta = {"format": "jaxinfer", "version": 1, "dtype": jnp.dtype(model.dtype).name,
+    meta = {"format": "jaxinfer", "version": FORMAT_VERSION, "dtype": jnp.dtype(model.dtype).name,
             "config": model.config.to_dict()}
     (path / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
     return path
@@ -203,6 +226,9 @@ def _load_jaxinfer(path: pathlib.Path, dtype) -> Model:
         cfg = ModelConfig.from_dict(meta["config"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path / FORMAT_FILE} is not a valid jaxinfer checkpoint file: {e}") from e
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is a jaxinfer checkpoint of format version {meta.get('version')}; "
+                         f"this jaxinfer reads version {FORMAT_VERSION}: convert it again")
     shapes, _ = abstract_params(cfg, meta["dtype"])
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
@@ -221,7 +247,9 @@ def ensure_default_model() -> pathlib.Path:
     """The default model's jaxinfer checkpoint, converted once from its GGUF (kept in f32: lossless)."""
     target = checkpoints_dir() / DEFAULT_MODEL_NAME
     if (target / FORMAT_FILE).exists():
-        return target
+        if json.loads((target / FORMAT_FILE).read_text()).get("version") == FORMAT_VERSION:
+            return target
+        shutil.rmtree(target)  # written by an older jaxinfer: convert again
     from jaxinfer.gguf import default_gguf_path
 
     gguf = default_gguf_path()

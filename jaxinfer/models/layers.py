@@ -78,8 +78,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         d, f = self.cfg.hidden_size, self.cfg.intermediate_size
-        gate = declare(self, "gate", (d, f), ("embed", "mlp"), self.dtype)
-        up = declare(self, "up", (d, f), ("embed", "mlp"), self.dtype)
+        # gate and up in one matmul: one weight read, one launch.
+        gate_up = declare(self, "gate_up", (d, 2, f), ("embed", "gate_up", "mlp"), self.dtype)
         down = declare(self, "down", (f, d), ("mlp", "embed"), self.dtype)
-        h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, gate)) * jnp.einsum("BTD,DF->BTF", x, up)
+        h = jnp.einsum("BTD,DCF->BTCF", x, gate_up)  # [B, T, 2, F]
+        h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
         return jnp.einsum("BTF,FD->BTD", h, down)

@@ -44,18 +44,18 @@ class Attention(nn.Module):
                  cache: LayerCache | None, prefill: bool):
         c, dt = self.cfg, self.dtype
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        wq = declare(self, "q", (d, n, h), ("embed", "heads", "head_dim"), dt)
-        wk = declare(self, "k", (d, k, h), ("embed", "kv_heads", "head_dim"), dt)
-        wv = declare(self, "v", (d, k, h), ("embed", "kv_heads", "head_dim"), dt)
+        g = c.q_per_kv
+        # q, k and v in one matmul: per kv head, its G query heads then its k and its v head
+        # (one weight read, one launch; sharding splits the K axis and keeps each group whole).
+        wqkv = declare(self, "qkv", (d, k, g + 2, h), ("embed", "kv_heads", "qkv", "head_dim"), dt)
         wo = declare(self, "o", (n, h, d), ("heads", "head_dim", "embed"), dt)
-        q = jnp.einsum("BTD,DNH->BTNH", x, wq)
-        kk = jnp.einsum("BTD,DKH->BTKH", x, wk)
-        vv = jnp.einsum("BTD,DKH->BTKH", x, wv)
+        qkv = jnp.einsum("BTD,DKCH->BTKCH", x, wqkv)  # [B, T, K, G + 2, H]
         if c.qkv_bias:
-            zeros = nn.initializers.zeros
-            q = q + declare(self, "q_bias", (n, h), ("heads", "head_dim"), dt, zeros)
-            kk = kk + declare(self, "k_bias", (k, h), ("kv_heads", "head_dim"), dt, zeros)
-            vv = vv + declare(self, "v_bias", (k, h), ("kv_heads", "head_dim"), dt, zeros)
+            qkv = qkv + declare(self, "qkv_bias", (k, g + 2, h), ("kv_heads", "qkv", "head_dim"), dt,
+                                nn.initializers.zeros)
+        b, t = x.shape[:2]
+        q = qkv[:, :, :, :g].reshape(b, t, n, h)  # query head n uses kv head n // G
+        kk, vv = qkv[:, :, :, g], qkv[:, :, :, g + 1]
         inv_freq = rope_inv_freq(h, c.rope_theta, c.rope_scaling)
         q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
         out, cache = self._attend(q, kk, vv, positions, cache, prefill)
