@@ -1,4 +1,4 @@
-"""Paged KV cache: the host page allocator (plain Python, no JAX).
+"""Paged KV cache: the host page allocator (plain Python, no JAX) and the device page pools.
 
 The device keeps K/V in a pool of `P` pages of `L` token slots each; a sequence's block table
 lists its pages in order, so token position `p` lives in slot `block_table[p // L] * L + p % L`.
@@ -215,3 +215,34 @@ class PageAllocator:
             for seq, j in holders[1:]:
                 assert j == i and seq.token_ids[:end] == first.token_ids[:end], (
                     f"page {page} shared by sequences with different prefixes")
+
+
+# ---------------------------------------------------------------------------------------------
+# The device side: one page pool pytree, donated through every step.
+
+
+def page_bytes(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype) -> int:
+    """Bytes of one page over all layers, K and V."""
+    import numpy as np
+
+    return 2 * num_layers * num_kv_heads * page_size * head_dim * np.dtype(dtype).itemsize
+
+
+def pages_that_fit(bytes_per_page: int, fraction: float) -> int | None:
+    """Pages that fit in `fraction` of the device memory left now; None where the backend can't say."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return int(free * fraction) // bytes_per_page
+
+
+def init_pages(num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int,
+               dtype) -> tuple:
+    """Zeroed page pools: per layer (k, v), each [K, P, L, H]."""
+    import jax.numpy as jnp
+
+    shape = (num_kv_heads, num_pages, page_size, head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers))

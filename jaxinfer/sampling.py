@@ -6,10 +6,12 @@ Every setting is an array with one value per row, so a new value never recompile
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, UInt32
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
@@ -118,3 +120,204 @@ def _check_range(params, name: str, low: float, high: float) -> None:
     value = getattr(params, name)
     if not (_is_number(value) and low <= value <= high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's per-row sampler: every setting is a [B] array in the batch pytree.
+#
+#   raw logits → penalties (history) → temperature → top-k → top-p → min-p → Gumbel draw per row
+#
+# A row's token depends only on its own logits, settings, seed and step: filters become masks in
+# vocabulary order and each row draws from its own key, so neither the other rows nor which
+# `lax.cond` branch the batch takes can change it.
+
+
+class SamplingArrays(NamedTuple):
+    """Per-row sampling settings (a pytree; every field [B])."""
+
+    temperature: Float[Array, "B"]         # 0 = greedy
+    top_k: Int[Array, "B"]                 # 0 = off
+    top_p: Float[Array, "B"]               # 1 = off
+    min_p: Float[Array, "B"]               # 0 = off
+    repetition_penalty: Float[Array, "B"]  # 1 = off
+    presence_penalty: Float[Array, "B"]    # 0 = off
+    frequency_penalty: Float[Array, "B"]   # 0 = off
+    seed: UInt32[Array, "B"]               # per-request seed
+    step: Int[Array, "B"]                  # tokens this request generated before this one
+    num_logprobs: Int[Array, "B"]          # top-n logprobs wanted; 0 = none
+
+
+class SampleOutput(NamedTuple):
+    """What the sampler returns for each row."""
+
+    tokens: Int[Array, "B"]
+    logprob: Float[Array, "B"]                    # log_softmax(raw logits)[token]
+    top_ids: Int[Array, "B MAX_LOGPROBS"]         # zeros when no row asked for logprobs
+    top_logprobs: Float[Array, "B MAX_LOGPROBS"]  # descending; zeros when no row asked
+
+
+def sampling_arrays(params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int],
+                    pad_to: int) -> SamplingArrays:
+    """Builds the [pad_to] host arrays for a batch; rows past len(params) are greedy padding.
+
+    Args:
+      params: one SamplingParams per live row.
+      seeds: one int >= 0 per live row (the engine picks one where params.seed is None); seeds of
+        any size are folded to 32 bits.
+      steps: tokens each row's request has generated so far.
+      pad_to: B, the batch bucket (>= len(params)).
+    Returns:
+      SamplingArrays of numpy arrays, every field [B].
+    """
+    n = len(params)
+    if len(seeds) != n or len(steps) != n:
+        raise ValueError(f"need one seed and one step per row: {n} params, "
+                         f"{len(seeds)} seeds, {len(steps)} steps")
+    if pad_to < n:
+        raise ValueError(f"pad_to ({pad_to}) is smaller than the batch ({n})")
+    pad = SamplingParams(temperature=0.0)  # greedy, no penalties, no filters, no logprobs
+    rows = list(params) + [pad] * (pad_to - n)
+
+    def column(get, dtype):
+        return np.asarray([get(p) for p in rows], dtype)
+
+    return SamplingArrays(
+        temperature=column(lambda p: p.temperature, np.float32),
+        top_k=column(lambda p: p.top_k, np.int32),
+        top_p=column(lambda p: p.top_p, np.float32),
+        min_p=column(lambda p: p.min_p, np.float32),
+        repetition_penalty=column(lambda p: p.repetition_penalty, np.float32),
+        presence_penalty=column(lambda p: p.presence_penalty, np.float32),
+        frequency_penalty=column(lambda p: p.frequency_penalty, np.float32),
+        seed=np.asarray([_fold_seed(s) for s in seeds] + [0] * (pad_to - n), np.uint32),
+        step=np.asarray(list(steps) + [0] * (pad_to - n), np.int32),
+        num_logprobs=column(lambda p: p.logprobs or 0, np.int32),
+    )
+
+
+def _fold_seed(seed: int) -> int:
+    """Any int >= 0 → 32 bits: the XOR of its 32-bit words (seeds < 2**32 are unchanged)."""
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    seed, folded = int(seed), 0
+    while seed:
+        folded ^= seed & 0xFFFFFFFF
+        seed >>= 32
+    return folded
+
+
+def sample_rows(logits: Float[Array, "B V"], arrays: SamplingArrays,
+                history: Int[Array, "B W"] | None = None,
+                history_is_output: Bool[Array, "B W"] | None = None) -> SampleOutput:
+    """Samples one token per row, each row with its own settings, seed and step. Jittable.
+
+    Args:
+      logits: [B, V] raw model logits (any float dtype; computed in float32).
+      arrays: SamplingArrays, every field [B].
+      history: [B, W] prompt + output token ids so far, -1 = padding; None = no penalties.
+      history_is_output: [B, W] True where history holds a generated token (presence and
+        frequency penalties count only those); None = every history token counts as output.
+    Returns:
+      SampleOutput: tokens [B], logprob [B], top_ids / top_logprobs [B, MAX_LOGPROBS].
+    """
+    raw = logits.astype(jnp.float32)  # [B, V]
+    penalized = raw if history is None else apply_penalties(raw, arrays, history, history_is_output)
+    greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)  # [B]
+    tokens = jax.lax.cond(jnp.any(arrays.temperature > 0),
+                          lambda: _sample_or_greedy(penalized, arrays, greedy),
+                          lambda: greedy)  # nobody samples: no noise, no sort
+    logprobs = jax.nn.log_softmax(raw, axis=-1)  # [B, V]
+    logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_ids, top_logprobs = jax.lax.cond(jnp.any(arrays.num_logprobs > 0),
+                                         lambda: _top_logprobs(logprobs),
+                                         lambda: _no_top_logprobs(logprobs))
+    return SampleOutput(tokens, logprob, top_ids, top_logprobs)
+
+
+def apply_penalties(logits: Float[Array, "B V"], arrays: SamplingArrays,
+                    history: Int[Array, "B W"],
+                    history_is_output: Bool[Array, "B W"] | None = None) -> Float[Array, "B V"]:
+    """vLLM penalties: repetition over all of history, then frequency and presence over outputs.
+
+    Repetition p: a seen token's logit > 0 becomes logit / p, otherwise logit * p. Then
+    logit -= frequency × (count in output) + presence × (1 if in output). -1 entries are ignored.
+    Skipped (one `lax.cond`) when every row's penalties are off.
+    """
+    if history_is_output is None:
+        history_is_output = jnp.ones(history.shape, bool)
+    active = ((arrays.repetition_penalty != 1) | (arrays.presence_penalty != 0)
+              | (arrays.frequency_penalty != 0))
+    return jax.lax.cond(jnp.any(active),
+                        lambda: _penalize(logits, arrays, history, history_is_output),
+                        lambda: logits)
+
+
+def _penalize(logits, arrays, history, history_is_output) -> Float[Array, "B V"]:
+    seen = _token_counts(history, history >= 0, logits.shape[-1]) > 0  # [B, V]
+    out_counts = _token_counts(history, (history >= 0) & history_is_output, logits.shape[-1])
+    rep = arrays.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return (logits - arrays.frequency_penalty[:, None] * out_counts
+            - arrays.presence_penalty[:, None] * (out_counts > 0))
+
+
+def _token_counts(history: Int[Array, "B W"], weight: Bool[Array, "B W"],
+                  v: int) -> Float[Array, "B V"]:
+    """How often each vocabulary id occurs in history where weight is True (ids >= V dropped)."""
+    b, _ = history.shape
+    ids = jnp.where(weight, history, v)  # out of range → dropped by the scatter
+    rows = jnp.arange(b)[:, None]
+    return jnp.zeros((b, v), jnp.float32).at[rows, ids].add(1.0, mode="drop")
+
+
+def _sample_or_greedy(logits: Float[Array, "B V"], arrays: SamplingArrays,
+                      greedy: Int[Array, "B"]) -> Int[Array, "B"]:
+    """Temperature, filters, then one Gumbel draw per row from its own key; T = 0 rows keep greedy."""
+    sampling = arrays.temperature > 0
+    scaled = logits / jnp.where(sampling, arrays.temperature, 1.0)[:, None]  # [B, V]
+    filtered = sampling & ((arrays.top_k > 0) | (arrays.top_p < 1) | (arrays.min_p > 0))
+    keep = jax.lax.cond(jnp.any(filtered),
+                        lambda: _filter_mask(scaled, arrays),
+                        lambda: jnp.ones(scaled.shape, bool))  # no filters: no sort
+    masked = jnp.where(keep, scaled, -jnp.inf)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(arrays.seed, arrays.step)
+    drawn = jax.random.categorical(jax.random.key(arrays.seed[0]), masked).astype(jnp.int32)
+    return jnp.where(sampling, drawn, greedy)
+
+
+def _filter_mask(scaled: Float[Array, "B V"], arrays: SamplingArrays) -> Bool[Array, "B V"]:
+    """Keep-mask in vocabulary order after top-k, then top-p, then min-p (on [B, V] scaled logits).
+
+    The mask is all True for a row whose filters are all off, exactly as when the sort is skipped.
+    """
+    b, v = scaled.shape
+    order = jnp.argsort(-scaled, axis=-1)  # [B, V], most likely first (stable on ties)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(v)[None, :]
+    keep = rank < jnp.where(arrays.top_k > 0, arrays.top_k, v)[:, None]
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    # Smallest prefix whose mass reaches top_p (the first token always stays; 1 = exactly off).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= (mass_before < arrays.top_p[:, None]) | (arrays.top_p[:, None] >= 1)
+    # min_p: prob >= min_p × max prob  ⇔  logit >= max logit + log(min_p); renormalising is moot.
+    above_min_p = sorted_logits >= sorted_logits[:, :1] + jnp.log(arrays.min_p)[:, None]
+    keep &= above_min_p | (arrays.min_p[:, None] <= 0)
+    return jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], order].set(keep)
+
+
+def _top_logprobs(logprobs: Float[Array, "B V"]) -> tuple[Int[Array, "B MAX_LOGPROBS"],
+                                                          Float[Array, "B MAX_LOGPROBS"]]:
+    """Top MAX_LOGPROBS per row, descending; a vocab smaller than that pads with id -1, -inf."""
+    b, v = logprobs.shape
+    n = min(MAX_LOGPROBS, v)
+    values, ids = jax.lax.top_k(logprobs, n)
+    pad = MAX_LOGPROBS - n
+    ids = jnp.pad(ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
+    values = jnp.pad(values, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    return ids, values
+
+
+def _no_top_logprobs(logprobs: Float[Array, "B V"]) -> tuple[Int[Array, "B MAX_LOGPROBS"],
+                                                             Float[Array, "B MAX_LOGPROBS"]]:
+    b = logprobs.shape[0]
+    return (jnp.zeros((b, MAX_LOGPROBS), jnp.int32), jnp.zeros((b, MAX_LOGPROBS), jnp.float32))

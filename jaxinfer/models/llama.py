@@ -41,7 +41,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
-                 cache: LayerCache | None, prefill: bool):
+                 cache: LayerCache | None, prefill: bool, paged: attention.PagedMeta | None):
         c, dt = self.cfg, self.dtype
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         g = c.q_per_kv
@@ -58,7 +58,11 @@ class Attention(nn.Module):
         kk, vv = qkv[:, :, :, g], qkv[:, :, :, g + 1]
         inv_freq = rope_inv_freq(h, c.rope_theta, c.rope_scaling)
         q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
-        out, cache = self._attend(q, kk, vv, positions, cache, prefill)
+        if paged is not None:  # one packed row of tokens from many sequences, a page pool
+            out, cache = attention.paged_attention(q[0], kk[0], vv[0], *cache, paged, impl=self.impl)
+            out = out[None]
+        else:
+            out, cache = self._attend(q, kk, vv, positions, cache, prefill)
         y = jnp.einsum("BTNH,NHD->BTD", out, wo)
         if c.o_bias:
             y = y + declare(self, "o_bias", (d,), ("embed",), dt, nn.initializers.zeros)
@@ -81,10 +85,11 @@ class Block(nn.Module):
     impl: str
 
     @nn.compact
-    def __call__(self, x, positions, cache, prefill):
+    def __call__(self, x, positions, cache, prefill, paged):
         eps = self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="attn_norm")(x)
-        h, cache = Attention(self.cfg, self.dtype, self.impl, name="attn")(h, positions, cache, prefill)
+        h, cache = Attention(self.cfg, self.dtype, self.impl, name="attn")(
+            h, positions, cache, prefill, paged)
         x = x + h
         h = MLP(self.cfg, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="mlp_norm")(x))
         return x + h, cache
@@ -100,11 +105,14 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"],
                  cache: tuple[LayerCache, ...] | None = None, prefill: bool = False,
-                 logits_at: Int[Array, "B"] | None = None):
+                 logits_at: Int[Array, "B"] | None = None,
+                 paged: attention.PagedMeta | None = None):
         """Returns logits [B, T, V] (or [B, 1, V] at `logits_at`) in f32 and the new cache.
 
         `positions` are absolute; with a cache, row b's tokens are written at slots
-        positions[b]. `prefill=True` says the cache was empty before.
+        positions[b]. `prefill=True` says the cache was empty before. With `paged`, tokens and
+        positions are one packed row [1, T], the cache holds page pools [K, P, L, H], and
+        `logits_at` picks B of the T tokens.
         """
         c = self.cfg
         embed = declare(self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.dtype)
@@ -113,9 +121,11 @@ class Decoder(nn.Module):
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache[i]
             x, layer_cache = Block(c, self.dtype, self.impl, name=f"layers_{i}")(
-                x, positions, layer_cache, prefill)
+                x, positions, layer_cache, prefill, paged)
             new_cache.append(layer_cache)
-        if logits_at is not None:
+        if paged is not None and logits_at is not None:
+            x = x[0][logits_at][:, None]  # [B, 1, D]
+        elif logits_at is not None:
             x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
         if c.tie_word_embeddings:

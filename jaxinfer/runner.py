@@ -1,0 +1,143 @@
+"""StepPlan -> padded, bucketed batch arrays -> the jitted step (page pools donated) -> samples.
+
+The step's T packed tokens are padded to a token bucket (powers of two up to the step budget)
+and its sequences to B = min(T, max_num_seqs) rows, so each bucket compiles once. Padding tokens
+write to no slot and belong to no sequence; padding rows compute nothing and sample greedily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Int
+
+from jaxinfer.attention import PagedMeta
+from jaxinfer.sampling import SampleOutput, SamplingArrays, SamplingParams, sample_rows, sampling_arrays
+from jaxinfer.scheduler import StepPlan
+
+
+class StepBatch(NamedTuple):
+    """Everything the jitted step reads besides params and pages."""
+
+    tokens: Int[Array, "T"]
+    positions: Int[Array, "T"]
+    meta: PagedMeta
+    sample_idx: Int[Array, "B"]  # which packed token's logits row b samples from
+    sampling: SamplingArrays
+    history: Int[Array, "B W"] | None  # prompt + output ids for penalties; None when none is used
+    history_is_output: Bool[Array, "B W"] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RowInfo:
+    """Host-side facts about one scheduled sequence that the batch needs."""
+
+    params: SamplingParams
+    seed: int
+    num_output_tokens: int  # before this step's sample
+    token_ids: Sequence[int]  # prompt + output so far (for penalties)
+    num_prompt_tokens: int
+
+
+def token_buckets(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to and including `max_tokens`."""
+    sizes = [smallest]
+    while sizes[-1] < max_tokens:
+        sizes.append(min(sizes[-1] * 2, max_tokens))
+    return tuple(s for s in sizes if s <= max_tokens) or (max_tokens,)
+
+
+def uses_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+class Runner:
+    """Owns the device page pools and the jitted step; turns plans into sampled tokens."""
+
+    def __init__(self, decoder, params: Any, pages: tuple, *, page_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int):
+        self.decoder, self.params, self.pages = decoder, params, pages
+        self.page_size, self.max_num_seqs = page_size, max_num_seqs
+        self.max_model_len = max_model_len
+        self.max_pages_per_seq = math.ceil(max_model_len / page_size)
+        self.buckets = token_buckets(max_num_batched_tokens)
+        self.num_compiles = 0  # traces of the step: each is one XLA compilation
+        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+
+    def _step_fn(self, params, pages, batch: StepBatch) -> tuple[tuple, SampleOutput]:
+        self.num_compiles += 1  # runs at trace time only
+        logits, pages = self.decoder.apply(
+            {"params": params}, batch.tokens[None], batch.positions[None], pages,
+            logits_at=batch.sample_idx, paged=batch.meta)
+        return pages, sample_rows(logits[:, 0], batch.sampling, batch.history, batch.history_is_output)
+
+    def bucket(self, num_tokens: int) -> tuple[int, int]:
+        """(T, B) of the smallest bucket holding `num_tokens` tokens."""
+        t = next(b for b in self.buckets if b >= num_tokens)
+        return t, min(t, self.max_num_seqs)
+
+    def run(self, plan: StepPlan, rows: Sequence[RowInfo]) -> SampleOutput:
+        """Computes the plan; returns the samples of its sequences (rows in plan order), on host."""
+        batch = self.build(plan, rows)
+        self.pages, out = self._step(self.params, self.pages, batch)
+        n = plan.num_seqs
+        return SampleOutput(*(np.asarray(x)[:n] for x in out))
+
+    def warmup(self, penalties: bool = False) -> None:
+        """Compiles every token bucket once on an all-padding batch (and its penalty variant)."""
+        for t in self.buckets:
+            for penalties in (False, True) if penalties else (False,):
+                batch = self._padding_batch(t, penalties)
+                self.pages, out = self._step(self.params, self.pages, batch)
+        jax.block_until_ready(self.pages)
+
+    def build(self, plan: StepPlan, rows: Sequence[RowInfo]) -> StepBatch:
+        t, b = self.bucket(plan.num_tokens)
+        tokens, positions = np.zeros(t, np.int32), np.zeros(t, np.int32)
+        slots = np.full(t, -1, np.int32)
+        tables = np.zeros((b, self.max_pages_per_seq), np.int32)
+        kv_lens, cu = np.zeros(b, np.int32), np.zeros(b + 1, np.int32)
+        sample_idx = np.zeros(b, np.int32)
+        at = 0
+        for i, s in enumerate(plan.seqs):
+            n = len(s.token_ids)
+            tokens[at:at + n] = s.token_ids
+            positions[at:at + n] = np.arange(s.start_pos, s.start_pos + n)
+            slots[at:at + n] = s.slot_mapping
+            tables[i, :len(s.block_table)] = s.block_table
+            kv_lens[i], at = s.start_pos + n, at + n
+            cu[i + 1:], sample_idx[i] = at, at - 1
+        meta = PagedMeta(*(jnp.asarray(x) for x in (slots, tables, kv_lens, cu)))
+        history, is_output = self._history(rows, b)
+        sampling = sampling_arrays([r.params for r in rows], [r.seed for r in rows],
+                                   [r.num_output_tokens for r in rows], pad_to=b)
+        return StepBatch(jnp.asarray(tokens), jnp.asarray(positions), meta, jnp.asarray(sample_idx),
+                         jax.tree.map(jnp.asarray, sampling), history, is_output)
+
+    def _history(self, rows: Sequence[RowInfo], b: int):
+        """Prompt + output ids [B, max_model_len] when any row uses penalties, else (None, None)."""
+        if not any(uses_penalties(r.params) for r in rows):
+            return None, None
+        ids = np.full((b, self.max_model_len), -1, np.int32)
+        is_output = np.zeros((b, self.max_model_len), bool)
+        for i, r in enumerate(rows):
+            if uses_penalties(r.params):
+                ids[i, :len(r.token_ids)] = r.token_ids
+                is_output[i, r.num_prompt_tokens:len(r.token_ids)] = True
+        return jnp.asarray(ids), jnp.asarray(is_output)
+
+    def _padding_batch(self, t: int, penalties: bool) -> StepBatch:
+        b = min(t, self.max_num_seqs)
+        zeros = lambda n: jnp.zeros(n, jnp.int32)  # noqa: E731
+        meta = PagedMeta(jnp.full(t, -1, jnp.int32),
+                         jnp.zeros((b, self.max_pages_per_seq), jnp.int32), zeros(b), zeros(b + 1))
+        sampling = jax.tree.map(jnp.asarray, sampling_arrays([], [], [], pad_to=b))
+        history = (jnp.full((b, self.max_model_len), -1, jnp.int32),
+                   jnp.zeros((b, self.max_model_len), bool)) if penalties else (None, None)
+        return StepBatch(zeros(t), zeros(t), meta, zeros(b), sampling, *history)

@@ -1,0 +1,231 @@
+"""The continuous-batching engine: exact streamed text with a hand-computable fake model, and a
+real tiny model whose engine outputs equal one-by-one greedy generation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinfer
+from conftest import build_hf_model
+from jaxinfer.config import ModelConfig
+from jaxinfer.engine import LLM, Engine
+from jaxinfer.model import Model
+from jaxinfer.sampling import SamplingParams
+
+# ------------------------------------------------------------------------------------------------
+# A fake model: the next token is always (last token + 1) % 26, and token t is the letter 'a' + t.
+
+
+class LetterTokenizer:
+    def __call__(self, text):
+        return {"input_ids": [ord(c) - ord("a") for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i) for i in ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class NextLetterDecoder:
+    vocab: int = 26
+    impl: str = "fake"
+
+    def apply(self, variables, tokens, positions, cache, logits_at=None, paged=None):
+        last = tokens[0][logits_at]  # [B]
+        return 50.0 * jax_one_hot((last + 1) % self.vocab, self.vocab)[:, None], cache
+
+
+def jax_one_hot(x, n):
+    return (x[:, None] == jnp.arange(n)[None]).astype(jnp.float32)
+
+
+FAKE_CONFIG = ModelConfig(model_type="llama", vocab_size=26, hidden_size=8, intermediate_size=8,
+                          num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
+                          max_position_embeddings=64, eos_token_ids=(25,))
+
+
+class FakeModel(Model):
+    def decoder(self, impl=None):
+        return NextLetterDecoder()
+
+
+def fake_engine(**options) -> Engine:
+    model = FakeModel(FAKE_CONFIG, {}, LetterTokenizer(), jnp.float32, "xla")
+    defaults = dict(max_num_seqs=4, max_num_batched_tokens=16, num_pages=32, warmup=False)
+    return Engine(model, **{**defaults, **options})
+
+
+def run_all(engine: Engine) -> dict[str, list]:
+    """Steps until done; returns every output per request, in order."""
+    seen: dict[str, list] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen.setdefault(out.request_id, []).append(out)
+    return seen
+
+
+def test_fake_model_streams_exact_text():
+    engine = fake_engine()
+    engine.add_request("a", "abc", SamplingParams(max_tokens=5, temperature=0))
+    engine.add_request("b", "wx", SamplingParams(max_tokens=10, temperature=0))  # y, z=EOS
+    outs = run_all(engine)
+    assert [o.text_delta for o in outs["a"]] == ["d", "e", "f", "g", "h"]
+    assert outs["a"][-1].text == "defgh" and outs["a"][-1].finish_reason == "length"
+    assert outs["b"][-1].token_ids == [24, 25]  # the EOS token ends the request and is kept
+    assert outs["b"][-1].finish_reason == "stop" and outs["b"][-1].text == "yz"
+    assert all(not o.finished for o in outs["a"][:-1]) and outs["a"][-1].finished
+
+
+def test_stop_string_split_across_tokens_never_appears():
+    engine = fake_engine()
+    engine.add_request("a", "abc", SamplingParams(max_tokens=10, temperature=0, stop=["fg", "xyz"]))
+    outs = run_all(engine)["a"]
+    assert [o.text_delta for o in outs] == ["d", "e", "", ""]  # 'f' held back, then cut
+    assert outs[-1].text == "de" and outs[-1].finish_reason == "stop"
+    assert outs[-1].token_ids == [3, 4, 5, 6]
+
+
+def test_abort_frees_pages_and_reports_abort():
+    engine = fake_engine(num_pages=8, page_size=16)
+    engine.add_request("a", "abc", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    engine.add_request("b", "abc", SamplingParams(max_tokens=3, temperature=0))
+    engine.step()
+    engine.step()
+    engine.abort("a")
+    outs = run_all(engine)
+    assert outs["a"][-1].finish_reason == "abort" and outs["a"][-1].finished
+    assert outs["b"][-1].text == "def"
+    assert engine.scheduler.allocator.num_free_pages == 8
+
+
+def test_impossible_requests_are_refused_at_add():
+    engine = fake_engine(num_pages=2, page_size=16)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("a", "abc", SamplingParams(max_tokens=62))
+    with pytest.raises(ValueError, match="pages"):
+        engine.add_request("b", "abc", SamplingParams(max_tokens=40))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("c", "", SamplingParams())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add_request("d", [3, 99], SamplingParams())
+    engine.add_request("e", "ab", SamplingParams())
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("e", "ab", SamplingParams())
+
+
+def test_llm_outputs_in_input_order_with_per_prompt_params():
+    llm = LLM(model=FakeModel(FAKE_CONFIG, {}, LetterTokenizer(), jnp.float32, "xla"),
+              max_num_seqs=2, max_num_batched_tokens=16, num_pages=32, warmup=False)
+    outs = llm.generate(["abc", "k", "pq"], [SamplingParams(max_tokens=n, temperature=0)
+                                             for n in (3, 1, 2)], use_tqdm=False)
+    assert [o.text for o in outs] == ["def", "l", "rs"]
+    with pytest.raises(ValueError, match="2 sampling_params for 3 prompts"):
+        llm.generate(["a", "b", "c"], [SamplingParams()] * 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# A real tiny model through the paged engine (reference attention on the CPU).
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine-llama3")
+    build_hf_model("llama3", path)
+    return jaxinfer.load_model(path, dtype="float32")
+
+
+def prompts_of(model, lengths, seed=0):
+    rng = np.random.RandomState(seed)
+    return [rng.randint(0, model.config.vocab_size, n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_staggered_requests_with_preemption_equal_greedy_alone(tiny_model, impl):
+    prompts = prompts_of(tiny_model, (5, 40, 17, 3, 33, 9))
+    news = (12, 6, 20, 15, 9, 14)
+    expected = [jaxinfer.generate(tiny_model, [p], max_new_tokens=n)[0] for p, n in zip(prompts, news)]
+    # 6 pages of 16 slots cannot hold four of these at once: preemption must happen.
+    engine = Engine(tiny_model, max_num_seqs=4, max_num_batched_tokens=24, page_size=16,
+                    num_pages=6, warmup=False, attention_impl=impl)
+    results, step = {}, 0
+    while len(results) < len(prompts):
+        if step < len(prompts):  # one new request per step
+            engine.add_request(str(step), prompts[step], SamplingParams(max_tokens=news[step],
+                                                                        temperature=0, ignore_eos=True))
+        for out in engine.step():
+            if out.finished:
+                results[int(out.request_id)] = out.token_ids
+        step += 1
+    assert [results[i] for i in range(len(prompts))] == expected
+    assert engine.stats["preemptions"] > 0
+    assert engine.scheduler.allocator.num_free_pages == 6
+
+
+def test_prefix_cache_hits_skip_compute_and_match(tiny_model):
+    shared = prompts_of(tiny_model, (40,), seed=1)[0]
+    a, b = shared + [1, 2, 3], shared + [4, 5]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    expected = [jaxinfer.generate(tiny_model, [p], max_new_tokens=8)[0] for p in (a, b)]
+    engine = Engine(tiny_model, max_num_seqs=2, max_num_batched_tokens=64, page_size=16,
+                    num_pages=16, warmup=False, attention_impl="xla")
+    engine.add_request("a", a, params)
+    first = run_all(engine)["a"][-1]
+    computed = engine.stats["computed_tokens"]
+    engine.add_request("b", b, params)
+    second = run_all(engine)["b"][-1]
+    assert [first.token_ids, second.token_ids] == expected
+    assert second.num_cached_tokens == 32  # two full pages of the shared 40 tokens
+    assert engine.stats["computed_tokens"] - computed == len(b) - 32 + 7
+
+
+def test_seeded_sampling_is_batch_independent(tiny_model):
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    prompt = prompts_of(tiny_model, (7,), seed=3)[0]
+
+    def run(others: int):
+        engine = Engine(tiny_model, max_num_seqs=8, max_num_batched_tokens=64, page_size=16,
+                        num_pages=32, warmup=False, attention_impl="xla")
+        for i, p in enumerate(prompts_of(tiny_model, (5,) * others, seed=4)):
+            engine.add_request(f"o{i}", p, SamplingParams(max_tokens=12, temperature=0.8, seed=i))
+        engine.add_request("x", prompt, params)
+        return run_all(engine)["x"][-1].token_ids
+
+    alone, crowded = run(0), run(5)
+    assert alone == crowded and len(alone) == 10
+
+
+def test_no_recompiles_after_warmup(tiny_model):
+    engine = Engine(tiny_model, max_num_seqs=4, max_num_batched_tokens=32, page_size=16,
+                    num_pages=24, warmup=True, attention_impl="xla")
+    compiled = engine.runner.num_compiles
+    assert compiled == len(engine.runner.buckets)
+    rng = np.random.RandomState(5)
+    for step in range(200):
+        if step % 7 == 0 and step < 160:
+            n = int(rng.randint(1, 40))
+            engine.add_request(f"r{step}", rng.randint(0, 300, n).tolist(),
+                               SamplingParams(max_tokens=int(rng.randint(1, 20)),
+                                              temperature=float(rng.choice([0, 0.7])), top_k=5))
+        engine.step()
+    assert engine.stats["steps"] >= 150
+    assert engine.runner.num_compiles == compiled
+
+
+def test_logprobs_are_log_softmax_of_the_model(tiny_model):
+    prompt = prompts_of(tiny_model, (6,), seed=6)[0]
+    engine = Engine(tiny_model, max_num_seqs=2, max_num_batched_tokens=32, num_pages=8,
+                    warmup=False, attention_impl="xla")
+    engine.add_request("a", prompt, SamplingParams(max_tokens=3, temperature=0, logprobs=4,
+                                                   ignore_eos=True))
+    out = run_all(engine)["a"][-1]
+    logits = np.asarray(jaxinfer.forward(tiny_model, [prompt + out.token_ids]))[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    for i, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = logp[len(prompt) - 1 + i]
+        assert token in entry and abs(entry[token] - row[token]) < 1e-4
+        top = np.argsort(-row)[:4]
+        assert set(top.tolist()) <= set(entry)

@@ -1,0 +1,291 @@
+"""The per-row sampler: penalties by hand, filters, seeded batch-independence, frequencies, logprobs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer.sampling import (MAX_LOGPROBS, SampleOutput, SamplingArrays, SamplingParams,
+                               apply_penalties, sample_rows, sampling_arrays)
+
+sample_jit = jax.jit(sample_rows)
+NEUTRAL = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+               presence_penalty=0.0, frequency_penalty=0.0, seed=0, step=0, num_logprobs=0)
+DTYPES = dict(top_k=np.int32, seed=np.uint32, step=np.int32, num_logprobs=np.int32)
+
+
+def rows(b: int, **fields) -> SamplingArrays:
+    """[b] arrays: NEUTRAL settings, each field overridable by a scalar or a length-b sequence."""
+    values = {**NEUTRAL, **fields}
+    return SamplingArrays(**{name: np.broadcast_to(np.asarray(values[name], DTYPES.get(name, np.float32)),
+                                                   (b,)).copy()
+                             for name in SamplingArrays._fields})
+
+
+def take_rows(arrays: SamplingArrays, index) -> SamplingArrays:
+    return SamplingArrays(*(np.asarray(x)[index] for x in arrays))
+
+
+def frequencies(logits: np.ndarray, n: int, **fields) -> np.ndarray:
+    """[V] frequencies of n draws of one logits row, over seeds 0..n/2 and steps 0, 1."""
+    seeds = np.repeat(np.arange(n // 2), 2)
+    steps = np.tile([0, 1], n // 2)
+    batch = np.broadcast_to(np.asarray(logits, np.float32), (n, len(logits)))
+    tokens = np.asarray(sample_jit(batch, rows(n, seed=seeds, step=steps, **fields)).tokens)
+    return np.bincount(tokens, minlength=len(logits)) / n
+
+
+# ---------------------------------------------------------------------------------------------
+# Penalties
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = jnp.array([[2.0, -1.0, 0.5, 3.0]])
+    history = jnp.array([[0, 1, -1, -1]])  # tokens 0 and 1 seen; -1 is padding
+    out = apply_penalties(logits, rows(1, repetition_penalty=2.0), history)
+    np.testing.assert_allclose(out, [[1.0, -2.0, 0.5, 3.0]])
+
+
+def test_presence_and_frequency_count_only_output_tokens():
+    logits = jnp.array([[1.0, 1.0, 1.0, 1.0, 1.0]])
+    history = jnp.array([[0, 4, 1, 1, 2, -1, -1]])
+    is_output = jnp.array([[False, False, True, True, True, True, True]])  # 0, 4: prompt
+    out = apply_penalties(logits, rows(1, presence_penalty=0.5, frequency_penalty=0.25),
+                          history, is_output)
+    # token 1: twice in output → 1 - 0.5 - 2 × 0.25; token 2: once → 1 - 0.5 - 0.25.
+    np.testing.assert_allclose(out, [[1.0, 0.0, 0.25, 1.0, 1.0]])
+
+
+def test_repetition_covers_prompt_and_all_penalties_compose():
+    logits = jnp.array([[4.0, -2.0, 3.0]])
+    history = jnp.array([[0, 1, 1, -1]])
+    is_output = jnp.array([[True, False, True, False]])  # token 0 output, token 1 prompt + output
+    out = apply_penalties(logits, rows(1, repetition_penalty=2.0, presence_penalty=1.0,
+                                       frequency_penalty=0.5), history, is_output)
+    # token 0: 4 / 2 - 1 - 0.5; token 1: -2 × 2 - 1 - 0.5 (one output occurrence); token 2 untouched.
+    np.testing.assert_allclose(out, [[0.5, -5.5, 3.0]])
+
+
+def test_padding_only_history_and_neutral_rows_are_untouched():
+    logits = jnp.array([[1.0, -1.0, 2.0], [1.0, -1.0, 2.0]])
+    history = jnp.array([[-1, -1], [0, 1]])
+    arrays = rows(2, repetition_penalty=[3.0, 1.0], presence_penalty=[1.0, 0.0],
+                  frequency_penalty=[1.0, 0.0])
+    np.testing.assert_array_equal(apply_penalties(logits, arrays, history), logits)
+
+
+def test_penalties_apply_to_greedy_rows_but_not_to_logprobs():
+    logits = jnp.array([[3.0, 2.9, 0.0]])
+    history = jnp.array([[0]])
+    out = sample_jit(logits, rows(1, temperature=0.0, repetition_penalty=2.0), history)
+    assert int(out.tokens[0]) == 1  # 3.0 / 2 < 2.9
+    np.testing.assert_allclose(out.logprob, jax.nn.log_softmax(logits)[:, 1], rtol=1e-6)
+    assert int(sample_jit(logits, rows(1, temperature=0.0)).tokens[0]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy and filters
+
+
+def random_logits(b: int, v: int, seed: int = 0) -> np.ndarray:
+    return np.asarray(jax.random.normal(jax.random.key(seed), (b, v)) * 3, np.float32)
+
+
+def test_greedy_rows_take_the_argmax():
+    logits = random_logits(16, 100)
+    out = sample_jit(logits, rows(16, temperature=0.0, seed=np.arange(16)))
+    np.testing.assert_array_equal(out.tokens, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("setting", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)])
+def test_a_single_token_filter_is_greedy(setting):
+    b = 32
+    logits = random_logits(b, 100, seed=1)
+    temperature = np.linspace(0.3, 3.0, b)
+    for step in range(3):
+        out = sample_jit(logits, rows(b, temperature=temperature, seed=np.arange(b), step=step,
+                                      **setting))
+        np.testing.assert_array_equal(out.tokens, logits.argmax(-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomness: per-row keys
+
+
+def test_a_seeded_row_is_independent_of_its_batch():
+    """Row alone (B=1, short history) == the same row inside a batch of unlike rows, every step."""
+    v, b = 64, 6
+    others = rows(b, temperature=[0.0, 0.7, 1.3, 1.0, 0.0, 2.0], top_k=[0, 5, 0, 0, 3, 0],
+                  top_p=[1.0, 0.9, 0.5, 1.0, 1.0, 1.0], min_p=[0.0, 0.0, 0.1, 0.0, 0.0, 0.05],
+                  repetition_penalty=[1.0, 1.2, 1.0, 1.0, 1.5, 1.0],
+                  frequency_penalty=[0.0, 0.0, 0.5, 0.0, 0.0, 0.0],
+                  seed=[9, 8, 7, 6, 5, 4], num_logprobs=[0, 3, 0, 0, 0, 20])
+    ours = dict(temperature=1.0, seed=1234)  # no filters, no penalties: the cheapest path alone
+    history = np.full((b, 8), -1, np.int32)
+    history[:, :5] = np.arange(5 * b).reshape(b, 5) % v
+    for step in range(6):
+        logits = random_logits(b, v, seed=100 + step)
+        alone = sample_jit(logits[3:4], rows(1, step=step, **ours), history[3:4, :5])
+        batch = take_rows(others, slice(None))
+        for name, value in ours.items():
+            getattr(batch, name)[3] = value
+        batch.step[:] = step
+        together = sample_jit(logits, batch, history)
+        assert int(alone.tokens[0]) == int(together.tokens[3])
+        np.testing.assert_allclose(alone.logprob[0], together.logprob[3], rtol=1e-6)
+
+
+def test_a_filtered_row_is_independent_of_its_batch():
+    v = 64
+    ours = dict(temperature=0.8, top_k=10, top_p=0.9, min_p=0.02, seed=77)
+    for step in range(6):
+        logits = random_logits(4, v, seed=200 + step)
+        alone = sample_jit(logits[:1], rows(1, step=step, **ours))
+        batch = rows(4, step=step, **ours)
+        batch.temperature[1:] = [0.0, 2.0, 0.5]
+        batch.seed[1:] = [1, 2, 3]
+        assert int(alone.tokens[0]) == int(sample_jit(logits, batch).tokens[0])
+
+
+def test_seeds_and_steps_change_the_draw_and_repeat_exactly():
+    logits = np.zeros((16, 1000), np.float32)  # uniform: collisions are rare
+    a = np.asarray(sample_jit(logits, rows(16, seed=np.arange(16))).tokens)
+    assert len(set(a.tolist())) > 8  # different seeds differ
+    again = np.asarray(sample_jit(logits, rows(16, seed=np.arange(16))).tokens)
+    np.testing.assert_array_equal(a, again)  # same seed and step repeat
+    later = np.asarray(sample_jit(logits, rows(16, seed=np.arange(16), step=1)).tokens)
+    assert (a != later).sum() > 8  # the step moves the stream on
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributions
+
+
+P4 = np.array([0.5, 0.3, 0.15, 0.05])
+N_DRAWS = 8000
+TOL = 0.025  # > 4 standard deviations at N_DRAWS
+
+
+def test_frequencies_match_softmax_of_logits_over_temperature():
+    logits = np.log(P4) + 1.7  # an offset changes nothing
+    for temperature in (0.5, 1.0, 2.0):
+        expected = np.asarray(jax.nn.softmax(logits / temperature))
+        got = frequencies(logits, N_DRAWS, temperature=temperature)
+        np.testing.assert_allclose(got, expected, atol=TOL)
+
+
+@pytest.mark.parametrize("setting, support", [
+    (dict(top_k=2), [0, 1]),
+    (dict(top_k=3), [0, 1, 2]),
+    (dict(top_p=0.7), [0, 1]),       # mass before each: 0, .5, .8, .95
+    (dict(top_p=0.85), [0, 1, 2]),
+    (dict(min_p=0.5), [0, 1]),       # keep p >= .25
+    (dict(min_p=0.2), [0, 1, 2]),    # keep p >= .1
+    (dict(top_k=3, top_p=0.6), [0, 1]),  # top-p on the top-3 renormalised: .53, .32, .16
+])
+def test_filters_keep_their_support_and_renormalise(setting, support):
+    got = frequencies(np.log(P4), N_DRAWS, **setting)
+    outside = np.setdiff1d(np.arange(4), support)
+    assert got[outside].sum() == 0  # never drawn
+    expected = np.zeros(4)
+    expected[support] = P4[support] / P4[support].sum()
+    np.testing.assert_allclose(got, expected, atol=TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logprobs
+
+
+def test_logprob_and_top_logprobs_come_from_the_raw_logits():
+    b, v = 5, 50
+    logits = random_logits(b, v, seed=3)
+    history = np.array([[1, 2, 3]] * b, np.int32)
+    out = sample_jit(logits, rows(b, temperature=0.7, top_k=8, repetition_penalty=1.5,
+                                  presence_penalty=1.0, seed=np.arange(b),
+                                  num_logprobs=[0, 5, 0, 20, 1]), history)
+    reference = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
+    tokens = np.asarray(out.tokens)
+    np.testing.assert_allclose(out.logprob, reference[np.arange(b), tokens], rtol=1e-5)
+    top_ids = np.argsort(-reference, axis=-1)[:, :MAX_LOGPROBS]
+    np.testing.assert_array_equal(out.top_ids, top_ids)
+    np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(reference, top_ids, -1),
+                               rtol=1e-5)
+    assert np.all(np.diff(np.asarray(out.top_logprobs), axis=-1) <= 0)
+
+
+def test_no_logprobs_wanted_gives_zeros():
+    out = sample_jit(random_logits(3, 30), rows(3))
+    assert out.top_ids.shape == (3, MAX_LOGPROBS) and out.top_logprobs.shape == (3, MAX_LOGPROBS)
+    assert not np.any(out.top_ids) and not np.any(out.top_logprobs)
+
+
+def test_a_vocab_smaller_than_max_logprobs_pads_the_top():
+    logits = np.log(P4)[None].astype(np.float32)
+    out = sample_jit(logits, rows(1, temperature=0.0, num_logprobs=MAX_LOGPROBS))
+    np.testing.assert_array_equal(out.top_ids[0, :4], [0, 1, 2, 3])
+    np.testing.assert_allclose(out.top_logprobs[0, :4], np.log(P4), rtol=1e-5)
+    assert np.all(np.asarray(out.top_ids[0, 4:]) == -1)
+    assert np.all(np.isneginf(out.top_logprobs[0, 4:]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side builder, jit, validation
+
+
+def test_sampling_arrays_pads_with_greedy_rows():
+    params = [SamplingParams(temperature=1.0, top_k=5, top_p=0.9, min_p=0.1, seed=3, logprobs=4,
+                             repetition_penalty=1.1, presence_penalty=0.5,
+                             frequency_penalty=-0.5),
+              SamplingParams(temperature=0.8)]
+    arrays = sampling_arrays(params, seeds=[3, 2**40 + 1], steps=[7, 0], pad_to=4)
+    assert all(np.asarray(x).shape == (4,) for x in arrays)
+    np.testing.assert_allclose(arrays.temperature, [1.0, 0.8, 0.0, 0.0])
+    np.testing.assert_array_equal(arrays.top_k, [5, 0, 0, 0])
+    np.testing.assert_array_equal(arrays.num_logprobs, [4, 0, 0, 0])
+    np.testing.assert_array_equal(arrays.step, [7, 0, 0, 0])
+    assert arrays.seed.dtype == np.uint32 and arrays.seed[1] == (1 ^ 2**8)  # 64-bit seed folded
+    np.testing.assert_allclose(arrays.repetition_penalty[2:], 1.0)
+    np.testing.assert_allclose(arrays.presence_penalty[2:], 0.0)
+    logits = random_logits(4, 40, seed=5)
+    out = sample_jit(logits, arrays, np.tile(np.arange(6, dtype=np.int32), (4, 1)))
+    np.testing.assert_array_equal(out.tokens[2:], logits[2:].argmax(-1))
+
+
+def test_sampling_arrays_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="seed"):
+        sampling_arrays([SamplingParams()], seeds=[], steps=[0], pad_to=2)
+    with pytest.raises(ValueError, match="pad_to"):
+        sampling_arrays([SamplingParams()] * 3, seeds=[0] * 3, steps=[0] * 3, pad_to=2)
+
+
+def test_new_settings_do_not_recompile():
+    traces = []
+
+    @jax.jit
+    def step(logits, arrays, history):
+        traces.append(1)
+        return sample_rows(logits, arrays, history)
+
+    logits = random_logits(4, 32)
+    history = np.zeros((4, 0), np.int32)  # W = 0 works too
+    for params in ([SamplingParams(temperature=0.0)] * 4,
+                   [SamplingParams(temperature=1.2, top_k=3, logprobs=2)] * 4,
+                   [SamplingParams(top_p=0.5, min_p=0.1, repetition_penalty=1.3)] * 4):
+        out = step(logits, sampling_arrays(params, [1, 2, 3, 4], [0] * 4, 4), history)
+        assert isinstance(out, SampleOutput) and out.tokens.shape == (4,)
+    assert len(traces) == 1
+    no_history = sample_jit(logits, rows(4, temperature=0.0))
+    np.testing.assert_array_equal(no_history.tokens, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", 0), ("temperature", -0.5), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
+    ("min_p", 1.5), ("repetition_penalty", 0.0), ("presence_penalty", 2.5),
+    ("frequency_penalty", -3.0), ("seed", -1), ("logprobs", MAX_LOGPROBS + 1), ("stop", ("",)),
+    ("stop_token_ids", (-1,)),
+])
+def test_sampling_params_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field} "):
+        SamplingParams(**{field: value})
