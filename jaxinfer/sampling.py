@@ -272,7 +272,7 @@ def _token_counts(history: Int[Array, "B W"], weight: Bool[Array, "B W"],
 
 def _sample_or_greedy(logits: Float[Array, "B V"], arrays: SamplingArrays,
                       greedy: Int[Array, "B"]) -> Int[Array, "B"]:
-    """Temperature, filters, then one Gumbel draw per row from its own key; T = 0 rows keep greedy."""
+    """Temperature, filters, one Gumbel draw per row from its own key; T = 0 rows stay greedy."""
     sampling = arrays.temperature > 0
     scaled = logits / jnp.where(sampling, arrays.temperature, 1.0)[:, None]  # [B, V]
     filtered = sampling & ((arrays.top_k > 0) | (arrays.top_p < 1) | (arrays.min_p > 0))
@@ -281,7 +281,7 @@ def _sample_or_greedy(logits: Float[Array, "B V"], arrays: SamplingArrays,
                         lambda: jnp.ones(scaled.shape, bool))  # no filters: no sort
     masked = jnp.where(keep, scaled, -jnp.inf)
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(arrays.seed, arrays.step)
-    drawn = jax.random.categorical(jax.random.key(arrays.seed[0]), masked).astype(jnp.int32)
+    drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)  # [B]
     return jnp.where(sampling, drawn, greedy)
 
 

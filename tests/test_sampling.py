@@ -1,4 +1,4 @@
-"""The per-row sampler: penalties by hand, filters, seeded batch-independence, frequencies, logprobs."""
+"""The per-row sampler: hand-checked penalties, filters, batch-independence, frequencies, logprobs."""
 
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ DTYPES = dict(top_k=np.int32, seed=np.uint32, step=np.int32, num_logprobs=np.int
 def rows(b: int, **fields) -> SamplingArrays:
     """[b] arrays: NEUTRAL settings, each field overridable by a scalar or a length-b sequence."""
     values = {**NEUTRAL, **fields}
-    return SamplingArrays(**{name: np.broadcast_to(np.asarray(values[name], DTYPES.get(name, np.float32)),
-                                                   (b,)).copy()
-                             for name in SamplingArrays._fields})
+
+    def column(name):
+        value = np.asarray(values[name], DTYPES.get(name, np.float32))
+        return np.broadcast_to(value, (b,)).copy()
+
+    return SamplingArrays(*(column(name) for name in SamplingArrays._fields))
 
 
 def take_rows(arrays: SamplingArrays, index) -> SamplingArrays:

@@ -1,0 +1,199 @@
+"""Offline throughput of the continuous-batching engine on a GPU, beside the card's limits and HF.
+
+    python scripts/bench_throughput.py --model llama3-8b --workloads 128x128:1000,1000x1000:200,mix:500 --hf
+    python scripts/bench_throughput.py --model tiny --workloads 16x16:20,mix:10 --num-pages 64   # CPU smoke
+
+Random weights of a real model shape, bf16, greedy with ignore_eos (every request makes exactly
+its output length). Reports output tokens/s, TTFT and TPOT p50/p99, KV pages used, and the
+compute limit (bf16 matmul peak over 2 x params flops per token) and memory limit of the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_generate import SHAPES, card_limits  # noqa: E402
+
+
+def workload(spec: str, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """`INxOUT:N` (fixed lengths) or `mix:N` (long-tailed lengths from a fixed seed)."""
+    kind, n = spec.split(":")
+    rng = np.random.default_rng(seed)
+    if kind == "mix":  # log-normal prompt and output lengths, clipped to [4, 2048] / [4, 1024]
+        ins = np.clip(rng.lognormal(5.5, 0.9, int(n)), 4, 2048).astype(int)
+        outs = np.clip(rng.lognormal(4.8, 0.9, int(n)), 4, 1024).astype(int)
+    else:
+        i, o = (int(x) for x in kind.split("x"))
+        ins, outs = np.full(int(n), i), np.full(int(n), o)
+    return [(rng.integers(0, vocab, a).tolist(), int(b)) for a, b in zip(ins, outs)]
+
+
+def percentiles(values) -> dict:
+    v = np.asarray(values, float)
+    return {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)),
+            "mean": float(v.mean())} if v.size else {}
+
+
+def run_engine(engine, requests) -> dict:
+    from jaxinfer.sampling import SamplingParams
+
+    start = time.perf_counter()
+    for i, (prompt, out_len) in enumerate(requests):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=out_len, temperature=0,
+                                                          ignore_eos=True))
+    done, steps0 = {}, engine.stats["steps"]
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    wall = time.perf_counter() - start
+    outs = [done[str(i)] for i in range(len(requests))]
+    assert all(len(o.token_ids) == n for o, (_, n) in zip(outs, requests))
+    n_out = sum(len(o.token_ids) for o in outs)
+    return {"requests": len(requests), "input_tokens": sum(len(p) for p, _ in requests),
+            "output_tokens": n_out, "wall_s": wall, "out_tok_per_s": n_out / wall,
+            "total_tok_per_s": (n_out + sum(len(p) for p, _ in requests)) / wall,
+            "steps": engine.stats["steps"] - steps0,
+            "ttft_s": percentiles([o.first_token_time - o.arrival_time for o in outs]),
+            "tpot_s": percentiles([(o.finish_time - o.first_token_time) / (len(o.token_ids) - 1)
+                                   for o in outs if len(o.token_ids) > 1]),
+            "max_pages_used": engine.stats["max_pages_used"], "num_pages": engine.num_pages,
+            "preemptions": engine.stats["preemptions"]}
+
+
+def limits_for(cfg, requests, limits) -> dict:
+    """Output tok/s the card could reach at best: compute (matmul peak) and weight-read bounds."""
+    flops = sum(2 * cfg.num_params * (len(p) + n) for p, n in requests)
+    n_out = sum(n for _, n in requests)
+    return {"compute_bound_out_tok_per_s": n_out / (flops / (limits["bf16_matmul_TFLOPs"] * 1e12)),
+            "weights_GB": 2 * cfg.num_params / 1e9}
+
+
+def bench_hf(shape: dict, requests, batch: int) -> dict:
+    """HF transformers generate on the same requests, `batch` at a time (left padding)."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
+        max_position_embeddings=shape["max_position_embeddings"],
+        rope_theta=shape.get("rope_theta", 10000.0), eos_token_id=None, pad_token_id=0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    start, n_out = time.perf_counter(), 0
+    for i in range(0, len(requests), batch):
+        chunk = requests[i:i + batch]
+        width = max(len(p) for p, _ in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, (p, _) in enumerate(chunk):
+            ids[j, width - len(p):], mask[j, width - len(p):] = torch.tensor(p), 1
+        new = max(n for _, n in chunk)  # HF's static batch runs to its longest output
+        with torch.no_grad():
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False)
+        n_out += sum(n for _, n in chunk)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return {"requests": len(requests), "batch": batch, "output_tokens": n_out, "wall_s": wall,
+            "out_tok_per_s": n_out / wall, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="llama3-8b")
+    p.add_argument("--workloads", default="128x128:1000,1000x1000:200,mix:500")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--impl", default=None)
+    p.add_argument("--hf", action="store_true")
+    p.add_argument("--hf-requests", type=int, default=256)
+    p.add_argument("--hf-batch", type=int, default=64)
+    p.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    shape = SHAPES[args.model]
+    specs = [w for w in args.workloads.split(",") if w]
+    if args.hf_only:
+        res = {s: bench_hf(shape, workload(s, shape["vocab_size"])[:args.hf_requests], args.hf_batch)
+               for s in specs}
+        print("HF_RESULT " + json.dumps(res), flush=True)
+        return 0
+    peers = run_hf(args) if args.hf else {}
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+    import jax
+    import jax.numpy as jnp
+
+    import jaxinfer
+    from jaxinfer.config import ModelConfig
+    from jaxinfer.engine import Engine
+
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": args.model,
+              "args": vars(args), "limits": card_limits(3), "workloads": {}}
+    cfg = ModelConfig(**shape)
+    model = jaxinfer.Model(cfg, jaxinfer.init_params(cfg, "bfloat16"), None, jnp.bfloat16)
+    t0 = time.perf_counter()
+    engine = Engine(model, max_num_seqs=args.max_num_seqs, page_size=args.page_size,
+                    max_num_batched_tokens=args.max_num_batched_tokens, num_pages=args.num_pages,
+                    attention_impl=args.impl, enable_prefix_caching=False)
+    report["startup_s"] = time.perf_counter() - t0
+    print(json.dumps({"startup_s": report["startup_s"], "num_pages": engine.num_pages,
+                      "buckets": engine.runner.buckets}), flush=True)
+    for spec in specs:
+        requests = workload(spec, cfg.vocab_size)
+        row = run_engine(engine, requests)
+        row.update(limits_for(cfg, requests, report["limits"]))
+        if spec in peers:
+            row["hf"] = peers[spec]
+        report["workloads"][spec] = row
+        print(json.dumps({spec: row}), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+    report["num_compiles"] = engine.runner.num_compiles
+    print_table(report)
+    return 0
+
+
+def run_hf(args) -> dict:
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--hf-only", "--model", args.model, "--workloads",
+           args.workloads, "--hf-requests", str(args.hf_requests), "--hf-batch", str(args.hf_batch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("HF_RESULT ")]
+    if proc.returncode or not lines:
+        return {"error": proc.stderr[-800:]}
+    return json.loads(lines[-1][len("HF_RESULT "):])
+
+
+def print_table(report: dict) -> None:
+    lim = report["limits"]
+    print(f"\n{report['device']}  jax {report['jax']}  {report['model']}  bf16 matmul "
+          f"{lim['bf16_matmul_TFLOPs']:.0f} TFLOP/s  copy {lim['copy_read_plus_write_GBps']:.0f} GB/s  "
+          f"compiles {report['num_compiles']}")
+    for spec, r in report["workloads"].items():
+        hf = r.get("hf", {}).get("out_tok_per_s", float("nan"))
+        print(f"{spec:14s} {r['out_tok_per_s']:9.0f} out tok/s (compute bound "
+              f"{r['compute_bound_out_tok_per_s']:7.0f})  TTFT p50 {r['ttft_s']['p50']:.2f}s "
+              f"p99 {r['ttft_s']['p99']:.2f}s  TPOT p50 {1e3 * r['tpot_s']['p50']:.1f}ms "
+              f"p99 {1e3 * r['tpot_s']['p99']:.1f}ms  pages {r['max_pages_used']}/{r['num_pages']}  "
+              f"preempt {r['preemptions']}  HF {hf:7.0f} tok/s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
