@@ -113,7 +113,7 @@ class Engine:
         self._aborted: list[RequestOutput] = []
         self._seeds = np.random.default_rng(config.seed)
         self.stats = {"steps": 0, "computed_tokens": 0, "cached_tokens": 0, "max_pages_used": 0,
-                      "preemptions": 0}
+                      "preemptions": 0, "runner_s": 0.0}
         if config.warmup:
             self.runner.warmup()
 
@@ -184,12 +184,15 @@ class Engine:
         reqs = [self.requests[s.request_id] for s in plan.seqs]
         rows = [RowInfo(r.params, r.seed, r.seq.num_output_tokens, r.seq.token_ids,
                         r.seq.num_prompt_tokens) for r in reqs]
+        t0 = time.perf_counter()
         samples = self.runner.run(plan, rows)
+        self.stats["runner_s"] += time.perf_counter() - t0
         self._count(plan)
-        sampled = {s.request_id: int(samples.tokens[i]) for i, s in enumerate(plan.seqs) if s.sample}
+        tokens = samples.tokens.tolist()
+        row = {s.request_id: i for i, s in enumerate(plan.seqs)}
+        sampled = {s.request_id: tokens[i] for i, s in enumerate(plan.seqs) if s.sample}
         for seq in self.scheduler.update(plan, sampled):
-            i = next(j for j, s in enumerate(plan.seqs) if s.request_id == seq.request_id)
-            outputs.append(self._advance(self.requests[seq.request_id], samples, i))
+            outputs.append(self._advance(self.requests[seq.request_id], samples, row[seq.request_id]))
         return outputs
 
     def _count(self, plan) -> None:

@@ -7,7 +7,6 @@ write to no slot and belong to no sequence; padding rows compute nothing and sam
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -34,8 +33,7 @@ class StepBatch(NamedTuple):
     history_is_output: Bool[Array, "B W"] | None
 
 
-@dataclasses.dataclass(frozen=True)
-class RowInfo:
+class RowInfo(NamedTuple):
     """Host-side facts about one scheduled sequence that the batch needs."""
 
     params: SamplingParams
@@ -87,7 +85,7 @@ class Runner:
         batch = self.build(plan, rows)
         self.pages, out = self._step(self.params, self.pages, batch)
         n = plan.num_seqs
-        return SampleOutput(*(np.asarray(x)[:n] for x in out))
+        return SampleOutput(*(x[:n] for x in jax.device_get(out)))  # one transfer
 
     def warmup(self, penalties: bool = False) -> None:
         """Compiles every token bucket once on an all-padding batch (and its penalty variant)."""

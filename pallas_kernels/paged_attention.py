@@ -500,6 +500,10 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens,
                       interpret=resolve_interpret(interpret))
 
 
+def _bits_dtype(dtype):
+  return {2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(dtype).itemsize]
+
+
 @jax.jit
 def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping):
   """Writes new K/V rows into their cache slots.
@@ -527,10 +531,14 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping):
   slots = jnp.where(slot_mapping < 0, num_rows, slot_mapping)
 
   def scatter(pages, new):
-    rows = _rows_view(pages)
-    rows = rows.at[:, slots].set(new.swapaxes(0, 1).astype(pages.dtype),
-                                 mode="drop")
-    return rows.reshape(pages.shape)
+    # Scatter the raw bits: XLA upcasts a 16-bit float scatter to f32, which
+    # converts (copies) the whole pool every step; an integer scatter of the
+    # same width stays in place.
+    bits = _bits_dtype(pages.dtype)
+    rows = lax.bitcast_convert_type(_rows_view(pages), bits)
+    new = lax.bitcast_convert_type(new.swapaxes(0, 1).astype(pages.dtype), bits)
+    rows = rows.at[:, slots].set(new, mode="drop")
+    return lax.bitcast_convert_type(rows, pages.dtype).reshape(pages.shape)
 
   return scatter(k_pages, k_new), scatter(v_pages, v_new)
 

@@ -1,0 +1,84 @@
+"""Where one engine decode step's time goes on a GPU: KV write (float vs bit scatter), ragged
+paged attention, and the whole jitted step at two pool sizes.
+
+    python scripts/bench_engine_step.py --model llama3-8b --batch 256 --context 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_generate import SHAPES  # noqa: E402
+
+
+def timed(fn, *args, n=20) -> float:
+    """Median ms of fn(*args) (fn must return its donated inputs back as outputs)."""
+    import jax
+
+    args = fn(*args)
+    jax.block_until_ready(args)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        args = fn(*args)
+        jax.block_until_ready(args)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama3-8b")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--context", type=int, default=200)
+    p.add_argument("--pages", default="4096,52000")
+    args = p.parse_args()
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.paged_attention import ragged_paged_attention, write_kv
+
+    s = SHAPES[args.model]
+    k, h, n, b, L = s["num_kv_heads"], s["head_dim"], s["num_heads"], args.batch, 16
+    res = {"device": jax.devices()[0].device_kind, "batch": b, "context": args.context}
+    for num_pages in [int(x) for x in args.pages.split(",")]:
+        key = jax.random.key(0)
+        kp = jax.random.normal(key, (k, num_pages, L, h), jnp.bfloat16)
+        vp = jax.random.normal(key, (k, num_pages, L, h), jnp.bfloat16)
+        new = jax.random.normal(key, (b, k, h), jnp.bfloat16)
+        slots = (jnp.arange(b) * 97 % (num_pages * L)).astype(jnp.int32)
+
+        def bits_write(kp, vp):
+            return write_kv(kp, vp, new, new, slots)
+
+        def float_write(kp, vp):
+            rows = lambda x: x.reshape(k, num_pages * L, h)  # noqa: E731
+            kp = rows(kp).at[:, slots].set(new.swapaxes(0, 1)).reshape(kp.shape)
+            vp = rows(vp).at[:, slots].set(new.swapaxes(0, 1)).reshape(vp.shape)
+            return kp, vp
+        res[f"write_bits_ms_P{num_pages}"] = timed(jax.jit(bits_write, donate_argnums=(0, 1)), kp, vp)
+        kp, vp = (jax.random.normal(key, (k, num_pages, L, h), jnp.bfloat16) for _ in range(2))
+        res[f"write_float_ms_P{num_pages}"] = timed(jax.jit(float_write, donate_argnums=(0, 1)), kp, vp)
+        kp, vp = (jax.random.normal(key, (k, num_pages, L, h), jnp.bfloat16) for _ in range(2))
+        per_seq = -(-args.context // L)
+        tables = (jnp.arange(b * per_seq) % num_pages).reshape(b, per_seq).astype(jnp.int32)
+        lens = jnp.full((b,), args.context, jnp.int32)
+        cu = jnp.arange(b + 1, dtype=jnp.int32)
+        q = jax.random.normal(key, (b, n, h), jnp.bfloat16)
+
+        def attend(q, kp, vp):
+            return ragged_paged_attention(q, kp, vp, tables, lens, cu), kp, vp
+        res[f"ragged_attn_ms_P{num_pages}"] = timed(jax.jit(attend, donate_argnums=(1, 2)), q, kp, vp)
+        del kp, vp
+        print(json.dumps(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
