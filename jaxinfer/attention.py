@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from typing import NamedTuple
-
+import flax.struct
 from jaxtyping import Array, Bool, Float, Int
 
 IMPLS = ("xla", "reference", "cudnn", "pallas")
@@ -60,29 +59,37 @@ def cached_attention(q: Float[Array, "B T N H"], k_cache: Float[Array, "K B S H"
     return masked_attention(q, k_cache, v_cache, mask, reference=impl == "reference", kv="KBSH")
 
 
-class PagedMeta(NamedTuple):
+@flax.struct.dataclass
+class PagedMeta:
     """Where a step's packed tokens go in the page pool and which pages each sequence reads.
 
     Row b of the B sequences owns tokens cu_q_lens[b]:cu_q_lens[b+1] of the T packed ones; they are
     the last of its kv_lens[b] tokens. Tokens past cu_q_lens[-1] are padding (slot -1).
+    `decode` (static: its own compiled program) says token b is sequence b's one new token and
+    T == B, so the split-K decode kernel serves the step instead of the ragged one.
     """
 
     slot_mapping: Int[Array, "T"]  # page * L + offset; -1 = write nothing
     block_tables: Int[Array, "B W"]  # page ids of each sequence (W = max pages per sequence)
     kv_lens: Int[Array, "B"]
     cu_q_lens: Int[Array, "B1"]  # [B + 1]
+    decode: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def paged_attention(q: Float[Array, "T N H"], k: Float[Array, "T K H"], v: Float[Array, "T K H"],
                     k_pages: Float[Array, "K P L H"], v_pages: Float[Array, "K P L H"],
                     meta: PagedMeta, *, impl: str):
     """Writes the step's K/V into their pages, then attends each token to its sequence's pages."""
-    from pallas_kernels.paged_attention import (ragged_paged_attention,
+    from pallas_kernels.paged_attention import (paged_attention as decode_kernel,
+                                                ragged_paged_attention,
                                                 ragged_paged_attention_reference, write_kv)
 
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
-    attend = ragged_paged_attention if impl == "pallas" else ragged_paged_attention_reference
-    out = attend(q, k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens)
+    if meta.decode and impl == "pallas":  # padding rows read one slot of page 0; dropped later
+        out = decode_kernel(q, k_pages, v_pages, meta.block_tables, jnp.maximum(meta.kv_lens, 1))
+    else:
+        attend = ragged_paged_attention if impl == "pallas" else ragged_paged_attention_reference
+        out = attend(q, k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens)
     return out, (k_pages, v_pages)
 
 

@@ -113,7 +113,7 @@ class Engine:
         self._aborted: list[RequestOutput] = []
         self._seeds = np.random.default_rng(config.seed)
         self.stats = {"steps": 0, "computed_tokens": 0, "cached_tokens": 0, "max_pages_used": 0,
-                      "preemptions": 0, "runner_s": 0.0}
+                      "preemptions": 0, "runner_s": 0.0, "decode_steps": 0}
         if config.warmup:
             self.runner.warmup()
 
@@ -199,6 +199,7 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["computed_tokens"] += plan.num_tokens
         self.stats["preemptions"] += len(plan.preempted)
+        self.stats["decode_steps"] += all(len(s.token_ids) == 1 for s in plan.seqs)
         used = self.num_pages - self.scheduler.allocator.num_free_pages
         self.stats["max_pages_used"] = max(self.stats["max_pages_used"], used)
 

@@ -7,6 +7,7 @@ write to no slot and belong to no sequence; padding rows compute nothing and sam
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -88,10 +89,12 @@ class Runner:
         return SampleOutput(*(x[:n] for x in jax.device_get(out)))  # one transfer
 
     def warmup(self, penalties: bool = False) -> None:
-        """Compiles every token bucket once on an all-padding batch (and its penalty variant)."""
+        """Compiles every step variant once on all-padding batches: each token bucket, its
+        decode-only form where T == B, and (if asked) its penalty form."""
         for t in self.buckets:
-            for penalties in (False, True) if penalties else (False,):
-                batch = self._padding_batch(t, penalties)
+            decodes = (False, True) if t <= self.max_num_seqs else (False,)
+            for decode, pen in itertools.product(decodes, (False, True) if penalties else (False,)):
+                batch = self._padding_batch(t, pen, decode)
                 self.pages, out = self._step(self.params, self.pages, batch)
         jax.block_until_ready(self.pages)
 
@@ -111,7 +114,8 @@ class Runner:
             tables[i, :len(s.block_table)] = s.block_table
             kv_lens[i], at = s.start_pos + n, at + n
             cu[i + 1:], sample_idx[i] = at, at - 1
-        meta = PagedMeta(*(jnp.asarray(x) for x in (slots, tables, kv_lens, cu)))
+        decode = t == b and all(len(s.token_ids) == 1 for s in plan.seqs)
+        meta = PagedMeta(*(jnp.asarray(x) for x in (slots, tables, kv_lens, cu)), decode=decode)
         history, is_output = self._history(rows, b)
         sampling = sampling_arrays([r.params for r in rows], [r.seed for r in rows],
                                    [r.num_output_tokens for r in rows], pad_to=b)
@@ -130,11 +134,12 @@ class Runner:
                 is_output[i, r.num_prompt_tokens:len(r.token_ids)] = True
         return jnp.asarray(ids), jnp.asarray(is_output)
 
-    def _padding_batch(self, t: int, penalties: bool) -> StepBatch:
+    def _padding_batch(self, t: int, penalties: bool, decode: bool) -> StepBatch:
         b = min(t, self.max_num_seqs)
         zeros = lambda n: jnp.zeros(n, jnp.int32)  # noqa: E731
         meta = PagedMeta(jnp.full(t, -1, jnp.int32),
-                         jnp.zeros((b, self.max_pages_per_seq), jnp.int32), zeros(b), zeros(b + 1))
+                         jnp.zeros((b, self.max_pages_per_seq), jnp.int32), zeros(b), zeros(b + 1),
+                         decode=decode)
         sampling = jax.tree.map(jnp.asarray, sampling_arrays([], [], [], pad_to=b))
         history = (jnp.full((b, self.max_model_len), -1, jnp.int32),
                    jnp.zeros((b, self.max_model_len), bool)) if penalties else (None, None)

@@ -142,13 +142,14 @@ def prompts_of(model, lengths, seed=0):
     return [rng.randint(0, model.config.vocab_size, n).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_staggered_requests_with_preemption_equal_greedy_alone(tiny_model, impl):
+@pytest.mark.parametrize("impl, seats", [("xla", 4), ("pallas", 4), ("pallas", 16)])
+def test_staggered_requests_with_preemption_equal_greedy_alone(tiny_model, impl, seats):
+    """16 seats make decode-only steps (T == B == 16) take the split-K decode kernel."""
     prompts = prompts_of(tiny_model, (5, 40, 17, 3, 33, 9))
     news = (12, 6, 20, 15, 9, 14)
     expected = [jaxinfer.generate(tiny_model, [p], max_new_tokens=n)[0] for p, n in zip(prompts, news)]
     # 6 pages of 16 slots cannot hold four of these at once: preemption must happen.
-    engine = Engine(tiny_model, max_num_seqs=4, max_num_batched_tokens=24, page_size=16,
+    engine = Engine(tiny_model, max_num_seqs=seats, max_num_batched_tokens=24, page_size=16,
                     num_pages=6, warmup=False, attention_impl=impl)
     results, step = {}, 0
     while len(results) < len(prompts):
@@ -161,6 +162,7 @@ def test_staggered_requests_with_preemption_equal_greedy_alone(tiny_model, impl)
         step += 1
     assert [results[i] for i in range(len(prompts))] == expected
     assert engine.stats["preemptions"] > 0
+    assert engine.stats["decode_steps"] > 0 or seats < 16
     assert engine.scheduler.allocator.num_free_pages == 6
 
 
@@ -201,7 +203,8 @@ def test_no_recompiles_after_warmup(tiny_model):
     engine = Engine(tiny_model, max_num_seqs=4, max_num_batched_tokens=32, page_size=16,
                     num_pages=24, warmup=True, attention_impl="xla")
     compiled = engine.runner.num_compiles
-    assert compiled == len(engine.runner.buckets)
+    buckets = engine.runner.buckets  # each bucket, plus a decode-only form where T <= seats
+    assert compiled == len(buckets) + sum(t <= 4 for t in buckets)
     rng = np.random.RandomState(5)
     for step in range(200):
         if step % 7 == 0 and step < 160:
