@@ -115,12 +115,13 @@ class Runner:
             kv_lens[i], at = s.start_pos + n, at + n
             cu[i + 1:], sample_idx[i] = at, at - 1
         decode = t == b and all(len(s.token_ids) == 1 for s in plan.seqs)
-        meta = PagedMeta(*(jnp.asarray(x) for x in (slots, tables, kv_lens, cu)), decode=decode)
-        history, is_output = self._history(rows, b)
         sampling = sampling_arrays([r.params for r in rows], [r.seed for r in rows],
                                    [r.num_output_tokens for r in rows], pad_to=b)
-        return StepBatch(jnp.asarray(tokens), jnp.asarray(positions), meta, jnp.asarray(sample_idx),
-                         jax.tree.map(jnp.asarray, sampling), history, is_output)
+        host = (tokens, positions, (slots, tables, kv_lens, cu), sample_idx, sampling)
+        tokens, positions, meta, sample_idx, sampling = jax.device_put(host)  # one transfer
+        history, is_output = self._history(rows, b)
+        return StepBatch(tokens, positions, PagedMeta(*meta, decode=decode), sample_idx, sampling,
+                         history, is_output)
 
     def _history(self, rows: Sequence[RowInfo], b: int):
         """Prompt + output ids [B, max_model_len] when any row uses penalties, else (None, None)."""

@@ -80,5 +80,60 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not os.environ.get("ENGINE_BREAKDOWN"):
     sys.exit(main())
+
+
+def engine_breakdown(model_name: str, num_pages: int | None, seqs: int, prompt: int) -> dict:
+    """Decode steps of the real engine: wall per step, runner share, the jitted step alone, and
+    whether the compiled step copies or converts any whole page pool."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxinfer
+    from jaxinfer.config import ModelConfig
+    from jaxinfer.engine import Engine
+    from jaxinfer.sampling import SamplingParams
+
+    cfg = ModelConfig(**SHAPES[model_name])
+    model = jaxinfer.Model(cfg, jaxinfer.init_params(cfg, "bfloat16"), None, jnp.bfloat16)
+    eng = Engine(model, max_num_seqs=seqs, max_num_batched_tokens=2048, num_pages=num_pages,
+                 warmup=False)
+    rng = np.random.default_rng(0)
+    for i in range(seqs):
+        eng.add_request(str(i), rng.integers(0, cfg.vocab_size, prompt).tolist(),
+                        SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    while eng.stats["decode_steps"] < 3:
+        eng.step()
+    r0, t0 = eng.stats["runner_s"], time.perf_counter()
+    for _ in range(20):
+        eng.step()
+    res = {"num_pages": eng.num_pages, "seqs": seqs, "step_ms": (time.perf_counter() - t0) / 20 * 1e3,
+           "runner_ms": (eng.stats["runner_s"] - r0) / 20 * 1e3}
+    plan = eng.scheduler.schedule()  # one more decode plan, run by hand below
+    reqs = [eng.requests[s.request_id] for s in plan.seqs]
+    from jaxinfer.runner import RowInfo
+    rows = [RowInfo(r.params, r.seed, r.seq.num_output_tokens, r.seq.token_ids,
+                    r.seq.num_prompt_tokens) for r in reqs]
+    runner = eng.runner
+    t0 = time.perf_counter()
+    batch = runner.build(plan, rows)
+    res["build_ms"] = (time.perf_counter() - t0) * 1e3
+
+    def step(pages):
+        pages, out = runner._step(runner.params, pages, batch)
+        return (pages,)
+    (pages,) = step(runner.pages)
+    res["jitted_step_ms"] = timed(step, pages)
+    txt = jax.jit(runner._step_fn, donate_argnums=(1,)).lower(
+        runner.params, runner.pages, batch).compile().as_text()
+    pool = ",".join(str(d) for d in runner.pages[0][0].shape)
+    res["pool_copies"] = sum(1 for l in txt.splitlines() if f"[{pool}]" in l and
+                             (" copy(" in l or " convert(" in l or "copy-start" in l))
+    return res
+
+
+if __name__ == "__main__" and os.environ.get("ENGINE_BREAKDOWN"):
+    for pages in [int(p) if p != "auto" else None for p in os.environ.get("POOLS", "4096,auto").split(",")]:
+        print(json.dumps(engine_breakdown(os.environ.get("MODEL", "llama3-8b"), pages, int(os.environ.get("SEQS", 128)), int(os.environ.get("PROMPT", 900)))), flush=True)
