@@ -49,6 +49,7 @@ def run_engine(engine, requests) -> dict:
         engine.add_request(str(i), prompt, SamplingParams(max_tokens=out_len, temperature=0,
                                                           ignore_eos=True))
     done, steps0 = {}, engine.stats["steps"]
+    engine.stats["max_pages_used"] = 0  # this workload's peak, not an earlier one's
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
@@ -160,11 +161,11 @@ def main() -> int:
         if spec in peers:
             row["hf"] = peers[spec]
         report["workloads"][spec] = row
+        report["num_compiles"] = engine.runner.num_compiles
         print(json.dumps({spec: row}), flush=True)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
-    report["num_compiles"] = engine.runner.num_compiles
     print_table(report)
     return 0
 

@@ -78,3 +78,18 @@ def test_incremental_detokenizer_never_splits_characters(ours):
     assert "".join(deltas) == ours.tokenizer.decode(ids)
     assert not any("\ufffd" in d for d in deltas)
     assert sum(d == "" for d in deltas) > 0  # some tokens held back a partial character
+
+
+def test_llm_on_default_model_matches_generate(ours):
+    """Text prompts through the engine (real tokenizer, paged cache) equal `generate` greedy."""
+    llm = jaxinfer.LLM(model=ours, max_num_seqs=4, max_num_batched_tokens=64, num_pages=64,
+                       warmup=False)
+    texts = ["Paris is", "Écris un haïku sur la mer 🌊:"]
+    outs = llm.generate(texts, jaxinfer.SamplingParams(max_tokens=10, temperature=0), use_tqdm=False)
+    for text, out in zip(texts, outs):
+        ids = encode_prompt(ours.tokenizer, text)
+        (expected,) = jaxinfer.generate(ours, [ids], max_new_tokens=10)
+        assert out.prompt_token_ids == ids and out.token_ids == expected
+        # a character cut off by max_tokens is never emitted half-made
+        assert out.text == ours.tokenizer.decode(expected, skip_special_tokens=True).rstrip("\ufffd")
+        assert "\ufffd" not in out.text
