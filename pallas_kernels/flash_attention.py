@@ -41,6 +41,16 @@ LOG2_E = math.log2(math.e)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
+def check_tiles(config, names) -> None:
+  """Tile sizes are powers of two >= 16; the backend is one that exists."""
+  for name in names:
+    b = getattr(config, name)
+    if b < 16 or b & (b - 1):
+      raise ValueError(f"{name}={b} must be a power of two >= 16")
+  if config.backend not in ("triton",):
+    raise ValueError(f"unknown backend {config.backend!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class FlashConfig:
   """Tile sizes and launch parameters of the flash-attention kernel.
@@ -59,12 +69,7 @@ class FlashConfig:
   backend: str = "triton"
 
   def __post_init__(self):
-    for name in ("block_q", "block_k"):
-      b = getattr(self, name)
-      if b < 16 or b & (b - 1):
-        raise ValueError(f"{name}={b} must be a power of two >= 16")
-    if self.backend not in ("triton",):
-      raise ValueError(f"unknown backend {self.backend!r}")
+    check_tiles(self, ("block_q", "block_k"))
 
   @classmethod
   def default(cls, head_dim: int, dtype) -> "FlashConfig":

@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention import (LOG2_E, MASK_VALUE,
+from pallas_kernels.flash_attention import (LOG2_E, MASK_VALUE, check_tiles,
                                             SUPPORTED_DTYPES,
                                             resolve_interpret)
 
@@ -65,14 +65,9 @@ class PagedConfig:
   backend: str = "triton"
 
   def __post_init__(self):
-    for name in ("block_k", "block_rows"):
-      b = getattr(self, name)
-      if b < 16 or b & (b - 1):
-        raise ValueError(f"{name}={b} must be a power of two >= 16")
+    check_tiles(self, ("block_k", "block_rows"))
     if self.num_splits is not None and self.num_splits < 1:
       raise ValueError(f"num_splits={self.num_splits} must be >= 1")
-    if self.backend not in ("triton",):
-      raise ValueError(f"unknown backend {self.backend!r}")
 
 
 def _num_sms() -> int:

@@ -197,11 +197,11 @@ def prefill_flops(cfg, t: int) -> float:
 # HF transformers, the peer (its own process, so the two frameworks don't share GPU memory)
 
 
-def bench_hf(name: str, args) -> dict:
+def hf_random_model(shape: dict):
+    """HF transformers' Llama of `shape` with random bf16 weights, on the GPU if there is one."""
     import torch
     import transformers
 
-    shape = SHAPES[name]
     config = transformers.LlamaConfig(
         vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
         intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
@@ -210,7 +210,15 @@ def bench_hf(name: str, args) -> dict:
         rope_theta=shape.get("rope_theta", 10000.0), eos_token_id=None, pad_token_id=0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+        return transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval(), device
+
+
+def bench_hf(name: str, args) -> dict:
+    import torch
+    import transformers
+
+    shape = SHAPES[name]
+    model, device = hf_random_model(shape)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     result = {"torch": torch.__version__, "transformers": transformers.__version__, "decode": [],
               "prefill": []}

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_generate import SHAPES, card_limits  # noqa: E402
+from bench_generate import SHAPES, card_limits, hf_random_model  # noqa: E402
 
 
 def workload(spec: str, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -82,15 +82,7 @@ def bench_hf(shape: dict, requests, batch: int) -> dict:
     import torch
     import transformers
 
-    config = transformers.LlamaConfig(
-        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-        intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
-        num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
-        max_position_embeddings=shape["max_position_embeddings"],
-        rope_theta=shape.get("rope_theta", 10000.0), eos_token_id=None, pad_token_id=0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model, device = hf_random_model(shape)
     start, n_out = time.perf_counter(), 0
     for i in range(0, len(requests), batch):
         chunk = requests[i:i + batch]
