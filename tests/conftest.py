@@ -7,6 +7,8 @@ import os
 # Fake CPU devices for sharding tests; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Engines in tests keep no on-disk compilation cache (one test turns it on for itself).
+os.environ["JAXINFER_COMPILATION_CACHE"] = ""
 
 import pytest
 

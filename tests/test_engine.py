@@ -232,3 +232,19 @@ def test_logprobs_are_log_softmax_of_the_model(tiny_model):
         assert token in entry and abs(entry[token] - row[token]) < 1e-4
         top = np.argsort(-row)[:4]
         assert set(top.tolist()) <= set(entry)
+
+
+def test_compiled_steps_go_to_the_persistent_cache(tiny_model, tmp_path):
+    import jax
+
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        Engine(tiny_model, max_num_seqs=2, max_num_batched_tokens=16, num_pages=8, warmup=True,
+               attention_impl="xla", compilation_cache_dir=str(tmp_path / "xla"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        assert any((tmp_path / "xla").iterdir())  # the warm-up's step was written there
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
