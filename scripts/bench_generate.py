@@ -81,7 +81,6 @@ def decode_bytes(cfg, batch: int, context: float) -> dict:
 
 
 def bench_jaxinfer(name: str, args, limits: dict) -> dict:
-    import jax
     import jax.numpy as jnp
     import numpy as np
 

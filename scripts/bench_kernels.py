@@ -248,7 +248,7 @@ def decode_case(b, ctx, page, opts, configs, n=32, k=8, h=128, peers=True):
   row["input_sets"] = n_sets
   rng = np.random.default_rng(b * 7 + ctx)
   num_pages = b * max_pages
-  sets, contig = [], []
+  sets = []
   for i in range(n_sets):
     kk = jax.random.split(jax.random.PRNGKey(1000 * i + b + ctx), 3)
     kp = jax.random.normal(kk[0], (k, num_pages, page, h), dt)

@@ -6,7 +6,6 @@ are random permutations of the page pool (never contiguous), and the pool's
 unused pages hold NaN: a kernel that reads a page it should not, or a token
 past a sequence's length, turns its output NaN.
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

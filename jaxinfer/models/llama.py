@@ -10,7 +10,6 @@ pool [K, B * S / L, L, H] as it stands, so the paged decode kernel reads it with
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
