@@ -83,16 +83,54 @@ def _layer_layout(cfg: ModelConfig, i: int) -> list[Entry]:
         Entry((ours, "mlp_norm", "scale"), ((f"{hf}.post_attention_layernorm.weight", (d,)),), _copy),
         Entry((ours, "attn", "qkv"), qkv, _qkv),
         Entry((ours, "attn", "o"), ((f"{attn}.o_proj.weight", (d, nh)),), _linear),
-        Entry((ours, "mlp", "gate_up"), ((f"{hf}.mlp.gate_proj.weight", (f, d)),
-                                        (f"{hf}.mlp.up_proj.weight", (f, d))), _gate_up),
-        Entry((ours, "mlp", "down"), ((f"{hf}.mlp.down_proj.weight", (d, f)),), _linear),
     ]
+    if cfg.num_experts:
+        entries += _moe_layout(cfg, ours, hf)
+    else:
+        entries += _mlp_layout((ours, "mlp"), f"{hf}.mlp", d, f)
     if cfg.qkv_bias:
         bias = tuple((f"{attn}.{x}_proj.bias", (n,)) for x, n in (("q", nh), ("k", kh), ("v", kh)))
         entries.append(Entry((ours, "attn", "qkv_bias"), bias, _qkv_bias))
     if cfg.o_bias:
         entries.append(Entry((ours, "attn", "o_bias"), ((f"{attn}.o_proj.bias", (d,)),), _copy))
     return entries
+
+
+def _mlp_layout(ours: tuple[str, ...], hf: str, d: int, f: int) -> list[Entry]:
+    return [Entry((*ours, "gate_up"), ((f"{hf}.gate_proj.weight", (f, d)),
+                                       (f"{hf}.up_proj.weight", (f, d))), _gate_up),
+            Entry((*ours, "down"), ((f"{hf}.down_proj.weight", (d, f)),), _linear)]
+
+
+def _moe_layout(cfg: ModelConfig, ours: str, hf: str) -> list[Entry]:
+    """Mixtral's block_sparse_moe.experts.j.w1/w3/w2, or Qwen2-MoE's mlp.experts.j.*_proj."""
+    d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    if cfg.model_type == "mixtral":
+        base, gate, up, down = f"{hf}.block_sparse_moe", "w1", "w3", "w2"
+    else:
+        base, gate, up, down = f"{hf}.mlp", "gate_proj", "up_proj", "down_proj"
+    expert = lambda j, w, shape: (f"{base}.experts.{j}.{w}.weight", shape)  # noqa: E731
+    entries = [
+        Entry((ours, "moe", "router"), ((f"{base}.gate.weight", (e, d)),), _linear),
+        Entry((ours, "moe", "gate_up"), tuple(expert(j, gate, (f, d)) for j in range(e)) +
+              tuple(expert(j, up, (f, d)) for j in range(e)), _experts_gate_up),
+        Entry((ours, "moe", "down"), tuple(expert(j, down, (d, f)) for j in range(e)), _experts_down),
+    ]
+    if cfg.shared_expert_intermediate_size:
+        entries += _mlp_layout((ours, "moe", "shared"), f"{base}.shared_expert", d,
+                               cfg.shared_expert_intermediate_size)
+        entries.append(Entry((ours, "moe", "shared_gate"),
+                             ((f"{base}.shared_expert_gate.weight", (1, d)),), _copy))
+    return entries
+
+
+def _experts_gate_up(xs, shape):  # E gate [F, D] then E up [F, D] -> [E, D, 2, F]
+    e = shape[0]
+    return jnp.stack([jnp.stack([g.T, u.T], axis=1) for g, u in zip(xs[:e], xs[e:])])
+
+
+def _experts_down(xs, shape):  # E of [D, F] -> [E, F, D]
+    return jnp.stack([x.T for x in xs])
 
 
 def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, Any], dtype) -> dict:

@@ -18,6 +18,8 @@ SUPPORTED_MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -65,6 +67,12 @@ class ModelConfig:
     o_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Mixture of experts (num_experts 0 = a dense MLP in every layer).
+    num_experts: int = 0  # E
+    num_experts_per_tok: int = 0  # top-k experts per token
+    moe_intermediate_size: int = 0  # F of one expert
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
+    shared_expert_intermediate_size: int = 0  # a shared expert with a sigmoid gate (Qwen2-MoE)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -86,6 +94,11 @@ class ModelConfig:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                             f"[1, num_experts={self.num_experts}]")
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise ValueError("moe_intermediate_size must be > 0 for a mixture of experts")
         for token in self.eos_token_ids:
             if not 0 <= token < self.vocab_size:
                 raise ValueError(f"eos_token_id {token} is outside the vocabulary [0, {self.vocab_size})")
@@ -98,7 +111,11 @@ class ModelConfig:
     def num_params(self) -> int:
         d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
         attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * d * f + 2 * d
+        mlp = 3 * d * f
+        if self.num_experts:
+            mlp = self.num_experts * (3 * d * self.moe_intermediate_size + d) + \
+                3 * d * self.shared_expert_intermediate_size
+        per_layer = attn + mlp + 2 * d
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.num_layers * per_layer + self.vocab_size * d + head + d
 
@@ -132,7 +149,8 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hidden // num_heads
         max_pos = _require(hf, "max_position_embeddings")
         _check_sliding_window(hf, model_type, max_pos)
-        qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
+        qwen = model_type in ("qwen2", "qwen2_moe")
+        qkv_bias = qwen or bool(hf.get("attention_bias", False))
         return cls(
             model_type=model_type,
             vocab_size=_require(hf, "vocab_size"),
@@ -148,9 +166,10 @@ class ModelConfig:
             rope_scaling=_rope_scaling(hf),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
-            o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
+            o_bias=not qwen and bool(hf.get("attention_bias", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_tuple(hf.get("eos_token_id")),
+            **_moe_fields(hf, model_type),
         )
 
     @classmethod
@@ -196,13 +215,31 @@ def _check_activation_and_bias(hf: dict, model_type: str) -> None:
 def _check_sliding_window(hf: dict, model_type: str, max_pos: int) -> None:
     """A window narrower than the context changes the model's output: refuse it, never ignore it."""
     window = hf.get("sliding_window")
-    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen2_moe") and not hf.get("use_sliding_window", False):
         return  # Qwen2 configs carry a window value that is off unless use_sliding_window is set
     if window is not None and window < max_pos:
         raise ValueError(
             f"sliding_window={window} (narrower than max_position_embeddings={max_pos}) is not "
             "supported yet: the model's output would differ from its reference"
         )
+
+
+def _moe_fields(hf: dict, model_type: str) -> dict:
+    """Expert settings of Mixtral (num_local_experts) and Qwen2-MoE (num_experts, shared expert)."""
+    if model_type == "mixtral":
+        return dict(num_experts=_require(hf, "num_local_experts"),
+                    num_experts_per_tok=_require(hf, "num_experts_per_tok"),
+                    moe_intermediate_size=_require(hf, "intermediate_size"), norm_topk_prob=True)
+    if model_type != "qwen2_moe":
+        return {}
+    if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+        raise ValueError("Qwen2-MoE with dense layers (decoder_sparse_step != 1 or mlp_only_layers) "
+                         "is not supported yet")
+    return dict(num_experts=_require(hf, "num_experts"),
+                num_experts_per_tok=_require(hf, "num_experts_per_tok"),
+                moe_intermediate_size=_require(hf, "moe_intermediate_size"),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or 0)
 
 
 def _rope_params(hf: dict) -> dict:

@@ -26,6 +26,15 @@ SHAPES = {
     "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0),
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096,
+                         intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                         head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                         rope_theta=1e6, num_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=14336),
+    "tiny-moe": dict(model_type="mixtral", vocab_size=512, hidden_size=128, intermediate_size=256,
+                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+                     max_position_embeddings=4096, num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=256),
     "tiny": dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256,
                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=4096),
 }
@@ -74,8 +83,16 @@ def card_limits(repeats: int) -> dict:
 
 
 def decode_bytes(cfg, batch: int, context: float) -> dict:
-    """Bytes one decode step must read: every weight but the embedding table, and the live KV."""
+    """Bytes one decode step must read: every weight but the embedding table, and the live KV.
+
+    With experts, only the distinct experts the step's tokens pick are needed: for k of E picked
+    uniformly (random weights route near-uniformly), E * (1 - (1 - k/E)^B) of them per layer.
+    """
     weights = 2 * (cfg.num_params - cfg.vocab_size * cfg.hidden_size * (not cfg.tie_word_embeddings))
+    if cfg.num_experts:
+        expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        distinct = cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** batch)
+        weights -= 2 * cfg.num_layers * expert * (cfg.num_experts - distinct)
     kv = 2 * batch * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * context
     return {"weight_bytes": weights, "kv_bytes": kv}
 
@@ -87,7 +104,8 @@ def bench_jaxinfer(name: str, args, limits: dict) -> dict:
     import jaxinfer
     from jaxinfer.config import ModelConfig
 
-    cfg = ModelConfig(**SHAPES[name])
+    shape = dict(SHAPES[name], **({"num_layers": args.layers} if args.layers else {}))
+    cfg = ModelConfig(**shape)
     model = jaxinfer.Model(cfg, jaxinfer.init_params(cfg, "bfloat16"), None, jnp.bfloat16)
     rng = np.random.RandomState(0)
     result = {"config": dataclasses.asdict(cfg), "params": cfg.num_params, "decode": [], "prefill": []}
@@ -188,6 +206,9 @@ def _prefill_row(model, decoder, tokens_n, args, limits, rng) -> dict:
 def prefill_flops(cfg, t: int) -> float:
     """Matmul flops of one causal prefill of t tokens (weights, causal attention, last-token head)."""
     body = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (2 - cfg.tie_word_embeddings)
+    if cfg.num_experts:  # each token runs k of the E experts
+        expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        body -= cfg.num_layers * expert * (cfg.num_experts - cfg.num_experts_per_tok)
     attn = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * t * t / 2
     return 2 * body * t + attn + 2 * cfg.hidden_size * cfg.vocab_size
 
@@ -277,6 +298,7 @@ def main() -> int:
     p.add_argument("--impls", default="cudnn,xla",
                    help="attention impls for prefill, comma-separated; decode uses the first")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--layers", type=int, default=0, help="override the shape's layer count")
     p.add_argument("--hf", action="store_true", help="also time HF transformers (own process)")
     p.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--hf-batches", default="1,8,64")

@@ -74,10 +74,11 @@ class MLP(nn.Module):
 
     cfg: ModelConfig
     dtype: jnp.dtype
+    features: int | None = None  # F; default: the config's intermediate_size
 
     @nn.compact
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        d, f = self.cfg.hidden_size, self.cfg.intermediate_size
+        d, f = self.cfg.hidden_size, self.features or self.cfg.intermediate_size
         # gate and up in one matmul: one weight read, one launch.
         gate_up = declare(self, "gate_up", (d, 2, f), ("embed", "gate_up", "mlp"), self.dtype)
         down = declare(self, "down", (f, d), ("mlp", "embed"), self.dtype)

@@ -1,4 +1,5 @@
-"""The Llama-family decoder: Llama 2/3, Mistral and Qwen2 as variants of one config.
+"""The Llama-family decoder: Llama 2/3, Mistral, Qwen2, Mixtral and Qwen2-MoE as variants of one
+config (a MoE block replaces the MLP where the config has experts).
 
 embed -> N x (norm -> attention -> residual -> norm -> mlp -> residual) -> norm -> logits.
 Flax modules are used purely functionally (`Decoder(cfg).apply({"params": p}, ...)`); every
@@ -16,6 +17,7 @@ from jaxtyping import Array, Float, Int
 from jaxinfer import attention
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.layers import MLP, RMSNorm, apply_rope, declare, rope_inv_freq
+from jaxinfer.models.moe import MoE
 
 LayerCache = tuple[Array, Array]  # (k, v), each [K, B, S, H]
 
@@ -90,7 +92,11 @@ class Block(nn.Module):
         h, cache = Attention(self.cfg, self.dtype, self.impl, name="attn")(
             h, positions, cache, prefill, paged)
         x = x + h
-        h = MLP(self.cfg, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="mlp_norm")(x))
+        h = RMSNorm(eps, self.dtype, name="mlp_norm")(x)
+        if self.cfg.num_experts:
+            h = MoE(self.cfg, self.dtype, self.impl, name="moe")(h)
+        else:
+            h = MLP(self.cfg, self.dtype, name="mlp")(h)
         return x + h, cache
 
 

@@ -1,0 +1,309 @@
+"""Grouped (ragged) matmul for MoE expert layers: one weight matrix per group.
+
+Shapes: M rows (tokens x chosen experts, sorted by expert), K contraction,
+N output width, E groups (experts).
+
+    out[r] = lhs[r] @ rhs[g(r)]   for rows r < sum(group_sizes)
+    out[r] = 0                    for padding rows past sum(group_sizes)
+
+where group g owns rows ``sum(group_sizes[:g]) .. + group_sizes[g]``.
+
+Sparse by construction. The rows [0, M) are cut into E + 1 segments (the E
+groups, then the padding segment); the grid walks *work items*, one per
+(segment, row tile) pair the segment touches, times the N tiles. A row tile
+that straddles two groups is visited once per group, each visit storing only
+its own rows (row mask), like megablox GMM's group metadata. A group with no
+rows gets no work item, so its weights are never read: a decode step reads
+only the experts that got tokens. Padding items store zeros without reading
+any weight, so every output element is written by the kernel (no extra pass).
+
+Segments partition [0, M), so (segment, tile) pairs number at most
+``num_row_tiles + E``: the work list has that static length; items past the
+real count are inactive (empty row range, no K steps, a fully masked store).
+
+File layout: metadata (jnp) -> kernel -> pallas_call wrapper (tile sizes in
+GroupedMatmulConfig) -> jitted public entry ``grouped_matmul`` ->
+``grouped_matmul_reference`` (lax.ragged_dot) and
+``grouped_matmul_dense_loop`` (a Python loop over experts, for tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash_attention import resolve_interpret
+
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedMatmulConfig:
+  """Tile sizes and launch parameters of the grouped-matmul kernel.
+
+  Attributes:
+    block_m: rows per work item (power of two, >= 16).
+    block_n: output columns per program (power of two, >= 16).
+    block_k: contraction step of the in-kernel K loop (power of two, >= 16).
+    num_warps: warps per program (Triton backend).
+    num_stages: software-pipelining depth of the K loop (Triton backend).
+    backend: "triton" (Pallas Triton lowering). Mosaic GPU is not wired yet.
+  """
+  block_m: int = 64
+  block_n: int = 128
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 3
+  backend: str = "triton"
+
+  def __post_init__(self):
+    for name in ("block_m", "block_n", "block_k"):
+      b = getattr(self, name)
+      if b < 16 or b & (b - 1):
+        raise ValueError(f"{name}={b} must be a power of two >= 16")
+    if self.num_warps < 1 or self.num_stages < 1:
+      raise ValueError(f"num_warps={self.num_warps} and "
+                       f"num_stages={self.num_stages} must be >= 1")
+    if self.backend not in ("triton",):
+      raise ValueError(f"unknown backend {self.backend!r}")
+
+  @classmethod
+  def default(cls, m: int, num_groups: int, dtype) -> "GroupedMatmulConfig":
+    """Row tile sized to the rows per group (decode: few rows, small tile).
+
+    Not tuned on a GPU yet: a starting point, see NOTES.md once measured.
+    """
+    rows_per_group = max(1, -(-m // max(num_groups, 1)))
+    block_m = min(128, max(16, pl.next_power_of_2(rows_per_group)))
+    if jnp.dtype(dtype) == jnp.float32:
+      return cls(block_m=min(block_m, 64), block_n=64, block_k=32,
+                 num_warps=4, num_stages=2)
+    if block_m >= 128:
+      return cls(block_m=128, block_n=128, block_k=64, num_warps=8,
+                 num_stages=3)
+    return cls(block_m=block_m, block_n=128, block_k=64, num_warps=4,
+               num_stages=4)
+
+
+# ----------------------------------------------------------------------------
+# Group metadata (work list), in jnp.
+# ----------------------------------------------------------------------------
+class WorkList(NamedTuple):
+  """Work items, each a row range inside one row tile; all int32 [W].
+
+  group: the group whose weights the item multiplies; E for padding items
+    (store zeros) and for inactive items (row range empty).
+  tile: the row tile (rows tile * block_m .. + block_m).
+  lo, hi: the item's rows are [lo, hi), inside its tile.
+  """
+  group: jax.Array
+  tile: jax.Array
+  lo: jax.Array
+  hi: jax.Array
+
+
+def make_work_list(group_sizes, m: int, block_m: int) -> WorkList:
+  """Builds the (segment, row tile) work items from ``group_sizes`` [E].
+
+  Segments are the E groups then the padding rows [sum, M); empty segments
+  get no item. Static length W = cdiv(M, block_m) + E. Group ends past M
+  are clipped to M.
+  """
+  num_groups = group_sizes.shape[0]
+  num_items = pl.cdiv(m, block_m) + num_groups
+  sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+  ends = jnp.minimum(jnp.cumsum(sizes), m)
+  ends = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])  # [E + 1]
+  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+  nonempty = ends > starts
+  first_tile = starts // block_m
+  last_tile = (ends - 1) // block_m
+  count = jnp.where(nonempty, last_tile - first_tile + 1, 0)  # [E + 1]
+  cum = jnp.cumsum(count)                                     # inclusive
+
+  w = jnp.arange(num_items, dtype=jnp.int32)
+  active = w < cum[-1]
+  seg = jnp.minimum(jnp.searchsorted(cum, w, side="right"), num_groups)
+  seg = seg.astype(jnp.int32)
+  tile = first_tile[seg] + w - (cum[seg] - count[seg])
+  lo = jnp.maximum(starts[seg], tile * block_m)
+  hi = jnp.minimum(ends[seg], (tile + 1) * block_m)
+  return WorkList(group=jnp.where(active, seg, num_groups),
+                  tile=jnp.where(active, tile, 0),
+                  lo=jnp.where(active, lo, 0),
+                  hi=jnp.where(active, hi, 0))
+
+
+# ----------------------------------------------------------------------------
+# Kernel.
+# ----------------------------------------------------------------------------
+def _gmm_kernel(group_ref, tile_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
+                *, num_groups, k_dim, n_dim, block_m, block_n, block_k,
+                dot_precision):
+  # group/tile/lo/hi_ref: [W]; lhs_ref: [M, K]; rhs_ref: [E * K, N];
+  # out_ref: [M, N]. One program = (work item, N tile).
+  w, ni = pl.program_id(0), pl.program_id(1)
+  g, tile, lo, hi = group_ref[w], tile_ref[w], lo_ref[w], hi_ref[w]
+  r0, n0 = tile * block_m, ni * block_n
+  rows = r0 + jnp.arange(block_m, dtype=jnp.int32)
+  row_ok = jnp.logical_and(rows >= lo, rows < hi)  # this item's rows only
+  cols_ok = None
+  if n_dim % block_n:
+    cols_ok = (n0 + jnp.arange(block_n, dtype=jnp.int32)) < n_dim
+  k_tail = k_dim % block_k != 0
+
+  def step(ki, acc):
+    k0 = ki * block_k
+    lhs_mask = row_ok[:, None]
+    rhs_mask = cols_ok[None, :] if cols_ok is not None else None
+    if k_tail:
+      k_ok = (k0 + jnp.arange(block_k, dtype=jnp.int32)) < k_dim
+      lhs_mask = jnp.logical_and(lhs_mask, k_ok[None, :])
+      rhs_mask = (k_ok[:, None] if rhs_mask is None
+                  else jnp.logical_and(rhs_mask, k_ok[:, None]))
+    x = plgpu.load(lhs_ref.at[pl.ds(r0, block_m), pl.ds(k0, block_k)],
+                   mask=lhs_mask, other=0.0)
+    w_slice = rhs_ref.at[pl.ds(g * k_dim + k0, block_k), pl.ds(n0, block_n)]
+    if rhs_mask is None:
+      wt = plgpu.load(w_slice)
+    else:
+      wt = plgpu.load(w_slice, mask=rhs_mask, other=0.0)
+    return acc + plgpu.dot(x, wt, precision=dot_precision)  # f32 out
+
+  # Padding and inactive items (g == E) take no K step: no weight is read,
+  # and the store below writes zeros (padding) or nothing (empty range).
+  num_k_steps = jnp.where(g < num_groups, pl.cdiv(k_dim, block_k), 0)
+  acc = lax.fori_loop(0, num_k_steps, step,
+                      jnp.zeros((block_m, block_n), jnp.float32))
+  out_mask = row_ok[:, None]
+  if cols_ok is not None:
+    out_mask = jnp.logical_and(out_mask, cols_ok[None, :])
+  plgpu.store(out_ref.at[pl.ds(r0, block_m), pl.ds(n0, block_n)],
+              acc.astype(out_ref.dtype), mask=out_mask)
+
+
+# ----------------------------------------------------------------------------
+# pallas_call wrapper.
+# ----------------------------------------------------------------------------
+def _gmm_call(lhs, rhs, work: WorkList, *, config: GroupedMatmulConfig,
+              interpret: bool):
+  """lhs [M, K], rhs [E, K, N], work list of W items -> out [M, N]."""
+  m, k_dim = lhs.shape
+  num_groups, _, n_dim = rhs.shape
+  num_items = work.group.shape[0]
+  block_m, block_n, block_k = config.block_m, config.block_n, config.block_k
+  dot_precision = (lax.Precision.HIGHEST if lhs.dtype == jnp.float32
+                   else None)
+  kernel = functools.partial(
+      _gmm_kernel, num_groups=num_groups, k_dim=k_dim, n_dim=n_dim,
+      block_m=block_m, block_n=block_n, block_k=block_k,
+      dot_precision=dot_precision)
+
+  # Grid (W, N tiles): work items vary fastest, so programs running together
+  # share one expert's [K, block_n] weight panel (items of a group are
+  # consecutive) and reuse it from L2.
+  grid = (num_items, pl.cdiv(n_dim, block_n))
+  whole = lambda shape: pl.BlockSpec(shape, lambda w, n: (0,) * len(shape))
+  rhs_rows = rhs.reshape(num_groups * k_dim, n_dim)  # free: contiguous
+  return pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=[whole((num_items,))] * 4 + [whole((m, k_dim)),
+                                             whole(rhs_rows.shape)],
+      out_specs=whole((m, n_dim)),
+      out_shape=jax.ShapeDtypeStruct((m, n_dim), lhs.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                           num_stages=config.num_stages),
+      interpret=interpret,
+      name=f"grouped_matmul_bm{block_m}_bn{block_n}_bk{block_k}",
+  )(work.group, work.tile, work.lo, work.hi, lhs, rhs_rows)
+
+
+# ----------------------------------------------------------------------------
+# Public entry point.
+# ----------------------------------------------------------------------------
+def _check_args(lhs, rhs, group_sizes):
+  if lhs.ndim != 2:
+    raise ValueError(f"lhs must be [M, K], got shape {lhs.shape}")
+  if rhs.ndim != 3:
+    raise ValueError(f"rhs must be [E, K, N], got shape {rhs.shape}")
+  if group_sizes.ndim != 1:
+    raise ValueError(f"group_sizes must be [E], got shape {group_sizes.shape}")
+  for name, x in (("lhs", lhs), ("rhs", rhs)):
+    if x.dtype not in SUPPORTED_DTYPES:
+      raise ValueError(f"{name} dtype {x.dtype} not in bf16/f16/f32")
+  if lhs.dtype != rhs.dtype:
+    raise ValueError(f"dtypes differ: lhs {lhs.dtype}, rhs {rhs.dtype}")
+  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ValueError(f"group_sizes must be int32, got {group_sizes.dtype}")
+  if lhs.shape[1] != rhs.shape[1]:
+    raise ValueError(f"contraction dims differ: lhs {lhs.shape} has "
+                     f"K={lhs.shape[1]}, rhs {rhs.shape} has K={rhs.shape[1]}")
+  if group_sizes.shape[0] != rhs.shape[0]:
+    raise ValueError(f"group count mismatch: group_sizes has "
+                     f"{group_sizes.shape[0]} groups, rhs has E={rhs.shape[0]}")
+  if 0 in (*lhs.shape, *rhs.shape):
+    raise ValueError(f"empty dimension: lhs {lhs.shape}, rhs {rhs.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def grouped_matmul(lhs, rhs, group_sizes, *,
+                   config: GroupedMatmulConfig | None = None,
+                   interpret: bool | None = None):
+  """Grouped matmul: rows of group g times ``rhs[g]``, f32 accumulation.
+
+  Args:
+    lhs: [M, K], rows sorted by group.
+    rhs: [E, K, N], one weight matrix per group; same dtype as lhs.
+    group_sizes: int32 [E], rows per group (zeros allowed). sum <= M; rows
+      past the sum are padding and come out 0 (group ends past M are
+      clipped to M).
+    config: tile sizes; default picked from M, E and dtype.
+    interpret: run the kernel in Pallas interpret mode (default: on CPU).
+
+  Returns:
+    out [M, N] in lhs's dtype. A group with no rows never has its weights
+    read.
+  """
+  _check_args(lhs, rhs, group_sizes)
+  if config is None:
+    config = GroupedMatmulConfig.default(lhs.shape[0], rhs.shape[0],
+                                         lhs.dtype)
+  work = make_work_list(group_sizes, lhs.shape[0], config.block_m)
+  return _gmm_call(lhs, rhs, work, config=config,
+                   interpret=resolve_interpret(interpret))
+
+
+# ----------------------------------------------------------------------------
+# References.
+# ----------------------------------------------------------------------------
+def grouped_matmul_reference(lhs, rhs, group_sizes):
+  """``lax.ragged_dot`` in f32 (HIGHEST), rows past sum(group_sizes) zeroed."""
+  group_sizes = group_sizes.astype(jnp.int32)
+  out = lax.ragged_dot(lhs, rhs, group_sizes,
+                       precision=lax.Precision.HIGHEST,
+                       preferred_element_type=jnp.float32)
+  rows = jnp.arange(lhs.shape[0])
+  out = jnp.where((rows < jnp.sum(group_sizes))[:, None], out, 0.0)
+  return out.astype(lhs.dtype)
+
+
+def grouped_matmul_dense_loop(lhs, rhs, group_sizes):
+  """A Python loop over groups slicing rows (concrete group_sizes only)."""
+  m, n_dim = lhs.shape[0], rhs.shape[2]
+  out = jnp.zeros((m, n_dim), jnp.float32)
+  start = 0
+  for g, size in enumerate(int(s) for s in jax.device_get(group_sizes)):
+    if size:
+      part = jnp.dot(lhs[start:start + size].astype(jnp.float32),
+                     rhs[g].astype(jnp.float32),
+                     precision=lax.Precision.HIGHEST)
+      out = out.at[start:start + size].set(part)
+    start += size
+  return out.astype(lhs.dtype)
