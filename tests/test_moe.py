@@ -53,3 +53,19 @@ def test_dispatch_holds_no_dense_expert_tensor():
     text = jax.jit(lambda *a: dispatch(*a, impl="xla")).lower(
         x, jnp.ones((t, 2)), experts, gate_up, down).as_text()
     assert f"{t}x{e}x" not in text and f"[{t},{e}," not in text
+
+
+def test_mixtral_through_the_engine_equals_generate(tmp_path):
+    import jaxinfer
+    from conftest import build_hf_model
+
+    build_hf_model("mixtral", tmp_path)
+    model = jaxinfer.load_model(tmp_path, dtype="float32")
+    rng = np.random.RandomState(7)
+    prompts = [rng.randint(0, model.config.vocab_size, n).tolist() for n in (3, 21, 9)]
+    expected = [jaxinfer.generate(model, [p], max_new_tokens=8)[0] for p in prompts]
+    llm = jaxinfer.LLM(model=model, max_num_seqs=4, max_num_batched_tokens=32, num_pages=16,
+                       warmup=False, attention_impl="xla")
+    outs = llm.generate(prompts, jaxinfer.SamplingParams(max_tokens=8, temperature=0,
+                                                         ignore_eos=True), use_tqdm=False)
+    assert [o.token_ids for o in outs] == expected
