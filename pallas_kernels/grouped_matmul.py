@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention import resolve_interpret
+from pallas_kernels.flash_attention import check_tiles, resolve_interpret
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -63,15 +63,10 @@ class GroupedMatmulConfig:
   backend: str = "triton"
 
   def __post_init__(self):
-    for name in ("block_m", "block_n", "block_k"):
-      b = getattr(self, name)
-      if b < 16 or b & (b - 1):
-        raise ValueError(f"{name}={b} must be a power of two >= 16")
+    check_tiles(self, ("block_m", "block_n", "block_k"))
     if self.num_warps < 1 or self.num_stages < 1:
       raise ValueError(f"num_warps={self.num_warps} and "
                        f"num_stages={self.num_stages} must be >= 1")
-    if self.backend not in ("triton",):
-      raise ValueError(f"unknown backend {self.backend!r}")
 
   @classmethod
   def default(cls, m: int, num_groups: int, dtype) -> "GroupedMatmulConfig":
