@@ -210,7 +210,7 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["computed_tokens"] += plan.num_tokens
         self.stats["preemptions"] += len(plan.preempted)
-        self.stats["decode_steps"] += all(len(s.token_ids) == 1 for s in plan.seqs)
+        self.stats["decode_steps"] += plan.decode_only
         used = self.num_pages - self.scheduler.allocator.num_free_pages
         self.stats["max_pages_used"] = max(self.stats["max_pages_used"], used)
 

@@ -113,8 +113,9 @@ class Runner:
             slots[at:at + n] = s.slot_mapping
             tables[i, :len(s.block_table)] = s.block_table
             kv_lens[i], at = s.start_pos + n, at + n
-            cu[i + 1:], sample_idx[i] = at, at - 1
-        decode = t == b and all(len(s.token_ids) == 1 for s in plan.seqs)
+            cu[i + 1], sample_idx[i] = at, at - 1
+        cu[plan.num_seqs + 1:] = at  # padding rows own no tokens
+        decode = t == b and plan.decode_only
         sampling = sampling_arrays([r.params for r in rows], [r.seed for r in rows],
                                    [r.num_output_tokens for r in rows], pad_to=b)
         host = (tokens, positions, (slots, tables, kv_lens, cu), sample_idx, sampling)

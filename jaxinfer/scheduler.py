@@ -176,6 +176,11 @@ class StepPlan:
     def num_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.seqs)
 
+    @property
+    def decode_only(self) -> bool:
+        """Every scheduled sequence computes exactly one token."""
+        return all(len(s.token_ids) == 1 for s in self.seqs)
+
 
 class _Step:
     """The step being planned: token budget left, scheduled sequences, preemptions."""
