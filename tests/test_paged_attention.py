@@ -10,23 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_checks import assert_close
+
 from pallas_kernels.paged_attention import (
     PagedConfig, contiguous_decode_reference, paged_attention,
     paged_attention_reference, ragged_paged_attention,
     ragged_paged_attention_reference, write_kv, write_kv_reference)
 
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
-
-
-def assert_close(out, ref, dtype):
-  out = np.asarray(out, np.float64)
-  ref = np.asarray(ref, np.float64)
-  assert out.shape == ref.shape
-  assert np.isfinite(out).all(), "NaN/inf in output"
-  rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-  assert rel <= TOL[dtype], f"relative error {rel:.3g} > {TOL[dtype]}"
-  np.testing.assert_allclose(out, ref, rtol=0,
-                             atol=30 * TOL[dtype] * np.abs(ref).max())
 
 
 def make_cache(rng, lengths, num_kv_heads, head_dim, page_size, max_pages,
