@@ -119,6 +119,15 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.num_layers * per_layer + self.vocab_size * d + head + d
 
+    @property
+    def active_params(self) -> int:
+        """Parameters one token uses: with experts, only k of the E per layer."""
+        if not self.num_experts:
+            return self.num_params
+        idle = self.num_experts - self.num_experts_per_tok
+        return self.num_params - self.num_layers * idle * 3 * self.hidden_size * \
+            self.moe_intermediate_size
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

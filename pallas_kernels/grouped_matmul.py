@@ -53,6 +53,7 @@ class GroupedMatmulConfig:
     block_k: contraction step of the in-kernel K loop (power of two, >= 16).
     num_warps: warps per program (Triton backend).
     num_stages: software-pipelining depth of the K loop (Triton backend).
+    group_m: work items per launch-order group (L2 swizzle, see _gmm_call).
     backend: "triton" (Pallas Triton lowering). Mosaic GPU is not wired yet.
   """
   block_m: int = 64
@@ -60,13 +61,14 @@ class GroupedMatmulConfig:
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 3
+  group_m: int = 8
   backend: str = "triton"
 
   def __post_init__(self):
     check_tiles(self, ("block_m", "block_n", "block_k"))
-    if self.num_warps < 1 or self.num_stages < 1:
-      raise ValueError(f"num_warps={self.num_warps} and "
-                       f"num_stages={self.num_stages} must be >= 1")
+    if self.num_warps < 1 or self.num_stages < 1 or self.group_m < 1:
+      raise ValueError(f"num_warps={self.num_warps}, num_stages={self.num_stages} "
+                       f"and group_m={self.group_m} must be >= 1")
 
   @classmethod
   def default(cls, m: int, num_groups: int, dtype) -> "GroupedMatmulConfig":
@@ -138,12 +140,24 @@ def make_work_list(group_sizes, m: int, block_m: int) -> WorkList:
 # ----------------------------------------------------------------------------
 # Kernel.
 # ----------------------------------------------------------------------------
+def _swizzle(pid, num_items: int, num_n_tiles: int, group_m: int):
+  """Launch order -> (work item, N tile): groups of ``group_m`` items sweep
+  the N tiles together, items fastest, so the programs in flight share a few
+  lhs row tiles and a few weight panels in L2 (Triton's GROUP_M ordering)."""
+  per_group = group_m * num_n_tiles
+  first = (pid // per_group) * group_m
+  size = jnp.minimum(num_items - first, group_m)
+  local = pid % per_group
+  return first + local % size, local // size
+
+
 def _gmm_kernel(group_ref, tile_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
                 *, num_groups, k_dim, n_dim, block_m, block_n, block_k,
-                dot_precision):
+                group_m, dot_precision):
   # group/tile/lo/hi_ref: [W]; lhs_ref: [M, K]; rhs_ref: [E * K, N];
   # out_ref: [M, N]. One program = (work item, N tile).
-  w, ni = pl.program_id(0), pl.program_id(1)
+  w, ni = _swizzle(pl.program_id(0), group_ref.shape[0],
+                   pl.cdiv(n_dim, block_n), group_m)
   g, tile, lo, hi = group_ref[w], tile_ref[w], lo_ref[w], hi_ref[w]
   r0, n0 = tile * block_m, ni * block_n
   rows = r0 + jnp.arange(block_m, dtype=jnp.int32)
@@ -173,7 +187,9 @@ def _gmm_kernel(group_ref, tile_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
 
   # Padding and inactive items (g == E) take no K step: no weight is read,
   # and the store below writes zeros (padding) or nothing (empty range).
-  num_k_steps = jnp.where(g < num_groups, pl.cdiv(k_dim, block_k), 0)
+  # Arithmetic, not jnp.where: the Triton lowering turned where(pred, 4, 0)
+  # with literal branches into an i1 loop bound (seen with jax 0.10/0.11).
+  num_k_steps = (g < num_groups).astype(jnp.int32) * pl.cdiv(k_dim, block_k)
   acc = lax.fori_loop(0, num_k_steps, step,
                       jnp.zeros((block_m, block_n), jnp.float32))
   out_mask = row_ok[:, None]
@@ -198,13 +214,11 @@ def _gmm_call(lhs, rhs, work: WorkList, *, config: GroupedMatmulConfig,
   kernel = functools.partial(
       _gmm_kernel, num_groups=num_groups, k_dim=k_dim, n_dim=n_dim,
       block_m=block_m, block_n=block_n, block_k=block_k,
-      dot_precision=dot_precision)
+      group_m=config.group_m, dot_precision=dot_precision)
 
-  # Grid (W, N tiles): work items vary fastest, so programs running together
-  # share one expert's [K, block_n] weight panel (items of a group are
-  # consecutive) and reuse it from L2.
-  grid = (num_items, pl.cdiv(n_dim, block_n))
-  whole = lambda shape: pl.BlockSpec(shape, lambda w, n: (0,) * len(shape))
+  # One flat grid of W x N-tile programs in swizzled order (see _swizzle).
+  grid = (num_items * pl.cdiv(n_dim, block_n),)
+  whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
   rhs_rows = rhs.reshape(num_groups * k_dim, n_dim)  # free: contiguous
   return pl.pallas_call(
       kernel,

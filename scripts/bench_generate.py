@@ -112,10 +112,12 @@ def bench_jaxinfer(name: str, args, limits: dict) -> dict:
     impls = args.impls.split(",")
     result["check"] = check_impls(model, impls, rng)
     print(json.dumps(result["check"]), flush=True)
-    decoder = model.decoder(impls[0])  # decode attention is the same XLA code for every impl
-    for batch in _ints(args.batches):
-        result["decode"].append(_decode_row(model, decoder, batch, args, limits, rng))
-        print(json.dumps(result["decode"][-1]), flush=True)
+    # Decode attention is the same XLA code for every impl; the MoE dispatch is not (pallas: our
+    # grouped matmul, else ragged_dot), hence --decode-impls.
+    for impl in (args.decode_impls or impls[0]).split(","):
+        for batch in _ints(args.batches):
+            result["decode"].append(_decode_row(model, model.decoder(impl), batch, args, limits, rng))
+            print(json.dumps(result["decode"][-1]), flush=True)
     for impl in impls:
         for tokens in _ints(args.prefill):
             result["prefill"].append(_prefill_row(model, model.decoder(impl), tokens, args, limits, rng))
@@ -203,10 +205,8 @@ def _prefill_row(model, decoder, tokens_n, args, limits, rng) -> dict:
 
 def prefill_flops(cfg, t: int) -> float:
     """Matmul flops of one causal prefill of t tokens (weights, causal attention, last-token head)."""
-    body = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (2 - cfg.tie_word_embeddings)
-    if cfg.num_experts:  # each token runs k of the E experts
-        expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-        body -= cfg.num_layers * expert * (cfg.num_experts - cfg.num_experts_per_tok)
+    # each token runs k of the E experts: active, not total, parameters
+    body = cfg.active_params - cfg.vocab_size * cfg.hidden_size * (2 - cfg.tie_word_embeddings)
     attn = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * t * t / 2
     return 2 * body * t + attn + 2 * cfg.hidden_size * cfg.vocab_size
 
@@ -220,15 +220,27 @@ def hf_random_model(shape: dict):
     import torch
     import transformers
 
-    config = transformers.LlamaConfig(
+    common = dict(
         vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
         intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
         num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
         max_position_embeddings=shape["max_position_embeddings"],
         rope_theta=shape.get("rope_theta", 10000.0), eos_token_id=None, pad_token_id=0)
+    if shape["model_type"] == "mixtral":
+        config = transformers.MixtralConfig(**dict(
+            common, intermediate_size=shape["moe_intermediate_size"],
+            num_local_experts=shape["num_experts"], num_experts_per_tok=shape["num_experts_per_tok"]))
+        cls = transformers.MixtralForCausalLM
+    else:
+        config, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        return transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval(), device
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: Mixtral in f32 would not fit
+    try:
+        with torch.device(device):
+            return cls(config).eval(), device
+    finally:
+        torch.set_default_dtype(default)
 
 
 def bench_hf(name: str, args) -> dict:
@@ -295,6 +307,7 @@ def main() -> int:
     p.add_argument("--prefill", default="512,2048")
     p.add_argument("--impls", default="cudnn,xla",
                    help="attention impls for prefill, comma-separated; decode uses the first")
+    p.add_argument("--decode-impls", default=None, help="impls timed in decode (default: the first)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--layers", type=int, default=0, help="override the shape's layer count")
     p.add_argument("--hf", action="store_true", help="also time HF transformers (own process)")

@@ -1,17 +1,29 @@
-"""Grouped matmul at MoE prefill sizes on a GPU: ours (Pallas) vs `jax.lax.ragged_dot` vs a dense
-matmul of the same total size, plus the MoE decode step (see bench_generate.py --models mixtral-8x7b).
+"""Grouped matmul at MoE sizes on a GPU: ours (Pallas) vs `jax.lax.ragged_dot` vs a dense matmul of
+the same total size (prefill), and the weight-read bandwidth of decode-sized calls against the card's
+copy bandwidth. The whole-model decode step is in bench_generate.py --models mixtral-8x7b.
 
-    python scripts/bench_moe.py --tokens 512,2048,8192,16384 --out bench/results/moe-<card>.json
-    python scripts/bench_moe.py --tokens 64 --d 64 --f 128 --repeats 2     # CPU smoke
+    python scripts/bench_moe.py --out bench/results/moe-<card>.json
+    python scripts/bench_moe.py --tokens 64 --d 64 --f 128 --decode-batches 1,2 --repeats 2 \\
+        --configs 16,64,32,4,2 --interpret        # CPU smoke
+
+Rows are routed uniformly at random (as random routers do), so every expert gets about
+tokens * top_k / E rows. --configs sweeps tile sizes "bm,bn,bk,warps,stages" at the sweep sizes;
+the table then uses the fastest per shape.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+DEFAULT_CONFIGS = ("64,128,64,4,4;128,128,64,8,3;128,128,64,4,4;128,256,64,8,3;"
+                   "64,256,64,8,3;128,128,32,4,4")
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -27,6 +39,143 @@ def timed(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
+def parse_configs(text: str):
+    from pallas_kernels.grouped_matmul import GroupedMatmulConfig
+
+    out = []
+    for item in text.split(";"):
+        bm, bn, bk, warps, stages = (int(x) for x in item.split(","))
+        out.append(GroupedMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+                                       num_stages=stages))
+    return out
+
+
+def routed_sizes(rows: int, experts: int, seed: int):
+    import jax.numpy as jnp
+    import numpy as np
+
+    routes = np.random.default_rng(seed).integers(0, experts, rows)
+    return jnp.asarray(np.bincount(routes, minlength=experts), jnp.int32)
+
+
+def rel_err(a, b) -> float:
+    import jax.numpy as jnp
+
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def check_empty_groups(interpret: bool) -> dict:
+    """Zero-row experts holding NaN weights: ours must stay finite and match ragged_dot."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_dense_loop
+
+    key = jax.random.key(1)
+    sizes = jnp.asarray([0, 300, 0, 0, 211, 1, 0, 0], jnp.int32)
+    x = jax.random.normal(key, (520, 256), jnp.bfloat16)  # 8 padding rows
+    w = jax.random.normal(key, (8, 256, 384), jnp.bfloat16)
+    poisoned = jnp.where((sizes == 0)[:, None, None], jnp.nan, w).astype(jnp.bfloat16)
+    out = grouped_matmul(x, poisoned, sizes, interpret=interpret)
+    ref = grouped_matmul_dense_loop(x, w, sizes)
+    return {"finite": bool(np.isfinite(np.asarray(out, np.float32)).all()),
+            "padding_rows_zero": bool((np.asarray(out[512:], np.float32) == 0).all()),
+            "max_rel_err": rel_err(out, ref)}
+
+
+def prefill_rows(args, configs, limits) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.grouped_matmul import (GroupedMatmulConfig, grouped_matmul,
+                                               grouped_matmul_reference)
+
+    e, d, f, k = args.experts, args.d, args.f, args.top_k
+    key = jax.random.key(0)
+    rows = []
+    for name, kd, nd in (("gate_up", d, 2 * f), ("down", f, d)):
+        w = jax.random.normal(key, (e, kd, nd), jnp.bfloat16)
+        for t in [int(x) for x in args.tokens.split(",")]:
+            m = t * k
+            sizes = routed_sizes(m, e, t)
+            x = jax.random.normal(key, (m, kd), jnp.bfloat16)
+            flops = 2 * m * kd * nd
+            ref = jax.jit(grouped_matmul_reference)
+            row = {"proj": name, "tokens": t, "rows": m, "K": kd, "N": nd, "configs": {}}
+            default = GroupedMatmulConfig.default(m, e, jnp.bfloat16)
+            for cfg in dict.fromkeys([default, *configs]):  # default first, no repeats
+                fn = jax.jit(lambda a, b, s, c=cfg: grouped_matmul(a, b, s, config=c,
+                                                                 interpret=args.interpret))
+                try:
+                    sec = timed(fn, x, w, sizes, repeats=args.repeats)
+                    err = rel_err(fn(x, w, sizes), ref(x, w, sizes))
+                except Exception as exc:  # noqa: BLE001 - a config that fails is reported
+                    row["configs"][repr(cfg)] = f"{type(exc).__name__}: {exc}"[:300]
+                    continue
+                row["configs"][repr(cfg)] = {"ms": sec * 1e3, "TFLOPs": flops / sec / 1e12,
+                                             "max_rel_err_vs_ragged_dot": err}
+            timed_ok = {c: v for c, v in row["configs"].items() if isinstance(v, dict)}
+            best = min(timed_ok, key=lambda c: timed_ok[c]["ms"])
+            row.update(best_config=best, default_config=repr(default),
+                       ours_ms=timed_ok[best]["ms"], ours_TFLOPs=timed_ok[best]["TFLOPs"],
+                       default_TFLOPs=timed_ok.get(repr(default), {}).get("TFLOPs"),
+                       max_rel_err_vs_ragged_dot=timed_ok[best]["max_rel_err_vs_ragged_dot"])
+            for peer, fn, fargs in (("ragged_dot", ref, (x, w, sizes)),
+                                    ("dense", jax.jit(lambda a, b: a @ b), (x, w[0]))):
+                sec = timed(fn, *fargs, repeats=args.repeats)
+                row[f"{peer}_ms"], row[f"{peer}_TFLOPs"] = sec * 1e3, flops / sec / 1e12
+            row["ours_vs_dense"] = row["ours_TFLOPs"] / row["dense_TFLOPs"]
+            row["x_matmul_peak"] = row["ours_TFLOPs"] / limits["bf16_matmul_TFLOPs"]
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "configs"}), flush=True)
+    return rows
+
+
+def decode_rows(args, limits) -> list[dict]:
+    """gate_up + down of one layer at decode sizes: bytes of the experts that got rows / time."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels.grouped_matmul import grouped_matmul
+
+    e, d, f, k = args.experts, args.d, args.f, args.top_k
+    key = jax.random.key(0)
+    gate_up = jax.random.normal(key, (e, d, 2 * f), jnp.bfloat16)
+    down = jax.random.normal(key, (e, f, d), jnp.bfloat16)
+
+    def layer(x, s, gmm):
+        h = gmm(x, gate_up, s)
+        return gmm(jax.nn.silu(h[:, :f]) * h[:, f:], down, s)
+
+    ours = jax.jit(lambda x, s: layer(x, s, lambda a, b, c: grouped_matmul(
+        a, b, c, interpret=args.interpret)))
+    ragged = jax.jit(lambda x, s: layer(x, s, lambda a, b, c: jax.lax.ragged_dot(
+        a, b, c, preferred_element_type=jnp.float32).astype(a.dtype)))
+    rows = []
+    for batch in [int(x) for x in args.decode_batches.split(",")]:
+        m = batch * k
+        sizes = routed_sizes(m, e, batch)
+        x = jax.random.normal(key, (m, d), jnp.bfloat16)
+        active = int(np.count_nonzero(np.asarray(sizes)))
+        need = active * 3 * d * f * 2  # bf16 weights of the experts that got rows
+        row = {"batch": batch, "rows": m, "active_experts": active, "weight_bytes": need,
+               "floor_us": need / (limits["copy_read_plus_write_GBps"] * 1e9) * 1e6,
+               "all_experts_floor_us": e * 3 * d * f * 2 /
+               (limits["copy_read_plus_write_GBps"] * 1e9) * 1e6}
+        for name, fn in (("ours", ours), ("ragged_dot", ragged)):
+            sec = timed(fn, x, sizes, repeats=args.repeats)
+            row[f"{name}_us"] = sec * 1e6
+            row[f"{name}_GBps_of_needed"] = need / sec / 1e9
+        row["ours_x_floor"] = row["ours_us"] / row["floor_us"]
+        row["max_rel_err_vs_ragged_dot"] = rel_err(ours(x, sizes), ragged(x, sizes))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="512,2048,8192,16384")
@@ -34,47 +183,38 @@ def main() -> int:
     p.add_argument("--f", type=int, default=14336)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--decode-batches", default="1,8,32")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help="tile configs swept, ';'-separated")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    from pallas_kernels.grouped_matmul import grouped_matmul, grouped_matmul_reference
+    from bench_generate import card_limits
 
-    e, d, f, k = args.experts, args.d, args.f, args.top_k
-    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": []}
-    key = jax.random.key(0)
-    w = jax.random.normal(key, (e, d, 2 * f), jnp.bfloat16)  # gate_up of every expert
-    for t in [int(x) for x in args.tokens.split(",")]:
-        m = t * k
-        routes = np.random.default_rng(t).integers(0, e, m)  # near-uniform, as random routers give
-        sizes = jnp.asarray(np.bincount(routes, minlength=e), jnp.int32)
-        x = jax.random.normal(key, (m, d), jnp.bfloat16)
-        dense_w = w[0]
-        flops = 2 * m * d * 2 * f
-        ours = jax.jit(grouped_matmul)
-        ref = jax.jit(grouped_matmul_reference)
-        err = float(jnp.max(jnp.abs(ours(x, w, sizes).astype(jnp.float32) -
-                                    ref(x, w, sizes).astype(jnp.float32))) /
-                    jnp.max(jnp.abs(ref(x, w, sizes).astype(jnp.float32))))
-        row = {"tokens": t, "rows": m, "K": d, "N": 2 * f, "max_rel_err_vs_ragged_dot": err}
-        for name, fn, fargs in (("ours", ours, (x, w, sizes)), ("ragged_dot", ref, (x, w, sizes)),
-                                ("dense", jax.jit(lambda a, b: a @ b), (x, dense_w))):
-            sec = timed(fn, *fargs, repeats=args.repeats)
-            row[f"{name}_ms"], row[f"{name}_TFLOPs"] = sec * 1e3, flops / sec / 1e12
-        row["ours_vs_dense"] = row["ours_TFLOPs"] / row["dense_TFLOPs"]
-        report["rows"].append(row)
-        print(json.dumps(row), flush=True)
+    limits = card_limits(3) if jax.default_backend() == "gpu" else {
+        "bf16_matmul_TFLOPs": float("nan"), "copy_read_plus_write_GBps": float("nan")}
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "limits": limits,
+              "args": vars(args)}
+    report["empty_groups_check"] = check_empty_groups(args.interpret)
+    print(json.dumps(report["empty_groups_check"]), flush=True)
+    report["decode"] = decode_rows(args, limits)
+    report["prefill"] = prefill_rows(args, parse_configs(args.configs), limits)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=1)
-    print(f"\n{report['device']}  jax {report['jax']}  E={e} top-{k} D={d} 2F={2 * f}")
-    for r in report["rows"]:
-        print(f"tokens {r['tokens']:6d}: ours {r['ours_TFLOPs']:6.1f} TFLOP/s  ragged_dot "
-              f"{r['ragged_dot_TFLOPs']:6.1f}  dense {r['dense_TFLOPs']:6.1f}  ours/dense "
-              f"{r['ours_vs_dense']:.2f}  err {r['max_rel_err_vs_ragged_dot']:.1e}")
+    print(f"\n{report['device']}  jax {report['jax']}  E={args.experts} top-{args.top_k} "
+          f"D={args.d} F={args.f}  matmul {limits['bf16_matmul_TFLOPs']:.0f} TFLOP/s  copy "
+          f"{limits['copy_read_plus_write_GBps']:.0f} GB/s")
+    for r in report["prefill"]:
+        print(f"{r['proj']:8s} tokens {r['tokens']:6d}: ours {r['ours_TFLOPs']:6.1f} TFLOP/s  "
+              f"ragged_dot {r['ragged_dot_TFLOPs']:6.1f}  dense {r['dense_TFLOPs']:6.1f}  "
+              f"ours/dense {r['ours_vs_dense']:.2f}  ({r['best_config']})")
+    for r in report["decode"]:
+        print(f"decode B{r['batch']:3d}: {r['active_experts']} experts, ours {r['ours_us']:7.1f} us "
+              f"({r['ours_x_floor']:.2f}x floor {r['floor_us']:.1f} us), ragged_dot "
+              f"{r['ragged_dot_us']:7.1f} us (all-experts floor {r['all_experts_floor_us']:.1f})")
     return 0
 
 

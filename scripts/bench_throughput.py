@@ -71,7 +71,7 @@ def run_engine(engine, requests) -> dict:
 
 def limits_for(cfg, requests, limits) -> dict:
     """Output tok/s the card could reach at best: compute (matmul peak) and weight-read bounds."""
-    flops = sum(2 * cfg.num_params * (len(p) + n) for p, n in requests)
+    flops = sum(2 * cfg.active_params * (len(p) + n) for p, n in requests)
     n_out = sum(n for _, n in requests)
     return {"compute_bound_out_tok_per_s": n_out / (flops / (limits["bf16_matmul_TFLOPs"] * 1e12)),
             "weights_GB": 2 * cfg.num_params / 1e9}

