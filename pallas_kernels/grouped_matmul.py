@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention import check_tiles, resolve_interpret
+from pallas_kernels.paged_attention import _num_sms
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -54,6 +55,9 @@ class GroupedMatmulConfig:
     num_warps: warps per program (Triton backend).
     num_stages: software-pipelining depth of the K loop (Triton backend).
     group_m: work items per launch-order group (L2 swizzle, see _gmm_call).
+    split_k: programs sharing one output tile's K range (f32 partials summed
+      after the kernel); None picks it from the shape (>1 only at decode
+      sizes, where too few (item, N tile) programs would leave SMs idle).
     backend: "triton" (Pallas Triton lowering). Mosaic GPU is not wired yet.
   """
   block_m: int = 64
@@ -62,10 +66,13 @@ class GroupedMatmulConfig:
   num_warps: int = 4
   num_stages: int = 3
   group_m: int = 8
+  split_k: int | None = None
   backend: str = "triton"
 
   def __post_init__(self):
     check_tiles(self, ("block_m", "block_n", "block_k"))
+    if self.split_k is not None and self.split_k < 1:
+      raise ValueError(f"split_k={self.split_k} must be >= 1")
     if self.num_warps < 1 or self.num_stages < 1 or self.group_m < 1:
       raise ValueError(f"num_warps={self.num_warps}, num_stages={self.num_stages} "
                        f"and group_m={self.group_m} must be >= 1")
@@ -153,11 +160,15 @@ def _swizzle(pid, num_items: int, num_n_tiles: int, group_m: int):
 
 def _gmm_kernel(group_ref, tile_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
                 *, num_groups, k_dim, n_dim, block_m, block_n, block_k,
-                group_m, dot_precision):
+                group_m, split_k, dot_precision):
   # group/tile/lo/hi_ref: [W]; lhs_ref: [M, K]; rhs_ref: [E * K, N];
-  # out_ref: [M, N]. One program = (work item, N tile).
-  w, ni = _swizzle(pl.program_id(0), group_ref.shape[0],
-                   pl.cdiv(n_dim, block_n), group_m)
+  # out_ref: [M, N], or [S * M, N] f32 partials when split_k = S > 1.
+  # One program = (K split, work item, N tile).
+  num_items, num_n_tiles = group_ref.shape[0], pl.cdiv(n_dim, block_n)
+  per_split = num_items * num_n_tiles
+  pid = pl.program_id(0)
+  split = pid // per_split
+  w, ni = _swizzle(pid % per_split, num_items, num_n_tiles, group_m)
   g, tile, lo, hi = group_ref[w], tile_ref[w], lo_ref[w], hi_ref[w]
   r0, n0 = tile * block_m, ni * block_n
   rows = r0 + jnp.arange(block_m, dtype=jnp.int32)
@@ -189,19 +200,36 @@ def _gmm_kernel(group_ref, tile_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
   # and the store below writes zeros (padding) or nothing (empty range).
   # Arithmetic, not jnp.where: the Triton lowering turned where(pred, 4, 0)
   # with literal branches into an i1 loop bound (seen with jax 0.10/0.11).
-  num_k_steps = (g < num_groups).astype(jnp.int32) * pl.cdiv(k_dim, block_k)
-  acc = lax.fori_loop(0, num_k_steps, step,
+  steps_per_split = pl.cdiv(pl.cdiv(k_dim, block_k), split_k)
+  first = split * steps_per_split
+  last = jnp.minimum(first + steps_per_split, pl.cdiv(k_dim, block_k))
+  last = first + (g < num_groups).astype(jnp.int32) * (last - first)
+  acc = lax.fori_loop(first, last, step,
                       jnp.zeros((block_m, block_n), jnp.float32))
   out_mask = row_ok[:, None]
   if cols_ok is not None:
     out_mask = jnp.logical_and(out_mask, cols_ok[None, :])
-  plgpu.store(out_ref.at[pl.ds(r0, block_m), pl.ds(n0, block_n)],
+  out_row = split * (out_ref.shape[0] // split_k) + r0
+  plgpu.store(out_ref.at[pl.ds(out_row, block_m), pl.ds(n0, block_n)],
               acc.astype(out_ref.dtype), mask=out_mask)
 
 
 # ----------------------------------------------------------------------------
 # pallas_call wrapper.
 # ----------------------------------------------------------------------------
+def choose_split_k(config: GroupedMatmulConfig, m: int, k_dim: int,
+                   n_dim: int, num_groups: int) -> int:
+  """Programs per output tile along K. Auto: enough (item, N tile, split)
+  programs for ~8 per SM when at most min(M, E) groups have rows (decode),
+  each split keeping >= 4 K steps for the pipeline; 1 at prefill sizes."""
+  num_k_steps = pl.cdiv(k_dim, config.block_k)
+  if config.split_k is not None:
+    return max(1, min(config.split_k, num_k_steps))
+  busy = min(m, num_groups) * pl.cdiv(n_dim, config.block_n)
+  want = pl.cdiv(8 * _num_sms(), busy)
+  return max(1, min(want, 16, num_k_steps // 4))
+
+
 def _gmm_call(lhs, rhs, work: WorkList, *, config: GroupedMatmulConfig,
               interpret: bool):
   """lhs [M, K], rhs [E, K, N], work list of W items -> out [M, N]."""
@@ -209,29 +237,35 @@ def _gmm_call(lhs, rhs, work: WorkList, *, config: GroupedMatmulConfig,
   num_groups, _, n_dim = rhs.shape
   num_items = work.group.shape[0]
   block_m, block_n, block_k = config.block_m, config.block_n, config.block_k
+  split_k = choose_split_k(config, m, k_dim, n_dim, num_groups)
   dot_precision = (lax.Precision.HIGHEST if lhs.dtype == jnp.float32
                    else None)
   kernel = functools.partial(
       _gmm_kernel, num_groups=num_groups, k_dim=k_dim, n_dim=n_dim,
       block_m=block_m, block_n=block_n, block_k=block_k,
-      group_m=config.group_m, dot_precision=dot_precision)
+      group_m=config.group_m, split_k=split_k, dot_precision=dot_precision)
 
-  # One flat grid of W x N-tile programs in swizzled order (see _swizzle).
-  grid = (num_items * pl.cdiv(n_dim, block_n),)
+  # One flat grid: K splits slowest, then W x N-tile programs in swizzled
+  # order (see _swizzle).
+  grid = (split_k * num_items * pl.cdiv(n_dim, block_n),)
   whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
   rhs_rows = rhs.reshape(num_groups * k_dim, n_dim)  # free: contiguous
-  return pl.pallas_call(
+  out_dtype = lhs.dtype if split_k == 1 else jnp.float32
+  out = pl.pallas_call(
       kernel,
       grid=grid,
       in_specs=[whole((num_items,))] * 4 + [whole((m, k_dim)),
                                              whole(rhs_rows.shape)],
-      out_specs=whole((m, n_dim)),
-      out_shape=jax.ShapeDtypeStruct((m, n_dim), lhs.dtype),
+      out_specs=whole((split_k * m, n_dim)),
+      out_shape=jax.ShapeDtypeStruct((split_k * m, n_dim), out_dtype),
       compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                            num_stages=config.num_stages),
       interpret=interpret,
-      name=f"grouped_matmul_bm{block_m}_bn{block_n}_bk{block_k}",
+      name=f"grouped_matmul_bm{block_m}_bn{block_n}_bk{block_k}_s{split_k}",
   )(work.group, work.tile, work.lo, work.hi, lhs, rhs_rows)
+  if split_k == 1:
+    return out
+  return out.reshape(split_k, m, n_dim).sum(axis=0).astype(lhs.dtype)
 
 
 # ----------------------------------------------------------------------------

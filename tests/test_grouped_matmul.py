@@ -4,6 +4,8 @@ Interpret mode fills output buffers with NaN before the kernel runs, so the
 finiteness check below proves that every output element was written
 (padding rows included: the kernel must store their zeros itself).
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,7 @@ from pallas_kernels.grouped_matmul import (GroupedMatmulConfig,
 # Small tiles on the CPU: many row tiles, so groups straddle tiles and
 # several groups share one tile at modest M.
 SMALL = GroupedMatmulConfig(block_m=16, block_n=32, block_k=32)
+SPLIT3 = dataclasses.replace(SMALL, split_k=3)
 
 
 def assert_close(out, ref, dtype):
@@ -45,6 +48,12 @@ CASES = [
     ((0,) * 8, 20, 32, 48, SMALL),                     # no rows at all
     ((0, 1, 0, 0, 2, 0, 0, 0), 3, 64, 160, SMALL),     # decode: 3 tokens
     ((40, 0, 90, 70), 211, 136, 200, None),            # default tiles
+    # split-K: f32 partials over K ranges, summed after the kernel
+    ((5, 0, 40, 1), 60, 72, 100, SPLIT3),              # K tail in last split
+    ((0, 17, 0, 20), 40, 40, 24, SPLIT3),              # zeros + padding
+    ((0, 1, 0, 0, 2, 0, 0, 0), 3, 200, 160, SPLIT3),   # decode: 3 tokens
+    ((2, 0, 1, 0), 3, 64, 48, dataclasses.replace(SMALL, split_k=8)),  # > steps
+    ((2, 0, 1, 0), 3, 160, 48, dataclasses.replace(SMALL, split_k=4)),  # empty
 ]
 
 
@@ -73,7 +82,8 @@ def test_float16():
                jnp.float16)
 
 
-def test_empty_expert_weights_never_read():
+@pytest.mark.parametrize("config", [SMALL, SPLIT3])
+def test_empty_expert_weights_never_read(config):
   """NaN in every expert that got no rows (and in padding rows of lhs)."""
   sizes = (0, 9, 0, 0, 30, 0, 4, 0)
   m, k, n = 50, 48, 40
@@ -82,7 +92,7 @@ def test_empty_expert_weights_never_read():
   rhs = jnp.where(jnp.asarray(empty)[:, None, None], jnp.nan, rhs)
   lhs = lhs.at[sum(sizes):].set(jnp.nan)  # padding rows: never read either
   group_sizes = jnp.asarray(sizes, jnp.int32)
-  out = grouped_matmul(lhs, rhs, group_sizes, config=SMALL)
+  out = grouped_matmul(lhs, rhs, group_sizes, config=config)
   assert np.isfinite(np.asarray(out)).all()
   clean = jnp.where(jnp.isnan(rhs), 0.0, rhs)
   assert_close(out, grouped_matmul_dense_loop(lhs, clean, group_sizes),

@@ -63,6 +63,14 @@ def test_grouped_matmul_lowers(triton_modules, config, k_dim):
     assert_all_verified(triton_modules, "grouped_matmul")
 
 
+def test_grouped_matmul_split_k_lowers(triton_modules):
+    # decode-sized: 2 rows, so the auto split-K spreads K over several programs
+    fn = functools.partial(grouped_matmul, interpret=False)
+    lower_for_cuda(fn, spec((2, 1024)), spec((8, 1024, 384)), spec((8,), jnp.int32))
+    assert_all_verified(triton_modules, "grouped_matmul")
+    assert not triton_modules[0][0].endswith("_s1"), triton_modules
+
+
 @pytest.mark.parametrize("window", [None, 128])
 def test_flash_attention_lowers(triton_modules, window):
     fn = functools.partial(flash_attention, sliding_window=window, return_lse=True,
