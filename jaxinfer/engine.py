@@ -3,9 +3,16 @@
 One step reads top to bottom:
 
     plan = scheduler.schedule()             which sequences, which tokens, which pages
-    samples = runner.run(plan, rows)        one jitted step over the page pools (donated)
-    scheduler.update(plan, sampled)         append, stop ids / length, free pages
-    detokenize, stop strings -> outputs     text deltas that never split a character or show a stop string
+    handle = runner.dispatch(plan, rows)    one jitted step over the page pools (donated), queued
+    resolve the step before (if any):       wait for its samples; the device runs `plan` meanwhile
+        scheduler.resolve(prev, sampled)    tokens in place, stop ids / length, free pages
+        detokenize, stop strings -> outputs text deltas that never split a character or show a stop string
+    scheduler.commit(plan)                  tokens computed; placeholders for the samples in flight
+
+so the host plans and post-processes while the device computes (asynchronous scheduling). A
+request that a step finishes may have one more token computed by the step already queued; that
+token is dropped. `async_scheduling=False`, or a step with a penalty (whose token history must be
+on the host), resolves each step before the next is dispatched.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import numpy as np
 from jaxinfer import attention
 from jaxinfer.kv_cache import init_pages, page_bytes, pages_that_fit
 from jaxinfer.model import Model, check_token_range
-from jaxinfer.runner import RowInfo, Runner
+from jaxinfer.runner import RowInfo, Runner, uses_penalties
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.scheduler import Scheduler, SchedulerConfig
 from jaxinfer.scheduler import Sequence as Seq
@@ -44,6 +51,7 @@ class EngineConfig:
     attention_impl: str | None = None  # None: the platform default
     seed: int = 0  # seeds of requests that bring none are drawn from it, in arrival order
     warmup: bool = True  # compile every bucket at start-up
+    async_scheduling: bool = True  # plan step N+1 while step N runs on the device
     # JAX's persistent compilation cache: a restart loads the compiled steps instead of compiling.
     # None: $JAXINFER_COMPILATION_CACHE or ~/.cache/jaxinfer/xla; "" turns it off.
     compilation_cache_dir: str | None = None
@@ -118,6 +126,7 @@ class Engine:
         self.num_pages = num_pages
         self.requests: dict[str, _Request] = {}
         self._aborted: list[RequestOutput] = []
+        self._in_flight = None  # (plan, runner handle) committed but not resolved
         self._seeds = np.random.default_rng(config.seed)
         self.stats = {"steps": 0, "computed_tokens": 0, "cached_tokens": 0, "max_pages_used": 0,
                       "preemptions": 0, "runner_s": 0.0, "decode_steps": 0}
@@ -182,7 +191,7 @@ class Engine:
         self._aborted.append(self._output(req, finished=True))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self._aborted)
+        return bool(self.requests) or bool(self._aborted) or self._in_flight is not None
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -190,21 +199,35 @@ class Engine:
         """Runs one step; returns an output for every request that moved (or ended)."""
         outputs, self._aborted = self._aborted, []
         plan = self.scheduler.schedule()
-        if not plan.seqs:
-            return outputs
-        reqs = [self.requests[s.request_id] for s in plan.seqs]
-        rows = [RowInfo(r.params, r.seed, r.seq.num_output_tokens, r.seq.token_ids,
-                        r.seq.num_prompt_tokens) for r in reqs]
+        if plan.seqs:
+            reqs = [self.requests[s.request_id] for s in plan.seqs]
+            if not self.config.async_scheduling or any(uses_penalties(r.params) for r in reqs):
+                outputs += self._resolve()  # penalties read the token history on the host
+            rows = [RowInfo(r.params, r.seed, r.seq.num_output_tokens, r.seq.token_ids,
+                            r.seq.num_prompt_tokens) for r in reqs]
+            handle = self.runner.dispatch(plan, rows)
+            self._count(plan)
+        outputs += self._resolve()  # the step before, while this one runs
+        if plan.seqs:
+            self.scheduler.commit(plan)
+            self._in_flight = (plan, handle)
+            if not self.config.async_scheduling:
+                outputs += self._resolve()
+        return outputs
+
+    def _resolve(self) -> list[RequestOutput]:
+        """Waits for the step in flight (if any) and turns its samples into outputs."""
+        if self._in_flight is None:
+            return []
+        (plan, handle), self._in_flight = self._in_flight, None
         t0 = time.perf_counter()
-        samples = self.runner.run(plan, rows)
-        self.stats["runner_s"] += time.perf_counter() - t0
-        self._count(plan)
+        samples = self.runner.collect(handle)
+        self.stats["runner_s"] += time.perf_counter() - t0  # time spent waiting for the device
         tokens = samples.tokens.tolist()
         row = {s.request_id: i for i, s in enumerate(plan.seqs)}
         sampled = {s.request_id: tokens[i] for i, s in enumerate(plan.seqs) if s.sample}
-        for seq in self.scheduler.update(plan, sampled):
-            outputs.append(self._advance(self.requests[seq.request_id], samples, row[seq.request_id]))
-        return outputs
+        return [self._advance(self.requests[seq.request_id], samples, row[seq.request_id])
+                for seq in self.scheduler.resolve(plan, sampled)]
 
     def _count(self, plan) -> None:
         self.stats["steps"] += 1

@@ -3,6 +3,10 @@
 The step's T packed tokens are padded to a token bucket (powers of two up to the step budget)
 and its sequences to B = min(T, max_num_seqs) rows, so each bucket compiles once. Padding tokens
 write to no slot and belong to no sequence; padding rows compute nothing and sample greedily.
+
+`dispatch` returns as soon as the step is queued on the device; `collect` waits for its samples.
+A PLACEHOLDER token in a plan (a sample of the step dispatched just before, not yet on the host)
+is read inside the jitted step from that step's sampled tokens, which stay on the device.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from jaxtyping import Array, Bool, Int
 
 from jaxinfer.attention import PagedMeta
 from jaxinfer.sampling import SampleOutput, SamplingArrays, SamplingParams, sample_rows, sampling_arrays
-from jaxinfer.scheduler import StepPlan
+from jaxinfer.scheduler import PLACEHOLDER, StepPlan
 
 
 class StepBatch(NamedTuple):
     """Everything the jitted step reads besides params and pages."""
 
     tokens: Int[Array, "T"]
+    token_src: Int[Array, "T"]  # >= 0: take the token from the previous step's sample of that row
     positions: Int[Array, "T"]
     meta: PagedMeta
     sample_idx: Int[Array, "B"]  # which packed token's logits row b samples from
@@ -68,13 +73,20 @@ class Runner:
         self.buckets = token_buckets(max_num_batched_tokens)
         self.num_compiles = 0  # traces of the step: each is one XLA compilation
         self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        # The last dispatched step's sampled tokens [max_num_seqs] (on the device) and its rows.
+        self.prev_tokens = jnp.zeros(max_num_seqs, jnp.int32)
+        self._prev_rows: dict[str, int] = {}
 
-    def _step_fn(self, params, pages, batch: StepBatch) -> tuple[tuple, SampleOutput]:
+    def _step_fn(self, params, pages, prev_tokens, batch: StepBatch):
         self.num_compiles += 1  # runs at trace time only
+        tokens = jnp.where(batch.token_src >= 0, prev_tokens[jnp.maximum(batch.token_src, 0)],
+                           batch.tokens)
         logits, pages = self.decoder.apply(
-            {"params": params}, batch.tokens[None], batch.positions[None], pages,
+            {"params": params}, tokens[None], batch.positions[None], pages,
             logits_at=batch.sample_idx, paged=batch.meta)
-        return pages, sample_rows(logits[:, 0], batch.sampling, batch.history, batch.history_is_output)
+        out = sample_rows(logits[:, 0], batch.sampling, batch.history, batch.history_is_output)
+        next_tokens = jnp.zeros_like(prev_tokens).at[:out.tokens.shape[0]].set(out.tokens)
+        return pages, out, next_tokens
 
     def bucket(self, num_tokens: int) -> tuple[int, int]:
         """(T, B) of the smallest bucket holding `num_tokens` tokens."""
@@ -83,9 +95,20 @@ class Runner:
 
     def run(self, plan: StepPlan, rows: Sequence[RowInfo]) -> SampleOutput:
         """Computes the plan; returns the samples of its sequences (rows in plan order), on host."""
+        return self.collect(self.dispatch(plan, rows))
+
+    def dispatch(self, plan: StepPlan, rows: Sequence[RowInfo]) -> tuple[int, SampleOutput]:
+        """Queues the plan's step on the device and returns at once: a handle for `collect`."""
         batch = self.build(plan, rows)
-        self.pages, out = self._step(self.params, self.pages, batch)
-        n = plan.num_seqs
+        self.pages, out, self.prev_tokens = self._step(self.params, self.pages, self.prev_tokens,
+                                                       batch)
+        self._prev_rows = {s.request_id: i for i, s in enumerate(plan.seqs)}
+        return plan.num_seqs, out
+
+    @staticmethod
+    def collect(handle: tuple[int, SampleOutput]) -> SampleOutput:
+        """Waits for a dispatched step; its sequences' samples (rows in plan order), on host."""
+        n, out = handle
         return SampleOutput(*(x[:n] for x in jax.device_get(out)))  # one transfer
 
     def warmup(self, penalties: bool = False) -> None:
@@ -95,13 +118,14 @@ class Runner:
             decodes = (False, True) if t <= self.max_num_seqs else (False,)
             for decode, pen in itertools.product(decodes, (False, True) if penalties else (False,)):
                 batch = self._padding_batch(t, pen, decode)
-                self.pages, out = self._step(self.params, self.pages, batch)
+                self.pages, _, self.prev_tokens = self._step(self.params, self.pages,
+                                                             self.prev_tokens, batch)
         jax.block_until_ready(self.pages)
 
     def build(self, plan: StepPlan, rows: Sequence[RowInfo]) -> StepBatch:
         t, b = self.bucket(plan.num_tokens)
         tokens, positions = np.zeros(t, np.int32), np.zeros(t, np.int32)
-        slots = np.full(t, -1, np.int32)
+        slots, src = np.full(t, -1, np.int32), np.full(t, -1, np.int32)
         tables = np.zeros((b, self.max_pages_per_seq), np.int32)
         kv_lens, cu = np.zeros(b, np.int32), np.zeros(b + 1, np.int32)
         sample_idx = np.zeros(b, np.int32)
@@ -109,6 +133,8 @@ class Runner:
         for i, s in enumerate(plan.seqs):
             n = len(s.token_ids)
             tokens[at:at + n] = s.token_ids
+            if s.token_ids[-1] == PLACEHOLDER:  # only ever the last: the previous step's sample
+                src[at + n - 1] = self._prev_rows[s.request_id]
             positions[at:at + n] = np.arange(s.start_pos, s.start_pos + n)
             slots[at:at + n] = s.slot_mapping
             tables[i, :len(s.block_table)] = s.block_table
@@ -118,11 +144,11 @@ class Runner:
         decode = t == b and plan.decode_only
         sampling = sampling_arrays([r.params for r in rows], [r.seed for r in rows],
                                    [r.num_output_tokens for r in rows], pad_to=b)
-        host = (tokens, positions, (slots, tables, kv_lens, cu), sample_idx, sampling)
-        tokens, positions, meta, sample_idx, sampling = jax.device_put(host)  # one transfer
+        host = (tokens, src, positions, (slots, tables, kv_lens, cu), sample_idx, sampling)
+        tokens, src, positions, meta, sample_idx, sampling = jax.device_put(host)  # one transfer
         history, is_output = self._history(rows, b)
-        return StepBatch(tokens, positions, PagedMeta(*meta, decode=decode), sample_idx, sampling,
-                         history, is_output)
+        return StepBatch(tokens, src, positions, PagedMeta(*meta, decode=decode), sample_idx,
+                         sampling, history, is_output)
 
     def _history(self, rows: Sequence[RowInfo], b: int):
         """Prompt + output ids [B, max_model_len] when any row uses penalties, else (None, None)."""
@@ -145,4 +171,5 @@ class Runner:
         sampling = jax.tree.map(jnp.asarray, sampling_arrays([], [], [], pad_to=b))
         history = (jnp.full((b, self.max_model_len), -1, jnp.int32),
                    jnp.zeros((b, self.max_model_len), bool)) if penalties else (None, None)
-        return StepBatch(zeros(t), zeros(t), meta, zeros(b), sampling, *history)
+        return StepBatch(zeros(t), jnp.full(t, -1, jnp.int32), zeros(t), meta, zeros(b), sampling,
+                         *history)

@@ -1,7 +1,11 @@
 """Continuous-batching scheduler over a paged KV cache (plain Python, no JAX).
 
 One engine step is `plan = scheduler.schedule()` -> the runner computes `plan` and samples ->
-`scheduler.update(plan, sampled)`. Each step:
+`scheduler.update(plan, sampled)`, where update = `commit(plan)` (tokens computed, a placeholder
+for each sample) + `resolve(plan, sampled)` (placeholders replaced, stops and lengths applied).
+With asynchronous scheduling the engine plans step N+1 while step N runs: N is committed but not
+resolved, so N+1 computes N's placeholders, whose values the runner takes from N's samples on the
+device. A sequence that N finishes may still be in N+1; that token is dropped. Each step:
 
 1. Running sequences with one token left to compute (decodes) get one token each, oldest first.
 2. Running sequences still prefilling get a chunk of the remaining token budget (chunked
@@ -30,6 +34,7 @@ from collections.abc import Iterable
 from jaxinfer.kv_cache import PageAllocator
 
 FINISH_REASONS = ("stop", "length", "abort")
+PLACEHOLDER = -1  # a sampled token still on the device (committed, not resolved)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +106,7 @@ class Sequence:
         self.num_computed_tokens = 0  # leading tokens whose K/V are in the pages
         self.num_cached_tokens = 0  # of those, found in the prefix cache at last admission
         self.num_preemptions = 0
+        self.num_pending = 0  # trailing PLACEHOLDER tokens (0 or 1)
         self.block_table: list[int] = []  # page ids, kept by the PageAllocator
         self.page_hashes: list[int] = []  # prefix-cache chain ids, kept by the PageAllocator
         self.arrival = -1  # order of Scheduler.add
@@ -272,16 +278,18 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """Plans the next step: decodes, then prefill chunks, then admissions (see module doc)."""
         step = _Step(self.config.max_num_batched_tokens, self.config.page_size)
-        for seq in [s for s in self.running if s.num_uncomputed_tokens == 1]:
+        # A sequence whose pending token is its last (max_tokens) finishes when it resolves.
+        live = [s for s in self.running if s.num_output_tokens < s.max_tokens]
+        for seq in [s for s in live if s.num_uncomputed_tokens == 1]:
             self._schedule_running(seq, step)
-        for seq in [s for s in self.running if s.num_uncomputed_tokens > 1]:
+        for seq in [s for s in live if s.num_uncomputed_tokens > 1]:
             self._schedule_running(seq, step)
         if not step.preempted:  # else pages are short: don't admit the ones just preempted
             self._admit_waiting(step)
         return step.plan()
 
     def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Sequence]:
-        """Applies a computed step: advances sequences, appends sampled tokens, finishes.
+        """Applies a computed step: `commit(plan)` then `resolve(plan, sampled)`.
 
         Args:
           plan: the plan returned by the last `schedule()`.
@@ -290,7 +298,15 @@ class Scheduler:
         Returns:
           The sequences that got a new token this step (finished ones included).
         """
-        changed = []
+        self.commit(plan)
+        return self.resolve(plan, sampled)
+
+    def commit(self, plan: StepPlan) -> None:
+        """Marks the plan's tokens computed and appends a PLACEHOLDER for each sample.
+
+        Call it before the next `schedule()`, and only once every earlier plan is resolved (full
+        pages are hashed by their tokens).
+        """
         for item in plan.seqs:
             seq = self._requests.get(item.request_id)
             if seq is None:  # aborted or finished since the plan was made
@@ -300,8 +316,27 @@ class Scheduler:
             seq.num_computed_tokens += len(item.token_ids)
             self.allocator.register_full_pages(seq, seq.num_computed_tokens)
             if item.sample:
-                self._append_token(seq, sampled[item.request_id])
-                changed.append(seq)
+                seq.token_ids.append(PLACEHOLDER)
+                seq.num_pending += 1
+
+    def resolve(self, plan: StepPlan, sampled: dict[str, int]) -> list[Sequence]:
+        """Puts a committed plan's sampled tokens in place; stop ids and lengths finish.
+
+        Returns:
+          The sequences that got a new token (finished ones included).
+        """
+        changed = []
+        for item in plan.seqs:
+            seq = self._requests.get(item.request_id)
+            if seq is None or not item.sample:  # finished or aborted meanwhile: token dropped
+                continue
+            at = item.start_pos + len(item.token_ids)
+            if seq.token_ids[at] != PLACEHOLDER:
+                raise ValueError(f"plan for {item.request_id!r} resolved twice or never committed")
+            token = seq.token_ids[at] = sampled[item.request_id]
+            seq.num_pending -= 1
+            self._check_finished(seq, token)
+            changed.append(seq)
         return changed
 
     # ---- internals ----
@@ -368,6 +403,8 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, step: _Step) -> bool:
         """Gives the first waiting sequence its cached prefix and pages for a first chunk."""
+        # Preempted ones wait at least one step, so their pending token resolved meanwhile.
+        assert not seq.num_pending, f"{seq.request_id!r} admitted with a pending token"
         cached = self.allocator.allocate_prompt(seq)
         seq.num_computed_tokens = cached
         n = self._num_new_tokens(seq, step.budget)
@@ -383,8 +420,7 @@ class Scheduler:
         step.add(seq, n)
         return True
 
-    def _append_token(self, seq: Sequence, token: int) -> None:
-        seq.token_ids.append(token)
+    def _check_finished(self, seq: Sequence, token: int) -> None:
         if token in seq.stop_token_ids:
             self._finish(seq, "stop")
         elif seq.num_output_tokens >= seq.max_tokens:

@@ -11,6 +11,7 @@ compute limit (bf16 matmul peak over 2 x params flops per token) and memory limi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_generate import SHAPES, card_limits, hf_random_model  # noqa: E402
+from bench_generate import SHAPES, card_limits, decode_bytes, hf_random_model  # noqa: E402
 
 
 def workload(spec: str, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -70,11 +71,15 @@ def run_engine(engine, requests) -> dict:
 
 
 def limits_for(cfg, requests, limits) -> dict:
-    """Output tok/s the card could reach at best: compute (matmul peak) and weight-read bounds."""
+    """Output tok/s the card could reach at best (matmul peak), and the batch-1 decode step's
+    HBM roofline (weights + KV at mid-output over the copy bandwidth), for TPOT at batch 1."""
     flops = sum(2 * cfg.active_params * (len(p) + n) for p, n in requests)
     n_out = sum(n for _, n in requests)
+    context = float(np.mean([len(p) + n / 2 for p, n in requests]))
+    need = decode_bytes(cfg, 1, context)
+    roofline = (need["weight_bytes"] + need["kv_bytes"]) / (limits["copy_read_plus_write_GBps"] * 1e9)
     return {"compute_bound_out_tok_per_s": n_out / (flops / (limits["bf16_matmul_TFLOPs"] * 1e12)),
-            "weights_GB": 2 * cfg.num_params / 1e9}
+            "weights_GB": 2 * cfg.num_params / 1e9, "batch1_roofline_ms": roofline * 1e3}
 
 
 def bench_hf(shape: dict, requests, batch: int) -> dict:
@@ -117,6 +122,8 @@ def main() -> int:
     p.add_argument("--hf-requests", type=int, default=256)
     p.add_argument("--hf-batch", type=int, default=64)
     p.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sync-too", action="store_true",
+                   help="rerun the first workload with async_scheduling off (same engine)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     shape = SHAPES[args.model]
@@ -146,10 +153,15 @@ def main() -> int:
     report["startup_s"] = time.perf_counter() - t0
     print(json.dumps({"startup_s": report["startup_s"], "num_pages": engine.num_pages,
                       "buckets": engine.runner.buckets}), flush=True)
-    for spec in specs:
+    runs = [(spec, True) for spec in specs] + ([(specs[0], False)] if args.sync_too else [])
+    for spec, overlap in runs:
         requests = workload(spec, cfg.vocab_size)
+        engine.config = dataclasses.replace(engine.config, async_scheduling=overlap)
         row = run_engine(engine, requests)
-        row.update(limits_for(cfg, requests, report["limits"]))
+        row.update(limits_for(cfg, requests, report["limits"]), async_scheduling=overlap)
+        if len(requests) == 1:
+            row["x_batch1_roofline"] = row["tpot_s"]["p50"] * 1e3 / row["batch1_roofline_ms"]
+        spec = spec if overlap else spec + "-sync"
         if spec in peers:
             row["hf"] = peers[spec]
         report["workloads"][spec] = row
@@ -186,6 +198,9 @@ def print_table(report: dict) -> None:
               f"p99 {r['ttft_s']['p99']:.2f}s  TPOT p50 {1e3 * r['tpot_s']['p50']:.1f}ms "
               f"p99 {1e3 * r['tpot_s']['p99']:.1f}ms  pages {r['max_pages_used']}/{r['num_pages']}  "
               f"preempt {r['preemptions']}  HF {hf:7.0f} tok/s")
+        if "x_batch1_roofline" in r:
+            print(f"{'':14s} batch-1 TPOT {1e3 * r['tpot_s']['p50']:.2f} ms = "
+                  f"{r['x_batch1_roofline']:.2f}x the HBM roofline {r['batch1_roofline_ms']:.2f} ms")
 
 
 if __name__ == "__main__":

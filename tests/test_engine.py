@@ -142,15 +142,17 @@ def prompts_of(model, lengths, seed=0):
     return [rng.randint(0, model.config.vocab_size, n).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("impl, seats", [("xla", 4), ("pallas", 4), ("pallas", 16)])
-def test_staggered_requests_with_preemption_equal_greedy_alone(tiny_model, impl, seats):
-    """16 seats make decode-only steps (T == B == 16) take the split-K decode kernel."""
+@pytest.mark.parametrize("impl, seats, overlap", [("xla", 4, False), ("xla", 4, True),
+                                                  ("pallas", 4, True), ("pallas", 16, True)])
+def test_staggered_requests_with_preemption_equal_greedy_alone(tiny_model, impl, seats, overlap):
+    """16 seats make decode-only steps (T == B == 16) take the split-K decode kernel; `overlap`
+    is asynchronous scheduling (step N+1 planned and queued before N's samples reach the host)."""
     prompts = prompts_of(tiny_model, (5, 40, 17, 3, 33, 9))
     news = (12, 6, 20, 15, 9, 14)
     expected = [jaxinfer.generate(tiny_model, [p], max_new_tokens=n)[0] for p, n in zip(prompts, news)]
     # 6 pages of 16 slots cannot hold four of these at once: preemption must happen.
     engine = Engine(tiny_model, max_num_seqs=seats, max_num_batched_tokens=24, page_size=16,
-                    num_pages=6, warmup=False, attention_impl=impl)
+                    num_pages=6, warmup=False, attention_impl=impl, async_scheduling=overlap)
     results, step = {}, 0
     while len(results) < len(prompts):
         if step < len(prompts):  # one new request per step
@@ -164,6 +166,34 @@ def test_staggered_requests_with_preemption_equal_greedy_alone(tiny_model, impl,
     assert engine.stats["preemptions"] > 0
     assert engine.stats["decode_steps"] > 0 or seats < 16
     assert engine.scheduler.allocator.num_free_pages == 6
+
+
+def test_async_scheduling_equals_sync(tiny_model):
+    """Stop ids that end requests early, seeded sampling and a penalty (which makes its steps
+    synchronous) give the same tokens and finish reasons with and without asynchronous scheduling."""
+    prompts = prompts_of(tiny_model, (7, 30, 12, 3, 21), seed=3)
+    greedy = jaxinfer.generate(tiny_model, [prompts[0]], max_new_tokens=12)[0]
+    # the first token not seen before it (the weights are random: the output may repeat one token)
+    k = next((i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i]), 0)
+    params = [SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[greedy[k]]),  # stops early
+              SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True),
+              SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.5, ignore_eos=True),
+              SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=15, temperature=1.0, seed=9, ignore_eos=True)]
+
+    def run(overlap: bool):
+        engine = Engine(tiny_model, max_num_seqs=3, max_num_batched_tokens=32, page_size=16,
+                        num_pages=8, warmup=False, attention_impl="xla", async_scheduling=overlap)
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), p, sp)
+        final = {rid: outs[-1] for rid, outs in run_all(engine).items()}
+        assert engine.scheduler.allocator.num_free_pages == 8
+        return {rid: (o.token_ids, o.finish_reason) for rid, o in final.items()}
+
+    sync, overlapped = run(False), run(True)
+    assert overlapped == sync
+    assert sync["0"] == (greedy[:k + 1], "stop")
+    assert sync["3"][0] and len(sync["3"][0]) == 1
 
 
 def test_prefix_cache_hits_skip_compute_and_match(tiny_model):
