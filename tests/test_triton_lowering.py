@@ -64,11 +64,12 @@ def test_grouped_matmul_lowers(triton_modules, config, k_dim):
 
 
 def test_grouped_matmul_split_k_lowers(triton_modules):
-    # decode-sized: 2 rows, so the auto split-K spreads K over several programs
-    fn = functools.partial(grouped_matmul, interpret=False)
+    # decode-sized: 2 rows, K spread over 4 programs per output tile
+    fn = functools.partial(grouped_matmul, config=GroupedMatmulConfig(block_m=16, split_k=4),
+                           interpret=False)
     lower_for_cuda(fn, spec((2, 1024)), spec((8, 1024, 384)), spec((8,), jnp.int32))
     assert_all_verified(triton_modules, "grouped_matmul")
-    assert not triton_modules[0][0].endswith("_s1"), triton_modules
+    assert triton_modules[0][0].endswith("_s4"), triton_modules
 
 
 @pytest.mark.parametrize("window", [None, 128])
