@@ -330,10 +330,12 @@ def _ragged_kernel(work_seq_ref, work_q0_ref, q_ref, k_ref, v_ref, bt_ref,
   plgpu.store(o_ref.at[io_idx], out.astype(o_ref.dtype), mask=io_mask)
 
 
-def _ragged_work_list(cu_q_lens, block_tokens, num_work):
+def _ragged_work_list(cu_q_lens, block_tokens, num_work, skip_single_token):
   """(sequence, first q row) of each q block; -1 marks unused programs."""
   q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
   blocks = (q_lens + block_tokens - 1) // block_tokens  # [B]
+  if skip_single_token:  # those sequences get no program: the decode kernel serves them
+    blocks = jnp.where(q_lens == 1, 0, blocks)
   ends = jnp.cumsum(blocks)
   w = jnp.arange(num_work, dtype=jnp.int32)
   seq = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)
@@ -345,7 +347,8 @@ def _ragged_work_list(cu_q_lens, block_tokens, num_work):
 
 
 def _ragged_call(q, k_rows, v_rows, block_tables, kv_lens, cu_q_lens, *,
-                 sm_scale, page_size, config: PagedConfig, interpret):
+                 sm_scale, page_size, config: PagedConfig, interpret,
+                 skip_single_token=False):
   """q [T, N, H]; k_rows/v_rows [K, P*L, H] -> [T, N, H]."""
   num_tokens, num_heads, head_dim = q.shape
   num_kv_heads, num_rows, _ = k_rows.shape
@@ -355,7 +358,8 @@ def _ragged_call(q, k_rows, v_rows, block_tables, kv_lens, cu_q_lens, *,
   head_pad = pl.next_power_of_2(head_dim)
   block_tokens = max(1, config.block_rows // group_pad)
   num_work = num_tokens // block_tokens + num_seqs
-  work_seq, work_q0 = _ragged_work_list(cu_q_lens, block_tokens, num_work)
+  work_seq, work_q0 = _ragged_work_list(cu_q_lens, block_tokens, num_work,
+                                        skip_single_token)
   dot_precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
   kernel = functools.partial(
@@ -460,11 +464,13 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("sm_scale", "config", "interpret"))
+                   static_argnames=("sm_scale", "config", "interpret",
+                                    "skip_single_token"))
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens,
                            cu_q_lens, *, sm_scale: float | None = None,
                            config: PagedConfig | None = None,
-                           interpret: bool | None = None):
+                           interpret: bool | None = None,
+                           skip_single_token: bool = False):
   """Attention of packed new tokens of several sequences over a paged cache.
 
   Args:
@@ -476,9 +482,13 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens,
       tokens are the LAST q_len_b of the kv_lens[b], causal among themselves.
     sm_scale: logit scale, default 1/sqrt(H).
     config, interpret: as in ``paged_attention``.
+    skip_single_token: sequences with q_len 1 get no program and their rows
+      are left unwritten (for callers that serve them with the decode
+      kernel, which is much faster on one-token queries).
 
   Returns:
-    [T, N, H]; rows past cu_q_lens[-1] are zero.
+    [T, N, H]; rows past cu_q_lens[-1] are zero; with skip_single_token the
+    rows of one-token sequences are undefined.
   """
   if q.ndim != 3:
     raise ValueError(f"q must be [T, N, H], got {q.shape}")
@@ -492,7 +502,8 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens,
   return _ragged_call(q, _rows_view(k_pages), _rows_view(v_pages),
                       block_tables, kv_lens, cu_q_lens, sm_scale=sm_scale,
                       page_size=k_pages.shape[2], config=config,
-                      interpret=resolve_interpret(interpret))
+                      interpret=resolve_interpret(interpret),
+                      skip_single_token=skip_single_token)
 
 
 def _bits_dtype(dtype):

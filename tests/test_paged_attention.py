@@ -118,6 +118,25 @@ def test_ragged(kv_lens, q_lens, n, k, h, page, max_pages, dtype, config,
   assert_close(out, ref, dtype)
 
 
+def test_ragged_skip_single_token_serves_only_longer_queries():
+  """One-token sequences get no program (their rows stay as poisoned, NaN);
+  every other row equals the reference."""
+  rng = np.random.default_rng(5)
+  kv_lens, q_lens = (40, 9, 33, 1), (1, 9, 5, 1)
+  kp, vp, table = make_cache(rng, kv_lens, 2, 64, 16, 3, jnp.float32)
+  cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+  q = jnp.asarray(rng.standard_normal((sum(q_lens) + 2, 8, 64)), jnp.float32)
+  lens = jnp.asarray(kv_lens, jnp.int32)
+  out = np.asarray(ragged_paged_attention(q, kp, vp, table, lens, cu,
+                                          skip_single_token=True))
+  ref = ragged_paged_attention_reference(
+      q, clean(kp), clean(vp), clean_tables(table, kp.shape[1]), lens, cu)
+  single = np.zeros(len(q), bool)
+  single[[0, 15]] = True  # the rows of sequences 0 and 3
+  assert np.isnan(out[single]).all()  # interpret mode poisons with NaN
+  assert_close(out[~single], np.asarray(ref)[~single], jnp.float32)
+
+
 def test_ragged_decode_rows_equal_paged_decode():
   rng = np.random.default_rng(11)
   lengths = (70, 3, 129)

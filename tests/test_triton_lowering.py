@@ -85,7 +85,8 @@ def test_paged_attention_lowers(triton_modules):
     fn = functools.partial(paged_attention, interpret=False)
     lower_for_cuda(fn, spec((4, 8, 128)), pool, pool, spec((4, 16), jnp.int32),
                    spec((4,), jnp.int32))
-    fn = functools.partial(ragged_paged_attention, interpret=False)
-    lower_for_cuda(fn, spec((40, 8, 128)), pool, pool, spec((4, 16), jnp.int32),
-                   spec((4,), jnp.int32), spec((5,), jnp.int32))
-    assert len(triton_modules) >= 2 and all(ok for _, ok in triton_modules), triton_modules
+    for skip in (False, True):
+        fn = functools.partial(ragged_paged_attention, interpret=False, skip_single_token=skip)
+        lower_for_cuda(fn, spec((40, 8, 128)), pool, pool, spec((4, 16), jnp.int32),
+                       spec((4,), jnp.int32), spec((5,), jnp.int32))
+    assert len(triton_modules) >= 3 and all(ok for _, ok in triton_modules), triton_modules
