@@ -93,6 +93,9 @@ def _layer_layout(cfg: ModelConfig, i: int) -> list[Entry]:
         entries.append(Entry((ours, "attn", "qkv_bias"), bias, _qkv_bias))
     if cfg.o_bias:
         entries.append(Entry((ours, "attn", "o_bias"), ((f"{attn}.o_proj.bias", (d,)),), _copy))
+    if cfg.qk_norm:
+        entries += [Entry((ours, "attn", f"{x}_norm", "scale"),
+                          ((f"{attn}.{x}_norm.weight", (cfg.head_dim,)),), _copy) for x in "qk"]
     return entries
 
 
@@ -103,7 +106,7 @@ def _mlp_layout(ours: tuple[str, ...], hf: str, d: int, f: int) -> list[Entry]:
 
 
 def _moe_layout(cfg: ModelConfig, ours: str, hf: str) -> list[Entry]:
-    """Mixtral's block_sparse_moe.experts.j.w1/w3/w2, or Qwen2-MoE's mlp.experts.j.*_proj."""
+    """Mixtral's block_sparse_moe.experts.j.w1/w3/w2, or Qwen2/3-MoE's mlp.experts.j.*_proj."""
     d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
     if cfg.model_type == "mixtral":
         base, gate, up, down = f"{hf}.block_sparse_moe", "w1", "w3", "w2"

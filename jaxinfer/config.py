@@ -20,6 +20,8 @@ SUPPORTED_MODEL_TYPES = {
     "qwen2": "Qwen2ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -65,6 +67,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     # Mixture of experts (num_experts 0 = a dense MLP in every layer).
@@ -158,7 +161,7 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hidden // num_heads
         max_pos = _require(hf, "max_position_embeddings")
         _check_sliding_window(hf, model_type, max_pos)
-        qwen = model_type in ("qwen2", "qwen2_moe")
+        qwen = model_type in ("qwen2", "qwen2_moe")  # q/k/v bias always, o bias never
         qkv_bias = qwen or bool(hf.get("attention_bias", False))
         return cls(
             model_type=model_type,
@@ -176,6 +179,7 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=not qwen and bool(hf.get("attention_bias", False)),
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_as_tuple(hf.get("eos_token_id")),
             **_moe_fields(hf, model_type),
@@ -224,7 +228,7 @@ def _check_activation_and_bias(hf: dict, model_type: str) -> None:
 def _check_sliding_window(hf: dict, model_type: str, max_pos: int) -> None:
     """A window narrower than the context changes the model's output: refuse it, never ignore it."""
     window = hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen2_moe") and not hf.get("use_sliding_window", False):
+    if model_type.startswith("qwen") and not hf.get("use_sliding_window", False):
         return  # Qwen2 configs carry a window value that is off unless use_sliding_window is set
     if window is not None and window < max_pos:
         raise ValueError(
@@ -234,17 +238,20 @@ def _check_sliding_window(hf: dict, model_type: str, max_pos: int) -> None:
 
 
 def _moe_fields(hf: dict, model_type: str) -> dict:
-    """Expert settings of Mixtral (num_local_experts) and Qwen2-MoE (num_experts, shared expert)."""
+    """Expert settings of Mixtral (num_local_experts) and Qwen2/3-MoE (num_experts; Qwen2-MoE's
+    shared expert)."""
     if model_type == "mixtral":
         return dict(num_experts=_require(hf, "num_local_experts"),
                     num_experts_per_tok=_require(hf, "num_experts_per_tok"),
                     moe_intermediate_size=_require(hf, "intermediate_size"), norm_topk_prob=True)
-    if model_type != "qwen2_moe":
+    if model_type not in ("qwen2_moe", "qwen3_moe"):
         return {}
-    if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
-        raise ValueError("Qwen2-MoE with dense layers (decoder_sparse_step != 1 or mlp_only_layers) "
-                         "is not supported yet")
-    return dict(num_experts=_require(hf, "num_experts"),
+    if (hf.get("decoder_sparse_step") or 1) != 1 or hf.get("mlp_only_layers"):
+        raise ValueError(f"{model_type} with dense layers (decoder_sparse_step != 1 or "
+                         "mlp_only_layers) is not supported yet")
+    # Hub configs say num_experts; transformers 5 saves num_local_experts.
+    experts = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"
+    return dict(num_experts=_require(hf, experts),
                 num_experts_per_tok=_require(hf, "num_experts_per_tok"),
                 moe_intermediate_size=_require(hf, "moe_intermediate_size"),
                 norm_topk_prob=bool(hf.get("norm_topk_prob", False)),

@@ -23,12 +23,16 @@ def declare(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[st
 
 
 class RMSNorm(nn.Module):
+    """RMS norm over the last axis (the model width, or a head's width for Qwen3's q/k norm)."""
+
     eps: float
     dtype: jnp.dtype
+    axis_name: str = "embed"
 
     @nn.compact
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        scale = declare(self, "scale", (x.shape[-1],), ("embed",), self.dtype, nn.initializers.ones)
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        scale = declare(self, "scale", (x.shape[-1],), (self.axis_name,), self.dtype,
+                        nn.initializers.ones)
         # Normalise in f32 and cast back before the scale, as HF Llama does.
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)

@@ -1,5 +1,5 @@
-"""The Llama-family decoder: Llama 2/3, Mistral, Qwen2, Mixtral and Qwen2-MoE as variants of one
-config (a MoE block replaces the MLP where the config has experts).
+"""The Llama-family decoder: Llama 2/3, Mistral, Qwen2/3, Mixtral and Qwen2/3-MoE as variants of
+one config (a MoE block replaces the MLP where the config has experts; Qwen3 norms q and k).
 
 embed -> N x (norm -> attention -> residual -> norm -> mlp -> residual) -> norm -> logits.
 Flax modules are used purely functionally (`Decoder(cfg).apply({"params": p}, ...)`); every
@@ -57,6 +57,9 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         q = qkv[:, :, :, :g].reshape(b, t, n, h)  # query head n uses kv head n // G
         kk, vv = qkv[:, :, :, g], qkv[:, :, :, g + 1]
+        if c.qk_norm:  # per head, before RoPE
+            q = RMSNorm(c.rms_norm_eps, dt, "head_dim", name="q_norm")(q)
+            kk = RMSNorm(c.rms_norm_eps, dt, "head_dim", name="k_norm")(kk)
         inv_freq = rope_inv_freq(h, c.rope_theta, c.rope_scaling)
         q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
         if paged is not None:  # one packed row of tokens from many sequences, a page pool
