@@ -122,11 +122,13 @@ def main() -> int:
     p.add_argument("--hf-requests", type=int, default=256)
     p.add_argument("--hf-batch", type=int, default=64)
     p.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--layers", type=int, default=0,
+                   help="override the shape's layer count (both engines; e.g. Mixtral on an H100)")
     p.add_argument("--sync-too", action="store_true",
                    help="rerun the first workload with async_scheduling off (same engine)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    shape = SHAPES[args.model]
+    shape = dict(SHAPES[args.model], **({"num_layers": args.layers} if args.layers else {}))
     specs = [w for w in args.workloads.split(",") if w]
     if args.hf_only:
         res = {s: bench_hf(shape, workload(s, shape["vocab_size"])[:args.hf_requests], args.hf_batch)
@@ -177,8 +179,9 @@ def main() -> int:
 def run_hf(args) -> dict:
     import subprocess
 
-    cmd = [sys.executable, __file__, "--hf-only", "--model", args.model, "--workloads",
-           args.workloads, "--hf-requests", str(args.hf_requests), "--hf-batch", str(args.hf_batch)]
+    cmd = [sys.executable, __file__, "--hf-only", "--model", args.model, "--layers", str(args.layers),
+           "--workloads", args.workloads, "--hf-requests", str(args.hf_requests),
+           "--hf-batch", str(args.hf_batch)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("HF_RESULT ")]
     if proc.returncode or not lines:
