@@ -7,6 +7,7 @@ paged attention, and the whole jitted step at two pool sizes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -106,11 +107,16 @@ def engine_breakdown(model_name: str, num_pages: int | None, seqs: int, prompt: 
                         SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
     while eng.stats["decode_steps"] < 3:
         eng.step()
-    r0, t0 = eng.stats["runner_s"], time.perf_counter()
-    for _ in range(20):
-        eng.step()
-    res = {"num_pages": eng.num_pages, "seqs": seqs, "step_ms": (time.perf_counter() - t0) / 20 * 1e3,
-           "runner_ms": (eng.stats["runner_s"] - r0) / 20 * 1e3}
+    res = {"num_pages": eng.num_pages, "seqs": seqs}
+    for overlap in (True, False):  # engine wall per step, asynchronous scheduling on and off
+        eng.config = dataclasses.replace(eng.config, async_scheduling=overlap)
+        r0, t0 = eng.stats["runner_s"], time.perf_counter()
+        for _ in range(20):
+            eng.step()
+        key = "" if overlap else "_sync"
+        res[f"step_ms{key}"] = (time.perf_counter() - t0) / 20 * 1e3
+        res[f"wait_for_device_ms{key}"] = (eng.stats["runner_s"] - r0) / 20 * 1e3
+    eng._resolve()  # nothing in flight: the plan below holds real tokens only
     plan = eng.scheduler.schedule()  # one more decode plan, run by hand below
     reqs = [eng.requests[s.request_id] for s in plan.seqs]
     from jaxinfer.runner import RowInfo
@@ -122,12 +128,12 @@ def engine_breakdown(model_name: str, num_pages: int | None, seqs: int, prompt: 
     res["build_ms"] = (time.perf_counter() - t0) * 1e3
 
     def step(pages):
-        pages, out = runner._step(runner.params, pages, batch)
+        pages, _, _ = runner._step(runner.params, pages, runner.prev_tokens, batch)
         return (pages,)
     (pages,) = step(runner.pages)
     res["jitted_step_ms"] = timed(step, pages)
     txt = jax.jit(runner._step_fn, donate_argnums=(1,)).lower(
-        runner.params, runner.pages, batch).compile().as_text()
+        runner.params, pages, runner.prev_tokens, batch).compile().as_text()
     pool = ",".join(str(d) for d in runner.pages[0][0].shape)
     res["pool_copies"] = sum(1 for l in txt.splitlines() if f"[{pool}]" in l and
                              (" copy(" in l or " convert(" in l or "copy-start" in l))
