@@ -81,7 +81,6 @@ def paged_attention(q: Float[Array, "T N H"], k: Float[Array, "T K H"], v: Float
                     meta: PagedMeta, *, impl: str):
     """Writes the step's K/V into their pages, then attends each token to its sequence's pages."""
     from pallas_kernels.paged_attention import (paged_attention as decode_kernel,
-                                                ragged_paged_attention,
                                                 ragged_paged_attention_reference, write_kv)
 
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
@@ -91,16 +90,18 @@ def paged_attention(q: Float[Array, "T N H"], k: Float[Array, "T K H"], v: Float
     elif meta.decode:  # padding rows read one slot of page 0; dropped later
         out = decode_kernel(q, k_pages, v_pages, meta.block_tables, jnp.maximum(meta.kv_lens, 1))
     else:
-        out = _mixed_step_attention(q, k_pages, v_pages, meta, decode_kernel,
-                                    ragged_paged_attention)
+        out = _mixed_step_attention(q, k_pages, v_pages, meta)
     return out, (k_pages, v_pages)
 
 
-def _mixed_step_attention(q: Float[Array, "T N H"], k_pages, v_pages, meta: PagedMeta,
-                          decode_kernel, ragged_kernel) -> Float[Array, "T N H"]:
+def _mixed_step_attention(q: Float[Array, "T N H"], k_pages, v_pages,
+                          meta: PagedMeta) -> Float[Array, "T N H"]:
     """Sequences with one new token (decodes) through the split-K decode kernel, the others
     through the ragged kernel: the ragged kernel is slow on one-token queries (0.40 ms a layer at
     256 decodes of ~200 tokens on an H200, against ~0.05 ms of KV bytes)."""
+    from pallas_kernels.paged_attention import paged_attention as decode_kernel
+    from pallas_kernels.paged_attention import ragged_paged_attention as ragged_kernel
+
     t, b = q.shape[0], meta.kv_lens.shape[0]
     starts, q_lens = meta.cu_q_lens[:-1], meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]  # [B]
     single = q_lens == 1

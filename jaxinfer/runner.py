@@ -93,10 +93,6 @@ class Runner:
         t = next(b for b in self.buckets if b >= num_tokens)
         return t, min(t, self.max_num_seqs)
 
-    def run(self, plan: StepPlan, rows: Sequence[RowInfo]) -> SampleOutput:
-        """Computes the plan; returns the samples of its sequences (rows in plan order), on host."""
-        return self.collect(self.dispatch(plan, rows))
-
     def dispatch(self, plan: StepPlan, rows: Sequence[RowInfo]) -> tuple[int, SampleOutput]:
         """Queues the plan's step on the device and returns at once: a handle for `collect`."""
         batch = self.build(plan, rows)

@@ -106,7 +106,6 @@ class Sequence:
         self.num_computed_tokens = 0  # leading tokens whose K/V are in the pages
         self.num_cached_tokens = 0  # of those, found in the prefix cache at last admission
         self.num_preemptions = 0
-        self.num_pending = 0  # trailing PLACEHOLDER tokens (0 or 1)
         self.block_table: list[int] = []  # page ids, kept by the PageAllocator
         self.page_hashes: list[int] = []  # prefix-cache chain ids, kept by the PageAllocator
         self.arrival = -1  # order of Scheduler.add
@@ -126,6 +125,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def has_pending_token(self) -> bool:
+        """Its last token is a PLACEHOLDER: sampled by a committed step, not yet resolved."""
+        return self.token_ids[-1] == PLACEHOLDER
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -317,7 +321,6 @@ class Scheduler:
             self.allocator.register_full_pages(seq, seq.num_computed_tokens)
             if item.sample:
                 seq.token_ids.append(PLACEHOLDER)
-                seq.num_pending += 1
 
     def resolve(self, plan: StepPlan, sampled: dict[str, int]) -> list[Sequence]:
         """Puts a committed plan's sampled tokens in place; stop ids and lengths finish.
@@ -334,7 +337,6 @@ class Scheduler:
             if seq.token_ids[at] != PLACEHOLDER:
                 raise ValueError(f"plan for {item.request_id!r} resolved twice or never committed")
             token = seq.token_ids[at] = sampled[item.request_id]
-            seq.num_pending -= 1
             self._check_finished(seq, token)
             changed.append(seq)
         return changed
@@ -404,7 +406,7 @@ class Scheduler:
     def _admit(self, seq: Sequence, step: _Step) -> bool:
         """Gives the first waiting sequence its cached prefix and pages for a first chunk."""
         # Preempted ones wait at least one step, so their pending token resolved meanwhile.
-        assert not seq.num_pending, f"{seq.request_id!r} admitted with a pending token"
+        assert not seq.has_pending_token, f"{seq.request_id!r} admitted with a pending token"
         cached = self.allocator.allocate_prompt(seq)
         seq.num_computed_tokens = cached
         n = self._num_new_tokens(seq, step.budget)

@@ -55,7 +55,7 @@ class GroupedMatmulConfig:
     num_stages: software-pipelining depth of the K loop (Triton backend).
     group_m: work items per launch-order group (L2 swizzle, see _gmm_call).
     split_k: programs sharing one output tile's K range (f32 partials summed
-      after the kernel); None = 1. Opt-in, see choose_split_k.
+      after the kernel). Opt-in, see choose_split_k.
     backend: "triton" (Pallas Triton lowering). Mosaic GPU is not wired yet.
   """
   block_m: int = 64
@@ -64,12 +64,12 @@ class GroupedMatmulConfig:
   num_warps: int = 4
   num_stages: int = 3
   group_m: int = 8
-  split_k: int | None = None
+  split_k: int = 1
   backend: str = "triton"
 
   def __post_init__(self):
     check_tiles(self, ("block_m", "block_n", "block_k"))
-    if self.split_k is not None and self.split_k < 1:
+    if self.split_k < 1:
       raise ValueError(f"split_k={self.split_k} must be >= 1")
     if self.num_warps < 1 or self.num_stages < 1 or self.group_m < 1:
       raise ValueError(f"num_warps={self.num_warps}, num_stages={self.num_stages} "
@@ -216,8 +216,8 @@ def _gmm_kernel(group_ref, tile_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
 # pallas_call wrapper.
 # ----------------------------------------------------------------------------
 def choose_split_k(config: GroupedMatmulConfig, k_dim: int) -> int:
-  """Programs per output tile along K: config.split_k (None: 1), at most the
-  number of K steps.
+  """Programs per output tile along K: config.split_k, at most the number of
+  K steps.
 
   Split-K is opt-in. It is meant for decode sizes, where (item, N tile)
   programs alone leave SMs idle (Mixtral's down projection at batch 1: 64
@@ -225,9 +225,7 @@ def choose_split_k(config: GroupedMatmulConfig, k_dim: int) -> int:
   finish a batch-1 call within the benchmark's time limit; until that is
   understood the default stays 1, the path measured on the GPU.
   """
-  if config.split_k is None:
-    return 1
-  return max(1, min(config.split_k, pl.cdiv(k_dim, config.block_k)))
+  return min(config.split_k, pl.cdiv(k_dim, config.block_k))
 
 
 def _gmm_call(lhs, rhs, work: WorkList, *, config: GroupedMatmulConfig,
