@@ -17,8 +17,8 @@ from jaxtyping import Array, Float, Int
 
 from jaxinfer.model import Model, check_token_range
 from jaxinfer.models.llama import Decoder, init_cache
-from jaxinfer.sampling import (SamplingArrays, SamplingParams, check_sampling, sample_rows,
-                               sampling_arrays)
+from jaxinfer.sampling import (SamplingArrays, SamplingParams, check_sampling, sample_mode,
+                               sample_rows, sampling_arrays)
 
 PAD = -1  # marks the slots of `out` after a row has stopped
 
@@ -41,16 +41,21 @@ def decode_step(decoder: Decoder, params, cache, tokens: Int[Array, "B"], positi
     return logits[:, 0], cache
 
 
-def sample_step(logits: Float[Array, "B V"], arrays: SamplingArrays, step) -> Int[Array, "B"]:
-    """The engine's per-row sampler at new-token index `step` (row b draws from its own seed)."""
-    return sample_rows(logits, arrays._replace(step=jnp.full_like(arrays.step, step))).tokens
+def sample_step(logits: Float[Array, "B V"], arrays: SamplingArrays, step,
+                mode: str) -> Int[Array, "B"]:
+    """The engine's per-row sampler at new-token index `step` (row b draws from its own seed),
+    in a static mode (`sampling.sample_mode`): no on-device branch for the host to wait on."""
+    return sample_rows(logits, arrays._replace(step=jnp.full_like(arrays.step, step)),
+                       mode=mode).tokens
 
 
-@functools.partial(jax.jit, static_argnames=("decoder", "out_len"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("decoder", "out_len", "mode"),
+                   donate_argnames=("cache",))
 def _generate(decoder: Decoder, params, cache, tokens: Int[Array, "B T"], lengths: Int[Array, "B"],
-              max_new: Int[Array, ""], eos: Int[Array, "E"], sampling: SamplingArrays, out_len: int):
+              max_new: Int[Array, ""], eos: Int[Array, "E"], sampling: SamplingArrays, out_len: int,
+              mode: str):
     logits, cache = prefill(decoder, params, cache, tokens, lengths)
-    first = sample_step(logits, sampling, 0)
+    first = sample_step(logits, sampling, 0, mode)
     out = jnp.full((tokens.shape[0], out_len), PAD, jnp.int32).at[:, 0].set(first)  # [B, out_len]
     done = jnp.isin(first, eos)
 
@@ -61,7 +66,7 @@ def _generate(decoder: Decoder, params, cache, tokens: Int[Array, "B T"], length
     def body(state):
         cache, out, token, pos, done, step = state
         logits, cache = decode_step(decoder, params, cache, token, pos)
-        token = sample_step(logits, sampling, step)
+        token = sample_step(logits, sampling, step, mode)
         out = out.at[:, step].set(jnp.where(done, PAD, token))
         return cache, out, token, pos + 1, done | jnp.isin(token, eos), step + 1
 
@@ -71,12 +76,14 @@ def _generate(decoder: Decoder, params, cache, tokens: Int[Array, "B T"], length
 
 
 def row_sampling(batch: int, temperature: float, top_k: int, top_p: float,
-                 seed: int) -> SamplingArrays:
-    """Per-row settings for `generate`/`stream`; row b's seed derives from (seed, b) alone."""
+                 seed: int) -> tuple[SamplingArrays, str]:
+    """Per-row settings for `generate`/`stream` and the sampler's static mode; row b's seed
+    derives from (seed, b) alone."""
     check_sampling(temperature, top_k, top_p)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     seeds = [int(np.random.SeedSequence([seed, b]).generate_state(1)[0]) for b in range(batch)]
-    return jax.tree.map(jnp.asarray, sampling_arrays([params] * batch, seeds, [0] * batch, batch))
+    arrays = sampling_arrays([params] * batch, seeds, [0] * batch, batch)
+    return jax.tree.map(jnp.asarray, arrays), sample_mode([params])
 
 
 def check_prompts(model: Model, prompts, max_new_tokens: int) -> list[list[int]]:
@@ -126,7 +133,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
       Each prompt's new tokens, ending with the stop token when one was produced.
     """
     prompts = check_prompts(model, prompts, max_new_tokens)
-    sampling = row_sampling(len(prompts), temperature, top_k, top_p, seed)
+    sampling, mode = row_sampling(len(prompts), temperature, top_k, top_p, seed)
     batch, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
     t, s = _bucket_lengths(model, int(lengths.max()), max_new_tokens)
     tokens = np.zeros((batch, t), np.int32)
@@ -135,7 +142,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
     cache = init_cache(model.config, batch, s, model.dtype)
     out, _ = _generate(model.decoder(impl), model.params, cache, jnp.asarray(tokens), jnp.asarray(lengths),
                        jnp.int32(max_new_tokens), jnp.asarray(_stop_ids(model, stop_token_ids)),
-                       sampling, out_len=round_up(max_new_tokens, 32))
+                       sampling, out_len=round_up(max_new_tokens, 32), mode=mode)
     return [_trim(row[:max_new_tokens]) for row in np.asarray(out)]
 
 
@@ -146,7 +153,7 @@ def _trim(row: np.ndarray) -> list[int]:
 
 _prefill_jit = jax.jit(prefill, static_argnames=("decoder",), donate_argnames=("cache",))
 _decode_jit = jax.jit(decode_step, static_argnames=("decoder",), donate_argnames=("cache",))
-_sample_jit = jax.jit(sample_step)
+_sample_jit = jax.jit(sample_step, static_argnames=("mode",))
 
 
 def stream(model: Model, prompt: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
@@ -154,7 +161,7 @@ def stream(model: Model, prompt: Sequence[int], *, max_new_tokens: int, temperat
            stop_token_ids: Sequence[int] | None = None, impl: str | None = None) -> Iterator[int]:
     """Yields one prompt's new tokens as they are made (the same steps as `generate`, host-driven)."""
     (ids,) = check_prompts(model, [prompt], max_new_tokens)
-    sampling = row_sampling(1, temperature, top_k, top_p, seed)
+    sampling, mode = row_sampling(1, temperature, top_k, top_p, seed)
     stop = set(_stop_ids(model, stop_token_ids).tolist())
     t, s = _bucket_lengths(model, len(ids), max_new_tokens)
     tokens = jnp.asarray(np.pad(np.asarray([ids], np.int32), ((0, 0), (0, t - len(ids)))))
@@ -162,7 +169,7 @@ def stream(model: Model, prompt: Sequence[int], *, max_new_tokens: int, temperat
     cache = init_cache(model.config, 1, s, model.dtype)
     logits, cache = _prefill_jit(decoder, model.params, cache, tokens, jnp.asarray([len(ids)], jnp.int32))
     for step in range(max_new_tokens):
-        token = _sample_jit(logits, sampling, step)
+        token = _sample_jit(logits, sampling, step, mode)
         value = int(token[0])
         yield value
         if value in stop or step == max_new_tokens - 1:

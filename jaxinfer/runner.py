@@ -22,7 +22,8 @@ import numpy as np
 from jaxtyping import Array, Bool, Int
 
 from jaxinfer.attention import PagedMeta
-from jaxinfer.sampling import SampleOutput, SamplingArrays, SamplingParams, sample_rows, sampling_arrays
+from jaxinfer.sampling import (SAMPLE_MODES, SampleOutput, SamplingArrays, SamplingParams,
+                               sample_mode, sample_rows, sampling_arrays)
 from jaxinfer.scheduler import PLACEHOLDER, StepPlan
 
 
@@ -71,22 +72,41 @@ class Runner:
         self.max_model_len = max_model_len
         self.max_pages_per_seq = math.ceil(max_model_len / page_size)
         self.buckets = token_buckets(max_num_batched_tokens)
-        self.num_compiles = 0  # traces of the step: each is one XLA compilation
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
+        self.num_compiles = 0  # traces of the forward and the sampler: each is one compilation
+        # Two programs per step: the model (pages donated) and the sampler, whose static mode
+        # (greedy / sample / filter) replaces on-device conds that would stall the host.
+        self._forward = jax.jit(self._forward_fn, donate_argnums=(1,))
+        self._sample = jax.jit(self._sample_fn, static_argnums=(4,))
         # The last dispatched step's sampled tokens [max_num_seqs] (on the device) and its rows.
         self.prev_tokens = jnp.zeros(max_num_seqs, jnp.int32)
         self._prev_rows: dict[str, int] = {}
 
-    def _step_fn(self, params, pages, prev_tokens, batch: StepBatch):
+    def _forward_fn(self, params, pages, prev_tokens, batch: StepBatch):
+        """Packed tokens -> logits [B, V] at each row's sample position; pages written."""
         self.num_compiles += 1  # runs at trace time only
         tokens = jnp.where(batch.token_src >= 0, prev_tokens[jnp.maximum(batch.token_src, 0)],
                            batch.tokens)
         logits, pages = self.decoder.apply(
             {"params": params}, tokens[None], batch.positions[None], pages,
             logits_at=batch.sample_idx, paged=batch.meta)
-        out = sample_rows(logits[:, 0], batch.sampling, batch.history, batch.history_is_output)
-        next_tokens = jnp.zeros_like(prev_tokens).at[:out.tokens.shape[0]].set(out.tokens)
-        return pages, out, next_tokens
+        return pages, logits[:, 0]
+
+    def _sample_fn(self, logits, sampling: SamplingArrays, history, history_is_output,
+                   mode: str):
+        self.num_compiles += 1  # runs at trace time only
+        out = sample_rows(logits, sampling, history, history_is_output, mode=mode)
+        next_tokens = jnp.zeros(self.max_num_seqs, jnp.int32).at[:out.tokens.shape[0]].set(
+            out.tokens)
+        return out, next_tokens
+
+    def step(self, batch: StepBatch, mode: str) -> SampleOutput:
+        """Queues the model and the sampler on the device; pages and prev_tokens move on."""
+        forward_only = batch._replace(sampling=None, history=None, history_is_output=None)
+        self.pages, logits = self._forward(self.params, self.pages, self.prev_tokens,
+                                           forward_only)
+        out, self.prev_tokens = self._sample(logits, batch.sampling, batch.history,
+                                             batch.history_is_output, mode)
+        return out
 
     def bucket(self, num_tokens: int) -> tuple[int, int]:
         """(T, B) of the smallest bucket holding `num_tokens` tokens."""
@@ -95,9 +115,7 @@ class Runner:
 
     def dispatch(self, plan: StepPlan, rows: Sequence[RowInfo]) -> tuple[int, SampleOutput]:
         """Queues the plan's step on the device and returns at once: a handle for `collect`."""
-        batch = self.build(plan, rows)
-        self.pages, out, self.prev_tokens = self._step(self.params, self.pages, self.prev_tokens,
-                                                       batch)
+        out = self.step(self.build(plan, rows), sample_mode([r.params for r in rows]))
         self._prev_rows = {s.request_id: i for i, s in enumerate(plan.seqs)}
         return plan.num_seqs, out
 
@@ -108,14 +126,19 @@ class Runner:
         return SampleOutput(*(x[:n] for x in jax.device_get(out)))  # one transfer
 
     def warmup(self, penalties: bool = False) -> None:
-        """Compiles every step variant once on all-padding batches: each token bucket, its
-        decode-only form where T == B, and (if asked) its penalty form."""
+        """Compiles every program once on all-padding batches: the forward of each token bucket
+        and its decode-only form where T == B, then the sampler of each row bucket B in every
+        mode (with and without penalties if asked)."""
         for t in self.buckets:
-            decodes = (False, True) if t <= self.max_num_seqs else (False,)
-            for decode, pen in itertools.product(decodes, (False, True) if penalties else (False,)):
-                batch = self._padding_batch(t, pen, decode)
-                self.pages, _, self.prev_tokens = self._step(self.params, self.pages,
-                                                             self.prev_tokens, batch)
+            for decode in (False, True) if t <= self.max_num_seqs else (False,):
+                self.step(self._padding_batch(t, False, decode), "greedy")
+        vocab = self.decoder.cfg.vocab_size
+        for b in sorted({min(t, self.max_num_seqs) for t in self.buckets}):
+            for mode, pen in itertools.product(SAMPLE_MODES, (False, True) if penalties
+                                               else (False,)):
+                batch = self._padding_batch(b, pen, False)  # its [b] sampler inputs
+                self._sample(jnp.zeros((b, vocab), jnp.float32), batch.sampling, batch.history,
+                             batch.history_is_output, mode)
         jax.block_until_ready(self.pages)
 
     def build(self, plan: StepPlan, rows: Sequence[RowInfo]) -> StepBatch:

@@ -176,9 +176,27 @@ def _fold_seed(seed: int) -> int:
     return folded
 
 
+SAMPLE_MODES = ("greedy", "sample", "filter")
+
+
+def sample_mode(params: Sequence[SamplingParams]) -> str:
+    """The cheapest static sampler mode that serves every row of a batch.
+
+    "greedy": no row samples or wants top logprobs (argmax only); "sample": Gumbel draws and top
+    logprobs, no filter; "filter": also the top-k / top-p / min-p sort. With a static mode the
+    sampler needs no `lax.cond`, whose predicate XLA copies to the host and waits for.
+    """
+    if any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params):
+        return "filter"
+    if any(p.temperature > 0 or p.logprobs for p in params):
+        return "sample"
+    return "greedy"
+
+
 def sample_rows(logits: Float[Array, "B V"], arrays: SamplingArrays,
                 history: Int[Array, "B W"] | None = None,
-                history_is_output: Bool[Array, "B W"] | None = None) -> SampleOutput:
+                history_is_output: Bool[Array, "B W"] | None = None,
+                mode: str | None = None) -> SampleOutput:
     """Samples one token per row, each row with its own settings, seed and step. Jittable.
 
     Args:
@@ -187,21 +205,45 @@ def sample_rows(logits: Float[Array, "B V"], arrays: SamplingArrays,
       history: [B, W] prompt + output token ids so far, -1 = padding; None = no penalties.
       history_is_output: [B, W] True where history holds a generated token (presence and
         frequency penalties count only those); None = every history token counts as output.
+      mode: a static SAMPLE_MODES entry at least as general as every row needs (see
+        `sample_mode`), or None to decide on the device with `lax.cond` (one compiled program
+        for every batch, but each cond waits for its predicate on the host).
     Returns:
       SampleOutput: tokens [B], logprob [B], top_ids / top_logprobs [B, MAX_LOGPROBS].
     """
+    if mode is not None and mode not in SAMPLE_MODES:
+        raise ValueError(f"sampler mode {mode!r} is not one of {SAMPLE_MODES}")
     raw = logits.astype(jnp.float32)  # [B, V]
-    penalized = raw if history is None else apply_penalties(raw, arrays, history, history_is_output)
+    if history is None:
+        penalized = raw
+    elif mode is None:
+        penalized = apply_penalties(raw, arrays, history, history_is_output)
+    else:  # the caller passes a history only when some row uses penalties
+        penalized = _penalize(raw, arrays, history, _all_output(history, history_is_output))
     greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)  # [B]
-    tokens = jax.lax.cond(jnp.any(arrays.temperature > 0),
-                          lambda: _sample_or_greedy(penalized, arrays, greedy),
-                          lambda: greedy)  # nobody samples: no noise, no sort
+    if mode is None:
+        tokens = jax.lax.cond(jnp.any(arrays.temperature > 0),
+                              lambda: _sample_or_greedy(penalized, arrays, greedy),
+                              lambda: greedy)  # nobody samples: no noise, no sort
+    elif mode == "greedy":
+        tokens = greedy
+    else:
+        tokens = _sample_or_greedy(penalized, arrays, greedy, filters=mode == "filter")
     logprobs = jax.nn.log_softmax(raw, axis=-1)  # [B, V]
     logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_ids, top_logprobs = jax.lax.cond(jnp.any(arrays.num_logprobs > 0),
-                                         lambda: _top_logprobs(logprobs),
-                                         lambda: _no_top_logprobs(logprobs))
+    if mode is None:
+        top_ids, top_logprobs = jax.lax.cond(jnp.any(arrays.num_logprobs > 0),
+                                             lambda: _top_logprobs(logprobs),
+                                             lambda: _no_top_logprobs(logprobs))
+    elif mode == "greedy":
+        top_ids, top_logprobs = _no_top_logprobs(logprobs)
+    else:
+        top_ids, top_logprobs = _top_logprobs(logprobs)
     return SampleOutput(tokens, logprob, top_ids, top_logprobs)
+
+
+def _all_output(history, history_is_output):
+    return jnp.ones(history.shape, bool) if history_is_output is None else history_is_output
 
 
 def apply_penalties(logits: Float[Array, "B V"], arrays: SamplingArrays,
@@ -213,8 +255,7 @@ def apply_penalties(logits: Float[Array, "B V"], arrays: SamplingArrays,
     logit -= frequency × (count in output) + presence × (1 if in output). -1 entries are ignored.
     Skipped (one `lax.cond`) when every row's penalties are off.
     """
-    if history_is_output is None:
-        history_is_output = jnp.ones(history.shape, bool)
+    history_is_output = _all_output(history, history_is_output)
     active = ((arrays.repetition_penalty != 1) | (arrays.presence_penalty != 0)
               | (arrays.frequency_penalty != 0))
     return jax.lax.cond(jnp.any(active),
@@ -241,15 +282,24 @@ def _token_counts(history: Int[Array, "B W"], weight: Bool[Array, "B W"],
 
 
 def _sample_or_greedy(logits: Float[Array, "B V"], arrays: SamplingArrays,
-                      greedy: Int[Array, "B"]) -> Int[Array, "B"]:
-    """Temperature, filters, one Gumbel draw per row from its own key; T = 0 rows stay greedy."""
+                      greedy: Int[Array, "B"], filters: bool | None = None) -> Int[Array, "B"]:
+    """Temperature, filters, one Gumbel draw per row from its own key; T = 0 rows stay greedy.
+
+    filters: True sorts for top-k / top-p / min-p, False skips them (no row uses one), None
+    decides on the device (`lax.cond`).
+    """
     sampling = arrays.temperature > 0
     scaled = logits / jnp.where(sampling, arrays.temperature, 1.0)[:, None]  # [B, V]
-    filtered = sampling & ((arrays.top_k > 0) | (arrays.top_p < 1) | (arrays.min_p > 0))
-    keep = jax.lax.cond(jnp.any(filtered),
-                        lambda: _filter_mask(scaled, arrays),
-                        lambda: jnp.ones(scaled.shape, bool))  # no filters: no sort
-    masked = jnp.where(keep, scaled, -jnp.inf)
+    if filters is None:
+        filtered = sampling & ((arrays.top_k > 0) | (arrays.top_p < 1) | (arrays.min_p > 0))
+        keep = jax.lax.cond(jnp.any(filtered),
+                            lambda: _filter_mask(scaled, arrays),
+                            lambda: jnp.ones(scaled.shape, bool))  # no filters: no sort
+        masked = jnp.where(keep, scaled, -jnp.inf)
+    elif filters:
+        masked = jnp.where(_filter_mask(scaled, arrays), scaled, -jnp.inf)
+    else:
+        masked = scaled
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(arrays.seed, arrays.step)
     drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)  # [B]
     return jnp.where(sampling, drawn, greedy)

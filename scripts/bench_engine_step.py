@@ -95,7 +95,7 @@ def engine_breakdown(model_name: str, num_pages: int | None, seqs: int, prompt: 
     import jaxinfer
     from jaxinfer.config import ModelConfig
     from jaxinfer.engine import Engine
-    from jaxinfer.sampling import SamplingParams
+    from jaxinfer.sampling import SamplingParams, sample_mode
 
     cfg = ModelConfig(**SHAPES[model_name])
     model = jaxinfer.Model(cfg, jaxinfer.init_params(cfg, "bfloat16"), None, jnp.bfloat16)
@@ -127,13 +127,17 @@ def engine_breakdown(model_name: str, num_pages: int | None, seqs: int, prompt: 
     batch = runner.build(plan, rows)
     res["build_ms"] = (time.perf_counter() - t0) * 1e3
 
+    mode = sample_mode([r.params for r in rows])
+
     def step(pages):
-        pages, _, _ = runner._step(runner.params, pages, runner.prev_tokens, batch)
-        return (pages,)
+        runner.pages = pages
+        runner.step(batch, mode)
+        return (runner.pages,)
     (pages,) = step(runner.pages)
     res["jitted_step_ms"] = timed(step, pages)
-    txt = jax.jit(runner._step_fn, donate_argnums=(1,)).lower(
-        runner.params, pages, runner.prev_tokens, batch).compile().as_text()
+    txt = jax.jit(runner._forward_fn, donate_argnums=(1,)).lower(
+        runner.params, runner.pages, runner.prev_tokens,
+        batch._replace(sampling=None, history=None, history_is_output=None)).compile().as_text()
     pool = ",".join(str(d) for d in runner.pages[0][0].shape)
     res["pool_copies"] = sum(1 for l in txt.splitlines() if f"[{pool}]" in l and
                              (" copy(" in l or " convert(" in l or "copy-start" in l))

@@ -159,12 +159,13 @@ def _decode_row(model, decoder, batch, args, limits, rng) -> dict:
     t, s = _bucket_lengths(model, args.prompt, args.new)
     tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, t)), jnp.int32)
     lengths = jnp.full((batch,), args.prompt, jnp.int32)
-    greedy = row_sampling(batch, 0.0, 0, 1.0, seed=0)
+    greedy, mode = row_sampling(batch, 0.0, 0, 1.0, seed=0)
     fresh = lambda: jax.block_until_ready(init_cache(cfg, batch, s, model.dtype))  # noqa: E731
 
     def run_generate(cache, new):
         out, cache = _generate(decoder, model.params, cache, tokens, lengths, jnp.int32(new),
-                               jnp.asarray([-2], jnp.int32), greedy, out_len=round_up(args.new, 32))
+                               jnp.asarray([-2], jnp.int32), greedy, out_len=round_up(args.new, 32),
+                               mode=mode)
         jax.block_until_ready(out)
         assert int((out[:, :new] >= 0).sum()) == batch * new  # every step ran
 

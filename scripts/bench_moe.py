@@ -14,8 +14,11 @@ the table then uses the fastest per shape.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import faulthandler
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -139,20 +142,32 @@ def decode_rows(args, limits) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
 
-    from pallas_kernels.grouped_matmul import grouped_matmul
+    from pallas_kernels.grouped_matmul import GroupedMatmulConfig, grouped_matmul
 
     e, d, f, k = args.experts, args.d, args.f, args.top_k
     key = jax.random.key(0)
+    t0 = time.perf_counter()
     gate_up = jax.random.normal(key, (e, d, 2 * f), jnp.bfloat16)
     down = jax.random.normal(key, (e, f, d), jnp.bfloat16)
+    jax.block_until_ready((gate_up, down))
+    print(f"random weights: {time.perf_counter() - t0:.1f} s", flush=True)
 
-    def layer(x, s, gmm):
-        h = gmm(x, gate_up, s)
-        return gmm(jax.nn.silu(h[:, :f]) * h[:, f:], down, s)
+    # Weights are arguments, not closed over: closed-over arrays become constants of the
+    # executable, and 2.8 GB of constants took XLA 71 s to compile (H100, 2026-11-26).
+    def layer(x, s, w1, w2, gmm):
+        h = gmm(x, w1, s)
+        return gmm(jax.nn.silu(h[:, :f]) * h[:, f:], w2, s)
 
-    ours = jax.jit(lambda x, s: layer(x, s, lambda a, b, c: grouped_matmul(
-        a, b, c, interpret=args.interpret)))
-    ragged = jax.jit(lambda x, s: layer(x, s, lambda a, b, c: jax.lax.ragged_dot(
+    def ours_with(split_k: int):
+        def gmm(a, b, c):
+            cfg = GroupedMatmulConfig.default(a.shape[0], b.shape[0], a.dtype)
+            cfg = dataclasses.replace(cfg, split_k=split_k)
+            return grouped_matmul(a, b, c, config=cfg, interpret=args.interpret)
+        return jax.jit(lambda x, s, w1, w2: layer(x, s, w1, w2, gmm))
+
+    ours = ours_with(1)
+    impls = {"ours": ours, **{f"ours_sk{n}": ours_with(n) for n in args.decode_split_k if n > 1}}
+    ragged = jax.jit(lambda x, s, w1, w2: layer(x, s, w1, w2, lambda a, b, c: jax.lax.ragged_dot(
         a, b, c, preferred_element_type=jnp.float32).astype(a.dtype)))
     rows = []
     for batch in [int(x) for x in args.decode_batches.split(",")]:
@@ -165,15 +180,22 @@ def decode_rows(args, limits) -> list[dict]:
                "floor_us": need / (limits["copy_read_plus_write_GBps"] * 1e9) * 1e6,
                "all_experts_floor_us": e * 3 * d * f * 2 /
                (limits["copy_read_plus_write_GBps"] * 1e9) * 1e6}
-        for name, fn in (("ours", ours), ("ragged_dot", ragged)):
-            if name in args.decode_impls.split(","):
-                sec = timed(fn, x, sizes, repeats=args.repeats)
+        for name, fn in (*impls.items(), ("ragged_dot", ragged)):
+            if name.split("_sk")[0] in args.decode_impls.split(","):
+                t0 = time.perf_counter()
+                fn.lower(x, sizes, gate_up, down).compile()  # compile, first run apart
+                t1 = time.perf_counter()
+                jax.block_until_ready(fn(x, sizes, gate_up, down))
+                row[f"{name}_compile_s"], row[f"{name}_first_run_s"] = (
+                    t1 - t0, time.perf_counter() - t1)
+                sec = timed(fn, x, sizes, gate_up, down, repeats=args.repeats)
                 row[f"{name}_us"] = sec * 1e6
                 row[f"{name}_GBps_of_needed"] = need / sec / 1e9
         if "ours_us" in row:
             row["ours_x_floor"] = row["ours_us"] / row["floor_us"]
         if "ours_us" in row and "ragged_dot_us" in row:
-            row["max_rel_err_vs_ragged_dot"] = rel_err(ours(x, sizes), ragged(x, sizes))
+            row["max_rel_err_vs_ragged_dot"] = rel_err(ours(x, sizes, gate_up, down),
+                                                       ragged(x, sizes, gate_up, down))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -188,6 +210,9 @@ def main() -> int:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--decode-batches", default="1,8,32")
     p.add_argument("--decode-impls", default="ours,ragged_dot")
+    p.add_argument("--decode-split-k", default="1",
+                   type=lambda t: [int(x) for x in t.split(",")],
+                   help="also time ours with these split_k (decode section)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="tile configs swept, ';'-separated ('' = the default only)")
     p.add_argument("--sections", default="check,decode,prefill")
@@ -195,6 +220,7 @@ def main() -> int:
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where it is stuck
     import jax
 
     from bench_generate import card_limits

@@ -136,6 +136,7 @@ def main() -> int:
         print("HF_RESULT " + json.dumps(res), flush=True)
         return 0
     peers = run_hf(args) if args.hf else {}
+    hf_error = peers.pop("error", None)  # kept in the report, not dropped
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     import jax
     import jax.numpy as jnp
@@ -146,6 +147,9 @@ def main() -> int:
 
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": args.model,
               "args": vars(args), "limits": card_limits(3), "workloads": {}}
+    if hf_error:
+        report["hf_error"] = hf_error
+        print("HF peer failed:\n" + hf_error, flush=True)
     cfg = ModelConfig(**shape)
     model = jaxinfer.Model(cfg, jaxinfer.init_params(cfg, "bfloat16"), None, jnp.bfloat16)
     t0 = time.perf_counter()
@@ -185,7 +189,7 @@ def run_hf(args) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("HF_RESULT ")]
     if proc.returncode or not lines:
-        return {"error": proc.stderr[-800:]}
+        return {"error": f"exit {proc.returncode}: " + proc.stderr[-2000:]}
     return json.loads(lines[-1][len("HF_RESULT "):])
 
 

@@ -14,7 +14,7 @@ from conftest import build_hf_model
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine import LLM, Engine
 from jaxinfer.model import Model
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import SAMPLE_MODES, SamplingParams
 
 # ------------------------------------------------------------------------------------------------
 # A fake model: the next token is always (last token + 1) % 26, and token t is the letter 'a' + t.
@@ -256,16 +256,20 @@ def test_no_recompiles_after_warmup(tiny_model):
                     num_pages=24, warmup=True, attention_impl="xla")
     compiled = engine.runner.num_compiles
     buckets = engine.runner.buckets  # each bucket, plus a decode-only form where T <= seats
-    assert compiled == len(buckets) + sum(t <= 4 for t in buckets)
+    forwards = len(buckets) + sum(t <= 4 for t in buckets)
+    samplers = len(SAMPLE_MODES) * len({min(t, 4) for t in buckets})  # per row bucket and mode
+    assert compiled == forwards + samplers
     rng = np.random.RandomState(5)
     for step in range(200):
         if step % 7 == 0 and step < 160:
             n = int(rng.randint(1, 40))
             engine.add_request(f"r{step}", rng.randint(0, 300, n).tolist(),
                                SamplingParams(max_tokens=int(rng.randint(1, 20)),
-                                              temperature=float(rng.choice([0, 0.7])), top_k=5))
+                                              temperature=float(rng.choice([0, 0, 0.7, 0.7, 1])),
+                                              top_k=int(rng.choice([0, 5])),
+                                              logprobs=[None, 2][step % 2]))
         engine.step()
-    assert engine.stats["steps"] >= 150
+    assert engine.stats["steps"] >= 120
     assert engine.runner.num_compiles == compiled
 
 

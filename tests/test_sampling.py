@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.sampling import (MAX_LOGPROBS, SampleOutput, SamplingArrays, SamplingParams,
-                               apply_penalties, sample_rows, sampling_arrays)
+                               apply_penalties, sample_mode, sample_rows, sampling_arrays)
 
 sample_jit = jax.jit(sample_rows)
 NEUTRAL = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
@@ -292,3 +292,48 @@ def test_new_settings_do_not_recompile():
 def test_sampling_params_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field} "):
         SamplingParams(**{field: value})
+
+
+# ---------------------------------------------------------------------------------------------
+# Static modes (the engine's sampler): no lax.cond, same tokens as the cond path
+
+
+@pytest.mark.parametrize("case", ["greedy", "sample", "filter"])
+def test_static_mode_matches_the_cond_path(case):
+    """Each mode, on a batch it serves, gives the tokens, logprobs and top logprobs of mode=None,
+    and `sample_mode` picks that mode from the batch's SamplingParams."""
+    v, b = 96, 5
+    params = {
+        "greedy": [SamplingParams(temperature=0.0)] * b,
+        "sample": [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(temperature=0.8),
+                   SamplingParams(temperature=1.3, seed=4)] + [SamplingParams(temperature=0)] * 2,
+        "filter": [SamplingParams(temperature=0.9, top_k=7), SamplingParams(temperature=1.1,
+                                                                            top_p=0.6),
+                   SamplingParams(temperature=0.7, min_p=0.2), SamplingParams(temperature=0.0,
+                                                                              top_k=3),
+                   SamplingParams(temperature=1.0, logprobs=20)],
+    }[case]
+    assert sample_mode(params) == case
+    arrays = jax.tree.map(jnp.asarray, sampling_arrays(params, list(range(b)), [2] * b, pad_to=b))
+    history = jnp.asarray(np.arange(4 * b).reshape(b, 4) % v, jnp.int32)
+    for seed in range(3):
+        logits = random_logits(b, v, seed=seed)
+        for hist in (None, history):
+            ref = sample_jit(logits, arrays, hist)
+            got = jax.jit(sample_rows, static_argnames="mode")(logits, arrays, hist, mode=case)
+            for name in SampleOutput._fields:
+                np.testing.assert_allclose(np.asarray(getattr(got, name)),
+                                           np.asarray(getattr(ref, name)), rtol=1e-6,
+                                           err_msg=f"{case} {name}")
+    with pytest.raises(ValueError, match="mode"):
+        sample_rows(logits, arrays, mode="beam")
+
+
+def test_static_modes_have_no_conditionals():
+    arrays = jax.tree.map(jnp.asarray, sampling_arrays([SamplingParams()], [0], [0], pad_to=1))
+    logits = jnp.zeros((1, 32))
+    for mode in ("greedy", "sample", "filter"):
+        text = jax.jit(sample_rows, static_argnames="mode").lower(logits, arrays,
+                                                                  mode=mode).as_text()
+        assert "stablehlo.case" not in text, mode  # a cond copies its predicate to the host
+    assert "stablehlo.case" in jax.jit(sample_rows).lower(logits, arrays).as_text()

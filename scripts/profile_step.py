@@ -1,0 +1,265 @@
+"""Where one engine step's GPU time goes: a jax.profiler trace of real decode steps, summed per
+XLA op and per kernel, with the step's byte and flop floors beside it.
+
+    python scripts/profile_step.py --model llama3-8b --seqs 256 --prompt 200 --out prof.json
+    python scripts/profile_step.py --model tiny --seqs 4 --prompt 8      # CPU smoke
+
+The engine (random weights, bf16) is filled with `--seqs` greedy requests of `--prompt` tokens and
+stepped until every sequence decodes; then `--steps` decode steps run under the profiler. The
+trace's device events (CUPTI kernels on a GPU, thunks on the CPU) are grouped by `hlo_op`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import faulthandler
+import glob
+import gzip
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_generate import SHAPES  # noqa: E402
+
+# Op-name fragments → category, first match wins (XLA names fusions after their root op).
+CATEGORIES = (("attention", ("paged_decode", "ragged_paged", "flash_attention")),
+              ("grouped_matmul", ("grouped_matmul",)),
+              ("matmul", ("dot", "gemm", "cublas", "matmul", "convolution")),
+              ("kv_write", ("scatter", "dynamic-update-slice", "dynamic_update_slice")),
+              ("sort_topk", ("sort", "topk", "top_k")),
+              ("reduce", ("reduce",)),
+              ("copy", ("copy", "transpose")))
+
+
+def category(op: str) -> str:
+    low = op.lower()
+    return next((cat for cat, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def device_events(trace_dir: str) -> tuple[list[dict], list[str]]:
+    """Complete events of the device lines of the newest trace, and the process names seen."""
+    path = max(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
+               key=os.path.getmtime)
+    with gzip.open(path) as fh:
+        events = json.load(fh)["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
+    if gpu:
+        chosen = [e for e in events if e.get("ph") == "X" and e["pid"] in gpu]
+    else:  # CPU: the XLA thunks carry an hlo_op
+        chosen = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    return chosen, sorted(set(names.values()))
+
+
+def summarize(events: list[dict], steps: int, top: int) -> dict:
+    """Per-step device time by hlo op, by kernel name and by category (microseconds)."""
+    by_op, by_kernel = collections.Counter(), collections.Counter()
+    count = collections.Counter()
+    for e in events:
+        args = e.get("args", {})
+        op = args.get("hlo_op") or e["name"]
+        by_op[op] += e["dur"]
+        count[op] += 1
+        by_kernel[e["name"][:120]] += e["dur"]
+    cats = collections.Counter()
+    for op, us in by_op.items():
+        cats[category(op)] += us
+    busy = sum(by_op.values())
+    return {
+        "device_busy_us_per_step": busy / steps,
+        "by_category_us_per_step": {c: v / steps for c, v in cats.most_common()},
+        "top_ops": [{"op": op, "us_per_step": us / steps, "calls_per_step": count[op] / steps,
+                     "share": us / busy} for op, us in by_op.most_common(top)],
+        "top_kernels": [{"kernel": k, "us_per_step": us / steps}
+                        for k, us in by_kernel.most_common(top)],
+    }
+
+
+def floors(cfg, seqs: int, context: float, copy_gbps: float, matmul_tflops: float) -> dict:
+    """Bytes and flops one decode step must move and do: every weight a token uses once (the
+    embedding table is only gathered from), every live KV entry; matmul flops 2 per weight."""
+    used = cfg.active_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    kv = seqs * context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+    out = {"weight_bytes": used * 2, "kv_bytes": kv, "matmul_flops": 2 * seqs * used}
+    if copy_gbps == copy_gbps:  # not NaN
+        out["bytes_floor_ms"] = (used * 2 + kv) / copy_gbps / 1e6
+        out["flops_floor_ms"] = 2 * seqs * used / matmul_tflops / 1e9
+    return out
+
+
+def jitted_step_alone(eng, n: int = 20) -> dict:
+    """The jitted step of one decode plan, n calls back to back and one sync: the host's time to
+    queue the n calls, and the wall of all n (the device's pace if the host keeps ahead)."""
+    import jax
+
+    from jaxinfer.runner import RowInfo
+    from jaxinfer.sampling import sample_mode
+
+    eng._resolve()  # nothing in flight: the plan below holds real tokens only
+    plan = eng.scheduler.schedule()
+    rows = [RowInfo(r.params, r.seed, r.seq.num_output_tokens, r.seq.token_ids,
+                    r.seq.num_prompt_tokens)
+            for r in (eng.requests[s.request_id] for s in plan.seqs)]
+    runner = eng.runner
+    batch = runner.build(plan, rows)
+    mode = sample_mode([r.params for r in rows])
+    jax.block_until_ready(runner.step(batch, mode))
+    t0 = time.perf_counter()
+    for _ in range(n):  # same slots rewritten: the engine is not stepped after this
+        out = runner.step(batch, mode)
+    t1 = time.perf_counter()
+    jax.block_until_ready((runner.pages, out))
+    t2 = time.perf_counter()
+    return {"jitted_step_queue_ms": (t1 - t0) / n * 1e3, "jitted_step_ms": (t2 - t0) / n * 1e3}
+
+
+def time_phases(eng, steps: int) -> dict:
+    """Wall ms per step inside each part of the engine step (wrappers on the instances only)."""
+    totals = collections.Counter()
+    parts = [(eng.scheduler, "schedule"), (eng.scheduler, "commit"), (eng.scheduler, "resolve"),
+             (eng.runner, "build"), (eng.runner, "step"), (eng.runner, "collect"),
+             (eng, "_advance"), (eng, "_resolve")]
+    originals = [(obj, name, getattr(obj, name)) for obj, name in parts]
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                totals[name] += time.perf_counter() - t0
+        return wrapper
+    for obj, name, fn in originals:
+        setattr(obj, name, timed(name, fn))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    totals["engine_step"] = time.perf_counter() - t0
+    for obj, name, _ in originals:
+        delattr(obj, name)  # back to the class's method
+    return {k: v / steps * 1e3 for k, v in totals.items()}
+
+
+def cprofile_steps(eng, steps: int) -> str:
+    """The host's view of `steps` engine steps: the top functions by own and cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        eng.step()
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(20)
+    stats.sort_stats("cumulative").print_stats(25)
+    return text.getvalue()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=None, help="fewer layers than the shape")
+    p.add_argument("--seqs", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=200)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--budget", type=int, default=4096, help="max_num_batched_tokens")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: --seqs")
+    p.add_argument("--cprofile", type=int, default=0, help="also cProfile this many host steps")
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--keep-trace", default=None, help="copy the raw trace to this folder")
+    p.add_argument("--limits", action="store_true", help="measure copy bandwidth and matmul peak")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where it is stuck
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxinfer
+    from jaxinfer.config import ModelConfig
+    from jaxinfer.engine import Engine
+    from jaxinfer.sampling import SamplingParams
+
+    shape = dict(SHAPES[args.model])
+    if args.layers:
+        shape["num_layers"] = args.layers
+    cfg = ModelConfig(**shape)
+    model = jaxinfer.Model(cfg, jaxinfer.init_params(cfg, "bfloat16"), None, jnp.bfloat16)
+    eng = Engine(model, max_num_seqs=args.max_num_seqs or args.seqs, max_num_batched_tokens=args.budget,
+                 num_pages=args.num_pages, warmup=False)
+    rng = np.random.default_rng(0)
+    for i in range(args.seqs):
+        eng.add_request(str(i), rng.integers(0, cfg.vocab_size, args.prompt).tolist(),
+                        SamplingParams(max_tokens=eng.max_model_len - args.prompt, temperature=0,
+                                       ignore_eos=True))
+    t0 = time.perf_counter()
+    while eng.stats["decode_steps"] < 3:  # prefills done, the decode step compiled and warm
+        eng.step()
+    warm_s = time.perf_counter() - t0
+    phases = time_phases(eng, 10)
+    walls = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        eng.step()
+        walls.append(time.perf_counter() - t0)
+    step_ms = statistics.median(walls) * 1e3
+    host_profile = cprofile_steps(eng, args.cprofile) if args.cprofile else None
+    context = args.prompt + eng.stats["decode_steps"] + args.steps / 2
+    trace_dir = tempfile.mkdtemp(prefix="jaxinfer-trace-")
+    with jax.profiler.trace(trace_dir):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            eng.step()
+        eng._resolve()
+        jax.block_until_ready(eng.runner.pages)
+        traced_ms = (time.perf_counter() - t0) / args.steps * 1e3
+    launch = jitted_step_alone(eng)  # last: leaves the engine's plan unresolved
+    events, processes = device_events(trace_dir)
+    if args.keep_trace:
+        import shutil
+        shutil.copytree(trace_dir, args.keep_trace, dirs_exist_ok=True)
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": args.model,
+              "layers": cfg.num_layers, "seqs": args.seqs, "prompt": args.prompt,
+              "steps_traced": args.steps, "num_pages": eng.num_pages,
+              "engine_step_ms": step_ms, "engine_step_ms_all": [w * 1e3 for w in walls],
+              "traced_step_ms": traced_ms, "warmup_s": warm_s, "trace_processes": processes,
+              "host_profile": host_profile, "host_phases_ms_per_step": phases, **launch}
+    limits = {"bf16_matmul_TFLOPs": float("nan"), "copy_read_plus_write_GBps": float("nan")}
+    if args.limits and jax.default_backend() == "gpu":
+        from bench_generate import card_limits
+        limits = card_limits(3)
+    report["limits"] = limits
+    report["floors"] = floors(cfg, args.seqs, context, limits["copy_read_plus_write_GBps"],
+                              limits["bf16_matmul_TFLOPs"])
+    report.update(summarize(events, args.steps, args.top))
+    text = json.dumps(report, indent=1)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    print(f"{report['device']} {args.model} L{cfg.num_layers} seqs {args.seqs} prompt {args.prompt}: "
+          f"engine step {step_ms:.2f} ms (traced {traced_ms:.2f}; jitted step alone "
+          f"{launch['jitted_step_ms']:.2f}, queued in {launch['jitted_step_queue_ms']:.2f}), device busy {report['device_busy_us_per_step'] / 1e3:.2f} "
+          f"ms/step; floors {report['floors']}")
+    if host_profile:
+        print(host_profile)
+    print("host phases (ms/step):", {k: round(v, 2) for k, v in phases.items()})
+    for cat, us in report["by_category_us_per_step"].items():
+        print(f"  {cat:16s} {us / 1e3:8.3f} ms")
+    for r in report["top_ops"]:
+        print(f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:5.1f}  {r['op'][:100]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
