@@ -9,17 +9,21 @@ N output width, E groups (experts).
 where group g owns rows ``sum(group_sizes[:g]) .. + group_sizes[g]``.
 
 Sparse by construction. The rows [0, M) are cut into E + 1 segments (the E
-groups, then the padding segment); the grid walks *work items*, one per
-(segment, row tile) pair the segment touches, times the N tiles. A row tile
-that straddles two groups is visited once per group, each visit storing only
-its own rows (row mask), like megablox GMM's group metadata. A group with no
-rows gets no work item, so its weights are never read: a decode step reads
-only the experts that got tokens. Padding items store zeros without reading
-any weight, so every output element is written by the kernel (no extra pass).
+groups, then the padding segment); each segment is cut into row tiles of up to
+block_m rows that start at the segment's first row (not at multiples of
+block_m), and the grid walks these *work items* times the N tiles. So a group
+of up to block_m rows is one item wherever it starts, and its weight panel is
+read once per N tile: with tiles at fixed boundaries, a group straddling one
+was visited twice (measured 1.32x the weight-byte floor at 64 decode rows on
+an H100, see NOTES.md). Each item loads and stores only its own rows (row
+mask). A group with no rows gets no work item, so its weights are never read:
+a decode step reads only the experts that got tokens. Padding items store
+zeros without reading any weight, so every output element is written by the
+kernel (no extra pass).
 
-Segments partition [0, M), so (segment, tile) pairs number at most
-``num_row_tiles + E``: the work list has that static length; items past the
-real count are inactive (empty row range, no K steps, a fully masked store).
+Items number at most ``cdiv(M, block_m) + E``: the work list has that static
+length; items past the real count are inactive (empty row range, no K steps,
+a fully masked store).
 
 File layout: metadata (jnp) -> kernel -> pallas_call wrapper (tile sizes in
 GroupedMatmulConfig) -> jitted public entry ``grouped_matmul`` ->
@@ -79,16 +83,16 @@ class GroupedMatmulConfig:
   def default(cls, m: int, num_groups: int, dtype) -> "GroupedMatmulConfig":
     """Row tile sized to the rows per group (decode: few rows, small tile).
 
-    Not tuned on a GPU yet: a starting point, see NOTES.md once measured.
+    Prefill tiles from the H100 sweep in NOTES.md; decode tiles not swept.
     """
     rows_per_group = max(1, -(-m // max(num_groups, 1)))
     block_m = min(128, max(16, pl.next_power_of_2(rows_per_group)))
     if jnp.dtype(dtype) == jnp.float32:
       return cls(block_m=min(block_m, 64), block_n=64, block_k=32,
                  num_warps=4, num_stages=2)
-    if block_m >= 128:
-      return cls(block_m=128, block_n=128, block_k=64, num_warps=8,
-                 num_stages=3)
+    if block_m >= 128:  # bn 256 was 1.15-1.3x faster from 2048 rows up, H100
+      return cls(block_m=128, block_n=256 if m >= 2048 else 128, block_k=64,
+                 num_warps=8, num_stages=3)
     return cls(block_m=block_m, block_n=128, block_k=64, num_warps=4,
                num_stages=4)
 
@@ -97,25 +101,25 @@ class GroupedMatmulConfig:
 # Group metadata (work list), in jnp.
 # ----------------------------------------------------------------------------
 class WorkList(NamedTuple):
-  """Work items, each a row range inside one row tile; all int32 [W].
+  """Work items, each up to block_m consecutive rows of one segment; all int32 [W].
 
   group: the group whose weights the item multiplies; E for padding items
     (store zeros) and for inactive items (row range empty).
-  tile: the row tile (rows tile * block_m .. + block_m).
-  lo, hi: the item's rows are [lo, hi), inside its tile.
+  lo, hi: the item's rows are [lo, hi), hi - lo <= block_m.
   """
   group: jax.Array
-  tile: jax.Array
   lo: jax.Array
   hi: jax.Array
 
 
 def make_work_list(group_sizes, m: int, block_m: int) -> WorkList:
-  """Builds the (segment, row tile) work items from ``group_sizes`` [E].
-
-  Segments are the E groups then the padding rows [sum, M); empty segments
-  get no item. Static length W = cdiv(M, block_m) + E. Group ends past M
-  are clipped to M.
+  """Builds the work items from ``group_sizes`` [E]: each segment (the E
+  groups, then the padding rows [sum, M)) cut into row tiles that start at the
+  segment's first row, so a group of up to block_m rows is one item and its
+  weights are read once per N tile, wherever it starts. Empty segments get no
+  item. Static length W = cdiv(M, block_m) + E, which bounds
+  sum(cdiv(size, block_m)) over the E + 1 segments. Group ends past M are
+  clipped to M.
   """
   num_groups = group_sizes.shape[0]
   num_items = pl.cdiv(m, block_m) + num_groups
@@ -123,21 +127,16 @@ def make_work_list(group_sizes, m: int, block_m: int) -> WorkList:
   ends = jnp.minimum(jnp.cumsum(sizes), m)
   ends = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])  # [E + 1]
   starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-  nonempty = ends > starts
-  first_tile = starts // block_m
-  last_tile = (ends - 1) // block_m
-  count = jnp.where(nonempty, last_tile - first_tile + 1, 0)  # [E + 1]
-  cum = jnp.cumsum(count)                                     # inclusive
+  count = (ends - starts + block_m - 1) // block_m  # [E + 1], 0 when empty
+  cum = jnp.cumsum(count)                            # inclusive
 
   w = jnp.arange(num_items, dtype=jnp.int32)
   active = w < cum[-1]
   seg = jnp.minimum(jnp.searchsorted(cum, w, side="right"), num_groups)
   seg = seg.astype(jnp.int32)
-  tile = first_tile[seg] + w - (cum[seg] - count[seg])
-  lo = jnp.maximum(starts[seg], tile * block_m)
-  hi = jnp.minimum(ends[seg], (tile + 1) * block_m)
+  lo = starts[seg] + (w - (cum[seg] - count[seg])) * block_m
+  hi = jnp.minimum(lo + block_m, ends[seg])
   return WorkList(group=jnp.where(active, seg, num_groups),
-                  tile=jnp.where(active, tile, 0),
                   lo=jnp.where(active, lo, 0),
                   hi=jnp.where(active, hi, 0))
 
@@ -156,10 +155,10 @@ def _swizzle(pid, num_items: int, num_n_tiles: int, group_m: int):
   return first + local % size, local // size
 
 
-def _gmm_kernel(group_ref, tile_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
+def _gmm_kernel(group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
                 *, num_groups, k_dim, n_dim, block_m, block_n, block_k,
                 group_m, split_k, dot_precision):
-  # group/tile/lo/hi_ref: [W]; lhs_ref: [M, K]; rhs_ref: [E * K, N];
+  # group/lo/hi_ref: [W]; lhs_ref: [M, K]; rhs_ref: [E * K, N];
   # out_ref: [M, N], or [S * M, N] f32 partials when split_k = S > 1.
   # One program = (K split, work item, N tile).
   num_items, num_n_tiles = group_ref.shape[0], pl.cdiv(n_dim, block_n)
@@ -167,10 +166,10 @@ def _gmm_kernel(group_ref, tile_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
   pid = pl.program_id(0)
   split = pid // per_split
   w, ni = _swizzle(pid % per_split, num_items, num_n_tiles, group_m)
-  g, tile, lo, hi = group_ref[w], tile_ref[w], lo_ref[w], hi_ref[w]
-  r0, n0 = tile * block_m, ni * block_n
+  g, r0, hi = group_ref[w], lo_ref[w], hi_ref[w]
+  n0 = ni * block_n
   rows = r0 + jnp.arange(block_m, dtype=jnp.int32)
-  row_ok = jnp.logical_and(rows >= lo, rows < hi)  # this item's rows only
+  row_ok = rows < hi  # this item's rows only (they start at r0)
   cols_ok = None
   if n_dim % block_n:
     cols_ok = (n0 + jnp.arange(block_n, dtype=jnp.int32)) < n_dim
@@ -219,11 +218,10 @@ def choose_split_k(config: GroupedMatmulConfig, k_dim: int) -> int:
   """Programs per output tile along K: config.split_k, at most the number of
   K steps.
 
-  Split-K is opt-in. It is meant for decode sizes, where (item, N tile)
+  Split-K is opt-in. It was meant for decode sizes, where (item, N tile)
   programs alone leave SMs idle (Mixtral's down projection at batch 1: 64
-  programs on 132 SMs), but its first GPU run (H100, 2026-11-26) did not
-  finish a batch-1 call within the benchmark's time limit; until that is
-  understood the default stays 1, the path measured on the GPU.
+  programs on 132 SMs), but on an H100 one layer's expert work changed by
+  -2%, +1.5% and -6% at 2, 16 and 64 rows (NOTES.md), so the default stays 1.
   """
   return min(config.split_k, pl.cdiv(k_dim, config.block_k))
 
@@ -252,7 +250,7 @@ def _gmm_call(lhs, rhs, work: WorkList, *, config: GroupedMatmulConfig,
   out = pl.pallas_call(
       kernel,
       grid=grid,
-      in_specs=[whole((num_items,))] * 4 + [whole((m, k_dim)),
+      in_specs=[whole((num_items,))] * 3 + [whole((m, k_dim)),
                                              whole(rhs_rows.shape)],
       out_specs=whole((split_k * m, n_dim)),
       out_shape=jax.ShapeDtypeStruct((split_k * m, n_dim), out_dtype),
@@ -260,7 +258,7 @@ def _gmm_call(lhs, rhs, work: WorkList, *, config: GroupedMatmulConfig,
                                            num_stages=config.num_stages),
       interpret=interpret,
       name=f"grouped_matmul_bm{block_m}_bn{block_n}_bk{block_k}_s{split_k}",
-  )(work.group, work.tile, work.lo, work.hi, lhs, rhs_rows)
+  )(work.group, work.lo, work.hi, lhs, rhs_rows)
   if split_k == 1:
     return out
   return out.reshape(split_k, m, n_dim).sum(axis=0).astype(lhs.dtype)

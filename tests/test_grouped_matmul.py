@@ -101,7 +101,8 @@ def test_empty_expert_weights_never_read(config):
 
 @pytest.mark.parametrize("sizes,m,block_m", [
     ((5, 0, 40, 1), 60, 16), ((0,) * 4, 7, 16), ((64,), 64, 16),
-    ((3, 0, 0, 29, 16, 0, 1, 15), 70, 32), ((1, 1, 1, 1), 4, 128)])
+    ((3, 0, 0, 29, 16, 0, 1, 15), 70, 32), ((1, 1, 1, 1), 4, 128),
+    ((7, 9, 8, 8, 16, 3, 9, 4), 64, 16)])  # decode-like: groups straddle tile lines
 def test_work_list(sizes, m, block_m):
   """Each row is covered by exactly one active item; empty groups get none."""
   work = jax.tree.map(np.asarray, make_work_list(
@@ -110,18 +111,23 @@ def test_work_list(sizes, m, block_m):
   assert work.group.shape == (-(-m // block_m) + num_groups,)
   bounds = np.concatenate([[0], np.cumsum(sizes), [m]])
   owner = np.full(m, -1)
-  for g, t, lo, hi in zip(*work):
+  items = np.zeros(num_groups + 1, int)
+  for g, lo, hi in zip(*work):
     if lo == hi:  # inactive
       assert g == num_groups
       continue
-    assert t * block_m <= lo < hi <= (t + 1) * block_m
+    assert lo < hi <= lo + block_m
     assert bounds[g] <= lo and hi <= bounds[g + 1]
+    assert (lo - bounds[g]) % block_m == 0  # tiles start at the group's first row
+    items[g] += 1
     assert (owner[lo:hi] == -1).all()
     owner[lo:hi] = g
   expected = np.repeat(np.arange(num_groups + 1), np.diff(bounds))
   np.testing.assert_array_equal(owner, expected)
   visited = set(work.group[work.hi > work.lo].tolist()) - {num_groups}
   assert visited == {g for g, s in enumerate(sizes) if s}
+  # Fewest items: a group of up to block_m rows is one item (its weights read once).
+  np.testing.assert_array_equal(items, -(-np.diff(bounds) // block_m))
 
 
 @pytest.mark.parametrize("lhs_shape,rhs_shape,gs_shape,dtypes,match", [
