@@ -178,6 +178,21 @@ def _jax_mha():
   return attention.mha
 
 
+def _jax_mgpu_attention(block_kv: int):
+  """JAX's Hopper (Mosaic GPU, warp-specialised) flash attention as a peer:
+  what that backend reaches on this card, before we write our own there.
+  Imported at call time, so a failure lands in that peer's error column."""
+  def run(q, kk, v):
+    import warnings  # pylint: disable=import-outside-toplevel
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      from jax.experimental.pallas.ops.gpu import attention_mgpu  # pylint: disable=import-outside-toplevel
+    config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv,
+                                         max_concurrent_steps=2, causal=True)
+    return attention_mgpu.attention(q, kk, v, config=config)
+  return run
+
+
 def prefill_case(b, t, n, k, h, opts, configs, peers=True):
   dt = jnp.bfloat16
   flops = 4 * b * n * t * t * h / 2
@@ -204,6 +219,11 @@ def prefill_case(b, t, n, k, h, opts, configs, peers=True):
       return _jax_mha()(q, kk, v, None, sm_scale=1 / math.sqrt(h),
                         causal=True)
     impls["jax_pallas_mha"] = jax_mha
+    for block_kv in (128, 64):  # its scale is fixed at 1/sqrt(h), as ours
+      impls[f"jax_mgpu_bkv{block_kv}"] = _jax_mgpu_attention(block_kv)
+  # JAX's Mosaic GPU kernel takes f16 only (its P @ V is f16): it gets f16 copies
+  # of the same data, made outside the timed region; same flops.
+  f16_sets = [tuple(x.astype(jnp.float16) for x in qkv) for qkv in sets]
   # reference output for the error column: cuDNN at big sizes, jnp at small
   q0, k0, v0 = sets[0]
   try:
@@ -216,10 +236,11 @@ def prefill_case(b, t, n, k, h, opts, configs, peers=True):
   except Exception as e:  # pylint: disable=broad-except
     ref, row["ref_error"] = None, err_text(e)
   for name, fn in impls.items():
+    data = f16_sets if name.startswith("jax_mgpu") else sets
     try:
       if ref is not None:
-        row[f"{name}_err"] = rel_err(jax.jit(fn)(q0, k0, v0), ref)
-      sec, _ = time_group(fn, sets, repeats=opts.repeats,
+        row[f"{name}_err"] = rel_err(jax.jit(fn)(*data[0]), ref)
+      sec, _ = time_group(fn, data, repeats=opts.repeats,
                           min_time=opts.min_time)
       row[f"{name}_ms"] = sec * 1e3
       row[f"{name}_tflops"] = flops / sec / 1e12
@@ -512,12 +533,16 @@ def print_table(res):
              else r.get("error", "")[:80]))
   if res.get("prefill"):
     print(f"\n{'B':>3} {'T':>6} {'N/K':>6} | TFLOP/s: ours  cudnn   xla  "
-          "jax-mha | ours/cudnn")
+          "jax-mha jax-mgpu | ours/cudnn")
     for r in res["prefill"]:
       g = lambda k: r.get(f"{k}_tflops", float("nan"))
+      mgpu = max((v for key, v in r.items()
+                  if key.startswith("jax_mgpu") and key.endswith("_tflops")),
+                 default=float("nan"))
       print(f"{r['B']:3d} {r['T']:6d} {r['N']:3d}/{r['K']:<2d} | "
             f"{g('ours'):10.1f} {g('cudnn'):6.1f} {g('xla'):5.1f} "
-            f"{g('jax_pallas_mha'):7.1f} | {g('ours') / g('cudnn'):.2f}")
+            f"{g('jax_pallas_mha'):7.1f} {mgpu:8.1f} | "
+            f"{g('ours') / g('cudnn'):.2f}")
   if res.get("decode"):
     print(f"\n{'B':>4} {'ctx':>6} {'L':>3} | GB/s: ours  identity  "
           "jax-paged  contig-xla | ours/copy ours/identity ours/contig")
