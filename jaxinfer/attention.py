@@ -111,7 +111,8 @@ def _mixed_step_attention(q: Float[Array, "T N H"], k_pages, v_pages,
     rag = ragged_kernel(q, k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens,
                         skip_single_token=True)  # one-token rows left unwritten
     token = jnp.arange(t)
-    seq = jnp.minimum(jnp.searchsorted(meta.cu_q_lens[1:], token, side="right"), b - 1)  # [T]
+    seq = jnp.minimum(jnp.searchsorted(meta.cu_q_lens[1:], token, side="right",
+                                     method="compare_all"), b - 1)  # [T]
     from_decode = single[seq] & (token < meta.cu_q_lens[-1])
     return jnp.where(from_decode[:, None, None], dec[seq], rag)
 

@@ -333,7 +333,8 @@ def flash_attention(q, k, v, *, causal: bool = True,
       raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     tokens = jnp.arange(q.shape[0], dtype=jnp.int32)
     cu = cu_seqlens.astype(jnp.int32)
-    seq_id = jnp.searchsorted(cu, tokens, side="right") - 1
+    seq_id = jnp.searchsorted(cu, tokens, side="right",
+                              method="compare_all") - 1
     seg_start = jnp.where(seq_id >= cu.shape[0] - 1, cu[-1], cu[seq_id])
     out, lse = _flash_call(q[None], k[None], v[None], seg_start[None],
                            sm_scale=sm_scale, causal=True,
@@ -378,7 +379,8 @@ def flash_attention_reference(q, k, v, *, causal: bool = True,
   s = jnp.arange(seq_k)[None, :]
   if packed:
     cu = cu_seqlens.astype(jnp.int32)
-    seg = jnp.searchsorted(cu, jnp.arange(seq_q), side="right")
+    seg = jnp.searchsorted(cu, jnp.arange(seq_q), side="right",
+                         method="compare_all")
     visible = (seg[:, None] == seg[None, :]) & (s <= t)
     pos = t
   else:

@@ -132,7 +132,10 @@ def make_work_list(group_sizes, m: int, block_m: int) -> WorkList:
 
   w = jnp.arange(num_items, dtype=jnp.int32)
   active = w < cum[-1]
-  seg = jnp.minimum(jnp.searchsorted(cum, w, side="right"), num_groups)
+  # compare_all: one fused compare-and-sum; the default "scan" method is a
+  # while loop, i.e. several tiny kernel launches per call on a GPU.
+  seg = jnp.searchsorted(cum, w, side="right", method="compare_all")
+  seg = jnp.minimum(seg, num_groups)
   seg = seg.astype(jnp.int32)
   lo = starts[seg] + (w - (cum[seg] - count[seg])) * block_m
   hi = jnp.minimum(lo + block_m, ends[seg])

@@ -338,7 +338,7 @@ def _ragged_work_list(cu_q_lens, block_tokens, num_work, skip_single_token):
     blocks = jnp.where(q_lens == 1, 0, blocks)
   ends = jnp.cumsum(blocks)
   w = jnp.arange(num_work, dtype=jnp.int32)
-  seq = jnp.searchsorted(ends, w, side="right").astype(jnp.int32)
+  seq = jnp.searchsorted(ends, w, side="right", method="compare_all").astype(jnp.int32)
   live = seq < q_lens.shape[0]
   seq_c = jnp.minimum(seq, q_lens.shape[0] - 1)
   first_block = ends[seq_c] - blocks[seq_c]
@@ -599,7 +599,8 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables,
   """Per-token masks over gathered pages; rows past cu_q_lens[-1] are 0."""
   sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
   num_tokens = q.shape[0]
-  seq = jnp.searchsorted(cu_q_lens, jnp.arange(num_tokens), side="right") - 1
+  seq = jnp.searchsorted(cu_q_lens, jnp.arange(num_tokens), side="right",
+                         method="compare_all") - 1
   live = seq < block_tables.shape[0]
   seq = jnp.minimum(seq, block_tables.shape[0] - 1)
   q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]

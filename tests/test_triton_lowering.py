@@ -91,3 +91,54 @@ def test_paged_attention_lowers(triton_modules):
                        spec((4,), jnp.int32), spec((5,), jnp.int32))
     assert len(triton_modules) >= 3, triton_modules
     assert_all_verified(triton_modules, ("paged_decode", "ragged_paged"))
+
+
+@pytest.fixture
+def gpu_kernels(monkeypatch):
+    """Kernels called with interpret=None lower for the GPU (not interpret mode) while on a CPU."""
+    import importlib
+
+    for name in ("flash_attention", "grouped_matmul", "paged_attention"):
+        # the package's __init__ shadows these module names with their functions
+        module = importlib.import_module(f"pallas_kernels.{name}")
+        monkeypatch.setattr(module, "resolve_interpret",
+                            lambda interpret: False if interpret is None else bool(interpret))
+    jax.clear_caches()  # traces made in interpret mode must not be reused
+    yield
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("decode", [True, False])
+def test_engine_programs_have_no_host_waits(gpu_kernels, family, decode):
+    """The engine's GPU programs (forward, sampler) have no while loop and no cond: XLA runs a
+    cond (and a while loop's predicate) by copying a flag to the host and waiting for it, which
+    stalled every 256-sequence step on an H100 until the step ran on the device."""
+    from jaxinfer.config import ModelConfig
+    from jaxinfer.kv_cache import init_pages
+    from jaxinfer.model import Model, init_params
+    from jaxinfer.runner import Runner
+    from jaxinfer.sampling import SAMPLE_MODES
+
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+    cfg = ModelConfig(model_type=family, vocab_size=256, hidden_size=64, intermediate_size=64,
+                      num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32,
+                      max_position_embeddings=256, **(moe if family == "mixtral" else {}))
+    model = Model(cfg, init_params(cfg, "bfloat16"), None, jnp.bfloat16, impl="pallas")
+    pages = init_pages(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 32, 16, jnp.bfloat16)
+    runner = Runner(model.decoder(), model.params, pages, page_size=16, max_num_seqs=16,
+                    max_num_batched_tokens=32, max_model_len=256)
+    batch = runner._padding_batch(16 if decode else 32, False, decode)
+    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    forward = export.export(jax.jit(runner._forward_fn), platforms=["cuda"],
+                            disabled_checks=allow)(
+        model.params, pages, runner.prev_tokens,
+        batch._replace(sampling=None, history=None, history_is_output=None)).mlir_module()
+    assert "__gpu$xla.gpu.triton" in forward  # the Pallas kernels, not interpret mode
+    assert "stablehlo.while" not in forward and "stablehlo.case" not in forward
+    logits = jnp.zeros((16, cfg.vocab_size), jnp.float32)
+    for mode in SAMPLE_MODES:
+        sampler = export.export(jax.jit(runner._sample_fn, static_argnums=(4,)),
+                                platforms=["cuda"])(
+            logits, batch.sampling, None, None, mode).mlir_module()
+        assert "stablehlo.case" not in sampler and "stablehlo.while" not in sampler, mode
