@@ -14,9 +14,11 @@ Both kernels put the G query heads of one kv head in the same program: each
 K/V row is read once per kv head, not once per query head.
 
 * ``paged_attention``: one new token per sequence (decode). Split-K: each
-  sequence's pages are cut into ``num_splits`` ranges, one program each; the
-  partial (acc, max, sum) are merged with a log-sum-exp combine. This keeps
-  every SM busy at small batch and long context.
+  sequence's own length is cut into ``num_splits`` ranges, one program each;
+  the partial (acc, max, sum) are merged with a log-sum-exp combine. This
+  keeps every SM busy at small batch and long context, also when the block
+  table is far wider than the sequences (an engine sized for 8k tokens
+  decoding 512-token sequences).
 * ``ragged_paged_attention``: sequence b brings q_len_b >= 1 new tokens
   (packed in q [T, N, H]), the last q_len_b of its kv_len_b cached tokens,
   causal among themselves.
@@ -149,7 +151,7 @@ def _init_carry(rows, head_pad):
 # ----------------------------------------------------------------------------
 def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, len_ref, *out_refs,
                    qk_scale, group, head_dim, page_size, block_k,
-                   tokens_per_split, finalize, dot_precision):
+                   num_splits, finalize, dot_precision):
   # q_ref [Gp, Hp]; k_ref/v_ref [P*L, Hp]; bt_ref [max_pages]; len_ref [B]
   group_pad, head_pad = q_ref.shape
   b = pl.program_id(1)
@@ -163,8 +165,13 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, len_ref, *out_refs,
     q_mask = jnp.logical_and(q_mask, head_mask)
   q = plgpu.load(q_ref, mask=q_mask, other=0.0)
 
-  t0 = split * tokens_per_split
-  t1 = jnp.minimum(t0 + tokens_per_split, length)
+  # Each sequence cuts its own length (not the table's width) into num_splits
+  # ranges of whole steps: a short sequence in a table sized for long ones
+  # still spreads over every split, and only its last step is masked.
+  per_split = lax.div(lax.div(length + num_splits - 1, num_splits)
+                      + block_k - 1, block_k) * block_k
+  t0 = split * per_split
+  t1 = jnp.minimum(t0 + per_split, length)
   n_steps = jnp.maximum(lax.div(t1 - t0 + block_k - 1, block_k), 0)
   n_full = jnp.maximum(lax.div(t1 - t0, block_k), 0)
   tile = functools.partial(_kv_tile, bt_ref, None, k_ref, v_ref,
@@ -209,16 +216,13 @@ def _decode_call(q, k_rows, v_rows, block_tables, lengths, *, sm_scale,
   block_k = config.block_k
   max_tokens = max_pages * page_size
   splits = _choose_splits(config, batch, num_kv_heads, max_tokens)
-  # whole steps per split, so only a sequence's last step needs masking
-  tokens_per_split = pl.cdiv(pl.cdiv(max_tokens, splits), block_k) * block_k
-  splits = pl.cdiv(max_tokens, tokens_per_split)
   finalize = splits == 1
   dot_precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
   kernel = functools.partial(
       _decode_kernel, qk_scale=sm_scale * LOG2_E, group=group,
       head_dim=head_dim, page_size=page_size, block_k=block_k,
-      tokens_per_split=tokens_per_split, finalize=finalize,
+      num_splits=splits, finalize=finalize,
       dot_precision=dot_precision)
   in_specs = [
       pl.BlockSpec((None, None, group_pad, head_pad),

@@ -62,6 +62,9 @@ DECODE = [
     ((700, 64, 129), 8, 8, 256, 16, 44, jnp.float32,
      PagedConfig(block_k=32, num_splits=1)),
     ((300, 33), 16, 2, 96, 128, 3, jnp.float16, PagedConfig(block_k=16)),
+    # a table 10x wider than the longest sequence: each sequence splits its own
+    # length (short ones leave splits empty)
+    ((40, 5, 1, 97), 8, 2, 64, 16, 64, jnp.float32, PagedConfig(num_splits=8)),
 ]
 
 
