@@ -1,8 +1,11 @@
-"""StepPlan -> padded, bucketed batch arrays -> the jitted step (page pools donated) -> samples.
+"""StepPlan -> padded, bucketed batch arrays -> two jitted programs per step -> samples.
 
-The step's T packed tokens are padded to a token bucket (powers of two up to the step budget)
-and its sequences to B = min(T, max_num_seqs) rows, so each bucket compiles once. Padding tokens
-write to no slot and belong to no sequence; padding rows compute nothing and sample greedily.
+The programs are the model forward (page pools donated; packed tokens -> logits of each row) and
+the sampler, compiled per static mode (greedy / sample / filter, picked on the host), so that no
+`lax.cond` makes the host wait for the device. The step's T packed tokens are padded to a token
+bucket (powers of two up to the step budget) and its sequences to B = min(T, max_num_seqs) rows,
+so each bucket compiles once. Padding tokens write to no slot and belong to no sequence; padding
+rows compute nothing and sample greedily.
 
 `dispatch` returns as soon as the step is queued on the device; `collect` waits for its samples.
 A PLACEHOLDER token in a plan (a sample of the step dispatched just before, not yet on the host)
@@ -63,7 +66,7 @@ def uses_penalties(p: SamplingParams) -> bool:
 
 
 class Runner:
-    """Owns the device page pools and the jitted step; turns plans into sampled tokens."""
+    """Owns the device page pools and the jitted programs; turns plans into sampled tokens."""
 
     def __init__(self, decoder, params: Any, pages: tuple, *, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int):
