@@ -98,6 +98,11 @@ class _Request:
     first_token_time: float | None = None
     finish_time: float | None = None
 
+    def row(self) -> RowInfo:
+        """What the runner needs to know of this request for one step."""
+        return RowInfo(self.params, self.seed, self.seq.num_output_tokens, self.seq.token_ids,
+                       self.seq.num_prompt_tokens)
+
 
 class Engine:
     """Serves many requests at once over a paged KV cache; see the module docstring for a step."""
@@ -203,9 +208,7 @@ class Engine:
             reqs = [self.requests[s.request_id] for s in plan.seqs]
             if not self.config.async_scheduling or any(uses_penalties(r.params) for r in reqs):
                 outputs += self._resolve()  # penalties read the token history on the host
-            rows = [RowInfo(r.params, r.seed, r.seq.num_output_tokens, r.seq.token_ids,
-                            r.seq.num_prompt_tokens) for r in reqs]
-            handle = self.runner.dispatch(plan, rows)
+            handle = self.runner.dispatch(plan, [r.row() for r in reqs])
             self._count(plan)
         outputs += self._resolve()  # the step before, while this one runs
         if plan.seqs:

@@ -118,10 +118,7 @@ def engine_breakdown(model_name: str, num_pages: int | None, seqs: int, prompt: 
         res[f"wait_for_device_ms{key}"] = (eng.stats["runner_s"] - r0) / 20 * 1e3
     eng._resolve()  # nothing in flight: the plan below holds real tokens only
     plan = eng.scheduler.schedule()  # one more decode plan, run by hand below
-    reqs = [eng.requests[s.request_id] for s in plan.seqs]
-    from jaxinfer.runner import RowInfo
-    rows = [RowInfo(r.params, r.seed, r.seq.num_output_tokens, r.seq.token_ids,
-                    r.seq.num_prompt_tokens) for r in reqs]
+    rows = [eng.requests[s.request_id].row() for s in plan.seqs]
     runner = eng.runner
     t0 = time.perf_counter()
     batch = runner.build(plan, rows)

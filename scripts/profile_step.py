@@ -25,7 +25,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_generate import SHAPES  # noqa: E402
+from bench_generate import SHAPES, decode_bytes  # noqa: E402
 
 # Op-name fragments → category, first match wins (XLA names fusions after their root op).
 CATEGORIES = (("attention", ("paged_decode", "ragged_paged", "flash_attention")),
@@ -83,14 +83,13 @@ def summarize(events: list[dict], steps: int, top: int) -> dict:
 
 
 def floors(cfg, seqs: int, context: float, copy_gbps: float, matmul_tflops: float) -> dict:
-    """Bytes and flops one decode step must move and do: every weight a token uses once (the
-    embedding table is only gathered from), every live KV entry; matmul flops 2 per weight."""
+    """Bytes one decode step must move (`bench_generate.decode_bytes`) and its matmul flops
+    (2 per weight a token uses; the embedding table is only gathered from)."""
     used = cfg.active_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-    kv = seqs * context * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
-    out = {"weight_bytes": used * 2, "kv_bytes": kv, "matmul_flops": 2 * seqs * used}
+    out = {**decode_bytes(cfg, seqs, context), "matmul_flops": 2 * seqs * used}
     if copy_gbps == copy_gbps:  # not NaN
-        out["bytes_floor_ms"] = (used * 2 + kv) / copy_gbps / 1e6
-        out["flops_floor_ms"] = 2 * seqs * used / matmul_tflops / 1e9
+        out["bytes_floor_ms"] = (out["weight_bytes"] + out["kv_bytes"]) / copy_gbps / 1e6
+        out["flops_floor_ms"] = out["matmul_flops"] / matmul_tflops / 1e9
     return out
 
 
@@ -99,14 +98,11 @@ def jitted_step_alone(eng, n: int = 20) -> dict:
     queue the n calls, and the wall of all n (the device's pace if the host keeps ahead)."""
     import jax
 
-    from jaxinfer.runner import RowInfo
     from jaxinfer.sampling import sample_mode
 
     eng._resolve()  # nothing in flight: the plan below holds real tokens only
     plan = eng.scheduler.schedule()
-    rows = [RowInfo(r.params, r.seed, r.seq.num_output_tokens, r.seq.token_ids,
-                    r.seq.num_prompt_tokens)
-            for r in (eng.requests[s.request_id] for s in plan.seqs)]
+    rows = [eng.requests[s.request_id].row() for s in plan.seqs]
     runner = eng.runner
     batch = runner.build(plan, rows)
     mode = sample_mode([r.params for r in rows])

@@ -19,8 +19,8 @@ from pallas_kernels.grouped_matmul import (GroupedMatmulConfig,
                                            grouped_matmul_reference,
                                            make_work_list)
 
-# Small tiles on the CPU: many row tiles, so groups straddle tiles and
-# several groups share one tile at modest M.
+# Small tiles on the CPU: groups span several row tiles (and start off the
+# multiples of block_m) at modest M.
 SMALL = GroupedMatmulConfig(block_m=16, block_n=32, block_k=32)
 SPLIT3 = dataclasses.replace(SMALL, split_k=3)
 

@@ -38,10 +38,12 @@ def triton_modules(monkeypatch):
     return built
 
 
-def lower_for_cuda(fn, *shapes):
-    """Lowers `fn` for the cuda platform (no GPU needed); Triton custom calls are allowed."""
+def lower_for_cuda(fn, *args) -> str:
+    """Lowers `fn` for the cuda platform (no GPU needed; Triton custom calls allowed); returns
+    the StableHLO module text."""
     allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=allow)(*shapes)
+    return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=allow)(
+        *args).mlir_module()
 
 
 def spec(shape, dtype=jnp.bfloat16):
@@ -129,16 +131,12 @@ def test_engine_programs_have_no_host_waits(gpu_kernels, family, decode):
     runner = Runner(model.decoder(), model.params, pages, page_size=16, max_num_seqs=16,
                     max_num_batched_tokens=32, max_model_len=256)
     batch = runner._padding_batch(16 if decode else 32, False, decode)
-    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    forward = export.export(jax.jit(runner._forward_fn), platforms=["cuda"],
-                            disabled_checks=allow)(
-        model.params, pages, runner.prev_tokens,
-        batch._replace(sampling=None, history=None, history_is_output=None)).mlir_module()
+    forward = lower_for_cuda(runner._forward_fn, model.params, pages, runner.prev_tokens,
+                             batch._replace(sampling=None, history=None, history_is_output=None))
     assert "__gpu$xla.gpu.triton" in forward  # the Pallas kernels, not interpret mode
     assert "stablehlo.while" not in forward and "stablehlo.case" not in forward
     logits = jnp.zeros((16, cfg.vocab_size), jnp.float32)
     for mode in SAMPLE_MODES:
-        sampler = export.export(jax.jit(runner._sample_fn, static_argnums=(4,)),
-                                platforms=["cuda"])(
-            logits, batch.sampling, None, None, mode).mlir_module()
+        sampler = lower_for_cuda(functools.partial(runner._sample_fn, mode=mode), logits,
+                                 batch.sampling, None, None)
         assert "stablehlo.case" not in sampler and "stablehlo.while" not in sampler, mode
