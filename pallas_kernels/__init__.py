@@ -1,6 +1,7 @@
 """Pallas kernels of jaxinfer, each beside its plain-jnp reference."""
 from pallas_kernels.flash_attention import (FlashConfig, flash_attention,
                                             flash_attention_reference)
+from pallas_kernels.flash_attention_mgpu import MgpuFlashConfig
 from pallas_kernels.grouped_matmul import (GroupedMatmulConfig,
                                            grouped_matmul,
                                            grouped_matmul_dense_loop,
@@ -11,7 +12,8 @@ from pallas_kernels.paged_attention import (
     ragged_paged_attention_reference, write_kv, write_kv_reference)
 
 __all__ = [
-    "FlashConfig", "flash_attention", "flash_attention_reference",
+    "FlashConfig", "MgpuFlashConfig", "flash_attention",
+    "flash_attention_reference",
     "PagedConfig", "paged_attention", "paged_attention_reference",
     "ragged_paged_attention", "ragged_paged_attention_reference",
     "contiguous_decode_reference", "write_kv", "write_kv_reference",

@@ -34,6 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import flash_attention_mgpu as mgpu
+
 # Finite "minus infinity": exp2(MASK - m) is exactly 0 for any real m, and
 # MASK - MASK = 0 never makes a NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -60,7 +62,8 @@ class FlashConfig:
     block_k: key rows per inner-loop step (power of two, >= 16).
     num_warps: warps per program (Triton backend).
     num_stages: software-pipelining depth of the kv loop (Triton backend).
-    backend: "triton" (Pallas Triton lowering). Mosaic GPU is not wired yet.
+    backend: "triton" (Pallas Triton lowering). The Mosaic GPU kernel
+      takes its own config, ``MgpuFlashConfig``.
   """
   block_q: int = 128
   block_k: int = 64
@@ -275,6 +278,22 @@ def _check_qkv(q, k, v, packed: bool):
     raise ValueError(f"N={num_heads} not a multiple of K={num_kv_heads}")
 
 
+def on_hopper() -> bool:
+  """The default device is an sm_90 GPU (H100/H200), where wgmma exists."""
+  dev = jax.devices()[0]
+  return dev.platform == "gpu" and str(
+      getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def default_config(q, *, packed: bool, window, interpret: bool):
+  """The Mosaic GPU kernel on Hopper where it applies (bf16/f16, H a
+  multiple of 64, batched, no window), else the Triton kernel's tiles."""
+  if on_hopper() and mgpu.supported(q, packed=packed, window=window,
+                                    interpret=interpret) is None:
+    return mgpu.MgpuFlashConfig.default(q.shape[-1])
+  return FlashConfig.default(q.shape[-1], q.dtype)
+
+
 def resolve_interpret(interpret: bool | None) -> bool:
   """None means interpret mode exactly when JAX runs on the CPU."""
   if interpret is None:
@@ -303,7 +322,8 @@ def flash_attention(q, k, v, *, causal: bool = True,
       (always causal). Tokens past ``cu_seqlens[-1]`` form one more sequence.
     sliding_window: key j is visible to query i iff i - window < j <= i.
     return_lse: also return the log-sum-exp [B, N, T] (packed: [N, T]) f32.
-    config: tile sizes; default picked from head dim and dtype.
+    config: ``FlashConfig`` (Triton kernel) or ``MgpuFlashConfig`` (Mosaic
+      GPU kernel); default: ``default_config``.
     interpret: run the kernel in Pallas interpret mode (default: on CPU).
 
   Returns:
@@ -319,9 +339,23 @@ def flash_attention(q, k, v, *, causal: bool = True,
       raise ValueError(f"sliding_window={sliding_window} must be >= 1")
     if not (causal or packed):
       raise ValueError("sliding_window needs causal attention")
-  if config is None:
-    config = FlashConfig.default(head_dim, q.dtype)
   interpret = resolve_interpret(interpret)
+  if causal and not packed and q.shape[1] > k.shape[1]:
+    raise ValueError(f"causal needs T <= S, got T={q.shape[1]}, "
+                     f"S={k.shape[1]}")
+  if config is None:
+    config = default_config(q, packed=packed, window=sliding_window,
+                            interpret=interpret)
+  if isinstance(config, mgpu.MgpuFlashConfig):
+    why = mgpu.supported(q, packed=packed, window=sliding_window,
+                         interpret=interpret)
+    if why is not None:
+      raise ValueError(f"the Mosaic GPU flash kernel can't take {why}; "
+                       "pass a FlashConfig (Triton) or config=None")
+    out, lse = mgpu.flash_attention_mgpu(q, k, v, causal=causal,
+                                         sm_scale=sm_scale,
+                                         return_lse=return_lse, config=config)
+    return (out, lse) if return_lse else out
 
   if packed:
     if q.shape[0] != k.shape[0]:
@@ -343,9 +377,6 @@ def flash_attention(q, k, v, *, causal: bool = True,
     out = out[0]
     lse = None if lse is None else lse[0]
   else:
-    if causal and q.shape[1] > k.shape[1]:
-      raise ValueError(f"causal needs T <= S, got T={q.shape[1]}, "
-                       f"S={k.shape[1]}")
     out, lse = _flash_call(q, k, v, None, sm_scale=sm_scale, causal=causal,
                            window=sliding_window, with_lse=return_lse,
                            config=config, interpret=interpret)

@@ -82,16 +82,18 @@ def card_limits(repeats: int) -> dict:
 # jaxinfer
 
 
-def decode_bytes(cfg, batch: int, context: float) -> dict:
+def decode_bytes(cfg, batch: int, context: float, distinct: float | None = None) -> dict:
     """Bytes one decode step must read: every weight but the embedding table, and the live KV.
 
-    With experts, only the distinct experts the step's tokens pick are needed: for k of E picked
-    uniformly (random weights route near-uniformly), E * (1 - (1 - k/E)^B) of them per layer.
+    With experts, only the distinct experts the step's tokens pick are needed: `distinct` per
+    layer when measured (`routed_experts`), else the count for k of E picked uniformly,
+    E * (1 - (1 - k/E)^B) (exact at batch 1; random routers are far from uniform at batch > 1).
     """
     weights = 2 * (cfg.num_params - cfg.vocab_size * cfg.hidden_size * (not cfg.tie_word_embeddings))
     if cfg.num_experts:
         expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-        distinct = cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** batch)
+        if distinct is None:
+            distinct = cfg.num_experts * (1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** batch)
         weights -= 2 * cfg.num_layers * expert * (cfg.num_experts - distinct)
     kv = 2 * batch * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * context
     return {"weight_bytes": weights, "kv_bytes": kv}
@@ -148,6 +150,28 @@ def check_impls(model, impls, rng) -> dict:
     return {"rel_error_vs_reference": errors}
 
 
+def routed_experts(model, tokens, last: int = 16) -> float:
+    """Distinct experts per layer that a batch's tokens at one position pick, measured: a forward
+    of the prompts `tokens` [B, T] with the routing sown, counted at each of the last `last`
+    positions and averaged over positions and layers (the decode steps' own routing is not
+    observable inside the jitted loop; the prompts' last positions run the same model)."""
+    import jax
+    import jax.numpy as jnp
+
+    cfg, decoder = model.config, model.decoder(None)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+    @jax.jit
+    def count(params, toks):
+        _, state = decoder.apply({"params": params}, toks, positions, mutable=["intermediates"])
+        picks = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+                 if "experts" in jax.tree_util.keystr(path)]  # each [B, T, k]
+        per_layer = [jnp.any(jax.nn.one_hot(e[:, -last:], cfg.num_experts, dtype=bool),
+                             axis=(0, 2)).sum(-1).mean() for e in picks]
+        return jnp.stack(per_layer).mean()
+    return float(count(model.params, tokens))
+
+
 def _decode_row(model, decoder, batch, args, limits, rng) -> dict:
     import jax
     import jax.numpy as jnp
@@ -173,12 +197,14 @@ def _decode_row(model, decoder, batch, args, limits, rng) -> dict:
     t_gen = median_time(lambda c: run_generate(c, args.new), args.repeats, fresh)
     t_pre = median_time(lambda c: run_generate(c, 1), args.repeats, fresh)
     step = (t_gen - t_pre) / (args.new - 1)
-    need = decode_bytes(cfg, batch, args.prompt + args.new / 2)
+    distinct = routed_experts(model, tokens[:, :args.prompt]) if cfg.num_experts else None
+    need = decode_bytes(cfg, batch, args.prompt + args.new / 2, distinct)
     roofline = (need["weight_bytes"] + need["kv_bytes"]) / (limits["copy_read_plus_write_GBps"] * 1e9)
     read_roofline = roofline * limits["copy_read_plus_write_GBps"] / limits["read_GBps"]
     return {"impl": decoder.impl, "batch": batch, "prompt": args.prompt, "new_tokens": args.new,
             "cache_len": s, "ms_per_step": step * 1e3, "out_tok_per_s": batch / step,
             "generate_s": t_gen, "generate_1_token_s": t_pre, **need,
+            "distinct_experts_per_layer": distinct,
             "roofline_ms": roofline * 1e3, "x_roofline": step / roofline,
             "read_roofline_ms": read_roofline * 1e3, "x_read_roofline": step / read_roofline}
 

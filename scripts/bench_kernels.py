@@ -102,6 +102,29 @@ def gpu_correctness(opts):
   ]
   if opts.cpu_smoke:
     small = [(1, 40, 40, 4, 2, 64, True, None, jnp.bfloat16)]
+  # The Mosaic GPU kernel, forced (the default picks it only on Hopper):
+  # padded T and S, T < S, one kv block, H 64/256, f16, non-causal, lse.
+  # (tests/test_flash_attention.py holds the finer sweep.)
+  mgpu_cases = [  # (B, T, S, N, K, H, causal, dtype)
+      (2, 1023, 1023, 8, 2, 128, True, jnp.bfloat16),
+      (1, 513, 700, 4, 1, 128, True, jnp.bfloat16),
+      (1, 300, 300, 4, 4, 256, True, jnp.bfloat16),
+      (1, 4096, 4096, 8, 1, 128, True, jnp.bfloat16)]
+  for b, t, s, n, k, h, causal, dt in ([] if opts.cpu_smoke else mgpu_cases):
+    name = f"flash mgpu B{b} T{t} S{s} N{n} K{k} H{h} c{int(causal)} {dt.__name__} +lse"
+    try:
+      ks = jax.random.split(jax.random.fold_in(key, 7 * t + h), 3)
+      q = jax.random.normal(ks[0], (b, t, n, h), dt)
+      kk = jax.random.normal(ks[1], (b, s, k, h), dt)
+      v = jax.random.normal(ks[2], (b, s, k, h), dt)
+      out, lse = fa.flash_attention(q, kk, v, causal=causal, return_lse=True,
+                                    config=fa.mgpu.MgpuFlashConfig.default(h))
+      ref, ref_lse = fa.flash_attention_reference(q, kk, v, causal=causal,
+                                                  return_lse=True)
+      rows.append({"case": name, **rel_err(out, ref),
+                   "lse": rel_err(lse, ref_lse)})
+    except Exception as e:  # pylint: disable=broad-except
+      rows.append({"case": name, "error": err_text(e)})
   for b, t, s, n, k, h, causal, win, dt in small:
     name = f"flash B{b} T{t} S{s} N{n} K{k} H{h} c{int(causal)} w{win} {dt.__name__}"
     try:
@@ -204,6 +227,11 @@ def prefill_case(b, t, n, k, h, opts, configs, peers=True):
                                   (b, t, n if j == 0 else k, h), dt)
                 for j in range(3)) for i in range(2)]
   impls = {}
+  if not opts.cpu_smoke:  # both of our backends, whichever the default is
+    configs = {**configs, "ours_triton": fa.FlashConfig.default(h, dt),
+               "ours_mgpu": fa.mgpu.MgpuFlashConfig.default(h),
+               "ours_mgpu_s3": fa.mgpu.MgpuFlashConfig(64, 128, 3),
+               "ours_mgpu_kv64": fa.mgpu.MgpuFlashConfig(64, 64, 3)}
   for name, cfg in configs.items():
     impls[name] = lambda q, kk, v, cfg=cfg: fa.flash_attention(
         q, kk, v, causal=True, config=cfg, interpret=opts.interpret)
@@ -219,11 +247,13 @@ def prefill_case(b, t, n, k, h, opts, configs, peers=True):
       return _jax_mha()(q, kk, v, None, sm_scale=1 / math.sqrt(h),
                         causal=True)
     impls["jax_pallas_mha"] = jax_mha
-    for block_kv in (128, 64):  # its scale is fixed at 1/sqrt(h), as ours
+    for block_kv in (128, 64):
       impls[f"jax_mgpu_bkv{block_kv}"] = _jax_mgpu_attention(block_kv)
-  # JAX's Mosaic GPU kernel takes f16 only (its P @ V is f16): it gets f16 copies
-  # of the same data, made outside the timed region; same flops.
-  f16_sets = [tuple(x.astype(jnp.float16) for x in qkv) for qkv in sets]
+  # JAX's Mosaic GPU kernel takes f16 only (its shared-memory buffers are f16)
+  # and applies no softmax scale: it gets f16 copies with q pre-scaled by
+  # 1/sqrt(h), made outside the timed region; same flops, same result.
+  f16_sets = [((qkv[0] * (1 / math.sqrt(h))).astype(jnp.float16),
+               *(x.astype(jnp.float16) for x in qkv[1:])) for qkv in sets]
   # reference output for the error column: cuDNN at big sizes, jnp at small
   q0, k0, v0 = sets[0]
   try:
@@ -280,6 +310,11 @@ def decode_case(b, ctx, page, opts, configs, n=32, k=8, h=128, peers=True):
     lens = jnp.full((b,), ctx, jnp.int32)
     sets.append((q, kp, vp, table, lens))
   impls = {}
+  if not opts.cpu_smoke:  # both of our backends, whichever the default is
+    configs = {**configs, "ours_triton": fa.FlashConfig.default(h, dt),
+               "ours_mgpu": fa.mgpu.MgpuFlashConfig.default(h),
+               "ours_mgpu_s3": fa.mgpu.MgpuFlashConfig(64, 128, 3),
+               "ours_mgpu_kv64": fa.mgpu.MgpuFlashConfig(64, 64, 3)}
   for name, cfg in configs.items():
     impls[name] = lambda q, kp, vp, t, l, cfg=cfg: pa.paged_attention(
         q, kp, vp, t, l, config=cfg, interpret=opts.interpret)
@@ -532,7 +567,7 @@ def print_table(res):
           + (f"rel {r['rel_err']:.2e} finite {r['finite']}" if "rel_err" in r
              else r.get("error", "")[:80]))
   if res.get("prefill"):
-    print(f"\n{'B':>3} {'T':>6} {'N/K':>6} | TFLOP/s: ours  cudnn   xla  "
+    print(f"\n{'B':>3} {'T':>6} {'N/K':>6} | TFLOP/s: ours  (triton mgpu) cudnn   xla  "
           "jax-mha jax-mgpu | ours/cudnn")
     for r in res["prefill"]:
       g = lambda k: r.get(f"{k}_tflops", float("nan"))
@@ -540,7 +575,8 @@ def print_table(res):
                   if key.startswith("jax_mgpu") and key.endswith("_tflops")),
                  default=float("nan"))
       print(f"{r['B']:3d} {r['T']:6d} {r['N']:3d}/{r['K']:<2d} | "
-            f"{g('ours'):10.1f} {g('cudnn'):6.1f} {g('xla'):5.1f} "
+            f"{g('ours'):10.1f} ({g('ours_triton'):6.1f} {g('ours_mgpu'):5.1f}) "
+            f"{g('cudnn'):6.1f} {g('xla'):5.1f} "
             f"{g('jax_pallas_mha'):7.1f} {mgpu:8.1f} | "
             f"{g('ours') / g('cudnn'):.2f}")
   if res.get("decode"):

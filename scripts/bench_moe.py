@@ -43,13 +43,14 @@ def timed(fn, *args, repeats: int) -> float:
 
 
 def parse_configs(text: str):
+    """"bm,bn,bk,warps,stages[,split_k]" items, ';'-separated."""
     from pallas_kernels.grouped_matmul import GroupedMatmulConfig
 
     out = []
     for item in filter(None, text.split(";")):
-        bm, bn, bk, warps, stages = (int(x) for x in item.split(","))
+        bm, bn, bk, warps, stages, *rest = (int(x) for x in item.split(","))
         out.append(GroupedMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
-                                       num_stages=stages))
+                                       num_stages=stages, split_k=rest[0] if rest else 1))
     return out
 
 
@@ -121,7 +122,7 @@ def prefill_rows(args, configs, limits) -> list[dict]:
             flops = 2 * m * kd * nd
             ref = jax.jit(grouped_matmul_reference)
             row = {"proj": name, "tokens": t, "rows": m, "K": kd, "N": nd, "configs": {}}
-            default = GroupedMatmulConfig.default(m, e, jnp.bfloat16)
+            default = GroupedMatmulConfig.default(m, e, jnp.bfloat16, kd, nd)
             for cfg in dict.fromkeys([default, *configs]):  # default first, no repeats
                 fn = jax.jit(lambda a, b, s, c=cfg: grouped_matmul(a, b, s, config=c,
                                                                  interpret=args.interpret))
@@ -181,7 +182,7 @@ def decode_rows(args, limits) -> list[dict]:
 
     def ours_with(split_k: int):
         def gmm(a, b, c):
-            cfg = GroupedMatmulConfig.default(a.shape[0], b.shape[0], a.dtype)
+            cfg = GroupedMatmulConfig.default(a.shape[0], b.shape[0], a.dtype, *b.shape[1:])
             cfg = dataclasses.replace(cfg, split_k=split_k)
             return grouped_matmul(a, b, c, config=cfg, interpret=args.interpret)
         return jax.jit(lambda x, s, w1, w2: layer(x, s, w1, w2, gmm))
@@ -212,6 +213,8 @@ def decode_rows(args, limits) -> list[dict]:
                 sec = timed(fn, x, sizes, gate_up, down, repeats=args.repeats)
                 row[f"{name}_us"] = sec * 1e6
                 row[f"{name}_GBps_of_needed"] = need / sec / 1e9
+        if args.decode_configs:
+            row["per_proj"] = decode_tile_sweep(args, x, sizes, gate_up, down, limits)
         if "ours_us" in row:
             row["ours_x_floor"] = row["ours_us"] / row["floor_us"]
         if "ours_us" in row and "ragged_dot_us" in row:
@@ -220,6 +223,38 @@ def decode_rows(args, limits) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def decode_tile_sweep(args, x, sizes, gate_up, down, limits) -> dict:
+    """Each projection alone at decode size, per tile config: us and GB/s of the weight bytes
+    of the experts that got rows (which projection is off the floor, and which tiles fix it)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels.grouped_matmul import GroupedMatmulConfig, grouped_matmul
+
+    active = int(np.count_nonzero(np.asarray(sizes)))
+    f = args.f
+    h = jax.random.normal(jax.random.key(2), (x.shape[0], f), jnp.bfloat16)
+    out = {}
+    for name, lhs, w in (("gate_up", x, gate_up), ("down", h, down)):
+        need = active * w.shape[1] * w.shape[2] * 2
+        default = GroupedMatmulConfig.default(lhs.shape[0], w.shape[0], lhs.dtype, *w.shape[1:])
+        res = {"weight_bytes": need,
+               "floor_us": need / (limits["copy_read_plus_write_GBps"] * 1e9) * 1e6}
+        for cfg in dict.fromkeys([default, *parse_configs(args.decode_configs)]):
+            fn = jax.jit(lambda a, b, s, c=cfg: grouped_matmul(a, b, s, config=c,
+                                                             interpret=args.interpret))
+            key = ("default " if cfg == default else "") + repr(cfg)
+            try:
+                sec = timed(fn, lhs, w, sizes, repeats=args.repeats)
+            except Exception as exc:  # noqa: BLE001 - a config that fails is reported
+                res[key] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            res[key] = {"us": sec * 1e6, "GBps": need / sec / 1e9}
+        out[name] = res
+    return out
 
 
 def main() -> int:
@@ -234,6 +269,9 @@ def main() -> int:
     p.add_argument("--decode-split-k", default="1",
                    type=lambda t: [int(x) for x in t.split(",")],
                    help="also time ours with these split_k (decode section)")
+    p.add_argument("--decode-configs", default="",
+                   help="decode section: also time each projection alone with these tiles "
+                        "('bm,bn,bk,warps,stages[,split_k]', ';'-separated)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="tile configs swept, ';'-separated ('' = the default only)")
     p.add_argument("--sections", default="check,decode,prefill")

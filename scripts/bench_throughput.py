@@ -85,9 +85,23 @@ def limits_for(cfg, requests, limits) -> dict:
 def bench_hf(shape: dict, requests, batch: int) -> dict:
     """HF transformers generate on the same requests, `batch` at a time (left padding)."""
     import torch
-    import transformers
 
     model, device = hf_random_model(shape)
+    while True:  # HF's batched expert path gathers weights per token: halve the batch on OOM
+        try:
+            return _hf_generate(model, device, requests, batch)
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            print(f"HF out of memory at batch {batch}; retrying at {batch // 2}", file=sys.stderr)
+            batch //= 2
+            torch.cuda.empty_cache()
+
+
+def _hf_generate(model, device, requests, batch: int) -> dict:
+    import torch
+    import transformers
+
     start, n_out = time.perf_counter(), 0
     for i in range(0, len(requests), batch):
         chunk = requests[i:i + batch]

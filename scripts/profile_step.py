@@ -192,6 +192,10 @@ def main() -> int:
         shape["num_layers"] = args.layers
     cfg = ModelConfig(**shape)
     model = jaxinfer.Model(cfg, jaxinfer.init_params(cfg, "bfloat16"), None, jnp.bfloat16)
+    limits = {"bf16_matmul_TFLOPs": float("nan"), "copy_read_plus_write_GBps": float("nan")}
+    if args.limits and jax.default_backend() == "gpu":  # before the engine takes the memory
+        from bench_generate import card_limits
+        limits = card_limits(3)
     eng = Engine(model, max_num_seqs=args.max_num_seqs or args.seqs, max_num_batched_tokens=args.budget,
                  num_pages=args.num_pages, warmup=False)
     rng = np.random.default_rng(0)
@@ -231,10 +235,6 @@ def main() -> int:
               "engine_step_ms": step_ms, "engine_step_ms_all": [w * 1e3 for w in walls],
               "traced_step_ms": traced_ms, "warmup_s": warm_s, "trace_processes": processes,
               "host_profile": host_profile, "host_phases_ms_per_step": phases, **launch}
-    limits = {"bf16_matmul_TFLOPs": float("nan"), "copy_read_plus_write_GBps": float("nan")}
-    if args.limits and jax.default_backend() == "gpu":
-        from bench_generate import card_limits
-        limits = card_limits(3)
     report["limits"] = limits
     report["floors"] = floors(cfg, args.seqs, context, limits["copy_read_plus_write_GBps"],
                               limits["bf16_matmul_TFLOPs"])

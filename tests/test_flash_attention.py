@@ -128,3 +128,90 @@ def test_config_validates():
     FlashConfig(block_q=24)
   with pytest.raises(ValueError):
     FlashConfig(backend="cuda")
+
+
+# ----------------------------------------------------------------------------
+# The Mosaic GPU (Hopper) kernel. Its numbers can only be checked on an H100 /
+# H200 (no interpret mode for it here); on the CPU the tests below pin the
+# dispatch, and tests/test_triton_lowering.py lowers it for sm_90.
+# ----------------------------------------------------------------------------
+from pallas_kernels import flash_attention_mgpu as mgpu  # noqa: E402
+from pallas_kernels.flash_attention import default_config, on_hopper  # noqa: E402
+
+
+def test_mgpu_config_validates():
+  # what fits sm_90's shared memory: 3 slots of 128 x 128 only without lse
+  fits = lambda cfg, h, lse: mgpu.smem_bytes(cfg, h, 2, lse) <= mgpu.SMEM_LIMIT
+  assert fits(mgpu.MgpuFlashConfig.default(128), 128, True)
+  assert fits(mgpu.MgpuFlashConfig.default(256), 256, True)
+  assert fits(mgpu.MgpuFlashConfig(64, 128, 3), 128, False)
+  assert not fits(mgpu.MgpuFlashConfig(64, 128, 3), 128, True)
+  assert not fits(mgpu.MgpuFlashConfig(64, 128, 2), 256, False)
+  with pytest.raises(ValueError, match="multiple of 64"):
+    mgpu.MgpuFlashConfig(block_q=32)
+  with pytest.raises(ValueError, match="stages"):
+    mgpu.MgpuFlashConfig(stages=1)
+  assert mgpu.MgpuFlashConfig.default(256).block_kv == 64
+
+
+def test_mgpu_supported_names_what_it_cannot_take():
+  q = jnp.ones((1, 8, 4, 128), jnp.bfloat16)
+  ok = dict(packed=False, window=None, interpret=False)
+  assert mgpu.supported(q, **ok) is None
+  assert "interpret" in mgpu.supported(q, **{**ok, "interpret": True})
+  assert "packed" in mgpu.supported(q, **{**ok, "packed": True})
+  assert "window" in mgpu.supported(q, **{**ok, "window": 8})
+  assert "float32" in mgpu.supported(q.astype(jnp.float32), **ok)
+  assert "head dim 80" in mgpu.supported(q[..., :80], **ok)
+
+
+def test_default_is_triton_off_hopper():
+  q = jnp.ones((1, 8, 4, 128), jnp.bfloat16)
+  if jax.default_backend() == "cpu":
+    assert not on_hopper()
+  # interpret mode (the CPU's default) always takes the Triton kernel's tiles
+  assert isinstance(default_config(q, packed=False, window=None, interpret=True),
+                    FlashConfig)
+
+
+def test_forced_mgpu_in_interpret_mode_raises():
+  q = jnp.ones((1, 8, 4, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="Mosaic GPU.*interpret"):
+    flash_attention(q, q, q, config=mgpu.MgpuFlashConfig(), interpret=True)
+
+
+# (B, T, S, N, K, H, causal, dtype): padded T and S, T < S, one kv block,
+# GQA 1/4/8, H 64/128/256, f16, non-causal.
+MGPU = [
+    (2, 1023, 1023, 8, 2, 128, True, jnp.bfloat16),
+    (1, 513, 700, 4, 1, 128, True, jnp.bfloat16),
+    (2, 200, 333, 8, 8, 64, False, jnp.float16),
+    (1, 300, 300, 4, 4, 256, True, jnp.bfloat16),
+    (1, 40, 40, 4, 2, 128, True, jnp.bfloat16),
+    (1, 1, 17, 8, 1, 64, True, jnp.bfloat16),
+    (1, 2048, 2048, 8, 1, 128, True, jnp.bfloat16),
+    (1, 256, 4096, 4, 2, 128, False, jnp.bfloat16),
+]
+
+
+@pytest.mark.skipif(not on_hopper(), reason="Mosaic GPU kernel: H100/H200 only")
+@pytest.mark.parametrize("b,t,s,n,k,h,causal,dtype", MGPU)
+@pytest.mark.parametrize("config", [None, mgpu.MgpuFlashConfig(64, 128, 3),
+                                    mgpu.MgpuFlashConfig(64, 64, 3)])
+def test_mgpu_against_reference(b, t, s, n, k, h, causal, dtype, config):
+  q, kk, v = _qkv(t * 3 + h, (b, t, n, h), (b, s, k, h), dtype)
+  config = config or mgpu.MgpuFlashConfig.default(h)
+  if mgpu.smem_bytes(config, h, jnp.dtype(dtype).itemsize, True) > mgpu.SMEM_LIMIT:
+    with pytest.raises(ValueError, match="shared memory"):
+      flash_attention(q, kk, v, causal=causal, return_lse=True, config=config)
+    return
+  out, lse = flash_attention(q, kk, v, causal=causal, return_lse=True, config=config)
+  ref, ref_lse = flash_attention_reference(q, kk, v, causal=causal, return_lse=True)
+  assert out.shape == q.shape and lse.shape == (b, n, t)
+  assert_close(out, ref, dtype)
+  assert_close(lse, ref_lse, dtype)
+  # the default on Hopper is this kernel: same numbers through config=None
+  if config == mgpu.MgpuFlashConfig.default(h):
+    np.testing.assert_array_equal(
+        np.asarray(flash_attention(q, kk, v, causal=causal), np.float32),
+        np.asarray(out, np.float32))

@@ -69,3 +69,26 @@ def test_mixtral_through_the_engine_equals_generate(tmp_path):
     outs = llm.generate(prompts, jaxinfer.SamplingParams(max_tokens=8, temperature=0,
                                                          ignore_eos=True), use_tqdm=False)
     assert [o.token_ids for o in outs] == expected
+
+
+def test_moe_sows_its_routing():
+    """Applied with mutable intermediates, the MoE block records each token's top-k experts
+    (what bench_generate counts): those of route() on its router logits."""
+    import flax.linen as nn
+
+    from jaxinfer.config import ModelConfig
+    from jaxinfer.models.moe import MoE
+
+    cfg = ModelConfig(model_type="mixtral", vocab_size=64, hidden_size=16, intermediate_size=32,
+                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
+                      max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=24)
+    block = MoE(cfg, jnp.float32, "xla")
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    params = nn.meta.unbox(block.init(jax.random.key(1), x)["params"])
+    _, state = block.apply({"params": params}, x, mutable=["intermediates"])
+    (sown,) = state["intermediates"]["experts"]
+    _, expected = route(x.reshape(10, 16) @ params["router"], 2, cfg.norm_topk_prob)
+    assert sown.shape == (2, 5, 2)
+    np.testing.assert_array_equal(np.asarray(sown).reshape(10, 2), np.asarray(expected))
+    assert block.apply({"params": params}, x).shape == x.shape  # not mutable: no state, no error

@@ -140,3 +140,21 @@ def test_engine_programs_have_no_host_waits(gpu_kernels, family, decode):
         sampler = lower_for_cuda(functools.partial(runner._sample_fn, mode=mode), logits,
                                  batch.sampling, None, None)
         assert "stablehlo.case" not in sampler and "stablehlo.while" not in sampler, mode
+
+
+@pytest.mark.parametrize("t,s,h,causal,lse", [(256, 256, 128, True, False),
+                                              (200, 300, 64, True, True),
+                                              (130, 200, 256, False, True),
+                                              (40, 40, 128, True, False)])
+def test_mgpu_flash_attention_lowers(t, s, h, causal, lse):
+    """The Hopper kernel lowers to one Mosaic GPU custom call (Pallas -> Mosaic GPU IR, layouts
+    and barriers checked at lowering), with padding of T and S and T < S."""
+    from pallas_kernels.flash_attention_mgpu import MgpuFlashConfig
+
+    fn = functools.partial(flash_attention, causal=causal, return_lse=lse,
+                           config=MgpuFlashConfig.default(h), interpret=False)
+    allow = [export.DisabledSafetyCheck.custom_call(name)
+             for name in ("mosaic_gpu_v2", "mosaic_gpu")]
+    text = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=allow)(
+        spec((2, t, 8, h)), spec((2, s, 2, h)), spec((2, s, 2, h))).mlir_module()
+    assert "mosaic_gpu" in text and "xla.gpu.triton" not in text

@@ -76,6 +76,9 @@ class MoE(nn.Module):
         b, t, _ = x.shape
         flat = x.reshape(b * t, d)
         weights, experts = route(flat @ router, c.num_experts_per_tok, c.norm_topk_prob)
+        # The routing, for whoever applies with mutable=["intermediates"] (benchmarks count
+        # the distinct experts a batch picks); a no-op otherwise.
+        self.sow("intermediates", "experts", experts.reshape(b, t, -1))
         y = dispatch(flat, weights, experts, gate_up, down, self.impl).reshape(b, t, d)
         if c.shared_expert_intermediate_size:
             shared = MLP(c, dt, c.shared_expert_intermediate_size, name="shared")(x)
