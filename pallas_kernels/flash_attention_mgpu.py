@@ -281,13 +281,10 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped, *, cfg, causal,
       load(i + stages, slot)
 
 
-def _pad_to(x, axis: int, multiple: int):
-  extra = -x.shape[axis] % multiple
-  if not extra:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, extra)
-  return jnp.pad(x, widths)
+def _pad_seq(x, length: int):
+  """x [B, L, heads, H] padded with zeros to [B, length, heads, H]."""
+  extra = length - x.shape[1]
+  return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
 
 
 def flash_attention_mgpu(q, k, v, *, causal: bool, sm_scale: float,
@@ -303,20 +300,18 @@ def flash_attention_mgpu(q, k, v, *, causal: bool, sm_scale: float,
   seq_k, num_kv_heads = k.shape[1], k.shape[2]
   cfg = config or MgpuFlashConfig.default(head_dim)
   bq, bkv = cfg.block_q, cfg.block_kv
-  qp = _pad_to(q, 1, 2 * bq)
-  kp, vp = _pad_to(k, 1, bkv), _pad_to(v, 1, bkv)
-  num_q_tiles = qp.shape[1] // (2 * bq)
-  num_kv_blocks = kp.shape[1] // bkv
   need = smem_bytes(cfg, head_dim, q.dtype.itemsize, return_lse)
   if need > SMEM_LIMIT:
     raise ValueError(f"{cfg} needs about {need} bytes of shared memory at "
                      f"H={head_dim} (lse: {return_lse}); sm_90 has "
                      f"{SMEM_LIMIT}: use fewer stages or smaller tiles")
-  stages = min(cfg.stages, num_kv_blocks)
-  cfg = dataclasses.replace(cfg, stages=max(stages, 2))
-  if stages < 2:  # one kv block: pad to two, so the ring has two slots
-    kp, vp = _pad_to(kp, 1, 2 * bkv), _pad_to(vp, 1, 2 * bkv)
-    num_kv_blocks = 2
+  num_q_tiles = pl.cdiv(seq_q, 2 * bq)
+  # At least two kv blocks: the ring has two slots, and the memory warpgroup
+  # fills every slot before the first one is consumed.
+  num_kv_blocks = max(pl.cdiv(seq_k, bkv), 2)
+  cfg = dataclasses.replace(cfg, stages=min(cfg.stages, num_kv_blocks))
+  qp = _pad_seq(q, num_q_tiles * 2 * bq)
+  kp, vp = _pad_seq(k, num_kv_blocks * bkv), _pad_seq(v, num_kv_blocks * bkv)
   kernel = functools.partial(
       _kernel, cfg=cfg, causal=causal, offset=seq_k - seq_q, seq_k=seq_k,
       num_kv_blocks=num_kv_blocks, num_q_tiles=num_q_tiles,

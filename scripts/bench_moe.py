@@ -54,6 +54,22 @@ def parse_configs(text: str):
     return out
 
 
+def time_configs(lhs, w, sizes, default, configs, args):
+    """Our kernel with the default tiles, then each other config once: yields (config, jitted
+    fn, seconds per call) or, for a config that fails, (config, fn, the error's text)."""
+    import jax
+
+    from pallas_kernels.grouped_matmul import grouped_matmul
+
+    for cfg in dict.fromkeys([default, *configs]):  # default first, no repeats
+        fn = jax.jit(lambda a, b, s, c=cfg: grouped_matmul(a, b, s, config=c,
+                                                         interpret=args.interpret))
+        try:
+            yield cfg, fn, timed(fn, lhs, w, sizes, repeats=args.repeats)
+        except Exception as exc:  # noqa: BLE001 - a config that fails is reported
+            yield cfg, fn, f"{type(exc).__name__}: {exc}"[:300]
+
+
 def routed_sizes(rows: int, experts: int, seed: int):
     import jax.numpy as jnp
     import numpy as np
@@ -107,8 +123,7 @@ def prefill_rows(args, configs, limits) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels.grouped_matmul import (GroupedMatmulConfig, grouped_matmul,
-                                               grouped_matmul_reference)
+    from pallas_kernels.grouped_matmul import GroupedMatmulConfig, grouped_matmul_reference
 
     e, d, f, k = args.experts, args.d, args.f, args.top_k
     key = jax.random.key(0)
@@ -123,17 +138,13 @@ def prefill_rows(args, configs, limits) -> list[dict]:
             ref = jax.jit(grouped_matmul_reference)
             row = {"proj": name, "tokens": t, "rows": m, "K": kd, "N": nd, "configs": {}}
             default = GroupedMatmulConfig.default(m, e, jnp.bfloat16, kd, nd)
-            for cfg in dict.fromkeys([default, *configs]):  # default first, no repeats
-                fn = jax.jit(lambda a, b, s, c=cfg: grouped_matmul(a, b, s, config=c,
-                                                                 interpret=args.interpret))
-                try:
-                    sec = timed(fn, x, w, sizes, repeats=args.repeats)
-                    err = rel_err(fn(x, w, sizes), ref(x, w, sizes))
-                except Exception as exc:  # noqa: BLE001 - a config that fails is reported
-                    row["configs"][repr(cfg)] = f"{type(exc).__name__}: {exc}"[:300]
+            for cfg, fn, sec in time_configs(x, w, sizes, default, configs, args):
+                if isinstance(sec, str):
+                    row["configs"][repr(cfg)] = sec
                     continue
-                row["configs"][repr(cfg)] = {"ms": sec * 1e3, "TFLOPs": flops / sec / 1e12,
-                                             "max_rel_err_vs_ragged_dot": err}
+                row["configs"][repr(cfg)] = {
+                    "ms": sec * 1e3, "TFLOPs": flops / sec / 1e12,
+                    "max_rel_err_vs_ragged_dot": rel_err(fn(x, w, sizes), ref(x, w, sizes))}
             timed_ok = {c: v for c, v in row["configs"].items() if isinstance(v, dict)}
             best = min(timed_ok, key=lambda c: timed_ok[c]["ms"])
             row.update(best_config=best, default_config=repr(default),
@@ -232,7 +243,7 @@ def decode_tile_sweep(args, x, sizes, gate_up, down, limits) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from pallas_kernels.grouped_matmul import GroupedMatmulConfig, grouped_matmul
+    from pallas_kernels.grouped_matmul import GroupedMatmulConfig
 
     active = int(np.count_nonzero(np.asarray(sizes)))
     f = args.f
@@ -243,16 +254,11 @@ def decode_tile_sweep(args, x, sizes, gate_up, down, limits) -> dict:
         default = GroupedMatmulConfig.default(lhs.shape[0], w.shape[0], lhs.dtype, *w.shape[1:])
         res = {"weight_bytes": need,
                "floor_us": need / (limits["copy_read_plus_write_GBps"] * 1e9) * 1e6}
-        for cfg in dict.fromkeys([default, *parse_configs(args.decode_configs)]):
-            fn = jax.jit(lambda a, b, s, c=cfg: grouped_matmul(a, b, s, config=c,
-                                                             interpret=args.interpret))
+        for cfg, _, sec in time_configs(lhs, w, sizes, default,
+                                        parse_configs(args.decode_configs), args):
             key = ("default " if cfg == default else "") + repr(cfg)
-            try:
-                sec = timed(fn, lhs, w, sizes, repeats=args.repeats)
-            except Exception as exc:  # noqa: BLE001 - a config that fails is reported
-                res[key] = f"{type(exc).__name__}: {exc}"[:300]
-                continue
-            res[key] = {"us": sec * 1e6, "GBps": need / sec / 1e9}
+            res[key] = sec if isinstance(sec, str) else {"us": sec * 1e6,
+                                                         "GBps": need / sec / 1e9}
         out[name] = res
     return out
 

@@ -39,9 +39,10 @@ def triton_modules(monkeypatch):
 
 
 def lower_for_cuda(fn, *args) -> str:
-    """Lowers `fn` for the cuda platform (no GPU needed; Triton custom calls allowed); returns
-    the StableHLO module text."""
-    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    """Lowers `fn` for the cuda platform (no GPU needed; Triton and Mosaic GPU custom calls
+    allowed); returns the StableHLO module text."""
+    allow = [export.DisabledSafetyCheck.custom_call(name)
+             for name in ("__gpu$xla.gpu.triton", "mosaic_gpu_v2", "mosaic_gpu")]
     return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=allow)(
         *args).mlir_module()
 
@@ -153,8 +154,5 @@ def test_mgpu_flash_attention_lowers(t, s, h, causal, lse):
 
     fn = functools.partial(flash_attention, causal=causal, return_lse=lse,
                            config=MgpuFlashConfig.default(h), interpret=False)
-    allow = [export.DisabledSafetyCheck.custom_call(name)
-             for name in ("mosaic_gpu_v2", "mosaic_gpu")]
-    text = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=allow)(
-        spec((2, t, 8, h)), spec((2, s, 2, h)), spec((2, s, 2, h))).mlir_module()
+    text = lower_for_cuda(fn, spec((2, t, 8, h)), spec((2, s, 2, h)), spec((2, s, 2, h)))
     assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
