@@ -135,6 +135,8 @@ def main() -> int:
     p.add_argument("--hf", action="store_true")
     p.add_argument("--hf-requests", type=int, default=256)
     p.add_argument("--hf-batch", type=int, default=64)
+    p.add_argument("--hf-workloads", default=None,
+                   help="workloads HF runs (default: all; HF's long ones can take many minutes)")
     p.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--layers", type=int, default=0,
                    help="override the shape's layer count (both engines; e.g. Mixtral on an H100)")
@@ -144,9 +146,12 @@ def main() -> int:
     args = p.parse_args()
     shape = dict(SHAPES[args.model], **({"num_layers": args.layers} if args.layers else {}))
     specs = [w for w in args.workloads.split(",") if w]
+    hf_specs = [w for w in (args.hf_workloads or args.workloads).split(",") if w]
+    if set(hf_specs) - set(specs):
+        p.error(f"--hf-workloads {sorted(set(hf_specs) - set(specs))} not in --workloads {specs}")
     if args.hf_only:
         res = {s: bench_hf(shape, workload(s, shape["vocab_size"])[:args.hf_requests], args.hf_batch)
-               for s in specs}
+               for s in hf_specs}
         print("HF_RESULT " + json.dumps(res), flush=True)
         return 0
     peers = run_hf(args) if args.hf else {}
@@ -198,7 +203,8 @@ def run_hf(args) -> dict:
     import subprocess
 
     cmd = [sys.executable, __file__, "--hf-only", "--model", args.model, "--layers", str(args.layers),
-           "--workloads", args.workloads, "--hf-requests", str(args.hf_requests),
+           "--workloads", args.workloads, "--hf-workloads", args.hf_workloads or args.workloads,
+           "--hf-requests", str(args.hf_requests),
            "--hf-batch", str(args.hf_batch)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("HF_RESULT ")]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,3 +94,27 @@ def test_moe_sows_its_routing():
     assert sown.shape == (2, 5, 2)
     np.testing.assert_array_equal(np.asarray(sown).reshape(10, 2), np.asarray(expected))
     assert block.apply({"params": params}, x).shape == x.shape  # not mutable: no state, no error
+
+
+def test_bench_check_reports_routing_agreement():
+    """bench_generate's whole-model check: in f32 every impl routes exactly as the reference
+    (agreement 1.0 in each layer, logits within 1e-5); the decode-routing count of a batch of
+    one is exactly top-k."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_generate import SHAPES, check_impls, routed_experts
+
+    import jaxinfer
+    from jaxinfer.config import ModelConfig
+
+    cfg = ModelConfig(**dict(SHAPES["tiny-moe"], num_layers=3))
+    model = jaxinfer.Model(cfg, jaxinfer.init_params(cfg, "float32"), None, jnp.float32)
+    report = check_impls(model, ["xla"], np.random.RandomState(0))
+    assert report["routing_agreement_by_layer"]["xla"] == [1.0, 1.0, 1.0]
+    assert report["argmax_agreement"]["xla"] == 1.0
+    assert report["rel_error_vs_reference"]["xla"] < 1e-5
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (1, 12)), jnp.int32)
+    assert routed_experts(model, tokens, last=4) == cfg.num_experts_per_tok
+    assert cfg.num_experts_per_tok < routed_experts(model, jnp.tile(tokens, (4, 1)).at[:, 0].set(
+        jnp.arange(4)), last=4) <= cfg.num_experts
