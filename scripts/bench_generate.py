@@ -176,24 +176,27 @@ def _logits_and_routing(model, impl, ids):
     import numpy as np
 
     decoder = model.decoder(impl)
-    tokens = jnp.asarray(ids, jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
     @jax.jit
-    def run(params):
-        (logits, _), state = decoder.apply({"params": params}, tokens, positions,
-                                           mutable=["intermediates"])
-        return logits.astype(jnp.float32), _sown_experts(state)
-    logits, picks = run(model.params)
+    def run(params, tokens):
+        logits, picks = _apply_with_routing(decoder, params, tokens)
+        return logits.astype(jnp.float32), picks
+    logits, picks = run(model.params, jnp.asarray(ids, jnp.int32))
     return np.asarray(logits), (np.stack([np.asarray(p) for p in picks]) if picks else None)
 
 
-def _sown_experts(state) -> list:
-    """The routing the MoE blocks sowed (`intermediates/experts`), one [B, T, k] per layer."""
+def _apply_with_routing(decoder, params, tokens):
+    """A cacheless forward of tokens [B, T] (traced): logits [B, T, V] and the routing the MoE
+    blocks sowed (`intermediates/experts`), one [B, T, k] per layer ([] for a dense model)."""
     import jax
+    import jax.numpy as jnp
 
-    return [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
-            if "experts" in jax.tree_util.keystr(path)]
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    (logits, _), state = decoder.apply({"params": params}, tokens, positions,
+                                       mutable=["intermediates"])
+    picks = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+             if "experts" in jax.tree_util.keystr(path)]
+    return logits, picks
 
 
 def routed_experts(model, tokens, last: int) -> float:
@@ -206,12 +209,10 @@ def routed_experts(model, tokens, last: int) -> float:
     import jax.numpy as jnp
 
     cfg, decoder = model.config, model.decoder(None)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
     @jax.jit
     def count(params, toks):
-        _, state = decoder.apply({"params": params}, toks, positions, mutable=["intermediates"])
-        picks = _sown_experts(state)  # each [B, T, k]
+        _, picks = _apply_with_routing(decoder, params, toks)  # each [B, T, k]
         per_layer = [jnp.any(jax.nn.one_hot(e[:, -last:], cfg.num_experts, dtype=bool),
                              axis=(0, 2)).sum(-1).mean() for e in picks]
         return jnp.stack(per_layer).mean()
@@ -232,13 +233,15 @@ def _decode_row(model, decoder, batch, args, limits, rng) -> dict:
     greedy, mode = row_sampling(batch, 0.0, 0, 1.0, seed=0)
     fresh = lambda: jax.block_until_ready(init_cache(cfg, batch, s, model.dtype))  # noqa: E731
 
+    generated = {}  # new -> the last call's tokens (greedy: every call makes the same ones)
+
     def run_generate(cache, new):
         out, cache = _generate(decoder, model.params, cache, tokens, lengths, jnp.int32(new),
                                jnp.asarray([-2], jnp.int32), greedy, out_len=round_up(args.new, 32),
                                mode=mode)
         jax.block_until_ready(out)
         assert int((out[:, :new] >= 0).sum()) == batch * new  # every step ran
-        return out  # [batch, >= new] generated tokens
+        generated[new] = out  # [batch, >= new]
 
     # The same compiled program with 1 and with `new` tokens: the difference is new - 1 decode steps.
     t_gen = median_time(lambda c: run_generate(c, args.new), args.repeats, fresh)
@@ -246,8 +249,8 @@ def _decode_row(model, decoder, batch, args, limits, rng) -> dict:
     step = (t_gen - t_pre) / (args.new - 1)
     distinct = None
     if cfg.num_experts:  # the decode steps fed generated tokens 0 .. new-2 back in
-        out = run_generate(fresh(), args.new)
-        fed = jnp.concatenate([tokens[:, :args.prompt], out[:, :args.new - 1]], axis=1)
+        fed = jnp.concatenate([tokens[:, :args.prompt], generated[args.new][:, :args.new - 1]],
+                              axis=1)
         distinct = routed_experts(model, fed, last=args.new - 1)
     need = decode_bytes(cfg, batch, args.prompt + args.new / 2, distinct)
     roofline = (need["weight_bytes"] + need["kv_bytes"]) / (limits["copy_read_plus_write_GBps"] * 1e9)
