@@ -12,7 +12,7 @@ import json
 import os
 import pathlib
 import shutil
-import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import Model, abstract_params, resolve_dtype
+from jaxinfer.platform import logger
 
 FORMAT_FILE = "jaxinfer.json"
 FORMAT_VERSION = 2  # 2: fused qkv and gate_up params
@@ -179,20 +180,27 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 # Sources
 
 
-def load_model(path: str | os.PathLike | None = None, *, dtype="bfloat16") -> Model:
-    """Loads an HF directory, a `.gguf` file or a jaxinfer checkpoint; None = the default model."""
+def load_model(path: str | os.PathLike | None = None, *, dtype=None) -> Model:
+    """Loads an HF directory, a `.gguf` file or a jaxinfer checkpoint; None = the default model.
+
+    dtype: "bfloat16", "float16" or "float32"; None: bfloat16 on a GPU, float32 on a CPU."""
     dtype = resolve_dtype(dtype)
     path = pathlib.Path(path) if path is not None else ensure_default_model()
     if not path.exists():
         raise ValueError(f"model path {str(path)!r} does not exist")
+    start = time.perf_counter()
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype)
-    if path.is_dir() and (path / FORMAT_FILE).exists():
-        return _load_jaxinfer(path, dtype)
-    if path.is_dir() and (path / "config.json").exists():
-        return _load_hf(path, dtype)
-    raise ValueError(f"{str(path)!r} is not a model: expected an HF directory with config.json, "
-                     f"a .gguf file, or a jaxinfer checkpoint directory with {FORMAT_FILE}")
+        model = _load_gguf(path, dtype)
+    elif path.is_dir() and (path / FORMAT_FILE).exists():
+        model = _load_jaxinfer(path, dtype)
+    elif path.is_dir() and (path / "config.json").exists():
+        model = _load_hf(path, dtype)
+    else:
+        raise ValueError(f"{str(path)!r} is not a model: expected an HF directory with config.json, "
+                         f"a .gguf file, or a jaxinfer checkpoint directory with {FORMAT_FILE}")
+    logger.info("loaded %s (%s, %.2fB params, %s) in %.1f s", path, model.config.model_type,
+                model.config.num_params / 1e9, jnp.dtype(dtype).name, time.perf_counter() - start)
+    return model
 
 
 def _load_hf(path: pathlib.Path, dtype) -> Model:
@@ -228,7 +236,8 @@ def _hf_tokenizer(path: pathlib.Path):
 
 
 def _load_gguf(path: pathlib.Path, dtype) -> Model:
-    from jaxinfer.gguf import gguf_tokenizer, read_gguf
+    from jaxinfer.gguf import read_gguf
+    from jaxinfer.gguf_tokenizer import gguf_tokenizer
 
     hf_config, tensors = read_gguf(path)
     cfg = ModelConfig.from_hf(hf_config)
@@ -293,7 +302,7 @@ def ensure_default_model() -> pathlib.Path:
     from jaxinfer.gguf import default_gguf_path
 
     gguf = default_gguf_path()
-    print(f"jaxinfer: converting {gguf.name} once into {target}", file=sys.stderr, flush=True)
+    logger.info("converting %s once into %s", gguf.name, target)
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     save_checkpoint(_load_gguf(gguf, jnp.float32), partial)
     partial.rename(target)  # a conversion cut short never looks finished

@@ -59,14 +59,6 @@ def default_gguf_path() -> pathlib.Path:
     return path
 
 
-def gguf_tokenizer(path: str | os.PathLike):
-    """The HF tokenizer (vocab, merges, special tokens, chat template) stored in the GGUF file."""
-    from transformers import AutoTokenizer
-
-    path = _existing(path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-
-
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     """Reads a Llama-architecture GGUF file.
 
