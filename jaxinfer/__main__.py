@@ -20,15 +20,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    gen.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                     help="default: bfloat16 on a GPU, float32 on a CPU")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     return parser
 
 
 def generate_command(args) -> int:
     import jaxinfer
+    from jaxinfer.platform import log_device
     from jaxinfer.tokenizer import IncrementalDetokenizer, encode_prompt
 
+    log_device()
     model = jaxinfer.load_model(args.model, dtype=args.dtype)
     prompt = encode_prompt(model.tokenizer, args.prompt, chat=args.chat)
     detok = IncrementalDetokenizer(model.tokenizer)
@@ -47,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         return generate_command(args)
     except ValueError as e:  # bad input: say what is wrong, no traceback
         print(f"jaxinfer: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional dependency: name it, no traceback
+        print(f"jaxinfer: error: this needs the Python package {e.name!r}, which is not installed "
+              f"(pip install {e.name})", file=sys.stderr)
         return 2
 
 

@@ -83,15 +83,82 @@ def paged_attention(q: Float[Array, "T N H"], k: Float[Array, "T K H"], v: Float
     from pallas_kernels.paged_attention import (paged_attention as decode_kernel,
                                                 ragged_paged_attention_reference, write_kv)
 
-    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
-    if impl != "pallas":
+    if impl != "pallas" and q.shape[0] <= _EACH_MAX_TOKENS:
+        k_pages, v_pages = _write_kv_each(k_pages, v_pages, k, v, meta.slot_mapping)
+    else:
+        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
+    if impl == "reference":
         out = ragged_paged_attention_reference(q, k_pages, v_pages, meta.block_tables,
                                                meta.kv_lens, meta.cu_q_lens)
+    elif impl != "pallas":
+        out = _xla_paged_attention(q, k_pages, v_pages, meta)
     elif meta.decode:  # padding rows read one slot of page 0; dropped later
         out = decode_kernel(q, k_pages, v_pages, meta.block_tables, jnp.maximum(meta.kv_lens, 1))
     else:
         out = _mixed_step_attention(q, k_pages, v_pages, meta)
     return out, (k_pages, v_pages)
+
+
+_EACH_MAX_TOKENS = 16
+
+
+def _write_kv_each(k_pages: Float[Array, "K P L H"], v_pages: Float[Array, "K P L H"],
+                   k: Float[Array, "T K H"], v: Float[Array, "T K H"], slots: Int[Array, "T"]):
+    """`write_kv` one token at a time, by dynamic-update-slice. On a CPU, XLA lowers the scatter
+    of a few rows through copies of the whole pool (measured: 2 s of a 2.2 s SmolLM2 decode step
+    at 1,024 pages); these updates stay in place. For steps of few tokens (decodes)."""
+    kv_heads, _, page, h = k_pages.shape
+
+    def put(pages, rows, t):  # rows [T, K, H]; slot -1 rewrites the slot 0 it read
+        slot = jnp.maximum(slots[t], 0)
+        at = (0, slot // page, slot % page, 0)
+        old = jax.lax.dynamic_slice(pages, at, (kv_heads, 1, 1, h))
+        new = jnp.where(slots[t] >= 0, rows[t].astype(pages.dtype)[:, None, None, :], old)
+        return jax.lax.dynamic_update_slice(pages, new, at)
+
+    def body(t, pools):
+        return put(pools[0], k, t), put(pools[1], v, t)
+
+    return jax.lax.fori_loop(0, slots.shape[0], body, (k_pages, v_pages))
+
+
+def _xla_paged_attention(q: Float[Array, "T N H"], k_pages: Float[Array, "K P L H"],
+                         v_pages: Float[Array, "K P L H"], meta: PagedMeta,
+                         chunk: int = 16) -> Float[Array, "T N H"]:
+    """Plain XLA over the pages, `chunk` tokens at a time: only a chunk's sequences' pages are
+    gathered at once ([K, C, S, H], S = block-table width x L), never all T tokens' (at 2,048
+    tokens of an 8k context that was tens of GB). Padding tokens give 0."""
+    t, n, h = q.shape
+    b = meta.kv_lens.shape[0]
+    token = jnp.arange(t)
+    seq = jnp.searchsorted(meta.cu_q_lens, token, side="right", method="compare_all") - 1  # [T]
+    live = seq < b
+    seq = jnp.minimum(seq, b - 1)
+    q_lens = meta.cu_q_lens[seq + 1] - meta.cu_q_lens[seq]
+    pos = meta.kv_lens[seq] - q_lens + token - meta.cu_q_lens[seq]  # [T] each token's position
+
+    kv_heads, num_pages, page, _ = k_pages.shape
+
+    def gather(pages, tables):  # [K, P, L, H], [C, W] -> [K, C, W * L, H]
+        # Gathered along the leading axis of a [K * P, L * H] view: XLA then reads the pages where
+        # they are; gathering axis 1 of the pool made the CPU re-lay (copy) the pool every layer.
+        rows = pages.reshape(kv_heads * num_pages, page * h)
+        idx = jnp.arange(kv_heads)[:, None, None] * num_pages + tables[None]  # [K, C, W]
+        return rows[idx].reshape(kv_heads, tables.shape[0], tables.shape[1] * page, h)
+
+    def attend(q_c, seq_c, pos_c):  # [C, N, H], [C], [C]
+        tables = meta.block_tables[seq_c]  # [C, W]
+        k, v = gather(k_pages, tables), gather(v_pages, tables)  # [K, C, S, H]
+        w = tables.shape[1]
+        visible = jnp.arange(w * page)[None, None, :] <= pos_c[:, None, None]  # [C, 1, S]
+        return masked_attention(q_c[:, None], k, v, visible, kv="KBSH")[:, 0]
+
+    if t <= chunk or t % chunk:
+        out = attend(q, seq, pos)
+    else:
+        parts = (q.reshape(t // chunk, chunk, n, h), seq.reshape(-1, chunk), pos.reshape(-1, chunk))
+        out = jax.lax.map(lambda part: attend(*part), parts).reshape(t, n, h)
+    return jnp.where(live[:, None, None], out, 0).astype(q.dtype)
 
 
 def _mixed_step_attention(q: Float[Array, "T N H"], k_pages, v_pages,

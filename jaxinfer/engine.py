@@ -21,14 +21,15 @@ import dataclasses
 import gc
 import itertools
 import math
-import os
 import time
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import attention
-from jaxinfer.kv_cache import init_pages, page_bytes, pages_that_fit
+from jaxinfer.kv_cache import init_pages, page_bytes
+from jaxinfer.platform import free_memory_bytes, log_device, logger, use_compilation_cache
 from jaxinfer.model import Model, check_token_range
 from jaxinfer.runner import RowInfo, Runner, uses_penalties
 from jaxinfer.sampling import SamplingParams
@@ -39,18 +40,20 @@ from jaxinfer.tokenizer import IncrementalDetokenizer
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Engine limits (like vLLM's). `num_pages` None sizes the pool from free device memory."""
+    """Engine limits (like vLLM's). A field left None takes the default of the device the engine
+    runs on (`device_defaults`); `num_pages` None sizes the pool from free memory."""
 
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None: the model's context
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None  # None: the model's context (at most 2,048 on a CPU)
     page_size: int = 16
     num_pages: int | None = None
     kv_cache_memory_fraction: float = 0.9
     enable_prefix_caching: bool = True
     attention_impl: str | None = None  # None: the platform default
     seed: int = 0  # seeds of requests that bring none are drawn from it, in arrival order
-    warmup: bool = True  # compile every bucket at start-up
+    warmup: bool | None = None  # compile every bucket at start-up (None: on a GPU, not on a CPU)
+    smallest_bucket: int | None = None  # the smallest token bucket (None: 16 on a GPU, 1 on a CPU)
     async_scheduling: bool = True  # plan step N+1 while step N runs on the device
     # JAX's persistent compilation cache: a restart loads the compiled steps instead of compiling.
     # None: $JAXINFER_COMPILATION_CACHE or ~/.cache/jaxinfer/xla; "" turns it off.
@@ -62,6 +65,24 @@ class EngineConfig:
                              f"{self.kv_cache_memory_fraction!r}")
         if self.page_size not in (16, 32, 64, 128):
             raise ValueError(f"page_size must be 16, 32, 64 or 128, got {self.page_size!r}")
+
+    def for_device(self, backend: str, model_context: int) -> EngineConfig:
+        """This config with every None size filled in for `backend` ("cpu", "gpu", ...)."""
+        filled = {k: v for k, v in device_defaults(backend, model_context).items()
+                  if getattr(self, k) is None}
+        return dataclasses.replace(self, **filled)
+
+
+def device_defaults(backend: str, model_context: int) -> dict:
+    """Sizes that fit the device. A GPU serves many sequences and compiles every bucket at
+    start-up; a CPU serves a few, over a shorter context (the XLA attention reads every row's
+    whole block table), and compiles each program on first use (tens of seconds each there),
+    with buckets down to one token so a lone decode is not padded to 16."""
+    if backend == "cpu":
+        return dict(max_num_seqs=8, max_num_batched_tokens=256,
+                    max_model_len=min(model_context, 2048), warmup=False, smallest_bucket=1)
+    return dict(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=model_context,
+                warmup=True, smallest_bucket=16)
 
 
 @dataclasses.dataclass
@@ -108,26 +129,34 @@ class Engine:
     """Serves many requests at once over a paged KV cache; see the module docstring for a step."""
 
     def __init__(self, model: Model, config: EngineConfig | None = None, **options):
-        config = config or EngineConfig(**options)
-        self.model, self.config = model, config
-        _use_compilation_cache(config.compilation_cache_dir)
+        import jax
+
+        log_device()
         cfg = model.config
-        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        config = (config or EngineConfig(**options)).for_device(jax.default_backend(),
+                                                                cfg.max_position_embeddings)
+        self.model, self.config = model, config
+        use_compilation_cache(config.compilation_cache_dir)
+        self.max_model_len = config.max_model_len
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context "
                              f"{cfg.max_position_embeddings}")
+        # A CPU copies a 16-bit pool at every write (XLA widens 16-bit floats there), so its
+        # pool is f32: written in place, and exact.
+        self.kv_dtype = jnp.dtype(jnp.float32) if _on_cpu() else jnp.dtype(model.dtype)
         num_pages = self._num_pages()
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, page_size=config.page_size, num_pages=num_pages,
             enable_prefix_caching=config.enable_prefix_caching))
         pages = init_pages(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_pages,
-                           config.page_size, model.dtype)
+                           config.page_size, self.kv_dtype)
         impl = config.attention_impl or attention.default_impl()
         self.runner = Runner(model.decoder(impl), model.params, pages, page_size=config.page_size,
                              max_num_seqs=config.max_num_seqs,
                              max_num_batched_tokens=config.max_num_batched_tokens,
-                             max_model_len=self.max_model_len)
+                             max_model_len=self.max_model_len,
+                             smallest_bucket=config.smallest_bucket)
         self.num_pages = num_pages
         self.requests: dict[str, _Request] = {}
         self._aborted: list[RequestOutput] = []
@@ -135,6 +164,7 @@ class Engine:
         self._seeds = np.random.default_rng(config.seed)
         self.stats = {"steps": 0, "computed_tokens": 0, "cached_tokens": 0, "max_pages_used": 0,
                       "preemptions": 0, "runner_s": 0.0, "decode_steps": 0}
+        self._log_sizes()
         if config.warmup:
             self.runner.warmup()
         # Leave everything built so far (params, pools, compiled steps) out of the cyclic GC's
@@ -142,15 +172,37 @@ class Engine:
         gc.collect()
         gc.freeze()
 
+    def _page_bytes(self) -> int:
+        cfg = self.model.config
+        return page_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.config.page_size,
+                          self.kv_dtype)
+
     def _num_pages(self) -> int:
-        c, cfg = self.config, self.model.config
+        """The pool's pages: `num_pages` if it fits in free memory (else a ValueError, before any
+        allocation), or `kv_cache_memory_fraction` of the free memory; on a CPU, whose memory the
+        rest of the machine shares, at most enough for every seat at full length."""
+        c, per_page = self.config, self._page_bytes()
+        free = free_memory_bytes()
         if c.num_pages is not None:
+            if free is not None and c.num_pages * per_page > free:
+                raise ValueError(
+                    f"num_pages={c.num_pages} needs {_gib(c.num_pages * per_page)} of KV cache "
+                    f"({per_page:,} bytes a page) but {_gib(free)} is free: use num_pages <= "
+                    f"{free // per_page} (or leave it unset to size the pool from free memory)")
             return c.num_pages
-        per_page = page_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, c.page_size,
-                              self.model.dtype)
-        fit = pages_that_fit(per_page, c.kv_cache_memory_fraction)
-        # Where the backend reports no memory (CPU), enough pages for every seat at full length.
-        return fit if fit is not None else c.max_num_seqs * math.ceil(self.max_model_len / c.page_size)
+        seats = c.max_num_seqs * math.ceil(self.max_model_len / c.page_size)
+        if free is None:
+            return seats
+        fit = int(free * c.kv_cache_memory_fraction) // per_page
+        return min(fit, seats) if _on_cpu() else fit
+
+    def _log_sizes(self) -> None:
+        c = self.config
+        logger.info("KV cache: %d pages of %d tokens (%s, %d tokens); %d seats, %d tokens a step, "
+                    "context %d; programs %s", self.num_pages, c.page_size,
+                    _gib(self.num_pages * self._page_bytes()), self.num_pages * c.page_size,
+                    c.max_num_seqs, c.max_num_batched_tokens, self.max_model_len,
+                    "compiled now" if c.warmup else "compiled on first use")
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -289,15 +341,14 @@ class Engine:
             num_cached_tokens=seq.num_cached_tokens)
 
 
-def _use_compilation_cache(path: str | None) -> None:
-    """Points JAX's persistent compilation cache at `path` unless the user set one already."""
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def _on_cpu() -> bool:
     import jax
 
-    if path is None:
-        path = os.environ.get("JAXINFER_COMPILATION_CACHE",
-                              os.path.join(os.path.expanduser("~"), ".cache", "jaxinfer", "xla"))
-    if path and not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", path)
+    return jax.default_backend() == "cpu"
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
@@ -312,7 +363,7 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 class LLM:
     """Offline batch generation: `LLM(path).generate(prompts, params)` -> outputs in input order."""
 
-    def __init__(self, model_path=None, *, model: Model | None = None, dtype="bfloat16",
+    def __init__(self, model_path=None, *, model: Model | None = None, dtype=None,
                  **engine_options):
         if model is None:
             from jaxinfer.checkpoint import load_model

@@ -17,6 +17,7 @@ from jaxtyping import Array, Float, Int
 
 from jaxinfer.model import Model, check_token_range
 from jaxinfer.models.llama import Decoder, init_cache
+from jaxinfer.platform import use_compilation_cache
 from jaxinfer.sampling import (SamplingArrays, SamplingParams, check_sampling, sample_mode,
                                sample_rows, sampling_arrays)
 
@@ -133,6 +134,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
       Each prompt's new tokens, ending with the stop token when one was produced.
     """
     prompts = check_prompts(model, prompts, max_new_tokens)
+    use_compilation_cache()
     sampling, mode = row_sampling(len(prompts), temperature, top_k, top_p, seed)
     batch, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
     t, s = _bucket_lengths(model, int(lengths.max()), max_new_tokens)
@@ -161,6 +163,7 @@ def stream(model: Model, prompt: Sequence[int], *, max_new_tokens: int, temperat
            stop_token_ids: Sequence[int] | None = None, impl: str | None = None) -> Iterator[int]:
     """Yields one prompt's new tokens as they are made (the same steps as `generate`, host-driven)."""
     (ids,) = check_prompts(model, [prompt], max_new_tokens)
+    use_compilation_cache()
     sampling, mode = row_sampling(1, temperature, top_k, top_p, seed)
     stop = set(_stop_ids(model, stop_token_ids).tolist())
     t, s = _bucket_lengths(model, len(ids), max_new_tokens)

@@ -228,17 +228,6 @@ def page_bytes(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int
     return 2 * num_layers * num_kv_heads * page_size * head_dim * np.dtype(dtype).itemsize
 
 
-def pages_that_fit(bytes_per_page: int, fraction: float) -> int | None:
-    """Pages that fit in `fraction` of the device memory left now; None where the backend can't say."""
-    import jax
-
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return None
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return int(free * fraction) // bytes_per_page
-
-
 def init_pages(num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int,
                dtype) -> tuple:
     """Zeroed page pools: per layer (k, v), each [K, P, L, H]."""

@@ -14,8 +14,10 @@ is read inside the jitted step from that step's sampled tokens, which stay on th
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -69,12 +71,12 @@ class Runner:
     """Owns the device page pools and the jitted programs; turns plans into sampled tokens."""
 
     def __init__(self, decoder, params: Any, pages: tuple, *, page_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int):
+                 max_num_batched_tokens: int, max_model_len: int, smallest_bucket: int = 16):
         self.decoder, self.params, self.pages = decoder, params, pages
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
         self.max_model_len = max_model_len
         self.max_pages_per_seq = math.ceil(max_model_len / page_size)
-        self.buckets = token_buckets(max_num_batched_tokens)
+        self.buckets = token_buckets(max_num_batched_tokens, smallest_bucket)
         self.num_compiles = 0  # traces of the forward and the sampler: each is one compilation
         # Two programs per step: the model (pages donated) and the sampler, whose static mode
         # (greedy / sample / filter) replaces on-device conds that would stall the host.
@@ -128,21 +130,34 @@ class Runner:
         n, out = handle
         return SampleOutput(*(x[:n] for x in jax.device_get(out)))  # one transfer
 
-    def warmup(self, penalties: bool = False) -> None:
+    def warmup(self, penalties: bool = False, progress: bool = True) -> None:
         """Compiles every program once on all-padding batches: the forward of each token bucket
         and its decode-only form where T == B, then the sampler of each row bucket B in every
-        mode (with and without penalties if asked)."""
-        for t in self.buckets:
-            for decode in (False, True) if t <= self.max_num_seqs else (False,):
-                self.step(self._padding_batch(t, False, decode), "greedy")
+        mode (with and without penalties if asked). `progress` draws a bar on stderr."""
+        programs = self._warmup_programs(penalties)
+        bar = _progress_bar(len(programs), "compiling programs") if progress else None
+        for run in programs:
+            run()
+            if bar is not None:
+                bar.update(1)
+        jax.block_until_ready(self.pages)
+        if bar is not None:
+            bar.close()
+
+    def _warmup_programs(self, penalties: bool) -> list:
+        """One thunk per program that start-up compiles (it runs the program once)."""
+        programs = [functools.partial(self.step, self._padding_batch(t, False, decode), "greedy")
+                    for t in self.buckets
+                    for decode in ((False, True) if t <= self.max_num_seqs else (False,))]
         vocab = self.decoder.cfg.vocab_size
         for b in sorted({min(t, self.max_num_seqs) for t in self.buckets}):
             for mode, pen in itertools.product(SAMPLE_MODES, (False, True) if penalties
                                                else (False,)):
                 batch = self._padding_batch(b, pen, False)  # its [b] sampler inputs
-                self._sample(jnp.zeros((b, vocab), jnp.float32), batch.sampling, batch.history,
-                             batch.history_is_output, mode)
-        jax.block_until_ready(self.pages)
+                programs.append(functools.partial(
+                    self._sample, jnp.zeros((b, vocab), jnp.float32), batch.sampling,
+                    batch.history, batch.history_is_output, mode))
+        return programs
 
     def build(self, plan: StepPlan, rows: Sequence[RowInfo]) -> StepBatch:
         t, b = self.bucket(plan.num_tokens)
@@ -195,3 +210,10 @@ class Runner:
                    jnp.zeros((b, self.max_model_len), bool)) if penalties else (None, None)
         return StepBatch(zeros(t), jnp.full(t, -1, jnp.int32), zeros(t), meta, zeros(b), sampling,
                          *history)
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"jaxinfer: {desc}", unit="prog", file=sys.stderr,
+                leave=False, dynamic_ncols=True)

@@ -541,9 +541,13 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping):
   slots = jnp.where(slot_mapping < 0, num_rows, slot_mapping)
 
   def scatter(pages, new):
+    if pages.dtype == jnp.float32:  # in place as it is (the bit view below copies on a CPU)
+      rows = _rows_view(pages).at[:, slots].set(new.swapaxes(0, 1).astype(pages.dtype),
+                                                mode="drop")
+      return rows.reshape(pages.shape)
     # Scatter the raw bits: XLA upcasts a 16-bit float scatter to f32, which
     # converts (copies) the whole pool every step; an integer scatter of the
-    # same width stays in place.
+    # same width stays in place (on a GPU; a CPU copies 16-bit pools either way).
     bits = _bits_dtype(pages.dtype)
     rows = lax.bitcast_convert_type(_rows_view(pages), bits)
     new = lax.bitcast_convert_type(new.swapaxes(0, 1).astype(pages.dtype), bits)

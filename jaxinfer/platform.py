@@ -1,0 +1,110 @@
+"""Facts of the machine jaxinfer runs on, decided on the host (never inside a jitted function):
+the device and whether a GPU is present that jax does not see, free memory for the KV pool,
+and JAX's persistent compilation cache. Also jaxinfer's logger: one line each on stderr,
+`jaxinfer: ...`, at the level in $JAXINFER_LOG_LEVEL (default INFO); a program that configures
+the "jaxinfer" logger itself keeps its own handlers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+logger = logging.getLogger("jaxinfer")
+
+
+def _configure() -> None:
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("jaxinfer: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(os.environ.get("JAXINFER_LOG_LEVEL", "INFO").upper())
+    logger.propagate = False
+
+
+_configure()
+
+
+def nvidia_gpu_present(timeout_s: float = 10.0) -> bool:
+    """Whether `nvidia-smi -L` lists a GPU on this machine (whatever jax can see)."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                             timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "GPU" in out.stdout
+
+
+def device_summary() -> str:
+    """e.g. '1 x NVIDIA H200 (gpu, jax 0.11.2)' or '1 x cpu (cpu, jax 0.10.2)'."""
+    import jax
+
+    devices = jax.devices()
+    return (f"{len(devices)} x {devices[0].device_kind} "
+            f"({jax.default_backend()}, jax {jax.__version__})")
+
+
+@functools.cache
+def log_device() -> None:
+    """Says once per process which device jaxinfer runs on; warns when a GPU is present that
+    jax does not see (a CPU build of jax on a GPU machine)."""
+    import jax
+
+    logger.info("running on %s", device_summary())
+    if jax.default_backend() == "cpu" and nvidia_gpu_present():
+        logger.warning("an NVIDIA GPU is present (nvidia-smi) but jax sees only the CPU: install "
+                       "the CUDA build of jax with `bash scripts/setup.sh` (it picks jax[cuda12] "
+                       "or jax[cuda13] from the driver)")
+
+
+def free_memory_bytes() -> int | None:
+    """Bytes free now on the device the engine runs on: the accelerator's free memory, or on a
+    CPU half the host's available memory (the rest is left to activations, compiles and the
+    machine's other work); None where neither can be read."""
+    import jax
+
+    device = jax.local_devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        return None
+    available = _host_available_bytes()
+    return None if available is None else available // 2
+
+
+def _host_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def use_compilation_cache(path: str | None = None) -> None:
+    """Points JAX's persistent compilation cache at `path` unless the user set one already, so
+    a restart loads compiled programs instead of compiling them. None: $JAXINFER_COMPILATION_CACHE
+    or ~/.cache/jaxinfer/xla; "" leaves the cache off."""
+    import jax
+
+    if path is None:
+        path = os.environ.get("JAXINFER_COMPILATION_CACHE",
+                              os.path.join(os.path.expanduser("~"), ".cache", "jaxinfer", "xla"))
+    if path and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        # Keep the small programs too (samplers compile in under a second, JAX's default floor
+        # for caching): loading one is still faster than compiling it.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

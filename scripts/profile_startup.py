@@ -1,0 +1,116 @@
+"""Where the engine's start-up goes: weights, page pool, and each program's trace, compile and
+first call, with JAX's persistent compilation cache cold or warm.
+
+    python scripts/profile_startup.py --cache /tmp/xla --mode serial --out cold.json
+    python scripts/profile_startup.py --cache /tmp/xla --mode engine      # Engine(...) as users run it
+
+Modes: `serial` lowers and compiles each program in turn (AOT), then calls it through jit;
+`parallel` lowers all, compiles them in a thread pool, then calls them; `engine` times the plain
+`Engine(...)` constructor. Random weights of a named shape, bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+import time
+
+T0 = time.perf_counter()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama3-8b")
+    p.add_argument("--cache", required=True)
+    p.add_argument("--mode", choices=["serial", "parallel", "engine"], default="serial")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+    import jax
+    import jax.numpy as jnp
+
+    import jaxinfer
+    from jaxinfer.config import ModelConfig
+    from jaxinfer.engine import Engine
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_generate import SHAPES
+
+    report = {"mode": args.mode, "jax": jax.__version__, "device": jax.devices()[0].device_kind}
+    report["import_s"] = time.perf_counter() - T0
+    jax.config.update("jax_compilation_cache_dir", args.cache)
+    cfg = ModelConfig(**SHAPES[args.model])
+    t = time.perf_counter()
+    params = jax.block_until_ready(jaxinfer.init_params(cfg, "bfloat16"))
+    report["init_params_s"] = time.perf_counter() - t
+    model = jaxinfer.Model(cfg, params, None, jnp.bfloat16)
+    opts = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_prefix_caching=False, compilation_cache_dir=args.cache)
+    t = time.perf_counter()
+    engine = Engine(model, warmup=args.mode == "engine", **opts)
+    report["engine_s"] = time.perf_counter() - t
+    if args.mode != "engine":
+        report["programs"] = profile_programs(engine.runner, args.mode == "parallel", args.workers)
+        report["programs_total_s"] = time.perf_counter() - t - report["engine_s"]
+    report["total_s"] = time.perf_counter() - T0
+    print(json.dumps(report, indent=1), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def profile_programs(runner, parallel: bool, workers: int) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.sampling import SAMPLE_MODES
+
+    progs = []  # (row, jit fn, args)
+    for t in runner.buckets:
+        for decode in (False, True) if t <= runner.max_num_seqs else (False,):
+            b = runner._padding_batch(t, False, decode)
+            fwd = b._replace(sampling=None, history=None, history_is_output=None)
+            progs.append(({"kind": "forward", "t": t, "decode": decode}, runner._forward,
+                          (runner.params, runner.pages, runner.prev_tokens, fwd)))
+    vocab = runner.decoder.cfg.vocab_size
+    for bsz in sorted({min(t, runner.max_num_seqs) for t in runner.buckets}):
+        for mode in SAMPLE_MODES:
+            b = runner._padding_batch(bsz, False, False)
+            progs.append(({"kind": "sample", "b": bsz, "mode": mode}, runner._sample,
+                          (jnp.zeros((bsz, vocab), jnp.float32), b.sampling, None, None, mode)))
+    lowered = []
+    for row, fn, fargs in progs:
+        t = time.perf_counter()
+        static = fargs[4:] if row["kind"] == "sample" else ()
+        low = fn.lower(*fargs[:4], *static) if static else fn.lower(*fargs)
+        row["lower_s"] = time.perf_counter() - t
+        lowered.append(low)
+        if not parallel:
+            t = time.perf_counter()
+            low.compile()
+            row["compile_s"] = time.perf_counter() - t
+    if parallel:
+        t = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda low: low.compile(), lowered))
+        progs[0][0]["parallel_compile_all_s"] = time.perf_counter() - t
+    for row, fn, fargs in progs:  # the first call through jit: does it reuse the compile?
+        t = time.perf_counter()
+        if row["kind"] == "forward":
+            runner.pages, out = fn(*fargs[:1], runner.pages, *fargs[2:])
+        else:
+            out = fn(*fargs)
+        jax.block_until_ready(out)
+        row["jit_call_s"] = time.perf_counter() - t
+    return [row for row, _, _ in progs]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
