@@ -89,7 +89,10 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             continue  # llama3 rope factors: read into config["rope_scaling"] by _hf_config
-        w = dequantize(t.data, t.tensor_type, tuple(reversed(t.shape.tolist())))
+        try:
+            w = dequantize(t.data, t.tensor_type, tuple(reversed(t.shape.tolist())))
+        except ValueError as e:
+            raise ValueError(f"tensor {t.name!r}: {e}") from e
         tensors[_hf_name(t.name)] = _unpermute_qk(t.name, w, config)
     return config, tensors
 
@@ -111,7 +114,8 @@ def dequantize(raw: np.ndarray, ggml_type, shape: tuple[int, ...]) -> np.ndarray
     data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     n = int(np.prod(shape))
     if n % block_size or data.size != n // block_size * type_size:
-        raise ValueError(f"{data.size} bytes of {ggml_type.name} do not hold a tensor of shape {shape}")
+        raise ValueError(f"{data.size} bytes of {ggml_type.name} do not hold a tensor of shape "
+                         f"{shape}: the file is truncated or damaged")
     return _DECODERS[ggml_type](data.reshape(-1, type_size)).reshape(shape)
 
 
