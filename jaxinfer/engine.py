@@ -44,7 +44,7 @@ from jaxinfer.kv_cache import init_pages, page_bytes, pages_that_fit
 from jaxinfer.model import Model
 from jaxinfer.runner import RowInfo, Runner, uses_penalties
 from jaxinfer.sampling import SamplingParams
-from jaxinfer.scheduler import Scheduler, SchedulerConfig
+from jaxinfer.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
 from jaxinfer.scheduler import Sequence as Seq
 from jaxinfer.tokenizer import IncrementalDetokenizer
 from jaxinfer.validate import as_sequence, as_text, as_token_ids
@@ -348,6 +348,8 @@ class Engine:
         upto = max(req.emitted, len(req.text) - hold)
         delta, req.emitted = req.text[req.emitted:upto], upto
         output_ids = seq.output_token_ids  # a fresh list: the caller may keep it
+        if output_ids and output_ids[-1] == PLACEHOLDER:  # ended (abort, error) with a sample in
+            output_ids.pop()  # flight: that token is dropped
         new_ids, req.sent_tokens = output_ids[req.sent_tokens:], len(output_ids)
         return RequestOutput(
             request_id=seq.request_id, prompt_token_ids=req.prompt_ids,

@@ -80,7 +80,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         FileNotFoundError: no such file.
         ValueError: not a llama architecture, an unknown tensor name, an unsupported tensor type.
     """
-    reader = gguf.GGUFReader(_existing(path))
+    reader = _reader(_existing(path))
     config = _hf_config(reader)
     for t in reader.tensors:
         if t.tensor_type not in SUPPORTED_TYPES:
@@ -162,6 +162,15 @@ def _existing(path: str | os.PathLike) -> pathlib.Path:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     return path
+
+
+def _reader(path: pathlib.Path) -> gguf.GGUFReader:
+    """gguf-py's reader; its numpy errors on a cut-off file become one that says so."""
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or damaged): "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def _hf_name(name: str) -> str:

@@ -85,6 +85,15 @@ def test_id_reused_after_a_stop_token_while_others_run(tiny_model):
     assert_all_pages_back(engine)
 
 
+def test_abort_with_a_sample_in_flight_drops_that_token():
+    engine = fake_engine()
+    engine.add_request("a", "abc", SamplingParams(max_tokens=5, temperature=0))
+    engine.step()  # dispatched and committed: its sample is a placeholder until resolved
+    engine.abort("a")
+    (out,) = engine.step()
+    assert out.finish_reason == "abort" and out.token_ids == [] and out.new_token_ids == []
+
+
 # ---- defect 2: LLM.generate checks everything before it queues anything ------------------------
 
 
