@@ -22,7 +22,8 @@ A fault inside a step (the runner raises: a device error, out of memory, a bug) 
 `step()`: the requests of the failed step (and of the step in flight with it) end with
 finish_reason "error" and the message in `RequestOutput.error`, their pages are freed, the fault
 is logged, and the engine goes on serving. If the failed step had consumed the donated page pools,
-they are rebuilt and the other running requests recompute their tokens (their outputs unchanged).
+they are rebuilt, the prefix cache is forgotten, and any other running request recomputes its
+tokens (its output unchanged).
 """
 
 from __future__ import annotations

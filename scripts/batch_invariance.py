@@ -96,9 +96,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     batched = run(engine, ids, params)
     t1 = time.perf_counter()
+    print(f"batched run: {t1 - t0:.1f} s; now each request alone", file=sys.stderr, flush=True)
     alone = {}
-    for rid, prompt in ids.items():
+    for i, (rid, prompt) in enumerate(ids.items()):
         alone |= run(engine, {rid: prompt}, params)
+        if (i + 1) % 16 == 0:
+            print(f"alone: {i + 1}/{len(ids)}", file=sys.stderr, flush=True)
     t2 = time.perf_counter()
     result = compare(batched, alone)
     gaps = [d["alone_top2_logprob_gap"] for d in result["differences"]
