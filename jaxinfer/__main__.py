@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return generate_command(args)
-    except ValueError as e:  # bad input: say what is wrong, no traceback
-        print(f"jaxinfer: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad input or an unreadable model: one line, no traceback
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"jaxinfer: error: {message}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:  # an optional dependency: name it, no traceback
         print(f"jaxinfer: error: this needs the Python package {e.name!r}, which is not installed "

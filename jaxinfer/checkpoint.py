@@ -183,24 +183,47 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 def load_model(path: str | os.PathLike | None = None, *, dtype=None) -> Model:
     """Loads an HF directory, a `.gguf` file or a jaxinfer checkpoint; None = the default model.
 
-    dtype: "bfloat16", "float16" or "float32"; None: bfloat16 on a GPU, float32 on a CPU."""
+    dtype: "bfloat16", "float16" or "float32"; None: bfloat16 on a GPU, float32 on a CPU.
+    Raises:
+      ValueError: no such model, or a damaged one (truncated or garbage files, missing shards,
+        tensors of the wrong name, shape or dtype); the message names the file and the fault.
+    """
     dtype = resolve_dtype(dtype)
     path = pathlib.Path(path) if path is not None else ensure_default_model()
     if not path.exists():
         raise ValueError(f"model path {str(path)!r} does not exist")
     start = time.perf_counter()
     if path.is_file() and path.suffix == ".gguf":
-        model = _load_gguf(path, dtype)
+        model = _readable(path, "GGUF file", _load_gguf, dtype)
     elif path.is_dir() and (path / FORMAT_FILE).exists():
-        model = _load_jaxinfer(path, dtype)
+        model = _readable(path, "jaxinfer checkpoint", _load_jaxinfer, dtype)
     elif path.is_dir() and (path / "config.json").exists():
-        model = _load_hf(path, dtype)
+        model = _readable(path, "HF model directory", _load_hf, dtype)
     else:
         raise ValueError(f"{str(path)!r} is not a model: expected an HF directory with config.json, "
                          f"a .gguf file, or a jaxinfer checkpoint directory with {FORMAT_FILE}")
     logger.info("loaded %s (%s, %.2fB params, %s) in %.1f s", path, model.config.model_type,
                 model.config.num_params / 1e9, jnp.dtype(dtype).name, time.perf_counter() - start)
     return model
+
+
+def _readable(path: pathlib.Path, kind: str, load: Callable, dtype) -> Model:
+    """`load(path, dtype)`, with any failure turned into one ValueError that names `path`."""
+    try:
+        return load(path, dtype)
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: {_one_line(e)}") from e
+    except Exception as e:  # noqa: BLE001 - readers raise their own types on damaged bytes
+        raise ValueError(f"{path} is not a readable {kind}: {type(e).__name__}: {_one_line(e)}"
+                         ) from e
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+    """The first line of an error's message, cut to `limit` characters (readers dump pages)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _load_hf(path: pathlib.Path, dtype) -> Model:
@@ -214,17 +237,43 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, Any]:
 
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = _shard_names(index)
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors files in {str(path)!r} (only safetensors are supported)")
     tensors = {}
     for name in files:
-        with safe_open(path / name, framework="flax") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"{file}: shard listed in {index.name} is missing")
+        try:
+            with safe_open(file, framework="flax") as f:
+                for key in f.keys():
+                    tensors[key] = _float_tensor(file, key, f.get_tensor(key))
+        except ValueError as e:
+            if str(file) in str(e):
+                raise
+            raise ValueError(f"{file} is not a readable safetensors file: {_one_line(e)}") from e
+        except Exception as e:  # noqa: BLE001 - SafetensorError on truncated or garbage bytes
+            raise ValueError(f"{file} is not a readable safetensors file: "
+                             f"{type(e).__name__}: {_one_line(e)}") from e
     return tensors
+
+
+def _shard_names(index: pathlib.Path) -> list[str]:
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
+
+
+def _float_tensor(file: pathlib.Path, name: str, x):
+    """Weights are floating point: an integer or bool tensor means a damaged or foreign file."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{file}: tensor {name} has dtype {x.dtype.name}, expected a "
+                         "floating-point dtype (quantized safetensors are not supported)")
+    return x
 
 
 def _hf_tokenizer(path: pathlib.Path):
@@ -281,7 +330,12 @@ def _load_jaxinfer(path: pathlib.Path, dtype) -> Model:
     shapes, _ = abstract_params(cfg, meta["dtype"])
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-    params = ocp.StandardCheckpointer().restore(path.absolute() / "params", target)
+    try:
+        params = ocp.StandardCheckpointer().restore(path.absolute() / "params", target)
+    except Exception as e:  # noqa: BLE001 - orbax / TensorStore raise bare Exceptions with dumps
+        raise ValueError(f"{path / 'params'}: the params cannot be restored (a damaged, incomplete "
+                         f"or mismatched orbax checkpoint): {type(e).__name__}: {_one_line(e)}"
+                         ) from e
     params = jax.tree.map(lambda x: x.astype(dtype), params)
     tokenizer = _hf_tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else None
     return Model(cfg, params, tokenizer, dtype)

@@ -13,6 +13,17 @@ so the host plans and post-processes while the device computes (asynchronous sch
 request that a step finishes may have one more token computed by the step already queued; that
 token is dropped. `async_scheduling=False`, or a step with a penalty (whose token history must be
 on the host), resolves each step before the next is dispatched.
+
+Inside the engine a request is its id and its sequence's arrival number: an id may be reused
+as soon as its request ends (abort, stop), while a step planned for the old one is in flight;
+that step's entries still apply to the old request only.
+
+A fault inside a step (the runner raises: a device error, out of memory, a bug) does not escape
+`step()`: the requests of the failed step (and of the step in flight with it) end with
+finish_reason "error" and the message in `RequestOutput.error`, their pages are freed, the fault
+is logged, and the engine goes on serving. If the failed step had consumed the donated page pools,
+they are rebuilt, the prefix cache is forgotten, and any other running request recomputes its
+tokens (its output unchanged).
 """
 
 from __future__ import annotations
@@ -24,18 +35,20 @@ import math
 import time
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import attention
 from jaxinfer.kv_cache import init_pages, page_bytes
+from jaxinfer.model import Model
 from jaxinfer.platform import free_memory_bytes, log_device, logger, use_compilation_cache
-from jaxinfer.model import Model, check_token_range
 from jaxinfer.runner import RowInfo, Runner, uses_penalties
 from jaxinfer.sampling import SamplingParams
-from jaxinfer.scheduler import Scheduler, SchedulerConfig
+from jaxinfer.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
 from jaxinfer.scheduler import Sequence as Seq
 from jaxinfer.tokenizer import IncrementalDetokenizer
+from jaxinfer.validate import as_sequence, as_text, as_token_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +107,7 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort"
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
     logprobs: list[dict[int, float]] | None
     arrival_time: float
     first_token_time: float | None
@@ -102,6 +115,7 @@ class RequestOutput:
     new_token_ids: list[int] = dataclasses.field(default_factory=list)
     text_delta: str = ""
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    error: str | None = None  # with finish_reason "error": what went wrong in the step
 
 
 @dataclasses.dataclass
@@ -118,6 +132,7 @@ class _Request:
     logprobs: list | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    error: str | None = None
 
     def row(self) -> RowInfo:
         """What the runner needs to know of this request for one step."""
@@ -144,20 +159,18 @@ class Engine:
         # A CPU copies a 16-bit pool at every write (XLA widens 16-bit floats there), so its
         # pool is f32: written in place, and exact.
         self.kv_dtype = jnp.dtype(jnp.float32) if _on_cpu() else jnp.dtype(model.dtype)
-        num_pages = self._num_pages()
+        self.num_pages = num_pages = self._num_pages()
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, page_size=config.page_size, num_pages=num_pages,
             enable_prefix_caching=config.enable_prefix_caching))
-        pages = init_pages(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_pages,
-                           config.page_size, self.kv_dtype)
         impl = config.attention_impl or attention.default_impl()
-        self.runner = Runner(model.decoder(impl), model.params, pages, page_size=config.page_size,
+        self.runner = Runner(model.decoder(impl), model.params, self._new_pages(),
+                             page_size=config.page_size,
                              max_num_seqs=config.max_num_seqs,
                              max_num_batched_tokens=config.max_num_batched_tokens,
                              max_model_len=self.max_model_len,
                              smallest_bucket=config.smallest_bucket)
-        self.num_pages = num_pages
         self.requests: dict[str, _Request] = {}
         self._aborted: list[RequestOutput] = []
         self._in_flight = None  # (plan, runner handle) committed but not resolved
@@ -171,6 +184,11 @@ class Engine:
         # scans: measured on the CPU at 256 sequences, a step's host work fell from 4.1 to 2.7 ms.
         gc.collect()
         gc.freeze()
+
+    def _new_pages(self) -> tuple:
+        cfg = self.model.config
+        return init_pages(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.num_pages,
+                          self.config.page_size, self.kv_dtype)
 
     def _page_bytes(self) -> int:
         cfg = self.model.config
@@ -208,35 +226,50 @@ class Engine:
 
     def add_request(self, request_id: str, prompt: str | Sequence[int],
                     sampling_params: SamplingParams | None = None) -> None:
-        """Queues a request; raises ValueError for bad input or one that could never fit."""
-        params = sampling_params or SamplingParams()
+        """Queues a request; raises ValueError for bad input or one that could never fit.
+
+        Args:
+          request_id: a string no unfinished request uses; it may be reused once that one ends.
+          prompt: text (the model needs a tokenizer) or token ids (a list or 1-D numpy array).
+          sampling_params: None for the defaults.
+        """
+        self._queue(self._prepare(request_id, prompt, sampling_params))
+
+    def _prepare(self, request_id, prompt, sampling_params) -> _Request:
+        """Every check of `add_request`, and the request it would queue; changes nothing."""
+        params = SamplingParams() if sampling_params is None else sampling_params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a string, got {request_id!r:.80}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids = self._prompt_ids(prompt)
-        check_token_range(np.asarray(params.stop_token_ids, np.int64), self.model.config)
+        as_token_ids("stop_token_ids", params.stop_token_ids, allow_empty=True,
+                     vocab_size=self.model.config.vocab_size)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos
                                                  else set(self.model.config.eos_token_ids))
         seq = Seq(request_id, ids, params.max_tokens, stop_ids)
-        self.scheduler.add(seq)  # refuses what could never fit
-        seed = params.seed if params.seed is not None else int(self._seeds.integers(2**31))
+        self.scheduler.check(seq)  # refuses what could never fit
         detok = IncrementalDetokenizer(self.model.tokenizer) if self.model.tokenizer else None
-        self.requests[request_id] = _Request(seq, params, seed, detok, time.perf_counter(), ids,
-                                             logprobs=[] if params.logprobs is not None else None)
+        return _Request(seq, params, -1, detok, 0.0, ids,
+                        logprobs=[] if params.logprobs is not None else None)
+
+    def _queue(self, req: _Request) -> None:
+        """Queues a request made by `_prepare` (checked against the engine as it is now)."""
+        params = req.params
+        self.scheduler.add(req.seq)
+        req.seed = params.seed if params.seed is not None else int(self._seeds.integers(2**31))
+        req.arrival = time.perf_counter()
+        self.requests[req.seq.request_id] = req
 
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("the prompt is empty")
+            as_text("prompt", prompt)
             if self.model.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass token ids instead of text")
             return list(self.model.tokenizer(prompt)["input_ids"])
-        ids = np.asarray(prompt)
-        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError("the prompt must be a non-empty string or list of token ids")
-        check_token_range(ids, self.model.config)
-        return [int(t) for t in ids]
+        return as_token_ids("prompt", prompt, vocab_size=self.model.config.vocab_size)
 
     def abort(self, request_id: str) -> None:
         """Stops a request at once and frees its pages; its last output says "abort"."""
@@ -253,36 +286,70 @@ class Engine:
     # -- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one step; returns an output for every request that moved (or ended)."""
+        """Runs one step; returns an output for every request that moved (or ended).
+
+        A fault inside the step is not raised: its requests end with finish_reason "error"
+        (see the module docstring).
+        """
         outputs, self._aborted = self._aborted, []
         plan = self.scheduler.schedule()
+        try:
+            self._run(plan, outputs)
+        except Exception as error:  # noqa: BLE001 - whatever it is, the other requests go on
+            self._fail(plan, error, outputs)
+        return outputs
+
+    def _run(self, plan, outputs: list[RequestOutput]) -> None:
         if plan.seqs:
             reqs = [self.requests[s.request_id] for s in plan.seqs]
             if not self.config.async_scheduling or any(uses_penalties(r.params) for r in reqs):
-                outputs += self._resolve()  # penalties read the token history on the host
+                self._resolve(outputs)  # penalties read the token history on the host
             handle = self.runner.dispatch(plan, [r.row() for r in reqs])
             self._count(plan)
-        outputs += self._resolve()  # the step before, while this one runs
+        self._resolve(outputs)  # the step before, while this one runs
         if plan.seqs:
             self.scheduler.commit(plan)
             self._in_flight = (plan, handle)
             if not self.config.async_scheduling:
-                outputs += self._resolve()
-        return outputs
+                self._resolve(outputs)
 
-    def _resolve(self) -> list[RequestOutput]:
-        """Waits for the step in flight (if any) and turns its samples into outputs."""
+    def _resolve(self, outputs: list[RequestOutput]) -> None:
+        """Waits for the step in flight (if any) and appends its outputs to `outputs`."""
         if self._in_flight is None:
-            return []
-        (plan, handle), self._in_flight = self._in_flight, None
+            return
+        plan, handle = self._in_flight
         t0 = time.perf_counter()
         samples = self.runner.collect(handle)
         self.stats["runner_s"] += time.perf_counter() - t0  # time spent waiting for the device
         tokens = samples.tokens.tolist()
         row = {s.request_id: i for i, s in enumerate(plan.seqs)}
         sampled = {s.request_id: tokens[i] for i, s in enumerate(plan.seqs) if s.sample}
-        return [self._advance(self.requests[seq.request_id], samples, row[seq.request_id])
-                for seq in self.scheduler.resolve(plan, sampled)]
+        for seq in self.scheduler.resolve(plan, sampled):
+            outputs.append(self._advance(self.requests[seq.request_id], samples,
+                                         row[seq.request_id]))
+        self._in_flight = None  # only now: a fault before this ends the step's requests
+
+    def _fail(self, plan, error: Exception, outputs: list[RequestOutput]) -> None:
+        """Ends the requests of a failed step (and of the step in flight) with "error"."""
+        logger.error("engine step failed; its requests end with finish_reason 'error'",
+                  exc_info=error)
+        message = f"{type(error).__name__}: {error}"
+        items = list(plan.seqs) + (list(self._in_flight[0].seqs) if self._in_flight else [])
+        self._in_flight = None
+        now = time.perf_counter()
+        for item in items:
+            req = self.requests.get(item.request_id)
+            if req is None or req.seq.arrival != item.arrival:  # ended already, or a newer one
+                continue
+            del self.requests[item.request_id]
+            self.scheduler.finish(item.request_id, "error")
+            req.seq.finish_reason, req.error, req.finish_time = "error", message, now
+            outputs.append(self._output(req, finished=True))
+        if any(x.is_deleted() for x in jax.tree.leaves(self.runner.pages)):
+            logger.warning("the failed step consumed the KV page pools: rebuilt; running requests "
+                        "recompute their tokens")
+            self.runner.pages = self._new_pages()
+            self.scheduler.drop_all_pages()
 
     def _count(self, plan) -> None:
         self.stats["steps"] += 1
@@ -330,6 +397,8 @@ class Engine:
         upto = max(req.emitted, len(req.text) - hold)
         delta, req.emitted = req.text[req.emitted:upto], upto
         output_ids = seq.output_token_ids  # a fresh list: the caller may keep it
+        if output_ids and output_ids[-1] == PLACEHOLDER:  # ended (abort, error) with a sample in
+            output_ids.pop()  # flight: that token is dropped
         new_ids, req.sent_tokens = output_ids[req.sent_tokens:], len(output_ids)
         return RequestOutput(
             request_id=seq.request_id, prompt_token_ids=req.prompt_ids,
@@ -338,7 +407,7 @@ class Engine:
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
             arrival_time=req.arrival, first_token_time=req.first_token_time,
             finish_time=req.finish_time, new_token_ids=new_ids, text_delta=delta,
-            num_cached_tokens=seq.num_cached_tokens)
+            num_cached_tokens=seq.num_cached_tokens, error=req.error)
 
 
 def _gib(nbytes: int) -> str:
@@ -373,18 +442,32 @@ class LLM:
 
     def generate(self, prompts: str | Sequence, sampling_params=None, *,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Runs all prompts (strings or token-id lists) to completion; one or per-prompt params."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        """Runs all prompts (strings or token-id lists) to completion; one or per-prompt params.
+
+        Every prompt and parameter is checked before any request is queued, so a bad one raises
+        ValueError and leaves the engine as it was; if anything fails later (an interrupt), this
+        call's requests are aborted before the error propagates.
+        """
+        prompts = _prompt_list(prompts)
         params = _per_prompt(sampling_params, len(prompts))
         ids = [f"llm-{next(_counter)}" for _ in prompts]
-        for rid, prompt, p in zip(ids, prompts, params):
-            self.engine.add_request(rid, prompt, p)
-        final: dict[str, RequestOutput] = {}
-        bar = _progress(len(prompts)) if use_tqdm else None
-        while len(final) < len(ids):
+        reqs = [self.engine._prepare(rid, prompt, p) for rid, prompt, p in zip(ids, prompts, params)]
+        try:
+            for req in reqs:
+                self.engine._queue(req)
+            return self._run(ids, use_tqdm)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending, final = set(ids), {}
+        bar = _progress(len(ids)) if use_tqdm else None
+        while pending:
             for out in self.engine.step():
-                if out.finished:
+                if out.finished and out.request_id in pending:  # not another caller's request
+                    pending.discard(out.request_id)
                     final[out.request_id] = out
                     bar and bar.update(1)
         bar and bar.close()
@@ -394,10 +477,24 @@ class LLM:
 _counter = itertools.count()
 
 
+def _prompt_list(prompts) -> list:
+    """One prompt (text, token ids) or a list of them -> a list of prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+        prompts = list(prompts)  # [B, T]: B prompts of T tokens
+    prompts = as_sequence("prompts", prompts)
+    if not prompts:
+        raise ValueError("prompts is empty: give one prompt or a list of them")
+    if isinstance(prompts[0], (int, np.integer)):
+        return [prompts]  # one prompt of token ids
+    return prompts
+
+
 def _per_prompt(sampling_params, n: int) -> list[SamplingParams]:
     if sampling_params is None or isinstance(sampling_params, SamplingParams):
         return [sampling_params or SamplingParams()] * n
-    params = list(sampling_params)
+    params = as_sequence("sampling_params", sampling_params)
     if len(params) != n:
         raise ValueError(f"got {len(params)} sampling_params for {n} prompts")
     return params

@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxinfer.model import Model, check_token_range
+from jaxinfer.model import Model
 from jaxinfer.models.llama import Decoder, init_cache
 from jaxinfer.platform import use_compilation_cache
-from jaxinfer.sampling import (SamplingArrays, SamplingParams, check_sampling, sample_mode,
-                               sample_rows, sampling_arrays)
+from jaxinfer.sampling import (SamplingArrays, SamplingParams, sample_mode, sample_rows,
+                               sampling_arrays)
+from jaxinfer.validate import as_int, as_sequence, as_token_ids
 
 PAD = -1  # marks the slots of `out` after a row has stopped
 
@@ -79,9 +80,9 @@ def _generate(decoder: Decoder, params, cache, tokens: Int[Array, "B T"], length
 def row_sampling(batch: int, temperature: float, top_k: int, top_p: float,
                  seed: int) -> tuple[SamplingArrays, str]:
     """Per-row settings for `generate`/`stream` and the sampler's static mode; row b's seed
-    derives from (seed, b) alone."""
-    check_sampling(temperature, top_k, top_p)
+    derives from (seed, b) alone. Every value is checked (ValueError naming it)."""
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    seed = as_int("seed", seed, 0)
     seeds = [int(np.random.SeedSequence([seed, b]).generate_state(1)[0]) for b in range(batch)]
     arrays = sampling_arrays([params] * batch, seeds, [0] * batch, batch)
     return jax.tree.map(jnp.asarray, arrays), sample_mode([params])
@@ -89,22 +90,21 @@ def row_sampling(batch: int, temperature: float, top_k: int, top_p: float,
 
 def check_prompts(model: Model, prompts, max_new_tokens: int) -> list[list[int]]:
     """Validates a batch of token-id prompts against the model; returns them as lists of ints."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError("prompts must be a non-empty list of token-id lists")
     cfg = model.config
+    max_new_tokens = as_int("max_new_tokens", max_new_tokens, 1)
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+        prompts = list(prompts)  # a [B, T] block of equal-length prompts
+    prompts = as_sequence("prompts", prompts)
+    if not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
     checked = []
     for i, prompt in enumerate(prompts):
-        ids = np.asarray(prompt)
-        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {prompt!r:.80}")
-        check_token_range(ids, cfg)
-        if ids.size + max_new_tokens > cfg.max_position_embeddings:
+        ids = as_token_ids(f"prompt {i}", prompt, vocab_size=cfg.vocab_size)
+        if len(ids) + max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(
-                f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
                 f"the model's context of {cfg.max_position_embeddings} tokens")
-        checked.append([int(t) for t in ids])
+        checked.append(ids)
     return checked
 
 
@@ -116,8 +116,9 @@ def _bucket_lengths(model: Model, longest: int, max_new_tokens: int) -> tuple[in
 
 
 def _stop_ids(model: Model, stop_token_ids) -> np.ndarray:
-    ids = set(model.config.eos_token_ids) | set(stop_token_ids or ())
-    check_token_range(np.asarray(sorted(ids), dtype=np.int64), model.config)
+    ids = set(model.config.eos_token_ids) | set(
+        as_token_ids("stop_token_ids", stop_token_ids, allow_empty=True,
+                     vocab_size=model.config.vocab_size))
     return np.asarray(sorted(ids) or [PAD - 1], np.int32)  # a sentinel no token equals
 
 
@@ -133,6 +134,7 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
     Returns:
       Each prompt's new tokens, ending with the stop token when one was produced.
     """
+    max_new_tokens = as_int("max_new_tokens", max_new_tokens, 1)
     prompts = check_prompts(model, prompts, max_new_tokens)
     use_compilation_cache()
     sampling, mode = row_sampling(len(prompts), temperature, top_k, top_p, seed)
@@ -162,6 +164,7 @@ def stream(model: Model, prompt: Sequence[int], *, max_new_tokens: int, temperat
            top_k: int = 0, top_p: float = 1.0, seed: int = 0,
            stop_token_ids: Sequence[int] | None = None, impl: str | None = None) -> Iterator[int]:
     """Yields one prompt's new tokens as they are made (the same steps as `generate`, host-driven)."""
+    max_new_tokens = as_int("max_new_tokens", max_new_tokens, 1)
     (ids,) = check_prompts(model, [prompt], max_new_tokens)
     use_compilation_cache()
     sampling, mode = row_sampling(1, temperature, top_k, top_p, seed)

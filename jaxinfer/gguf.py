@@ -72,7 +72,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         FileNotFoundError: no such file.
         ValueError: not a llama architecture, an unknown tensor name, an unsupported tensor type.
     """
-    reader = gguf.GGUFReader(_existing(path))
+    reader = _reader(_existing(path))
     config = _hf_config(reader)
     for t in reader.tensors:
         if t.tensor_type not in SUPPORTED_TYPES:
@@ -81,7 +81,10 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             continue  # llama3 rope factors: read into config["rope_scaling"] by _hf_config
-        w = dequantize(t.data, t.tensor_type, tuple(reversed(t.shape.tolist())))
+        try:
+            w = dequantize(t.data, t.tensor_type, tuple(reversed(t.shape.tolist())))
+        except ValueError as e:
+            raise ValueError(f"tensor {t.name!r}: {e}") from e
         tensors[_hf_name(t.name)] = _unpermute_qk(t.name, w, config)
     return config, tensors
 
@@ -103,7 +106,8 @@ def dequantize(raw: np.ndarray, ggml_type, shape: tuple[int, ...]) -> np.ndarray
     data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     n = int(np.prod(shape))
     if n % block_size or data.size != n // block_size * type_size:
-        raise ValueError(f"{data.size} bytes of {ggml_type.name} do not hold a tensor of shape {shape}")
+        raise ValueError(f"{data.size} bytes of {ggml_type.name} do not hold a tensor of shape "
+                         f"{shape}: the file is truncated or damaged")
     return _DECODERS[ggml_type](data.reshape(-1, type_size)).reshape(shape)
 
 
@@ -150,6 +154,15 @@ def _existing(path: str | os.PathLike) -> pathlib.Path:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     return path
+
+
+def _reader(path: pathlib.Path) -> gguf.GGUFReader:
+    """gguf-py's reader; its numpy errors on a cut-off file become one that says so."""
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or damaged): "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def _hf_name(name: str) -> str:

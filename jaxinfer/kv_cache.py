@@ -144,6 +144,14 @@ class PageAllocator:
         seq.block_table.clear()
         seq.page_hashes.clear()
 
+    def forget_cache(self) -> None:
+        """Drops every prefix-cache entry (the pages' contents are gone); held pages stay held."""
+        for page in self._evictable:
+            self._free.append(page)
+        self._evictable.clear()
+        self._cache.clear()
+        self._page_key = [None] * self.num_pages
+
     # ---- internals ----
 
     def _match_prefix(self, token_ids: list[int]) -> list[tuple[int, int]]:

@@ -14,25 +14,21 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
-
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """Raises ValueError naming the first out-of-range setting."""
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+from jaxinfer.validate import (INT32_MAX, as_bool, as_float, as_int, as_strings,
+                               as_token_ids)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How one request is sampled and when it stops. Invalid values raise ValueError naming the field.
+    """How one request is sampled and when it stops. Invalid values raise ValueError naming the
+    field, the value and the allowed range; numpy scalars are taken as Python numbers, `bool` is
+    refused for numbers, and `stop` / `stop_token_ids` take None for none.
 
     temperature 0 is greedy; top_k 0 and top_p 1 and min_p 0 are off; penalties follow vLLM:
     repetition_penalty (> 0, 1 = off) over prompt and output tokens, presence/frequency penalties
     (in [-2, 2]) over output tokens. `seed` makes the request's samples independent of its batch.
     `logprobs` = n returns the top-n log-probabilities (raw model distribution) of every new token.
+    top_k is at most 2**31 - 1; at or above the vocabulary size it keeps every token.
     """
 
     max_tokens: int = 16
@@ -50,46 +46,33 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        _check_int(self, "max_tokens", 1)
-        check_sampling(self.temperature, self.top_k, self.top_p)
-        _check_range(self, "min_p", 0.0, 1.0)
-        _check_range(self, "presence_penalty", -2.0, 2.0)
-        _check_range(self, "frequency_penalty", -2.0, 2.0)
-        if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None:
-            _check_int(self, "seed", 0)
-        if self.logprobs is not None:
-            _check_int(self, "logprobs", 0, MAX_LOGPROBS)
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
+        for name, check in _FIELD_CHECKS.items():
+            value = getattr(self, name)
+            if value is not None or name not in _OPTIONAL:
+                object.__setattr__(self, name, check(name, value))
 
 
 MAX_LOGPROBS = 20  # top-n logprobs computed on device for every row; a request takes its n
 
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _check_int(params, name: str, low: int, high: int | None = None) -> None:
-    value = getattr(params, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or \
-            (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
-
-
-def _check_range(params, name: str, low: float, high: float) -> None:
-    value = getattr(params, name)
-    if not (_is_number(value) and low <= value <= high):
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+# Every field's check (jaxinfer/validate.py): each returns the value as a plain Python type.
+# top_k is bounded by int32, the device array it goes into; a top_k at or above the vocabulary
+# size keeps every token (as 0 does).
+_FIELD_CHECKS = {
+    "max_tokens": lambda n, v: as_int(n, v, 1),
+    "temperature": lambda n, v: as_float(n, v, 0.0),
+    "top_k": lambda n, v: as_int(n, v, 0, INT32_MAX),
+    "top_p": lambda n, v: as_float(n, v, 0.0, 1.0, low_open=True),
+    "min_p": lambda n, v: as_float(n, v, 0.0, 1.0),
+    "repetition_penalty": lambda n, v: as_float(n, v, 0.0, low_open=True),
+    "presence_penalty": lambda n, v: as_float(n, v, -2.0, 2.0),
+    "frequency_penalty": lambda n, v: as_float(n, v, -2.0, 2.0),
+    "seed": lambda n, v: as_int(n, v, 0),
+    "stop": as_strings,
+    "stop_token_ids": lambda n, v: tuple(as_token_ids(n, v, allow_empty=True)),
+    "ignore_eos": as_bool,
+    "logprobs": lambda n, v: as_int(n, v, 0, MAX_LOGPROBS),
+}
+_OPTIONAL = ("seed", "logprobs")  # None means "none"
 
 
 # ---------------------------------------------------------------------------------------------

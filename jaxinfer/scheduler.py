@@ -33,7 +33,7 @@ from collections.abc import Iterable
 
 from jaxinfer.kv_cache import PageAllocator
 
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")  # error: a fault in the step (engine)
 PLACEHOLDER = -1  # a sampled token still on the device (committed, not resolved)
 
 
@@ -108,7 +108,9 @@ class Sequence:
         self.num_preemptions = 0
         self.block_table: list[int] = []  # page ids, kept by the PageAllocator
         self.page_hashes: list[int] = []  # prefix-cache chain ids, kept by the PageAllocator
-        self.arrival = -1  # order of Scheduler.add
+        # Order of Scheduler.add. With request_id it names this sequence: an id may be reused
+        # once its sequence finishes, while a plan made for the old one is still in flight.
+        self.arrival = -1
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -156,6 +158,8 @@ class ScheduledSeq:
       block_table: the sequence's pages, covering at least start_pos + T_i slots.
       slot_mapping: cache slot of each token, page * L + offset.
       sample: whether this step samples the next token (a decode, or a prefill's last chunk).
+      arrival: the sequence's `arrival`: a plan entry applies to this sequence only, never to a
+        newer one that took the same request id.
     """
 
     request_id: str
@@ -164,6 +168,7 @@ class ScheduledSeq:
     block_table: tuple[int, ...]
     slot_mapping: tuple[int, ...]
     sample: bool
+    arrival: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +216,8 @@ class _Step:
             start_pos=start,
             block_table=tuple(seq.block_table),
             slot_mapping=tuple(seq.block_table[p // size] * size + p % size for p in positions),
-            sample=start + num_tokens == seq.num_tokens))
+            sample=start + num_tokens == seq.num_tokens,
+            arrival=seq.arrival))
         self.ids.add(seq.request_id)
         self.budget -= num_tokens
 
@@ -247,7 +253,7 @@ class Scheduler:
           ValueError: a request that could never run (empty prompt, max_tokens < 1, prompt +
             max_tokens past max_model_len, more pages than the pool) or a duplicate id.
         """
-        self._check_request(seq)
+        self.check(seq)
         seq.arrival = next(self._arrivals)
         self.waiting.append(seq)
         self._requests[seq.request_id] = seq
@@ -255,6 +261,12 @@ class Scheduler:
     def get(self, request_id: str) -> Sequence | None:
         """The unfinished sequence `request_id`, or None."""
         return self._requests.get(request_id)
+
+    def planned(self, item: ScheduledSeq) -> Sequence | None:
+        """The unfinished sequence a plan entry was made for; None once it finished or aborted,
+        even if a newer sequence has taken its request id since."""
+        seq = self._requests.get(item.request_id)
+        return seq if seq is not None and seq.arrival == item.arrival else None
 
     def has_unfinished(self) -> bool:
         """Whether any sequence is waiting or running."""
@@ -312,7 +324,7 @@ class Scheduler:
         pages are hashed by their tokens).
         """
         for item in plan.seqs:
-            seq = self._requests.get(item.request_id)
+            seq = self.planned(item)
             if seq is None:  # aborted or finished since the plan was made
                 continue
             if seq.num_computed_tokens != item.start_pos:
@@ -330,7 +342,7 @@ class Scheduler:
         """
         changed = []
         for item in plan.seqs:
-            seq = self._requests.get(item.request_id)
+            seq = self.planned(item)
             if seq is None or not item.sample:  # finished or aborted meanwhile: token dropped
                 continue
             at = item.start_pos + len(item.token_ids)
@@ -341,9 +353,17 @@ class Scheduler:
             changed.append(seq)
         return changed
 
-    # ---- internals ----
+    def drop_all_pages(self) -> None:
+        """Every running sequence gives its pages back and waits to recompute, and the prefix
+        cache is forgotten: for when the device pages were lost (rebuilt after a fault)."""
+        for seq in reversed(self.running):
+            if seq.has_pending_token:  # its step is lost: sampled again after the recompute
+                seq.token_ids.pop()
+            self._preempt(seq)
+        self.allocator.forget_cache()
 
-    def _check_request(self, seq: Sequence) -> None:
+    def check(self, seq: Sequence) -> None:
+        """Raises ValueError if `add(seq)` would refuse it (see `add`); changes nothing."""
         c, rid = self.config, seq.request_id
         if rid in self._requests:
             raise ValueError(f"request {rid!r} is already queued")
@@ -363,6 +383,8 @@ class Scheduler:
             raise ValueError(
                 f"request {rid!r}: prompt + max_tokens needs {pages} KV pages of {c.page_size} "
                 f"tokens, more than the whole pool (num_pages={c.num_pages})")
+
+    # ---- internals ----
 
     def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
         n = min(seq.num_uncomputed_tokens, budget)

@@ -3,11 +3,12 @@ UTF-8-safe detokenization for streaming."""
 
 from __future__ import annotations
 
+from jaxinfer.validate import as_text
+
 
 def encode_prompt(tokenizer, text: str, *, chat: bool = False) -> list[int]:
     """Token ids of `text`; with `chat`, wrapped as one user turn by the model's chat template."""
-    if not isinstance(text, str) or not text:
-        raise ValueError("the prompt must be a non-empty string")
+    as_text("prompt", text)
     if tokenizer is None:
         raise ValueError("this model has no tokenizer: pass token ids instead of text")
     if not chat:

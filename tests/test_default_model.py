@@ -67,7 +67,7 @@ def test_cli_reports_bad_input(capsys):
     from jaxinfer.__main__ import main
 
     assert main(["generate", "--model", str(GGUF_PATH), "--temperature", "-1", "hi"]) == 2
-    assert "temperature must be >= 0" in capsys.readouterr().err
+    assert "temperature must be a finite float32 number >= 0" in capsys.readouterr().err
 
 
 def test_incremental_detokenizer_never_splits_characters(ours):
