@@ -39,7 +39,12 @@ def tiny_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_path, tmp_path_factory):
+def xla_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla-cache")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path, tmp_path_factory, xla_cache):
     """TLS, an API key, metrics: started once for the module."""
     d = tmp_path_factory.mktemp("tls")
     cert, key = self_signed_cert(d)
@@ -47,7 +52,7 @@ def server(tiny_path, tmp_path_factory):
     srv = ServerProcess(["--model", str(tiny_path), *ENGINE_ARGS, "--api-key", KEY,
                          "--tls-cert", str(cert), "--tls-key", str(key),
                          "--metrics-port", str(metrics_port)], d / "server.log",
-                        root_cert=cert.read_bytes())
+                        root_cert=cert.read_bytes(), compilation_cache=xla_cache)
     srv.metrics_port = metrics_port
     try:
         srv.wait_healthy(240)
@@ -279,9 +284,10 @@ def test_metrics_and_one_log_line_per_request(stub, server):
                                          r"ttft \d+\.\d+s, total \d+\.\d+s", lines[0]), lines
 
 
-def test_sigterm_drains_requests_in_flight_and_exits_0(tiny_path, tmp_path, llm):
+def test_sigterm_drains_requests_in_flight_and_exits_0(tiny_path, tmp_path, llm, xla_cache):
     srv = ServerProcess(["--model", str(tiny_path), *ENGINE_ARGS, "--grace-period", "60"],
-                        tmp_path / "server.log", env={"JAXINFER_API_KEY": "from-env"})
+                        tmp_path / "server.log", env={"JAXINFER_API_KEY": "from-env"},
+                        compilation_cache=xla_cache)
     try:
         srv.wait_healthy(240)
         with srv.channel() as channel:

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class InferenceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Text generation on one shared engine (continuous batching across every client).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,7 +53,8 @@ class InferenceStub:
 
 
 class InferenceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Text generation on one shared engine (continuous batching across every client).
+    """
 
     def Generate(self, request, context):
         """Runs a request to the end; one response with the whole text and tokens.
@@ -102,7 +104,8 @@ def add_InferenceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Inference:
-    """Missing associated documentation comment in .proto file."""
+    """Text generation on one shared engine (continuous batching across every client).
+    """
 
     @staticmethod
     def Generate(request,
