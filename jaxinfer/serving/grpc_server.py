@@ -251,6 +251,9 @@ async def shutdown(server: Server, loop: EngineLoop, grace_s: float) -> bool:
 
 async def serve(args: argparse.Namespace, engine: Engine, model_path: str) -> int:
     """Runs the server of the parsed options until SIGTERM / SIGINT; returns the exit code."""
+    # The engine thread gives up the GIL while the device works and wants it back at once when a
+    # step is done; Python's 5 ms default would let the network thread hold it that long.
+    sys.setswitchinterval(args.switch_interval_ms / 1000)
     loop = EngineLoop(engine, max_queue=args.max_queue)
     metrics = Metrics(loop.stats)
     loop.observer = metrics.observe

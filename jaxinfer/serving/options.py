@@ -51,6 +51,9 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     s.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port (off by default)")
     s.add_argument("--log-level", default="INFO")
+    s.add_argument("--switch-interval-ms", type=float, default=0.5,
+                   help="Python's GIL switch interval: how long the network threads may keep the "
+                        "engine thread waiting after each device step (Python's default is 5)")
 
 
 def check_server_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
