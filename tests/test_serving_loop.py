@@ -36,7 +36,7 @@ def running(engine=None, **options):
         assert not loop._thread.is_alive()
 
 
-def slow_steps(engine, seconds=0.005):
+def slow_steps(engine, seconds=0.01):
     """Makes each step take a little while, so a test can act between steps."""
     step = engine.step
 
@@ -202,7 +202,10 @@ def test_grpc_text_stream_and_status_codes():
     engine.step = maybe_fail
     with running(engine) as loop, grpc_front(loop) as client:
         pieces = list(client.stream("abc", max_tokens=5, temperature=0.0))
-        assert [p.text for p in pieces] == ["d", "e", "f", "g", "h"]
+        # Outputs pending together come in one message: each piece's text is its tokens' text.
+        assert "".join(p.text for p in pieces) == "defgh"
+        assert all(p.text == "".join(chr(97 + t) for t in p.token_ids) for p in pieces)
+        assert [p.finish_reason for p in pieces][-2:] == ["", "length"]
         assert client.generate("wx", max_tokens=9, temperature=0.0).text == "yz"
         with pytest.raises(grpc.RpcError) as e:
             client.generate("abc", request_id="doomed", max_tokens=5)
