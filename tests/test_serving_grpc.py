@@ -266,11 +266,14 @@ def test_model_info(stub, tiny_path):
 def test_metrics_and_one_log_line_per_request(stub, server):
     stub.Generate(generate_request([7, 8, 9], request_id="counted", max_tokens=5,
                                    ignore_eos=True, **GREEDY), metadata=AUTH, timeout=60)
+    for bad in (generate_request([5], temperature=-1.0), generate_request([999])):  # front, engine
+        with pytest.raises(grpc.RpcError):
+            stub.Generate(bad, metadata=AUTH, timeout=60)
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
                                   timeout=10).read().decode()
     values = dict(re.findall(r"^(jaxinfer_\S+) (\S+)$", text, re.M))
     assert float(values['jaxinfer_requests_total{outcome="length"}']) >= 1
-    assert float(values['jaxinfer_requests_total{outcome="invalid"}']) >= 0
+    assert float(values['jaxinfer_requests_total{outcome="invalid"}']) >= 2
     assert float(values["jaxinfer_generation_tokens_total"]) >= 5
     assert float(values["jaxinfer_time_to_first_token_seconds_count"]) >= 1
     assert float(values["jaxinfer_time_per_output_token_seconds_count"]) >= 1

@@ -145,9 +145,11 @@ class InferenceService(pb_grpc.InferenceServicer):
         try:
             params = sampling_params(request.sampling)
             prompt = prompt_of(request, self.tokenizer)
-            return self.loop.submit(prompt, params, request.request_id or None), params.logprobs
         except ValueError as e:
+            self.loop.refused(request.request_id, "invalid")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            return self.loop.submit(prompt, params, request.request_id or None), params.logprobs
         except QueueFull as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except Closed as e:

@@ -7,6 +7,7 @@
     async for outs in stream.batches(): ...            # the same from asyncio, all pending at once
     loop.abort(stream)                                 # the client went away: pages freed now
     loop.stats()                                       # running / waiting / KV pages, for ModelInfo
+    loop.refused(request_id, "invalid")                # a front refused it: counted all the same
     loop.close(); loop.drain(grace_s); loop.stop()     # refuse new requests, finish, end the thread
 
 Only the loop thread calls `engine.add_request`, `step` and `abort`; other threads put commands on
@@ -208,9 +209,13 @@ class EngineLoop:
                 self._unfinished += 1
                 self._inbox.put(("add", stream, prompt, params))
                 return stream
-        self._observe(RequestRecord(name, "unavailable" if refusal is Closed else "rejected"))
+        self.refused(name, "unavailable" if refusal is Closed else "rejected")
         raise refusal("the server is shutting down" if refusal is Closed else
                       f"{self.max_queue} requests are already waiting (--max-queue)")
+
+    def refused(self, request_id: str, outcome: str) -> None:
+        """Records a request refused before it reached the loop (e.g. "invalid" at the front)."""
+        self._observe(RequestRecord(request_id or "-", outcome))
 
     def _refusal(self) -> type[Exception] | None:
         if self._closed:
