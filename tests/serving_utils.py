@@ -24,22 +24,15 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A `scripts/serve.py` subprocess; its log goes to `log_path`.
-
-    `compilation_cache`: a JAX persistent compilation cache directory shared by the servers of
-    one test module.
-    """
+    """A `scripts/serve.py` subprocess; its log goes to `log_path`."""
 
     def __init__(self, args: list[str], log_path: pathlib.Path, env: dict | None = None,
-                 root_cert: bytes | None = None, compilation_cache: pathlib.Path | None = None):
+                 root_cert: bytes | None = None):
         self.port = free_port()
         self.log_path = log_path
         self.root_cert = root_cert
         env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **(env or {})}
         env.pop("XLA_FLAGS", None)  # one CPU device is enough for a server
-        if compilation_cache:  # servers of the same model and limits compile once between them
-            env.update(JAXINFER_COMPILATION_CACHE=str(compilation_cache),
-                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "scripts" / "serve.py"), "--port", str(self.port),

@@ -1,12 +1,13 @@
 """The gRPC server as a real process on loopback (TLS, an API key), against `LLM.generate`.
 
-One server of a tiny random model serves most tests (module scope); a second one is stopped by
-SIGTERM mid-work; the default model answers one end-to-end text test.
+One server of a tiny random model serves the module's tests; the last one stops it by SIGTERM
+mid-work. The default model answers an end-to-end text test in test_serving_default_model.py.
 """
 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -39,20 +40,15 @@ def tiny_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla-cache")
-
-
-@pytest.fixture(scope="module")
-def server(tiny_path, tmp_path_factory, xla_cache):
-    """TLS, an API key, metrics: started once for the module."""
+def server(tiny_path, tmp_path_factory):
+    """TLS, an API key (from $JAXINFER_API_KEY), metrics: started once for the module."""
     d = tmp_path_factory.mktemp("tls")
     cert, key = self_signed_cert(d)
     metrics_port = free_port()
-    srv = ServerProcess(["--model", str(tiny_path), *ENGINE_ARGS, "--api-key", KEY,
-                         "--tls-cert", str(cert), "--tls-key", str(key),
-                         "--metrics-port", str(metrics_port)], d / "server.log",
-                        root_cert=cert.read_bytes(), compilation_cache=xla_cache)
+    srv = ServerProcess(["--model", str(tiny_path), *ENGINE_ARGS, "--tls-cert", str(cert),
+                         "--tls-key", str(key), "--metrics-port", str(metrics_port),
+                         "--grace-period", "60"], d / "server.log",
+                        env={"JAXINFER_API_KEY": KEY}, root_cert=cert.read_bytes())
     srv.metrics_port = metrics_port
     try:
         srv.wait_healthy(240)
@@ -287,41 +283,29 @@ def test_metrics_and_one_log_line_per_request(stub, server):
                                          r"ttft \d+\.\d+s, total \d+\.\d+s", lines[0]), lines
 
 
-def test_sigterm_drains_requests_in_flight_and_exits_0(tiny_path, tmp_path, llm, xla_cache):
-    srv = ServerProcess(["--model", str(tiny_path), *ENGINE_ARGS, "--grace-period", "60"],
-                        tmp_path / "server.log", env={"JAXINFER_API_KEY": "from-env"},
-                        compilation_cache=xla_cache)
-    try:
-        srv.wait_healthy(240)
-        with srv.channel() as channel:
-            stub = pb_grpc.InferenceStub(channel)
-            meta = auth_metadata("from-env")
-            with pytest.raises(grpc.RpcError) as e:  # the key came from the environment
-                stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
-            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            ps = prompts(4, seed=5)
-            sampling = dict(max_tokens=200, ignore_eos=True, **GREEDY)
-            calls = [stub.GenerateStream(generate_request(p, **sampling), metadata=meta,
-                                         timeout=120) for p in ps]
-            firsts = [next(c) for c in calls]  # all running
-            srv.proc.send_signal(15)
-            time.sleep(0.2)  # the signal is handled
-            with pytest.raises(grpc.RpcError) as e:
-                stub.Generate(generate_request([5], max_tokens=2), metadata=meta, timeout=10)
-            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-            answers = [[f, *c] for f, c in zip(firsts, calls)]
-        for answer, ref in zip(answers, reference(llm, ps, **sampling)):
-            assert [t for p in answer for t in p.token_ids] == ref.token_ids
-            assert answer[-1].finish_reason == "length"
-        assert srv.proc.wait(60) == 0, srv.log()
-        assert "stopped" in srv.log()
-    finally:
-        srv.stop()
-
-
 def test_tensor_parallel_is_refused_with_one_line():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"),
                            "--tensor-parallel-size", "2"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"})
     assert proc.returncode == 2
     assert "tensor parallelism is not supported yet" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_sigterm_drains_requests_in_flight_and_exits_0(server, stub, llm):
+    """Last in the module: it stops the module's server (the fixture then checks exit code 0)."""
+    ps = prompts(4, seed=5)
+    sampling = dict(max_tokens=200, ignore_eos=True, **GREEDY)
+    calls = [stub.GenerateStream(generate_request(p, **sampling), metadata=AUTH, timeout=120)
+             for p in ps]
+    firsts = [next(c) for c in calls]  # all running
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)  # the signal is handled
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(generate_request([5], max_tokens=2), metadata=AUTH, timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    answers = [[f, *c] for f, c in zip(firsts, calls)]
+    for answer, ref in zip(answers, reference(llm, ps, **sampling)):
+        assert [t for p in answer for t in p.token_ids] == ref.token_ids
+        assert answer[-1].finish_reason == "length"
+    assert server.proc.wait(60) == 0, server.log()
+    assert "stopped" in server.log()
