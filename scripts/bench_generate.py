@@ -40,6 +40,18 @@ SHAPES = {
 }
 
 
+def random_model(name: str, dtype: str = "bfloat16", layers: int = 0):
+    """A Model of the shape `name` (SHAPES) with random weights and no tokenizer; `layers` > 0
+    overrides the layer count. Speed does not depend on the weights' values."""
+    import jax.numpy as jnp
+
+    import jaxinfer
+    from jaxinfer.config import ModelConfig
+
+    cfg = ModelConfig(**dict(SHAPES[name], **({"num_layers": layers} if layers else {})))
+    return jaxinfer.Model(cfg, jaxinfer.init_params(cfg, dtype), None, jnp.dtype(dtype))
+
+
 def median_time(fn, repeats: int, setup=lambda: None) -> float:
     """Median seconds of `fn(setup())` over `repeats` runs, after one warm-up; fn must block."""
     fn(setup())
@@ -100,15 +112,10 @@ def decode_bytes(cfg, batch: int, context: float, distinct: float | None = None)
 
 
 def bench_jaxinfer(name: str, args, limits: dict) -> dict:
-    import jax.numpy as jnp
     import numpy as np
 
-    import jaxinfer
-    from jaxinfer.config import ModelConfig
-
-    shape = dict(SHAPES[name], **({"num_layers": args.layers} if args.layers else {}))
-    cfg = ModelConfig(**shape)
-    model = jaxinfer.Model(cfg, jaxinfer.init_params(cfg, args.dtype), None, jnp.dtype(args.dtype))
+    model = random_model(name, args.dtype, args.layers)
+    cfg = model.config
     rng = np.random.RandomState(0)
     result = {"config": dataclasses.asdict(cfg), "params": cfg.num_params, "decode": [], "prefill": []}
     impls = args.impls.split(",")

@@ -20,7 +20,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_generate import SHAPES, card_limits, decode_bytes, hf_random_model  # noqa: E402
+from bench_generate import (SHAPES, card_limits, decode_bytes, hf_random_model,  # noqa: E402
+                            random_model)
 
 
 def workload(spec: str, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -158,10 +159,7 @@ def main() -> int:
     hf_error = peers.pop("error", None)  # kept in the report, not dropped
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     import jax
-    import jax.numpy as jnp
 
-    import jaxinfer
-    from jaxinfer.config import ModelConfig
     from jaxinfer.engine import Engine
 
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": args.model,
@@ -169,8 +167,8 @@ def main() -> int:
     if hf_error:
         report["hf_error"] = hf_error
         print("HF peer failed:\n" + hf_error, flush=True)
-    cfg = ModelConfig(**shape)
-    model = jaxinfer.Model(cfg, jaxinfer.init_params(cfg, "bfloat16"), None, jnp.bfloat16)
+    model = random_model(args.model, "bfloat16", args.layers)
+    cfg = model.config
     t0 = time.perf_counter()
     engine = Engine(model, max_num_seqs=args.max_num_seqs, page_size=args.page_size,
                     max_num_batched_tokens=args.max_num_batched_tokens, num_pages=args.num_pages,

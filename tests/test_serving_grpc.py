@@ -1,0 +1,311 @@
+"""The gRPC server as a real process on loopback (TLS, an API key), against `LLM.generate`.
+
+One server of a tiny random model serves the module's tests; the last one stops it by SIGTERM
+mid-work. The default model answers an end-to-end text test in test_serving_default_model.py.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import jaxinfer
+from conftest import build_hf_model
+from jaxinfer.serving.client import auth_metadata, generate_request
+from jaxinfer.serving.proto import inference_pb2 as pb
+from jaxinfer.serving.proto import inference_pb2_grpc as pb_grpc
+from serving_utils import ROOT, ServerProcess, free_port, self_signed_cert
+
+KEY = "test-key-123"
+ENGINE = dict(max_num_seqs=16, max_num_batched_tokens=128, num_pages=96, max_model_len=256)
+ENGINE_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()] + ["--dtype=float32"]
+GREEDY = dict(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-serve")
+    build_hf_model("llama3", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path, tmp_path_factory):
+    """TLS, an API key (from $JAXINFER_API_KEY), metrics: started once for the module."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = self_signed_cert(d)
+    metrics_port = free_port()
+    srv = ServerProcess(["--model", str(tiny_path), *ENGINE_ARGS, "--tls-cert", str(cert),
+                         "--tls-key", str(key), "--metrics-port", str(metrics_port),
+                         "--grace-period", "60"], d / "server.log",
+                        env={"JAXINFER_API_KEY": KEY}, root_cert=cert.read_bytes())
+    srv.metrics_port = metrics_port
+    try:
+        srv.wait_healthy(240)
+        yield srv
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_path):
+    """The offline engine of the same model and limits: the reference answers."""
+    model = jaxinfer.load_model(tiny_path, dtype="float32")
+    return jaxinfer.LLM(model=model, **ENGINE, warmup=False)
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with server.channel() as channel:
+        yield pb_grpc.InferenceStub(channel)
+
+
+AUTH = auth_metadata(KEY)
+
+
+def reference(llm, prompts, **sampling):
+    params = jaxinfer.SamplingParams(**sampling)
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def prompts(n, seed=0, length=(3, 20)):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, 320, rng.integers(*length)).tolist() for _ in range(n)]
+
+
+def stream_all(stub, prompt, **sampling):
+    return list(stub.GenerateStream(generate_request(prompt, **sampling), metadata=AUTH,
+                                    timeout=120))
+
+
+def test_unary_and_stream_equal_llm_generate(stub, llm):
+    ps = prompts(4)
+    sampling = dict(max_tokens=12, ignore_eos=True, **GREEDY)
+    refs = reference(llm, ps, **sampling)
+    for prompt, ref in zip(ps, refs):
+        whole = stub.Generate(generate_request(prompt, request_id="u1", **sampling),
+                              metadata=AUTH, timeout=120)
+        assert list(whole.token_ids) == ref.token_ids and whole.request_id == "u1"
+        assert whole.finish_reason == "length" == ref.finish_reason
+        assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(prompt), 12)
+        pieces = stream_all(stub, prompt, **sampling)
+        assert [t for p in pieces for t in p.token_ids] == ref.token_ids
+        assert [p.finish_reason for p in pieces] == [""] * (len(pieces) - 1) + ["length"]
+
+
+def test_sampled_with_seed_and_logprobs_equal_llm_generate(stub, llm):
+    (prompt,) = prompts(1, seed=1)
+    sampling = dict(max_tokens=8, temperature=0.8, top_k=40, seed=7, logprobs=3, ignore_eos=True)
+    (ref,) = reference(llm, [prompt], **sampling)
+    whole = stub.Generate(generate_request(prompt, **sampling), metadata=AUTH, timeout=120)
+    assert list(whole.token_ids) == ref.token_ids
+    assert len(whole.logprobs) == 8
+    for lp, ref_lp, token in zip(whole.logprobs, ref.logprobs, ref.token_ids):
+        assert lp.token_id == token and lp.logprob == pytest.approx(ref_lp[token], abs=1e-5)
+        top = sorted(ref_lp.items(), key=lambda kv: -kv[1])[:3]
+        assert [t.token_id for t in lp.top] == [t for t, _ in top]
+
+
+def test_32_concurrent_streams_all_complete_and_correct(stub, llm):
+    ps = prompts(32, seed=2)
+    sampling = dict(max_tokens=16, ignore_eos=True, **GREEDY)
+    refs = reference(llm, ps, **sampling)
+    results: dict[int, list] = {}
+
+    def run(i):
+        results[i] = stream_all(stub, ps[i], request_id=f"c{i}", **sampling)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == list(range(32))
+    for i, ref in enumerate(refs):
+        assert [t for p in results[i] for t in p.token_ids] == ref.token_ids, i
+        assert results[i][-1].finish_reason == "length"
+        assert {p.request_id for p in results[i]} == {f"c{i}"}
+
+
+def wait_all_pages_free(stub, timeout=10.0) -> pb.ModelInfoResponse:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = stub.ModelInfo(pb.ModelInfoRequest(), metadata=AUTH, timeout=5)
+        if info.kv_pages_free == info.kv_pages_total and info.requests_running == 0:
+            return info
+        assert time.monotonic() < deadline, info
+        time.sleep(0.05)
+
+
+def long_request(**extra):
+    (prompt,) = prompts(1, seed=3, length=(8, 9))
+    return generate_request(prompt, max_tokens=240, ignore_eos=True, **GREEDY, **extra)
+
+
+def test_cancel_mid_stream_frees_pages(stub, server):
+    call = stub.GenerateStream(long_request(request_id="to-cancel"), metadata=AUTH, timeout=120)
+    first = [next(call), next(call)]
+    assert all(not p.finish_reason for p in first)
+    info = stub.ModelInfo(pb.ModelInfoRequest(), metadata=AUTH, timeout=5)
+    assert info.kv_pages_free < info.kv_pages_total  # the request holds pages now
+    call.cancel()
+    wait_all_pages_free(stub)
+    deadline = time.monotonic() + 10
+    while "request to-cancel: abort" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+
+
+def test_deadline_and_disconnect_free_pages(stub, server):
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(long_request(request_id="late"), metadata=AUTH, timeout=0.3)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_all_pages_free(stub)
+    channel = server.channel()  # a client that goes away mid-stream
+    call = pb_grpc.InferenceStub(channel).GenerateStream(long_request(request_id="gone"),
+                                                         metadata=AUTH)
+    next(call)
+    channel.close()
+    wait_all_pages_free(stub)
+
+
+BAD_INPUTS = {
+    "empty text": (dict(prompt=""), "prompt is empty"),
+    "empty token ids": (dict(prompt=[]), "prompt must be a non-empty"),
+    "token outside the vocab": (dict(prompt=[5, 320]), "token id 320 is outside the vocabulary"),
+    "temperature": (dict(prompt=[5], temperature=-1.0), "temperature must be >= 0"),
+    "top_p": (dict(prompt=[5], top_p=0.0), "top_p must be in (0, 1]"),
+    "max_tokens": (dict(prompt=[5], max_tokens=0), "max_tokens must be an integer >= 1"),
+    "logprobs": (dict(prompt=[5], logprobs=99), "logprobs must be an integer in [0, 20]"),
+    "stop token outside the vocab": (dict(prompt=[5], stop_token_ids=[1000]), "token id 1000"),
+    "prompt longer than the context": (dict(prompt=[5] * 300), "exceeds max_model_len (256)"),
+    "text without a tokenizer": (dict(prompt="hello"), "has no tokenizer"),
+}
+
+
+def test_bad_inputs_are_invalid_argument_and_others_unaffected(stub, llm):
+    (prompt,) = prompts(1, seed=4)
+    sampling = dict(max_tokens=40, ignore_eos=True, **GREEDY)
+    (ref,) = reference(llm, [prompt], **sampling)
+    good: list = []
+    runner = threading.Thread(target=lambda: good.extend(stream_all(stub, prompt, **sampling)))
+    runner.start()
+    for name, (kw, message) in BAD_INPUTS.items():
+        kw = dict(kw)
+        request = generate_request(kw.pop("prompt"), **kw)
+        for call in (stub.Generate, lambda r, **k: list(stub.GenerateStream(r, **k))):
+            with pytest.raises(grpc.RpcError) as e:
+                call(request, metadata=AUTH, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+            assert message in e.value.details(), (name, e.value.details())
+    runner.join(120)
+    assert [t for p in good for t in p.token_ids] == ref.token_ids
+    wait_all_pages_free(stub)
+
+
+def test_missing_or_wrong_key_is_refused_health_stays_open(server):
+    with server.channel() as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        for metadata in ((), auth_metadata("wrong"), (("authorization", KEY),)):
+            for call in (lambda: stub.Generate(generate_request([5], max_tokens=2), metadata=metadata),
+                         lambda: list(stub.GenerateStream(generate_request([5]), metadata=metadata)),
+                         lambda: stub.ModelInfo(pb.ModelInfoRequest(), metadata=metadata)):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(
+            service="jaxinfer.v1.Inference"), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as plain:  # TLS is required
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.InferenceStub(plain).ModelInfo(pb.ModelInfoRequest(), metadata=AUTH, timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_reflection_lists_services_and_describes_them(server):
+    with server.channel() as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                    reflection_pb2.ServerReflectionRequest(
+                        file_containing_symbol="jaxinfer.v1.Inference")]
+        replies = list(stub.ServerReflectionInfo(iter(requests), metadata=AUTH, timeout=10))
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {"jaxinfer.v1.Inference", "grpc.health.v1.Health"} <= names
+    from google.protobuf import descriptor_pb2
+
+    proto = descriptor_pb2.FileDescriptorProto.FromString(
+        replies[1].file_descriptor_response.file_descriptor_proto[0])
+    assert proto.package == "jaxinfer.v1"
+    assert [m.name for m in proto.service[0].method] == ["Generate", "GenerateStream", "ModelInfo"]
+
+
+def test_model_info(stub, tiny_path):
+    info = wait_all_pages_free(stub)
+    assert (info.model_path, info.model_family, info.vocab_size, info.dtype) == \
+        (str(tiny_path), "llama", 320, "float32")
+    assert (info.context_length, info.kv_pages_total, info.max_num_seqs) == (256, 96, 16)
+    assert (info.tensor_parallel_size, info.kv_page_size, info.requests_waiting) == (1, 16, 0)
+
+
+def test_metrics_and_one_log_line_per_request(stub, server):
+    stub.Generate(generate_request([7, 8, 9], request_id="counted", max_tokens=5,
+                                   ignore_eos=True, **GREEDY), metadata=AUTH, timeout=60)
+    for bad in (generate_request([5], temperature=-1.0), generate_request([999])):  # front, engine
+        with pytest.raises(grpc.RpcError):
+            stub.Generate(bad, metadata=AUTH, timeout=60)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
+                                  timeout=10).read().decode()
+    values = dict(re.findall(r"^(jaxinfer_\S+) (\S+)$", text, re.M))
+    assert float(values['jaxinfer_requests_total{outcome="length"}']) >= 1
+    assert float(values['jaxinfer_requests_total{outcome="invalid"}']) >= 2
+    assert float(values["jaxinfer_generation_tokens_total"]) >= 5
+    assert float(values["jaxinfer_time_to_first_token_seconds_count"]) >= 1
+    assert float(values["jaxinfer_time_per_output_token_seconds_count"]) >= 1
+    assert float(values["jaxinfer_e2e_request_latency_seconds_count"]) >= 1
+    assert values["jaxinfer_kv_pages_total"] == "96.0"
+    for name in ("jaxinfer_requests_running", "jaxinfer_requests_waiting",
+                 "jaxinfer_kv_pages_used", "jaxinfer_preemptions_total"):
+        assert name in values
+    lines = [l for l in server.log().splitlines() if "request counted:" in l]
+    assert len(lines) == 1 and re.search(r"length, 3 tokens in \(0 cached\), 5 out, "
+                                         r"ttft \d+\.\d+s, total \d+\.\d+s", lines[0]), lines
+
+
+def test_tensor_parallel_is_refused_with_one_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"),
+                           "--tensor-parallel-size", "2"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"})
+    assert proc.returncode == 2
+    assert "tensor parallelism is not supported yet" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_sigterm_drains_requests_in_flight_and_exits_0(server, stub, llm):
+    """Last in the module: it stops the module's server (the fixture then checks exit code 0)."""
+    ps = prompts(4, seed=5)
+    sampling = dict(max_tokens=200, ignore_eos=True, **GREEDY)
+    calls = [stub.GenerateStream(generate_request(p, **sampling), metadata=AUTH, timeout=120)
+             for p in ps]
+    firsts = [next(c) for c in calls]  # all running
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)  # the signal is handled
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(generate_request([5], max_tokens=2), metadata=AUTH, timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    answers = [[f, *c] for f, c in zip(firsts, calls)]
+    for answer, ref in zip(answers, reference(llm, ps, **sampling)):
+        assert [t for p in answer for t in p.token_ids] == ref.token_ids
+        assert answer[-1].finish_reason == "length"
+    assert server.proc.wait(60) == 0, server.log()
+    assert "stopped" in server.log()

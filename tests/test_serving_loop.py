@@ -1,0 +1,228 @@
+"""The engine loop with the hand-computable fake engine (next letter): exact streams from threads
+and asyncio, aborts, bad input, engine faults, the queue limit, shutdown; and the gRPC status
+codes those become, through an in-process server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+import time
+
+import grpc
+import pytest
+
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.serving.client import Client, generate_request
+from jaxinfer.serving.grpc_server import ServedModel, start_server
+from jaxinfer.serving.loop import Closed, EngineError, EngineLoop, QueueFull
+from test_engine import fake_engine
+
+GREEDY = SamplingParams(max_tokens=5, temperature=0.0)
+LONG = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+
+
+@contextlib.contextmanager
+def running(engine=None, **options):
+    records = []
+    loop = EngineLoop(engine or fake_engine(max_model_len=64), observer=records.append, **options)
+    loop.records = records
+    loop.start()
+    try:
+        yield loop
+    finally:
+        loop.stop()
+        assert not loop._thread.is_alive()
+
+
+def slow_steps(engine, seconds=0.01):
+    """Makes each step take a little while, so a test can act between steps."""
+    step = engine.step
+
+    def slow():
+        time.sleep(seconds)
+        return step()
+    engine.step = slow
+    return engine
+
+
+def wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def test_streams_from_threads_are_exact():
+    with running() as loop:
+        streams = [loop.submit("abc", GREEDY), loop.submit("wx", GREEDY, request_id="mine")]
+        outs = [list(s) for s in streams]
+    assert [o.text_delta for o in outs[0]] == ["d", "e", "f", "g", "h"]
+    assert outs[0][-1].finish_reason == "length" and outs[0][-1].finished
+    assert outs[1][-1].text == "yz" and outs[1][-1].finish_reason == "stop"  # z is EOS
+    assert streams[1].request_id == "mine" and streams[0].request_id != streams[1].request_id
+    assert sorted(r.outcome for r in loop.records) == ["length", "stop"]
+    rec = next(r for r in loop.records if r.request_id == "mine")
+    assert (rec.prompt_tokens, rec.output_tokens) == (2, 2) and 0 < rec.ttft_s <= rec.total_s
+
+
+def test_streams_from_asyncio_are_exact_and_batched():
+    async def read(loop):
+        streams = [loop.submit("abc", GREEDY) for _ in range(8)]
+        batches = [[b async for b in s.batches()] for s in streams]
+        singles = [o async for o in loop.submit("abc", GREEDY)]
+        return batches, singles
+
+    with running(slow_steps(fake_engine(max_model_len=64))) as loop:
+        batches, singles = asyncio.run(read(loop))
+    for b in batches:  # read after the others: several outputs come in one batch
+        assert "".join(o.text_delta for batch in b for o in batch) == "defgh"
+    assert any(len(batch) > 1 for b in batches for batch in b)
+    assert "".join(o.text_delta for o in singles) == "defgh"
+
+
+def test_bad_input_raises_the_engines_message_and_others_run():
+    with running() as loop:
+        good = loop.submit("abc", LONG)
+        for prompt, params, message in [("", GREEDY, "prompt is empty"),
+                                        ([3, 99], GREEDY, "token id 99 is outside"),
+                                        ("abc", SamplingParams(max_tokens=100), "exceeds max_model_len")]:
+            with pytest.raises(ValueError, match=message):
+                list(loop.submit(prompt, params))
+        assert len(list(good)[-1].token_ids) == 60
+    assert [r.outcome for r in loop.records].count("invalid") == 3
+
+
+def test_abort_frees_pages_at_once():
+    with running(slow_steps(fake_engine(max_model_len=64))) as loop:
+        stream = loop.submit("abc", LONG)
+        next(iter(stream))
+        assert loop.stats().kv_pages_free < loop.stats().kv_pages_total
+        loop.abort(stream)
+        wait_for(lambda: loop.stats().kv_pages_free == loop.stats().kv_pages_total)
+        assert loop.stats().running == 0 and loop.num_unfinished() == 0
+    assert [r.outcome for r in loop.records] == ["abort"]
+
+
+def test_a_failing_step_fails_the_requests_in_flight_and_the_loop_goes_on():
+    engine = fake_engine(max_model_len=64)
+    step, calls = engine.step, []
+
+    def fail_once():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return step()
+    engine.step = fail_once
+    with running(engine) as loop:
+        streams = [loop.submit("abc", LONG), loop.submit("xyz", LONG)]
+        for s in streams:
+            with pytest.raises(EngineError, match="device lost"):
+                list(s)
+        assert loop._thread.is_alive()
+        assert list(loop.submit("abc", GREEDY))[-1].text == "defgh"
+        n = len(calls)
+        time.sleep(0.1)
+        assert len(calls) == n  # idle: no step runs, nothing spins
+    assert sorted(r.outcome for r in loop.records) == ["error", "error", "length"]
+
+
+def test_error_outputs_fail_only_their_request():
+    engine = fake_engine(max_model_len=64)
+    step = engine.step
+
+    def one_bad_request():
+        outs = step()
+        for i, out in enumerate(outs):
+            if out.request_id.startswith("bad") and len(out.token_ids) == 2:
+                outs[i] = dataclasses.replace(out, finished=True, finish_reason="error")
+                outs[i].error = "NaN in the logits"  # the engine's `error` field
+        return outs
+    engine.step = one_bad_request
+    with running(engine) as loop:
+        bad, good = loop.submit("abc", LONG, request_id="bad"), loop.submit("abc", GREEDY)
+        with pytest.raises(EngineError, match="NaN in the logits"):
+            list(bad)
+        assert list(good)[-1].text == "defgh"
+
+
+def test_queue_limit_close_and_stop():
+    loop = EngineLoop(fake_engine(), max_queue=2, observer=(records := []).append)
+    first = [loop.submit("abc", GREEDY), loop.submit("abc", GREEDY)]  # not started: both wait
+    with pytest.raises(QueueFull):
+        loop.submit("abc", GREEDY)
+    assert records[-1].outcome == "rejected"
+    loop.start()
+    assert all(list(s)[-1].text == "defgh" for s in first)
+    assert loop.drain(5.0)
+    with pytest.raises(Closed):
+        loop.submit("abc", GREEDY)
+    loop.stop()
+
+    loop = EngineLoop(slow_steps(fake_engine(max_model_len=64)))
+    loop.start()
+    stream = loop.submit("abc", LONG)
+    next(iter(stream))
+    assert not loop.drain(0.05)  # still running
+    loop.stop()
+    with pytest.raises(Closed):
+        list(stream)
+
+
+# ------------------------------------------------------------------------------------------------
+# The same, as gRPC status codes
+
+
+@contextlib.contextmanager
+def grpc_front(loop):
+    aloop = asyncio.new_event_loop()
+    thread = threading.Thread(target=aloop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(start_server(loop, ServedModel("fake")),
+                                              aloop).result(30)
+    try:
+        with Client(f"127.0.0.1:{server.port}") as client:
+            yield client
+    finally:
+        asyncio.run_coroutine_threadsafe(server.grpc_server.stop(0), aloop).result(30)
+        aloop.call_soon_threadsafe(aloop.stop)
+        thread.join(10)
+        aloop.close()
+
+
+def test_grpc_text_stream_and_status_codes():
+    engine = fake_engine(max_model_len=64)
+    step = engine.step
+
+    def maybe_fail():
+        if any(r.startswith("doomed") for r in engine.requests):
+            raise RuntimeError("kernel fault")
+        return step()
+    engine.step = maybe_fail
+    with running(engine) as loop, grpc_front(loop) as client:
+        pieces = list(client.stream("abc", max_tokens=5, temperature=0.0))
+        # Outputs pending together come in one message: each piece's text is its tokens' text.
+        assert "".join(p.text for p in pieces) == "defgh"
+        assert all(p.text == "".join(chr(97 + t) for t in p.token_ids) for p in pieces)
+        assert [p.finish_reason for p in pieces][-2:] == ["", "length"]
+        assert client.generate("wx", max_tokens=9, temperature=0.0).text == "yz"
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate("abc", request_id="doomed", max_tokens=5)
+        assert e.value.code() == grpc.StatusCode.INTERNAL and "kernel fault" in e.value.details()
+        assert client.generate("abc", max_tokens=2, temperature=0.0).text == "de"
+        loop.close()
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate("abc", max_tokens=2)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_grpc_full_queue_is_resource_exhausted():
+    loop = EngineLoop(fake_engine(), max_queue=1)  # not started: the first request waits
+    with grpc_front(loop) as client:
+        waiting = client.stub.Generate.future(generate_request("abc"))
+        wait_for(lambda: loop._queued == 1)
+        with pytest.raises(grpc.RpcError) as e:
+            client.generate("abc", max_tokens=2)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        waiting.cancel()
