@@ -136,7 +136,7 @@ class Runner:
         penalties if asked). Tracing holds the GIL, so programs are traced one by one; XLA then
         compiles them in parallel threads (on an H200's host: 101 s of compiles in 28 s), and each
         runs once on an all-padding batch. `progress` draws a bar on stderr."""
-        programs = self._warmup_programs(penalties)
+        programs = self.warmup_programs(penalties)
         bar = _progress_bar(len(programs), "compiling programs") if progress else None
         lowered = [fn.lower(*args) for fn, args in programs]
         workers = max(1, min(len(lowered), os.cpu_count() or 1))
@@ -153,7 +153,7 @@ class Runner:
         if bar is not None:
             bar.close()
 
-    def _warmup_programs(self, penalties: bool) -> list[tuple[Any, tuple]]:
+    def warmup_programs(self, penalties: bool) -> list[tuple[Any, tuple]]:
         """(jitted function, example arguments) of every program that start-up compiles."""
         programs = []
         for t in self.buckets:

@@ -67,49 +67,37 @@ def main() -> int:
 
 
 def profile_programs(runner, parallel: bool, workers: int) -> list[dict]:
+    """Each warm-up program's trace + lowering, compile (serial, or all at once in a thread pool)
+    and first call through jit."""
     import jax
-    import jax.numpy as jnp
 
-    from jaxinfer.sampling import SAMPLE_MODES
-
-    progs = []  # (row, jit fn, args)
-    for t in runner.buckets:
-        for decode in (False, True) if t <= runner.max_num_seqs else (False,):
-            b = runner._padding_batch(t, False, decode)
-            fwd = b._replace(sampling=None, history=None, history_is_output=None)
-            progs.append(({"kind": "forward", "t": t, "decode": decode}, runner._forward,
-                          (runner.params, runner.pages, runner.prev_tokens, fwd)))
-    vocab = runner.decoder.cfg.vocab_size
-    for bsz in sorted({min(t, runner.max_num_seqs) for t in runner.buckets}):
-        for mode in SAMPLE_MODES:
-            b = runner._padding_batch(bsz, False, False)
-            progs.append(({"kind": "sample", "b": bsz, "mode": mode}, runner._sample,
-                          (jnp.zeros((bsz, vocab), jnp.float32), b.sampling, None, None, mode)))
+    programs = runner.warmup_programs(penalties=False)
+    rows = [{"program": getattr(fn, "__name__", str(fn)), "shapes": str(jax.tree.map(
+        lambda x: getattr(x, "shape", x), args[-1] if fn is runner._forward else args[0]))}
+        for fn, args in programs]
     lowered = []
-    for row, fn, fargs in progs:
+    for row, (fn, args) in zip(rows, programs):
         t = time.perf_counter()
-        static = fargs[4:] if row["kind"] == "sample" else ()
-        low = fn.lower(*fargs[:4], *static) if static else fn.lower(*fargs)
+        lowered.append(fn.lower(*args))
         row["lower_s"] = time.perf_counter() - t
-        lowered.append(low)
         if not parallel:
             t = time.perf_counter()
-            low.compile()
+            lowered[-1].compile()
             row["compile_s"] = time.perf_counter() - t
     if parallel:
         t = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             list(pool.map(lambda low: low.compile(), lowered))
-        progs[0][0]["parallel_compile_all_s"] = time.perf_counter() - t
-    for row, fn, fargs in progs:  # the first call through jit: does it reuse the compile?
+        rows[0]["parallel_compile_all_s"] = time.perf_counter() - t
+    for row, (fn, args) in zip(rows, programs):
         t = time.perf_counter()
-        if row["kind"] == "forward":
-            runner.pages, out = fn(*fargs[:1], runner.pages, *fargs[2:])
+        if fn is runner._forward:
+            runner.pages, out = fn(args[0], runner.pages, *args[2:])
         else:
-            out = fn(*fargs)
+            out = fn(*args)
         jax.block_until_ready(out)
         row["jit_call_s"] = time.perf_counter() - t
-    return [row for row, _, _ in progs]
+    return rows
 
 
 if __name__ == "__main__":
