@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-LOG2_E = math.log2(math.e)
+from pallas_kernels.common import LOG2_E
 
 
 def _plgpu():

@@ -42,9 +42,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention import check_tiles, resolve_interpret
-
-SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+from pallas_kernels import common
+from pallas_kernels.common import SUPPORTED_DTYPES, check_tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,7 +300,6 @@ def _check_args(lhs, rhs, group_sizes):
     raise ValueError(f"empty dimension: lhs {lhs.shape}, rhs {rhs.shape}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def grouped_matmul(lhs, rhs, group_sizes, *,
                    config: GroupedMatmulConfig | None = None,
                    interpret: bool | None = None):
@@ -324,9 +322,14 @@ def grouped_matmul(lhs, rhs, group_sizes, *,
   if config is None:
     config = GroupedMatmulConfig.default(lhs.shape[0], rhs.shape[0],
                                          lhs.dtype, rhs.shape[1], rhs.shape[2])
+  return _grouped_matmul(lhs, rhs, group_sizes, config=config,
+                         interpret=common.resolve_interpret(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _grouped_matmul(lhs, rhs, group_sizes, *, config, interpret):
   work = make_work_list(group_sizes, lhs.shape[0], config.block_m)
-  return _gmm_call(lhs, rhs, work, config=config,
-                   interpret=resolve_interpret(interpret))
+  return _gmm_call(lhs, rhs, work, config=config, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------

@@ -136,7 +136,8 @@ def test_config_validates():
 # dispatch, and tests/test_triton_lowering.py lowers it for sm_90.
 # ----------------------------------------------------------------------------
 from pallas_kernels import flash_attention_mgpu as mgpu  # noqa: E402
-from pallas_kernels.flash_attention import default_config, on_hopper  # noqa: E402
+from pallas_kernels.common import on_hopper  # noqa: E402
+from pallas_kernels.flash_attention import default_config  # noqa: E402
 
 
 def test_mgpu_config_validates():

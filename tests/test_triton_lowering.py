@@ -99,13 +99,11 @@ def test_paged_attention_lowers(triton_modules):
 @pytest.fixture
 def gpu_kernels(monkeypatch):
     """Kernels called with interpret=None lower for the GPU (not interpret mode) while on a CPU."""
-    import importlib
+    from pallas_kernels import common
 
-    for name in ("flash_attention", "grouped_matmul", "paged_attention"):
-        # the package's __init__ shadows these module names with their functions
-        module = importlib.import_module(f"pallas_kernels.{name}")
-        monkeypatch.setattr(module, "resolve_interpret",
-                            lambda interpret: False if interpret is None else bool(interpret))
+    # the kernels' entries decide interpret mode through this one function, outside their jits
+    monkeypatch.setattr(common, "resolve_interpret",
+                        lambda interpret: False if interpret is None else bool(interpret))
     jax.clear_caches()  # traces made in interpret mode must not be reused
     yield
     jax.clear_caches()
