@@ -298,3 +298,27 @@ def ensure_default_model() -> pathlib.Path:
     save_checkpoint(_load_gguf(gguf, jnp.float32), partial)
     partial.rename(target)  # a conversion cut short never looks finished
     return target
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    """`scripts/convert_checkpoint.py SOURCE DEST [--dtype ...]`: converts an HF directory, a
+    .gguf file or a jaxinfer checkpoint into a jaxinfer checkpoint. Returns the exit status (2,
+    with the reason on stderr, for bad input)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Converts an HF directory, a .gguf file or a "
+                                     "jaxinfer checkpoint into a jaxinfer checkpoint.")
+    parser.add_argument("source", help="HF directory, .gguf file or jaxinfer checkpoint")
+    parser.add_argument("dest", help="new directory for the jaxinfer checkpoint")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = parser.parse_args(argv)
+    try:
+        model = load_model(args.source, dtype=args.dtype)
+        path = save_checkpoint(model, args.dest)
+    except ValueError as e:
+        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    c = model.config
+    print(f"wrote {path}: {c.model_type}, {c.num_layers} layers, D={c.hidden_size}, "
+          f"{c.num_params / 1e6:.1f}M params, {args.dtype}")
+    return 0

@@ -207,19 +207,20 @@ class Engine:
         if plan.seqs:
             reqs = [self.requests[s.request_id] for s in plan.seqs]
             if not self.config.async_scheduling or any(uses_penalties(r.params) for r in reqs):
-                outputs += self._resolve()  # penalties read the token history on the host
+                outputs += self.resolve()  # penalties read the token history on the host
             handle = self.runner.dispatch(plan, [r.row() for r in reqs])
             self._count(plan)
-        outputs += self._resolve()  # the step before, while this one runs
+        outputs += self.resolve()  # the step before, while this one runs
         if plan.seqs:
             self.scheduler.commit(plan)
             self._in_flight = (plan, handle)
             if not self.config.async_scheduling:
-                outputs += self._resolve()
+                outputs += self.resolve()
         return outputs
 
-    def _resolve(self) -> list[RequestOutput]:
-        """Waits for the step in flight (if any) and turns its samples into outputs."""
+    def resolve(self) -> list[RequestOutput]:
+        """Waits for the step in flight (if any) and turns its samples into outputs; after it
+        nothing is in flight (the next `scheduler.schedule()` plans real tokens only)."""
         if self._in_flight is None:
             return []
         (plan, handle), self._in_flight = self._in_flight, None
