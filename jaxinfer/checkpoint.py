@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import Model, abstract_params, resolve_dtype
+from pallas_kernels.common import default_device
 
 FORMAT_FILE = "jaxinfer.json"
 FORMAT_VERSION = 2  # 2: fused qkv and gate_up params
@@ -270,7 +271,7 @@ def _load_jaxinfer(path: pathlib.Path, dtype) -> Model:
         raise ValueError(f"{path} is a jaxinfer checkpoint of format version {meta.get('version')}; "
                          f"this jaxinfer reads version {FORMAT_VERSION}: convert it again")
     shapes, _ = abstract_params(cfg, meta["dtype"])
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(default_device())
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
     params = ocp.StandardCheckpointer().restore(path.absolute() / "params", target)
     params = jax.tree.map(lambda x: x.astype(dtype), params)

@@ -228,11 +228,12 @@ def page_bytes(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int
     return 2 * num_layers * num_kv_heads * page_size * head_dim * np.dtype(dtype).itemsize
 
 
-def pages_that_fit(bytes_per_page: int, fraction: float) -> int | None:
-    """Pages that fit in `fraction` of the device memory left now; None where the backend can't say."""
-    import jax
+def pages_that_fit(bytes_per_page: int, fraction: float, device=None) -> int | None:
+    """Pages that fit in `fraction` of the memory left now on `device` (default: the device new
+    arrays go to); None where the backend can't say."""
+    from pallas_kernels.common import default_device
 
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = (device or default_device()).memory_stats() or {}
     if "bytes_limit" not in stats:
         return None
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 
 from jaxinfer import benchmark as bm
@@ -134,33 +133,26 @@ def bench_hf(name: str, args) -> dict:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     result = {"torch": torch.__version__, "transformers": transformers.__version__, "decode": [],
               "prefill": []}
+    def timed(call, *a, **kw) -> float:
+        def run(_):
+            with torch.no_grad():
+                call(*a, **kw)
+            sync()
+        return bm.pipelined_time(run, repeats=args.hf_repeats)
+
     for batch in _ints(args.hf_batches):
         ids = torch.randint(0, shape["vocab_size"], (batch, args.prompt), device=device)
-
-        def gen(_):
-            with torch.no_grad():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
-                               min_new_tokens=args.new, do_sample=False)
-            sync()
-
-        def pre(_):
-            with torch.no_grad():
-                model(ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
-            sync()
-        t_gen = bm.pipelined_time(gen, repeats=args.hf_repeats)
-        t_pre = bm.pipelined_time(pre, repeats=args.hf_repeats)
+        mask = torch.ones_like(ids)
+        t_gen = timed(model.generate, ids, attention_mask=mask, max_new_tokens=args.new,
+                      min_new_tokens=args.new, do_sample=False)
+        t_pre = timed(model, ids, attention_mask=mask, logits_to_keep=1)
         step = (t_gen - t_pre) / (args.new - 1)
         result["decode"].append({"batch": batch, "ms_per_step": step * 1e3, "out_tok_per_s": batch / step,
                                  "generate_s": t_gen, "prefill_s": t_pre})
         print(json.dumps(result["decode"][-1]), flush=True)
     for tokens_n in _ints(args.prefill):
         ids = torch.randint(0, shape["vocab_size"], (1, tokens_n), device=device)
-
-        def pre(_):
-            with torch.no_grad():
-                model(ids, logits_to_keep=1)
-            sync()
-        t = bm.pipelined_time(pre, repeats=args.hf_repeats)
+        t = timed(model, ids, logits_to_keep=1)
         result["prefill"].append({"tokens": tokens_n, "ms": t * 1e3, "tok_per_s": tokens_n / t})
         print(json.dumps(result["prefill"][-1]), flush=True)
     return result

@@ -127,7 +127,7 @@ def prefill_rows(args, configs, limits, journal) -> list[dict]:
             ref = jax.jit(grouped_matmul_reference)
             row = {"proj": name, "tokens": t, "rows": m, "K": kd, "N": nd, "configs": {}}
             default = GroupedMatmulConfig.default(m, e, jnp.bfloat16, kd, nd)
-            def figures(fn, sec, x=x, w=w, sizes=sizes, flops=flops):
+            def figures(fn, sec, x=x, w=w, sizes=sizes, flops=flops, ref=ref):
                 return {"ms": sec * 1e3, "TFLOPs": flops / sec / 1e12,
                         "max_rel_err_vs_ragged_dot": float(bm.max_rel_err(fn(x, w, sizes),
                                                                           ref(x, w, sizes)))}
