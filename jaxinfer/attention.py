@@ -72,7 +72,7 @@ class PagedMeta:
     slot_mapping: Int[Array, "T"]  # page * L + offset; -1 = write nothing
     block_tables: Int[Array, "B W"]  # page ids of each sequence (W = max pages per sequence)
     kv_lens: Int[Array, "B"]
-    cu_q_lens: Int[Array, "B1"]  # [B + 1]
+    cu_q_lens: Int[Array, "B+1"]
     decode: bool = flax.struct.field(pytree_node=False, default=False)
 
 

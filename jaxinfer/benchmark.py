@@ -238,8 +238,8 @@ def forward_with_routing(decoder, params, tokens):
 
 
 def _logits_and_routing(model, impl, ids):
-    """f32 logits [B, T, V] and the experts each layer picked [L, B, T, k] (None for a dense
-    model), as numpy."""
+    """f32 logits [B, T, V] and the experts each layer picked [layers, B, T, k] (None for a
+    dense model), as numpy."""
     import jax
     import jax.numpy as jnp
 
@@ -276,7 +276,7 @@ def check_impls(model, impls, rng) -> dict:
         report["median_rel_error"][impl] = float(np.median(err))
         report["argmax_agreement"][impl] = float((out.argmax(-1) == ref.argmax(-1)).mean())
         if picks is not None:
-            same = (np.sort(picks, -1) == np.sort(ref_picks, -1)).all(-1)  # [L, B, T]
+            same = (np.sort(picks, -1) == np.sort(ref_picks, -1)).all(-1)  # [layers, B, T]
             report["routing_agreement"][impl] = float(same.mean())
             # a flip's effect grows layer by layer: agreement falls with depth if that is all
             report["routing_agreement_by_layer"][impl] = [round(float(a), 4)

@@ -39,8 +39,8 @@ class StepBatch(NamedTuple):
     meta: PagedMeta
     sample_idx: Int[Array, "B"]  # which packed token's logits row b samples from
     sampling: SamplingArrays
-    history: Int[Array, "B W"] | None  # prompt + output ids for penalties; None when none is used
-    history_is_output: Bool[Array, "B W"] | None
+    history: Int[Array, "B S"] | None  # prompt + output ids for penalties; None when none is used
+    history_is_output: Bool[Array, "B S"] | None
 
 
 class RowInfo(NamedTuple):

@@ -194,17 +194,17 @@ def sample_mode(params: Sequence[SamplingParams]) -> str:
 
 
 def sample_rows(logits: Float[Array, "B V"], arrays: SamplingArrays,
-                history: Int[Array, "B W"] | None = None,
-                history_is_output: Bool[Array, "B W"] | None = None, *,
+                history: Int[Array, "B S"] | None = None,
+                history_is_output: Bool[Array, "B S"] | None = None, *,
                 mode: str) -> SampleOutput:
     """Samples one token per row, each row with its own settings, seed and step. Jittable.
 
     Args:
       logits: [B, V] raw model logits (any float dtype; computed in float32).
       arrays: SamplingArrays, every field [B].
-      history: [B, W] prompt + output token ids so far, -1 = padding; None = no penalties (the
+      history: [B, S] prompt + output token ids so far, -1 = padding; None = no penalties (the
         caller passes a history only when some row uses penalties).
-      history_is_output: [B, W] True where history holds a generated token (presence and
+      history_is_output: [B, S] True where history holds a generated token (presence and
         frequency penalties count only those); None = every history token counts as output.
       mode: a static SAMPLE_MODES entry at least as general as every row needs (see
         `sample_mode`): no on-device branch, whose predicate the host would wait for.
@@ -231,8 +231,8 @@ def sample_rows(logits: Float[Array, "B V"], arrays: SamplingArrays,
 
 
 def apply_penalties(logits: Float[Array, "B V"], arrays: SamplingArrays,
-                    history: Int[Array, "B W"],
-                    history_is_output: Bool[Array, "B W"] | None = None) -> Float[Array, "B V"]:
+                    history: Int[Array, "B S"],
+                    history_is_output: Bool[Array, "B S"] | None = None) -> Float[Array, "B V"]:
     """vLLM penalties: repetition over all of history, then frequency and presence over outputs.
 
     Repetition p: a seen token's logit > 0 becomes logit / p, otherwise logit * p. Then
@@ -249,7 +249,7 @@ def apply_penalties(logits: Float[Array, "B V"], arrays: SamplingArrays,
             - arrays.presence_penalty[:, None] * (out_counts > 0))
 
 
-def _token_counts(history: Int[Array, "B W"], weight: Bool[Array, "B W"],
+def _token_counts(history: Int[Array, "B S"], weight: Bool[Array, "B S"],
                   v: int) -> Float[Array, "B V"]:
     """How often each vocabulary id occurs in history where weight is True (ids >= V dropped)."""
     b, _ = history.shape

@@ -86,9 +86,9 @@ def online_softmax_step(q, k, load_v, carry, *, qk_scale, visible,
                         dot_precision):
   """One kv tile of an online softmax (log2 units).
 
-  q [M, Hp], k [block_k, Hp]; load_v() gives v [block_k, Hp] (called after
+  q [rows, Hp], k [block_k, Hp]; load_v() gives v [block_k, Hp] (called after
   the logits, so the V load can wait until they are computed); visible
-  [M, block_k] or None for all. carry = (acc, m, l) as in `init_carry`.
+  [rows, block_k] or None for all. carry = (acc, m, l) as in `init_carry`.
   """
   acc, m_prev, l_prev = carry
   s = plgpu.dot(q, k, trans_b=True, precision=dot_precision) * qk_scale
