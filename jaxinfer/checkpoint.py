@@ -113,7 +113,7 @@ def _moe_layout(cfg: ModelConfig, ours: str, hf: str) -> list[Entry]:
         base, gate, up, down = f"{hf}.block_sparse_moe", "w1", "w3", "w2"
     else:
         base, gate, up, down = f"{hf}.mlp", "gate_proj", "up_proj", "down_proj"
-    expert = lambda j, w, shape: (f"{base}.experts.{j}.{w}.weight", shape)  # noqa: E731
+    expert = lambda j, w, shape: (f"{base}.experts.{j}.{w}.weight", shape)
     entries = [
         Entry((ours, "moe", "router"), ((f"{base}.gate.weight", (e, d)),), _linear),
         Entry((ours, "moe", "gate_up"), tuple(expert(j, gate, (f, d)) for j in range(e)) +

@@ -17,8 +17,14 @@ from jaxtyping import Array, Float, Int
 
 from jaxinfer.model import Model, check_token_range
 from jaxinfer.models.llama import Decoder, init_cache
-from jaxinfer.sampling import (SamplingArrays, SamplingParams, check_sampling, sample_mode,
-                               sample_rows, sampling_arrays)
+from jaxinfer.sampling import (
+    SamplingArrays,
+    SamplingParams,
+    check_sampling,
+    sample_mode,
+    sample_rows,
+    sampling_arrays,
+)
 
 PAD = -1  # marks the slots of `out` after a row has stopped
 

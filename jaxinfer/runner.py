@@ -25,8 +25,15 @@ import numpy as np
 from jaxtyping import Array, Bool, Int
 
 from jaxinfer.attention import PagedMeta
-from jaxinfer.sampling import (SAMPLE_MODES, SampleOutput, SamplingArrays, SamplingParams,
-                               sample_mode, sample_rows, sampling_arrays)
+from jaxinfer.sampling import (
+    SAMPLE_MODES,
+    SampleOutput,
+    SamplingArrays,
+    SamplingParams,
+    sample_mode,
+    sample_rows,
+    sampling_arrays,
+)
 from jaxinfer.scheduler import PLACEHOLDER, StepPlan
 
 
@@ -186,7 +193,7 @@ class Runner:
 
     def _padding_batch(self, t: int, penalties: bool, decode: bool) -> StepBatch:
         b = min(t, self.max_num_seqs)
-        zeros = lambda n: jnp.zeros(n, jnp.int32)  # noqa: E731
+        zeros = lambda n: jnp.zeros(n, jnp.int32)
         meta = PagedMeta(jnp.full(t, -1, jnp.int32),
                          jnp.zeros((b, self.max_pages_per_seq), jnp.int32), zeros(b), zeros(b + 1),
                          decode=decode)

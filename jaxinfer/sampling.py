@@ -7,7 +7,8 @@ Every setting is an array with one value per row, so a new value never recompile
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

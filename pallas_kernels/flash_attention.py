@@ -36,8 +36,12 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import common
 from pallas_kernels import flash_attention_mgpu as mgpu
-from pallas_kernels.common import (LOG2_E, MASK_VALUE, SUPPORTED_DTYPES,
-                                   check_tiles, online_softmax_step)
+from pallas_kernels.common import (
+  LOG2_E,
+  SUPPORTED_DTYPES,
+  check_tiles,
+  online_softmax_step,
+)
 
 
 @dataclasses.dataclass(frozen=True)

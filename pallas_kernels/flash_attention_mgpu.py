@@ -50,7 +50,7 @@ from pallas_kernels.common import LOG2_E
 def _plgpu():
   # Imported on use: the Mosaic GPU module pulls in CUDA-only pieces that a
   # CPU-only install may lack.
-  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  import jax.experimental.pallas.mosaic_gpu as plgpu
   return plgpu
 
 

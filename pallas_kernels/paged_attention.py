@@ -40,8 +40,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import common
-from pallas_kernels.common import (LOG2_E, SUPPORTED_DTYPES, check_tiles,
-                                   init_carry, online_softmax_step)
+from pallas_kernels.common import (
+  LOG2_E,
+  SUPPORTED_DTYPES,
+  check_tiles,
+  init_carry,
+  online_softmax_step,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -584,7 +589,7 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables,
 
 def write_kv_reference(k_pages, v_pages, k_new, v_new, slot_mapping):
   """Row-by-row writes in a Python loop (host side; for tests)."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
+  import numpy as np
   kp, vp = np.array(k_pages), np.array(v_pages)
   page_size = kp.shape[2]
   for t, slot in enumerate(np.asarray(slot_mapping)):

@@ -66,7 +66,7 @@ def _decode_row(model, decoder, batch, args, limits, rng) -> dict:
     tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (batch, t)), jnp.int32)
     lengths = jnp.full((batch,), args.prompt, jnp.int32)
     greedy, mode = row_sampling(batch, 0.0, 0, 1.0, seed=0)
-    fresh = lambda: jax.block_until_ready(init_cache(cfg, batch, s, model.dtype))  # noqa: E731
+    fresh = lambda: jax.block_until_ready(init_cache(cfg, batch, s, model.dtype))
 
     generated = {}  # new -> the last call's tokens (greedy: every call makes the same ones)
 
@@ -108,7 +108,7 @@ def _prefill_row(model, decoder, tokens_n, args, limits, rng) -> dict:
     cfg = model.config
     tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (1, tokens_n)), jnp.int32)
     lengths = jnp.full((1,), tokens_n, jnp.int32)
-    fresh = lambda: init_cache(cfg, 1, tokens_n, model.dtype)  # noqa: E731
+    fresh = lambda: init_cache(cfg, 1, tokens_n, model.dtype)
     try:
         t = bm.pipelined_time(lambda c: jax.block_until_ready(
             prefill_jit(decoder, model.params, c, tokens, lengths)), repeats=args.repeats,

@@ -19,7 +19,7 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 MODELS = ("llama2-7b", "llama3-8b", "mixtral-8x7b")
 OURS, PEER, LIMIT = "tab:blue", "tab:orange", "0.35"
@@ -61,7 +61,7 @@ def decode_vs_roofline(results: str, card: str):
     if not runs:
         return None
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.8), squeeze=False)
-    for ax, (name, (rows, hf, device)) in zip(axes[0], runs.items()):
+    for ax, (name, (rows, hf, _)) in zip(axes[0], runs.items()):
         batches = [d["batch"] for d in rows]
         ax.plot(batches, [d["ms_per_step"] for d in rows], "o-", color=OURS, label="jaxinfer")
         ax.plot(batches, [d["roofline_ms"] for d in rows], "--", color=LIMIT,
@@ -81,6 +81,7 @@ def decode_vs_roofline(results: str, card: str):
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("ms per decode step (lower is better)")
     axes[0][0].legend(fontsize=8)
+    device = next(iter(runs.values()))[2]
     fig.suptitle(f"Decode step against the HBM roofline, {device} "
                  "(labels: multiple of the roofline)")
     return fig
@@ -140,7 +141,7 @@ def throughput_vs_hf(results: str, card: str):
         return None
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(bars)), 4.2))
     width = 0.27
-    for i, (label, w) in enumerate(bars):
+    for i, (_, w) in enumerate(bars):
         ax.bar(i - width, w["out_tok_per_s"], width, color=OURS,
                label="jaxinfer engine" if i == 0 else None)
         hf = w.get("hf", {}).get("out_tok_per_s")

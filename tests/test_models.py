@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import build_hf_model
 
 import jaxinfer
-from conftest import build_hf_model
 
 
 def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:

@@ -56,8 +56,9 @@ def test_dispatch_holds_no_dense_expert_tensor():
 
 
 def test_mixtral_through_the_engine_equals_generate(tmp_path):
-    import jaxinfer
     from conftest import build_hf_model
+
+    import jaxinfer
 
     build_hf_model("mixtral", tmp_path)
     model = jaxinfer.load_model(tmp_path, dtype="float32")

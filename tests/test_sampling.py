@@ -9,9 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.sampling import (MAX_LOGPROBS, SAMPLE_MODES, SampleOutput, SamplingArrays,
-                               SamplingParams, apply_penalties, sample_mode, sample_rows,
-                               sampling_arrays)
+from jaxinfer.sampling import (
+    MAX_LOGPROBS,
+    SAMPLE_MODES,
+    SampleOutput,
+    SamplingArrays,
+    SamplingParams,
+    apply_penalties,
+    sample_mode,
+    sample_rows,
+    sampling_arrays,
+)
 
 SAMPLERS = {mode: jax.jit(functools.partial(sample_rows, mode=mode)) for mode in SAMPLE_MODES}
 NEUTRAL = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,

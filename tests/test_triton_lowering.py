@@ -13,13 +13,12 @@ import jax.numpy as jnp
 import pytest
 
 pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
-from jax import export  # noqa: E402
-from jax._src.pallas.triton import pallas_call_registration as registration  # noqa: E402
+from jax import export
+from jax._src.pallas.triton import pallas_call_registration as registration
 
-from pallas_kernels.flash_attention import flash_attention  # noqa: E402
-from pallas_kernels.grouped_matmul import GroupedMatmulConfig, grouped_matmul  # noqa: E402
-from pallas_kernels.paged_attention import (  # noqa: E402
-    paged_attention, ragged_paged_attention)
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.grouped_matmul import GroupedMatmulConfig, grouped_matmul
+from pallas_kernels.paged_attention import paged_attention, ragged_paged_attention
 
 
 @pytest.fixture
