@@ -20,7 +20,9 @@ visible ones (window or sequence start), fully visible blocks without any
 mask arithmetic, and masked blocks on the diagonal / at the tail.
 
 File layout: kernel -> pallas_call wrapper (tile sizes in FlashConfig) ->
-jitted public entry ``flash_attention`` -> ``flash_attention_reference``.
+validated public entry ``flash_attention`` (decides the config and interpret
+mode, then calls its jitted part with them static) ->
+``flash_attention_reference`` (masks over ``common.attention_reference``).
 """
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ length; items past the real count are inactive (empty row range, no K steps,
 a fully masked store).
 
 File layout: metadata (jnp) -> kernel -> pallas_call wrapper (tile sizes in
-GroupedMatmulConfig) -> jitted public entry ``grouped_matmul`` ->
+GroupedMatmulConfig) -> validated public entry ``grouped_matmul`` (decides
+the config and interpret mode, then calls its jitted part with them static) ->
 ``grouped_matmul_reference`` (lax.ragged_dot) and
 ``grouped_matmul_dense_loop`` (a Python loop over experts, for tests).
 """

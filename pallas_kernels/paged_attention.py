@@ -25,7 +25,9 @@ K/V row is read once per kv head, not once per query head.
 * ``write_kv``: scatter new K/V rows into their slots (page * L + offset).
 
 File layout: kernels -> pallas_call wrappers (tile sizes in frozen configs)
--> jitted public entry points -> ``*_reference`` in plain jnp.
+-> validated public entry points (interpret mode and the SM count decided
+there, passed to their jitted parts as static arguments) -> ``*_reference``
+(plain jnp, over ``common.attention_reference``).
 """
 from __future__ import annotations
 
@@ -492,10 +494,13 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens,
 @functools.partial(jax.jit, static_argnames=("sm_scale", "config",
                                              "interpret", "skip_single_token"))
 def _ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens,
-                            cu_q_lens, **static):
+                            cu_q_lens, *, sm_scale, config, interpret,
+                            skip_single_token):
   return _ragged_call(q, _rows_view(k_pages), _rows_view(v_pages),
-                      block_tables, kv_lens, cu_q_lens,
-                      page_size=k_pages.shape[2], **static)
+                      block_tables, kv_lens, cu_q_lens, sm_scale=sm_scale,
+                      page_size=k_pages.shape[2], config=config,
+                      interpret=interpret,
+                      skip_single_token=skip_single_token)
 
 
 def _bits_dtype(dtype):
