@@ -7,11 +7,15 @@ Data flow of `generate`: token ids -> prefill (one forward over the padded promp
 into a preallocated cache) -> a `lax.while_loop` of decode steps (one token per row, sampled on
 device) -> new token ids. Everything runs as one jitted program with the cache donated.
 
-Shape letters, used in every einsum, annotation and shape comment:
-  B batch          T query tokens      S key/value tokens   D model width
-  N query heads    K kv heads          G query heads per kv head (N = K * G)
-  H head dim       F mlp width         E experts            V vocab
-  P pages          L page size
+Shape letters, used in every einsum, annotation and shape comment (one meaning each):
+  B batch (sequences)   T query (new) tokens   S key/value tokens (a sequence so far)
+  D model width         N query heads          K kv heads
+  G query heads per kv head (N = K * G)        H head dim
+  F mlp width           V vocab                E experts
+  k experts per token (top-k)                  R routed rows (T * k, sorted by expert)
+  I, O a grouped matmul's contraction and output widths (D and 2F for gate/up, F and D for down)
+  P pages in the pool   L page size            W pages per sequence (a block table's width)
+Sizes that are not dimensions of the model (layers, split_k, work items) are spelled out.
 """
 
 from jaxinfer.checkpoint import load_model, save_checkpoint

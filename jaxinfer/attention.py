@@ -8,9 +8,9 @@ N query heads are viewed as [K, G].
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
-import flax.struct
 from jaxtyping import Array, Bool, Float, Int
 
 IMPLS = ("xla", "reference", "cudnn", "pallas")
@@ -50,7 +50,7 @@ def cached_attention(q: Float[Array, "B T N H"], k_cache: Float[Array, "K B S H"
         from pallas_kernels.paged_attention import paged_attention
 
         pages = s // PAGE  # row b owns pages b * pages .. (b + 1) * pages - 1
-        as_pages = lambda c: c.reshape(kv_heads, b * pages, PAGE, h)  # noqa: E731 - no copy
+        as_pages = lambda c: c.reshape(kv_heads, b * pages, PAGE, h)  # a view: no copy
         tables = jnp.arange(b * pages, dtype=jnp.int32).reshape(b, pages)
         out = paged_attention(q[:, 0], as_pages(k_cache), as_pages(v_cache), tables,
                               q_positions[:, 0] + 1)
@@ -72,7 +72,7 @@ class PagedMeta:
     slot_mapping: Int[Array, "T"]  # page * L + offset; -1 = write nothing
     block_tables: Int[Array, "B W"]  # page ids of each sequence (W = max pages per sequence)
     kv_lens: Int[Array, "B"]
-    cu_q_lens: Int[Array, "B1"]  # [B + 1]
+    cu_q_lens: Int[Array, "B+1"]
     decode: bool = flax.struct.field(pytree_node=False, default=False)
 
 
@@ -80,8 +80,8 @@ def paged_attention(q: Float[Array, "T N H"], k: Float[Array, "T K H"], v: Float
                     k_pages: Float[Array, "K P L H"], v_pages: Float[Array, "K P L H"],
                     meta: PagedMeta, *, impl: str):
     """Writes the step's K/V into their pages, then attends each token to its sequence's pages."""
-    from pallas_kernels.paged_attention import (paged_attention as decode_kernel,
-                                                ragged_paged_attention_reference, write_kv)
+    from pallas_kernels.paged_attention import paged_attention as decode_kernel
+    from pallas_kernels.paged_attention import ragged_paged_attention_reference, write_kv
 
     if impl != "pallas" and q.shape[0] <= _EACH_MAX_TOKENS:
         k_pages, v_pages = _write_kv_each(k_pages, v_pages, k, v, meta.slot_mapping)

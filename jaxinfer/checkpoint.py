@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import Model, abstract_params, resolve_dtype
 from jaxinfer.platform import logger
+from pallas_kernels.common import default_device
 
 FORMAT_FILE = "jaxinfer.json"
 FORMAT_VERSION = 2  # 2: fused qkv and gate_up params
@@ -113,7 +114,7 @@ def _moe_layout(cfg: ModelConfig, ours: str, hf: str) -> list[Entry]:
         base, gate, up, down = f"{hf}.block_sparse_moe", "w1", "w3", "w2"
     else:
         base, gate, up, down = f"{hf}.mlp", "gate_proj", "up_proj", "down_proj"
-    expert = lambda j, w, shape: (f"{base}.experts.{j}.{w}.weight", shape)  # noqa: E731
+    expert = lambda j, w, shape: (f"{base}.experts.{j}.{w}.weight", shape)
     entries = [
         Entry((ours, "moe", "router"), ((f"{base}.gate.weight", (e, d)),), _linear),
         Entry((ours, "moe", "gate_up"), tuple(expert(j, gate, (f, d)) for j in range(e)) +
@@ -328,7 +329,7 @@ def _load_jaxinfer(path: pathlib.Path, dtype) -> Model:
         raise ValueError(f"{path} is a jaxinfer checkpoint of format version {meta.get('version')}; "
                          f"this jaxinfer reads version {FORMAT_VERSION}: convert it again")
     shapes, _ = abstract_params(cfg, meta["dtype"])
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(default_device())
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
     try:
         params = ocp.StandardCheckpointer().restore(path.absolute() / "params", target)
@@ -361,3 +362,27 @@ def ensure_default_model() -> pathlib.Path:
     save_checkpoint(_load_gguf(gguf, jnp.float32), partial)
     partial.rename(target)  # a conversion cut short never looks finished
     return target
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    """`scripts/convert_checkpoint.py SOURCE DEST [--dtype ...]`: converts an HF directory, a
+    .gguf file or a jaxinfer checkpoint into a jaxinfer checkpoint. Returns the exit status (2,
+    with the reason on stderr, for bad input)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Converts an HF directory, a .gguf file or a "
+                                     "jaxinfer checkpoint into a jaxinfer checkpoint.")
+    parser.add_argument("source", help="HF directory, .gguf file or jaxinfer checkpoint")
+    parser.add_argument("dest", help="new directory for the jaxinfer checkpoint")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = parser.parse_args(argv)
+    try:
+        model = load_model(args.source, dtype=args.dtype)
+        path = save_checkpoint(model, args.dest)
+    except ValueError as e:
+        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    c = model.config
+    print(f"wrote {path}: {c.model_type}, {c.num_layers} layers, D={c.hidden_size}, "
+          f"{c.num_params / 1e6:.1f}M params, {args.dtype}")
+    return 0

@@ -303,20 +303,23 @@ class Engine:
         if plan.seqs:
             reqs = [self.requests[s.request_id] for s in plan.seqs]
             if not self.config.async_scheduling or any(uses_penalties(r.params) for r in reqs):
-                self._resolve(outputs)  # penalties read the token history on the host
+                self.resolve(outputs)  # penalties read the token history on the host
             handle = self.runner.dispatch(plan, [r.row() for r in reqs])
             self._count(plan)
-        self._resolve(outputs)  # the step before, while this one runs
+        self.resolve(outputs)  # the step before, while this one runs
         if plan.seqs:
             self.scheduler.commit(plan)
             self._in_flight = (plan, handle)
             if not self.config.async_scheduling:
-                self._resolve(outputs)
+                self.resolve(outputs)
 
-    def _resolve(self, outputs: list[RequestOutput]) -> None:
-        """Waits for the step in flight (if any) and appends its outputs to `outputs`."""
+    def resolve(self, outputs: list[RequestOutput] | None = None) -> list[RequestOutput]:
+        """Waits for the step in flight (if any) and appends its outputs to `outputs` (a new list
+        when None), which it returns; after it nothing is in flight (the next
+        `scheduler.schedule()` plans real tokens only)."""
+        outputs = [] if outputs is None else outputs
         if self._in_flight is None:
-            return
+            return outputs
         plan, handle = self._in_flight
         t0 = time.perf_counter()
         samples = self.runner.collect(handle)
@@ -328,6 +331,7 @@ class Engine:
             outputs.append(self._advance(self.requests[seq.request_id], samples,
                                          row[seq.request_id]))
         self._in_flight = None  # only now: a fault before this ends the step's requests
+        return outputs
 
     def _fail(self, plan, error: Exception, outputs: list[RequestOutput]) -> None:
         """Ends the requests of a failed step (and of the step in flight) with "error"."""

@@ -53,9 +53,16 @@ def sample_step(logits: Float[Array, "B V"], arrays: SamplingArrays, step,
 
 @functools.partial(jax.jit, static_argnames=("decoder", "out_len", "mode"),
                    donate_argnames=("cache",))
-def _generate(decoder: Decoder, params, cache, tokens: Int[Array, "B T"], lengths: Int[Array, "B"],
+def generate_arrays(decoder: Decoder, params, cache, tokens: Int[Array, "B T"], lengths: Int[Array, "B"],
               max_new: Int[Array, ""], eos: Int[Array, "E"], sampling: SamplingArrays, out_len: int,
               mode: str):
+    """The one jitted program of `generate` on padded arrays (benchmarks time it directly).
+
+    tokens [B, T] right-padded prompts of `lengths` [B] tokens; cache from `init_cache` (donated);
+    decodes while step < `max_new` and some row has not produced an `eos` [E] id; `sampling` and
+    static `mode` as from `row_sampling`. Returns out [B, out_len] (new tokens, PAD after a row
+    stopped) and the cache.
+    """
     logits, cache = prefill(decoder, params, cache, tokens, lengths)
     first = sample_step(logits, sampling, 0, mode)
     out = jnp.full((tokens.shape[0], out_len), PAD, jnp.int32).at[:, 0].set(first)  # [B, out_len]
@@ -108,8 +115,9 @@ def check_prompts(model: Model, prompts, max_new_tokens: int) -> list[list[int]]
     return checked
 
 
-def _bucket_lengths(model: Model, longest: int, max_new_tokens: int) -> tuple[int, int]:
-    """Padded prompt length T and cache length S, rounded so that few shapes get compiled."""
+def bucket_lengths(model: Model, longest: int, max_new_tokens: int) -> tuple[int, int]:
+    """Padded prompt length T and cache length S of a `generate` call, rounded so that few
+    shapes get compiled."""
     t = round_up(longest, 64)
     s = min(round_up(t + max_new_tokens, 256), round_up(model.config.max_position_embeddings, 64))
     return t, round_up(max(s, t, longest + max_new_tokens), 64)  # whole pages of 64
@@ -139,12 +147,12 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
     use_compilation_cache()
     sampling, mode = row_sampling(len(prompts), temperature, top_k, top_p, seed)
     batch, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
-    t, s = _bucket_lengths(model, int(lengths.max()), max_new_tokens)
+    t, s = bucket_lengths(model, int(lengths.max()), max_new_tokens)
     tokens = np.zeros((batch, t), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     cache = init_cache(model.config, batch, s, model.dtype)
-    out, _ = _generate(model.decoder(impl), model.params, cache, jnp.asarray(tokens), jnp.asarray(lengths),
+    out, _ = generate_arrays(model.decoder(impl), model.params, cache, jnp.asarray(tokens), jnp.asarray(lengths),
                        jnp.int32(max_new_tokens), jnp.asarray(_stop_ids(model, stop_token_ids)),
                        sampling, out_len=round_up(max_new_tokens, 32), mode=mode)
     return [_trim(row[:max_new_tokens]) for row in np.asarray(out)]
@@ -155,7 +163,8 @@ def _trim(row: np.ndarray) -> list[int]:
     return row[: stop[0] if stop.size else len(row)].tolist()
 
 
-_prefill_jit = jax.jit(prefill, static_argnames=("decoder",), donate_argnames=("cache",))
+# The host-driven steps of `stream` (benchmarks time prefill_jit alone: one prompt's prefill).
+prefill_jit = jax.jit(prefill, static_argnames=("decoder",), donate_argnames=("cache",))
 _decode_jit = jax.jit(decode_step, static_argnames=("decoder",), donate_argnames=("cache",))
 _sample_jit = jax.jit(sample_step, static_argnames=("mode",))
 
@@ -169,11 +178,11 @@ def stream(model: Model, prompt: Sequence[int], *, max_new_tokens: int, temperat
     use_compilation_cache()
     sampling, mode = row_sampling(1, temperature, top_k, top_p, seed)
     stop = set(_stop_ids(model, stop_token_ids).tolist())
-    t, s = _bucket_lengths(model, len(ids), max_new_tokens)
+    t, s = bucket_lengths(model, len(ids), max_new_tokens)
     tokens = jnp.asarray(np.pad(np.asarray([ids], np.int32), ((0, 0), (0, t - len(ids)))))
     decoder = model.decoder(impl)
     cache = init_cache(model.config, 1, s, model.dtype)
-    logits, cache = _prefill_jit(decoder, model.params, cache, tokens, jnp.asarray([len(ids)], jnp.int32))
+    logits, cache = prefill_jit(decoder, model.params, cache, tokens, jnp.asarray([len(ids)], jnp.int32))
     for step in range(max_new_tokens):
         token = _sample_jit(logits, sampling, step, mode)
         value = int(token[0])

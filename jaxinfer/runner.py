@@ -28,8 +28,15 @@ import numpy as np
 from jaxtyping import Array, Bool, Int
 
 from jaxinfer.attention import PagedMeta
-from jaxinfer.sampling import (SAMPLE_MODES, SampleOutput, SamplingArrays, SamplingParams,
-                               sample_mode, sample_rows, sampling_arrays)
+from jaxinfer.sampling import (
+    SAMPLE_MODES,
+    SampleOutput,
+    SamplingArrays,
+    SamplingParams,
+    sample_mode,
+    sample_rows,
+    sampling_arrays,
+)
 from jaxinfer.scheduler import PLACEHOLDER, StepPlan
 
 
@@ -42,8 +49,8 @@ class StepBatch(NamedTuple):
     meta: PagedMeta
     sample_idx: Int[Array, "B"]  # which packed token's logits row b samples from
     sampling: SamplingArrays
-    history: Int[Array, "B W"] | None  # prompt + output ids for penalties; None when none is used
-    history_is_output: Bool[Array, "B W"] | None
+    history: Int[Array, "B S"] | None  # prompt + output ids for penalties; None when none is used
+    history_is_output: Bool[Array, "B S"] | None
 
 
 class RowInfo(NamedTuple):
@@ -212,7 +219,7 @@ class Runner:
 
     def _padding_batch(self, t: int, penalties: bool, decode: bool) -> StepBatch:
         b = min(t, self.max_num_seqs)
-        zeros = lambda n: jnp.zeros(n, jnp.int32)  # noqa: E731
+        zeros = lambda n: jnp.zeros(n, jnp.int32)
         meta = PagedMeta(jnp.full(t, -1, jnp.int32),
                          jnp.zeros((b, self.max_pages_per_seq), jnp.int32), zeros(b), zeros(b + 1),
                          decode=decode)

@@ -7,7 +7,8 @@ Every setting is an array with one value per row, so a new value never recompile
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,7 @@ _OPTIONAL = ("seed", "logprobs")  # None means "none"
 #
 # A row's token depends only on its own logits, settings, seed and step: filters become masks in
 # vocabulary order and each row draws from its own key, so neither the other rows nor which
-# `lax.cond` branch the batch takes can change it.
+# static mode (`sample_mode`) serves the batch can change it.
 
 
 class SamplingArrays(NamedTuple):
@@ -177,76 +178,53 @@ def sample_mode(params: Sequence[SamplingParams]) -> str:
 
 
 def sample_rows(logits: Float[Array, "B V"], arrays: SamplingArrays,
-                history: Int[Array, "B W"] | None = None,
-                history_is_output: Bool[Array, "B W"] | None = None,
-                mode: str | None = None) -> SampleOutput:
+                history: Int[Array, "B S"] | None = None,
+                history_is_output: Bool[Array, "B S"] | None = None, *,
+                mode: str) -> SampleOutput:
     """Samples one token per row, each row with its own settings, seed and step. Jittable.
 
     Args:
       logits: [B, V] raw model logits (any float dtype; computed in float32).
       arrays: SamplingArrays, every field [B].
-      history: [B, W] prompt + output token ids so far, -1 = padding; None = no penalties.
-      history_is_output: [B, W] True where history holds a generated token (presence and
+      history: [B, S] prompt + output token ids so far, -1 = padding; None = no penalties (the
+        caller passes a history only when some row uses penalties).
+      history_is_output: [B, S] True where history holds a generated token (presence and
         frequency penalties count only those); None = every history token counts as output.
       mode: a static SAMPLE_MODES entry at least as general as every row needs (see
-        `sample_mode`), or None to decide on the device with `lax.cond` (one compiled program
-        for every batch, but each cond waits for its predicate on the host).
+        `sample_mode`): no on-device branch, whose predicate the host would wait for.
     Returns:
       SampleOutput: tokens [B], logprob [B], top_ids / top_logprobs [B, MAX_LOGPROBS].
     """
-    if mode is not None and mode not in SAMPLE_MODES:
+    if mode not in SAMPLE_MODES:
         raise ValueError(f"sampler mode {mode!r} is not one of {SAMPLE_MODES}")
     raw = logits.astype(jnp.float32)  # [B, V]
-    if history is None:
-        penalized = raw
-    elif mode is None:
-        penalized = apply_penalties(raw, arrays, history, history_is_output)
-    else:  # the caller passes a history only when some row uses penalties
-        penalized = _penalize(raw, arrays, history, _all_output(history, history_is_output))
+    penalized = raw if history is None else apply_penalties(raw, arrays, history,
+                                                           history_is_output)
     greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)  # [B]
-    if mode is None:
-        tokens = jax.lax.cond(jnp.any(arrays.temperature > 0),
-                              lambda: _sample_or_greedy(penalized, arrays, greedy),
-                              lambda: greedy)  # nobody samples: no noise, no sort
-    elif mode == "greedy":
+    if mode == "greedy":
         tokens = greedy
     else:
         tokens = _sample_or_greedy(penalized, arrays, greedy, filters=mode == "filter")
     logprobs = jax.nn.log_softmax(raw, axis=-1)  # [B, V]
     logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    if mode is None:
-        top_ids, top_logprobs = jax.lax.cond(jnp.any(arrays.num_logprobs > 0),
-                                             lambda: _top_logprobs(logprobs),
-                                             lambda: _no_top_logprobs(logprobs))
-    elif mode == "greedy":
+    if mode == "greedy":
         top_ids, top_logprobs = _no_top_logprobs(logprobs)
     else:
         top_ids, top_logprobs = _top_logprobs(logprobs)
     return SampleOutput(tokens, logprob, top_ids, top_logprobs)
 
 
-def _all_output(history, history_is_output):
-    return jnp.ones(history.shape, bool) if history_is_output is None else history_is_output
-
-
 def apply_penalties(logits: Float[Array, "B V"], arrays: SamplingArrays,
-                    history: Int[Array, "B W"],
-                    history_is_output: Bool[Array, "B W"] | None = None) -> Float[Array, "B V"]:
+                    history: Int[Array, "B S"],
+                    history_is_output: Bool[Array, "B S"] | None = None) -> Float[Array, "B V"]:
     """vLLM penalties: repetition over all of history, then frequency and presence over outputs.
 
     Repetition p: a seen token's logit > 0 becomes logit / p, otherwise logit * p. Then
-    logit -= frequency × (count in output) + presence × (1 if in output). -1 entries are ignored.
-    Skipped (one `lax.cond`) when every row's penalties are off.
+    logit -= frequency × (count in output) + presence × (1 if in output). -1 entries are ignored;
+    None for history_is_output counts every history token as output.
     """
-    history_is_output = _all_output(history, history_is_output)
-    active = ((arrays.repetition_penalty != 1) | (arrays.presence_penalty != 0)
-              | (arrays.frequency_penalty != 0))
-    return jax.lax.cond(jnp.any(active),
-                        lambda: _penalize(logits, arrays, history, history_is_output),
-                        lambda: logits)
-
-
-def _penalize(logits, arrays, history, history_is_output) -> Float[Array, "B V"]:
+    if history_is_output is None:
+        history_is_output = jnp.ones(history.shape, bool)
     seen = _token_counts(history, history >= 0, logits.shape[-1]) > 0  # [B, V]
     out_counts = _token_counts(history, (history >= 0) & history_is_output, logits.shape[-1])
     rep = arrays.repetition_penalty[:, None]
@@ -255,7 +233,7 @@ def _penalize(logits, arrays, history, history_is_output) -> Float[Array, "B V"]
             - arrays.presence_penalty[:, None] * (out_counts > 0))
 
 
-def _token_counts(history: Int[Array, "B W"], weight: Bool[Array, "B W"],
+def _token_counts(history: Int[Array, "B S"], weight: Bool[Array, "B S"],
                   v: int) -> Float[Array, "B V"]:
     """How often each vocabulary id occurs in history where weight is True (ids >= V dropped)."""
     b, _ = history.shape
@@ -265,24 +243,14 @@ def _token_counts(history: Int[Array, "B W"], weight: Bool[Array, "B W"],
 
 
 def _sample_or_greedy(logits: Float[Array, "B V"], arrays: SamplingArrays,
-                      greedy: Int[Array, "B"], filters: bool | None = None) -> Int[Array, "B"]:
+                      greedy: Int[Array, "B"], filters: bool) -> Int[Array, "B"]:
     """Temperature, filters, one Gumbel draw per row from its own key; T = 0 rows stay greedy.
 
-    filters: True sorts for top-k / top-p / min-p, False skips them (no row uses one), None
-    decides on the device (`lax.cond`).
+    filters: True sorts for top-k / top-p / min-p, False skips them (no row uses one).
     """
     sampling = arrays.temperature > 0
     scaled = logits / jnp.where(sampling, arrays.temperature, 1.0)[:, None]  # [B, V]
-    if filters is None:
-        filtered = sampling & ((arrays.top_k > 0) | (arrays.top_p < 1) | (arrays.min_p > 0))
-        keep = jax.lax.cond(jnp.any(filtered),
-                            lambda: _filter_mask(scaled, arrays),
-                            lambda: jnp.ones(scaled.shape, bool))  # no filters: no sort
-        masked = jnp.where(keep, scaled, -jnp.inf)
-    elif filters:
-        masked = jnp.where(_filter_mask(scaled, arrays), scaled, -jnp.inf)
-    else:
-        masked = scaled
+    masked = jnp.where(_filter_mask(scaled, arrays), scaled, -jnp.inf) if filters else scaled
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(arrays.seed, arrays.step)
     drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)  # [B]
     return jnp.where(sampling, drawn, greedy)

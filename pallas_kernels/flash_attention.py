@@ -20,7 +20,9 @@ visible ones (window or sequence start), fully visible blocks without any
 mask arithmetic, and masked blocks on the diagonal / at the tail.
 
 File layout: kernel -> pallas_call wrapper (tile sizes in FlashConfig) ->
-jitted public entry ``flash_attention`` -> ``flash_attention_reference``.
+validated public entry ``flash_attention`` (decides the config and interpret
+mode, then calls its jitted part with them static) ->
+``flash_attention_reference`` (masks over ``common.attention_reference``).
 """
 from __future__ import annotations
 
@@ -34,23 +36,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import common
 from pallas_kernels import flash_attention_mgpu as mgpu
-
-# Finite "minus infinity": exp2(MASK - m) is exactly 0 for any real m, and
-# MASK - MASK = 0 never makes a NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-LOG2_E = math.log2(math.e)
-SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-
-
-def check_tiles(config, names) -> None:
-  """Tile sizes are powers of two >= 16; the backend is one that exists."""
-  for name in names:
-    b = getattr(config, name)
-    if b < 16 or b & (b - 1):
-      raise ValueError(f"{name}={b} must be a power of two >= 16")
-  if config.backend not in ("triton",):
-    raise ValueError(f"unknown backend {config.backend!r}")
+from pallas_kernels.common import (
+  LOG2_E,
+  SUPPORTED_DTYPES,
+  check_tiles,
+  online_softmax_step,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +140,6 @@ def _flash_kernel(*refs, qk_scale, causal, window, block_q, block_k, head_dim,
   full1 = jnp.clip(lax.div(hi_first + 1, block_k), full0, end)
 
   def step(kb, carry, masked):
-    acc, m_prev, l_prev = carry
     k0 = kb * block_k
     cols = k0 + jnp.arange(block_k, dtype=jnp.int32)
     if masked:
@@ -159,28 +151,19 @@ def _flash_kernel(*refs, qk_scale, causal, window, block_q, block_k, head_dim,
       k = plgpu.load(k_ref.at[kv_slice])
     else:
       k = plgpu.load(k_ref.at[kv_slice], mask=kv_mask, other=0.0)
-    s = plgpu.dot(q, k, trans_b=True, precision=dot_precision) * qk_scale
+    visible = None
     if masked:
       visible = jnp.logical_and(cols[None, :] >= lo[:, None],
                                 cols[None, :] <= hi[:, None])
-      s = jnp.where(visible, s, MASK_VALUE)
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m_prev - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    if masked:
-      p = jnp.where(visible, p, 0.0)
-    l_new = l_prev * alpha + jnp.sum(p, axis=1)
-    if kv_mask is None:
-      v = plgpu.load(v_ref.at[kv_slice])
-    else:
-      v = plgpu.load(v_ref.at[kv_slice], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v,
-                                           precision=dot_precision)
-    return acc, m_new, l_new
 
-  carry = (jnp.zeros((block_q, head_pad), jnp.float32),
-           jnp.full((block_q,), MASK_VALUE, jnp.float32),
-           jnp.zeros((block_q,), jnp.float32))
+    def load_v():
+      if kv_mask is None:
+        return plgpu.load(v_ref.at[kv_slice])
+      return plgpu.load(v_ref.at[kv_slice], mask=kv_mask, other=0.0)
+    return online_softmax_step(q, k, load_v, carry, qk_scale=qk_scale,
+                               visible=visible, dot_precision=dot_precision)
+
+  carry = common.init_carry(block_q, head_pad)
   masked_step = functools.partial(step, masked=True)
   carry = lax.fori_loop(start, full0, masked_step, carry)
   carry = lax.fori_loop(full0, full1, functools.partial(step, masked=False),
@@ -210,7 +193,7 @@ def _flash_call(q, k, v, seg_start, *, sm_scale, causal, window, with_lse,
   block_q, block_k = config.block_q, config.block_k
   num_q_blocks = pl.cdiv(seq_q, block_q)
   packed = seg_start is not None
-  dot_precision = (lax.Precision.HIGHEST if q.dtype == jnp.float32 else None)
+  dot_precision = common.dot_precision(q.dtype)
 
   kernel = functools.partial(
       _flash_kernel, qk_scale=sm_scale * LOG2_E, causal=causal, window=window,
@@ -278,33 +261,18 @@ def _check_qkv(q, k, v, packed: bool):
     raise ValueError(f"N={num_heads} not a multiple of K={num_kv_heads}")
 
 
-def on_hopper() -> bool:
-  """The default device is an sm_90 GPU (H100/H200), where wgmma exists."""
-  dev = jax.devices()[0]
-  return dev.platform == "gpu" and str(
-      getattr(dev, "compute_capability", "")).startswith("9")
-
-
-def default_config(q, *, packed: bool, window, interpret: bool):
+def default_config(q, *, packed: bool, window, interpret: bool,
+                   hopper: bool | None = None):
   """The Mosaic GPU kernel on Hopper where it applies (bf16/f16, H a
-  multiple of 64, batched, no window), else the Triton kernel's tiles."""
-  if on_hopper() and mgpu.supported(q, packed=packed, window=window,
-                                    interpret=interpret) is None:
+  multiple of 64, batched, no window), else the Triton kernel's tiles.
+  hopper: whether the device is an sm_90 GPU (default: `common.on_hopper()`)."""
+  hopper = common.on_hopper() if hopper is None else hopper
+  if hopper and mgpu.supported(q, packed=packed, window=window,
+                               interpret=interpret) is None:
     return mgpu.MgpuFlashConfig.default(q.shape[-1])
   return FlashConfig.default(q.shape[-1], q.dtype)
 
 
-def resolve_interpret(interpret: bool | None) -> bool:
-  """None means interpret mode exactly when JAX runs on the CPU."""
-  if interpret is None:
-    return jax.default_backend() == "cpu"
-  return bool(interpret)
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("causal", "sm_scale", "sliding_window", "return_lse",
-                     "config", "interpret"))
 def flash_attention(q, k, v, *, causal: bool = True,
                     sm_scale: float | None = None, cu_seqlens=None,
                     sliding_window: int | None = None,
@@ -323,7 +291,7 @@ def flash_attention(q, k, v, *, causal: bool = True,
     sliding_window: key j is visible to query i iff i - window < j <= i.
     return_lse: also return the log-sum-exp [B, N, T] (packed: [N, T]) f32.
     config: ``FlashConfig`` (Triton kernel) or ``MgpuFlashConfig`` (Mosaic
-      GPU kernel); default: ``default_config``.
+      GPU kernel); default: ``default_config`` for the default device.
     interpret: run the kernel in Pallas interpret mode (default: on CPU).
 
   Returns:
@@ -331,18 +299,19 @@ def flash_attention(q, k, v, *, causal: bool = True,
   """
   packed = cu_seqlens is not None
   _check_qkv(q, k, v, packed)
-  head_dim = q.shape[-1]
   if sm_scale is None:
-    sm_scale = 1.0 / math.sqrt(head_dim)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1])
   if sliding_window is not None:
     if sliding_window < 1:
       raise ValueError(f"sliding_window={sliding_window} must be >= 1")
     if not (causal or packed):
       raise ValueError("sliding_window needs causal attention")
-  interpret = resolve_interpret(interpret)
   if causal and not packed and q.shape[1] > k.shape[1]:
     raise ValueError(f"causal needs T <= S, got T={q.shape[1]}, "
                      f"S={k.shape[1]}")
+  if packed:
+    _check_packed(q, k, cu_seqlens)
+  interpret = common.resolve_interpret(interpret)
   if config is None:
     config = default_config(q, packed=packed, window=sliding_window,
                             interpret=interpret)
@@ -352,35 +321,49 @@ def flash_attention(q, k, v, *, causal: bool = True,
     if why is not None:
       raise ValueError(f"the Mosaic GPU flash kernel can't take {why}; "
                        "pass a FlashConfig (Triton) or config=None")
-    out, lse = mgpu.flash_attention_mgpu(q, k, v, causal=causal,
-                                         sm_scale=sm_scale,
-                                         return_lse=return_lse, config=config)
-    return (out, lse) if return_lse else out
-
-  if packed:
-    if q.shape[0] != k.shape[0]:
-      raise ValueError(f"packed q {q.shape} and k {k.shape} need the same T")
-    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
-      raise ValueError(f"cu_seqlens must be [num_seqs + 1], "
-                       f"got {cu_seqlens.shape}")
-    if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
-      raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    tokens = jnp.arange(q.shape[0], dtype=jnp.int32)
-    cu = cu_seqlens.astype(jnp.int32)
-    seq_id = jnp.searchsorted(cu, tokens, side="right",
-                              method="compare_all") - 1
-    seg_start = jnp.where(seq_id >= cu.shape[0] - 1, cu[-1], cu[seq_id])
-    out, lse = _flash_call(q[None], k[None], v[None], seg_start[None],
-                           sm_scale=sm_scale, causal=True,
-                           window=sliding_window, with_lse=return_lse,
-                           config=config, interpret=interpret)
-    out = out[0]
-    lse = None if lse is None else lse[0]
-  else:
-    out, lse = _flash_call(q, k, v, None, sm_scale=sm_scale, causal=causal,
-                           window=sliding_window, with_lse=return_lse,
-                           config=config, interpret=interpret)
+  out, lse = _flash_attention(q, k, v, cu_seqlens, causal=causal,
+                              sm_scale=sm_scale, window=sliding_window,
+                              return_lse=return_lse, config=config,
+                              interpret=interpret)
   return (out, lse) if return_lse else out
+
+
+def _check_packed(q, k, cu_seqlens):
+  if q.shape[0] != k.shape[0]:
+    raise ValueError(f"packed q {q.shape} and k {k.shape} need the same T")
+  if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
+    raise ValueError(f"cu_seqlens must be [num_seqs + 1], "
+                     f"got {cu_seqlens.shape}")
+  if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
+    raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("causal", "sm_scale", "window", "return_lse", "config",
+                     "interpret"))
+def _flash_attention(q, k, v, cu_seqlens, *, causal, sm_scale, window,
+                     return_lse, config, interpret):
+  """The checked call of ``flash_attention``, its config and interpret mode
+  decided: (out, lse or None)."""
+  if isinstance(config, mgpu.MgpuFlashConfig):
+    return mgpu.flash_attention_mgpu(q, k, v, causal=causal,
+                                     sm_scale=sm_scale,
+                                     return_lse=return_lse, config=config)
+  if cu_seqlens is None:
+    return _flash_call(q, k, v, None, sm_scale=sm_scale, causal=causal,
+                       window=window, with_lse=return_lse, config=config,
+                       interpret=interpret)
+  tokens = jnp.arange(q.shape[0], dtype=jnp.int32)
+  cu = cu_seqlens.astype(jnp.int32)
+  seq_id = jnp.searchsorted(cu, tokens, side="right",
+                            method="compare_all") - 1
+  seg_start = jnp.where(seq_id >= cu.shape[0] - 1, cu[-1], cu[seq_id])
+  out, lse = _flash_call(q[None], k[None], v[None], seg_start[None],
+                         sm_scale=sm_scale, causal=True, window=window,
+                         with_lse=return_lse, config=config,
+                         interpret=interpret)
+  return out[0], None if lse is None else lse[0]
 
 
 # ----------------------------------------------------------------------------
@@ -390,28 +373,18 @@ def flash_attention_reference(q, k, v, *, causal: bool = True,
                               sm_scale: float | None = None, cu_seqlens=None,
                               sliding_window: int | None = None,
                               return_lse: bool = False):
-  """Plain-jnp attention with the same contract as ``flash_attention``.
-
-  Materialises the [B, N, T, S] logits in f32 (HIGHEST precision).
-  """
+  """Plain-jnp attention with the same contract as ``flash_attention``:
+  its masks over ``common.attention_reference`` (f32 [B, N, T, S] logits)."""
   packed = cu_seqlens is not None
   if packed:
     q, k, v = q[None], k[None], v[None]
-  _, seq_q, num_heads, head_dim = q.shape
-  seq_k, num_kv_heads = k.shape[1], k.shape[2]
-  group = num_heads // num_kv_heads
-  if sm_scale is None:
-    sm_scale = 1.0 / math.sqrt(head_dim)
-  qg = q.astype(jnp.float32).reshape(*q.shape[:2], num_kv_heads, group,
-                                      head_dim)
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32),
-                      precision=lax.Precision.HIGHEST) * sm_scale
+  seq_q, seq_k = q.shape[1], k.shape[1]
   t = jnp.arange(seq_q)[:, None]
   s = jnp.arange(seq_k)[None, :]
   if packed:
     cu = cu_seqlens.astype(jnp.int32)
     seg = jnp.searchsorted(cu, jnp.arange(seq_q), side="right",
-                         method="compare_all")
+                           method="compare_all")
     visible = (seg[:, None] == seg[None, :]) & (s <= t)
     pos = t
   else:
@@ -419,13 +392,8 @@ def flash_attention_reference(q, k, v, *, causal: bool = True,
     visible = (s <= pos) if causal else jnp.ones((seq_q, seq_k), bool)
   if sliding_window is not None:
     visible &= s > pos - sliding_window
-  logits = jnp.where(visible, logits, -jnp.inf)
-  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K, G, T]
-  probs = jnp.exp(logits - lse[..., None])
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32),
-                   precision=lax.Precision.HIGHEST)
-  out = out.reshape(q.shape).astype(q.dtype)
-  lse = lse.reshape(lse.shape[0], num_heads, seq_q)
+  out, lse = common.attention_reference(q, k, v, visible[None], sm_scale)
+  out = out.astype(q.dtype)
   if packed:
     out, lse = out[0], lse[0]
   return (out, lse) if return_lse else out

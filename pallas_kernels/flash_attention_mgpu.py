@@ -38,20 +38,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-LOG2_E = math.log2(math.e)
+from pallas_kernels.common import LOG2_E
 
 
 def _plgpu():
   # Imported on use: the Mosaic GPU module pulls in CUDA-only pieces that a
   # CPU-only install may lack.
-  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+  import jax.experimental.pallas.mosaic_gpu as plgpu
   return plgpu
 
 

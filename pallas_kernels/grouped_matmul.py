@@ -1,19 +1,19 @@
 """Grouped (ragged) matmul for MoE expert layers: one weight matrix per group.
 
-Shapes: M rows (tokens x chosen experts, sorted by expert), K contraction,
-N output width, E groups (experts).
+Shapes (jaxinfer's letter table): R rows (tokens x chosen experts, sorted by
+expert), I contraction width, O output width, E groups (experts).
 
     out[r] = lhs[r] @ rhs[g(r)]   for rows r < sum(group_sizes)
     out[r] = 0                    for padding rows past sum(group_sizes)
 
 where group g owns rows ``sum(group_sizes[:g]) .. + group_sizes[g]``.
 
-Sparse by construction. The rows [0, M) are cut into E + 1 segments (the E
+Sparse by construction. The rows [0, R) are cut into E + 1 segments (the E
 groups, then the padding segment); each segment is cut into row tiles of up to
 block_m rows that start at the segment's first row (not at multiples of
-block_m), and the grid walks these *work items* times the N tiles. So a group
+block_m), and the grid walks these *work items* times the O tiles. So a group
 of up to block_m rows is one item wherever it starts, and its weight panel is
-read once per N tile: with tiles at fixed boundaries, a group straddling one
+read once per O tile: with tiles at fixed boundaries, a group straddling one
 was visited twice (measured 1.32x the weight-byte floor at 64 decode rows on
 an H100, see NOTES.md). Each item loads and stores only its own rows (row
 mask). A group with no rows gets no work item, so its weights are never read:
@@ -21,12 +21,13 @@ a decode step reads only the experts that got tokens. Padding items store
 zeros without reading any weight, so every output element is written by the
 kernel (no extra pass).
 
-Items number at most ``cdiv(M, block_m) + E``: the work list has that static
+Items number at most ``cdiv(R, block_m) + E``: the work list has that static
 length; items past the real count are inactive (empty row range, no K steps,
 a fully masked store).
 
 File layout: metadata (jnp) -> kernel -> pallas_call wrapper (tile sizes in
-GroupedMatmulConfig) -> jitted public entry ``grouped_matmul`` ->
+GroupedMatmulConfig) -> validated public entry ``grouped_matmul`` (decides
+the config and interpret mode, then calls its jitted part with them static) ->
 ``grouped_matmul_reference`` (lax.ragged_dot) and
 ``grouped_matmul_dense_loop`` (a Python loop over experts, for tests).
 """
@@ -42,9 +43,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention import check_tiles, resolve_interpret
-
-SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+from pallas_kernels import common
+from pallas_kernels.common import SUPPORTED_DTYPES, check_tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,7 @@ class GroupedMatmulConfig:
 
     Tiles from the H100 sweeps in NOTES.md. k_dim / n_dim (optional) pick
     the decode K step: a long, narrow weight (Mixtral's down projection,
-    K 14336 x N 4096) has few output tiles to spread over the SMs, and a
+    I 14336 x O 4096) has few output tiles to spread over the SMs, and a
     128-deep K step keeps more bytes in flight per program (1.1x at batch 1
     on an H100).
     """
@@ -108,7 +108,7 @@ class GroupedMatmulConfig:
 # Group metadata (work list), in jnp.
 # ----------------------------------------------------------------------------
 class WorkList(NamedTuple):
-  """Work items, each up to block_m consecutive rows of one segment; all int32 [W].
+  """Work items, each up to block_m consecutive rows of one segment; all int32 [items].
 
   group: the group whose weights the item multiplies; E for padding items
     (store zeros) and for inactive items (row range empty).
@@ -121,12 +121,12 @@ class WorkList(NamedTuple):
 
 def make_work_list(group_sizes, m: int, block_m: int) -> WorkList:
   """Builds the work items from ``group_sizes`` [E]: each segment (the E
-  groups, then the padding rows [sum, M)) cut into row tiles that start at the
+  groups, then the padding rows [sum, R)) cut into row tiles that start at the
   segment's first row, so a group of up to block_m rows is one item and its
-  weights are read once per N tile, wherever it starts. Empty segments get no
-  item. Static length W = cdiv(M, block_m) + E, which bounds
-  sum(cdiv(size, block_m)) over the E + 1 segments. Group ends past M are
-  clipped to M.
+  weights are read once per O tile, wherever it starts. Empty segments get no
+  item. Static length cdiv(R, block_m) + E, which bounds
+  sum(cdiv(size, block_m)) over the E + 1 segments. Group ends past R are
+  clipped to R.
   """
   num_groups = group_sizes.shape[0]
   num_items = pl.cdiv(m, block_m) + num_groups
@@ -155,8 +155,8 @@ def make_work_list(group_sizes, m: int, block_m: int) -> WorkList:
 # Kernel.
 # ----------------------------------------------------------------------------
 def _swizzle(pid, num_items: int, num_n_tiles: int, group_m: int):
-  """Launch order -> (work item, N tile): groups of ``group_m`` items sweep
-  the N tiles together, items fastest, so the programs in flight share a few
+  """Launch order -> (work item, O tile): groups of ``group_m`` items sweep
+  the O tiles together, items fastest, so the programs in flight share a few
   lhs row tiles and a few weight panels in L2 (Triton's GROUP_M ordering)."""
   per_group = group_m * num_n_tiles
   first = (pid // per_group) * group_m
@@ -168,9 +168,9 @@ def _swizzle(pid, num_items: int, num_n_tiles: int, group_m: int):
 def _gmm_kernel(group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref,
                 *, num_groups, k_dim, n_dim, block_m, block_n, block_k,
                 group_m, split_k, dot_precision):
-  # group/lo/hi_ref: [W]; lhs_ref: [M, K]; rhs_ref: [E * K, N];
-  # out_ref: [M, N], or [S * M, N] f32 partials when split_k = S > 1.
-  # One program = (K split, work item, N tile).
+  # group/lo/hi_ref: [items]; lhs_ref: [R, I]; rhs_ref: [E * I, O];
+  # out_ref: [R, O], or [split_k * R, O] f32 partials when split_k > 1.
+  # One program = (contraction split, work item, O tile).
   num_items, num_n_tiles = group_ref.shape[0], pl.cdiv(n_dim, block_n)
   per_split = num_items * num_n_tiles
   pid = pl.program_id(0)
@@ -228,7 +228,7 @@ def choose_split_k(config: GroupedMatmulConfig, k_dim: int) -> int:
   """Programs per output tile along K: config.split_k, at most the number of
   K steps.
 
-  Split-K is opt-in. It was meant for decode sizes, where (item, N tile)
+  Split-K is opt-in. It was meant for decode sizes, where (item, O tile)
   programs alone leave SMs idle (Mixtral's down projection at batch 1: 64
   programs on 132 SMs), but on an H100 one layer's expert work changed by
   -2%, +1.5% and -6% at 2, 16 and 64 rows (NOTES.md), so the default stays 1.
@@ -238,7 +238,7 @@ def choose_split_k(config: GroupedMatmulConfig, k_dim: int) -> int:
 
 def _gmm_call(lhs, rhs, work: WorkList, *, config: GroupedMatmulConfig,
               interpret: bool):
-  """lhs [M, K], rhs [E, K, N], work list of W items -> out [M, N]."""
+  """lhs [R, I], rhs [E, I, O], work list -> out [R, O]."""
   m, k_dim = lhs.shape
   num_groups, _, n_dim = rhs.shape
   num_items = work.group.shape[0]
@@ -251,7 +251,7 @@ def _gmm_call(lhs, rhs, work: WorkList, *, config: GroupedMatmulConfig,
       block_m=block_m, block_n=block_n, block_k=block_k,
       group_m=config.group_m, split_k=split_k, dot_precision=dot_precision)
 
-  # One flat grid: K splits slowest, then W x N-tile programs in swizzled
+  # One flat grid: contraction splits slowest, then items x O-tile programs in swizzled
   # order (see _swizzle).
   grid = (split_k * num_items * pl.cdiv(n_dim, block_n),)
   whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
@@ -279,9 +279,9 @@ def _gmm_call(lhs, rhs, work: WorkList, *, config: GroupedMatmulConfig,
 # ----------------------------------------------------------------------------
 def _check_args(lhs, rhs, group_sizes):
   if lhs.ndim != 2:
-    raise ValueError(f"lhs must be [M, K], got shape {lhs.shape}")
+    raise ValueError(f"lhs must be [R, I], got shape {lhs.shape}")
   if rhs.ndim != 3:
-    raise ValueError(f"rhs must be [E, K, N], got shape {rhs.shape}")
+    raise ValueError(f"rhs must be [E, I, O], got shape {rhs.shape}")
   if group_sizes.ndim != 1:
     raise ValueError(f"group_sizes must be [E], got shape {group_sizes.shape}")
   for name, x in (("lhs", lhs), ("rhs", rhs)):
@@ -293,7 +293,7 @@ def _check_args(lhs, rhs, group_sizes):
     raise ValueError(f"group_sizes must be int32, got {group_sizes.dtype}")
   if lhs.shape[1] != rhs.shape[1]:
     raise ValueError(f"contraction dims differ: lhs {lhs.shape} has "
-                     f"K={lhs.shape[1]}, rhs {rhs.shape} has K={rhs.shape[1]}")
+                     f"I={lhs.shape[1]}, rhs {rhs.shape} has I={rhs.shape[1]}")
   if group_sizes.shape[0] != rhs.shape[0]:
     raise ValueError(f"group count mismatch: group_sizes has "
                      f"{group_sizes.shape[0]} groups, rhs has E={rhs.shape[0]}")
@@ -301,32 +301,36 @@ def _check_args(lhs, rhs, group_sizes):
     raise ValueError(f"empty dimension: lhs {lhs.shape}, rhs {rhs.shape}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def grouped_matmul(lhs, rhs, group_sizes, *,
                    config: GroupedMatmulConfig | None = None,
                    interpret: bool | None = None):
   """Grouped matmul: rows of group g times ``rhs[g]``, f32 accumulation.
 
   Args:
-    lhs: [M, K], rows sorted by group.
-    rhs: [E, K, N], one weight matrix per group; same dtype as lhs.
-    group_sizes: int32 [E], rows per group (zeros allowed). sum <= M; rows
-      past the sum are padding and come out 0 (group ends past M are
-      clipped to M).
-    config: tile sizes; default picked from M, E and dtype.
+    lhs: [R, I], rows sorted by group.
+    rhs: [E, I, O], one weight matrix per group; same dtype as lhs.
+    group_sizes: int32 [E], rows per group (zeros allowed). sum <= R; rows
+      past the sum are padding and come out 0 (group ends past R are
+      clipped to R).
+    config: tile sizes; default picked from R, E and dtype.
     interpret: run the kernel in Pallas interpret mode (default: on CPU).
 
   Returns:
-    out [M, N] in lhs's dtype. A group with no rows never has its weights
+    out [R, O] in lhs's dtype. A group with no rows never has its weights
     read.
   """
   _check_args(lhs, rhs, group_sizes)
   if config is None:
     config = GroupedMatmulConfig.default(lhs.shape[0], rhs.shape[0],
                                          lhs.dtype, rhs.shape[1], rhs.shape[2])
+  return _grouped_matmul(lhs, rhs, group_sizes, config=config,
+                         interpret=common.resolve_interpret(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _grouped_matmul(lhs, rhs, group_sizes, *, config, interpret):
   work = make_work_list(group_sizes, lhs.shape[0], config.block_m)
-  return _gmm_call(lhs, rhs, work, config=config,
-                   interpret=resolve_interpret(interpret))
+  return _gmm_call(lhs, rhs, work, config=config, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------

@@ -25,7 +25,9 @@ K/V row is read once per kv head, not once per query head.
 * ``write_kv``: scatter new K/V rows into their slots (page * L + offset).
 
 File layout: kernels -> pallas_call wrappers (tile sizes in frozen configs)
--> jitted public entry points -> ``*_reference`` in plain jnp.
+-> validated public entry points (interpret mode and the SM count decided
+there, passed to their jitted parts as static arguments) -> ``*_reference``
+(plain jnp, over ``common.attention_reference``).
 """
 from __future__ import annotations
 
@@ -39,9 +41,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.flash_attention import (LOG2_E, MASK_VALUE, check_tiles,
-                                            SUPPORTED_DTYPES,
-                                            resolve_interpret)
+from pallas_kernels import common
+from pallas_kernels.common import (
+  LOG2_E,
+  SUPPORTED_DTYPES,
+  check_tiles,
+  init_carry,
+  online_softmax_step,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +79,11 @@ class PagedConfig:
       raise ValueError(f"num_splits={self.num_splits} must be >= 1")
 
 
-def _num_sms() -> int:
-  try:
-    return int(getattr(jax.devices()[0], "core_count", 132)) or 132
-  except Exception:  # pylint: disable=broad-except
-    return 132
-
-
-def _choose_splits(config: PagedConfig, batch, num_kv_heads, max_tokens):
+def _choose_splits(config: PagedConfig, batch, num_kv_heads, max_tokens,
+                   num_sms: int):
   if config.num_splits is not None:
     return min(config.num_splits, pl.cdiv(max_tokens, config.block_k))
-  target = 4 * _num_sms()  # a few waves over the SMs
+  target = 4 * num_sms  # a few waves over the SMs
   splits = pl.cdiv(target, batch * num_kv_heads)
   # at least two kv steps per split, so the pipeline has something to overlap
   return max(1, min(splits, max_tokens // (2 * config.block_k)))
@@ -123,29 +124,6 @@ def _kv_tile(bt_ref, bt_row, k_ref, v_ref, first_token, *, block_k,
           _gather_kv(v_ref, rows, cols, mask), tok)
 
 
-def _softmax_step(q, k, v, carry, *, qk_scale, visible, dot_precision):
-  """One online-softmax step; visible [M, block_k] or None for all."""
-  acc, m_prev, l_prev = carry
-  s = plgpu.dot(q, k, trans_b=True, precision=dot_precision) * qk_scale
-  if visible is not None:
-    s = jnp.where(visible, s, MASK_VALUE)
-  m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-  alpha = jnp.exp2(m_prev - m_new)
-  p = jnp.exp2(s - m_new[:, None])
-  if visible is not None:
-    p = jnp.where(visible, p, 0.0)
-  l_new = l_prev * alpha + jnp.sum(p, axis=1)
-  acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v,
-                                         precision=dot_precision)
-  return acc, m_new, l_new
-
-
-def _init_carry(rows, head_pad):
-  return (jnp.zeros((rows, head_pad), jnp.float32),
-          jnp.full((rows,), MASK_VALUE, jnp.float32),
-          jnp.zeros((rows,), jnp.float32))
-
-
 # ----------------------------------------------------------------------------
 # Decode kernel (split-K).
 # ----------------------------------------------------------------------------
@@ -177,20 +155,20 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, len_ref, *out_refs,
   tile = functools.partial(_kv_tile, bt_ref, None, k_ref, v_ref,
                            block_k=block_k, page_size=page_size, cols=cols,
                            head_mask=head_mask)
-  step = functools.partial(_softmax_step, qk_scale=qk_scale,
+  step = functools.partial(online_softmax_step, qk_scale=qk_scale,
                            dot_precision=dot_precision)
 
   def full_step(i, carry):
     k, v, _ = tile(t0 + i * block_k, valid=None)
-    return step(q, k, v, carry, visible=None)
+    return step(q, k, lambda: v, carry, visible=None)
 
   def tail_step(i, carry):
     first = t0 + i * block_k
     valid = first + jnp.arange(block_k, dtype=jnp.int32) < t1
     k, v, _ = tile(first, valid=valid)
-    return step(q, k, v, carry, visible=valid[None, :])
+    return step(q, k, lambda: v, carry, visible=valid[None, :])
 
-  carry = _init_carry(group_pad, head_pad)
+  carry = init_carry(group_pad, head_pad)
   carry = lax.fori_loop(0, n_full, full_step, carry)
   acc, m, l = lax.fori_loop(n_full, n_steps, tail_step, carry)
 
@@ -206,7 +184,7 @@ def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, len_ref, *out_refs,
 
 
 def _decode_call(q, k_rows, v_rows, block_tables, lengths, *, sm_scale,
-                 page_size, config: PagedConfig, interpret):
+                 page_size, config: PagedConfig, interpret, num_sms):
   """q [B, K, G, H]; k_rows/v_rows [K, P*L, H] -> [B, K, G, H]."""
   batch, num_kv_heads, group, head_dim = q.shape
   num_rows = k_rows.shape[1]
@@ -215,9 +193,9 @@ def _decode_call(q, k_rows, v_rows, block_tables, lengths, *, sm_scale,
   group_pad = max(16, pl.next_power_of_2(group))
   block_k = config.block_k
   max_tokens = max_pages * page_size
-  splits = _choose_splits(config, batch, num_kv_heads, max_tokens)
+  splits = _choose_splits(config, batch, num_kv_heads, max_tokens, num_sms)
   finalize = splits == 1
-  dot_precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+  dot_precision = common.dot_precision(q.dtype)
 
   kernel = functools.partial(
       _decode_kernel, qk_scale=sm_scale * LOG2_E, group=group,
@@ -313,21 +291,21 @@ def _ragged_kernel(work_seq_ref, work_q0_ref, q_ref, k_ref, v_ref, bt_ref,
   tile = functools.partial(_kv_tile, bt_ref, seq, k_ref, v_ref,
                            block_k=block_k, page_size=page_size, cols=cols,
                            head_mask=head_mask)
-  step = functools.partial(_softmax_step, qk_scale=qk_scale,
+  step = functools.partial(online_softmax_step, qk_scale=qk_scale,
                            dot_precision=dot_precision)
 
   def full_step(j, carry):
     k, v, _ = tile(j * block_k, valid=None)
-    return step(q, k, v, carry, visible=None)
+    return step(q, k, lambda: v, carry, visible=None)
 
   def diag_step(j, carry):
     first = j * block_k
     kv_tok = first + jnp.arange(block_k, dtype=jnp.int32)
     k, v, _ = tile(first, valid=kv_tok < kv_len)
     visible = kv_tok[None, :] <= pos[:, None]
-    return step(q, k, v, carry, visible=visible)
+    return step(q, k, lambda: v, carry, visible=visible)
 
-  carry = _init_carry(rows, head_pad)
+  carry = init_carry(rows, head_pad)
   carry = lax.fori_loop(0, n_full, full_step, carry)
   acc, _, l = lax.fori_loop(n_full, n_steps, diag_step, carry)
   out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
@@ -364,7 +342,7 @@ def _ragged_call(q, k_rows, v_rows, block_tables, kv_lens, cu_q_lens, *,
   num_work = num_tokens // block_tokens + num_seqs
   work_seq, work_q0 = _ragged_work_list(cu_q_lens, block_tokens, num_work,
                                         skip_single_token)
-  dot_precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+  dot_precision = common.dot_precision(q.dtype)
 
   kernel = functools.partial(
       _ragged_kernel, qk_scale=sm_scale * LOG2_E, group=group,
@@ -431,8 +409,6 @@ def _rows_view(pages):
   return pages.reshape(k, p * l, h)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("sm_scale", "config", "interpret"))
 def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
                     sm_scale: float | None = None,
                     config: PagedConfig | None = None,
@@ -445,7 +421,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
     block_tables: int32 [B, max_pages] page ids of each sequence.
     lengths: int32 [B] cached tokens per sequence, 1..max_pages * L.
     sm_scale: logit scale, default 1/sqrt(H).
-    config: tiles; default PagedConfig().
+    config: tiles; default PagedConfig() (its split count sized to the
+      default device's SMs).
     interpret: Pallas interpret mode (default: on CPU).
 
   Returns:
@@ -453,23 +430,29 @@ def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
   """
   if q.ndim != 3:
     raise ValueError(f"q must be [B, N, H], got {q.shape}")
+  _check_pages(q, k_pages, v_pages, block_tables, q.shape[0], "B")
+  _check_vector(lengths, q.shape[0], "lengths")
+  sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+  return _paged_attention(q, k_pages, v_pages, block_tables, lengths,
+                          sm_scale=sm_scale, config=config or PagedConfig(),
+                          interpret=common.resolve_interpret(interpret),
+                          num_sms=common.num_sms())
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config",
+                                             "interpret", "num_sms"))
+def _paged_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
+                     config, interpret, num_sms):
   batch, num_heads, head_dim = q.shape
-  _check_pages(q, k_pages, v_pages, block_tables, batch, "B")
-  _check_vector(lengths, batch, "lengths")
   num_kv_heads, _, page_size, _ = k_pages.shape
-  config = config or PagedConfig()
-  sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
   q4 = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
   out = _decode_call(q4, _rows_view(k_pages), _rows_view(v_pages),
                      block_tables, lengths, sm_scale=sm_scale,
-                     page_size=page_size, config=config,
-                     interpret=resolve_interpret(interpret))
+                     page_size=page_size, config=config, interpret=interpret,
+                     num_sms=num_sms)
   return out.reshape(q.shape)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("sm_scale", "config", "interpret",
-                                    "skip_single_token"))
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens,
                            cu_q_lens, *, sm_scale: float | None = None,
                            config: PagedConfig | None = None,
@@ -500,13 +483,23 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens,
   _check_pages(q, k_pages, v_pages, block_tables, num_seqs, "B")
   _check_vector(kv_lens, num_seqs, "kv_lens")
   _check_vector(cu_q_lens, num_seqs + 1, "cu_q_lens")
-  config = config or PagedConfig()
-  head_dim = q.shape[-1]
-  sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+  sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+  return _ragged_paged_attention(
+      q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens,
+      sm_scale=sm_scale, config=config or PagedConfig(),
+      interpret=common.resolve_interpret(interpret),
+      skip_single_token=skip_single_token)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config",
+                                             "interpret", "skip_single_token"))
+def _ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens,
+                            cu_q_lens, *, sm_scale, config, interpret,
+                            skip_single_token):
   return _ragged_call(q, _rows_view(k_pages), _rows_view(v_pages),
                       block_tables, kv_lens, cu_q_lens, sm_scale=sm_scale,
                       page_size=k_pages.shape[2], config=config,
-                      interpret=resolve_interpret(interpret),
+                      interpret=interpret,
                       skip_single_token=skip_single_token)
 
 
@@ -560,52 +553,35 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping):
 # ----------------------------------------------------------------------------
 # References (plain jnp, f32).
 # ----------------------------------------------------------------------------
-def _gather_contiguous(pages, block_tables):
-  """[K, P, L, H] x [B, max_pages] -> [B, max_pages * L, K, H]."""
+def gather_contiguous(pages, block_tables):
+  """The pages each sequence names, in order: [K, P, L, H] x [B, max_pages]
+  -> a contiguous cache [B, max_pages * L, K, H]."""
   g = pages[:, block_tables]  # [K, B, max_pages, L, H]
   k, b, mp, l, h = g.shape
   return g.reshape(k, b, mp * l, h).transpose(1, 2, 0, 3)
 
 
-def _masked_attention(q, k, v, visible, sm_scale):
-  """q [B, T, N, H], k/v [B, S, K, H], visible [B, T, S] -> [B, T, N, H]."""
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32),
-                      precision=lax.Precision.HIGHEST) * sm_scale
-  logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
-  probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(jnp.float32),
-                   precision=lax.Precision.HIGHEST)
-  return out.reshape(q.shape)
-
-
 def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *,
                               sm_scale: float | None = None):
-  """Gathers the pages to [B, S, K, H] and runs masked softmax in f32."""
-  sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-  k = _gather_contiguous(k_pages, block_tables)
-  v = _gather_contiguous(v_pages, block_tables)
-  visible = jnp.arange(k.shape[1])[None, None, :] < lengths[:, None, None]
-  out = _masked_attention(q[:, None], k, v, visible, sm_scale)
-  return out[:, 0].astype(q.dtype)
+  """Gathers the pages to [B, S, K, H] and runs the contiguous decode."""
+  return contiguous_decode_reference(
+      q, gather_contiguous(k_pages, block_tables),
+      gather_contiguous(v_pages, block_tables), lengths, sm_scale=sm_scale)
 
 
 def contiguous_decode_reference(q, k, v, lengths, *,
                                 sm_scale: float | None = None):
-  """Decode over a contiguous cache k/v [B, S, K, H] (the non-paged peer)."""
-  sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+  """Decode over a contiguous cache k/v [B, S, K, H] (the non-paged peer):
+  q [B, N, H], keys s < lengths[b] visible -> [B, N, H]."""
   visible = jnp.arange(k.shape[1])[None, None, :] < lengths[:, None, None]
-  return _masked_attention(q[:, None], k, v, visible, sm_scale)[:, 0].astype(
-      q.dtype)
+  out, _ = common.attention_reference(q[:, None], k, v, visible, sm_scale)
+  return out[:, 0].astype(q.dtype)
 
 
 def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables,
                                      kv_lens, cu_q_lens, *,
                                      sm_scale: float | None = None):
   """Per-token masks over gathered pages; rows past cu_q_lens[-1] are 0."""
-  sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
   num_tokens = q.shape[0]
   seq = jnp.searchsorted(cu_q_lens, jnp.arange(num_tokens), side="right",
                          method="compare_all") - 1
@@ -613,16 +589,16 @@ def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables,
   seq = jnp.minimum(seq, block_tables.shape[0] - 1)
   q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
   pos = kv_lens[seq] - q_len + (jnp.arange(num_tokens) - cu_q_lens[seq])
-  k = _gather_contiguous(k_pages, block_tables)[seq]  # [T, S, K, H]
-  v = _gather_contiguous(v_pages, block_tables)[seq]
+  k = gather_contiguous(k_pages, block_tables)[seq]  # [T, S, K, H]
+  v = gather_contiguous(v_pages, block_tables)[seq]
   visible = jnp.arange(k.shape[1])[None, None, :] <= pos[:, None, None]
-  out = _masked_attention(q[:, None], k, v, visible, sm_scale)[:, 0]
-  return jnp.where(live[:, None, None], out, 0).astype(q.dtype)
+  out, _ = common.attention_reference(q[:, None], k, v, visible, sm_scale)
+  return jnp.where(live[:, None, None], out[:, 0], 0).astype(q.dtype)
 
 
 def write_kv_reference(k_pages, v_pages, k_new, v_new, slot_mapping):
   """Row-by-row writes in a Python loop (host side; for tests)."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
+  import numpy as np
   kp, vp = np.array(k_pages), np.array(v_pages)
   page_size = kp.shape[2]
   for t, slot in enumerate(np.asarray(slot_mapping)):

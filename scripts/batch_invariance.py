@@ -24,6 +24,7 @@ import time
 import jax
 
 import jaxinfer
+from jaxinfer.benchmark import default_device
 from jaxinfer.engine import Engine
 from jaxinfer.sampling import SamplingParams
 
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
             if d["alone_top2_logprob_gap"] is not None]
     summary = {
         "model": args.model or "default (SmolLM2-135M-Instruct)", "dtype": args.dtype,
-        "platform": jax.devices()[0].platform, "device": jax.devices()[0].device_kind,
+        "platform": default_device().platform, "device": default_device().device_kind,
         "jax": jax.__version__, "python": platform.python_version(),
         "num_prompts": args.num_prompts, "max_tokens": args.max_tokens,
         "max_num_seqs": args.max_num_seqs,

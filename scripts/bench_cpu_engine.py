@@ -30,6 +30,7 @@ def main() -> int:
 
     import jaxinfer
     from jaxinfer import LLM, SamplingParams
+    from jaxinfer.benchmark import default_device
 
     model = jaxinfer.load_model(args.model, dtype=args.dtype)
     ids = model.tokenizer(args.prompt)["input_ids"]
@@ -53,7 +54,7 @@ def main() -> int:
             n = run()
             times[name].append((time.perf_counter() - start) / n)
     median = {k: statistics.median(v) for k, v in times.items()}
-    report = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+    report = {"device": default_device().device_kind, "backend": jax.default_backend(),
               "host": platform.processor() or platform.machine(), "jax": jax.__version__,
               "dtype": str(model.dtype), "tokens": args.tokens, "prompt_tokens": len(ids),
               "engine_config": {k: v for k, v in vars(llm.engine.config).items()},

@@ -8,7 +8,9 @@ copy bandwidth. The whole-model decode step is in bench_generate.py --models mix
 
 Rows are routed uniformly at random (as random routers do), so every expert gets about
 tokens * top_k / E rows. --configs sweeps tile sizes "bm,bn,bk,warps,stages" at the sweep sizes;
-the table then uses the fastest per shape.
+the table then uses the fastest per shape. Each config and peer of each shape is one unit of a
+crash-resumable sweep (jaxinfer.benchmark): a native crash costs that figure, recorded as its
+error, not the run.
 """
 
 from __future__ import annotations
@@ -17,29 +19,19 @@ import argparse
 import dataclasses
 import faulthandler
 import json
-import os
 import signal
-import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jaxinfer import benchmark as bm
 
 DEFAULT_CONFIGS = ("64,128,64,4,4;128,128,64,8,3;128,128,64,4,4;128,256,64,8,3;"
                    "64,256,64,8,3;128,128,32,4,4")
 
 
 def timed(fn, *args, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        outs = [fn(*args) for _ in range(5)]  # back-to-back, one sync
-        jax.block_until_ready(outs)
-        times.append((time.perf_counter() - t0) / 5)
-    return statistics.median(times)
+    """Seconds per call: 5 calls back to back, one sync, median of `repeats`."""
+    return bm.pipelined_time(lambda _: fn(*args), repeats=repeats, calls=5)
 
 
 def parse_configs(text: str):
@@ -48,26 +40,30 @@ def parse_configs(text: str):
 
     out = []
     for item in filter(None, text.split(";")):
-        bm, bn, bk, warps, stages, *rest = (int(x) for x in item.split(","))
-        out.append(GroupedMatmulConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps,
+        block_m, bn, bk, warps, stages, *rest = (int(x) for x in item.split(","))
+        out.append(GroupedMatmulConfig(block_m=block_m, block_n=bn, block_k=bk, num_warps=warps,
                                        num_stages=stages, split_k=rest[0] if rest else 1))
     return out
 
 
-def time_configs(lhs, w, sizes, default, configs, args):
-    """Our kernel with the default tiles, then each other config once: yields (config, jitted
-    fn, seconds per call) or, for a config that fails, (config, fn, the error's text)."""
+def time_configs(lhs, w, sizes, default, configs, args, journal, key, figures):
+    """Our kernel with the default tiles, then each other config once, each one journal unit:
+    yields (config, figures(jitted fn, seconds per call)), or (config, {"error": text}) for a
+    config that fails."""
     import jax
 
     from pallas_kernels.grouped_matmul import grouped_matmul
 
     for cfg in dict.fromkeys([default, *configs]):  # default first, no repeats
-        fn = jax.jit(lambda a, b, s, c=cfg: grouped_matmul(a, b, s, config=c,
-                                                         interpret=args.interpret))
-        try:
-            yield cfg, fn, timed(fn, lhs, w, sizes, repeats=args.repeats)
-        except Exception as exc:  # noqa: BLE001 - a config that fails is reported
-            yield cfg, fn, f"{type(exc).__name__}: {exc}"[:300]
+        def run(c=cfg):
+            fn = jax.jit(lambda a, b, s: grouped_matmul(a, b, s, config=c,
+                                                      interpret=args.interpret))
+            return figures(fn, timed(fn, lhs, w, sizes, repeats=args.repeats))
+        yield cfg, journal.run(f"{key}/{cfg!r}", run, error_row={})
+
+
+def _or_error(out: dict):
+    return out["error"] if "error" in out else out
 
 
 def routed_sizes(rows: int, experts: int, seed: int):
@@ -76,13 +72,6 @@ def routed_sizes(rows: int, experts: int, seed: int):
 
     routes = np.random.default_rng(seed).integers(0, experts, rows)
     return jnp.asarray(np.bincount(routes, minlength=experts), jnp.int32)
-
-
-def rel_err(a, b) -> float:
-    import jax.numpy as jnp
-
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
 def check_empty_groups(interpret: bool) -> dict:
@@ -102,7 +91,7 @@ def check_empty_groups(interpret: bool) -> dict:
     ref = grouped_matmul_dense_loop(x, w, sizes)
     return {"finite": bool(np.isfinite(np.asarray(out, np.float32)).all()),
             "padding_rows_zero": bool((np.asarray(out[512:], np.float32) == 0).all()),
-            "max_rel_err": rel_err(out, ref)}
+            "max_rel_err": float(bm.max_rel_err(out, ref))}
 
 
 def mgpu_ragged_dot():
@@ -119,7 +108,7 @@ def mgpu_ragged_dot():
         grid_block_n=2))
 
 
-def prefill_rows(args, configs, limits) -> list[dict]:
+def prefill_rows(args, configs, limits, journal) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
@@ -138,13 +127,14 @@ def prefill_rows(args, configs, limits) -> list[dict]:
             ref = jax.jit(grouped_matmul_reference)
             row = {"proj": name, "tokens": t, "rows": m, "K": kd, "N": nd, "configs": {}}
             default = GroupedMatmulConfig.default(m, e, jnp.bfloat16, kd, nd)
-            for cfg, fn, sec in time_configs(x, w, sizes, default, configs, args):
-                if isinstance(sec, str):
-                    row["configs"][repr(cfg)] = sec
-                    continue
-                row["configs"][repr(cfg)] = {
-                    "ms": sec * 1e3, "TFLOPs": flops / sec / 1e12,
-                    "max_rel_err_vs_ragged_dot": rel_err(fn(x, w, sizes), ref(x, w, sizes))}
+            def figures(fn, sec, x=x, w=w, sizes=sizes, flops=flops, ref=ref):
+                return {"ms": sec * 1e3, "TFLOPs": flops / sec / 1e12,
+                        "max_rel_err_vs_ragged_dot": float(bm.max_rel_err(fn(x, w, sizes),
+                                                                          ref(x, w, sizes)))}
+            unit = f"prefill/{name}/T{t}"
+            for cfg, out in time_configs(x, w, sizes, default, configs, args, journal, unit,
+                                         figures):
+                row["configs"][repr(cfg)] = _or_error(out)
             timed_ok = {c: v for c, v in row["configs"].items() if isinstance(v, dict)}
             best = min(timed_ok, key=lambda c: timed_ok[c]["ms"])
             row.update(best_config=best, default_config=repr(default),
@@ -156,20 +146,18 @@ def prefill_rows(args, configs, limits) -> list[dict]:
             if not args.interpret:
                 peers.append(("jax_mgpu_ragged_dot", mgpu_ragged_dot(), (x, w, sizes)))
             for peer, fn, fargs in peers:
-                try:
+                def run(peer=peer, fn=fn, fargs=fargs, flops=flops):
                     sec = timed(fn, *fargs, repeats=args.repeats)
-                except Exception as exc:  # noqa: BLE001 - a peer that fails is reported
-                    row[f"{peer}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-                    continue
-                row[f"{peer}_ms"], row[f"{peer}_TFLOPs"] = sec * 1e3, flops / sec / 1e12
-            row["ours_vs_dense"] = row["ours_TFLOPs"] / row["dense_TFLOPs"]
+                    return {f"{peer}_ms": sec * 1e3, f"{peer}_TFLOPs": flops / sec / 1e12}
+                row.update(journal.run(f"{unit}/{peer}", run, error_key=f"{peer}_error"))
+            row["ours_vs_dense"] = row["ours_TFLOPs"] / row.get("dense_TFLOPs", float("nan"))
             row["x_matmul_peak"] = row["ours_TFLOPs"] / limits["bf16_matmul_TFLOPs"]
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "configs"}), flush=True)
     return rows
 
 
-def decode_rows(args, limits) -> list[dict]:
+def decode_rows(args, limits, journal) -> list[dict]:
     """gate_up + down of one layer at decode sizes: bytes of the experts that got rows / time."""
     import jax
     import jax.numpy as jnp
@@ -215,28 +203,30 @@ def decode_rows(args, limits) -> list[dict]:
                (limits["copy_read_plus_write_GBps"] * 1e9) * 1e6}
         for name, fn in (*impls.items(), ("ragged_dot", ragged)):
             if name.split("_sk")[0] in args.decode_impls.split(","):
-                t0 = time.perf_counter()
-                fn.lower(x, sizes, gate_up, down).compile()  # compile, first run apart
-                t1 = time.perf_counter()
-                jax.block_until_ready(fn(x, sizes, gate_up, down))
-                row[f"{name}_compile_s"], row[f"{name}_first_run_s"] = (
-                    t1 - t0, time.perf_counter() - t1)
-                sec = timed(fn, x, sizes, gate_up, down, repeats=args.repeats)
-                row[f"{name}_us"] = sec * 1e6
-                row[f"{name}_GBps_of_needed"] = need / sec / 1e9
+                def run(name=name, fn=fn, x=x, sizes=sizes, need=need):
+                    t0 = time.perf_counter()
+                    fn.lower(x, sizes, gate_up, down).compile()  # compile, first run apart
+                    t1 = time.perf_counter()
+                    jax.block_until_ready(fn(x, sizes, gate_up, down))
+                    t2 = time.perf_counter()
+                    sec = timed(fn, x, sizes, gate_up, down, repeats=args.repeats)
+                    return {f"{name}_compile_s": t1 - t0, f"{name}_first_run_s": t2 - t1,
+                            f"{name}_us": sec * 1e6, f"{name}_GBps_of_needed": need / sec / 1e9}
+                row.update(journal.run(f"decode/B{batch}/{name}", run,
+                                       error_key=f"{name}_error"))
         if args.decode_configs:
-            row["per_proj"] = decode_tile_sweep(args, x, sizes, gate_up, down, limits)
+            row["per_proj"] = decode_tile_sweep(args, x, sizes, gate_up, down, limits, journal)
         if "ours_us" in row:
             row["ours_x_floor"] = row["ours_us"] / row["floor_us"]
         if "ours_us" in row and "ragged_dot_us" in row:
-            row["max_rel_err_vs_ragged_dot"] = rel_err(ours(x, sizes, gate_up, down),
-                                                       ragged(x, sizes, gate_up, down))
+            row["max_rel_err_vs_ragged_dot"] = float(bm.max_rel_err(
+                ours(x, sizes, gate_up, down), ragged(x, sizes, gate_up, down)))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
 
 
-def decode_tile_sweep(args, x, sizes, gate_up, down, limits) -> dict:
+def decode_tile_sweep(args, x, sizes, gate_up, down, limits, journal) -> dict:
     """Each projection alone at decode size, per tile config: us and GB/s of the weight bytes
     of the experts that got rows (which projection is off the floor, and which tiles fix it)."""
     import jax
@@ -254,11 +244,11 @@ def decode_tile_sweep(args, x, sizes, gate_up, down, limits) -> dict:
         default = GroupedMatmulConfig.default(lhs.shape[0], w.shape[0], lhs.dtype, *w.shape[1:])
         res = {"weight_bytes": need,
                "floor_us": need / (limits["copy_read_plus_write_GBps"] * 1e9) * 1e6}
-        for cfg, _, sec in time_configs(lhs, w, sizes, default,
-                                        parse_configs(args.decode_configs), args):
-            key = ("default " if cfg == default else "") + repr(cfg)
-            res[key] = sec if isinstance(sec, str) else {"us": sec * 1e6,
-                                                         "GBps": need / sec / 1e9}
+        def figures(fn, sec, need=need):
+            return {"us": sec * 1e6, "GBps": need / sec / 1e9}
+        for cfg, got in time_configs(lhs, w, sizes, default, parse_configs(args.decode_configs),
+                                     args, journal, f"decode/M{x.shape[0]}/{name}", figures):
+            res[("default " if cfg == default else "") + repr(cfg)] = _or_error(got)
         out[name] = res
     return out
 
@@ -284,35 +274,37 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke)")
     p.add_argument("--out", default=None)
+    bm.add_sweep_args(p)
     args = p.parse_args()
+    status, journal = bm.sweep_journal(args, args.out and args.out + ".journal")
+    if journal is None:
+        return status
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where it is stuck
     import jax
 
-    from bench_generate import card_limits
-
-    limits = card_limits(3) if jax.default_backend() == "gpu" else {
-        "bf16_matmul_TFLOPs": float("nan"), "copy_read_plus_write_GBps": float("nan")}
-    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "limits": limits,
-              "args": vars(args)}
+    gpu = jax.default_backend() == "gpu"
+    limits = journal.run("limits", bm.card_limits, 3) if gpu else bm.NO_LIMITS
+    report = {"device": bm.default_device().device_kind, "jax": jax.__version__,
+              "limits": limits, "args": vars(args)}
     sections = args.sections.split(",")
     if "check" in sections:
-        report["empty_groups_check"] = check_empty_groups(args.interpret)
+        report["empty_groups_check"] = journal.run("check", check_empty_groups, args.interpret)
         print(json.dumps(report["empty_groups_check"]), flush=True)
-    report["decode"] = decode_rows(args, limits) if "decode" in sections else []
-    report["prefill"] = (prefill_rows(args, parse_configs(args.configs), limits)
+    report["decode"] = decode_rows(args, limits, journal) if "decode" in sections else []
+    report["prefill"] = (prefill_rows(args, parse_configs(args.configs), limits, journal)
                          if "prefill" in sections else [])
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=1)
+        bm.write_json(args.out, report)
     print(f"\n{report['device']}  jax {report['jax']}  E={args.experts} top-{args.top_k} "
           f"D={args.d} F={args.f}  matmul {limits['bf16_matmul_TFLOPs']:.0f} TFLOP/s  copy "
           f"{limits['copy_read_plus_write_GBps']:.0f} GB/s")
+    nan = float("nan")
     for r in report["prefill"]:
         print(f"{r['proj']:8s} tokens {r['tokens']:6d}: ours {r['ours_TFLOPs']:6.1f} TFLOP/s  "
-              f"ragged_dot {r['ragged_dot_TFLOPs']:6.1f}  dense {r['dense_TFLOPs']:6.1f}  "
-              f"jax mgpu {r.get('jax_mgpu_ragged_dot_TFLOPs', float('nan')):6.1f}  "
+              f"ragged_dot {r.get('ragged_dot_TFLOPs', nan):6.1f}  "
+              f"dense {r.get('dense_TFLOPs', nan):6.1f}  "
+              f"jax mgpu {r.get('jax_mgpu_ragged_dot_TFLOPs', nan):6.1f}  "
               f"ours/dense {r['ours_vs_dense']:.2f}  ({r['best_config']})")
-    nan = float("nan")
     for r in report["decode"]:
         print(f"decode B{r['batch']:3d}: {r['active_experts']} experts, ours "
               f"{r.get('ours_us', nan):7.1f} us ({r.get('ours_x_floor', nan):.2f}x floor "

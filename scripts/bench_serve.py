@@ -36,8 +36,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_generate import SHAPES, random_model  # noqa: E402
 from bench_throughput import percentiles, run_engine, workload  # noqa: E402
+
+from jaxinfer.benchmark import SHAPES, random_model  # noqa: E402
 
 ENGINE_OPTIONS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size",
                   "num_pages", "attention_impl")

@@ -19,9 +19,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_generate import (SHAPES, card_limits, decode_bytes, hf_random_model,  # noqa: E402
-                            random_model)
+from jaxinfer import benchmark as bm
 
 
 def workload(spec: str, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -77,7 +75,7 @@ def limits_for(cfg, requests, limits) -> dict:
     flops = sum(2 * cfg.active_params * (len(p) + n) for p, n in requests)
     n_out = sum(n for _, n in requests)
     context = float(np.mean([len(p) + n / 2 for p, n in requests]))
-    need = decode_bytes(cfg, 1, context)
+    need = bm.decode_bytes(cfg, 1, context)
     roofline = (need["weight_bytes"] + need["kv_bytes"]) / (limits["copy_read_plus_write_GBps"] * 1e9)
     return {"compute_bound_out_tok_per_s": n_out / (flops / (limits["bf16_matmul_TFLOPs"] * 1e12)),
             "weights_GB": 2 * cfg.num_params / 1e9, "batch1_roofline_ms": roofline * 1e3}
@@ -87,7 +85,7 @@ def bench_hf(shape: dict, requests, batch: int) -> dict:
     """HF transformers generate on the same requests, `batch` at a time (left padding)."""
     import torch
 
-    model, device = hf_random_model(shape)
+    model, device = bm.hf_random_model(shape)
     while True:  # HF's batched expert path gathers weights per token: halve the batch on OOM
         try:
             return _hf_generate(model, device, requests, batch)
@@ -145,7 +143,7 @@ def main() -> int:
                    help="rerun the first workload with async_scheduling off (same engine)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    shape = dict(SHAPES[args.model], **({"num_layers": args.layers} if args.layers else {}))
+    shape = bm.shape(args.model, args.layers)
     specs = [w for w in args.workloads.split(",") if w]
     hf_specs = [w for w in (args.hf_workloads or args.workloads).split(",") if w]
     if set(hf_specs) - set(specs):
@@ -153,7 +151,7 @@ def main() -> int:
     if args.hf_only:
         res = {s: bench_hf(shape, workload(s, shape["vocab_size"])[:args.hf_requests], args.hf_batch)
                for s in hf_specs}
-        print("HF_RESULT " + json.dumps(res), flush=True)
+        bm.emit_result(res)
         return 0
     peers = run_hf(args) if args.hf else {}
     hf_error = peers.pop("error", None)  # kept in the report, not dropped
@@ -162,12 +160,13 @@ def main() -> int:
 
     from jaxinfer.engine import Engine
 
-    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": args.model,
-              "args": vars(args), "limits": card_limits(3), "workloads": {}}
+    report = {"device": bm.default_device().device_kind, "jax": jax.__version__,
+              "model": args.model, "args": vars(args), "limits": bm.card_limits(3),
+              "workloads": {}}
     if hf_error:
         report["hf_error"] = hf_error
         print("HF peer failed:\n" + hf_error, flush=True)
-    model = random_model(args.model, "bfloat16", args.layers)
+    model = bm.random_model(args.model, "bfloat16", args.layers)
     cfg = model.config
     t0 = time.perf_counter()
     engine = Engine(model, max_num_seqs=args.max_num_seqs, page_size=args.page_size,
@@ -191,24 +190,17 @@ def main() -> int:
         report["num_compiles"] = engine.runner.num_compiles
         print(json.dumps({spec: row}), flush=True)
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
+            bm.write_json(args.out, report)
     print_table(report)
     return 0
 
 
 def run_hf(args) -> dict:
-    import subprocess
-
-    cmd = [sys.executable, __file__, "--hf-only", "--model", args.model, "--layers", str(args.layers),
-           "--workloads", args.workloads, "--hf-workloads", args.hf_workloads or args.workloads,
-           "--hf-requests", str(args.hf_requests),
-           "--hf-batch", str(args.hf_batch)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("HF_RESULT ")]
-    if proc.returncode or not lines:
-        return {"error": f"exit {proc.returncode}: " + proc.stderr[-2000:]}
-    return json.loads(lines[-1][len("HF_RESULT "):])
+    """The HF peer in its own process (it never shares the GPU with JAX's pool)."""
+    return bm.run_isolated(
+        [__file__, "--hf-only", "--model", args.model, "--layers", str(args.layers),
+         "--workloads", args.workloads, "--hf-workloads", args.hf_workloads or args.workloads,
+         "--hf-requests", str(args.hf_requests), "--hf-batch", str(args.hf_batch)])
 
 
 def print_table(report: dict) -> None:

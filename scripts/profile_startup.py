@@ -39,10 +39,9 @@ def main() -> int:
     from jaxinfer.config import ModelConfig
     from jaxinfer.engine import Engine
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_generate import SHAPES
+    from jaxinfer.benchmark import SHAPES, default_device
 
-    report = {"mode": args.mode, "jax": jax.__version__, "device": jax.devices()[0].device_kind}
+    report = {"mode": args.mode, "jax": jax.__version__, "device": default_device().device_kind}
     report["import_s"] = time.perf_counter() - T0
     jax.config.update("jax_compilation_cache_dir", args.cache)
     cfg = ModelConfig(**SHAPES[args.model])

@@ -24,8 +24,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_generate import SHAPES, decode_bytes  # noqa: E402
+from jaxinfer import benchmark as bm
 
 # Op-name fragments → category, first match wins (XLA names fusions after their root op).
 CATEGORIES = (("attention", ("paged_decode", "ragged_paged", "flash_attention")),
@@ -83,10 +82,10 @@ def summarize(events: list[dict], steps: int, top: int) -> dict:
 
 
 def floors(cfg, seqs: int, context: float, copy_gbps: float, matmul_tflops: float) -> dict:
-    """Bytes one decode step must move (`bench_generate.decode_bytes`) and its matmul flops
+    """Bytes one decode step must move (`benchmark.decode_bytes`) and its matmul flops
     (2 per weight a token uses; the embedding table is only gathered from)."""
     used = cfg.active_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-    out = {**decode_bytes(cfg, seqs, context), "matmul_flops": 2 * seqs * used}
+    out = {**bm.decode_bytes(cfg, seqs, context), "matmul_flops": 2 * seqs * used}
     if copy_gbps == copy_gbps:  # not NaN
         out["bytes_floor_ms"] = (out["weight_bytes"] + out["kv_bytes"]) / copy_gbps / 1e6
         out["flops_floor_ms"] = out["matmul_flops"] / matmul_tflops / 1e9
@@ -100,7 +99,7 @@ def jitted_step_alone(eng, n: int = 20) -> dict:
 
     from jaxinfer.sampling import sample_mode
 
-    eng._resolve()  # nothing in flight: the plan below holds real tokens only
+    eng.resolve()  # nothing in flight: the plan below holds real tokens only
     plan = eng.scheduler.schedule()
     rows = [eng.requests[s.request_id].row() for s in plan.seqs]
     runner = eng.runner
@@ -121,7 +120,7 @@ def time_phases(eng, steps: int) -> dict:
     totals = collections.Counter()
     parts = [(eng.scheduler, "schedule"), (eng.scheduler, "commit"), (eng.scheduler, "resolve"),
              (eng.runner, "build"), (eng.runner, "step"), (eng.runner, "collect"),
-             (eng, "_advance"), (eng, "_resolve")]
+             (eng, "_advance"), (eng, "resolve")]
     originals = [(obj, name, getattr(obj, name)) for obj, name in parts]
 
     def timed(name, fn):
@@ -163,7 +162,7 @@ def cprofile_steps(eng, steps: int) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--model", default="llama3-8b", choices=sorted(bm.SHAPES))
     p.add_argument("--layers", type=int, default=None, help="fewer layers than the shape")
     p.add_argument("--seqs", type=int, default=256)
     p.add_argument("--prompt", type=int, default=200)
@@ -179,23 +178,16 @@ def main() -> int:
     args = p.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where it is stuck
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    import jaxinfer
-    from jaxinfer.config import ModelConfig
     from jaxinfer.engine import Engine
     from jaxinfer.sampling import SamplingParams
 
-    shape = dict(SHAPES[args.model])
-    if args.layers:
-        shape["num_layers"] = args.layers
-    cfg = ModelConfig(**shape)
-    model = jaxinfer.Model(cfg, jaxinfer.init_params(cfg, "bfloat16"), None, jnp.bfloat16)
-    limits = {"bf16_matmul_TFLOPs": float("nan"), "copy_read_plus_write_GBps": float("nan")}
+    model = bm.random_model(args.model, "bfloat16", args.layers or 0)
+    cfg = model.config
+    limits = bm.NO_LIMITS
     if args.limits and jax.default_backend() == "gpu":  # before the engine takes the memory
-        from bench_generate import card_limits
-        limits = card_limits(3)
+        limits = bm.card_limits(3)
     eng = Engine(model, max_num_seqs=args.max_num_seqs or args.seqs, max_num_batched_tokens=args.budget,
                  num_pages=args.num_pages, warmup=False)
     rng = np.random.default_rng(0)
@@ -221,7 +213,7 @@ def main() -> int:
         t0 = time.perf_counter()
         for _ in range(args.steps):
             eng.step()
-        eng._resolve()
+        eng.resolve()
         jax.block_until_ready(eng.runner.pages)
         traced_ms = (time.perf_counter() - t0) / args.steps * 1e3
     launch = jitted_step_alone(eng)  # last: leaves the engine's plan unresolved
@@ -229,7 +221,7 @@ def main() -> int:
     if args.keep_trace:
         import shutil
         shutil.copytree(trace_dir, args.keep_trace, dirs_exist_ok=True)
-    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "model": args.model,
+    report = {"device": bm.default_device().device_kind, "jax": jax.__version__, "model": args.model,
               "layers": cfg.num_layers, "seqs": args.seqs, "prompt": args.prompt,
               "steps_traced": args.steps, "num_pages": eng.num_pages,
               "engine_step_ms": step_ms, "engine_step_ms_all": [w * 1e3 for w in walls],

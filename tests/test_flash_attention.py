@@ -8,10 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_checks import assert_close
+from pallas_kernels import flash_attention_mgpu as mgpu
+from pallas_kernels.common import on_hopper
+from pallas_kernels.flash_attention import (
+    FlashConfig,
+    default_config,
+    flash_attention,
+    flash_attention_reference,
+)
 
-from pallas_kernels.flash_attention import (FlashConfig, flash_attention,
-                                            flash_attention_reference)
+from kernel_checks import assert_close
 
 # Small tiles on the CPU: more blocks per case, so every masking stretch
 # (window-left, full, diagonal, tail) is exercised at modest lengths.
@@ -135,8 +141,6 @@ def test_config_validates():
 # H200 (no interpret mode for it here); on the CPU the tests below pin the
 # dispatch, and tests/test_triton_lowering.py lowers it for sm_90.
 # ----------------------------------------------------------------------------
-from pallas_kernels import flash_attention_mgpu as mgpu  # noqa: E402
-from pallas_kernels.flash_attention import default_config, on_hopper  # noqa: E402
 
 
 def test_mgpu_config_validates():

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import build_hf_model
 
 import jaxinfer
-from conftest import build_hf_model
 
 
 def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
@@ -192,20 +192,15 @@ def test_mistral_sliding_window_is_refused_not_ignored(tmp_path):
         jaxinfer.load_model(tmp_path)
 
 
-def test_convert_checkpoint_script(tmp_path, tiny, capsys):
-    import importlib.util
-    import pathlib
+def test_convert_checkpoint_command(tmp_path, tiny, capsys):
+    from jaxinfer.checkpoint import convert_main
 
-    script = pathlib.Path(__file__).parent.parent / "scripts" / "convert_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main([str(tiny[0]), str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    assert convert_main([str(tiny[0]), str(tmp_path / "out"), "--dtype", "float32"]) == 0
     assert "2 layers" in capsys.readouterr().out
     converted = jaxinfer.load_model(tmp_path / "out", dtype="float32")
     ids = np.arange(9)[None]
     np.testing.assert_array_equal(jaxinfer.forward(converted, ids), jaxinfer.forward(tiny[1], ids))
-    assert module.main([str(tmp_path / "nothing"), str(tmp_path / "out2")]) == 2
+    assert convert_main([str(tmp_path / "nothing"), str(tmp_path / "out2")]) == 2
 
 
 def test_pallas_kernels_match_hf(loaded):

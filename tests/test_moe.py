@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,8 +56,9 @@ def test_dispatch_holds_no_dense_expert_tensor():
 
 
 def test_mixtral_through_the_engine_equals_generate(tmp_path):
-    import jaxinfer
     from conftest import build_hf_model
+
+    import jaxinfer
 
     build_hf_model("mixtral", tmp_path)
     model = jaxinfer.load_model(tmp_path, dtype="float32")
@@ -97,19 +96,13 @@ def test_moe_sows_its_routing():
 
 
 def test_bench_check_reports_routing_agreement():
-    """bench_generate's whole-model check: in f32 every impl routes exactly as the reference
+    """The benchmark's whole-model check (bench_generate): in f32 every impl routes exactly as the reference
     (agreement 1.0 in each layer, logits within 1e-5); the decode-routing count of a batch of
     one is exactly top-k."""
-    import sys
+    from jaxinfer.benchmark import check_impls, random_model, routed_experts
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from bench_generate import SHAPES, check_impls, routed_experts
-
-    import jaxinfer
-    from jaxinfer.config import ModelConfig
-
-    cfg = ModelConfig(**dict(SHAPES["tiny-moe"], num_layers=3))
-    model = jaxinfer.Model(cfg, jaxinfer.init_params(cfg, "float32"), None, jnp.float32)
+    model = random_model("tiny-moe", "float32", layers=3)
+    cfg = model.config
     report = check_impls(model, ["xla"], np.random.RandomState(0))
     assert report["routing_agreement_by_layer"]["xla"] == [1.0, 1.0, 1.0]
     assert report["argmax_agreement"]["xla"] == 1.0

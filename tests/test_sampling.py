@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.sampling import (MAX_LOGPROBS, SampleOutput, SamplingArrays, SamplingParams,
-                               apply_penalties, sample_mode, sample_rows, sampling_arrays)
+from jaxinfer.sampling import (
+    MAX_LOGPROBS,
+    SAMPLE_MODES,
+    SampleOutput,
+    SamplingArrays,
+    SamplingParams,
+    apply_penalties,
+    sample_mode,
+    sample_rows,
+    sampling_arrays,
+)
 
-sample_jit = jax.jit(sample_rows)
+SAMPLERS = {mode: jax.jit(functools.partial(sample_rows, mode=mode)) for mode in SAMPLE_MODES}
 NEUTRAL = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                presence_penalty=0.0, frequency_penalty=0.0, seed=0, step=0, num_logprobs=0)
 DTYPES = dict(top_k=np.int32, seed=np.uint32, step=np.int32, num_logprobs=np.int32)
@@ -25,6 +36,31 @@ def rows(b: int, **fields) -> SamplingArrays:
         return np.broadcast_to(value, (b,)).copy()
 
     return SamplingArrays(*(column(name) for name in SamplingArrays._fields))
+
+
+def cheapest_mode(arrays: SamplingArrays) -> str:
+    """`sample_mode` of the SamplingParams these [B] arrays were built from."""
+    sampling = np.asarray(arrays.temperature) > 0
+    filtered = ((np.asarray(arrays.top_k) > 0) | (np.asarray(arrays.top_p) < 1)
+                | (np.asarray(arrays.min_p) > 0))
+    if (sampling & filtered).any():
+        return "filter"
+    return "sample" if (sampling | (np.asarray(arrays.num_logprobs) > 0)).any() else "greedy"
+
+
+def sample_jit(logits, arrays: SamplingArrays, history=None) -> SampleOutput:
+    """`sample_rows` in every static mode that serves the batch (the engine's cheapest one and
+    each more general one): they must give the same tokens and logprobs (and, past greedy, the
+    same top logprobs). Returns the cheapest mode's output."""
+    modes = SAMPLE_MODES[SAMPLE_MODES.index(cheapest_mode(arrays)):]
+    first, *others = (SAMPLERS[mode](logits, arrays, history) for mode in modes)
+    for mode, out in zip(modes[1:], others):
+        fields = SampleOutput._fields if modes[0] != "greedy" else ("tokens", "logprob")
+        for name in fields:
+            np.testing.assert_allclose(np.asarray(getattr(out, name)),
+                                       np.asarray(getattr(first, name)), rtol=1e-6,
+                                       err_msg=f"{modes[0]} vs {mode}: {name}")
+    return first
 
 
 def take_rows(arrays: SamplingArrays, index) -> SamplingArrays:
@@ -219,7 +255,9 @@ def test_logprob_and_top_logprobs_come_from_the_raw_logits():
 
 
 def test_no_logprobs_wanted_gives_zeros():
-    out = sample_jit(random_logits(3, 30), rows(3))
+    """Greedy rows without logprobs take the greedy mode, which skips the top-k of the logprobs
+    (a sampling mode computes them for every row; the caller keeps the ones asked for)."""
+    out = sample_jit(random_logits(3, 30), rows(3, temperature=0.0))
     assert out.top_ids.shape == (3, MAX_LOGPROBS) and out.top_logprobs.shape == (3, MAX_LOGPROBS)
     assert not np.any(out.top_ids) and not np.any(out.top_logprobs)
 
@@ -269,7 +307,7 @@ def test_new_settings_do_not_recompile():
     @jax.jit
     def step(logits, arrays, history):
         traces.append(1)
-        return sample_rows(logits, arrays, history)
+        return sample_rows(logits, arrays, history, mode="filter")  # serves every batch
 
     logits = random_logits(4, 32)
     history = np.zeros((4, 0), np.int32)  # W = 0 works too
@@ -295,13 +333,13 @@ def test_sampling_params_errors_name_the_field(field, value):
 
 
 # ---------------------------------------------------------------------------------------------
-# Static modes (the engine's sampler): no lax.cond, same tokens as the cond path
+# Static modes (the engine's sampler)
 
 
-@pytest.mark.parametrize("case", ["greedy", "sample", "filter"])
-def test_static_mode_matches_the_cond_path(case):
-    """Each mode, on a batch it serves, gives the tokens, logprobs and top logprobs of mode=None,
-    and `sample_mode` picks that mode from the batch's SamplingParams."""
+@pytest.mark.parametrize("case", SAMPLE_MODES)
+def test_sample_mode_picks_the_cheapest_mode_that_serves_the_batch(case):
+    """`sample_mode` picks `case` from the batch's SamplingParams, and that mode gives what every
+    more general mode gives on the batch (`sample_jit` compares them), with and without history."""
     v, b = 96, 5
     params = {
         "greedy": [SamplingParams(temperature=0.0)] * b,
@@ -315,16 +353,15 @@ def test_static_mode_matches_the_cond_path(case):
     }[case]
     assert sample_mode(params) == case
     arrays = jax.tree.map(jnp.asarray, sampling_arrays(params, list(range(b)), [2] * b, pad_to=b))
+    assert cheapest_mode(arrays) == case
     history = jnp.asarray(np.arange(4 * b).reshape(b, 4) % v, jnp.int32)
     for seed in range(3):
         logits = random_logits(b, v, seed=seed)
         for hist in (None, history):
-            ref = sample_jit(logits, arrays, hist)
-            got = jax.jit(sample_rows, static_argnames="mode")(logits, arrays, hist, mode=case)
-            for name in SampleOutput._fields:
-                np.testing.assert_allclose(np.asarray(getattr(got, name)),
-                                           np.asarray(getattr(ref, name)), rtol=1e-6,
-                                           err_msg=f"{case} {name}")
+            out = sample_jit(logits, arrays, hist)
+            if case == "greedy":
+                expected = logits if hist is None else apply_penalties(logits, arrays, hist)
+                np.testing.assert_array_equal(out.tokens, np.argmax(expected, -1))
     with pytest.raises(ValueError, match="mode"):
         sample_rows(logits, arrays, mode="beam")
 
@@ -332,8 +369,7 @@ def test_static_mode_matches_the_cond_path(case):
 def test_static_modes_have_no_conditionals():
     arrays = jax.tree.map(jnp.asarray, sampling_arrays([SamplingParams()], [0], [0], pad_to=1))
     logits = jnp.zeros((1, 32))
-    for mode in ("greedy", "sample", "filter"):
-        text = jax.jit(sample_rows, static_argnames="mode").lower(logits, arrays,
-                                                                  mode=mode).as_text()
+    history = jnp.zeros((1, 4), jnp.int32)
+    for mode in SAMPLE_MODES:
+        text = SAMPLERS[mode].lower(logits, arrays, history).as_text()
         assert "stablehlo.case" not in text, mode  # a cond copies its predicate to the host
-    assert "stablehlo.case" in jax.jit(sample_rows).lower(logits, arrays).as_text()

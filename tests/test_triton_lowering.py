@@ -13,13 +13,12 @@ import jax.numpy as jnp
 import pytest
 
 pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
-from jax import export  # noqa: E402
-from jax._src.pallas.triton import pallas_call_registration as registration  # noqa: E402
+from jax import export
+from jax._src.pallas.triton import pallas_call_registration as registration
 
-from pallas_kernels.flash_attention import flash_attention  # noqa: E402
-from pallas_kernels.grouped_matmul import GroupedMatmulConfig, grouped_matmul  # noqa: E402
-from pallas_kernels.paged_attention import (  # noqa: E402
-    paged_attention, ragged_paged_attention)
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.grouped_matmul import GroupedMatmulConfig, grouped_matmul
+from pallas_kernels.paged_attention import paged_attention, ragged_paged_attention
 
 
 @pytest.fixture
@@ -99,13 +98,11 @@ def test_paged_attention_lowers(triton_modules):
 @pytest.fixture
 def gpu_kernels(monkeypatch):
     """Kernels called with interpret=None lower for the GPU (not interpret mode) while on a CPU."""
-    import importlib
+    from pallas_kernels import common
 
-    for name in ("flash_attention", "grouped_matmul", "paged_attention"):
-        # the package's __init__ shadows these module names with their functions
-        module = importlib.import_module(f"pallas_kernels.{name}")
-        monkeypatch.setattr(module, "resolve_interpret",
-                            lambda interpret: False if interpret is None else bool(interpret))
+    # the kernels' entries decide interpret mode through this one function, outside their jits
+    monkeypatch.setattr(common, "resolve_interpret",
+                        lambda interpret: False if interpret is None else bool(interpret))
     jax.clear_caches()  # traces made in interpret mode must not be reused
     yield
     jax.clear_caches()

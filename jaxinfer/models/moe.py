@@ -26,8 +26,8 @@ def route(logits: Float[Array, "T E"], k: int, normalize: bool):
     return weights, experts.astype(jnp.int32)
 
 
-def grouped_matmul(lhs: Float[Array, "M K"], rhs: Float[Array, "E K N"],
-                   group_sizes: Int[Array, "E"], impl: str) -> Float[Array, "M N"]:
+def grouped_matmul(lhs: Float[Array, "R I"], rhs: Float[Array, "E I O"],
+                   group_sizes: Int[Array, "E"], impl: str) -> Float[Array, "R O"]:
     """Row group g of `lhs` times rhs[g]; the one dispatch point for the grouped matmul kernels.
 
     "pallas" runs our kernel (interpret mode on the CPU), which reads only the experts that got
@@ -47,14 +47,14 @@ def dispatch(x: Float[Array, "T D"], weights: Float[Array, "T k"], experts: Int[
     """Sparse expert computation of every (token, chosen expert) pair, summed per token."""
     num_experts, d, _, f = gate_up.shape
     k = experts.shape[1]
-    flat = experts.reshape(-1)  # [T * k]
+    flat = experts.reshape(-1)  # [R], R = T * k
     order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
     token = order // k  # the token of each sorted pair
     sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
     h = grouped_matmul(x[token], gate_up.reshape(num_experts, d, 2 * f), sizes, impl)
     h = h.reshape(-1, 2, f)
-    h = jax.nn.silu(h[:, 0]) * h[:, 1]  # [T * k, F]
-    out = grouped_matmul(h, down, sizes, impl).astype(jnp.float32)  # [T * k, D]
+    h = jax.nn.silu(h[:, 0]) * h[:, 1]  # [R, F]
+    out = grouped_matmul(h, down, sizes, impl).astype(jnp.float32)  # [R, D]
     out = out * weights.reshape(-1)[order][:, None]
     return jnp.zeros(x.shape, jnp.float32).at[token].add(out).astype(x.dtype)
 

@@ -1,0 +1,96 @@
+"""The benchmark kit: the timer's call pattern, the error metric, and a sweep that survives a
+native crash in one of its units."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from jaxinfer import benchmark as bm
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_pipelined_time_threads_state_through_back_to_back_calls():
+    calls, starts = [], []
+
+    def setup():
+        starts.append(len(calls))
+        return 0
+
+    def fn(state):
+        calls.append(state)
+        return state + 1
+
+    assert bm.pipelined_time(fn, repeats=3, calls=4, setup=setup) >= 0
+    # one warm-up call, then 3 runs of 4 calls, each run starting from setup()
+    assert calls == [0] + [0, 1, 2, 3] * 3 and starts == [0, 1, 5, 9]
+    seen = []  # min_time sets the calls per run from a second warm-up call: at least 2
+    bm.pipelined_time(seen.append, repeats=2, calls=99, min_time=0.0)
+    assert len(seen) == 1 + 1 + 2 * 2
+
+
+def test_errors_name_each_measure():
+    ref = np.array([[1.0, -2.0], [0.5, 4.0]])
+    out = ref + np.array([[0.0, 0.5], [0.0, -1.0]])
+    e = bm.errors(out, ref)
+    assert e["max_abs_err"] == 1.0 and e["max_rel_err"] == 0.25 and e["finite"]
+    np.testing.assert_allclose(e["rel_err"], np.sqrt(1.25) / np.linalg.norm(ref))
+    np.testing.assert_allclose(bm.max_rel_err(out, ref, axis=-1), [0.25, 0.25])
+    assert not bm.errors(out * np.nan, ref)["finite"]
+
+
+def test_unknown_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model shape 'llama9'"):
+        bm.shape("llama9")
+    assert bm.shape("tiny", layers=3)["num_layers"] == 3
+
+
+SWEEP = """
+import argparse, os, sys, json
+from jaxinfer import benchmark as bm
+
+p = argparse.ArgumentParser()
+p.add_argument("--out")
+bm.add_sweep_args(p)
+args = p.parse_args()
+status, journal = bm.sweep_journal(args, args.out + ".journal")
+if journal is None:
+    sys.exit(status)
+
+def unit(name):
+    with open(args.out + ".runs", "a") as fh:
+        fh.write(name + "\\n")
+    if name == "b":
+        os.abort()  # a native crash: no Python handler runs
+    if name == "c":
+        raise RuntimeError("no kernel for this shape")
+    return {"name": name, "value": len(name)}
+
+rows = [journal.run(f"unit/{n}", unit, n, error_row={"name": n}) for n in ("a", "b", "c", "dd")]
+json.dump(rows, open(args.out, "w"))
+"""
+
+
+def test_a_native_crash_costs_one_unit_not_the_sweep(tmp_path):
+    script = tmp_path / "sweep.py"
+    script.write_text(textwrap.dedent(SWEEP))
+    out = tmp_path / "out.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    a, b, c, dd = json.loads(out.read_text())
+    assert a == {"name": "a", "value": 1} and dd == {"name": "dd", "value": 2}
+    assert b["name"] == "b" and b["error"].startswith("native crash")
+    assert c == {"name": "c", "error": "RuntimeError: no kernel for this shape"}
+    # "a" ran once: the restarted sweep replayed its recorded figure instead of measuring again
+    assert (tmp_path / "out.json.runs").read_text().split() == ["a", "b", "c", "dd"]
+    assert not (tmp_path / "out.json.journal").exists()  # removed after the sweep finished
