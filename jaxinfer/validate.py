@@ -96,9 +96,8 @@ def as_token_ids(name: str, value, *, allow_empty: bool = False, vocab_size: int
         raise ValueError(f"{name} must be a non-empty list of token ids, got {value!r:.80}")
     if ids and (min(ids) < 0 or (vocab_size is not None and max(ids) >= vocab_size)):
         i = next(i for i, t in enumerate(ids) if t < 0 or (vocab_size and t >= vocab_size))
-        bound = ">= 0" if vocab_size is None else f"in [0, {vocab_size}), the vocabulary"
-        raise ValueError(f"{name}[{i}] is token id {ids[i]}, outside the vocabulary: "
-                         f"token ids must be {bound}")
+        bound = "token ids are >= 0" if vocab_size is None else f"[0, {vocab_size})"
+        raise ValueError(f"{name}[{i}]: token id {ids[i]} is outside the vocabulary {bound}")
     return ids
 
 

@@ -101,7 +101,7 @@ def test_llm_generate_queues_nothing_when_one_prompt_is_bad(tiny_model):
     llm = LLM(model=tiny_model, max_num_seqs=4, max_num_batched_tokens=32, num_pages=24,
               warmup=False)
     good = prompt(tiny_model, 5, 4)
-    with pytest.raises(ValueError, match=r"prompt\[1\] is token id 100000"):
+    with pytest.raises(ValueError, match=r"prompt\[1\]: token id 100000 is outside"):
         llm.generate([good, [3, 100_000], good], SamplingParams(max_tokens=3, **GREEDY))
     with pytest.raises(ValueError, match="got 2 sampling_params for 3 prompts"):
         llm.generate([good] * 3, [SamplingParams()] * 2)
@@ -197,7 +197,7 @@ def test_none_is_an_empty_list():
     (dict(seed=True), r"seed must be an integer >= 0, got True"),
     (dict(top_k=2**31), r"top_k must be an integer in \[0, 2147483647\]"),
     (dict(max_new_tokens=True), r"max_new_tokens must be an integer >= 1, got True"),
-    (dict(stop_token_ids=[10**6]), r"stop_token_ids\[0\] is token id 1000000, outside"),
+    (dict(stop_token_ids=[10**6]), r"stop_token_ids\[0\]: token id 1000000 is outside"),
     (dict(prompts=[[1, True]]), r"prompt 0\[1\] must be an integer >= 0, got True"),
     (dict(prompts="abc"), r"prompts must be a list, got str"),
 ])
@@ -225,7 +225,7 @@ def test_add_request_refusals():
         engine.add_request(5, "abc")
     with pytest.raises(ValueError, match=r"prompt\[0\] must be an integer >= 0, got 1.0"):
         engine.add_request("a", [1.0, 2.0])
-    with pytest.raises(ValueError, match=r"stop_token_ids\[0\] is token id 26, outside"):
+    with pytest.raises(ValueError, match=r"stop_token_ids\[0\]: token id 26 is outside"):
         engine.add_request("a", "abc", SamplingParams(stop_token_ids=[26]))
     with pytest.raises(ValueError, match="sampling_params must be a SamplingParams, got dict"):
         engine.add_request("a", "abc", {"max_tokens": 2})

@@ -128,9 +128,9 @@ def tiny(tmp_path_factory):
     (dict(prompts=[]), "non-empty list"),
     (dict(prompts=[[1, 2], [1, 400]]), "token id 400 is outside"),
     (dict(prompts=[[1] * 250]), "exceeds the model's context of 256"),
-    (dict(prompts=[[1]], temperature=-0.5), "temperature must be >= 0"),
-    (dict(prompts=[[1]], top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(prompts=[[1]], top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(prompts=[[1]], temperature=-0.5), "temperature must be a finite float32 number >= 0"),
+    (dict(prompts=[[1]], top_p=0.0), r"top_p must be a finite float32 number in \(0.0, 1.0\]"),
+    (dict(prompts=[[1]], top_p=1.5), r"top_p must be a finite float32 number in \(0.0, 1.0\]"),
     (dict(prompts=[[1]], top_k=-1), "top_k must be"),
     (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens must be"),
 ])
