@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_throughput import percentiles, run_engine, workload  # noqa: E402
 
-from jaxinfer.benchmark import SHAPES, random_model  # noqa: E402
+from jaxinfer.benchmark import SHAPES, default_device, random_model  # noqa: E402
 
 ENGINE_OPTIONS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size",
                   "num_pages", "attention_impl")
@@ -164,7 +164,7 @@ def offline(args, requests) -> dict:
     options = {k: getattr(args, k) for k in ENGINE_OPTIONS if getattr(args, k) is not None}
     engine = Engine(model, enable_prefix_caching=False, **options)
     row = run_engine(engine, requests)
-    row["device"], row["jax"] = jax.devices()[0].device_kind, jax.__version__
+    row["device"], row["jax"] = default_device().device_kind, jax.__version__
     return row
 
 
