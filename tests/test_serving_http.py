@@ -17,13 +17,13 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import build_hf_model
+from serving_utils import ServerProcess, free_port
 
 import jaxinfer
-from conftest import build_hf_model
 from jaxinfer.serving.client import auth_metadata
 from jaxinfer.serving.proto import inference_pb2 as pb
 from jaxinfer.serving.proto import inference_pb2_grpc as pb_grpc
-from serving_utils import ServerProcess, free_port
 
 openai = pytest.importorskip("openai")
 

@@ -366,7 +366,7 @@ class OpenAIFront:
                       logprobs: int | None, include_usage: bool) -> AsyncIterator[bytes]:
         """The SSE body: one chunk per choice per wake-up, then usage if asked, then [DONE]."""
         try:
-            async for i, batch in _merge(choices, firsts):
+            async for i, batch in _merge(firsts):
                 c = choices[i]
                 chunk = self.fmt.choice(c, batch, False, logprobs, first=c.last is None)
                 yield _sse({**head, "choices": [chunk], **({"usage": None} if include_usage
@@ -407,14 +407,15 @@ async def _first(stream: RequestStream) -> tuple[AsyncIterator, list[RequestOutp
 
 
 async def _last(stream: RequestStream) -> RequestOutput:
-    outputs = None
-    async for outputs in stream.batches():
-        pass
-    return outputs[-1]
+    last = None
+    async for batch in stream.batches():
+        last = batch[-1]
+    return last
 
 
-async def _merge(choices: list[_Choice], firsts: list) -> AsyncIterator[tuple[int, list]]:
-    """(choice position, output batch) of every choice's stream as they come, first batches first."""
+async def _merge(firsts: list) -> AsyncIterator[tuple[int, list]]:
+    """(choice position, output batch) of every stream as the batches come; `firsts` holds each
+    stream's (batch iterator, first batch), yielded first."""
     for i, (_, batch) in enumerate(firsts):
         yield i, batch
     if len(firsts) == 1:  # one request (most calls): no queue, no task
