@@ -1,8 +1,13 @@
-"""The gRPC server under load on loopback, beside offline `Engine` throughput on the same requests.
+"""The server under load on loopback (gRPC, the OpenAI HTTP front, or both on the same requests),
+beside offline `Engine` throughput on the same requests.
 
     # H200, one call: server of Llama-3-8B's shape (random weights), then offline on the same requests
     python scripts/bench_serve.py --shape llama3-8b --workload 128x128 --rates 16:200,64:400,inf:1000 \
         --max-num-seqs 256 --max-num-batched-tokens 8192 --out bench/results/serve-llama3-8b-nvidia-h200.json
+    # H200: the HTTP front against the gRPC front at saturation, one server, the same requests
+    python scripts/bench_serve.py --shape llama3-8b --workload 128x128 --rates inf:1000 --front both \
+        --max-num-seqs 256 --max-num-batched-tokens 8192 --no-offline \
+        --out bench/results/serve-fronts-llama3-8b-nvidia-h200.json
     # CPU smoke
     python scripts/bench_serve.py --shape tiny --workload 16x16 --rates 20:20,inf:30 --num-pages 64 \
         --max-num-seqs 16 --max-num-batched-tokens 128
@@ -10,11 +15,14 @@
 It starts `scripts/serve.py`'s server in a subprocess (random weights of a named shape, the given
 engine options), waits for its health check, and for each `RATE:COUNT` sends COUNT streaming
 requests with Poisson arrivals at RATE per second (`inf`: all at once, the saturation run) from
-several client processes. Per rate: output tokens/s, requests/s, TTFT / TPOT / end-to-end p50 and
+several client processes (`--front both`: each rate on the gRPC front, then the same requests on
+the HTTP front's /v1/completions, streamed, usage at the end). Per rate and front: output tokens/s, requests/s, TTFT / TPOT / end-to-end p50 and
 p99, errors by status code. Then it stops the server (SIGTERM) and runs the saturation run's
 requests through an in-process `Engine` with the same options (bench_throughput.run_engine):
-`server_vs_offline` is the server's saturation throughput over the offline one. Every request is
-greedy with ignore_eos, so it makes exactly its output length on both sides.
+`server_vs_offline` is the server's saturation throughput over the offline one (the gRPC front's
+with both; `http_vs_offline` the HTTP front's). Every request is
+greedy with ignore_eos, so it makes exactly its output length on both sides. With both fronts,
+`http_vs_grpc` is the HTTP front's saturation throughput over the gRPC front's.
 """
 
 from __future__ import annotations
@@ -76,20 +84,79 @@ async def _client(target: str, items: list, timeout: float) -> list[dict]:
                  start_at, timeout) for start_at, prompt, out in items))
 
 
-def client_process(target: str, items: list, timeout: float) -> list[dict]:
+async def _one_http(target: str, request: tuple[list[int], int], start_at: float,
+                    timeout: float) -> dict:
+    """One streamed /v1/completions call on its own connection, read with asyncio streams (a
+    small client, so that the client processes stay far from saturation)."""
+    await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+    prompt, out = request
+    body = json.dumps({"prompt": prompt, "max_tokens": out, "temperature": 0.0,
+                       "ignore_eos": True, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    host, port = target.rsplit(":", 1)
+    sent, first, tokens, code = time.monotonic(), None, 0, "OK"
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: %s\r\n"
+                         b"content-type: application/json\r\ncontent-length: %d\r\n"
+                         b"connection: close\r\n\r\n%s" % (host.encode(), len(body), body))
+            status = (await reader.readline()).split()[1].decode()
+            while (await reader.readline()).strip():
+                pass  # headers: the body is chunked server-sent events
+            if status != "200":
+                code = f"HTTP_{status}"
+            async for event in _sse_events(reader):
+                if event.get("choices") and first is None:
+                    first = time.monotonic()
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                if "error" in event:
+                    code = "STREAM_ERROR"
+            writer.close()
+    except TimeoutError:
+        code = "DEADLINE_EXCEEDED"
+    except OSError:
+        code = "CONNECTION_ERROR"
+    return {"sent": sent, "first": first, "end": time.monotonic(), "tokens": tokens, "code": code}
+
+
+async def _sse_events(reader: asyncio.StreamReader):
+    """The JSON objects of a chunked text/event-stream body, to `data: [DONE]`."""
+    buffer = b""
+    while size := int((await reader.readline()).strip() or b"0", 16):
+        buffer += await reader.readexactly(size)
+        await reader.readexactly(2)  # the chunk's CRLF
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            data = event.removeprefix(b"data: ")
+            if data == b"[DONE]":
+                return
+            yield json.loads(data)
+
+
+async def _client_http(target: str, items: list, timeout: float) -> list[dict]:
+    return await asyncio.gather(*(_one_http(target, (prompt, out), start_at, timeout)
+                                  for start_at, prompt, out in items))
+
+
+def client_process(front: str, target: str, items: list, timeout: float) -> list[dict]:
     """Runs `items` (monotonic start time, prompt ids, output length); one result per item."""
     os.environ["JAX_PLATFORMS"] = "cpu"  # jaxinfer is imported for the stubs: keep off the GPU
-    return asyncio.run(_client(target, items, timeout))
+    client = _client_http if front == "http" else _client
+    return asyncio.run(client(target, items, timeout))
 
 
-def run_rate(pool, procs: int, target: str, requests: list, rate: float, timeout: float,
-             seed: int) -> dict:
-    """Sends `requests` with Poisson arrivals at `rate`/s (inf: at once); returns the figures."""
+def run_rate(pool, procs: int, front: str, target: str, requests: list, rate: float,
+             timeout: float, seed: int) -> dict:
+    """Sends `requests` to `front` with Poisson arrivals at `rate`/s (inf: at once); returns the
+    figures."""
     gaps = np.zeros(len(requests)) if math.isinf(rate) else \
         np.random.default_rng(seed).exponential(1 / rate, len(requests))
     t0 = time.monotonic() + 0.5  # every client process is up and waiting by then
     items = [(t0 + t, p, n) for t, (p, n) in zip(np.cumsum(gaps), requests)]
-    futures = [pool.submit(client_process, target, items[i::procs], timeout) for i in range(procs)]
+    futures = [pool.submit(client_process, front, target, items[i::procs], timeout)
+               for i in range(procs)]
     results = [r for f in futures for r in f.result()]
     ok = [r for r in results if r["code"] == "OK"]
     wall = max(r["end"] for r in results) - t0
@@ -99,7 +166,7 @@ def run_rate(pool, procs: int, target: str, requests: list, rate: float, timeout
         if r["code"] != "OK":
             errors[r["code"]] = errors.get(r["code"], 0) + 1
     short = sum(r["tokens"] != n for r, (_, n) in zip(results, requests) if r["code"] == "OK")
-    return {"rate": rate, "requests": len(requests), "completed": len(ok), "errors": errors,
+    return {"front": front, "rate": rate, "requests": len(requests), "completed": len(ok), "errors": errors,
             "short_answers": short, "wall_s": wall, "out_tok_per_s": n_out / wall,
             "req_per_s": len(ok) / wall,
             "ttft_s": percentiles([r["first"] - r["sent"] for r in ok if r["first"]]),
@@ -112,9 +179,9 @@ def run_rate(pool, procs: int, target: str, requests: list, rate: float, timeout
 # The server subprocess and the offline engine.
 
 
-def server_args(args, port: int) -> list[str]:
+def server_args(args, port: int, http_port: int | None) -> list[str]:
     """scripts/serve.py options of the benchmark's engine options."""
-    out = ["--port", str(port), "--dtype", args.dtype, "--max-queue", "1000000",
+    out = ["--port", str(port), *(["--http-port", str(http_port)] if http_port else []), "--dtype", args.dtype, "--max-queue", "1000000",
            "--no-prefix-caching", "--log-level", args.server_log_level]
     for name in ENGINE_OPTIONS:
         value = getattr(args, name)
@@ -123,9 +190,10 @@ def server_args(args, port: int) -> list[str]:
     return out + args.server_extra.split()
 
 
-def start_server(args, port: int, log_path: str) -> subprocess.Popen:
+def start_server(args, port: int, http_port: int | None, log_path: str) -> subprocess.Popen:
     cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--shape", args.shape,
-           "--layers", str(args.layers), "--dtype", args.dtype, "--", *server_args(args, port)]
+           "--layers", str(args.layers), "--dtype", args.dtype, "--",
+           *server_args(args, port, http_port)]
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get(
         "XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92"))
     with open(log_path, "wb") as log:
@@ -207,6 +275,8 @@ def main() -> int:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--attention-impl", default=None)
+    p.add_argument("--front", default="grpc", choices=["grpc", "http", "both"],
+                   help="the front the clients call; both: each rate on gRPC, then on HTTP")
     p.add_argument("--client-procs", type=int, default=4, help="client processes sending requests")
     p.add_argument("--request-timeout", type=float, default=300.0, help="deadline of each request")
     p.add_argument("--startup-timeout", type=float, default=600.0)
@@ -221,31 +291,43 @@ def main() -> int:
             for i, (rate, count) in enumerate(rates)]
     port = free_port()
     target = f"127.0.0.1:{port}"
+    fronts = ["grpc", "http"] if args.front == "both" else [args.front]
+    http_port = free_port() if "http" in fronts else None
+    targets = {"grpc": target, "http": f"127.0.0.1:{http_port}"}
     log_path = (args.out[:-len(".json")] if args.out and args.out.endswith(".json") else
                 tempfile.mkdtemp(prefix="bench_serve-") + "/server") + ".server.log"
     report = {"shape": args.shape, "args": vars(args), "server_log": log_path, "rates": []}
-    proc = start_server(args, port, log_path)
+    proc = start_server(args, port, http_port, log_path)
     try:
         report["server_startup_s"] = wait_healthy(target, proc, args.startup_timeout)
         print(f"server healthy after {report['server_startup_s']:.0f}s (log: {log_path})", flush=True)
         spawn = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.client_procs, mp_context=spawn) as pool:
             warm = runs[0][1][:2 * args.client_procs]  # starts the client processes, warms the server
-            run_rate(pool, args.client_procs, target, warm, math.inf, args.request_timeout, 0)
+            for front in fronts:
+                run_rate(pool, args.client_procs, front, targets[front], warm, math.inf,
+                         args.request_timeout, 0)
             for i, (rate, requests) in enumerate(runs):
-                row = run_rate(pool, args.client_procs, target, requests, rate,
-                               args.request_timeout, seed=i)
-                report["rates"].append(row)
-                print(json.dumps(row), flush=True)
-                write(report, args.out)
+                for front in fronts:
+                    row = run_rate(pool, args.client_procs, front, targets[front], requests, rate,
+                                   args.request_timeout, seed=i)
+                    report["rates"].append(row)
+                    print(json.dumps(row), flush=True)
+                    write(report, args.out)
     finally:
         report["server_exit_code"] = stop_server(proc)
     saturation = next((r for r in runs if math.isinf(r[0])), runs[-1])
+    at_saturation = {r["front"]: r for r in report["rates"] if r["rate"] == saturation[0]}
+    if len(at_saturation) == 2:
+        report["http_vs_grpc"] = (at_saturation["http"]["out_tok_per_s"] /
+                                  at_saturation["grpc"]["out_tok_per_s"])
     if not args.no_offline:
         report["offline"] = offline(args, saturation[1])
         print(json.dumps({"offline": report["offline"]}), flush=True)
-        served = next(r for r in report["rates"] if r["rate"] == saturation[0])
-        report["server_vs_offline"] = served["out_tok_per_s"] / report["offline"]["out_tok_per_s"]
+        offline_tok_s = report["offline"]["out_tok_per_s"]
+        report["server_vs_offline"] = at_saturation[fronts[0]]["out_tok_per_s"] / offline_tok_s
+        if len(fronts) == 2:
+            report["http_vs_offline"] = at_saturation["http"]["out_tok_per_s"] / offline_tok_s
     write(report, args.out)
     print_table(report)
     return 0
@@ -282,15 +364,19 @@ def print_table(report: dict) -> None:
     print(f"\n{off['device'] if off else ''}  {report['shape']}  {report['args']['workload']}  "
           f"server startup {report['server_startup_s']:.0f}s  exit {report['server_exit_code']}")
     for r in report["rates"]:
-        print(f"rate {r['rate']:>6}/s  {r['completed']:5d}/{r['requests']:<5d} ok  "
+        print(f"{r.get('front', 'grpc'):4s} rate {r['rate']:>6}/s  {r['completed']:5d}/{r['requests']:<5d} ok  "
               f"{r['out_tok_per_s']:9.0f} out tok/s  {r['req_per_s']:7.1f} req/s  "
               f"TTFT p50 {r['ttft_s'].get('p50', float('nan')):.3f}s p99 "
               f"{r['ttft_s'].get('p99', float('nan')):.3f}s  TPOT p50 "
               f"{1e3 * r['tpot_s'].get('p50', float('nan')):.1f}ms p99 "
               f"{1e3 * r['tpot_s'].get('p99', float('nan')):.1f}ms  errors {r['errors'] or 0}")
     if off:
+        http = f", HTTP / offline = {report['http_vs_offline']:.3f}" \
+            if "http_vs_offline" in report else ""
         print(f"offline Engine on the saturation requests: {off['out_tok_per_s']:.0f} out tok/s; "
-              f"server / offline = {report['server_vs_offline']:.3f}")
+              f"server / offline = {report['server_vs_offline']:.3f}{http}")
+    if "http_vs_grpc" in report:
+        print(f"HTTP / gRPC at saturation: {report['http_vs_grpc']:.3f}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,11 @@
-"""jaxinfer's gRPC server: one engine shared by every client (see jaxinfer/serving/grpc_server.py).
+"""jaxinfer's server: one engine shared by every client, over gRPC (jaxinfer/serving/grpc_server.py)
+and/or the OpenAI-compatible HTTP API (jaxinfer/serving/http_server.py).
 
     python scripts/serve.py                                # the default model on 127.0.0.1:50051
     python scripts/serve.py --model PATH --host 0.0.0.0 --port 50051 --api-key KEY \
         --tls-cert cert.pem --tls-key key.pem --metrics-port 9090 --max-num-seqs 128
+    python scripts/serve.py --http-port 8000               # gRPC on 50051 and OpenAI HTTP on 8000
+    python scripts/serve.py --http-port 8000 --no-grpc     # HTTP only
 """
 
 import os

@@ -238,21 +238,30 @@ async def start_server(loop: EngineLoop, served: ServedModel, *, host: str = "12
     return Server(server, checker, bound)
 
 
-async def shutdown(server: Server, loop: EngineLoop, grace_s: float) -> bool:
-    """Stops taking requests, lets those in flight finish within `grace_s`; True if all did."""
-    loop.close()  # new requests: UNAVAILABLE
-    await server.health.enter_graceful_shutdown()
+async def shutdown(server: Server | None, loop: EngineLoop, grace_s: float,
+                   http=None) -> bool:
+    """Stops taking requests, lets those in flight finish within `grace_s`; True if all did.
+
+    `http`: the (uvicorn server, its task) of the HTTP front, if one runs; it closes last.
+    """
+    loop.close()  # new requests: UNAVAILABLE / 503
+    if server is not None:
+        await server.health.enter_graceful_shutdown()
     drained = await asyncio.to_thread(loop.drain, grace_s)
     if not drained:
         log.warning("%d request(s) still running after the %.0fs grace period: ending them",
                     loop.num_unfinished(), grace_s)
     await asyncio.to_thread(loop.stop)  # fails any left with UNAVAILABLE
-    await server.grpc_server.stop(grace=5)  # their last messages go out
+    if server is not None:
+        await server.grpc_server.stop(grace=5)  # their last messages go out
+    if http is not None:
+        http[0].should_exit = True
+        await http[1]
     return drained
 
 
 async def serve(args: argparse.Namespace, engine: Engine, model_path: str) -> int:
-    """Runs the server of the parsed options until SIGTERM / SIGINT; returns the exit code."""
+    """Runs the fronts of the parsed options until SIGTERM / SIGINT; returns the exit code."""
     # The engine thread gives up the GIL while the device works and wants it back at once when a
     # step is done; Python's 5 ms default would let the network thread hold it that long.
     sys.setswitchinterval(args.switch_interval_ms / 1000)
@@ -266,25 +275,40 @@ async def serve(args: argparse.Namespace, engine: Engine, model_path: str) -> in
     if args.tls_cert:
         with open(args.tls_cert, "rb") as c, open(args.tls_key, "rb") as k:
             tls = (c.read(), k.read())
-    server = await start_server(loop, ServedModel(model_path, args.tensor_parallel_size),
-                                host=args.host, port=args.port, api_key=args.api_key, tls=tls)
-    log.info("serving %s on %s:%d (%s%s)%s", model_path, args.host, server.port,
-             "TLS" if tls else "plaintext", ", API key required" if args.api_key else "",
-             f", metrics on :{args.metrics_port}" if args.metrics_port is not None else "")
+    server = http = None
+    if args.grpc:
+        server = await start_server(loop, ServedModel(model_path, args.tensor_parallel_size),
+                                    host=args.host, port=args.port, api_key=args.api_key, tls=tls)
+        log.info("serving gRPC for %s on %s:%d (%s%s)%s", model_path, args.host, server.port,
+                 "TLS" if tls else "plaintext", ", API key required" if args.api_key else "",
+                 f", metrics on :{args.metrics_port}" if args.metrics_port is not None else "")
+    if args.http_port is not None:
+        from jaxinfer.serving import http_server
+
+        front = http_server.OpenAIFront(
+            loop, args.served_model_name or model_path, api_key=args.api_key,
+            metrics_text=metrics.text if args.metrics_port is not None else None)
+        http = await http_server.start_http(front, args.host, args.http_port, args.log_level,
+                                            (args.tls_cert, args.tls_key) if tls else None)
+        port = http[0].servers[0].sockets[0].getsockname()[1]
+        log.info("serving the OpenAI API for %s on %s://%s:%d/v1 as model %r%s", model_path,
+                 "https" if tls else "http", args.host, port, front.model_name,
+                 ", API key required" if args.api_key else "")
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: no new requests; %d in flight get %.0fs to finish",
              loop.num_unfinished(), args.grace_period)
-    await shutdown(server, loop, args.grace_period)
+    await shutdown(server, loop, args.grace_period, http)
     log.info("stopped")
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="serve.py", description="jaxinfer's gRPC server "
-                                "(service jaxinfer.v1.Inference, health, reflection).")
+    p = argparse.ArgumentParser(prog="serve.py", description="jaxinfer's server: gRPC "
+                                "(jaxinfer.v1.Inference, health, reflection) and/or the "
+                                "OpenAI-compatible HTTP API (--http-port).")
     options.add_server_args(p, default_port=50051)
     return p
 

@@ -237,6 +237,11 @@ class EngineLoop:
         with self._lock:
             self._closed = True
 
+    @property
+    def closed(self) -> bool:
+        """True once `close` (or drain, stop) was called: new requests are refused."""
+        return self._closed
+
     def drain(self, timeout: float) -> bool:
         """Closes, then waits up to `timeout` seconds for every request to end; True if all did."""
         self.close()

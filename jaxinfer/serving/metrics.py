@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Histogram, generate_latest,
+                               start_http_server)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from jaxinfer.serving.loop import LoopStats, RequestRecord
@@ -82,3 +83,7 @@ class Metrics:
     def serve(self, port: int, host: str) -> None:
         """Serves /metrics over HTTP on a daemon thread."""
         start_http_server(port, addr=host, registry=self.registry)
+
+    def text(self) -> bytes:
+        """The metrics in Prometheus' text format (the HTTP front's /metrics)."""
+        return generate_latest(self.registry)

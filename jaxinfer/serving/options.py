@@ -39,7 +39,13 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
                    help="compile each step shape on first use instead of at start-up")
     s = parser.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    s.add_argument("--port", type=int, default=default_port, help="0 picks a free port")
+    s.add_argument("--port", type=int, default=default_port, help="the gRPC port (0 picks a free port)")
+    s.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API on this port (0 picks one)")
+    s.add_argument("--no-grpc", dest="grpc", action="store_false",
+                   help="serve HTTP only (needs --http-port)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the model's name in the HTTP API (default: the --model path)")
     s.add_argument("--max-queue", type=int, default=1024,
                    help="most requests waiting for their first token; more are refused")
     s.add_argument("--grace-period", type=float, default=30.0,
@@ -67,6 +73,8 @@ def check_server_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         path = getattr(args, name)
         if path and not os.path.isfile(path):
             parser.error(f"--{name.replace('_', '-')} {path!r} is not a file")
+    if not args.grpc and args.http_port is None:
+        parser.error("--no-grpc leaves no front: give --http-port")
     if args.max_queue < 1:
         parser.error(f"--max-queue must be >= 1, got {args.max_queue}")
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None

@@ -1,0 +1,512 @@
+"""The OpenAI-compatible HTTP front (FastAPI on uvicorn) over the same engine loop as gRPC.
+
+    python scripts/serve.py --http-port 8000            # gRPC on --port too; --no-grpc: HTTP only
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything")
+    client.completions.create(model=client.models.list().data[0].id, prompt="Hi", max_tokens=8)
+
+Routes: POST /v1/completions, POST /v1/chat/completions (the model's chat template), both with
+`stream: true` as server-sent events ending in `data: [DONE]`; GET /v1/models; GET /health;
+GET /metrics when metrics are on. Each prompt times `n` is one engine request; its choices are
+numbered prompt * n + sample. A body is parsed here into SamplingParams, whose checks give the
+400 messages, as the engine's do for what it refuses.
+
+Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad values,
+401 a missing or wrong bearer token (--api-key; /health and /metrics stay open), 404 an unknown
+model, 429 --max-queue full, 503 draining, 500 the engine failed. A client that goes away
+mid-stream cancels its response, whose `finally` aborts its requests: their pages are freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from jaxinfer.engine import RequestOutput
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.serving.loop import Closed, EngineError, EngineLoop, QueueFull, RequestStream
+from jaxinfer.validate import as_bool, as_int, as_token_ids
+
+# Body fields that go to SamplingParams under their own names (vLLM's extras included).
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty", "ignore_eos", "stop_token_ids")
+
+
+class ApiError(Exception):
+    """An error response: HTTP status, OpenAI error type and code, the field at fault."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def _api_error(e: Exception) -> ApiError:
+    """The response of an exception out of parsing, `submit` or a stream."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ValueError):
+        return ApiError(400, str(e))
+    if isinstance(e, QueueFull):
+        return ApiError(429, str(e), "rate_limit_error", code="queue_full")
+    if isinstance(e, Closed):
+        return ApiError(503, str(e), "service_unavailable_error", code="draining")
+    if isinstance(e, EngineError):
+        return ApiError(500, str(e), "internal_error")
+    raise e
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests: a body -> prompts and SamplingParams.
+
+
+def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
+                    sample: int) -> SamplingParams:
+    """The engine's SamplingParams of an OpenAI body (unset fields: the engine's defaults).
+
+    `sample` is the index among the `n` samples of a prompt: a body's `seed` seeds sample j with
+    seed + j, so that the n samples differ and each is reproducible.
+    """
+    fields = {k: body[k] for k in _SAMPLING if body.get(k) is not None}
+    if fields.get("top_k") == -1:  # vLLM's "off"
+        fields["top_k"] = 0
+    if body.get("stop") is not None:
+        fields["stop"] = body["stop"]  # a string or a list of them
+    if body.get("seed") is not None:
+        fields["seed"] = as_int("seed", body["seed"], 0) + sample
+    if max_tokens is not None:
+        fields["max_tokens"] = max_tokens
+    if logprobs is not None:
+        fields["logprobs"] = logprobs
+    return SamplingParams(**fields)
+
+
+def completion_prompts(prompt) -> list[str | list[int]]:
+    """`prompt` as a list of prompts: a string, strings, token ids, or lists of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return [as_token_ids("prompt", prompt)]
+        if all(isinstance(p, list) for p in prompt):
+            return [as_token_ids(f"prompt[{i}]", p) for i, p in enumerate(prompt)]
+    raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list "
+                     f"of token-id lists, got {json.dumps(prompt)[:80]}")
+
+
+def chat_prompt(tokenizer, messages) -> list[int]:
+    """Token ids of `messages` under the model's chat template, ready for the assistant's turn."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} objects")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}] must be an object with a string role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text is understood
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise ValueError(f"messages[{i}].content: only text parts are supported")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, (str, type(None))):
+            raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
+        turns.append({"role": m["role"], "content": content or ""})
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer: use /v1/completions with token ids")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template: use /v1/completions")
+    ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _optional_int(body: dict, name: str, low: int, high: int | None = None) -> int | None:
+    return None if body.get(name) is None else as_int(name, body[name], low, high)
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses: outputs -> OpenAI's objects.
+
+
+class _Choice:
+    """What one engine request has said so far, in the shape of one choice."""
+
+    def __init__(self, index: int, prompt: int, stream: RequestStream, chat: bool):
+        self.index, self.prompt, self.stream, self.chat = index, prompt, stream, chat
+        self.text_len = 0  # characters sent so far (completions' text_offset)
+        self.last: RequestOutput | None = None
+
+
+def _delta(outputs: list[RequestOutput]) -> tuple[str, list[int], list[dict] | None]:
+    """What consecutive outputs added: text, token ids, and those tokens' logprob dicts."""
+    last = outputs[-1]
+    text = "".join(o.text_delta for o in outputs)
+    ids = [t for o in outputs for t in o.new_token_ids]
+    lps = last.logprobs[len(last.logprobs) - len(ids):] if last.logprobs is not None else None
+    return text, ids, lps
+
+
+class Formatter:
+    """Builds OpenAI's response objects; token strings come from the tokenizer (or token_id:N)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._pieces: dict[int, str] = {}
+
+    def piece(self, token: int) -> str:
+        s = self._pieces.get(token)
+        if s is None:
+            s = (self.tokenizer.decode([token]) if self.tokenizer is not None
+                 else f"token_id:{token}")
+            self._pieces[token] = s
+        return s
+
+    def logprobs(self, choice: _Choice, text_len: int, ids: list[int], lps, n: int) -> dict:
+        """The `logprobs` object of `ids` (with `lps`, the engine's dicts), top `n` each."""
+        tops = [sorted(lp.items(), key=lambda kv: -kv[1])[:n] for lp in lps]
+        if choice.chat:
+            def entry(t, v):
+                s = self.piece(t)
+                return {"token": s, "logprob": v, "bytes": list(s.encode())}
+
+            return {"content": [{**entry(t, lp[t]), "top_logprobs": [entry(a, b) for a, b in top]}
+                                for t, lp, top in zip(ids, lps, tops)]}
+        offsets, pos = [], text_len
+        for t in ids:
+            offsets.append(pos)
+            pos += len(self.piece(t))
+        return {"tokens": [self.piece(t) for t in ids], "token_logprobs": [lp[t] for t, lp in
+                                                                         zip(ids, lps)],
+                "top_logprobs": [{self.piece(a): b for a, b in top} for top in tops],
+                "text_offset": offsets}
+
+    def choice(self, choice: _Choice, outputs: list[RequestOutput], whole: bool,
+               num_logprobs: int | None, first: bool = False) -> dict:
+        """One choice (whole: the full answer; else a stream chunk's delta)."""
+        last = outputs[-1]
+        if whole:
+            text, ids, lps = last.text, last.token_ids, last.logprobs
+        else:
+            text, ids, lps = _delta(outputs)
+        out = {"index": choice.index}
+        if choice.chat:
+            key = "message" if whole else "delta"
+            out[key] = {"role": "assistant", "content": text} if whole or first else (
+                {"content": text} if text else {})
+        else:
+            out["text"] = text
+        out["logprobs"] = (self.logprobs(choice, choice.text_len, ids, lps, num_logprobs or 0)
+                           if num_logprobs is not None and lps is not None else None)
+        out["finish_reason"] = last.finish_reason if last.finished else None
+        choice.text_len += len(text)
+        choice.last = last
+        return out
+
+
+def usage(choices: list[_Choice]) -> dict:
+    """Exact token counts: each prompt once, every choice's tokens."""
+    prompts = {c.prompt: len(c.last.prompt_token_ids) for c in choices if c.last is not None}
+    completion = sum(len(c.last.token_ids) for c in choices if c.last is not None)
+    return {"prompt_tokens": sum(prompts.values()), "completion_tokens": completion,
+            "total_tokens": sum(prompts.values()) + completion}
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The app.
+
+
+class OpenAIFront:
+    """The routes' logic over one EngineLoop (see the module docstring)."""
+
+    def __init__(self, loop: EngineLoop, model_name: str, api_key: str | None = None,
+                 metrics_text: Callable[[], bytes] | None = None):
+        self.loop, self.model_name = loop, model_name
+        self.tokenizer = loop.engine.model.tokenizer
+        self.fmt = Formatter(self.tokenizer)
+        self._expected = f"Bearer {api_key}".encode() if api_key else None
+        self.metrics_text = metrics_text
+        self.created = int(time.time())
+
+    def check_auth(self, request: Request) -> None:
+        if self._expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, self._expected):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           "authentication_error", code="invalid_api_key")
+
+    async def body(self, request: Request) -> dict:
+        self.check_auth(request)
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{self.model_name!r}", param="model", code="model_not_found")
+        return body
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": self.created,
+            "owned_by": "jaxinfer", "max_model_len": self.loop.engine.max_model_len}]}
+
+    # -- completions and chat ------------------------------------------------------------------
+
+    def _plan(self, body: dict, chat: bool) -> tuple[list, list[SamplingParams], int, int | None]:
+        """(prompts, one SamplingParams per sample index, n, logprobs) of a body; ValueError."""
+        n = _optional_int(body, "n", 1) or 1
+        max_tokens = _optional_int(body, "max_completion_tokens" if chat and
+                                   body.get("max_completion_tokens") is not None
+                                   else "max_tokens", 1)
+        if chat:
+            prompts = [chat_prompt(self.tokenizer, body.get("messages"))]
+            if max_tokens is None:  # the rest of the context, as vLLM does
+                max_tokens = max(self.loop.engine.max_model_len - len(prompts[0]), 1)
+            logprobs = None
+            if body.get("logprobs") is not None and as_bool("logprobs", body["logprobs"]):
+                logprobs = _optional_int(body, "top_logprobs", 0) or 0
+        else:
+            if "prompt" not in body:
+                raise ValueError("prompt is required")
+            prompts = completion_prompts(body["prompt"])
+            logprobs = _optional_int(body, "logprobs", 0)
+            if body.get("echo"):
+                raise ValueError("echo is not supported")
+        params = [sampling_params(body, max_tokens, logprobs, j) for j in range(n)]
+        return prompts, params, n, logprobs
+
+    def _submit(self, prompts: list, params: list[SamplingParams], chat: bool,
+                request_id: str) -> list[_Choice]:
+        """One engine request per prompt and sample; on a refusal, aborts those already in."""
+        choices: list[_Choice] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                for j, p in enumerate(params):
+                    index = i * len(params) + j
+                    stream = self.loop.submit(prompt, p, f"{request_id}-{index}")
+                    choices.append(_Choice(index, i, stream, chat))
+        except (QueueFull, Closed):
+            self._abort(choices)
+            raise
+        return choices
+
+    def _abort(self, choices: list[_Choice]) -> None:
+        for c in choices:
+            self.loop.abort(c.stream)
+
+    async def create(self, request: Request, chat: bool) -> Response:
+        """POST /v1/completions or /v1/chat/completions."""
+        try:
+            body = await self.body(request)
+            try:
+                prompts, params, n, logprobs = self._plan(body, chat)
+                stream = body.get("stream") is not None and as_bool("stream", body["stream"])
+                include_usage = _include_usage(body.get("stream_options"))
+            except ValueError:
+                self.loop.refused(body.get("user") or "-", "invalid")
+                raise
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+            choices = self._submit(prompts, params, chat, rid)
+        except Exception as e:  # noqa: BLE001 - _api_error re-raises what it does not know
+            return _api_error(e).response()
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": self.model_name}
+        if not stream:
+            return await self._whole(choices, head, logprobs)
+        try:  # the first outputs (or the engine's refusal) before the 200 goes out
+            firsts = await _all(_first(c.stream) for c in choices)
+        except Exception as e:  # noqa: BLE001
+            self._abort(choices)
+            return _api_error(e).response()
+        head["object"] = "chat.completion.chunk" if chat else "text_completion"
+        return StreamingResponse(self._events(choices, firsts, head, logprobs, include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
+
+    async def _whole(self, choices: list[_Choice], head: dict, logprobs: int | None) -> Response:
+        try:
+            finals = await _all(_last(c.stream) for c in choices)
+        except Exception as e:  # noqa: BLE001
+            return _api_error(e).response()
+        finally:  # the client went away (cancelled) or one failed: free the others' pages
+            self._abort(choices)
+        body = {**head, "choices": [self.fmt.choice(c, [out], True, logprobs)
+                                    for c, out in zip(choices, finals)],
+                "usage": usage(choices)}
+        return JSONResponse(body)
+
+    async def _events(self, choices: list[_Choice], firsts: list, head: dict,
+                      logprobs: int | None, include_usage: bool) -> AsyncIterator[bytes]:
+        """The SSE body: one chunk per choice per wake-up, then usage if asked, then [DONE]."""
+        try:
+            async for i, batch in _merge(firsts):
+                c = choices[i]
+                chunk = self.fmt.choice(c, batch, False, logprobs, first=c.last is None)
+                yield _sse({**head, "choices": [chunk], **({"usage": None} if include_usage
+                                                            else {})})
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": usage(choices)})
+        except (ValueError, EngineError, Closed) as e:
+            yield _sse(_api_error(e).body())
+        finally:  # a client that disconnected lands here too: free the pages now
+            self._abort(choices)
+        yield b"data: [DONE]\n\n"
+
+
+def _include_usage(options) -> bool:
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise ValueError(f"stream_options must be an object, got {json.dumps(options)[:80]}")
+    return options.get("include_usage") is not None and as_bool(
+        "stream_options.include_usage", options["include_usage"])
+
+
+async def _all(coroutines) -> list:
+    """The coroutines' results; the first to raise cancels the others (their streams were
+    aborted, so they would wait for ever)."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _first(stream: RequestStream) -> tuple[AsyncIterator, list[RequestOutput]]:
+    """(the stream's batch iterator, its first batch): raises what the stream raises first."""
+    batches = stream.batches()
+    return batches, await anext(batches)
+
+
+async def _last(stream: RequestStream) -> RequestOutput:
+    last = None
+    async for batch in stream.batches():
+        last = batch[-1]
+    return last
+
+
+async def _merge(firsts: list) -> AsyncIterator[tuple[int, list]]:
+    """(choice position, output batch) of every stream as the batches come; `firsts` holds each
+    stream's (batch iterator, first batch), yielded first."""
+    for i, (_, batch) in enumerate(firsts):
+        yield i, batch
+    if len(firsts) == 1:  # one request (most calls): no queue, no task
+        async for batch in firsts[0][0]:
+            yield 0, batch
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, batches: AsyncIterator) -> None:
+        try:
+            async for batch in batches:
+                await queue.put((i, batch, None))
+        except Exception as e:  # noqa: BLE001 - handed to the reader
+            await queue.put((i, None, e))
+        await queue.put((i, None, None))
+
+    tasks = [asyncio.create_task(pump(i, b)) for i, (b, first) in enumerate(firsts)
+             if not first[-1].finished]
+    try:
+        left = len(tasks)
+        while left:
+            i, batch, error = await queue.get()
+            if error is not None:
+                raise error
+            if batch is None:
+                left -= 1
+            else:
+                yield i, batch
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def create_app(front: OpenAIFront) -> FastAPI:
+    """The FastAPI app of `front`'s routes."""
+    app = FastAPI(title="jaxinfer", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await front.create(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await front.create(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        try:
+            front.check_auth(request)
+        except ApiError as e:
+            return e.response()
+        return JSONResponse(front.models())
+
+    @app.get("/health")
+    async def health():
+        if front.loop.closed:
+            return ApiError(503, "the server is shutting down", "service_unavailable_error",
+                            code="draining").response()
+        return Response(status_code=200)
+
+    if front.metrics_text is not None:
+        @app.get("/metrics")
+        async def metrics():
+            return Response(front.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the process's own handler drains every front."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def start_http(front: OpenAIFront, host: str, port: int, log_level: str = "warning",
+                     tls: tuple[str, str] | None = None) -> tuple[uvicorn.Server, asyncio.Task]:
+    """Starts uvicorn on host:port in the running event loop; returns it and its task.
+
+    Args:
+      tls: (certificate file, key file) to serve HTTPS; None serves plain HTTP.
+    """
+    config = uvicorn.Config(create_app(front), host=host, port=port, log_level=log_level.lower(),
+                            access_log=False, ssl_certfile=tls[0] if tls else None,
+                            ssl_keyfile=tls[1] if tls else None, timeout_graceful_shutdown=5)
+    server = _Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()  # raises why it could not start (e.g. the port is taken)
+            raise RuntimeError(f"the HTTP server on {host}:{port} did not start")
+        await asyncio.sleep(0.02)
+    return server, task

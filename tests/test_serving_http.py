@@ -1,0 +1,311 @@
+"""The OpenAI-compatible HTTP front as a real process on loopback, driven by the official `openai`
+client, against `LLM.generate`.
+
+One server (a tiny random model with a word-level tokenizer and a chat template, gRPC beside it on
+the same engine loop) serves the module; the last test stops it by SIGTERM while a stream runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import build_hf_model
+from serving_utils import ServerProcess, free_port
+
+import jaxinfer
+from jaxinfer.serving.client import auth_metadata
+from jaxinfer.serving.proto import inference_pb2 as pb
+from jaxinfer.serving.proto import inference_pb2_grpc as pb_grpc
+
+openai = pytest.importorskip("openai")
+
+KEY = "http-key-456"
+ENGINE = dict(max_num_seqs=16, max_num_batched_tokens=128, num_pages=96, max_model_len=256)
+ENGINE_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()] + ["--dtype=float32"]
+NAME = "tiny"
+ROLES = ("system", "user", "assistant")
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}assistant{% endif %}")
+
+
+def save_word_tokenizer(path, vocab_size: int) -> None:
+    """A word-level tokenizer: ids 0..V-4 are "w0".., then the chat roles; text is words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(vocab_size - len(ROLES))] + list(ROLES)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-http")
+    build_hf_model("llama3", path)
+    save_word_tokenizer(path, 320)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path, tmp_path_factory):
+    d = tmp_path_factory.mktemp("http")
+    http_port, metrics_port = free_port(), free_port()
+    srv = ServerProcess(["--model", str(tiny_path), *ENGINE_ARGS, "--http-port", str(http_port),
+                         "--served-model-name", NAME, "--api-key", KEY, "--metrics-port",
+                         str(metrics_port), "--max-queue", "24", "--grace-period", "60", "--no-warmup"],
+                        d / "server.log")
+    srv.http_port = http_port
+    try:
+        srv.wait_healthy(240)
+        yield srv
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key=KEY,
+                       max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_path):
+    model = jaxinfer.load_model(tiny_path, dtype="float32")
+    return jaxinfer.LLM(model=model, **ENGINE, warmup=False)
+
+
+def reference(llm, prompts, **sampling):
+    return llm.generate(prompts, jaxinfer.SamplingParams(**sampling), use_tqdm=False)
+
+
+def prompts(n, seed=0, length=(3, 20)):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, 310, rng.integers(*length)).tolist() for _ in range(n)]
+
+
+def words(ids):
+    return " ".join(f"w{i}" for i in ids)
+
+
+def stats(server) -> pb.ModelInfoResponse:
+    with server.channel() as channel:  # the gRPC front reads the same engine loop
+        return pb_grpc.InferenceStub(channel).ModelInfo(pb.ModelInfoRequest(),
+                                                        metadata=auth_metadata(KEY), timeout=5)
+
+
+def wait_all_pages_free(server, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        info = stats(server)
+        if info.kv_pages_free == info.kv_pages_total and info.requests_running == 0:
+            return info
+        assert time.monotonic() < deadline, info
+        time.sleep(0.05)
+
+
+def test_completions_unary_and_stream_equal_llm_generate(client, llm):
+    ps = prompts(3)
+    refs = reference(llm, ps, max_tokens=10, temperature=0.0, ignore_eos=True)
+    # Token ids and text prompts, several at once: choices in prompt order, usage exact.
+    for prompt in (ps, [words(p) for p in ps]):
+        r = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.object == "text_completion" and r.model == NAME and r.id.startswith("cmpl-")
+        assert [c.index for c in r.choices] == [0, 1, 2]
+        assert [c.text for c in r.choices] == [ref.text for ref in refs]
+        assert {c.finish_reason for c in r.choices} == {"length"}
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == \
+            (sum(map(len, ps)), 30, sum(map(len, ps)) + 30)
+    chunks = list(client.completions.create(
+        model=NAME, prompt=ps[0], max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == refs[0].text
+    assert [c.choices[0].finish_reason for c in chunks[:-1]][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.prompt_tokens == len(ps[0])
+
+
+def test_chat_unary_and_stream_equal_llm_generate(client, llm, tiny_path):
+    messages = [{"role": "system", "content": "w5 w6"}, {"role": "user", "content": "w7 w8 w9"}]
+    ids = llm.engine.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                         tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    (ref,) = reference(llm, [ids], max_tokens=12, temperature=0.0)
+    r = client.chat.completions.create(model=NAME, messages=messages, max_completion_tokens=12,
+                                       temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.text
+    assert r.choices[0].finish_reason == ref.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(ref.token_ids))
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=12,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == ref.finish_reason
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+
+
+def test_sampling_fields_logprobs_and_n(client, llm):
+    (prompt,) = prompts(1, seed=1)
+    sampling = dict(max_tokens=6, temperature=0.8, top_p=0.9, top_k=40, min_p=0.01,
+                    repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.3,
+                    ignore_eos=True, logprobs=3)
+    refs = reference(llm, [prompt, prompt], **{**sampling, "seed": 11}) + \
+        reference(llm, [prompt], **{**sampling, "seed": 12})
+    r = client.completions.create(
+        model=NAME, prompt=prompt, n=2, seed=11, max_tokens=6, temperature=0.8, top_p=0.9,
+        presence_penalty=0.5, frequency_penalty=0.3, logprobs=3,
+        extra_body=dict(top_k=40, min_p=0.01, repetition_penalty=1.1, ignore_eos=True))
+    # Sample j is seeded with seed + j: sample 0 is seed 11's answer, sample 1 seed 12's.
+    assert [c.text for c in r.choices] == [refs[0].text, refs[2].text]
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [f"w{t}" for t in refs[0].token_ids]
+    assert lp.token_logprobs == pytest.approx([d[t] for d, t in zip(refs[0].logprobs,
+                                                                   refs[0].token_ids)], abs=1e-5)
+    assert all(len(top) == 3 for top in lp.top_logprobs)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    chat = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "w3"}], max_tokens=4, logprobs=True,
+        top_logprobs=2, temperature=0, stop=["w999"])
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.bytes == list(c.token.encode()) for c in content)
+    assert content[0].top_logprobs[0].logprob == pytest.approx(content[0].logprob)  # greedy
+
+
+def test_16_concurrent_streams(client, llm):
+    ps = prompts(16, seed=2)
+    refs = reference(llm, ps, max_tokens=16, temperature=0.0, ignore_eos=True)
+    texts: dict[int, str] = {}
+
+    def run(i):
+        stream = client.completions.create(model=NAME, prompt=ps[i], max_tokens=16, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        texts[i] = "".join(c.choices[0].text for c in stream)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert texts == {i: ref.text for i, ref in enumerate(refs)}
+
+
+def test_models_health_and_metrics(client, server):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    base = f"http://127.0.0.1:{server.http_port}"
+    assert urllib.request.urlopen(f"{base}/health", timeout=5).status == 200
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    assert re.search(r'^jaxinfer_requests_total\{outcome="length"\} [1-9]', text, re.M)
+
+
+BAD = {
+    "temperature": (dict(temperature=-1), "temperature must be"),
+    "top_p": (dict(top_p=0), "top_p must be a finite float32 number in (0.0, 1.0]"),
+    "max_tokens": (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
+    "n": (dict(n=0), "n must be an integer >= 1"),
+    "logprobs": (dict(logprobs=99), "logprobs must be an integer in [0, 20]"),
+    "prompt shape": (dict(prompt=[1, "a"]), "prompt must be a string"),
+    "token outside the vocab": (dict(prompt=[5, 320]), "outside the vocabulary"),
+    "too long": (dict(prompt=[5] * 300), "exceeds max_model_len (256)"),
+}
+
+
+def test_bad_values_are_400_in_openai_shape(client):
+    for name, (kw, message) in BAD.items():
+        kw = {"prompt": [5, 6], "max_tokens": 2, **kw}
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as e:
+                r = client.completions.create(model=NAME, stream=stream, **kw)
+                list(r) if stream else None
+            assert e.value.status_code == 400, name
+            err = e.value.body
+            assert set(err) >= {"message", "type", "param", "code"}, err
+            assert message in err["message"], (name, err)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=NAME, messages=[], max_tokens=2)
+
+
+def test_auth_model_and_queue_errors(client, server):
+    base = f"http://127.0.0.1:{server.http_port}/v1"
+    with openai.OpenAI(base_url=base, api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError) as e:
+            bad.completions.create(model=NAME, prompt=[5], max_tokens=2)
+        assert e.value.body["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    no_key = urllib.request.Request(f"{base}/completions", method="POST",
+                                    data=b'{"prompt": [5]}')
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(no_key, timeout=10)
+    assert e.value.code == 401
+    assert json.loads(e.value.read())["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt=[5], max_tokens=2)
+    assert e.value.body["param"] == "model" and "gpt-4" in e.value.body["message"]
+    # --max-queue 24, 16 requests a step: 40 requests in one call overflow the queue.
+    with pytest.raises(openai.RateLimitError) as e:
+        client.completions.create(model=NAME, prompt=[[5, 6]] * 40, max_tokens=2)
+    assert "--max-queue" in e.value.body["message"]
+    wait_for_log(server, r"request cmpl-\w+-\d+: abort", 24)  # the 24 admitted: aborted
+    wait_all_pages_free(server)
+
+
+def wait_for_log(server, pattern, count=1, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while len(re.findall(pattern, server.log())) < count:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+
+
+def test_disconnect_mid_stream_frees_pages(server):
+    (prompt,) = prompts(1, seed=3)
+    body = json.dumps({"model": NAME, "prompt": prompt, "max_tokens": 230, "stream": True,
+                       "temperature": 0, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"authorization: Bearer " + KEY.encode() + b"\r\ncontent-length: " +
+                  str(len(body)).encode() + b"\r\n\r\n" + body)
+        got = b""
+        while got.count(b"data: ") < 3 and (piece := s.recv(4096)):
+            got += piece
+        assert got.startswith(b"HTTP/1.1 200") and got.count(b"data: ") >= 3, got
+        info = stats(server)
+        assert info.kv_pages_free < info.kv_pages_total  # the request holds pages now
+    wait_all_pages_free(server)
+    wait_for_log(server, r"request cmpl-\w+-0: abort, \d+ tokens in \(\d+ cached\), [1-9]")
+
+
+def test_draining_is_503_and_the_streams_in_flight_finish(client, server, llm):
+    """Last in the module: SIGTERM stops its server (the fixture checks exit code 0)."""
+    (prompt,) = prompts(1, seed=5, length=(8, 9))
+    (ref,) = reference(llm, [prompt], max_tokens=240, temperature=0.0, ignore_eos=True)
+    # 16 samples of 240 tokens: the drain lasts a good many steps after SIGTERM.
+    stream = client.completions.create(model=NAME, prompt=prompt, n=16, max_tokens=240,
+                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+    chunks = [next(iter(stream))]
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model=NAME, prompt=[5], max_tokens=2)
+    assert e.value.status_code == 503 and e.value.body["code"] == "draining"
+    chunks += list(stream)
+    texts = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i)
+             for i in range(16)]
+    assert texts == [ref.text] * 16
+    assert sum(c.choices[0].finish_reason == "length" for c in chunks) == 16
+    assert server.proc.wait(60) == 0, server.log()
