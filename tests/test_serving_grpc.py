@@ -170,7 +170,7 @@ def test_cancel_mid_stream_frees_pages(stub, server):
 
 def test_deadline_and_disconnect_free_pages(stub, server):
     with pytest.raises(grpc.RpcError) as e:
-        stub.Generate(long_request(request_id="late"), metadata=AUTH, timeout=0.3)
+        stub.Generate(long_request(request_id="late"), metadata=AUTH, timeout=0.05)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_all_pages_free(stub)
     channel = server.channel()  # a client that goes away mid-stream
@@ -182,7 +182,7 @@ def test_deadline_and_disconnect_free_pages(stub, server):
 
 
 BAD_INPUTS = {
-    "empty text": (dict(prompt=""), "prompt is empty"),
+    "empty text": (dict(prompt=""), "must be a non-empty string"),
     "empty token ids": (dict(prompt=[]), "prompt must be a non-empty"),
     "token outside the vocab": (dict(prompt=[5, 320]), "token id 320 is outside the vocabulary"),
     "temperature": (dict(prompt=[5], temperature=-1.0), "temperature must be >= 0"),

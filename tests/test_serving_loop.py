@@ -85,7 +85,7 @@ def test_streams_from_asyncio_are_exact_and_batched():
 def test_bad_input_raises_the_engines_message_and_others_run():
     with running() as loop:
         good = loop.submit("abc", LONG)
-        for prompt, params, message in [("", GREEDY, "prompt is empty"),
+        for prompt, params, message in [("", GREEDY, "must be a non-empty string"),
                                         ([3, 99], GREEDY, "token id 99 is outside"),
                                         ("abc", SamplingParams(max_tokens=100), "exceeds max_model_len")]:
             with pytest.raises(ValueError, match=message):
