@@ -25,6 +25,18 @@ from jaxinfer.generate import generate, stream
 from jaxinfer.model import Model, forward, init_params
 from jaxinfer.sampling import SamplingParams
 
-__all__ = ["LLM", "Engine", "EngineConfig", "Model", "ModelConfig", "RequestOutput",
-           "SamplingParams", "forward", "generate", "init_params", "load_model", "save_checkpoint",
-           "stream"]
+__all__ = [
+    "LLM",
+    "Engine",
+    "EngineConfig",
+    "Model",
+    "ModelConfig",
+    "RequestOutput",
+    "SamplingParams",
+    "forward",
+    "generate",
+    "init_params",
+    "load_model",
+    "save_checkpoint",
+    "stream",
+]

@@ -28,22 +28,29 @@ def check_impl(impl: str) -> str:
     return impl
 
 
-def causal_attention(q: Float[Array, "B T N H"], k: Float[Array, "B T K H"],
-                     v: Float[Array, "B T K H"], *, impl: str) -> Float[Array, "B T N H"]:
+def causal_attention(
+    q: Float[Array, "B T N H"], k: Float[Array, "B T K H"], v: Float[Array, "B T K H"], *, impl: str
+) -> Float[Array, "B T N H"]:
     """Causal self-attention over the T tokens given (prefill, or a forward with no cache)."""
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     if impl == "pallas":
         from pallas_kernels.flash_attention import flash_attention
+
         return flash_attention(q, k, v, causal=True)
     t = q.shape[1]
     mask = jnp.tril(jnp.ones((t, t), jnp.bool_))[None]  # [1, T, S]
     return masked_attention(q, k, v, mask, reference=impl == "reference")
 
 
-def cached_attention(q: Float[Array, "B T N H"], k_cache: Float[Array, "K B S H"],
-                     v_cache: Float[Array, "K B S H"], q_positions: Int[Array, "B T"], *,
-                     impl: str) -> Float[Array, "B T N H"]:
+def cached_attention(
+    q: Float[Array, "B T N H"],
+    k_cache: Float[Array, "K B S H"],
+    v_cache: Float[Array, "K B S H"],
+    q_positions: Int[Array, "B T"],
+    *,
+    impl: str,
+) -> Float[Array, "B T N H"]:
     """Attention of new tokens over a contiguous cache; key s is visible to a query at p iff s <= p."""
     kv_heads, b, s, h = k_cache.shape
     if impl == "pallas" and q.shape[1] == 1 and s % PAGE == 0:
@@ -52,8 +59,9 @@ def cached_attention(q: Float[Array, "B T N H"], k_cache: Float[Array, "K B S H"
         pages = s // PAGE  # row b owns pages b * pages .. (b + 1) * pages - 1
         as_pages = lambda c: c.reshape(kv_heads, b * pages, PAGE, h)  # a view: no copy
         tables = jnp.arange(b * pages, dtype=jnp.int32).reshape(b, pages)
-        out = paged_attention(q[:, 0], as_pages(k_cache), as_pages(v_cache), tables,
-                              q_positions[:, 0] + 1)
+        out = paged_attention(
+            q[:, 0], as_pages(k_cache), as_pages(v_cache), tables, q_positions[:, 0] + 1
+        )
         return out[:, None]
     mask = jnp.arange(s)[None, None, :] <= q_positions[:, :, None]  # [B, T, S]
     return masked_attention(q, k_cache, v_cache, mask, reference=impl == "reference", kv="KBSH")
@@ -76,9 +84,16 @@ class PagedMeta:
     decode: bool = flax.struct.field(pytree_node=False, default=False)
 
 
-def paged_attention(q: Float[Array, "T N H"], k: Float[Array, "T K H"], v: Float[Array, "T K H"],
-                    k_pages: Float[Array, "K P L H"], v_pages: Float[Array, "K P L H"],
-                    meta: PagedMeta, *, impl: str):
+def paged_attention(
+    q: Float[Array, "T N H"],
+    k: Float[Array, "T K H"],
+    v: Float[Array, "T K H"],
+    k_pages: Float[Array, "K P L H"],
+    v_pages: Float[Array, "K P L H"],
+    meta: PagedMeta,
+    *,
+    impl: str,
+):
     """Writes the step's K/V into their pages, then attends each token to its sequence's pages."""
     from pallas_kernels.paged_attention import paged_attention as decode_kernel
     from pallas_kernels.paged_attention import ragged_paged_attention_reference, write_kv
@@ -88,8 +103,9 @@ def paged_attention(q: Float[Array, "T N H"], k: Float[Array, "T K H"], v: Float
     else:
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
     if impl == "reference":
-        out = ragged_paged_attention_reference(q, k_pages, v_pages, meta.block_tables,
-                                               meta.kv_lens, meta.cu_q_lens)
+        out = ragged_paged_attention_reference(
+            q, k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens
+        )
     elif impl != "pallas":
         out = _xla_paged_attention(q, k_pages, v_pages, meta)
     elif meta.decode:  # padding rows read one slot of page 0; dropped later
@@ -102,8 +118,13 @@ def paged_attention(q: Float[Array, "T N H"], k: Float[Array, "T K H"], v: Float
 _EACH_MAX_TOKENS = 16
 
 
-def _write_kv_each(k_pages: Float[Array, "K P L H"], v_pages: Float[Array, "K P L H"],
-                   k: Float[Array, "T K H"], v: Float[Array, "T K H"], slots: Int[Array, "T"]):
+def _write_kv_each(
+    k_pages: Float[Array, "K P L H"],
+    v_pages: Float[Array, "K P L H"],
+    k: Float[Array, "T K H"],
+    v: Float[Array, "T K H"],
+    slots: Int[Array, "T"],
+):
     """`write_kv` one token at a time, by dynamic-update-slice. On a CPU, XLA lowers the scatter
     of a few rows through copies of the whole pool (measured: 2 s of a 2.2 s SmolLM2 decode step
     at 1,024 pages); these updates stay in place. For steps of few tokens (decodes)."""
@@ -122,9 +143,13 @@ def _write_kv_each(k_pages: Float[Array, "K P L H"], v_pages: Float[Array, "K P 
     return jax.lax.fori_loop(0, slots.shape[0], body, (k_pages, v_pages))
 
 
-def _xla_paged_attention(q: Float[Array, "T N H"], k_pages: Float[Array, "K P L H"],
-                         v_pages: Float[Array, "K P L H"], meta: PagedMeta,
-                         chunk: int = 16) -> Float[Array, "T N H"]:
+def _xla_paged_attention(
+    q: Float[Array, "T N H"],
+    k_pages: Float[Array, "K P L H"],
+    v_pages: Float[Array, "K P L H"],
+    meta: PagedMeta,
+    chunk: int = 16,
+) -> Float[Array, "T N H"]:
     """Plain XLA over the pages, `chunk` tokens at a time: only a chunk's sequences' pages are
     gathered at once ([K, C, S, H], S = block-table width x L), never all T tokens' (at 2,048
     tokens of an 8k context that was tens of GB). Padding tokens give 0."""
@@ -161,8 +186,9 @@ def _xla_paged_attention(q: Float[Array, "T N H"], k_pages: Float[Array, "K P L 
     return jnp.where(live[:, None, None], out, 0).astype(q.dtype)
 
 
-def _mixed_step_attention(q: Float[Array, "T N H"], k_pages, v_pages,
-                          meta: PagedMeta) -> Float[Array, "T N H"]:
+def _mixed_step_attention(
+    q: Float[Array, "T N H"], k_pages, v_pages, meta: PagedMeta
+) -> Float[Array, "T N H"]:
     """Sequences with one new token (decodes) through the split-K decode kernel, the others
     through the ragged kernel: the ragged kernel is slow on one-token queries (0.40 ms a layer at
     256 decodes of ~200 tokens on an H200, against ~0.05 ms of KV bytes)."""
@@ -173,19 +199,33 @@ def _mixed_step_attention(q: Float[Array, "T N H"], k_pages, v_pages,
     starts, q_lens = meta.cu_q_lens[:-1], meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]  # [B]
     single = q_lens == 1
     # Other rows (prefill chunks, padding) attend one slot of their first page; dropped below.
-    dec = decode_kernel(q[jnp.minimum(starts, t - 1)], k_pages, v_pages, meta.block_tables,
-                        jnp.where(single, meta.kv_lens, 1))  # [B, N, H]
-    rag = ragged_kernel(q, k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens,
-                        skip_single_token=True)  # one-token rows left unwritten
+    dec = decode_kernel(
+        q[jnp.minimum(starts, t - 1)],
+        k_pages,
+        v_pages,
+        meta.block_tables,
+        jnp.where(single, meta.kv_lens, 1),
+    )  # [B, N, H]
+    rag = ragged_kernel(
+        q, k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens, skip_single_token=True
+    )  # one-token rows left unwritten
     token = jnp.arange(t)
-    seq = jnp.minimum(jnp.searchsorted(meta.cu_q_lens[1:], token, side="right",
-                                     method="compare_all"), b - 1)  # [T]
+    seq = jnp.minimum(
+        jnp.searchsorted(meta.cu_q_lens[1:], token, side="right", method="compare_all"), b - 1
+    )  # [T]
     from_decode = single[seq] & (token < meta.cu_q_lens[-1])
     return jnp.where(from_decode[:, None, None], dec[seq], rag)
 
 
-def masked_attention(q: Float[Array, "B T N H"], k: Array, v: Array, mask: Bool[Array, "B T S"], *,
-                     reference: bool = False, kv: str = "BSKH") -> Float[Array, "B T N H"]:
+def masked_attention(
+    q: Float[Array, "B T N H"],
+    k: Array,
+    v: Array,
+    mask: Bool[Array, "B T S"],
+    *,
+    reference: bool = False,
+    kv: str = "BSKH",
+) -> Float[Array, "B T N H"]:
     """Softmax attention under `mask`; k and v are laid out as `kv` says (BSKH or KBSH)."""
     b, t, n, h = q.shape
     kv_heads = k.shape[kv.index("K")]
@@ -194,7 +234,7 @@ def masked_attention(q: Float[Array, "B T N H"], k: Array, v: Array, mask: Bool[
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
     scores = jnp.einsum(f"BTKGH,{kv}->BKGTS", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (h ** -0.5)
+    scores = scores * (h**-0.5)
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum(f"BKGTS,{kv}->BTKGH", probs, v, preferred_element_type=jnp.float32)

@@ -26,30 +26,92 @@ import numpy as np
 
 from pallas_kernels.common import default_device
 
-__all__ = ["SHAPES", "Journal", "card_limits", "check_impls", "decode_bytes", "default_device",
-           "errors", "hf_random_model", "max_rel_err", "pipelined_time", "prefill_flops",
-           "random_model", "routed_experts", "run_isolated", "run_resumable", "shape"]
+__all__ = [
+    "SHAPES",
+    "Journal",
+    "card_limits",
+    "check_impls",
+    "decode_bytes",
+    "default_device",
+    "errors",
+    "hf_random_model",
+    "max_rel_err",
+    "pipelined_time",
+    "prefill_flops",
+    "random_model",
+    "routed_experts",
+    "run_isolated",
+    "run_resumable",
+    "shape",
+]
 
 SHAPES = {
-    "llama2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096,
-                      intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
-                      head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
-                      intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-                      head_dim=128, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                      rope_theta=500000.0),
-    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096,
-                         intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-                         head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-5,
-                         rope_theta=1e6, num_experts=8, num_experts_per_tok=2,
-                         moe_intermediate_size=14336),
-    "tiny-moe": dict(model_type="mixtral", vocab_size=512, hidden_size=128, intermediate_size=256,
-                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
-                     max_position_embeddings=4096, num_experts=4, num_experts_per_tok=2,
-                     moe_intermediate_size=256),
-    "tiny": dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256,
-                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
-                 max_position_embeddings=4096),
+    "llama2-7b": dict(
+        model_type="llama",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    "llama3-8b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+    ),
+    "mixtral-8x7b": dict(
+        model_type="mixtral",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=14336,
+    ),
+    "tiny-moe": dict(
+        model_type="mixtral",
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        max_position_embeddings=4096,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=256,
+    ),
+    "tiny": dict(
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        max_position_embeddings=4096,
+    ),
 }
 
 
@@ -77,15 +139,26 @@ def hf_random_model(spec: dict):
     import transformers
 
     common = dict(
-        vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"],
-        intermediate_size=spec["intermediate_size"], num_hidden_layers=spec["num_layers"],
-        num_attention_heads=spec["num_heads"], num_key_value_heads=spec["num_kv_heads"],
+        vocab_size=spec["vocab_size"],
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_layers"],
+        num_attention_heads=spec["num_heads"],
+        num_key_value_heads=spec["num_kv_heads"],
         max_position_embeddings=spec["max_position_embeddings"],
-        rope_theta=spec.get("rope_theta", 10000.0), eos_token_id=None, pad_token_id=0)
+        rope_theta=spec.get("rope_theta", 10000.0),
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     if spec["model_type"] == "mixtral":
-        config = transformers.MixtralConfig(**dict(
-            common, intermediate_size=spec["moe_intermediate_size"],
-            num_local_experts=spec["num_experts"], num_experts_per_tok=spec["num_experts_per_tok"]))
+        config = transformers.MixtralConfig(
+            **dict(
+                common,
+                intermediate_size=spec["moe_intermediate_size"],
+                num_local_experts=spec["num_experts"],
+                num_experts_per_tok=spec["num_experts_per_tok"],
+            )
+        )
         cls = transformers.MixtralForCausalLM
     else:
         config, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
@@ -111,8 +184,14 @@ def _block(x):
     return x
 
 
-def pipelined_time(fn: Callable[[Any], Any], *, repeats: int, calls: int = 1,
-                   setup: Callable[[], Any] | None = None, min_time: float | None = None) -> float:
+def pipelined_time(
+    fn: Callable[[Any], Any],
+    *,
+    repeats: int,
+    calls: int = 1,
+    setup: Callable[[], Any] | None = None,
+    min_time: float | None = None,
+) -> float:
     """Median seconds per call of `fn`.
 
     Each of `repeats` timed runs queues `calls` calls back to back and syncs once (dispatch
@@ -122,6 +201,7 @@ def pipelined_time(fn: Callable[[Any], Any], *, repeats: int, calls: int = 1,
     first; with `min_time`, a second one sets `calls` so that a run lasts about min_time
     (2 to 200 calls).
     """
+
     def run(n: int) -> float:
         state = _block(setup() if setup else None)
         t0 = time.perf_counter()
@@ -151,10 +231,12 @@ def card_limits(repeats: int) -> dict:
     t_copy = pipelined_time(lambda _: copy(x), repeats=repeats, calls=20)
     t_read = pipelined_time(lambda _: read(x), repeats=repeats, calls=20)
     t_mm = pipelined_time(lambda _: matmul(a, a), repeats=repeats, calls=10)
-    return {"copy_read_plus_write_GBps": 2 * 4 * n / t_copy / 1e9,
-            "read_GBps": 4 * n / t_read / 1e9,
-            "bf16_matmul_TFLOPs": 2 * m ** 3 / t_mm / 1e12,
-            "copy_bytes": 2 * 4 * n}
+    return {
+        "copy_read_plus_write_GBps": 2 * 4 * n / t_copy / 1e9,
+        "read_GBps": 4 * n / t_read / 1e9,
+        "bf16_matmul_TFLOPs": 2 * m**3 / t_mm / 1e12,
+        "copy_bytes": 2 * 4 * n,
+    }
 
 
 NO_LIMITS = {"bf16_matmul_TFLOPs": float("nan"), "copy_read_plus_write_GBps": float("nan")}
@@ -170,10 +252,12 @@ def errors(out, ref) -> dict:
     """The error columns of a kernel check: relative Frobenius error, max relative error, max
     absolute error, and whether every output is finite."""
     out64, ref64 = (np.asarray(np.asarray(x, np.float32), np.float64) for x in (out, ref))
-    return {"rel_err": float(np.linalg.norm(out64 - ref64) / max(np.linalg.norm(ref64), 1e-30)),
-            "max_rel_err": float(max_rel_err(out64, ref64)),
-            "max_abs_err": float(np.abs(out64 - ref64).max()),
-            "finite": bool(np.isfinite(out64).all())}
+    return {
+        "rel_err": float(np.linalg.norm(out64 - ref64) / max(np.linalg.norm(ref64), 1e-30)),
+        "max_rel_err": float(max_rel_err(out64, ref64)),
+        "max_abs_err": float(np.abs(out64 - ref64).max()),
+        "finite": bool(np.isfinite(out64).all()),
+    }
 
 
 def write_json(path: str, report: dict) -> None:
@@ -199,8 +283,9 @@ def decode_bytes(cfg, batch: int, context: float, distinct: float | None = None)
     layer when measured (`routed_experts`), else the count for k of E picked uniformly,
     E * (1 - (1 - k/E)^B) (exact at batch 1; random routers are far from uniform at batch > 1).
     """
-    weights = 2 * (cfg.num_params
-                   - cfg.vocab_size * cfg.hidden_size * (not cfg.tie_word_embeddings))
+    weights = 2 * (
+        cfg.num_params - cfg.vocab_size * cfg.hidden_size * (not cfg.tie_word_embeddings)
+    )
     if cfg.num_experts:
         expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
         if distinct is None:
@@ -230,10 +315,14 @@ def forward_with_routing(decoder, params, tokens):
     import jax.numpy as jnp
 
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    (logits, _), state = decoder.apply({"params": params}, tokens, positions,
-                                       mutable=["intermediates"])
-    picks = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
-             if "experts" in jax.tree_util.keystr(path)]
+    (logits, _), state = decoder.apply(
+        {"params": params}, tokens, positions, mutable=["intermediates"]
+    )
+    picks = [
+        leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]
+        if "experts" in jax.tree_util.keystr(path)
+    ]
     return logits, picks
 
 
@@ -249,6 +338,7 @@ def _logits_and_routing(model, impl, ids):
     def run(params, tokens):
         logits, picks = forward_with_routing(decoder, params, tokens)
         return logits.astype(jnp.float32), picks
+
     logits, picks = run(model.params, jnp.asarray(ids, jnp.int32))
     return np.asarray(logits), (np.stack([np.asarray(p) for p in picks]) if picks else None)
 
@@ -263,8 +353,11 @@ def check_impls(model, impls, rng) -> dict:
     ref, ref_picks = _logits_and_routing(model, "reference", ids)
     report = {"rel_error_vs_reference": {}, "median_rel_error": {}, "argmax_agreement": {}}
     if ref_picks is not None:
-        report.update(routing_agreement={}, routing_agreement_by_layer={},
-                      max_rel_error_where_routing_agrees={})
+        report.update(
+            routing_agreement={},
+            routing_agreement_by_layer={},
+            max_rel_error_where_routing_agrees={},
+        )
     for impl in impls:
         try:
             out, picks = _logits_and_routing(model, impl, ids)
@@ -279,11 +372,13 @@ def check_impls(model, impls, rng) -> dict:
             same = (np.sort(picks, -1) == np.sort(ref_picks, -1)).all(-1)  # [layers, B, T]
             report["routing_agreement"][impl] = float(same.mean())
             # a flip's effect grows layer by layer: agreement falls with depth if that is all
-            report["routing_agreement_by_layer"][impl] = [round(float(a), 4)
-                                                          for a in same.mean((1, 2))]
+            report["routing_agreement_by_layer"][impl] = [
+                round(float(a), 4) for a in same.mean((1, 2))
+            ]
             agree = same.all(0)  # positions routed alike in every layer
             report["max_rel_error_where_routing_agrees"][impl] = (
-                float(err[agree].max()) if agree.any() else None)
+                float(err[agree].max()) if agree.any() else None
+            )
     return report
 
 
@@ -301,9 +396,14 @@ def routed_experts(model, tokens, last: int) -> float:
     @jax.jit
     def count(params, toks):
         _, picks = forward_with_routing(decoder, params, toks)  # each [B, T, k]
-        per_layer = [jnp.any(jax.nn.one_hot(e[:, -last:], cfg.num_experts, dtype=bool),
-                             axis=(0, 2)).sum(-1).mean() for e in picks]
+        per_layer = [
+            jnp.any(jax.nn.one_hot(e[:, -last:], cfg.num_experts, dtype=bool), axis=(0, 2))
+            .sum(-1)
+            .mean()
+            for e in picks
+        ]
         return jnp.stack(per_layer).mean()
+
     return float(count(model.params, tokens))
 
 
@@ -323,15 +423,16 @@ def run_isolated(argv: list[str], timeout: float | None = None) -> dict:
     """Runs `python argv...` in its own process and returns what it passed to `emit_result`, or
     {"error": ...} naming the exit status and the end of its stderr."""
     try:
-        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, *argv], capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as e:
         return {"error": f"timed out after {e.timeout} s"}
     sys.stderr.write(proc.stderr[-3000:])
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
     if proc.returncode or not lines:
         return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
-    return json.loads(lines[-1][len(RESULT_TAG):])
+    return json.loads(lines[-1][len(RESULT_TAG) :])
 
 
 class Journal:
@@ -357,8 +458,14 @@ class Journal:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(entry, default=str) + "\n")
 
-    def run(self, key: str, fn: Callable[..., Any], *args, error_row: dict | None = None,
-            error_key: str = "error") -> Any:
+    def run(
+        self,
+        key: str,
+        fn: Callable[..., Any],
+        *args,
+        error_row: dict | None = None,
+        error_key: str = "error",
+    ) -> Any:
         """fn(*args)'s result (JSON-able) for `key`, recorded. An exception, or a native crash
         while fn runs, makes the result {**error_row, error_key: what happened}."""
         if key in self.done:
@@ -409,8 +516,11 @@ def run_resumable(argv: list[str], journal_path: str, max_crashes: int = 20) -> 
 
 def add_sweep_args(parser) -> None:
     """The options of a crash-resumable sweep script (see `sweep_journal`)."""
-    parser.add_argument("--in-process", action="store_true",
-                        help="run the sweep in this process (a native crash then ends it)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the sweep in this process (a native crash then ends it)",
+    )
     parser.add_argument("--journal", default=None, help=argparse.SUPPRESS)
 
 

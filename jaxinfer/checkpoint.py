@@ -65,8 +65,10 @@ class Entry:
 
 def hf_layout(cfg: ModelConfig) -> list[Entry]:
     d, v = cfg.hidden_size, cfg.vocab_size
-    entries = [Entry(("embed",), (("model.embed_tokens.weight", (v, d)),), _copy),
-               Entry(("final_norm", "scale"), (("model.norm.weight", (d,)),), _copy)]
+    entries = [
+        Entry(("embed",), (("model.embed_tokens.weight", (v, d)),), _copy),
+        Entry(("final_norm", "scale"), (("model.norm.weight", (d,)),), _copy),
+    ]
     if not cfg.tie_word_embeddings:
         entries.append(Entry(("lm_head",), (("lm_head.weight", (v, d)),), _linear))
     for i in range(cfg.num_layers):
@@ -82,7 +84,9 @@ def _layer_layout(cfg: ModelConfig, i: int) -> list[Entry]:
     qkv = tuple((f"{attn}.{x}_proj.weight", (n, d)) for x, n in (("q", nh), ("k", kh), ("v", kh)))
     entries = [
         Entry((ours, "attn_norm", "scale"), ((f"{hf}.input_layernorm.weight", (d,)),), _copy),
-        Entry((ours, "mlp_norm", "scale"), ((f"{hf}.post_attention_layernorm.weight", (d,)),), _copy),
+        Entry(
+            (ours, "mlp_norm", "scale"), ((f"{hf}.post_attention_layernorm.weight", (d,)),), _copy
+        ),
         Entry((ours, "attn", "qkv"), qkv, _qkv),
         Entry((ours, "attn", "o"), ((f"{attn}.o_proj.weight", (d, nh)),), _linear),
     ]
@@ -96,15 +100,26 @@ def _layer_layout(cfg: ModelConfig, i: int) -> list[Entry]:
     if cfg.o_bias:
         entries.append(Entry((ours, "attn", "o_bias"), ((f"{attn}.o_proj.bias", (d,)),), _copy))
     if cfg.qk_norm:
-        entries += [Entry((ours, "attn", f"{x}_norm", "scale"),
-                          ((f"{attn}.{x}_norm.weight", (cfg.head_dim,)),), _copy) for x in "qk"]
+        entries += [
+            Entry(
+                (ours, "attn", f"{x}_norm", "scale"),
+                ((f"{attn}.{x}_norm.weight", (cfg.head_dim,)),),
+                _copy,
+            )
+            for x in "qk"
+        ]
     return entries
 
 
 def _mlp_layout(ours: tuple[str, ...], hf: str, d: int, f: int) -> list[Entry]:
-    return [Entry((*ours, "gate_up"), ((f"{hf}.gate_proj.weight", (f, d)),
-                                       (f"{hf}.up_proj.weight", (f, d))), _gate_up),
-            Entry((*ours, "down"), ((f"{hf}.down_proj.weight", (d, f)),), _linear)]
+    return [
+        Entry(
+            (*ours, "gate_up"),
+            ((f"{hf}.gate_proj.weight", (f, d)), (f"{hf}.up_proj.weight", (f, d))),
+            _gate_up,
+        ),
+        Entry((*ours, "down"), ((f"{hf}.down_proj.weight", (d, f)),), _linear),
+    ]
 
 
 def _moe_layout(cfg: ModelConfig, ours: str, hf: str) -> list[Entry]:
@@ -117,15 +132,27 @@ def _moe_layout(cfg: ModelConfig, ours: str, hf: str) -> list[Entry]:
     expert = lambda j, w, shape: (f"{base}.experts.{j}.{w}.weight", shape)
     entries = [
         Entry((ours, "moe", "router"), ((f"{base}.gate.weight", (e, d)),), _linear),
-        Entry((ours, "moe", "gate_up"), tuple(expert(j, gate, (f, d)) for j in range(e)) +
-              tuple(expert(j, up, (f, d)) for j in range(e)), _experts_gate_up),
-        Entry((ours, "moe", "down"), tuple(expert(j, down, (d, f)) for j in range(e)), _experts_down),
+        Entry(
+            (ours, "moe", "gate_up"),
+            tuple(expert(j, gate, (f, d)) for j in range(e))
+            + tuple(expert(j, up, (f, d)) for j in range(e)),
+            _experts_gate_up,
+        ),
+        Entry(
+            (ours, "moe", "down"), tuple(expert(j, down, (d, f)) for j in range(e)), _experts_down
+        ),
     ]
     if cfg.shared_expert_intermediate_size:
-        entries += _mlp_layout((ours, "moe", "shared"), f"{base}.shared_expert", d,
-                               cfg.shared_expert_intermediate_size)
-        entries.append(Entry((ours, "moe", "shared_gate"),
-                             ((f"{base}.shared_expert_gate.weight", (1, d)),), _copy))
+        entries += _mlp_layout(
+            (ours, "moe", "shared"), f"{base}.shared_expert", d, cfg.shared_expert_intermediate_size
+        )
+        entries.append(
+            Entry(
+                (ours, "moe", "shared_gate"),
+                ((f"{base}.shared_expert_gate.weight", (1, d)),),
+                _copy,
+            )
+        )
     return entries
 
 
@@ -148,7 +175,9 @@ def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, Any], dtype) -> dict:
     for e in layout:
         for name, shape in e.sources:
             if tuple(tensors[name].shape) != shape:
-                raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+                raise ValueError(
+                    f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
+                )
         xs = [jnp.asarray(tensors[name]) for name, _ in e.sources]
         _set(params, e.path, e.build(xs, _get(shapes, e.path).shape).astype(dtype))
     return params
@@ -158,11 +187,19 @@ def _check_names(cfg: ModelConfig, layout: list[Entry], tensors: Mapping[str, An
     expected = {name for e in layout for name, _ in e.sources}
     missing = sorted(expected - set(tensors))
     if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}")
-    extra = sorted(n for n in set(tensors) - expected if not n.endswith(IGNORED_SUFFIXES)
-                   and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+        raise ValueError(
+            f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
+        )
+    extra = sorted(
+        n
+        for n in set(tensors) - expected
+        if not n.endswith(IGNORED_SUFFIXES)
+        and not (cfg.tie_word_embeddings and n == "lm_head.weight")
+    )
     if extra:
-        raise ValueError(f"checkpoint has {len(extra)} unexpected tensor(s): {', '.join(extra[:8])}")
+        raise ValueError(
+            f"checkpoint has {len(extra)} unexpected tensor(s): {', '.join(extra[:8])}"
+        )
 
 
 def _get(tree, path):
@@ -201,10 +238,18 @@ def load_model(path: str | os.PathLike | None = None, *, dtype=None) -> Model:
     elif path.is_dir() and (path / "config.json").exists():
         model = _readable(path, "HF model directory", _load_hf, dtype)
     else:
-        raise ValueError(f"{str(path)!r} is not a model: expected an HF directory with config.json, "
-                         f"a .gguf file, or a jaxinfer checkpoint directory with {FORMAT_FILE}")
-    logger.info("loaded %s (%s, %.2fB params, %s) in %.1f s", path, model.config.model_type,
-                model.config.num_params / 1e9, jnp.dtype(dtype).name, time.perf_counter() - start)
+        raise ValueError(
+            f"{str(path)!r} is not a model: expected an HF directory with config.json, "
+            f"a .gguf file, or a jaxinfer checkpoint directory with {FORMAT_FILE}"
+        )
+    logger.info(
+        "loaded %s (%s, %.2fB params, %s) in %.1f s",
+        path,
+        model.config.model_type,
+        model.config.num_params / 1e9,
+        jnp.dtype(dtype).name,
+        time.perf_counter() - start,
+    )
     return model
 
 
@@ -217,8 +262,9 @@ def _readable(path: pathlib.Path, kind: str, load: Callable, dtype) -> Model:
             raise
         raise ValueError(f"{path}: {_one_line(e)}") from e
     except Exception as e:  # noqa: BLE001 - readers raise their own types on damaged bytes
-        raise ValueError(f"{path} is not a readable {kind}: {type(e).__name__}: {_one_line(e)}"
-                         ) from e
+        raise ValueError(
+            f"{path} is not a readable {kind}: {type(e).__name__}: {_one_line(e)}"
+        ) from e
 
 
 def _one_line(error: Exception, limit: int = 300) -> str:
@@ -242,7 +288,9 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, Any]:
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"no *.safetensors files in {str(path)!r} (only safetensors are supported)")
+        raise ValueError(
+            f"no *.safetensors files in {str(path)!r} (only safetensors are supported)"
+        )
     tensors = {}
     for name in files:
         file = path / name
@@ -257,8 +305,9 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, Any]:
                 raise
             raise ValueError(f"{file} is not a readable safetensors file: {_one_line(e)}") from e
         except Exception as e:  # noqa: BLE001 - SafetensorError on truncated or garbage bytes
-            raise ValueError(f"{file} is not a readable safetensors file: "
-                             f"{type(e).__name__}: {_one_line(e)}") from e
+            raise ValueError(
+                f"{file} is not a readable safetensors file: {type(e).__name__}: {_one_line(e)}"
+            ) from e
     return tensors
 
 
@@ -272,13 +321,17 @@ def _shard_names(index: pathlib.Path) -> list[str]:
 def _float_tensor(file: pathlib.Path, name: str, x):
     """Weights are floating point: an integer or bool tensor means a damaged or foreign file."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{file}: tensor {name} has dtype {x.dtype.name}, expected a "
-                         "floating-point dtype (quantized safetensors are not supported)")
+        raise ValueError(
+            f"{file}: tensor {name} has dtype {x.dtype.name}, expected a "
+            "floating-point dtype (quantized safetensors are not supported)"
+        )
     return x
 
 
 def _hf_tokenizer(path: pathlib.Path):
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    if not any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
         return None
     from transformers import AutoTokenizer
 
@@ -311,8 +364,12 @@ def save_checkpoint(model: Model, path: str | os.PathLike) -> pathlib.Path:
     checkpointer.wait_until_finished()
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(path / "tokenizer"))
-    meta = {"format": "jaxinfer", "version": FORMAT_VERSION, "dtype": jnp.dtype(model.dtype).name,
-            "config": model.config.to_dict()}
+    meta = {
+        "format": "jaxinfer",
+        "version": FORMAT_VERSION,
+        "dtype": jnp.dtype(model.dtype).name,
+        "config": model.config.to_dict(),
+    }
     (path / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
     return path
 
@@ -324,19 +381,24 @@ def _load_jaxinfer(path: pathlib.Path, dtype) -> Model:
         meta = json.loads((path / FORMAT_FILE).read_text())
         cfg = ModelConfig.from_dict(meta["config"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path / FORMAT_FILE} is not a valid jaxinfer checkpoint file: {e}") from e
+        raise ValueError(
+            f"{path / FORMAT_FILE} is not a valid jaxinfer checkpoint file: {e}"
+        ) from e
     if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is a jaxinfer checkpoint of format version {meta.get('version')}; "
-                         f"this jaxinfer reads version {FORMAT_VERSION}: convert it again")
+        raise ValueError(
+            f"{path} is a jaxinfer checkpoint of format version {meta.get('version')}; "
+            f"this jaxinfer reads version {FORMAT_VERSION}: convert it again"
+        )
     shapes, _ = abstract_params(cfg, meta["dtype"])
     device = jax.sharding.SingleDeviceSharding(default_device())
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
     try:
         params = ocp.StandardCheckpointer().restore(path.absolute() / "params", target)
     except Exception as e:  # noqa: BLE001 - orbax / TensorStore raise bare Exceptions with dumps
-        raise ValueError(f"{path / 'params'}: the params cannot be restored (a damaged, incomplete "
-                         f"or mismatched orbax checkpoint): {type(e).__name__}: {_one_line(e)}"
-                         ) from e
+        raise ValueError(
+            f"{path / 'params'}: the params cannot be restored (a damaged, incomplete "
+            f"or mismatched orbax checkpoint): {type(e).__name__}: {_one_line(e)}"
+        ) from e
     params = jax.tree.map(lambda x: x.astype(dtype), params)
     tokenizer = _hf_tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else None
     return Model(cfg, params, tokenizer, dtype)
@@ -344,7 +406,9 @@ def _load_jaxinfer(path: pathlib.Path, dtype) -> Model:
 
 def checkpoints_dir() -> pathlib.Path:
     env = os.environ.get("JAXINFER_CHECKPOINTS")
-    return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parent.parent / "checkpoints"
+    return (
+        pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parent.parent / "checkpoints"
+    )
 
 
 def ensure_default_model() -> pathlib.Path:
@@ -370,8 +434,10 @@ def convert_main(argv: list[str] | None = None) -> int:
     with the reason on stderr, for bad input)."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Converts an HF directory, a .gguf file or a "
-                                     "jaxinfer checkpoint into a jaxinfer checkpoint.")
+    parser = argparse.ArgumentParser(
+        description="Converts an HF directory, a .gguf file or a "
+        "jaxinfer checkpoint into a jaxinfer checkpoint."
+    )
     parser.add_argument("source", help="HF directory, .gguf file or jaxinfer checkpoint")
     parser.add_argument("dest", help="new directory for the jaxinfer checkpoint")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -383,6 +449,8 @@ def convert_main(argv: list[str] | None = None) -> int:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
         return 2
     c = model.config
-    print(f"wrote {path}: {c.model_type}, {c.num_layers} layers, D={c.hidden_size}, "
-          f"{c.num_params / 1e6:.1f}M params, {args.dtype}")
+    print(
+        f"wrote {path}: {c.model_type}, {c.num_layers} layers, D={c.hidden_size}, "
+        f"{c.num_params / 1e6:.1f}M params, {args.dtype}"
+    )
     return 0

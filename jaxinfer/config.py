@@ -83,8 +83,16 @@ class ModelConfig:
                 f"model_type {self.model_type!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
@@ -98,13 +106,17 @@ class ModelConfig:
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
-            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
-                             f"[1, num_experts={self.num_experts}]")
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                f"[1, num_experts={self.num_experts}]"
+            )
         if self.num_experts and self.moe_intermediate_size <= 0:
             raise ValueError("moe_intermediate_size must be > 0 for a mixture of experts")
         for token in self.eos_token_ids:
             if not 0 <= token < self.vocab_size:
-                raise ValueError(f"eos_token_id {token} is outside the vocabulary [0, {self.vocab_size})")
+                raise ValueError(
+                    f"eos_token_id {token} is outside the vocabulary [0, {self.vocab_size})"
+                )
 
     @property
     def q_per_kv(self) -> int:  # G
@@ -116,8 +128,10 @@ class ModelConfig:
         attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
         mlp = 3 * d * f
         if self.num_experts:
-            mlp = self.num_experts * (3 * d * self.moe_intermediate_size + d) + \
-                3 * d * self.shared_expert_intermediate_size
+            mlp = (
+                self.num_experts * (3 * d * self.moe_intermediate_size + d)
+                + 3 * d * self.shared_expert_intermediate_size
+            )
         per_layer = attn + mlp + 2 * d
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.num_layers * per_layer + self.vocab_size * d + head + d
@@ -128,8 +142,10 @@ class ModelConfig:
         if not self.num_experts:
             return self.num_params
         idle = self.num_experts - self.num_experts_per_tok
-        return self.num_params - self.num_layers * idle * 3 * self.hidden_size * \
-            self.moe_intermediate_size
+        return (
+            self.num_params
+            - self.num_layers * idle * 3 * self.hidden_size * self.moe_intermediate_size
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,8 +229,10 @@ def _check_architectures(hf: dict, model_type: str) -> None:
     expected = SUPPORTED_MODEL_TYPES[model_type]
     for arch in hf.get("architectures") or []:
         if arch != expected:
-            raise ValueError(f"architecture {arch!r} is not supported for model_type {model_type!r} "
-                             f"(expected {expected!r})")
+            raise ValueError(
+                f"architecture {arch!r} is not supported for model_type {model_type!r} "
+                f"(expected {expected!r})"
+            )
 
 
 def _check_activation_and_bias(hf: dict, model_type: str) -> None:
@@ -241,21 +259,28 @@ def _moe_fields(hf: dict, model_type: str) -> dict:
     """Expert settings of Mixtral (num_local_experts) and Qwen2/3-MoE (num_experts; Qwen2-MoE's
     shared expert)."""
     if model_type == "mixtral":
-        return dict(num_experts=_require(hf, "num_local_experts"),
-                    num_experts_per_tok=_require(hf, "num_experts_per_tok"),
-                    moe_intermediate_size=_require(hf, "intermediate_size"), norm_topk_prob=True)
+        return dict(
+            num_experts=_require(hf, "num_local_experts"),
+            num_experts_per_tok=_require(hf, "num_experts_per_tok"),
+            moe_intermediate_size=_require(hf, "intermediate_size"),
+            norm_topk_prob=True,
+        )
     if model_type not in ("qwen2_moe", "qwen3_moe"):
         return {}
     if (hf.get("decoder_sparse_step") or 1) != 1 or hf.get("mlp_only_layers"):
-        raise ValueError(f"{model_type} with dense layers (decoder_sparse_step != 1 or "
-                         "mlp_only_layers) is not supported yet")
+        raise ValueError(
+            f"{model_type} with dense layers (decoder_sparse_step != 1 or "
+            "mlp_only_layers) is not supported yet"
+        )
     # Hub configs say num_experts; transformers 5 saves num_local_experts.
     experts = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"
-    return dict(num_experts=_require(hf, experts),
-                num_experts_per_tok=_require(hf, "num_experts_per_tok"),
-                moe_intermediate_size=_require(hf, "moe_intermediate_size"),
-                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or 0)
+    return dict(
+        num_experts=_require(hf, experts),
+        num_experts_per_tok=_require(hf, "num_experts_per_tok"),
+        moe_intermediate_size=_require(hf, "moe_intermediate_size"),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or 0,
+    )
 
 
 def _rope_params(hf: dict) -> dict:

@@ -74,15 +74,19 @@ class EngineConfig:
 
     def __post_init__(self):
         if not 0 < self.kv_cache_memory_fraction <= 1:
-            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got "
-                             f"{self.kv_cache_memory_fraction!r}")
+            raise ValueError(
+                f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}"
+            )
         if self.page_size not in (16, 32, 64, 128):
             raise ValueError(f"page_size must be 16, 32, 64 or 128, got {self.page_size!r}")
 
     def for_device(self, backend: str, model_context: int) -> EngineConfig:
         """This config with every None size filled in for `backend` ("cpu", "gpu", ...)."""
-        filled = {k: v for k, v in device_defaults(backend, model_context).items()
-                  if getattr(self, k) is None}
+        filled = {
+            k: v
+            for k, v in device_defaults(backend, model_context).items()
+            if getattr(self, k) is None
+        }
         return dataclasses.replace(self, **filled)
 
 
@@ -92,10 +96,20 @@ def device_defaults(backend: str, model_context: int) -> dict:
     whole block table), and compiles each program on first use (tens of seconds each there),
     with buckets down to one token so a lone decode is not padded to 16."""
     if backend == "cpu":
-        return dict(max_num_seqs=8, max_num_batched_tokens=256,
-                    max_model_len=min(model_context, 2048), warmup=False, smallest_bucket=1)
-    return dict(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=model_context,
-                warmup=True, smallest_bucket=16)
+        return dict(
+            max_num_seqs=8,
+            max_num_batched_tokens=256,
+            max_model_len=min(model_context, 2048),
+            warmup=False,
+            smallest_bucket=1,
+        )
+    return dict(
+        max_num_seqs=64,
+        max_num_batched_tokens=2048,
+        max_model_len=model_context,
+        warmup=True,
+        smallest_bucket=16,
+    )
 
 
 @dataclasses.dataclass
@@ -136,8 +150,13 @@ class _Request:
 
     def row(self) -> RowInfo:
         """What the runner needs to know of this request for one step."""
-        return RowInfo(self.params, self.seed, self.seq.num_output_tokens, self.seq.token_ids,
-                       self.seq.num_prompt_tokens)
+        return RowInfo(
+            self.params,
+            self.seed,
+            self.seq.num_output_tokens,
+            self.seq.token_ids,
+            self.seq.num_prompt_tokens,
+        )
 
 
 class Engine:
@@ -148,35 +167,55 @@ class Engine:
 
         log_device()
         cfg = model.config
-        config = (config or EngineConfig(**options)).for_device(jax.default_backend(),
-                                                                cfg.max_position_embeddings)
+        config = (config or EngineConfig(**options)).for_device(
+            jax.default_backend(), cfg.max_position_embeddings
+        )
         self.model, self.config = model, config
         use_compilation_cache(config.compilation_cache_dir)
         self.max_model_len = config.max_model_len
         if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context "
-                             f"{cfg.max_position_embeddings}")
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's context "
+                f"{cfg.max_position_embeddings}"
+            )
         # A CPU copies a 16-bit pool at every write (XLA widens 16-bit floats there), so its
         # pool is f32: written in place, and exact.
         self.kv_dtype = jnp.dtype(jnp.float32) if _on_cpu() else jnp.dtype(model.dtype)
         self.num_pages = num_pages = self._num_pages()
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, page_size=config.page_size, num_pages=num_pages,
-            enable_prefix_caching=config.enable_prefix_caching))
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                page_size=config.page_size,
+                num_pages=num_pages,
+                enable_prefix_caching=config.enable_prefix_caching,
+            )
+        )
         impl = config.attention_impl or attention.default_impl()
-        self.runner = Runner(model.decoder(impl), model.params, self._new_pages(),
-                             page_size=config.page_size,
-                             max_num_seqs=config.max_num_seqs,
-                             max_num_batched_tokens=config.max_num_batched_tokens,
-                             max_model_len=self.max_model_len,
-                             smallest_bucket=config.smallest_bucket)
+        self.runner = Runner(
+            model.decoder(impl),
+            model.params,
+            self._new_pages(),
+            page_size=config.page_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            smallest_bucket=config.smallest_bucket,
+        )
         self.requests: dict[str, _Request] = {}
         self._aborted: list[RequestOutput] = []
         self._in_flight = None  # (plan, runner handle) committed but not resolved
         self._seeds = np.random.default_rng(config.seed)
-        self.stats = {"steps": 0, "computed_tokens": 0, "cached_tokens": 0, "max_pages_used": 0,
-                      "preemptions": 0, "runner_s": 0.0, "decode_steps": 0}
+        self.stats = {
+            "steps": 0,
+            "computed_tokens": 0,
+            "cached_tokens": 0,
+            "max_pages_used": 0,
+            "preemptions": 0,
+            "runner_s": 0.0,
+            "decode_steps": 0,
+        }
         self._log_sizes()
         if config.warmup:
             self.runner.warmup()
@@ -187,13 +226,20 @@ class Engine:
 
     def _new_pages(self) -> tuple:
         cfg = self.model.config
-        return init_pages(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.num_pages,
-                          self.config.page_size, self.kv_dtype)
+        return init_pages(
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            self.num_pages,
+            self.config.page_size,
+            self.kv_dtype,
+        )
 
     def _page_bytes(self) -> int:
         cfg = self.model.config
-        return page_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.config.page_size,
-                          self.kv_dtype)
+        return page_bytes(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.config.page_size, self.kv_dtype
+        )
 
     def _num_pages(self) -> int:
         """The pool's pages: `num_pages` if it fits in free memory (else a ValueError, before any
@@ -206,7 +252,8 @@ class Engine:
                 raise ValueError(
                     f"num_pages={c.num_pages} needs {_gib(c.num_pages * per_page)} of KV cache "
                     f"({per_page:,} bytes a page) but {_gib(free)} is free: use num_pages <= "
-                    f"{free // per_page} (or leave it unset to size the pool from free memory)")
+                    f"{free // per_page} (or leave it unset to size the pool from free memory)"
+                )
             return c.num_pages
         seats = c.max_num_seqs * math.ceil(self.max_model_len / c.page_size)
         if free is None:
@@ -216,16 +263,27 @@ class Engine:
 
     def _log_sizes(self) -> None:
         c = self.config
-        logger.info("KV cache: %d pages of %d tokens (%s, %d tokens); %d seats, %d tokens a step, "
-                    "context %d; programs %s", self.num_pages, c.page_size,
-                    _gib(self.num_pages * self._page_bytes()), self.num_pages * c.page_size,
-                    c.max_num_seqs, c.max_num_batched_tokens, self.max_model_len,
-                    "compiled now" if c.warmup else "compiled on first use")
+        logger.info(
+            "KV cache: %d pages of %d tokens (%s, %d tokens); %d seats, %d tokens a step, "
+            "context %d; programs %s",
+            self.num_pages,
+            c.page_size,
+            _gib(self.num_pages * self._page_bytes()),
+            self.num_pages * c.page_size,
+            c.max_num_seqs,
+            c.max_num_batched_tokens,
+            self.max_model_len,
+            "compiled now" if c.warmup else "compiled on first use",
+        )
 
     # -- requests ------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | Sequence[int],
-                    sampling_params: SamplingParams | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        sampling_params: SamplingParams | None = None,
+    ) -> None:
         """Queues a request; raises ValueError for bad input or one that could never fit.
 
         Args:
@@ -239,21 +297,29 @@ class Engine:
         """Every check of `add_request`, and the request it would queue; changes nothing."""
         params = SamplingParams() if sampling_params is None else sampling_params
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+            raise ValueError(
+                f"sampling_params must be a SamplingParams, got {type(params).__name__}"
+            )
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a string, got {request_id!r:.80}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids = self._prompt_ids(prompt)
-        as_token_ids("stop_token_ids", params.stop_token_ids, allow_empty=True,
-                     vocab_size=self.model.config.vocab_size)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos
-                                                 else set(self.model.config.eos_token_ids))
+        as_token_ids(
+            "stop_token_ids",
+            params.stop_token_ids,
+            allow_empty=True,
+            vocab_size=self.model.config.vocab_size,
+        )
+        stop_ids = set(params.stop_token_ids) | (
+            set() if params.ignore_eos else set(self.model.config.eos_token_ids)
+        )
         seq = Seq(request_id, ids, params.max_tokens, stop_ids)
         self.scheduler.check(seq)  # refuses what could never fit
         detok = IncrementalDetokenizer(self.model.tokenizer) if self.model.tokenizer else None
-        return _Request(seq, params, -1, detok, 0.0, ids,
-                        logprobs=[] if params.logprobs is not None else None)
+        return _Request(
+            seq, params, -1, detok, 0.0, ids, logprobs=[] if params.logprobs is not None else None
+        )
 
     def _queue(self, req: _Request) -> None:
         """Queues a request made by `_prepare` (checked against the engine as it is now)."""
@@ -328,15 +394,17 @@ class Engine:
         row = {s.request_id: i for i, s in enumerate(plan.seqs)}
         sampled = {s.request_id: tokens[i] for i, s in enumerate(plan.seqs) if s.sample}
         for seq in self.scheduler.resolve(plan, sampled):
-            outputs.append(self._advance(self.requests[seq.request_id], samples,
-                                         row[seq.request_id]))
+            outputs.append(
+                self._advance(self.requests[seq.request_id], samples, row[seq.request_id])
+            )
         self._in_flight = None  # only now: a fault before this ends the step's requests
         return outputs
 
     def _fail(self, plan, error: Exception, outputs: list[RequestOutput]) -> None:
         """Ends the requests of a failed step (and of the step in flight) with "error"."""
-        logger.error("engine step failed; its requests end with finish_reason 'error'",
-                  exc_info=error)
+        logger.error(
+            "engine step failed; its requests end with finish_reason 'error'", exc_info=error
+        )
         message = f"{type(error).__name__}: {error}"
         items = list(plan.seqs) + (list(self._in_flight[0].seqs) if self._in_flight else [])
         self._in_flight = None
@@ -350,8 +418,10 @@ class Engine:
             req.seq.finish_reason, req.error, req.finish_time = "error", message, now
             outputs.append(self._output(req, finished=True))
         if any(x.is_deleted() for x in jax.tree.leaves(self.runner.pages)):
-            logger.warning("the failed step consumed the KV page pools: rebuilt; running requests "
-                        "recompute their tokens")
+            logger.warning(
+                "the failed step consumed the KV page pools: rebuilt; running requests "
+                "recompute their tokens"
+            )
             self.runner.pages = self._new_pages()
             self.scheduler.drop_all_pages()
 
@@ -389,7 +459,7 @@ class Engine:
         hits = [i for i in (req.text.find(s, start) for s in stops) if i >= 0]
         if not hits:
             return
-        req.text = req.text[:min(hits)]
+        req.text = req.text[: min(hits)]
         if req.seq.is_finished:
             req.seq.finish_reason = "stop"
         else:
@@ -399,19 +469,27 @@ class Engine:
         seq = req.seq
         hold = 0 if finished else _stop_prefix_len(req.text, req.params.stop)
         upto = max(req.emitted, len(req.text) - hold)
-        delta, req.emitted = req.text[req.emitted:upto], upto
+        delta, req.emitted = req.text[req.emitted : upto], upto
         output_ids = seq.output_token_ids  # a fresh list: the caller may keep it
         if output_ids and output_ids[-1] == PLACEHOLDER:  # ended (abort, error) with a sample in
             output_ids.pop()  # flight: that token is dropped
-        new_ids, req.sent_tokens = output_ids[req.sent_tokens:], len(output_ids)
+        new_ids, req.sent_tokens = output_ids[req.sent_tokens :], len(output_ids)
         return RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=req.prompt_ids,
-            token_ids=output_ids, text=req.text[:req.emitted], finished=finished,
+            request_id=seq.request_id,
+            prompt_token_ids=req.prompt_ids,
+            token_ids=output_ids,
+            text=req.text[: req.emitted],
+            finished=finished,
             finish_reason=seq.finish_reason if finished else None,
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
-            arrival_time=req.arrival, first_token_time=req.first_token_time,
-            finish_time=req.finish_time, new_token_ids=new_ids, text_delta=delta,
-            num_cached_tokens=seq.num_cached_tokens, error=req.error)
+            arrival_time=req.arrival,
+            first_token_time=req.first_token_time,
+            finish_time=req.finish_time,
+            new_token_ids=new_ids,
+            text_delta=delta,
+            num_cached_tokens=seq.num_cached_tokens,
+            error=req.error,
+        )
 
 
 def _gib(nbytes: int) -> str:
@@ -436,16 +514,18 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 class LLM:
     """Offline batch generation: `LLM(path).generate(prompts, params)` -> outputs in input order."""
 
-    def __init__(self, model_path=None, *, model: Model | None = None, dtype=None,
-                 **engine_options):
+    def __init__(
+        self, model_path=None, *, model: Model | None = None, dtype=None, **engine_options
+    ):
         if model is None:
             from jaxinfer.checkpoint import load_model
 
             model = load_model(model_path, dtype=dtype)
         self.engine = Engine(model, EngineConfig(**engine_options))
 
-    def generate(self, prompts: str | Sequence, sampling_params=None, *,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self, prompts: str | Sequence, sampling_params=None, *, use_tqdm: bool = True
+    ) -> list[RequestOutput]:
         """Runs all prompts (strings or token-id lists) to completion; one or per-prompt params.
 
         Every prompt and parameter is checked before any request is queued, so a bad one raises
@@ -455,7 +535,9 @@ class LLM:
         prompts = _prompt_list(prompts)
         params = _per_prompt(sampling_params, len(prompts))
         ids = [f"llm-{next(_counter)}" for _ in prompts]
-        reqs = [self.engine._prepare(rid, prompt, p) for rid, prompt, p in zip(ids, prompts, params)]
+        reqs = [
+            self.engine._prepare(rid, prompt, p) for rid, prompt, p in zip(ids, prompts, params)
+        ]
         try:
             for req in reqs:
                 self.engine._queue(req)

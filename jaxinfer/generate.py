@@ -18,8 +18,13 @@ from jaxtyping import Array, Float, Int
 from jaxinfer.model import Model
 from jaxinfer.models.llama import Decoder, init_cache
 from jaxinfer.platform import use_compilation_cache
-from jaxinfer.sampling import (SamplingArrays, SamplingParams, sample_mode, sample_rows,
-                               sampling_arrays)
+from jaxinfer.sampling import (
+    SamplingArrays,
+    SamplingParams,
+    sample_mode,
+    sample_rows,
+    sampling_arrays,
+)
 from jaxinfer.validate import as_int, as_sequence, as_token_ids
 
 PAD = -1  # marks the slots of `out` after a row has stopped
@@ -32,30 +37,45 @@ def round_up(n: int, multiple: int) -> int:
 def prefill(decoder: Decoder, params, cache, tokens: Int[Array, "B T"], lengths: Int[Array, "B"]):
     """Runs the prompts through an empty cache; returns last-prompt-token logits [B, V] and the cache."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, cache = decoder.apply({"params": params}, tokens, positions, cache, prefill=True,
-                                  logits_at=lengths - 1)
+    logits, cache = decoder.apply(
+        {"params": params}, tokens, positions, cache, prefill=True, logits_at=lengths - 1
+    )
     return logits[:, 0], cache
 
 
-def decode_step(decoder: Decoder, params, cache, tokens: Int[Array, "B"], positions: Int[Array, "B"]):
+def decode_step(
+    decoder: Decoder, params, cache, tokens: Int[Array, "B"], positions: Int[Array, "B"]
+):
     """One new token per row at `positions`; returns its logits [B, V] and the cache."""
     logits, cache = decoder.apply({"params": params}, tokens[:, None], positions[:, None], cache)
     return logits[:, 0], cache
 
 
-def sample_step(logits: Float[Array, "B V"], arrays: SamplingArrays, step,
-                mode: str) -> Int[Array, "B"]:
+def sample_step(
+    logits: Float[Array, "B V"], arrays: SamplingArrays, step, mode: str
+) -> Int[Array, "B"]:
     """The engine's per-row sampler at new-token index `step` (row b draws from its own seed),
     in a static mode (`sampling.sample_mode`): no on-device branch for the host to wait on."""
-    return sample_rows(logits, arrays._replace(step=jnp.full_like(arrays.step, step)),
-                       mode=mode).tokens
+    return sample_rows(
+        logits, arrays._replace(step=jnp.full_like(arrays.step, step)), mode=mode
+    ).tokens
 
 
-@functools.partial(jax.jit, static_argnames=("decoder", "out_len", "mode"),
-                   donate_argnames=("cache",))
-def generate_arrays(decoder: Decoder, params, cache, tokens: Int[Array, "B T"], lengths: Int[Array, "B"],
-              max_new: Int[Array, ""], eos: Int[Array, "E"], sampling: SamplingArrays, out_len: int,
-              mode: str):
+@functools.partial(
+    jax.jit, static_argnames=("decoder", "out_len", "mode"), donate_argnames=("cache",)
+)
+def generate_arrays(
+    decoder: Decoder,
+    params,
+    cache,
+    tokens: Int[Array, "B T"],
+    lengths: Int[Array, "B"],
+    max_new: Int[Array, ""],
+    eos: Int[Array, "E"],
+    sampling: SamplingArrays,
+    out_len: int,
+    mode: str,
+):
     """The one jitted program of `generate` on padded arrays (benchmarks time it directly).
 
     tokens [B, T] right-padded prompts of `lengths` [B] tokens; cache from `init_cache` (donated);
@@ -84,8 +104,9 @@ def generate_arrays(decoder: Decoder, params, cache, tokens: Int[Array, "B T"], 
     return out, cache  # returning the cache lets it alias the donated input: no copy
 
 
-def row_sampling(batch: int, temperature: float, top_k: int, top_p: float,
-                 seed: int) -> tuple[SamplingArrays, str]:
+def row_sampling(
+    batch: int, temperature: float, top_k: int, top_p: float, seed: int
+) -> tuple[SamplingArrays, str]:
     """Per-row settings for `generate`/`stream` and the sampler's static mode; row b's seed
     derives from (seed, b) alone. Every value is checked (ValueError naming it)."""
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -110,7 +131,8 @@ def check_prompts(model: Model, prompts, max_new_tokens: int) -> list[list[int]]
         if len(ids) + max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(
                 f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-                f"the model's context of {cfg.max_position_embeddings} tokens")
+                f"the model's context of {cfg.max_position_embeddings} tokens"
+            )
         checked.append(ids)
     return checked
 
@@ -125,14 +147,25 @@ def bucket_lengths(model: Model, longest: int, max_new_tokens: int) -> tuple[int
 
 def _stop_ids(model: Model, stop_token_ids) -> np.ndarray:
     ids = set(model.config.eos_token_ids) | set(
-        as_token_ids("stop_token_ids", stop_token_ids, allow_empty=True,
-                     vocab_size=model.config.vocab_size))
+        as_token_ids(
+            "stop_token_ids", stop_token_ids, allow_empty=True, vocab_size=model.config.vocab_size
+        )
+    )
     return np.asarray(sorted(ids) or [PAD - 1], np.int32)  # a sentinel no token equals
 
 
-def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_token_ids: Sequence[int] | None = None, impl: str | None = None) -> list[list[int]]:
+def generate(
+    model: Model,
+    prompts,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_token_ids: Sequence[int] | None = None,
+    impl: str | None = None,
+) -> list[list[int]]:
     """Generates up to `max_new_tokens` after each prompt in one jitted program.
 
     Args:
@@ -152,9 +185,18 @@ def generate(model: Model, prompts, *, max_new_tokens: int, temperature: float =
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     cache = init_cache(model.config, batch, s, model.dtype)
-    out, _ = generate_arrays(model.decoder(impl), model.params, cache, jnp.asarray(tokens), jnp.asarray(lengths),
-                       jnp.int32(max_new_tokens), jnp.asarray(_stop_ids(model, stop_token_ids)),
-                       sampling, out_len=round_up(max_new_tokens, 32), mode=mode)
+    out, _ = generate_arrays(
+        model.decoder(impl),
+        model.params,
+        cache,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        jnp.int32(max_new_tokens),
+        jnp.asarray(_stop_ids(model, stop_token_ids)),
+        sampling,
+        out_len=round_up(max_new_tokens, 32),
+        mode=mode,
+    )
     return [_trim(row[:max_new_tokens]) for row in np.asarray(out)]
 
 
@@ -169,9 +211,18 @@ _decode_jit = jax.jit(decode_step, static_argnames=("decoder",), donate_argnames
 _sample_jit = jax.jit(sample_step, static_argnames=("mode",))
 
 
-def stream(model: Model, prompt: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-           stop_token_ids: Sequence[int] | None = None, impl: str | None = None) -> Iterator[int]:
+def stream(
+    model: Model,
+    prompt: Sequence[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_token_ids: Sequence[int] | None = None,
+    impl: str | None = None,
+) -> Iterator[int]:
     """Yields one prompt's new tokens as they are made (the same steps as `generate`, host-driven)."""
     max_new_tokens = as_int("max_new_tokens", max_new_tokens, 1)
     (ids,) = check_prompts(model, [prompt], max_new_tokens)
@@ -182,12 +233,15 @@ def stream(model: Model, prompt: Sequence[int], *, max_new_tokens: int, temperat
     tokens = jnp.asarray(np.pad(np.asarray([ids], np.int32), ((0, 0), (0, t - len(ids)))))
     decoder = model.decoder(impl)
     cache = init_cache(model.config, 1, s, model.dtype)
-    logits, cache = prefill_jit(decoder, model.params, cache, tokens, jnp.asarray([len(ids)], jnp.int32))
+    logits, cache = prefill_jit(
+        decoder, model.params, cache, tokens, jnp.asarray([len(ids)], jnp.int32)
+    )
     for step in range(max_new_tokens):
         token = _sample_jit(logits, sampling, step, mode)
         value = int(token[0])
         yield value
         if value in stop or step == max_new_tokens - 1:
             return
-        logits, cache = _decode_jit(decoder, model.params, cache, token,
-                                    jnp.asarray([len(ids) + step], jnp.int32))
+        logits, cache = _decode_jit(
+            decoder, model.params, cache, token, jnp.asarray([len(ids) + step], jnp.int32)
+        )

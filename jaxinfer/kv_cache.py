@@ -126,7 +126,7 @@ class PageAllocator:
         size = self.page_size
         for i in range(len(seq.page_hashes), num_computed_tokens // size):
             parent = seq.page_hashes[-1] if seq.page_hashes else _ROOT
-            key = (parent, tuple(seq.token_ids[i * size:(i + 1) * size]))
+            key = (parent, tuple(seq.token_ids[i * size : (i + 1) * size]))
             entry = self._cache.get(key)
             chain_id = entry[0] if entry else self._register(seq.block_table[i], key)
             seq.page_hashes.append(chain_id)
@@ -160,7 +160,7 @@ class PageAllocator:
             return []
         hits, parent, size = [], _ROOT, self.page_size
         for i in range((len(token_ids) - 1) // size):
-            entry = self._cache.get((parent, tuple(token_ids[i * size:(i + 1) * size])))
+            entry = self._cache.get((parent, tuple(token_ids[i * size : (i + 1) * size])))
             if entry is None:
                 break
             hits.append(entry)
@@ -222,7 +222,8 @@ class PageAllocator:
             (first, i), end = holders[0], (holders[0][1] + 1) * self.page_size
             for seq, j in holders[1:]:
                 assert j == i and seq.token_ids[:end] == first.token_ids[:end], (
-                    f"page {page} shared by sequences with different prefixes")
+                    f"page {page} shared by sequences with different prefixes"
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,8 +237,9 @@ def page_bytes(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int
     return 2 * num_layers * num_kv_heads * page_size * head_dim * np.dtype(dtype).itemsize
 
 
-def init_pages(num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int,
-               dtype) -> tuple:
+def init_pages(
+    num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int, dtype
+) -> tuple:
     """Zeroed page pools: per layer (k, v), each [K, P, L, H]."""
     import jax.numpy as jnp
 

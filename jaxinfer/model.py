@@ -88,8 +88,9 @@ def forward(model: Model, token_ids, *, impl: str | None = None) -> Float[Array,
         raise ValueError(f"token_ids must be integers, got {tokens.dtype}")
     check_token_range(tokens, model.config)
     if tokens.shape[1] > model.config.max_position_embeddings:
-        raise ValueError(f"{tokens.shape[1]} tokens exceed the context of "
-                         f"{model.config.max_position_embeddings}")
+        raise ValueError(
+            f"{tokens.shape[1]} tokens exceed the context of {model.config.max_position_embeddings}"
+        )
     return _forward(model.decoder(impl), model.params, jnp.asarray(tokens, jnp.int32))
 
 

@@ -35,8 +35,9 @@ def nvidia_gpu_present(timeout_s: float = 10.0) -> bool:
     if shutil.which("nvidia-smi") is None:
         return False
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                             timeout=timeout_s)
+        out = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=timeout_s
+        )
     except (OSError, subprocess.SubprocessError):
         return False
     return out.returncode == 0 and "GPU" in out.stdout
@@ -47,8 +48,10 @@ def device_summary() -> str:
     import jax
 
     devices = jax.devices()
-    return (f"{len(devices)} x {devices[0].device_kind} "
-            f"({jax.default_backend()}, jax {jax.__version__})")
+    return (
+        f"{len(devices)} x {devices[0].device_kind} "
+        f"({jax.default_backend()}, jax {jax.__version__})"
+    )
 
 
 @functools.cache
@@ -59,9 +62,11 @@ def log_device() -> None:
 
     logger.info("running on %s", device_summary())
     if jax.default_backend() == "cpu" and nvidia_gpu_present():
-        logger.warning("an NVIDIA GPU is present (nvidia-smi) but jax sees only the CPU: install "
-                       "the CUDA build of jax with `bash scripts/setup.sh` (it picks jax[cuda12] "
-                       "or jax[cuda13] from the driver)")
+        logger.warning(
+            "an NVIDIA GPU is present (nvidia-smi) but jax sees only the CPU: install "
+            "the CUDA build of jax with `bash scripts/setup.sh` (it picks jax[cuda12] "
+            "or jax[cuda13] from the driver)"
+        )
 
 
 def free_memory_bytes() -> int | None:
@@ -101,8 +106,10 @@ def use_compilation_cache(path: str | None = None) -> None:
     import jax
 
     if path is None:
-        path = os.environ.get("JAXINFER_COMPILATION_CACHE",
-                              os.path.join(os.path.expanduser("~"), ".cache", "jaxinfer", "xla"))
+        path = os.environ.get(
+            "JAXINFER_COMPILATION_CACHE",
+            os.path.join(os.path.expanduser("~"), ".cache", "jaxinfer", "xla"),
+        )
     if path and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", path)
         # Keep the small programs too (samplers compile in under a second, JAX's default floor

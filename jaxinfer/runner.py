@@ -78,8 +78,18 @@ def uses_penalties(p: SamplingParams) -> bool:
 class Runner:
     """Owns the device page pools and the jitted programs; turns plans into sampled tokens."""
 
-    def __init__(self, decoder, params: Any, pages: tuple, *, page_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, smallest_bucket: int = 16):
+    def __init__(
+        self,
+        decoder,
+        params: Any,
+        pages: tuple,
+        *,
+        page_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        smallest_bucket: int = 16,
+    ):
         self.decoder, self.params, self.pages = decoder, params, pages
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
         self.max_model_len = max_model_len
@@ -97,27 +107,35 @@ class Runner:
     def _forward_fn(self, params, pages, prev_tokens, batch: StepBatch):
         """Packed tokens -> logits [B, V] at each row's sample position; pages written."""
         self.num_compiles += 1  # runs at trace time only
-        tokens = jnp.where(batch.token_src >= 0, prev_tokens[jnp.maximum(batch.token_src, 0)],
-                           batch.tokens)
+        tokens = jnp.where(
+            batch.token_src >= 0, prev_tokens[jnp.maximum(batch.token_src, 0)], batch.tokens
+        )
         logits, pages = self.decoder.apply(
-            {"params": params}, tokens[None], batch.positions[None], pages,
-            logits_at=batch.sample_idx, paged=batch.meta)
+            {"params": params},
+            tokens[None],
+            batch.positions[None],
+            pages,
+            logits_at=batch.sample_idx,
+            paged=batch.meta,
+        )
         return pages, logits[:, 0]
 
-    def _sample_fn(self, logits, sampling: SamplingArrays, history, history_is_output,
-                   mode: str):
+    def _sample_fn(self, logits, sampling: SamplingArrays, history, history_is_output, mode: str):
         self.num_compiles += 1  # runs at trace time only
         out = sample_rows(logits, sampling, history, history_is_output, mode=mode)
-        next_tokens = jnp.zeros(self.max_num_seqs, jnp.int32).at[:out.tokens.shape[0]].set(
-            out.tokens)
+        next_tokens = (
+            jnp.zeros(self.max_num_seqs, jnp.int32).at[: out.tokens.shape[0]].set(out.tokens)
+        )
         return out, next_tokens
 
     def step(self, batch: StepBatch, mode: str) -> SampleOutput:
         """Queues the model and the sampler on the device; pages and prev_tokens move on."""
-        self.pages, logits = self._forward(self.params, self.pages, self.prev_tokens,
-                                           _forward_only(batch))
-        out, self.prev_tokens = self._sample(logits, batch.sampling, batch.history,
-                                             batch.history_is_output, mode)
+        self.pages, logits = self._forward(
+            self.params, self.pages, self.prev_tokens, _forward_only(batch)
+        )
+        out, self.prev_tokens = self._sample(
+            logits, batch.sampling, batch.history, batch.history_is_output, mode
+        )
         return out
 
     def bucket(self, num_tokens: int) -> tuple[int, int]:
@@ -169,12 +187,22 @@ class Runner:
                 programs.append((self._forward, (self.params, self.pages, self.prev_tokens, batch)))
         vocab = self.decoder.cfg.vocab_size
         for b in sorted({min(t, self.max_num_seqs) for t in self.buckets}):
-            for mode, pen in itertools.product(SAMPLE_MODES, (False, True) if penalties
-                                               else (False,)):
+            for mode, pen in itertools.product(
+                SAMPLE_MODES, (False, True) if penalties else (False,)
+            ):
                 batch = self._padding_batch(b, pen, False)  # its [b] sampler inputs
-                programs.append((self._sample, (jnp.zeros((b, vocab), jnp.float32),
-                                                batch.sampling, batch.history,
-                                                batch.history_is_output, mode)))
+                programs.append(
+                    (
+                        self._sample,
+                        (
+                            jnp.zeros((b, vocab), jnp.float32),
+                            batch.sampling,
+                            batch.history,
+                            batch.history_is_output,
+                            mode,
+                        ),
+                    )
+                )
         return programs
 
     def build(self, plan: StepPlan, rows: Sequence[RowInfo]) -> StepBatch:
@@ -187,23 +215,35 @@ class Runner:
         at = 0
         for i, s in enumerate(plan.seqs):
             n = len(s.token_ids)
-            tokens[at:at + n] = s.token_ids
+            tokens[at : at + n] = s.token_ids
             if s.token_ids[-1] == PLACEHOLDER:  # only ever the last: the previous step's sample
                 src[at + n - 1] = self._prev_rows[s.request_id]
-            positions[at:at + n] = np.arange(s.start_pos, s.start_pos + n)
-            slots[at:at + n] = s.slot_mapping
-            tables[i, :len(s.block_table)] = s.block_table
+            positions[at : at + n] = np.arange(s.start_pos, s.start_pos + n)
+            slots[at : at + n] = s.slot_mapping
+            tables[i, : len(s.block_table)] = s.block_table
             kv_lens[i], at = s.start_pos + n, at + n
             cu[i + 1], sample_idx[i] = at, at - 1
-        cu[plan.num_seqs + 1:] = at  # padding rows own no tokens
+        cu[plan.num_seqs + 1 :] = at  # padding rows own no tokens
         decode = t == b and plan.decode_only
-        sampling = sampling_arrays([r.params for r in rows], [r.seed for r in rows],
-                                   [r.num_output_tokens for r in rows], pad_to=b)
+        sampling = sampling_arrays(
+            [r.params for r in rows],
+            [r.seed for r in rows],
+            [r.num_output_tokens for r in rows],
+            pad_to=b,
+        )
         host = (tokens, src, positions, (slots, tables, kv_lens, cu), sample_idx, sampling)
         tokens, src, positions, meta, sample_idx, sampling = jax.device_put(host)  # one transfer
         history, is_output = self._history(rows, b)
-        return StepBatch(tokens, src, positions, PagedMeta(*meta, decode=decode), sample_idx,
-                         sampling, history, is_output)
+        return StepBatch(
+            tokens,
+            src,
+            positions,
+            PagedMeta(*meta, decode=decode),
+            sample_idx,
+            sampling,
+            history,
+            is_output,
+        )
 
     def _history(self, rows: Sequence[RowInfo], b: int):
         """Prompt + output ids [B, max_model_len] when any row uses penalties, else (None, None)."""
@@ -213,21 +253,32 @@ class Runner:
         is_output = np.zeros((b, self.max_model_len), bool)
         for i, r in enumerate(rows):
             if uses_penalties(r.params):
-                ids[i, :len(r.token_ids)] = r.token_ids
-                is_output[i, r.num_prompt_tokens:len(r.token_ids)] = True
+                ids[i, : len(r.token_ids)] = r.token_ids
+                is_output[i, r.num_prompt_tokens : len(r.token_ids)] = True
         return jnp.asarray(ids), jnp.asarray(is_output)
 
     def _padding_batch(self, t: int, penalties: bool, decode: bool) -> StepBatch:
         b = min(t, self.max_num_seqs)
         zeros = lambda n: jnp.zeros(n, jnp.int32)
-        meta = PagedMeta(jnp.full(t, -1, jnp.int32),
-                         jnp.zeros((b, self.max_pages_per_seq), jnp.int32), zeros(b), zeros(b + 1),
-                         decode=decode)
+        meta = PagedMeta(
+            jnp.full(t, -1, jnp.int32),
+            jnp.zeros((b, self.max_pages_per_seq), jnp.int32),
+            zeros(b),
+            zeros(b + 1),
+            decode=decode,
+        )
         sampling = jax.tree.map(jnp.asarray, sampling_arrays([], [], [], pad_to=b))
-        history = (jnp.full((b, self.max_model_len), -1, jnp.int32),
-                   jnp.zeros((b, self.max_model_len), bool)) if penalties else (None, None)
-        return StepBatch(zeros(t), jnp.full(t, -1, jnp.int32), zeros(t), meta, zeros(b), sampling,
-                         *history)
+        history = (
+            (
+                jnp.full((b, self.max_model_len), -1, jnp.int32),
+                jnp.zeros((b, self.max_model_len), bool),
+            )
+            if penalties
+            else (None, None)
+        )
+        return StepBatch(
+            zeros(t), jnp.full(t, -1, jnp.int32), zeros(t), meta, zeros(b), sampling, *history
+        )
 
 
 def _forward_only(batch: StepBatch) -> StepBatch:
@@ -238,5 +289,11 @@ def _forward_only(batch: StepBatch) -> StepBatch:
 def _progress_bar(total: int, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"jaxinfer: {desc}", unit="prog", file=sys.stderr,
-                leave=False, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=f"jaxinfer: {desc}",
+        unit="prog",
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+    )

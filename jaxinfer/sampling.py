@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
-from jaxinfer.validate import (INT32_MAX, as_bool, as_float, as_int, as_strings,
-                               as_token_ids)
+from jaxinfer.validate import INT32_MAX, as_bool, as_float, as_int, as_strings, as_token_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,29 +88,30 @@ _OPTIONAL = ("seed", "logprobs")  # None means "none"
 class SamplingArrays(NamedTuple):
     """Per-row sampling settings (a pytree; every field [B])."""
 
-    temperature: Float[Array, "B"]         # 0 = greedy
-    top_k: Int[Array, "B"]                 # 0 = off
-    top_p: Float[Array, "B"]               # 1 = off
-    min_p: Float[Array, "B"]               # 0 = off
+    temperature: Float[Array, "B"]  # 0 = greedy
+    top_k: Int[Array, "B"]  # 0 = off
+    top_p: Float[Array, "B"]  # 1 = off
+    min_p: Float[Array, "B"]  # 0 = off
     repetition_penalty: Float[Array, "B"]  # 1 = off
-    presence_penalty: Float[Array, "B"]    # 0 = off
-    frequency_penalty: Float[Array, "B"]   # 0 = off
-    seed: UInt32[Array, "B"]               # per-request seed
-    step: Int[Array, "B"]                  # tokens this request generated before this one
-    num_logprobs: Int[Array, "B"]          # top-n logprobs wanted; 0 = none
+    presence_penalty: Float[Array, "B"]  # 0 = off
+    frequency_penalty: Float[Array, "B"]  # 0 = off
+    seed: UInt32[Array, "B"]  # per-request seed
+    step: Int[Array, "B"]  # tokens this request generated before this one
+    num_logprobs: Int[Array, "B"]  # top-n logprobs wanted; 0 = none
 
 
 class SampleOutput(NamedTuple):
     """What the sampler returns for each row."""
 
     tokens: Int[Array, "B"]
-    logprob: Float[Array, "B"]                    # log_softmax(raw logits)[token]
-    top_ids: Int[Array, "B MAX_LOGPROBS"]         # zeros when no row asked for logprobs
+    logprob: Float[Array, "B"]  # log_softmax(raw logits)[token]
+    top_ids: Int[Array, "B MAX_LOGPROBS"]  # zeros when no row asked for logprobs
     top_logprobs: Float[Array, "B MAX_LOGPROBS"]  # descending; zeros when no row asked
 
 
-def sampling_arrays(params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int],
-                    pad_to: int) -> SamplingArrays:
+def sampling_arrays(
+    params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int], pad_to: int
+) -> SamplingArrays:
     """Builds the [pad_to] host arrays for a batch; rows past len(params) are greedy padding.
 
     Args:
@@ -125,8 +125,10 @@ def sampling_arrays(params: Sequence[SamplingParams], seeds: Sequence[int], step
     """
     n = len(params)
     if len(seeds) != n or len(steps) != n:
-        raise ValueError(f"need one seed and one step per row: {n} params, "
-                         f"{len(seeds)} seeds, {len(steps)} steps")
+        raise ValueError(
+            f"need one seed and one step per row: {n} params, "
+            f"{len(seeds)} seeds, {len(steps)} steps"
+        )
     if pad_to < n:
         raise ValueError(f"pad_to ({pad_to}) is smaller than the batch ({n})")
     pad = SamplingParams(temperature=0.0)  # greedy, no penalties, no filters, no logprobs
@@ -177,10 +179,14 @@ def sample_mode(params: Sequence[SamplingParams]) -> str:
     return "greedy"
 
 
-def sample_rows(logits: Float[Array, "B V"], arrays: SamplingArrays,
-                history: Int[Array, "B S"] | None = None,
-                history_is_output: Bool[Array, "B S"] | None = None, *,
-                mode: str) -> SampleOutput:
+def sample_rows(
+    logits: Float[Array, "B V"],
+    arrays: SamplingArrays,
+    history: Int[Array, "B S"] | None = None,
+    history_is_output: Bool[Array, "B S"] | None = None,
+    *,
+    mode: str,
+) -> SampleOutput:
     """Samples one token per row, each row with its own settings, seed and step. Jittable.
 
     Args:
@@ -198,8 +204,7 @@ def sample_rows(logits: Float[Array, "B V"], arrays: SamplingArrays,
     if mode not in SAMPLE_MODES:
         raise ValueError(f"sampler mode {mode!r} is not one of {SAMPLE_MODES}")
     raw = logits.astype(jnp.float32)  # [B, V]
-    penalized = raw if history is None else apply_penalties(raw, arrays, history,
-                                                           history_is_output)
+    penalized = raw if history is None else apply_penalties(raw, arrays, history, history_is_output)
     greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)  # [B]
     if mode == "greedy":
         tokens = greedy
@@ -214,9 +219,12 @@ def sample_rows(logits: Float[Array, "B V"], arrays: SamplingArrays,
     return SampleOutput(tokens, logprob, top_ids, top_logprobs)
 
 
-def apply_penalties(logits: Float[Array, "B V"], arrays: SamplingArrays,
-                    history: Int[Array, "B S"],
-                    history_is_output: Bool[Array, "B S"] | None = None) -> Float[Array, "B V"]:
+def apply_penalties(
+    logits: Float[Array, "B V"],
+    arrays: SamplingArrays,
+    history: Int[Array, "B S"],
+    history_is_output: Bool[Array, "B S"] | None = None,
+) -> Float[Array, "B V"]:
     """vLLM penalties: repetition over all of history, then frequency and presence over outputs.
 
     Repetition p: a seen token's logit > 0 becomes logit / p, otherwise logit * p. Then
@@ -229,12 +237,16 @@ def apply_penalties(logits: Float[Array, "B V"], arrays: SamplingArrays,
     out_counts = _token_counts(history, (history >= 0) & history_is_output, logits.shape[-1])
     rep = arrays.repetition_penalty[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    return (logits - arrays.frequency_penalty[:, None] * out_counts
-            - arrays.presence_penalty[:, None] * (out_counts > 0))
+    return (
+        logits
+        - arrays.frequency_penalty[:, None] * out_counts
+        - arrays.presence_penalty[:, None] * (out_counts > 0)
+    )
 
 
-def _token_counts(history: Int[Array, "B S"], weight: Bool[Array, "B S"],
-                  v: int) -> Float[Array, "B V"]:
+def _token_counts(
+    history: Int[Array, "B S"], weight: Bool[Array, "B S"], v: int
+) -> Float[Array, "B V"]:
     """How often each vocabulary id occurs in history where weight is True (ids >= V dropped)."""
     b, _ = history.shape
     ids = jnp.where(weight, history, v)  # out of range → dropped by the scatter
@@ -242,8 +254,9 @@ def _token_counts(history: Int[Array, "B S"], weight: Bool[Array, "B S"],
     return jnp.zeros((b, v), jnp.float32).at[rows, ids].add(1.0, mode="drop")
 
 
-def _sample_or_greedy(logits: Float[Array, "B V"], arrays: SamplingArrays,
-                      greedy: Int[Array, "B"], filters: bool) -> Int[Array, "B"]:
+def _sample_or_greedy(
+    logits: Float[Array, "B V"], arrays: SamplingArrays, greedy: Int[Array, "B"], filters: bool
+) -> Int[Array, "B"]:
     """Temperature, filters, one Gumbel draw per row from its own key; T = 0 rows stay greedy.
 
     filters: True sorts for top-k / top-p / min-p, False skips them (no row uses one).
@@ -276,8 +289,9 @@ def _filter_mask(scaled: Float[Array, "B V"], arrays: SamplingArrays) -> Bool[Ar
     return jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], order].set(keep)
 
 
-def _top_logprobs(logprobs: Float[Array, "B V"]) -> tuple[Int[Array, "B MAX_LOGPROBS"],
-                                                          Float[Array, "B MAX_LOGPROBS"]]:
+def _top_logprobs(
+    logprobs: Float[Array, "B V"],
+) -> tuple[Int[Array, "B MAX_LOGPROBS"], Float[Array, "B MAX_LOGPROBS"]]:
     """Top MAX_LOGPROBS per row, descending; a vocab smaller than that pads with id -1, -inf."""
     b, v = logprobs.shape
     n = min(MAX_LOGPROBS, v)
@@ -288,7 +302,8 @@ def _top_logprobs(logprobs: Float[Array, "B V"]) -> tuple[Int[Array, "B MAX_LOGP
     return ids, values
 
 
-def _no_top_logprobs(logprobs: Float[Array, "B V"]) -> tuple[Int[Array, "B MAX_LOGPROBS"],
-                                                             Float[Array, "B MAX_LOGPROBS"]]:
+def _no_top_logprobs(
+    logprobs: Float[Array, "B V"],
+) -> tuple[Int[Array, "B MAX_LOGPROBS"], Float[Array, "B MAX_LOGPROBS"]]:
     b = logprobs.shape[0]
     return (jnp.zeros((b, MAX_LOGPROBS), jnp.int32), jnp.zeros((b, MAX_LOGPROBS), jnp.float32))

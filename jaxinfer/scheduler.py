@@ -60,8 +60,13 @@ class SchedulerConfig:
     long_prefill_token_threshold: int | None = None
 
     def __post_init__(self):
-        names = ["max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size",
-                 "num_pages"]
+        names = [
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_model_len",
+            "page_size",
+            "num_pages",
+        ]
         if self.long_prefill_token_threshold is not None:
             names.append("long_prefill_token_threshold")
         for name in names:
@@ -69,12 +74,15 @@ class SchedulerConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be an int >= 1, got {value!r}")
         if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError("SchedulerConfig.enable_prefix_caching must be a bool, "
-                             f"got {self.enable_prefix_caching!r}")
+            raise ValueError(
+                "SchedulerConfig.enable_prefix_caching must be a bool, "
+                f"got {self.enable_prefix_caching!r}"
+            )
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"SchedulerConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
-                f">= max_num_seqs ({self.max_num_seqs}) so every running decode fits a step")
+                f">= max_num_seqs ({self.max_num_seqs}) so every running decode fits a step"
+            )
 
 
 class SequenceStatus(enum.Enum):
@@ -94,8 +102,13 @@ class Sequence:
         token is kept as the last output token.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: Iterable[int], max_tokens: int,
-                 stop_token_ids: Iterable[int] = ()):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: Iterable[int],
+        max_tokens: int,
+        stop_token_ids: Iterable[int] = (),
+    ):
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)  # prompt + output so far
         self.num_prompt_tokens = len(self.token_ids)
@@ -114,11 +127,11 @@ class Sequence:
 
     @property
     def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[:self.num_prompt_tokens]
+        return self.token_ids[: self.num_prompt_tokens]
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_tokens(self) -> int:
@@ -142,8 +155,10 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed_tokens}, pages={self.block_table})")
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, pages={self.block_table})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,14 +225,17 @@ class _Step:
     def add(self, seq: Sequence, num_tokens: int) -> None:
         start, size = seq.num_computed_tokens, self.page_size
         positions = range(start, start + num_tokens)
-        self.seqs.append(ScheduledSeq(
-            request_id=seq.request_id,
-            token_ids=tuple(seq.token_ids[start:start + num_tokens]),
-            start_pos=start,
-            block_table=tuple(seq.block_table),
-            slot_mapping=tuple(seq.block_table[p // size] * size + p % size for p in positions),
-            sample=start + num_tokens == seq.num_tokens,
-            arrival=seq.arrival))
+        self.seqs.append(
+            ScheduledSeq(
+                request_id=seq.request_id,
+                token_ids=tuple(seq.token_ids[start : start + num_tokens]),
+                start_pos=start,
+                block_table=tuple(seq.block_table),
+                slot_mapping=tuple(seq.block_table[p // size] * size + p % size for p in positions),
+                sample=start + num_tokens == seq.num_tokens,
+                arrival=seq.arrival,
+            )
+        )
         self.ids.add(seq.request_id)
         self.budget -= num_tokens
 
@@ -237,8 +255,9 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig):
         self.config = config
-        self.allocator = PageAllocator(config.num_pages, config.page_size,
-                                       config.enable_prefix_caching)
+        self.allocator = PageAllocator(
+            config.num_pages, config.page_size, config.enable_prefix_caching
+        )
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self._requests: dict[str, Sequence] = {}  # every unfinished sequence
@@ -377,12 +396,14 @@ class Scheduler:
         if total > c.max_model_len:
             raise ValueError(
                 f"request {rid!r}: prompt ({seq.num_prompt_tokens} tokens) + max_tokens "
-                f"({seq.max_tokens}) = {total} tokens exceeds max_model_len ({c.max_model_len})")
+                f"({seq.max_tokens}) = {total} tokens exceeds max_model_len ({c.max_model_len})"
+            )
         pages = -(-(total - 1) // c.page_size)  # the last sampled token is never computed
         if pages > c.num_pages:
             raise ValueError(
                 f"request {rid!r}: prompt + max_tokens needs {pages} KV pages of {c.page_size} "
-                f"tokens, more than the whole pool (num_pages={c.num_pages})")
+                f"tokens, more than the whole pool (num_pages={c.num_pages})"
+            )
 
     # ---- internals ----
 
@@ -420,8 +441,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _admit_waiting(self, step: _Step) -> None:
-        while (self.waiting and step.budget > 0
-               and len(self.running) < self.config.max_num_seqs):
+        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
             if not self._admit(self.waiting[0], step):
                 break
 

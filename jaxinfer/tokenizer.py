@@ -15,8 +15,9 @@ def encode_prompt(tokenizer, text: str, *, chat: bool = False) -> list[int]:
         return list(tokenizer(text)["input_ids"])
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("--chat was asked for but this model's tokenizer has no chat template")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                        add_generation_prompt=True, tokenize=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    )
     if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
@@ -39,12 +40,12 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Adds one token; returns the text that became final (possibly '')."""
         self.ids.append(int(token_id))
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
         if full.endswith("\ufffd") or len(full) <= len(prefix):
             return ""  # an incomplete multi-byte character: wait for the next token
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full[len(prefix):]
+        return full[len(prefix) :]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip) if ids else ""

@@ -42,15 +42,17 @@ def as_int(name: str, value, low: int | None = None, high: int | None = None) ->
     return int(value)
 
 
-def as_float(name: str, value, low: float, high: float | None = None, *,
-             low_open: bool = False) -> float:
+def as_float(
+    name: str, value, low: float, high: float | None = None, *, low_open: bool = False
+) -> float:
     """`value` as a finite float in [low, high] ((low, high] with `low_open`); ValueError otherwise."""
     number = _is_int(value) or (isinstance(value, (float, np.floating)))
     f = float(value) if number and abs(float(value)) <= FLOAT32_MAX else None  # NaN fails too
     ok = f is not None and (f > low if low_open else f >= low) and (high is None or f <= high)
     if not ok:
-        raise ValueError(f"{name} must be a finite float32 number {_range(low, high, low_open)}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be a finite float32 number {_range(low, high, low_open)}, got {value!r}"
+        )
     return f
 
 
@@ -67,8 +69,10 @@ def as_text(name: str, value, *, allow_empty: bool = False) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{name} has a lone surrogate {value[e.start]!r} at character {e.start}: "
-                         "it is not valid Unicode text") from None
+        raise ValueError(
+            f"{name} has a lone surrogate {value[e.start]!r} at character {e.start}: "
+            "it is not valid Unicode text"
+        ) from None
     return value
 
 
@@ -85,8 +89,9 @@ def as_sequence(name: str, value) -> list:
     return list(value)
 
 
-def as_token_ids(name: str, value, *, allow_empty: bool = False, vocab_size: int | None = None
-                 ) -> list[int]:
+def as_token_ids(
+    name: str, value, *, allow_empty: bool = False, vocab_size: int | None = None
+) -> list[int]:
     """A list of token ids (ints >= 0, below `vocab_size` when given); None is []."""
     if isinstance(value, np.ndarray) and value.ndim == 1 and np.issubdtype(value.dtype, np.integer):
         ids = value.tolist()  # checked below as Python ints

@@ -29,6 +29,7 @@ File layout: kernels -> pallas_call wrappers (tile sizes in frozen configs)
 there, passed to their jitted parts as static arguments) -> ``*_reference``
 (plain jnp, over ``common.attention_reference``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,567 +44,718 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import common
 from pallas_kernels.common import (
-  LOG2_E,
-  SUPPORTED_DTYPES,
-  check_tiles,
-  init_carry,
-  online_softmax_step,
+    LOG2_E,
+    SUPPORTED_DTYPES,
+    check_tiles,
+    init_carry,
+    online_softmax_step,
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class PagedConfig:
-  """Tiles of the paged kernels.
+    """Tiles of the paged kernels.
 
-  Attributes:
-    block_k: kv tokens per inner-loop step (power of two, a multiple of L or
-      smaller than L and dividing it).
-    num_splits: split-K ranges per sequence for decode; None picks enough
-      programs to fill the GPU.
-    block_rows: query rows (tokens x padded heads per kv head) per ragged
-      program (power of two >= 16).
-    num_warps, num_stages: Triton launch parameters.
-    backend: "triton" (Pallas Triton lowering).
-  """
-  # block_k=32, 4 stages: best of 5 tiles measured on an H200 (NOTES.md)
-  block_k: int = 32
-  num_splits: int | None = None
-  block_rows: int = 64
-  num_warps: int = 4
-  num_stages: int = 4
-  backend: str = "triton"
+    Attributes:
+      block_k: kv tokens per inner-loop step (power of two, a multiple of L or
+        smaller than L and dividing it).
+      num_splits: split-K ranges per sequence for decode; None picks enough
+        programs to fill the GPU.
+      block_rows: query rows (tokens x padded heads per kv head) per ragged
+        program (power of two >= 16).
+      num_warps, num_stages: Triton launch parameters.
+      backend: "triton" (Pallas Triton lowering).
+    """
 
-  def __post_init__(self):
-    check_tiles(self, ("block_k", "block_rows"))
-    if self.num_splits is not None and self.num_splits < 1:
-      raise ValueError(f"num_splits={self.num_splits} must be >= 1")
+    # block_k=32, 4 stages: best of 5 tiles measured on an H200 (NOTES.md)
+    block_k: int = 32
+    num_splits: int | None = None
+    block_rows: int = 64
+    num_warps: int = 4
+    num_stages: int = 4
+    backend: str = "triton"
+
+    def __post_init__(self):
+        check_tiles(self, ("block_k", "block_rows"))
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"num_splits={self.num_splits} must be >= 1")
 
 
-def _choose_splits(config: PagedConfig, batch, num_kv_heads, max_tokens,
-                   num_sms: int):
-  if config.num_splits is not None:
-    return min(config.num_splits, pl.cdiv(max_tokens, config.block_k))
-  target = 4 * num_sms  # a few waves over the SMs
-  splits = pl.cdiv(target, batch * num_kv_heads)
-  # at least two kv steps per split, so the pipeline has something to overlap
-  return max(1, min(splits, max_tokens // (2 * config.block_k)))
+def _choose_splits(config: PagedConfig, batch, num_kv_heads, max_tokens, num_sms: int):
+    if config.num_splits is not None:
+        return min(config.num_splits, pl.cdiv(max_tokens, config.block_k))
+    target = 4 * num_sms  # a few waves over the SMs
+    splits = pl.cdiv(target, batch * num_kv_heads)
+    # at least two kv steps per split, so the pipeline has something to overlap
+    return max(1, min(splits, max_tokens // (2 * config.block_k)))
 
 
 # ----------------------------------------------------------------------------
 # Shared pieces of the kernels.
 # ----------------------------------------------------------------------------
 def _gather_kv(ref, rows, cols, mask):
-  """Rows of a [P * L, Hp] page pool: tile [rows.size, cols.size]."""
-  idx = (rows[:, None], cols[None, :])
-  if mask is None:
-    return ref[idx]
-  return plgpu.load(ref.at[idx], mask=mask, other=0.0)
+    """Rows of a [P * L, Hp] page pool: tile [rows.size, cols.size]."""
+    idx = (rows[:, None], cols[None, :])
+    if mask is None:
+        return ref[idx]
+    return plgpu.load(ref.at[idx], mask=mask, other=0.0)
 
 
-def _kv_tile(bt_ref, bt_row, k_ref, v_ref, first_token, *, block_k,
-             page_size, cols, head_mask, valid):
-  """Loads K and V of tokens [first_token, first_token + block_k).
+def _kv_tile(
+    bt_ref, bt_row, k_ref, v_ref, first_token, *, block_k, page_size, cols, head_mask, valid
+):
+    """Loads K and V of tokens [first_token, first_token + block_k).
 
-  bt_ref is a block-table row [max_pages] (bt_row None) or the whole table
-  [B, max_pages] with bt_row the sequence (one indexer: Triton takes one).
-  ``valid`` [block_k] masks tokens past the sequence (None: all valid), whose
-  block-table entries may hold anything.
-  """
-  tok = first_token + jnp.arange(block_k, dtype=jnp.int32)
-  slot = lax.div(tok, page_size)
-  bt_idx = (slot,) if bt_row is None else (bt_row, slot)
-  if valid is None:
-    page = bt_ref[bt_idx]
-  else:
-    page = plgpu.load(bt_ref.at[bt_idx], mask=valid, other=0)
-  rows = page * page_size + lax.rem(tok, page_size)
-  mask = None if valid is None else valid[:, None]
-  if head_mask is not None:
-    mask = head_mask if mask is None else jnp.logical_and(mask, head_mask)
-  return (_gather_kv(k_ref, rows, cols, mask),
-          _gather_kv(v_ref, rows, cols, mask), tok)
+    bt_ref is a block-table row [max_pages] (bt_row None) or the whole table
+    [B, max_pages] with bt_row the sequence (one indexer: Triton takes one).
+    ``valid`` [block_k] masks tokens past the sequence (None: all valid), whose
+    block-table entries may hold anything.
+    """
+    tok = first_token + jnp.arange(block_k, dtype=jnp.int32)
+    slot = lax.div(tok, page_size)
+    bt_idx = (slot,) if bt_row is None else (bt_row, slot)
+    if valid is None:
+        page = bt_ref[bt_idx]
+    else:
+        page = plgpu.load(bt_ref.at[bt_idx], mask=valid, other=0)
+    rows = page * page_size + lax.rem(tok, page_size)
+    mask = None if valid is None else valid[:, None]
+    if head_mask is not None:
+        mask = head_mask if mask is None else jnp.logical_and(mask, head_mask)
+    return (_gather_kv(k_ref, rows, cols, mask), _gather_kv(v_ref, rows, cols, mask), tok)
 
 
 # ----------------------------------------------------------------------------
 # Decode kernel (split-K).
 # ----------------------------------------------------------------------------
-def _decode_kernel(q_ref, k_ref, v_ref, bt_ref, len_ref, *out_refs,
-                   qk_scale, group, head_dim, page_size, block_k,
-                   num_splits, finalize, dot_precision):
-  # q_ref [Gp, Hp]; k_ref/v_ref [P*L, Hp]; bt_ref [max_pages]; len_ref [B]
-  group_pad, head_pad = q_ref.shape
-  b = pl.program_id(1)
-  split = pl.program_id(2)
-  length = len_ref[b]
-  cols = jnp.arange(head_pad, dtype=jnp.int32)
-  head_mask = (cols < head_dim)[None, :] if head_pad != head_dim else None
-  g_ok = jnp.arange(group_pad) < group
-  q_mask = g_ok[:, None]
-  if head_mask is not None:
-    q_mask = jnp.logical_and(q_mask, head_mask)
-  q = plgpu.load(q_ref, mask=q_mask, other=0.0)
+def _decode_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    bt_ref,
+    len_ref,
+    *out_refs,
+    qk_scale,
+    group,
+    head_dim,
+    page_size,
+    block_k,
+    num_splits,
+    finalize,
+    dot_precision,
+):
+    # q_ref [Gp, Hp]; k_ref/v_ref [P*L, Hp]; bt_ref [max_pages]; len_ref [B]
+    group_pad, head_pad = q_ref.shape
+    b = pl.program_id(1)
+    split = pl.program_id(2)
+    length = len_ref[b]
+    cols = jnp.arange(head_pad, dtype=jnp.int32)
+    head_mask = (cols < head_dim)[None, :] if head_pad != head_dim else None
+    g_ok = jnp.arange(group_pad) < group
+    q_mask = g_ok[:, None]
+    if head_mask is not None:
+        q_mask = jnp.logical_and(q_mask, head_mask)
+    q = plgpu.load(q_ref, mask=q_mask, other=0.0)
 
-  # Each sequence cuts its own length (not the table's width) into num_splits
-  # ranges of whole steps: a short sequence in a table sized for long ones
-  # still spreads over every split, and only its last step is masked.
-  per_split = lax.div(lax.div(length + num_splits - 1, num_splits)
-                      + block_k - 1, block_k) * block_k
-  t0 = split * per_split
-  t1 = jnp.minimum(t0 + per_split, length)
-  n_steps = jnp.maximum(lax.div(t1 - t0 + block_k - 1, block_k), 0)
-  n_full = jnp.maximum(lax.div(t1 - t0, block_k), 0)
-  tile = functools.partial(_kv_tile, bt_ref, None, k_ref, v_ref,
-                           block_k=block_k, page_size=page_size, cols=cols,
-                           head_mask=head_mask)
-  step = functools.partial(online_softmax_step, qk_scale=qk_scale,
-                           dot_precision=dot_precision)
+    # Each sequence cuts its own length (not the table's width) into num_splits
+    # ranges of whole steps: a short sequence in a table sized for long ones
+    # still spreads over every split, and only its last step is masked.
+    per_split = (
+        lax.div(lax.div(length + num_splits - 1, num_splits) + block_k - 1, block_k) * block_k
+    )
+    t0 = split * per_split
+    t1 = jnp.minimum(t0 + per_split, length)
+    n_steps = jnp.maximum(lax.div(t1 - t0 + block_k - 1, block_k), 0)
+    n_full = jnp.maximum(lax.div(t1 - t0, block_k), 0)
+    tile = functools.partial(
+        _kv_tile,
+        bt_ref,
+        None,
+        k_ref,
+        v_ref,
+        block_k=block_k,
+        page_size=page_size,
+        cols=cols,
+        head_mask=head_mask,
+    )
+    step = functools.partial(online_softmax_step, qk_scale=qk_scale, dot_precision=dot_precision)
 
-  def full_step(i, carry):
-    k, v, _ = tile(t0 + i * block_k, valid=None)
-    return step(q, k, lambda: v, carry, visible=None)
+    def full_step(i, carry):
+        k, v, _ = tile(t0 + i * block_k, valid=None)
+        return step(q, k, lambda: v, carry, visible=None)
 
-  def tail_step(i, carry):
-    first = t0 + i * block_k
-    valid = first + jnp.arange(block_k, dtype=jnp.int32) < t1
-    k, v, _ = tile(first, valid=valid)
-    return step(q, k, lambda: v, carry, visible=valid[None, :])
+    def tail_step(i, carry):
+        first = t0 + i * block_k
+        valid = first + jnp.arange(block_k, dtype=jnp.int32) < t1
+        k, v, _ = tile(first, valid=valid)
+        return step(q, k, lambda: v, carry, visible=valid[None, :])
 
-  carry = init_carry(group_pad, head_pad)
-  carry = lax.fori_loop(0, n_full, full_step, carry)
-  acc, m, l = lax.fori_loop(n_full, n_steps, tail_step, carry)
+    carry = init_carry(group_pad, head_pad)
+    carry = lax.fori_loop(0, n_full, full_step, carry)
+    acc, m, l = lax.fori_loop(n_full, n_steps, tail_step, carry)
 
-  if finalize:
-    (o_ref,) = out_refs  # [Gp, Hp] of [G, H]
-    out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
-    plgpu.store(o_ref, out.astype(o_ref.dtype), mask=q_mask)
-  else:
-    o_ref, m_ref, l_ref = out_refs  # [Gp, Hp], [Gp], [Gp] of G rows
-    plgpu.store(o_ref, acc, mask=q_mask)
-    plgpu.store(m_ref, m, mask=g_ok)
-    plgpu.store(l_ref, l, mask=g_ok)
+    if finalize:
+        (o_ref,) = out_refs  # [Gp, Hp] of [G, H]
+        out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+        plgpu.store(o_ref, out.astype(o_ref.dtype), mask=q_mask)
+    else:
+        o_ref, m_ref, l_ref = out_refs  # [Gp, Hp], [Gp], [Gp] of G rows
+        plgpu.store(o_ref, acc, mask=q_mask)
+        plgpu.store(m_ref, m, mask=g_ok)
+        plgpu.store(l_ref, l, mask=g_ok)
 
 
-def _decode_call(q, k_rows, v_rows, block_tables, lengths, *, sm_scale,
-                 page_size, config: PagedConfig, interpret, num_sms):
-  """q [B, K, G, H]; k_rows/v_rows [K, P*L, H] -> [B, K, G, H]."""
-  batch, num_kv_heads, group, head_dim = q.shape
-  num_rows = k_rows.shape[1]
-  max_pages = block_tables.shape[1]
-  head_pad = pl.next_power_of_2(head_dim)
-  group_pad = max(16, pl.next_power_of_2(group))
-  block_k = config.block_k
-  max_tokens = max_pages * page_size
-  splits = _choose_splits(config, batch, num_kv_heads, max_tokens, num_sms)
-  finalize = splits == 1
-  dot_precision = common.dot_precision(q.dtype)
+def _decode_call(
+    q,
+    k_rows,
+    v_rows,
+    block_tables,
+    lengths,
+    *,
+    sm_scale,
+    page_size,
+    config: PagedConfig,
+    interpret,
+    num_sms,
+):
+    """q [B, K, G, H]; k_rows/v_rows [K, P*L, H] -> [B, K, G, H]."""
+    batch, num_kv_heads, group, head_dim = q.shape
+    num_rows = k_rows.shape[1]
+    max_pages = block_tables.shape[1]
+    head_pad = pl.next_power_of_2(head_dim)
+    group_pad = max(16, pl.next_power_of_2(group))
+    block_k = config.block_k
+    max_tokens = max_pages * page_size
+    splits = _choose_splits(config, batch, num_kv_heads, max_tokens, num_sms)
+    finalize = splits == 1
+    dot_precision = common.dot_precision(q.dtype)
 
-  kernel = functools.partial(
-      _decode_kernel, qk_scale=sm_scale * LOG2_E, group=group,
-      head_dim=head_dim, page_size=page_size, block_k=block_k,
-      num_splits=splits, finalize=finalize,
-      dot_precision=dot_precision)
-  in_specs = [
-      pl.BlockSpec((None, None, group_pad, head_pad),
-                   lambda h, b, s: (b, h, 0, 0)),
-      pl.BlockSpec((None, num_rows, head_pad), lambda h, b, s: (h, 0, 0)),
-      pl.BlockSpec((None, num_rows, head_pad), lambda h, b, s: (h, 0, 0)),
-      pl.BlockSpec((None, max_pages), lambda h, b, s: (b, 0)),
-      pl.BlockSpec((batch,), lambda h, b, s: (0,)),
-  ]
-  if finalize:
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-    out_specs = [in_specs[0]]
-  else:
-    part = (splits, batch, num_kv_heads, group)
-    out_shape = [jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
-                 jax.ShapeDtypeStruct(part, jnp.float32),
-                 jax.ShapeDtypeStruct(part, jnp.float32)]
-    out_specs = [
-        pl.BlockSpec((None, None, None, group_pad, head_pad),
-                     lambda h, b, s: (s, b, h, 0, 0)),
-        pl.BlockSpec((None, None, None, group_pad),
-                     lambda h, b, s: (s, b, h, 0)),
-        pl.BlockSpec((None, None, None, group_pad),
-                     lambda h, b, s: (s, b, h, 0)),
+    kernel = functools.partial(
+        _decode_kernel,
+        qk_scale=sm_scale * LOG2_E,
+        group=group,
+        head_dim=head_dim,
+        page_size=page_size,
+        block_k=block_k,
+        num_splits=splits,
+        finalize=finalize,
+        dot_precision=dot_precision,
+    )
+    in_specs = [
+        pl.BlockSpec((None, None, group_pad, head_pad), lambda h, b, s: (b, h, 0, 0)),
+        pl.BlockSpec((None, num_rows, head_pad), lambda h, b, s: (h, 0, 0)),
+        pl.BlockSpec((None, num_rows, head_pad), lambda h, b, s: (h, 0, 0)),
+        pl.BlockSpec((None, max_pages), lambda h, b, s: (b, 0)),
+        pl.BlockSpec((batch,), lambda h, b, s: (0,)),
     ]
-  outs = pl.pallas_call(
-      kernel,
-      grid=(num_kv_heads, batch, splits),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                           num_stages=config.num_stages),
-      interpret=interpret,
-      name=f"paged_decode_h{head_dim}_L{page_size}_bk{block_k}_s{splits}",
-  )(q, k_rows, v_rows, block_tables, lengths)
-  if finalize:
-    return outs[0]
-  acc, m, l = outs
-  # Log-sum-exp combine of the splits (m in log2 units; empty splits have
-  # m = MASK_VALUE, l = 0 and get weight 0).
-  m_all = jnp.max(m, axis=0)
-  w = jnp.exp2(m - m_all[None])
-  denom = jnp.sum(w * l, axis=0)
-  out = jnp.sum(w[..., None] * acc, axis=0) / jnp.where(
-      denom == 0.0, 1.0, denom)[..., None]
-  return out.astype(q.dtype)
+    if finalize:
+        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+        out_specs = [in_specs[0]]
+    else:
+        part = (splits, batch, num_kv_heads, group)
+        out_shape = [
+            jax.ShapeDtypeStruct((*part, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct(part, jnp.float32),
+            jax.ShapeDtypeStruct(part, jnp.float32),
+        ]
+        out_specs = [
+            pl.BlockSpec((None, None, None, group_pad, head_pad), lambda h, b, s: (s, b, h, 0, 0)),
+            pl.BlockSpec((None, None, None, group_pad), lambda h, b, s: (s, b, h, 0)),
+            pl.BlockSpec((None, None, None, group_pad), lambda h, b, s: (s, b, h, 0)),
+        ]
+    outs = pl.pallas_call(
+        kernel,
+        grid=(num_kv_heads, batch, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name=f"paged_decode_h{head_dim}_L{page_size}_bk{block_k}_s{splits}",
+    )(q, k_rows, v_rows, block_tables, lengths)
+    if finalize:
+        return outs[0]
+    acc, m, l = outs
+    # Log-sum-exp combine of the splits (m in log2 units; empty splits have
+    # m = MASK_VALUE, l = 0 and get weight 0).
+    m_all = jnp.max(m, axis=0)
+    w = jnp.exp2(m - m_all[None])
+    denom = jnp.sum(w * l, axis=0)
+    out = jnp.sum(w[..., None] * acc, axis=0) / jnp.where(denom == 0.0, 1.0, denom)[..., None]
+    return out.astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------
 # Ragged kernel (packed queries of several lengths, causal within each).
 # ----------------------------------------------------------------------------
-def _ragged_kernel(work_seq_ref, work_q0_ref, q_ref, k_ref, v_ref, bt_ref,
-                   kv_len_ref, cu_ref, o_ref, *, qk_scale, group, group_pad,
-                   head_dim, page_size, block_k, block_tokens, dot_precision):
-  # q_ref/o_ref [T, N, Hp]; k_ref/v_ref [P*L, Hp]; bt_ref [B, max_pages]
-  head_pad = q_ref.shape[-1]
-  kv_head = pl.program_id(0)
-  w = pl.program_id(1)
-  seq = work_seq_ref[w]
-  live = seq >= 0
-  seq = jnp.maximum(seq, 0)
-  r0 = work_q0_ref[w]
-  q_start, q_end = cu_ref[seq], cu_ref[seq + 1]
-  kv_len = kv_len_ref[seq]
+def _ragged_kernel(
+    work_seq_ref,
+    work_q0_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    bt_ref,
+    kv_len_ref,
+    cu_ref,
+    o_ref,
+    *,
+    qk_scale,
+    group,
+    group_pad,
+    head_dim,
+    page_size,
+    block_k,
+    block_tokens,
+    dot_precision,
+):
+    # q_ref/o_ref [T, N, Hp]; k_ref/v_ref [P*L, Hp]; bt_ref [B, max_pages]
+    head_pad = q_ref.shape[-1]
+    kv_head = pl.program_id(0)
+    w = pl.program_id(1)
+    seq = work_seq_ref[w]
+    live = seq >= 0
+    seq = jnp.maximum(seq, 0)
+    r0 = work_q0_ref[w]
+    q_start, q_end = cu_ref[seq], cu_ref[seq + 1]
+    kv_len = kv_len_ref[seq]
 
-  rows = block_tokens * group_pad
-  i = jnp.arange(rows, dtype=jnp.int32)
-  tok = r0 + lax.div(i, group_pad)  # row of q in [T]
-  g = lax.rem(i, group_pad)
-  row_ok = (tok < q_end) & (g < group) & live
-  cols = jnp.arange(head_pad, dtype=jnp.int32)
-  head_mask = (cols < head_dim)[None, :] if head_pad != head_dim else None
-  io_mask = row_ok[:, None]
-  if head_mask is not None:
-    io_mask = jnp.logical_and(io_mask, head_mask)
-  io_idx = (tok[:, None], (kv_head * group + g)[:, None], cols[None, :])
-  q = plgpu.load(q_ref.at[io_idx], mask=io_mask, other=0.0)
+    rows = block_tokens * group_pad
+    i = jnp.arange(rows, dtype=jnp.int32)
+    tok = r0 + lax.div(i, group_pad)  # row of q in [T]
+    g = lax.rem(i, group_pad)
+    row_ok = (tok < q_end) & (g < group) & live
+    cols = jnp.arange(head_pad, dtype=jnp.int32)
+    head_mask = (cols < head_dim)[None, :] if head_pad != head_dim else None
+    io_mask = row_ok[:, None]
+    if head_mask is not None:
+        io_mask = jnp.logical_and(io_mask, head_mask)
+    io_idx = (tok[:, None], (kv_head * group + g)[:, None], cols[None, :])
+    q = plgpu.load(q_ref.at[io_idx], mask=io_mask, other=0.0)
 
-  # query row at kv position pos sees keys 0..pos
-  offset = kv_len - (q_end - q_start) - q_start
-  pos = tok + offset
-  pos_first = r0 + offset
-  pos_last = jnp.minimum(r0 + block_tokens, q_end) - 1 + offset
-  n_full = jnp.where(live, lax.div(pos_first + 1, block_k), 0)
-  n_steps = jnp.where(live, lax.div(pos_last + block_k, block_k), 0)
+    # query row at kv position pos sees keys 0..pos
+    offset = kv_len - (q_end - q_start) - q_start
+    pos = tok + offset
+    pos_first = r0 + offset
+    pos_last = jnp.minimum(r0 + block_tokens, q_end) - 1 + offset
+    n_full = jnp.where(live, lax.div(pos_first + 1, block_k), 0)
+    n_steps = jnp.where(live, lax.div(pos_last + block_k, block_k), 0)
 
-  tile = functools.partial(_kv_tile, bt_ref, seq, k_ref, v_ref,
-                           block_k=block_k, page_size=page_size, cols=cols,
-                           head_mask=head_mask)
-  step = functools.partial(online_softmax_step, qk_scale=qk_scale,
-                           dot_precision=dot_precision)
+    tile = functools.partial(
+        _kv_tile,
+        bt_ref,
+        seq,
+        k_ref,
+        v_ref,
+        block_k=block_k,
+        page_size=page_size,
+        cols=cols,
+        head_mask=head_mask,
+    )
+    step = functools.partial(online_softmax_step, qk_scale=qk_scale, dot_precision=dot_precision)
 
-  def full_step(j, carry):
-    k, v, _ = tile(j * block_k, valid=None)
-    return step(q, k, lambda: v, carry, visible=None)
+    def full_step(j, carry):
+        k, v, _ = tile(j * block_k, valid=None)
+        return step(q, k, lambda: v, carry, visible=None)
 
-  def diag_step(j, carry):
-    first = j * block_k
-    kv_tok = first + jnp.arange(block_k, dtype=jnp.int32)
-    k, v, _ = tile(first, valid=kv_tok < kv_len)
-    visible = kv_tok[None, :] <= pos[:, None]
-    return step(q, k, lambda: v, carry, visible=visible)
+    def diag_step(j, carry):
+        first = j * block_k
+        kv_tok = first + jnp.arange(block_k, dtype=jnp.int32)
+        k, v, _ = tile(first, valid=kv_tok < kv_len)
+        visible = kv_tok[None, :] <= pos[:, None]
+        return step(q, k, lambda: v, carry, visible=visible)
 
-  carry = init_carry(rows, head_pad)
-  carry = lax.fori_loop(0, n_full, full_step, carry)
-  acc, _, l = lax.fori_loop(n_full, n_steps, diag_step, carry)
-  out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
-  plgpu.store(o_ref.at[io_idx], out.astype(o_ref.dtype), mask=io_mask)
+    carry = init_carry(rows, head_pad)
+    carry = lax.fori_loop(0, n_full, full_step, carry)
+    acc, _, l = lax.fori_loop(n_full, n_steps, diag_step, carry)
+    out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+    plgpu.store(o_ref.at[io_idx], out.astype(o_ref.dtype), mask=io_mask)
 
 
 def _ragged_work_list(cu_q_lens, block_tokens, num_work, skip_single_token):
-  """(sequence, first q row) of each q block; -1 marks unused programs."""
-  q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-  blocks = (q_lens + block_tokens - 1) // block_tokens  # [B]
-  if skip_single_token:  # those sequences get no program: the decode kernel serves them
-    blocks = jnp.where(q_lens == 1, 0, blocks)
-  ends = jnp.cumsum(blocks)
-  w = jnp.arange(num_work, dtype=jnp.int32)
-  seq = jnp.searchsorted(ends, w, side="right", method="compare_all").astype(jnp.int32)
-  live = seq < q_lens.shape[0]
-  seq_c = jnp.minimum(seq, q_lens.shape[0] - 1)
-  first_block = ends[seq_c] - blocks[seq_c]
-  q0 = cu_q_lens[seq_c] + (w - first_block) * block_tokens
-  return jnp.where(live, seq, -1), jnp.where(live, q0, 0).astype(jnp.int32)
+    """(sequence, first q row) of each q block; -1 marks unused programs."""
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    blocks = (q_lens + block_tokens - 1) // block_tokens  # [B]
+    if skip_single_token:  # those sequences get no program: the decode kernel serves them
+        blocks = jnp.where(q_lens == 1, 0, blocks)
+    ends = jnp.cumsum(blocks)
+    w = jnp.arange(num_work, dtype=jnp.int32)
+    seq = jnp.searchsorted(ends, w, side="right", method="compare_all").astype(jnp.int32)
+    live = seq < q_lens.shape[0]
+    seq_c = jnp.minimum(seq, q_lens.shape[0] - 1)
+    first_block = ends[seq_c] - blocks[seq_c]
+    q0 = cu_q_lens[seq_c] + (w - first_block) * block_tokens
+    return jnp.where(live, seq, -1), jnp.where(live, q0, 0).astype(jnp.int32)
 
 
-def _ragged_call(q, k_rows, v_rows, block_tables, kv_lens, cu_q_lens, *,
-                 sm_scale, page_size, config: PagedConfig, interpret,
-                 skip_single_token=False):
-  """q [T, N, H]; k_rows/v_rows [K, P*L, H] -> [T, N, H]."""
-  num_tokens, num_heads, head_dim = q.shape
-  num_kv_heads, num_rows, _ = k_rows.shape
-  num_seqs = block_tables.shape[0]
-  group = num_heads // num_kv_heads
-  group_pad = pl.next_power_of_2(group)
-  head_pad = pl.next_power_of_2(head_dim)
-  block_tokens = max(1, config.block_rows // group_pad)
-  num_work = num_tokens // block_tokens + num_seqs
-  work_seq, work_q0 = _ragged_work_list(cu_q_lens, block_tokens, num_work,
-                                        skip_single_token)
-  dot_precision = common.dot_precision(q.dtype)
+def _ragged_call(
+    q,
+    k_rows,
+    v_rows,
+    block_tables,
+    kv_lens,
+    cu_q_lens,
+    *,
+    sm_scale,
+    page_size,
+    config: PagedConfig,
+    interpret,
+    skip_single_token=False,
+):
+    """q [T, N, H]; k_rows/v_rows [K, P*L, H] -> [T, N, H]."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, num_rows, _ = k_rows.shape
+    num_seqs = block_tables.shape[0]
+    group = num_heads // num_kv_heads
+    group_pad = pl.next_power_of_2(group)
+    head_pad = pl.next_power_of_2(head_dim)
+    block_tokens = max(1, config.block_rows // group_pad)
+    num_work = num_tokens // block_tokens + num_seqs
+    work_seq, work_q0 = _ragged_work_list(cu_q_lens, block_tokens, num_work, skip_single_token)
+    dot_precision = common.dot_precision(q.dtype)
 
-  kernel = functools.partial(
-      _ragged_kernel, qk_scale=sm_scale * LOG2_E, group=group,
-      group_pad=group_pad, head_dim=head_dim, page_size=page_size,
-      block_k=config.block_k, block_tokens=block_tokens,
-      dot_precision=dot_precision)
-  whole = lambda shape: pl.BlockSpec(shape, lambda h, w: (0,) * len(shape))
-  q_spec = whole((num_tokens, num_heads, head_pad))
-  kv_spec = pl.BlockSpec((None, num_rows, head_pad), lambda h, w: (h, 0, 0))
-  out = pl.pallas_call(
-      kernel,
-      grid=(num_kv_heads, num_work),
-      in_specs=[whole((num_work,)), whole((num_work,)), q_spec, kv_spec,
-                kv_spec, whole(block_tables.shape), whole((num_seqs,)),
-                whole((num_seqs + 1,))],
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
-                                           num_stages=config.num_stages),
-      interpret=interpret,
-      name=f"ragged_paged_h{head_dim}_L{page_size}",
-  )(work_seq, work_q0, q, k_rows, v_rows, block_tables, kv_lens, cu_q_lens)
-  # rows past cu_q_lens[-1] (bucket padding) belong to no sequence: zero them
-  live_row = jnp.arange(num_tokens) < cu_q_lens[-1]
-  return jnp.where(live_row[:, None, None], out, 0).astype(q.dtype)
+    kernel = functools.partial(
+        _ragged_kernel,
+        qk_scale=sm_scale * LOG2_E,
+        group=group,
+        group_pad=group_pad,
+        head_dim=head_dim,
+        page_size=page_size,
+        block_k=config.block_k,
+        block_tokens=block_tokens,
+        dot_precision=dot_precision,
+    )
+    whole = lambda shape: pl.BlockSpec(shape, lambda h, w: (0,) * len(shape))
+    q_spec = whole((num_tokens, num_heads, head_pad))
+    kv_spec = pl.BlockSpec((None, num_rows, head_pad), lambda h, w: (h, 0, 0))
+    out = pl.pallas_call(
+        kernel,
+        grid=(num_kv_heads, num_work),
+        in_specs=[
+            whole((num_work,)),
+            whole((num_work,)),
+            q_spec,
+            kv_spec,
+            kv_spec,
+            whole(block_tables.shape),
+            whole((num_seqs,)),
+            whole((num_seqs + 1,)),
+        ],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        interpret=interpret,
+        name=f"ragged_paged_h{head_dim}_L{page_size}",
+    )(work_seq, work_q0, q, k_rows, v_rows, block_tables, kv_lens, cu_q_lens)
+    # rows past cu_q_lens[-1] (bucket padding) belong to no sequence: zero them
+    live_row = jnp.arange(num_tokens) < cu_q_lens[-1]
+    return jnp.where(live_row[:, None, None], out, 0).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------
 # Public entry points.
 # ----------------------------------------------------------------------------
 def _check_pages(q, k_pages, v_pages, block_tables, num_q_rows, name):
-  if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
-    raise ValueError(f"k_pages/v_pages must both be [K, P, L, H], got "
-                     f"{k_pages.shape} and {v_pages.shape}")
-  if q.dtype not in SUPPORTED_DTYPES or not (
-      q.dtype == k_pages.dtype == v_pages.dtype):
-    raise ValueError(f"dtypes must match and be bf16/f16/f32: q {q.dtype}, "
-                     f"k {k_pages.dtype}, v {v_pages.dtype}")
-  num_kv_heads, _, page_size, head_dim = k_pages.shape
-  if q.shape[-1] != head_dim:
-    raise ValueError(f"head dim of q {q.shape} and pages {k_pages.shape} "
-                     "differ")
-  if not 16 <= head_dim <= 256 or head_dim % 8:
-    raise ValueError(f"head dim {head_dim} must be a multiple of 8 in 16..256")
-  if q.shape[-2] % num_kv_heads:
-    raise ValueError(f"N={q.shape[-2]} not a multiple of K={num_kv_heads}")
-  if page_size < 1 or page_size & (page_size - 1):
-    raise ValueError(f"page size {page_size} must be a power of two")
-  if block_tables.ndim != 2 or block_tables.shape[0] != num_q_rows:
-    raise ValueError(f"block_tables must be [{name}, max_pages], got "
-                     f"{block_tables.shape}")
-  if block_tables.dtype != jnp.int32:
-    raise ValueError(f"block_tables must be int32, got {block_tables.dtype}")
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(
+            f"k_pages/v_pages must both be [K, P, L, H], got {k_pages.shape} and {v_pages.shape}"
+        )
+    if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k_pages.dtype == v_pages.dtype):
+        raise ValueError(
+            f"dtypes must match and be bf16/f16/f32: q {q.dtype}, "
+            f"k {k_pages.dtype}, v {v_pages.dtype}"
+        )
+    num_kv_heads, _, page_size, head_dim = k_pages.shape
+    if q.shape[-1] != head_dim:
+        raise ValueError(f"head dim of q {q.shape} and pages {k_pages.shape} differ")
+    if not 16 <= head_dim <= 256 or head_dim % 8:
+        raise ValueError(f"head dim {head_dim} must be a multiple of 8 in 16..256")
+    if q.shape[-2] % num_kv_heads:
+        raise ValueError(f"N={q.shape[-2]} not a multiple of K={num_kv_heads}")
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page size {page_size} must be a power of two")
+    if block_tables.ndim != 2 or block_tables.shape[0] != num_q_rows:
+        raise ValueError(f"block_tables must be [{name}, max_pages], got {block_tables.shape}")
+    if block_tables.dtype != jnp.int32:
+        raise ValueError(f"block_tables must be int32, got {block_tables.dtype}")
 
 
 def _check_vector(x, size, name):
-  if x.shape != (size,) or x.dtype != jnp.int32:
-    raise ValueError(f"{name} must be int32 [{size}], got {x.dtype}{x.shape}")
+    if x.shape != (size,) or x.dtype != jnp.int32:
+        raise ValueError(f"{name} must be int32 [{size}], got {x.dtype}{x.shape}")
 
 
 def _rows_view(pages):
-  """[K, P, L, H] -> [K, P * L, H]: a free reshape of a contiguous pool."""
-  k, p, l, h = pages.shape
-  return pages.reshape(k, p * l, h)
+    """[K, P, L, H] -> [K, P * L, H]: a free reshape of a contiguous pool."""
+    k, p, l, h = pages.shape
+    return pages.reshape(k, p * l, h)
 
 
-def paged_attention(q, k_pages, v_pages, block_tables, lengths, *,
-                    sm_scale: float | None = None,
-                    config: PagedConfig | None = None,
-                    interpret: bool | None = None):
-  """Decode attention of one new token per sequence over a paged cache.
+def paged_attention(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    lengths,
+    *,
+    sm_scale: float | None = None,
+    config: PagedConfig | None = None,
+    interpret: bool | None = None,
+):
+    """Decode attention of one new token per sequence over a paged cache.
 
-  Args:
-    q: [B, N, H] queries.
-    k_pages, v_pages: [K, P, L, H] page pools.
-    block_tables: int32 [B, max_pages] page ids of each sequence.
-    lengths: int32 [B] cached tokens per sequence, 1..max_pages * L.
-    sm_scale: logit scale, default 1/sqrt(H).
-    config: tiles; default PagedConfig() (its split count sized to the
-      default device's SMs).
-    interpret: Pallas interpret mode (default: on CPU).
+    Args:
+      q: [B, N, H] queries.
+      k_pages, v_pages: [K, P, L, H] page pools.
+      block_tables: int32 [B, max_pages] page ids of each sequence.
+      lengths: int32 [B] cached tokens per sequence, 1..max_pages * L.
+      sm_scale: logit scale, default 1/sqrt(H).
+      config: tiles; default PagedConfig() (its split count sized to the
+        default device's SMs).
+      interpret: Pallas interpret mode (default: on CPU).
 
-  Returns:
-    [B, N, H] attention output, q's dtype.
-  """
-  if q.ndim != 3:
-    raise ValueError(f"q must be [B, N, H], got {q.shape}")
-  _check_pages(q, k_pages, v_pages, block_tables, q.shape[0], "B")
-  _check_vector(lengths, q.shape[0], "lengths")
-  sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-  return _paged_attention(q, k_pages, v_pages, block_tables, lengths,
-                          sm_scale=sm_scale, config=config or PagedConfig(),
-                          interpret=common.resolve_interpret(interpret),
-                          num_sms=common.num_sms())
-
-
-@functools.partial(jax.jit, static_argnames=("sm_scale", "config",
-                                             "interpret", "num_sms"))
-def _paged_attention(q, k_pages, v_pages, block_tables, lengths, *, sm_scale,
-                     config, interpret, num_sms):
-  batch, num_heads, head_dim = q.shape
-  num_kv_heads, _, page_size, _ = k_pages.shape
-  q4 = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-  out = _decode_call(q4, _rows_view(k_pages), _rows_view(v_pages),
-                     block_tables, lengths, sm_scale=sm_scale,
-                     page_size=page_size, config=config, interpret=interpret,
-                     num_sms=num_sms)
-  return out.reshape(q.shape)
-
-
-def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens,
-                           cu_q_lens, *, sm_scale: float | None = None,
-                           config: PagedConfig | None = None,
-                           interpret: bool | None = None,
-                           skip_single_token: bool = False):
-  """Attention of packed new tokens of several sequences over a paged cache.
-
-  Args:
-    q: [T, N, H] new tokens, sequence b at rows cu_q_lens[b]:cu_q_lens[b+1].
-    k_pages, v_pages: [K, P, L, H] page pools, new tokens already written.
-    block_tables: int32 [B, max_pages].
-    kv_lens: int32 [B] cached tokens per sequence (new ones included).
-    cu_q_lens: int32 [B + 1]; each q_len_b >= 1 and <= kv_lens[b]. The new
-      tokens are the LAST q_len_b of the kv_lens[b], causal among themselves.
-    sm_scale: logit scale, default 1/sqrt(H).
-    config, interpret: as in ``paged_attention``.
-    skip_single_token: sequences with q_len 1 get no program and their rows
-      are left unwritten (for callers that serve them with the decode
-      kernel, which is much faster on one-token queries).
-
-  Returns:
-    [T, N, H]; rows past cu_q_lens[-1] are zero; with skip_single_token the
-    rows of one-token sequences are undefined.
-  """
-  if q.ndim != 3:
-    raise ValueError(f"q must be [T, N, H], got {q.shape}")
-  num_seqs = block_tables.shape[0] if block_tables.ndim == 2 else -1
-  _check_pages(q, k_pages, v_pages, block_tables, num_seqs, "B")
-  _check_vector(kv_lens, num_seqs, "kv_lens")
-  _check_vector(cu_q_lens, num_seqs + 1, "cu_q_lens")
-  sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-  return _ragged_paged_attention(
-      q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens,
-      sm_scale=sm_scale, config=config or PagedConfig(),
-      interpret=common.resolve_interpret(interpret),
-      skip_single_token=skip_single_token)
+    Returns:
+      [B, N, H] attention output, q's dtype.
+    """
+    if q.ndim != 3:
+        raise ValueError(f"q must be [B, N, H], got {q.shape}")
+    _check_pages(q, k_pages, v_pages, block_tables, q.shape[0], "B")
+    _check_vector(lengths, q.shape[0], "lengths")
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    return _paged_attention(
+        q,
+        k_pages,
+        v_pages,
+        block_tables,
+        lengths,
+        sm_scale=sm_scale,
+        config=config or PagedConfig(),
+        interpret=common.resolve_interpret(interpret),
+        num_sms=common.num_sms(),
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "config",
-                                             "interpret", "skip_single_token"))
-def _ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens,
-                            cu_q_lens, *, sm_scale, config, interpret,
-                            skip_single_token):
-  return _ragged_call(q, _rows_view(k_pages), _rows_view(v_pages),
-                      block_tables, kv_lens, cu_q_lens, sm_scale=sm_scale,
-                      page_size=k_pages.shape[2], config=config,
-                      interpret=interpret,
-                      skip_single_token=skip_single_token)
+@functools.partial(jax.jit, static_argnames=("sm_scale", "config", "interpret", "num_sms"))
+def _paged_attention(
+    q, k_pages, v_pages, block_tables, lengths, *, sm_scale, config, interpret, num_sms
+):
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    q4 = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = _decode_call(
+        q4,
+        _rows_view(k_pages),
+        _rows_view(v_pages),
+        block_tables,
+        lengths,
+        sm_scale=sm_scale,
+        page_size=page_size,
+        config=config,
+        interpret=interpret,
+        num_sms=num_sms,
+    )
+    return out.reshape(q.shape)
+
+
+def ragged_paged_attention(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    kv_lens,
+    cu_q_lens,
+    *,
+    sm_scale: float | None = None,
+    config: PagedConfig | None = None,
+    interpret: bool | None = None,
+    skip_single_token: bool = False,
+):
+    """Attention of packed new tokens of several sequences over a paged cache.
+
+    Args:
+      q: [T, N, H] new tokens, sequence b at rows cu_q_lens[b]:cu_q_lens[b+1].
+      k_pages, v_pages: [K, P, L, H] page pools, new tokens already written.
+      block_tables: int32 [B, max_pages].
+      kv_lens: int32 [B] cached tokens per sequence (new ones included).
+      cu_q_lens: int32 [B + 1]; each q_len_b >= 1 and <= kv_lens[b]. The new
+        tokens are the LAST q_len_b of the kv_lens[b], causal among themselves.
+      sm_scale: logit scale, default 1/sqrt(H).
+      config, interpret: as in ``paged_attention``.
+      skip_single_token: sequences with q_len 1 get no program and their rows
+        are left unwritten (for callers that serve them with the decode
+        kernel, which is much faster on one-token queries).
+
+    Returns:
+      [T, N, H]; rows past cu_q_lens[-1] are zero; with skip_single_token the
+      rows of one-token sequences are undefined.
+    """
+    if q.ndim != 3:
+        raise ValueError(f"q must be [T, N, H], got {q.shape}")
+    num_seqs = block_tables.shape[0] if block_tables.ndim == 2 else -1
+    _check_pages(q, k_pages, v_pages, block_tables, num_seqs, "B")
+    _check_vector(kv_lens, num_seqs, "kv_lens")
+    _check_vector(cu_q_lens, num_seqs + 1, "cu_q_lens")
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    return _ragged_paged_attention(
+        q,
+        k_pages,
+        v_pages,
+        block_tables,
+        kv_lens,
+        cu_q_lens,
+        sm_scale=sm_scale,
+        config=config or PagedConfig(),
+        interpret=common.resolve_interpret(interpret),
+        skip_single_token=skip_single_token,
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("sm_scale", "config", "interpret", "skip_single_token")
+)
+def _ragged_paged_attention(
+    q,
+    k_pages,
+    v_pages,
+    block_tables,
+    kv_lens,
+    cu_q_lens,
+    *,
+    sm_scale,
+    config,
+    interpret,
+    skip_single_token,
+):
+    return _ragged_call(
+        q,
+        _rows_view(k_pages),
+        _rows_view(v_pages),
+        block_tables,
+        kv_lens,
+        cu_q_lens,
+        sm_scale=sm_scale,
+        page_size=k_pages.shape[2],
+        config=config,
+        interpret=interpret,
+        skip_single_token=skip_single_token,
+    )
 
 
 def _bits_dtype(dtype):
-  return {2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(dtype).itemsize]
+    return {2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(dtype).itemsize]
 
 
 @jax.jit
 def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping):
-  """Writes new K/V rows into their cache slots.
+    """Writes new K/V rows into their cache slots.
 
-  Args:
-    k_pages, v_pages: [K, P, L, H] page pools (donate them at the caller's
-      jit for an in-place update).
-    k_new, v_new: [T, K, H] rows to write.
-    slot_mapping: int32 [T], slot = page * L + offset; negative = skip.
+    Args:
+      k_pages, v_pages: [K, P, L, H] page pools (donate them at the caller's
+        jit for an in-place update).
+      k_new, v_new: [T, K, H] rows to write.
+      slot_mapping: int32 [T], slot = page * L + offset; negative = skip.
 
-  Returns:
-    (k_pages, v_pages) updated.
-  """
-  if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
-    raise ValueError(f"pages must both be [K, P, L, H], got {k_pages.shape} "
-                     f"and {v_pages.shape}")
-  num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
-  if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != (
-      num_kv_heads, head_dim):
-    raise ValueError(f"k_new/v_new must be [T, {num_kv_heads}, {head_dim}], "
-                     f"got {k_new.shape} and {v_new.shape}")
-  _check_vector(slot_mapping, k_new.shape[0], "slot_mapping")
-  num_rows = num_pages * page_size
-  # negative slots go out of range and are dropped by the scatter
-  slots = jnp.where(slot_mapping < 0, num_rows, slot_mapping)
+    Returns:
+      (k_pages, v_pages) updated.
+    """
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(
+            f"pages must both be [K, P, L, H], got {k_pages.shape} and {v_pages.shape}"
+        )
+    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+    if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != (num_kv_heads, head_dim):
+        raise ValueError(
+            f"k_new/v_new must be [T, {num_kv_heads}, {head_dim}], "
+            f"got {k_new.shape} and {v_new.shape}"
+        )
+    _check_vector(slot_mapping, k_new.shape[0], "slot_mapping")
+    num_rows = num_pages * page_size
+    # negative slots go out of range and are dropped by the scatter
+    slots = jnp.where(slot_mapping < 0, num_rows, slot_mapping)
 
-  def scatter(pages, new):
-    if pages.dtype == jnp.float32:  # in place as it is (the bit view below copies on a CPU)
-      rows = _rows_view(pages).at[:, slots].set(new.swapaxes(0, 1).astype(pages.dtype),
-                                                mode="drop")
-      return rows.reshape(pages.shape)
-    # Scatter the raw bits: XLA upcasts a 16-bit float scatter to f32, which
-    # converts (copies) the whole pool every step; an integer scatter of the
-    # same width stays in place (on a GPU; a CPU copies 16-bit pools either way).
-    bits = _bits_dtype(pages.dtype)
-    rows = lax.bitcast_convert_type(_rows_view(pages), bits)
-    new = lax.bitcast_convert_type(new.swapaxes(0, 1).astype(pages.dtype), bits)
-    rows = rows.at[:, slots].set(new, mode="drop")
-    return lax.bitcast_convert_type(rows, pages.dtype).reshape(pages.shape)
+    def scatter(pages, new):
+        if pages.dtype == jnp.float32:  # in place as it is (the bit view below copies on a CPU)
+            rows = (
+                _rows_view(pages)
+                .at[:, slots]
+                .set(new.swapaxes(0, 1).astype(pages.dtype), mode="drop")
+            )
+            return rows.reshape(pages.shape)
+        # Scatter the raw bits: XLA upcasts a 16-bit float scatter to f32, which
+        # converts (copies) the whole pool every step; an integer scatter of the
+        # same width stays in place (on a GPU; a CPU copies 16-bit pools either way).
+        bits = _bits_dtype(pages.dtype)
+        rows = lax.bitcast_convert_type(_rows_view(pages), bits)
+        new = lax.bitcast_convert_type(new.swapaxes(0, 1).astype(pages.dtype), bits)
+        rows = rows.at[:, slots].set(new, mode="drop")
+        return lax.bitcast_convert_type(rows, pages.dtype).reshape(pages.shape)
 
-  return scatter(k_pages, k_new), scatter(v_pages, v_new)
+    return scatter(k_pages, k_new), scatter(v_pages, v_new)
 
 
 # ----------------------------------------------------------------------------
 # References (plain jnp, f32).
 # ----------------------------------------------------------------------------
 def gather_contiguous(pages, block_tables):
-  """The pages each sequence names, in order: [K, P, L, H] x [B, max_pages]
-  -> a contiguous cache [B, max_pages * L, K, H]."""
-  g = pages[:, block_tables]  # [K, B, max_pages, L, H]
-  k, b, mp, l, h = g.shape
-  return g.reshape(k, b, mp * l, h).transpose(1, 2, 0, 3)
+    """The pages each sequence names, in order: [K, P, L, H] x [B, max_pages]
+    -> a contiguous cache [B, max_pages * L, K, H]."""
+    g = pages[:, block_tables]  # [K, B, max_pages, L, H]
+    k, b, mp, l, h = g.shape
+    return g.reshape(k, b, mp * l, h).transpose(1, 2, 0, 3)
 
 
-def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths, *,
-                              sm_scale: float | None = None):
-  """Gathers the pages to [B, S, K, H] and runs the contiguous decode."""
-  return contiguous_decode_reference(
-      q, gather_contiguous(k_pages, block_tables),
-      gather_contiguous(v_pages, block_tables), lengths, sm_scale=sm_scale)
+def paged_attention_reference(
+    q, k_pages, v_pages, block_tables, lengths, *, sm_scale: float | None = None
+):
+    """Gathers the pages to [B, S, K, H] and runs the contiguous decode."""
+    return contiguous_decode_reference(
+        q,
+        gather_contiguous(k_pages, block_tables),
+        gather_contiguous(v_pages, block_tables),
+        lengths,
+        sm_scale=sm_scale,
+    )
 
 
-def contiguous_decode_reference(q, k, v, lengths, *,
-                                sm_scale: float | None = None):
-  """Decode over a contiguous cache k/v [B, S, K, H] (the non-paged peer):
-  q [B, N, H], keys s < lengths[b] visible -> [B, N, H]."""
-  visible = jnp.arange(k.shape[1])[None, None, :] < lengths[:, None, None]
-  out, _ = common.attention_reference(q[:, None], k, v, visible, sm_scale)
-  return out[:, 0].astype(q.dtype)
+def contiguous_decode_reference(q, k, v, lengths, *, sm_scale: float | None = None):
+    """Decode over a contiguous cache k/v [B, S, K, H] (the non-paged peer):
+    q [B, N, H], keys s < lengths[b] visible -> [B, N, H]."""
+    visible = jnp.arange(k.shape[1])[None, None, :] < lengths[:, None, None]
+    out, _ = common.attention_reference(q[:, None], k, v, visible, sm_scale)
+    return out[:, 0].astype(q.dtype)
 
 
-def ragged_paged_attention_reference(q, k_pages, v_pages, block_tables,
-                                     kv_lens, cu_q_lens, *,
-                                     sm_scale: float | None = None):
-  """Per-token masks over gathered pages; rows past cu_q_lens[-1] are 0."""
-  num_tokens = q.shape[0]
-  seq = jnp.searchsorted(cu_q_lens, jnp.arange(num_tokens), side="right",
-                         method="compare_all") - 1
-  live = seq < block_tables.shape[0]
-  seq = jnp.minimum(seq, block_tables.shape[0] - 1)
-  q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-  pos = kv_lens[seq] - q_len + (jnp.arange(num_tokens) - cu_q_lens[seq])
-  k = gather_contiguous(k_pages, block_tables)[seq]  # [T, S, K, H]
-  v = gather_contiguous(v_pages, block_tables)[seq]
-  visible = jnp.arange(k.shape[1])[None, None, :] <= pos[:, None, None]
-  out, _ = common.attention_reference(q[:, None], k, v, visible, sm_scale)
-  return jnp.where(live[:, None, None], out[:, 0], 0).astype(q.dtype)
+def ragged_paged_attention_reference(
+    q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens, *, sm_scale: float | None = None
+):
+    """Per-token masks over gathered pages; rows past cu_q_lens[-1] are 0."""
+    num_tokens = q.shape[0]
+    seq = (
+        jnp.searchsorted(cu_q_lens, jnp.arange(num_tokens), side="right", method="compare_all") - 1
+    )
+    live = seq < block_tables.shape[0]
+    seq = jnp.minimum(seq, block_tables.shape[0] - 1)
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    pos = kv_lens[seq] - q_len + (jnp.arange(num_tokens) - cu_q_lens[seq])
+    k = gather_contiguous(k_pages, block_tables)[seq]  # [T, S, K, H]
+    v = gather_contiguous(v_pages, block_tables)[seq]
+    visible = jnp.arange(k.shape[1])[None, None, :] <= pos[:, None, None]
+    out, _ = common.attention_reference(q[:, None], k, v, visible, sm_scale)
+    return jnp.where(live[:, None, None], out[:, 0], 0).astype(q.dtype)
 
 
 def write_kv_reference(k_pages, v_pages, k_new, v_new, slot_mapping):
-  """Row-by-row writes in a Python loop (host side; for tests)."""
-  import numpy as np
-  kp, vp = np.array(k_pages), np.array(v_pages)
-  page_size = kp.shape[2]
-  for t, slot in enumerate(np.asarray(slot_mapping)):
-    if slot < 0:
-      continue
-    kp[:, slot // page_size, slot % page_size] = np.asarray(k_new[t])
-    vp[:, slot // page_size, slot % page_size] = np.asarray(v_new[t])
-  return kp, vp
+    """Row-by-row writes in a Python loop (host side; for tests)."""
+    import numpy as np
+
+    kp, vp = np.array(k_pages), np.array(v_pages)
+    page_size = kp.shape[2]
+    for t, slot in enumerate(np.asarray(slot_mapping)):
+        if slot < 0:
+            continue
+        kp[:, slot // page_size, slot % page_size] = np.asarray(k_new[t])
+        vp[:, slot // page_size, slot % page_size] = np.asarray(v_new[t])
+    return kp, vp

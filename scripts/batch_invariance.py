@@ -28,18 +28,38 @@ from jaxinfer.benchmark import default_device
 from jaxinfer.engine import Engine
 from jaxinfer.sampling import SamplingParams
 
-SUBJECTS = ["the sea", "a small town", "bread", "the moon", "rain", "a library", "trains",
-            "winter", "a garden", "music", "the desert", "bees", "a bridge", "coffee", "snow",
-            "a lighthouse"]
-TASKS = ["Write one sentence about {}.", "List three facts about {}.",
-         "Explain {} to a child.", "Give a short poem about {}."]
+SUBJECTS = [
+    "the sea",
+    "a small town",
+    "bread",
+    "the moon",
+    "rain",
+    "a library",
+    "trains",
+    "winter",
+    "a garden",
+    "music",
+    "the desert",
+    "bees",
+    "a bridge",
+    "coffee",
+    "snow",
+    "a lighthouse",
+]
+TASKS = [
+    "Write one sentence about {}.",
+    "List three facts about {}.",
+    "Explain {} to a child.",
+    "Give a short poem about {}.",
+]
 
 
 def prompts(n: int) -> list[str]:
     """n distinct instruction prompts (subjects x tasks, then numbered)."""
     base = [t.format(s) for t, s in itertools.product(TASKS, SUBJECTS)]
-    return [base[i % len(base)] + ("" if i < len(base) else f" ({i // len(base)})")
-            for i in range(n)]
+    return [
+        base[i % len(base)] + ("" if i < len(base) else f" ({i // len(base)})") for i in range(n)
+    ]
 
 
 def run(engine: Engine, ids: dict[str, list[int]], params: SamplingParams) -> dict:
@@ -88,12 +108,18 @@ def main(argv=None) -> int:
     texts = prompts(args.num_prompts)
     ids = {f"p{i}": list(model.tokenizer(t)["input_ids"]) for i, t in enumerate(texts)}
     longest = max(map(len, ids.values())) + args.max_tokens
-    engine = Engine(model, max_num_seqs=args.max_num_seqs, max_model_len=max(longest, 256),
-                    max_num_batched_tokens=args.max_num_batched_tokens, warmup=False,
-                    enable_prefix_caching=False)  # the alone runs must not reuse batched K/V
+    engine = Engine(
+        model,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=max(longest, 256),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        warmup=False,
+        enable_prefix_caching=False,
+    )  # the alone runs must not reuse batched K/V
     # greedy; logprobs=2 gives the top two candidates at every position
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True,
-                            logprobs=2)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True, logprobs=2
+    )
     t0 = time.perf_counter()
     batched = run(engine, ids, params)
     t1 = time.perf_counter()
@@ -105,21 +131,32 @@ def main(argv=None) -> int:
             print(f"alone: {i + 1}/{len(ids)}", file=sys.stderr, flush=True)
     t2 = time.perf_counter()
     result = compare(batched, alone)
-    gaps = [d["alone_top2_logprob_gap"] for d in result["differences"]
-            if d["alone_top2_logprob_gap"] is not None]
+    gaps = [
+        d["alone_top2_logprob_gap"]
+        for d in result["differences"]
+        if d["alone_top2_logprob_gap"] is not None
+    ]
     summary = {
-        "model": args.model or "default (SmolLM2-135M-Instruct)", "dtype": args.dtype,
-        "platform": default_device().platform, "device": default_device().device_kind,
-        "jax": jax.__version__, "python": platform.python_version(),
-        "num_prompts": args.num_prompts, "max_tokens": args.max_tokens,
+        "model": args.model or "default (SmolLM2-135M-Instruct)",
+        "dtype": args.dtype,
+        "platform": default_device().platform,
+        "device": default_device().device_kind,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "num_prompts": args.num_prompts,
+        "max_tokens": args.max_tokens,
         "max_num_seqs": args.max_num_seqs,
         "requests_differing": result["requests_differing"],
         "fraction_differing": result["requests_differing"] / args.num_prompts,
         "tokens_compared": sum(len(o.token_ids) for o in alone.values()),
         "max_top2_gap_at_divergence": max(gaps, default=None),
         "median_first_divergence": sorted(d["position"] for d in result["differences"])[
-            len(result["differences"]) // 2] if result["differences"] else None,
-        "batched_s": round(t1 - t0, 2), "alone_s": round(t2 - t1, 2),
+            len(result["differences"]) // 2
+        ]
+        if result["differences"]
+        else None,
+        "batched_s": round(t1 - t0, 2),
+        "alone_s": round(t2 - t1, 2),
         "differences": result["differences"],
     }
     text = json.dumps(summary, indent=2)

@@ -42,11 +42,12 @@ def main() -> int:
         return len(out.token_ids)
 
     def generate_run():  # no stop ids: exactly `tokens` new tokens, like ignore_eos
-        return len(jaxinfer.generate(model, [ids], max_new_tokens=args.tokens,
-                                     stop_token_ids=None)[0])
+        return len(
+            jaxinfer.generate(model, [ids], max_new_tokens=args.tokens, stop_token_ids=None)[0]
+        )
 
     times = {"engine": [], "generate": []}
-    for name, run in (("engine", engine_run), ("generate", generate_run)):
+    for run in (engine_run, generate_run):
         run()  # compiles
     for _ in range(args.repeats):
         for name, run in (("engine", engine_run), ("generate", generate_run)):
@@ -54,12 +55,19 @@ def main() -> int:
             n = run()
             times[name].append((time.perf_counter() - start) / n)
     median = {k: statistics.median(v) for k, v in times.items()}
-    report = {"device": default_device().device_kind, "backend": jax.default_backend(),
-              "host": platform.processor() or platform.machine(), "jax": jax.__version__,
-              "dtype": str(model.dtype), "tokens": args.tokens, "prompt_tokens": len(ids),
-              "engine_config": {k: v for k, v in vars(llm.engine.config).items()},
-              "s_per_token": times, "median_s_per_token": median,
-              "engine_over_generate": median["engine"] / median["generate"]}
+    report = {
+        "device": default_device().device_kind,
+        "backend": jax.default_backend(),
+        "host": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+        "dtype": str(model.dtype),
+        "tokens": args.tokens,
+        "prompt_tokens": len(ids),
+        "engine_config": {k: v for k, v in vars(llm.engine.config).items()},
+        "s_per_token": times,
+        "median_s_per_token": median,
+        "engine_over_generate": median["engine"] / median["generate"],
+    }
     print(json.dumps(report, indent=1, default=str))
     if args.out:
         with open(args.out, "w") as f:

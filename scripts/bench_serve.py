@@ -48,8 +48,14 @@ from bench_throughput import percentiles, run_engine, workload  # noqa: E402
 
 from jaxinfer.benchmark import SHAPES, default_device, random_model  # noqa: E402
 
-ENGINE_OPTIONS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "page_size",
-                  "num_pages", "attention_impl")
+ENGINE_OPTIONS = (
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_model_len",
+    "page_size",
+    "num_pages",
+    "attention_impl",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,28 +85,46 @@ async def _client(target: str, items: list, timeout: float) -> list[dict]:
 
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.InferenceStub(channel)
-        return await asyncio.gather(*(
-            _one(stub, generate_request(prompt, max_tokens=out, temperature=0.0, ignore_eos=True),
-                 start_at, timeout) for start_at, prompt, out in items))
+        return await asyncio.gather(
+            *(
+                _one(
+                    stub,
+                    generate_request(prompt, max_tokens=out, temperature=0.0, ignore_eos=True),
+                    start_at,
+                    timeout,
+                )
+                for start_at, prompt, out in items
+            )
+        )
 
 
-async def _one_http(target: str, request: tuple[list[int], int], start_at: float,
-                    timeout: float) -> dict:
+async def _one_http(
+    target: str, request: tuple[list[int], int], start_at: float, timeout: float
+) -> dict:
     """One streamed /v1/completions call on its own connection, read with asyncio streams (a
     small client, so that the client processes stay far from saturation)."""
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     prompt, out = request
-    body = json.dumps({"prompt": prompt, "max_tokens": out, "temperature": 0.0,
-                       "ignore_eos": True, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
+    body = json.dumps(
+        {
+            "prompt": prompt,
+            "max_tokens": out,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
     host, port = target.rsplit(":", 1)
     sent, first, tokens, code = time.monotonic(), None, 0, "OK"
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: %s\r\n"
-                         b"content-type: application/json\r\ncontent-length: %d\r\n"
-                         b"connection: close\r\n\r\n%s" % (host.encode(), len(body), body))
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nhost: %s\r\n"
+                b"content-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (host.encode(), len(body), body)
+            )
             status = (await reader.readline()).split()[1].decode()
             while (await reader.readline()).strip():
                 pass  # headers: the body is chunked server-sent events
@@ -136,8 +160,9 @@ async def _sse_events(reader: asyncio.StreamReader):
 
 
 async def _client_http(target: str, items: list, timeout: float) -> list[dict]:
-    return await asyncio.gather(*(_one_http(target, (prompt, out), start_at, timeout)
-                                  for start_at, prompt, out in items))
+    return await asyncio.gather(
+        *(_one_http(target, (prompt, out), start_at, timeout) for start_at, prompt, out in items)
+    )
 
 
 def client_process(front: str, target: str, items: list, timeout: float) -> list[dict]:
@@ -147,16 +172,28 @@ def client_process(front: str, target: str, items: list, timeout: float) -> list
     return asyncio.run(client(target, items, timeout))
 
 
-def run_rate(pool, procs: int, front: str, target: str, requests: list, rate: float,
-             timeout: float, seed: int) -> dict:
+def run_rate(
+    pool,
+    procs: int,
+    front: str,
+    target: str,
+    requests: list,
+    rate: float,
+    timeout: float,
+    seed: int,
+) -> dict:
     """Sends `requests` to `front` with Poisson arrivals at `rate`/s (inf: at once); returns the
     figures."""
-    gaps = np.zeros(len(requests)) if math.isinf(rate) else \
-        np.random.default_rng(seed).exponential(1 / rate, len(requests))
+    gaps = (
+        np.zeros(len(requests))
+        if math.isinf(rate)
+        else np.random.default_rng(seed).exponential(1 / rate, len(requests))
+    )
     t0 = time.monotonic() + 0.5  # every client process is up and waiting by then
     items = [(t0 + t, p, n) for t, (p, n) in zip(np.cumsum(gaps), requests)]
-    futures = [pool.submit(client_process, front, target, items[i::procs], timeout)
-               for i in range(procs)]
+    futures = [
+        pool.submit(client_process, front, target, items[i::procs], timeout) for i in range(procs)
+    ]
     results = [r for f in futures for r in f.result()]
     ok = [r for r in results if r["code"] == "OK"]
     wall = max(r["end"] for r in results) - t0
@@ -166,13 +203,26 @@ def run_rate(pool, procs: int, front: str, target: str, requests: list, rate: fl
         if r["code"] != "OK":
             errors[r["code"]] = errors.get(r["code"], 0) + 1
     short = sum(r["tokens"] != n for r, (_, n) in zip(results, requests) if r["code"] == "OK")
-    return {"front": front, "rate": rate, "requests": len(requests), "completed": len(ok), "errors": errors,
-            "short_answers": short, "wall_s": wall, "out_tok_per_s": n_out / wall,
-            "req_per_s": len(ok) / wall,
-            "ttft_s": percentiles([r["first"] - r["sent"] for r in ok if r["first"]]),
-            "tpot_s": percentiles([(r["end"] - r["first"]) / (r["tokens"] - 1)
-                                   for r in ok if r["first"] and r["tokens"] > 1]),
-            "e2e_s": percentiles([r["end"] - r["sent"] for r in ok])}
+    return {
+        "front": front,
+        "rate": rate,
+        "requests": len(requests),
+        "completed": len(ok),
+        "errors": errors,
+        "short_answers": short,
+        "wall_s": wall,
+        "out_tok_per_s": n_out / wall,
+        "req_per_s": len(ok) / wall,
+        "ttft_s": percentiles([r["first"] - r["sent"] for r in ok if r["first"]]),
+        "tpot_s": percentiles(
+            [
+                (r["end"] - r["first"]) / (r["tokens"] - 1)
+                for r in ok
+                if r["first"] and r["tokens"] > 1
+            ]
+        ),
+        "e2e_s": percentiles([r["end"] - r["sent"] for r in ok]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +231,18 @@ def run_rate(pool, procs: int, front: str, target: str, requests: list, rate: fl
 
 def server_args(args, port: int, http_port: int | None) -> list[str]:
     """scripts/serve.py options of the benchmark's engine options."""
-    out = ["--port", str(port), *(["--http-port", str(http_port)] if http_port else []), "--dtype", args.dtype, "--max-queue", "1000000",
-           "--no-prefix-caching", "--log-level", args.server_log_level]
+    out = [
+        "--port",
+        str(port),
+        *(["--http-port", str(http_port)] if http_port else []),
+        "--dtype",
+        args.dtype,
+        "--max-queue",
+        "1000000",
+        "--no-prefix-caching",
+        "--log-level",
+        args.server_log_level,
+    ]
     for name in ENGINE_OPTIONS:
         value = getattr(args, name)
         if value is not None:
@@ -191,11 +251,23 @@ def server_args(args, port: int, http_port: int | None) -> list[str]:
 
 
 def start_server(args, port: int, http_port: int | None, log_path: str) -> subprocess.Popen:
-    cmd = [sys.executable, os.path.abspath(__file__), "--serve", "--shape", args.shape,
-           "--layers", str(args.layers), "--dtype", args.dtype, "--",
-           *server_args(args, port, http_port)]
-    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get(
-        "XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92"))
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--serve",
+        "--shape",
+        args.shape,
+        "--layers",
+        str(args.layers),
+        "--dtype",
+        args.dtype,
+        "--",
+        *server_args(args, port, http_port),
+    ]
+    env = dict(
+        os.environ,
+        XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92"),
+    )
     with open(log_path, "wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -212,8 +284,10 @@ def wait_healthy(target: str, proc: subprocess.Popen, timeout: float) -> float:
             if proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {proc.returncode}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return time.monotonic() - start
             except grpc.RpcError:
                 pass
@@ -246,12 +320,14 @@ def serve_main(argv: list[str]) -> int:
     from jaxinfer.serving.grpc_server import main
 
     rest = [a for a in rest if a != "--"]
-    return main(rest + ["--model", f"random:{args.shape}"],
-                model=random_model(args.shape, args.dtype, args.layers))
+    return main(
+        rest + ["--model", f"random:{args.shape}"],
+        model=random_model(args.shape, args.dtype, args.layers),
+    )
 
 
 def parse_rates(text: str) -> list[tuple[float, int]]:
-    """"16:200,64:400,inf:1000" -> [(16.0, 200), (64.0, 400), (inf, 1000)]."""
+    """ "16:200,64:400,inf:1000" -> [(16.0, 200), (64.0, 400), (inf, 1000)]."""
     out = []
     for part in text.split(","):
         rate, count = part.split(":")
@@ -267,16 +343,23 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=0, help="override the shape's layer count")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--workload", default="128x128", help="INxOUT token lengths, or mix")
-    p.add_argument("--rates", default="16:200,64:400,inf:1000",
-                   help="RATE:COUNT,... requests per second (inf: all at once) and how many")
+    p.add_argument(
+        "--rates",
+        default="16:200,64:400,inf:1000",
+        help="RATE:COUNT,... requests per second (inf: all at once) and how many",
+    )
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--attention-impl", default=None)
-    p.add_argument("--front", default="grpc", choices=["grpc", "http", "both"],
-                   help="the front the clients call; both: each rate on gRPC, then on HTTP")
+    p.add_argument(
+        "--front",
+        default="grpc",
+        choices=["grpc", "http", "both"],
+        help="the front the clients call; both: each rate on gRPC, then on HTTP",
+    )
     p.add_argument("--client-procs", type=int, default=4, help="client processes sending requests")
     p.add_argument("--request-timeout", type=float, default=300.0, help="deadline of each request")
     p.add_argument("--startup-timeout", type=float, default=600.0)
@@ -287,30 +370,55 @@ def main() -> int:
     args = p.parse_args()
     rates = parse_rates(args.rates)
     vocab = SHAPES[args.shape]["vocab_size"]
-    runs = [(rate, workload(f"{args.workload}:{count}", vocab, seed=i))
-            for i, (rate, count) in enumerate(rates)]
+    runs = [
+        (rate, workload(f"{args.workload}:{count}", vocab, seed=i))
+        for i, (rate, count) in enumerate(rates)
+    ]
     port = free_port()
     target = f"127.0.0.1:{port}"
     fronts = ["grpc", "http"] if args.front == "both" else [args.front]
     http_port = free_port() if "http" in fronts else None
     targets = {"grpc": target, "http": f"127.0.0.1:{http_port}"}
-    log_path = (args.out[:-len(".json")] if args.out and args.out.endswith(".json") else
-                tempfile.mkdtemp(prefix="bench_serve-") + "/server") + ".server.log"
+    log_path = (
+        args.out[: -len(".json")]
+        if args.out and args.out.endswith(".json")
+        else tempfile.mkdtemp(prefix="bench_serve-") + "/server"
+    ) + ".server.log"
     report = {"shape": args.shape, "args": vars(args), "server_log": log_path, "rates": []}
     proc = start_server(args, port, http_port, log_path)
     try:
         report["server_startup_s"] = wait_healthy(target, proc, args.startup_timeout)
-        print(f"server healthy after {report['server_startup_s']:.0f}s (log: {log_path})", flush=True)
+        print(
+            f"server healthy after {report['server_startup_s']:.0f}s (log: {log_path})", flush=True
+        )
         spawn = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.client_procs, mp_context=spawn) as pool:
-            warm = runs[0][1][:2 * args.client_procs]  # starts the client processes, warms the server
+            warm = runs[0][1][
+                : 2 * args.client_procs
+            ]  # starts the client processes, warms the server
             for front in fronts:
-                run_rate(pool, args.client_procs, front, targets[front], warm, math.inf,
-                         args.request_timeout, 0)
+                run_rate(
+                    pool,
+                    args.client_procs,
+                    front,
+                    targets[front],
+                    warm,
+                    math.inf,
+                    args.request_timeout,
+                    0,
+                )
             for i, (rate, requests) in enumerate(runs):
                 for front in fronts:
-                    row = run_rate(pool, args.client_procs, front, targets[front], requests, rate,
-                                   args.request_timeout, seed=i)
+                    row = run_rate(
+                        pool,
+                        args.client_procs,
+                        front,
+                        targets[front],
+                        requests,
+                        rate,
+                        args.request_timeout,
+                        seed=i,
+                    )
                     report["rates"].append(row)
                     print(json.dumps(row), flush=True)
                     write(report, args.out)
@@ -319,8 +427,9 @@ def main() -> int:
     saturation = next((r for r in runs if math.isinf(r[0])), runs[-1])
     at_saturation = {r["front"]: r for r in report["rates"] if r["rate"] == saturation[0]}
     if len(at_saturation) == 2:
-        report["http_vs_grpc"] = (at_saturation["http"]["out_tok_per_s"] /
-                                  at_saturation["grpc"]["out_tok_per_s"])
+        report["http_vs_grpc"] = (
+            at_saturation["http"]["out_tok_per_s"] / at_saturation["grpc"]["out_tok_per_s"]
+        )
     if not args.no_offline:
         report["offline"] = offline(args, saturation[1])
         print(json.dumps({"offline": report["offline"]}), flush=True)
@@ -361,22 +470,32 @@ def write(report: dict, path: str | None) -> None:
 
 def print_table(report: dict) -> None:
     off = report.get("offline")
-    print(f"\n{off['device'] if off else ''}  {report['shape']}  {report['args']['workload']}  "
-          f"server startup {report['server_startup_s']:.0f}s  exit {report['server_exit_code']}")
+    print(
+        f"\n{off['device'] if off else ''}  {report['shape']}  {report['args']['workload']}  "
+        f"server startup {report['server_startup_s']:.0f}s  exit {report['server_exit_code']}"
+    )
     for r in report["rates"]:
-        print(f"{r.get('front', 'grpc'):4s} rate {r['rate']:>6}/s  {r['completed']:5d}/{r['requests']:<5d} ok  "
-              f"{r['out_tok_per_s']:9.0f} out tok/s  {r['req_per_s']:7.1f} req/s  "
-              f"TTFT p50 {r['ttft_s'].get('p50', float('nan')):.3f}s p99 "
-              f"{r['ttft_s'].get('p99', float('nan')):.3f}s  TPOT p50 "
-              f"{1e3 * r['tpot_s'].get('p50', float('nan')):.1f}ms p99 "
-              f"{1e3 * r['tpot_s'].get('p99', float('nan')):.1f}ms  errors {r['errors'] or 0}")
+        print(
+            f"{r.get('front', 'grpc'):4s} rate {r['rate']:>6}/s  {r['completed']:5d}/{r['requests']:<5d} ok  "
+            f"{r['out_tok_per_s']:9.0f} out tok/s  {r['req_per_s']:7.1f} req/s  "
+            f"TTFT p50 {r['ttft_s'].get('p50', float('nan')):.3f}s p99 "
+            f"{r['ttft_s'].get('p99', float('nan')):.3f}s  TPOT p50 "
+            f"{1e3 * r['tpot_s'].get('p50', float('nan')):.1f}ms p99 "
+            f"{1e3 * r['tpot_s'].get('p99', float('nan')):.1f}ms  errors {r['errors'] or 0}"
+        )
     if off:
-        http = f", HTTP / offline = {report['http_vs_offline']:.3f}" \
-            if "http_vs_offline" in report else ""
-        print(f"offline Engine on the saturation requests: {off['out_tok_per_s']:.0f} out tok/s; "
-              f"server / offline = {report['server_vs_offline']:.3f}{http}")
+        http = (
+            f", HTTP / offline = {report['http_vs_offline']:.3f}"
+            if "http_vs_offline" in report
+            else ""
+        )
+        print(
+            f"offline Engine on the saturation requests: {off['out_tok_per_s']:.0f} out tok/s; "
+            f"server / offline = {report['server_vs_offline']:.3f}{http}"
+        )
     if "http_vs_grpc" in report:
         print(f"HTTP / gRPC at saturation: {report['http_vs_grpc']:.3f}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

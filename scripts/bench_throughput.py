@@ -37,8 +37,15 @@ def workload(spec: str, vocab: int, seed: int = 0) -> list[tuple[list[int], int]
 
 def percentiles(values) -> dict:
     v = np.asarray(values, float)
-    return {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)),
-            "mean": float(v.mean())} if v.size else {}
+    return (
+        {
+            "p50": float(np.percentile(v, 50)),
+            "p99": float(np.percentile(v, 99)),
+            "mean": float(v.mean()),
+        }
+        if v.size
+        else {}
+    )
 
 
 def run_engine(engine, requests) -> dict:
@@ -46,8 +53,9 @@ def run_engine(engine, requests) -> dict:
 
     start = time.perf_counter()
     for i, (prompt, out_len) in enumerate(requests):
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=out_len, temperature=0,
-                                                          ignore_eos=True))
+        engine.add_request(
+            str(i), prompt, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+        )
     done, steps0 = {}, engine.stats["steps"]
     engine.stats["max_pages_used"] = 0  # this workload's peak, not an earlier one's
     while engine.has_unfinished_requests():
@@ -58,15 +66,26 @@ def run_engine(engine, requests) -> dict:
     outs = [done[str(i)] for i in range(len(requests))]
     assert all(len(o.token_ids) == n for o, (_, n) in zip(outs, requests))
     n_out = sum(len(o.token_ids) for o in outs)
-    return {"requests": len(requests), "input_tokens": sum(len(p) for p, _ in requests),
-            "output_tokens": n_out, "wall_s": wall, "out_tok_per_s": n_out / wall,
-            "total_tok_per_s": (n_out + sum(len(p) for p, _ in requests)) / wall,
-            "steps": engine.stats["steps"] - steps0,
-            "ttft_s": percentiles([o.first_token_time - o.arrival_time for o in outs]),
-            "tpot_s": percentiles([(o.finish_time - o.first_token_time) / (len(o.token_ids) - 1)
-                                   for o in outs if len(o.token_ids) > 1]),
-            "max_pages_used": engine.stats["max_pages_used"], "num_pages": engine.num_pages,
-            "preemptions": engine.stats["preemptions"]}
+    return {
+        "requests": len(requests),
+        "input_tokens": sum(len(p) for p, _ in requests),
+        "output_tokens": n_out,
+        "wall_s": wall,
+        "out_tok_per_s": n_out / wall,
+        "total_tok_per_s": (n_out + sum(len(p) for p, _ in requests)) / wall,
+        "steps": engine.stats["steps"] - steps0,
+        "ttft_s": percentiles([o.first_token_time - o.arrival_time for o in outs]),
+        "tpot_s": percentiles(
+            [
+                (o.finish_time - o.first_token_time) / (len(o.token_ids) - 1)
+                for o in outs
+                if len(o.token_ids) > 1
+            ]
+        ),
+        "max_pages_used": engine.stats["max_pages_used"],
+        "num_pages": engine.num_pages,
+        "preemptions": engine.stats["preemptions"],
+    }
 
 
 def limits_for(cfg, requests, limits) -> dict:
@@ -76,9 +95,14 @@ def limits_for(cfg, requests, limits) -> dict:
     n_out = sum(n for _, n in requests)
     context = float(np.mean([len(p) + n / 2 for p, n in requests]))
     need = bm.decode_bytes(cfg, 1, context)
-    roofline = (need["weight_bytes"] + need["kv_bytes"]) / (limits["copy_read_plus_write_GBps"] * 1e9)
-    return {"compute_bound_out_tok_per_s": n_out / (flops / (limits["bf16_matmul_TFLOPs"] * 1e12)),
-            "weights_GB": 2 * cfg.num_params / 1e9, "batch1_roofline_ms": roofline * 1e3}
+    roofline = (need["weight_bytes"] + need["kv_bytes"]) / (
+        limits["copy_read_plus_write_GBps"] * 1e9
+    )
+    return {
+        "compute_bound_out_tok_per_s": n_out / (flops / (limits["bf16_matmul_TFLOPs"] * 1e12)),
+        "weights_GB": 2 * cfg.num_params / 1e9,
+        "batch1_roofline_ms": roofline * 1e3,
+    }
 
 
 def bench_hf(shape: dict, requests, batch: int) -> dict:
@@ -103,23 +127,34 @@ def _hf_generate(model, device, requests, batch: int) -> dict:
 
     start, n_out = time.perf_counter(), 0
     for i in range(0, len(requests), batch):
-        chunk = requests[i:i + batch]
+        chunk = requests[i : i + batch]
         width = max(len(p) for p, _ in chunk)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for j, (p, _) in enumerate(chunk):
-            ids[j, width - len(p):], mask[j, width - len(p):] = torch.tensor(p), 1
+            ids[j, width - len(p) :], mask[j, width - len(p) :] = torch.tensor(p), 1
         new = max(n for _, n in chunk)  # HF's static batch runs to its longest output
         with torch.no_grad():
-            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
-                           min_new_tokens=new, do_sample=False)
+            model.generate(
+                ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+            )
         n_out += sum(n for _, n in chunk)
     if device == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    return {"requests": len(requests), "batch": batch, "output_tokens": n_out, "wall_s": wall,
-            "out_tok_per_s": n_out / wall, "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return {
+        "requests": len(requests),
+        "batch": batch,
+        "output_tokens": n_out,
+        "wall_s": wall,
+        "out_tok_per_s": n_out / wall,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def main() -> int:
@@ -134,13 +169,23 @@ def main() -> int:
     p.add_argument("--hf", action="store_true")
     p.add_argument("--hf-requests", type=int, default=256)
     p.add_argument("--hf-batch", type=int, default=64)
-    p.add_argument("--hf-workloads", default=None,
-                   help="workloads HF runs (default: all; HF's long ones can take many minutes)")
+    p.add_argument(
+        "--hf-workloads",
+        default=None,
+        help="workloads HF runs (default: all; HF's long ones can take many minutes)",
+    )
     p.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--layers", type=int, default=0,
-                   help="override the shape's layer count (both engines; e.g. Mixtral on an H100)")
-    p.add_argument("--sync-too", action="store_true",
-                   help="rerun the first workload with async_scheduling off (same engine)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=0,
+        help="override the shape's layer count (both engines; e.g. Mixtral on an H100)",
+    )
+    p.add_argument(
+        "--sync-too",
+        action="store_true",
+        help="rerun the first workload with async_scheduling off (same engine)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     shape = bm.shape(args.model, args.layers)
@@ -149,8 +194,10 @@ def main() -> int:
     if set(hf_specs) - set(specs):
         p.error(f"--hf-workloads {sorted(set(hf_specs) - set(specs))} not in --workloads {specs}")
     if args.hf_only:
-        res = {s: bench_hf(shape, workload(s, shape["vocab_size"])[:args.hf_requests], args.hf_batch)
-               for s in hf_specs}
+        res = {
+            s: bench_hf(shape, workload(s, shape["vocab_size"])[: args.hf_requests], args.hf_batch)
+            for s in hf_specs
+        }
         bm.emit_result(res)
         return 0
     peers = run_hf(args) if args.hf else {}
@@ -160,21 +207,40 @@ def main() -> int:
 
     from jaxinfer.engine import Engine
 
-    report = {"device": bm.default_device().device_kind, "jax": jax.__version__,
-              "model": args.model, "args": vars(args), "limits": bm.card_limits(3),
-              "workloads": {}}
+    report = {
+        "device": bm.default_device().device_kind,
+        "jax": jax.__version__,
+        "model": args.model,
+        "args": vars(args),
+        "limits": bm.card_limits(3),
+        "workloads": {},
+    }
     if hf_error:
         report["hf_error"] = hf_error
         print("HF peer failed:\n" + hf_error, flush=True)
     model = bm.random_model(args.model, "bfloat16", args.layers)
     cfg = model.config
     t0 = time.perf_counter()
-    engine = Engine(model, max_num_seqs=args.max_num_seqs, page_size=args.page_size,
-                    max_num_batched_tokens=args.max_num_batched_tokens, num_pages=args.num_pages,
-                    attention_impl=args.impl, enable_prefix_caching=False)
+    engine = Engine(
+        model,
+        max_num_seqs=args.max_num_seqs,
+        page_size=args.page_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_pages=args.num_pages,
+        attention_impl=args.impl,
+        enable_prefix_caching=False,
+    )
     report["startup_s"] = time.perf_counter() - t0
-    print(json.dumps({"startup_s": report["startup_s"], "num_pages": engine.num_pages,
-                      "buckets": engine.runner.buckets}), flush=True)
+    print(
+        json.dumps(
+            {
+                "startup_s": report["startup_s"],
+                "num_pages": engine.num_pages,
+                "buckets": engine.runner.buckets,
+            }
+        ),
+        flush=True,
+    )
     runs = [(spec, True) for spec in specs] + ([(specs[0], False)] if args.sync_too else [])
     for spec, overlap in runs:
         requests = workload(spec, cfg.vocab_size)
@@ -198,26 +264,46 @@ def main() -> int:
 def run_hf(args) -> dict:
     """The HF peer in its own process (it never shares the GPU with JAX's pool)."""
     return bm.run_isolated(
-        [__file__, "--hf-only", "--model", args.model, "--layers", str(args.layers),
-         "--workloads", args.workloads, "--hf-workloads", args.hf_workloads or args.workloads,
-         "--hf-requests", str(args.hf_requests), "--hf-batch", str(args.hf_batch)])
+        [
+            __file__,
+            "--hf-only",
+            "--model",
+            args.model,
+            "--layers",
+            str(args.layers),
+            "--workloads",
+            args.workloads,
+            "--hf-workloads",
+            args.hf_workloads or args.workloads,
+            "--hf-requests",
+            str(args.hf_requests),
+            "--hf-batch",
+            str(args.hf_batch),
+        ]
+    )
 
 
 def print_table(report: dict) -> None:
     lim = report["limits"]
-    print(f"\n{report['device']}  jax {report['jax']}  {report['model']}  bf16 matmul "
-          f"{lim['bf16_matmul_TFLOPs']:.0f} TFLOP/s  copy {lim['copy_read_plus_write_GBps']:.0f} GB/s  "
-          f"compiles {report['num_compiles']}")
+    print(
+        f"\n{report['device']}  jax {report['jax']}  {report['model']}  bf16 matmul "
+        f"{lim['bf16_matmul_TFLOPs']:.0f} TFLOP/s  copy {lim['copy_read_plus_write_GBps']:.0f} GB/s  "
+        f"compiles {report['num_compiles']}"
+    )
     for spec, r in report["workloads"].items():
         hf = r.get("hf", {}).get("out_tok_per_s", float("nan"))
-        print(f"{spec:14s} {r['out_tok_per_s']:9.0f} out tok/s (compute bound "
-              f"{r['compute_bound_out_tok_per_s']:7.0f})  TTFT p50 {r['ttft_s']['p50']:.2f}s "
-              f"p99 {r['ttft_s']['p99']:.2f}s  TPOT p50 {1e3 * r['tpot_s']['p50']:.1f}ms "
-              f"p99 {1e3 * r['tpot_s']['p99']:.1f}ms  pages {r['max_pages_used']}/{r['num_pages']}  "
-              f"preempt {r['preemptions']}  HF {hf:7.0f} tok/s")
+        print(
+            f"{spec:14s} {r['out_tok_per_s']:9.0f} out tok/s (compute bound "
+            f"{r['compute_bound_out_tok_per_s']:7.0f})  TTFT p50 {r['ttft_s']['p50']:.2f}s "
+            f"p99 {r['ttft_s']['p99']:.2f}s  TPOT p50 {1e3 * r['tpot_s']['p50']:.1f}ms "
+            f"p99 {1e3 * r['tpot_s']['p99']:.1f}ms  pages {r['max_pages_used']}/{r['num_pages']}  "
+            f"preempt {r['preemptions']}  HF {hf:7.0f} tok/s"
+        )
         if "x_batch1_roofline" in r:
-            print(f"{'':14s} batch-1 TPOT {1e3 * r['tpot_s']['p50']:.2f} ms = "
-                  f"{r['x_batch1_roofline']:.2f}x the HBM roofline {r['batch1_roofline_ms']:.2f} ms")
+            print(
+                f"{'':14s} batch-1 TPOT {1e3 * r['tpot_s']['p50']:.2f} ms = "
+                f"{r['x_batch1_roofline']:.2f}x the HBM roofline {r['batch1_roofline_ms']:.2f} ms"
+            )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Streams an answer from a jaxinfer gRPC server to stdout.
 
-    python scripts/client.py "Name a primary colour." --chat --max-tokens 64
-    python scripts/client.py --info                       # the served model and the engine's state
+python scripts/client.py "Name a primary colour." --chat --max-tokens 64
+python scripts/client.py --info                       # the served model and the engine's state
 """
 
 import argparse
@@ -32,8 +32,9 @@ def main() -> int:
         if args.info:
             print(client.model_info(timeout=10), end="")
             return 0
-        for piece in client.stream(args.prompt, chat=args.chat, max_tokens=args.max_tokens,
-                                   temperature=args.temperature):
+        for piece in client.stream(
+            args.prompt, chat=args.chat, max_tokens=args.max_tokens, temperature=args.temperature
+        ):
             sys.stdout.write(piece.text)
             sys.stdout.flush()
         sys.stdout.write("\n")

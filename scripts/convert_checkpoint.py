@@ -1,6 +1,6 @@
 """Converts an HF directory, a .gguf file or a jaxinfer checkpoint into a jaxinfer checkpoint.
 
-    python scripts/convert_checkpoint.py SOURCE DEST [--dtype bfloat16|float16|float32]
+python scripts/convert_checkpoint.py SOURCE DEST [--dtype bfloat16|float16|float32]
 """
 
 import sys

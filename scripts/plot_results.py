@@ -1,11 +1,11 @@
 """Draws the headline figures from bench/results/ into PNGs, each figure beside its limit or peer.
 
-    python scripts/plot_results.py [--card nvidia-h200] [--results bench/results] [--out bench/figures]
+  python scripts/plot_results.py [--card nvidia-h200] [--results bench/results] [--out bench/figures]
 
-  decode_vs_roofline.png   decode ms/step by batch against the HBM roofline and HF (bench_generate)
-  attention_vs_cudnn.png   prefill attention TFLOP/s against cuDNN; paged decode GB/s against the
-                           card's copy bandwidth and a contiguous cache through XLA (bench_kernels)
-  throughput_vs_hf.png     engine output tokens/s against HF and the compute bound (bench_throughput)
+decode_vs_roofline.png   decode ms/step by batch against the HBM roofline and HF (bench_generate)
+attention_vs_cudnn.png   prefill attention TFLOP/s against cuDNN; paged decode GB/s against the
+                         card's copy bandwidth and a contiguous cache through XLA (bench_kernels)
+throughput_vs_hf.png     engine output tokens/s against HF and the compute bound (bench_throughput)
 """
 
 from __future__ import annotations
@@ -64,14 +64,24 @@ def decode_vs_roofline(results: str, card: str):
     for ax, (name, (rows, hf, _)) in zip(axes[0], runs.items()):
         batches = [d["batch"] for d in rows]
         ax.plot(batches, [d["ms_per_step"] for d in rows], "o-", color=OURS, label="jaxinfer")
-        ax.plot(batches, [d["roofline_ms"] for d in rows], "--", color=LIMIT,
-                label="HBM roofline")
+        ax.plot(batches, [d["roofline_ms"] for d in rows], "--", color=LIMIT, label="HBM roofline")
         if hf:
-            ax.plot([d["batch"] for d in hf], [d["ms_per_step"] for d in hf], "s-", color=PEER,
-                    label="HF transformers")
+            ax.plot(
+                [d["batch"] for d in hf],
+                [d["ms_per_step"] for d in hf],
+                "s-",
+                color=PEER,
+                label="HF transformers",
+            )
         for d in rows:
-            ax.annotate(f"{d['x_roofline']:.2f}x", (d["batch"], d["ms_per_step"]),
-                        textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+            ax.annotate(
+                f"{d['x_roofline']:.2f}x",
+                (d["batch"], d["ms_per_step"]),
+                textcoords="offset points",
+                xytext=(0, 7),
+                ha="center",
+                fontsize=8,
+            )
         ax.set(xscale="log", yscale="log", xlabel="batch", title=name)
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.minorticks_off()
@@ -82,8 +92,9 @@ def decode_vs_roofline(results: str, card: str):
     axes[0][0].set_ylabel("ms per decode step (lower is better)")
     axes[0][0].legend(fontsize=8)
     device = next(iter(runs.values()))[2]
-    fig.suptitle(f"Decode step against the HBM roofline, {device} "
-                 "(labels: multiple of the roofline)")
+    fig.suptitle(
+        f"Decode step against the HBM roofline, {device} (labels: multiple of the roofline)"
+    )
     return fig
 
 
@@ -96,12 +107,22 @@ def attention_vs_cudnn(results: str, card: str):
         rows = [r for r in report.get("prefill", []) if (r["N"], r["K"]) == heads]
         t = [r["T"] for r in rows]
         label = f"N={heads[0]} K={heads[1]}"
-        pre.plot(t, [r.get("ours_tflops") for r in rows], "o" + style, color=OURS,
-                 label=f"ours, {label}")
-        pre.plot(t, [r.get("cudnn_tflops") for r in rows], "s" + style, color=PEER,
-                 label=f"cuDNN, {label}")
-    pre.set(xscale="log", xlabel="tokens T (B x T = 16k)", ylabel="TFLOP/s (higher is better)",
-            title="causal prefill attention, bf16, H=128")
+        pre.plot(
+            t, [r.get("ours_tflops") for r in rows], "o" + style, color=OURS, label=f"ours, {label}"
+        )
+        pre.plot(
+            t,
+            [r.get("cudnn_tflops") for r in rows],
+            "s" + style,
+            color=PEER,
+            label=f"cuDNN, {label}",
+        )
+    pre.set(
+        xscale="log",
+        xlabel="tokens T (B x T = 16k)",
+        ylabel="TFLOP/s (higher is better)",
+        title="causal prefill attention, bf16, H=128",
+    )
     pre.set_ylim(bottom=0)
     ts = sorted({r["T"] for r in report.get("prefill", [])})
     pre.set_xticks(ts, [str(t) for t in ts])
@@ -112,10 +133,20 @@ def attention_vs_cudnn(results: str, card: str):
     labels = [f"B{r['B']}\n{r['ctx'] // 1024}k" for r in rows]
     x = range(len(rows))
     width = 0.4
-    dec.bar([i - width / 2 for i in x], [r.get("ours_GBps", 0) for r in rows], width,
-            color=OURS, label="ours (paged, L=16)")
-    dec.bar([i + width / 2 for i in x], [r.get("contiguous_xla_GBps", 0) for r in rows], width,
-            color=PEER, label="contiguous cache, XLA")
+    dec.bar(
+        [i - width / 2 for i in x],
+        [r.get("ours_GBps", 0) for r in rows],
+        width,
+        color=OURS,
+        label="ours (paged, L=16)",
+    )
+    dec.bar(
+        [i + width / 2 for i in x],
+        [r.get("contiguous_xla_GBps", 0) for r in rows],
+        width,
+        color=PEER,
+        label="contiguous cache, XLA",
+    )
     dec.axhline(report["copy"]["GBps"], ls="--", color=LIMIT, label="copy bandwidth")
     dec.set_xticks(list(x), labels, fontsize=8)
     dec.set(ylabel="KV GB/s (higher is better)", title="paged decode attention, N=32 K=8 H=128")
@@ -142,21 +173,38 @@ def throughput_vs_hf(results: str, card: str):
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(bars)), 4.2))
     width = 0.27
     for i, (_, w) in enumerate(bars):
-        ax.bar(i - width, w["out_tok_per_s"], width, color=OURS,
-               label="jaxinfer engine" if i == 0 else None)
+        ax.bar(
+            i - width,
+            w["out_tok_per_s"],
+            width,
+            color=OURS,
+            label="jaxinfer engine" if i == 0 else None,
+        )
         hf = w.get("hf", {}).get("out_tok_per_s")
         if hf:
             ax.bar(i, hf, width, color=PEER, label="HF transformers" if i == 0 else None)
-            ax.annotate(f"{w['out_tok_per_s'] / hf:.0f}x HF", (i - width, w["out_tok_per_s"]),
-                        textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
-        ax.bar(i + width, w["compute_bound_out_tok_per_s"], width, color=LIMIT,
-               label="compute bound" if i == 0 else None)
+            ax.annotate(
+                f"{w['out_tok_per_s'] / hf:.0f}x HF",
+                (i - width, w["out_tok_per_s"]),
+                textcoords="offset points",
+                xytext=(0, 3),
+                ha="center",
+                fontsize=8,
+            )
+        ax.bar(
+            i + width,
+            w["compute_bound_out_tok_per_s"],
+            width,
+            color=LIMIT,
+            label="compute bound" if i == 0 else None,
+        )
     ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
     ax.set(ylabel="output tokens/s (higher is better)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    ax.set_title(f"Offline engine throughput, greedy, bf16 (workload IN x OUT : requests), "
-                 f"{device}")
+    ax.set_title(
+        f"Offline engine throughput, greedy, bf16 (workload IN x OUT : requests), {device}"
+    )
     fig.tight_layout()
     return fig
 
@@ -168,9 +216,11 @@ def main() -> int:
     p.add_argument("--out", default="bench/figures")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    for name, draw in (("decode_vs_roofline", decode_vs_roofline),
-                       ("attention_vs_cudnn", attention_vs_cudnn),
-                       ("throughput_vs_hf", throughput_vs_hf)):
+    for name, draw in (
+        ("decode_vs_roofline", decode_vs_roofline),
+        ("attention_vs_cudnn", attention_vs_cudnn),
+        ("throughput_vs_hf", throughput_vs_hf),
+    ):
         fig = draw(args.results, args.card)
         if fig is None:
             continue

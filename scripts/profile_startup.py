@@ -36,10 +36,9 @@ def main() -> int:
     import jax.numpy as jnp
 
     import jaxinfer
+    from jaxinfer.benchmark import SHAPES, default_device
     from jaxinfer.config import ModelConfig
     from jaxinfer.engine import Engine
-
-    from jaxinfer.benchmark import SHAPES, default_device
 
     report = {"mode": args.mode, "jax": jax.__version__, "device": default_device().device_kind}
     report["import_s"] = time.perf_counter() - T0
@@ -49,8 +48,12 @@ def main() -> int:
     params = jax.block_until_ready(jaxinfer.init_params(cfg, "bfloat16"))
     report["init_params_s"] = time.perf_counter() - t
     model = jaxinfer.Model(cfg, params, None, jnp.bfloat16)
-    opts = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_prefix_caching=False, compilation_cache_dir=args.cache)
+    opts = dict(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=False,
+        compilation_cache_dir=args.cache,
+    )
     t = time.perf_counter()
     engine = Engine(model, warmup=args.mode == "engine", **opts)
     report["engine_s"] = time.perf_counter() - t
@@ -71,9 +74,17 @@ def profile_programs(runner, parallel: bool, workers: int) -> list[dict]:
     import jax
 
     programs = runner.warmup_programs(penalties=False)
-    rows = [{"program": getattr(fn, "__name__", str(fn)), "shapes": str(jax.tree.map(
-        lambda x: getattr(x, "shape", x), args[-1] if fn is runner._forward else args[0]))}
-        for fn, args in programs]
+    rows = [
+        {
+            "program": getattr(fn, "__name__", str(fn)),
+            "shapes": str(
+                jax.tree.map(
+                    lambda x: getattr(x, "shape", x), args[-1] if fn is runner._forward else args[0]
+                )
+            ),
+        }
+        for fn, args in programs
+    ]
     lowered = []
     for row, (fn, args) in zip(rows, programs):
         t = time.perf_counter()

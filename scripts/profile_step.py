@@ -27,13 +27,15 @@ import time
 from jaxinfer import benchmark as bm
 
 # Op-name fragments → category, first match wins (XLA names fusions after their root op).
-CATEGORIES = (("attention", ("paged_decode", "ragged_paged", "flash_attention")),
-              ("grouped_matmul", ("grouped_matmul",)),
-              ("matmul", ("dot", "gemm", "cublas", "matmul", "convolution")),
-              ("kv_write", ("scatter", "dynamic-update-slice", "dynamic_update_slice")),
-              ("sort_topk", ("sort", "topk", "top_k")),
-              ("reduce", ("reduce",)),
-              ("copy", ("copy", "transpose")))
+CATEGORIES = (
+    ("attention", ("paged_decode", "ragged_paged", "flash_attention")),
+    ("grouped_matmul", ("grouped_matmul",)),
+    ("matmul", ("dot", "gemm", "cublas", "matmul", "convolution")),
+    ("kv_write", ("scatter", "dynamic-update-slice", "dynamic_update_slice")),
+    ("sort_topk", ("sort", "topk", "top_k")),
+    ("reduce", ("reduce",)),
+    ("copy", ("copy", "transpose")),
+)
 
 
 def category(op: str) -> str:
@@ -43,12 +45,17 @@ def category(op: str) -> str:
 
 def device_events(trace_dir: str) -> tuple[list[dict], list[str]]:
     """Complete events of the device lines of the newest trace, and the process names seen."""
-    path = max(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
-               key=os.path.getmtime)
+    path = max(
+        glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
+        key=os.path.getmtime,
+    )
     with gzip.open(path) as fh:
         events = json.load(fh)["traceEvents"]
-    names = {e["pid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     gpu = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
     if gpu:
         chosen = [e for e in events if e.get("ph") == "X" and e["pid"] in gpu]
@@ -74,10 +81,18 @@ def summarize(events: list[dict], steps: int, top: int) -> dict:
     return {
         "device_busy_us_per_step": busy / steps,
         "by_category_us_per_step": {c: v / steps for c, v in cats.most_common()},
-        "top_ops": [{"op": op, "us_per_step": us / steps, "calls_per_step": count[op] / steps,
-                     "share": us / busy} for op, us in by_op.most_common(top)],
-        "top_kernels": [{"kernel": k, "us_per_step": us / steps}
-                        for k, us in by_kernel.most_common(top)],
+        "top_ops": [
+            {
+                "op": op,
+                "us_per_step": us / steps,
+                "calls_per_step": count[op] / steps,
+                "share": us / busy,
+            }
+            for op, us in by_op.most_common(top)
+        ],
+        "top_kernels": [
+            {"kernel": k, "us_per_step": us / steps} for k, us in by_kernel.most_common(top)
+        ],
     }
 
 
@@ -118,9 +133,16 @@ def jitted_step_alone(eng, n: int = 20) -> dict:
 def time_phases(eng, steps: int) -> dict:
     """Wall ms per step inside each part of the engine step (wrappers on the instances only)."""
     totals = collections.Counter()
-    parts = [(eng.scheduler, "schedule"), (eng.scheduler, "commit"), (eng.scheduler, "resolve"),
-             (eng.runner, "build"), (eng.runner, "step"), (eng.runner, "collect"),
-             (eng, "_advance"), (eng, "resolve")]
+    parts = [
+        (eng.scheduler, "schedule"),
+        (eng.scheduler, "commit"),
+        (eng.scheduler, "resolve"),
+        (eng.runner, "build"),
+        (eng.runner, "step"),
+        (eng.runner, "collect"),
+        (eng, "_advance"),
+        (eng, "resolve"),
+    ]
     originals = [(obj, name, getattr(obj, name)) for obj, name in parts]
 
     def timed(name, fn):
@@ -130,7 +152,9 @@ def time_phases(eng, steps: int) -> dict:
                 return fn(*a, **k)
             finally:
                 totals[name] += time.perf_counter() - t0
+
         return wrapper
+
     for obj, name, fn in originals:
         setattr(obj, name, timed(name, fn))
     t0 = time.perf_counter()
@@ -188,13 +212,22 @@ def main() -> int:
     limits = bm.NO_LIMITS
     if args.limits and jax.default_backend() == "gpu":  # before the engine takes the memory
         limits = bm.card_limits(3)
-    eng = Engine(model, max_num_seqs=args.max_num_seqs or args.seqs, max_num_batched_tokens=args.budget,
-                 num_pages=args.num_pages, warmup=False)
+    eng = Engine(
+        model,
+        max_num_seqs=args.max_num_seqs or args.seqs,
+        max_num_batched_tokens=args.budget,
+        num_pages=args.num_pages,
+        warmup=False,
+    )
     rng = np.random.default_rng(0)
     for i in range(args.seqs):
-        eng.add_request(str(i), rng.integers(0, cfg.vocab_size, args.prompt).tolist(),
-                        SamplingParams(max_tokens=eng.max_model_len - args.prompt, temperature=0,
-                                       ignore_eos=True))
+        eng.add_request(
+            str(i),
+            rng.integers(0, cfg.vocab_size, args.prompt).tolist(),
+            SamplingParams(
+                max_tokens=eng.max_model_len - args.prompt, temperature=0, ignore_eos=True
+            ),
+        )
     t0 = time.perf_counter()
     while eng.stats["decode_steps"] < 3:  # prefills done, the decode step compiled and warm
         eng.step()
@@ -220,25 +253,41 @@ def main() -> int:
     events, processes = device_events(trace_dir)
     if args.keep_trace:
         import shutil
+
         shutil.copytree(trace_dir, args.keep_trace, dirs_exist_ok=True)
-    report = {"device": bm.default_device().device_kind, "jax": jax.__version__, "model": args.model,
-              "layers": cfg.num_layers, "seqs": args.seqs, "prompt": args.prompt,
-              "steps_traced": args.steps, "num_pages": eng.num_pages,
-              "engine_step_ms": step_ms, "engine_step_ms_all": [w * 1e3 for w in walls],
-              "traced_step_ms": traced_ms, "warmup_s": warm_s, "trace_processes": processes,
-              "host_profile": host_profile, "host_phases_ms_per_step": phases, **launch}
+    report = {
+        "device": bm.default_device().device_kind,
+        "jax": jax.__version__,
+        "model": args.model,
+        "layers": cfg.num_layers,
+        "seqs": args.seqs,
+        "prompt": args.prompt,
+        "steps_traced": args.steps,
+        "num_pages": eng.num_pages,
+        "engine_step_ms": step_ms,
+        "engine_step_ms_all": [w * 1e3 for w in walls],
+        "traced_step_ms": traced_ms,
+        "warmup_s": warm_s,
+        "trace_processes": processes,
+        "host_profile": host_profile,
+        "host_phases_ms_per_step": phases,
+        **launch,
+    }
     report["limits"] = limits
-    report["floors"] = floors(cfg, args.seqs, context, limits["copy_read_plus_write_GBps"],
-                              limits["bf16_matmul_TFLOPs"])
+    report["floors"] = floors(
+        cfg, args.seqs, context, limits["copy_read_plus_write_GBps"], limits["bf16_matmul_TFLOPs"]
+    )
     report.update(summarize(events, args.steps, args.top))
     text = json.dumps(report, indent=1)
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(text)
-    print(f"{report['device']} {args.model} L{cfg.num_layers} seqs {args.seqs} prompt {args.prompt}: "
-          f"engine step {step_ms:.2f} ms (traced {traced_ms:.2f}; jitted step alone "
-          f"{launch['jitted_step_ms']:.2f}, queued in {launch['jitted_step_queue_ms']:.2f}), device busy {report['device_busy_us_per_step'] / 1e3:.2f} "
-          f"ms/step; floors {report['floors']}")
+    print(
+        f"{report['device']} {args.model} L{cfg.num_layers} seqs {args.seqs} prompt {args.prompt}: "
+        f"engine step {step_ms:.2f} ms (traced {traced_ms:.2f}; jitted step alone "
+        f"{launch['jitted_step_ms']:.2f}, queued in {launch['jitted_step_queue_ms']:.2f}), device busy {report['device_busy_us_per_step'] / 1e3:.2f} "
+        f"ms/step; floors {report['floors']}"
+    )
     if host_profile:
         print(host_profile)
     print("host phases (ms/step):", {k: round(v, 2) for k, v in phases.items()})

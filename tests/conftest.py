@@ -12,29 +12,79 @@ os.environ["JAXINFER_COMPILATION_CACHE"] = ""
 
 import pytest
 
-TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=256, initializer_range=0.1,
-            rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+TINY = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=None,
+    pad_token_id=0,
+)
 
 FAMILIES = {
     "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4)),
-    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
-        num_key_value_heads=2, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=1, head_dim=32,
-                                                             sliding_window=None)),
+    "llama3": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(num_key_value_heads=1, head_dim=32, sliding_window=None),
+    ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
-    "tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=True)),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
-        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-        shared_expert_intermediate_size=96, norm_topk_prob=False)),
+    "tied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=None
+        ),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=96,
+            norm_topk_prob=False,
+        ),
+    ),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=32)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
-        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-        norm_topk_prob=True)),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            norm_topk_prob=True,
+        ),
+    ),
 }
 
 

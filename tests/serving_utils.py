@@ -26,8 +26,13 @@ def free_port() -> int:
 class ServerProcess:
     """A `scripts/serve.py` subprocess; its log goes to `log_path`."""
 
-    def __init__(self, args: list[str], log_path: pathlib.Path, env: dict | None = None,
-                 root_cert: bytes | None = None):
+    def __init__(
+        self,
+        args: list[str],
+        log_path: pathlib.Path,
+        env: dict | None = None,
+        root_cert: bytes | None = None,
+    ):
         self.port = free_port()
         self.log_path = log_path
         self.root_cert = root_cert
@@ -35,8 +40,18 @@ class ServerProcess:
         env.pop("XLA_FLAGS", None)  # one CPU device is enough for a server
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "scripts" / "serve.py"), "--port", str(self.port),
-                 *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                [
+                    sys.executable,
+                    str(ROOT / "scripts" / "serve.py"),
+                    "--port",
+                    str(self.port),
+                    *args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            )
 
     @property
     def target(self) -> str:
@@ -81,8 +96,28 @@ class ServerProcess:
 def self_signed_cert(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """A certificate for localhost / 127.0.0.1 and its key, made with the openssl CLI."""
     cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", "/CN=localhost", "-addext",
-                    "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key

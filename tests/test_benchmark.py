@@ -83,9 +83,16 @@ def test_a_native_crash_costs_one_unit_not_the_sweep(tmp_path):
     script = tmp_path / "sweep.py"
     script.write_text(textwrap.dedent(SWEEP))
     out = tmp_path / "out.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(script), "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     a, b, c, dd = json.loads(out.read_text())
     assert a == {"name": "a", "value": 1} and dd == {"name": "dd", "value": 2}

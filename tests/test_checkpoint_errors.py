@@ -10,12 +10,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import build_hf_model
 from safetensors.numpy import load_file, save_file
+from test_gguf import tiny_hf_tensors, write_gguf
 
 import jaxinfer
-from conftest import build_hf_model
 from jaxinfer.__main__ import main
-from test_gguf import tiny_hf_tensors, write_gguf
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def refused(path, *patterns: str) -> str:
 
 def cut(file, keep: float) -> None:
     data = file.read_bytes()
-    file.write_bytes(data[:int(len(data) * keep)])
+    file.write_bytes(data[: int(len(data) * keep)])
 
 
 @pytest.mark.parametrize("keep", [0.0, 0.001, 0.5, 0.999])
@@ -67,8 +67,11 @@ def test_integer_tensor_is_refused(sources, tmp_path):
     tensors = load_file(model / "model.safetensors")
     tensors["model.norm.weight"] = tensors["model.norm.weight"].astype(np.int32)
     save_file(tensors, model / "model.safetensors")
-    refused(model, str(model / "model.safetensors"),
-            "tensor model.norm.weight has dtype int32, expected a floating-point dtype")
+    refused(
+        model,
+        str(model / "model.safetensors"),
+        "tensor model.norm.weight has dtype int32, expected a floating-point dtype",
+    )
 
 
 def shard(model) -> dict:
@@ -77,7 +80,7 @@ def shard(model) -> dict:
     os.remove(model / "model.safetensors")
     names = sorted(tensors)
     weight_map = {}
-    for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
         file = f"model-0000{i + 1}-of-00002.safetensors"
         save_file({n: tensors[n] for n in part}, model / file)
         weight_map |= {n: file for n in part}
@@ -90,8 +93,11 @@ def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(sources, tmp_path
     shard(model)
     jaxinfer.load_model(model, dtype="float32")  # intact: loads
     os.remove(model / "model-00002-of-00002.safetensors")
-    refused(model, str(model / "model-00002-of-00002.safetensors"),
-            "shard listed in model.safetensors.index.json is missing")
+    refused(
+        model,
+        str(model / "model-00002-of-00002.safetensors"),
+        "shard listed in model.safetensors.index.json is missing",
+    )
 
 
 def test_damaged_shard_index(sources, tmp_path):
@@ -121,8 +127,10 @@ def test_garbage_gguf(sources, tmp_path):
 
 
 def orbax_data_files(ckpt) -> list:
-    return sorted((p for p in (ckpt / "params" / "ocdbt.process_0" / "d").iterdir()),
-                  key=lambda p: p.stat().st_size)
+    return sorted(
+        (p for p in (ckpt / "params" / "ocdbt.process_0" / "d").iterdir()),
+        key=lambda p: p.stat().st_size,
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garble", "delete"])

@@ -24,29 +24,42 @@ def ours():
 def hf_model():
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(GGUF_PATH.parent), gguf_file=GGUF_PATH.name,
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(GGUF_PATH.parent), gguf_file=GGUF_PATH.name, dtype=torch.float32
+    ).eval()
 
 
 def test_config_of_default_model(ours):
     c = ours.config
-    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size) == \
-        (30, 576, 9, 3, 49152)
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size) == (
+        30,
+        576,
+        9,
+        3,
+        49152,
+    )
     assert c.tie_word_embeddings and c.eos_token_ids == (2,)
 
 
-@pytest.mark.parametrize("text, chat", [
-    ("The capital of France is", False),
-    ("def fibonacci(n):", False),
-    ("What is the tallest mountain on Earth?", True),
-])
+@pytest.mark.parametrize(
+    "text, chat",
+    [
+        ("The capital of France is", False),
+        ("def fibonacci(n):", False),
+        ("What is the tallest mountain on Earth?", True),
+    ],
+)
 def test_greedy_tokens_match_hf(ours, hf_model, text, chat):
     ids = encode_prompt(ours.tokenizer, text, chat=chat)
     (tokens,) = jaxinfer.generate(ours, [ids], max_new_tokens=24)
     with torch.no_grad():
-        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
-                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    assert tokens == ref[0, len(ids):].tolist()[: len(tokens)]
+        ref = hf_model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=24,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )
+    assert tokens == ref[0, len(ids) :].tolist()[: len(tokens)]
     assert len(tokens) == 24 or tokens[-1] in ours.config.eos_token_ids
 
 
@@ -54,8 +67,20 @@ def test_default_checkpoint_conversion_and_cli(tmp_path, monkeypatch, capsys, ou
     monkeypatch.setenv("JAXINFER_CHECKPOINTS", str(tmp_path))
     from jaxinfer.__main__ import main
 
-    assert main(["generate", "--dtype", "float32", "--max-new-tokens", "12", "--chat",
-                 "Name a primary colour."]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--dtype",
+                "float32",
+                "--max-new-tokens",
+                "12",
+                "--chat",
+                "Name a primary colour.",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "smollm2-135m-instruct" / "jaxinfer.json").exists()
     ids = encode_prompt(ours.tokenizer, "Name a primary colour.", chat=True)
     (tokens,) = jaxinfer.generate(ours, [ids], max_new_tokens=12)
@@ -82,14 +107,19 @@ def test_incremental_detokenizer_never_splits_characters(ours):
 
 def test_llm_on_default_model_matches_generate(ours):
     """Text prompts through the engine (real tokenizer, paged cache) equal `generate` greedy."""
-    llm = jaxinfer.LLM(model=ours, max_num_seqs=4, max_num_batched_tokens=64, num_pages=64,
-                       warmup=False)
+    llm = jaxinfer.LLM(
+        model=ours, max_num_seqs=4, max_num_batched_tokens=64, num_pages=64, warmup=False
+    )
     texts = ["Paris is", "Écris un haïku sur la mer 🌊:"]
-    outs = llm.generate(texts, jaxinfer.SamplingParams(max_tokens=10, temperature=0), use_tqdm=False)
+    outs = llm.generate(
+        texts, jaxinfer.SamplingParams(max_tokens=10, temperature=0), use_tqdm=False
+    )
     for text, out in zip(texts, outs):
         ids = encode_prompt(ours.tokenizer, text)
         (expected,) = jaxinfer.generate(ours, [ids], max_new_tokens=10)
         assert out.prompt_token_ids == ids and out.token_ids == expected
         # a character cut off by max_tokens is never emitted half-made
-        assert out.text == ours.tokenizer.decode(expected, skip_special_tokens=True).rstrip("\ufffd")
+        assert out.text == ours.tokenizer.decode(expected, skip_special_tokens=True).rstrip(
+            "\ufffd"
+        )
         assert "\ufffd" not in out.text

@@ -8,9 +8,9 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import build_hf_model
 
 import jaxinfer
-from conftest import build_hf_model
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine import LLM, Engine
 from jaxinfer.model import Model
@@ -42,9 +42,18 @@ def jax_one_hot(x, n):
     return (x[:, None] == jnp.arange(n)[None]).astype(jnp.float32)
 
 
-FAKE_CONFIG = ModelConfig(model_type="llama", vocab_size=26, hidden_size=8, intermediate_size=8,
-                          num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
-                          max_position_embeddings=64, eos_token_ids=(25,))
+FAKE_CONFIG = ModelConfig(
+    model_type="llama",
+    vocab_size=26,
+    hidden_size=8,
+    intermediate_size=8,
+    num_layers=1,
+    num_heads=1,
+    num_kv_heads=1,
+    head_dim=8,
+    max_position_embeddings=64,
+    eos_token_ids=(25,),
+)
 
 
 class FakeModel(Model):
@@ -114,8 +123,9 @@ def test_async_scheduling_queues_the_next_step_before_waiting(overlap):
     engine.add_request("b", "hij", SamplingParams(max_tokens=4, temperature=0))
     outs = run_all(engine)
     assert outs["a"][-1].text == "defghi" and outs["b"][-1].text == "klmn"
-    pending = [events[:i].count("d") - events[:i].count("c") for i, e in enumerate(events)
-               if e == "c"]  # dispatched, not yet collected, when each collect starts
+    pending = [
+        events[:i].count("d") - events[:i].count("c") for i, e in enumerate(events) if e == "c"
+    ]  # dispatched, not yet collected, when each collect starts
     assert events.count("d") == events.count("c") == 6
     if overlap:
         assert pending == [2] * 5 + [1]  # only the last collect has no next step queued
@@ -139,10 +149,18 @@ def test_impossible_requests_are_refused_at_add():
 
 
 def test_llm_outputs_in_input_order_with_per_prompt_params():
-    llm = LLM(model=FakeModel(FAKE_CONFIG, {}, LetterTokenizer(), jnp.float32, "xla"),
-              max_num_seqs=2, max_num_batched_tokens=16, num_pages=32, warmup=False)
-    outs = llm.generate(["abc", "k", "pq"], [SamplingParams(max_tokens=n, temperature=0)
-                                             for n in (3, 1, 2)], use_tqdm=False)
+    llm = LLM(
+        model=FakeModel(FAKE_CONFIG, {}, LetterTokenizer(), jnp.float32, "xla"),
+        max_num_seqs=2,
+        max_num_batched_tokens=16,
+        num_pages=32,
+        warmup=False,
+    )
+    outs = llm.generate(
+        ["abc", "k", "pq"],
+        [SamplingParams(max_tokens=n, temperature=0) for n in (3, 1, 2)],
+        use_tqdm=False,
+    )
     assert [o.text for o in outs] == ["def", "l", "rs"]
     with pytest.raises(ValueError, match="2 sampling_params for 3 prompts"):
         llm.generate(["a", "b", "c"], [SamplingParams()] * 2)
@@ -164,22 +182,37 @@ def prompts_of(model, lengths, seed=0):
     return [rng.randint(0, model.config.vocab_size, n).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("impl, seats, overlap", [("xla", 4, False), ("xla", 4, True),
-                                                  ("pallas", 4, True), ("pallas", 16, True)])
+@pytest.mark.parametrize(
+    "impl, seats, overlap",
+    [("xla", 4, False), ("xla", 4, True), ("pallas", 4, True), ("pallas", 16, True)],
+)
 def test_staggered_requests_with_preemption_equal_greedy_alone(tiny_model, impl, seats, overlap):
     """16 seats make decode-only steps (T == B == 16) take the split-K decode kernel; `overlap`
     is asynchronous scheduling (step N+1 planned and queued before N's samples reach the host)."""
     prompts = prompts_of(tiny_model, (5, 40, 17, 3, 33, 9))
     news = (12, 6, 20, 15, 9, 14)
-    expected = [jaxinfer.generate(tiny_model, [p], max_new_tokens=n)[0] for p, n in zip(prompts, news)]
+    expected = [
+        jaxinfer.generate(tiny_model, [p], max_new_tokens=n)[0] for p, n in zip(prompts, news)
+    ]
     # 6 pages of 16 slots cannot hold four of these at once: preemption must happen.
-    engine = Engine(tiny_model, max_num_seqs=seats, max_num_batched_tokens=24, page_size=16,
-                    num_pages=6, warmup=False, attention_impl=impl, async_scheduling=overlap)
+    engine = Engine(
+        tiny_model,
+        max_num_seqs=seats,
+        max_num_batched_tokens=24,
+        page_size=16,
+        num_pages=6,
+        warmup=False,
+        attention_impl=impl,
+        async_scheduling=overlap,
+    )
     results, step = {}, 0
     while len(results) < len(prompts):
         if step < len(prompts):  # one new request per step
-            engine.add_request(str(step), prompts[step], SamplingParams(max_tokens=news[step],
-                                                                        temperature=0, ignore_eos=True))
+            engine.add_request(
+                str(step),
+                prompts[step],
+                SamplingParams(max_tokens=news[step], temperature=0, ignore_eos=True),
+            )
         for out in engine.step():
             if out.finished:
                 results[int(out.request_id)] = out.token_ids
@@ -197,15 +230,25 @@ def test_async_scheduling_equals_sync(tiny_model):
     greedy = jaxinfer.generate(tiny_model, [prompts[0]], max_new_tokens=12)[0]
     # the first token not seen before it (the weights are random: the output may repeat one token)
     k = next((i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i]), 0)
-    params = [SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[greedy[k]]),  # stops early
-              SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True),
-              SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.5, ignore_eos=True),
-              SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
-              SamplingParams(max_tokens=15, temperature=1.0, seed=9, ignore_eos=True)]
+    params = [
+        SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[greedy[k]]),  # stops early
+        SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.5, ignore_eos=True),
+        SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=15, temperature=1.0, seed=9, ignore_eos=True),
+    ]
 
     def run(overlap: bool):
-        engine = Engine(tiny_model, max_num_seqs=3, max_num_batched_tokens=32, page_size=16,
-                        num_pages=8, warmup=False, attention_impl="xla", async_scheduling=overlap)
+        engine = Engine(
+            tiny_model,
+            max_num_seqs=3,
+            max_num_batched_tokens=32,
+            page_size=16,
+            num_pages=8,
+            warmup=False,
+            attention_impl="xla",
+            async_scheduling=overlap,
+        )
         for i, (p, sp) in enumerate(zip(prompts, params)):
             engine.add_request(str(i), p, sp)
         final = {rid: outs[-1] for rid, outs in run_all(engine).items()}
@@ -214,7 +257,7 @@ def test_async_scheduling_equals_sync(tiny_model):
 
     sync, overlapped = run(False), run(True)
     assert overlapped == sync
-    assert sync["0"] == (greedy[:k + 1], "stop")
+    assert sync["0"] == (greedy[: k + 1], "stop")
     assert sync["3"][0] and len(sync["3"][0]) == 1
 
 
@@ -223,8 +266,15 @@ def test_prefix_cache_hits_skip_compute_and_match(tiny_model):
     a, b = shared + [1, 2, 3], shared + [4, 5]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     expected = [jaxinfer.generate(tiny_model, [p], max_new_tokens=8)[0] for p in (a, b)]
-    engine = Engine(tiny_model, max_num_seqs=2, max_num_batched_tokens=64, page_size=16,
-                    num_pages=16, warmup=False, attention_impl="xla")
+    engine = Engine(
+        tiny_model,
+        max_num_seqs=2,
+        max_num_batched_tokens=64,
+        page_size=16,
+        num_pages=16,
+        warmup=False,
+        attention_impl="xla",
+    )
     engine.add_request("a", a, params)
     first = run_all(engine)["a"][-1]
     computed = engine.stats["computed_tokens"]
@@ -240,8 +290,15 @@ def test_seeded_sampling_is_batch_independent(tiny_model):
     prompt = prompts_of(tiny_model, (7,), seed=3)[0]
 
     def run(others: int):
-        engine = Engine(tiny_model, max_num_seqs=8, max_num_batched_tokens=64, page_size=16,
-                        num_pages=32, warmup=False, attention_impl="xla")
+        engine = Engine(
+            tiny_model,
+            max_num_seqs=8,
+            max_num_batched_tokens=64,
+            page_size=16,
+            num_pages=32,
+            warmup=False,
+            attention_impl="xla",
+        )
         for i, p in enumerate(prompts_of(tiny_model, (5,) * others, seed=4)):
             engine.add_request(f"o{i}", p, SamplingParams(max_tokens=12, temperature=0.8, seed=i))
         engine.add_request("x", prompt, params)
@@ -252,8 +309,15 @@ def test_seeded_sampling_is_batch_independent(tiny_model):
 
 
 def test_no_recompiles_after_warmup(tiny_model):
-    engine = Engine(tiny_model, max_num_seqs=4, max_num_batched_tokens=32, page_size=16,
-                    num_pages=24, warmup=True, attention_impl="xla")
+    engine = Engine(
+        tiny_model,
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        page_size=16,
+        num_pages=24,
+        warmup=True,
+        attention_impl="xla",
+    )
     compiled = engine.runner.num_compiles
     buckets = engine.runner.buckets  # each bucket, plus a decode-only form where T <= seats
     forwards = len(buckets) + sum(t <= 4 for t in buckets)
@@ -263,11 +327,16 @@ def test_no_recompiles_after_warmup(tiny_model):
     for step in range(200):
         if step % 7 == 0 and step < 160:
             n = int(rng.randint(1, 40))
-            engine.add_request(f"r{step}", rng.randint(0, 300, n).tolist(),
-                               SamplingParams(max_tokens=int(rng.randint(1, 20)),
-                                              temperature=float(rng.choice([0, 0, 0.7, 0.7, 1])),
-                                              top_k=int(rng.choice([0, 5])),
-                                              logprobs=[None, 2][step % 2]))
+            engine.add_request(
+                f"r{step}",
+                rng.randint(0, 300, n).tolist(),
+                SamplingParams(
+                    max_tokens=int(rng.randint(1, 20)),
+                    temperature=float(rng.choice([0, 0, 0.7, 0.7, 1])),
+                    top_k=int(rng.choice([0, 5])),
+                    logprobs=[None, 2][step % 2],
+                ),
+            )
         engine.step()
     assert engine.stats["steps"] >= 120
     assert engine.runner.num_compiles == compiled
@@ -275,14 +344,24 @@ def test_no_recompiles_after_warmup(tiny_model):
 
 def test_logprobs_are_log_softmax_of_the_model(tiny_model):
     prompt = prompts_of(tiny_model, (6,), seed=6)[0]
-    engine = Engine(tiny_model, max_num_seqs=2, max_num_batched_tokens=32, num_pages=8,
-                    warmup=False, attention_impl="xla")
-    engine.add_request("a", prompt, SamplingParams(max_tokens=3, temperature=0, logprobs=4,
-                                                   ignore_eos=True))
+    engine = Engine(
+        tiny_model,
+        max_num_seqs=2,
+        max_num_batched_tokens=32,
+        num_pages=8,
+        warmup=False,
+        attention_impl="xla",
+    )
+    engine.add_request(
+        "a", prompt, SamplingParams(max_tokens=3, temperature=0, logprobs=4, ignore_eos=True)
+    )
     out = run_all(engine)["a"][-1]
     logits = np.asarray(jaxinfer.forward(tiny_model, [prompt + out.token_ids]))[0]
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     for i, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
         row = logp[len(prompt) - 1 + i]
         assert token in entry and abs(entry[token] - row[token]) < 1e-4
@@ -293,12 +372,22 @@ def test_logprobs_are_log_softmax_of_the_model(tiny_model):
 def test_compiled_steps_go_to_the_persistent_cache(tiny_model, tmp_path):
     import jax
 
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    old = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
     jax.config.update("jax_compilation_cache_dir", None)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     try:
-        Engine(tiny_model, max_num_seqs=2, max_num_batched_tokens=16, num_pages=8, warmup=True,
-               attention_impl="xla", compilation_cache_dir=str(tmp_path / "xla"))
+        Engine(
+            tiny_model,
+            max_num_seqs=2,
+            max_num_batched_tokens=16,
+            num_pages=8,
+            warmup=True,
+            attention_impl="xla",
+            compilation_cache_dir=str(tmp_path / "xla"),
+        )
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
         assert any((tmp_path / "xla").iterdir())  # the warm-up's step was written there
     finally:

@@ -15,11 +15,11 @@ import dataclasses
 import os
 
 import pytest
+from conftest import build_hf_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxinfer
-from conftest import build_hf_model
 from jaxinfer.engine import Engine
 from jaxinfer.sampling import SamplingParams
 
@@ -37,8 +37,15 @@ def engine(tmp_path_factory):
     path = tmp_path_factory.mktemp("stress-llama3")
     build_hf_model("llama3", path)
     model = jaxinfer.load_model(path, dtype="float32")
-    return Engine(model, max_num_seqs=4, max_num_batched_tokens=32, page_size=16, num_pages=12,
-                  max_model_len=MAX_MODEL_LEN, warmup=True)
+    return Engine(
+        model,
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        page_size=16,
+        num_pages=12,
+        max_model_len=MAX_MODEL_LEN,
+        warmup=True,
+    )
 
 
 _alone_cache: dict[tuple[int, ...], list[int]] = {}
@@ -58,32 +65,53 @@ def alone(model, prompt: list[int]) -> list[int]:
 PREFIX = list(range(7, 39))
 prompts = st.one_of(
     st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40),
-    st.builds(lambda n, tail: PREFIX[:n] + tail, st.sampled_from([16, 32]),
-              st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8)),
+    st.builds(
+        lambda n, tail: PREFIX[:n] + tail,
+        st.sampled_from([16, 32]),
+        st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8),
+    ),
 )
-valid_params = st.fixed_dictionaries({
-    "max_tokens": st.integers(1, MAX_TOKENS),
-    "temperature": st.sampled_from([0.0, 0.0, 0.8]),
-    "top_k": st.sampled_from([0, 5, 2**31 - 1]),
-    "seed": st.sampled_from([None, 3]),
-    "stop_token_ids": st.sampled_from([None, [], [5, 77]]),
-    "logprobs": st.sampled_from([None, 2]),
-    "ignore_eos": st.just(True),
-})
+valid_params = st.fixed_dictionaries(
+    {
+        "max_tokens": st.integers(1, MAX_TOKENS),
+        "temperature": st.sampled_from([0.0, 0.0, 0.8]),
+        "top_k": st.sampled_from([0, 5, 2**31 - 1]),
+        "seed": st.sampled_from([None, 3]),
+        "stop_token_ids": st.sampled_from([None, [], [5, 77]]),
+        "logprobs": st.sampled_from([None, 2]),
+        "ignore_eos": st.just(True),
+    }
+)
 # Each makes SamplingParams or add_request refuse the request.
-invalid_changes = st.sampled_from([
-    {"max_tokens": 0}, {"temperature": -0.5}, {"temperature": float("nan")},
-    {"top_k": 2**31}, {"top_p": 0.0}, {"seed": -1}, {"max_tokens": True},
-    {"stop_token_ids": [VOCAB]}, {"stop_token_ids": [1.5]}, {"max_tokens": MAX_MODEL_LEN},
-])
-add = st.tuples(st.just("add"), st.sampled_from(IDS), prompts, valid_params,
-                st.one_of(st.none(), st.none(), st.none(), invalid_changes))
+invalid_changes = st.sampled_from(
+    [
+        {"max_tokens": 0},
+        {"temperature": -0.5},
+        {"temperature": float("nan")},
+        {"top_k": 2**31},
+        {"top_p": 0.0},
+        {"seed": -1},
+        {"max_tokens": True},
+        {"stop_token_ids": [VOCAB]},
+        {"stop_token_ids": [1.5]},
+        {"max_tokens": MAX_MODEL_LEN},
+    ]
+)
+add = st.tuples(
+    st.just("add"),
+    st.sampled_from(IDS),
+    prompts,
+    valid_params,
+    st.one_of(st.none(), st.none(), st.none(), invalid_changes),
+)
 abort = st.tuples(st.just("abort"), st.sampled_from(IDS))
 step = st.tuples(st.just("step"), st.integers(1, 3))
-bad_prompt = st.tuples(st.just("add_bad_prompt"), st.sampled_from(IDS),
-                       st.sampled_from([[], [VOCAB], [-1], [1, True], "text", [1] * 60]))
-operations = st.lists(st.one_of(add, add, abort, step, step, bad_prompt), min_size=1,
-                      max_size=30)
+bad_prompt = st.tuples(
+    st.just("add_bad_prompt"),
+    st.sampled_from(IDS),
+    st.sampled_from([[], [VOCAB], [-1], [1, True], "text", [1] * 60]),
+)
+operations = st.lists(st.one_of(add, add, abort, step, step, bad_prompt), min_size=1, max_size=30)
 
 
 # ---- the reference: what each accepted request must end with ----
@@ -100,7 +128,7 @@ class Expected:
         tokens, p = out.token_ids, self.params
         assert len(tokens) <= p.max_tokens
         if self.greedy_tokens is not None:  # a prefix of the alone run; all of it at the end
-            assert tokens == self.greedy_tokens[:len(tokens)], (tokens, self.greedy_tokens)
+            assert tokens == self.greedy_tokens[: len(tokens)], (tokens, self.greedy_tokens)
         if not out.finished:
             return
         assert out.error is None
@@ -118,9 +146,9 @@ class Expected:
 def expected_of(model, prompt, params: SamplingParams) -> Expected:
     if params.temperature > 0:
         return Expected(prompt, params, None)
-    tokens = alone(model, prompt)[:params.max_tokens]
+    tokens = alone(model, prompt)[: params.max_tokens]
     stops = [i for i, t in enumerate(tokens) if t in params.stop_token_ids]
-    return Expected(prompt, params, tokens[:stops[0] + 1] if stops else tokens)
+    return Expected(prompt, params, tokens[: stops[0] + 1] if stops else tokens)
 
 
 class Reference:
@@ -129,7 +157,8 @@ class Reference:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.instances: dict[str, collections.deque[Expected]] = collections.defaultdict(
-            collections.deque)
+            collections.deque
+        )
         self.live: set[str] = set()  # ids of accepted requests that have not ended
 
     def add(self, rid, prompt, params, invalid) -> None:
@@ -174,9 +203,17 @@ class Reference:
         assert self.engine.scheduler.allocator.num_free_pages == self.engine.num_pages
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 30, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=EXAMPLES <= 30,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 @given(ops=operations)
 def test_random_interleavings_keep_the_engine_sound(engine, ops):
     for rid in list(engine.requests):  # a failed example (while shrinking) may leave some

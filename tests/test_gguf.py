@@ -16,8 +16,15 @@ from jaxinfer import gguf as jgguf
 TINY = dict(vocab=96, hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, head_dim=16)
 # GGML type of each tiny tensor; attn_q stays F32 so its un-permutation is checked exactly.
 TINY_TYPES = {
-    "token_embd": T.Q8_0, "output": T.Q8_0, "attn_q": T.F32, "attn_k": T.Q8_0, "attn_v": T.Q4_1,
-    "attn_output": T.F16, "ffn_gate": T.Q4_0, "ffn_up": T.BF16, "ffn_down": T.Q8_0,
+    "token_embd": T.Q8_0,
+    "output": T.Q8_0,
+    "attn_q": T.F32,
+    "attn_k": T.Q8_0,
+    "attn_v": T.Q4_1,
+    "attn_output": T.F16,
+    "ffn_gate": T.Q4_0,
+    "ffn_up": T.BF16,
+    "ffn_down": T.Q8_0,
 }
 # worst-case |error| / max|x| of each type's round trip
 TOLERANCE = {T.F32: 0.0, T.F16: 1e-3, T.BF16: 1e-2, T.Q8_0: 1 / 100, T.Q4_0: 1 / 7, T.Q4_1: 1 / 7}
@@ -34,16 +41,26 @@ def hf_reference(path, config: dict) -> tuple[dict, dict[str, np.ndarray]]:
 
 def assert_config_matches_hf(config: dict, hf_config: dict):
     shared = set(config) & set(hf_config)
-    assert {"vocab_size", "hidden_size", "num_key_value_heads", "head_dim", "bos_token_id"} <= shared
+    assert {
+        "vocab_size",
+        "hidden_size",
+        "num_key_value_heads",
+        "head_dim",
+        "bos_token_id",
+    } <= shared
     assert {k: config[k] for k in shared} == {k: hf_config[k] for k in shared}
 
 
 # ---------------------------------------------------------------- dequantize
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.F16, T.BF16, T.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize(
+    "qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.F16, T.BF16, T.F32], ids=lambda t: t.name
+)
 def test_dequantize_matches_gguf_py(qtype):
-    x = np.random.default_rng(0).standard_normal((3, 5, 128)).astype(np.float32) * 3  # [.., 4 blocks]
+    x = (
+        np.random.default_rng(0).standard_normal((3, 5, 128)).astype(np.float32) * 3
+    )  # [.., 4 blocks]
     raw = gguf.quants.quantize(x, qtype)
     got = jgguf.dequantize(raw, qtype, x.shape)
     assert got.dtype == np.float32 and got.shape == x.shape
@@ -63,24 +80,36 @@ def test_dequantize_rejects_bad_type_and_size():
 
 def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     """convert_hf_to_gguf's LlamaModel.permute: HF rotary halves → interleaved pairs."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 def tiny_hf_tensors(tied: bool) -> dict[str, np.ndarray]:
     """Random HF-layout LlamaForCausalLM tensors of the TINY shape, with q/k/v biases."""
     rng = np.random.default_rng(1)
-    V, D, F, N, K, H = (TINY[k] for k in ("vocab", "hidden", "ffn", "heads", "kv_heads", "head_dim"))
+    V, D, F, N, K, H = (
+        TINY[k] for k in ("vocab", "hidden", "ffn", "heads", "kv_heads", "head_dim")
+    )
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     if not tied:
         shapes["lm_head.weight"] = (V, D)
     for i in range(TINY["layers"]):
         p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-                   p + "self_attn.q_proj.weight": (N * H, D), p + "self_attn.q_proj.bias": (N * H,),
-                   p + "self_attn.k_proj.weight": (K * H, D), p + "self_attn.k_proj.bias": (K * H,),
-                   p + "self_attn.v_proj.weight": (K * H, D), p + "self_attn.v_proj.bias": (K * H,),
-                   p + "self_attn.o_proj.weight": (D, N * H), p + "mlp.gate_proj.weight": (F, D),
-                   p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F)}
+        shapes |= {
+            p + "input_layernorm.weight": (D,),
+            p + "post_attention_layernorm.weight": (D,),
+            p + "self_attn.q_proj.weight": (N * H, D),
+            p + "self_attn.q_proj.bias": (N * H,),
+            p + "self_attn.k_proj.weight": (K * H, D),
+            p + "self_attn.k_proj.bias": (K * H,),
+            p + "self_attn.v_proj.weight": (K * H, D),
+            p + "self_attn.v_proj.bias": (K * H,),
+            p + "self_attn.o_proj.weight": (D, N * H),
+            p + "mlp.gate_proj.weight": (F, D),
+            p + "mlp.up_proj.weight": (F, D),
+            p + "mlp.down_proj.weight": (D, F),
+        }
     return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
 
 
@@ -91,7 +120,9 @@ def gguf_name(hf_name: str) -> str:
     return f"{HF_TO_GGUF['.'.join(parts[:-1])]}.{parts[-1]}"
 
 
-def write_gguf(path, tensors: dict[str, np.ndarray], arch="llama", types=TINY_TYPES, extra=None, configure=None):
+def write_gguf(
+    path, tensors: dict[str, np.ndarray], arch="llama", types=TINY_TYPES, extra=None, configure=None
+):
     """Writes HF-layout `tensors` as llama.cpp would: GGUF names, q/k permuted, quantized by `types`.
 
     extra: more GGUF tensors, name → (raw array, GGML type), written as they are.
@@ -135,12 +166,20 @@ def test_tiny_gguf_round_trip(tmp_path, tied):
     config, tensors = jgguf.read_gguf(path)
 
     assert config["tie_word_embeddings"] is tied and config["attention_bias"] is True
-    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (4, 2, 16)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (
+        4,
+        2,
+        16,
+    )
     assert "rope_scaling" not in config
     assert set(tensors) == set(originals)
     for name, x in originals.items():
         got = tensors[name]
-        qtype = TINY_TYPES.get(gguf_name(name).split(".")[-2], T.F32) if name.endswith("weight") else T.F32
+        qtype = (
+            TINY_TYPES.get(gguf_name(name).split(".")[-2], T.F32)
+            if name.endswith("weight")
+            else T.F32
+        )
         assert got.dtype == np.float32 and got.shape == x.shape, name
         assert np.abs(got - x).max() <= TOLERANCE[qtype] * np.abs(x).max(), (name, qtype.name)
 
@@ -151,7 +190,9 @@ def test_tiny_gguf_round_trip(tmp_path, tied):
         np.testing.assert_array_equal(tensors[name], x, err_msg=name)
 
 
-@pytest.mark.parametrize("kind, orig", [(gguf.RopeScalingType.LINEAR, None), (gguf.RopeScalingType.YARN, 4096)])
+@pytest.mark.parametrize(
+    "kind, orig", [(gguf.RopeScalingType.LINEAR, None), (gguf.RopeScalingType.YARN, 4096)]
+)
 def test_rope_scaling_from_metadata(tmp_path, kind, orig):
     def configure(w):
         w.add_rope_scaling_type(kind)
@@ -161,15 +202,26 @@ def test_rope_scaling_from_metadata(tmp_path, kind, orig):
 
     path = tmp_path / "scaled.gguf"
     write_gguf(path, tiny_hf_tensors(tied=True), configure=configure)
-    expected = {"rope_type": kind.value, "factor": 4.0} | ({"original_max_position_embeddings": orig} if orig else {})
+    expected = {"rope_type": kind.value, "factor": 4.0} | (
+        {"original_max_position_embeddings": orig} if orig else {}
+    )
     assert jgguf.read_gguf(path)[0]["rope_scaling"] == expected
 
 
 def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    hf = LlamaConfig(hidden_size=TINY["hidden"], num_attention_heads=TINY["heads"], head_dim=TINY["head_dim"],
-                     rope_parameters={"rope_theta": 500000.0, **scaling})
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    hf = LlamaConfig(
+        hidden_size=TINY["hidden"],
+        num_attention_heads=TINY["heads"],
+        head_dim=TINY["head_dim"],
+        rope_parameters={"rope_theta": 500000.0, **scaling},
+    )
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf)  # [H/2]
     plain = 1.0 / (500000.0 ** (torch.arange(0, TINY["head_dim"], 2).float() / TINY["head_dim"]))
     factors = (plain / scaled).numpy().astype(np.float32)  # what llama.cpp stores: 1 … 8
@@ -182,7 +234,9 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
     assert not any("rope" in name for name in tensors)
 
     bad = tmp_path / "bad.gguf"
-    write_gguf(bad, tiny_hf_tensors(tied=True), extra={"rope_freqs.weight": (factors[::-1].copy(), T.F32)})
+    write_gguf(
+        bad, tiny_hf_tensors(tied=True), extra={"rope_freqs.weight": (factors[::-1].copy(), T.F32)}
+    )
     with pytest.raises(ValueError, match="rope_freqs"):
         jgguf.read_gguf(bad)
 
@@ -192,7 +246,9 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
 
 def test_unsupported_tensor_type(tmp_path):
     path = tmp_path / "q5.gguf"
-    q5 = np.random.default_rng(2).integers(0, 256, (TINY["ffn"], TINY["hidden"] // 32 * 22), dtype=np.uint8)
+    q5 = np.random.default_rng(2).integers(
+        0, 256, (TINY["ffn"], TINY["hidden"] // 32 * 22), dtype=np.uint8
+    )
     tensors = tiny_hf_tensors(tied=True)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     write_gguf(path, tensors, extra={"blk.1.ffn_up.weight": (q5, T.Q5_0)})
@@ -238,10 +294,24 @@ needs_smollm2 = pytest.mark.skipif(
 def test_smollm2_matches_hf_loader():
     path = jgguf.default_gguf_path()
     config, tensors = jgguf.read_gguf(path)
-    assert {k: config[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                                   "num_key_value_heads", "vocab_size", "tie_word_embeddings")} == {
-        "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9,
-        "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
+    assert {
+        k: config[k]
+        for k in (
+            "num_hidden_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+            "tie_word_embeddings",
+        )
+    } == {
+        "num_hidden_layers": 30,
+        "hidden_size": 576,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+    }
     assert tensors["model.embed_tokens.weight"].shape == (49152, 576)
     assert "lm_head.weight" not in tensors
 
@@ -256,6 +326,8 @@ def test_smollm2_matches_hf_loader():
 def test_smollm2_tokenizer_has_chat_template():
     tok = jgguf.gguf_tokenizer(jgguf.default_gguf_path())
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|im_start|>assistant\n")
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)

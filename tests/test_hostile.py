@@ -9,12 +9,12 @@ import logging
 import jax
 import numpy as np
 import pytest
+from conftest import build_hf_model
+from test_engine import fake_engine, run_all
 
 import jaxinfer
-from conftest import build_hf_model
 from jaxinfer.engine import LLM, Engine
 from jaxinfer.sampling import SamplingParams
-from test_engine import fake_engine, run_all
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -68,8 +68,9 @@ def test_id_reused_after_a_stop_token_while_others_run(tiny_model):
     expected = alone(tiny_model, ids, 8)
     k = next(i for i in range(1, 8) if expected[i] not in expected[:i])  # stops at token k
     engine.add_request("long", other, SamplingParams(max_tokens=30, **GREEDY))
-    engine.add_request("S", ids, SamplingParams(max_tokens=8, stop_token_ids=[expected[k]],
-                                                **GREEDY))
+    engine.add_request(
+        "S", ids, SamplingParams(max_tokens=8, stop_token_ids=[expected[k]], **GREEDY)
+    )
     outputs, reused = {}, False
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -80,7 +81,7 @@ def test_id_reused_after_a_stop_token_while_others_run(tiny_model):
                 reused = True
     finals = [o for o in outputs["S"] if o.finished]
     assert [o.finish_reason for o in finals] == ["stop", "length"]
-    assert finals[0].token_ids == expected[:k + 1] and finals[1].token_ids == expected
+    assert finals[0].token_ids == expected[: k + 1] and finals[1].token_ids == expected
     assert outputs["long"][-1].token_ids == alone(tiny_model, other, 30)
     assert_all_pages_back(engine)
 
@@ -98,8 +99,9 @@ def test_abort_with_a_sample_in_flight_drops_that_token():
 
 
 def test_llm_generate_queues_nothing_when_one_prompt_is_bad(tiny_model):
-    llm = LLM(model=tiny_model, max_num_seqs=4, max_num_batched_tokens=32, num_pages=24,
-              warmup=False)
+    llm = LLM(
+        model=tiny_model, max_num_seqs=4, max_num_batched_tokens=32, num_pages=24, warmup=False
+    )
     good = prompt(tiny_model, 5, 4)
     with pytest.raises(ValueError, match=r"prompt\[1\]: token id 100000 is outside"):
         llm.generate([good, [3, 100_000], good], SamplingParams(max_tokens=3, **GREEDY))
@@ -111,8 +113,9 @@ def test_llm_generate_queues_nothing_when_one_prompt_is_bad(tiny_model):
 
 
 def test_llm_generate_aborts_its_requests_when_interrupted(tiny_model, monkeypatch):
-    llm = LLM(model=tiny_model, max_num_seqs=4, max_num_batched_tokens=32, num_pages=24,
-              warmup=False)
+    llm = LLM(
+        model=tiny_model, max_num_seqs=4, max_num_batched_tokens=32, num_pages=24, warmup=False
+    )
     good = prompt(tiny_model, 5, 5)
 
     def interrupted():
@@ -123,14 +126,16 @@ def test_llm_generate_aborts_its_requests_when_interrupted(tiny_model, monkeypat
         llm.generate([good, good], SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)
     monkeypatch.undo()
     assert not llm.engine.requests and not llm.engine.scheduler.has_unfinished()
-    (out,) = llm.generate(np.asarray(good), SamplingParams(max_tokens=3, **GREEDY),
-                          use_tqdm=False)  # a 1-D array is one prompt; old aborts are not ours
+    (out,) = llm.generate(
+        np.asarray(good), SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False
+    )  # a 1-D array is one prompt; old aborts are not ours
     assert out.token_ids == alone(tiny_model, good, 3)
 
 
 def test_llm_generate_takes_arrays_of_prompts(tiny_model):
-    llm = LLM(model=tiny_model, max_num_seqs=4, max_num_batched_tokens=32, num_pages=24,
-              warmup=False)
+    llm = LLM(
+        model=tiny_model, max_num_seqs=4, max_num_batched_tokens=32, num_pages=24, warmup=False
+    )
     block = np.asarray([prompt(tiny_model, 4, 6), prompt(tiny_model, 4, 7)])  # [B, T]
     outs = llm.generate(block, SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)
     assert [o.token_ids for o in outs] == jaxinfer.generate(tiny_model, block, max_new_tokens=2)
@@ -142,22 +147,33 @@ def test_llm_generate_takes_arrays_of_prompts(tiny_model):
 
 
 def test_top_k_is_bounded_and_a_huge_one_keeps_every_token(tiny_model):
-    with pytest.raises(ValueError, match=r"top_k must be an integer in \[0, 2147483647\], "
-                                         r"got 2147483648"):
+    with pytest.raises(
+        ValueError,
+        match=r"top_k must be an integer in \[0, 2147483647\], "
+        r"got 2147483648",
+    ):
         SamplingParams(top_k=2**31)
     engine = tiny_engine(tiny_model)
     ids = prompt(tiny_model, 6, 8)
     for rid, k in (("off", 0), ("huge", 2**31 - 1), ("vocab", tiny_model.config.vocab_size)):
-        engine.add_request(rid, ids, SamplingParams(max_tokens=6, top_k=k, seed=11,
-                                                    ignore_eos=True))
+        engine.add_request(
+            rid, ids, SamplingParams(max_tokens=6, top_k=k, seed=11, ignore_eos=True)
+        )
     final = {rid: outs[-1].token_ids for rid, outs in run_all(engine).items()}
     assert final["huge"] == final["off"] == final["vocab"]
 
 
 def test_numpy_scalars_are_numbers_and_bools_are_not():
-    p = SamplingParams(max_tokens=np.int64(4), temperature=np.float32(0.5), top_k=np.int32(3),
-                       top_p=np.float64(0.9), seed=np.uint32(7), logprobs=np.int8(2),
-                       stop_token_ids=np.asarray([5, 6]), ignore_eos=np.bool_(True))
+    p = SamplingParams(
+        max_tokens=np.int64(4),
+        temperature=np.float32(0.5),
+        top_k=np.int32(3),
+        top_p=np.float64(0.9),
+        seed=np.uint32(7),
+        logprobs=np.int8(2),
+        stop_token_ids=np.asarray([5, 6]),
+        ignore_eos=np.bool_(True),
+    )
     assert (p.max_tokens, p.top_k, p.seed, p.logprobs, p.stop_token_ids) == (4, 3, 7, 2, (5, 6))
     assert type(p.max_tokens) is int and type(p.temperature) is float and p.ignore_eos is True
     for field in ("max_tokens", "temperature", "top_k", "top_p", "seed", "min_p", "logprobs"):
@@ -165,20 +181,31 @@ def test_numpy_scalars_are_numbers_and_bools_are_not():
             SamplingParams(**{field: True})
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("temperature", float("nan"), r"temperature must be a finite float32 number >= 0.0, got nan"),
-    ("temperature", float("inf"), r"temperature must be a finite float32 number >= 0.0, got inf"),
-    ("temperature", 1e39, r"temperature must be a finite float32 number"),
-    ("top_p", 0, r"top_p must be a finite float32 number in \(0.0, 1.0\], got 0"),
-    ("max_tokens", 2.0, r"max_tokens must be an integer >= 1, got 2.0"),
-    ("seed", 1.5, r"seed must be an integer >= 0, got 1.5"),
-    ("stop_token_ids", [1.5], r"stop_token_ids\[0\] must be an integer >= 0, got 1.5"),
-    ("stop_token_ids", [True], r"stop_token_ids\[0\] must be an integer >= 0, got True"),
-    ("stop_token_ids", 5, r"stop_token_ids must be a list, got int 5"),
-    ("stop", ["ok", "\ud800"], r"stop\[1\] has a lone surrogate"),
-    ("stop", [3], r"stop\[0\] must be a non-empty string, got 3"),
-    ("ignore_eos", 1, r"ignore_eos must be True or False, got 1"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        (
+            "temperature",
+            float("nan"),
+            r"temperature must be a finite float32 number >= 0.0, got nan",
+        ),
+        (
+            "temperature",
+            float("inf"),
+            r"temperature must be a finite float32 number >= 0.0, got inf",
+        ),
+        ("temperature", 1e39, r"temperature must be a finite float32 number"),
+        ("top_p", 0, r"top_p must be a finite float32 number in \(0.0, 1.0\], got 0"),
+        ("max_tokens", 2.0, r"max_tokens must be an integer >= 1, got 2.0"),
+        ("seed", 1.5, r"seed must be an integer >= 0, got 1.5"),
+        ("stop_token_ids", [1.5], r"stop_token_ids\[0\] must be an integer >= 0, got 1.5"),
+        ("stop_token_ids", [True], r"stop_token_ids\[0\] must be an integer >= 0, got True"),
+        ("stop_token_ids", 5, r"stop_token_ids must be a list, got int 5"),
+        ("stop", ["ok", "\ud800"], r"stop\[1\] has a lone surrogate"),
+        ("stop", [3], r"stop\[0\] must be a non-empty string, got 3"),
+        ("ignore_eos", 1, r"ignore_eos must be True or False, got 1"),
+    ],
+)
 def test_refusals_name_field_value_and_range(field, value, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**{field: value})
@@ -190,17 +217,20 @@ def test_none_is_an_empty_list():
     assert SamplingParams(stop="end").stop == ("end",)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(seed=-1), r"seed must be an integer >= 0, got -1"),
-    (dict(seed=1.5), r"seed must be an integer >= 0, got 1.5"),
-    (dict(seed="abc"), r"seed must be an integer >= 0, got 'abc'"),
-    (dict(seed=True), r"seed must be an integer >= 0, got True"),
-    (dict(top_k=2**31), r"top_k must be an integer in \[0, 2147483647\]"),
-    (dict(max_new_tokens=True), r"max_new_tokens must be an integer >= 1, got True"),
-    (dict(stop_token_ids=[10**6]), r"stop_token_ids\[0\]: token id 1000000 is outside"),
-    (dict(prompts=[[1, True]]), r"prompt 0\[1\] must be an integer >= 0, got True"),
-    (dict(prompts="abc"), r"prompts must be a list, got str"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seed=-1), r"seed must be an integer >= 0, got -1"),
+        (dict(seed=1.5), r"seed must be an integer >= 0, got 1.5"),
+        (dict(seed="abc"), r"seed must be an integer >= 0, got 'abc'"),
+        (dict(seed=True), r"seed must be an integer >= 0, got True"),
+        (dict(top_k=2**31), r"top_k must be an integer in \[0, 2147483647\]"),
+        (dict(max_new_tokens=True), r"max_new_tokens must be an integer >= 1, got True"),
+        (dict(stop_token_ids=[10**6]), r"stop_token_ids\[0\]: token id 1000000 is outside"),
+        (dict(prompts=[[1, True]]), r"prompt 0\[1\] must be an integer >= 0, got True"),
+        (dict(prompts="abc"), r"prompts must be a list, got str"),
+    ],
+)
 def test_generate_and_stream_check_every_argument(tiny_model, kwargs, message):
     args = {"prompts": [[1, 2, 3]], "max_new_tokens": 2, **kwargs}
     with pytest.raises(ValueError, match=message):
@@ -212,8 +242,13 @@ def test_generate_and_stream_check_every_argument(tiny_model, kwargs, message):
 
 def test_generate_takes_numpy_scalars(tiny_model):
     ids = prompt(tiny_model, 5, 9)
-    out = jaxinfer.generate(tiny_model, [np.asarray(ids)], max_new_tokens=np.int64(3),
-                            temperature=np.float32(0.0), seed=np.int64(3))
+    out = jaxinfer.generate(
+        tiny_model,
+        [np.asarray(ids)],
+        max_new_tokens=np.int64(3),
+        temperature=np.float32(0.0),
+        seed=np.int64(3),
+    )
     assert out == [alone(tiny_model, ids, 3)]
 
 
@@ -297,8 +332,11 @@ def test_rebuilt_pools_forget_the_prefix_cache(tiny_model, monkeypatch):
 def test_drop_all_pages_sends_running_sequences_back_to_recompute():
     from jaxinfer.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig, Sequence
 
-    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
-                                      max_model_len=64, page_size=16, num_pages=8))
+    sched = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64, page_size=16, num_pages=8
+        )
+    )
     for rid in "ab":
         sched.add(Sequence(rid, list(range(20)), max_tokens=4))
     plan = sched.schedule()

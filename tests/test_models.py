@@ -14,9 +14,13 @@ import jaxinfer
 
 def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
-                                attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
+        out = hf_model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +60,10 @@ def test_batch_of_uneven_prompts_equals_each_alone(loaded):
 def test_stream_equals_generate(loaded):
     _, _, model = loaded
     prompt = [5, 17, 42, 7]
-    assert list(jaxinfer.stream(model, prompt, max_new_tokens=10)) == \
-        jaxinfer.generate(model, [prompt], max_new_tokens=10)[0]
+    assert (
+        list(jaxinfer.stream(model, prompt, max_new_tokens=10))
+        == jaxinfer.generate(model, [prompt], max_new_tokens=10)[0]
+    )
 
 
 def test_stop_token_ends_generation(loaded):
@@ -123,17 +129,20 @@ def tiny(tmp_path_factory):
     return path, jaxinfer.load_model(path, dtype="float32")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(prompts=[[]]), "prompt 0 must be a non-empty"),
-    (dict(prompts=[]), "non-empty list"),
-    (dict(prompts=[[1, 2], [1, 400]]), "token id 400 is outside"),
-    (dict(prompts=[[1] * 250]), "exceeds the model's context of 256"),
-    (dict(prompts=[[1]], temperature=-0.5), "temperature must be a finite float32 number >= 0"),
-    (dict(prompts=[[1]], top_p=0.0), r"top_p must be a finite float32 number in \(0.0, 1.0\]"),
-    (dict(prompts=[[1]], top_p=1.5), r"top_p must be a finite float32 number in \(0.0, 1.0\]"),
-    (dict(prompts=[[1]], top_k=-1), "top_k must be"),
-    (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts=[[]]), "prompt 0 must be a non-empty"),
+        (dict(prompts=[]), "non-empty list"),
+        (dict(prompts=[[1, 2], [1, 400]]), "token id 400 is outside"),
+        (dict(prompts=[[1] * 250]), "exceeds the model's context of 256"),
+        (dict(prompts=[[1]], temperature=-0.5), "temperature must be a finite float32 number >= 0"),
+        (dict(prompts=[[1]], top_p=0.0), r"top_p must be a finite float32 number in \(0.0, 1.0\]"),
+        (dict(prompts=[[1]], top_p=1.5), r"top_p must be a finite float32 number in \(0.0, 1.0\]"),
+        (dict(prompts=[[1]], top_k=-1), "top_k must be"),
+        (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens must be"),
+    ],
+)
 def test_generate_rejects_bad_input(tiny, kwargs, message):
     kwargs = {"max_new_tokens": 8, **kwargs}
     with pytest.raises(ValueError, match=message):
@@ -164,6 +173,7 @@ def test_load_rejects_bad_paths_and_configs(tmp_path, tiny):
 
 def _edited_copy(src, dst, edit):
     import shutil
+
     shutil.copytree(src, dst)
     config = json.loads((dst / "config.json").read_text())
     edit(config)
@@ -171,16 +181,22 @@ def _edited_copy(src, dst, edit):
     return dst
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c.update(model_type="gpt2"), "model_type 'gpt2' is not supported"),
-    (lambda c: c.update(hidden_act="gelu"), "hidden_act 'gelu'"),
-    (lambda c: c.update(num_key_value_heads=3), "multiple of num_key_value_heads"),
-    (lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "'yarn' is not supported"),
-    (lambda c: c.pop("hidden_size"), "missing the required field 'hidden_size'"),
-    (lambda c: c.update(hidden_size=128), r"has shape \(320, 64\), expected \(320, 128\)"),
-    (lambda c: c.update(num_hidden_layers=3), "missing 9 tensor"),
-    (lambda c: c.update(num_hidden_layers=1), "unexpected tensor"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(model_type="gpt2"), "model_type 'gpt2' is not supported"),
+        (lambda c: c.update(hidden_act="gelu"), "hidden_act 'gelu'"),
+        (lambda c: c.update(num_key_value_heads=3), "multiple of num_key_value_heads"),
+        (
+            lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0}),
+            "'yarn' is not supported",
+        ),
+        (lambda c: c.pop("hidden_size"), "missing the required field 'hidden_size'"),
+        (lambda c: c.update(hidden_size=128), r"has shape \(320, 64\), expected \(320, 128\)"),
+        (lambda c: c.update(num_hidden_layers=3), "missing 9 tensor"),
+        (lambda c: c.update(num_hidden_layers=1), "unexpected tensor"),
+    ],
+)
 def test_bad_configs_and_tensors_are_named(tmp_path, tiny, edit, message):
     with pytest.raises(ValueError, match=message):
         jaxinfer.load_model(_edited_copy(tiny[0], tmp_path / "m", edit), dtype="float32")
@@ -212,5 +228,6 @@ def test_pallas_kernels_match_hf(loaded):
         ref = hf_model(torch.tensor(ids)).logits.numpy()
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max(), family
     prompts = [ids[0, :5].tolist(), ids[1].tolist()]
-    assert jaxinfer.generate(model, prompts, max_new_tokens=10, impl="pallas") == \
-        [hf_greedy(hf_model, p, 10) for p in prompts]
+    assert jaxinfer.generate(model, prompts, max_new_tokens=10, impl="pallas") == [
+        hf_greedy(hf_model, p, 10) for p in prompts
+    ]

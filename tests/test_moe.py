@@ -50,8 +50,11 @@ def test_dispatch_holds_no_dense_expert_tensor():
     gate_up, down = _weights(e)
     x = jnp.zeros((t, 16))
     experts = jnp.zeros((t, 2), jnp.int32)
-    text = jax.jit(lambda *a: dispatch(*a, impl="xla")).lower(
-        x, jnp.ones((t, 2)), experts, gate_up, down).as_text()
+    text = (
+        jax.jit(lambda *a: dispatch(*a, impl="xla"))
+        .lower(x, jnp.ones((t, 2)), experts, gate_up, down)
+        .as_text()
+    )
     assert f"{t}x{e}x" not in text and f"[{t},{e}," not in text
 
 
@@ -65,10 +68,19 @@ def test_mixtral_through_the_engine_equals_generate(tmp_path):
     rng = np.random.RandomState(7)
     prompts = [rng.randint(0, model.config.vocab_size, n).tolist() for n in (3, 21, 9)]
     expected = [jaxinfer.generate(model, [p], max_new_tokens=8)[0] for p in prompts]
-    llm = jaxinfer.LLM(model=model, max_num_seqs=4, max_num_batched_tokens=32, num_pages=16,
-                       warmup=False, attention_impl="xla")
-    outs = llm.generate(prompts, jaxinfer.SamplingParams(max_tokens=8, temperature=0,
-                                                         ignore_eos=True), use_tqdm=False)
+    llm = jaxinfer.LLM(
+        model=model,
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        num_pages=16,
+        warmup=False,
+        attention_impl="xla",
+    )
+    outs = llm.generate(
+        prompts,
+        jaxinfer.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert [o.token_ids for o in outs] == expected
 
 
@@ -80,10 +92,20 @@ def test_moe_sows_its_routing():
     from jaxinfer.config import ModelConfig
     from jaxinfer.models.moe import MoE
 
-    cfg = ModelConfig(model_type="mixtral", vocab_size=64, hidden_size=16, intermediate_size=32,
-                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8,
-                      max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
-                      moe_intermediate_size=24)
+    cfg = ModelConfig(
+        model_type="mixtral",
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+    )
     block = MoE(cfg, jnp.float32, "xla")
     x = jax.random.normal(jax.random.key(0), (2, 5, 16))
     params = nn.meta.unbox(block.init(jax.random.key(1), x)["params"])
@@ -109,5 +131,8 @@ def test_bench_check_reports_routing_agreement():
     assert report["rel_error_vs_reference"]["xla"] < 1e-5
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (1, 12)), jnp.int32)
     assert routed_experts(model, tokens, last=4) == cfg.num_experts_per_tok
-    assert cfg.num_experts_per_tok < routed_experts(model, jnp.tile(tokens, (4, 1)).at[:, 0].set(
-        jnp.arange(4)), last=4) <= cfg.num_experts
+    assert (
+        cfg.num_experts_per_tok
+        < routed_experts(model, jnp.tile(tokens, (4, 1)).at[:, 0].set(jnp.arange(4)), last=4)
+        <= cfg.num_experts
+    )

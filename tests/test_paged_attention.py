@@ -6,50 +6,53 @@ are random permutations of the page pool (never contiguous), and the pool's
 unused pages hold NaN: a kernel that reads a page it should not, or a token
 past a sequence's length, turns its output NaN.
 """
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.paged_attention import (
+    PagedConfig,
+    contiguous_decode_reference,
+    paged_attention,
+    paged_attention_reference,
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+    write_kv,
+    write_kv_reference,
+)
+
 from kernel_checks import assert_close
 
-from pallas_kernels.paged_attention import (
-    PagedConfig, contiguous_decode_reference, paged_attention,
-    paged_attention_reference, ragged_paged_attention,
-    ragged_paged_attention_reference, write_kv, write_kv_reference)
 
-
-
-def make_cache(rng, lengths, num_kv_heads, head_dim, page_size, max_pages,
-               dtype, spare_pages=3):
-  """Pool with shuffled pages; slots past each length (and spare pages) NaN."""
-  batch = len(lengths)
-  num_pages = batch * max_pages + spare_pages
-  shape = (num_kv_heads, num_pages, page_size, head_dim)
-  k = rng.standard_normal(shape).astype(np.float32)
-  v = rng.standard_normal(shape).astype(np.float32)
-  table = rng.permutation(num_pages)[:batch * max_pages].reshape(batch,
-                                                                max_pages)
-  valid = np.zeros((num_pages, page_size), bool)
-  for b, n in enumerate(lengths):
-    for t in range(n):
-      valid[table[b, t // page_size], t % page_size] = True
-  k[:, ~valid] = np.nan
-  v[:, ~valid] = np.nan
-  # entries of block tables past a sequence's pages are junk
-  for b, n in enumerate(lengths):
-    used = -(-n // page_size)
-    table[b, used:] = rng.integers(-(2**20), 2**20, max_pages - used)
-  return (jnp.asarray(k, dtype), jnp.asarray(v, dtype),
-          jnp.asarray(table, jnp.int32))
+def make_cache(rng, lengths, num_kv_heads, head_dim, page_size, max_pages, dtype, spare_pages=3):
+    """Pool with shuffled pages; slots past each length (and spare pages) NaN."""
+    batch = len(lengths)
+    num_pages = batch * max_pages + spare_pages
+    shape = (num_kv_heads, num_pages, page_size, head_dim)
+    k = rng.standard_normal(shape).astype(np.float32)
+    v = rng.standard_normal(shape).astype(np.float32)
+    table = rng.permutation(num_pages)[: batch * max_pages].reshape(batch, max_pages)
+    valid = np.zeros((num_pages, page_size), bool)
+    for b, n in enumerate(lengths):
+        for t in range(n):
+            valid[table[b, t // page_size], t % page_size] = True
+    k[:, ~valid] = np.nan
+    v[:, ~valid] = np.nan
+    # entries of block tables past a sequence's pages are junk
+    for b, n in enumerate(lengths):
+        used = -(-n // page_size)
+        table[b, used:] = rng.integers(-(2**20), 2**20, max_pages - used)
+    return (jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(table, jnp.int32))
 
 
 def clean(x):
-  """The references gather whole pages: zero the NaN padding for them."""
-  return jnp.nan_to_num(x)
+    """The references gather whole pages: zero the NaN padding for them."""
+    return jnp.nan_to_num(x)
 
 
 def clean_tables(table, num_pages):
-  return jnp.where((table >= 0) & (table < num_pages), table, 0)
+    return jnp.where((table >= 0) & (table < num_pages), table, 0)
 
 
 # (lengths, N, K, H, L, max_pages, dtype, config)
@@ -59,8 +62,7 @@ DECODE = [
     ((256, 513, 100), 8, 1, 128, 64, 9, jnp.float32, None),
     ((1023, 5), 32, 8, 128, 128, 8, jnp.bfloat16, None),
     ((2048, 2000), 4, 1, 64, 64, 32, jnp.bfloat16, PagedConfig(num_splits=3)),
-    ((700, 64, 129), 8, 8, 256, 16, 44, jnp.float32,
-     PagedConfig(block_k=32, num_splits=1)),
+    ((700, 64, 129), 8, 8, 256, 16, 44, jnp.float32, PagedConfig(block_k=32, num_splits=1)),
     ((300, 33), 16, 2, 96, 128, 3, jnp.float16, PagedConfig(block_k=16)),
     # a table 10x wider than the longest sequence: each sequence splits its own
     # length (short ones leave splits empty)
@@ -70,145 +72,148 @@ DECODE = [
 
 @pytest.mark.parametrize("lengths,n,k,h,page,max_pages,dtype,config", DECODE)
 def test_paged_decode(lengths, n, k, h, page, max_pages, dtype, config):
-  rng = np.random.default_rng(sum(lengths) + h)
-  kp, vp, table = make_cache(rng, lengths, k, h, page, max_pages, dtype)
-  q = jnp.asarray(rng.standard_normal((len(lengths), n, h)), dtype)
-  lens = jnp.asarray(lengths, jnp.int32)
-  out = paged_attention(q, kp, vp, table, lens, config=config)
-  ref = paged_attention_reference(q, clean(kp), clean(vp),
-                                  clean_tables(table, kp.shape[1]), lens)
-  assert out.dtype == dtype
-  assert_close(out, ref, dtype)
+    rng = np.random.default_rng(sum(lengths) + h)
+    kp, vp, table = make_cache(rng, lengths, k, h, page, max_pages, dtype)
+    q = jnp.asarray(rng.standard_normal((len(lengths), n, h)), dtype)
+    lens = jnp.asarray(lengths, jnp.int32)
+    out = paged_attention(q, kp, vp, table, lens, config=config)
+    ref = paged_attention_reference(q, clean(kp), clean(vp), clean_tables(table, kp.shape[1]), lens)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype)
 
 
 def test_paged_decode_equals_contiguous():
-  rng = np.random.default_rng(7)
-  lengths, page, max_pages = (37, 64), 16, 4
-  kp, vp, table = make_cache(rng, lengths, 2, 64, page, max_pages,
-                             jnp.float32, spare_pages=0)
-  q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.float32)
-  lens = jnp.asarray(lengths, jnp.int32)
-  tbl = clean_tables(table, kp.shape[1])
-  k = clean(kp)[:, tbl].reshape(2, 2, max_pages * page, 64).transpose(1, 2, 0, 3)
-  v = clean(vp)[:, tbl].reshape(2, 2, max_pages * page, 64).transpose(1, 2, 0, 3)
-  out = paged_attention(q, kp, vp, table, lens)
-  assert_close(out, contiguous_decode_reference(q, k, v, lens), jnp.float32)
+    rng = np.random.default_rng(7)
+    lengths, page, max_pages = (37, 64), 16, 4
+    kp, vp, table = make_cache(rng, lengths, 2, 64, page, max_pages, jnp.float32, spare_pages=0)
+    q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.float32)
+    lens = jnp.asarray(lengths, jnp.int32)
+    tbl = clean_tables(table, kp.shape[1])
+    k = clean(kp)[:, tbl].reshape(2, 2, max_pages * page, 64).transpose(1, 2, 0, 3)
+    v = clean(vp)[:, tbl].reshape(2, 2, max_pages * page, 64).transpose(1, 2, 0, 3)
+    out = paged_attention(q, kp, vp, table, lens)
+    assert_close(out, contiguous_decode_reference(q, k, v, lens), jnp.float32)
 
 
 # (kv lens, q lens, N, K, H, L, max_pages, dtype, config, pad rows)
 RAGGED = [
     ((1, 17, 40), (1, 3, 17), 8, 2, 64, 16, 3, jnp.float32, None, 0),
     ((513, 256, 9), (1, 256, 9), 8, 1, 128, 64, 9, jnp.bfloat16, None, 2),
-    ((300, 5), (100, 1), 4, 4, 80, 128, 3, jnp.float32,
-     PagedConfig(block_rows=16, block_k=32), 0),
-    ((1023,), (30,), 32, 8, 256, 16, 64, jnp.bfloat16,
-     PagedConfig(block_k=32), 1),
+    ((300, 5), (100, 1), 4, 4, 80, 128, 3, jnp.float32, PagedConfig(block_rows=16, block_k=32), 0),
+    ((1023,), (30,), 32, 8, 256, 16, 64, jnp.bfloat16, PagedConfig(block_k=32), 1),
 ]
 
 
-@pytest.mark.parametrize(
-    "kv_lens,q_lens,n,k,h,page,max_pages,dtype,config,pad", RAGGED)
-def test_ragged(kv_lens, q_lens, n, k, h, page, max_pages, dtype, config,
-                pad):
-  rng = np.random.default_rng(sum(kv_lens) + sum(q_lens))
-  kp, vp, table = make_cache(rng, kv_lens, k, h, page, max_pages, dtype)
-  cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
-  q = jnp.asarray(rng.standard_normal((sum(q_lens) + pad, n, h)), dtype)
-  lens = jnp.asarray(kv_lens, jnp.int32)
-  out = ragged_paged_attention(q, kp, vp, table, lens, cu, config=config)
-  ref = ragged_paged_attention_reference(
-      q, clean(kp), clean(vp), clean_tables(table, kp.shape[1]), lens, cu)
-  assert_close(out, ref, dtype)
+@pytest.mark.parametrize("kv_lens,q_lens,n,k,h,page,max_pages,dtype,config,pad", RAGGED)
+def test_ragged(kv_lens, q_lens, n, k, h, page, max_pages, dtype, config, pad):
+    rng = np.random.default_rng(sum(kv_lens) + sum(q_lens))
+    kp, vp, table = make_cache(rng, kv_lens, k, h, page, max_pages, dtype)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((sum(q_lens) + pad, n, h)), dtype)
+    lens = jnp.asarray(kv_lens, jnp.int32)
+    out = ragged_paged_attention(q, kp, vp, table, lens, cu, config=config)
+    ref = ragged_paged_attention_reference(
+        q, clean(kp), clean(vp), clean_tables(table, kp.shape[1]), lens, cu
+    )
+    assert_close(out, ref, dtype)
 
 
 def test_ragged_skip_single_token_serves_only_longer_queries():
-  """One-token sequences get no program (their rows stay as poisoned, NaN);
-  every other row equals the reference."""
-  rng = np.random.default_rng(5)
-  kv_lens, q_lens = (40, 9, 33, 1), (1, 9, 5, 1)
-  kp, vp, table = make_cache(rng, kv_lens, 2, 64, 16, 3, jnp.float32)
-  cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
-  q = jnp.asarray(rng.standard_normal((sum(q_lens) + 2, 8, 64)), jnp.float32)
-  lens = jnp.asarray(kv_lens, jnp.int32)
-  out = np.asarray(ragged_paged_attention(q, kp, vp, table, lens, cu,
-                                          skip_single_token=True))
-  ref = ragged_paged_attention_reference(
-      q, clean(kp), clean(vp), clean_tables(table, kp.shape[1]), lens, cu)
-  single = np.zeros(len(q), bool)
-  single[[0, 15]] = True  # the rows of sequences 0 and 3
-  assert np.isnan(out[single]).all()  # interpret mode poisons with NaN
-  assert_close(out[~single], np.asarray(ref)[~single], jnp.float32)
+    """One-token sequences get no program (their rows stay as poisoned, NaN);
+    every other row equals the reference."""
+    rng = np.random.default_rng(5)
+    kv_lens, q_lens = (40, 9, 33, 1), (1, 9, 5, 1)
+    kp, vp, table = make_cache(rng, kv_lens, 2, 64, 16, 3, jnp.float32)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((sum(q_lens) + 2, 8, 64)), jnp.float32)
+    lens = jnp.asarray(kv_lens, jnp.int32)
+    out = np.asarray(ragged_paged_attention(q, kp, vp, table, lens, cu, skip_single_token=True))
+    ref = ragged_paged_attention_reference(
+        q, clean(kp), clean(vp), clean_tables(table, kp.shape[1]), lens, cu
+    )
+    single = np.zeros(len(q), bool)
+    single[[0, 15]] = True  # the rows of sequences 0 and 3
+    assert np.isnan(out[single]).all()  # interpret mode poisons with NaN
+    assert_close(out[~single], np.asarray(ref)[~single], jnp.float32)
 
 
 def test_ragged_decode_rows_equal_paged_decode():
-  rng = np.random.default_rng(11)
-  lengths = (70, 3, 129)
-  kp, vp, table = make_cache(rng, lengths, 2, 64, 16, 9, jnp.float32)
-  q = jnp.asarray(rng.standard_normal((3, 8, 64)), jnp.float32)
-  lens = jnp.asarray(lengths, jnp.int32)
-  cu = jnp.arange(4, dtype=jnp.int32)
-  a = ragged_paged_attention(q, kp, vp, table, lens, cu)
-  b = paged_attention(q, kp, vp, table, lens)
-  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    rng = np.random.default_rng(11)
+    lengths = (70, 3, 129)
+    kp, vp, table = make_cache(rng, lengths, 2, 64, 16, 9, jnp.float32)
+    q = jnp.asarray(rng.standard_normal((3, 8, 64)), jnp.float32)
+    lens = jnp.asarray(lengths, jnp.int32)
+    cu = jnp.arange(4, dtype=jnp.int32)
+    a = ragged_paged_attention(q, kp, vp, table, lens, cu)
+    b = paged_attention(q, kp, vp, table, lens)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_write_kv(dtype):
-  rng = np.random.default_rng(3)
-  kp = jnp.asarray(rng.standard_normal((2, 6, 16, 64)), dtype)
-  vp = jnp.asarray(rng.standard_normal((2, 6, 16, 64)), dtype)
-  k_new = jnp.asarray(rng.standard_normal((7, 2, 64)), dtype)
-  v_new = jnp.asarray(rng.standard_normal((7, 2, 64)), dtype)
-  slots = jnp.asarray([3, -1, 95, 17, 40, -7, 0], jnp.int32)
-  k_out, v_out = write_kv(kp, vp, k_new, v_new, slots)
-  k_ref, v_ref = write_kv_reference(kp, vp, k_new, v_new, slots)
-  np.testing.assert_array_equal(np.asarray(k_out), k_ref)
-  np.testing.assert_array_equal(np.asarray(v_out), v_ref)
+    rng = np.random.default_rng(3)
+    kp = jnp.asarray(rng.standard_normal((2, 6, 16, 64)), dtype)
+    vp = jnp.asarray(rng.standard_normal((2, 6, 16, 64)), dtype)
+    k_new = jnp.asarray(rng.standard_normal((7, 2, 64)), dtype)
+    v_new = jnp.asarray(rng.standard_normal((7, 2, 64)), dtype)
+    slots = jnp.asarray([3, -1, 95, 17, 40, -7, 0], jnp.int32)
+    k_out, v_out = write_kv(kp, vp, k_new, v_new, slots)
+    k_ref, v_ref = write_kv_reference(kp, vp, k_new, v_new, slots)
+    np.testing.assert_array_equal(np.asarray(k_out), k_ref)
+    np.testing.assert_array_equal(np.asarray(v_out), v_ref)
 
 
 def _decode_args(b=2, n=4, k=2, h=64, p=8, l=16, mp=3):
-  return (jnp.ones((b, n, h)), jnp.ones((k, p, l, h)), jnp.ones((k, p, l, h)),
-          jnp.zeros((b, mp), jnp.int32), jnp.ones((b,), jnp.int32))
+    return (
+        jnp.ones((b, n, h)),
+        jnp.ones((k, p, l, h)),
+        jnp.ones((k, p, l, h)),
+        jnp.zeros((b, mp), jnp.int32),
+        jnp.ones((b,), jnp.int32),
+    )
 
 
-@pytest.mark.parametrize("which,bad", [
-    (0, jnp.ones((2, 4, 32))),                   # head dim differs
-    (0, jnp.ones((2, 3, 64))),                   # N % K != 0
-    (0, jnp.ones((4, 64))),                      # rank
-    (1, jnp.ones((2, 8, 16, 64, 1))),            # pages rank
-    (2, jnp.ones((2, 8, 32, 64))),               # k/v pages differ
-    (1, jnp.ones((2, 8, 12, 64))),               # page size not 2^k
-    (3, jnp.zeros((3, 3), jnp.int32)),           # block table batch
-    (3, jnp.zeros((2, 3), jnp.float32)),         # block table dtype
-    (4, jnp.ones((3,), jnp.int32)),              # lengths batch
-])
+@pytest.mark.parametrize(
+    "which,bad",
+    [
+        (0, jnp.ones((2, 4, 32))),  # head dim differs
+        (0, jnp.ones((2, 3, 64))),  # N % K != 0
+        (0, jnp.ones((4, 64))),  # rank
+        (1, jnp.ones((2, 8, 16, 64, 1))),  # pages rank
+        (2, jnp.ones((2, 8, 32, 64))),  # k/v pages differ
+        (1, jnp.ones((2, 8, 12, 64))),  # page size not 2^k
+        (3, jnp.zeros((3, 3), jnp.int32)),  # block table batch
+        (3, jnp.zeros((2, 3), jnp.float32)),  # block table dtype
+        (4, jnp.ones((3,), jnp.int32)),  # lengths batch
+    ],
+)
 def test_paged_bad_shapes_raise(which, bad):
-  args = list(_decode_args())
-  if which == 1:
-    args[2] = bad
-  args[which] = bad
-  with pytest.raises(ValueError):
-    paged_attention(*args)
+    args = list(_decode_args())
+    if which == 1:
+        args[2] = bad
+    args[which] = bad
+    with pytest.raises(ValueError):
+        paged_attention(*args)
 
 
 def test_ragged_and_write_bad_shapes_raise():
-  q, kp, vp, table, _ = _decode_args()
-  with pytest.raises(ValueError):  # cu_q_lens size
-    ragged_paged_attention(q, kp, vp, table, jnp.ones((2,), jnp.int32),
-                           jnp.zeros((2,), jnp.int32))
-  with pytest.raises(ValueError):  # kv_lens size
-    ragged_paged_attention(q, kp, vp, table, jnp.ones((3,), jnp.int32),
-                           jnp.zeros((3,), jnp.int32))
-  with pytest.raises(ValueError):  # k_new shape
-    write_kv(kp, vp, jnp.ones((3, 2, 32)), jnp.ones((3, 2, 32)),
-             jnp.zeros((3,), jnp.int32))
-  with pytest.raises(ValueError):  # slot_mapping size
-    write_kv(kp, vp, jnp.ones((3, 2, 64)), jnp.ones((3, 2, 64)),
-             jnp.zeros((4,), jnp.int32))
+    q, kp, vp, table, _ = _decode_args()
+    with pytest.raises(ValueError):  # cu_q_lens size
+        ragged_paged_attention(
+            q, kp, vp, table, jnp.ones((2,), jnp.int32), jnp.zeros((2,), jnp.int32)
+        )
+    with pytest.raises(ValueError):  # kv_lens size
+        ragged_paged_attention(
+            q, kp, vp, table, jnp.ones((3,), jnp.int32), jnp.zeros((3,), jnp.int32)
+        )
+    with pytest.raises(ValueError):  # k_new shape
+        write_kv(kp, vp, jnp.ones((3, 2, 32)), jnp.ones((3, 2, 32)), jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError):  # slot_mapping size
+        write_kv(kp, vp, jnp.ones((3, 2, 64)), jnp.ones((3, 2, 64)), jnp.zeros((4,), jnp.int32))
 
 
 def test_config_validates():
-  with pytest.raises(ValueError):
-    PagedConfig(block_k=48)
-  with pytest.raises(ValueError):
-    PagedConfig(num_splits=0)
+    with pytest.raises(ValueError):
+        PagedConfig(block_k=48)
+    with pytest.raises(ValueError):
+        PagedConfig(num_splits=0)

@@ -22,8 +22,14 @@ def test_readme_examples_run(tmp_path):
     script.write_text("\n".join(blocks))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user has
     env["JAXINFER_COMPILATION_CACHE"] = str(tmp_path / "xla")
-    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=1200)
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Paris" in out.stdout  # the greedy answer to "The capital of France is"
     assert "running on 1 x" in out.stderr  # the device line

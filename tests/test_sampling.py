@@ -22,8 +22,18 @@ from jaxinfer.sampling import (
 )
 
 SAMPLERS = {mode: jax.jit(functools.partial(sample_rows, mode=mode)) for mode in SAMPLE_MODES}
-NEUTRAL = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-               presence_penalty=0.0, frequency_penalty=0.0, seed=0, step=0, num_logprobs=0)
+NEUTRAL = dict(
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    repetition_penalty=1.0,
+    presence_penalty=0.0,
+    frequency_penalty=0.0,
+    seed=0,
+    step=0,
+    num_logprobs=0,
+)
 DTYPES = dict(top_k=np.int32, seed=np.uint32, step=np.int32, num_logprobs=np.int32)
 
 
@@ -41,8 +51,11 @@ def rows(b: int, **fields) -> SamplingArrays:
 def cheapest_mode(arrays: SamplingArrays) -> str:
     """`sample_mode` of the SamplingParams these [B] arrays were built from."""
     sampling = np.asarray(arrays.temperature) > 0
-    filtered = ((np.asarray(arrays.top_k) > 0) | (np.asarray(arrays.top_p) < 1)
-                | (np.asarray(arrays.min_p) > 0))
+    filtered = (
+        (np.asarray(arrays.top_k) > 0)
+        | (np.asarray(arrays.top_p) < 1)
+        | (np.asarray(arrays.min_p) > 0)
+    )
     if (sampling & filtered).any():
         return "filter"
     return "sample" if (sampling | (np.asarray(arrays.num_logprobs) > 0)).any() else "greedy"
@@ -52,14 +65,17 @@ def sample_jit(logits, arrays: SamplingArrays, history=None) -> SampleOutput:
     """`sample_rows` in every static mode that serves the batch (the engine's cheapest one and
     each more general one): they must give the same tokens and logprobs (and, past greedy, the
     same top logprobs). Returns the cheapest mode's output."""
-    modes = SAMPLE_MODES[SAMPLE_MODES.index(cheapest_mode(arrays)):]
+    modes = SAMPLE_MODES[SAMPLE_MODES.index(cheapest_mode(arrays)) :]
     first, *others = (SAMPLERS[mode](logits, arrays, history) for mode in modes)
     for mode, out in zip(modes[1:], others):
         fields = SampleOutput._fields if modes[0] != "greedy" else ("tokens", "logprob")
         for name in fields:
-            np.testing.assert_allclose(np.asarray(getattr(out, name)),
-                                       np.asarray(getattr(first, name)), rtol=1e-6,
-                                       err_msg=f"{modes[0]} vs {mode}: {name}")
+            np.testing.assert_allclose(
+                np.asarray(getattr(out, name)),
+                np.asarray(getattr(first, name)),
+                rtol=1e-6,
+                err_msg=f"{modes[0]} vs {mode}: {name}",
+            )
     return first
 
 
@@ -91,8 +107,9 @@ def test_presence_and_frequency_count_only_output_tokens():
     logits = jnp.array([[1.0, 1.0, 1.0, 1.0, 1.0]])
     history = jnp.array([[0, 4, 1, 1, 2, -1, -1]])
     is_output = jnp.array([[False, False, True, True, True, True, True]])  # 0, 4: prompt
-    out = apply_penalties(logits, rows(1, presence_penalty=0.5, frequency_penalty=0.25),
-                          history, is_output)
+    out = apply_penalties(
+        logits, rows(1, presence_penalty=0.5, frequency_penalty=0.25), history, is_output
+    )
     # token 1: twice in output → 1 - 0.5 - 2 × 0.25; token 2: once → 1 - 0.5 - 0.25.
     np.testing.assert_allclose(out, [[1.0, 0.0, 0.25, 1.0, 1.0]])
 
@@ -101,8 +118,12 @@ def test_repetition_covers_prompt_and_all_penalties_compose():
     logits = jnp.array([[4.0, -2.0, 3.0]])
     history = jnp.array([[0, 1, 1, -1]])
     is_output = jnp.array([[True, False, True, False]])  # token 0 output, token 1 prompt + output
-    out = apply_penalties(logits, rows(1, repetition_penalty=2.0, presence_penalty=1.0,
-                                       frequency_penalty=0.5), history, is_output)
+    out = apply_penalties(
+        logits,
+        rows(1, repetition_penalty=2.0, presence_penalty=1.0, frequency_penalty=0.5),
+        history,
+        is_output,
+    )
     # token 0: 4 / 2 - 1 - 0.5; token 1: -2 × 2 - 1 - 0.5 (one output occurrence); token 2 untouched.
     np.testing.assert_allclose(out, [[0.5, -5.5, 3.0]])
 
@@ -110,8 +131,9 @@ def test_repetition_covers_prompt_and_all_penalties_compose():
 def test_padding_only_history_and_neutral_rows_are_untouched():
     logits = jnp.array([[1.0, -1.0, 2.0], [1.0, -1.0, 2.0]])
     history = jnp.array([[-1, -1], [0, 1]])
-    arrays = rows(2, repetition_penalty=[3.0, 1.0], presence_penalty=[1.0, 0.0],
-                  frequency_penalty=[1.0, 0.0])
+    arrays = rows(
+        2, repetition_penalty=[3.0, 1.0], presence_penalty=[1.0, 0.0], frequency_penalty=[1.0, 0.0]
+    )
     np.testing.assert_array_equal(apply_penalties(logits, arrays, history), logits)
 
 
@@ -144,8 +166,9 @@ def test_a_single_token_filter_is_greedy(setting):
     logits = random_logits(b, 100, seed=1)
     temperature = np.linspace(0.3, 3.0, b)
     for step in range(3):
-        out = sample_jit(logits, rows(b, temperature=temperature, seed=np.arange(b), step=step,
-                                      **setting))
+        out = sample_jit(
+            logits, rows(b, temperature=temperature, seed=np.arange(b), step=step, **setting)
+        )
         np.testing.assert_array_equal(out.tokens, logits.argmax(-1))
 
 
@@ -156,11 +179,17 @@ def test_a_single_token_filter_is_greedy(setting):
 def test_a_seeded_row_is_independent_of_its_batch():
     """Row alone (B=1, short history) == the same row inside a batch of unlike rows, every step."""
     v, b = 64, 6
-    others = rows(b, temperature=[0.0, 0.7, 1.3, 1.0, 0.0, 2.0], top_k=[0, 5, 0, 0, 3, 0],
-                  top_p=[1.0, 0.9, 0.5, 1.0, 1.0, 1.0], min_p=[0.0, 0.0, 0.1, 0.0, 0.0, 0.05],
-                  repetition_penalty=[1.0, 1.2, 1.0, 1.0, 1.5, 1.0],
-                  frequency_penalty=[0.0, 0.0, 0.5, 0.0, 0.0, 0.0],
-                  seed=[9, 8, 7, 6, 5, 4], num_logprobs=[0, 3, 0, 0, 0, 20])
+    others = rows(
+        b,
+        temperature=[0.0, 0.7, 1.3, 1.0, 0.0, 2.0],
+        top_k=[0, 5, 0, 0, 3, 0],
+        top_p=[1.0, 0.9, 0.5, 1.0, 1.0, 1.0],
+        min_p=[0.0, 0.0, 0.1, 0.0, 0.0, 0.05],
+        repetition_penalty=[1.0, 1.2, 1.0, 1.0, 1.5, 1.0],
+        frequency_penalty=[0.0, 0.0, 0.5, 0.0, 0.0, 0.0],
+        seed=[9, 8, 7, 6, 5, 4],
+        num_logprobs=[0, 3, 0, 0, 0, 20],
+    )
     ours = dict(temperature=1.0, seed=1234)  # no filters, no penalties: the cheapest path alone
     history = np.full((b, 8), -1, np.int32)
     history[:, :5] = np.arange(5 * b).reshape(b, 5) % v
@@ -215,15 +244,18 @@ def test_frequencies_match_softmax_of_logits_over_temperature():
         np.testing.assert_allclose(got, expected, atol=TOL)
 
 
-@pytest.mark.parametrize("setting, support", [
-    (dict(top_k=2), [0, 1]),
-    (dict(top_k=3), [0, 1, 2]),
-    (dict(top_p=0.7), [0, 1]),       # mass before each: 0, .5, .8, .95
-    (dict(top_p=0.85), [0, 1, 2]),
-    (dict(min_p=0.5), [0, 1]),       # keep p >= .25
-    (dict(min_p=0.2), [0, 1, 2]),    # keep p >= .1
-    (dict(top_k=3, top_p=0.6), [0, 1]),  # top-p on the top-3 renormalised: .53, .32, .16
-])
+@pytest.mark.parametrize(
+    "setting, support",
+    [
+        (dict(top_k=2), [0, 1]),
+        (dict(top_k=3), [0, 1, 2]),
+        (dict(top_p=0.7), [0, 1]),  # mass before each: 0, .5, .8, .95
+        (dict(top_p=0.85), [0, 1, 2]),
+        (dict(min_p=0.5), [0, 1]),  # keep p >= .25
+        (dict(min_p=0.2), [0, 1, 2]),  # keep p >= .1
+        (dict(top_k=3, top_p=0.6), [0, 1]),  # top-p on the top-3 renormalised: .53, .32, .16
+    ],
+)
 def test_filters_keep_their_support_and_renormalise(setting, support):
     got = frequencies(np.log(P4), N_DRAWS, **setting)
     outside = np.setdiff1d(np.arange(4), support)
@@ -241,16 +273,27 @@ def test_logprob_and_top_logprobs_come_from_the_raw_logits():
     b, v = 5, 50
     logits = random_logits(b, v, seed=3)
     history = np.array([[1, 2, 3]] * b, np.int32)
-    out = sample_jit(logits, rows(b, temperature=0.7, top_k=8, repetition_penalty=1.5,
-                                  presence_penalty=1.0, seed=np.arange(b),
-                                  num_logprobs=[0, 5, 0, 20, 1]), history)
+    out = sample_jit(
+        logits,
+        rows(
+            b,
+            temperature=0.7,
+            top_k=8,
+            repetition_penalty=1.5,
+            presence_penalty=1.0,
+            seed=np.arange(b),
+            num_logprobs=[0, 5, 0, 20, 1],
+        ),
+        history,
+    )
     reference = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
     tokens = np.asarray(out.tokens)
     np.testing.assert_allclose(out.logprob, reference[np.arange(b), tokens], rtol=1e-5)
     top_ids = np.argsort(-reference, axis=-1)[:, :MAX_LOGPROBS]
     np.testing.assert_array_equal(out.top_ids, top_ids)
-    np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(reference, top_ids, -1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        out.top_logprobs, np.take_along_axis(reference, top_ids, -1), rtol=1e-5
+    )
     assert np.all(np.diff(np.asarray(out.top_logprobs), axis=-1) <= 0)
 
 
@@ -276,10 +319,20 @@ def test_a_vocab_smaller_than_max_logprobs_pads_the_top():
 
 
 def test_sampling_arrays_pads_with_greedy_rows():
-    params = [SamplingParams(temperature=1.0, top_k=5, top_p=0.9, min_p=0.1, seed=3, logprobs=4,
-                             repetition_penalty=1.1, presence_penalty=0.5,
-                             frequency_penalty=-0.5),
-              SamplingParams(temperature=0.8)]
+    params = [
+        SamplingParams(
+            temperature=1.0,
+            top_k=5,
+            top_p=0.9,
+            min_p=0.1,
+            seed=3,
+            logprobs=4,
+            repetition_penalty=1.1,
+            presence_penalty=0.5,
+            frequency_penalty=-0.5,
+        ),
+        SamplingParams(temperature=0.8),
+    ]
     arrays = sampling_arrays(params, seeds=[3, 2**40 + 1], steps=[7, 0], pad_to=4)
     assert all(np.asarray(x).shape == (4,) for x in arrays)
     np.testing.assert_allclose(arrays.temperature, [1.0, 0.8, 0.0, 0.0])
@@ -311,9 +364,11 @@ def test_new_settings_do_not_recompile():
 
     logits = random_logits(4, 32)
     history = np.zeros((4, 0), np.int32)  # W = 0 works too
-    for params in ([SamplingParams(temperature=0.0)] * 4,
-                   [SamplingParams(temperature=1.2, top_k=3, logprobs=2)] * 4,
-                   [SamplingParams(top_p=0.5, min_p=0.1, repetition_penalty=1.3)] * 4):
+    for params in (
+        [SamplingParams(temperature=0.0)] * 4,
+        [SamplingParams(temperature=1.2, top_k=3, logprobs=2)] * 4,
+        [SamplingParams(top_p=0.5, min_p=0.1, repetition_penalty=1.3)] * 4,
+    ):
         out = step(logits, sampling_arrays(params, [1, 2, 3, 4], [0] * 4, 4), history)
         assert isinstance(out, SampleOutput) and out.tokens.shape == (4,)
     assert len(traces) == 1
@@ -321,12 +376,24 @@ def test_new_settings_do_not_recompile():
     np.testing.assert_array_equal(no_history.tokens, logits.argmax(-1))
 
 
-@pytest.mark.parametrize("field, value", [
-    ("max_tokens", 0), ("temperature", -0.5), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
-    ("min_p", 1.5), ("repetition_penalty", 0.0), ("presence_penalty", 2.5),
-    ("frequency_penalty", -3.0), ("seed", -1), ("logprobs", MAX_LOGPROBS + 1), ("stop", ("",)),
-    ("stop_token_ids", (-1,)),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_tokens", 0),
+        ("temperature", -0.5),
+        ("top_k", -1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("min_p", 1.5),
+        ("repetition_penalty", 0.0),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3.0),
+        ("seed", -1),
+        ("logprobs", MAX_LOGPROBS + 1),
+        ("stop", ("",)),
+        ("stop_token_ids", (-1,)),
+    ],
+)
 def test_sampling_params_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"^{field}[ \[]"):
         SamplingParams(**{field: value})
@@ -343,13 +410,19 @@ def test_sample_mode_picks_the_cheapest_mode_that_serves_the_batch(case):
     v, b = 96, 5
     params = {
         "greedy": [SamplingParams(temperature=0.0)] * b,
-        "sample": [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(temperature=0.8),
-                   SamplingParams(temperature=1.3, seed=4)] + [SamplingParams(temperature=0)] * 2,
-        "filter": [SamplingParams(temperature=0.9, top_k=7), SamplingParams(temperature=1.1,
-                                                                            top_p=0.6),
-                   SamplingParams(temperature=0.7, min_p=0.2), SamplingParams(temperature=0.0,
-                                                                              top_k=3),
-                   SamplingParams(temperature=1.0, logprobs=20)],
+        "sample": [
+            SamplingParams(temperature=0.0, logprobs=3),
+            SamplingParams(temperature=0.8),
+            SamplingParams(temperature=1.3, seed=4),
+        ]
+        + [SamplingParams(temperature=0)] * 2,
+        "filter": [
+            SamplingParams(temperature=0.9, top_k=7),
+            SamplingParams(temperature=1.1, top_p=0.6),
+            SamplingParams(temperature=0.7, min_p=0.2),
+            SamplingParams(temperature=0.0, top_k=3),
+            SamplingParams(temperature=1.0, logprobs=20),
+        ],
     }[case]
     assert sample_mode(params) == case
     arrays = jax.tree.map(jnp.asarray, sampling_arrays(params, list(range(b)), [2] * b, pad_to=b))

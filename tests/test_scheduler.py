@@ -28,8 +28,9 @@ def run_alone(prompt, max_tokens, stop=()):
 
 
 def config(**overrides):
-    fields = dict(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, page_size=4,
-                  num_pages=32)
+    fields = dict(
+        max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, page_size=4, num_pages=32
+    )
     return SchedulerConfig(**{**fields, **overrides})
 
 
@@ -48,8 +49,9 @@ class FakeModel:
                 assert alloc.ref_count(page) == 1 and not alloc.is_cached(page), "shared write"
                 self.slots[slot] = (item.start_pos + i, token)
         self.computed_tokens += plan.num_tokens
-        return {item.request_id: next_token(self.context(item)) for item in plan.seqs
-                if item.sample}
+        return {
+            item.request_id: next_token(self.context(item)) for item in plan.seqs if item.sample
+        }
 
     def context(self, item):
         size, tokens = self.scheduler.config.page_size, []
@@ -70,8 +72,8 @@ def check_plan(plan, cfg):
         assert len(s.token_ids) >= 1 and len(s.slot_mapping) == len(s.token_ids)
         positions = range(s.start_pos, s.start_pos + len(s.token_ids))
         assert list(s.slot_mapping) == [
-            s.block_table[p // cfg.page_size] * cfg.page_size + p % cfg.page_size
-            for p in positions]
+            s.block_table[p // cfg.page_size] * cfg.page_size + p % cfg.page_size for p in positions
+        ]
 
 
 def live_seqs(sched):
@@ -120,10 +122,19 @@ def random_requests(rng, n):
 
 # ---- config and refusal ----
 
-@pytest.mark.parametrize("field, value", [
-    ("max_num_seqs", 0), ("max_num_batched_tokens", -1), ("max_model_len", 1.5),
-    ("page_size", 0), ("num_pages", None), ("long_prefill_token_threshold", 0),
-    ("enable_prefix_caching", "yes")])
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_num_seqs", 0),
+        ("max_num_batched_tokens", -1),
+        ("max_model_len", 1.5),
+        ("page_size", 0),
+        ("num_pages", None),
+        ("long_prefill_token_threshold", 0),
+        ("enable_prefix_caching", "yes"),
+    ],
+)
 def test_config_names_the_bad_field(field, value):
     with pytest.raises(ValueError, match=field):
         config(**{field: value})
@@ -159,6 +170,7 @@ def test_request_that_exactly_fills_the_pool_runs():
 
 # ---- plans ----
 
+
 def test_prefill_then_decode_plans():
     sched = Scheduler(config())
     sched.add(Sequence("a", [5, 6, 7, 8, 9, 10], 3))
@@ -166,8 +178,9 @@ def test_prefill_then_decode_plans():
     (item,) = plan.seqs
     pages = item.block_table
     assert (item.token_ids, item.start_pos, item.sample) == ((5, 6, 7, 8, 9, 10), 0, True)
-    assert item.slot_mapping == tuple([pages[0] * 4 + i for i in range(4)]
-                                      + [pages[1] * 4, pages[1] * 4 + 1])
+    assert item.slot_mapping == tuple(
+        [pages[0] * 4 + i for i in range(4)] + [pages[1] * 4, pages[1] * 4 + 1]
+    )
     (seq,) = sched.update(plan, {"a": 42})
     assert seq.output_token_ids == [42] and seq.num_computed_tokens == 6
     (item,) = sched.schedule().seqs
@@ -177,15 +190,17 @@ def test_prefill_then_decode_plans():
 
 def test_chunked_prefill_shares_steps_with_decodes():
     cfg = config(max_num_batched_tokens=8)
-    seqs, _, plans = run_engine(cfg, [([1, 2, 3], 6, ()), (list(range(20)), 2, ())],
-                                arrivals=[0, 1])
+    seqs, _, plans = run_engine(
+        cfg, [([1, 2, 3], 6, ()), (list(range(20)), 2, ())], arrivals=[0, 1]
+    )
     shape = [[(s.request_id, len(s.token_ids), s.sample) for s in p.seqs] for p in plans[:4]]
-    assert shape == [[("r0", 3, True)],
-                     [("r0", 1, True), ("r1", 7, False)],
-                     [("r0", 1, True), ("r1", 7, False)],
-                     [("r0", 1, True), ("r1", 6, True)]]
-    assert [s.output_token_ids for s in seqs] == [run_alone([1, 2, 3], 6),
-                                                 run_alone(range(20), 2)]
+    assert shape == [
+        [("r0", 3, True)],
+        [("r0", 1, True), ("r1", 7, False)],
+        [("r0", 1, True), ("r1", 7, False)],
+        [("r0", 1, True), ("r1", 6, True)],
+    ]
+    assert [s.output_token_ids for s in seqs] == [run_alone([1, 2, 3], 6), run_alone(range(20), 2)]
 
 
 def test_long_prefill_token_threshold_caps_chunks():
@@ -210,6 +225,7 @@ def test_max_num_seqs_limits_running():
 
 
 # ---- finishing ----
+
 
 def test_stop_token_and_length():
     prompt = [10, 20]
@@ -253,6 +269,7 @@ def test_abort_in_each_state_frees_pages():
 
 # ---- preemption, aborts, prefix caching under load ----
 
+
 @pytest.mark.parametrize("caching", [False, True])
 def test_preempted_sequence_recomputes_and_resumes(caching):
     # 4 pages of 2 tokens; two sequences of 2 prompt tokens growing to 5 tokens each
@@ -260,8 +277,9 @@ def test_preempted_sequence_recomputes_and_resumes(caching):
     seqs, _, plans = run_engine(cfg, [([1, 2], 4, ()), ([3, 4], 4, ())])
     preempting = next(p for p in plans if p.preempted)
     assert preempting.preempted == ("r1",)  # the newest loses its pages
-    resumed = next(s for p in plans[plans.index(preempting) + 1:] for s in p.seqs
-                   if s.request_id == "r1")
+    resumed = next(
+        s for p in plans[plans.index(preempting) + 1 :] for s in p.seqs if s.request_id == "r1"
+    )
     # it recomputes prompt + output so far; with caching its own full first page is a hit
     assert resumed.start_pos == (2 if caching else 0)
     assert resumed.start_pos + len(resumed.token_ids) > 2 and resumed.sample
@@ -311,7 +329,7 @@ def test_random_aborts_free_pages(seed):
     for seq, request in zip(seqs, requests):  # run_engine checked every page is free
         expected = run_alone(*request)
         if seq.finish_reason == "abort":
-            assert seq.output_token_ids == expected[:seq.num_output_tokens]
+            assert seq.output_token_ids == expected[: seq.num_output_tokens]
         else:
             assert seq.output_token_ids == expected
 

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from serving_utils import ROOT, ServerProcess, free_port
 
 import jaxinfer
 from jaxinfer.serving.client import Client
 from jaxinfer.tokenizer import encode_prompt
-from serving_utils import ROOT, ServerProcess, free_port
 
 gguf = pytest.importorskip("jaxinfer.gguf")
 try:
@@ -30,36 +30,64 @@ def test_default_model_text_matches_llm_generate(tmp_path):
 
     ensure_default_model()  # converted here once, not by two processes at a time
     http_port = free_port()
-    srv = ServerProcess(["--dtype=float32", "--http-port", str(http_port), "--served-model-name",
-                         "smol", *(f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items())],
-                        tmp_path / "server.log")
+    srv = ServerProcess(
+        [
+            "--dtype=float32",
+            "--http-port",
+            str(http_port),
+            "--served-model-name",
+            "smol",
+            *(f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()),
+        ],
+        tmp_path / "server.log",
+    )
     try:
         model = jaxinfer.load_model(None, dtype="float32")  # meanwhile, the reference answer
         llm = jaxinfer.LLM(model=model, **ENGINE, warmup=False)
         chat_ids = encode_prompt(model.tokenizer, QUESTION, chat=True)
-        (ref,) = llm.generate([chat_ids], jaxinfer.SamplingParams(max_tokens=N, temperature=0.0),
-                              use_tqdm=False)
+        (ref,) = llm.generate(
+            [chat_ids], jaxinfer.SamplingParams(max_tokens=N, temperature=0.0), use_tqdm=False
+        )
         assert ref.text
         srv.wait_healthy(600)
         answers = {}
         with Client(srv.target) as client, concurrent.futures.ThreadPoolExecutor(4) as pool:
             # Four clients at once: one engine step serves all four.
-            stream = pool.submit(lambda: list(client.stream(QUESTION, chat=True, max_tokens=N,
-                                                            temperature=0.0)))
-            whole = pool.submit(client.generate, QUESTION, chat=True, max_tokens=N,
-                                temperature=0.0)
-            cli = pool.submit(subprocess.run, [sys.executable, str(ROOT / "scripts" / "client.py"),
-                                               QUESTION, "--chat", "--max-tokens", str(N),
-                                               "--target", srv.target],
-                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+            stream = pool.submit(
+                lambda: list(client.stream(QUESTION, chat=True, max_tokens=N, temperature=0.0))
+            )
+            whole = pool.submit(client.generate, QUESTION, chat=True, max_tokens=N, temperature=0.0)
+            cli = pool.submit(
+                subprocess.run,
+                [
+                    sys.executable,
+                    str(ROOT / "scripts" / "client.py"),
+                    QUESTION,
+                    "--chat",
+                    "--max-tokens",
+                    str(N),
+                    "--target",
+                    srv.target,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                cwd=ROOT,
+            )
             chat = pool.submit(openai_chat, http_port, QUESTION)
-            answers = {"stream": stream.result(), "whole": whole.result(), "cli": cli.result(),
-                       "chat": chat.result()}
+            answers = {
+                "stream": stream.result(),
+                "whole": whole.result(),
+                "cli": cli.result(),
+                "chat": chat.result(),
+            }
             info = client.model_info()
         pieces = answers["stream"]
         assert "".join(p.text for p in pieces) == ref.text
         assert [t for p in pieces for t in p.token_ids] == ref.token_ids
-        assert answers["whole"].text == ref.text and list(answers["whole"].token_ids) == ref.token_ids
+        assert (
+            answers["whole"].text == ref.text and list(answers["whole"].token_ids) == ref.token_ids
+        )
         assert answers["cli"].returncode == 0, answers["cli"].stderr
         assert answers["cli"].stdout == ref.text + "\n"
         if answers["chat"] is not None:
@@ -76,8 +104,12 @@ def openai_chat(port: int, question: str):
         import openai
     except ImportError:
         return None
-    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0,
-                       timeout=300) as client:
+    with openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=300
+    ) as client:
         return client.chat.completions.create(
-            model="smol", messages=[{"role": "user", "content": question}], max_tokens=N,
-            temperature=0)
+            model="smol",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=N,
+            temperature=0,
+        )

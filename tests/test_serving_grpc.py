@@ -16,15 +16,15 @@ import urllib.request
 
 import grpc
 import pytest
+from conftest import build_hf_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from serving_utils import ROOT, ServerProcess, free_port, self_signed_cert
 
 import jaxinfer
-from conftest import build_hf_model
 from jaxinfer.serving.client import auth_metadata, generate_request
 from jaxinfer.serving.proto import inference_pb2 as pb
 from jaxinfer.serving.proto import inference_pb2_grpc as pb_grpc
-from serving_utils import ROOT, ServerProcess, free_port, self_signed_cert
 
 KEY = "test-key-123"
 ENGINE = dict(max_num_seqs=16, max_num_batched_tokens=128, num_pages=96, max_model_len=256)
@@ -45,10 +45,24 @@ def server(tiny_path, tmp_path_factory):
     d = tmp_path_factory.mktemp("tls")
     cert, key = self_signed_cert(d)
     metrics_port = free_port()
-    srv = ServerProcess(["--model", str(tiny_path), *ENGINE_ARGS, "--tls-cert", str(cert),
-                         "--tls-key", str(key), "--metrics-port", str(metrics_port),
-                         "--grace-period", "60"], d / "server.log",
-                        env={"JAXINFER_API_KEY": KEY}, root_cert=cert.read_bytes())
+    srv = ServerProcess(
+        [
+            "--model",
+            str(tiny_path),
+            *ENGINE_ARGS,
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+            "--metrics-port",
+            str(metrics_port),
+            "--grace-period",
+            "60",
+        ],
+        d / "server.log",
+        env={"JAXINFER_API_KEY": KEY},
+        root_cert=cert.read_bytes(),
+    )
     srv.metrics_port = metrics_port
     try:
         srv.wait_healthy(240)
@@ -86,8 +100,9 @@ def prompts(n, seed=0, length=(3, 20)):
 
 
 def stream_all(stub, prompt, **sampling):
-    return list(stub.GenerateStream(generate_request(prompt, **sampling), metadata=AUTH,
-                                    timeout=120))
+    return list(
+        stub.GenerateStream(generate_request(prompt, **sampling), metadata=AUTH, timeout=120)
+    )
 
 
 def test_unary_and_stream_equal_llm_generate(stub, llm):
@@ -95,8 +110,9 @@ def test_unary_and_stream_equal_llm_generate(stub, llm):
     sampling = dict(max_tokens=12, ignore_eos=True, **GREEDY)
     refs = reference(llm, ps, **sampling)
     for prompt, ref in zip(ps, refs):
-        whole = stub.Generate(generate_request(prompt, request_id="u1", **sampling),
-                              metadata=AUTH, timeout=120)
+        whole = stub.Generate(
+            generate_request(prompt, request_id="u1", **sampling), metadata=AUTH, timeout=120
+        )
         assert list(whole.token_ids) == ref.token_ids and whole.request_id == "u1"
         assert whole.finish_reason == "length" == ref.finish_reason
         assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(prompt), 12)
@@ -174,8 +190,9 @@ def test_deadline_and_disconnect_free_pages(stub, server):
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_all_pages_free(stub)
     channel = server.channel()  # a client that goes away mid-stream
-    call = pb_grpc.InferenceStub(channel).GenerateStream(long_request(request_id="gone"),
-                                                         metadata=AUTH)
+    call = pb_grpc.InferenceStub(channel).GenerateStream(
+        long_request(request_id="gone"), metadata=AUTH
+    )
     next(call)
     channel.close()
     wait_all_pages_free(stub)
@@ -219,14 +236,18 @@ def test_missing_or_wrong_key_is_refused_health_stays_open(server):
     with server.channel() as channel:
         stub = pb_grpc.InferenceStub(channel)
         for metadata in ((), auth_metadata("wrong"), (("authorization", KEY),)):
-            for call in (lambda: stub.Generate(generate_request([5], max_tokens=2), metadata=metadata),
-                         lambda: list(stub.GenerateStream(generate_request([5]), metadata=metadata)),
-                         lambda: stub.ModelInfo(pb.ModelInfoRequest(), metadata=metadata)):
+            calls = (
+                lambda m: stub.Generate(generate_request([5], max_tokens=2), metadata=m),
+                lambda m: list(stub.GenerateStream(generate_request([5]), metadata=m)),
+                lambda m: stub.ModelInfo(pb.ModelInfoRequest(), metadata=m),
+            )
+            for call in calls:
                 with pytest.raises(grpc.RpcError) as e:
-                    call()
+                    call(metadata)
                 assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(
-            service="jaxinfer.v1.Inference"), timeout=5)
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="jaxinfer.v1.Inference"), timeout=5
+        )
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as plain:  # TLS is required
         with pytest.raises(grpc.RpcError) as e:
@@ -237,36 +258,48 @@ def test_missing_or_wrong_key_is_refused_health_stays_open(server):
 def test_reflection_lists_services_and_describes_them(server):
     with server.channel() as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
-                    reflection_pb2.ServerReflectionRequest(
-                        file_containing_symbol="jaxinfer.v1.Inference")]
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="jaxinfer.v1.Inference"),
+        ]
         replies = list(stub.ServerReflectionInfo(iter(requests), metadata=AUTH, timeout=10))
     names = {s.name for s in replies[0].list_services_response.service}
     assert {"jaxinfer.v1.Inference", "grpc.health.v1.Health"} <= names
     from google.protobuf import descriptor_pb2
 
     proto = descriptor_pb2.FileDescriptorProto.FromString(
-        replies[1].file_descriptor_response.file_descriptor_proto[0])
+        replies[1].file_descriptor_response.file_descriptor_proto[0]
+    )
     assert proto.package == "jaxinfer.v1"
     assert [m.name for m in proto.service[0].method] == ["Generate", "GenerateStream", "ModelInfo"]
 
 
 def test_model_info(stub, tiny_path):
     info = wait_all_pages_free(stub)
-    assert (info.model_path, info.model_family, info.vocab_size, info.dtype) == \
-        (str(tiny_path), "llama", 320, "float32")
+    assert (info.model_path, info.model_family, info.vocab_size, info.dtype) == (
+        str(tiny_path),
+        "llama",
+        320,
+        "float32",
+    )
     assert (info.context_length, info.kv_pages_total, info.max_num_seqs) == (256, 96, 16)
     assert (info.tensor_parallel_size, info.kv_page_size, info.requests_waiting) == (1, 16, 0)
 
 
 def test_metrics_and_one_log_line_per_request(stub, server):
-    stub.Generate(generate_request([7, 8, 9], request_id="counted", max_tokens=5,
-                                   ignore_eos=True, **GREEDY), metadata=AUTH, timeout=60)
+    stub.Generate(
+        generate_request([7, 8, 9], request_id="counted", max_tokens=5, ignore_eos=True, **GREEDY),
+        metadata=AUTH,
+        timeout=60,
+    )
     for bad in (generate_request([5], temperature=-1.0), generate_request([999])):  # front, engine
         with pytest.raises(grpc.RpcError):
             stub.Generate(bad, metadata=AUTH, timeout=60)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
-                                  timeout=10).read().decode()
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10)
+        .read()
+        .decode()
+    )
     values = dict(re.findall(r"^(jaxinfer_\S+) (\S+)$", text, re.M))
     assert float(values['jaxinfer_requests_total{outcome="length"}']) >= 1
     assert float(values['jaxinfer_requests_total{outcome="invalid"}']) >= 2
@@ -275,18 +308,30 @@ def test_metrics_and_one_log_line_per_request(stub, server):
     assert float(values["jaxinfer_time_per_output_token_seconds_count"]) >= 1
     assert float(values["jaxinfer_e2e_request_latency_seconds_count"]) >= 1
     assert values["jaxinfer_kv_pages_total"] == "96.0"
-    for name in ("jaxinfer_requests_running", "jaxinfer_requests_waiting",
-                 "jaxinfer_kv_pages_used", "jaxinfer_preemptions_total"):
+    for name in (
+        "jaxinfer_requests_running",
+        "jaxinfer_requests_waiting",
+        "jaxinfer_kv_pages_used",
+        "jaxinfer_preemptions_total",
+    ):
         assert name in values
     lines = [l for l in server.log().splitlines() if "request counted:" in l]
-    assert len(lines) == 1 and re.search(r"length, 3 tokens in \(0 cached\), 5 out, "
-                                         r"ttft \d+\.\d+s, total \d+\.\d+s", lines[0]), lines
+    assert len(lines) == 1 and re.search(
+        r"length, 3 tokens in \(0 cached\), 5 out, "
+        r"ttft \d+\.\d+s, total \d+\.\d+s",
+        lines[0],
+    ), lines
 
 
 def test_tensor_parallel_is_refused_with_one_line():
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"),
-                           "--tensor-parallel-size", "2"], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "serve.py"), "--tensor-parallel-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"},
+    )
     assert proc.returncode == 2
     assert "tensor parallelism is not supported yet" in proc.stderr.strip().splitlines()[-1]
 
@@ -295,8 +340,9 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(server, stub, llm):
     """Last in the module: it stops the module's server (the fixture then checks exit code 0)."""
     ps = prompts(4, seed=5)
     sampling = dict(max_tokens=200, ignore_eos=True, **GREEDY)
-    calls = [stub.GenerateStream(generate_request(p, **sampling), metadata=AUTH, timeout=120)
-             for p in ps]
+    calls = [
+        stub.GenerateStream(generate_request(p, **sampling), metadata=AUTH, timeout=120) for p in ps
+    ]
     firsts = [next(c) for c in calls]  # all running
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)  # the signal is handled

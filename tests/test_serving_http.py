@@ -32,8 +32,10 @@ ENGINE = dict(max_num_seqs=16, max_num_batched_tokens=128, num_pages=96, max_mod
 ENGINE_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()] + ["--dtype=float32"]
 NAME = "tiny"
 ROLES = ("system", "user", "assistant")
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
-                 "{% if add_generation_prompt %}assistant{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant{% endif %}"
+)
 
 
 def save_word_tokenizer(path, vocab_size: int) -> None:
@@ -61,10 +63,27 @@ def tiny_path(tmp_path_factory):
 def server(tiny_path, tmp_path_factory):
     d = tmp_path_factory.mktemp("http")
     http_port, metrics_port = free_port(), free_port()
-    srv = ServerProcess(["--model", str(tiny_path), *ENGINE_ARGS, "--http-port", str(http_port),
-                         "--served-model-name", NAME, "--api-key", KEY, "--metrics-port",
-                         str(metrics_port), "--max-queue", "24", "--grace-period", "60", "--no-warmup"],
-                        d / "server.log")
+    srv = ServerProcess(
+        [
+            "--model",
+            str(tiny_path),
+            *ENGINE_ARGS,
+            "--http-port",
+            str(http_port),
+            "--served-model-name",
+            NAME,
+            "--api-key",
+            KEY,
+            "--metrics-port",
+            str(metrics_port),
+            "--max-queue",
+            "24",
+            "--grace-period",
+            "60",
+            "--no-warmup",
+        ],
+        d / "server.log",
+    )
     srv.http_port = http_port
     try:
         srv.wait_healthy(240)
@@ -75,8 +94,9 @@ def server(tiny_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key=KEY,
-                       max_retries=0, timeout=120) as c:
+    with openai.OpenAI(
+        base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key=KEY, max_retries=0, timeout=120
+    ) as c:
         yield c
 
 
@@ -103,8 +123,9 @@ def words(ids):
 
 def stats(server) -> pb.ModelInfoResponse:
     with server.channel() as channel:  # the gRPC front reads the same engine loop
-        return pb_grpc.InferenceStub(channel).ModelInfo(pb.ModelInfoRequest(),
-                                                        metadata=auth_metadata(KEY), timeout=5)
+        return pb_grpc.InferenceStub(channel).ModelInfo(
+            pb.ModelInfoRequest(), metadata=auth_metadata(KEY), timeout=5
+        )
 
 
 def wait_all_pages_free(server, timeout=10.0):
@@ -122,17 +143,29 @@ def test_completions_unary_and_stream_equal_llm_generate(client, llm):
     refs = reference(llm, ps, max_tokens=10, temperature=0.0, ignore_eos=True)
     # Token ids and text prompts, several at once: choices in prompt order, usage exact.
     for prompt in (ps, [words(p) for p in ps]):
-        r = client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0,
-                                      extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert r.object == "text_completion" and r.model == NAME and r.id.startswith("cmpl-")
         assert [c.index for c in r.choices] == [0, 1, 2]
         assert [c.text for c in r.choices] == [ref.text for ref in refs]
         assert {c.finish_reason for c in r.choices} == {"length"}
-        assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == \
-            (sum(map(len, ps)), 30, sum(map(len, ps)) + 30)
-    chunks = list(client.completions.create(
-        model=NAME, prompt=ps[0], max_tokens=10, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+            sum(map(len, ps)),
+            30,
+            sum(map(len, ps)) + 30,
+        )
+    chunks = list(
+        client.completions.create(
+            model=NAME,
+            prompt=ps[0],
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks[:-1]) == refs[0].text
     assert [c.choices[0].finish_reason for c in chunks[:-1]][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
@@ -141,18 +174,23 @@ def test_completions_unary_and_stream_equal_llm_generate(client, llm):
 
 def test_chat_unary_and_stream_equal_llm_generate(client, llm, tiny_path):
     messages = [{"role": "system", "content": "w5 w6"}, {"role": "user", "content": "w7 w8 w9"}]
-    ids = llm.engine.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                         tokenize=True)
+    ids = llm.engine.model.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True
+    )
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     (ref,) = reference(llm, [ids], max_tokens=12, temperature=0.0)
-    r = client.chat.completions.create(model=NAME, messages=messages, max_completion_tokens=12,
-                                       temperature=0)
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, max_completion_tokens=12, temperature=0
+    )
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == ref.text
     assert r.choices[0].finish_reason == ref.finish_reason
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(ref.token_ids))
-    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=12,
-                                                 temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME, messages=messages, max_tokens=12, temperature=0, stream=True
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref.text
     assert chunks[-1].choices[0].finish_reason == ref.finish_reason
@@ -161,26 +199,52 @@ def test_chat_unary_and_stream_equal_llm_generate(client, llm, tiny_path):
 
 def test_sampling_fields_logprobs_and_n(client, llm):
     (prompt,) = prompts(1, seed=1)
-    sampling = dict(max_tokens=6, temperature=0.8, top_p=0.9, top_k=40, min_p=0.01,
-                    repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.3,
-                    ignore_eos=True, logprobs=3)
-    refs = reference(llm, [prompt, prompt], **{**sampling, "seed": 11}) + \
-        reference(llm, [prompt], **{**sampling, "seed": 12})
+    sampling = dict(
+        max_tokens=6,
+        temperature=0.8,
+        top_p=0.9,
+        top_k=40,
+        min_p=0.01,
+        repetition_penalty=1.1,
+        presence_penalty=0.5,
+        frequency_penalty=0.3,
+        ignore_eos=True,
+        logprobs=3,
+    )
+    refs = reference(llm, [prompt, prompt], **{**sampling, "seed": 11}) + reference(
+        llm, [prompt], **{**sampling, "seed": 12}
+    )
     r = client.completions.create(
-        model=NAME, prompt=prompt, n=2, seed=11, max_tokens=6, temperature=0.8, top_p=0.9,
-        presence_penalty=0.5, frequency_penalty=0.3, logprobs=3,
-        extra_body=dict(top_k=40, min_p=0.01, repetition_penalty=1.1, ignore_eos=True))
+        model=NAME,
+        prompt=prompt,
+        n=2,
+        seed=11,
+        max_tokens=6,
+        temperature=0.8,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.3,
+        logprobs=3,
+        extra_body=dict(top_k=40, min_p=0.01, repetition_penalty=1.1, ignore_eos=True),
+    )
     # Sample j is seeded with seed + j: sample 0 is seed 11's answer, sample 1 seed 12's.
     assert [c.text for c in r.choices] == [refs[0].text, refs[2].text]
     lp = r.choices[0].logprobs
     assert lp.tokens == [f"w{t}" for t in refs[0].token_ids]
-    assert lp.token_logprobs == pytest.approx([d[t] for d, t in zip(refs[0].logprobs,
-                                                                   refs[0].token_ids)], abs=1e-5)
+    assert lp.token_logprobs == pytest.approx(
+        [d[t] for d, t in zip(refs[0].logprobs, refs[0].token_ids)], abs=1e-5
+    )
     assert all(len(top) == 3 for top in lp.top_logprobs)
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
     chat = client.chat.completions.create(
-        model=NAME, messages=[{"role": "user", "content": "w3"}], max_tokens=4, logprobs=True,
-        top_logprobs=2, temperature=0, stop=["w999"])
+        model=NAME,
+        messages=[{"role": "user", "content": "w3"}],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=2,
+        temperature=0,
+        stop=["w999"],
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens
     assert all(len(c.top_logprobs) == 2 and c.bytes == list(c.token.encode()) for c in content)
@@ -193,8 +257,14 @@ def test_16_concurrent_streams(client, llm):
     texts: dict[int, str] = {}
 
     def run(i):
-        stream = client.completions.create(model=NAME, prompt=ps[i], max_tokens=16, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model=NAME,
+            prompt=ps[i],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         texts[i] = "".join(c.choices[0].text for c in stream)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
@@ -248,8 +318,7 @@ def test_auth_model_and_queue_errors(client, server):
         assert e.value.body["code"] == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
-    no_key = urllib.request.Request(f"{base}/completions", method="POST",
-                                    data=b'{"prompt": [5]}')
+    no_key = urllib.request.Request(f"{base}/completions", method="POST", data=b'{"prompt": [5]}')
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(no_key, timeout=10)
     assert e.value.code == 401
@@ -274,12 +343,26 @@ def wait_for_log(server, pattern, count=1, timeout=10.0):
 
 def test_disconnect_mid_stream_frees_pages(server):
     (prompt,) = prompts(1, seed=3)
-    body = json.dumps({"model": NAME, "prompt": prompt, "max_tokens": 230, "stream": True,
-                       "temperature": 0, "ignore_eos": True}).encode()
+    body = json.dumps(
+        {
+            "model": NAME,
+            "prompt": prompt,
+            "max_tokens": 230,
+            "stream": True,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+    ).encode()
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                  b"authorization: Bearer " + KEY.encode() + b"\r\ncontent-length: " +
-                  str(len(body)).encode() + b"\r\n\r\n" + body)
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"authorization: Bearer "
+            + KEY.encode()
+            + b"\r\ncontent-length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         got = b""
         while got.count(b"data: ") < 3 and (piece := s.recv(4096)):
             got += piece
@@ -295,8 +378,15 @@ def test_draining_is_503_and_the_streams_in_flight_finish(client, server, llm):
     (prompt,) = prompts(1, seed=5, length=(8, 9))
     (ref,) = reference(llm, [prompt], max_tokens=240, temperature=0.0, ignore_eos=True)
     # 16 samples of 240 tokens: the drain lasts a good many steps after SIGTERM.
-    stream = client.completions.create(model=NAME, prompt=prompt, n=16, max_tokens=240,
-                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=NAME,
+        prompt=prompt,
+        n=16,
+        max_tokens=240,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     chunks = [next(iter(stream))]
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.05)
@@ -304,8 +394,9 @@ def test_draining_is_503_and_the_streams_in_flight_finish(client, server, llm):
         client.completions.create(model=NAME, prompt=[5], max_tokens=2)
     assert e.value.status_code == 503 and e.value.body["code"] == "draining"
     chunks += list(stream)
-    texts = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i)
-             for i in range(16)]
+    texts = [
+        "".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(16)
+    ]
     assert texts == [ref.text] * 16
     assert sum(c.choices[0].finish_reason == "length" for c in chunks) == 16
     assert server.proc.wait(60) == 0, server.log()

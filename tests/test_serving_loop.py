@@ -12,12 +12,12 @@ import time
 
 import grpc
 import pytest
+from test_engine import fake_engine
 
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving.client import Client, generate_request
 from jaxinfer.serving.grpc_server import ServedModel, start_server
 from jaxinfer.serving.loop import Closed, EngineError, EngineLoop, QueueFull
-from test_engine import fake_engine
 
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0)
 LONG = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
@@ -43,6 +43,7 @@ def slow_steps(engine, seconds=0.01):
     def slow():
         time.sleep(seconds)
         return step()
+
     engine.step = slow
     return engine
 
@@ -85,9 +86,11 @@ def test_streams_from_asyncio_are_exact_and_batched():
 def test_bad_input_raises_the_engines_message_and_others_run():
     with running() as loop:
         good = loop.submit("abc", LONG)
-        for prompt, params, message in [("", GREEDY, "must be a non-empty string"),
-                                        ([3, 99], GREEDY, "token id 99 is outside"),
-                                        ("abc", SamplingParams(max_tokens=100), "exceeds max_model_len")]:
+        for prompt, params, message in [
+            ("", GREEDY, "must be a non-empty string"),
+            ([3, 99], GREEDY, "token id 99 is outside"),
+            ("abc", SamplingParams(max_tokens=100), "exceeds max_model_len"),
+        ]:
             with pytest.raises(ValueError, match=message):
                 list(loop.submit(prompt, params))
         assert len(list(good)[-1].token_ids) == 60
@@ -114,6 +117,7 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_loop_goes_on():
         if len(calls) == 2:
             raise RuntimeError("device lost")
         return step()
+
     engine.step = fail_once
     with running(engine) as loop:
         streams = [loop.submit("abc", LONG), loop.submit("xyz", LONG)]
@@ -139,6 +143,7 @@ def test_error_outputs_fail_only_their_request():
                 outs[i] = dataclasses.replace(out, finished=True, finish_reason="error")
                 outs[i].error = "NaN in the logits"  # the engine's `error` field
         return outs
+
     engine.step = one_bad_request
     with running(engine) as loop:
         bad, good = loop.submit("abc", LONG, request_id="bad"), loop.submit("abc", GREEDY)
@@ -179,8 +184,9 @@ def grpc_front(loop):
     aloop = asyncio.new_event_loop()
     thread = threading.Thread(target=aloop.run_forever, daemon=True)
     thread.start()
-    server = asyncio.run_coroutine_threadsafe(start_server(loop, ServedModel("fake")),
-                                              aloop).result(30)
+    server = asyncio.run_coroutine_threadsafe(
+        start_server(loop, ServedModel("fake")), aloop
+    ).result(30)
     try:
         with Client(f"127.0.0.1:{server.port}") as client:
             yield client
@@ -199,6 +205,7 @@ def test_grpc_text_stream_and_status_codes():
         if any(r.startswith("doomed") for r in engine.requests):
             raise RuntimeError("kernel fault")
         return step()
+
     engine.step = maybe_fail
     with running(engine) as loop, grpc_front(loop) as client:
         pieces = list(client.stream("abc", max_tokens=5, temperature=0.0))

@@ -16,8 +16,9 @@ def test_stubs_are_up_to_date(tmp_path):
     fresh = protogen.generate(tmp_path)
     checked_in = protogen.ROOT / pathlib.Path(protogen.PROTO).parent
     for path in fresh:
-        assert path.read_text() == (checked_in / path.name).read_text(), \
+        assert path.read_text() == (checked_in / path.name).read_text(), (
             f"{path.name} is stale: run python -m jaxinfer.serving.protogen"
+        )
 
 
 def test_stubs_import_and_name_the_service():

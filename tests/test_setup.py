@@ -23,21 +23,35 @@ def fake_path(tmp_path, cuda: str | None) -> str:
     bin_dir.mkdir(exist_ok=True)
     if cuda is not None:
         smi = bin_dir / "nvidia-smi"
-        smi.write_text("#!/bin/sh\nif [ \"$1\" = -L ]; then echo 'GPU 0: NVIDIA H200 (UUID: x)'; "
-                       f"exit 0; fi\ncat <<'EOF'\n{SMI_BANNER.format(cuda=cuda)}EOF\n")
+        smi.write_text(
+            "#!/bin/sh\nif [ \"$1\" = -L ]; then echo 'GPU 0: NVIDIA H200 (UUID: x)'; "
+            f"exit 0; fi\ncat <<'EOF'\n{SMI_BANNER.format(cuda=cuda)}EOF\n"
+        )
         smi.chmod(0o755)
     return f"{bin_dir}:/usr/local/bin:/usr/bin:/bin"
 
 
 def dry_run(tmp_path, cuda, *args) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=fake_path(tmp_path, cuda))
-    return subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), "--dry-run", *args],
-                          env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "setup.sh"), "--dry-run", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-@pytest.mark.parametrize("cuda, args, build", [
-    ("13.0", (), "cuda13"), ("12.8", (), "cuda12"), (None, (), "cpu"), ("13.0", ("--cpu",), "cpu"),
-    ("12.4", ("--dev",), "cuda12")])
+@pytest.mark.parametrize(
+    "cuda, args, build",
+    [
+        ("13.0", (), "cuda13"),
+        ("12.8", (), "cuda12"),
+        (None, (), "cpu"),
+        ("13.0", ("--cpu",), "cpu"),
+        ("12.4", ("--dev",), "cuda12"),
+    ],
+)
 def test_setup_picks_the_jax_build(tmp_path, cuda, args, build):
     out = dry_run(tmp_path, cuda, *args)
     assert out.returncode == 0, out.stderr
@@ -59,11 +73,26 @@ def test_setup_refuses_an_old_driver_and_unknown_options(tmp_path):
 
 
 def test_constraints_pin_every_dependency():
-    pins = {line.split("==")[0].lower().replace("_", "-")
-            for line in (ROOT / "constraints.txt").read_text().splitlines()
-            if line and not line.startswith("#")}
-    for name in ("jax", "jaxlib", "flax", "transformers", "tokenizers", "jinja2", "orbax-checkpoint",
-                 "numpy", "gguf", "torch", "pytest", "jax-cuda12-plugin", "jax-cuda13-plugin"):
+    pins = {
+        line.split("==")[0].lower().replace("_", "-")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    for name in (
+        "jax",
+        "jaxlib",
+        "flax",
+        "transformers",
+        "tokenizers",
+        "jinja2",
+        "orbax-checkpoint",
+        "numpy",
+        "gguf",
+        "torch",
+        "pytest",
+        "jax-cuda12-plugin",
+        "jax-cuda13-plugin",
+    ):
         assert name in pins, name
 
 

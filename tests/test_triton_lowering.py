@@ -30,7 +30,7 @@ def triton_modules(monkeypatch):
     def checked(*args, **kwargs):
         result = lower(*args, **kwargs)
         op = result.module.operation
-        built.append((str(op.attributes["sym_name"]).strip("\""), op.verify()))
+        built.append((str(op.attributes["sym_name"]).strip('"'), op.verify()))
         return result
 
     monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", checked)
@@ -40,10 +40,13 @@ def triton_modules(monkeypatch):
 def lower_for_cuda(fn, *args) -> str:
     """Lowers `fn` for the cuda platform (no GPU needed; Triton and Mosaic GPU custom calls
     allowed); returns the StableHLO module text."""
-    allow = [export.DisabledSafetyCheck.custom_call(name)
-             for name in ("__gpu$xla.gpu.triton", "mosaic_gpu_v2", "mosaic_gpu")]
+    allow = [
+        export.DisabledSafetyCheck.custom_call(name)
+        for name in ("__gpu$xla.gpu.triton", "mosaic_gpu_v2", "mosaic_gpu")
+    ]
     return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=allow)(
-        *args).mlir_module()
+        *args
+    ).mlir_module()
 
 
 def spec(shape, dtype=jnp.bfloat16):
@@ -56,8 +59,14 @@ def assert_all_verified(built, expected_prefix: str | tuple[str, ...]):
     assert all(ok for _, ok in built), f"MLIR verification failed: {built}"
 
 
-@pytest.mark.parametrize("config", [None, GroupedMatmulConfig(block_m=16, block_n=64),
-                                    GroupedMatmulConfig(block_m=128, block_n=256, num_warps=8)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        None,
+        GroupedMatmulConfig(block_m=16, block_n=64),
+        GroupedMatmulConfig(block_m=128, block_n=256, num_warps=8),
+    ],
+)
 @pytest.mark.parametrize("k_dim", [256, 200])  # 200: masked K tail
 def test_grouped_matmul_lowers(triton_modules, config, k_dim):
     fn = functools.partial(grouped_matmul, config=config, interpret=False)
@@ -67,8 +76,9 @@ def test_grouped_matmul_lowers(triton_modules, config, k_dim):
 
 def test_grouped_matmul_split_k_lowers(triton_modules):
     # decode-sized: 2 rows, K spread over 4 programs per output tile
-    fn = functools.partial(grouped_matmul, config=GroupedMatmulConfig(block_m=16, split_k=4),
-                           interpret=False)
+    fn = functools.partial(
+        grouped_matmul, config=GroupedMatmulConfig(block_m=16, split_k=4), interpret=False
+    )
     lower_for_cuda(fn, spec((2, 1024)), spec((8, 1024, 384)), spec((8,), jnp.int32))
     assert_all_verified(triton_modules, "grouped_matmul")
     assert triton_modules[0][0].endswith("_s4"), triton_modules
@@ -76,8 +86,7 @@ def test_grouped_matmul_split_k_lowers(triton_modules):
 
 @pytest.mark.parametrize("window", [None, 128])
 def test_flash_attention_lowers(triton_modules, window):
-    fn = functools.partial(flash_attention, sliding_window=window, return_lse=True,
-                           interpret=False)
+    fn = functools.partial(flash_attention, sliding_window=window, return_lse=True, interpret=False)
     lower_for_cuda(fn, spec((2, 300, 8, 128)), spec((2, 300, 2, 128)), spec((2, 300, 2, 128)))
     assert_all_verified(triton_modules, "flash_attention")
 
@@ -85,12 +94,20 @@ def test_flash_attention_lowers(triton_modules, window):
 def test_paged_attention_lowers(triton_modules):
     pool = spec((2, 64, 16, 128))
     fn = functools.partial(paged_attention, interpret=False)
-    lower_for_cuda(fn, spec((4, 8, 128)), pool, pool, spec((4, 16), jnp.int32),
-                   spec((4,), jnp.int32))
+    lower_for_cuda(
+        fn, spec((4, 8, 128)), pool, pool, spec((4, 16), jnp.int32), spec((4,), jnp.int32)
+    )
     for skip in (False, True):
         fn = functools.partial(ragged_paged_attention, interpret=False, skip_single_token=skip)
-        lower_for_cuda(fn, spec((40, 8, 128)), pool, pool, spec((4, 16), jnp.int32),
-                       spec((4,), jnp.int32), spec((5,), jnp.int32))
+        lower_for_cuda(
+            fn,
+            spec((40, 8, 128)),
+            pool,
+            pool,
+            spec((4, 16), jnp.int32),
+            spec((4,), jnp.int32),
+            spec((5,), jnp.int32),
+        )
     assert len(triton_modules) >= 3, triton_modules
     assert_all_verified(triton_modules, ("paged_decode", "ragged_paged"))
 
@@ -101,8 +118,11 @@ def gpu_kernels(monkeypatch):
     from pallas_kernels import common
 
     # the kernels' entries decide interpret mode through this one function, outside their jits
-    monkeypatch.setattr(common, "resolve_interpret",
-                        lambda interpret: False if interpret is None else bool(interpret))
+    monkeypatch.setattr(
+        common,
+        "resolve_interpret",
+        lambda interpret: False if interpret is None else bool(interpret),
+    )
     jax.clear_caches()  # traces made in interpret mode must not be reused
     yield
     jax.clear_caches()
@@ -121,35 +141,67 @@ def test_engine_programs_have_no_host_waits(gpu_kernels, family, decode):
     from jaxinfer.sampling import SAMPLE_MODES
 
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
-    cfg = ModelConfig(model_type=family, vocab_size=256, hidden_size=64, intermediate_size=64,
-                      num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32,
-                      max_position_embeddings=256, **(moe if family == "mixtral" else {}))
+    cfg = ModelConfig(
+        model_type=family,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        **(moe if family == "mixtral" else {}),
+    )
     model = Model(cfg, init_params(cfg, "bfloat16"), None, jnp.bfloat16, impl="pallas")
     pages = init_pages(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 32, 16, jnp.bfloat16)
-    runner = Runner(model.decoder(), model.params, pages, page_size=16, max_num_seqs=16,
-                    max_num_batched_tokens=32, max_model_len=256)
+    runner = Runner(
+        model.decoder(),
+        model.params,
+        pages,
+        page_size=16,
+        max_num_seqs=16,
+        max_num_batched_tokens=32,
+        max_model_len=256,
+    )
     batch = runner._padding_batch(16 if decode else 32, False, decode)
-    forward = lower_for_cuda(runner._forward_fn, model.params, pages, runner.prev_tokens,
-                             batch._replace(sampling=None, history=None, history_is_output=None))
+    forward = lower_for_cuda(
+        runner._forward_fn,
+        model.params,
+        pages,
+        runner.prev_tokens,
+        batch._replace(sampling=None, history=None, history_is_output=None),
+    )
     assert "__gpu$xla.gpu.triton" in forward  # the Pallas kernels, not interpret mode
     assert "stablehlo.while" not in forward and "stablehlo.case" not in forward
     logits = jnp.zeros((16, cfg.vocab_size), jnp.float32)
     for mode in SAMPLE_MODES:
-        sampler = lower_for_cuda(functools.partial(runner._sample_fn, mode=mode), logits,
-                                 batch.sampling, None, None)
+        sampler = lower_for_cuda(
+            functools.partial(runner._sample_fn, mode=mode), logits, batch.sampling, None, None
+        )
         assert "stablehlo.case" not in sampler and "stablehlo.while" not in sampler, mode
 
 
-@pytest.mark.parametrize("t,s,h,causal,lse", [(256, 256, 128, True, False),
-                                              (200, 300, 64, True, True),
-                                              (130, 200, 256, False, True),
-                                              (40, 40, 128, True, False)])
+@pytest.mark.parametrize(
+    "t,s,h,causal,lse",
+    [
+        (256, 256, 128, True, False),
+        (200, 300, 64, True, True),
+        (130, 200, 256, False, True),
+        (40, 40, 128, True, False),
+    ],
+)
 def test_mgpu_flash_attention_lowers(t, s, h, causal, lse):
     """The Hopper kernel lowers to one Mosaic GPU custom call (Pallas -> Mosaic GPU IR, layouts
     and barriers checked at lowering), with padding of T and S and T < S."""
     from pallas_kernels.flash_attention_mgpu import MgpuFlashConfig
 
-    fn = functools.partial(flash_attention, causal=causal, return_lse=lse,
-                           config=MgpuFlashConfig.default(h), interpret=False)
+    fn = functools.partial(
+        flash_attention,
+        causal=causal,
+        return_lse=lse,
+        config=MgpuFlashConfig.default(h),
+        interpret=False,
+    )
     text = lower_for_cuda(fn, spec((2, t, 8, h)), spec((2, s, 2, h)), spec((2, s, 2, h)))
     assert "mosaic_gpu" in text and "xla.gpu.triton" not in text

@@ -15,8 +15,9 @@ from jaxinfer.config import ModelConfig, RopeScaling
 _INIT = nn.initializers.normal(stddev=0.02)
 
 
-def declare(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
-            dtype, init=_INIT) -> Array:
+def declare(
+    module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init=_INIT
+) -> Array:
     """One declaration per array: shape, dtype, logical axes and init (sharding reads the axes)."""
     assert len(shape) == len(axes), (name, shape, axes)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
@@ -31,8 +32,9 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
-        scale = declare(self, "scale", (x.shape[-1],), (self.axis_name,), self.dtype,
-                        nn.initializers.ones)
+        scale = declare(
+            self, "scale", (x.shape[-1],), (self.axis_name,), self.dtype, nn.initializers.ones
+        )
         # Normalise in f32 and cast back before the scale, as HF Llama does.
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -63,8 +65,9 @@ def _llama3_inv_freq(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: Float[Array, "B T N H"], positions: Int[Array, "B T"],
-               inv_freq: np.ndarray) -> Float[Array, "B T N H"]:
+def apply_rope(
+    x: Float[Array, "B T N H"], positions: Int[Array, "B T"], inv_freq: np.ndarray
+) -> Float[Array, "B T N H"]:
     """Rotary embedding in HF's half-split layout (pairs are (i, i + H/2))."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
     cos = jnp.cos(freqs)[:, :, None, :].astype(x.dtype)

@@ -28,8 +28,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> tuple[Layer
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
 
 
-def _write(cache: Float[Array, "K B S H"], new: Float[Array, "B T K H"],
-           positions: Int[Array, "B T"]) -> Float[Array, "K B S H"]:
+def _write(
+    cache: Float[Array, "K B S H"], new: Float[Array, "B T K H"], positions: Int[Array, "B T"]
+) -> Float[Array, "K B S H"]:
     """Writes row b's T new entries at slots positions[b]."""
     rows = jnp.broadcast_to(jnp.arange(new.shape[0])[:, None], positions.shape)  # [B, T]
     return cache.at[:, rows, positions].set(new.transpose(2, 0, 1, 3).astype(cache.dtype))
@@ -41,8 +42,14 @@ class Attention(nn.Module):
     impl: str
 
     @nn.compact
-    def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"],
-                 cache: LayerCache | None, prefill: bool, paged: attention.PagedMeta | None):
+    def __call__(
+        self,
+        x: Float[Array, "B T D"],
+        positions: Int[Array, "B T"],
+        cache: LayerCache | None,
+        prefill: bool,
+        paged: attention.PagedMeta | None,
+    ):
         c, dt = self.cfg, self.dtype
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         g = c.q_per_kv
@@ -52,8 +59,14 @@ class Attention(nn.Module):
         wo = declare(self, "o", (n, h, d), ("heads", "head_dim", "embed"), dt)
         qkv = jnp.einsum("BTD,DKCH->BTKCH", x, wqkv)  # [B, T, K, G + 2, H]
         if c.qkv_bias:
-            qkv = qkv + declare(self, "qkv_bias", (k, g + 2, h), ("kv_heads", "qkv", "head_dim"), dt,
-                                nn.initializers.zeros)
+            qkv = qkv + declare(
+                self,
+                "qkv_bias",
+                (k, g + 2, h),
+                ("kv_heads", "qkv", "head_dim"),
+                dt,
+                nn.initializers.zeros,
+            )
         b, t = x.shape[:2]
         q = qkv[:, :, :, :g].reshape(b, t, n, h)  # query head n uses kv head n // G
         kk, vv = qkv[:, :, :, g], qkv[:, :, :, g + 1]
@@ -63,7 +76,9 @@ class Attention(nn.Module):
         inv_freq = rope_inv_freq(h, c.rope_theta, c.rope_scaling)
         q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
         if paged is not None:  # one packed row of tokens from many sequences, a page pool
-            out, cache = attention.paged_attention(q[0], kk[0], vv[0], *cache, paged, impl=self.impl)
+            out, cache = attention.paged_attention(
+                q[0], kk[0], vv[0], *cache, paged, impl=self.impl
+            )
             out = out[None]
         else:
             out, cache = self._attend(q, kk, vv, positions, cache, prefill)
@@ -93,7 +108,8 @@ class Block(nn.Module):
         eps = self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="attn_norm")(x)
         h, cache = Attention(self.cfg, self.dtype, self.impl, name="attn")(
-            h, positions, cache, prefill, paged)
+            h, positions, cache, prefill, paged
+        )
         x = x + h
         h = RMSNorm(eps, self.dtype, name="mlp_norm")(x)
         if self.cfg.num_experts:
@@ -111,10 +127,15 @@ class Decoder(nn.Module):
     impl: str = "xla"
 
     @nn.compact
-    def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"],
-                 cache: tuple[LayerCache, ...] | None = None, prefill: bool = False,
-                 logits_at: Int[Array, "B"] | None = None,
-                 paged: attention.PagedMeta | None = None):
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        positions: Int[Array, "B T"],
+        cache: tuple[LayerCache, ...] | None = None,
+        prefill: bool = False,
+        logits_at: Int[Array, "B"] | None = None,
+        paged: attention.PagedMeta | None = None,
+    ):
         """Returns logits [B, T, V] (or [B, 1, V] at `logits_at`) in f32 and the new cache.
 
         `positions` are absolute; with a cache, row b's tokens are written at slots
@@ -123,13 +144,16 @@ class Decoder(nn.Module):
         `logits_at` picks B of the T tokens.
         """
         c = self.cfg
-        embed = declare(self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.dtype)
+        embed = declare(
+            self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.dtype
+        )
         x = jnp.take(embed, tokens, axis=0)  # [B, T, D]
         new_cache = []
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache[i]
             x, layer_cache = Block(c, self.dtype, self.impl, name=f"layers_{i}")(
-                x, positions, layer_cache, prefill, paged)
+                x, positions, layer_cache, prefill, paged
+            )
             new_cache.append(layer_cache)
         if paged is not None and logits_at is not None:
             x = x[0][logits_at][:, None]  # [B, 1, D]
@@ -139,6 +163,8 @@ class Decoder(nn.Module):
         if c.tie_word_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, embed, preferred_element_type=jnp.float32)
         else:
-            head = declare(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), self.dtype)
+            head = declare(
+                self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), self.dtype
+            )
             logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
         return logits, (None if cache is None else tuple(new_cache))

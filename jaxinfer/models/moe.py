@@ -26,8 +26,9 @@ def route(logits: Float[Array, "T E"], k: int, normalize: bool):
     return weights, experts.astype(jnp.int32)
 
 
-def grouped_matmul(lhs: Float[Array, "R I"], rhs: Float[Array, "E I O"],
-                   group_sizes: Int[Array, "E"], impl: str) -> Float[Array, "R O"]:
+def grouped_matmul(
+    lhs: Float[Array, "R I"], rhs: Float[Array, "E I O"], group_sizes: Int[Array, "E"], impl: str
+) -> Float[Array, "R O"]:
     """Row group g of `lhs` times rhs[g]; the one dispatch point for the grouped matmul kernels.
 
     "pallas" runs our kernel (interpret mode on the CPU), which reads only the experts that got
@@ -37,13 +38,19 @@ def grouped_matmul(lhs: Float[Array, "R I"], rhs: Float[Array, "E I O"],
         from pallas_kernels.grouped_matmul import grouped_matmul as kernel
 
         return kernel(lhs, rhs, group_sizes)
-    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32
-                              ).astype(lhs.dtype)
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32).astype(
+        lhs.dtype
+    )
 
 
-def dispatch(x: Float[Array, "T D"], weights: Float[Array, "T k"], experts: Int[Array, "T k"],
-             gate_up: Float[Array, "E D 2 F"], down: Float[Array, "E F D"], impl: str
-             ) -> Float[Array, "T D"]:
+def dispatch(
+    x: Float[Array, "T D"],
+    weights: Float[Array, "T k"],
+    experts: Int[Array, "T k"],
+    gate_up: Float[Array, "E D 2 F"],
+    down: Float[Array, "E F D"],
+    impl: str,
+) -> Float[Array, "T D"]:
     """Sparse expert computation of every (token, chosen expert) pair, summed per token."""
     num_experts, d, _, f = gate_up.shape
     k = experts.shape[1]

@@ -1,9 +1,9 @@
 """A small client of `jaxinfer.v1.Inference`: one channel, the API key sent with every call.
 
-    client = Client("127.0.0.1:50051", api_key=None)
-    for piece in client.stream("The capital of France is", max_tokens=32, temperature=0):
-        print(piece.text, end="")
-    client.generate([1, 2, 3], max_tokens=8).token_ids
+client = Client("127.0.0.1:50051", api_key=None)
+for piece in client.stream("The capital of France is", max_tokens=32, temperature=0):
+    print(piece.text, end="")
+client.generate([1, 2, 3], max_tokens=8).token_ids
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from jaxinfer.serving.proto import inference_pb2 as pb
 from jaxinfer.serving.proto import inference_pb2_grpc as pb_grpc
 
 
-def generate_request(prompt: str | Sequence[int], *, request_id: str = "", chat: bool = False,
-                     **sampling) -> pb.GenerateRequest:
+def generate_request(
+    prompt: str | Sequence[int], *, request_id: str = "", chat: bool = False, **sampling
+) -> pb.GenerateRequest:
     """A GenerateRequest of text or token ids; `sampling` holds SamplingParams fields."""
-    request = pb.GenerateRequest(request_id=request_id, chat=chat,
-                                 sampling=pb.SamplingParams(**sampling))
+    request = pb.GenerateRequest(
+        request_id=request_id, chat=chat, sampling=pb.SamplingParams(**sampling)
+    )
     if isinstance(prompt, str):
         request.text = prompt
     else:
@@ -45,23 +47,35 @@ def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
 class Client:
     """Blocking calls over one channel. `api_key` None reads $JAXINFER_API_KEY."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
-                 root_cert: str | None = None):
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        api_key: str | None = None,
+        root_cert: str | None = None,
+    ):
         creds = credentials(root_cert)
-        self.channel = (grpc.secure_channel(target, creds) if creds
-                        else grpc.insecure_channel(target))
+        self.channel = (
+            grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)
+        )
         self.stub = pb_grpc.InferenceStub(self.channel)
-        self.metadata = auth_metadata(api_key if api_key is not None else os.environ.get(API_KEY_ENV))
+        self.metadata = auth_metadata(
+            api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        )
 
     def generate(self, prompt, *, timeout: float | None = None, **kw) -> pb.GenerateResponse:
         """The whole answer in one response; `kw`: request_id, chat, SamplingParams fields."""
-        return self.stub.Generate(generate_request(prompt, **kw), timeout=timeout,
-                                  metadata=self.metadata)
+        return self.stub.Generate(
+            generate_request(prompt, **kw), timeout=timeout, metadata=self.metadata
+        )
 
-    def stream(self, prompt, *, timeout: float | None = None, **kw) -> Iterator[pb.GenerateResponse]:
+    def stream(
+        self, prompt, *, timeout: float | None = None, **kw
+    ) -> Iterator[pb.GenerateResponse]:
         """The answer piece by piece; the last response has finish_reason. `.cancel()` stops it."""
-        return self.stub.GenerateStream(generate_request(prompt, **kw), timeout=timeout,
-                                        metadata=self.metadata)
+        return self.stub.GenerateStream(
+            generate_request(prompt, **kw), timeout=timeout, metadata=self.metadata
+        )
 
     def model_info(self, timeout: float | None = None) -> pb.ModelInfoResponse:
         return self.stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout, metadata=self.metadata)

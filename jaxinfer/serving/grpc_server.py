@@ -42,8 +42,19 @@ from jaxinfer.tokenizer import encode_prompt
 log = logging.getLogger("jaxinfer.serving")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "jaxinfer.v1.Inference"
-_OPTIONAL = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-             "presence_penalty", "frequency_penalty", "seed", "ignore_eos", "logprobs")
+_OPTIONAL = (
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "ignore_eos",
+    "logprobs",
+)
 
 
 def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
@@ -72,8 +83,9 @@ def prompt_of(request: pb.GenerateRequest, tokenizer) -> str | list[int]:
     return encode_prompt(tokenizer, request.text, chat=True) if request.chat else request.text
 
 
-def response_of(stream: RequestStream, outputs: list[RequestOutput], whole: bool,
-                num_logprobs: int | None) -> pb.GenerateResponse:
+def response_of(
+    stream: RequestStream, outputs: list[RequestOutput], whole: bool, num_logprobs: int | None
+) -> pb.GenerateResponse:
     """One response for `outputs` (consecutive, in order): all text and tokens so far if `whole`,
     else only what they added."""
     last = outputs[-1]
@@ -83,14 +95,21 @@ def response_of(stream: RequestStream, outputs: list[RequestOutput], whole: bool
         text = "".join(o.text_delta for o in outputs)
         ids = [t for o in outputs for t in o.new_token_ids]
     response = pb.GenerateResponse(
-        request_id=stream.request_id, text=text, token_ids=ids,
+        request_id=stream.request_id,
+        text=text,
+        token_ids=ids,
         finish_reason=(last.finish_reason or "") if last.finished else "",
-        usage=pb.Usage(prompt_tokens=len(last.prompt_token_ids),
-                       completion_tokens=len(last.token_ids),
-                       cached_prompt_tokens=last.num_cached_tokens))
+        usage=pb.Usage(
+            prompt_tokens=len(last.prompt_token_ids),
+            completion_tokens=len(last.token_ids),
+            cached_prompt_tokens=last.num_cached_tokens,
+        ),
+    )
     if last.logprobs is not None:
-        per_token = last.logprobs[len(last.logprobs) - len(ids):]
-        response.logprobs.extend(_logprobs(t, lp, num_logprobs or 0) for t, lp in zip(ids, per_token))
+        per_token = last.logprobs[len(last.logprobs) - len(ids) :]
+        response.logprobs.extend(
+            _logprobs(t, lp, num_logprobs or 0) for t, lp in zip(ids, per_token)
+        )
     return response
 
 
@@ -98,8 +117,11 @@ def _logprobs(token: int, logprobs: dict[int, float], n: int) -> pb.TokenLogprob
     # The engine's dict holds the chosen token and the top n (n + 1 entries when the chosen one
     # is not among them): the n largest are the top n.
     top = sorted(logprobs.items(), key=lambda kv: -kv[1])[:n]
-    return pb.TokenLogprobs(token_id=token, logprob=logprobs[token],
-                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top])
+    return pb.TokenLogprobs(
+        token_id=token,
+        logprob=logprobs[token],
+        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top],
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,13 +155,19 @@ class InferenceService(pb_grpc.InferenceServicer):
         engine, stats = self.loop.engine, self.loop.stats()
         cfg = engine.model.config
         return pb.ModelInfoResponse(
-            model_path=self.served.path, model_family=cfg.model_type,
-            context_length=engine.max_model_len, vocab_size=cfg.vocab_size,
+            model_path=self.served.path,
+            model_family=cfg.model_type,
+            context_length=engine.max_model_len,
+            vocab_size=cfg.vocab_size,
             dtype=np.dtype(engine.model.dtype).name,
             tensor_parallel_size=self.served.tensor_parallel_size,
-            kv_pages_total=stats.kv_pages_total, kv_pages_free=stats.kv_pages_free,
-            kv_page_size=engine.config.page_size, max_num_seqs=engine.config.max_num_seqs,
-            requests_running=stats.running, requests_waiting=stats.waiting)
+            kv_pages_total=stats.kv_pages_total,
+            kv_pages_free=stats.kv_pages_free,
+            kv_page_size=engine.config.page_size,
+            max_num_seqs=engine.config.max_num_seqs,
+            requests_running=stats.running,
+            requests_waiting=stats.waiting,
+        )
 
     async def _submit(self, request, context) -> tuple[RequestStream, int | None]:
         try:
@@ -188,16 +216,23 @@ class BearerAuth(grpc.aio.ServerInterceptor):
 
 def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     async def refuse(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                            "missing or wrong API key: send 'authorization: Bearer <key>'")
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or wrong API key: send 'authorization: Bearer <key>'",
+        )
 
-    kind = {(False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler}
+    kind = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
     make = kind[(handler.request_streaming, handler.response_streaming)]
-    return make(refuse, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return make(
+        refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 @dataclasses.dataclass
@@ -209,9 +244,15 @@ class Server:
     port: int
 
 
-async def start_server(loop: EngineLoop, served: ServedModel, *, host: str = "127.0.0.1",
-                       port: int = 0, api_key: str | None = None,
-                       tls: tuple[bytes, bytes] | None = None) -> Server:
+async def start_server(
+    loop: EngineLoop,
+    served: ServedModel,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    api_key: str | None = None,
+    tls: tuple[bytes, bytes] | None = None,
+) -> Server:
     """Starts the Inference, health and reflection services on host:port (0 picks a port).
 
     Args:
@@ -220,13 +261,15 @@ async def start_server(loop: EngineLoop, served: ServedModel, *, host: str = "12
       api_key: if set, every call but health checks needs `authorization: Bearer <api_key>`.
       tls: (PEM certificate chain, PEM private key) to serve TLS; None serves plaintext.
     """
-    server = grpc.aio.server(interceptors=[BearerAuth(api_key)] if api_key else [],
-                             options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(
+        interceptors=[BearerAuth(api_key)] if api_key else [], options=[("grpc.so_reuseport", 0)]
+    )
     pb_grpc.add_InferenceServicer_to_server(InferenceService(loop, served), server)
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME],
-                                        server)
+    reflection.enable_server_reflection(
+        [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if tls:
         bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
@@ -238,8 +281,7 @@ async def start_server(loop: EngineLoop, served: ServedModel, *, host: str = "12
     return Server(server, checker, bound)
 
 
-async def shutdown(server: Server | None, loop: EngineLoop, grace_s: float,
-                   http=None) -> bool:
+async def shutdown(server: Server | None, loop: EngineLoop, grace_s: float, http=None) -> bool:
     """Stops taking requests, lets those in flight finish within `grace_s`; True if all did.
 
     `http`: the (uvicorn server, its task) of the HTTP front, if one runs; it closes last.
@@ -249,8 +291,11 @@ async def shutdown(server: Server | None, loop: EngineLoop, grace_s: float,
         await server.health.enter_graceful_shutdown()
     drained = await asyncio.to_thread(loop.drain, grace_s)
     if not drained:
-        log.warning("%d request(s) still running after the %.0fs grace period: ending them",
-                    loop.num_unfinished(), grace_s)
+        log.warning(
+            "%d request(s) still running after the %.0fs grace period: ending them",
+            loop.num_unfinished(),
+            grace_s,
+        )
     await asyncio.to_thread(loop.stop)  # fails any left with UNAVAILABLE
     if server is not None:
         await server.grpc_server.stop(grace=5)  # their last messages go out
@@ -277,38 +322,70 @@ async def serve(args: argparse.Namespace, engine: Engine, model_path: str) -> in
             tls = (c.read(), k.read())
     server = http = None
     if args.grpc:
-        server = await start_server(loop, ServedModel(model_path, args.tensor_parallel_size),
-                                    host=args.host, port=args.port, api_key=args.api_key, tls=tls)
-        log.info("serving gRPC for %s on %s:%d (%s%s)%s", model_path, args.host, server.port,
-                 "TLS" if tls else "plaintext", ", API key required" if args.api_key else "",
-                 f", metrics on :{args.metrics_port}" if args.metrics_port is not None else "")
+        server = await start_server(
+            loop,
+            ServedModel(model_path, args.tensor_parallel_size),
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            tls=tls,
+        )
+        log.info(
+            "serving gRPC for %s on %s:%d (%s%s)%s",
+            model_path,
+            args.host,
+            server.port,
+            "TLS" if tls else "plaintext",
+            ", API key required" if args.api_key else "",
+            f", metrics on :{args.metrics_port}" if args.metrics_port is not None else "",
+        )
     if args.http_port is not None:
         from jaxinfer.serving import http_server
 
         front = http_server.OpenAIFront(
-            loop, args.served_model_name or model_path, api_key=args.api_key,
-            metrics_text=metrics.text if args.metrics_port is not None else None)
-        http = await http_server.start_http(front, args.host, args.http_port, args.log_level,
-                                            (args.tls_cert, args.tls_key) if tls else None)
+            loop,
+            args.served_model_name or model_path,
+            api_key=args.api_key,
+            metrics_text=metrics.text if args.metrics_port is not None else None,
+        )
+        http = await http_server.start_http(
+            front,
+            args.host,
+            args.http_port,
+            args.log_level,
+            (args.tls_cert, args.tls_key) if tls else None,
+        )
         port = http[0].servers[0].sockets[0].getsockname()[1]
-        log.info("serving the OpenAI API for %s on %s://%s:%d/v1 as model %r%s", model_path,
-                 "https" if tls else "http", args.host, port, front.model_name,
-                 ", API key required" if args.api_key else "")
+        log.info(
+            "serving the OpenAI API for %s on %s://%s:%d/v1 as model %r%s",
+            model_path,
+            "https" if tls else "http",
+            args.host,
+            port,
+            front.model_name,
+            ", API key required" if args.api_key else "",
+        )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping: no new requests; %d in flight get %.0fs to finish",
-             loop.num_unfinished(), args.grace_period)
+    log.info(
+        "stopping: no new requests; %d in flight get %.0fs to finish",
+        loop.num_unfinished(),
+        args.grace_period,
+    )
     await shutdown(server, loop, args.grace_period, http)
     log.info("stopped")
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="serve.py", description="jaxinfer's server: gRPC "
-                                "(jaxinfer.v1.Inference, health, reflection) and/or the "
-                                "OpenAI-compatible HTTP API (--http-port).")
+    p = argparse.ArgumentParser(
+        prog="serve.py",
+        description="jaxinfer's server: gRPC "
+        "(jaxinfer.v1.Inference, health, reflection) and/or the "
+        "OpenAI-compatible HTTP API (--http-port).",
+    )
     options.add_server_args(p, default_port=50051)
     return p
 
@@ -323,8 +400,11 @@ def main(argv: list[str] | None = None, model=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     options.check_server_args(p, args)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         if model is None:
             model, path = options.load_served_model(args)

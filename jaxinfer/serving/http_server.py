@@ -38,15 +38,30 @@ from jaxinfer.serving.loop import Closed, EngineError, EngineLoop, QueueFull, Re
 from jaxinfer.validate import as_bool, as_int, as_token_ids
 
 # Body fields that go to SamplingParams under their own names (vLLM's extras included).
-_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-             "frequency_penalty", "ignore_eos", "stop_token_ids")
+_SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "ignore_eos",
+    "stop_token_ids",
+)
 
 
 class ApiError(Exception):
     """An error response: HTTP status, OpenAI error type and code, the field at fault."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.type, self.param, self.code = status, type_, param, code
 
@@ -54,8 +69,14 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
     def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": str(self),
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def _api_error(e: Exception) -> ApiError:
@@ -77,8 +98,9 @@ def _api_error(e: Exception) -> ApiError:
 # Requests: a body -> prompts and SamplingParams.
 
 
-def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
-                    sample: int) -> SamplingParams:
+def sampling_params(
+    body: dict, max_tokens: int | None, logprobs: int | None, sample: int
+) -> SamplingParams:
     """The engine's SamplingParams of an OpenAI body (unset fields: the engine's defaults).
 
     `sample` is the index among the `n` samples of a prompt: a body's `seed` seeds sample j with
@@ -109,8 +131,10 @@ def completion_prompts(prompt) -> list[str | list[int]]:
             return [as_token_ids("prompt", prompt)]
         if all(isinstance(p, list) for p in prompt):
             return [as_token_ids(f"prompt[{i}]", p) for i, p in enumerate(prompt)]
-    raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list "
-                     f"of token-id lists, got {json.dumps(prompt)[:80]}")
+    raise ValueError(
+        "prompt must be a string, a list of strings, a list of token ids or a list "
+        f"of token-id lists, got {json.dumps(prompt)[:80]}"
+    )
 
 
 def chat_prompt(tokenizer, messages) -> list[int]:
@@ -161,7 +185,7 @@ def _delta(outputs: list[RequestOutput]) -> tuple[str, list[int], list[dict] | N
     last = outputs[-1]
     text = "".join(o.text_delta for o in outputs)
     ids = [t for o in outputs for t in o.new_token_ids]
-    lps = last.logprobs[len(last.logprobs) - len(ids):] if last.logprobs is not None else None
+    lps = last.logprobs[len(last.logprobs) - len(ids) :] if last.logprobs is not None else None
     return text, ids, lps
 
 
@@ -175,8 +199,11 @@ class Formatter:
     def piece(self, token: int) -> str:
         s = self._pieces.get(token)
         if s is None:
-            s = (self.tokenizer.decode([token]) if self.tokenizer is not None
-                 else f"token_id:{token}")
+            s = (
+                self.tokenizer.decode([token])
+                if self.tokenizer is not None
+                else f"token_id:{token}"
+            )
             self._pieces[token] = s
         return s
 
@@ -184,23 +211,36 @@ class Formatter:
         """The `logprobs` object of `ids` (with `lps`, the engine's dicts), top `n` each."""
         tops = [sorted(lp.items(), key=lambda kv: -kv[1])[:n] for lp in lps]
         if choice.chat:
+
             def entry(t, v):
                 s = self.piece(t)
                 return {"token": s, "logprob": v, "bytes": list(s.encode())}
 
-            return {"content": [{**entry(t, lp[t]), "top_logprobs": [entry(a, b) for a, b in top]}
-                                for t, lp, top in zip(ids, lps, tops)]}
+            return {
+                "content": [
+                    {**entry(t, lp[t]), "top_logprobs": [entry(a, b) for a, b in top]}
+                    for t, lp, top in zip(ids, lps, tops)
+                ]
+            }
         offsets, pos = [], text_len
         for t in ids:
             offsets.append(pos)
             pos += len(self.piece(t))
-        return {"tokens": [self.piece(t) for t in ids], "token_logprobs": [lp[t] for t, lp in
-                                                                         zip(ids, lps)],
-                "top_logprobs": [{self.piece(a): b for a, b in top} for top in tops],
-                "text_offset": offsets}
+        return {
+            "tokens": [self.piece(t) for t in ids],
+            "token_logprobs": [lp[t] for t, lp in zip(ids, lps)],
+            "top_logprobs": [{self.piece(a): b for a, b in top} for top in tops],
+            "text_offset": offsets,
+        }
 
-    def choice(self, choice: _Choice, outputs: list[RequestOutput], whole: bool,
-               num_logprobs: int | None, first: bool = False) -> dict:
+    def choice(
+        self,
+        choice: _Choice,
+        outputs: list[RequestOutput],
+        whole: bool,
+        num_logprobs: int | None,
+        first: bool = False,
+    ) -> dict:
         """One choice (whole: the full answer; else a stream chunk's delta)."""
         last = outputs[-1]
         if whole:
@@ -210,12 +250,18 @@ class Formatter:
         out = {"index": choice.index}
         if choice.chat:
             key = "message" if whole else "delta"
-            out[key] = {"role": "assistant", "content": text} if whole or first else (
-                {"content": text} if text else {})
+            out[key] = (
+                {"role": "assistant", "content": text}
+                if whole or first
+                else ({"content": text} if text else {})
+            )
         else:
             out["text"] = text
-        out["logprobs"] = (self.logprobs(choice, choice.text_len, ids, lps, num_logprobs or 0)
-                           if num_logprobs is not None and lps is not None else None)
+        out["logprobs"] = (
+            self.logprobs(choice, choice.text_len, ids, lps, num_logprobs or 0)
+            if num_logprobs is not None and lps is not None
+            else None
+        )
         out["finish_reason"] = last.finish_reason if last.finished else None
         choice.text_len += len(text)
         choice.last = last
@@ -226,8 +272,11 @@ def usage(choices: list[_Choice]) -> dict:
     """Exact token counts: each prompt once, every choice's tokens."""
     prompts = {c.prompt: len(c.last.prompt_token_ids) for c in choices if c.last is not None}
     completion = sum(len(c.last.token_ids) for c in choices if c.last is not None)
-    return {"prompt_tokens": sum(prompts.values()), "completion_tokens": completion,
-            "total_tokens": sum(prompts.values()) + completion}
+    return {
+        "prompt_tokens": sum(prompts.values()),
+        "completion_tokens": completion,
+        "total_tokens": sum(prompts.values()) + completion,
+    }
 
 
 def _sse(obj) -> bytes:
@@ -241,8 +290,13 @@ def _sse(obj) -> bytes:
 class OpenAIFront:
     """The routes' logic over one EngineLoop (see the module docstring)."""
 
-    def __init__(self, loop: EngineLoop, model_name: str, api_key: str | None = None,
-                 metrics_text: Callable[[], bytes] | None = None):
+    def __init__(
+        self,
+        loop: EngineLoop,
+        model_name: str,
+        api_key: str | None = None,
+        metrics_text: Callable[[], bytes] | None = None,
+    ):
         self.loop, self.model_name = loop, model_name
         self.tokenizer = loop.engine.model.tokenizer
         self.fmt = Formatter(self.tokenizer)
@@ -255,8 +309,12 @@ class OpenAIFront:
             return
         given = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, self._expected):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           "authentication_error", code="invalid_api_key")
+            raise ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                "authentication_error",
+                code="invalid_api_key",
+            )
 
     async def body(self, request: Request) -> dict:
         self.check_auth(request)
@@ -268,23 +326,40 @@ class OpenAIFront:
             raise ApiError(400, "the body must be a JSON object")
         model = body.get("model")
         if model is not None and model != self.model_name:
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves "
-                                f"{self.model_name!r}", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         return body
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": self.created,
-            "owned_by": "jaxinfer", "max_model_len": self.loop.engine.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "jaxinfer",
+                    "max_model_len": self.loop.engine.max_model_len,
+                }
+            ],
+        }
 
     # -- completions and chat ------------------------------------------------------------------
 
     def _plan(self, body: dict, chat: bool) -> tuple[list, list[SamplingParams], int, int | None]:
         """(prompts, one SamplingParams per sample index, n, logprobs) of a body; ValueError."""
         n = _optional_int(body, "n", 1) or 1
-        max_tokens = _optional_int(body, "max_completion_tokens" if chat and
-                                   body.get("max_completion_tokens") is not None
-                                   else "max_tokens", 1)
+        max_tokens = _optional_int(
+            body,
+            "max_completion_tokens"
+            if chat and body.get("max_completion_tokens") is not None
+            else "max_tokens",
+            1,
+        )
         if chat:
             prompts = [chat_prompt(self.tokenizer, body.get("messages"))]
             if max_tokens is None:  # the rest of the context, as vLLM does
@@ -302,8 +377,9 @@ class OpenAIFront:
         params = [sampling_params(body, max_tokens, logprobs, j) for j in range(n)]
         return prompts, params, n, logprobs
 
-    def _submit(self, prompts: list, params: list[SamplingParams], chat: bool,
-                request_id: str) -> list[_Choice]:
+    def _submit(
+        self, prompts: list, params: list[SamplingParams], chat: bool, request_id: str
+    ) -> list[_Choice]:
         """One engine request per prompt and sample; on a refusal, aborts those already in."""
         choices: list[_Choice] = []
         try:
@@ -336,8 +412,12 @@ class OpenAIFront:
             choices = self._submit(prompts, params, chat, rid)
         except Exception as e:  # noqa: BLE001 - _api_error re-raises what it does not know
             return _api_error(e).response()
-        head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": self.model_name}
+        head = {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+        }
         if not stream:
             return await self._whole(choices, head, logprobs)
         try:  # the first outputs (or the engine's refusal) before the 200 goes out
@@ -346,9 +426,11 @@ class OpenAIFront:
             self._abort(choices)
             return _api_error(e).response()
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
-        return StreamingResponse(self._events(choices, firsts, head, logprobs, include_usage),
-                                 media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache"})
+        return StreamingResponse(
+            self._events(choices, firsts, head, logprobs, include_usage),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache"},
+        )
 
     async def _whole(self, choices: list[_Choice], head: dict, logprobs: int | None) -> Response:
         try:
@@ -357,20 +439,31 @@ class OpenAIFront:
             return _api_error(e).response()
         finally:  # the client went away (cancelled) or one failed: free the others' pages
             self._abort(choices)
-        body = {**head, "choices": [self.fmt.choice(c, [out], True, logprobs)
-                                    for c, out in zip(choices, finals)],
-                "usage": usage(choices)}
+        body = {
+            **head,
+            "choices": [
+                self.fmt.choice(c, [out], True, logprobs) for c, out in zip(choices, finals)
+            ],
+            "usage": usage(choices),
+        }
         return JSONResponse(body)
 
-    async def _events(self, choices: list[_Choice], firsts: list, head: dict,
-                      logprobs: int | None, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _events(
+        self,
+        choices: list[_Choice],
+        firsts: list,
+        head: dict,
+        logprobs: int | None,
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
         """The SSE body: one chunk per choice per wake-up, then usage if asked, then [DONE]."""
         try:
             async for i, batch in _merge(firsts):
                 c = choices[i]
                 chunk = self.fmt.choice(c, batch, False, logprobs, first=c.last is None)
-                yield _sse({**head, "choices": [chunk], **({"usage": None} if include_usage
-                                                            else {})})
+                yield _sse(
+                    {**head, "choices": [chunk], **({"usage": None} if include_usage else {})}
+                )
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": usage(choices)})
         except (ValueError, EngineError, Closed) as e:
@@ -386,7 +479,8 @@ def _include_usage(options) -> bool:
     if not isinstance(options, dict):
         raise ValueError(f"stream_options must be an object, got {json.dumps(options)[:80]}")
     return options.get("include_usage") is not None and as_bool(
-        "stream_options.include_usage", options["include_usage"])
+        "stream_options.include_usage", options["include_usage"]
+    )
 
 
 async def _all(coroutines) -> list:
@@ -432,8 +526,11 @@ async def _merge(firsts: list) -> AsyncIterator[tuple[int, list]]:
             await queue.put((i, None, e))
         await queue.put((i, None, None))
 
-    tasks = [asyncio.create_task(pump(i, b)) for i, (b, first) in enumerate(firsts)
-             if not first[-1].finished]
+    tasks = [
+        asyncio.create_task(pump(i, b))
+        for i, (b, first) in enumerate(firsts)
+        if not first[-1].finished
+    ]
     try:
         left = len(tasks)
         while left:
@@ -472,11 +569,13 @@ def create_app(front: OpenAIFront) -> FastAPI:
     @app.get("/health")
     async def health():
         if front.loop.closed:
-            return ApiError(503, "the server is shutting down", "service_unavailable_error",
-                            code="draining").response()
+            return ApiError(
+                503, "the server is shutting down", "service_unavailable_error", code="draining"
+            ).response()
         return Response(status_code=200)
 
     if front.metrics_text is not None:
+
         @app.get("/metrics")
         async def metrics():
             return Response(front.metrics_text(), media_type="text/plain; version=0.0.4")
@@ -492,16 +591,28 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def start_http(front: OpenAIFront, host: str, port: int, log_level: str = "warning",
-                     tls: tuple[str, str] | None = None) -> tuple[uvicorn.Server, asyncio.Task]:
+async def start_http(
+    front: OpenAIFront,
+    host: str,
+    port: int,
+    log_level: str = "warning",
+    tls: tuple[str, str] | None = None,
+) -> tuple[uvicorn.Server, asyncio.Task]:
     """Starts uvicorn on host:port in the running event loop; returns it and its task.
 
     Args:
       tls: (certificate file, key file) to serve HTTPS; None serves plain HTTP.
     """
-    config = uvicorn.Config(create_app(front), host=host, port=port, log_level=log_level.lower(),
-                            access_log=False, ssl_certfile=tls[0] if tls else None,
-                            ssl_keyfile=tls[1] if tls else None, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        create_app(front),
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        access_log=False,
+        ssl_certfile=tls[0] if tls else None,
+        ssl_keyfile=tls[1] if tls else None,
+        timeout_graceful_shutdown=5,
+    )
     server = _Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:

@@ -116,7 +116,7 @@ class RequestStream:
                 raise item
             if item.finished:
                 self.done = True
-                return items[:i + 1]
+                return items[: i + 1]
         return items
 
     def __iter__(self) -> Iterator[RequestOutput]:
@@ -166,8 +166,13 @@ class EngineLoop:
         the caller's thread for requests refused at `submit`); must be quick.
     """
 
-    def __init__(self, engine: Engine, *, max_queue: int | None = None,
-                 observer: Callable[[RequestRecord], None] | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_queue: int | None = None,
+        observer: Callable[[RequestRecord], None] | None = None,
+    ):
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"max_queue must be >= 1 or None, got {max_queue!r}")
         self.engine = engine
@@ -191,8 +196,12 @@ class EngineLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-               request_id: str | None = None) -> RequestStream:
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
         """Queues a request for the engine; returns its stream at once.
 
         Raises:
@@ -210,8 +219,11 @@ class EngineLoop:
                 self._inbox.put(("add", stream, prompt, params))
                 return stream
         self.refused(name, "unavailable" if refusal is Closed else "rejected")
-        raise refusal("the server is shutting down" if refusal is Closed else
-                      f"{self.max_queue} requests are already waiting (--max-queue)")
+        raise refusal(
+            "the server is shutting down"
+            if refusal is Closed
+            else f"{self.max_queue} requests are already waiting (--max-queue)"
+        )
 
     def refused(self, request_id: str, outcome: str) -> None:
         """Records a request refused before it reached the loop (e.g. "invalid" at the front)."""
@@ -348,8 +360,7 @@ class EngineLoop:
                 log.exception("engine.abort failed for %s", stream.request_id)
             self._end(stream, error, "error" if isinstance(error, EngineError) else "unavailable")
 
-    def _end(self, stream: RequestStream, item, outcome: str,
-             out: RequestOutput | None = None):
+    def _end(self, stream: RequestStream, item, outcome: str, out: RequestOutput | None = None):
         """Puts the stream's last item, forgets it, records it."""
         self._live.pop(stream.engine_id, None)
         self._forget(stream)
@@ -377,18 +388,21 @@ class EngineLoop:
         with self._lock:
             self._unfinished -= 1
 
-    def _record(self, stream: RequestStream, out: RequestOutput | None,
-                outcome: str) -> RequestRecord:
+    def _record(
+        self, stream: RequestStream, out: RequestOutput | None, outcome: str
+    ) -> RequestRecord:
         now = time.perf_counter()
         out = out or stream._last
         first = out.first_token_time if out else None
         return RequestRecord(
-            stream.request_id, outcome,
+            stream.request_id,
+            outcome,
             prompt_tokens=len(out.prompt_token_ids) if out else 0,
             output_tokens=len(out.token_ids) if out else 0,
             cached_tokens=out.num_cached_tokens if out else 0,
             ttft_s=first - stream.submit_time if first else None,
-            total_s=now - stream.submit_time)
+            total_s=now - stream.submit_time,
+        )
 
     def _observe(self, record: RequestRecord) -> None:
         if self.observer is None:
@@ -402,9 +416,13 @@ class EngineLoop:
         sched, engine = self.engine.scheduler, self.engine
         running = len(sched.running)
         self._stats = LoopStats(
-            running=running, waiting=max(self._unfinished - running, 0),
-            kv_pages_total=engine.num_pages, kv_pages_free=sched.allocator.num_free_pages,
-            preemptions=engine.stats["preemptions"], steps=engine.stats["steps"])
+            running=running,
+            waiting=max(self._unfinished - running, 0),
+            kv_pages_total=engine.num_pages,
+            kv_pages_free=sched.allocator.num_free_pages,
+            preemptions=engine.stats["preemptions"],
+            steps=engine.stats["steps"],
+        )
 
 
 def _wake_all(waiters: list) -> None:

@@ -10,8 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from prometheus_client import (CollectorRegistry, Counter, Histogram, generate_latest,
-                               start_http_server)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from jaxinfer.serving.loop import LoopStats, RequestRecord
@@ -32,13 +37,19 @@ class _EngineCollector:
     def collect(self):
         s = self.stats()
         for name, doc, value in (
-                ("jaxinfer_requests_running", "Requests holding KV pages.", s.running),
-                ("jaxinfer_requests_waiting", "Requests submitted and not running.", s.waiting),
-                ("jaxinfer_kv_pages_used", "KV cache pages in use.", s.kv_pages_total - s.kv_pages_free),
-                ("jaxinfer_kv_pages_total", "KV cache pages in the pool.", s.kv_pages_total)):
+            ("jaxinfer_requests_running", "Requests holding KV pages.", s.running),
+            ("jaxinfer_requests_waiting", "Requests submitted and not running.", s.waiting),
+            (
+                "jaxinfer_kv_pages_used",
+                "KV cache pages in use.",
+                s.kv_pages_total - s.kv_pages_free,
+            ),
+            ("jaxinfer_kv_pages_total", "KV cache pages in the pool.", s.kv_pages_total),
+        ):
             yield GaugeMetricFamily(name, doc, value=value)
-        yield CounterMetricFamily("jaxinfer_preemptions", "Requests preempted for KV pages.",
-                                  value=s.preemptions)
+        yield CounterMetricFamily(
+            "jaxinfer_preemptions", "Requests preempted for KV pages.", value=s.preemptions
+        )
         yield CounterMetricFamily("jaxinfer_engine_steps", "Engine steps run.", value=s.steps)
 
 
@@ -48,28 +59,51 @@ class Metrics:
     def __init__(self, stats: Callable[[], LoopStats]):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("jaxinfer_requests", "Requests ended, by outcome "
-                                "(stop, length, abort, invalid, error, rejected, unavailable).",
-                                ["outcome"], registry=r)
-        self.prompt_tokens = Counter("jaxinfer_prompt_tokens", "Prompt tokens of finished requests.",
-                                     registry=r)
+        self.requests = Counter(
+            "jaxinfer_requests",
+            "Requests ended, by outcome "
+            "(stop, length, abort, invalid, error, rejected, unavailable).",
+            ["outcome"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "jaxinfer_prompt_tokens", "Prompt tokens of finished requests.", registry=r
+        )
         self.output_tokens = Counter("jaxinfer_generation_tokens", "Tokens generated.", registry=r)
-        self.ttft = Histogram("jaxinfer_time_to_first_token_seconds", "Submit to first token.",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("jaxinfer_time_per_output_token_seconds",
-                              "Mean time between a request's tokens after its first.",
-                              buckets=TOKEN_BUCKETS, registry=r)
-        self.e2e = Histogram("jaxinfer_e2e_request_latency_seconds", "Submit to end.",
-                             buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "jaxinfer_time_to_first_token_seconds",
+            "Submit to first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "jaxinfer_time_per_output_token_seconds",
+            "Mean time between a request's tokens after its first.",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "jaxinfer_e2e_request_latency_seconds",
+            "Submit to end.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         r.register(_EngineCollector(stats))
 
     def observe(self, rec: RequestRecord) -> None:
         """Logs one line for the request and counts it."""
         ttft = f"{rec.ttft_s:.3f}s" if rec.ttft_s is not None else "-"
         total = f"{rec.total_s:.3f}s" if rec.total_s is not None else "-"
-        log.info("request %s: %s, %d tokens in (%d cached), %d out, ttft %s, total %s",
-                 rec.request_id, rec.outcome, rec.prompt_tokens, rec.cached_tokens,
-                 rec.output_tokens, ttft, total)
+        log.info(
+            "request %s: %s, %d tokens in (%d cached), %d out, ttft %s, total %s",
+            rec.request_id,
+            rec.outcome,
+            rec.prompt_tokens,
+            rec.cached_tokens,
+            rec.output_tokens,
+            ttft,
+            total,
+        )
         self.requests.labels(rec.outcome).inc()
         self.prompt_tokens.inc(rec.prompt_tokens)
         self.output_tokens.inc(rec.output_tokens)

@@ -1,10 +1,10 @@
 """Command-line options every server front shares: the model, the engine's limits, the listener.
 
-    parser = argparse.ArgumentParser()
-    add_server_args(parser, default_port=50051)
-    args = parser.parse_args()
-    model = load_served_model(args)
-    engine = Engine(model, engine_config(args))
+parser = argparse.ArgumentParser()
+add_server_args(parser, default_port=50051)
+args = parser.parse_args()
+model = load_served_model(args)
+engine = Engine(model, engine_config(args))
 """
 
 from __future__ import annotations
@@ -18,55 +18,111 @@ API_KEY_ENV = "JAXINFER_API_KEY"
 def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     """Adds --model, the engine options, and the listener / security / metrics options."""
     m = parser.add_argument_group("model")
-    m.add_argument("--model", default=None,
-                   help="HF directory, .gguf file or jaxinfer checkpoint (default: SmolLM2-135M-Instruct)")
+    m.add_argument(
+        "--model",
+        default=None,
+        help="HF directory, .gguf file or jaxinfer checkpoint (default: SmolLM2-135M-Instruct)",
+    )
     m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    m.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="devices to shard the model over (only 1: tensor parallelism is not supported yet)")
+    m.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="devices to shard the model over (only 1: tensor parallelism is not supported yet)",
+    )
     e = parser.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one step")
-    e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens in one step")
-    e.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + max_tokens at most (default: the model's context)")
+    e.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="most tokens in one step"
+    )
+    e.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="prompt + max_tokens at most (default: the model's context)",
+    )
     e.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    e.add_argument("--num-pages", type=int, default=None,
-                   help="KV pages in the pool (default: fill --kv-cache-memory-fraction)")
+    e.add_argument(
+        "--num-pages",
+        type=int,
+        default=None,
+        help="KV pages in the pool (default: fill --kv-cache-memory-fraction)",
+    )
     e.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
     e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    e.add_argument("--attention-impl", default=None, help="attention kernel (default: the platform's)")
+    e.add_argument(
+        "--attention-impl", default=None, help="attention kernel (default: the platform's)"
+    )
     e.add_argument("--seed", type=int, default=0, help="seeds requests that bring none")
-    e.add_argument("--no-warmup", dest="warmup", action="store_false",
-                   help="compile each step shape on first use instead of at start-up")
+    e.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="compile each step shape on first use instead of at start-up",
+    )
     s = parser.add_argument_group("server")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    s.add_argument("--port", type=int, default=default_port, help="the gRPC port (0 picks a free port)")
-    s.add_argument("--http-port", type=int, default=None,
-                   help="also serve the OpenAI-compatible HTTP API on this port (0 picks one)")
-    s.add_argument("--no-grpc", dest="grpc", action="store_false",
-                   help="serve HTTP only (needs --http-port)")
-    s.add_argument("--served-model-name", default=None,
-                   help="the model's name in the HTTP API (default: the --model path)")
-    s.add_argument("--max-queue", type=int, default=1024,
-                   help="most requests waiting for their first token; more are refused")
-    s.add_argument("--grace-period", type=float, default=30.0,
-                   help="seconds requests in flight may take to finish after SIGTERM")
-    s.add_argument("--api-key", default=None,
-                   help=f"require 'authorization: Bearer KEY' on every call (or set ${API_KEY_ENV})")
+    s.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
+    )
+    s.add_argument(
+        "--port", type=int, default=default_port, help="the gRPC port (0 picks a free port)"
+    )
+    s.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="also serve the OpenAI-compatible HTTP API on this port (0 picks one)",
+    )
+    s.add_argument(
+        "--no-grpc", dest="grpc", action="store_false", help="serve HTTP only (needs --http-port)"
+    )
+    s.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model's name in the HTTP API (default: the --model path)",
+    )
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        help="most requests waiting for their first token; more are refused",
+    )
+    s.add_argument(
+        "--grace-period",
+        type=float,
+        default=30.0,
+        help="seconds requests in flight may take to finish after SIGTERM",
+    )
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'authorization: Bearer KEY' on every call (or set ${API_KEY_ENV})",
+    )
     s.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS")
     s.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    s.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics on this port (off by default)")
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port (off by default)",
+    )
     s.add_argument("--log-level", default="INFO")
-    s.add_argument("--switch-interval-ms", type=float, default=0.5,
-                   help="Python's GIL switch interval: how long the network threads may keep the "
-                        "engine thread waiting after each device step (Python's default is 5)")
+    s.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=0.5,
+        help="Python's GIL switch interval: how long the network threads may keep the "
+        "engine thread waiting after each device step (Python's default is 5)",
+    )
 
 
 def check_server_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuses option values the server cannot serve, as one-line parser errors."""
     if args.tensor_parallel_size != 1:
-        parser.error(f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is "
-                     "not supported yet; only 1 is accepted")
+        parser.error(
+            f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is "
+            "not supported yet; only 1 is accepted"
+        )
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     for name in ("tls_cert", "tls_key"):
@@ -85,11 +141,17 @@ def engine_config(args: argparse.Namespace):
     from jaxinfer.engine import EngineConfig
 
     return EngineConfig(
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        page_size=args.page_size,
+        num_pages=args.num_pages,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
-        enable_prefix_caching=args.enable_prefix_caching, attention_impl=args.attention_impl,
-        seed=args.seed, warmup=args.warmup)
+        enable_prefix_caching=args.enable_prefix_caching,
+        attention_impl=args.attention_impl,
+        seed=args.seed,
+        warmup=args.warmup,
+    )
 
 
 def load_served_model(args: argparse.Namespace):

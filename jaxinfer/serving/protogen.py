@@ -24,8 +24,14 @@ def generate(out_root: str | pathlib.Path = ROOT) -> list[pathlib.Path]:
 
     out_root = pathlib.Path(out_root)
     (out_root / PROTO).parent.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{ROOT}", f"--python_out={out_root}", f"--pyi_out={out_root}",
-            f"--grpc_python_out={out_root}", str(ROOT / PROTO)]
+    args = [
+        "protoc",
+        f"-I{ROOT}",
+        f"--python_out={out_root}",
+        f"--pyi_out={out_root}",
+        f"--grpc_python_out={out_root}",
+        str(ROOT / PROTO),
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTO}")
     return [out_root / PROTO.rsplit("/", 1)[0] / name for name in OUTPUTS]
