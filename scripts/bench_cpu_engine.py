@@ -24,6 +24,7 @@ def main() -> int:
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the device's")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     import jax
@@ -34,7 +35,7 @@ def main() -> int:
 
     model = jaxinfer.load_model(args.model, dtype=args.dtype)
     ids = model.tokenizer(args.prompt)["input_ids"]
-    llm = LLM(model=model)
+    llm = LLM(model=model, max_model_len=args.max_model_len)
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
 
     def engine_run():
