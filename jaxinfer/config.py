@@ -50,7 +50,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Llama-family decoder (letters as in DESIGN.md)."""
+    """Shape and numerics of a Llama-family decoder (shape letters as in the jaxinfer package docstring)."""
 
     model_type: str
     vocab_size: int  # V

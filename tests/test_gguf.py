@@ -12,6 +12,7 @@ from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from jaxinfer import gguf as jgguf
+from jaxinfer.gguf_tokenizer import gguf_tokenizer
 
 TINY = dict(vocab=96, hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, head_dim=16)
 # GGML type of each tiny tensor; attn_q stays F32 so its un-permutation is checked exactly.
@@ -324,10 +325,41 @@ def test_smollm2_matches_hf_loader():
 
 @needs_smollm2
 def test_smollm2_tokenizer_has_chat_template():
-    tok = jgguf.gguf_tokenizer(jgguf.default_gguf_path())
+    tok = gguf_tokenizer(jgguf.default_gguf_path())
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
     text = tok.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
     assert text.endswith("<|im_start|>assistant\n")
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+
+
+TOKENIZER_PROMPTS = [
+    "What is the capital of France?",
+    "Hello, world!  Two  spaces\n\nnewlines\ttab",
+    "The year 2024 had 365 days; pi is 3.14159",
+    "naïve café – “quotes” 日本語 テスト 🙂🚀",
+    "<|im_start|>user\nhi<|im_end|>\n",
+    "  leading spaces, don't won't I'm we'll",
+    "def f(x):\n    return x**2  # comment",
+    "<|endoftext|>tail Ünïcödé ÆØÅ ß",
+]
+
+
+@needs_smollm2
+def test_smollm2_tokenizer_equals_hf_without_torch():
+    """The tokenizer built from the GGUF's metadata (tokenizers only) gives HF's tokens and text;
+    HF's own GGUF tokenizer (which needs torch) is the reference."""
+    from transformers import AutoTokenizer
+
+    path = jgguf.default_gguf_path()
+    ours = gguf_tokenizer(path)
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for text in TOKENIZER_PROMPTS:
+        ids = ours(text)["input_ids"]
+        assert ids == hf(text)["input_ids"], text
+        assert ours.decode(ids) == hf.decode(ids), text
+    chat = [{"role": "user", "content": TOKENIZER_PROMPTS[0]}]
+    ours_chat = ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert ours_chat == hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert len(ours) == len(hf) == 49152
