@@ -12,6 +12,17 @@ os.environ["JAXINFER_COMPILATION_CACHE"] = ""
 
 import pytest
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drops JAX's compiled programs after each test module: a CPU executable keeps its JIT'd code
+    mapped, and the whole suite's hundreds of programs in one process crashed XLA's CPU compiler."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 TINY = dict(
     vocab_size=320,
     hidden_size=64,
