@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
