@@ -199,7 +199,7 @@ def test_deadline_and_disconnect_free_pages(stub, server):
 
 
 BAD_INPUTS = {
-    "empty text": (dict(prompt=""), "must be a non-empty string"),
+    "empty text": (dict(prompt=""), "the prompt is empty"),
     "empty token ids": (dict(prompt=[]), "prompt must be a non-empty"),
     "token outside the vocab": (dict(prompt=[5, 320]), "token id 320 is outside the vocabulary"),
     "temperature": (dict(prompt=[5], temperature=-1.0), "temperature must be >= 0"),
