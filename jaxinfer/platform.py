@@ -73,9 +73,9 @@ def free_memory_bytes() -> int | None:
     """Bytes free now on the device the engine runs on: the accelerator's free memory, or on a
     CPU half the host's available memory (the rest is left to activations, compiles and the
     machine's other work); None where neither can be read."""
-    import jax
+    from pallas_kernels.common import default_device
 
-    device = jax.local_devices()[0]
+    device = default_device()
     if device.platform != "cpu":
         stats = device.memory_stats() or {}
         if "bytes_limit" in stats:
