@@ -4,6 +4,10 @@
 f32 throughout, the yardstick), "cudnn" (prefill through `jax.nn.dot_product_attention`) and
 "pallas" (the kernels in `pallas_kernels/`). Grouped-query attention never repeats K/V: the
 N query heads are viewed as [K, G].
+
+Over a mesh (`mesh` given), each entry point runs on every device's share of the heads through
+`shard_map`: the kernels see a single-device problem of N / tp query heads and K / tp kv heads
+(one repeated kv head where K < tp, see `sharding.py`), and no head crosses a device.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
+
+from jaxinfer.sharding import MODEL
 
 IMPLS = ("xla", "reference", "cudnn", "pallas")
 PAGE = 64  # page size under which the paged decode kernel reads a contiguous cache
@@ -67,6 +74,76 @@ def cached_attention(
     return masked_attention(q, k_cache, v_cache, mask, reference=impl == "reference", kv="KBSH")
 
 
+def contiguous_attention(
+    q: Float[Array, "B T N H"],
+    k: Float[Array, "B T K H"],
+    v: Float[Array, "B T K H"],
+    positions: Int[Array, "B T"],
+    cache: tuple[Array, Array] | None,
+    prefill: bool,
+    *,
+    impl: str,
+    mesh: Mesh | None = None,
+):
+    """Attention over a contiguous cache (k, v) [K, B, S, H] after writing row b's T new entries
+    at slots positions[b]; `prefill` says the cache held nothing before. cache None: a plain
+    causal forward that keeps nothing. Over `mesh`, on each device's heads."""
+    k, v = _repeat_kv(k, mesh, axis=2), _repeat_kv(v, mesh, axis=2)
+
+    def attend(q, k, v, positions, cache):
+        if cache is None:
+            return causal_attention(q, k, v, impl=impl), None
+        k_cache, v_cache = _write(cache[0], k, positions), _write(cache[1], v, positions)
+        if prefill:  # attend to the fresh tokens alone
+            return causal_attention(q, k, v, impl=impl), (k_cache, v_cache)
+        return cached_attention(q, k_cache, v_cache, positions, impl=impl), (k_cache, v_cache)
+
+    cache_axes = None if cache is None else (0, 0)
+    return on_head_shards(
+        mesh,
+        attend,
+        (q, k, v, positions, cache),
+        in_axes=(2, 2, 2, None, cache_axes),
+        out_axes=(2, cache_axes),
+    )
+
+
+def _write(
+    cache: Float[Array, "K B S H"], new: Float[Array, "B T K H"], positions: Int[Array, "B T"]
+) -> Float[Array, "K B S H"]:
+    """Writes row b's T new entries at slots positions[b]."""
+    rows = jnp.broadcast_to(jnp.arange(new.shape[0])[:, None], positions.shape)  # [B, T]
+    return cache.at[:, rows, positions].set(new.transpose(2, 0, 1, 3).astype(cache.dtype))
+
+
+def on_head_shards(mesh: Mesh | None, fn, args: tuple, in_axes: tuple, out_axes):
+    """`fn(*args)`, over `mesh` on each device's slice of the heads: an int in `in_axes` /
+    `out_axes` (pytrees matching args / the output) names the head axis that the "model" mesh
+    axis splits; None: the whole value on every device. No mesh: `fn(*args)` as it is."""
+    if mesh is None:
+        return fn(*args)
+
+    def spec(axis):
+        return PartitionSpec() if axis is None else PartitionSpec(*([None] * axis), MODEL)
+
+    is_axis = lambda x: x is None or isinstance(x, int)
+    in_specs = tuple(
+        jax.tree.map(spec, a, is_leaf=is_axis) if isinstance(a, tuple) else spec(a)
+        for a in in_axes
+    )
+    out_specs = jax.tree.map(spec, out_axes, is_leaf=is_axis)
+    shard = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return shard(*args)
+
+
+def _repeat_kv(x: Array, mesh: Mesh | None, axis: int) -> Array:
+    """Each kv head repeated tp / K times when a mesh has more devices than kv heads (the pool
+    then holds tp head slots, see `sharding.py`); otherwise x as it is."""
+    if mesh is None or x.shape[axis] >= mesh.shape[MODEL]:
+        return x
+    return jnp.repeat(x, mesh.shape[MODEL] // x.shape[axis], axis=axis)
+
+
 @flax.struct.dataclass
 class PagedMeta:
     """Where a step's packed tokens go in the page pool and which pages each sequence reads.
@@ -93,8 +170,21 @@ def paged_attention(
     meta: PagedMeta,
     *,
     impl: str,
+    mesh: Mesh | None = None,
 ):
-    """Writes the step's K/V into their pages, then attends each token to its sequence's pages."""
+    """Writes the step's K/V into their pages, then attends each token to its sequence's pages.
+    Over `mesh`, on each device's heads (pages split by kv heads)."""
+    k, v = _repeat_kv(k, mesh, axis=1), _repeat_kv(v, mesh, axis=1)
+    return on_head_shards(
+        mesh,
+        lambda *a: _paged_attention(*a, impl=impl),
+        (q, k, v, k_pages, v_pages, meta),
+        in_axes=(1, 1, 1, 0, 0, None),
+        out_axes=(1, (0, 0)),
+    )
+
+
+def _paged_attention(q, k, v, k_pages, v_pages, meta: PagedMeta, *, impl: str):
     from pallas_kernels.paged_attention import paged_attention as decode_kernel
     from pallas_kernels.paged_attention import ragged_paged_attention_reference, write_kv
 

@@ -219,10 +219,19 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 # Sources
 
 
-def load_model(path: str | os.PathLike | None = None, *, dtype=None) -> Model:
+def load_model(
+    path: str | os.PathLike | None = None,
+    *,
+    dtype=None,
+    tensor_parallel_size: int | None = None,
+    mesh=None,
+    moe: str = "expert",
+) -> Model:
     """Loads an HF directory, a `.gguf` file or a jaxinfer checkpoint; None = the default model.
 
     dtype: "bfloat16", "float16" or "float32"; None: bfloat16 on a GPU, float32 on a CPU.
+    tensor_parallel_size / mesh: split the params over that many devices (or that mesh, whose one
+      axis is "model"); moe: "expert" or "ffn" parallelism of the experts (`sharding.py`).
     Raises:
       ValueError: no such model, or a damaged one (truncated or garbage files, missing shards,
         tensors of the wrong name, shape or dtype); the message names the file and the fault.
@@ -243,12 +252,16 @@ def load_model(path: str | os.PathLike | None = None, *, dtype=None) -> Model:
             f"{str(path)!r} is not a model: expected an HF directory with config.json, "
             f"a .gguf file, or a jaxinfer checkpoint directory with {FORMAT_FILE}"
         )
+    from jaxinfer.sharding import shard_model
+
+    model = shard_model(model, tensor_parallel_size, mesh=mesh, moe=moe)
     logger.info(
-        "loaded %s (%s, %.2fB params, %s) in %.1f s",
+        "loaded %s (%s, %.2fB params, %s, tensor parallel %d) in %.1f s",
         path,
         model.config.model_type,
         model.config.num_params / 1e9,
         jnp.dtype(dtype).name,
+        model.parallel.size,
         time.perf_counter() - start,
     )
     return model

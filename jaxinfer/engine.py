@@ -47,6 +47,7 @@ from jaxinfer.runner import RowInfo, Runner, uses_penalties
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
 from jaxinfer.scheduler import Sequence as Seq
+from jaxinfer.sharding import kv_pool_heads, kv_sharding, shard_model
 from jaxinfer.tokenizer import IncrementalDetokenizer
 from jaxinfer.validate import as_sequence, as_text, as_token_ids
 
@@ -71,6 +72,10 @@ class EngineConfig:
     # JAX's persistent compilation cache: a restart loads the compiled steps instead of compiling.
     # None: $JAXINFER_COMPILATION_CACHE or ~/.cache/jaxinfer/xla; "" turns it off.
     compilation_cache_dir: str | None = None
+    # Split the model over this many devices (tensor parallel; None: as the model was loaded).
+    # A model loaded on one device is placed over the first N devices.
+    tensor_parallel_size: int | None = None
+    moe_parallel: str = "expert"  # experts over those devices: "expert" or "ffn" (sharding.py)
 
     def __post_init__(self):
         if not 0 < self.kv_cache_memory_fraction <= 1:
@@ -170,6 +175,8 @@ class Engine:
         config = (config or EngineConfig(**options)).for_device(
             jax.default_backend(), cfg.max_position_embeddings
         )
+        if config.tensor_parallel_size is not None:
+            model = shard_model(model, config.tensor_parallel_size, moe=config.moe_parallel)
         self.model, self.config = model, config
         use_compilation_cache(config.compilation_cache_dir)
         self.max_model_len = config.max_model_len
@@ -202,6 +209,7 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             smallest_bucket=config.smallest_bucket,
+            mesh=model.parallel.mesh,
         )
         self.requests: dict[str, _Request] = {}
         self._aborted: list[RequestOutput] = []
@@ -225,28 +233,30 @@ class Engine:
         gc.freeze()
 
     def _new_pages(self) -> tuple:
-        cfg = self.model.config
+        cfg, parallel = self.model.config, self.model.parallel
         return init_pages(
             cfg.num_layers,
-            cfg.num_kv_heads,
+            kv_pool_heads(cfg, parallel.size),
             cfg.head_dim,
             self.num_pages,
             self.config.page_size,
             self.kv_dtype,
+            kv_sharding(parallel),
         )
 
     def _page_bytes(self) -> int:
-        cfg = self.model.config
-        return page_bytes(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.config.page_size, self.kv_dtype
-        )
+        """Bytes of one page on each device (a mesh splits the kv heads)."""
+        cfg, size = self.model.config, self.model.parallel.size
+        heads = kv_pool_heads(cfg, size) // size
+        return page_bytes(cfg.num_layers, heads, cfg.head_dim, self.config.page_size, self.kv_dtype)
 
     def _num_pages(self) -> int:
         """The pool's pages: `num_pages` if it fits in free memory (else a ValueError, before any
         allocation), or `kv_cache_memory_fraction` of the free memory; on a CPU, whose memory the
         rest of the machine shares, at most enough for every seat at full length."""
         c, per_page = self.config, self._page_bytes()
-        free = free_memory_bytes()
+        mesh = self.model.parallel.mesh
+        free = free_memory_bytes(None if mesh is None else mesh.devices.flat)
         if c.num_pages is not None:
             if free is not None and c.num_pages * per_page > free:
                 raise ValueError(
@@ -512,16 +522,25 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 
 class LLM:
-    """Offline batch generation: `LLM(path).generate(prompts, params)` -> outputs in input order."""
+    """Offline batch generation: `LLM(path).generate(prompts, params)` -> outputs in input order.
+
+    `LLM(path, tensor_parallel_size=N)` splits the model over the first N devices (EngineConfig's
+    other fields are keyword options too)."""
 
     def __init__(
         self, model_path=None, *, model: Model | None = None, dtype=None, **engine_options
     ):
-        if model is None:
+        config = EngineConfig(**engine_options)
+        if model is None:  # loaded straight onto its devices
             from jaxinfer.checkpoint import load_model
 
-            model = load_model(model_path, dtype=dtype)
-        self.engine = Engine(model, EngineConfig(**engine_options))
+            model = load_model(
+                model_path,
+                dtype=dtype,
+                tensor_parallel_size=config.tensor_parallel_size,
+                moe=config.moe_parallel,
+            )
+        self.engine = Engine(model, config)
 
     def generate(
         self, prompts: str | Sequence, sampling_params=None, *, use_tqdm: bool = True

@@ -52,13 +52,13 @@ def decode_step(
 
 
 def sample_step(
-    logits: Float[Array, "B V"], arrays: SamplingArrays, step, mode: str
+    logits: Float[Array, "B V"], arrays: SamplingArrays, step, mode: str, mesh=None
 ) -> Int[Array, "B"]:
     """The engine's per-row sampler at new-token index `step` (row b draws from its own seed),
-    in a static mode (`sampling.sample_mode`): no on-device branch for the host to wait on."""
-    return sample_rows(
-        logits, arrays._replace(step=jnp.full_like(arrays.step, step)), mode=mode
-    ).tokens
+    in a static mode (`sampling.sample_mode`): no on-device branch for the host to wait on.
+    `mesh`: the one the logits' vocab is split over, if any."""
+    arrays = arrays._replace(step=jnp.full_like(arrays.step, step))
+    return sample_rows(logits, arrays, mode=mode, mesh=mesh).tokens
 
 
 @functools.partial(
@@ -84,7 +84,8 @@ def generate_arrays(
     stopped) and the cache.
     """
     logits, cache = prefill(decoder, params, cache, tokens, lengths)
-    first = sample_step(logits, sampling, 0, mode)
+    mesh = decoder.parallel.mesh
+    first = sample_step(logits, sampling, 0, mode, mesh)
     out = jnp.full((tokens.shape[0], out_len), PAD, jnp.int32).at[:, 0].set(first)  # [B, out_len]
     done = jnp.isin(first, eos)
 
@@ -95,7 +96,7 @@ def generate_arrays(
     def body(state):
         cache, out, token, pos, done, step = state
         logits, cache = decode_step(decoder, params, cache, token, pos)
-        token = sample_step(logits, sampling, step, mode)
+        token = sample_step(logits, sampling, step, mode, mesh)
         out = out.at[:, step].set(jnp.where(done, PAD, token))
         return cache, out, token, pos + 1, done | jnp.isin(token, eos), step + 1
 
@@ -184,7 +185,7 @@ def generate(
     tokens = np.zeros((batch, t), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    cache = init_cache(model.config, batch, s, model.dtype)
+    cache = init_cache(model.config, batch, s, model.dtype, model.parallel)
     out, _ = generate_arrays(
         model.decoder(impl),
         model.params,
@@ -208,7 +209,7 @@ def _trim(row: np.ndarray) -> list[int]:
 # The host-driven steps of `stream` (benchmarks time prefill_jit alone: one prompt's prefill).
 prefill_jit = jax.jit(prefill, static_argnames=("decoder",), donate_argnames=("cache",))
 _decode_jit = jax.jit(decode_step, static_argnames=("decoder",), donate_argnames=("cache",))
-_sample_jit = jax.jit(sample_step, static_argnames=("mode",))
+_sample_jit = jax.jit(sample_step, static_argnames=("mode", "mesh"))
 
 
 def stream(
@@ -232,12 +233,12 @@ def stream(
     t, s = bucket_lengths(model, len(ids), max_new_tokens)
     tokens = jnp.asarray(np.pad(np.asarray([ids], np.int32), ((0, 0), (0, t - len(ids)))))
     decoder = model.decoder(impl)
-    cache = init_cache(model.config, 1, s, model.dtype)
+    cache = init_cache(model.config, 1, s, model.dtype, model.parallel)
     logits, cache = prefill_jit(
         decoder, model.params, cache, tokens, jnp.asarray([len(ids)], jnp.int32)
     )
     for step in range(max_new_tokens):
-        token = _sample_jit(logits, sampling, step, mode)
+        token = _sample_jit(logits, sampling, step, mode, model.parallel.mesh)
         value = int(token[0])
         yield value
         if value in stop or step == max_new_tokens - 1:

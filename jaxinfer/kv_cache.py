@@ -238,10 +238,18 @@ def page_bytes(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int
 
 
 def init_pages(
-    num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int, dtype
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    num_pages: int,
+    page_size: int,
+    dtype,
+    sharding=None,
 ) -> tuple:
-    """Zeroed page pools: per layer (k, v), each [K, P, L, H]."""
+    """Zeroed page pools: per layer (k, v), each [K, P, L, H]; on `sharding` if given (a mesh
+    splits K, see `sharding.kv_sharding`), else on the default device."""
     import jax.numpy as jnp
 
     shape = (num_kv_heads, num_pages, page_size, head_dim)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers))
+    zeros = lambda: jnp.zeros(shape, dtype, device=sharding)
+    return tuple((zeros(), zeros()) for _ in range(num_layers))

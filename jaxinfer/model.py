@@ -15,6 +15,7 @@ from jaxtyping import Array, Float, Int
 from jaxinfer import attention
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.llama import Decoder
+from jaxinfer.sharding import Parallel
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -41,16 +42,23 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 @dataclasses.dataclass
 class Model:
-    """A loaded model. `params` is the Flax params pytree of `Decoder(config, dtype)`."""
+    """A loaded model. `params` is the Flax params pytree of `Decoder(config, dtype)`, placed
+    on `parallel.mesh` when it has one (`sharding.place_params`)."""
 
     config: ModelConfig
     params: Any
     tokenizer: Any = None
     dtype: jnp.dtype = jnp.bfloat16
     impl: str = dataclasses.field(default_factory=attention.default_impl)
+    parallel: Parallel = dataclasses.field(default_factory=Parallel)
 
     def decoder(self, impl: str | None = None) -> Decoder:
-        return Decoder(self.config, self.dtype, attention.check_impl(impl or self.impl))
+        impl = attention.check_impl(impl or self.impl)
+        return Decoder(self.config, self.dtype, impl, self.parallel)
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.parallel.size
 
 
 def abstract_params(cfg: ModelConfig, dtype) -> tuple[Any, Any]:

@@ -69,20 +69,24 @@ def log_device() -> None:
         )
 
 
-def free_memory_bytes() -> int | None:
-    """Bytes free now on the device the engine runs on: the accelerator's free memory, or on a
-    CPU half the host's available memory (the rest is left to activations, compiles and the
-    machine's other work); None where neither can be read."""
+def free_memory_bytes(devices=None) -> int | None:
+    """Bytes free now on each of `devices` (default: the device the engine runs on): the least
+    free accelerator memory among them, or on a CPU half the host's available memory shared
+    among them (the rest is left to activations, compiles and the machine's other work); None
+    where neither can be read."""
     from pallas_kernels.common import default_device
 
-    device = default_device()
-    if device.platform != "cpu":
-        stats = device.memory_stats() or {}
-        if "bytes_limit" in stats:
-            return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        return None
+    devices = [default_device()] if devices is None else list(devices)
+    if devices[0].platform != "cpu":
+        free = []
+        for device in devices:
+            stats = device.memory_stats() or {}
+            if "bytes_limit" not in stats:
+                return None
+            free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+        return min(free)
     available = _host_available_bytes()
-    return None if available is None else available // 2
+    return None if available is None else available // 2 // len(devices)
 
 
 def _host_available_bytes() -> int | None:

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Int
 
 from jaxinfer.attention import PagedMeta
@@ -38,6 +39,7 @@ from jaxinfer.sampling import (
     sampling_arrays,
 )
 from jaxinfer.scheduler import PLACEHOLDER, StepPlan
+from jaxinfer.sharding import MODEL
 
 
 class StepBatch(NamedTuple):
@@ -89,8 +91,13 @@ class Runner:
         max_num_batched_tokens: int,
         max_model_len: int,
         smallest_bucket: int = 16,
+        mesh=None,
     ):
         self.decoder, self.params, self.pages = decoder, params, pages
+        # The mesh the params and pages are split over, if any; every batch array is then whole
+        # on each of its devices (`replicated`; None: the default device).
+        self.mesh = mesh
+        self.replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
         self.max_model_len = max_model_len
         self.max_pages_per_seq = math.ceil(max_model_len / page_size)
@@ -101,7 +108,7 @@ class Runner:
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1,))
         self._sample = jax.jit(self._sample_fn, static_argnums=(4,))
         # The last dispatched step's sampled tokens [max_num_seqs] (on the device) and its rows.
-        self.prev_tokens = jnp.zeros(max_num_seqs, jnp.int32)
+        self.prev_tokens = jnp.zeros(max_num_seqs, jnp.int32, device=self.replicated)
         self._prev_rows: dict[str, int] = {}
 
     def _forward_fn(self, params, pages, prev_tokens, batch: StepBatch):
@@ -118,11 +125,26 @@ class Runner:
             logits_at=batch.sample_idx,
             paged=batch.meta,
         )
-        return pages, logits[:, 0]
+        return pages, self._logits_layout(logits[:, 0])
+
+    def _logits_layout(self, logits):
+        """Over a mesh, logits stay split by vocab (the sampler reduces them where they are);
+        pinned so that the sampler's programs compiled at start-up see the layout they get."""
+        if self.mesh is None:
+            return logits
+        return jax.lax.with_sharding_constraint(logits, self._logits_sharding(logits.shape[-1]))
+
+    def _logits_sharding(self, vocab: int) -> NamedSharding | None:
+        if self.mesh is None:
+            return None
+        split = vocab % self.mesh.shape[MODEL] == 0
+        return NamedSharding(self.mesh, PartitionSpec(None, MODEL if split else None))
 
     def _sample_fn(self, logits, sampling: SamplingArrays, history, history_is_output, mode: str):
         self.num_compiles += 1  # runs at trace time only
-        out = sample_rows(logits, sampling, history, history_is_output, mode=mode)
+        out = sample_rows(
+            logits, sampling, history, history_is_output, mode=mode, mesh=self.mesh
+        )
         next_tokens = (
             jnp.zeros(self.max_num_seqs, jnp.int32).at[: out.tokens.shape[0]].set(out.tokens)
         )
@@ -197,7 +219,7 @@ class Runner:
                     (
                         self._sample,
                         (
-                            jnp.zeros((b, vocab), jnp.float32),
+                            jnp.zeros((b, vocab), jnp.float32, device=self._logits_sharding(vocab)),
                             batch.sampling,
                             batch.history,
                             batch.history_is_output,
@@ -234,7 +256,8 @@ class Runner:
             pad_to=b,
         )
         host = (tokens, src, positions, (slots, tables, kv_lens, cu), sample_idx, sampling)
-        tokens, src, positions, meta, sample_idx, sampling = jax.device_put(host)  # one transfer
+        # One transfer (over a mesh: the same arrays to every device).
+        tokens, src, positions, meta, sample_idx, sampling = jax.device_put(host, self.replicated)
         history, is_output = self._history(rows, b)
         return StepBatch(
             tokens,
@@ -257,30 +280,32 @@ class Runner:
             if uses_penalties(r.params):
                 ids[i, : len(r.token_ids)] = r.token_ids
                 is_output[i, r.num_prompt_tokens : len(r.token_ids)] = True
-        return jnp.asarray(ids), jnp.asarray(is_output)
+        return jax.device_put((ids, is_output), self.replicated)
 
     def _padding_batch(self, t: int, penalties: bool, decode: bool) -> StepBatch:
         b = min(t, self.max_num_seqs)
-        zeros = lambda n: jnp.zeros(n, jnp.int32)
+        zeros = lambda n: jnp.zeros(n, jnp.int32, device=self.replicated)
         meta = PagedMeta(
-            jnp.full(t, -1, jnp.int32),
-            jnp.zeros((b, self.max_pages_per_seq), jnp.int32),
+            jnp.full(t, -1, jnp.int32, device=self.replicated),
+            jnp.zeros((b, self.max_pages_per_seq), jnp.int32, device=self.replicated),
             zeros(b),
             zeros(b + 1),
             decode=decode,
         )
-        sampling = jax.tree.map(jnp.asarray, sampling_arrays([], [], [], pad_to=b))
+        sampling = jax.device_put(sampling_arrays([], [], [], pad_to=b), self.replicated)
         history = (
-            (
-                jnp.full((b, self.max_model_len), -1, jnp.int32),
-                jnp.zeros((b, self.max_model_len), bool),
+            jax.device_put(
+                (
+                    np.full((b, self.max_model_len), -1, np.int32),
+                    np.zeros((b, self.max_model_len), bool),
+                ),
+                self.replicated,
             )
             if penalties
             else (None, None)
         )
-        return StepBatch(
-            zeros(t), jnp.full(t, -1, jnp.int32), zeros(t), meta, zeros(b), sampling, *history
-        )
+        src = jnp.full(t, -1, jnp.int32, device=self.replicated)
+        return StepBatch(zeros(t), src, zeros(t), meta, zeros(b), sampling, *history)
 
 
 def _forward_only(batch: StepBatch) -> StepBatch:

@@ -186,6 +186,7 @@ def sample_rows(
     history_is_output: Bool[Array, "B S"] | None = None,
     *,
     mode: str,
+    mesh=None,
 ) -> SampleOutput:
     """Samples one token per row, each row with its own settings, seed and step. Jittable.
 
@@ -198,6 +199,9 @@ def sample_rows(
         frequency penalties count only those); None = every history token counts as output.
       mode: a static SAMPLE_MODES entry at least as general as every row needs (see
         `sample_mode`): no on-device branch, whose predicate the host would wait for.
+      mesh: the mesh whose "model" axis splits the logits' vocab (tensor parallelism), or None.
+        The top logprobs are then taken on each device's shard and merged, and greedy and
+        plain sampling reduce in place: no device gathers whole rows. The filter's sort does.
     Returns:
       SampleOutput: tokens [B], logprob [B], top_ids / top_logprobs [B, MAX_LOGPROBS].
     """
@@ -209,13 +213,13 @@ def sample_rows(
     if mode == "greedy":
         tokens = greedy
     else:
-        tokens = _sample_or_greedy(penalized, arrays, greedy, filters=mode == "filter")
+        tokens = _sample_or_greedy(penalized, arrays, greedy, mode == "filter", mesh)
     logprobs = jax.nn.log_softmax(raw, axis=-1)  # [B, V]
     logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     if mode == "greedy":
         top_ids, top_logprobs = _no_top_logprobs(logprobs)
     else:
-        top_ids, top_logprobs = _top_logprobs(logprobs)
+        top_ids, top_logprobs = _top_logprobs(logprobs, mesh)
     return SampleOutput(tokens, logprob, top_ids, top_logprobs)
 
 
@@ -255,14 +259,23 @@ def _token_counts(
 
 
 def _sample_or_greedy(
-    logits: Float[Array, "B V"], arrays: SamplingArrays, greedy: Int[Array, "B"], filters: bool
+    logits: Float[Array, "B V"],
+    arrays: SamplingArrays,
+    greedy: Int[Array, "B"],
+    filters: bool,
+    mesh=None,
 ) -> Int[Array, "B"]:
     """Temperature, filters, one Gumbel draw per row from its own key; T = 0 rows stay greedy.
 
-    filters: True sorts for top-k / top-p / min-p, False skips them (no row uses one).
+    filters: True sorts for top-k / top-p / min-p, False skips them (no row uses one). The sort
+    needs whole rows: over a mesh, the scaled logits are gathered once for it.
     """
     sampling = arrays.temperature > 0
     scaled = logits / jnp.where(sampling, arrays.temperature, 1.0)[:, None]  # [B, V]
+    if filters and mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        scaled = jax.lax.with_sharding_constraint(scaled, NamedSharding(mesh, PartitionSpec()))
     masked = jnp.where(_filter_mask(scaled, arrays), scaled, -jnp.inf) if filters else scaled
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(arrays.seed, arrays.step)
     drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)  # [B]
@@ -290,16 +303,47 @@ def _filter_mask(scaled: Float[Array, "B V"], arrays: SamplingArrays) -> Bool[Ar
 
 
 def _top_logprobs(
-    logprobs: Float[Array, "B V"],
+    logprobs: Float[Array, "B V"], mesh=None
 ) -> tuple[Int[Array, "B MAX_LOGPROBS"], Float[Array, "B MAX_LOGPROBS"]]:
-    """Top MAX_LOGPROBS per row, descending; a vocab smaller than that pads with id -1, -inf."""
+    """Top MAX_LOGPROBS per row, descending; a vocab smaller than that pads with id -1, -inf.
+
+    Over `mesh` (logits split by vocab): the top n of each device's share, then the top n of
+    the n x devices candidates: the same result, ties included (the lower id first), with only
+    the candidates gathered."""
     b, v = logprobs.shape
     n = min(MAX_LOGPROBS, v)
-    values, ids = jax.lax.top_k(logprobs, n)
+    devices = 1 if mesh is None else mesh.size
+    if devices > 1 and v % devices == 0 and v // devices >= n:
+        values, ids = _top_k_by_shard(logprobs, n, mesh)
+    else:
+        values, ids = jax.lax.top_k(logprobs, n)
     pad = MAX_LOGPROBS - n
     ids = jnp.pad(ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
     values = jnp.pad(values, ((0, 0), (0, pad)), constant_values=-jnp.inf)
     return ids, values
+
+
+def _top_k_by_shard(x: Float[Array, "B V"], n: int, mesh):
+    """`lax.top_k(x, n)` of vocab-split x: per device, then over the gathered candidates."""
+    from jax.sharding import PartitionSpec
+
+    from jaxinfer.sharding import MODEL
+
+    def local(x):  # [B, V / M]
+        values, ids = jax.lax.top_k(x, n)
+        ids = ids + jax.lax.axis_index(MODEL) * x.shape[1]
+        values = jax.lax.all_gather(values, MODEL, axis=1, tiled=True)  # [B, M * n]
+        ids = jax.lax.all_gather(ids, MODEL, axis=1, tiled=True)
+        values, pick = jax.lax.top_k(values, n)
+        return values, jnp.take_along_axis(ids, pick, axis=-1)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=PartitionSpec(None, MODEL),
+        out_specs=PartitionSpec(),
+        check_vma=False,
+    )(x)
 
 
 def _no_top_logprobs(

@@ -18,28 +18,28 @@ from jaxinfer import attention
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.layers import MLP, RMSNorm, apply_rope, declare, rope_inv_freq
 from jaxinfer.models.moe import MoE
+from jaxinfer.sharding import Parallel, kv_pool_heads, kv_sharding
 
 LayerCache = tuple[Array, Array]  # (k, v), each [K, B, S, H]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> tuple[LayerCache, ...]:
-    """A zeroed contiguous cache for `batch` sequences of up to `max_len` tokens."""
-    shape = (cfg.num_kv_heads, batch, max_len, cfg.head_dim)  # [K, B, S, H]
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+def init_cache(
+    cfg: ModelConfig, batch: int, max_len: int, dtype, parallel: Parallel = Parallel()
+) -> tuple[LayerCache, ...]:
+    """A zeroed contiguous cache for `batch` sequences of up to `max_len` tokens, split by kv
+    heads over `parallel`'s mesh (each kv head repeated when there are fewer than devices)."""
+    shape = (kv_pool_heads(cfg, parallel.size), batch, max_len, cfg.head_dim)  # [K, B, S, H]
+    sharding = kv_sharding(parallel)
+    zeros = lambda: jnp.zeros(shape, dtype, device=sharding)
+    return tuple((zeros(), zeros()) for _ in range(cfg.num_layers))
 
-
-def _write(
-    cache: Float[Array, "K B S H"], new: Float[Array, "B T K H"], positions: Int[Array, "B T"]
-) -> Float[Array, "K B S H"]:
-    """Writes row b's T new entries at slots positions[b]."""
-    rows = jnp.broadcast_to(jnp.arange(new.shape[0])[:, None], positions.shape)  # [B, T]
-    return cache.at[:, rows, positions].set(new.transpose(2, 0, 1, 3).astype(cache.dtype))
 
 
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     impl: str
+    parallel: Parallel = Parallel()
 
     @nn.compact
     def __call__(
@@ -77,43 +77,37 @@ class Attention(nn.Module):
         q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
         if paged is not None:  # one packed row of tokens from many sequences, a page pool
             out, cache = attention.paged_attention(
-                q[0], kk[0], vv[0], *cache, paged, impl=self.impl
+                q[0], kk[0], vv[0], *cache, paged, impl=self.impl, mesh=self.parallel.mesh
             )
             out = out[None]
         else:
-            out, cache = self._attend(q, kk, vv, positions, cache, prefill)
+            out, cache = attention.contiguous_attention(
+                q, kk, vv, positions, cache, prefill, impl=self.impl, mesh=self.parallel.mesh
+            )
         y = jnp.einsum("BTNH,NHD->BTD", out, wo)
         if c.o_bias:
             y = y + declare(self, "o_bias", (d,), ("embed",), dt, nn.initializers.zeros)
         return y, cache
 
-    def _attend(self, q, k, v, positions, cache, prefill):
-        if cache is None:  # a plain forward: attend to the tokens given, keep nothing
-            return attention.causal_attention(q, k, v, impl=self.impl), None
-        k_cache, v_cache = _write(cache[0], k, positions), _write(cache[1], v, positions)
-        if prefill:  # the cache held nothing before: attend to the fresh tokens alone
-            out = attention.causal_attention(q, k, v, impl=self.impl)
-        else:
-            out = attention.cached_attention(q, k_cache, v_cache, positions, impl=self.impl)
-        return out, (k_cache, v_cache)
 
 
 class Block(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     impl: str
+    parallel: Parallel = Parallel()
 
     @nn.compact
     def __call__(self, x, positions, cache, prefill, paged):
         eps = self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="attn_norm")(x)
-        h, cache = Attention(self.cfg, self.dtype, self.impl, name="attn")(
+        h, cache = Attention(self.cfg, self.dtype, self.impl, self.parallel, name="attn")(
             h, positions, cache, prefill, paged
         )
         x = x + h
         h = RMSNorm(eps, self.dtype, name="mlp_norm")(x)
         if self.cfg.num_experts:
-            h = MoE(self.cfg, self.dtype, self.impl, name="moe")(h)
+            h = MoE(self.cfg, self.dtype, self.impl, self.parallel, name="moe")(h)
         else:
             h = MLP(self.cfg, self.dtype, name="mlp")(h)
         return x + h, cache
@@ -125,6 +119,7 @@ class Decoder(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     impl: str = "xla"
+    parallel: Parallel = Parallel()  # the mesh the params and caches are split over, if any
 
     @nn.compact
     def __call__(
@@ -151,7 +146,7 @@ class Decoder(nn.Module):
         new_cache = []
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache[i]
-            x, layer_cache = Block(c, self.dtype, self.impl, name=f"layers_{i}")(
+            x, layer_cache = Block(c, self.dtype, self.impl, self.parallel, name=f"layers_{i}")(
                 x, positions, layer_cache, prefill, paged
             )
             new_cache.append(layer_cache)
