@@ -128,8 +128,7 @@ def on_head_shards(mesh: Mesh | None, fn, args: tuple, in_axes: tuple, out_axes)
 
     is_axis = lambda x: x is None or isinstance(x, int)
     in_specs = tuple(
-        jax.tree.map(spec, a, is_leaf=is_axis) if isinstance(a, tuple) else spec(a)
-        for a in in_axes
+        jax.tree.map(spec, a, is_leaf=is_axis) if isinstance(a, tuple) else spec(a) for a in in_axes
     )
     out_specs = jax.tree.map(spec, out_axes, is_leaf=is_axis)
     shard = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)

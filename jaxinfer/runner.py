@@ -142,9 +142,7 @@ class Runner:
 
     def _sample_fn(self, logits, sampling: SamplingArrays, history, history_is_output, mode: str):
         self.num_compiles += 1  # runs at trace time only
-        out = sample_rows(
-            logits, sampling, history, history_is_output, mode=mode, mesh=self.mesh
-        )
+        out = sample_rows(logits, sampling, history, history_is_output, mode=mode, mesh=self.mesh)
         next_tokens = (
             jnp.zeros(self.max_num_seqs, jnp.int32).at[: out.tokens.shape[0]].set(out.tokens)
         )

@@ -24,15 +24,15 @@ LayerCache = tuple[Array, Array]  # (k, v), each [K, B, S, H]
 
 
 def init_cache(
-    cfg: ModelConfig, batch: int, max_len: int, dtype, parallel: Parallel = Parallel()
+    cfg: ModelConfig, batch: int, max_len: int, dtype, parallel: Parallel | None = None
 ) -> tuple[LayerCache, ...]:
     """A zeroed contiguous cache for `batch` sequences of up to `max_len` tokens, split by kv
     heads over `parallel`'s mesh (each kv head repeated when there are fewer than devices)."""
+    parallel = parallel or Parallel()
     shape = (kv_pool_heads(cfg, parallel.size), batch, max_len, cfg.head_dim)  # [K, B, S, H]
     sharding = kv_sharding(parallel)
     zeros = lambda: jnp.zeros(shape, dtype, device=sharding)
     return tuple((zeros(), zeros()) for _ in range(cfg.num_layers))
-
 
 
 class Attention(nn.Module):
@@ -88,7 +88,6 @@ class Attention(nn.Module):
         if c.o_bias:
             y = y + declare(self, "o_bias", (d,), ("embed",), dt, nn.initializers.zeros)
         return y, cache
-
 
 
 class Block(nn.Module):

@@ -128,7 +128,9 @@ class MoE(nn.Module):
         c, dt = self.cfg, self.dtype
         e, d, f = c.num_experts, c.hidden_size, c.moe_intermediate_size
         router = declare(self, "router", (d, e), ("embed", "router"), dt)
-        gate_up = declare(self, "gate_up", (e, d, 2, f), ("experts", "embed", "gate_up", "expert_mlp"), dt)
+        gate_up = declare(
+            self, "gate_up", (e, d, 2, f), ("experts", "embed", "gate_up", "expert_mlp"), dt
+        )
         down = declare(self, "down", (e, f, d), ("experts", "expert_mlp", "embed"), dt)
         b, t, _ = x.shape
         flat = x.reshape(b * t, d)
