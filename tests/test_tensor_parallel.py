@@ -1,0 +1,289 @@
+"""Tensor and expert parallelism on 8 fake CPU devices: sharded results equal single-device ones,
+the compiled decode step communicates as the Megatron layout says, bad sizes are refused."""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+import jaxinfer
+from jaxinfer.config import ModelConfig
+from jaxinfer.engine import LLM, Engine
+from jaxinfer.model import Model, init_params
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.sharding import MODEL, shard_model
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def tiny(kv_heads: int = 2, layers: int = 2, **extra) -> Model:
+    cfg = ModelConfig(
+        model_type="mixtral" if extra.get("num_experts") else "llama",
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=160,
+        num_layers=layers,
+        num_heads=4,
+        num_kv_heads=kv_heads,
+        head_dim=16,
+        max_position_embeddings=256,
+        **extra,
+    )
+    return Model(cfg, init_params(cfg, "float32", seed=3), None, jnp.float32, "xla")
+
+
+def prompts(n: int = 5, vocab: int = 320) -> list[list[int]]:
+    return [np.random.RandomState(i).randint(0, vocab, 4 + 5 * i).tolist() for i in range(n)]
+
+
+def hlo_collectives(text: str) -> collections.Counter:
+    ops = "all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute"
+    return collections.Counter(re.findall(rf"= \S+ ({ops})(?:-start)?\(", text))
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family_model(hf_family):
+    family, _, path = hf_family
+    return family, jaxinfer.load_model(path, dtype="float32")
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_sharded_logits_equal_one_device(family_model, size):
+    """Every family at N = 2 and 4 (at 4 each kv head of the K = 1 and 2 families is repeated);
+    the MoE families with both expert layouts."""
+    family, model = family_model
+    ids = np.random.RandomState(1).randint(0, model.config.vocab_size, (2, 23))
+    ref = np.asarray(jaxinfer.forward(model, ids))
+    for moe in ("expert", "ffn") if family in MOE_FAMILIES else ("expert",):
+        sharded = shard_model(model, size, moe=moe)
+        assert sharded.tensor_parallel_size == size
+        out = jaxinfer.forward(sharded, ids)
+        np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-5, err_msg=family)
+
+
+def test_sharded_generate_equals_one_device(family_model):
+    family, model = family_model
+    ps = prompts(3, model.config.vocab_size)
+    ref = jaxinfer.generate(model, ps, max_new_tokens=10)
+    assert jaxinfer.generate(shard_model(model, 2), ps, max_new_tokens=10) == ref, family
+
+
+def test_params_are_split_as_the_rules_say():
+    model = shard_model(tiny(kv_heads=2), 2)
+    p = model.params["layers_0"]
+    expect = {
+        "attn/qkv": PartitionSpec(None, MODEL, None, None),  # kv heads
+        "attn/o": PartitionSpec(MODEL, None, None),  # heads: rows
+        "mlp/gate_up": PartitionSpec(None, None, MODEL),  # F: columns
+        "mlp/down": PartitionSpec(MODEL, None),  # F: rows
+        "attn_norm/scale": PartitionSpec(None),
+    }
+    for name, spec in expect.items():
+        a, b = name.split("/")
+        assert p[a][b].sharding.spec == spec, name
+        assert p[a][b].sharding.mesh.shape[MODEL] == 2
+    assert model.params["embed"].sharding.spec == PartitionSpec(MODEL, None)  # vocab
+    # Each device holds half of a split weight.
+    down = p["mlp"]["down"]
+    assert {s.data.shape for s in down.addressable_shards} == {(80, 64)}
+
+
+def test_more_devices_than_kv_heads_repeat_them_in_the_pool():
+    """K = 2 at N = 4: the pool has 4 head slots, one per device, and the qkv weight is whole."""
+    llm = LLM(model=tiny(kv_heads=2), tensor_parallel_size=4, num_pages=32, max_model_len=128)
+    k_pages = llm.engine.runner.pages[0][0]
+    assert k_pages.shape[0] == 4
+    assert {s.data.shape[0] for s in k_pages.addressable_shards} == {1}
+    qkv = llm.engine.model.params["layers_0"]["attn"]["qkv"]
+    assert qkv.sharding.spec == PartitionSpec(None, None, None, None)
+
+
+# -- the engine -----------------------------------------------------------------------------------
+
+
+def make_llm(model: Model, **options) -> LLM:
+    return LLM(
+        model=model,
+        max_num_seqs=4,
+        num_pages=64,
+        max_model_len=128,
+        max_num_batched_tokens=32,
+        **options,
+    )
+
+
+def outputs(llm: LLM, params: SamplingParams):
+    return llm.generate(prompts(), params, use_tqdm=False)
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+SAMPLED = SamplingParams(
+    temperature=0.8, top_k=20, top_p=0.9, seed=1, max_tokens=6, logprobs=3, ignore_eos=True
+)
+
+
+@pytest.mark.parametrize(
+    "kv_heads,size,extra",
+    [
+        (2, 2, {}),
+        (2, 4, {}),
+        (4, 4, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)),
+    ],
+    ids=["llama-tp2", "llama-tp4-repeated-kv", "moe-tp4"],
+)
+def test_engine_outputs_equal_one_device(kv_heads, size, extra):
+    """Greedy tokens, seeded samples (top-k / top-p: the filter mode) and logprobs."""
+    model = tiny(kv_heads, layers=1 if extra else 2, **extra)
+    one = make_llm(model)
+    refs = [outputs(one, p) for p in (GREEDY, SAMPLED)]
+    for moe in ("expert", "ffn") if extra else ("expert",):
+        llm = make_llm(model, tensor_parallel_size=size, moe_parallel=moe)
+        for params, ref in zip((GREEDY, SAMPLED), refs):
+            got = outputs(llm, params)
+            assert [o.token_ids for o in got] == [o.token_ids for o in ref], moe
+            for a, b in zip(got, ref):
+                for x, y in zip(a.logprobs, b.logprobs):
+                    assert x.keys() == y.keys()
+                    np.testing.assert_allclose(list(x.values()), list(y.values()), atol=1e-5)
+
+
+def test_engine_with_pallas_kernels_under_shard_map():
+    """The Pallas paged kernels (interpret mode) and the grouped matmul on each device's shard."""
+    model = tiny(4, layers=1, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    ref = outputs(make_llm(model), params)
+    got = outputs(make_llm(model, tensor_parallel_size=2, attention_impl="pallas"), params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
+def decode_step_hlo(engine: Engine) -> str:
+    for fn, args in engine.runner.warmup_programs(False):
+        if fn is engine.runner._forward and args[3].meta.decode:
+            return fn.lower(*args).compile().as_text()
+    raise AssertionError("no decode program")
+
+
+@pytest.mark.parametrize("kv_heads,size", [(4, 4), (2, 4)], ids=["split-kv", "repeated-kv"])
+def test_decode_step_all_reduces_twice_a_layer_and_gathers_no_weight(kv_heads, size):
+    layers = 3
+    engine = Engine(
+        tiny(kv_heads, layers=layers),
+        tensor_parallel_size=size,
+        max_num_seqs=4,
+        num_pages=32,
+        max_model_len=128,
+        max_num_batched_tokens=16,
+    )
+    ops = hlo_collectives(decode_step_hlo(engine))
+    # After o and after down in every layer; one more for the vocab-split embedding lookup.
+    assert ops["all-reduce"] == 2 * layers + 1, ops
+    assert ops["all-gather"] == 0 and ops["all-to-all"] == 0, ops
+
+
+def test_sampler_gathers_candidates_not_rows():
+    """Greedy and plain sampling on vocab-split logits move [B, devices]-sized pieces and the
+    top logprobs' candidates, never a [B, V] row."""
+    engine = Engine(
+        tiny(4), tensor_parallel_size=4, max_num_seqs=4, num_pages=32, max_model_len=128
+    )
+    for fn, args in engine.runner.warmup_programs(False):
+        if fn is engine.runner._sample and args[-1] in ("greedy", "sample"):
+            text = fn.lower(*args).compile().as_text()
+            b, v = args[0].shape
+            assert f"f32[{b},{v}]" not in " ".join(
+                line for line in text.splitlines() if "all-gather" in line
+            ), args[-1]
+
+
+def test_no_compiles_after_start_up():
+    """The programs compiled at start-up are the ones the steps use: the forward pins its
+    logits to the vocab-split layout the sampler was compiled for."""
+    engine = Engine(
+        tiny(4),
+        tensor_parallel_size=2,
+        max_num_seqs=4,
+        num_pages=32,
+        max_model_len=128,
+        max_num_batched_tokens=16,
+        warmup=True,
+    )
+    compiles = engine.runner.num_compiles
+    for i, prompt in enumerate(prompts(3)):
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=4, temperature=i / 2))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.runner.num_compiles == compiles
+
+
+# -- bad sizes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size,message",
+    [
+        (
+            3,
+            r"does not split this model's 4 query heads and 2 kv heads evenly: use one of \[1, 2, 4\]",
+        ),
+        (16, r"tensor_parallel_size 16"),
+        (0, r"must be an integer >= 1"),
+    ],
+)
+def test_bad_sizes_say_what_would_work(size, message):
+    with pytest.raises(ValueError, match=message):
+        shard_model(tiny(2), size)
+
+
+def test_more_devices_than_exist_is_refused():
+    model = tiny(kv_heads=1)
+    cfg = model.config.__class__(**{**model.config.to_dict(), "num_heads": 16})
+    with pytest.raises(
+        ValueError, match=r"needs 16 devices but 8 exist: use one of \[1, 2, 4, 8\]"
+    ):
+        jaxinfer.sharding.check_tensor_parallel(cfg, 16)
+
+
+def test_expert_parallel_needs_divisible_experts():
+    model = tiny(4, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48)
+    with pytest.raises(ValueError, match="6 experts to divide evenly: use moe='ffn'"):
+        shard_model(model, 4)
+    assert shard_model(model, 4, moe="ffn").tensor_parallel_size == 4
+
+
+def test_sharded_model_back_on_one_device():
+    model = tiny(2)
+    back = shard_model(shard_model(model, 2), 1)
+    assert back.parallel.mesh is None
+    ids = np.asarray(prompts(1)[0])[None]
+    np.testing.assert_allclose(
+        np.asarray(jaxinfer.forward(back, ids)), np.asarray(jaxinfer.forward(model, ids)), atol=1e-6
+    )
+
+
+def test_no_code_picks_the_first_device_by_hand():
+    """Placement goes through sharding.py or `default_device()`, never `jax.devices()[0]`."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    for folder in ("jaxinfer", "pallas_kernels", "scripts"):
+        for path in (root / folder).rglob("*.py"):
+            assert "jax.devices()[0]" not in path.read_text(), path
+
+
+def test_mesh_argument_and_size_must_agree():
+    mesh = jaxinfer.sharding.make_mesh(2)
+    model = shard_model(tiny(2), mesh=mesh)
+    assert model.parallel.mesh == mesh
+    with pytest.raises(ValueError, match="differs from the mesh's size 2"):
+        shard_model(tiny(2), 4, mesh=mesh)
+    weights = model.params["layers_0"]["mlp"]["down"]
+    assert isinstance(weights.sharding, NamedSharding)
+    assert jax.tree.leaves(model.params)[0].sharding.mesh == mesh
