@@ -175,8 +175,12 @@ class Engine:
         config = (config or EngineConfig(**options)).for_device(
             jax.default_backend(), cfg.max_position_embeddings
         )
-        if config.tensor_parallel_size is not None:
-            model = shard_model(model, config.tensor_parallel_size, moe=config.moe_parallel)
+        size = config.tensor_parallel_size
+        if size is not None and (size, config.moe_parallel) != (
+            model.parallel.size,
+            model.parallel.moe,
+        ):
+            model = shard_model(model, size, moe=config.moe_parallel)
         self.model, self.config = model, config
         use_compilation_cache(config.compilation_cache_dir)
         self.max_model_len = config.max_model_len
@@ -331,11 +335,14 @@ class Engine:
             seq, params, -1, detok, 0.0, ids, logprobs=[] if params.logprobs is not None else None
         )
 
-    def _queue(self, req: _Request) -> None:
-        """Queues a request made by `_prepare` (checked against the engine as it is now)."""
+    def _queue(self, req: _Request, seed: int | None = None) -> None:
+        """Queues a request made by `_prepare` (checked against the engine as it is now); its
+        seed: `seed`, else the request's own, else the next of the engine's seed stream."""
         params = req.params
         self.scheduler.add(req.seq)
-        req.seed = params.seed if params.seed is not None else int(self._seeds.integers(2**31))
+        if seed is None:
+            seed = params.seed if params.seed is not None else int(self._seeds.integers(2**31))
+        req.seed = seed
         req.arrival = time.perf_counter()
         self.requests[req.seq.request_id] = req
 
@@ -524,23 +531,44 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 class LLM:
     """Offline batch generation: `LLM(path).generate(prompts, params)` -> outputs in input order.
 
-    `LLM(path, tensor_parallel_size=N)` splits the model over the first N devices (EngineConfig's
-    other fields are keyword options too)."""
+    `LLM(path, tensor_parallel_size=N)` splits the model over the first N devices;
+    `data_parallel_size=R` runs R independent engines (replicas), each over its own N devices,
+    and spreads the prompts among them (the better use of devices when the model fits in N).
+    EngineConfig's other fields are keyword options too.
+    """
 
     def __init__(
-        self, model_path=None, *, model: Model | None = None, dtype=None, **engine_options
+        self,
+        model_path=None,
+        *,
+        model: Model | None = None,
+        dtype=None,
+        data_parallel_size: int = 1,
+        **engine_options,
     ):
+        from jaxinfer.sharding import replica_meshes
+
         config = EngineConfig(**engine_options)
-        if model is None:  # loaded straight onto its devices
+        size = config.tensor_parallel_size or (model.parallel.size if model else 1)
+        meshes = replica_meshes(size, data_parallel_size) if data_parallel_size != 1 else [None]
+        if model is None:  # loaded straight onto its devices (the first replica's)
             from jaxinfer.checkpoint import load_model
 
             model = load_model(
                 model_path,
                 dtype=dtype,
-                tensor_parallel_size=config.tensor_parallel_size,
+                tensor_parallel_size=size,
+                mesh=meshes[0],
                 moe=config.moe_parallel,
             )
-        self.engine = Engine(model, config)
+        replicas = (
+            [model]
+            if meshes == [None]
+            else [shard_model(model, mesh=mesh, moe=config.moe_parallel) for mesh in meshes]
+        )
+        self.engines = [Engine(m, config) for m in replicas]
+        self.engine = self.engines[0]
+        self._seeds = np.random.default_rng(config.seed)  # one stream, whatever the replicas
 
     def generate(
         self, prompts: str | Sequence, sampling_params=None, *, use_tqdm: bool = True
@@ -548,8 +576,8 @@ class LLM:
         """Runs all prompts (strings or token-id lists) to completion; one or per-prompt params.
 
         Every prompt and parameter is checked before any request is queued, so a bad one raises
-        ValueError and leaves the engine as it was; if anything fails later (an interrupt), this
-        call's requests are aborted before the error propagates.
+        ValueError and leaves the engines as they were; if anything fails later (an interrupt),
+        this call's requests are aborted before the error propagates.
         """
         prompts = _prompt_list(prompts)
         params = _per_prompt(sampling_params, len(prompts))
@@ -558,23 +586,34 @@ class LLM:
             self.engine._prepare(rid, prompt, p) for rid, prompt, p in zip(ids, prompts, params)
         ]
         try:
-            for req in reqs:
-                self.engine._queue(req)
+            load = [0] * len(self.engines)
+            for req in reqs:  # each to the replica with the least work queued by this call
+                r = load.index(min(load))
+                load[r] += len(req.prompt_ids) + req.params.max_tokens
+                seed = req.params.seed
+                self.engines[r]._queue(req, seed if seed is not None else self._draw_seed())
             return self._run(ids, use_tqdm)
         except BaseException:
-            for rid in ids:
-                self.engine.abort(rid)
+            for engine in self.engines:
+                for rid in ids:
+                    engine.abort(rid)
             raise
+
+    def _draw_seed(self) -> int:
+        return int(self._seeds.integers(2**31))
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         pending, final = set(ids), {}
         bar = _progress(len(ids)) if use_tqdm else None
         while pending:
-            for out in self.engine.step():
-                if out.finished and out.request_id in pending:  # not another caller's request
-                    pending.discard(out.request_id)
-                    final[out.request_id] = out
-                    bar and bar.update(1)
+            for engine in self.engines:  # each step is queued on its devices, then the next
+                if not engine.has_unfinished_requests():
+                    continue
+                for out in engine.step():
+                    if out.finished and out.request_id in pending:  # not another caller's
+                        pending.discard(out.request_id)
+                        final[out.request_id] = out
+                        bar and bar.update(1)
         bar and bar.close()
         return [final[rid] for rid in ids]
 

@@ -73,7 +73,8 @@ def check_tensor_parallel(cfg: ModelConfig, size: int, num_devices: int | None =
 
 
 def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
-    """A one-axis ("model") mesh over the first `tensor_parallel_size` devices."""
+    """A one-axis ("model") mesh over the first `tensor_parallel_size` of `devices` (default:
+    all devices)."""
     devices = list(jax.devices() if devices is None else devices)
     if tensor_parallel_size > len(devices):
         raise ValueError(
@@ -227,7 +228,8 @@ def resolve_parallel(
     mesh: Mesh | None = None,
     moe: str = "expert",
 ) -> Parallel:
-    """A Parallel from a size (over the first devices) or a mesh with a "model" axis."""
+    """A Parallel from a size (over the first devices) or a mesh with a "model" axis (kept even
+    with one device: a data-parallel replica lives on a device of its own)."""
     if mesh is None:
         return parallel_for(cfg, 1 if tensor_parallel_size is None else tensor_parallel_size, moe)
     if MODEL not in mesh.shape or len(mesh.shape) != 1:
@@ -238,11 +240,12 @@ def resolve_parallel(
             f"tensor_parallel_size {tensor_parallel_size} differs from the mesh's size {size}"
         )
     parallel_for(cfg, size, moe, devices=list(mesh.devices.flat))
-    return Parallel(mesh if size > 1 else None, moe)
+    return Parallel(mesh, moe)
 
 
 def shard_model(model, tensor_parallel_size: int | None = None, *, mesh=None, moe="expert"):
-    """`model` with its params placed over a mesh (a new Model; size 1: on one device)."""
+    """`model` with its params placed over a mesh (a new Model; size 1 and no mesh: on the
+    default device)."""
     parallel = resolve_parallel(model.config, tensor_parallel_size, mesh, moe)
     if parallel == model.parallel:
         return model
@@ -252,3 +255,22 @@ def shard_model(model, tensor_parallel_size: int | None = None, *, mesh=None, mo
 
         params = jax.device_put(params, default_device())
     return dataclasses.replace(model, params=params, parallel=parallel)
+
+
+def replica_meshes(tensor_parallel_size: int, data_parallel_size: int, devices=None) -> list[Mesh]:
+    """One mesh of `tensor_parallel_size` devices per data-parallel replica, in device order;
+    ValueError where the devices do not suffice."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not isinstance(data_parallel_size, (int, np.integer)) or data_parallel_size < 1:
+        raise ValueError(f"data_parallel_size must be an integer >= 1, got {data_parallel_size!r}")
+    need = tensor_parallel_size * data_parallel_size
+    if need > len(devices):
+        raise ValueError(
+            f"data_parallel_size {data_parallel_size} x tensor_parallel_size "
+            f"{tensor_parallel_size} needs {need} devices but {len(devices)} exist: use "
+            f"data_parallel_size <= {len(devices) // tensor_parallel_size}"
+        )
+    return [
+        make_mesh(tensor_parallel_size, devices[r * tensor_parallel_size :])
+        for r in range(data_parallel_size)
+    ]

@@ -287,3 +287,28 @@ def test_mesh_argument_and_size_must_agree():
     weights = model.params["layers_0"]["mlp"]["down"]
     assert isinstance(weights.sharding, NamedSharding)
     assert jax.tree.leaves(model.params)[0].sharding.mesh == mesh
+
+
+# -- data parallel replicas -----------------------------------------------------------------------
+
+
+def test_data_parallel_replicas_equal_one_engine():
+    """Two replicas of N = 2 on devices 0-1 and 2-3; unseeded samples too (one seed stream)."""
+    model = tiny(2)
+    sampled = SamplingParams(temperature=0.9, max_tokens=6, ignore_eos=True)
+    one = make_llm(model)
+    refs = [outputs(one, p) for p in (GREEDY, sampled)]
+    llm = make_llm(model, tensor_parallel_size=2, data_parallel_size=2)
+    devices = [
+        {d.id for d in e.model.params["embed"].sharding.device_set} for e in llm.engines
+    ]
+    assert devices == [{0, 1}, {2, 3}]
+    for params, ref in zip((GREEDY, sampled), refs):
+        got = outputs(llm, params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    assert all(e.stats["steps"] > 0 for e in llm.engines)  # both did work
+
+
+def test_data_parallel_needs_the_devices():
+    with pytest.raises(ValueError, match=r"needs 12 devices but 8 exist: use data_parallel_size <= 2"):
+        make_llm(tiny(2), tensor_parallel_size=4, data_parallel_size=3)
