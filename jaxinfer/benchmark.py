@@ -12,6 +12,7 @@ taking a sweep down (`run_isolated` for a peer in its own process, `Journal` +
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -122,14 +123,64 @@ def shape(name: str, layers: int = 0) -> dict:
     return dict(SHAPES[name], **({"num_layers": layers} if layers else {}))
 
 
-def random_model(name: str, dtype: str = "bfloat16", layers: int = 0):
-    """A jaxinfer.Model of shape `name` with random weights in `dtype`, on the default device."""
+def random_model(
+    name: str, dtype: str = "bfloat16", layers: int = 0, mesh=None, moe: str = "expert"
+):
+    """A jaxinfer.Model of shape `name` with random weights in `dtype`, on the default device, or
+    made straight into its shards over `mesh` (a 70B model fits no one device)."""
     import jax.numpy as jnp
 
     import jaxinfer
 
     cfg = jaxinfer.ModelConfig(**shape(name, layers))
-    return jaxinfer.Model(cfg, jaxinfer.init_params(cfg, dtype), None, jnp.dtype(dtype))
+    if mesh is None:
+        return jaxinfer.Model(cfg, jaxinfer.init_params(cfg, dtype), None, jnp.dtype(dtype))
+    from jaxinfer.sharding import resolve_parallel
+
+    parallel = resolve_parallel(cfg, mesh=mesh, moe=moe)
+    params = _random_sharded_params(cfg, dtype, parallel)
+    return jaxinfer.Model(cfg, params, None, jnp.dtype(dtype), parallel=parallel)
+
+
+def _random_sharded_params(cfg, dtype, parallel):
+    """Normal(0, 0.02) weights and unit norms, each made on its devices by a small program (one
+    per distinct shape and sharding), never whole on one device."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.model import abstract_params
+    from jaxinfer.sharding import param_shardings
+
+    shapes, _ = abstract_params(cfg, dtype)
+    shardings = param_shardings(cfg, dtype, parallel)
+    paths = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    leaves = []
+    for i, ((path, s), sharding) in enumerate(zip(paths, jax.tree.leaves(shardings))):
+        norm = "norm" in jax.tree_util.keystr(path)
+        make = _ones if norm else _normal
+        leaves.append(make(s.shape, jnp.dtype(s.dtype), sharding, jax.random.key(i)))
+    return jax.tree.unflatten(jax.tree.structure(shapes), leaves)
+
+
+@functools.cache
+def _program(kind: str, shape, dtype, sharding):
+    import jax
+    import jax.numpy as jnp
+
+    if kind == "ones":
+        return jax.jit(lambda key: jnp.ones(shape, dtype), out_shardings=sharding)
+    return jax.jit(
+        lambda key: (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype),
+        out_shardings=sharding,
+    )
+
+
+def _ones(shape, dtype, sharding, key):
+    return _program("ones", shape, dtype, sharding)(key)
+
+
+def _normal(shape, dtype, sharding, key):
+    return _program("normal", shape, dtype, sharding)(key)
 
 
 def hf_random_model(spec: dict):

@@ -48,20 +48,29 @@ def percentiles(values) -> dict:
     )
 
 
-def run_engine(engine, requests) -> dict:
+def run_engine(engines, requests) -> dict:
+    """The requests through one engine, or spread over data-parallel replicas (round robin by
+    queued tokens, each stepped in turn)."""
     from jaxinfer.sampling import SamplingParams
 
+    engines = engines if isinstance(engines, list) else [engines]
+    engine = engines[0]
     start = time.perf_counter()
+    load = [0] * len(engines)
     for i, (prompt, out_len) in enumerate(requests):
-        engine.add_request(
+        r = load.index(min(load))
+        load[r] += len(prompt) + out_len
+        engines[r].add_request(
             str(i), prompt, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
         )
-    done, steps0 = {}, engine.stats["steps"]
-    engine.stats["max_pages_used"] = 0  # this workload's peak, not an earlier one's
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    done, steps0 = {}, sum(e.stats["steps"] for e in engines)
+    for e in engines:
+        e.stats["max_pages_used"] = 0  # this workload's peak, not an earlier one's
+    while any(e.has_unfinished_requests() for e in engines):
+        for e in engines:
+            for out in e.step():
+                if out.finished:
+                    done[out.request_id] = out
     wall = time.perf_counter() - start
     outs = [done[str(i)] for i in range(len(requests))]
     assert all(len(o.token_ids) == n for o, (_, n) in zip(outs, requests))
@@ -73,7 +82,7 @@ def run_engine(engine, requests) -> dict:
         "wall_s": wall,
         "out_tok_per_s": n_out / wall,
         "total_tok_per_s": (n_out + sum(len(p) for p, _ in requests)) / wall,
-        "steps": engine.stats["steps"] - steps0,
+        "steps": sum(e.stats["steps"] for e in engines) - steps0,
         "ttft_s": percentiles([o.first_token_time - o.arrival_time for o in outs]),
         "tpot_s": percentiles(
             [
@@ -82,9 +91,9 @@ def run_engine(engine, requests) -> dict:
                 if len(o.token_ids) > 1
             ]
         ),
-        "max_pages_used": engine.stats["max_pages_used"],
+        "max_pages_used": max(e.stats["max_pages_used"] for e in engines),
         "num_pages": engine.num_pages,
-        "preemptions": engine.stats["preemptions"],
+        "preemptions": sum(e.stats["preemptions"] for e in engines),
     }
 
 
@@ -186,6 +195,14 @@ def main() -> int:
         action="store_true",
         help="rerun the first workload with async_scheduling off (same engine)",
     )
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas")
+    p.add_argument("--moe-parallel", default="expert", choices=["expert", "ffn"])
+    p.add_argument(
+        "--mesh",
+        action="store_true",
+        help="place the model on a device mesh even at size 1 (the sharded code path)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     shape = bm.shape(args.model, args.layers)
@@ -205,8 +222,6 @@ def main() -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     import jax
 
-    from jaxinfer.engine import Engine
-
     report = {
         "device": bm.default_device().device_kind,
         "jax": jax.__version__,
@@ -218,19 +233,9 @@ def main() -> int:
     if hf_error:
         report["hf_error"] = hf_error
         print("HF peer failed:\n" + hf_error, flush=True)
-    model = bm.random_model(args.model, "bfloat16", args.layers)
-    cfg = model.config
-    t0 = time.perf_counter()
-    engine = Engine(
-        model,
-        max_num_seqs=args.max_num_seqs,
-        page_size=args.page_size,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        num_pages=args.num_pages,
-        attention_impl=args.impl,
-        enable_prefix_caching=False,
-    )
-    report["startup_s"] = time.perf_counter() - t0
+    engines = make_engines(args)
+    engine, cfg = engines[0], engines[0].model.config
+    report["startup_s"] = engines[0].startup_s
     print(
         json.dumps(
             {
@@ -244,8 +249,9 @@ def main() -> int:
     runs = [(spec, True) for spec in specs] + ([(specs[0], False)] if args.sync_too else [])
     for spec, overlap in runs:
         requests = workload(spec, cfg.vocab_size)
-        engine.config = dataclasses.replace(engine.config, async_scheduling=overlap)
-        row = run_engine(engine, requests)
+        for e in engines:
+            e.config = dataclasses.replace(e.config, async_scheduling=overlap)
+        row = run_engine(engines, requests)
         row.update(limits_for(cfg, requests, report["limits"]), async_scheduling=overlap)
         if len(requests) == 1:
             row["x_batch1_roofline"] = row["tpot_s"]["p50"] * 1e3 / row["batch1_roofline_ms"]
@@ -253,12 +259,38 @@ def main() -> int:
         if spec in peers:
             row["hf"] = peers[spec]
         report["workloads"][spec] = row
-        report["num_compiles"] = engine.runner.num_compiles
+        report["num_compiles"] = sum(e.runner.num_compiles for e in engines)
         print(json.dumps({spec: row}), flush=True)
         if args.out:
             bm.write_json(args.out, report)
     print_table(report)
     return 0
+
+
+def make_engines(args) -> list:
+    """One engine per data-parallel replica, each over its own tensor-parallel devices (a mesh
+    when --mesh or a size > 1); `startup_s` of the first includes making its weights."""
+    from jaxinfer.engine import Engine
+    from jaxinfer.sharding import replica_meshes
+
+    tp, dp = args.tensor_parallel_size, args.data_parallel_size
+    meshes = replica_meshes(tp, dp) if (tp > 1 or dp > 1 or args.mesh) else [None]
+    engines = []
+    for mesh in meshes:
+        t0 = time.perf_counter()
+        model = bm.random_model(args.model, "bfloat16", args.layers, mesh, args.moe_parallel)
+        engine = Engine(
+            model,
+            max_num_seqs=args.max_num_seqs,
+            page_size=args.page_size,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            num_pages=args.num_pages,
+            attention_impl=args.impl,
+            enable_prefix_caching=False,
+        )
+        engine.startup_s = time.perf_counter() - t0
+        engines.append(engine)
+    return engines
 
 
 def run_hf(args) -> dict:

@@ -299,9 +299,7 @@ def test_data_parallel_replicas_equal_one_engine():
     one = make_llm(model)
     refs = [outputs(one, p) for p in (GREEDY, sampled)]
     llm = make_llm(model, tensor_parallel_size=2, data_parallel_size=2)
-    devices = [
-        {d.id for d in e.model.params["embed"].sharding.device_set} for e in llm.engines
-    ]
+    devices = [{d.id for d in e.model.params["embed"].sharding.device_set} for e in llm.engines]
     assert devices == [{0, 1}, {2, 3}]
     for params, ref in zip((GREEDY, sampled), refs):
         got = outputs(llm, params)
@@ -310,5 +308,7 @@ def test_data_parallel_replicas_equal_one_engine():
 
 
 def test_data_parallel_needs_the_devices():
-    with pytest.raises(ValueError, match=r"needs 12 devices but 8 exist: use data_parallel_size <= 2"):
+    with pytest.raises(
+        ValueError, match=r"needs 12 devices but 8 exist: use data_parallel_size <= 2"
+    ):
         make_llm(tiny(2), tensor_parallel_size=4, data_parallel_size=3)
