@@ -198,6 +198,8 @@ def main() -> int:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--keep-trace", default=None, help="copy the raw trace to this folder")
     p.add_argument("--limits", action="store_true", help="measure copy bandwidth and matmul peak")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--mesh", action="store_true", help="a device mesh even at size 1")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where it is stuck
@@ -207,7 +209,12 @@ def main() -> int:
     from jaxinfer.engine import Engine
     from jaxinfer.sampling import SamplingParams
 
-    model = bm.random_model(args.model, "bfloat16", args.layers or 0)
+    mesh = None
+    if args.mesh or args.tensor_parallel_size > 1:
+        from jaxinfer.sharding import make_mesh
+
+        mesh = make_mesh(args.tensor_parallel_size)
+    model = bm.random_model(args.model, "bfloat16", args.layers or 0, mesh)
     cfg = model.config
     limits = bm.NO_LIMITS
     if args.limits and jax.default_backend() == "gpu":  # before the engine takes the memory
