@@ -78,6 +78,8 @@ from __future__ import annotations
 
 import os
 
+from jaxinfer.platform import logger
+
 ADDRESS_ENV = "JAXINFER_COORDINATOR_ADDRESS"
 COUNT_ENV = "JAXINFER_NUM_PROCESSES"
 ID_ENV = "JAXINFER_PROCESS_ID"
@@ -158,8 +160,8 @@ def check_options(address: str | None, count: int | None, pid: int | None) -> No
         )
 
 
-def detected_cluster() -> str | None:
-    """The name of the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU) that jax's own
+def detected_cluster():
+    """The cluster environment (SLURM, Open MPI, Kubernetes, Cloud TPU) that jax's own
     auto-detection finds this process in, or None."""
     try:
         from jax._src.clusters import ClusterEnv
@@ -167,20 +169,36 @@ def detected_cluster() -> str | None:
         return None
     for env in ClusterEnv._cluster_types:
         if not env.opt_in_only_method and env.is_env_present():
-            return env.__name__
+            return env
     return None
 
 
 def _initialize_detected() -> bool:
-    """jax's auto-detected initialize where a cluster is found (and has several processes)."""
+    """jax's auto-detected initialize where a cluster of several processes is found. A job of
+    one process is left alone: under SLURM jax would also pin it to one device."""
     import jax
 
     cluster = detected_cluster()
     if cluster is None:
         return False
+    try:
+        count = cluster.get_process_count()
+    except Exception as e:  # noqa: BLE001 - e.g. a Kubernetes pod that no Job owns
+        logger.warning(
+            "found a %s environment but not its process count (%s): running as one process; "
+            "set $%s, $%s and $%s to join several",
+            cluster.__name__,
+            e,
+            ADDRESS_ENV,
+            COUNT_ENV,
+            ID_ENV,
+        )
+        return False
+    if count <= 1:
+        return False
     _use_cpu_collectives()
     jax.distributed.initialize()
-    return jax.process_count() > 1
+    return True
 
 
 def _use_cpu_collectives() -> None:

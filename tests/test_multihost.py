@@ -182,8 +182,37 @@ def test_one_process_does_nothing(monkeypatch):
 
     for name in (distributed.ADDRESS_ENV, distributed.COUNT_ENV, distributed.ID_ENV):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(distributed, "detected_cluster", lambda: None)
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("called"))
+    monkeypatch.setattr(distributed, "detected_cluster", lambda: None)
     assert distributed.initialize() is False
     assert distributed.initialize(num_processes=1) is False
     assert distributed.initialize("127.0.0.1:1234", 1, 0) is False
+
+
+class OneTaskJob:
+    """A SLURM step of one task, as jax's cluster detection sees it."""
+
+    @staticmethod
+    def get_process_count():
+        return 1
+
+
+class PodOfNoJob:
+    """A Kubernetes pod that no Job owns (a Deployment's)."""
+
+    @staticmethod
+    def get_process_count():
+        raise KeyError("job-name")
+
+
+@pytest.mark.parametrize("cluster", [OneTaskJob, PodOfNoJob])
+def test_a_cluster_of_one_process_is_left_alone(cluster, monkeypatch):
+    import jax
+
+    from jaxinfer import distributed
+
+    for name in (distributed.ADDRESS_ENV, distributed.COUNT_ENV, distributed.ID_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("called"))
+    monkeypatch.setattr(distributed, "detected_cluster", lambda: cluster)
+    assert distributed.initialize() is False
