@@ -105,9 +105,7 @@ def initialize(
 
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
-    address = coordinator_address or os.environ.get(ADDRESS_ENV) or None
-    count = _number("num_processes", COUNT_ENV, num_processes)
-    pid = _number("process_id", ID_ENV, process_id)
+    address, count, pid = _options(coordinator_address, num_processes, process_id)
     if address is None and count is None and pid is None:
         return _initialize_detected()
     check_options(address, count, pid)
@@ -117,6 +115,25 @@ def initialize(
     # Our options say it all: no cluster detection (under SLURM it would also pin one device).
     jax.distributed.initialize(address, count, pid, cluster_detection_method="deactivate")
     return True
+
+
+def requested_processes() -> int:
+    """How many processes the environment asks for ($JAXINFER_NUM_PROCESSES, else a detected
+    cluster's count, else 1), without joining them."""
+    _, count, _ = _options(None, None, None)
+    if count is not None:
+        return count
+    cluster = detected_cluster()
+    return 1 if cluster is None else _cluster_count(cluster)
+
+
+def _options(address, count, pid) -> tuple[str | None, int | None, int | None]:
+    """The three options, each from its argument or else its environment variable."""
+    return (
+        address or os.environ.get(ADDRESS_ENV) or None,
+        _number("num_processes", COUNT_ENV, count),
+        _number("process_id", ID_ENV, pid),
+    )
 
 
 def _number(name: str, env: str, value) -> int | None:
@@ -179,10 +196,17 @@ def _initialize_detected() -> bool:
     import jax
 
     cluster = detected_cluster()
-    if cluster is None:
+    if cluster is None or _cluster_count(cluster) <= 1:
         return False
+    _use_cpu_collectives()
+    jax.distributed.initialize()
+    return True
+
+
+def _cluster_count(cluster) -> int:
+    """The processes of a detected cluster's job; 1 where it cannot say."""
     try:
-        count = cluster.get_process_count()
+        return int(cluster.get_process_count())
     except Exception as e:  # noqa: BLE001 - e.g. a Kubernetes pod that no Job owns
         logger.warning(
             "found a %s environment but not its process count (%s): running as one process; "
@@ -193,12 +217,7 @@ def _initialize_detected() -> bool:
             COUNT_ENV,
             ID_ENV,
         )
-        return False
-    if count <= 1:
-        return False
-    _use_cpu_collectives()
-    jax.distributed.initialize()
-    return True
+        return 1
 
 
 def _use_cpu_collectives() -> None:
