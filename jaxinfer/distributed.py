@@ -7,11 +7,14 @@ own devices (`jax.local_devices()`), and XLA's collectives cross the hosts (NCCL
 on CPUs).
 
 Every process runs the same engine on the same requests: the scheduler is deterministic, so all
-of them plan the same steps, place the same host arrays on the global mesh and launch the same
-programs, and every process reads the same sampled tokens from its own devices. Offline batch
-generation (`LLM`) works so on every process; the servers (`scripts/serve.py`) do not yet: only
-one process can take requests, and the others would have to be told of each request, so a
-server refuses to start under several processes.
+of them plan the same steps, place the same host arrays on the global mesh (`sharding.put`, each
+process its own devices' copies) and launch the same programs, and every process reads the same
+sampled tokens from its own devices (`Runner.collect`). The KV pool is the least that every
+process's devices can hold (`agree_min`). Offline batch generation (`LLM`, `python -m jaxinfer
+generate`) works so; the servers (`scripts/serve.py`) do not yet: only one process can take
+requests, and the others would have to be told of each one, so a server refuses to start as one
+of several. The mesh must hold devices of every process (`check_mesh`): tensor parallel over all
+of them, not one host's share.
 
 Launching. `initialize()` reads, in order of precedence, its arguments, then
 
@@ -71,7 +74,9 @@ As a Kubernetes indexed Job, with a headless service so that pod 0 has a stable 
             resources: {limits: {nvidia.com/gpu: 8}}
 
 Every process must see the same model files (a shared volume, or a copy on each host) and pass
-the same options and prompts; every process returns the same outputs.
+the same options and prompts; every process returns the same outputs. jaxinfer's own (orbax)
+checkpoints load only where every process has as many devices as the others. On CPUs (tests),
+gloo prints a line on stdout for each group of devices it connects.
 """
 
 from __future__ import annotations
@@ -265,6 +270,6 @@ def check_mesh(mesh) -> None:
         total = len(jax.devices())
         raise ValueError(
             f"with {n} processes the model must be split over devices of each of them: "
-            f"tensor_parallel_size {len(devices) or 1} uses those of {len(held) or 1}; "
+            f"tensor_parallel_size {len(devices) or 1} uses the devices of {len(held) or 1}; "
             f"use tensor_parallel_size={total} (every device of the {n} processes)"
         )
