@@ -41,13 +41,16 @@ each seeing all of its node's GPUs:
 
     srun --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 python my_batch.py
 
+Open MPI likewise (`mpirun -np 16 ...`, one rank per GPU). To run one process per host over all
+of its GPUs instead, set the three variables in each task (they switch detection off).
+
 As a Kubernetes indexed Job, with a headless service so that pod 0 has a stable host name
 (`<job>-0.<service>`); the completion index is the process id:
 
     apiVersion: v1
     kind: Service
     metadata: {name: jaxinfer}
-    spec: {clusterIP: None, selector: {job-name: jaxinfer}}
+    spec: {clusterIP: None, publishNotReadyAddresses: true, selector: {job-name: jaxinfer}}
     ---
     apiVersion: batch/v1
     kind: Job

@@ -180,8 +180,8 @@ def put(x, sharding):
     """`jax.device_put(x, sharding)` of an array that every process holds alike (host data, or
     an array on one of this process's devices). Over a mesh of several processes each process
     puts only its own devices' shards, taken from its copy: device_put would first compare the
-    copies across the processes (a collective each call), and refuses an array already on a
-    device."""
+    copies across the processes (an all-gather of the data each call), and refuses an array
+    committed to one device."""
     if sharding is None or sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
     return jax.make_array_from_callback(
