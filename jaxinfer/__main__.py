@@ -1,4 +1,10 @@
-"""Command line: `python -m jaxinfer generate [--model PATH] [--chat] "prompt"` streams text."""
+"""Command line: `python -m jaxinfer generate [--model PATH] [--chat] "prompt"` streams text.
+
+`--tensor-parallel-size N` splits the model over N devices; over several hosts, run the same
+command in every process with `--coordinator-address/--num-processes/--process-id` (or the
+$JAXINFER_* variables, or under SLURM nothing: see jaxinfer/distributed.py): every process
+computes, process 0 prints.
+"""
 
 from __future__ import annotations
 
@@ -30,19 +36,54 @@ def _parser() -> argparse.ArgumentParser:
         help="default: bfloat16 on a GPU, float32 on a CPU",
     )
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="devices to split the model over (with several processes: all of theirs together)",
+    )
+    hosts = gen.add_argument_group(
+        "several hosts", "default: $JAXINFER_COORDINATOR_ADDRESS etc., or a SLURM / MPI job"
+    )
+    hosts.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    hosts.add_argument("--num-processes", type=int, default=None, help="processes in all")
+    hosts.add_argument("--process-id", type=int, default=None, help="this one's, from 0")
     return parser
 
 
 def generate_command(args) -> int:
+    from jaxinfer import distributed
+
+    several = distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    import jax
+
     import jaxinfer
     from jaxinfer.platform import log_device
     from jaxinfer.tokenizer import IncrementalDetokenizer, encode_prompt
 
     log_device()
-    model = jaxinfer.load_model(args.model, dtype=args.dtype)
+    model = jaxinfer.load_model(
+        args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size
+    )
     prompt = encode_prompt(model.tokenizer, args.prompt, chat=args.chat)
     detok = IncrementalDetokenizer(model.tokenizer)
-    for token in jaxinfer.stream(
+    tokens = engine_tokens(model, prompt, args) if several else stream_tokens(model, prompt, args)
+    out = sys.stdout if jax.process_index() == 0 else None  # the others compute the same
+    for token in tokens:
+        text = detok.push(token)
+        if out is not None:
+            out.write(text)
+            out.flush()
+    if out is not None:
+        out.write("\n")
+    return 0
+
+
+def stream_tokens(model, prompt: list[int], args):
+    """The new tokens of `jaxinfer.stream` (one process)."""
+    import jaxinfer
+
+    return jaxinfer.stream(
         model,
         prompt,
         max_new_tokens=args.max_new_tokens,
@@ -50,11 +91,26 @@ def generate_command(args) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-    ):
-        sys.stdout.write(detok.push(token))
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    return 0
+    )
+
+
+def engine_tokens(model, prompt: list[int], args):
+    """The new tokens from the engine, step by step: with several processes, each runs the
+    same steps (`stream` is one process's program)."""
+    from jaxinfer import Engine, SamplingParams
+
+    engine = Engine(model, max_num_seqs=1, warmup=False)
+    params = SamplingParams(
+        max_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    engine.add_request("cli", prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            yield from out.new_token_ids
 
 
 def main(argv: list[str] | None = None) -> int:

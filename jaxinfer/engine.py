@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import attention
+from jaxinfer.distributed import agree_min, check_mesh, local_devices
 from jaxinfer.kv_cache import init_pages, page_bytes
 from jaxinfer.model import Model
 from jaxinfer.platform import free_memory_bytes, log_device, logger, use_compilation_cache
@@ -181,6 +182,7 @@ class Engine:
             model.parallel.moe,
         ):
             model = shard_model(model, size, moe=config.moe_parallel)
+        check_mesh(model.parallel.mesh)  # several processes: a mesh over all of them
         self.model, self.config = model, config
         use_compilation_cache(config.compilation_cache_dir)
         self.max_model_len = config.max_model_len
@@ -257,10 +259,14 @@ class Engine:
     def _num_pages(self) -> int:
         """The pool's pages: `num_pages` if it fits in free memory (else a ValueError, before any
         allocation), or `kv_cache_memory_fraction` of the free memory; on a CPU, whose memory the
-        rest of the machine shares, at most enough for every seat at full length."""
+        rest of the machine shares, at most enough for every seat at full length. Several
+        processes each measure their own devices and take the least pool of them all."""
+        return agree_min(self._local_num_pages())
+
+    def _local_num_pages(self) -> int:
         c, per_page = self.config, self._page_bytes()
         mesh = self.model.parallel.mesh
-        free = free_memory_bytes(None if mesh is None else mesh.devices.flat)
+        free = free_memory_bytes(None if mesh is None else local_devices(mesh.devices.flat))
         if c.num_pages is not None:
             if free is not None and c.num_pages * per_page > free:
                 raise ValueError(

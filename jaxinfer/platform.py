@@ -44,13 +44,16 @@ def nvidia_gpu_present(timeout_s: float = 10.0) -> bool:
 
 
 def device_summary() -> str:
-    """e.g. '1 x NVIDIA H200 (gpu, jax 0.11.2)' or '1 x cpu (cpu, jax 0.10.2)'."""
+    """e.g. '1 x NVIDIA H200 (gpu, jax 0.11.2)' or '1 x cpu (cpu, jax 0.10.2)'; with several
+    processes, every process's devices and this one's number ('..., process 1 of 2')."""
     import jax
 
     devices = jax.devices()
+    n = jax.process_count()
+    processes = f", process {jax.process_index()} of {n}" if n > 1 else ""
     return (
         f"{len(devices)} x {devices[0].device_kind} "
-        f"({jax.default_backend()}, jax {jax.__version__})"
+        f"({jax.default_backend()}, jax {jax.__version__}{processes})"
     )
 
 

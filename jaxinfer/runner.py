@@ -39,7 +39,7 @@ from jaxinfer.sampling import (
     sampling_arrays,
 )
 from jaxinfer.scheduler import PLACEHOLDER, StepPlan
-from jaxinfer.sharding import MODEL
+from jaxinfer.sharding import MODEL, put_tree
 
 
 class StepBatch(NamedTuple):
@@ -106,7 +106,9 @@ class Runner:
         # Two programs per step: the model (pages donated) and the sampler, whose static mode
         # (greedy / sample / filter) replaces on-device conds that would stall the host.
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1,))
-        self._sample = jax.jit(self._sample_fn, static_argnums=(4,))
+        # Its samples whole on every device, so each process reads them from its own.
+        replicated = {} if mesh is None else {"out_shardings": self.replicated}
+        self._sample = jax.jit(self._sample_fn, static_argnums=(4,), **replicated)
         # The last dispatched step's sampled tokens [max_num_seqs] (on the device) and its rows.
         self.prev_tokens = jnp.zeros(max_num_seqs, jnp.int32, device=self.replicated)
         self._prev_rows: dict[str, int] = {}
@@ -171,9 +173,11 @@ class Runner:
 
     @staticmethod
     def collect(handle: tuple[int, SampleOutput]) -> SampleOutput:
-        """Waits for a dispatched step; its sequences' samples (rows in plan order), on host."""
+        """Waits for a dispatched step; its sequences' samples (rows in plan order), on host.
+        The samples are whole on each device: each process reads its first device's copy."""
         n, out = handle
-        return SampleOutput(*(x[:n] for x in jax.device_get(out)))  # one transfer
+        local = [x.addressable_data(0) for x in out]
+        return SampleOutput(*(x[:n] for x in jax.device_get(local)))  # one transfer
 
     def warmup(self, penalties: bool = False, progress: bool = True) -> None:
         """Compiles every program once: the forward of each token bucket and its decode-only
@@ -255,7 +259,7 @@ class Runner:
         )
         host = (tokens, src, positions, (slots, tables, kv_lens, cu), sample_idx, sampling)
         # One transfer (over a mesh: the same arrays to every device).
-        tokens, src, positions, meta, sample_idx, sampling = jax.device_put(host, self.replicated)
+        tokens, src, positions, meta, sample_idx, sampling = put_tree(host, self.replicated)
         history, is_output = self._history(rows, b)
         return StepBatch(
             tokens,
@@ -278,7 +282,7 @@ class Runner:
             if uses_penalties(r.params):
                 ids[i, : len(r.token_ids)] = r.token_ids
                 is_output[i, r.num_prompt_tokens : len(r.token_ids)] = True
-        return jax.device_put((ids, is_output), self.replicated)
+        return put_tree((ids, is_output), self.replicated)
 
     def _padding_batch(self, t: int, penalties: bool, decode: bool) -> StepBatch:
         b = min(t, self.max_num_seqs)
@@ -290,9 +294,9 @@ class Runner:
             zeros(b + 1),
             decode=decode,
         )
-        sampling = jax.device_put(sampling_arrays([], [], [], pad_to=b), self.replicated)
+        sampling = put_tree(sampling_arrays([], [], [], pad_to=b), self.replicated)
         history = (
-            jax.device_put(
+            put_tree(
                 (
                     np.full((b, self.max_model_len), -1, np.int32),
                     np.zeros((b, self.max_model_len), bool),

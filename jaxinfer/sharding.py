@@ -171,7 +171,30 @@ def place_params(params: Any, cfg: ModelConfig, parallel: Parallel) -> Any:
     if parallel.mesh is None:
         return params
     dtype = jax.tree.leaves(params)[0].dtype
-    return jax.device_put(params, param_shardings(cfg, dtype, parallel))
+    shardings = param_shardings(cfg, dtype, parallel)
+    if parallel.mesh.is_multi_process:  # see `put`
+        return jax.tree.map(put, params, shardings)
+    return jax.device_put(params, shardings)
+
+
+def put(x, sharding):
+    """`jax.device_put(x, sharding)` of an array that every process holds alike (host data, or
+    an array on one of this process's devices). Over a mesh of several processes each process
+    puts only its own devices' shards, taken from its copy: device_put would first compare the
+    copies across the processes (an all-gather of the data each call), and refuses an array
+    committed to one device."""
+    if sharding is None or sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(
+        np.shape(x), sharding, lambda index: x[index], dtype=x.dtype
+    )
+
+
+def put_tree(tree: Any, sharding) -> Any:
+    """`put` of every array of `tree` onto one sharding (one transfer with one process)."""
+    if sharding is None or sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda x: put(x, sharding), tree)
 
 
 # -- the KV pool ----------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ and/or the OpenAI-compatible HTTP API (jaxinfer/serving/http_server.py).
         --tls-cert cert.pem --tls-key key.pem --metrics-port 9090 --max-num-seqs 128
     python scripts/serve.py --http-port 8000               # gRPC on 50051 and OpenAI HTTP on 8000
     python scripts/serve.py --http-port 8000 --no-grpc     # HTTP only
+    python scripts/serve.py --tensor-parallel-size 8       # the model split over 8 GPUs
+
+One process on one host: a server does not run over several hosts yet (jaxinfer/distributed.py).
 """
 
 import os

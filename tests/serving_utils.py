@@ -36,8 +36,9 @@ class ServerProcess:
         self.port = free_port()
         self.log_path = log_path
         self.root_cert = root_cert
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **(env or {})}
-        env.pop("XLA_FLAGS", None)  # one CPU device is enough for a server
+        base = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+        base.pop("XLA_FLAGS", None)  # one CPU device is enough for a server (unless `env` says)
+        env = {**base, **(env or {})}
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [

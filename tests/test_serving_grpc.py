@@ -323,17 +323,50 @@ def test_metrics_and_one_log_line_per_request(stub, server):
     ), lines
 
 
-def test_tensor_parallel_is_refused_with_one_line():
+def serve_refusal(*args: str, env: dict | None = None) -> str:
+    """The last stderr line of a serve.py that must refuse to start (exit code 2)."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "serve.py"), "--tensor-parallel-size", "2"],
+        [sys.executable, str(ROOT / "scripts" / "serve.py"), *args],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"},
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin", "JAX_PLATFORMS": "cpu", **(env or {})},
     )
-    assert proc.returncode == 2
-    assert "tensor parallelism is not supported yet" in proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_tensor_parallel_beyond_the_devices_is_refused_with_one_line():
+    line = serve_refusal("--tensor-parallel-size", "2")
+    assert "--tensor-parallel-size 2 needs that many devices but 1 exist" in line
+
+
+def test_several_processes_are_refused_with_one_line():
+    env = {"JAXINFER_NUM_PROCESSES": "2", "JAXINFER_PROCESS_ID": "0"}
+    line = serve_refusal(env={**env, "JAXINFER_COORDINATOR_ADDRESS": "127.0.0.1:1"})
+    assert "2 processes asked for" in line and "offline batches (LLM) only" in line
+
+
+def test_tensor_parallel_server_equals_llm_generate(tiny_path, llm, tmp_path):
+    """The model split over 2 devices: ModelInfo says so, and greedy tokens are the same."""
+    srv = ServerProcess(
+        ["--model", str(tiny_path), *ENGINE_ARGS, "--tensor-parallel-size", "2"],
+        tmp_path / "server.log",
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
+    try:
+        srv.wait_healthy(240)
+        with srv.channel() as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            assert stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).tensor_parallel_size == 2
+            ps = prompts(2, seed=3)
+            sampling = dict(max_tokens=8, ignore_eos=True, **GREEDY)
+            for prompt, ref in zip(ps, reference(llm, ps, **sampling)):
+                out = stub.Generate(generate_request(prompt, **sampling), timeout=120)
+                assert list(out.token_ids) == ref.token_ids
+    finally:
+        assert srv.stop() == 0, srv.log()
 
 
 def test_sigterm_drains_requests_in_flight_and_exits_0(server, stub, llm):

@@ -129,7 +129,6 @@ class ServedModel:
     """What ModelInfo says of the model beside the engine's live state."""
 
     path: str
-    tensor_parallel_size: int = 1
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -160,7 +159,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             context_length=engine.max_model_len,
             vocab_size=cfg.vocab_size,
             dtype=np.dtype(engine.model.dtype).name,
-            tensor_parallel_size=self.served.tensor_parallel_size,
+            tensor_parallel_size=engine.model.tensor_parallel_size,
             kv_pages_total=stats.kv_pages_total,
             kv_pages_free=stats.kv_pages_free,
             kv_page_size=engine.config.page_size,
@@ -324,7 +323,7 @@ async def serve(args: argparse.Namespace, engine: Engine, model_path: str) -> in
     if args.grpc:
         server = await start_server(
             loop,
-            ServedModel(model_path, args.tensor_parallel_size),
+            ServedModel(model_path),
             host=args.host,
             port=args.port,
             api_key=args.api_key,
@@ -400,6 +399,7 @@ def main(argv: list[str] | None = None, model=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     options.check_server_args(p, args)
+    options.check_processes_and_devices(p, args)
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,

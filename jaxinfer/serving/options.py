@@ -28,7 +28,7 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
         "--tensor-parallel-size",
         type=int,
         default=1,
-        help="devices to shard the model over (only 1: tensor parallelism is not supported yet)",
+        help="devices to split the model over (tensor parallel, on this host)",
     )
     e = parser.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one step")
@@ -118,11 +118,8 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
 
 def check_server_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuses option values the server cannot serve, as one-line parser errors."""
-    if args.tensor_parallel_size != 1:
-        parser.error(
-            f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is "
-            "not supported yet; only 1 is accepted"
-        )
+    if args.tensor_parallel_size < 1:
+        parser.error(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     for name in ("tls_cert", "tls_key"):
@@ -134,6 +131,29 @@ def check_server_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if args.max_queue < 1:
         parser.error(f"--max-queue must be >= 1, got {args.max_queue}")
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def check_processes_and_devices(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """Refuses, as a one-line parser error, a server of several processes (they would all have
+    to be told of every request; jaxinfer/distributed.py) and a --tensor-parallel-size beyond
+    this host's devices. Starts jax's backend."""
+    from jaxinfer import distributed
+
+    n = distributed.requested_processes()
+    if n > 1:
+        parser.error(
+            f"{n} processes asked for (${distributed.COUNT_ENV} or the cluster): a server runs "
+            "in one process, tensor parallel over its host's devices; several hosts serve "
+            "offline batches (LLM) only for now"
+        )
+    import jax
+
+    devices = len(jax.devices())
+    if args.tensor_parallel_size > devices:
+        parser.error(
+            f"--tensor-parallel-size {args.tensor_parallel_size} needs that many devices "
+            f"but {devices} exist"
+        )
 
 
 def engine_config(args: argparse.Namespace):
@@ -151,6 +171,7 @@ def engine_config(args: argparse.Namespace):
         attention_impl=args.attention_impl,
         seed=args.seed,
         warmup=args.warmup,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 
@@ -159,4 +180,5 @@ def load_served_model(args: argparse.Namespace):
     from jaxinfer.checkpoint import ensure_default_model, load_model
 
     path = args.model if args.model is not None else ensure_default_model()
-    return load_model(path, dtype=args.dtype), str(path)
+    model = load_model(path, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size)
+    return model, str(path)
