@@ -216,6 +216,7 @@ class Engine:
             max_model_len=self.max_model_len,
             smallest_bucket=config.smallest_bucket,
             mesh=model.parallel.mesh,
+            bucket_tables=impl != "pallas" and not config.warmup,
         )
         self.requests: dict[str, _Request] = {}
         self._aborted: list[RequestOutput] = []

@@ -92,6 +92,7 @@ class Runner:
         max_model_len: int,
         smallest_bucket: int = 16,
         mesh=None,
+        bucket_tables: bool = False,
     ):
         self.decoder, self.params, self.pages = decoder, params, pages
         # The mesh the params and pages are split over, if any; every batch array is then whole
@@ -101,6 +102,10 @@ class Runner:
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
         self.max_model_len = max_model_len
         self.max_pages_per_seq = math.ceil(max_model_len / page_size)
+        # Block tables as wide as the step's longest sequence needs (a power of two of pages)
+        # rather than the whole context: the XLA attention gathers every page a table lists.
+        # Each width is another program, so only where programs compile on first use.
+        self.bucket_tables = bucket_tables
         self.buckets = token_buckets(max_num_batched_tokens, smallest_bucket)
         self.num_compiles = 0  # traces of the forward and the sampler: each is one compilation
         # Two programs per step: the model (pages donated) and the sampler, whose static mode
@@ -235,7 +240,7 @@ class Runner:
         t, b = self.bucket(plan.num_tokens)
         tokens, positions = np.zeros(t, np.int32), np.zeros(t, np.int32)
         slots, src = np.full(t, -1, np.int32), np.full(t, -1, np.int32)
-        tables = np.zeros((b, self.max_pages_per_seq), np.int32)
+        tables = np.zeros((b, self.table_width(plan)), np.int32)
         kv_lens, cu = np.zeros(b, np.int32), np.zeros(b + 1, np.int32)
         sample_idx = np.zeros(b, np.int32)
         at = 0
@@ -271,6 +276,14 @@ class Runner:
             history,
             is_output,
         )
+
+    def table_width(self, plan: StepPlan) -> int:
+        """W of the step's block tables: the context's pages, or with `bucket_tables` the
+        power of two that holds the longest table of the plan."""
+        if not self.bucket_tables:
+            return self.max_pages_per_seq
+        need = max((len(s.block_table) for s in plan.seqs), default=1)
+        return min(self.max_pages_per_seq, 1 << max(need - 1, 0).bit_length())
 
     def _history(self, rows: Sequence[RowInfo], b: int):
         """Prompt + output ids [B, max_model_len] when any row uses penalties, else (None, None)."""

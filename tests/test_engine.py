@@ -396,3 +396,24 @@ def test_compiled_steps_go_to_the_persistent_cache(tiny_model, tmp_path):
         from jax._src import compilation_cache
 
         compilation_cache.reset_cache()  # JAX memoises "cache in use": later tests compile plainly
+
+
+def test_block_tables_as_wide_as_the_step_needs_on_the_xla_path(tiny_model):
+    """Programs compiled on first use read tables of a power-of-two width that holds the step's
+    longest sequence, not the whole context (the XLA attention gathers every listed page); the
+    tokens are those of full-width tables."""
+    prompts = prompts_of(tiny_model, (5, 70, 20), seed=4)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    options = dict(max_num_seqs=4, num_pages=64, max_model_len=256, attention_impl="xla")
+    llm = LLM(model=tiny_model, **options)
+    widths = []
+    build = llm.engine.runner.build
+    llm.engine.runner.build = lambda plan, rows: (
+        widths.append(build(plan, rows).meta.block_tables.shape[1]) or build(plan, rows)
+    )
+    got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert llm.engine.runner.max_pages_per_seq == 16
+    assert set(widths) <= {1, 2, 4, 8} and 8 in widths  # 70 + 10 tokens: 5 pages -> 8
+    full = LLM(model=tiny_model, **options)
+    full.engine.runner.bucket_tables = False
+    assert got == [o.token_ids for o in full.generate(prompts, params, use_tqdm=False)]
