@@ -11,6 +11,7 @@ pool [K, B * S / L, L, H] as it stands, so the paged decode kernel reads it with
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
@@ -112,6 +113,16 @@ class Block(nn.Module):
         return x + h, cache
 
 
+def _apply_block(block: Block, params, x, positions, cache, prefill: bool, paged):
+    return block.apply({"params": params}, x, positions, cache, prefill, paged)
+
+
+# Every layer has the same shapes: as a nested jit, a layer is traced once per program, not
+# once per layer (tracing 32 unrolled layers was ~1 s of each program's start-up); XLA inlines
+# the calls, so the compiled program is the same.
+_apply_block_jit = jax.jit(_apply_block, static_argnames=("block", "prefill"))
+
+
 class Decoder(nn.Module):
     """Token ids -> f32 logits, optionally reading and writing a KV cache."""
 
@@ -145,9 +156,7 @@ class Decoder(nn.Module):
         new_cache = []
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache[i]
-            x, layer_cache = Block(c, self.dtype, self.impl, self.parallel, name=f"layers_{i}")(
-                x, positions, layer_cache, prefill, paged
-            )
+            x, layer_cache = self._layer(i, x, positions, layer_cache, prefill, paged)
             new_cache.append(layer_cache)
         if paged is not None and logits_at is not None:
             x = x[0][logits_at][:, None]  # [B, 1, D]
@@ -162,3 +171,13 @@ class Decoder(nn.Module):
             )
             logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
         return logits, (None if cache is None else tuple(new_cache))
+
+    def _layer(self, i: int, x, positions, cache, prefill, paged):
+        """Layer i: declared as a submodule at init (and where intermediates are sown),
+        otherwise applied through the one nested jit that every layer shares."""
+        args = (self.cfg, self.dtype, self.impl, self.parallel)
+        if self.is_initializing() or self.is_mutable_collection("intermediates"):
+            return Block(*args, name=f"layers_{i}")(x, positions, cache, prefill, paged)
+        params = self.variables["params"][f"layers_{i}"]
+        block = Block(*args, parent=None)
+        return _apply_block_jit(block, params, x, positions, cache, prefill, paged)
