@@ -6,11 +6,13 @@ to lay them out. A missing, extra or mis-shaped tensor is an error naming the te
 shapes, raised before any tensor is read.
 
 Loading at scale: the config comes first, so a parallel layout that cannot split the model fails
-before any weight is read; then each param is built on the host from its tensors (memory-mapped:
-safetensors and GGUF files are not read into memory whole), cast to the model's dtype as it is
-written, placed straight onto its shardings (`sharding.load_shardings`) and dropped from the host
-before the next one. Host memory beyond the placed params stays within about one param (plus its
-float32 source for GGUF). Orbax checkpoints restore each shard onto its device directly.
+before any weight is read. Then one param at a time: its tensors are read (memory-mapped:
+safetensors and GGUF files are never read into memory whole), gathered with numpy into one host
+array (a view of the file where one tensor suffices), put on the devices split as the param will
+be, transposed into our layout and cast to the model's dtype there (each device its own shard,
+onto `sharding.load_shardings`), and dropped from the host before the next param is read. Host
+memory beyond the placed params stays within about one param (GGUF: plus its float32 decoding).
+Orbax checkpoints restore each shard onto its device directly, cast as they are read.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import Model, abstract_params, resolve_dtype
@@ -43,37 +46,39 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-# Each build writes our param `out` from the HF tensors `xs` (numpy, [out, in] for linear
-# weights); the assignment casts to out's dtype, so no second copy of a param is ever made.
+# Each build lays the HF tensors `xs` (numpy; linear weights [out, in]) out with our param's
+# axes in another order, `pre`, and says which: the param is `pre.transpose(perm)`. `pre` is a
+# view of the file where it can be, else one contiguous copy; the transpose runs on the devices
+# (`_place`), where it is fast and each device transposes only its own shard.
 
 
-def _copy(xs, out):
-    out[...] = xs[0].reshape(out.shape)
+def _copy(xs, shape):
+    return xs[0].reshape(shape), _same(shape)
 
 
-def _linear(xs, out):  # HF [out, in] -> ours [...in, ...out]
-    out.reshape(xs[0].shape[::-1])[...] = xs[0].T
+def _linear(xs, shape):  # HF [out, in] -> ours [...in, ...out]
+    k = next(k for k in range(len(shape) + 1) if math.prod(shape[:k]) == xs[0].shape[1])
+    n = len(shape)  # ours[:k] are the in axes; pre is [...out, ...in]
+    return xs[0].reshape(shape[k:] + shape[:k]), tuple(range(n - k, n)) + tuple(range(n - k))
 
 
-def _qkv(xs, out):  # [D, K, G + 2, H]: each kv head's G query heads, then its k and v
-    d, k, c, h = out.shape
-    q, kk, v = (x.reshape(k, -1, h, d).transpose(3, 0, 1, 2) for x in xs)  # [D, K, G | 1, H]
-    out[:, :, : c - 2] = q
-    out[:, :, c - 2 : c - 1] = kk
-    out[:, :, c - 1 :] = v
+def _qkv(xs, shape):  # [D, K, G + 2, H]: each kv head's G query heads, then its k and v
+    d, k, c, h = shape
+    pre = np.concatenate([x.reshape(k, -1, h, d) for x in xs], axis=1)  # [K, G + 2, H, D]
+    return pre, (3, 0, 1, 2)
 
 
-def _qkv_bias(xs, out):  # [K, G + 2, H]
-    k, c, h = out.shape
-    q, kk, v = (x.reshape(k, -1, h) for x in xs)  # [K, G | 1, H]
-    out[:, : c - 2] = q
-    out[:, c - 2 : c - 1] = kk
-    out[:, c - 1 :] = v
+def _qkv_bias(xs, shape):  # [K, G + 2, H]
+    k, c, h = shape
+    return np.concatenate([x.reshape(k, -1, h) for x in xs], axis=1), _same(shape)
 
 
-def _gate_up(xs, out):  # HF gate, up [F, D] -> [D, 2, F]
-    out[:, 0] = xs[0].T
-    out[:, 1] = xs[1].T
+def _gate_up(xs, shape):  # HF gate, up [F, D] -> [2, F, D] -> ours [D, 2, F]
+    return np.stack(xs), (2, 0, 1)
+
+
+def _same(shape):
+    return tuple(range(len(shape)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +87,7 @@ class Entry:
 
     path: tuple[str, ...]
     sources: tuple[tuple[str, tuple[int, ...]], ...]
-    build: Callable  # (HF arrays, our param to fill) -> None
+    build: Callable  # (HF arrays, our shape) -> (pre, perm): our param is pre.transpose(perm)
 
 
 def hf_layout(cfg: ModelConfig) -> list[Entry]:
@@ -178,15 +183,13 @@ def _moe_layout(cfg: ModelConfig, ours: str, hf: str) -> list[Entry]:
     return entries
 
 
-def _experts_gate_up(xs, out):  # E gate [F, D] then E up [F, D] -> [E, D, 2, F]
-    e = out.shape[0]
-    for j in range(e):
-        _gate_up((xs[j], xs[e + j]), out[j])
+def _experts_gate_up(xs, shape):  # E gate [F, D], E up [F, D] -> [2, E, F, D] -> [E, D, 2, F]
+    e, d, _, f = shape
+    return np.stack(xs).reshape(2, e, f, d), (1, 3, 0, 2)
 
 
-def _experts_down(xs, out):  # E of [D, F] -> [E, F, D]
-    for j, x in enumerate(xs):
-        out[j] = x.T
+def _experts_down(xs, shape):  # E of [D, F] -> [E, D, F] -> ours [E, F, D]
+    return np.stack(xs), (0, 2, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +207,9 @@ def params_from_hf(
     """HF-named tensors -> our params pytree in `dtype`, every name and shape checked first.
 
     tensors: arrays, or `LazyTensor`s read one param at a time. shardings: a pytree like the
-    params (`sharding.load_shardings`); None: the default device. Each param is built on the
-    host, placed, and dropped from the host before the next one is read.
+    params (`sharding.load_shardings`); None: the default device. Each param is gathered on the
+    host, placed on its devices, laid out and cast there, and dropped from the host before the
+    next one is read.
     """
     dtype = resolve_dtype(dtype)
     layout = hf_layout(cfg)
@@ -216,17 +220,10 @@ def params_from_hf(
         shardings = load_shardings(cfg, dtype, Parallel())
     params: dict = {}
     for e in layout:
-        x = _build(e, tensors, _get(shapes, e.path).shape, dtype)
-        _set(params, e.path, _place(x, _get(shardings, e.path)))
-        del x  # before the next param is built
+        pre, perm = e.build([_host(tensors[n]) for n, _ in e.sources], _get(shapes, e.path).shape)
+        _set(params, e.path, _place(pre, perm, dtype, _get(shardings, e.path)))
+        del pre  # before the next param is read
     return params
-
-
-def _build(e: Entry, tensors: Mapping[str, Any], shape: tuple[int, ...], dtype) -> np.ndarray:
-    """One param on the host, written from its HF tensors (read now) and cast as it is written."""
-    out = np.empty(shape, dtype)
-    e.build([_host(tensors[name]) for name, _ in e.sources], out)
-    return out
 
 
 def _check_shapes(layout: list[Entry], tensors: Mapping[str, Any]) -> None:
@@ -242,9 +239,31 @@ def _host(x) -> np.ndarray:
     return x.read() if isinstance(x, LazyTensor) else np.asarray(x)
 
 
-def _place(x: np.ndarray, sharding) -> jax.Array:
-    """`x` on its devices, the copy finished (so the host array can go)."""
-    return jax.block_until_ready(jax.device_put(x, sharding))
+def _place(pre: np.ndarray, perm: tuple[int, ...], dtype, sharding) -> jax.Array:
+    """The param `pre.transpose(perm)` in `dtype` on `sharding`, the copies finished (so the
+    host array can go): `pre` is split over the devices as the param will be, so each device
+    transposes and casts its own shard."""
+    if perm == _same(pre.shape) and pre.dtype == dtype:
+        return jax.block_until_ready(jax.device_put(pre, sharding))
+    x = jax.device_put(pre, _permuted(sharding, perm))
+    return jax.block_until_ready(_layout(perm, np.dtype(dtype), sharding)(x))
+
+
+def _permuted(sharding, perm: tuple[int, ...]):
+    """The sharding of `pre` whose transpose by `perm` lands on `sharding`."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (len(perm) - len(sharding.spec))
+    pre = [None] * len(perm)
+    for ours, axis in enumerate(perm):
+        pre[axis] = spec[ours]
+    return NamedSharding(sharding.mesh, PartitionSpec(*pre))
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(perm: tuple[int, ...], dtype, sharding) -> Callable:
+    """A jitted transpose and cast onto `sharding` (compiled once per distinct case)."""
+    return jax.jit(lambda x: x.transpose(perm).astype(dtype), out_shardings=sharding)
 
 
 def _check_names(cfg: ModelConfig, layout: list[Entry], tensors: Mapping[str, Any]) -> None:

@@ -1,5 +1,5 @@
-"""Loading at scale: every tensor goes straight into its shards, one at a time, cast as it is
-written; host memory beyond the placed params stays within a small multiple of the largest
+"""Loading at scale: every tensor goes straight into its shards, one param at a time, cast on
+its devices; host memory beyond the placed params stays within a small multiple of the largest
 tensor; a layout that cannot split the model fails before any tensor is read."""
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def test_safetensors_load_straight_into_shards(hf_dir, reference, tp):
 
 
 def test_cast_per_tensor_into_shards(hf_dir, reference):
-    """bfloat16 from float32 files: each param cast as it is written, never the whole tree."""
+    """bfloat16 from float32 files: each param cast as it is placed, never the whole tree."""
     model, peak = traced_load(hf_dir, dtype="bfloat16", tensor_parallel_size=2)
     assert_placed(model, reference[1], jax.numpy.bfloat16)
     assert peak < 3 * largest_tensor_bytes(hf_dir) + SLACK
