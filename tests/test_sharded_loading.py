@@ -104,6 +104,19 @@ def test_cast_per_tensor_into_shards(hf_dir, reference):
     assert peak < 3 * largest_tensor_bytes(hf_dir) + SLACK
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_experts_and_biases_load_into_shards(tmp_path, family):
+    """Expert stacks split by expert or by F, Qwen2-MoE's shared expert and q/k/v biases."""
+    from conftest import build_hf_model
+
+    build_hf_model(family, tmp_path)
+    want = jax.tree.map(np.asarray, jaxinfer.load_model(tmp_path, dtype="float32").params)
+    for moe in ("expert", "ffn"):
+        model = jaxinfer.load_model(tmp_path, dtype="float32", tensor_parallel_size=2, moe=moe)
+        assert model.parallel.moe == moe
+        assert_placed(model, want, np.float32)
+
+
 def test_orbax_restores_each_shard(hf_dir, reference, tmp_path):
     jaxinfer.save_checkpoint(reference[0], tmp_path / "ckpt")
     model = jaxinfer.load_model(tmp_path / "ckpt", dtype="float32", tensor_parallel_size=2)
