@@ -1,14 +1,26 @@
 """Checkpoints in, params out: HF safetensors directories, GGUF files, and jaxinfer's own (orbax).
 
-Every source is turned into HF-named tensors first; one table (`hf_layout`) says, for each of our
-params, which HF tensor it comes from, that tensor's shape, and how to lay it out. A missing,
-extra or mis-shaped tensor is an error naming the tensor and both shapes.
+Every source is turned into HF-named tensors first, none read yet (`LazyTensor`); one table
+(`hf_layout`) says, for each of our params, which HF tensors it comes from, their shapes, and how
+to lay them out. A missing, extra or mis-shaped tensor is an error naming the tensor and both
+shapes, raised before any tensor is read.
+
+Loading at scale: the config comes first, so a parallel layout that cannot split the model fails
+before any weight is read. Then one param at a time: its tensors are read (memory-mapped:
+safetensors and GGUF files are never read into memory whole), gathered with numpy into one host
+array (a view of the file where one tensor suffices), put on the devices split as the param will
+be, transposed into our layout and cast to the model's dtype there (each device its own shard,
+onto `sharding.load_shardings`), and dropped from the host before the next param is read. Host
+memory beyond the placed params stays within about one param (GGUF: plus its float32 decoding).
+Orbax checkpoints restore each shard onto its device directly, cast as they are read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -19,11 +31,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import Model, abstract_params, resolve_dtype
 from jaxinfer.platform import logger
-from pallas_kernels.common import default_device
+from jaxinfer.sharding import Parallel, load_shardings, resolve_parallel
 
 FORMAT_FILE = "jaxinfer.json"
 FORMAT_VERSION = 2  # 2: fused qkv and gate_up params
@@ -32,27 +46,39 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+# Each build lays the HF tensors `xs` (numpy; linear weights [out, in]) out with our param's
+# axes in another order, `pre`, and says which: the param is `pre.transpose(perm)`. `pre` is a
+# view of the file where it can be, else one contiguous copy; the transpose runs on the devices
+# (`_place`), where it is fast and each device transposes only its own shard.
+
+
 def _copy(xs, shape):
-    return xs[0].reshape(shape)
+    return xs[0].reshape(shape), _same(shape)
 
 
-def _linear(xs, shape):  # HF linear weights are [out, in]; ours are [in, ...out]
-    return xs[0].T.reshape(shape)
+def _linear(xs, shape):  # HF [out, in] -> ours [...in, ...out]
+    k = next(k for k in range(len(shape) + 1) if math.prod(shape[:k]) == xs[0].shape[1])
+    n = len(shape)  # ours[:k] are the in axes; pre is [...out, ...in]
+    return xs[0].reshape(shape[k:] + shape[:k]), tuple(range(n - k, n)) + tuple(range(n - k))
 
 
 def _qkv(xs, shape):  # [D, K, G + 2, H]: each kv head's G query heads, then its k and v
     d, k, c, h = shape
-    q, kk, v = (x.T.reshape(d, k, -1, h) for x in xs)
-    return jnp.concatenate([q, kk, v], axis=2)
+    pre = np.concatenate([x.reshape(k, -1, h, d) for x in xs], axis=1)  # [K, G + 2, H, D]
+    return pre, (3, 0, 1, 2)
 
 
 def _qkv_bias(xs, shape):  # [K, G + 2, H]
     k, c, h = shape
-    return jnp.concatenate([x.reshape(k, -1, h) for x in xs], axis=1)
+    return np.concatenate([x.reshape(k, -1, h) for x in xs], axis=1), _same(shape)
 
 
-def _gate_up(xs, shape):  # [D, 2, F]
-    return jnp.stack([x.T for x in xs], axis=1)
+def _gate_up(xs, shape):  # HF gate, up [F, D] -> [2, F, D] -> ours [D, 2, F]
+    return np.stack(xs), (2, 0, 1)
+
+
+def _same(shape):
+    return tuple(range(len(shape)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +87,7 @@ class Entry:
 
     path: tuple[str, ...]
     sources: tuple[tuple[str, tuple[int, ...]], ...]
-    build: Callable  # (HF arrays, our shape) -> our array
+    build: Callable  # (HF arrays, our shape) -> (pre, perm): our param is pre.transpose(perm)
 
 
 def hf_layout(cfg: ModelConfig) -> list[Entry]:
@@ -157,31 +183,87 @@ def _moe_layout(cfg: ModelConfig, ours: str, hf: str) -> list[Entry]:
     return entries
 
 
-def _experts_gate_up(xs, shape):  # E gate [F, D] then E up [F, D] -> [E, D, 2, F]
-    e = shape[0]
-    return jnp.stack([jnp.stack([g.T, u.T], axis=1) for g, u in zip(xs[:e], xs[e:])])
+def _experts_gate_up(xs, shape):  # E gate [F, D], E up [F, D] -> [2, E, F, D] -> [E, D, 2, F]
+    e, d, _, f = shape
+    return np.stack(xs).reshape(2, e, f, d), (1, 3, 0, 2)
 
 
-def _experts_down(xs, shape):  # E of [D, F] -> [E, F, D]
-    return jnp.stack([x.T for x in xs])
+def _experts_down(xs, shape):  # E of [D, F] -> [E, D, F] -> ours [E, F, D]
+    return np.stack(xs), (0, 2, 1)
 
 
-def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, Any], dtype) -> dict:
-    """HF-named tensors -> our params pytree in `dtype`, every name and shape checked."""
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """An HF tensor not read yet: its shape, and `read()` -> a numpy array (a memory map or a
+    decoded copy), called only when the param it belongs to is built."""
+
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]
+
+
+def params_from_hf(
+    cfg: ModelConfig, tensors: Mapping[str, Any], dtype, shardings: Any = None
+) -> dict:
+    """HF-named tensors -> our params pytree in `dtype`, every name and shape checked first.
+
+    tensors: arrays, or `LazyTensor`s read one param at a time. shardings: a pytree like the
+    params (`sharding.load_shardings`); None: the default device. Each param is gathered on the
+    host, placed on its devices, laid out and cast there, and dropped from the host before the
+    next one is read.
+    """
     dtype = resolve_dtype(dtype)
     layout = hf_layout(cfg)
     _check_names(cfg, layout, tensors)
+    _check_shapes(layout, tensors)
     shapes, _ = abstract_params(cfg, dtype)
+    if shardings is None:
+        shardings = load_shardings(cfg, dtype, Parallel())
     params: dict = {}
+    for e in layout:
+        pre, perm = e.build([_host(tensors[n]) for n, _ in e.sources], _get(shapes, e.path).shape)
+        _set(params, e.path, _place(pre, perm, dtype, _get(shardings, e.path)))
+        del pre  # before the next param is read
+    return params
+
+
+def _check_shapes(layout: list[Entry], tensors: Mapping[str, Any]) -> None:
     for e in layout:
         for name, shape in e.sources:
             if tuple(tensors[name].shape) != shape:
                 raise ValueError(
                     f"tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
                 )
-        xs = [jnp.asarray(tensors[name]) for name, _ in e.sources]
-        _set(params, e.path, e.build(xs, _get(shapes, e.path).shape).astype(dtype))
-    return params
+
+
+def _host(x) -> np.ndarray:
+    return x.read() if isinstance(x, LazyTensor) else np.asarray(x)
+
+
+def _place(pre: np.ndarray, perm: tuple[int, ...], dtype, sharding) -> jax.Array:
+    """The param `pre.transpose(perm)` in `dtype` on `sharding`, the copies finished (so the
+    host array can go): `pre` is split over the devices as the param will be, so each device
+    transposes and casts its own shard."""
+    if perm == _same(pre.shape) and pre.dtype == dtype:
+        return jax.block_until_ready(jax.device_put(pre, sharding))
+    x = jax.device_put(pre, _permuted(sharding, perm))
+    return jax.block_until_ready(_layout(perm, np.dtype(dtype), sharding)(x))
+
+
+def _permuted(sharding, perm: tuple[int, ...]):
+    """The sharding of `pre` whose transpose by `perm` lands on `sharding`."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (len(perm) - len(sharding.spec))
+    pre = [None] * len(perm)
+    for ours, axis in enumerate(perm):
+        pre[axis] = spec[ours]
+    return NamedSharding(sharding.mesh, PartitionSpec(*pre))
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(perm: tuple[int, ...], dtype, sharding) -> Callable:
+    """A jitted transpose and cast onto `sharding` (compiled once per distinct case)."""
+    return jax.jit(lambda x: x.transpose(perm).astype(dtype), out_shardings=sharding)
 
 
 def _check_names(cfg: ModelConfig, layout: list[Entry], tensors: Mapping[str, Any]) -> None:
@@ -231,46 +313,54 @@ def load_model(
 
     dtype: "bfloat16", "float16" or "float32"; None: bfloat16 on a GPU, float32 on a CPU.
     tensor_parallel_size / mesh: split the params over that many devices (or that mesh, whose one
-      axis is "model"); moe: "expert" or "ffn" parallelism of the experts (`sharding.py`).
+      axis is "model"); moe: "expert" or "ffn" parallelism of the experts (`sharding.py`). Each
+      tensor is read straight into its shards, one at a time (see the module docstring).
     Raises:
       ValueError: no such model, or a damaged one (truncated or garbage files, missing shards,
         tensors of the wrong name, shape or dtype); the message names the file and the fault.
+        A layout that cannot split the model is refused before any tensor is read.
     """
     dtype = resolve_dtype(dtype)
     path = pathlib.Path(path) if path is not None else ensure_default_model()
-    if not path.exists():
-        raise ValueError(f"model path {str(path)!r} does not exist")
     start = time.perf_counter()
-    if path.is_file() and path.suffix == ".gguf":
-        model = _readable(path, "GGUF file", _load_gguf, dtype)
-    elif path.is_dir() and (path / FORMAT_FILE).exists():
-        model = _readable(path, "jaxinfer checkpoint", _load_jaxinfer, dtype)
-    elif path.is_dir() and (path / "config.json").exists():
-        model = _readable(path, "HF model directory", _load_hf, dtype)
-    else:
-        raise ValueError(
-            f"{str(path)!r} is not a model: expected an HF directory with config.json, "
-            f"a .gguf file, or a jaxinfer checkpoint directory with {FORMAT_FILE}"
-        )
-    from jaxinfer.sharding import shard_model
-
-    model = shard_model(model, tensor_parallel_size, mesh=mesh, moe=moe)
+    kind, open_source = _source(path)
+    cfg, read_params = _readable(path, kind, open_source, path)
+    parallel = resolve_parallel(cfg, tensor_parallel_size, mesh, moe)  # before any tensor
+    shardings = load_shardings(cfg, dtype, parallel)
+    params, tokenizer = _readable(path, kind, read_params, dtype, shardings)
     logger.info(
         "loaded %s (%s, %.2fB params, %s, tensor parallel %d) in %.1f s",
         path,
-        model.config.model_type,
-        model.config.num_params / 1e9,
+        cfg.model_type,
+        cfg.num_params / 1e9,
         jnp.dtype(dtype).name,
-        model.parallel.size,
+        parallel.size,
         time.perf_counter() - start,
     )
-    return model
+    return Model(cfg, params, tokenizer, dtype, parallel=parallel)
 
 
-def _readable(path: pathlib.Path, kind: str, load: Callable, dtype) -> Model:
-    """`load(path, dtype)`, with any failure turned into one ValueError that names `path`."""
+def _source(path: pathlib.Path) -> tuple[str, Callable]:
+    """What `path` is, and its opener: path -> (config, (dtype, shardings) -> (params,
+    tokenizer)); opening reads the config and the tensors' names and shapes, no tensor."""
+    if not path.exists():
+        raise ValueError(f"model path {str(path)!r} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        return "GGUF file", _open_gguf
+    if path.is_dir() and (path / FORMAT_FILE).exists():
+        return "jaxinfer checkpoint", _open_jaxinfer
+    if path.is_dir() and (path / "config.json").exists():
+        return "HF model directory", _open_hf
+    raise ValueError(
+        f"{str(path)!r} is not a model: expected an HF directory with config.json, "
+        f"a .gguf file, or a jaxinfer checkpoint directory with {FORMAT_FILE}"
+    )
+
+
+def _readable(path: pathlib.Path, kind: str, read: Callable, *args):
+    """`read(*args)`, with any failure turned into one ValueError that names `path`."""
     try:
-        return load(path, dtype)
+        return read(*args)
     except ValueError as e:
         if str(path) in str(e):
             raise
@@ -287,15 +377,36 @@ def _one_line(error: Exception, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _load_hf(path: pathlib.Path, dtype) -> Model:
+# -- HF safetensors -------------------------------------------------------------------------------
+
+# safetensors dtype codes -> numpy; bf16 and fp8 through ml_dtypes (safetensors' own numpy
+# reader has no bf16, the dtype of most checkpoints, so tensors are memory-mapped here).
+FLOAT_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(jnp.bfloat16),
+    "F8_E4M3": np.dtype(jnp.float8_e4m3fn),
+    "F8_E5M2": np.dtype(jnp.float8_e5m2),
+}
+OTHER_DTYPES = {
+    "BOOL": "bool",
+    **{f"{c}{b}": f"{t}int{b}" for c, t in (("I", ""), ("U", "u")) for b in (8, 16, 32, 64)},
+}
+
+
+def _open_hf(path: pathlib.Path) -> tuple[ModelConfig, Callable]:
     cfg = ModelConfig.from_json_file(path / "config.json")
-    params = params_from_hf(cfg, _read_safetensors(path), dtype)
-    return Model(cfg, params, _hf_tokenizer(path), dtype)
+    return cfg, functools.partial(_load_hf, path, cfg)
 
 
-def _read_safetensors(path: pathlib.Path) -> dict[str, Any]:
-    from safetensors import safe_open
+def _load_hf(path: pathlib.Path, cfg: ModelConfig, dtype, shardings) -> tuple[dict, Any]:
+    params = params_from_hf(cfg, _safetensors(path), dtype, shardings)
+    return params, _hf_tokenizer(path)
 
+
+def _safetensors(path: pathlib.Path) -> dict[str, LazyTensor]:
+    """Every tensor of the directory's safetensors files, checked but not read."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = _shard_names(index)
@@ -310,19 +421,58 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, Any]:
         file = path / name
         if not file.is_file():
             raise ValueError(f"{file}: shard listed in {index.name} is missing")
-        try:
-            with safe_open(file, framework="flax") as f:
-                for key in f.keys():
-                    tensors[key] = _float_tensor(file, key, f.get_tensor(key))
-        except ValueError as e:
-            if str(file) in str(e):
-                raise
-            raise ValueError(f"{file} is not a readable safetensors file: {_one_line(e)}") from e
-        except Exception as e:  # noqa: BLE001 - SafetensorError on truncated or garbage bytes
-            raise ValueError(
-                f"{file} is not a readable safetensors file: {type(e).__name__}: {_one_line(e)}"
-            ) from e
+        tensors |= _safetensors_file(file)
     return tensors
+
+
+def _safetensors_file(file: pathlib.Path) -> dict[str, LazyTensor]:
+    """One file's tensors, memory-mapped when read; a damaged file is a ValueError naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="numpy"):
+            pass  # checks the header against the file: a cut or garbage file fails here
+        start, header = _safetensors_header(file)
+        return {
+            name: _lazy_tensor(file, name, start, info)
+            for name, info in header.items()
+            if name != "__metadata__"
+        }
+    except ValueError as e:
+        if str(file) in str(e):
+            raise
+        raise ValueError(f"{file} is not a readable safetensors file: {_one_line(e)}") from e
+    except Exception as e:  # noqa: BLE001 - SafetensorError on truncated or garbage bytes
+        raise ValueError(
+            f"{file} is not a readable safetensors file: {type(e).__name__}: {_one_line(e)}"
+        ) from e
+
+
+def _safetensors_header(file: pathlib.Path) -> tuple[int, dict]:
+    """(where the tensor bytes start, the JSON header): an 8-byte little-endian length first."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+def _lazy_tensor(file: pathlib.Path, name: str, start: int, info: dict) -> LazyTensor:
+    """A floating-point tensor of `file`: an integer or bool one means a damaged or foreign file."""
+    if info["dtype"] not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{file}: tensor {name} has dtype {OTHER_DTYPES.get(info['dtype'], info['dtype'])}, "
+            "expected a floating-point dtype (quantized safetensors are not supported)"
+        )
+    shape, offset = tuple(info["shape"]), start + info["data_offsets"][0]
+    return LazyTensor(
+        shape, functools.partial(_map, file, FLOAT_DTYPES[info["dtype"]], offset, shape)
+    )
+
+
+def _map(file: pathlib.Path, dtype, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only memory map of one tensor (the OS pages it in as the param is built)."""
+    if not math.prod(shape):
+        return np.zeros(shape, dtype)  # mmap cannot map 0 bytes
+    return np.memmap(file, dtype, "r", offset, shape)
 
 
 def _shard_names(index: pathlib.Path) -> list[str]:
@@ -330,16 +480,6 @@ def _shard_names(index: pathlib.Path) -> list[str]:
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
-
-
-def _float_tensor(file: pathlib.Path, name: str, x):
-    """Weights are floating point: an integer or bool tensor means a damaged or foreign file."""
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(
-            f"{file}: tensor {name} has dtype {x.dtype.name}, expected a "
-            "floating-point dtype (quantized safetensors are not supported)"
-        )
-    return x
 
 
 def _hf_tokenizer(path: pathlib.Path):
@@ -352,13 +492,25 @@ def _hf_tokenizer(path: pathlib.Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _load_gguf(path: pathlib.Path, dtype) -> Model:
-    from jaxinfer.gguf import read_gguf
+def _open_gguf(path: pathlib.Path) -> tuple[ModelConfig, Callable]:
+    from jaxinfer.gguf import open_gguf
+
+    hf_config, tensors = open_gguf(path)  # the reader maps the file; no tensor is read
+    cfg = ModelConfig.from_hf(hf_config)
+    return cfg, functools.partial(_load_gguf, path, cfg, hf_config, tensors)
+
+
+def _load_gguf(
+    path: pathlib.Path, cfg: ModelConfig, hf_config: dict, tensors: dict, dtype, shardings
+) -> tuple[dict, Any]:
+    from jaxinfer.gguf import hf_array, hf_shape
     from jaxinfer.gguf_tokenizer import gguf_tokenizer
 
-    hf_config, tensors = read_gguf(path)
-    cfg = ModelConfig.from_hf(hf_config)
-    return Model(cfg, params_from_hf(cfg, tensors, dtype), gguf_tokenizer(path), dtype)
+    lazy = {
+        name: LazyTensor(hf_shape(t), functools.partial(hf_array, t, hf_config))
+        for name, t in tensors.items()
+    }
+    return params_from_hf(cfg, lazy, dtype, shardings), gguf_tokenizer(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,9 +540,7 @@ def save_checkpoint(model: Model, path: str | os.PathLike) -> pathlib.Path:
     return path
 
 
-def _load_jaxinfer(path: pathlib.Path, dtype) -> Model:
-    import orbax.checkpoint as ocp
-
+def _open_jaxinfer(path: pathlib.Path) -> tuple[ModelConfig, Callable]:
     try:
         meta = json.loads((path / FORMAT_FILE).read_text())
         cfg = ModelConfig.from_dict(meta["config"])
@@ -403,9 +553,17 @@ def _load_jaxinfer(path: pathlib.Path, dtype) -> Model:
             f"{path} is a jaxinfer checkpoint of format version {meta.get('version')}; "
             f"this jaxinfer reads version {FORMAT_VERSION}: convert it again"
         )
-    shapes, _ = abstract_params(cfg, meta["dtype"])
-    device = jax.sharding.SingleDeviceSharding(default_device())
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+    return cfg, functools.partial(_load_jaxinfer, path, cfg)
+
+
+def _load_jaxinfer(path: pathlib.Path, cfg: ModelConfig, dtype, shardings) -> tuple[Any, Any]:
+    """Orbax restores each shard onto its device, cast to `dtype` as it is read."""
+    import orbax.checkpoint as ocp
+
+    shapes, _ = abstract_params(cfg, dtype)
+    target = jax.tree.map(
+        lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shapes, shardings
+    )
     try:
         params = ocp.StandardCheckpointer().restore(path.absolute() / "params", target)
     except Exception as e:  # noqa: BLE001 - orbax / TensorStore raise bare Exceptions with dumps
@@ -413,9 +571,8 @@ def _load_jaxinfer(path: pathlib.Path, dtype) -> Model:
             f"{path / 'params'}: the params cannot be restored (a damaged, incomplete "
             f"or mismatched orbax checkpoint): {type(e).__name__}: {_one_line(e)}"
         ) from e
-    params = jax.tree.map(lambda x: x.astype(dtype), params)
     tokenizer = _hf_tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else None
-    return Model(cfg, params, tokenizer, dtype)
+    return params, tokenizer
 
 
 def checkpoints_dir() -> pathlib.Path:
@@ -437,7 +594,7 @@ def ensure_default_model() -> pathlib.Path:
     gguf = default_gguf_path()
     logger.info("converting %s once into %s", gguf.name, target)
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    save_checkpoint(_load_gguf(gguf, jnp.float32), partial)
+    save_checkpoint(load_model(gguf, dtype=jnp.float32), partial)
     partial.rename(target)  # a conversion cut short never looks finished
     return target
 

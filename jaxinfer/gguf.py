@@ -74,21 +74,40 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         FileNotFoundError: no such file.
         ValueError: not a llama architecture, an unknown tensor name, an unsupported tensor type.
     """
+    config, tensors = open_gguf(path)
+    return config, {name: hf_array(t, config) for name, t in tensors.items()}
+
+
+def open_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, gguf.ReaderTensor]]:
+    """A GGUF file's config and tensors, none of them read yet (the reader maps the file).
+
+    Returns:
+        (hf_config_dict, tensors): as `read_gguf`, but each tensor is the reader's, to be read
+        one at a time with `hf_array(tensor, hf_config_dict)` (its shape: `hf_shape(tensor)`).
+    Raises:
+        as `read_gguf`: every tensor's name and type is checked here, before any is read.
+    """
     reader = _reader(_existing(path))
     config = _hf_config(reader)
     for t in reader.tensors:
         if t.tensor_type not in SUPPORTED_TYPES:
             raise ValueError(f"tensor {t.name!r} has unsupported GGML type {t.tensor_type.name}")
-    tensors = {}
-    for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
-            continue  # llama3 rope factors: read into config["rope_scaling"] by _hf_config
-        try:
-            w = dequantize(t.data, t.tensor_type, tuple(reversed(t.shape.tolist())))
-        except ValueError as e:
-            raise ValueError(f"tensor {t.name!r}: {e}") from e
-        tensors[_hf_name(t.name)] = _unpermute_qk(t.name, w, config)
-    return config, tensors
+    # rope_freqs holds llama3 rope factors: read into config["rope_scaling"] by _hf_config
+    return config, {_hf_name(t.name): t for t in reader.tensors if t.name != "rope_freqs.weight"}
+
+
+def hf_shape(t: gguf.ReaderTensor) -> tuple[int, ...]:
+    """A tensor's numpy (HF) shape: GGML's ne reversed."""
+    return tuple(reversed(t.shape.tolist()))
+
+
+def hf_array(t: gguf.ReaderTensor, config: dict) -> np.ndarray:
+    """One tensor of `open_gguf`, read now: float32 in HF layout (q/k rows un-permuted)."""
+    try:
+        w = dequantize(t.data, t.tensor_type, hf_shape(t))
+    except ValueError as e:
+        raise ValueError(f"tensor {t.name!r}: {e}") from e
+    return _unpermute_qk(t.name, w, config)
 
 
 def dequantize(raw: np.ndarray, ggml_type, shape: tuple[int, ...]) -> np.ndarray:

@@ -166,6 +166,18 @@ def param_shardings(cfg: ModelConfig, dtype, parallel: Parallel) -> Any:
     )
 
 
+def load_shardings(cfg: ModelConfig, dtype, parallel: Parallel) -> Any:
+    """Where each param of `cfg` is loaded: its NamedSharding over `parallel.mesh`, or without
+    a mesh the default device (`pallas_kernels.common.default_device`)."""
+    if parallel.mesh is not None:
+        return param_shardings(cfg, dtype, parallel)
+    from jaxinfer.model import abstract_params
+    from pallas_kernels.common import default_device
+
+    device = jax.sharding.SingleDeviceSharding(default_device())
+    return jax.tree.map(lambda _: device, abstract_params(cfg, dtype)[0])
+
+
 def place_params(params: Any, cfg: ModelConfig, parallel: Parallel) -> Any:
     """Params moved onto their shardings (a no-op without a mesh)."""
     if parallel.mesh is None:
