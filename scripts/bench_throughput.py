@@ -97,9 +97,10 @@ def run_engine(engines, requests) -> dict:
     }
 
 
-def limits_for(cfg, requests, limits) -> dict:
-    """Output tok/s the card could reach at best (matmul peak), and the batch-1 decode step's
-    HBM roofline (weights + KV at mid-output over the copy bandwidth), for TPOT at batch 1."""
+def limits_for(cfg, requests, limits, tp: int = 1, dp: int = 1) -> dict:
+    """Output tok/s the cards could reach at best (matmul peak of tp x dp of them), and the
+    batch-1 decode step's HBM roofline (one GPU's share of the weights + KV at mid-output over
+    the copy bandwidth), for TPOT at batch 1."""
     flops = sum(2 * cfg.active_params * (len(p) + n) for p, n in requests)
     n_out = sum(n for _, n in requests)
     context = float(np.mean([len(p) + n / 2 for p, n in requests]))
@@ -108,9 +109,12 @@ def limits_for(cfg, requests, limits) -> dict:
         limits["copy_read_plus_write_GBps"] * 1e9
     )
     return {
-        "compute_bound_out_tok_per_s": n_out / (flops / (limits["bf16_matmul_TFLOPs"] * 1e12)),
+        "compute_bound_out_tok_per_s": tp
+        * dp
+        * n_out
+        / (flops / (limits["bf16_matmul_TFLOPs"] * 1e12)),
         "weights_GB": 2 * cfg.num_params / 1e9,
-        "batch1_roofline_ms": roofline * 1e3,
+        "batch1_roofline_ms": roofline / tp * 1e3,
     }
 
 
@@ -252,7 +256,16 @@ def main() -> int:
         for e in engines:
             e.config = dataclasses.replace(e.config, async_scheduling=overlap)
         row = run_engine(engines, requests)
-        row.update(limits_for(cfg, requests, report["limits"]), async_scheduling=overlap)
+        row.update(
+            limits_for(
+                cfg,
+                requests,
+                report["limits"],
+                args.tensor_parallel_size,
+                args.data_parallel_size,
+            ),
+            async_scheduling=overlap,
+        )
         if len(requests) == 1:
             row["x_batch1_roofline"] = row["tpot_s"]["p50"] * 1e3 / row["batch1_roofline_ms"]
         spec = spec if overlap else spec + "-sync"

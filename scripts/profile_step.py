@@ -28,6 +28,8 @@ from jaxinfer import benchmark as bm
 
 # Op-name fragments → category, first match wins (XLA names fusions after their root op).
 CATEGORIES = (
+    # Tensor parallelism's communication (XLA's collectives, NCCL's kernels), timed, not assumed.
+    ("collective", ("all-reduce", "all_reduce", "allreduce", "all-gather", "all_gather", "nccl")),
     ("attention", ("paged_decode", "ragged_paged", "flash_attention")),
     ("grouped_matmul", ("grouped_matmul",)),
     ("matmul", ("dot", "gemm", "cublas", "matmul", "convolution")),

@@ -23,14 +23,14 @@ from jaxinfer.sharding import MODEL, shard_model
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
-def tiny(kv_heads: int = 2, layers: int = 2, **extra) -> Model:
+def tiny(kv_heads: int = 2, layers: int = 2, heads: int = 4, **extra) -> Model:
     cfg = ModelConfig(
         model_type="mixtral" if extra.get("num_experts") else "llama",
         vocab_size=320,
         hidden_size=64,
         intermediate_size=160,
         num_layers=layers,
-        num_heads=4,
+        num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=16,
         max_position_embeddings=256,
@@ -173,11 +173,13 @@ def decode_step_hlo(engine: Engine) -> str:
     raise AssertionError("no decode program")
 
 
-@pytest.mark.parametrize("kv_heads,size", [(4, 4), (2, 4)], ids=["split-kv", "repeated-kv"])
+@pytest.mark.parametrize(
+    "kv_heads,size", [(4, 4), (2, 4), (8, 8)], ids=["split-kv", "repeated-kv", "N=8"]
+)
 def test_decode_step_all_reduces_twice_a_layer_and_gathers_no_weight(kv_heads, size):
     layers = 3
     engine = Engine(
-        tiny(kv_heads, layers=layers),
+        tiny(kv_heads, layers=layers, heads=8),
         tensor_parallel_size=size,
         max_num_seqs=4,
         num_pages=32,
@@ -312,3 +314,18 @@ def test_data_parallel_needs_the_devices():
         ValueError, match=r"needs 12 devices but 8 exist: use data_parallel_size <= 2"
     ):
         make_llm(tiny(2), tensor_parallel_size=4, data_parallel_size=3)
+
+
+@pytest.mark.parametrize("moe", ["expert", "ffn"])
+def test_eight_devices_equal_one(moe):
+    """N = 8: 8 query heads over 2 kv heads (each repeated 4 times), 8 experts one per device
+    (or every expert's width split 8 ways)."""
+    model = tiny(2, heads=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
+    ids = np.random.RandomState(5).randint(0, 320, (2, 9))
+    ref = np.asarray(jaxinfer.forward(model, ids))
+    out = jaxinfer.forward(shard_model(model, 8, moe=moe), ids)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-5, atol=2e-5)
+    ps = prompts(2)
+    assert jaxinfer.generate(shard_model(model, 8, moe=moe), ps, max_new_tokens=6) == (
+        jaxinfer.generate(model, ps, max_new_tokens=6)
+    )
