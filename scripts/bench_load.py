@@ -5,7 +5,7 @@
 Builds the shape in HF transformers (random bf16 weights, on the GPU if there is one), saves it
 with `save_pretrained` (safetensors) to a temporary folder, then in a fresh process loads it with
 `jaxinfer.load_model` (bf16) and reports seconds, GB/s of checkpoint, and that process's peak
-resident memory beside the checkpoint's size and its largest tensor. Last, the logits of a few
+anonymous resident memory beside the checkpoint's size and its largest tensor. Last, the logits of a few
 tokens against HF's (bf16 both: a loose check that every tensor landed in place).
 """
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -43,6 +43,28 @@ def save_hf(shape: dict, path: str) -> dict:
     }
 
 
+def anon_rss_bytes() -> int:
+    """This process's anonymous resident memory (file-backed pages, such as the checkpoint's
+    memory map, are the page cache's, not the loader's)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakSampler(threading.Thread):
+    """The highest `anon_rss_bytes` seen, sampled every few milliseconds until stopped."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.done = anon_rss_bytes(), threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, anon_rss_bytes())
+
+
 def load_in_this_process(path: str, tp: int) -> dict:
     import jax
     import jax.numpy as jnp
@@ -50,17 +72,21 @@ def load_in_this_process(path: str, tp: int) -> dict:
     import jaxinfer
 
     jax.block_until_ready(jnp.zeros(8))  # the backend up: its memory is not the loader's
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = anon_rss_bytes()
+    sampler = PeakSampler()
+    sampler.start()
     start = time.perf_counter()
     model = jaxinfer.load_model(path, dtype="bfloat16", tensor_parallel_size=tp)
     jax.block_until_ready(model.params)
     seconds = time.perf_counter() - start
+    sampler.done.set()
+    sampler.join()
     probe = np.load(os.path.join(path, "probe.npy"))
     logits = np.asarray(jaxinfer.forward(model, probe), np.float32)
     return {
         "load_s": seconds,
-        "rss_before_load_bytes": before,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "anon_rss_before_load_bytes": before,
+        "anon_rss_peak_bytes": sampler.peak,
         "logits": logits.tolist(),
     }
 
@@ -108,7 +134,8 @@ def main() -> int:
         **saved,
         **loaded,
         "checkpoint_GB_per_s": saved["checkpoint_bytes"] / loaded["load_s"] / 1e9,
-        "load_rss_growth_bytes": loaded["peak_rss_bytes"] - loaded["rss_before_load_bytes"],
+        "load_anon_rss_growth_bytes": loaded["anon_rss_peak_bytes"]
+        - loaded["anon_rss_before_load_bytes"],
         "logits_max_abs_diff_over_max": float(np.abs(ours - hf_logits).max()) / scale,
         "greedy_agree": float(np.mean(ours.argmax(-1) == hf_logits.argmax(-1))),
     }
