@@ -34,12 +34,15 @@ from jaxinfer.sampling import (
     SampleOutput,
     SamplingArrays,
     SamplingParams,
+    fits_candidates,
     sample_mode,
     sample_rows,
     sampling_arrays,
 )
 from jaxinfer.scheduler import PLACEHOLDER, StepPlan
 from jaxinfer.sharding import MODEL, put_tree
+
+TOP_K_ONLY = "filter_top_k"  # the runner's sampler mode for `sample_rows(top_k_only=True)`
 
 
 class StepBatch(NamedTuple):
@@ -149,7 +152,17 @@ class Runner:
 
     def _sample_fn(self, logits, sampling: SamplingArrays, history, history_is_output, mode: str):
         self.num_compiles += 1  # runs at trace time only
-        out = sample_rows(logits, sampling, history, history_is_output, mode=mode, mesh=self.mesh)
+        top_k_only = mode == TOP_K_ONLY
+        mode = "filter" if top_k_only else mode
+        out = sample_rows(
+            logits,
+            sampling,
+            history,
+            history_is_output,
+            mode=mode,
+            mesh=self.mesh,
+            top_k_only=top_k_only,
+        )
         next_tokens = (
             jnp.zeros(self.max_num_seqs, jnp.int32).at[: out.tokens.shape[0]].set(out.tokens)
         )
@@ -172,9 +185,20 @@ class Runner:
 
     def dispatch(self, plan: StepPlan, rows: Sequence[RowInfo]) -> tuple[int, SampleOutput]:
         """Queues the plan's step on the device and returns at once: a handle for `collect`."""
-        out = self.step(self.build(plan, rows), sample_mode([r.params for r in rows]))
+        out = self.step(self.build(plan, rows), self.sampler_mode([r.params for r in rows]))
         self._prev_rows = {s.request_id: i for i, s in enumerate(plan.seqs)}
         return plan.num_seqs, out
+
+    def sampler_mode(self, params: Sequence[SamplingParams]) -> str:
+        """The sampler program a batch needs: `sample_mode`'s, or over a mesh TOP_K_ONLY for a
+        filtered batch that `fits_candidates` (no logits row gathered)."""
+        mode = sample_mode(params)
+        if self.mesh is not None and mode == "filter" and fits_candidates(params):
+            return TOP_K_ONLY
+        return mode
+
+    def sampler_modes(self) -> tuple[str, ...]:
+        return SAMPLE_MODES + ((TOP_K_ONLY,) if self.mesh is not None else ())
 
     @staticmethod
     def collect(handle: tuple[int, SampleOutput]) -> SampleOutput:
@@ -219,7 +243,7 @@ class Runner:
         vocab = self.decoder.cfg.vocab_size
         for b in sorted({min(t, self.max_num_seqs) for t in self.buckets}):
             for mode, pen in itertools.product(
-                SAMPLE_MODES, (False, True) if penalties else (False,)
+                self.sampler_modes(), (False, True) if penalties else (False,)
             ):
                 batch = self._padding_batch(b, pen, False)  # its [b] sampler inputs
                 programs.append(

@@ -163,6 +163,14 @@ def _fold_seed(seed: int) -> int:
 
 
 SAMPLE_MODES = ("greedy", "sample", "filter")
+# Over a mesh, a filtered batch whose sampling rows all keep at most this many tokens (top-k)
+# draws from each device's top candidates: no row of logits is gathered (`top_k_only`).
+FILTER_CANDIDATES = 256
+
+
+def fits_candidates(params: Sequence[SamplingParams]) -> bool:
+    """Every sampling row (temperature > 0) keeps at most FILTER_CANDIDATES tokens by top-k."""
+    return all(0 < p.top_k <= FILTER_CANDIDATES for p in params if p.temperature > 0)
 
 
 def sample_mode(params: Sequence[SamplingParams]) -> str:
@@ -187,6 +195,7 @@ def sample_rows(
     *,
     mode: str,
     mesh=None,
+    top_k_only: bool = False,
 ) -> SampleOutput:
     """Samples one token per row, each row with its own settings, seed and step. Jittable.
 
@@ -201,7 +210,11 @@ def sample_rows(
         `sample_mode`): no on-device branch, whose predicate the host would wait for.
       mesh: the mesh whose "model" axis splits the logits' vocab (tensor parallelism), or None.
         The top logprobs are then taken on each device's shard and merged, and greedy and
-        plain sampling reduce in place: no device gathers whole rows. The filter's sort does.
+        plain sampling reduce in place: no device gathers whole rows. The filter's sort does,
+        unless `top_k_only`.
+      top_k_only: (static; over a mesh, in "filter" mode) every sampling row has
+        0 < top_k <= FILTER_CANDIDATES (`fits_candidates`), so each row is filtered and drawn
+        among the devices' top candidates, with the same result.
     Returns:
       SampleOutput: tokens [B], logprob [B], top_ids / top_logprobs [B, MAX_LOGPROBS].
     """
@@ -213,7 +226,8 @@ def sample_rows(
     if mode == "greedy":
         tokens = greedy
     else:
-        tokens = _sample_or_greedy(penalized, arrays, greedy, mode == "filter", mesh)
+        filters = mode == "filter"
+        tokens = _sample_or_greedy(penalized, arrays, greedy, filters, mesh, top_k_only)
     logprobs = jax.nn.log_softmax(raw, axis=-1)  # [B, V]
     logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     if mode == "greedy":
@@ -264,22 +278,68 @@ def _sample_or_greedy(
     greedy: Int[Array, "B"],
     filters: bool,
     mesh=None,
+    top_k_only: bool = False,
 ) -> Int[Array, "B"]:
     """Temperature, filters, one Gumbel draw per row from its own key; T = 0 rows stay greedy.
 
     filters: True sorts for top-k / top-p / min-p, False skips them (no row uses one). The sort
-    needs whole rows: over a mesh, the scaled logits are gathered once for it.
+    needs whole rows: over a mesh, the scaled logits are gathered once for it, unless
+    `top_k_only` (see `sample_rows`).
     """
     sampling = arrays.temperature > 0
     scaled = logits / jnp.where(sampling, arrays.temperature, 1.0)[:, None]  # [B, V]
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(arrays.seed, arrays.step)
+    if filters and mesh is not None and top_k_only:
+        drawn = _draw_among_candidates(scaled, arrays, keys, mesh)
+        return jnp.where(sampling, drawn, greedy)
     if filters and mesh is not None:
         from jax.sharding import NamedSharding, PartitionSpec
 
         scaled = jax.lax.with_sharding_constraint(scaled, NamedSharding(mesh, PartitionSpec()))
     masked = jnp.where(_filter_mask(scaled, arrays), scaled, -jnp.inf) if filters else scaled
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(arrays.seed, arrays.step)
     drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)  # [B]
     return jnp.where(sampling, drawn, greedy)
+
+
+def _draw_among_candidates(
+    scaled: Float[Array, "B V"], arrays: SamplingArrays, keys, mesh
+) -> Int[Array, "B"]:
+    """`categorical(key, masked)` of every row whose top-k <= FILTER_CANDIDATES, over vocab-split
+    logits: each device offers its top candidates with their Gumbel noise (the noise drawn for
+    the whole vocabulary, each device making its own part), and the filter and the draw run on
+    the gathered candidates, which hold every token the top-k keeps."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxinfer.sharding import MODEL
+
+    split = NamedSharding(mesh, PartitionSpec(None, MODEL))
+    b, v = scaled.shape
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, (v,), scaled.dtype))(keys)  # [B, V]
+    noise = jax.lax.with_sharding_constraint(noise, split)
+    n = min(FILTER_CANDIDATES, v // mesh.size)
+
+    def local(x, g):  # [B, V / M] each
+        values, ids = jax.lax.top_k(x, n)  # most likely first, lower id first on ties
+        picked = jnp.take_along_axis(g, ids, axis=-1)
+        ids = ids + jax.lax.axis_index(MODEL) * x.shape[1]
+        gather = lambda a: jax.lax.all_gather(a, MODEL, axis=1, tiled=True)  # [B, M * n]
+        return gather(values), gather(ids), gather(picked)
+
+    values, ids, picked = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(PartitionSpec(None, MODEL), PartitionSpec(None, MODEL)),
+        out_specs=PartitionSpec(),
+        check_vma=False,
+    )(scaled, noise)
+    # In vocabulary order, as the full rows would be: the filter's stable sort and the draw's
+    # argmax then break ties as they do there.
+    order = jnp.argsort(ids, axis=-1)
+    values, ids, picked = (jnp.take_along_axis(a, order, axis=-1) for a in (values, ids, picked))
+    masked = jnp.where(_filter_mask(values, arrays), values, -jnp.inf)
+    return jnp.take_along_axis(ids, jnp.argmax(picked + masked, axis=-1)[:, None], axis=-1)[
+        :, 0
+    ].astype(jnp.int32)
 
 
 def _filter_mask(scaled: Float[Array, "B V"], arrays: SamplingArrays) -> Bool[Array, "B V"]:

@@ -23,10 +23,10 @@ from jaxinfer.sharding import MODEL, shard_model
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
-def tiny(kv_heads: int = 2, layers: int = 2, heads: int = 4, **extra) -> Model:
+def tiny(kv_heads: int = 2, layers: int = 2, heads: int = 4, vocab: int = 320, **extra) -> Model:
     cfg = ModelConfig(
         model_type="mixtral" if extra.get("num_experts") else "llama",
-        vocab_size=320,
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=160,
         num_layers=layers,
@@ -127,8 +127,11 @@ def outputs(llm: LLM, params: SamplingParams):
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
-SAMPLED = SamplingParams(
+SAMPLED = SamplingParams(  # over a mesh: drawn among each device's top candidates
     temperature=0.8, top_k=20, top_p=0.9, seed=1, max_tokens=6, logprobs=3, ignore_eos=True
+)
+NUCLEUS = SamplingParams(  # no top-k: over a mesh the filter gathers the rows
+    temperature=1.0, top_p=0.8, min_p=0.01, seed=2, max_tokens=6, ignore_eos=True
 )
 
 
@@ -145,14 +148,14 @@ def test_engine_outputs_equal_one_device(kv_heads, size, extra):
     """Greedy tokens, seeded samples (top-k / top-p: the filter mode) and logprobs."""
     model = tiny(kv_heads, layers=1 if extra else 2, **extra)
     one = make_llm(model)
-    refs = [outputs(one, p) for p in (GREEDY, SAMPLED)]
+    refs = [outputs(one, p) for p in (GREEDY, SAMPLED, NUCLEUS)]
     for moe in ("expert", "ffn") if extra else ("expert",):
         llm = make_llm(model, tensor_parallel_size=size, moe_parallel=moe)
-        for params, ref in zip((GREEDY, SAMPLED), refs):
+        for params, ref in zip((GREEDY, SAMPLED, NUCLEUS), refs):
             got = outputs(llm, params)
             assert [o.token_ids for o in got] == [o.token_ids for o in ref], moe
             for a, b in zip(got, ref):
-                for x, y in zip(a.logprobs, b.logprobs):
+                for x, y in zip(a.logprobs or [], b.logprobs or []):
                     assert x.keys() == y.keys()
                     np.testing.assert_allclose(list(x.values()), list(y.values()), atol=1e-5)
 
@@ -193,13 +196,20 @@ def test_decode_step_all_reduces_twice_a_layer_and_gathers_no_weight(kv_heads, s
 
 
 def test_sampler_gathers_candidates_not_rows():
-    """Greedy and plain sampling on vocab-split logits move [B, devices]-sized pieces and the
-    top logprobs' candidates, never a [B, V] row."""
+    """Greedy, plain sampling and top-k filtering on vocab-split logits move [B, devices]-sized
+    pieces and the top candidates, never a [B, V] row."""
     engine = Engine(
-        tiny(4), tensor_parallel_size=4, max_num_seqs=4, num_pages=32, max_model_len=128
+        tiny(4, vocab=4096),
+        tensor_parallel_size=4,
+        max_num_seqs=4,
+        num_pages=32,
+        max_model_len=128,
     )
+    modes = ("greedy", "sample", "filter_top_k")
+    assert engine.runner.sampler_mode([SAMPLED]) == "filter_top_k"
+    assert engine.runner.sampler_mode([SAMPLED, NUCLEUS]) == "filter"
     for fn, args in engine.runner.warmup_programs(False):
-        if fn is engine.runner._sample and args[-1] in ("greedy", "sample"):
+        if fn is engine.runner._sample and args[-1] in modes:
             text = fn.lower(*args).compile().as_text()
             b, v = args[0].shape
             assert f"f32[{b},{v}]" not in " ".join(
