@@ -21,8 +21,8 @@ from jaxinfer.platform import use_compilation_cache
 from jaxinfer.sampling import (
     SamplingArrays,
     SamplingParams,
-    sample_mode,
     sample_rows,
+    sampler_mode,
     sampling_arrays,
 )
 from jaxinfer.validate import as_int, as_sequence, as_token_ids
@@ -106,7 +106,7 @@ def generate_arrays(
 
 
 def row_sampling(
-    batch: int, temperature: float, top_k: int, top_p: float, seed: int
+    batch: int, temperature: float, top_k: int, top_p: float, seed: int, mesh=None
 ) -> tuple[SamplingArrays, str]:
     """Per-row settings for `generate`/`stream` and the sampler's static mode; row b's seed
     derives from (seed, b) alone. Every value is checked (ValueError naming it)."""
@@ -114,7 +114,7 @@ def row_sampling(
     seed = as_int("seed", seed, 0)
     seeds = [int(np.random.SeedSequence([seed, b]).generate_state(1)[0]) for b in range(batch)]
     arrays = sampling_arrays([params] * batch, seeds, [0] * batch, batch)
-    return jax.tree.map(jnp.asarray, arrays), sample_mode([params])
+    return jax.tree.map(jnp.asarray, arrays), sampler_mode([params], mesh)
 
 
 def check_prompts(model: Model, prompts, max_new_tokens: int) -> list[list[int]]:
@@ -179,7 +179,9 @@ def generate(
     max_new_tokens = as_int("max_new_tokens", max_new_tokens, 1)
     prompts = check_prompts(model, prompts, max_new_tokens)
     use_compilation_cache()
-    sampling, mode = row_sampling(len(prompts), temperature, top_k, top_p, seed)
+    sampling, mode = row_sampling(
+        len(prompts), temperature, top_k, top_p, seed, model.parallel.mesh
+    )
     batch, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
     t, s = bucket_lengths(model, int(lengths.max()), max_new_tokens)
     tokens = np.zeros((batch, t), np.int32)
@@ -228,7 +230,7 @@ def stream(
     max_new_tokens = as_int("max_new_tokens", max_new_tokens, 1)
     (ids,) = check_prompts(model, [prompt], max_new_tokens)
     use_compilation_cache()
-    sampling, mode = row_sampling(1, temperature, top_k, top_p, seed)
+    sampling, mode = row_sampling(1, temperature, top_k, top_p, seed, model.parallel.mesh)
     stop = set(_stop_ids(model, stop_token_ids).tolist())
     t, s = bucket_lengths(model, len(ids), max_new_tokens)
     tokens = jnp.asarray(np.pad(np.asarray([ids], np.int32), ((0, 0), (0, t - len(ids)))))

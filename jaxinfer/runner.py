@@ -31,18 +31,16 @@ from jaxtyping import Array, Bool, Int
 from jaxinfer.attention import PagedMeta
 from jaxinfer.sampling import (
     SAMPLE_MODES,
+    TOP_K_ONLY,
     SampleOutput,
     SamplingArrays,
     SamplingParams,
-    fits_candidates,
-    sample_mode,
     sample_rows,
+    sampler_mode,
     sampling_arrays,
 )
 from jaxinfer.scheduler import PLACEHOLDER, StepPlan
 from jaxinfer.sharding import MODEL, put_tree
-
-TOP_K_ONLY = "filter_top_k"  # the runner's sampler mode for `sample_rows(top_k_only=True)`
 
 
 class StepBatch(NamedTuple):
@@ -152,17 +150,7 @@ class Runner:
 
     def _sample_fn(self, logits, sampling: SamplingArrays, history, history_is_output, mode: str):
         self.num_compiles += 1  # runs at trace time only
-        top_k_only = mode == TOP_K_ONLY
-        mode = "filter" if top_k_only else mode
-        out = sample_rows(
-            logits,
-            sampling,
-            history,
-            history_is_output,
-            mode=mode,
-            mesh=self.mesh,
-            top_k_only=top_k_only,
-        )
+        out = sample_rows(logits, sampling, history, history_is_output, mode=mode, mesh=self.mesh)
         next_tokens = (
             jnp.zeros(self.max_num_seqs, jnp.int32).at[: out.tokens.shape[0]].set(out.tokens)
         )
@@ -190,12 +178,8 @@ class Runner:
         return plan.num_seqs, out
 
     def sampler_mode(self, params: Sequence[SamplingParams]) -> str:
-        """The sampler program a batch needs: `sample_mode`'s, or over a mesh TOP_K_ONLY for a
-        filtered batch that `fits_candidates` (no logits row gathered)."""
-        mode = sample_mode(params)
-        if self.mesh is not None and mode == "filter" and fits_candidates(params):
-            return TOP_K_ONLY
-        return mode
+        """The sampler program a batch needs (`sampling.sampler_mode`)."""
+        return sampler_mode(params, self.mesh)
 
     def sampler_modes(self) -> tuple[str, ...]:
         return SAMPLE_MODES + ((TOP_K_ONLY,) if self.mesh is not None else ())

@@ -164,8 +164,9 @@ def _fold_seed(seed: int) -> int:
 
 SAMPLE_MODES = ("greedy", "sample", "filter")
 # Over a mesh, a filtered batch whose sampling rows all keep at most this many tokens (top-k)
-# draws from each device's top candidates: no row of logits is gathered (`top_k_only`).
+# draws from each device's top candidates: no row of logits is gathered (mode TOP_K_ONLY).
 FILTER_CANDIDATES = 256
+TOP_K_ONLY = "filter_top_k"  # "filter" where every sampling row fits the candidates
 
 
 def fits_candidates(params: Sequence[SamplingParams]) -> bool:
@@ -187,6 +188,14 @@ def sample_mode(params: Sequence[SamplingParams]) -> str:
     return "greedy"
 
 
+def sampler_mode(params: Sequence[SamplingParams], mesh=None) -> str:
+    """`sample_mode`, or over a mesh TOP_K_ONLY for a filtered batch that `fits_candidates`."""
+    mode = sample_mode(params)
+    if mesh is not None and mode == "filter" and fits_candidates(params):
+        return TOP_K_ONLY
+    return mode
+
+
 def sample_rows(
     logits: Float[Array, "B V"],
     arrays: SamplingArrays,
@@ -195,7 +204,6 @@ def sample_rows(
     *,
     mode: str,
     mesh=None,
-    top_k_only: bool = False,
 ) -> SampleOutput:
     """Samples one token per row, each row with its own settings, seed and step. Jittable.
 
@@ -211,15 +219,16 @@ def sample_rows(
       mesh: the mesh whose "model" axis splits the logits' vocab (tensor parallelism), or None.
         The top logprobs are then taken on each device's shard and merged, and greedy and
         plain sampling reduce in place: no device gathers whole rows. The filter's sort does,
-        unless `top_k_only`.
-      top_k_only: (static; over a mesh, in "filter" mode) every sampling row has
-        0 < top_k <= FILTER_CANDIDATES (`fits_candidates`), so each row is filtered and drawn
-        among the devices' top candidates, with the same result.
+        unless mode is TOP_K_ONLY: every sampling row has 0 < top_k <= FILTER_CANDIDATES
+        (`fits_candidates`), and is filtered and drawn among the devices' top candidates, with
+        the same result (on one device TOP_K_ONLY is "filter").
     Returns:
       SampleOutput: tokens [B], logprob [B], top_ids / top_logprobs [B, MAX_LOGPROBS].
     """
-    if mode not in SAMPLE_MODES:
-        raise ValueError(f"sampler mode {mode!r} is not one of {SAMPLE_MODES}")
+    if mode not in (*SAMPLE_MODES, TOP_K_ONLY):
+        raise ValueError(f"sampler mode {mode!r} is not one of {(*SAMPLE_MODES, TOP_K_ONLY)}")
+    top_k_only = mode == TOP_K_ONLY
+    mode = "filter" if top_k_only else mode
     raw = logits.astype(jnp.float32)  # [B, V]
     penalized = raw if history is None else apply_penalties(raw, arrays, history, history_is_output)
     greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)  # [B]

@@ -114,14 +114,12 @@ def jitted_step_alone(eng, n: int = 20) -> dict:
     queue the n calls, and the wall of all n (the device's pace if the host keeps ahead)."""
     import jax
 
-    from jaxinfer.sampling import sample_mode
-
     eng.resolve()  # nothing in flight: the plan below holds real tokens only
     plan = eng.scheduler.schedule()
     rows = [eng.requests[s.request_id].row() for s in plan.seqs]
     runner = eng.runner
     batch = runner.build(plan, rows)
-    mode = sample_mode([r.params for r in rows])
+    mode = runner.sampler_mode([r.params for r in rows])
     jax.block_until_ready(runner.step(batch, mode))
     t0 = time.perf_counter()
     for _ in range(n):  # same slots rewritten: the engine is not stepped after this

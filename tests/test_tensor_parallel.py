@@ -339,3 +339,15 @@ def test_eight_devices_equal_one(moe):
     assert jaxinfer.generate(shard_model(model, 8, moe=moe), ps, max_new_tokens=6) == (
         jaxinfer.generate(model, ps, max_new_tokens=6)
     )
+
+
+def test_sharded_generate_samples_like_one_device():
+    """`generate()` with top-k (drawn among each device's candidates) and with top-p alone (the
+    rows gathered) on a vocab-split model: the one-device samples, seed for seed."""
+    model = tiny(2, vocab=2048)
+    sharded = shard_model(model, 4)
+    ps = prompts(3, 2048)
+    for options in (dict(top_k=40, top_p=0.9), dict(top_p=0.8)):
+        ref = jaxinfer.generate(model, ps, max_new_tokens=8, temperature=0.9, seed=7, **options)
+        got = jaxinfer.generate(sharded, ps, max_new_tokens=8, temperature=0.9, seed=7, **options)
+        assert got == ref, options
