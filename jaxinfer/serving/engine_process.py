@@ -1,6 +1,6 @@
 """The engine in its own process: `RemoteEngine` stands in for `Engine` behind `EngineLoop`.
 
-    engine = RemoteEngine(build_engine, (load, load_args, config))  # returns once it is ready
+    engine = RemoteEngine(options.served_engine, (load, load_args, config))  # once it is ready
     loop = EngineLoop(engine)                                        # the fronts as ever
     ...
     engine.close()                                                   # ends the child
@@ -53,23 +53,14 @@ class RemoteModel:
     tensor_parallel_size: int
 
 
-def build_engine(load: Callable, load_args: tuple, config, path: str | None = None):
-    """In the child: (the Engine of `load(*load_args)` and `config`, the model's path).
-
-    `load` returns a Model or (Model, path), e.g. `options.load_served_model(args)` or
-    `jaxinfer.benchmark.random_model(shape, dtype, layers)`."""
-    from jaxinfer.engine import Engine
-
-    loaded = load(*load_args)
-    model, path = loaded if isinstance(loaded, tuple) else (loaded, path)
-    return Engine(model, config), path
-
-
 # -- the child ---------------------------------------------------------------------------------
 
 
-def _child(conn, build: Callable, build_args: tuple) -> None:
+def _child(conn, build: Callable, build_args: tuple, log_level: int) -> None:
     """The engine process: build, say "ready" (or why not), serve commands until "stop"."""
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s"
+    )
     try:
         engine, path = build(*build_args)
     except ValueError as e:  # a bad path or option: one line for the user
@@ -162,7 +153,7 @@ class RemoteEngine:
 
     Args:
       build: called in the child as `build(*build_args)`; returns (Engine, model path). Both must
-        pickle (module-level functions), e.g. `build_engine` with (load, load_args, config).
+        pickle (module-level functions), e.g. `options.served_engine` with (load, load_args, config).
       start_timeout: seconds to wait for "ready" (loading and warm-up), None: no limit.
 
     Raises ValueError (the child's message) when the child could not build the engine for a bad
@@ -175,7 +166,10 @@ class RemoteEngine:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
-            target=_child, args=(child, build, build_args), name="jaxinfer-engine", daemon=True
+            target=_child,
+            args=(child, build, build_args, logging.getLogger().getEffectiveLevel()),
+            name="jaxinfer-engine",
+            daemon=True,
         )
         self._proc.start()
         child.close()  # the child's end lives only in the child: its death is our EOF
@@ -218,7 +212,9 @@ class RemoteEngine:
         """The reader thread: every message from the child onto `_messages`, then its death."""
         try:
             while True:
-                self._messages.put(self._conn.recv())
+                message = self._conn.recv()
+                self._stats = message[2]  # at once: an abort's freed pages show while idle
+                self._messages.put(message)
         except (EOFError, OSError) as e:
             self._messages.put(("died", f"the engine process exited ({type(e).__name__})"))
 
@@ -272,7 +268,7 @@ class RemoteEngine:
             self._died = message[1]
             self._messages.put(message)  # every later step() raises too
             raise EngineProcessDied(message[1])
-        _, outputs, self._stats, failure = message
+        _, outputs, _, failure = message
         for out in outputs:
             rid = out.request_id
             if out.prompt_token_ids is None:
