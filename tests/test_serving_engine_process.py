@@ -4,15 +4,17 @@ engine behind EngineLoop, in this process; then a real server with --engine-proc
 
 from __future__ import annotations
 
+import json
 import os
 import signal
-import threading
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
 from conftest import build_hf_model
-from serving_utils import ServerProcess
+from serving_utils import ServerProcess, free_port
 from test_engine import fake_engine
 
 import jaxinfer
@@ -73,15 +75,18 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_path, tmp_path_factory):
+    http_port = free_port()
     srv = ServerProcess(
-        ["--model", str(tiny_path), *ENGINE_ARGS, "--engine-process", "on", "--no-warmup"],
+        ["--model", str(tiny_path), *ENGINE_ARGS, "--engine-process", "on", "--no-warmup"]
+        + ["--http-port", str(http_port)],
         tmp_path_factory.mktemp("log") / "server.log",
     )
+    srv.http = f"http://127.0.0.1:{http_port}/v1/completions"
     try:
         srv.wait_healthy(240)
         yield srv
     finally:
-        srv.stop()
+        assert srv.stop() == 0, srv.log()  # the engine was killed: the server still stops well
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +108,26 @@ def test_server_answers_equal_generate(server, stub, tiny_path):
     assert [t for c in chunks for t in c.token_ids] == want[1]
     info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
     assert info.kv_pages_total == ENGINE["num_pages"] and info.dtype == "float32"
+    body = dict(prompt=prompts[0], max_tokens=8, temperature=0.0)
+    assert _post(server.http, body)["choices"][0]["text"] == got.text
 
 
-def test_bad_requests_are_invalid_argument(stub):
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"content-type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return json.loads(reply.read())
+
+
+def test_bad_requests_are_invalid_argument(server, stub):
     for prompt in ([10**7], []):
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(generate_request(prompt, max_tokens=4), timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _post(server.http, dict(prompt=[10**7], max_tokens=4))
+    assert e.value.code == 400
     assert len(stub.Generate(generate_request([1, 2], max_tokens=4), timeout=30).token_ids) == 4
 
 
@@ -138,12 +156,10 @@ def test_killed_engine_fails_requests_in_flight(server, stub):
     next(call)
     children = psutil.Process(server.proc.pid).children()
     assert children, "no engine process"
-    done = threading.Event()
     for child in children:
         os.kill(child.pid, signal.SIGKILL)
     with pytest.raises(grpc.RpcError) as e:
         list(call)
-    done.set()
     assert e.value.code() == grpc.StatusCode.INTERNAL, e.value.details()
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(generate_request([1, 2], max_tokens=4), timeout=30)
