@@ -51,6 +51,9 @@ def test_remote_fake_engine_behind_the_loop():
         stats = loop.stats()
         assert stats.kv_pages_free == stats.kv_pages_total == engine.num_pages
         assert stats.steps > 0 and loop.num_unfinished() == 0
+        os.kill(engine.pid, signal.SIGTERM)  # a group's signal: the parent drains, not the child
+        time.sleep(0.2)
+        assert list(loop.submit("abc", GREEDY))[-1].text == "defgh"
         long = loop.submit("abc", SamplingParams(max_tokens=50, ignore_eos=True))
         next(iter(long))
         os.kill(engine.pid, signal.SIGKILL)  # the engine dies mid-request

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import multiprocessing
 import queue
+import signal
 import threading
 import time
 import traceback
@@ -57,7 +58,13 @@ class RemoteModel:
 
 
 def _child(conn, build: Callable, build_args: tuple, log_level: int) -> None:
-    """The engine process: build, say "ready" (or why not), serve commands until "stop"."""
+    """The engine process: build, say "ready" (or why not), serve commands until "stop".
+
+    It ignores SIGINT / SIGTERM (a terminal's Ctrl-C, or a service manager, signals the whole
+    group): the parent drains its requests first, then says "stop"; if the parent dies, the
+    pipe's end stops this process too."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(
         level=log_level, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s"
     )
@@ -283,7 +290,7 @@ class RemoteEngine:
         return outputs
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stops the child ("stop", then terminate if it does not exit within `timeout`)."""
+        """Stops the child ("stop", then SIGKILL if it does not exit within `timeout`)."""
         if self._proc.is_alive():
             try:
                 self._conn.send(("stop",))
@@ -291,6 +298,6 @@ class RemoteEngine:
                 pass
             self._proc.join(timeout)
         if self._proc.is_alive():
-            self._proc.terminate()
+            self._proc.kill()  # it ignores SIGTERM
             self._proc.join(5)
         self._conn.close()
