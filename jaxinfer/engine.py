@@ -373,6 +373,17 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._aborted) or self._in_flight is not None
 
+    def serving_stats(self) -> dict[str, int]:
+        """The counts a server publishes: running (requests holding KV pages), kv_pages_free,
+        kv_pages_total, preemptions and steps (since start)."""
+        return dict(
+            running=len(self.scheduler.running),
+            kv_pages_free=self.scheduler.allocator.num_free_pages,
+            kv_pages_total=self.num_pages,
+            preemptions=self.stats["preemptions"],
+            steps=self.stats["steps"],
+        )
+
     # -- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

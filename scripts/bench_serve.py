@@ -322,7 +322,7 @@ def serve_main(argv: list[str]) -> int:
     rest = [a for a in rest if a != "--"]
     return main(
         rest + ["--model", f"random:{args.shape}"],
-        model=random_model(args.shape, args.dtype, args.layers),
+        model_spec=(random_model, (args.shape, args.dtype, args.layers)),  # made by the engine
     )
 
 

@@ -8,6 +8,9 @@ and/or the OpenAI-compatible HTTP API (jaxinfer/serving/http_server.py).
     python scripts/serve.py --http-port 8000 --no-grpc     # HTTP only
     python scripts/serve.py --tensor-parallel-size 8       # the model split over 8 GPUs
 
+The engine runs in a process of its own when a GPU is visible (--engine-process auto|on|off), so
+the fronts' threads do not compete with its host work for one GIL.
+
 One process on one host: a server does not run over several hosts yet (jaxinfer/distributed.py).
 """
 

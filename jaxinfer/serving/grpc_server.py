@@ -33,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from jaxinfer.engine import Engine, RequestOutput
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving import options
+from jaxinfer.serving.engine_process import RemoteEngine
 from jaxinfer.serving.loop import Closed, EngineError, EngineLoop, QueueFull, RequestStream
 from jaxinfer.serving.metrics import Metrics
 from jaxinfer.serving.proto import inference_pb2 as pb
@@ -389,29 +390,43 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None, model=None) -> int:
+def main(argv: list[str] | None = None, model=None, model_spec: tuple | None = None) -> int:
     """`scripts/serve.py`: parses options, loads the model (unless given), serves until SIGTERM.
 
     Args:
       argv: command-line arguments (default: sys.argv[1:]).
-      model: a loaded Model to serve instead of --model (benchmarks serve random weights).
+      model: a loaded Model to serve instead of --model; the engine then runs in this process.
+      model_spec: (load, load_args) to serve `load(*load_args)` (a Model) instead of --model,
+        called where the engine runs (benchmarks serve random weights:
+        `(jaxinfer.benchmark.random_model, (shape, dtype, layers))`).
     """
     p = parser()
     args = p.parse_args(argv)
     options.check_server_args(p, args)
-    options.check_processes_and_devices(p, args)
+    remote = model is None and options.use_engine_process(args)
+    options.check_processes_and_devices(p, args, devices=not remote)  # the child checks its own
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    load, load_args = model_spec or (options.load_served_model, (args,))
+    path = args.model or "(in-process model)"
+    build_args = (load, load_args, options.engine_config(args), path)
     try:
-        if model is None:
-            model, path = options.load_served_model(args)
+        if model is not None:
+            engine = Engine(model, options.engine_config(args))
+        elif remote:
+            log.info("starting the engine process")
+            engine = RemoteEngine(options.served_engine, build_args)
+            path = engine.path
         else:
-            path = args.model or "(in-process model)"
-        engine = Engine(model, options.engine_config(args))
+            engine, path = options.served_engine(*build_args)
     except ValueError as e:  # a bad model path or engine option: one line, no traceback
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(args, engine, path))
+    try:
+        return asyncio.run(serve(args, engine, path))
+    finally:
+        if remote:
+            engine.close()

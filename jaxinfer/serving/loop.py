@@ -159,7 +159,8 @@ class EngineLoop:
     """Runs one `Engine` on its own thread for many concurrent callers (see the module docstring).
 
     Args:
-      engine: the engine; nothing else may call it once `start()` has been called.
+      engine: the engine (or a `RemoteEngine`, jaxinfer/serving/engine_process.py); nothing
+        else may call it once `start()` has been called.
       max_queue: most requests submitted but without a first token yet; past it `submit` raises
         QueueFull. None: no limit.
       observer: called on the loop thread with a RequestRecord when each request ends (and on
@@ -242,6 +243,8 @@ class EngineLoop:
             self._inbox.put(("abort", stream))
 
     def stats(self) -> LoopStats:
+        if getattr(self.engine, "stats_any_thread", False):
+            self._publish_stats()  # an engine process's counts move while this loop idles
         return self._stats
 
     def close(self) -> None:
@@ -341,7 +344,9 @@ class EngineLoop:
             stream = self._live.get(out.request_id)
             if stream is None:
                 continue  # aborted by its caller, or failed already
-            if out.finish_reason == "error":  # the engine failed this request alone
+            if out.finish_reason == "invalid":  # refused by an engine in another process
+                self._end(stream, ValueError(out.error), "invalid")
+            elif out.finish_reason == "error":  # the engine failed this request alone
                 error = getattr(out, "error", None) or "the engine failed"
                 log.error("engine error in request %s: %s", stream.request_id, error)
                 self._end(stream, EngineError(error), "error", out)
@@ -413,16 +418,9 @@ class EngineLoop:
             log.exception("request observer failed")
 
     def _publish_stats(self) -> None:
-        sched, engine = self.engine.scheduler, self.engine
-        running = len(sched.running)
-        self._stats = LoopStats(
-            running=running,
-            waiting=max(self._unfinished - running, 0),
-            kv_pages_total=engine.num_pages,
-            kv_pages_free=sched.allocator.num_free_pages,
-            preemptions=engine.stats["preemptions"],
-            steps=engine.stats["steps"],
-        )
+        counts = self.engine.serving_stats()  # running, kv_pages_*, preemptions, steps
+        waiting = max(self._unfinished - counts["running"], 0)
+        self._stats = LoopStats(waiting=waiting, **counts)
 
 
 def _wake_all(waiters: list) -> None:

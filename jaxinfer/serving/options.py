@@ -3,8 +3,8 @@
 parser = argparse.ArgumentParser()
 add_server_args(parser, default_port=50051)
 args = parser.parse_args()
-model = load_served_model(args)
-engine = Engine(model, engine_config(args))
+engine, path = served_engine(load_served_model, (args,), engine_config(args))
+# or, with --engine-process: RemoteEngine(served_engine, (load_served_model, (args,), config))
 """
 
 from __future__ import annotations
@@ -54,6 +54,13 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
         "--attention-impl", default=None, help="attention kernel (default: the platform's)"
     )
     e.add_argument("--seed", type=int, default=0, help="seeds requests that bring none")
+    e.add_argument(
+        "--engine-process",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="run the engine in a process of its own, away from the fronts' GIL (auto: on "
+        "when a GPU is visible, off on a CPU)",
+    )
     e.add_argument(
         "--no-warmup",
         dest="warmup",
@@ -133,10 +140,23 @@ def check_server_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
 
 
-def check_processes_and_devices(parser: argparse.ArgumentParser, args: argparse.Namespace):
+def use_engine_process(args: argparse.Namespace) -> bool:
+    """--engine-process; "auto" is on when a GPU is visible, judged without starting jax here
+    ($JAX_PLATFORMS if set, else an NVIDIA or AMD device node)."""
+    if args.engine_process != "auto":
+        return args.engine_process == "on"
+    platforms = os.environ.get("JAX_PLATFORMS", "").lower()
+    if platforms:
+        return any(p.strip() in ("cuda", "gpu", "rocm") for p in platforms.split(","))
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd")
+
+
+def check_processes_and_devices(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, devices: bool = True
+):
     """Refuses, as a one-line parser error, a server of several processes (they would all have
-    to be told of every request; jaxinfer/distributed.py) and a --tensor-parallel-size beyond
-    this host's devices. Starts jax's backend."""
+    to be told of every request; jaxinfer/distributed.py) and, if `devices`, a
+    --tensor-parallel-size beyond this host's devices (which starts jax's backend)."""
     from jaxinfer import distributed
 
     n = distributed.requested_processes()
@@ -146,14 +166,22 @@ def check_processes_and_devices(parser: argparse.ArgumentParser, args: argparse.
             "in one process, tensor parallel over its host's devices; several hosts serve "
             "offline batches (LLM) only for now"
         )
+    error = devices and device_error(args.tensor_parallel_size)
+    if error:
+        parser.error(error)
+
+
+def device_error(tensor_parallel_size: int) -> str | None:
+    """Why this host cannot run `tensor_parallel_size` devices, or None. Starts jax's backend."""
     import jax
 
     devices = len(jax.devices())
-    if args.tensor_parallel_size > devices:
-        parser.error(
-            f"--tensor-parallel-size {args.tensor_parallel_size} needs that many devices "
+    if tensor_parallel_size > devices:
+        return (
+            f"--tensor-parallel-size {tensor_parallel_size} needs that many devices "
             f"but {devices} exist"
         )
+    return None
 
 
 def engine_config(args: argparse.Namespace):
@@ -173,6 +201,21 @@ def engine_config(args: argparse.Namespace):
         warmup=args.warmup,
         tensor_parallel_size=args.tensor_parallel_size,
     )
+
+
+def served_engine(load, load_args: tuple, config, path: str | None = None):
+    """(the Engine of `load(*load_args)` and `config`, the model's path), in the process that runs
+    the engine. `load` returns a Model or (Model, path): `load_served_model` with (args,), or
+    `jaxinfer.benchmark.random_model` with (shape, dtype, layers). Raises ValueError for a bad
+    --tensor-parallel-size, path or option."""
+    from jaxinfer.engine import Engine
+
+    error = device_error(config.tensor_parallel_size or 1)
+    if error:
+        raise ValueError(error)
+    loaded = load(*load_args)
+    model, path = loaded if isinstance(loaded, tuple) else (loaded, path)
+    return Engine(model, config), path
 
 
 def load_served_model(args: argparse.Namespace):

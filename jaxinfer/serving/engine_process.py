@@ -1,0 +1,303 @@
+"""The engine in its own process: `RemoteEngine` stands in for `Engine` behind `EngineLoop`.
+
+    engine = RemoteEngine(options.served_engine, (load, load_args, config))  # once it is ready
+    loop = EngineLoop(engine)                                        # the fronts as ever
+    ...
+    engine.close()                                                   # ends the child
+
+Why: the engine's host work per step (~10 ms of Python) and the fronts' threads (gRPC, HTTP)
+share one GIL in one process; at saturation the fronts then get little more than half of the
+offline throughput. In a child process (multiprocessing "spawn") the engine has a GIL of its own.
+
+The child builds the model and the Engine from a picklable spec (a function and its arguments),
+sends "ready" with what the fronts read of the engine (tokenizer, configs, limits), then loops:
+take every pending command ("add", "abort", "stop"; it blocks for one only when idle), step while
+requests are unfinished, and send ONE message per iteration that did anything: the outputs
+(requests it refused among them, as outputs of finish_reason "invalid") and the engine's counts.
+The parent reads those messages on a thread of their own; `step()` returns the outputs of all
+that came since the last call. A dead child makes `step()` and `add_request()` raise
+(`EngineProcessDied`), so EngineLoop fails the requests in flight and keeps answering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jaxinfer.engine import RequestOutput
+from jaxinfer.sampling import SamplingParams
+
+log = logging.getLogger("jaxinfer.serving")
+
+INVALID = "invalid"  # finish_reason of a request the engine refused (its `error` says why)
+
+
+class EngineProcessDied(RuntimeError):
+    """The engine's process exited (or its pipe broke)."""
+
+
+@dataclasses.dataclass
+class RemoteModel:
+    """What the fronts read of `engine.model`."""
+
+    tokenizer: Any  # the model's tokenizer (pickled across), or None
+    config: Any  # ModelConfig
+    dtype: Any  # numpy / jnp dtype
+    tensor_parallel_size: int
+
+
+# -- the child ---------------------------------------------------------------------------------
+
+
+def _child(conn, build: Callable, build_args: tuple, log_level: int) -> None:
+    """The engine process: build, say "ready" (or why not), serve commands until "stop".
+
+    It ignores SIGINT / SIGTERM (a terminal's Ctrl-C, or a service manager, signals the whole
+    group): the parent drains its requests first, then says "stop"; if the parent dies, the
+    pipe's end stops this process too."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s"
+    )
+    try:
+        engine, path = build(*build_args)
+    except ValueError as e:  # a bad path or option: one line for the user
+        conn.send(("error", ValueError, str(e)))
+        return
+    except BaseException:  # noqa: BLE001 - told to the parent, which raises it
+        conn.send(("error", RuntimeError, traceback.format_exc()))
+        return
+    model = engine.model
+    info = dict(
+        path=path,
+        model=RemoteModel(model.tokenizer, model.config, model.dtype, model.tensor_parallel_size),
+        config=engine.config,
+        max_model_len=engine.max_model_len,
+        num_pages=engine.num_pages,
+        stats=engine.serving_stats(),
+    )
+    conn.send(("ready", info))
+    try:
+        _serve(conn, engine)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the parent went away
+
+
+def _serve(conn, engine) -> None:
+    """Commands in, one message of outputs and counts out per busy iteration, until "stop"."""
+    sent_prompt: set[str] = set()  # requests whose prompt_token_ids the parent has
+    faulted = False  # the last step raised: step again only once a request is added
+    while True:
+        busy = engine.has_unfinished_requests() and not faulted
+        commands = [] if busy else [conn.recv()]
+        while conn.poll():
+            commands.append(conn.recv())
+        outputs: list[RequestOutput] = []
+        for command in commands:
+            if command[0] == "stop":
+                return
+            if command[0] == "add":
+                faulted = False
+                _add(engine, command[1:], outputs)
+            else:
+                engine.abort(command[1])
+        failure = None
+        if engine.has_unfinished_requests() and not faulted:
+            try:
+                outputs += engine.step()
+            except Exception as e:  # noqa: BLE001 - the parent fails the requests in flight
+                log.exception("engine step failed")
+                failure, faulted = f"{type(e).__name__}: {e}", True
+        _strip_prompts(outputs, sent_prompt)
+        conn.send(("step", outputs, engine.serving_stats(), failure))
+
+
+def _add(engine, command: tuple, outputs: list) -> None:
+    """Adds a request; a refusal becomes its last output ("invalid", or "error" if not its
+    fault)."""
+    request_id, prompt, params = command
+    try:
+        engine.add_request(request_id, prompt, params)
+    except Exception as e:  # noqa: BLE001 - told to the parent as this request's end
+        reason = INVALID if isinstance(e, ValueError) else "error"
+        if reason == "error":
+            e = f"the engine failed to add the request: {e}"
+        outputs.append(_ended(request_id, reason, str(e)))
+
+
+def _ended(request_id: str, reason: str, error: str) -> RequestOutput:
+    """The last output of a request the engine never ran."""
+    return RequestOutput(
+        request_id, [], [], "", True, reason, None, time.perf_counter(), None, None, error=error
+    )
+
+
+def _strip_prompts(outputs: list[RequestOutput], sent: set[str]) -> None:
+    """Sends each request's prompt ids once (the parent keeps them); forgets finished ones."""
+    for out in outputs:
+        if out.request_id in sent:
+            out.prompt_token_ids = None
+        else:
+            sent.add(out.request_id)
+        if out.finished:
+            sent.discard(out.request_id)
+
+
+# -- the parent --------------------------------------------------------------------------------
+
+
+class RemoteEngine:
+    """An Engine in a child process, behind the calls EngineLoop makes (see the module docstring).
+
+    Args:
+      build: called in the child as `build(*build_args)`; returns (Engine, model path). Both must
+        pickle (module-level functions), e.g. `options.served_engine` with (load, load_args, config).
+      start_timeout: seconds to wait for "ready" (loading and warm-up), None: no limit.
+
+    Raises ValueError (the child's message) when the child could not build the engine for a bad
+    option or path, RuntimeError (its traceback) for anything else.
+    """
+
+    stats_any_thread = True  # serving_stats() may be read from any thread (EngineLoop.stats)
+
+    def __init__(self, build: Callable, build_args: tuple, start_timeout: float | None = None):
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_child,
+            args=(child, build, build_args, logging.getLogger().getEffectiveLevel()),
+            name="jaxinfer-engine",
+            daemon=True,
+        )
+        self._proc.start()
+        child.close()  # the child's end lives only in the child: its death is our EOF
+        info = self._ready(start_timeout)
+        self.path: str = info["path"]
+        self.model: RemoteModel = info["model"]
+        self.config = info["config"]  # EngineConfig
+        self.max_model_len: int = info["max_model_len"]
+        self.num_pages: int = info["num_pages"]
+        self._stats: dict = info["stats"]
+        self._send_lock = threading.Lock()
+        self._messages: queue.SimpleQueue = queue.SimpleQueue()  # ("step", ...) | ("died", why)
+        self._unfinished: set[str] = set()  # added, not ended or aborted
+        self._prompts: dict[str, list[int]] = {}  # request id -> prompt ids, while unfinished
+        self._died: str | None = None
+        self._reader = threading.Thread(target=self._read, name="engine-pipe", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def _ready(self, timeout: float | None) -> dict:
+        if not self._conn.poll(timeout):
+            self.close()
+            raise RuntimeError(f"the engine process was not ready within {timeout}s")
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise RuntimeError(
+                f"the engine process exited while starting (exit code {self._proc.exitcode})"
+            ) from None
+        if message[0] == "error":
+            self._proc.join(5)
+            raise message[1](message[2])
+        return message[1]
+
+    def _read(self) -> None:
+        """The reader thread: every message from the child onto `_messages`, then its death."""
+        try:
+            while True:
+                message = self._conn.recv()
+                self._stats = message[2]  # at once: an abort's freed pages show while idle
+                self._messages.put(message)
+        except (EOFError, OSError) as e:
+            self._messages.put(("died", f"the engine process exited ({type(e).__name__})"))
+
+    # -- what EngineLoop calls (its thread) ----------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None
+    ) -> None:
+        """Sends the request; never blocks on the engine. Its refusal comes back from step()."""
+        self._send(("add", request_id, prompt, params))
+        self._unfinished.add(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Forgets the request here and tells the child (which frees its pages)."""
+        self._unfinished.discard(request_id)
+        self._prompts.pop(request_id, None)
+        self._send(("abort", request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._unfinished)
+
+    def step(self) -> list[RequestOutput]:
+        """Blocks for the child's next message, takes any more already here; their outputs."""
+        messages = [self._messages.get()]
+        while not self._messages.empty():
+            messages.append(self._messages.get_nowait())
+        outputs: list[RequestOutput] = []
+        for message in messages:
+            outputs += self._receive(message)
+        return outputs
+
+    def serving_stats(self) -> dict:
+        """The child's last counts (running, kv_pages_free, kv_pages_total, preemptions, steps)."""
+        return self._stats
+
+    # -- the rest ------------------------------------------------------------------------------
+
+    def _send(self, command: tuple) -> None:
+        if self._died is not None:
+            raise EngineProcessDied(self._died)
+        try:
+            with self._send_lock:
+                self._conn.send(command)
+        except (BrokenPipeError, ConnectionResetError, OSError) as e:
+            self._died = f"the engine process is gone ({type(e).__name__})"
+            raise EngineProcessDied(self._died) from None
+
+    def _receive(self, message: tuple) -> list[RequestOutput]:
+        """A "step" message's outputs (prompt ids put back); raises for "died" or a failed step."""
+        if message[0] == "died":
+            self._died = message[1]
+            self._messages.put(message)  # every later step() raises too
+            raise EngineProcessDied(message[1])
+        _, outputs, _, failure = message
+        for out in outputs:
+            rid = out.request_id
+            if out.prompt_token_ids is None:
+                out.prompt_token_ids = self._prompts.get(rid, [])
+            elif not out.finished:
+                self._prompts[rid] = out.prompt_token_ids
+            if out.finished:
+                self._unfinished.discard(rid)
+                self._prompts.pop(rid, None)
+        if failure is not None:
+            raise RuntimeError(failure)
+        return outputs
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stops the child ("stop", then SIGKILL if it does not exit within `timeout`)."""
+        if self._proc.is_alive():
+            try:
+                self._conn.send(("stop",))
+            except OSError:
+                pass
+            self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()  # it ignores SIGTERM
+            self._proc.join(5)
+        self._conn.close()

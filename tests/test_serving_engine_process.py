@@ -1,0 +1,169 @@
+"""The engine in its own process (jaxinfer/serving/engine_process.py): a RemoteEngine of the fake
+engine behind EngineLoop, in this process; then a real server with --engine-process on, against
+`LLM.generate`: answers, refusals, aborts freeing pages, a killed engine failing requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+from conftest import build_hf_model
+from serving_utils import ServerProcess, free_port
+from test_engine import fake_engine
+
+import jaxinfer
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.serving.client import generate_request
+from jaxinfer.serving.engine_process import RemoteEngine
+from jaxinfer.serving.loop import EngineError, EngineLoop
+from jaxinfer.serving.proto import inference_pb2 as pb
+from jaxinfer.serving.proto import inference_pb2_grpc as pb_grpc
+
+GREEDY = SamplingParams(max_tokens=5, temperature=0.0)
+ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=64, num_pages=48, max_model_len=128)
+ENGINE_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()] + ["--dtype=float32"]
+
+
+def build_fake():
+    """The child's engine: the fake (next letter) engine."""
+    return fake_engine(max_model_len=64), "fake"
+
+
+def test_remote_fake_engine_behind_the_loop():
+    engine = RemoteEngine(build_fake, ())
+    loop = EngineLoop(engine)
+    loop.start()
+    try:
+        assert engine.model.tokenizer is not None and engine.max_model_len == 64
+        streams = [loop.submit("abc", GREEDY), loop.submit("wx", GREEDY)]
+        bad = loop.submit("abc", SamplingParams(max_tokens=500))  # past max_model_len
+        outs = [list(s) for s in streams]
+        assert [o.text_delta for o in outs[0]] == ["d", "e", "f", "g", "h"]
+        assert outs[1][-1].text == "yz" and outs[1][-1].prompt_token_ids == [22, 23]
+        with pytest.raises(ValueError, match="max_model_len|exceeds"):
+            list(bad)
+        stats = loop.stats()
+        assert stats.kv_pages_free == stats.kv_pages_total == engine.num_pages
+        assert stats.steps > 0 and loop.num_unfinished() == 0
+        os.kill(engine.pid, signal.SIGTERM)  # a group's signal: the parent drains, not the child
+        time.sleep(0.2)
+        assert list(loop.submit("abc", GREEDY))[-1].text == "defgh"
+        long = loop.submit("abc", SamplingParams(max_tokens=50, ignore_eos=True))
+        next(iter(long))
+        os.kill(engine.pid, signal.SIGKILL)  # the engine dies mid-request
+        with pytest.raises(EngineError):
+            list(long)
+        with pytest.raises(EngineError):  # the loop still answers
+            list(loop.submit("abc", GREEDY))
+    finally:
+        loop.stop()
+        engine.close()
+
+
+# -- a real server ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-engine-process")
+    build_hf_model("llama3", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path, tmp_path_factory):
+    http_port = free_port()
+    srv = ServerProcess(
+        ["--model", str(tiny_path), *ENGINE_ARGS, "--engine-process", "on", "--no-warmup"]
+        + ["--http-port", str(http_port)],
+        tmp_path_factory.mktemp("log") / "server.log",
+    )
+    srv.http = f"http://127.0.0.1:{http_port}/v1/completions"
+    try:
+        srv.wait_healthy(240)
+        yield srv
+    finally:
+        assert srv.stop() == 0, srv.log()  # the engine was killed: the server still stops well
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with server.channel() as channel:
+        yield pb_grpc.InferenceStub(channel)
+
+
+def test_server_answers_equal_generate(server, stub, tiny_path):
+    prompts = [[1, 5, 9, 13], [2, 7, 3]]
+    greedy = dict(max_tokens=8, temperature=0.0)
+    llm = jaxinfer.LLM(
+        model=jaxinfer.load_model(tiny_path, dtype="float32"), **ENGINE, warmup=False
+    )
+    want = [o.token_ids for o in llm.generate(prompts, SamplingParams(**greedy))]
+    got = stub.Generate(generate_request(prompts[0], **greedy), timeout=60)
+    assert list(got.token_ids) == want[0]
+    chunks = stub.GenerateStream(generate_request(prompts[1], **greedy), timeout=60)
+    assert [t for c in chunks for t in c.token_ids] == want[1]
+    info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
+    assert info.kv_pages_total == ENGINE["num_pages"] and info.dtype == "float32"
+    body = dict(prompt=prompts[0], max_tokens=8, temperature=0.0)
+    assert _post(server.http, body)["choices"][0]["text"] == got.text
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"content-type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        return json.loads(reply.read())
+
+
+def test_bad_requests_are_invalid_argument(server, stub):
+    for prompt in ([10**7], []):
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(generate_request(prompt, max_tokens=4), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _post(server.http, dict(prompt=[10**7], max_tokens=4))
+    assert e.value.code == 400
+    assert len(stub.Generate(generate_request([1, 2], max_tokens=4), timeout=30).token_ids) == 4
+
+
+def test_cancel_frees_pages(stub):
+    call = stub.GenerateStream(
+        generate_request([1, 2, 3], max_tokens=100, temperature=0.0, ignore_eos=True), timeout=60
+    )
+    next(call)
+    call.cancel()
+    deadline = time.monotonic() + 20
+    while True:
+        info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
+        if info.kv_pages_free == info.kv_pages_total and info.requests_running == 0:
+            break
+        assert time.monotonic() < deadline, info
+        time.sleep(0.1)
+
+
+def test_killed_engine_fails_requests_in_flight(server, stub):
+    """Last: it kills the server's engine process."""
+    import psutil
+
+    call = stub.GenerateStream(
+        generate_request([1, 2, 3], max_tokens=100, temperature=0.0, ignore_eos=True), timeout=60
+    )
+    next(call)
+    children = psutil.Process(server.proc.pid).children()
+    assert children, "no engine process"
+    for child in children:
+        os.kill(child.pid, signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as e:
+        list(call)
+    assert e.value.code() == grpc.StatusCode.INTERNAL, e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(generate_request([1, 2], max_tokens=4), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INTERNAL
