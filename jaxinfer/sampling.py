@@ -298,7 +298,7 @@ def _sample_or_greedy(
     sampling = arrays.temperature > 0
     scaled = logits / jnp.where(sampling, arrays.temperature, 1.0)[:, None]  # [B, V]
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(arrays.seed, arrays.step)
-    if filters and mesh is not None and top_k_only:
+    if filters and mesh is not None and top_k_only and logits.shape[1] % mesh.size == 0:
         drawn = _draw_among_candidates(scaled, arrays, keys, mesh)
         return jnp.where(sampling, drawn, greedy)
     if filters and mesh is not None:
@@ -326,21 +326,7 @@ def _draw_among_candidates(
     noise = jax.vmap(lambda key: jax.random.gumbel(key, (v,), scaled.dtype))(keys)  # [B, V]
     noise = jax.lax.with_sharding_constraint(noise, split)
     n = min(FILTER_CANDIDATES, v // mesh.size)
-
-    def local(x, g):  # [B, V / M] each
-        values, ids = jax.lax.top_k(x, n)  # most likely first, lower id first on ties
-        picked = jnp.take_along_axis(g, ids, axis=-1)
-        ids = ids + jax.lax.axis_index(MODEL) * x.shape[1]
-        gather = lambda a: jax.lax.all_gather(a, MODEL, axis=1, tiled=True)  # [B, M * n]
-        return gather(values), gather(ids), gather(picked)
-
-    values, ids, picked = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(PartitionSpec(None, MODEL), PartitionSpec(None, MODEL)),
-        out_specs=PartitionSpec(),
-        check_vma=False,
-    )(scaled, noise)
+    values, ids, picked = _candidates_by_shard(scaled, n, mesh, noise)
     # In vocabulary order, as the full rows would be: the filter's stable sort and the draw's
     # argmax then break ties as they do there.
     order = jnp.argsort(ids, axis=-1)
@@ -394,25 +380,34 @@ def _top_logprobs(
 
 def _top_k_by_shard(x: Float[Array, "B V"], n: int, mesh):
     """`lax.top_k(x, n)` of vocab-split x: per device, then over the gathered candidates."""
+    values, ids = _candidates_by_shard(x, n, mesh)
+    values, pick = jax.lax.top_k(values, n)
+    return values, jnp.take_along_axis(ids, pick, axis=-1)
+
+
+def _candidates_by_shard(x: Float[Array, "B V"], n: int, mesh, *alongside):
+    """Each device's top n of vocab-split x (most likely first, the lower id first on ties),
+    gathered: values [B, M * n], their vocabulary ids, and the entries of each `alongside`
+    array (vocab-split like x) at those ids."""
     from jax.sharding import PartitionSpec
 
     from jaxinfer.sharding import MODEL
 
-    def local(x):  # [B, V / M]
+    def local(x, *others):  # [B, V / M] each
         values, ids = jax.lax.top_k(x, n)
+        picked = [jnp.take_along_axis(o, ids, axis=-1) for o in others]
         ids = ids + jax.lax.axis_index(MODEL) * x.shape[1]
-        values = jax.lax.all_gather(values, MODEL, axis=1, tiled=True)  # [B, M * n]
-        ids = jax.lax.all_gather(ids, MODEL, axis=1, tiled=True)
-        values, pick = jax.lax.top_k(values, n)
-        return values, jnp.take_along_axis(ids, pick, axis=-1)
+        gather = lambda a: jax.lax.all_gather(a, MODEL, axis=1, tiled=True)  # [B, M * n]
+        return tuple(gather(a) for a in (values, ids, *picked))
 
+    split = PartitionSpec(None, MODEL)
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=PartitionSpec(None, MODEL),
+        in_specs=(split,) * (1 + len(alongside)),
         out_specs=PartitionSpec(),
         check_vma=False,
-    )(x)
+    )(x, *alongside)
 
 
 def _no_top_logprobs(
