@@ -41,14 +41,19 @@ import numpy as np
 
 from jaxinfer import attention
 from jaxinfer.distributed import agree_min, check_mesh, local_devices
-from jaxinfer.kv_cache import init_pages, page_bytes
+from jaxinfer.kv_cache import init_pages
 from jaxinfer.model import Model
 from jaxinfer.platform import free_memory_bytes, log_device, logger, use_compilation_cache
 from jaxinfer.runner import RowInfo, Runner, uses_penalties
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
 from jaxinfer.scheduler import Sequence as Seq
-from jaxinfer.sharding import kv_pool_heads, kv_sharding, shard_model
+from jaxinfer.sharding import (
+    kv_bytes_per_token_per_device,
+    kv_pool_heads,
+    kv_sharding,
+    shard_model,
+)
 from jaxinfer.tokenizer import IncrementalDetokenizer
 from jaxinfer.validate import as_sequence, as_text, as_token_ids
 
@@ -253,9 +258,10 @@ class Engine:
 
     def _page_bytes(self) -> int:
         """Bytes of one page on each device (a mesh splits the kv heads)."""
-        cfg, size = self.model.config, self.model.parallel.size
-        heads = kv_pool_heads(cfg, size) // size
-        return page_bytes(cfg.num_layers, heads, cfg.head_dim, self.config.page_size, self.kv_dtype)
+        per_token = kv_bytes_per_token_per_device(
+            self.model.config, self.kv_dtype, self.model.parallel.size
+        )
+        return per_token * self.config.page_size
 
     def _num_pages(self) -> int:
         """The pool's pages: `num_pages` if it fits in free memory (else a ValueError, before any

@@ -250,8 +250,10 @@ def weight_bytes_per_device(cfg: ModelConfig, dtype, size: int, moe: str = "expe
 
 def kv_bytes_per_token_per_device(cfg: ModelConfig, dtype, size: int) -> int:
     """KV cache bytes one token costs each device (all layers, k and v)."""
+    from jaxinfer.kv_cache import page_bytes
+
     heads = kv_pool_heads(cfg, size) // size
-    return 2 * cfg.num_layers * heads * cfg.head_dim * np.dtype(dtype).itemsize
+    return page_bytes(cfg.num_layers, heads, cfg.head_dim, 1, dtype)
 
 
 # -- models ---------------------------------------------------------------------------------------
