@@ -179,12 +179,11 @@ def load_shardings(cfg: ModelConfig, dtype, parallel: Parallel) -> Any:
 
 
 def place_params(params: Any, cfg: ModelConfig, parallel: Parallel) -> Any:
-    """Params moved onto their shardings (a no-op without a mesh)."""
-    if parallel.mesh is None:
-        return params
+    """Params moved onto their shardings (`load_shardings`: without a mesh, the default
+    device)."""
     dtype = jax.tree.leaves(params)[0].dtype
-    shardings = param_shardings(cfg, dtype, parallel)
-    if parallel.mesh.is_multi_process:  # see `put`
+    shardings = load_shardings(cfg, dtype, parallel)
+    if parallel.mesh is not None and parallel.mesh.is_multi_process:  # see `put`
         return jax.tree.map(put, params, shardings)
     return jax.device_put(params, shardings)
 
@@ -287,10 +286,6 @@ def shard_model(model, tensor_parallel_size: int | None = None, *, mesh=None, mo
     if parallel == model.parallel:
         return model
     params = place_params(model.params, model.config, parallel)
-    if parallel.mesh is None:  # back onto one device
-        from pallas_kernels.common import default_device
-
-        params = jax.device_put(params, default_device())
     return dataclasses.replace(model, params=params, parallel=parallel)
 
 
