@@ -20,6 +20,14 @@ pages and returns to the front of the waiting queue; later it recomputes prompt 
 
 A sequence needs no prefill/decode flag: it computes `token_ids[num_computed_tokens:]`, and a
 step that reaches the end of its tokens samples the next one.
+
+Decode steps in one program (`schedule(decode_steps=k)`): when every live running sequence is a
+decode and no waiting request could be admitted now (none waits, or every seat is taken), each
+gets pages for up to k tokens and an entry with `num_steps` = min(k, tokens left to max_tokens):
+the runner computes its token, samples, computes that sample, and so on, num_steps times, without
+the host. Commit appends num_steps placeholders; resolve puts the samples in place, and a stop
+token or the length limit ends the sequence there, its later samples dropped. Full pages are
+keyed by their tokens only once those tokens are known (at resolve).
 """
 
 from __future__ import annotations
@@ -175,6 +183,9 @@ class ScheduledSeq:
       sample: whether this step samples the next token (a decode, or a prefill's last chunk).
       arrival: the sequence's `arrival`: a plan entry applies to this sequence only, never to a
         newer one that took the same request id.
+      num_steps: tokens the entry samples: 1, or in a multi-step decode k >= 1, each computed in
+        the step after it is sampled (only the first is in token_ids / slot_mapping; the pages
+        of all are in block_table).
     """
 
     request_id: str
@@ -184,6 +195,7 @@ class ScheduledSeq:
     slot_mapping: tuple[int, ...]
     sample: bool
     arrival: int = -1
+    num_steps: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +219,12 @@ class StepPlan:
         return sum(len(s.token_ids) for s in self.seqs)
 
     @property
+    def num_computed_tokens(self) -> int:
+        """Tokens whose K/V the step writes: the scheduled ones and, in a multi-step decode, the
+        samples it computes (at most; a sequence that stops on the device writes fewer)."""
+        return sum(len(s.token_ids) + s.num_steps - 1 for s in self.seqs)
+
+    @property
     def decode_only(self) -> bool:
         """Every scheduled sequence computes exactly one token."""
         return all(len(s.token_ids) == 1 for s in self.seqs)
@@ -222,7 +240,7 @@ class _Step:
         self.ids: set[str] = set()
         self.preempted: list[str] = []
 
-    def add(self, seq: Sequence, num_tokens: int) -> None:
+    def add(self, seq: Sequence, num_tokens: int, num_steps: int = 1) -> None:
         start, size = seq.num_computed_tokens, self.page_size
         positions = range(start, start + num_tokens)
         self.seqs.append(
@@ -234,6 +252,7 @@ class _Step:
                 slot_mapping=tuple(seq.block_table[p // size] * size + p % size for p in positions),
                 sample=start + num_tokens == seq.num_tokens,
                 arrival=seq.arrival,
+                num_steps=num_steps,
             )
         )
         self.ids.add(seq.request_id)
@@ -310,11 +329,14 @@ class Scheduler:
 
     # ---- the step ----
 
-    def schedule(self) -> StepPlan:
-        """Plans the next step: decodes, then prefill chunks, then admissions (see module doc)."""
+    def schedule(self, decode_steps: int = 1) -> StepPlan:
+        """Plans the next step: decodes, then prefill chunks, then admissions (see module doc);
+        with `decode_steps` k > 1, up to k decode steps per sequence where the module doc says."""
         step = _Step(self.config.max_num_batched_tokens, self.config.page_size)
         # A sequence whose pending token is its last (max_tokens) finishes when it resolves.
         live = [s for s in self.running if s.num_output_tokens < s.max_tokens]
+        if decode_steps > 1 and self._schedule_decode_steps(live, decode_steps, step):
+            return step.plan()
         for seq in [s for s in live if s.num_uncomputed_tokens == 1]:
             self._schedule_running(seq, step)
         for seq in [s for s in live if s.num_uncomputed_tokens > 1]:
@@ -323,12 +345,13 @@ class Scheduler:
             self._admit_waiting(step)
         return step.plan()
 
-    def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Sequence]:
+    def update(self, plan: StepPlan, sampled: dict) -> list[Sequence]:
         """Applies a computed step: `commit(plan)` then `resolve(plan, sampled)`.
 
         Args:
           plan: the plan returned by the last `schedule()`.
-          sampled: request id -> sampled token, for every plan entry with `sample` set.
+          sampled: request id -> sampled token (or its entry's `num_steps` tokens, in order), for
+            every plan entry with `sample` set.
 
         Returns:
           The sequences that got a new token this step (finished ones included).
@@ -340,7 +363,7 @@ class Scheduler:
         """Marks the plan's tokens computed and appends a PLACEHOLDER for each sample.
 
         Call it before the next `schedule()`, and only once every earlier plan is resolved (full
-        pages are hashed by their tokens).
+        pages are keyed by their tokens: those of known tokens only).
         """
         for item in plan.seqs:
             seq = self.planned(item)
@@ -348,16 +371,17 @@ class Scheduler:
                 continue
             if seq.num_computed_tokens != item.start_pos:
                 raise ValueError(f"stale plan for {item.request_id!r}")
-            seq.num_computed_tokens += len(item.token_ids)
-            self.allocator.register_full_pages(seq, seq.num_computed_tokens)
+            seq.num_computed_tokens += len(item.token_ids) + item.num_steps - 1
+            self.allocator.register_full_pages(seq, min(seq.num_computed_tokens, seq.num_tokens))
             if item.sample:
-                seq.token_ids.append(PLACEHOLDER)
+                seq.token_ids.extend([PLACEHOLDER] * item.num_steps)
 
-    def resolve(self, plan: StepPlan, sampled: dict[str, int]) -> list[Sequence]:
-        """Puts a committed plan's sampled tokens in place; stop ids and lengths finish.
+    def resolve(self, plan: StepPlan, sampled: dict) -> list[Sequence]:
+        """Puts a committed plan's sampled tokens in place (see `update`); a stop id or the
+        length limit finishes a sequence, and its samples after that one are dropped.
 
         Returns:
-          The sequences that got a new token (finished ones included).
+          The sequences that got new tokens (finished ones included).
         """
         changed = []
         for item in plan.seqs:
@@ -367,8 +391,26 @@ class Scheduler:
             at = item.start_pos + len(item.token_ids)
             if seq.token_ids[at] != PLACEHOLDER:
                 raise ValueError(f"plan for {item.request_id!r} resolved twice or never committed")
-            token = seq.token_ids[at] = sampled[item.request_id]
-            self._check_finished(seq, token)
+            tokens = sampled[item.request_id]
+            tokens = (
+                list(tokens[: item.num_steps]) if isinstance(tokens, (list, tuple)) else [tokens]
+            )
+            if len(tokens) != item.num_steps:
+                raise ValueError(
+                    f"plan for {item.request_id!r} samples {item.num_steps} tokens, "
+                    f"got {len(tokens)}"
+                )
+            reason = None
+            for j, token in enumerate(tokens):
+                seq.token_ids[at + j] = token
+                reason = self._finish_reason(seq, token, at + j + 1)
+                if reason is not None:  # the samples after it are dropped
+                    del seq.token_ids[at + j + 1 :]
+                    seq.num_computed_tokens = min(seq.num_computed_tokens, at + j)
+                    break
+            self.allocator.register_full_pages(seq, seq.num_computed_tokens)
+            if reason is not None:
+                self._finish(seq, reason)
             changed.append(seq)
         return changed
 
@@ -376,7 +418,7 @@ class Scheduler:
         """Every running sequence gives its pages back and waits to recompute, and the prefix
         cache is forgotten: for when the device pages were lost (rebuilt after a fault)."""
         for seq in reversed(self.running):
-            if seq.has_pending_token:  # its step is lost: sampled again after the recompute
+            while seq.has_pending_token:  # its step is lost: sampled again after the recompute
                 seq.token_ids.pop()
             self._preempt(seq)
         self.allocator.forget_cache()
@@ -464,11 +506,33 @@ class Scheduler:
         step.add(seq, n)
         return True
 
-    def _check_finished(self, seq: Sequence, token: int) -> None:
+    @staticmethod
+    def _finish_reason(seq: Sequence, token: int, num_tokens: int) -> str | None:
+        """Why `seq` ends with `token` as its `num_tokens`-th token, or None if it goes on."""
         if token in seq.stop_token_ids:
-            self._finish(seq, "stop")
-        elif seq.num_output_tokens >= seq.max_tokens:
-            self._finish(seq, "length")
+            return "stop"
+        if num_tokens - seq.num_prompt_tokens >= seq.max_tokens:
+            return "length"
+        return None
+
+    def _schedule_decode_steps(self, live: list[Sequence], k: int, step: _Step) -> bool:
+        """Plans up to k decode steps for every live sequence (module doc), or returns False
+        and plans nothing: a sequence still prefills, a waiting request could be admitted now,
+        or the pages for all of them are not free without preempting."""
+        if not live or any(s.num_uncomputed_tokens != 1 for s in live):
+            return False
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            return False
+        counts = [min(k, s.max_tokens - s.num_output_tokens) for s in live]
+        need = sum(
+            self.allocator.pages_needed(s, s.num_computed_tokens + n) for s, n in zip(live, counts)
+        )
+        if need > self.allocator.num_free_pages:
+            return False
+        for seq, n in zip(live, counts):
+            self.allocator.reserve(seq, seq.num_computed_tokens + n)
+            step.add(seq, 1, num_steps=n)
+        return True
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.allocator.free(seq)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -97,24 +98,29 @@ def run_engine(engines, requests) -> dict:
     }
 
 
-def limits_for(cfg, requests, limits, tp: int = 1, dp: int = 1) -> dict:
-    """Output tok/s the cards could reach at best (matmul peak of tp x dp of them), and the
-    batch-1 decode step's HBM roofline (one GPU's share of the weights + KV at mid-output over
-    the copy bandwidth), for TPOT at batch 1."""
+def limits_for(cfg, requests, limits, tp: int = 1, dp: int = 1, seats: int = 1) -> dict:
+    """Output tok/s the cards could reach at best (matmul peak of tp x dp of them), and the HBM
+    roofline of a decode step (one GPU's share of the weights + the live KV at mid-output over
+    the copy bandwidth): at batch 1, and at min(requests, seats) sequences (all running)."""
     flops = sum(2 * cfg.active_params * (len(p) + n) for p, n in requests)
     n_out = sum(n for _, n in requests)
     context = float(np.mean([len(p) + n / 2 for p, n in requests]))
-    need = bm.decode_bytes(cfg, 1, context)
-    roofline = (need["weight_bytes"] + need["kv_bytes"]) / (
-        limits["copy_read_plus_write_GBps"] * 1e9
-    )
+    batch = min(len(requests), seats)
+
+    def roofline_ms(seqs: int) -> float:
+        need = bm.decode_bytes(cfg, seqs, context)
+        bandwidth = limits["copy_read_plus_write_GBps"] * 1e9
+        return (need["weight_bytes"] + need["kv_bytes"]) / bandwidth / tp * 1e3
+
     return {
         "compute_bound_out_tok_per_s": tp
         * dp
         * n_out
         / (flops / (limits["bf16_matmul_TFLOPs"] * 1e12)),
         "weights_GB": 2 * cfg.num_params / 1e9,
-        "batch1_roofline_ms": roofline / tp * 1e3,
+        "batch1_roofline_ms": roofline_ms(1),
+        "running_seqs": batch,
+        "running_roofline_ms": roofline_ms(batch),
     }
 
 
@@ -199,6 +205,11 @@ def main() -> int:
         action="store_true",
         help="rerun the first workload with async_scheduling off (same engine)",
     )
+    p.add_argument(
+        "--num-decode-steps",
+        default="8",
+        help="decode steps a program; a list (8,1) runs every workload with each, fresh engines",
+    )
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas")
     p.add_argument("--moe-parallel", default="expert", choices=["expert", "ffn"])
@@ -237,13 +248,27 @@ def main() -> int:
     if hf_error:
         report["hf_error"] = hf_error
         print("HF peer failed:\n" + hf_error, flush=True)
-    engines = make_engines(args)
+    ks = [int(k) for k in args.num_decode_steps.split(",")]
+    for k in ks:
+        engines = make_engines(args, k)
+        run_workloads(args, engines, specs, peers, report, "" if k == ks[0] else f"@k{k}")
+        for e in engines:  # the pools go before the next engines take the memory
+            for x in jax.tree.leaves(e.runner.pages):
+                x.delete()
+        del engines
+        gc.collect()
+    print_table(report)
+    return 0
+
+
+def run_workloads(args, engines, specs, peers, report, suffix: str) -> None:
     engine, cfg = engines[0], engines[0].model.config
-    report["startup_s"] = engines[0].startup_s
+    report["startup_s" + suffix] = engines[0].startup_s
     print(
         json.dumps(
             {
-                "startup_s": report["startup_s"],
+                "startup_s": engines[0].startup_s,
+                "num_decode_steps": engine.config.num_decode_steps,
                 "num_pages": engine.num_pages,
                 "buckets": engine.runner.buckets,
             }
@@ -263,24 +288,26 @@ def main() -> int:
                 report["limits"],
                 args.tensor_parallel_size,
                 args.data_parallel_size,
+                args.max_num_seqs,
             ),
             async_scheduling=overlap,
+            num_decode_steps=engine.config.num_decode_steps,
         )
+        tpot_ms = row["tpot_s"].get("p50", float("nan")) * 1e3
+        row["x_running_roofline"] = tpot_ms / row["running_roofline_ms"]
         if len(requests) == 1:
-            row["x_batch1_roofline"] = row["tpot_s"]["p50"] * 1e3 / row["batch1_roofline_ms"]
-        spec = spec if overlap else spec + "-sync"
-        if spec in peers:
-            row["hf"] = peers[spec]
-        report["workloads"][spec] = row
-        report["num_compiles"] = sum(e.runner.num_compiles for e in engines)
-        print(json.dumps({spec: row}), flush=True)
+            row["x_batch1_roofline"] = tpot_ms / row["batch1_roofline_ms"]
+        key = (spec if overlap else spec + "-sync") + suffix
+        if not suffix and key in peers:
+            row["hf"] = peers[key]
+        report["workloads"][key] = row
+        report["num_compiles" + suffix] = sum(e.runner.num_compiles for e in engines)
+        print(json.dumps({key: row}), flush=True)
         if args.out:
             bm.write_json(args.out, report)
-    print_table(report)
-    return 0
 
 
-def make_engines(args) -> list:
+def make_engines(args, num_decode_steps: int) -> list:
     """One engine per data-parallel replica, each over its own tensor-parallel devices (a mesh
     when --mesh or a size > 1); `startup_s` of the first includes making its weights."""
     from jaxinfer.engine import Engine
@@ -300,6 +327,7 @@ def make_engines(args) -> list:
             num_pages=args.num_pages,
             attention_impl=args.impl,
             enable_prefix_caching=False,
+            num_decode_steps=num_decode_steps,
         )
         engine.startup_s = time.perf_counter() - t0
         engines.append(engine)
@@ -343,6 +371,10 @@ def print_table(report: dict) -> None:
             f"p99 {r['ttft_s']['p99']:.2f}s  TPOT p50 {1e3 * r['tpot_s']['p50']:.1f}ms "
             f"p99 {1e3 * r['tpot_s']['p99']:.1f}ms  pages {r['max_pages_used']}/{r['num_pages']}  "
             f"preempt {r['preemptions']}  HF {hf:7.0f} tok/s"
+        )
+        print(
+            f"{'':14s} k={r['num_decode_steps']}  TPOT p50 = {r['x_running_roofline']:.2f}x the "
+            f"roofline of a step of {r['running_seqs']} ({r['running_roofline_ms']:.2f} ms)"
         )
         if "x_batch1_roofline" in r:
             print(

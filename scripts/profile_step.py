@@ -5,8 +5,10 @@ XLA op and per kernel, with the step's byte and flop floors beside it.
     python scripts/profile_step.py --model tiny --seqs 4 --prompt 8      # CPU smoke
 
 The engine (random weights, bf16) is filled with `--seqs` greedy requests of `--prompt` tokens and
-stepped until every sequence decodes; then `--steps` decode steps run under the profiler. The
-trace's device events (CUPTI kernels on a GPU, thunks on the CPU) are grouped by `hlo_op`.
+stepped until every sequence decodes; then `--steps` engine steps run under the profiler. The
+trace's device events (CUPTI kernels on a GPU, thunks on the CPU) are grouped by `hlo_op`. Every
+figure is per decode step (one token for each sequence): an engine step that runs a multi-step
+decode (`--num-decode-steps` k) counts as k of them.
 """
 
 from __future__ import annotations
@@ -110,24 +112,40 @@ def floors(cfg, seqs: int, context: float, copy_gbps: float, matmul_tflops: floa
 
 
 def jitted_step_alone(eng, n: int = 20) -> dict:
-    """The jitted step of one decode plan, n calls back to back and one sync: the host's time to
-    queue the n calls, and the wall of all n (the device's pace if the host keeps ahead)."""
+    """The jitted program of one decode plan, n calls back to back and one sync: the host's time
+    to queue the n calls, and the wall of all n (the device's pace if the host keeps ahead), per
+    decode step."""
     import jax
 
     eng.resolve()  # nothing in flight: the plan below holds real tokens only
-    plan = eng.scheduler.schedule()
+    plan = eng.scheduler.schedule(eng.config.num_decode_steps)
     rows = [eng.requests[s.request_id].row() for s in plan.seqs]
     runner = eng.runner
-    batch = runner.build(plan, rows)
     mode = runner.sampler_mode([r.params for r in rows])
-    jax.block_until_ready(runner.step(batch, mode))
+    if runner.multi_step(plan, rows):
+        batch = runner.build(plan, rows, square=True)
+        steps = runner._decode_steps(plan, rows, batch)
+        run, k = (lambda: runner.decode(batch, steps, mode)), max(s.num_steps for s in plan.seqs)
+    else:
+        batch = runner.build(plan, rows)
+        run, k = (lambda: runner.step(batch, mode)), 1
+    jax.block_until_ready(run())
     t0 = time.perf_counter()
     for _ in range(n):  # same slots rewritten: the engine is not stepped after this
-        out = runner.step(batch, mode)
+        out = run()
     t1 = time.perf_counter()
     jax.block_until_ready((runner.pages, out))
     t2 = time.perf_counter()
-    return {"jitted_step_queue_ms": (t1 - t0) / n * 1e3, "jitted_step_ms": (t2 - t0) / n * 1e3}
+    per = n * k / 1e3
+    return {"jitted_step_queue_ms": (t1 - t0) / per, "jitted_step_ms": (t2 - t0) / per}
+
+
+def model_steps(eng, engine_steps: int) -> tuple[int, float]:
+    """Runs `engine_steps` engine steps; returns the decode steps they ran and their wall."""
+    before, t0 = eng.stats["model_steps"], time.perf_counter()
+    for _ in range(engine_steps):
+        eng.step()
+    return eng.stats["model_steps"] - before, time.perf_counter() - t0
 
 
 def time_phases(eng, steps: int) -> dict:
@@ -139,6 +157,7 @@ def time_phases(eng, steps: int) -> dict:
         (eng.scheduler, "resolve"),
         (eng.runner, "build"),
         (eng.runner, "step"),
+        (eng.runner, "decode"),
         (eng.runner, "collect"),
         (eng, "_advance"),
         (eng, "resolve"),
@@ -157,13 +176,10 @@ def time_phases(eng, steps: int) -> dict:
 
     for obj, name, fn in originals:
         setattr(obj, name, timed(name, fn))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        eng.step()
-    totals["engine_step"] = time.perf_counter() - t0
+    n, totals["engine_step"] = model_steps(eng, steps)
     for obj, name, _ in originals:
         delattr(obj, name)  # back to the class's method
-    return {k: v / steps * 1e3 for k, v in totals.items()}
+    return {k: v / n * 1e3 for k, v in totals.items()}
 
 
 def cprofile_steps(eng, steps: int) -> str:
@@ -200,6 +216,7 @@ def main() -> int:
     p.add_argument("--limits", action="store_true", help="measure copy bandwidth and matmul peak")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--mesh", action="store_true", help="a device mesh even at size 1")
+    p.add_argument("--num-decode-steps", type=int, default=8, help="1: one step a program")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where it is stuck
@@ -225,6 +242,7 @@ def main() -> int:
         max_num_batched_tokens=args.budget,
         num_pages=args.num_pages,
         warmup=False,
+        num_decode_steps=args.num_decode_steps,
     )
     rng = np.random.default_rng(0)
     for i in range(args.seqs):
@@ -242,20 +260,18 @@ def main() -> int:
     phases = time_phases(eng, 10)
     walls = []
     for _ in range(10):
-        t0 = time.perf_counter()
-        eng.step()
-        walls.append(time.perf_counter() - t0)
+        n, wall = model_steps(eng, 1)
+        walls.append(wall / n)
     step_ms = statistics.median(walls) * 1e3
     host_profile = cprofile_steps(eng, args.cprofile) if args.cprofile else None
-    context = args.prompt + eng.stats["decode_steps"] + args.steps / 2
+    context = args.prompt + eng.stats["model_steps"] + args.steps * args.num_decode_steps / 2
     trace_dir = tempfile.mkdtemp(prefix="jaxinfer-trace-")
     with jax.profiler.trace(trace_dir):
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            eng.step()
+        traced, _ = model_steps(eng, args.steps)
         eng.resolve()
         jax.block_until_ready(eng.runner.pages)
-        traced_ms = (time.perf_counter() - t0) / args.steps * 1e3
+        traced_ms = (time.perf_counter() - t0) / traced * 1e3
     launch = jitted_step_alone(eng)  # last: leaves the engine's plan unresolved
     events, processes = device_events(trace_dir)
     if args.keep_trace:
@@ -269,7 +285,8 @@ def main() -> int:
         "layers": cfg.num_layers,
         "seqs": args.seqs,
         "prompt": args.prompt,
-        "steps_traced": args.steps,
+        "num_decode_steps": args.num_decode_steps,
+        "steps_traced": traced,
         "num_pages": eng.num_pages,
         "engine_step_ms": step_ms,
         "engine_step_ms_all": [w * 1e3 for w in walls],
@@ -284,7 +301,7 @@ def main() -> int:
     report["floors"] = floors(
         cfg, args.seqs, context, limits["copy_read_plus_write_GBps"], limits["bf16_matmul_TFLOPs"]
     )
-    report.update(summarize(events, args.steps, args.top))
+    report.update(summarize(events, traced, args.top))
     text = json.dumps(report, indent=1)
     if args.out:
         with open(args.out, "w") as fh:

@@ -77,7 +77,7 @@ def run_all(engine: Engine) -> dict[str, list]:
 
 
 def test_fake_model_streams_exact_text():
-    engine = fake_engine()
+    engine = fake_engine(num_decode_steps=1)
     engine.add_request("a", "abc", SamplingParams(max_tokens=5, temperature=0))
     engine.add_request("b", "wx", SamplingParams(max_tokens=10, temperature=0))  # y, z=EOS
     outs = run_all(engine)
@@ -89,7 +89,7 @@ def test_fake_model_streams_exact_text():
 
 
 def test_stop_string_split_across_tokens_never_appears():
-    engine = fake_engine()
+    engine = fake_engine(num_decode_steps=1)
     engine.add_request("a", "abc", SamplingParams(max_tokens=10, temperature=0, stop=["fg", "xyz"]))
     outs = run_all(engine)["a"]
     assert [o.text_delta for o in outs] == ["d", "e", "", ""]  # 'f' held back, then cut
@@ -114,7 +114,7 @@ def test_abort_frees_pages_and_reports_abort():
 def test_async_scheduling_queues_the_next_step_before_waiting(overlap):
     """With async scheduling, step N+1 is dispatched before step N's samples are collected (the
     host never leaves the device idle waiting for a plan); without it, never. Same outputs."""
-    engine = fake_engine(async_scheduling=overlap)
+    engine = fake_engine(async_scheduling=overlap, num_decode_steps=1)
     events = []
     dispatch, collect = engine.runner.dispatch, engine.runner.collect
     engine.runner.dispatch = lambda *a: events.append("d") or dispatch(*a)
@@ -308,7 +308,8 @@ def test_seeded_sampling_is_batch_independent(tiny_model):
     assert alone == crowded and len(alone) == 10
 
 
-def test_no_recompiles_after_warmup(tiny_model):
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_no_recompiles_after_warmup(tiny_model, decode_steps):
     engine = Engine(
         tiny_model,
         max_num_seqs=4,
@@ -317,11 +318,15 @@ def test_no_recompiles_after_warmup(tiny_model):
         num_pages=24,
         warmup=True,
         attention_impl="xla",
+        num_decode_steps=decode_steps,
     )
     compiled = engine.runner.num_compiles
     buckets = engine.runner.buckets  # each bucket, plus a decode-only form where T <= seats
-    forwards = len(buckets) + sum(t <= 4 for t in buckets)
-    samplers = len(SAMPLE_MODES) * len({min(t, 4) for t in buckets})  # per row bucket and mode
+    rows = len({min(t, 4) for t in buckets})
+    # (with decode steps: a multi-step decode program per row bucket and sampler mode instead)
+    decodes = sum(t <= 4 for t in buckets) if decode_steps == 1 else len(SAMPLE_MODES) * rows
+    forwards = len(buckets) + decodes
+    samplers = len(SAMPLE_MODES) * rows  # per row bucket and mode
     assert compiled == forwards + samplers
     rng = np.random.RandomState(5)
     for step in range(200):
@@ -338,7 +343,7 @@ def test_no_recompiles_after_warmup(tiny_model):
                 ),
             )
         engine.step()
-    assert engine.stats["steps"] >= 120
+    assert engine.stats["steps"] >= 120 // decode_steps
     assert engine.runner.num_compiles == compiled
 
 
@@ -408,8 +413,8 @@ def test_block_tables_as_wide_as_the_step_needs_on_the_xla_path(tiny_model):
     llm = LLM(model=tiny_model, **options)
     widths = []
     build = llm.engine.runner.build
-    llm.engine.runner.build = lambda plan, rows: (
-        widths.append(build(plan, rows).meta.block_tables.shape[1]) or build(plan, rows)
+    llm.engine.runner.build = lambda plan, rows, **kw: (
+        widths.append(build(plan, rows, **kw).meta.block_tables.shape[1]) or build(plan, rows, **kw)
     )
     got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert llm.engine.runner.max_pages_per_seq == 16

@@ -273,29 +273,36 @@ def test_add_request_refusals():
 
 
 def inject_fault(monkeypatch, engine: Engine, where: str) -> None:
-    """Makes the runner raise once: on dispatch, on dispatch after its pools were donated
-    (deleted), or when the samples are collected."""
+    """Makes the runner raise once: on dispatch (of one step or of a multi-step decode), on
+    dispatch after its pools were donated (deleted), or when the samples are collected."""
     runner = engine.runner
-    original = runner.step if where != "collect" else runner.collect
+    names = ("step", "decode") if where != "collect" else ("collect",)
+    originals = {name: getattr(runner, name) for name in names}
 
     def failing(*args):
-        monkeypatch.setattr(runner, "step" if where != "collect" else "collect", original)
+        for name, original in originals.items():
+            monkeypatch.setattr(runner, name, original)
         if where == "donated":
             for x in jax.tree.leaves(runner.pages):
                 x.delete()
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(runner, "step" if where != "collect" else "collect", failing)
+    for name in names:
+        monkeypatch.setattr(runner, name, failing)
 
 
+@pytest.mark.parametrize("decode_steps", [1, 4])
 @pytest.mark.parametrize("where", ["dispatch", "donated", "collect"])
-def test_a_fault_in_a_step_ends_its_requests_with_error(tiny_model, monkeypatch, caplog, where):
-    engine = tiny_engine(tiny_model, max_num_seqs=2)
+def test_a_fault_in_a_step_ends_its_requests_with_error(
+    tiny_model, monkeypatch, caplog, where, decode_steps
+):
+    engine = tiny_engine(tiny_model, max_num_seqs=2, num_decode_steps=decode_steps)
     prompts = [prompt(tiny_model, n, 10 + n) for n in (5, 7, 9)]
     for i, ids in enumerate(prompts):  # "2" waits for a seat while the fault happens
         engine.add_request(str(i), ids, SamplingParams(max_tokens=6, **GREEDY))
     engine.step()
-    engine.step()
+    if decode_steps == 1:
+        engine.step()  # else the next step is the multi-step decode that faults
     inject_fault(monkeypatch, engine, where)
     with caplog.at_level(logging.ERROR, logger="jaxinfer.engine"):
         outputs = engine.step()  # does not raise

@@ -136,21 +136,23 @@ NUCLEUS = SamplingParams(  # no top-k: over a mesh the filter gathers the rows
 
 
 @pytest.mark.parametrize(
-    "kv_heads,size,extra",
+    "kv_heads,size,extra,steps",
     [
-        (2, 2, {}),
-        (2, 4, {}),
-        (4, 4, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)),
+        (2, 2, {}, 1),
+        (2, 2, {}, 4),
+        (2, 4, {}, 1),
+        (4, 4, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48), 1),
     ],
-    ids=["llama-tp2", "llama-tp4-repeated-kv", "moe-tp4"],
+    ids=["llama-tp2", "llama-tp2-decode-steps", "llama-tp4-repeated-kv", "moe-tp4"],
 )
-def test_engine_outputs_equal_one_device(kv_heads, size, extra):
-    """Greedy tokens, seeded samples (top-k / top-p: the filter mode) and logprobs."""
+def test_engine_outputs_equal_one_device(kv_heads, size, extra, steps):
+    """Greedy tokens, seeded samples (top-k / top-p: the filter mode) and logprobs; `steps`:
+    decode steps a program over the mesh (one device: one a program)."""
     model = tiny(kv_heads, layers=1 if extra else 2, **extra)
-    one = make_llm(model)
+    one = make_llm(model, num_decode_steps=1)
     refs = [outputs(one, p) for p in (GREEDY, SAMPLED, NUCLEUS)]
     for moe in ("expert", "ffn") if extra else ("expert",):
-        llm = make_llm(model, tensor_parallel_size=size, moe_parallel=moe)
+        llm = make_llm(model, tensor_parallel_size=size, moe_parallel=moe, num_decode_steps=steps)
         for params, ref in zip((GREEDY, SAMPLED, NUCLEUS), refs):
             got = outputs(llm, params)
             assert [o.token_ids for o in got] == [o.token_ids for o in ref], moe

@@ -14,6 +14,9 @@ sends "ready" with what the fronts read of the engine (tokenizer, configs, limit
 take every pending command ("add", "abort", "stop"; it blocks for one only when idle), step while
 requests are unfinished, and send ONE message per iteration that did anything: the outputs
 (requests it refused among them, as outputs of finish_reason "invalid") and the engine's counts.
+An output crosses as what it adds (`_Delta`: new token ids, text delta, new logprobs, the prompt
+ids once): the parent keeps each request's tokens, text and logprobs so far and rebuilds the
+engine's cumulative `RequestOutput`, so the bytes per step do not grow with the outputs' length.
 The parent reads those messages on a thread of their own; `step()` returns the outputs of all
 that came since the last call. A dead child makes `step()` and `add_request()` raise
 (`EngineProcessDied`), so EngineLoop fails the requests in flight and keeps answering.
@@ -30,7 +33,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from jaxinfer.engine import RequestOutput
 from jaxinfer.sampling import SamplingParams
@@ -92,8 +95,87 @@ def _child(conn, build: Callable, build_args: tuple, log_level: int) -> None:
         pass  # the parent went away
 
 
+class _Delta(NamedTuple):
+    """What one RequestOutput adds to its request's last (see the module docstring)."""
+
+    request_id: str
+    prompt_token_ids: list[int] | None  # with the request's first output only
+    new_token_ids: list[int]
+    text_delta: str
+    new_logprobs: list[dict[int, float]] | None  # None: the request asked for none
+    finished: bool
+    finish_reason: str | None
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+    num_cached_tokens: int
+    error: str | None
+
+
+def _deltas(outputs: list[RequestOutput], sent: set[str]) -> list[_Delta]:
+    """The outputs as deltas; `sent`: requests whose prompt ids the parent has (kept here)."""
+    deltas = []
+    for out in outputs:
+        rid, first = out.request_id, out.request_id not in sent
+        if out.finished:
+            sent.discard(rid)
+        elif first:
+            sent.add(rid)
+        new = out.new_token_ids
+        lps = out.logprobs
+        deltas.append(
+            _Delta(
+                rid,
+                out.prompt_token_ids if first else None,
+                new,
+                out.text_delta,
+                None if lps is None else lps[len(out.token_ids) - len(new) :],
+                out.finished,
+                out.finish_reason,
+                out.arrival_time,
+                out.first_token_time,
+                out.finish_time,
+                out.num_cached_tokens,
+                out.error,
+            )
+        )
+    return deltas
+
+
+class _Progress:
+    """The parent's copy of one request's prompt, tokens, text and logprobs so far."""
+
+    __slots__ = ("prompt", "tokens", "text", "logprobs")
+
+    def __init__(self, prompt: list[int]):
+        self.prompt, self.tokens, self.text, self.logprobs = prompt, [], "", None
+
+    def apply(self, d: _Delta) -> RequestOutput:
+        self.tokens += d.new_token_ids
+        self.text += d.text_delta
+        if d.new_logprobs is not None:
+            self.logprobs = self.logprobs or []
+            self.logprobs += d.new_logprobs
+        return RequestOutput(
+            request_id=d.request_id,
+            prompt_token_ids=self.prompt,
+            token_ids=list(self.tokens),
+            text=self.text,
+            finished=d.finished,
+            finish_reason=d.finish_reason,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            arrival_time=d.arrival_time,
+            first_token_time=d.first_token_time,
+            finish_time=d.finish_time,
+            new_token_ids=d.new_token_ids,
+            text_delta=d.text_delta,
+            num_cached_tokens=d.num_cached_tokens,
+            error=d.error,
+        )
+
+
 def _serve(conn, engine) -> None:
-    """Commands in, one message of outputs and counts out per busy iteration, until "stop"."""
+    """Commands in, one message of deltas and counts out per busy iteration, until "stop"."""
     sent_prompt: set[str] = set()  # requests whose prompt_token_ids the parent has
     faulted = False  # the last step raised: step again only once a request is added
     while True:
@@ -117,8 +199,7 @@ def _serve(conn, engine) -> None:
             except Exception as e:  # noqa: BLE001 - the parent fails the requests in flight
                 log.exception("engine step failed")
                 failure, faulted = f"{type(e).__name__}: {e}", True
-        _strip_prompts(outputs, sent_prompt)
-        conn.send(("step", outputs, engine.serving_stats(), failure))
+        conn.send(("step", _deltas(outputs, sent_prompt), engine.serving_stats(), failure))
 
 
 def _add(engine, command: tuple, outputs: list) -> None:
@@ -139,17 +220,6 @@ def _ended(request_id: str, reason: str, error: str) -> RequestOutput:
     return RequestOutput(
         request_id, [], [], "", True, reason, None, time.perf_counter(), None, None, error=error
     )
-
-
-def _strip_prompts(outputs: list[RequestOutput], sent: set[str]) -> None:
-    """Sends each request's prompt ids once (the parent keeps them); forgets finished ones."""
-    for out in outputs:
-        if out.request_id in sent:
-            out.prompt_token_ids = None
-        else:
-            sent.add(out.request_id)
-        if out.finished:
-            sent.discard(out.request_id)
 
 
 # -- the parent --------------------------------------------------------------------------------
@@ -190,7 +260,7 @@ class RemoteEngine:
         self._send_lock = threading.Lock()
         self._messages: queue.SimpleQueue = queue.SimpleQueue()  # ("step", ...) | ("died", why)
         self._unfinished: set[str] = set()  # added, not ended or aborted
-        self._prompts: dict[str, list[int]] = {}  # request id -> prompt ids, while unfinished
+        self._progress: dict[str, _Progress] = {}  # request id -> its outputs so far
         self._died: str | None = None
         self._reader = threading.Thread(target=self._read, name="engine-pipe", daemon=True)
         self._reader.start()
@@ -237,7 +307,7 @@ class RemoteEngine:
     def abort(self, request_id: str) -> None:
         """Forgets the request here and tells the child (which frees its pages)."""
         self._unfinished.discard(request_id)
-        self._prompts.pop(request_id, None)
+        self._progress.pop(request_id, None)
         self._send(("abort", request_id))
 
     def has_unfinished_requests(self) -> bool:
@@ -270,21 +340,23 @@ class RemoteEngine:
             raise EngineProcessDied(self._died) from None
 
     def _receive(self, message: tuple) -> list[RequestOutput]:
-        """A "step" message's outputs (prompt ids put back); raises for "died" or a failed step."""
+        """A "step" message's outputs (rebuilt from its deltas); raises for "died" or a failed
+        step."""
         if message[0] == "died":
             self._died = message[1]
             self._messages.put(message)  # every later step() raises too
             raise EngineProcessDied(message[1])
-        _, outputs, _, failure = message
-        for out in outputs:
-            rid = out.request_id
-            if out.prompt_token_ids is None:
-                out.prompt_token_ids = self._prompts.get(rid, [])
-            elif not out.finished:
-                self._prompts[rid] = out.prompt_token_ids
-            if out.finished:
+        _, deltas, _, failure = message
+        outputs = []
+        for d in deltas:
+            rid = d.request_id
+            progress = self._progress.get(rid)
+            if progress is None or d.prompt_token_ids is not None:  # its first (or aborted here)
+                progress = self._progress[rid] = _Progress(d.prompt_token_ids or [])
+            outputs.append(progress.apply(d))
+            if d.finished:
                 self._unfinished.discard(rid)
-                self._prompts.pop(rid, None)
+                self._progress.pop(rid, None)
         if failure is not None:
             raise RuntimeError(failure)
         return outputs

@@ -1,0 +1,182 @@
+"""Decode steps in one program (`num_decode_steps` k): what users get is what one step a program
+gives, token for token: greedy and seeded samples, stop ids and strings, logprobs, length
+limits, aborts, preemption, the prefix cache; the streamed deltas join to the same text."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import build_hf_model
+from test_engine import fake_engine, run_all
+
+import jaxinfer
+from jaxinfer.engine import Engine
+from jaxinfer.runner import DecodeSteps
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.sharding import put_tree
+
+
+class ModTokenizer:
+    """Token t is the letter 'a' + t % 26: every id has text, so stop strings can match."""
+
+    def __call__(self, text):
+        return {"input_ids": [ord(c) - ord("a") for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("decode-steps-llama3")
+    build_hf_model("llama3", path)
+    model = jaxinfer.load_model(path, dtype="float32")
+    return dataclasses.replace(model, tokenizer=ModTokenizer())
+
+
+# ---- the hand-computable fake model: next token = last + 1, token 25 is EOS --------------------
+
+
+def test_fake_model_outputs_with_decode_steps():
+    engine = fake_engine(num_decode_steps=4)
+    engine.add_request("a", "abc", SamplingParams(max_tokens=6, temperature=0))
+    engine.add_request("b", "wx", SamplingParams(max_tokens=10, temperature=0))  # y, z=EOS
+    engine.add_request("c", "abc", SamplingParams(max_tokens=10, temperature=0, stop=["fg"]))
+    outs = run_all(engine)
+    a, b, c = outs["a"], outs["b"], outs["c"]
+    assert a[-1].text == "defghi" and a[-1].finish_reason == "length"
+    assert "".join(o.text_delta for o in a) == "defghi"
+    assert [len(o.new_token_ids) for o in a] == [1, 4, 1]  # prefill, then 4 and the 1 left
+    assert b[-1].token_ids == [24, 25] and b[-1].finish_reason == "stop" and b[-1].text == "yz"
+    # The stop string ends "c" inside a program: the tokens after it are dropped.
+    assert c[-1].text == "de" and c[-1].token_ids == [3, 4, 5, 6]
+    assert c[-1].finish_reason == "stop" and "".join(o.text_delta for o in c) == "de"
+    assert engine.scheduler.allocator.num_free_pages == 32
+
+
+def test_a_stop_id_ends_the_row_on_the_device():
+    """A row that sampled a stop id is stopped on the device: the next program knows it."""
+    engine = fake_engine(num_decode_steps=8)
+    runner = engine.runner
+    engine.add_request("b", "uv", SamplingParams(max_tokens=20, temperature=0))  # w x y z=EOS
+    engine.step()  # the prefill (samples w)
+    plan = engine.scheduler.schedule(8)
+    (item,) = plan.seqs
+    assert item.num_steps == 8
+    rows = [engine.requests["b"].row()]
+    batch = runner.build(plan, rows, square=True)
+    steps = runner._decode_steps(plan, rows, batch)
+    assert not np.asarray(runner.prev_stopped).any()
+    out = runner.collect((1, runner.decode(batch, steps, "greedy")))
+    assert out.tokens[:3, 0].tolist() == [23, 24, 25]  # x y z
+    assert np.asarray(runner.prev_stopped).tolist() == [True, False, False, False]
+
+
+def test_abort_with_a_program_in_flight():
+    engine = fake_engine(num_decode_steps=8, num_pages=8)
+    engine.add_request("a", "abc", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    engine.step()
+    engine.step()  # a multi-step decode in flight
+    engine.abort("a")
+    (out,) = run_all(engine)["a"]
+    assert out.finish_reason == "abort" and -1 not in out.token_ids
+    assert engine.scheduler.allocator.num_free_pages == 8
+
+
+# ---- a real tiny model: the same outputs with and without decode steps ------------------------
+
+
+def mixed_requests(model):
+    rng = np.random.RandomState(7)
+    prompts = [rng.randint(0, model.config.vocab_size, n).tolist() for n in (5, 33, 12, 3, 21, 9)]
+    eos = int(rng.randint(model.config.vocab_size))
+    params = [
+        SamplingParams(max_tokens=13, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=17, temperature=0.8, top_k=20, seed=11, ignore_eos=True),
+        SamplingParams(max_tokens=9, temperature=1.0, top_p=0.9, logprobs=3, ignore_eos=True),
+        SamplingParams(max_tokens=30, temperature=1.0, stop=["kq", "zz"], ignore_eos=True),
+        SamplingParams(max_tokens=25, temperature=1.2, stop_token_ids=[eos], seed=5),
+        SamplingParams(max_tokens=12, temperature=0.7, repetition_penalty=1.3, ignore_eos=True),
+    ]
+    return prompts, params
+
+
+def staggered(model, decode_steps: int, **options):
+    """One request a step; returns each request's outputs."""
+    engine = Engine(
+        model,
+        **{
+            "max_num_seqs": 4,
+            "max_num_batched_tokens": 32,
+            "page_size": 16,
+            "num_pages": 12,
+            "warmup": False,
+            "attention_impl": "xla",
+            "num_decode_steps": decode_steps,
+            "seed": 3,
+            **options,
+        },
+    )
+    prompts, params = mixed_requests(model)
+    seen, step = {}, 0
+    while step < len(prompts) or engine.has_unfinished_requests():
+        if step < len(prompts):
+            engine.add_request(str(step), prompts[step], params[step])
+        for out in engine.step():
+            seen.setdefault(out.request_id, []).append(out)
+        step += 1
+    assert engine.scheduler.allocator.num_free_pages == engine.num_pages
+    return seen, engine
+
+
+@pytest.mark.parametrize("options", [{}, {"num_pages": 5}, {"async_scheduling": False}])
+def test_decode_steps_give_the_outputs_of_single_steps(tiny_model, options):
+    """5 pages force preemption; the penalty request makes the steps it is in single ones."""
+    single, _ = staggered(tiny_model, 1, **options)
+    multi, engine = staggered(tiny_model, 4, **options)
+    assert engine.stats["steps"] < sum(len(o[-1].token_ids) for o in multi.values())
+    assert sorted(single) == sorted(multi) == [str(i) for i in range(6)]
+    for rid in single:
+        one, many = single[rid][-1], multi[rid][-1]
+        assert many.token_ids == one.token_ids, rid
+        assert (many.text, many.finish_reason) == (one.text, one.finish_reason), rid
+        assert "".join(o.text_delta for o in multi[rid]) == many.text
+        assert [t for o in multi[rid] for t in o.new_token_ids] == many.token_ids
+        if one.logprobs is not None:
+            assert len(many.logprobs) == len(one.logprobs) == len(one.token_ids)
+            for a, b in zip(many.logprobs, one.logprobs):
+                assert a.keys() == b.keys()
+                np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-5)
+    assert multi["3"][-1].finish_reason == "stop" or len(multi["3"][-1].token_ids) == 30
+
+
+def test_pages_cached_after_a_multi_step_decode_hold_their_tokens(tiny_model):
+    """Full pages are keyed by their tokens once those are known: a prompt made of an earlier
+    prompt and its output reuses them, with the tokens it would compute anyway."""
+    prompt = mixed_requests(tiny_model)[0][1]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    engine = Engine(
+        tiny_model, max_num_seqs=2, num_pages=16, warmup=False, num_decode_steps=8, seed=0
+    )
+    engine.add_request("a", prompt, params)
+    first = run_all(engine)["a"][-1]
+    longer = prompt + first.token_ids
+    engine.add_request("b", longer, SamplingParams(max_tokens=6, temperature=0))
+    second = run_all(engine)["b"][-1]
+    assert second.num_cached_tokens == (len(longer) - 1) // 16 * 16 == 64
+    assert second.token_ids == jaxinfer.generate(tiny_model, [longer], max_new_tokens=6)[0]
+
+
+def test_decode_steps_of_padding_rows_write_nothing(tiny_model):
+    """A program whose rows all have 0 steps leaves the pools as they were."""
+    engine = Engine(tiny_model, max_num_seqs=4, num_pages=8, warmup=False, num_decode_steps=4)
+    runner = engine.runner
+    before = [np.asarray(x) for x in runner.pages[0]]
+    batch = runner._padding_batch(4, False, True)
+    d = DecodeSteps(*put_tree((np.zeros(4, np.int32), np.full((4, 8), -1, np.int32)), None))
+    out = runner.collect((4, runner.decode(batch, d, "sample")))
+    assert out.tokens.shape == (4, 4) and not out.tokens.any()
+    for a, b in zip(before, runner.pages[0]):
+        np.testing.assert_array_equal(a, np.asarray(b))
