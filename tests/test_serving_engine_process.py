@@ -167,3 +167,28 @@ def test_killed_engine_fails_requests_in_flight(server, stub):
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(generate_request([1, 2], max_tokens=4), timeout=30)
     assert e.value.code() == grpc.StatusCode.INTERNAL
+
+
+def test_outputs_cross_the_pipe_as_deltas_and_are_rebuilt_equal():
+    """What the child sends is what each output adds; the parent rebuilds every field."""
+    import pickle
+
+    from jaxinfer.serving.engine_process import _deltas, _Progress
+
+    engine = fake_engine(num_decode_steps=4)
+    engine.add_request("a", "abc", SamplingParams(max_tokens=9, temperature=0, logprobs=2))
+    engine.add_request("b", "abc", SamplingParams(max_tokens=20, temperature=0, stop=["gh"]))
+    engine.add_request("c", "wx", SamplingParams(max_tokens=8, temperature=0.5, seed=3))
+    sent, progress, pairs = set(), {}, []
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        for d, out in zip(pickle.loads(pickle.dumps(_deltas(outputs, sent))), outputs):
+            if d.prompt_token_ids is not None:
+                progress[d.request_id] = _Progress(d.prompt_token_ids)
+            pairs.append((progress[d.request_id].apply(d), out))
+    assert {out.request_id for _, out in pairs} == {"a", "b", "c"} and not sent
+    for rebuilt, out in pairs:
+        assert rebuilt == out
+    last = {out.request_id: out for _, out in pairs}
+    assert last["a"].text == "defghijkl" and len(last["a"].logprobs) == 9
+    assert last["b"].text == "def" and last["b"].finish_reason == "stop"
