@@ -30,7 +30,7 @@ import itertools
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -259,21 +259,26 @@ class Runner:
 
     def dispatch(self, plan: StepPlan, rows: Sequence[RowInfo]) -> tuple[int, SampleOutput]:
         """Queues the plan's step on the device and returns at once: a handle for `collect`."""
-        mode = self.sampler_mode([r.params for r in rows])
-        if self.multi_step(plan, rows):
-            batch = self.build(plan, rows, square=True)
-            out = self.decode(batch, self._decode_steps(plan, rows, batch), mode)
-        else:
-            out = self.step(self.build(plan, rows), mode)
-            out = SampleOutput(*(x[None] for x in out))  # [1, B, ...]: one step
+        out = self.prepare(plan, rows)()
         self._prev_rows = {s.request_id: i for i, s in enumerate(plan.seqs)}
         return plan.num_seqs, out
 
-    def _decode_steps(self, plan, rows, batch: StepBatch) -> DecodeSteps:
-        b = batch.sample_idx.shape[0]
+    def prepare(self, plan: StepPlan, rows: Sequence[RowInfo]) -> Callable[[], SampleOutput]:
+        """Builds the plan's batch; returns a function that queues its program (one step, or a
+        multi-step decode) and returns the samples, each field [S, B, ...]."""
+        mode = self.sampler_mode([r.params for r in rows])
+        if self.multi_step(plan, rows):
+            batch = self.build(plan, rows, square=True)
+            steps = self._decode_steps(plan, rows, batch.sample_idx.shape[0])
+            return lambda: self.decode(batch, steps, mode)
+        batch = self.build(plan, rows)
+        return lambda: SampleOutput(*(x[None] for x in self.step(batch, mode)))  # [1, B, ...]
+
+    def _decode_steps(self, plan: StepPlan | None, rows: Sequence[RowInfo], b: int) -> DecodeSteps:
+        """Each row's steps and stop ids, padded to b rows (no plan: b padding rows)."""
         steps = np.zeros(b, np.int32)
         stops = np.full((b, MAX_STOP_IDS), -1, np.int32)
-        for i, (s, r) in enumerate(zip(plan.seqs, rows)):
+        for i, (s, r) in enumerate(zip(plan.seqs if plan else (), rows)):
             steps[i] = s.num_steps
             ids = sorted(r.stop_token_ids)[:MAX_STOP_IDS]
             stops[i, : len(ids)] = ids
@@ -324,25 +329,17 @@ class Runner:
         """(jitted function, example arguments) of every program that start-up compiles."""
         programs = []
         multi = self.decode_steps > 1  # decode-only steps run as multi-step decodes
+        row_buckets = sorted({min(t, self.max_num_seqs) for t in self.buckets})
         for t in self.buckets:
-            for decode in (False, True) if t <= self.max_num_seqs else (False,):
+            for decode in (False, True) if t <= self.max_num_seqs and not multi else (False,):
                 batch = _forward_only(self._padding_batch(t, False, decode))
-                if not decode or not multi:
-                    args = (self.params, self.pages, self.prev_tokens, batch)
-                    programs.append((self._forward, args))
-        rows = sorted({min(t, self.max_num_seqs) for t in self.buckets}) if multi else ()
-        for b, mode in itertools.product(rows, self.sampler_modes()):
-            batch = self._padding_batch(b, False, True)
-            d = DecodeSteps(
-                *put_tree(
-                    (np.zeros(b, np.int32), np.full((b, MAX_STOP_IDS), -1, np.int32)),
-                    self.replicated,
-                )
-            )
+                programs.append((self._forward, (self.params, self.pages, self.prev_tokens, batch)))
+        for b, mode in itertools.product(row_buckets if multi else (), self.sampler_modes()):
+            batch, d = self._padding_batch(b, False, True), self._decode_steps(None, (), b)
             args = (self.params, self.pages, self.prev_tokens, self.prev_stopped, batch, d, mode)
             programs.append((self._decode, args))
         vocab = self.decoder.cfg.vocab_size
-        for b in sorted({min(t, self.max_num_seqs) for t in self.buckets}):
+        for b in row_buckets:
             for mode, pen in itertools.product(
                 self.sampler_modes(), (False, True) if penalties else (False,)
             ):

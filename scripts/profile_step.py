@@ -121,14 +121,8 @@ def jitted_step_alone(eng, n: int = 20) -> dict:
     plan = eng.scheduler.schedule(eng.config.num_decode_steps)
     rows = [eng.requests[s.request_id].row() for s in plan.seqs]
     runner = eng.runner
-    mode = runner.sampler_mode([r.params for r in rows])
-    if runner.multi_step(plan, rows):
-        batch = runner.build(plan, rows, square=True)
-        steps = runner._decode_steps(plan, rows, batch)
-        run, k = (lambda: runner.decode(batch, steps, mode)), max(s.num_steps for s in plan.seqs)
-    else:
-        batch = runner.build(plan, rows)
-        run, k = (lambda: runner.step(batch, mode)), 1
+    run = runner.prepare(plan, rows)
+    k = max(s.num_steps for s in plan.seqs) if runner.multi_step(plan, rows) else 1
     jax.block_until_ready(run())
     t0 = time.perf_counter()
     for _ in range(n):  # same slots rewritten: the engine is not stepped after this

@@ -13,9 +13,7 @@ from test_engine import fake_engine, run_all
 
 import jaxinfer
 from jaxinfer.engine import Engine
-from jaxinfer.runner import DecodeSteps
 from jaxinfer.sampling import SamplingParams
-from jaxinfer.sharding import put_tree
 
 
 class ModTokenizer:
@@ -66,10 +64,9 @@ def test_a_stop_id_ends_the_row_on_the_device():
     (item,) = plan.seqs
     assert item.num_steps == 8
     rows = [engine.requests["b"].row()]
-    batch = runner.build(plan, rows, square=True)
-    steps = runner._decode_steps(plan, rows, batch)
+    queue = runner.prepare(plan, rows)
     assert not np.asarray(runner.prev_stopped).any()
-    out = runner.collect((1, runner.decode(batch, steps, "greedy")))
+    out = runner.collect((1, queue()))
     assert out.tokens[:3, 0].tolist() == [23, 24, 25]  # x y z
     assert np.asarray(runner.prev_stopped).tolist() == [True, False, False, False]
 
@@ -175,8 +172,7 @@ def test_decode_steps_of_padding_rows_write_nothing(tiny_model):
     runner = engine.runner
     before = [np.asarray(x) for x in runner.pages[0]]
     batch = runner._padding_batch(4, False, True)
-    d = DecodeSteps(*put_tree((np.zeros(4, np.int32), np.full((4, 8), -1, np.int32)), None))
-    out = runner.collect((4, runner.decode(batch, d, "sample")))
+    out = runner.collect((4, runner.decode(batch, runner._decode_steps(None, (), 4), "sample")))
     assert out.tokens.shape == (4, 4) and not out.tokens.any()
     for a, b in zip(before, runner.pages[0]):
         np.testing.assert_array_equal(a, np.asarray(b))
