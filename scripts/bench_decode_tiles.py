@@ -1,0 +1,90 @@
+"""The paged decode kernel's tiles at an engine's shapes: block tables as wide as the context
+(512 pages of 16 tokens), sequences of varied length, KV-read GB/s of the real lengths, for each
+block_k and split count (None: the kernel's own choice).
+
+    python scripts/bench_decode_tiles.py --out bench/results/kernels-decode-splits-<card>.json
+    python scripts/bench_decode_tiles.py --cases 4x40x8            # CPU smoke (interpret mode)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import benchmark as bm
+
+pa = importlib.import_module("pallas_kernels.paged_attention")  # the package exports a function
+K, N, H, L, WIDTH = 8, 32, 128, 16, 512
+CASES = "100x1750x250,256x420x100,1x512x0,64x3000x500,32x1024x200"  # B x ctx x spread
+
+
+def input_sets(b: int, ctx: int, spread: int, count: int) -> tuple[list, float]:
+    """`count` sets (q, k_pages, v_pages, tables, lengths), lengths uniform in ctx +- spread,
+    pages shuffled; and the mean KV bytes a call reads."""
+    rng = np.random.default_rng(b + ctx)
+    sets = []
+    for i in range(count):
+        lens = rng.integers(ctx - spread, ctx + spread + 1, b).astype(np.int32)
+        need = [-(-int(n) // L) for n in lens]
+        pool = int(sum(need) * 1.1) + 8
+        perm, table, at = rng.permutation(pool), np.zeros((b, WIDTH), np.int32), 0
+        for row, p in enumerate(need):
+            table[row, :p], at = perm[at : at + p], at + p
+        kq, kk, kv = jax.random.split(jax.random.PRNGKey(i), 3)
+        sets.append(
+            (
+                jax.random.normal(kq, (b, N, H), jnp.bfloat16),
+                jax.random.normal(kk, (K, pool, L, H), jnp.bfloat16),
+                jax.random.normal(kv, (K, pool, L, H), jnp.bfloat16),
+                jnp.asarray(table),
+                jnp.asarray(lens),
+            )
+        )
+    tokens = float(np.mean([int(s[4].sum()) for s in sets]))
+    return sets, tokens * K * H * 2 * 2
+
+
+def time_calls(fn, sets, interpret: bool) -> float:
+    """Seconds per call, the sets run back to back in one program."""
+    group = jax.jit(lambda ss: [fn(*s) for s in ss])
+    min_time = None if interpret else 0.1
+    return bm.pipelined_time(lambda _: group(sets), repeats=3, min_time=min_time) / len(sets)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", default=CASES, help="comma list of BxCTXxSPREAD")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    interpret = jax.default_backend() == "cpu"
+    rows = []
+    for case in args.cases.split(","):
+        b, ctx, spread = (int(x) for x in case.split("x"))
+        sets, kv_bytes = input_sets(b, ctx, spread, 2 if interpret else 4)
+        ref = pa.paged_attention_reference(*sets[0])
+        for block_k in (32, 64):
+            for splits in (None, 1, 2, 4, 8) if b > 1 else (None, 16, 33):
+                cfg = pa.PagedConfig(block_k=block_k, num_splits=splits)
+
+                def fn(*a, cfg=cfg):
+                    return pa.paged_attention(*a, config=cfg, interpret=interpret)
+
+                err = jnp.max(jnp.abs(jax.jit(fn)(*sets[0]).astype(float) - ref.astype(float)))
+                sec = time_calls(fn, sets, interpret)
+                row = dict(B=b, ctx=ctx, spread=spread, block_k=block_k, splits=splits)
+                row.update(us=sec * 1e6, GBps=kv_bytes / sec / 1e9, err=float(err))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    if args.out:
+        report = {"device": bm.default_device().device_kind, "jax": jax.__version__, "rows": rows}
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
