@@ -292,14 +292,44 @@ def _decode_call(
     )(q, k_rows, v_rows, block_tables, lengths)
     if finalize:
         return outs[0]
-    acc, m, l = outs
-    # Log-sum-exp combine of the splits (m in log2 units; empty splits have
-    # m = MASK_VALUE, l = 0 and get weight 0).
-    m_all = jnp.max(m, axis=0)
-    w = jnp.exp2(m - m_all[None])
-    denom = jnp.sum(w * l, axis=0)
-    out = jnp.sum(w[..., None] * acc, axis=0) / jnp.where(denom == 0.0, 1.0, denom)[..., None]
-    return out.astype(q.dtype)
+    return _combine_call(*outs, q.dtype, interpret=interpret)
+
+
+def _combine_kernel(acc_ref, m_ref, l_ref, o_ref, *, num_splits, head_dim):
+    """Log-sum-exp combine of one (sequence, kv head, query head)'s splits: acc_ref [Sp, Hp],
+    m_ref/l_ref [Sp] (m in log2 units; empty splits have m = MASK_VALUE, l = 0 and weigh 0)."""
+    splits_pad, head_pad = acc_ref.shape
+    s_ok = jnp.arange(splits_pad) < num_splits
+    h_ok = jnp.arange(head_pad) < head_dim
+    m = plgpu.load(m_ref, mask=s_ok, other=common.MASK_VALUE)
+    l = plgpu.load(l_ref, mask=s_ok, other=0.0)
+    acc = plgpu.load(acc_ref, mask=s_ok[:, None] & h_ok[None, :], other=0.0)
+    w = jnp.exp2(m - jnp.max(m))  # [Sp]
+    denom = jnp.sum(w * l)
+    out = jnp.sum(w[:, None] * acc, axis=0) / jnp.where(denom == 0.0, 1.0, denom)
+    plgpu.store(o_ref, out.astype(o_ref.dtype), mask=h_ok)
+
+
+def _combine_call(acc, m, l, dtype, *, interpret):
+    """acc [S, B, K, G, H], m/l [S, B, K, G] -> [B, K, G, H]: one launch (as jnp the combine was
+    four kernels a layer, ~6 us at batch 1)."""
+    splits, batch, num_kv_heads, group, head_dim = acc.shape
+    splits_pad, head_pad = pl.next_power_of_2(splits), pl.next_power_of_2(head_dim)
+    per_row = pl.BlockSpec((splits_pad, None, None, None), lambda b, h, g: (0, b, h, g))
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, num_splits=splits, head_dim=head_dim),
+        grid=(batch, num_kv_heads, group),
+        in_specs=[
+            pl.BlockSpec((splits_pad, None, None, None, head_pad), lambda b, h, g: (0, b, h, g, 0)),
+            per_row,
+            per_row,
+        ],
+        out_specs=pl.BlockSpec((None, None, None, head_pad), lambda b, h, g: (b, h, g, 0)),
+        out_shape=jax.ShapeDtypeStruct((batch, num_kv_heads, group, head_dim), dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name=f"paged_decode_combine_s{splits}",
+    )(acc, m, l)
 
 
 # ----------------------------------------------------------------------------
