@@ -19,8 +19,8 @@ checked on the device; the host checks them all); a row that is not live writes 
 whether it stopped carries over to the next program like its last sample does. The loop's trip
 count is static, so XLA runs it on a GPU without reading anything back (a `while_loop` that
 stopped once every row had stopped made the host wait on a predicate each step: 0.8 ms of idle
-device a step at batch 1); unrolled, the k copies compiled 4x slower and ran 20% slower at batch
-1 (H200). One program per row bucket and sampler mode.
+device a step at batch 1); unrolled, the k copies made a cold engine start 2.7x longer and ran
+20% slower at batch 1 (H200). One program per row bucket and sampler mode.
 """
 
 from __future__ import annotations
