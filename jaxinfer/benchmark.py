@@ -292,6 +292,15 @@ def pipelined_time(
     return statistics.median(run(calls) for _ in range(repeats))
 
 
+def time_over_sets(fn: Callable, sets: list, *, repeats: int, min_time: float | None) -> float:
+    """Median seconds per call of fn over rotating argument sets: one jit runs fn once per set
+    (the sets differ, so nothing is CSE'd), timed by `pipelined_time`."""
+    import jax
+
+    group = jax.jit(lambda ss: [fn(*s) for s in ss])
+    return pipelined_time(lambda _: group(sets), repeats=repeats, min_time=min_time) / len(sets)
+
+
 def card_limits(repeats: int) -> dict:
     """The card's ceilings, measured: HBM copy bandwidth (x + 1 over 2 GiB of f32: bytes read +
     written), read bandwidth (a sum over the same bytes) and the bf16 matmul peak (8192^3)."""

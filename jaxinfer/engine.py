@@ -119,7 +119,7 @@ def device_defaults(backend: str, model_context: int) -> dict:
     whole block table), and compiles each program on first use (tens of seconds each there),
     with buckets down to one token so a lone decode is not padded to 16. A GPU runs 8 decode
     steps a program (the host's work per step would otherwise set the pace: on an H200, 1,000
-    requests of 128/128 made 14,624 out tok/s against 11,362); a CPU, whose steps take longer
+    requests of 128/128 made 15,696 out tok/s against 12,747); a CPU, whose steps take longer
     than the host's work, one."""
     if backend == "cpu":
         return dict(

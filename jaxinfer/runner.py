@@ -150,9 +150,7 @@ class Runner:
     def _forward_fn(self, params, pages, prev_tokens, batch: StepBatch):
         """Packed tokens -> logits [B, V] at each row's sample position; pages written."""
         self.num_compiles += 1  # runs at trace time only
-        tokens = jnp.where(
-            batch.token_src >= 0, prev_tokens[jnp.maximum(batch.token_src, 0)], batch.tokens
-        )
+        tokens = _step_tokens(prev_tokens, batch)
         return self._logits(params, pages, tokens, batch.positions, batch.meta, batch.sample_idx)
 
     def _logits(self, params, pages, tokens, positions, meta, sample_idx):
@@ -175,7 +173,7 @@ class Runner:
         [max_num_seqs] each."""
         self.num_compiles += 1  # runs at trace time only
         size, src = self.page_size, batch.token_src
-        tokens = jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], batch.tokens)  # [B]
+        tokens = _step_tokens(prev_tokens, batch)  # [B]
         stopped = (src >= 0) & prev_stopped[jnp.maximum(src, 0)]  # stopped in the program before
         meta, steps = batch.meta, d.num_steps
 
@@ -452,6 +450,12 @@ class Runner:
         )
         src = jnp.full(t, -1, jnp.int32, device=self.replicated)
         return StepBatch(zeros(t), src, zeros(t), meta, zeros(b), sampling, *history)
+
+
+def _step_tokens(prev_tokens: Int[Array, "R"], batch: StepBatch) -> Int[Array, "T"]:
+    """The batch's tokens, a PLACEHOLDER's taken from the previous step's samples (token_src)."""
+    src = batch.token_src
+    return jnp.where(src >= 0, prev_tokens[jnp.maximum(src, 0)], batch.tokens)
 
 
 def _forward_only(batch: StepBatch) -> StepBatch:

@@ -49,13 +49,6 @@ def input_sets(b: int, ctx: int, spread: int, count: int) -> tuple[list, float]:
     return sets, tokens * K * H * 2 * 2
 
 
-def time_calls(fn, sets, interpret: bool) -> float:
-    """Seconds per call, the sets run back to back in one program."""
-    group = jax.jit(lambda ss: [fn(*s) for s in ss])
-    min_time = None if interpret else 0.1
-    return bm.pipelined_time(lambda _: group(sets), repeats=3, min_time=min_time) / len(sets)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cases", default=CASES, help="comma list of BxCTXxSPREAD")
@@ -75,7 +68,7 @@ def main() -> None:
                     return pa.paged_attention(*a, config=cfg, interpret=interpret)
 
                 err = jnp.max(jnp.abs(jax.jit(fn)(*sets[0]).astype(float) - ref.astype(float)))
-                sec = time_calls(fn, sets, interpret)
+                sec = bm.time_over_sets(fn, sets, repeats=3, min_time=None if interpret else 0.1)
                 row = dict(B=b, ctx=ctx, spread=spread, block_k=block_k, splits=splits)
                 row.update(us=sec * 1e6, GBps=kv_bytes / sec / 1e9, err=float(err))
                 print(json.dumps(row), flush=True)

@@ -46,15 +46,6 @@ fa = importlib.import_module("pallas_kernels.flash_attention")
 pa = importlib.import_module("pallas_kernels.paged_attention")
 
 
-def time_rotating(fn, sets, opts) -> float:
-    """Median seconds per call of fn over rotating arg sets: one jit runs fn once per set (sets
-    differ, so nothing is CSE'd)."""
-    group = jax.jit(lambda ss: [fn(*s) for s in ss])
-    return bm.pipelined_time(
-        lambda _: group(sets), repeats=opts.repeats, min_time=opts.min_time
-    ) / len(sets)
-
-
 def measure(journal, key, fn, check, opts, name, data, ref, scale, unit):
     """One peer of one shape, as one journal unit: its error against `ref` (when given) and its
     time per call, as `{name}_err`, `{name}_{unit[0]}` (seconds * scale[0]) and
@@ -64,7 +55,7 @@ def measure(journal, key, fn, check, opts, name, data, ref, scale, unit):
     def run():
         sets = data() if callable(data) else data
         out = {f"{name}_err": bm.errors(jax.jit(fn)(*sets[0]), ref)} if check else {}
-        sec = time_rotating(fn, sets, opts)
+        sec = bm.time_over_sets(fn, sets, repeats=opts.repeats, min_time=opts.min_time)
         return {**out, f"{name}_{unit[0]}": sec * scale[0], f"{name}_{unit[1]}": scale[1] / sec}
 
     return journal.run(f"{key}/{name}", run, error_key=f"{name}_error")
