@@ -18,6 +18,7 @@ from pallas_kernels.paged_attention import (
     write_kv,
     write_kv_reference,
 )
+from pallas_kernels.rms_norm import rms_norm, rms_norm_reference
 
 __all__ = [
     "FlashConfig",
@@ -36,4 +37,6 @@ __all__ = [
     "grouped_matmul",
     "grouped_matmul_reference",
     "grouped_matmul_dense_loop",
+    "rms_norm",
+    "rms_norm_reference",
 ]

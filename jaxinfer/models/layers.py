@@ -11,6 +11,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jaxinfer.config import ModelConfig, RopeScaling
+from pallas_kernels.rms_norm import rms_norm, rms_norm_reference
 
 _INIT = nn.initializers.normal(stddev=0.02)
 
@@ -24,21 +25,28 @@ def declare(
 
 
 class RMSNorm(nn.Module):
-    """RMS norm over the last axis (the model width, or a head's width for Qwen3's q/k norm)."""
+    """RMS norm over the last axis (the model width, or a head's width for Qwen3's q/k norm),
+    with the residual add before it: (x, h) -> (norm(x + h) * scale, x + h); h None: no add.
+
+    Normalised in f32 and cast back before the scale, as HF Llama does. `kernel`: one Pallas
+    kernel for the add and the norm (`pallas_kernels.rms_norm`); else plain jnp, the kernel's
+    reference."""
 
     eps: float
     dtype: jnp.dtype
     axis_name: str = "embed"
+    kernel: bool = False
 
     @nn.compact
-    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+    def __call__(
+        self, x: Float[Array, "... D"], h: Float[Array, "... D"] | None = None
+    ) -> tuple[Float[Array, "... D"], Float[Array, "... D"]]:
         scale = declare(
             self, "scale", (x.shape[-1],), (self.axis_name,), self.dtype, nn.initializers.ones
         )
-        # Normalise in f32 and cast back before the scale, as HF Llama does.
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale * x32.astype(x.dtype)
+        if self.kernel:
+            return rms_norm(x, scale, self.eps, h)
+        return rms_norm_reference(x, scale, self.eps, h)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:

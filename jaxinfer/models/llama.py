@@ -2,6 +2,9 @@
 one config (a MoE block replaces the MLP where the config has experts; Qwen3 norms q and k).
 
 embed -> N x (norm -> attention -> residual -> norm -> mlp -> residual) -> norm -> logits.
+Each residual add is done by the norm after it (`RMSNorm(x, h)`): a block returns the stream
+without its MLP output added, and the next block's first norm (or the final norm) adds it, so
+with `norm_kernel` every add and norm is one kernel.
 Flax modules are used purely functionally (`Decoder(cfg).apply({"params": p}, ...)`); every
 parameter declares logical axes through `layers.declare`. The KV cache is a tuple over layers of
 (k, v) arrays [K, B, S, H], passed in and returned, never held by a module. That layout is a page
@@ -72,8 +75,8 @@ class Attention(nn.Module):
         q = qkv[:, :, :, :g].reshape(b, t, n, h)  # query head n uses kv head n // G
         kk, vv = qkv[:, :, :, g], qkv[:, :, :, g + 1]
         if c.qk_norm:  # per head, before RoPE
-            q = RMSNorm(c.rms_norm_eps, dt, "head_dim", name="q_norm")(q)
-            kk = RMSNorm(c.rms_norm_eps, dt, "head_dim", name="k_norm")(kk)
+            q = RMSNorm(c.rms_norm_eps, dt, "head_dim", name="q_norm")(q)[0]
+            kk = RMSNorm(c.rms_norm_eps, dt, "head_dim", name="k_norm")(kk)[0]
         inv_freq = rope_inv_freq(h, c.rope_theta, c.rope_scaling)
         q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
         if paged is not None:  # one packed row of tokens from many sequences, a page pool
@@ -96,25 +99,27 @@ class Block(nn.Module):
     dtype: jnp.dtype
     impl: str
     parallel: Parallel = Parallel()
+    norm_kernel: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, cache, prefill, paged):
-        eps = self.cfg.rms_norm_eps
-        h = RMSNorm(eps, self.dtype, name="attn_norm")(x)
+    def __call__(self, x, delta, positions, cache, prefill, paged):
+        """x: the residual stream; delta: the previous block's MLP output, not yet added (None
+        in the first block). Returns (x, this block's MLP output, cache)."""
+        eps, kernel = self.cfg.rms_norm_eps, self.norm_kernel
+        h, x = RMSNorm(eps, self.dtype, kernel=kernel, name="attn_norm")(x, delta)
         h, cache = Attention(self.cfg, self.dtype, self.impl, self.parallel, name="attn")(
             h, positions, cache, prefill, paged
         )
-        x = x + h
-        h = RMSNorm(eps, self.dtype, name="mlp_norm")(x)
+        h, x = RMSNorm(eps, self.dtype, kernel=kernel, name="mlp_norm")(x, h)
         if self.cfg.num_experts:
             h = MoE(self.cfg, self.dtype, self.impl, self.parallel, name="moe")(h)
         else:
             h = MLP(self.cfg, self.dtype, name="mlp")(h)
-        return x + h, cache
+        return x, h, cache
 
 
-def _apply_block(block: Block, params, x, positions, cache, prefill: bool, paged):
-    return block.apply({"params": params}, x, positions, cache, prefill, paged)
+def _apply_block(block: Block, params, x, delta, positions, cache, prefill: bool, paged):
+    return block.apply({"params": params}, x, delta, positions, cache, prefill, paged)
 
 
 # Every layer has the same shapes: as a nested jit, a layer is traced once per program, not
@@ -130,6 +135,7 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     impl: str = "xla"
     parallel: Parallel = Parallel()  # the mesh the params and caches are split over, if any
+    norm_kernel: bool = False  # residual adds and norms as Pallas kernels (`RMSNorm`)
 
     @nn.compact
     def __call__(
@@ -152,17 +158,20 @@ class Decoder(nn.Module):
         embed = declare(
             self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.dtype
         )
-        x = jnp.take(embed, tokens, axis=0)  # [B, T, D]
+        x, delta = jnp.take(embed, tokens, axis=0), None  # [B, T, D]
         new_cache = []
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache[i]
-            x, layer_cache = self._layer(i, x, positions, layer_cache, prefill, paged)
+            x, delta, layer_cache = self._layer(i, x, delta, positions, layer_cache, prefill, paged)
             new_cache.append(layer_cache)
         if paged is not None and logits_at is not None:
-            x = x[0][logits_at][:, None]  # [B, 1, D]
+            x, delta = x[0][logits_at][:, None], delta[0][logits_at][:, None]  # [B, 1, D]
         elif logits_at is not None:
-            x = x[jnp.arange(x.shape[0]), logits_at][:, None]  # [B, 1, D]
-        x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
+            rows = jnp.arange(x.shape[0])
+            x, delta = x[rows, logits_at][:, None], delta[rows, logits_at][:, None]  # [B, 1, D]
+        x, _ = RMSNorm(c.rms_norm_eps, self.dtype, kernel=self.norm_kernel, name="final_norm")(
+            x, delta
+        )
         if c.tie_word_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, embed, preferred_element_type=jnp.float32)
         else:
@@ -172,12 +181,12 @@ class Decoder(nn.Module):
             logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
         return logits, (None if cache is None else tuple(new_cache))
 
-    def _layer(self, i: int, x, positions, cache, prefill, paged):
+    def _layer(self, i: int, x, delta, positions, cache, prefill, paged):
         """Layer i: declared as a submodule at init (and where intermediates are sown),
         otherwise applied through the one nested jit that every layer shares."""
-        args = (self.cfg, self.dtype, self.impl, self.parallel)
+        args = (self.cfg, self.dtype, self.impl, self.parallel, self.norm_kernel)
         if self.is_initializing() or self.is_mutable_collection("intermediates"):
-            return Block(*args, name=f"layers_{i}")(x, positions, cache, prefill, paged)
+            return Block(*args, name=f"layers_{i}")(x, delta, positions, cache, prefill, paged)
         params = self.variables["params"][f"layers_{i}"]
         block = Block(*args, parent=None)
-        return _apply_block_jit(block, params, x, positions, cache, prefill, paged)
+        return _apply_block_jit(block, params, x, delta, positions, cache, prefill, paged)

@@ -1,0 +1,104 @@
+"""The add + RMSNorm kernel against its jnp reference (interpret mode on the CPU), and the decoder
+with the kernel against the decoder without it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer import model as model_lib
+from jaxinfer.config import ModelConfig
+from jaxinfer.models.llama import Decoder
+from jaxinfer.sharding import Parallel
+from pallas_kernels.rms_norm import rms_norm, rms_norm_reference
+
+
+def _inputs(shape, dtype, seed=0):
+    k = jax.random.split(jax.random.key(seed), 3)
+    x = (3 * jax.random.normal(k[0], shape, jnp.float32)).astype(dtype)
+    h = jax.random.normal(k[1], shape, jnp.float32).astype(dtype)
+    scale = (1 + 0.1 * jax.random.normal(k[2], shape[-1:], jnp.float32)).astype(dtype)
+    return x, h, scale
+
+
+# Rows: one a program (< 64) and blocks of rows with a partial last block (70, 200); widths
+# that are and are not powers of two (576: SmolLM2).
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (3, 576), (70, 100), (2, 100, 128)])
+@pytest.mark.parametrize("add", [True, False])
+def test_matches_reference_bf16_exactly(shape, add):
+    x, h, scale = _inputs(shape, jnp.bfloat16)
+    out, total = rms_norm(x, scale, 1e-5, h if add else None)
+    ref_out, ref_total = rms_norm_reference(x, scale, 1e-5, h if add else None)
+    assert out.shape == total.shape == shape and out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(total, np.float32), np.asarray(ref_total, np.float32))
+    # The f32 row statistic may differ in its last bit (summation order); in bf16 that flips
+    # at most a rare rounding by one bf16 step.
+    diff = np.abs(np.asarray(out, np.float32) - np.asarray(ref_out, np.float32))
+    assert (diff > 0).mean() < 0.01
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref_out, np.float32), rtol=8e-3, atol=0
+    )
+    # Not the identity: the rows really are normalised and scaled.
+    row = np.asarray(ref_total, np.float32).reshape(-1, shape[-1])[0]
+    want = row / np.sqrt(np.mean(row * row) + 1e-5) * np.asarray(scale, np.float32)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32).reshape(-1, shape[-1])[0], want, rtol=2e-2, atol=2e-2
+    )
+
+
+def test_matches_reference_f32():
+    x, h, scale = _inputs((5, 4, 96), jnp.float32, seed=1)
+    out, total = rms_norm(x, scale, 1e-6, h)
+    ref_out, ref_total = rms_norm_reference(x, scale, 1e-6, h)
+    np.testing.assert_array_equal(np.asarray(total), np.asarray(ref_total))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=2e-6, atol=2e-6)
+
+
+def test_bad_inputs_name_what_is_wrong():
+    x, h, scale = _inputs((2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="must match x"):
+        rms_norm(x, scale, 1e-5, h[:1])
+    with pytest.raises(ValueError, match="must match x"):
+        rms_norm(x, scale, 1e-5, h.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"scale \(32,\) must be \[64\]"):
+        rms_norm(x, scale[:32], 1e-5)
+    with pytest.raises(ValueError, match="dtype int32"):
+        rms_norm(x.astype(jnp.int32), scale.astype(jnp.int32), 1e-5)
+
+
+def test_decoder_with_the_kernel_matches_without():
+    cfg = ModelConfig(
+        model_type="llama",
+        max_position_embeddings=64,
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+    )
+    params = model_lib.init_params(cfg, "float32", seed=3)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 11)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(11, dtype=jnp.int32), tokens.shape)
+    logits = {}
+    for kernel in (False, True):
+        dec = Decoder(cfg, jnp.float32, "xla", norm_kernel=kernel)
+        logits[kernel], _ = jax.jit(dec.apply)({"params": params}, tokens, positions)
+    assert float(jnp.std(logits[False])) > 0.1
+    np.testing.assert_allclose(
+        np.asarray(logits[True]), np.asarray(logits[False]), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_the_kernel_is_chosen_for_pallas_on_one_gpu_only(monkeypatch):
+    monkeypatch.delenv("JAXINFER_NORM_KERNEL", raising=False)
+    on_gpu = jax.default_backend() == "gpu"
+    assert model_lib.norm_kernel("pallas", Parallel()) is on_gpu
+    assert model_lib.norm_kernel("xla", Parallel()) is False
+    monkeypatch.setenv("JAXINFER_NORM_KERNEL", "1")
+    assert model_lib.norm_kernel("xla", Parallel()) is True
+    monkeypatch.setenv("JAXINFER_NORM_KERNEL", "0")
+    assert model_lib.norm_kernel("pallas", Parallel()) is False
