@@ -80,7 +80,8 @@ class EngineConfig:
     attention_impl: str | None = None  # None: the platform default
     seed: int = 0  # seeds of requests that bring none are drawn from it, in arrival order
     warmup: bool | None = None  # compile every bucket at start-up (None: on a GPU, not on a CPU)
-    smallest_bucket: int | None = None  # the smallest token bucket (None: 16 on a GPU, 1 on a CPU)
+    # the smallest token bucket above 1 (`runner.token_buckets`; None: 16 on a GPU, 1 on a CPU)
+    smallest_bucket: int | None = None
     async_scheduling: bool = True  # plan step N+1 while step N runs on the device
     # JAX's persistent compilation cache: a restart loads the compiled steps instead of compiling.
     # None: $JAXINFER_COMPILATION_CACHE or ~/.cache/jaxinfer/xla; "" turns it off.
@@ -117,10 +118,10 @@ def device_defaults(backend: str, model_context: int) -> dict:
     """Sizes that fit the device. A GPU serves many sequences and compiles every bucket at
     start-up; a CPU serves a few, over a shorter context (the XLA attention reads every row's
     whole block table), and compiles each program on first use (tens of seconds each there),
-    with buckets down to one token so a lone decode is not padded to 16. A GPU runs 8 decode
-    steps a program (the host's work per step would otherwise set the pace: on an H200, 1,000
-    requests of 128/128 made 15,696 out tok/s against 12,747); a CPU, whose steps take longer
-    than the host's work, one."""
+    with every power of two as a bucket so a few decodes are not padded to 16. A GPU runs 8
+    decode steps a program (the host's work per step would otherwise set the pace: on an H200,
+    1,000 requests of 128/128 at 512 seats made 17,303 out tok/s against 14,016); a CPU, whose
+    steps take longer than the host's work, one."""
     if backend == "cpu":
         return dict(
             max_num_seqs=8,
@@ -256,6 +257,11 @@ class Engine:
             "runner_s": 0.0,
             "decode_steps": 0,  # programs of decodes only
             "model_steps": 0,  # forwards: a multi-step decode runs up to k of them
+            # Multi-step decode programs: row-steps run (padded rows x k) and tokens the rows
+            # were planned to make; the gap is padding rows and rows done before the k-th step.
+            "decode_row_steps": 0,
+            "decode_planned_tokens": 0,
+            "decode_wait_s": 0.0,  # of runner_s, the waits for decode-only programs
         }
         self._log_sizes()
         if config.warmup:
@@ -459,7 +465,9 @@ class Engine:
         plan, handle = self._in_flight
         t0 = time.perf_counter()
         samples = self.runner.collect(handle)
-        self.stats["runner_s"] += time.perf_counter() - t0  # time spent waiting for the device
+        waited = time.perf_counter() - t0  # time spent waiting for the device
+        self.stats["runner_s"] += waited
+        self.stats["decode_wait_s"] += waited if plan.decode_only else 0.0
         tokens = samples.tokens.T.tolist()  # [n][S]: each row's samples
         where = {s.request_id: (i, s.start_pos + len(s.token_ids)) for i, s in enumerate(plan.seqs)}
         sampled = {s.request_id: tokens[i] for i, s in enumerate(plan.seqs) if s.sample}
@@ -500,6 +508,10 @@ class Engine:
         self.stats["preemptions"] += len(plan.preempted)
         self.stats["decode_steps"] += plan.decode_only
         self.stats["model_steps"] += max(s.num_steps for s in plan.seqs)
+        k = self.runner.decode_steps
+        if k > 1 and plan.decode_only and not self._penalized:  # a multi-step decode program
+            self.stats["decode_row_steps"] += k * self.runner.bucket(plan.num_tokens)[1]
+            self.stats["decode_planned_tokens"] += sum(s.num_steps for s in plan.seqs)
         used = self.num_pages - self.scheduler.allocator.num_free_pages
         self.stats["max_pages_used"] = max(self.stats["max_pages_used"], used)
 

@@ -89,11 +89,14 @@ MAX_STOP_IDS = 8  # stop ids per row checked on the device (the host checks ever
 
 
 def token_buckets(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
-    """Powers of two from `smallest` up to and including `max_tokens`."""
+    """1, then powers of two from `smallest` up to and including `max_tokens`. A lone sequence
+    has a bucket of its own: padded to 16 rows, its decode ran the paged decode kernel split for
+    16 sequences (5 ranges of its context where alone it gets 66), and the engine's batch-1 step
+    was 0.3 ms slower (Llama-3-8B, H200)."""
     sizes = [smallest]
     while sizes[-1] < max_tokens:
         sizes.append(min(sizes[-1] * 2, max_tokens))
-    return tuple(s for s in sizes if s <= max_tokens) or (max_tokens,)
+    return tuple(sorted({1, *([s for s in sizes if s <= max_tokens] or [max_tokens])}))
 
 
 def uses_penalties(p: SamplingParams) -> bool:

@@ -13,6 +13,7 @@ from test_engine import fake_engine, run_all
 
 import jaxinfer
 from jaxinfer.engine import Engine
+from jaxinfer.runner import token_buckets
 from jaxinfer.sampling import SamplingParams
 
 
@@ -52,6 +53,28 @@ def test_fake_model_outputs_with_decode_steps():
     assert c[-1].text == "de" and c[-1].token_ids == [3, 4, 5, 6]
     assert c[-1].finish_reason == "stop" and "".join(o.text_delta for o in c) == "de"
     assert engine.scheduler.allocator.num_free_pages == 32
+
+
+def test_stats_count_the_rows_and_tokens_of_multi_step_programs():
+    """The engine counts each multi-step program's row-steps (padded rows x k) and the tokens
+    its rows were planned to make: the benchmark's measure of idle rows."""
+    engine = fake_engine(num_decode_steps=4)
+    engine.add_request("a", "abc", SamplingParams(max_tokens=6, temperature=0))
+    run_all(engine)
+    # The prefill samples the first token; then a program plans 4 and the next the 1 left,
+    # each program 4 steps of one row (a lone sequence has a bucket of its own).
+    assert engine.runner.bucket(1) == (1, 1)
+    assert engine.stats["decode_steps"] == 2
+    assert engine.stats["decode_planned_tokens"] == 5
+    assert engine.stats["decode_row_steps"] == 8
+
+
+def test_token_buckets_give_a_lone_sequence_its_own():
+    assert token_buckets(4096, 16) == (1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+    assert token_buckets(24, 16) == (1, 16, 24)
+    assert token_buckets(8, 16) == (1, 8)
+    assert token_buckets(8, 1) == (1, 2, 4, 8)
+    assert token_buckets(1, 16) == (1,)
 
 
 def test_a_stop_id_ends_the_row_on_the_device():
