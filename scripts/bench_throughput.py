@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import itertools
 import json
 import os
 import sys
@@ -64,7 +65,9 @@ def run_engine(engines, requests) -> dict:
         engines[r].add_request(
             str(i), prompt, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
         )
-    done, steps0 = {}, sum(e.stats["steps"] for e in engines)
+    done = {}
+    keys = ("steps", "decode_steps", "decode_row_steps", "decode_planned_tokens", "runner_s")
+    before = {k: sum(e.stats[k] for e in engines) for k in keys + ("decode_wait_s",)}
     for e in engines:
         e.stats["max_pages_used"] = 0  # this workload's peak, not an earlier one's
     while any(e.has_unfinished_requests() for e in engines):
@@ -83,7 +86,9 @@ def run_engine(engines, requests) -> dict:
         "wall_s": wall,
         "out_tok_per_s": n_out / wall,
         "total_tok_per_s": (n_out + sum(len(p) for p, _ in requests)) / wall,
-        "steps": sum(e.stats["steps"] for e in engines) - steps0,
+        **{k: sum(e.stats[k] for e in engines) - before[k] for k in keys},
+        # the host's waits for the device, for decode-only programs and for steps with prefills
+        "wait_decode_s": sum(e.stats["decode_wait_s"] for e in engines) - before["decode_wait_s"],
         "ttft_s": percentiles([o.first_token_time - o.arrival_time for o in outs]),
         "tpot_s": percentiles(
             [
@@ -180,8 +185,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama3-8b")
     p.add_argument("--workloads", default="128x128:1000,1000x1000:200,mix:500")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-num-seqs", default="512", help="a list (256,512): each in turn")
+    p.add_argument(
+        "--max-num-batched-tokens", default="8192", help="a list (4096,8192): each in turn"
+    )
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=None)
     p.add_argument("--impl", default=None)
@@ -248,12 +255,25 @@ def main() -> int:
     if hf_error:
         report["hf_error"] = hf_error
         print("HF peer failed:\n" + hf_error, flush=True)
-    ks = [int(k) for k in args.num_decode_steps.split(",")]
-    for k in ks:
-        engines = make_engines(args, k)
-        run_workloads(args, engines, specs, peers, report, "" if k == ks[0] else f"@k{k}")
-        for e in engines:  # the pools go before the next engines take the memory
-            for x in jax.tree.leaves(e.runner.pages):
+    # Every combination of the listed settings, fresh engines each; rows of all but the first
+    # are keyed `<workload>@k1@s512@b4096` by the settings that differ from the first.
+    combos = list(
+        itertools.product(
+            *(
+                [int(v) for v in a.split(",")]
+                for a in (args.num_decode_steps, args.max_num_seqs, args.max_num_batched_tokens)
+            )
+        )
+    )
+    for combo in combos:
+        engines = make_engines(args, *combo)
+        suffix = "".join(
+            f"@{tag}{v}" for tag, v, first in zip("ksb", combo, combos[0]) if v != first
+        )
+        run_workloads(args, engines, specs, peers, report, suffix)
+        for e in engines:  # pools and weights go before the next engines take the memory (the
+            # engine freezes what it built out of the cyclic GC, so dropping it frees nothing)
+            for x in jax.tree.leaves((e.runner.pages, e.runner.params)):
                 x.delete()
         del engines
         gc.collect()
@@ -288,11 +308,15 @@ def run_workloads(args, engines, specs, peers, report, suffix: str) -> None:
                 report["limits"],
                 args.tensor_parallel_size,
                 args.data_parallel_size,
-                args.max_num_seqs,
+                engine.config.max_num_seqs,
             ),
             async_scheduling=overlap,
             num_decode_steps=engine.config.num_decode_steps,
+            max_num_seqs=engine.config.max_num_seqs,
+            max_num_batched_tokens=engine.config.max_num_batched_tokens,
         )
+        if row["decode_row_steps"]:
+            row["decode_row_use"] = row["decode_planned_tokens"] / row["decode_row_steps"]
         tpot_ms = row["tpot_s"].get("p50", float("nan")) * 1e3
         row["x_running_roofline"] = tpot_ms / row["running_roofline_ms"]
         if len(requests) == 1:
@@ -307,7 +331,7 @@ def run_workloads(args, engines, specs, peers, report, suffix: str) -> None:
             bm.write_json(args.out, report)
 
 
-def make_engines(args, num_decode_steps: int) -> list:
+def make_engines(args, num_decode_steps: int, max_num_seqs: int, budget: int) -> list:
     """One engine per data-parallel replica, each over its own tensor-parallel devices (a mesh
     when --mesh or a size > 1); `startup_s` of the first includes making its weights."""
     from jaxinfer.engine import Engine
@@ -321,9 +345,9 @@ def make_engines(args, num_decode_steps: int) -> list:
         model = bm.random_model(args.model, "bfloat16", args.layers, mesh, args.moe_parallel)
         engine = Engine(
             model,
-            max_num_seqs=args.max_num_seqs,
+            max_num_seqs=max_num_seqs,
             page_size=args.page_size,
-            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_batched_tokens=budget,
             num_pages=args.num_pages,
             attention_impl=args.impl,
             enable_prefix_caching=False,

@@ -100,6 +100,17 @@ def summarize(events: list[dict], steps: int, top: int) -> dict:
     }
 
 
+def kernel_sequence(events: list[dict], n: int) -> list[list]:
+    """The first n device events in start order from the middle of the trace (steps there are
+    warm): [kernel name, its hlo op, microseconds]."""
+    ordered = sorted(events, key=lambda e: e["ts"])
+    start = max(0, len(ordered) // 2 - n // 2)
+    return [
+        [e["name"][:80], e.get("args", {}).get("hlo_op", ""), round(e["dur"], 2)]
+        for e in ordered[start : start + n]
+    ]
+
+
 def floors(cfg, seqs: int, context: float, copy_gbps: float, matmul_tflops: float) -> dict:
     """Bytes one decode step must move (`benchmark.decode_bytes`) and its matmul flops
     (2 per weight a token uses; the embedding table is only gathered from)."""
@@ -206,6 +217,12 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: --seqs")
     p.add_argument("--cprofile", type=int, default=0, help="also cProfile this many host steps")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument(
+        "--sequence",
+        type=int,
+        default=0,
+        help="also list this many device kernels in launch order (which op each one is)",
+    )
     p.add_argument("--keep-trace", default=None, help="copy the raw trace to this folder")
     p.add_argument("--limits", action="store_true", help="measure copy bandwidth and matmul peak")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -296,6 +313,8 @@ def main() -> int:
         cfg, args.seqs, context, limits["copy_read_plus_write_GBps"], limits["bf16_matmul_TFLOPs"]
     )
     report.update(summarize(events, traced, args.top))
+    if args.sequence:
+        report["kernel_sequence"] = kernel_sequence(events, args.sequence)
     text = json.dumps(report, indent=1)
     if args.out:
         with open(args.out, "w") as fh:
