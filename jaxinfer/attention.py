@@ -15,6 +15,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
@@ -183,14 +184,40 @@ def paged_attention(
     )
 
 
+def rope_paged_attention(
+    qkv: Float[Array, "T K G+2 H"],
+    k_pages: Float[Array, "K P L H"],
+    v_pages: Float[Array, "K P L H"],
+    meta: PagedMeta,
+    positions: Int[Array, "T"],
+    inv_freq: np.ndarray,
+    *,
+    impl: str,
+):
+    """`paged_attention` from the q/k/v matmul's output as it is, before RoPE: one Pallas kernel
+    applies RoPE to q and k and writes K/V (`pallas_kernels.rope_write`), then each token attends
+    to its sequence's pages. One device (no mesh). Returns ([T, N, H], (k_pages, v_pages))."""
+    from pallas_kernels.rope_write import rope_write
+
+    q, k_pages, v_pages = rope_write(qkv, k_pages, v_pages, positions, meta.slot_mapping, inv_freq)
+    return _attend_pages(q, k_pages, v_pages, meta, impl=impl), (k_pages, v_pages)
+
+
 def _paged_attention(q, k, v, k_pages, v_pages, meta: PagedMeta, *, impl: str):
-    from pallas_kernels.paged_attention import paged_attention as decode_kernel
-    from pallas_kernels.paged_attention import ragged_paged_attention_reference, write_kv
+    from pallas_kernels.paged_attention import write_kv
 
     if impl != "pallas" and q.shape[0] <= _EACH_MAX_TOKENS:
         k_pages, v_pages = _write_kv_each(k_pages, v_pages, k, v, meta.slot_mapping)
     else:
         k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
+    return _attend_pages(q, k_pages, v_pages, meta, impl=impl), (k_pages, v_pages)
+
+
+def _attend_pages(q, k_pages, v_pages, meta: PagedMeta, *, impl: str):
+    """Each token attends to its sequence's pages (its own K/V already written)."""
+    from pallas_kernels.paged_attention import paged_attention as decode_kernel
+    from pallas_kernels.paged_attention import ragged_paged_attention_reference
+
     if impl == "reference":
         out = ragged_paged_attention_reference(
             q, k_pages, v_pages, meta.block_tables, meta.kv_lens, meta.cu_q_lens
@@ -201,7 +228,7 @@ def _paged_attention(q, k, v, k_pages, v_pages, meta: PagedMeta, *, impl: str):
         out = decode_kernel(q, k_pages, v_pages, meta.block_tables, jnp.maximum(meta.kv_lens, 1))
     else:
         out = _mixed_step_attention(q, k_pages, v_pages, meta)
-    return out, (k_pages, v_pages)
+    return out
 
 
 _EACH_MAX_TOKENS = 16

@@ -17,6 +17,7 @@ from jaxinfer import attention
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.llama import Decoder
 from jaxinfer.sharding import Parallel
+from pallas_kernels.rope_write import supported as rope_write_supported
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -55,25 +56,33 @@ class Model:
 
     def decoder(self, impl: str | None = None) -> Decoder:
         impl = attention.check_impl(impl or self.impl)
-        return Decoder(
-            self.config, self.dtype, impl, self.parallel, norm_kernel(impl, self.parallel)
-        )
+        kernels = fused_kernels(self.config, self.dtype, impl, self.parallel)
+        return Decoder(self.config, self.dtype, impl, self.parallel, **kernels)
 
     @property
     def tensor_parallel_size(self) -> int:
         return self.parallel.size
 
 
-def norm_kernel(impl: str, parallel: Parallel) -> bool:
-    """Whether the decoder's residual adds and norms run as the Pallas kernel: with the Pallas
-    attention, on one GPU (over a mesh the jnp form, which XLA splits like the rest of the
-    program). $JAXINFER_NORM_KERNEL=0 or 1 decides instead (for measuring one against the other).
-    Llama-3-8B on an H200: a batch-1 layer launched 16 kernels instead of 18, the step 4.25 ms
-    against 4.28; at 256 sequences 9.47 against 9.59 ms."""
-    forced = os.environ.get("JAXINFER_NORM_KERNEL")
-    if forced in ("0", "1"):
-        return forced == "1"
-    return impl == "pallas" and parallel.mesh is None and jax.default_backend() == "gpu"
+def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dict[str, bool]:
+    """Which of the decoder's fused Pallas kernels run (`Decoder` fields): the residual add +
+    RMSNorm (`norm_kernel`) and, in paged steps, RoPE + the K/V write (`rope_kernel`, for a head
+    dim it takes and no q/k norm between the matmul and RoPE). Both with the Pallas attention on one GPU; over a mesh the jnp forms, which
+    XLA splits like the rest of the program. $JAXINFER_NORM_KERNEL / $JAXINFER_ROPE_KERNEL = 0 or
+    1 decide instead (for measuring one against the other). Measured on an H200: bench/README."""
+    auto = impl == "pallas" and parallel.mesh is None and jax.default_backend() == "gpu"
+
+    def choice(variable: str, fits: bool = True) -> bool:
+        forced = os.environ.get(variable)
+        return fits and (forced == "1" if forced in ("0", "1") else auto)
+
+    return dict(
+        norm_kernel=choice("JAXINFER_NORM_KERNEL"),
+        rope_kernel=choice(
+            "JAXINFER_ROPE_KERNEL",
+            rope_write_supported(cfg.head_dim, dtype) and not cfg.qk_norm,
+        ),
+    )
 
 
 def abstract_params(cfg: ModelConfig, dtype) -> tuple[Any, Any]:

@@ -19,6 +19,7 @@ from pallas_kernels.paged_attention import (
     write_kv_reference,
 )
 from pallas_kernels.rms_norm import rms_norm, rms_norm_reference
+from pallas_kernels.rope_write import rope_write, rope_write_reference
 
 __all__ = [
     "FlashConfig",
@@ -39,4 +40,6 @@ __all__ = [
     "grouped_matmul_dense_loop",
     "rms_norm",
     "rms_norm_reference",
+    "rope_write",
+    "rope_write_reference",
 ]

@@ -3,6 +3,8 @@ with the kernel against the decoder without it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,8 +70,8 @@ def test_bad_inputs_name_what_is_wrong():
         rms_norm(x.astype(jnp.int32), scale.astype(jnp.int32), 1e-5)
 
 
-def test_decoder_with_the_kernel_matches_without():
-    cfg = ModelConfig(
+def _tiny_config() -> ModelConfig:
+    return ModelConfig(
         model_type="llama",
         max_position_embeddings=64,
         vocab_size=97,
@@ -78,8 +80,12 @@ def test_decoder_with_the_kernel_matches_without():
         num_layers=3,
         num_heads=4,
         num_kv_heads=2,
-        head_dim=16,
+        head_dim=32,
     )
+
+
+def test_decoder_with_the_kernel_matches_without():
+    cfg = _tiny_config()
     params = model_lib.init_params(cfg, "float32", seed=3)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 11)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(11, dtype=jnp.int32), tokens.shape)
@@ -93,12 +99,19 @@ def test_decoder_with_the_kernel_matches_without():
     )
 
 
-def test_the_kernel_is_chosen_for_pallas_on_one_gpu_only(monkeypatch):
+def test_the_kernels_are_chosen_for_pallas_on_one_gpu_only(monkeypatch):
+    cfg = _tiny_config()
     monkeypatch.delenv("JAXINFER_NORM_KERNEL", raising=False)
+    monkeypatch.delenv("JAXINFER_ROPE_KERNEL", raising=False)
     on_gpu = jax.default_backend() == "gpu"
-    assert model_lib.norm_kernel("pallas", Parallel()) is on_gpu
-    assert model_lib.norm_kernel("xla", Parallel()) is False
+    both = lambda impl: model_lib.fused_kernels(cfg, jnp.bfloat16, impl, Parallel())
+    assert both("pallas") == {"norm_kernel": on_gpu, "rope_kernel": on_gpu}
+    assert both("xla") == {"norm_kernel": False, "rope_kernel": False}
     monkeypatch.setenv("JAXINFER_NORM_KERNEL", "1")
-    assert model_lib.norm_kernel("xla", Parallel()) is True
+    monkeypatch.setenv("JAXINFER_ROPE_KERNEL", "1")
+    assert both("xla") == {"norm_kernel": True, "rope_kernel": True}
+    odd = dataclasses.replace(cfg, head_dim=24)  # half of it is no power of two
+    assert model_lib.fused_kernels(odd, jnp.bfloat16, "xla", Parallel())["rope_kernel"] is False
     monkeypatch.setenv("JAXINFER_NORM_KERNEL", "0")
-    assert model_lib.norm_kernel("pallas", Parallel()) is False
+    monkeypatch.setenv("JAXINFER_ROPE_KERNEL", "0")
+    assert both("pallas") == {"norm_kernel": False, "rope_kernel": False}

@@ -44,6 +44,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype
     impl: str
     parallel: Parallel = Parallel()
+    rope_kernel: bool = False  # paged steps: RoPE and the K/V write as one Pallas kernel
 
     @nn.compact
     def __call__(
@@ -74,24 +75,33 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         q = qkv[:, :, :, :g].reshape(b, t, n, h)  # query head n uses kv head n // G
         kk, vv = qkv[:, :, :, g], qkv[:, :, :, g + 1]
-        if c.qk_norm:  # per head, before RoPE
+        if c.qk_norm:  # per head, before RoPE (`rope_kernel` is off: it reads qkv as it is)
             q = RMSNorm(c.rms_norm_eps, dt, "head_dim", name="q_norm")(q)[0]
             kk = RMSNorm(c.rms_norm_eps, dt, "head_dim", name="k_norm")(kk)[0]
         inv_freq = rope_inv_freq(h, c.rope_theta, c.rope_scaling)
-        q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
-        if paged is not None:  # one packed row of tokens from many sequences, a page pool
-            out, cache = attention.paged_attention(
-                q[0], kk[0], vv[0], *cache, paged, impl=self.impl, mesh=self.parallel.mesh
+        if paged is not None and self.rope_kernel:  # RoPE and the K/V write in one kernel
+            out, cache = attention.rope_paged_attention(
+                qkv[0], *cache, paged, positions[0], inv_freq, impl=self.impl
             )
             out = out[None]
         else:
-            out, cache = attention.contiguous_attention(
-                q, kk, vv, positions, cache, prefill, impl=self.impl, mesh=self.parallel.mesh
-            )
+            q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
+            out, cache = self._attend(q, kk, vv, positions, cache, prefill, paged)
         y = jnp.einsum("BTNH,NHD->BTD", out, wo)
         if c.o_bias:
             y = y + declare(self, "o_bias", (d,), ("embed",), dt, nn.initializers.zeros)
         return y, cache
+
+    def _attend(self, q, k, v, positions, cache, prefill, paged):
+        mesh = self.parallel.mesh
+        if paged is not None:  # one packed row of tokens from many sequences, a page pool
+            out, cache = attention.paged_attention(
+                q[0], k[0], v[0], *cache, paged, impl=self.impl, mesh=mesh
+            )
+            return out[None], cache
+        return attention.contiguous_attention(
+            q, k, v, positions, cache, prefill, impl=self.impl, mesh=mesh
+        )
 
 
 class Block(nn.Module):
@@ -100,6 +110,7 @@ class Block(nn.Module):
     impl: str
     parallel: Parallel = Parallel()
     norm_kernel: bool = False
+    rope_kernel: bool = False
 
     @nn.compact
     def __call__(self, x, delta, positions, cache, prefill, paged):
@@ -107,9 +118,9 @@ class Block(nn.Module):
         in the first block). Returns (x, this block's MLP output, cache)."""
         eps, kernel = self.cfg.rms_norm_eps, self.norm_kernel
         h, x = RMSNorm(eps, self.dtype, kernel=kernel, name="attn_norm")(x, delta)
-        h, cache = Attention(self.cfg, self.dtype, self.impl, self.parallel, name="attn")(
-            h, positions, cache, prefill, paged
-        )
+        h, cache = Attention(
+            self.cfg, self.dtype, self.impl, self.parallel, self.rope_kernel, name="attn"
+        )(h, positions, cache, prefill, paged)
         h, x = RMSNorm(eps, self.dtype, kernel=kernel, name="mlp_norm")(x, h)
         if self.cfg.num_experts:
             h = MoE(self.cfg, self.dtype, self.impl, self.parallel, name="moe")(h)
@@ -136,6 +147,7 @@ class Decoder(nn.Module):
     impl: str = "xla"
     parallel: Parallel = Parallel()  # the mesh the params and caches are split over, if any
     norm_kernel: bool = False  # residual adds and norms as Pallas kernels (`RMSNorm`)
+    rope_kernel: bool = False  # paged steps: RoPE and the K/V write as one Pallas kernel
 
     @nn.compact
     def __call__(
@@ -184,7 +196,7 @@ class Decoder(nn.Module):
     def _layer(self, i: int, x, delta, positions, cache, prefill, paged):
         """Layer i: declared as a submodule at init (and where intermediates are sown),
         otherwise applied through the one nested jit that every layer shares."""
-        args = (self.cfg, self.dtype, self.impl, self.parallel, self.norm_kernel)
+        args = (self.cfg, self.dtype, self.impl, self.parallel, self.norm_kernel, self.rope_kernel)
         if self.is_initializing() or self.is_mutable_collection("intermediates"):
             return Block(*args, name=f"layers_{i}")(x, delta, positions, cache, prefill, paged)
         params = self.variables["params"][f"layers_{i}"]

@@ -1,0 +1,99 @@
+"""RoPE + K/V write kernel against its jnp reference (interpret mode on the CPU), and an engine
+with the fused kernels (this one and the add + RMSNorm) against one without them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import build_hf_model
+from test_decode_steps import ModTokenizer, staggered
+
+import jaxinfer
+from jaxinfer.models.layers import rope_inv_freq
+from pallas_kernels.rope_write import rope_write, rope_write_reference
+
+
+def _inputs(tokens, kv_heads, group, head_dim, pages, page_size, dtype, seed=0):
+    """qkv [T, K, G + 2, H] and two pools [K, P, L, H] of normal values."""
+    ks = jax.random.split(jax.random.key(seed), 3)
+    f = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)
+    pool = (kv_heads, pages, page_size, head_dim)
+    return f(ks[0], (tokens, kv_heads, group + 2, head_dim)), f(ks[1], pool), f(ks[2], pool)
+
+
+# Llama-3's GQA 32/8 at H 128 in a few tokens; SmolLM2's 9/3 (a group of 3 padded to 4) at H 64.
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim, dtype",
+    [(32, 8, 128, jnp.bfloat16), (9, 3, 64, jnp.bfloat16), (4, 2, 32, jnp.float32)],
+)
+def test_matches_reference(heads, kv_heads, head_dim, dtype):
+    qkv, k_pages, v_pages = _inputs(5, kv_heads, heads // kv_heads, head_dim, 6, 4, dtype)
+    positions = jnp.array([0, 3, 17, 1000, 8191], jnp.int32)
+    slots = jnp.array([5, -1, 0, 23, 6], jnp.int32)  # -1: written nowhere; 5 and 6 share a page
+    inv_freq = jnp.asarray(rope_inv_freq(head_dim, 500000.0, None))
+    want = rope_write_reference(qkv, k_pages, v_pages, positions, slots, inv_freq)
+    got = rope_write(qkv, k_pages.copy(), v_pages.copy(), positions, slots, inv_freq)  # donated
+    q, v = qkv[:, :, :-2].reshape(5, heads, head_dim), qkv[:, :, -1]
+    f32 = lambda x: np.asarray(x, np.float32)
+    tol = 0 if dtype == jnp.bfloat16 else 1e-6
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(f32(g), f32(w), rtol=tol, atol=tol)
+    # The pools changed at the 4 written slots only, and q really was rotated.
+    rows = lambda p: f32(p).reshape(kv_heads, -1, head_dim)
+    changed = np.nonzero(np.any(rows(got[1]) != rows(k_pages), axis=(0, 2)))[0]
+    assert changed.tolist() == [0, 5, 6, 23]
+    np.testing.assert_array_equal(rows(got[2])[:, 23], f32(v)[3])
+    assert np.abs(f32(got[0])[3] - f32(q)[3]).max() > 0.1
+    np.testing.assert_allclose(f32(got[0])[0], f32(q)[0])  # position 0: no rotation
+
+
+def test_bad_inputs_name_what_is_wrong():
+    qkv, k_pages, v_pages = _inputs(2, 2, 2, 32, 3, 4, jnp.float32)
+    pos = slots = jnp.zeros(2, jnp.int32)
+    inv = jnp.ones(16, jnp.float32)
+    with pytest.raises(ValueError, match=r"qkv must be \[T, K, G \+ 2, H\]"):
+        rope_write(qkv[:, :, :2], k_pages, v_pages, pos, slots, inv)
+    with pytest.raises(ValueError, match=r"pools must both be \[2, 3, 4, 32\]"):
+        rope_write(qkv, k_pages[:1], v_pages, pos, slots, inv)
+    with pytest.raises(ValueError, match="slots must be int32"):
+        rope_write(qkv, k_pages, v_pages, pos, slots.astype(jnp.float32), inv)
+    with pytest.raises(ValueError, match="inv_freq must be"):
+        rope_write(qkv, k_pages, v_pages, pos, slots, inv[:8])
+    qkv24, kp24, vp24 = _inputs(2, 2, 2, 24, 3, 4, jnp.float32)
+    with pytest.raises(ValueError, match="head dim 24"):
+        rope_write(qkv24, kp24, vp24, pos, slots, jnp.ones(12))
+
+
+@pytest.fixture(scope="module")
+def model_h32(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rope-write-llama3")
+    build_hf_model("llama3", path, head_dim=32)  # half of it a power of two: the kernel's shapes
+    model = jaxinfer.load_model(path, dtype="float32")
+    return dataclasses.replace(model, tokenizer=ModTokenizer())
+
+
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_engine_with_the_fused_kernels_gives_the_same_outputs(model_h32, monkeypatch, decode_steps):
+    """Greedy and seeded samples, stop strings, penalties and logprobs: the same with the add +
+    RMSNorm and RoPE + K/V write kernels (interpret mode) as with the jnp forms."""
+    outs = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("JAXINFER_NORM_KERNEL", on)
+        monkeypatch.setenv("JAXINFER_ROPE_KERNEL", on)
+        outs[on], engine = staggered(model_h32, decode_steps)
+        assert engine.runner.decoder.rope_kernel is (on == "1")
+    assert outs["0"].keys() == outs["1"].keys() and len(outs["0"]) == 6
+    for rid in outs["0"]:
+        a, b = outs["0"][rid][-1], outs["1"][rid][-1]
+        assert (
+            a.token_ids == b.token_ids and a.text == b.text and a.finish_reason == b.finish_reason
+        )
+        if a.logprobs:
+            for x, y in zip(a.logprobs, b.logprobs):
+                assert x.keys() == y.keys()
+                np.testing.assert_allclose(list(x.values()), list(y.values()), rtol=1e-4, atol=1e-4)
