@@ -247,6 +247,7 @@ class Engine:
         self._penalized: set[str] = set()  # requests with penalties: one step a program
         self._aborted: list[RequestOutput] = []
         self._in_flight = None  # (plan, runner handle) committed but not resolved
+        self._closed = False
         self._seeds = np.random.default_rng(config.seed)
         self.stats = {
             "steps": 0,
@@ -332,6 +333,25 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Frees the KV page pools, most of the device memory the engine holds; the engine takes
+        no requests or steps after it. Dropping an engine frees nothing: at start-up it moves
+        itself out of Python's cyclic GC (`gc.freeze`, for the host's speed), so the reference
+        cycles between its parts outlive it. Also `with Engine(...) as engine:`."""
+        for x in jax.tree.leaves(self.runner.pages):
+            x.delete()
+        self._closed = True
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the engine is closed (Engine.close freed its KV pages)")
+
     def add_request(
         self,
         request_id: str,
@@ -345,6 +365,7 @@ class Engine:
           prompt: text (the model needs a tokenizer) or token ids (a list or 1-D numpy array).
           sampling_params: None for the defaults.
         """
+        self._check_open()
         self._queue(self._prepare(request_id, prompt, sampling_params))
 
     def _prepare(self, request_id, prompt, sampling_params) -> _Request:
@@ -432,6 +453,7 @@ class Engine:
         A fault inside the step is not raised: its requests end with finish_reason "error"
         (see the module docstring).
         """
+        self._check_open()
         outputs, self._aborted = self._aborted, []
         # Penalties read the token history on the host, step by step.
         plan = self.scheduler.schedule(1 if self._penalized else self.config.num_decode_steps)

@@ -271,9 +271,9 @@ def main() -> int:
             f"@{tag}{v}" for tag, v, first in zip("ksb", combo, combos[0]) if v != first
         )
         run_workloads(args, engines, specs, peers, report, suffix)
-        for e in engines:  # pools and weights go before the next engines take the memory (the
-            # engine freezes what it built out of the cyclic GC, so dropping it frees nothing)
-            for x in jax.tree.leaves((e.runner.pages, e.runner.params)):
+        for e in engines:  # pools and weights go before the next engines take the memory
+            e.close()  # (dropping an engine frees nothing: `Engine.close`)
+            for x in jax.tree.leaves(e.runner.params):
                 x.delete()
         del engines
         gc.collect()
