@@ -44,6 +44,10 @@ def percentiles(values) -> dict:
             "p50": float(np.percentile(v, 50)),
             "p99": float(np.percentile(v, 99)),
             "mean": float(v.mean()),
+            "min": float(
+                v.min()
+            ),  # TPOT: a request with no prefill of others after its first token
+            "max": float(v.max()),
         }
         if v.size
         else {}
