@@ -151,7 +151,11 @@ def main():
     dtype = jnp.bfloat16
     shapes = {"small": (1024, 512)} if args.cpu_smoke else LLAMA3_8B
     min_bytes = 1 << 20 if args.cpu_smoke else 1 << 29
-    res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "host": platform.node()}
+    res = {
+        "device": bm.default_device().device_kind,
+        "jax": jax.__version__,
+        "host": platform.node(),
+    }
     res["limits"] = bm.card_limits(args.repeats)
     print(res, flush=True)
     for name, (k, n) in shapes.items():
