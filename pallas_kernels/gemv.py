@@ -49,6 +49,17 @@ def gemv_reference(x: Float[Array, "K"], w: Float[Array, "K N"]) -> Float[Array,
     return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
 
 
+def _check_inputs(x, w, config, *, k_axis: int, layout: str) -> None:
+    """Both forms' entry checks: x [K], W 2-D with K on `k_axis`, one supported dtype, whole
+    tiles of `config`."""
+    if x.ndim != 1 or w.ndim != 2 or w.shape[k_axis] != x.shape[0]:
+        raise ValueError(f"x {x.shape} and W {w.shape} must be [K] and {layout}")
+    if x.dtype != w.dtype or x.dtype not in common.SUPPORTED_DTYPES:
+        raise ValueError(f"x {x.dtype} and W {w.dtype} must be one of {common.SUPPORTED_DTYPES}")
+    if not config.fits(*w.shape):
+        raise ValueError(f"W {w.shape} does not split into {config} tiles")
+
+
 def _kernel(x_ref, w_ref, out_ref, *, chunk_k: int):
     # x_ref [block_k]; w_ref [block_k, block_n]; out_ref [block_n] (this split's row)
     block_k, block_n = w_ref.shape
@@ -91,12 +102,7 @@ def gemv_partials(
     interpret: bool | None = None,
 ) -> Float[Array, "S N"]:
     """The split-K partial sums of x @ W, float32 [K / block_k, N]; x and W of one dtype."""
-    if x.ndim != 1 or w.ndim != 2 or w.shape[0] != x.shape[0]:
-        raise ValueError(f"x {x.shape} and W {w.shape} must be [K] and [K, N]")
-    if x.dtype != w.dtype or x.dtype not in common.SUPPORTED_DTYPES:
-        raise ValueError(f"x {x.dtype} and W {w.dtype} must be one of {common.SUPPORTED_DTYPES}")
-    if not config.fits(*w.shape):
-        raise ValueError(f"W {w.shape} does not split into {config} tiles")
+    _check_inputs(x, w, config, k_axis=0, layout="[K, N]")
     return _gemv_call(x, w, config=config, interpret=common.resolve_interpret(interpret))
 
 
@@ -155,9 +161,6 @@ def gemv_rows(
     *,
     interpret: bool | None = None,
 ) -> Float[Array, "N"]:
-    """W @ x in x's dtype (float32 accumulation), W stored [N, K]."""
-    if x.ndim != 1 or w.ndim != 2 or w.shape[1] != x.shape[0]:
-        raise ValueError(f"x {x.shape} and W {w.shape} must be [K] and [N, K]")
-    if not config.fits(*w.shape):
-        raise ValueError(f"W {w.shape} does not split into {config} tiles")
+    """W @ x in x's dtype (float32 accumulation), W stored [N, K]; x and W of one dtype."""
+    _check_inputs(x, w, config, k_axis=1, layout="[N, K]")
     return _gemv_rows_call(x, w, config=config, interpret=common.resolve_interpret(interpret))

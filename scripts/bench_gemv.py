@@ -108,11 +108,12 @@ def measure_shape(k: int, n: int, args, dtype, min_bytes: int) -> dict:
         put(f"xla_m{m}", t(lambda x, w, xm=xm: jnp.dot(xm + x[:1], w)))
         put(f"xla_nk_m{m}", tr(lambda x, w, xm=xm: jnp.dot(xm + x[:1], w.T)))
     ref = np.asarray(gemv_reference(*sets[0]))
-    quick = args.quick or args.cpu_smoke
-    row["rows_configs"] = sweep(gemv_rows, rows_configs(quick), (n, k), rows_sets, ref, tr, gbps)
+    one_tile = args.quick or args.cpu_smoke
+    rows_cfgs = rows_configs(one_tile)
+    row["rows_configs"] = sweep(gemv_rows, rows_cfgs, (n, k), rows_sets, ref, tr, gbps)
     partials = lambda x, w, c: gemv_partials(x, w, c).sum(0)
-    quick = quick or not args.split_k_sweep
-    row["configs"] = sweep(partials, configs(quick), (k, n), sets, ref, t, gbps)
+    split_cfgs = configs(one_tile or not args.split_k_sweep)
+    row["configs"] = sweep(partials, split_cfgs, (k, n), sets, ref, t, gbps)
     if "us" in row["configs"][0]:
         best = GemvConfig(**row["configs"][0]["config"])
         put("pallas_plus_sum", t(lambda x, w: gemv_partials(x, w, best).sum(0).astype(x.dtype)))

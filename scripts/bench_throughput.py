@@ -44,9 +44,8 @@ def percentiles(values) -> dict:
             "p50": float(np.percentile(v, 50)),
             "p99": float(np.percentile(v, 99)),
             "mean": float(v.mean()),
-            "min": float(
-                v.min()
-            ),  # TPOT: a request with no prefill of others after its first token
+            # TPOT's min: a request no other prompt's prefill follows after its first token
+            "min": float(v.min()),
             "max": float(v.max()),
         }
         if v.size

@@ -3,6 +3,11 @@ the float32 reference, in interpret mode on the CPU; bad inputs name what is wro
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,17 +69,14 @@ def test_bad_inputs_name_what_is_wrong():
         gemv_partials(x, w, GemvConfig(block_n=64))  # 96 columns
     with pytest.raises(ValueError, match=r"must be \[K\] and \[N, K\]"):
         gemv_rows(x, w)
+    with pytest.raises(ValueError, match="must be one of"):
+        gemv_rows(x.astype(jnp.bfloat16), w.T)
     with pytest.raises(ValueError, match="does not split"):
         gemv_rows(x, w.T, GemvRowsConfig(block_n=64))
 
 
 def test_the_benchmark_runs_and_checks_each_kernel(tmp_path):
     """`scripts/bench_gemv.py --cpu-smoke`: every peer timed, each kernel's error measured."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "gemv.json"
     cmd = [sys.executable, "scripts/bench_gemv.py", "--cpu-smoke", "--repeats", "1"]
