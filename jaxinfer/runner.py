@@ -26,6 +26,7 @@ device a step at batch 1); unrolled, the k copies made a cold engine start 2.7x 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import math
 import os
@@ -99,6 +100,21 @@ def token_buckets(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
     return tuple(sorted({1, *([s for s in sizes if s <= max_tokens] or [max_tokens])}))
 
 
+CUBLAS_DECODE_ROWS = 128
+
+
+def cublas_decode_rows() -> int | None:
+    """The fewest rows of a multi-step decode program whose matmuls go to cuBLAS (None: none).
+    On an H200 a 128-row Llama-3-8B decode step ran 10.34 ms with cuBLAS against 10.60 with XLA's
+    Triton GEMMs, which split K and sum the partials in kernels of their own; at one row cuBLAS
+    was slower (5.47 against 4.24 ms). GPU only; $JAXINFER_DECODE_CUBLAS = 0 or 1 decides
+    instead (for measuring one against the other)."""
+    forced = os.environ.get("JAXINFER_DECODE_CUBLAS")
+    if forced == "0" or (forced != "1" and jax.default_backend() != "gpu"):
+        return None
+    return CUBLAS_DECODE_ROWS
+
+
 def uses_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
@@ -142,7 +158,18 @@ class Runner:
         # Its samples whole on every device, so each process reads them from its own.
         replicated = {} if mesh is None else {"out_shardings": self.replicated}
         self._sample = jax.jit(self._sample_fn, static_argnums=(4,), **replicated)
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnums=(6,))
+        decode_jit = functools.partial(
+            jax.jit, self._decode_fn, donate_argnums=(1,), static_argnums=(6,)
+        )
+        self._decode = decode_jit()
+        # Decode programs of many rows with XLA's matmuls by cuBLAS rather than its Triton GEMMs
+        # (see `cublas_decode_rows`); None: every program as XLA chooses.
+        self.cublas_rows = cublas_decode_rows()
+        self._decode_cublas = (
+            decode_jit(compiler_options={"xla_gpu_enable_triton_gemm": False})
+            if self.cublas_rows is not None
+            else None
+        )
         # The last dispatched step's sampled tokens [max_num_seqs] (on the device), whether each
         # row stopped in it (multi-step decodes only), and its rows.
         self.prev_tokens = jnp.zeros(max_num_seqs, jnp.int32, device=self.replicated)
@@ -246,10 +273,17 @@ class Runner:
 
     def decode(self, batch: StepBatch, d: DecodeSteps, mode: str) -> SampleOutput:
         """Queues a multi-step decode; its samples are [k, B, ...]."""
-        self.pages, out, self.prev_tokens, self.prev_stopped = self._decode(
+        decode = self._decode_program(batch.sample_idx.shape[0])
+        self.pages, out, self.prev_tokens, self.prev_stopped = decode(
             self.params, self.pages, self.prev_tokens, self.prev_stopped, batch, d, mode
         )
         return out
+
+    def _decode_program(self, rows: int):
+        """The jitted multi-step decode for a batch of `rows` rows."""
+        if self.cublas_rows is not None and rows >= self.cublas_rows:
+            return self._decode_cublas
+        return self._decode
 
     def multi_step(self, plan: StepPlan, rows: Sequence[RowInfo]) -> bool:
         """Whether `plan` runs as a multi-step decode program."""
@@ -324,7 +358,7 @@ class Runner:
                 if bar is not None:
                     bar.update(1)
         for fn, args in programs:  # the calls find the programs compiled above
-            if fn is self._forward or fn is self._decode:
+            if fn in (self._forward, self._decode, self._decode_cublas):
                 self.pages = fn(args[0], self.pages, *args[2:])[0]
             else:
                 fn(*args)
@@ -344,7 +378,7 @@ class Runner:
         for b, mode in itertools.product(row_buckets if multi else (), self.sampler_modes()):
             batch, d = self._padding_batch(b, False, True), self._decode_steps(None, (), b)
             args = (self.params, self.pages, self.prev_tokens, self.prev_stopped, batch, d, mode)
-            programs.append((self._decode, args))
+            programs.append((self._decode_program(b), args))
         vocab = self.decoder.cfg.vocab_size
         for b in row_buckets:
             for mode, pen in itertools.product(

@@ -3,6 +3,8 @@
 For each weight shape (Llama-3-8B's by default), the time per call and the weight-read GB/s of
   xla            jnp.dot(x[None], W) in the dtype, W [K, N] (XLA's GEMV and its split-K sum),
   xla_nk         the same with W stored [N, K],
+  xla_reduce     the GEMV written as multiply + sum over K in float32 (XLA's reduction
+                 kernel: one kernel, no split-K sum), both layouts (`xla_nk_reduce`),
   xla_m{M}       M tokens (--batch), both layouts,
   xla_split{S}   XLA's batched dot over S splits of K, float32 partials (--xla-splits),
   rows           the Pallas GEMV of W [N, K], output in the dtype, for each tile of a sweep,
@@ -55,6 +57,13 @@ def split_dot(x, w, splits):
     return jnp.einsum("sk,skn->sn", xs, ws, preferred_element_type=jnp.float32)
 
 
+def reduce_gemv(x, w, axis: int):
+    """x @ W as a float32 multiply and sum over K (W's `axis`), in x's dtype."""
+    xk = x[:, None] if axis == 0 else x[None, :]
+    prod = xk.astype(jnp.float32) * w.astype(jnp.float32)
+    return jnp.sum(prod, axis=axis).astype(x.dtype)
+
+
 def rows_configs(quick: bool):
     if quick:
         return [GemvRowsConfig()]
@@ -101,6 +110,8 @@ def measure_shape(k: int, n: int, args, dtype, min_bytes: int) -> dict:
 
     put("xla", t(lambda x, w: jnp.dot(x[None], w)))
     put("xla_nk", tr(lambda x, w: jnp.dot(x[None], w.T)))
+    put("xla_reduce", t(lambda x, w: reduce_gemv(x, w, 0)))
+    put("xla_nk_reduce", tr(lambda x, w: reduce_gemv(x, w, 1)))
     for s in args.xla_splits:
         put(f"xla_split{s}", t(lambda x, w, s=s: split_dot(x, w, s)))
     for m in args.batch:  # m tokens (the add keeps the sets' calls distinct)
@@ -108,6 +119,13 @@ def measure_shape(k: int, n: int, args, dtype, min_bytes: int) -> dict:
         put(f"xla_m{m}", t(lambda x, w, xm=xm: jnp.dot(xm + x[:1], w)))
         put(f"xla_nk_m{m}", tr(lambda x, w, xm=xm: jnp.dot(xm + x[:1], w.T)))
     ref = np.asarray(gemv_reference(*sets[0]))
+    for name, got in (
+        ("xla_reduce", reduce_gemv(*sets[0], 0)),
+        ("xla_nk_reduce", reduce_gemv(*rows_sets[0], 1)),
+    ):
+        row[f"{name}_err"] = float(
+            np.abs(np.asarray(got, np.float32) - ref).max() / np.abs(ref).max()
+        )
     one_tile = args.quick or args.cpu_smoke
     rows_cfgs = rows_configs(one_tile)
     row["rows_configs"] = sweep(gemv_rows, rows_cfgs, (n, k), rows_sets, ref, tr, gbps)
@@ -123,6 +141,8 @@ def measure_shape(k: int, n: int, args, dtype, min_bytes: int) -> dict:
 def report(name: str, row: dict, args) -> None:
     print(f"{name} [{row['k']} x {row['n']}] xla {row['xla_us']:.2f} us {row['xla_GBps']:.0f} GB/s")
     print(f"  xla, W [N, K]: {row['xla_nk_us']:.2f} us")
+    kn, nk = row["xla_reduce_us"], row["xla_nk_reduce_us"]
+    print(f"  xla multiply + sum: W [K, N] {kn:.2f} us, W [N, K] {nk:.2f} us")
     for s in args.xla_splits:
         print(f"  xla, {s} K splits as a batch: {row[f'xla_split{s}_us']:.2f} us")
     for m in args.batch:

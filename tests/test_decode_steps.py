@@ -12,8 +12,9 @@ from conftest import build_hf_model
 from test_engine import fake_engine, run_all
 
 import jaxinfer
+from jaxinfer import runner as runner_module
 from jaxinfer.engine import Engine
-from jaxinfer.runner import token_buckets
+from jaxinfer.runner import cublas_decode_rows, token_buckets
 from jaxinfer.sampling import SamplingParams
 
 
@@ -170,6 +171,28 @@ def test_decode_steps_give_the_outputs_of_single_steps(tiny_model, options):
                 assert a.keys() == b.keys()
                 np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-5)
     assert multi["3"][-1].finish_reason == "stop" or len(multi["3"][-1].token_ids) == 30
+
+
+def test_decode_programs_routed_to_cublas_give_the_same_outputs(tiny_model, monkeypatch):
+    """The 4-row decode programs in their own jit (cuBLAS's matmuls on a GPU): token for token
+    what one step a program gives."""
+    single, _ = staggered(tiny_model, 1)
+    monkeypatch.setenv("JAXINFER_DECODE_CUBLAS", "1")
+    monkeypatch.setattr(runner_module, "CUBLAS_DECODE_ROWS", 4)
+    multi, engine = staggered(tiny_model, 4)
+    assert engine.runner._decode_cublas._cache_size() > 0  # some programs ran there
+    for rid in single:
+        one, many = single[rid][-1], multi[rid][-1]
+        assert (many.token_ids, many.text) == (one.token_ids, one.text), rid
+
+
+def test_cublas_decode_rows_by_backend_and_variable(monkeypatch):
+    monkeypatch.delenv("JAXINFER_DECODE_CUBLAS", raising=False)
+    assert cublas_decode_rows() is None  # the CPU: XLA's choice everywhere
+    monkeypatch.setenv("JAXINFER_DECODE_CUBLAS", "1")
+    assert cublas_decode_rows() == runner_module.CUBLAS_DECODE_ROWS == 128
+    monkeypatch.setenv("JAXINFER_DECODE_CUBLAS", "0")
+    assert cublas_decode_rows() is None
 
 
 def test_pages_cached_after_a_multi_step_decode_hold_their_tokens(tiny_model):

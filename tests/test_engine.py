@@ -11,6 +11,7 @@ import pytest
 from conftest import build_hf_model
 
 import jaxinfer
+from jaxinfer import runner as runner_module
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine import LLM, Engine
 from jaxinfer.model import Model
@@ -308,8 +309,11 @@ def test_seeded_sampling_is_batch_independent(tiny_model):
     assert alone == crowded and len(alone) == 10
 
 
-@pytest.mark.parametrize("decode_steps", [1, 4])
-def test_no_recompiles_after_warmup(tiny_model, decode_steps):
+@pytest.mark.parametrize("decode_steps, cublas", [(1, False), (4, False), (4, True)])
+def test_no_recompiles_after_warmup(tiny_model, decode_steps, cublas, monkeypatch):
+    """`cublas`: decode programs of 4 rows go to their own jit (compiled for cuBLAS on a GPU)."""
+    monkeypatch.setenv("JAXINFER_DECODE_CUBLAS", "1" if cublas else "0")
+    monkeypatch.setattr(runner_module, "CUBLAS_DECODE_ROWS", 4)
     engine = Engine(
         tiny_model,
         max_num_seqs=4,
@@ -345,6 +349,13 @@ def test_no_recompiles_after_warmup(tiny_model, decode_steps):
         engine.step()
     assert engine.stats["steps"] >= 120 // decode_steps
     assert engine.runner.num_compiles == compiled
+    runner = engine.runner
+    if cublas:  # one program per sampler mode: the 4-row bucket's
+        assert runner._decode_program(4) is runner._decode_cublas
+        assert runner._decode_program(1) is runner._decode
+        assert runner._decode_cublas._cache_size() == len(SAMPLE_MODES)
+    else:
+        assert runner.cublas_rows is None and runner._decode_cublas is None
 
 
 def test_logprobs_are_log_softmax_of_the_model(tiny_model):

@@ -84,8 +84,10 @@ def test_the_benchmark_runs_and_checks_each_kernel(tmp_path):
         [*cmd, "--batch", "16", "--xla-splits", "2", "--out", str(out)], cwd=root, check=True
     )
     row = json.loads(out.read_text())["small"]
-    for key in ("xla_us", "xla_nk_us", "xla_m16_us", "xla_nk_m16_us", "xla_split2_us"):
+    keys = ("xla_us", "xla_nk_us", "xla_reduce_us", "xla_nk_reduce_us", "xla_m16_us")
+    for key in (*keys, "xla_nk_m16_us", "xla_split2_us"):
         assert row[key] > 0, key
+    assert row["xla_reduce_err"] < 1e-2 and row["xla_nk_reduce_err"] < 1e-2  # bf16 output
     for kind in ("rows_configs", "configs"):
         (best,) = row[kind]
         assert best["us"] > 0 and best["err"] < 1e-2, best  # bf16 output: its rounding
