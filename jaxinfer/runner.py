@@ -20,7 +20,8 @@ whether it stopped carries over to the next program like its last sample does. T
 count is static, so XLA runs it on a GPU without reading anything back (a `while_loop` that
 stopped once every row had stopped made the host wait on a predicate each step: 0.8 ms of idle
 device a step at batch 1); unrolled, the k copies made a cold engine start 2.7x longer and ran
-20% slower at batch 1 (H200). One program per row bucket and sampler mode.
+20% slower at batch 1 (H200). One program per row bucket and sampler mode; on a GPU those of
+CUBLAS_DECODE_ROWS rows or more have their matmuls compiled for cuBLAS (`cublas_decode_rows`).
 """
 
 from __future__ import annotations
