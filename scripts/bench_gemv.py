@@ -78,6 +78,11 @@ def sets_for(k, n, dtype, min_bytes):
     return [(x, jax.random.normal(kk, (k, n), dtype) * 0.02) for kk in keys]
 
 
+def rel_err(got, ref) -> float:
+    """Largest error against the float32 reference, relative to its largest value."""
+    return float(np.abs(np.asarray(got, np.float32) - ref).max() / np.abs(ref).max())
+
+
 def sweep(kernel, cfgs, shape, sets, ref, timer, gbps) -> list[dict]:
     """Each config that fits `shape`: its time, GB/s and error against ref (best first), or the
     error that stopped it (a config Triton cannot compile: its figure is its error)."""
@@ -86,8 +91,7 @@ def sweep(kernel, cfgs, shape, sets, ref, timer, gbps) -> list[dict]:
         if not c.fits(*shape):
             continue
         try:
-            got = np.asarray(kernel(*sets[0], c), np.float32)
-            err = float(np.abs(got - ref).max() / np.abs(ref).max())
+            err = rel_err(kernel(*sets[0], c), ref)
             sec = timer(lambda x, w, c=c: kernel(x, w, c))
         except Exception as e:  # noqa: BLE001
             tried.append({"config": c.__dict__, "error": f"{type(e).__name__}: {e}"[:300]})
@@ -119,13 +123,8 @@ def measure_shape(k: int, n: int, args, dtype, min_bytes: int) -> dict:
         put(f"xla_m{m}", t(lambda x, w, xm=xm: jnp.dot(xm + x[:1], w)))
         put(f"xla_nk_m{m}", tr(lambda x, w, xm=xm: jnp.dot(xm + x[:1], w.T)))
     ref = np.asarray(gemv_reference(*sets[0]))
-    for name, got in (
-        ("xla_reduce", reduce_gemv(*sets[0], 0)),
-        ("xla_nk_reduce", reduce_gemv(*rows_sets[0], 1)),
-    ):
-        row[f"{name}_err"] = float(
-            np.abs(np.asarray(got, np.float32) - ref).max() / np.abs(ref).max()
-        )
+    row["xla_reduce_err"] = rel_err(reduce_gemv(*sets[0], 0), ref)
+    row["xla_nk_reduce_err"] = rel_err(reduce_gemv(*rows_sets[0], 1), ref)
     one_tile = args.quick or args.cpu_smoke
     rows_cfgs = rows_configs(one_tile)
     row["rows_configs"] = sweep(gemv_rows, rows_cfgs, (n, k), rows_sets, ref, tr, gbps)
