@@ -40,7 +40,7 @@ from jaxinfer.platform import logger
 from jaxinfer.sharding import Parallel, load_shardings, resolve_parallel
 
 FORMAT_FILE = "jaxinfer.json"
-FORMAT_VERSION = 2  # 2: fused qkv and gate_up params
+FORMAT_VERSION = 3  # 2: fused qkv and gate_up params; 3: qkv and o stored [out..., in...]
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 # HF names that carry no weights of ours (derived buffers some checkpoints include).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -62,10 +62,9 @@ def _linear(xs, shape):  # HF [out, in] -> ours [...in, ...out]
     return xs[0].reshape(shape[k:] + shape[:k]), tuple(range(n - k, n)) + tuple(range(n - k))
 
 
-def _qkv(xs, shape):  # [D, K, G + 2, H]: each kv head's G query heads, then its k and v
-    d, k, c, h = shape
-    pre = np.concatenate([x.reshape(k, -1, h, d) for x in xs], axis=1)  # [K, G + 2, H, D]
-    return pre, (3, 0, 1, 2)
+def _qkv(xs, shape):  # [K, G + 2, H, D]: each kv head's G query heads, then its k and v
+    k, c, h, d = shape
+    return np.concatenate([x.reshape(k, -1, h, d) for x in xs], axis=1), _same(shape)
 
 
 def _qkv_bias(xs, shape):  # [K, G + 2, H]
@@ -115,7 +114,7 @@ def _layer_layout(cfg: ModelConfig, i: int) -> list[Entry]:
             (ours, "mlp_norm", "scale"), ((f"{hf}.post_attention_layernorm.weight", (d,)),), _copy
         ),
         Entry((ours, "attn", "qkv"), qkv, _qkv),
-        Entry((ours, "attn", "o"), ((f"{attn}.o_proj.weight", (d, nh)),), _linear),
+        Entry((ours, "attn", "o"), ((f"{attn}.o_proj.weight", (d, nh)),), _copy),  # [D, N, H]
     ]
     if cfg.num_experts:
         entries += _moe_layout(cfg, ours, hf)

@@ -65,23 +65,25 @@ class Model:
 
 
 def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dict[str, bool]:
-    """Which of the decoder's fused Pallas kernels run (`Decoder` fields): the residual add +
-    RMSNorm (`norm_kernel`) and, in paged steps, RoPE + the K/V write (`rope_kernel`, for a head
-    dim it takes and no q/k norm between the matmul and RoPE). Both with the Pallas attention on one GPU; over a mesh the jnp forms, which
-    XLA splits like the rest of the program. $JAXINFER_NORM_KERNEL / $JAXINFER_ROPE_KERNEL = 0 or
-    1 decide instead (for measuring one against the other). Measured on an H200: bench/README."""
-    auto = impl == "pallas" and parallel.mesh is None and jax.default_backend() == "gpu"
+    """Which of the decoder's fused kernels run (`Decoder` fields): the residual add + RMSNorm
+    (`norm_kernel`) and, in paged steps, RoPE + the K/V write (`rope_kernel`, for a head dim it
+    takes and no q/k norm between the matmul and RoPE), both Pallas kernels with the Pallas
+    attention on one GPU (over a mesh the jnp forms, which XLA splits like the rest of the
+    program); and one token's projections as XLA row reductions (`row_gemv`, `layers.dense`),
+    on any GPU. $JAXINFER_NORM_KERNEL / $JAXINFER_ROPE_KERNEL / $JAXINFER_ROW_GEMV = 0 or 1
+    decide instead (for measuring one against the other). Measured on an H200: bench/README."""
+    gpu = jax.default_backend() == "gpu"
+    pallas_alone = impl == "pallas" and parallel.mesh is None and gpu
 
-    def choice(variable: str, fits: bool = True) -> bool:
+    def choice(variable: str, auto: bool) -> bool:
         forced = os.environ.get(variable)
-        return fits and (forced == "1" if forced in ("0", "1") else auto)
+        return forced == "1" if forced in ("0", "1") else auto
 
+    rope_fits = rope_write_supported(cfg.head_dim, dtype) and not cfg.qk_norm
     return dict(
-        norm_kernel=choice("JAXINFER_NORM_KERNEL"),
-        rope_kernel=choice(
-            "JAXINFER_ROPE_KERNEL",
-            rope_write_supported(cfg.head_dim, dtype) and not cfg.qk_norm,
-        ),
+        norm_kernel=choice("JAXINFER_NORM_KERNEL", pallas_alone),
+        rope_kernel=rope_fits and choice("JAXINFER_ROPE_KERNEL", pallas_alone),
+        row_gemv=choice("JAXINFER_ROW_GEMV", gpu),
     )
 
 

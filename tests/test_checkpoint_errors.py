@@ -155,6 +155,17 @@ def test_orbax_checkpoint_of_another_shape(sources, tmp_path):
     refused(ckpt, f"{ckpt / 'params'}: the params cannot be restored")
 
 
+def test_checkpoint_of_an_older_format_is_refused(sources, tmp_path):
+    """Version 2 stored q/k/v and o with their input axes first: read as they are, they would
+    be wrong weights of the same sizes (o's are square), so the version decides."""
+    ckpt = copy_of(sources, "ckpt", tmp_path)
+    meta = json.loads((ckpt / "jaxinfer.json").read_text())
+    assert meta["version"] == 3
+    meta["version"] = 2
+    (ckpt / "jaxinfer.json").write_text(json.dumps(meta))
+    refused(ckpt, f"{ckpt} is a jaxinfer checkpoint of format version 2", "convert it again")
+
+
 def test_damaged_checkpoint_metadata(sources, tmp_path):
     ckpt = copy_of(sources, "ckpt", tmp_path)
     cut(ckpt / "jaxinfer.json", 0.5)

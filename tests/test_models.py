@@ -47,6 +47,22 @@ def test_greedy_tokens_match_hf(loaded):
     assert ours == hf_greedy(hf_model, prompt, 32), family
 
 
+def test_one_token_projections_as_row_reductions_match_hf(loaded, monkeypatch):
+    """`layers.dense`'s row-reduction form (on by default on a GPU), forced here: the one-token
+    decode steps of a batch of one take it, the prefill does not."""
+    family, hf_model, model = loaded
+    monkeypatch.setenv("JAXINFER_ROW_GEMV", "1")
+    assert model.decoder().row_gemv
+    prompt = np.random.RandomState(2).randint(0, model.config.vocab_size, 11).tolist()
+    (ours,) = jaxinfer.generate(model, [prompt], max_new_tokens=32)
+    assert ours == hf_greedy(hf_model, prompt, 32), family
+    one = np.array([[prompt[0]]])
+    logits = np.asarray(jaxinfer.forward(model, one))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(one)).logits.numpy()
+    assert np.abs(logits - ref).max() <= 1e-4 * np.abs(ref).max(), family
+
+
 def test_batch_of_uneven_prompts_equals_each_alone(loaded):
     _, _, model = loaded
     rng = np.random.RandomState(3)

@@ -101,17 +101,19 @@ def test_decoder_with_the_kernel_matches_without():
 
 def test_the_kernels_are_chosen_for_pallas_on_one_gpu_only(monkeypatch):
     cfg = _tiny_config()
-    monkeypatch.delenv("JAXINFER_NORM_KERNEL", raising=False)
-    monkeypatch.delenv("JAXINFER_ROPE_KERNEL", raising=False)
+    for variable in ("JAXINFER_NORM_KERNEL", "JAXINFER_ROPE_KERNEL", "JAXINFER_ROW_GEMV"):
+        monkeypatch.delenv(variable, raising=False)
     on_gpu = jax.default_backend() == "gpu"
     both = lambda impl: model_lib.fused_kernels(cfg, jnp.bfloat16, impl, Parallel())
-    assert both("pallas") == {"norm_kernel": on_gpu, "rope_kernel": on_gpu}
-    assert both("xla") == {"norm_kernel": False, "rope_kernel": False}
+    assert both("pallas") == {"norm_kernel": on_gpu, "rope_kernel": on_gpu, "row_gemv": on_gpu}
+    assert both("xla") == {"norm_kernel": False, "rope_kernel": False, "row_gemv": on_gpu}
     monkeypatch.setenv("JAXINFER_NORM_KERNEL", "1")
     monkeypatch.setenv("JAXINFER_ROPE_KERNEL", "1")
-    assert both("xla") == {"norm_kernel": True, "rope_kernel": True}
+    monkeypatch.setenv("JAXINFER_ROW_GEMV", "1")
+    assert both("xla") == {"norm_kernel": True, "rope_kernel": True, "row_gemv": True}
     odd = dataclasses.replace(cfg, head_dim=24)  # half of it is no power of two
     assert model_lib.fused_kernels(odd, jnp.bfloat16, "xla", Parallel())["rope_kernel"] is False
     monkeypatch.setenv("JAXINFER_NORM_KERNEL", "0")
     monkeypatch.setenv("JAXINFER_ROPE_KERNEL", "0")
-    assert both("pallas") == {"norm_kernel": False, "rope_kernel": False}
+    monkeypatch.setenv("JAXINFER_ROW_GEMV", "0")
+    assert both("pallas") == {"norm_kernel": False, "rope_kernel": False, "row_gemv": False}

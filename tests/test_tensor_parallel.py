@@ -82,8 +82,8 @@ def test_params_are_split_as_the_rules_say():
     model = shard_model(tiny(kv_heads=2), 2)
     p = model.params["layers_0"]
     expect = {
-        "attn/qkv": PartitionSpec(None, MODEL, None, None),  # kv heads
-        "attn/o": PartitionSpec(MODEL, None, None),  # heads: rows
+        "attn/qkv": PartitionSpec(MODEL, None, None, None),  # kv heads
+        "attn/o": PartitionSpec(None, MODEL, None),  # heads: the input axes
         "mlp/gate_up": PartitionSpec(None, None, MODEL),  # F: columns
         "mlp/down": PartitionSpec(MODEL, None),  # F: rows
         "attn_norm/scale": PartitionSpec(None),

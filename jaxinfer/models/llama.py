@@ -20,7 +20,7 @@ from jaxtyping import Array, Float, Int
 
 from jaxinfer import attention
 from jaxinfer.config import ModelConfig
-from jaxinfer.models.layers import MLP, RMSNorm, apply_rope, declare, rope_inv_freq
+from jaxinfer.models.layers import MLP, RMSNorm, apply_rope, declare, dense, rope_inv_freq
 from jaxinfer.models.moe import MoE
 from jaxinfer.sharding import Parallel, kv_pool_heads, kv_sharding
 
@@ -45,6 +45,7 @@ class Attention(nn.Module):
     impl: str
     parallel: Parallel = Parallel()
     rope_kernel: bool = False  # paged steps: RoPE and the K/V write as one Pallas kernel
+    row_gemv: bool = False  # one token's projections as row reductions (`layers.dense`)
 
     @nn.compact
     def __call__(
@@ -60,9 +61,10 @@ class Attention(nn.Module):
         g = c.q_per_kv
         # q, k and v in one matmul: per kv head, its G query heads then its k and its v head
         # (one weight read, one launch; sharding splits the K axis and keeps each group whole).
-        wqkv = declare(self, "qkv", (d, k, g + 2, h), ("embed", "kv_heads", "qkv", "head_dim"), dt)
-        wo = declare(self, "o", (n, h, d), ("heads", "head_dim", "embed"), dt)
-        qkv = jnp.einsum("BTD,DKCH->BTKCH", x, wqkv)  # [B, T, K, G + 2, H]
+        # Both weights keep their input axes last, as HF does (`layers.dense`).
+        wqkv = declare(self, "qkv", (k, g + 2, h, d), ("kv_heads", "qkv", "head_dim", "embed"), dt)
+        wo = declare(self, "o", (d, n, h), ("embed", "heads", "head_dim"), dt)
+        qkv = dense(x, wqkv, 1, self.row_gemv)  # [B, T, K, G + 2, H]
         if c.qkv_bias:
             qkv = qkv + declare(
                 self,
@@ -87,7 +89,7 @@ class Attention(nn.Module):
         else:
             q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
             out, cache = self._attend(q, kk, vv, positions, cache, prefill, paged)
-        y = jnp.einsum("BTNH,NHD->BTD", out, wo)
+        y = dense(out, wo, 2, self.row_gemv)  # [B, T, D]
         if c.o_bias:
             y = y + declare(self, "o_bias", (d,), ("embed",), dt, nn.initializers.zeros)
         return y, cache
@@ -111,6 +113,7 @@ class Block(nn.Module):
     parallel: Parallel = Parallel()
     norm_kernel: bool = False
     rope_kernel: bool = False
+    row_gemv: bool = False
 
     @nn.compact
     def __call__(self, x, delta, positions, cache, prefill, paged):
@@ -119,7 +122,13 @@ class Block(nn.Module):
         eps, kernel = self.cfg.rms_norm_eps, self.norm_kernel
         h, x = RMSNorm(eps, self.dtype, kernel=kernel, name="attn_norm")(x, delta)
         h, cache = Attention(
-            self.cfg, self.dtype, self.impl, self.parallel, self.rope_kernel, name="attn"
+            self.cfg,
+            self.dtype,
+            self.impl,
+            self.parallel,
+            self.rope_kernel,
+            self.row_gemv,
+            name="attn",
         )(h, positions, cache, prefill, paged)
         h, x = RMSNorm(eps, self.dtype, kernel=kernel, name="mlp_norm")(x, h)
         if self.cfg.num_experts:
@@ -148,6 +157,7 @@ class Decoder(nn.Module):
     parallel: Parallel = Parallel()  # the mesh the params and caches are split over, if any
     norm_kernel: bool = False  # residual adds and norms as Pallas kernels (`RMSNorm`)
     rope_kernel: bool = False  # paged steps: RoPE and the K/V write as one Pallas kernel
+    row_gemv: bool = False  # one token's projections as row reductions (`layers.dense`)
 
     @nn.compact
     def __call__(
@@ -196,7 +206,15 @@ class Decoder(nn.Module):
     def _layer(self, i: int, x, delta, positions, cache, prefill, paged):
         """Layer i: declared as a submodule at init (and where intermediates are sown),
         otherwise applied through the one nested jit that every layer shares."""
-        args = (self.cfg, self.dtype, self.impl, self.parallel, self.norm_kernel, self.rope_kernel)
+        args = (
+            self.cfg,
+            self.dtype,
+            self.impl,
+            self.parallel,
+            self.norm_kernel,
+            self.rope_kernel,
+            self.row_gemv,
+        )
         if self.is_initializing() or self.is_mutable_collection("intermediates"):
             return Block(*args, name=f"layers_{i}")(x, delta, positions, cache, prefill, paged)
         params = self.variables["params"][f"layers_{i}"]
