@@ -4,7 +4,8 @@ For each weight shape (Llama-3-8B's by default), the time per call and the weigh
   xla            jnp.dot(x[None], W) in the dtype, W [K, N] (XLA's GEMV and its split-K sum),
   xla_nk         the same with W stored [N, K],
   xla_reduce     the GEMV written as multiply + sum over K in float32 (XLA's reduction
-                 kernel: one kernel, no split-K sum), both layouts (`xla_nk_reduce`),
+                 kernel: one kernel, no split-K sum), both layouts (`xla_nk_reduce`: the
+                 model's own one-token form, `jaxinfer.models.layers.dense`),
   xla_m{M}       M tokens (--batch), both layouts,
   xla_split{S}   XLA's batched dot over S splits of K, float32 partials (--xla-splits),
   rows           the Pallas GEMV of W [N, K], output in the dtype, for each tile of a sweep,
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import benchmark as bm
+from jaxinfer.models.layers import dense
 from pallas_kernels.gemv import GemvConfig, GemvRowsConfig, gemv_partials, gemv_reference, gemv_rows
 
 LLAMA3_8B = {
@@ -57,11 +59,15 @@ def split_dot(x, w, splits):
     return jnp.einsum("sk,skn->sn", xs, ws, preferred_element_type=jnp.float32)
 
 
-def reduce_gemv(x, w, axis: int):
-    """x @ W as a float32 multiply and sum over K (W's `axis`), in x's dtype."""
-    xk = x[:, None] if axis == 0 else x[None, :]
-    prod = xk.astype(jnp.float32) * w.astype(jnp.float32)
-    return jnp.sum(prod, axis=axis).astype(x.dtype)
+def column_reduce_gemv(x, w):
+    """x @ W [K, N] as a float32 multiply and sum over K (a column reduction), in x's dtype;
+    over W [N, K] the same form is `dense(x, W, 1, row_gemv=True)`."""
+    prod = x[:, None].astype(jnp.float32) * w.astype(jnp.float32)
+    return jnp.sum(prod, axis=0).astype(x.dtype)
+
+
+def row_reduce_gemv(x, w):  # W [N, K]: the model's one-token form
+    return dense(x, w, 1, row_gemv=True)
 
 
 def rows_configs(quick: bool):
@@ -114,8 +120,8 @@ def measure_shape(k: int, n: int, args, dtype, min_bytes: int) -> dict:
 
     put("xla", t(lambda x, w: jnp.dot(x[None], w)))
     put("xla_nk", tr(lambda x, w: jnp.dot(x[None], w.T)))
-    put("xla_reduce", t(lambda x, w: reduce_gemv(x, w, 0)))
-    put("xla_nk_reduce", tr(lambda x, w: reduce_gemv(x, w, 1)))
+    put("xla_reduce", t(column_reduce_gemv))
+    put("xla_nk_reduce", tr(row_reduce_gemv))
     for s in args.xla_splits:
         put(f"xla_split{s}", t(lambda x, w, s=s: split_dot(x, w, s)))
     for m in args.batch:  # m tokens (the add keeps the sets' calls distinct)
@@ -123,8 +129,8 @@ def measure_shape(k: int, n: int, args, dtype, min_bytes: int) -> dict:
         put(f"xla_m{m}", t(lambda x, w, xm=xm: jnp.dot(xm + x[:1], w)))
         put(f"xla_nk_m{m}", tr(lambda x, w, xm=xm: jnp.dot(xm + x[:1], w.T)))
     ref = np.asarray(gemv_reference(*sets[0]))
-    row["xla_reduce_err"] = rel_err(reduce_gemv(*sets[0], 0), ref)
-    row["xla_nk_reduce_err"] = rel_err(reduce_gemv(*rows_sets[0], 1), ref)
+    row["xla_reduce_err"] = rel_err(column_reduce_gemv(*sets[0]), ref)
+    row["xla_nk_reduce_err"] = rel_err(row_reduce_gemv(*rows_sets[0]), ref)
     one_tile = args.quick or args.cpu_smoke
     rows_cfgs = rows_configs(one_tile)
     row["rows_configs"] = sweep(gemv_rows, rows_cfgs, (n, k), rows_sets, ref, tr, gbps)
