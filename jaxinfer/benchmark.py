@@ -428,15 +428,21 @@ def _logits_and_routing(model, impl, ids):
     return np.asarray(logits), (np.stack([np.asarray(p) for p in picks]) if picks else None)
 
 
-def check_impls(model, impls, rng) -> dict:
+def check_impls(model, impls, rng, f32: bool = False) -> dict:
     """A forward per impl against impl="reference" on this card, per position p:
     err[p] = max |logits - reference| / max |reference|. Reports the max and median of err, how
     often the greedy token agrees, and with experts how often the routing agrees: one bf16
     rounding that flips a near-tied top-k choice changes that position's later layers, so the max
-    alone says little about a MoE model (the kernels' own tests bound their error)."""
+    alone says little about a MoE model (the kernels' own tests bound their error).
+
+    `f32`: also each impl and the reference in the model's dtype against the reference forward of
+    the same weights in float32 at the highest matmul precision (`vs_f32`). The reference's own
+    figure there is the model's rounding floor in that dtype: which random weights were drawn
+    moves it, so an impl is judged against it, not against another model's figures."""
     ids = rng.randint(0, model.config.vocab_size, (2, 200))
     ref, ref_picks = _logits_and_routing(model, "reference", ids)
     report = {"rel_error_vs_reference": {}, "median_rel_error": {}, "argmax_agreement": {}}
+    outs = {"reference": ref}
     if ref_picks is not None:
         report.update(
             routing_agreement={},
@@ -449,6 +455,7 @@ def check_impls(model, impls, rng) -> dict:
         except Exception as e:  # reported, not fatal
             report["rel_error_vs_reference"][impl] = error_text(e)
             continue
+        outs[impl] = out
         err = max_rel_err(out, ref, axis=-1)  # [B, T]
         report["rel_error_vs_reference"][impl] = float(err.max())
         report["median_rel_error"][impl] = float(np.median(err))
@@ -464,6 +471,32 @@ def check_impls(model, impls, rng) -> dict:
             report["max_rel_error_where_routing_agrees"][impl] = (
                 float(err[agree].max()) if agree.any() else None
             )
+    if f32:
+        report["vs_f32"] = _against_f32(model, ids, outs)
+    return report
+
+
+def _against_f32(model, ids, outs: dict) -> dict:
+    """{name: max and median rel error, greedy agreement} of each of `outs` (logits [B, T, V])
+    against the reference forward in float32 (HIGHEST precision) of the model's weights."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxinfer
+
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), model.params)
+    exact = jaxinfer.Model(model.config, params, None, jnp.float32, parallel=model.parallel)
+    with jax.default_matmul_precision("highest"):
+        ref, _ = _logits_and_routing(exact, "reference", ids)
+    del params, exact
+    report = {}
+    for name, out in outs.items():
+        err = max_rel_err(out, ref, axis=-1)
+        report[name] = {
+            "max_rel_error": float(err.max()),
+            "median_rel_error": float(np.median(err)),
+            "argmax_agreement": float((out.argmax(-1) == ref.argmax(-1)).mean()),
+        }
     return report
 
 

@@ -1,8 +1,9 @@
 """The paged decode kernel's tiles at an engine's shapes: block tables as wide as the context
 (512 pages of 16 tokens), sequences of varied length, KV-read GB/s of the real lengths, for each
-block_k and split count (None: the kernel's own choice).
+block_k, warps, stages and split count (None: the kernel's own choice) of the lists given.
 
     python scripts/bench_decode_tiles.py --out bench/results/kernels-decode-splits-<card>.json
+    python scripts/bench_decode_tiles.py --cases 100x1500x0 --block-k 64,128 --warps 4,8 --stages 2,3,4,5 --splits 1,2
     python scripts/bench_decode_tiles.py --cases 4x40x8            # CPU smoke (interpret mode)
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 
 import jax
@@ -49,9 +51,19 @@ def input_sets(b: int, ctx: int, spread: int, count: int) -> tuple[list, float]:
     return sets, tokens * K * H * 2 * 2
 
 
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cases", default=CASES, help="comma list of BxCTXxSPREAD")
+    p.add_argument("--block-k", type=ints, default=[32, 64])
+    p.add_argument("--warps", type=ints, default=[4])
+    p.add_argument("--stages", type=ints, default=[4])
+    p.add_argument(
+        "--splits", type=ints, default=None, help="default: None,1,2,4,8 (B 1: None,16,33)"
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     interpret = jax.default_backend() == "cpu"
@@ -60,19 +72,23 @@ def main() -> None:
         b, ctx, spread = (int(x) for x in case.split("x"))
         sets, kv_bytes = input_sets(b, ctx, spread, 2 if interpret else 4)
         ref = pa.paged_attention_reference(*sets[0])
-        for block_k in (32, 64):
-            for splits in (None, 1, 2, 4, 8) if b > 1 else (None, 16, 33):
-                cfg = pa.PagedConfig(block_k=block_k, num_splits=splits)
+        split_list = args.splits or ([None, 1, 2, 4, 8] if b > 1 else [None, 16, 33])
+        grid = itertools.product(args.block_k, args.warps, args.stages, split_list)
+        for block_k, warps, stages, splits in grid:
+            cfg = pa.PagedConfig(
+                block_k=block_k, num_splits=splits, num_warps=warps, num_stages=stages
+            )
 
-                def fn(*a, cfg=cfg):
-                    return pa.paged_attention(*a, config=cfg, interpret=interpret)
+            def fn(*a, cfg=cfg):
+                return pa.paged_attention(*a, config=cfg, interpret=interpret)
 
-                err = jnp.max(jnp.abs(jax.jit(fn)(*sets[0]).astype(float) - ref.astype(float)))
-                sec = bm.time_over_sets(fn, sets, repeats=3, min_time=None if interpret else 0.1)
-                row = dict(B=b, ctx=ctx, spread=spread, block_k=block_k, splits=splits)
-                row.update(us=sec * 1e6, GBps=kv_bytes / sec / 1e9, err=float(err))
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+            err = jnp.max(jnp.abs(jax.jit(fn)(*sets[0]).astype(float) - ref.astype(float)))
+            sec = bm.time_over_sets(fn, sets, repeats=3, min_time=None if interpret else 0.1)
+            row = dict(B=b, ctx=ctx, spread=spread, block_k=block_k, splits=splits)
+            row.update(warps=warps, stages=stages)
+            row.update(us=sec * 1e6, GBps=kv_bytes / sec / 1e9, err=float(err))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     if args.out:
         report = {"device": bm.default_device().device_kind, "jax": jax.__version__, "rows": rows}
         with open(args.out, "w") as fh:

@@ -35,7 +35,9 @@ def bench_jaxinfer(name: str, args, limits: dict, journal: bm.Journal) -> dict:
         "prefill": [],
     }
     impls = args.impls.split(",")
-    result["check"] = journal.run(f"{name}/check", bm.check_impls, model, impls, rng)
+    result["check"] = journal.run(
+        f"{name}/check", bm.check_impls, model, impls, rng, args.check_f32
+    )
     print(json.dumps(result["check"]), flush=True)
     # Decode attention is the same XLA code for every impl; the MoE dispatch is not (pallas: our
     # grouped matmul, else ragged_dot), hence --decode-impls.
@@ -282,6 +284,11 @@ def main() -> int:
         default="bfloat16",
         help="weights and activations (float32: the "
         "check's rounding floor, with JAX_DEFAULT_MATMUL_PRECISION=highest)",
+    )
+    p.add_argument(
+        "--check-f32",
+        action="store_true",
+        help="the check also against the reference in float32 (the weights cast; 4 bytes a param)",
     )
     p.add_argument("--hf", action="store_true", help="also time HF transformers (own process)")
     p.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)

@@ -53,6 +53,21 @@ def test_unknown_shape_is_a_clear_error():
     assert bm.shape("tiny", layers=3)["num_layers"] == 3
 
 
+def test_check_against_f32_measures_the_dtype_s_own_rounding():
+    """check_impls(f32=True): the bf16 reference's error against the f32 forward of the same
+    weights is bf16 rounding (well above f32 noise, well below 10%), an impl on those weights
+    lands at the same floor, and an f32 model's check against itself is exact."""
+    rng = np.random.RandomState(0)
+    bf16 = bm.check_impls(bm.random_model("tiny", "bfloat16"), ["xla"], rng, f32=True)["vs_f32"]
+    assert set(bf16) == {"reference", "xla"}
+    for name in ("reference", "xla"):
+        assert 1e-3 < bf16[name]["max_rel_error"] < 0.1, bf16
+        assert bf16[name]["median_rel_error"] <= bf16[name]["max_rel_error"]
+        assert bf16[name]["argmax_agreement"] > 0.8
+    f32 = bm.check_impls(bm.random_model("tiny", "float32"), ["xla"], rng, f32=True)["vs_f32"]
+    assert all(r["max_rel_error"] < 1e-5 and r["argmax_agreement"] == 1.0 for r in f32.values())
+
+
 SWEEP = """
 import argparse, os, sys, json
 from jaxinfer import benchmark as bm

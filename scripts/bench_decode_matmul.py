@@ -1,0 +1,126 @@
+"""A decode batch's matmuls (M rows, Llama-3-8B's weights): XLA's dot over W [K, N] and W [N, K],
+torch's (cuBLAS, what a PyTorch engine runs) over both, and the Triton grouped matmul
+(`pallas_kernels.grouped_matmul`) with one group over a sweep of its tiles. Time per call over
+rotating weight sets (more bytes than L2), one sync per run; the weight-read floor beside them.
+
+    python scripts/bench_decode_matmul.py --rows 100 --out bench/results/decode-matmul-m100-<card>.json
+    python scripts/bench_decode_matmul.py --rows 16 --quick --shapes o   # CPU smoke (interpret mode)
+
+Each row: shape, k, n, m, xla_us, xla_nk_us, torch_us, torch_nk_us (GPU with torch only), and
+`triton`: [{cfg: [block_n, block_k, warps, stages, split_k], us, err}] fastest first, then the
+configs that failed with their error (err: largest error against the float32 product, relative
+to its largest value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import benchmark as bm
+
+gm = importlib.import_module("pallas_kernels.grouped_matmul")  # the package exports a function
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "down": (14336, 4096), "gate_up": (4096, 28672)}
+
+
+def tiles(quick: bool) -> list:
+    """block_m 128 (one work item holds the batch); (block_n, warps) x block_k x stages x split."""
+    if quick:
+        return [gm.GroupedMatmulConfig(128, 64, 64, 4, 2, split_k=2)]
+    grid = itertools.product(((64, 4), (128, 4), (128, 8), (256, 8)), (64, 128), (3, 4), (1, 2, 4))
+    return [gm.GroupedMatmulConfig(128, bn, bk, w, st, split_k=sk) for (bn, w), bk, st, sk in grid]
+
+
+def torch_us(k: int, n: int, m: int, nk: bool, min_bytes: int) -> float:
+    """torch: x @ W [K, N], or F.linear(x, W [N, K]); 10 passes over the sets a run, median of 5."""
+    import torch
+
+    count = max(2, -(-min_bytes // (k * n * 2)))
+    shape = (n, k) if nk else (k, n)
+    ws = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(count)]
+    x = torch.randn((m, k), device="cuda", dtype=torch.bfloat16)
+    f = (lambda w: torch.nn.functional.linear(x, w)) if nk else (lambda w: x @ w)
+    for w in ws:
+        f(w)
+    torch.cuda.synchronize()
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            for w in ws:
+                f(w)
+        torch.cuda.synchronize()
+        runs.append((time.perf_counter() - t0) / (10 * count))
+    return float(np.median(runs)) * 1e6
+
+
+def measure(name: str, k: int, n: int, m: int, args, interpret: bool) -> dict:
+    count = max(2, -(-args.min_bytes // (k * n * 2)))
+    keys = jax.random.split(jax.random.key(k + n), count)
+    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+    sets = [(jax.random.normal(kk, (k, n), jnp.bfloat16) * 0.02,) for kk in keys]
+    nk_sets = [(w.T.copy(),) for (w,) in sets]
+    min_time = None if interpret else 0.05
+    timed = lambda fn, ss: bm.time_over_sets(fn, ss, repeats=5, min_time=min_time) * 1e6
+    exact = jnp.dot(x.astype(jnp.float32), sets[0][0].astype(jnp.float32), precision="highest")
+    exact = np.asarray(exact)
+    row = {"shape": name, "k": k, "n": n, "m": m}
+    row["xla_us"] = timed(lambda w: jnp.dot(x, w), sets)
+    row["xla_nk_us"] = timed(lambda w: jnp.dot(x, w.T), nk_sets)
+    if not interpret and args.torch:
+        row["torch_us"] = torch_us(k, n, m, False, args.min_bytes)
+        row["torch_nk_us"] = torch_us(k, n, m, True, args.min_bytes)
+    tried, sizes = [], jnp.array([m], jnp.int32)
+    for c in tiles(args.quick):
+        if n >= 16384 and c.split_k > 1:  # enough output tiles without splitting K
+            continue
+        work = gm.make_work_list(sizes, m, c.block_m)  # built once, outside the timed call
+        fn = lambda w, c=c, work=work: gm._gmm_call(x, w[None], work, config=c, interpret=interpret)
+        cfg = [c.block_n, c.block_k, c.num_warps, c.num_stages, c.split_k]
+        try:
+            out = np.asarray(jax.jit(fn)(*sets[0]), np.float32)
+            err = float(np.abs(out - exact).max() / np.abs(exact).max())
+            tried.append({"cfg": cfg, "us": timed(fn, sets), "err": err})
+        except Exception as e:  # noqa: BLE001 -- a tile Triton cannot build: its error is its row
+            tried.append({"cfg": cfg, "error": f"{type(e).__name__}: {e}"[:120]})
+    ok = sorted((r for r in tried if "us" in r), key=lambda r: r["us"])
+    row["triton"] = ok + [r for r in tried if "us" not in r]
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=int, default=100, help="M, the decode batch")
+    p.add_argument("--quick", action="store_true", help="one Triton tile")
+    p.add_argument("--no-torch", dest="torch", action="store_false")
+    p.add_argument("--min-bytes", type=int, default=1 << 30, help="weight bytes a rotation holds")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    interpret = jax.default_backend() == "cpu"
+    if interpret:
+        args.min_bytes = 1
+    rows = []
+    for name in args.shapes.split(","):
+        k, n = SHAPES[name]
+        row = measure(name, k, n, args.rows, args, interpret)
+        floor = k * n * 2 / 4.4e12 * 1e6  # the read bandwidth a sum reaches on an H200
+        peers = {key: round(v, 1) for key, v in row.items() if key.endswith("_us")}
+        print(f"{name} [{args.rows} x {k}] x [{k} x {n}]: {peers}, read floor {floor:.1f} us")
+        for r in row["triton"][:4]:
+            print("   triton", json.dumps(r), flush=True)
+        rows.append(row)
+    if args.out:
+        report = {"device": bm.default_device().device_kind, "jax": jax.__version__, "rows": rows}
+        bm.write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    main()
