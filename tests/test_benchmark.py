@@ -64,6 +64,8 @@ def test_check_against_f32_measures_the_dtype_s_own_rounding():
         assert 1e-3 < bf16[name]["max_rel_error"] < 0.1, bf16
         assert bf16[name]["median_rel_error"] <= bf16[name]["max_rel_error"]
         assert bf16[name]["argmax_agreement"] > 0.8
+    ratio = bf16["xla"]["median_rel_error"] / bf16["reference"]["median_rel_error"]
+    assert 0.8 < ratio < 1.25, bf16  # the impl rounds like the reference, no worse
     f32 = bm.check_impls(bm.random_model("tiny", "float32"), ["xla"], rng, f32=True)["vs_f32"]
     assert all(r["max_rel_error"] < 1e-5 and r["argmax_agreement"] == 1.0 for r in f32.values())
 
