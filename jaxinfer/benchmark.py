@@ -36,6 +36,7 @@ __all__ = [
     "default_device",
     "errors",
     "hf_random_model",
+    "int_list",
     "max_rel_err",
     "pipelined_time",
     "prefill_flops",
@@ -327,6 +328,11 @@ def card_limits(repeats: int) -> dict:
 NO_LIMITS = {"bf16_matmul_TFLOPs": float("nan"), "copy_read_plus_write_GBps": float("nan")}
 
 
+def int_list(text: str) -> list[int]:
+    """A command line's comma list of ints ("1,8,64"; "" is no items)."""
+    return [int(x) for x in text.split(",") if x]
+
+
 def max_rel_err(out, ref, axis=None):
     """max |out - ref| / max |ref| (over `axis`, all by default), in float64."""
     out, ref = (np.asarray(np.asarray(x, np.float32), np.float64) for x in (out, ref))
@@ -456,10 +462,10 @@ def check_impls(model, impls, rng, f32: bool = False) -> dict:
             report["rel_error_vs_reference"][impl] = error_text(e)
             continue
         outs[impl] = out
-        err = max_rel_err(out, ref, axis=-1)  # [B, T]
-        report["rel_error_vs_reference"][impl] = float(err.max())
-        report["median_rel_error"][impl] = float(np.median(err))
-        report["argmax_agreement"][impl] = float((out.argmax(-1) == ref.argmax(-1)).mean())
+        stats, err = _compare_logits(out, ref)
+        report["rel_error_vs_reference"][impl] = stats["max_rel_error"]
+        report["median_rel_error"][impl] = stats["median_rel_error"]
+        report["argmax_agreement"][impl] = stats["argmax_agreement"]
         if picks is not None:
             same = (np.sort(picks, -1) == np.sort(ref_picks, -1)).all(-1)  # [layers, B, T]
             report["routing_agreement"][impl] = float(same.mean())
@@ -489,15 +495,19 @@ def _against_f32(model, ids, outs: dict) -> dict:
     with jax.default_matmul_precision("highest"):
         ref, _ = _logits_and_routing(exact, "reference", ids)
     del params, exact
-    report = {}
-    for name, out in outs.items():
-        err = max_rel_err(out, ref, axis=-1)
-        report[name] = {
-            "max_rel_error": float(err.max()),
-            "median_rel_error": float(np.median(err)),
-            "argmax_agreement": float((out.argmax(-1) == ref.argmax(-1)).mean()),
-        }
-    return report
+    return {name: _compare_logits(out, ref)[0] for name, out in outs.items()}
+
+
+def _compare_logits(out, ref) -> tuple[dict, np.ndarray]:
+    """Logits [B, T, V] against ref: ({max_rel_error, median_rel_error, argmax_agreement}, the
+    per-position error err [B, T] = max |out - ref| / max |ref| over V)."""
+    err = max_rel_err(out, ref, axis=-1)
+    stats = {
+        "max_rel_error": float(err.max()),
+        "median_rel_error": float(np.median(err)),
+        "argmax_agreement": float((out.argmax(-1) == ref.argmax(-1)).mean()),
+    }
+    return stats, err
 
 
 def routed_experts(model, tokens, last: int) -> float:
