@@ -38,11 +38,11 @@ def tiles(quick: bool) -> list:
     return [gm.GroupedMatmulConfig(128, bn, bk, w, st, split_k=sk) for (bn, w), bk, st, sk in grid]
 
 
-def torch_us(k: int, n: int, m: int, nk: bool, min_bytes: int) -> float:
-    """torch: x @ W [K, N], or F.linear(x, W [N, K]); 10 passes over the sets a run, median of 5."""
+def torch_us(k: int, n: int, m: int, nk: bool, count: int) -> float:
+    """torch: x @ W [K, N], or F.linear(x, W [N, K]) over `count` weights; 10 passes over them a
+    run, median of 5."""
     import torch
 
-    count = max(2, -(-min_bytes // (k * n * 2)))
     shape = (n, k) if nk else (k, n)
     ws = [torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(count)]
     x = torch.randn((m, k), device="cuda", dtype=torch.bfloat16)
@@ -75,8 +75,8 @@ def measure(name: str, k: int, n: int, m: int, args, interpret: bool) -> dict:
     row["xla_us"] = timed(lambda w: jnp.dot(x, w), sets)
     row["xla_nk_us"] = timed(lambda w: jnp.dot(x, w.T), nk_sets)
     if not interpret and args.torch:
-        row["torch_us"] = torch_us(k, n, m, False, args.min_bytes)
-        row["torch_nk_us"] = torch_us(k, n, m, True, args.min_bytes)
+        row["torch_us"] = torch_us(k, n, m, False, count)
+        row["torch_nk_us"] = torch_us(k, n, m, True, count)
     tried, sizes = [], jnp.array([m], jnp.int32)
     for c in tiles(args.quick):
         if n >= 16384 and c.split_k > 1:  # enough output tiles without splitting K

@@ -51,18 +51,14 @@ def input_sets(b: int, ctx: int, spread: int, count: int) -> tuple[list, float]:
     return sets, tokens * K * H * 2 * 2
 
 
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cases", default=CASES, help="comma list of BxCTXxSPREAD")
-    p.add_argument("--block-k", type=ints, default=[32, 64])
-    p.add_argument("--warps", type=ints, default=[4])
-    p.add_argument("--stages", type=ints, default=[4])
+    p.add_argument("--block-k", type=bm.int_list, default=[32, 64])
+    p.add_argument("--warps", type=bm.int_list, default=[4])
+    p.add_argument("--stages", type=bm.int_list, default=[4])
     p.add_argument(
-        "--splits", type=ints, default=None, help="default: None,1,2,4,8 (B 1: None,16,33)"
+        "--splits", type=bm.int_list, default=None, help="default: None,1,2,4,8 (B 1: None,16,33)"
     )
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -169,9 +169,10 @@ def main():
     p.add_argument("--cpu-smoke", action="store_true")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--top", type=int, default=6)
-    ints = lambda v: [int(x) for x in v.split(",") if x]
-    p.add_argument("--batch", type=ints, default=[16, 128], help="token counts for XLA's dot")
-    p.add_argument("--xla-splits", type=ints, default=[])
+    p.add_argument(
+        "--batch", type=bm.int_list, default=[16, 128], help="token counts for XLA's dot"
+    )
+    p.add_argument("--xla-splits", type=bm.int_list, default=[])
     p.add_argument("--split-k-sweep", action="store_true", help="sweep the [K, N] kernel's tiles")
     args = p.parse_args()
     dtype = jnp.bfloat16

@@ -42,7 +42,7 @@ def bench_jaxinfer(name: str, args, limits: dict, journal: bm.Journal) -> dict:
     # Decode attention is the same XLA code for every impl; the MoE dispatch is not (pallas: our
     # grouped matmul, else ragged_dot), hence --decode-impls.
     for impl in (args.decode_impls or impls[0]).split(","):
-        for batch in _ints(args.batches):
+        for batch in bm.int_list(args.batches):
             result["decode"].append(
                 journal.run(
                     f"{name}/decode/{impl}/B{batch}",
@@ -58,7 +58,7 @@ def bench_jaxinfer(name: str, args, limits: dict, journal: bm.Journal) -> dict:
             )
             print(json.dumps(result["decode"][-1]), flush=True)
     for impl in impls:
-        for tokens in _ints(args.prefill):
+        for tokens in bm.int_list(args.prefill):
             result["prefill"].append(
                 journal.run(
                     f"{name}/prefill/{impl}/T{tokens}",
@@ -75,10 +75,6 @@ def bench_jaxinfer(name: str, args, limits: dict, journal: bm.Journal) -> dict:
             print(json.dumps(result["prefill"][-1]), flush=True)
     del model
     return result
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
 
 
 def _decode_row(model, decoder, batch, args, limits, rng) -> dict:
@@ -206,7 +202,7 @@ def bench_hf(name: str, args) -> dict:
 
         return bm.pipelined_time(run, repeats=args.hf_repeats)
 
-    for batch in _ints(args.hf_batches):
+    for batch in bm.int_list(args.hf_batches):
         ids = torch.randint(0, shape["vocab_size"], (batch, args.prompt), device=device)
         mask = torch.ones_like(ids)
         t_gen = timed(
@@ -229,7 +225,7 @@ def bench_hf(name: str, args) -> dict:
             }
         )
         print(json.dumps(result["decode"][-1]), flush=True)
-    for tokens_n in _ints(args.prefill):
+    for tokens_n in bm.int_list(args.prefill):
         ids = torch.randint(0, shape["vocab_size"], (1, tokens_n), device=device)
         t = timed(model, ids, logits_to_keep=1)
         result["prefill"].append({"tokens": tokens_n, "ms": t * 1e3, "tok_per_s": tokens_n / t})
