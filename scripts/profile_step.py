@@ -2,13 +2,15 @@
 XLA op and per kernel, with the step's byte and flop floors beside it.
 
     python scripts/profile_step.py --model llama3-8b --seqs 256 --prompt 200 --out prof.json
+    python scripts/profile_step.py --model llama3-8b --seqs 32 --prompt 1024 --budget 8192 --prefill
     python scripts/profile_step.py --model tiny --seqs 4 --prompt 8      # CPU smoke
 
 The engine (random weights, bf16) is filled with `--seqs` greedy requests of `--prompt` tokens and
 stepped until every sequence decodes; then `--steps` engine steps run under the profiler. The
 trace's device events (CUPTI kernels on a GPU, thunks on the CPU) are grouped by `hlo_op`. Every
 figure is per decode step (one token for each sequence): an engine step that runs a multi-step
-decode (`--num-decode-steps` k) counts as k of them.
+decode (`--num-decode-steps` k) counts as k of them. With `--prefill`, steps that only prefill
+are traced instead (`profile_prefill`), figures per model step.
 """
 
 from __future__ import annotations
@@ -205,6 +207,49 @@ def cprofile_steps(eng, steps: int) -> str:
     return text.getvalue()
 
 
+def profile_prefill(eng, cfg, args, trace_dir: str) -> dict:
+    """Engine steps that only prefill: a round of `--seqs` prompts of `--prompt` tokens (one
+    output token each) compiles the step, a second of fresh prompts is timed and a third runs under
+    the profiler. Per model step (a program run): wall, device time, and the matmul flops of its
+    prompt tokens."""
+    import jax
+    import numpy as np
+
+    from jaxinfer.sampling import SamplingParams
+
+    rng = np.random.default_rng(0)
+
+    def run_round(tag: str) -> tuple[int, float]:
+        for i in range(args.seqs):
+            prompt = rng.integers(0, cfg.vocab_size, args.prompt).tolist()  # no prefix hits
+            eng.add_request(f"{tag}{i}", prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+        before, t0 = eng.stats["model_steps"], time.perf_counter()
+        while eng.has_unfinished_requests():  # the last engine step only collects the outputs
+            eng.step()
+        return eng.stats["model_steps"] - before, time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    run_round("warm-")
+    warm_s = time.perf_counter() - t0
+    untraced_steps, untraced_s = run_round("untraced-")
+    with jax.profiler.trace(trace_dir):
+        steps, wall = run_round("traced-")
+    flops = args.seqs * bm.prefill_flops(cfg, args.prompt)
+    if untraced_steps != steps:
+        raise RuntimeError(f"the rounds ran {untraced_steps} and {steps} model steps")
+    return {
+        "mode": "prefill",
+        "steps_traced": steps,
+        "prompt_tokens_per_step": args.seqs * args.prompt / steps,
+        "engine_step_ms": untraced_s / steps * 1e3,
+        "traced_step_ms": wall / steps * 1e3,
+        "prefill_tok_per_s": args.seqs * args.prompt / untraced_s,
+        "matmul_tflops_per_step": flops / steps / 1e12,
+        "achieved_TFLOPs": flops / untraced_s / 1e12,
+        "warmup_s": warm_s,
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama3-8b", choices=sorted(bm.SHAPES))
@@ -228,6 +273,11 @@ def main() -> int:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--mesh", action="store_true", help="a device mesh even at size 1")
     p.add_argument("--num-decode-steps", type=int, default=8, help="1: one step a program")
+    p.add_argument(
+        "--prefill",
+        action="store_true",
+        help="profile steps that only prefill (--seqs prompts of --prompt tokens, --budget a step)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where it is stuck
@@ -255,6 +305,24 @@ def main() -> int:
         warmup=False,
         num_decode_steps=args.num_decode_steps,
     )
+    if args.prefill:
+        trace_dir = tempfile.mkdtemp(prefix="jaxinfer-trace-")
+        report = {"device": bm.default_device().device_kind, "jax": jax.__version__}
+        report.update(model=args.model, layers=cfg.num_layers, seqs=args.seqs)
+        report.update(prompt=args.prompt, budget=args.budget, limits=limits)
+        report.update(profile_prefill(eng, cfg, args, trace_dir))
+        events, report["trace_processes"] = device_events(trace_dir)
+        report.update(summarize(events, report["steps_traced"], args.top))
+        if args.out:
+            bm.write_json(args.out, report)
+        cats = {k: round(v / 1e3, 2) for k, v in report["by_category_us_per_step"].items()}
+        print(
+            f"{report['device']} {args.model} prefill {args.seqs} x {args.prompt}, budget "
+            f"{args.budget}: {report['engine_step_ms']:.1f} ms a step of "
+            f"{report['prompt_tokens_per_step']:.0f} tokens, {report['achieved_TFLOPs']:.0f} "
+            f"TFLOP/s; device busy {report['device_busy_us_per_step'] / 1e3:.1f} ms/step {cats}"
+        )
+        return 0
     rng = np.random.default_rng(0)
     for i in range(args.seqs):
         eng.add_request(

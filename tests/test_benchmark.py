@@ -118,3 +118,37 @@ def test_a_native_crash_costs_one_unit_not_the_sweep(tmp_path):
     # "a" ran once: the restarted sweep replayed its recorded figure instead of measuring again
     assert (tmp_path / "out.json.runs").read_text().split() == ["a", "b", "c", "dd"]
     assert not (tmp_path / "out.json.journal").exists()  # removed after the sweep finished
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_profile_step_prefill_reports_the_traced_prompt_steps(tmp_path):
+    """`profile_step.py --prefill`: the traced round's model steps are counted (not the engine's
+    last step, which only collects outputs), and the trace's device time lands in the report."""
+    out = tmp_path / "prefill.json"
+    cmd = [sys.executable, "scripts/profile_step.py", "--model", "tiny", "--prefill"]
+    cmd += ["--seqs", "4", "--prompt", "40", "--budget", "64", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    rep = json.loads(out.read_text())
+    assert rep["mode"] == "prefill" and rep["steps_traced"] == 3  # 160 tokens: 64, 64, 32
+    assert rep["prompt_tokens_per_step"] == pytest.approx(4 * 40 / 3)
+    assert rep["device_busy_us_per_step"] > 0 and rep["achieved_TFLOPs"] > 0
+    assert sum(rep["by_category_us_per_step"].values()) == pytest.approx(
+        rep["device_busy_us_per_step"]
+    )
+
+
+def test_ragged_tile_sweep_checks_each_tile_and_times_the_dense_peers(tmp_path):
+    """`bench_ragged_tiles.py` at CPU sizes: each tile's error against the f32 reference is a
+    bf16 rounding, and cache-free cases also time the dense flash kernels."""
+    out = tmp_path / "ragged.json"
+    cmd = [sys.executable, "scripts/bench_ragged_tiles.py", "--cases", "2x40x24,2x32x0"]
+    cmd += ["--block-rows", "32,64", "--block-k", "16", "--warps", "4", "--stages", "2"]
+    subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    tiles = [r for r in rows if "block_rows" in r]
+    assert len(tiles) == 4 and all(0 < r["err"] < 2e-2 and r["us"] > 0 for r in tiles), tiles
+    peers = {r["peer"] for r in rows if "peer" in r and r["case"] == "2x32x0"}
+    assert peers == {"flash_packed", "flash_batched"}  # cuDNN only on a GPU
+    assert not any("peer" in r for r in rows if r["case"] == "2x40x24")  # a cache: no dense peer
