@@ -13,6 +13,7 @@ column is the max abs difference from the f32 reference over the first sequence'
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import itertools
 import json
@@ -71,6 +72,11 @@ def first_seq_reference(inputs) -> jax.Array:
     return common.attention_reference(q[None, :q0], k, v, visible[None])[0][0]
 
 
+def first_seq_error(out, ref) -> float:
+    """Max abs error of out's first rows against `first_seq_reference`'s [Q, N, H]."""
+    return float(jnp.max(jnp.abs(out[: ref.shape[0]].astype(jnp.float32) - ref)))
+
+
 def dense_peers(s: int, q: int, sets: list, interpret: bool) -> tuple[dict, list]:
     """Flash attention over the same tokens with no cache (P = 0), K/V gathered beforehand:
     name -> fn of (q [S, Q, N, H], k [S, Q, K, H], v), and those sets."""
@@ -120,11 +126,23 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
 
+    def measure(row: dict, fn, sets: list, flops: float, check=None) -> None:
+        """Times fn over sets into row, with `check` of its output on the first set as "err";
+        a tile the card cannot hold, or a failing peer, is recorded and the sweep goes on."""
+        try:
+            err = None if check is None else check(jax.jit(fn)(*sets[0]))
+            sec = time_it(fn, sets, interpret)
+        except Exception as e:
+            emit({**row, "error": bm.error_text(e)})
+            return
+        row.update(us=sec * 1e6, TFLOPs=flops / sec / 1e12)
+        emit(row if err is None else {**row, "err": err})
+
     for case in args.cases.split(","):
         s, q, prior = (int(x) for x in case.split("x"))
         sets = input_sets(s, q, prior, 2)
         flops = causal_flops(s, q, prior)
-        ref = first_seq_reference(sets[0])
+        check = functools.partial(first_seq_error, ref=first_seq_reference(sets[0]))
         grid = itertools.product(args.block_rows, args.block_k, args.warps, args.stages)
         for block_rows, block_k, warps, stages in grid:
             cfg = pa.PagedConfig(
@@ -136,24 +154,11 @@ def main() -> None:
             def fn(*a, cfg=cfg):
                 return pa.ragged_paged_attention(*a, config=cfg, interpret=interpret)
 
-            try:
-                out = jax.jit(fn)(*sets[0])[:q].astype(jnp.float32)
-                err = float(jnp.max(jnp.abs(out - ref)))
-                sec = time_it(fn, sets, interpret)
-            except Exception as e:  # a tile the card cannot hold: recorded, the sweep goes on
-                emit({**row, "error": bm.error_text(e)})
-                continue
-            emit({**row, "us": sec * 1e6, "TFLOPs": flops / sec / 1e12, "err": err})
+            measure(row, fn, sets, flops, check)
         if args.peers and prior == 0:
             peers, dense = dense_peers(s, q, sets, interpret)
             for name, fn in peers.items():
-                row = dict(case=case, peer=name)
-                try:
-                    sec = time_it(fn, dense, interpret)
-                except Exception as e:
-                    emit({**row, "error": bm.error_text(e)})
-                    continue
-                emit({**row, "us": sec * 1e6, "TFLOPs": flops / sec / 1e12})
+                measure(dict(case=case, peer=name), fn, dense, flops)
     if args.out:
         report = {"device": bm.default_device().device_kind, "jax": jax.__version__, "rows": rows}
         bm.write_json(args.out, report)

@@ -113,6 +113,20 @@ def kernel_sequence(events: list[dict], n: int) -> list[list]:
     ]
 
 
+def trace_report(trace_dir: str, steps: int, args) -> dict:
+    """The trace's device time per step (`summarize`) and its processes; with --sequence the
+    kernels in launch order, with --keep-trace the raw trace copied out."""
+    events, processes = device_events(trace_dir)
+    if args.keep_trace:
+        import shutil
+
+        shutil.copytree(trace_dir, args.keep_trace, dirs_exist_ok=True)
+    out = {"trace_processes": processes, **summarize(events, steps, args.top)}
+    if args.sequence:
+        out["kernel_sequence"] = kernel_sequence(events, args.sequence)
+    return out
+
+
 def floors(cfg, seqs: int, context: float, copy_gbps: float, matmul_tflops: float) -> dict:
     """Bytes one decode step must move (`benchmark.decode_bytes`) and its matmul flops
     (2 per weight a token uses; the embedding table is only gathered from)."""
@@ -311,8 +325,7 @@ def main() -> int:
         report.update(model=args.model, layers=cfg.num_layers, seqs=args.seqs)
         report.update(prompt=args.prompt, budget=args.budget, limits=limits)
         report.update(profile_prefill(eng, cfg, args, trace_dir))
-        events, report["trace_processes"] = device_events(trace_dir)
-        report.update(summarize(events, report["steps_traced"], args.top))
+        report.update(trace_report(trace_dir, report["steps_traced"], args))
         if args.out:
             bm.write_json(args.out, report)
         cats = {k: round(v / 1e3, 2) for k, v in report["by_category_us_per_step"].items()}
@@ -352,11 +365,6 @@ def main() -> int:
         jax.block_until_ready(eng.runner.pages)
         traced_ms = (time.perf_counter() - t0) / traced * 1e3
     launch = jitted_step_alone(eng)  # last: leaves the engine's plan unresolved
-    events, processes = device_events(trace_dir)
-    if args.keep_trace:
-        import shutil
-
-        shutil.copytree(trace_dir, args.keep_trace, dirs_exist_ok=True)
     report = {
         "device": bm.default_device().device_kind,
         "jax": jax.__version__,
@@ -371,7 +379,6 @@ def main() -> int:
         "engine_step_ms_all": [w * 1e3 for w in walls],
         "traced_step_ms": traced_ms,
         "warmup_s": warm_s,
-        "trace_processes": processes,
         "host_profile": host_profile,
         "host_phases_ms_per_step": phases,
         **launch,
@@ -380,9 +387,7 @@ def main() -> int:
     report["floors"] = floors(
         cfg, args.seqs, context, limits["copy_read_plus_write_GBps"], limits["bf16_matmul_TFLOPs"]
     )
-    report.update(summarize(events, traced, args.top))
-    if args.sequence:
-        report["kernel_sequence"] = kernel_sequence(events, args.sequence)
+    report.update(trace_report(trace_dir, traced, args))
     text = json.dumps(report, indent=1)
     if args.out:
         with open(args.out, "w") as fh:

@@ -120,9 +120,6 @@ def test_a_native_crash_costs_one_unit_not_the_sweep(tmp_path):
     assert not (tmp_path / "out.json.journal").exists()  # removed after the sweep finished
 
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
 def test_profile_step_prefill_reports_the_traced_prompt_steps(tmp_path):
     """`profile_step.py --prefill`: the traced round's model steps are counted (not the engine's
     last step, which only collects outputs), and the trace's device time lands in the report."""
