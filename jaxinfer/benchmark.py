@@ -293,12 +293,20 @@ def pipelined_time(
     return statistics.median(run(calls) for _ in range(repeats))
 
 
-def time_over_sets(fn: Callable, sets: list, *, repeats: int, min_time: float | None) -> float:
-    """Median seconds per call of fn over rotating argument sets: one jit runs fn once per set
-    (the sets differ, so nothing is CSE'd), timed by `pipelined_time`."""
+def time_over_sets(
+    fn: Callable,
+    sets: list,
+    *,
+    repeats: int,
+    min_time: float | None,
+    compiler_options: dict | None = None,
+) -> float:
+    """Median seconds per call of fn over rotating argument sets: one jit (built with
+    `compiler_options`) runs fn once per set (the sets differ, so nothing is CSE'd), timed by
+    `pipelined_time`."""
     import jax
 
-    group = jax.jit(lambda ss: [fn(*s) for s in ss])
+    group = jax.jit(lambda ss: [fn(*s) for s in ss], compiler_options=compiler_options)
     return pipelined_time(lambda _: group(sets), repeats=repeats, min_time=min_time) / len(sets)
 
 

@@ -1,15 +1,20 @@
-"""A decode batch's matmuls (M rows, Llama-3-8B's weights): XLA's dot over W [K, N] and W [N, K],
-torch's (cuBLAS, what a PyTorch engine runs) over both, and the Triton grouped matmul
-(`pallas_kernels.grouped_matmul`) with one group over a sweep of its tiles. Time per call over
-rotating weight sets (more bytes than L2), one sync per run; the weight-read floor beside them.
+"""A decode batch's matmuls (M rows, Llama-3-8B's weights): XLA's dot over W [K, N] and W [N, K]
+(as XLA chooses, and with cuBLAS forced, as the engine compiles its decode programs), torch's
+(cuBLAS, what a PyTorch engine runs) over both, the Triton grouped matmul
+(`pallas_kernels.grouped_matmul`) with one group over a sweep of its tiles, and with `--mgpu` the
+Mosaic GPU decode matmul (`pallas_kernels.decode_matmul`, Hopper only) over a sweep of its
+configs, in the layout the decoder stores each weight in. Time per call over rotating weight
+sets (more bytes than L2), one sync per run; the weight-read floor beside them.
 
     python scripts/bench_decode_matmul.py --rows 100 --out bench/results/decode-matmul-m100-<card>.json
+    python scripts/bench_decode_matmul.py --rows 128 --mgpu --no-triton --out bench/results/decode-matmul-m128-mgpu-<card>.json
     python scripts/bench_decode_matmul.py --rows 16 --quick --shapes o   # CPU smoke (interpret mode)
 
-Each row: shape, k, n, m, xla_us, xla_nk_us, torch_us, torch_nk_us (GPU with torch only), and
-`triton`: [{cfg: [block_n, block_k, warps, stages, split_k], us, err}] fastest first, then the
-configs that failed with their error (err: largest error against the float32 product, relative
-to its largest value).
+Each row: shape, k, n, m, w_nk (the decoder's layout is W [N, K]), xla_us, xla_nk_us,
+xla_cublas_us, xla_cublas_nk_us, torch_us, torch_nk_us (GPU with torch only), `triton`:
+[{cfg: [block_n, block_k, warps, stages, split_k], us, err}] fastest first, then the configs
+that failed with their error (err: largest error against the float32 product, relative to its
+largest value), and `mgpu` likewise with cfg [tile_n, tile_k, stages, splits, cluster].
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ import numpy as np
 from jaxinfer import benchmark as bm
 
 gm = importlib.import_module("pallas_kernels.grouped_matmul")  # the package exports a function
+dm = importlib.import_module("pallas_kernels.decode_matmul")
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "down": (14336, 4096), "gate_up": (4096, 28672)}
+W_NK = {"qkv": True, "o": True, "down": False, "gate_up": False}  # the decoder's layouts
+CUBLAS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def tiles(quick: bool) -> list:
@@ -36,6 +44,33 @@ def tiles(quick: bool) -> list:
         return [gm.GroupedMatmulConfig(128, 64, 64, 4, 2, split_k=2)]
     grid = itertools.product(((64, 4), (128, 4), (128, 8), (256, 8)), (64, 128), (3, 4), (1, 2, 4))
     return [gm.GroupedMatmulConfig(128, bn, bk, w, st, split_k=sk) for (bn, w), bk, st, sk in grid]
+
+
+def mgpu_configs(quick: bool, n: int, clusters: list[int]) -> list:
+    """(tile_n, tile_k, stages) x splits x cluster of the Mosaic GPU kernel, those that make
+    64-264 CTAs (one or two waves of 132 SMs)."""
+    if quick:
+        return [dm.DecodeMatmulConfig(128, 64, 4, 2)]
+    tiles = ((64, 128, 4), (64, 64, 6), (128, 64, 4), (128, 64, 6), (128, 128, 3), (128, 128, 4))
+    tiles += ((256, 64, 3), (256, 64, 4))
+    grid = itertools.product(tiles, (1, 2, 4), clusters)
+    cfgs = [dm.DecodeMatmulConfig(*t, splits=s, cluster=c) for t, s, c in grid]
+    return [c for c in cfgs if 64 <= n // c.tile_n * c.splits <= 264]
+
+
+def sweep(fn_for, cfgs, cfg_row, sets, exact, timed) -> list[dict]:
+    """Each config's time and error, fastest first, then the configs that failed (their error)."""
+    tried = []
+    for c in cfgs:
+        fn = fn_for(c)
+        try:
+            out = np.asarray(jax.jit(fn)(*sets[0]), np.float32)
+            err = float(np.abs(out - exact).max() / np.abs(exact).max())
+            tried.append({"cfg": cfg_row(c), "us": timed(fn, sets), "err": err})
+        except Exception as e:  # noqa: BLE001 -- a config the compiler rejects: its error is its row
+            tried.append({"cfg": cfg_row(c), "error": f"{type(e).__name__}: {e}"[:160]})
+    ok = sorted((r for r in tried if "us" in r), key=lambda r: r["us"])
+    return ok + [r for r in tried if "us" not in r]
 
 
 def torch_us(k: int, n: int, m: int, nk: bool, count: int) -> float:
@@ -68,30 +103,43 @@ def measure(name: str, k: int, n: int, m: int, args, interpret: bool) -> dict:
     sets = [(jax.random.normal(kk, (k, n), jnp.bfloat16) * 0.02,) for kk in keys]
     nk_sets = [(w.T.copy(),) for (w,) in sets]
     min_time = None if interpret else 0.05
-    timed = lambda fn, ss: bm.time_over_sets(fn, ss, repeats=5, min_time=min_time) * 1e6
+
+    def timed(fn, ss, options=None):
+        t = bm.time_over_sets(fn, ss, repeats=5, min_time=min_time, compiler_options=options)
+        return t * 1e6
+
     exact = jnp.dot(x.astype(jnp.float32), sets[0][0].astype(jnp.float32), precision="highest")
     exact = np.asarray(exact)
-    row = {"shape": name, "k": k, "n": n, "m": m}
+    row = {"shape": name, "k": k, "n": n, "m": m, "w_nk": W_NK[name]}
     row["xla_us"] = timed(lambda w: jnp.dot(x, w), sets)
     row["xla_nk_us"] = timed(lambda w: jnp.dot(x, w.T), nk_sets)
+    if not interpret:
+        row["xla_cublas_us"] = timed(lambda w: jnp.dot(x, w), sets, CUBLAS)
+        row["xla_cublas_nk_us"] = timed(lambda w: jnp.dot(x, w.T), nk_sets, CUBLAS)
     if not interpret and args.torch:
         row["torch_us"] = torch_us(k, n, m, False, count)
         row["torch_nk_us"] = torch_us(k, n, m, True, count)
-    tried, sizes = [], jnp.array([m], jnp.int32)
-    for c in tiles(args.quick):
-        if n >= 16384 and c.split_k > 1:  # enough output tiles without splitting K
-            continue
-        work = gm.make_work_list(sizes, m, c.block_m)  # built once, outside the timed call
-        fn = lambda w, c=c, work=work: gm._gmm_call(x, w[None], work, config=c, interpret=interpret)
-        cfg = [c.block_n, c.block_k, c.num_warps, c.num_stages, c.split_k]
-        try:
-            out = np.asarray(jax.jit(fn)(*sets[0]), np.float32)
-            err = float(np.abs(out - exact).max() / np.abs(exact).max())
-            tried.append({"cfg": cfg, "us": timed(fn, sets), "err": err})
-        except Exception as e:  # noqa: BLE001 -- a tile Triton cannot build: its error is its row
-            tried.append({"cfg": cfg, "error": f"{type(e).__name__}: {e}"[:120]})
-    ok = sorted((r for r in tried if "us" in r), key=lambda r: r["us"])
-    row["triton"] = ok + [r for r in tried if "us" not in r]
+    if args.triton:
+        sizes = jnp.array([m], jnp.int32)
+        # split_k > 1 only where the output tiles are few
+        cfgs = [c for c in tiles(args.quick) if n < 16384 or c.split_k == 1]
+
+        def triton_fn(c):
+            work = gm.make_work_list(sizes, m, c.block_m)  # built once, outside the timed call
+            return lambda w: gm._gmm_call(x, w[None], work, config=c, interpret=interpret)
+
+        triton_row = lambda c: [c.block_n, c.block_k, c.num_warps, c.num_stages, c.split_k]
+        row["triton"] = sweep(triton_fn, cfgs, triton_row, sets, exact, timed)
+    if args.mgpu:
+        w_nk, mine = W_NK[name], nk_sets if W_NK[name] else sets
+        cfgs = [
+            c
+            for c in mgpu_configs(args.quick, n, args.clusters)
+            if dm.why_not(m, k, n, x.dtype, c) is None
+        ]
+        mgpu_fn = lambda c: lambda w: dm.decode_matmul(x, w, w_nk=w_nk, config=c)
+        mgpu_row = lambda c: [c.tile_n, c.tile_k, c.stages, c.splits, c.cluster]
+        row["mgpu"] = sweep(mgpu_fn, cfgs, mgpu_row, mine, exact, timed)
     return row
 
 
@@ -100,6 +148,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=100, help="M, the decode batch")
     p.add_argument("--quick", action="store_true", help="one Triton tile")
     p.add_argument("--no-torch", dest="torch", action="store_false")
+    p.add_argument("--no-triton", dest="triton", action="store_false", help="skip the Triton sweep")
+    p.add_argument("--mgpu", action="store_true", help="sweep the Mosaic GPU kernel (Hopper)")
+    p.add_argument("--clusters", type=bm.int_list, default=[1, 2, 4], help="its cluster sizes")
     p.add_argument("--min-bytes", type=int, default=1 << 30, help="weight bytes a rotation holds")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     p.add_argument("--out", default=None)
@@ -107,6 +158,8 @@ def main() -> None:
     interpret = jax.default_backend() == "cpu"
     if interpret:
         args.min_bytes = 1
+        if args.mgpu:
+            p.error("--mgpu runs on a Hopper GPU only (Mosaic GPU has no interpret mode)")
     rows = []
     for name in args.shapes.split(","):
         k, n = SHAPES[name]
@@ -114,8 +167,9 @@ def main() -> None:
         floor = k * n * 2 / 4.4e12 * 1e6  # the read bandwidth a sum reaches on an H200
         peers = {key: round(v, 1) for key, v in row.items() if key.endswith("_us")}
         print(f"{name} [{args.rows} x {k}] x [{k} x {n}]: {peers}, read floor {floor:.1f} us")
-        for r in row["triton"][:4]:
-            print("   triton", json.dumps(r), flush=True)
+        for kind in ("triton", "mgpu"):
+            for r in row.get(kind, [])[:4]:
+                print(f"   {kind}", json.dumps(r), flush=True)
         rows.append(row)
     if args.out:
         report = {"device": bm.default_device().device_kind, "jax": jax.__version__, "rows": rows}

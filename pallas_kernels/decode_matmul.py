@@ -1,0 +1,256 @@
+"""A decode batch's matmul on Hopper: x [M <= 128, K] times a weight, through Pallas's Mosaic GPU
+backend, with K split over CTAs so that a few output tiles still fill the GPU.
+
+At 100-128 rows a weight byte carries 128 multiply-adds: streaming the weight at the HBM's read
+bandwidth also keeps the tensor cores ~70% busy, and cuBLAS's tiles for Llama-3-8B's q/k/v, o
+and down projections reached only 0.60-0.70 of that bandwidth on an H200 (bench/README.md). This
+kernel streams the weight through a ring of TMA copies that one memory warpgroup keeps full,
+while two compute warpgroups (64 rows of x each) run wgmma on each slot:
+
+  grid (splits, N // tile_n): CTA (s, j) owns output columns [j * tile_n, +tile_n) and the s-th
+  of `splits` equal ranges of K; it writes bf16 out when splits == 1, else float32 partials
+  [splits, M, N] that the wrapper sums (one small XLA kernel). The output leaves in 64-column
+  chunks through two small shared-memory slots, so wide tiles leave room for a deep ring.
+  `cluster` CTAs of neighbouring columns load each x tile once, multicast to all of them: every
+  CTA needs the same x, and with narrow tiles x's bytes would outnumber the weight's.
+
+The weight comes either as [K, N] (a wgmma B operand as is) or as [N, K], as HF stores a linear
+layer (B read through a transposed view of the shared-memory tile): both are layouts of
+jaxinfer's decoders (`jaxinfer.models.layers.dense`). x is padded to 128 rows.
+
+Measured on an H200 at 128 rows over Llama-3-8B's weights, its best configs run at cuBLAS's
+speed, not faster (NOTES.md), so the engine keeps cuBLAS; this kernel stays as a tested base for
+fused or persistent forms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+ROWS = 128  # x's rows in the kernel: two compute warpgroups of 64
+SMEM_LIMIT = 232448  # shared memory a CTA may take on sm_90 (227 KiB)
+SMEM_OVERHEAD = 2048  # barriers and alignment beyond the buffers
+
+
+def _plgpu():
+    # Imported on use: the Mosaic GPU module pulls in CUDA-only pieces that a
+    # CPU-only install may lack.
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeMatmulConfig:
+    """Tiles: output columns per CTA, K per pipeline step, ring slots, the K splits, and the
+    CTAs of a cluster (neighbouring columns) that share each x tile."""
+
+    tile_n: int = 128
+    tile_k: int = 64
+    stages: int = 4
+    splits: int = 1
+    cluster: int = 1
+
+    def __post_init__(self):
+        for name in ("tile_n", "tile_k"):
+            value = getattr(self, name)
+            if value <= 0 or value % 64 or value > 256:
+                raise ValueError(f"{name}={value} must be a multiple of 64 up to 256")
+        if self.stages < 2:
+            raise ValueError(f"stages={self.stages} must be >= 2")
+        if self.splits < 1:
+            raise ValueError(f"splits={self.splits} must be >= 1")
+        if self.cluster not in (1, 2, 4):
+            raise ValueError(f"cluster={self.cluster} must be 1, 2 or 4")
+
+
+EPI_N = 64  # output columns a warpgroup stores at a time
+
+
+def out_slots(cfg: DecodeMatmulConfig) -> int:
+    """Output chunks a warpgroup keeps in flight: two in turn, one when a single chunk is all."""
+    return min(2, cfg.tile_n // EPI_N)
+
+
+def smem_bytes(cfg: DecodeMatmulConfig) -> int:
+    """The ring (x and weight tiles, bf16) and the output chunks (bf16 or f32)."""
+    ring = cfg.stages * (ROWS + cfg.tile_n) * cfg.tile_k * 2
+    out = 2 * out_slots(cfg) * 64 * EPI_N * (2 if cfg.splits == 1 else 4)
+    return ring + out + SMEM_OVERHEAD
+
+
+def why_not(m: int, k: int, n: int, dtype, cfg: DecodeMatmulConfig) -> str | None:
+    """Why the kernel can't take these shapes with this config (None when it can)."""
+    if dtype != jnp.bfloat16:
+        return f"dtype {dtype} (bf16 only)"
+    if m > ROWS:
+        return f"{m} rows (at most {ROWS})"
+    if n % (cfg.tile_n * cfg.cluster):
+        return f"N={n} is not a multiple of tile_n * cluster = {cfg.tile_n * cfg.cluster}"
+    if k % (cfg.tile_k * cfg.splits):
+        return f"K={k} is not a multiple of tile_k * splits = {cfg.tile_k * cfg.splits}"
+    if smem_bytes(cfg) > SMEM_LIMIT:
+        return f"{cfg} needs {smem_bytes(cfg)} bytes of shared memory (limit {SMEM_LIMIT})"
+    return None
+
+
+def decode_matmul_reference(x, w, *, w_nk: bool):
+    """x [M, K] @ w ([K, N], or [N, K] when w_nk), float32 accumulation, x's dtype out."""
+    dims = (((1,), (1,)), ((), ())) if w_nk else (((1,), (0,)), ((), ()))
+    y = lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps):
+    """One CTA: columns [j * tile_n, +tile_n), K steps [s * k_steps, +k_steps).
+
+    x_ref [128, K] bf16; w_ref [K, N] or [N, K] bf16; out_ref [128, N] bf16 or
+    [splits, 128, N] f32 (GMEM).
+    """
+    plgpu = _plgpu()
+    tn, tk, stages = cfg.tile_n, cfg.tile_k, cfg.stages
+    (x_smem, w_smem, out_smem), (x_loaded, w_loaded), consumed = scoped
+    tile = lax.axis_index("n")
+    if cfg.cluster > 1:
+        tile = tile * cfg.cluster + lax.axis_index("cluster")
+    col = tile * tn
+    split = lax.axis_index("k")
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        rows = pl.ds(wg * 64, 64)
+
+        def weight(slot):  # the wgmma B operand, [tile_k, tile_n]
+            if w_nk:  # transpose_ref: what ran on the GPU (as in flash_attention_mgpu)
+                return plgpu.transpose_ref(w_smem.at[slot], (1, 0))
+            return w_smem.at[slot]
+
+        def run(acc_ref):
+            def step(i, _):
+                slot = lax.rem(i, jnp.int32(stages))
+                plgpu.barrier_wait(x_loaded.at[slot])
+                plgpu.barrier_wait(w_loaded.at[slot])
+                plgpu.wgmma(acc_ref, x_smem.at[slot].at[rows], weight(slot))
+                plgpu.wgmma_wait(1)  # the previous step's wgmma is done: free its slot
+
+                @pl.when(i > 0)
+                def _():
+                    plgpu.barrier_arrive(consumed.at[lax.rem(i + stages - 1, jnp.int32(stages))])
+
+            lax.fori_loop(0, k_steps, step, None)
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(consumed.at[(k_steps - 1) % stages])
+            return acc_ref[...]
+
+        acc = pl.run_scoped(run, plgpu.ACC((64, tn), jnp.float32))
+        dst = out_ref.at[rows] if cfg.splits == 1 else out_ref.at[split, rows]
+        for c in range(tn // EPI_N):  # 64 columns at a time, the slots in turn
+            slot = out_smem.at[wg, c % out_slots(cfg)]
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slot's last store has read it
+            slot[...] = acc[:, c * EPI_N : (c + 1) * EPI_N].astype(out_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(slot, dst.at[:, pl.ds(col + c * EPI_N, EPI_N)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        first = split * k_steps
+
+        def load(i, slot):
+            k0 = (first + i) * tk
+            plgpu.copy_gmem_to_smem(
+                x_ref.at[:, pl.ds(k0, tk)],
+                x_smem.at[slot],
+                x_loaded.at[slot],
+                collective_axes="cluster" if cfg.cluster > 1 else None,  # multicast
+            )
+            if w_nk:
+                src = w_ref.at[pl.ds(col, tn), pl.ds(k0, tk)]
+            else:
+                src = w_ref.at[pl.ds(k0, tk), pl.ds(col, tn)]
+            plgpu.copy_gmem_to_smem(src, w_smem.at[slot], w_loaded.at[slot])
+
+        for i in range(min(stages, k_steps)):
+            load(i, i)
+
+        if k_steps > stages:
+
+            @pl.loop(0, k_steps - stages)
+            def _(i):
+                slot = lax.rem(i, jnp.int32(stages))
+                plgpu.barrier_wait(consumed.at[slot])
+                load(i + stages, slot)
+
+        # Every step's release has arrived before this CTA may exit: in a cluster the other
+        # CTAs' warpgroups arrive on this CTA's barriers, and an arrival on a CTA that has
+        # exited is a fault.
+        for i in range(max(0, k_steps - stages), k_steps):
+            plgpu.barrier_wait(consumed.at[i % stages])
+
+
+@functools.partial(jax.jit, static_argnames=("w_nk", "config"))
+def decode_matmul(x, w, *, w_nk: bool, config: DecodeMatmulConfig | None = None):
+    """x [M, K] @ w ([K, N], or [N, K] when w_nk) -> [M, N] bf16, M <= 128. Hopper GPUs only."""
+    plgpu = _plgpu()
+    cfg = config or DecodeMatmulConfig()
+    m, k = x.shape
+    n = w.shape[0] if w_nk else w.shape[1]
+    if (w.shape[1] if w_nk else w.shape[0]) != k:
+        raise ValueError(f"x {x.shape} and w {w.shape} (w_nk={w_nk}) disagree on K")
+    if reason := why_not(m, k, n, x.dtype, cfg):
+        raise ValueError(f"decode_matmul can't take this call: {reason}")
+    xp = jnp.pad(x, ((0, ROWS - m), (0, 0))) if m < ROWS else x
+    k_steps = k // (cfg.tile_k * cfg.splits)
+    out_dtype = jnp.bfloat16 if cfg.splits == 1 else jnp.float32
+    out_shape = (ROWS, n) if cfg.splits == 1 else (cfg.splits, ROWS, n)
+    kernel = functools.partial(_kernel, cfg=cfg, w_nk=w_nk, k_steps=k_steps)
+
+    def tiled(dtype):  # 128-byte swizzled (8, 128 bytes) tiles: what wgmma and TMA read
+        elems = 128 // jnp.dtype(dtype).itemsize
+        return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(128))
+
+    w_tile = (cfg.tile_n, cfg.tile_k) if w_nk else (cfg.tile_k, cfg.tile_n)
+
+    def entry(x_ref, w_ref, out_ref):
+        smem = (
+            plgpu.SMEM((cfg.stages, ROWS, cfg.tile_k), x.dtype, transforms=tiled(x.dtype)),
+            plgpu.SMEM((cfg.stages, *w_tile), w.dtype, transforms=tiled(w.dtype)),
+            plgpu.SMEM((2, out_slots(cfg), 64, EPI_N), out_dtype, transforms=tiled(out_dtype)),
+        )
+        if cfg.cluster > 1:  # a slot is free once every CTA sharing its x tile is done with it
+            consumed = plgpu.ClusterBarrier(
+                collective_axes=("cluster",), num_arrivals=2, num_barriers=cfg.stages
+            )
+        else:  # once both compute warpgroups are
+            consumed = plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages)
+        pl.run_scoped(
+            lambda *scoped: kernel(x_ref, w_ref, out_ref, scoped),
+            smem,
+            (plgpu.Barrier(num_barriers=cfg.stages), plgpu.Barrier(num_barriers=cfg.stages)),
+            consumed,
+            collective_axes="wg",
+        )
+
+    # The cluster multiplies the last grid axis: clusters of neighbouring column tiles.
+    clusters = {"cluster": (cfg.cluster,), "cluster_names": ("cluster",)} if cfg.cluster > 1 else {}
+    out = plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        grid=(cfg.splits, n // (cfg.tile_n * cfg.cluster)),
+        grid_names=("k", "n"),
+        num_threads=3,
+        thread_name="wg",
+        **clusters,
+    )(xp, w)
+    if cfg.splits > 1:
+        out = out.sum(axis=0).astype(x.dtype)
+    return out[:m]

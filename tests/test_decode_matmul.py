@@ -1,0 +1,132 @@
+"""The Mosaic GPU decode matmul: its shape checks everywhere, its numbers on a Hopper GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode_matmul as dm
+from pallas_kernels.common import on_hopper
+
+
+def test_config_rejects_tiles_the_kernel_cannot_lay_out():
+    with pytest.raises(ValueError, match="tile_n=96 must be a multiple of 64"):
+        dm.DecodeMatmulConfig(tile_n=96)
+    with pytest.raises(ValueError, match="tile_k=512"):
+        dm.DecodeMatmulConfig(tile_k=512)
+    with pytest.raises(ValueError, match="stages=1"):
+        dm.DecodeMatmulConfig(stages=1)
+    with pytest.raises(ValueError, match="splits=0"):
+        dm.DecodeMatmulConfig(splits=0)
+    with pytest.raises(ValueError, match="cluster=3"):
+        dm.DecodeMatmulConfig(cluster=3)
+
+
+def test_why_not_names_the_shape_that_does_not_fit():
+    cfg = dm.DecodeMatmulConfig(tile_n=128, tile_k=64, stages=4, splits=4)
+    assert dm.why_not(128, 4096, 4096, jnp.bfloat16, cfg) is None
+    assert "129 rows" in dm.why_not(129, 4096, 4096, jnp.bfloat16, cfg)
+    assert "N=4000" in dm.why_not(128, 4096, 4000, jnp.bfloat16, cfg)
+    pairs = dm.DecodeMatmulConfig(tile_n=128, cluster=2)
+    assert "tile_n * cluster = 256" in dm.why_not(128, 4096, 384, jnp.bfloat16, pairs)
+    assert "K=4000" in dm.why_not(128, 4000, 4096, jnp.bfloat16, cfg)
+    assert "float32" in dm.why_not(128, 4096, 4096, jnp.float32, cfg)
+    big = dm.DecodeMatmulConfig(tile_n=256, tile_k=256, stages=6)
+    assert "shared memory" in dm.why_not(128, 4096, 4096, jnp.bfloat16, big)
+    x, w = jnp.zeros((200, 256), jnp.bfloat16), jnp.zeros((256, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="200 rows"):
+        dm.decode_matmul(x, w, w_nk=False)
+    with pytest.raises(ValueError, match="disagree on K"):
+        dm.decode_matmul(x[:8], w, w_nk=True)
+
+
+def test_smem_bytes_counts_the_ring_and_the_output_chunks():
+    cfg = dm.DecodeMatmulConfig(tile_n=256, tile_k=64, stages=3, splits=2)
+    ring = 3 * (128 + 256) * 64 * 2
+    chunks = 2 * 2 * 64 * 64  # two warpgroups, two 64 x 64 slots each
+    assert dm.smem_bytes(cfg) == ring + chunks * 4 + dm.SMEM_OVERHEAD  # float32 partials
+    bf16_out = dataclasses.replace(cfg, splits=1)
+    assert dm.smem_bytes(bf16_out) == ring + chunks * 2 + dm.SMEM_OVERHEAD
+    narrow = dm.DecodeMatmulConfig(tile_n=64, tile_k=128, stages=4, splits=2)  # one chunk, one slot
+    assert dm.smem_bytes(narrow) == 4 * (128 + 64) * 128 * 2 + 2 * 64 * 64 * 4 + dm.SMEM_OVERHEAD
+
+
+@pytest.mark.parametrize("w_nk", [False, True])
+def test_reference_is_the_product_in_either_layout(w_nk):
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (5, 64), jnp.bfloat16)
+    w = jax.random.normal(kw, (64, 96), jnp.bfloat16)
+    want = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+    got = dm.decode_matmul_reference(x, w.T if w_nk else w, w_nk=w_nk)
+    assert got.shape == (5, 96) and got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not on_hopper(), reason="Mosaic GPU kernel: Hopper GPUs only")
+@pytest.mark.parametrize("w_nk", [False, True])
+@pytest.mark.parametrize(
+    "m,k,n,cfg",
+    [
+        (128, 4096, 1024, dm.DecodeMatmulConfig(128, 64, 4, 1)),
+        (100, 4096, 1024, dm.DecodeMatmulConfig(128, 64, 4, 4)),
+        (1, 2048, 512, dm.DecodeMatmulConfig(256, 64, 3, 2)),
+        (128, 512, 256, dm.DecodeMatmulConfig(64, 64, 6, 4)),  # fewer K steps than stages
+        (128, 4096, 2048, dm.DecodeMatmulConfig(256, 64, 3, 2, cluster=2)),  # x multicast
+        (64, 2048, 1024, dm.DecodeMatmulConfig(64, 128, 4, 1, cluster=4)),
+    ],
+)
+def test_kernel_matches_the_float32_product(m, k, n, cfg, w_nk):
+    kx, kw = jax.random.split(jax.random.key(m + k + n))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = (jax.random.normal(kw, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
+    exact = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+    got = dm.decode_matmul(x, w.T if w_nk else w, w_nk=w_nk, config=cfg)
+    assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(got, np.float32) - exact).max() / np.abs(exact).max()
+    assert err < 1e-2, err
+
+
+def _bench_script():
+    path = pathlib.Path(__file__).parent.parent / "scripts" / "bench_decode_matmul.py"
+    spec = importlib.util.spec_from_file_location("bench_decode_matmul", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_bench_sweeps_only_configs_of_one_or_two_waves():
+    script = _bench_script()
+    cfgs = script.mgpu_configs(False, 4096, [1, 2])
+    waves = [4096 // c.tile_n * c.splits for c in cfgs]
+    assert cfgs and all(64 <= w <= 264 for w in waves), waves
+    assert {c.cluster for c in cfgs} == {1, 2}
+    assert dm.DecodeMatmulConfig(64, 128, 4, 2) in cfgs  # 128 CTAs: the best for o and down
+    assert dm.DecodeMatmulConfig(64, 128, 4, 1) in cfgs  # 64
+    assert dm.DecodeMatmulConfig(64, 128, 4, 4) in cfgs  # 256: two waves
+    wide = script.mgpu_configs(False, 28672, [1])  # 448 tiles of 64 columns: more than two waves
+    assert wide and all(c.tile_n >= 128 for c in wide)
+
+
+def test_bench_sweep_orders_by_time_and_keeps_each_failure_with_its_error():
+    script = _bench_script()
+    x = np.ones((2, 3), np.float32)
+
+    def fn_for(scale):
+        if scale == 3:
+            return lambda w: jnp.zeros((5,)) + w  # the wrong shape: a broadcasting error
+        return lambda w: (x @ w) * scale
+
+    w = np.ones((3, 4), np.float32)
+    exact = x @ w
+    timed = lambda fn, sets: float(np.asarray(fn(*sets[0])).sum())  # "time": scale x 24
+    rows = script.sweep(fn_for, [2, 1, 3], lambda s: [s], [(w,)], exact, timed)
+    assert [r["cfg"] for r in rows] == [[1], [2], [3]]  # fastest first, the failure last
+    assert rows[0]["us"] == 24.0 and rows[1]["us"] == 48.0
+    assert rows[0]["err"] == 0.0 and rows[1]["err"] == pytest.approx(1.0)  # twice the product
+    assert "us" not in rows[2] and "Incompatible shapes" in rows[2]["error"]
