@@ -3,14 +3,14 @@ backend, with K split over CTAs so that a few output tiles still fill the GPU.
 
 At 100-128 rows a weight byte carries 128 multiply-adds: streaming the weight at the HBM's read
 bandwidth also keeps the tensor cores ~70% busy, and cuBLAS's tiles for Llama-3-8B's q/k/v, o
-and down projections reached only 0.60-0.70 of that bandwidth on an H200 (bench/README.md). This
+and down projections reached only 0.48-0.70 of that bandwidth on an H200 (bench/README.md). This
 kernel streams the weight through a ring of TMA copies that one memory warpgroup keeps full,
 while two compute warpgroups (64 rows of x each) run wgmma on each slot:
 
   grid (splits, N // tile_n): CTA (s, j) owns output columns [j * tile_n, +tile_n) and the s-th
   of `splits` equal ranges of K; it writes bf16 out when splits == 1, else float32 partials
   [splits, M, N] that the wrapper sums (one small XLA kernel). The output leaves in 64-column
-  chunks through two small shared-memory slots, so wide tiles leave room for a deep ring.
+  chunks through one or two small shared-memory slots, so wide tiles leave room for a deep ring.
   `cluster` CTAs of neighbouring columns load each x tile once, multicast to all of them: every
   CTA needs the same x, and with narrow tiles x's bytes would outnumber the weight's.
 
