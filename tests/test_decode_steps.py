@@ -152,11 +152,24 @@ def staggered(model, decode_steps: int, **options):
     return seen, engine
 
 
-@pytest.mark.parametrize("options", [{}, {"num_pages": 5}, {"async_scheduling": False}])
-def test_decode_steps_give_the_outputs_of_single_steps(tiny_model, options):
-    """5 pages force preemption; the penalty request makes the steps it is in single ones."""
+@pytest.mark.parametrize(
+    "options, cublas",
+    [({}, True), ({"num_pages": 5}, False), ({"async_scheduling": False}, False)],
+    ids=["cublas", "preemption", "sync"],
+)
+def test_decode_steps_give_the_outputs_of_single_steps(tiny_model, monkeypatch, options, cublas):
+    """5 pages force preemption; the penalty request makes the steps it is in single ones.
+    `cublas`: the 4-row decode programs go to their own jit (cuBLAS's matmuls on a GPU), those of
+    fewer rows to the plain one (where the other cases run every decode program)."""
     single, _ = staggered(tiny_model, 1, **options)
+    monkeypatch.setenv("JAXINFER_DECODE_CUBLAS", "1" if cublas else "0")
+    monkeypatch.setattr(runner_module, "CUBLAS_DECODE_ROWS", 4)
     multi, engine = staggered(tiny_model, 4, **options)
+    if cublas:  # programs ran in both jits
+        assert engine.runner._decode_cublas._cache_size() > 0
+        assert engine.runner._decode._cache_size() > 0
+    else:
+        assert engine.runner._decode_cublas is None
     assert engine.stats["steps"] < sum(len(o[-1].token_ids) for o in multi.values())
     assert sorted(single) == sorted(multi) == [str(i) for i in range(6)]
     for rid in single:
@@ -171,19 +184,6 @@ def test_decode_steps_give_the_outputs_of_single_steps(tiny_model, options):
                 assert a.keys() == b.keys()
                 np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=1e-5)
     assert multi["3"][-1].finish_reason == "stop" or len(multi["3"][-1].token_ids) == 30
-
-
-def test_decode_programs_routed_to_cublas_give_the_same_outputs(tiny_model, monkeypatch):
-    """The 4-row decode programs in their own jit (cuBLAS's matmuls on a GPU): token for token
-    what one step a program gives."""
-    single, _ = staggered(tiny_model, 1)
-    monkeypatch.setenv("JAXINFER_DECODE_CUBLAS", "1")
-    monkeypatch.setattr(runner_module, "CUBLAS_DECODE_ROWS", 4)
-    multi, engine = staggered(tiny_model, 4)
-    assert engine.runner._decode_cublas._cache_size() > 0  # some programs ran there
-    for rid in single:
-        one, many = single[rid][-1], multi[rid][-1]
-        assert (many.token_ids, many.text) == (one.token_ids, one.text), rid
 
 
 def test_cublas_decode_rows_by_backend_and_variable(monkeypatch):

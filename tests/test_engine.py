@@ -309,10 +309,11 @@ def test_seeded_sampling_is_batch_independent(tiny_model):
     assert alone == crowded and len(alone) == 10
 
 
-@pytest.mark.parametrize("decode_steps, cublas", [(1, False), (4, False), (4, True)])
-def test_no_recompiles_after_warmup(tiny_model, decode_steps, cublas, monkeypatch):
-    """`cublas`: decode programs of 4 rows go to their own jit (compiled for cuBLAS on a GPU)."""
-    monkeypatch.setenv("JAXINFER_DECODE_CUBLAS", "1" if cublas else "0")
+def test_no_recompiles_after_warmup(tiny_model, monkeypatch):
+    """With 4 decode steps a program, the decode programs of 4 rows in their own jit (compiled for
+    cuBLAS on a GPU) and those of fewer rows in the plain one: one engine checks both jits.
+    (test_engine_stress checks the same of an engine of single steps.)"""
+    monkeypatch.setenv("JAXINFER_DECODE_CUBLAS", "1")
     monkeypatch.setattr(runner_module, "CUBLAS_DECODE_ROWS", 4)
     engine = Engine(
         tiny_model,
@@ -322,14 +323,13 @@ def test_no_recompiles_after_warmup(tiny_model, decode_steps, cublas, monkeypatc
         num_pages=24,
         warmup=True,
         attention_impl="xla",
-        num_decode_steps=decode_steps,
+        num_decode_steps=4,
     )
     compiled = engine.runner.num_compiles
-    buckets = engine.runner.buckets  # each bucket, plus a decode-only form where T <= seats
+    buckets = engine.runner.buckets
     rows = len({min(t, 4) for t in buckets})
-    # (with decode steps: a multi-step decode program per row bucket and sampler mode instead)
-    decodes = sum(t <= 4 for t in buckets) if decode_steps == 1 else len(SAMPLE_MODES) * rows
-    forwards = len(buckets) + decodes
+    # each bucket's forward and a multi-step decode program per row bucket and sampler mode
+    forwards = len(buckets) + len(SAMPLE_MODES) * rows
     samplers = len(SAMPLE_MODES) * rows  # per row bucket and mode
     assert compiled == forwards + samplers
     rng = np.random.RandomState(5)
@@ -347,15 +347,12 @@ def test_no_recompiles_after_warmup(tiny_model, decode_steps, cublas, monkeypatc
                 ),
             )
         engine.step()
-    assert engine.stats["steps"] >= 120 // decode_steps
+    assert engine.stats["steps"] >= 120 // 4
     assert engine.runner.num_compiles == compiled
-    runner = engine.runner
-    if cublas:  # one program per sampler mode: the 4-row bucket's
-        assert runner._decode_program(4) is runner._decode_cublas
-        assert runner._decode_program(1) is runner._decode
-        assert runner._decode_cublas._cache_size() == len(SAMPLE_MODES)
-    else:
-        assert runner.cublas_rows is None and runner._decode_cublas is None
+    runner = engine.runner  # one program per sampler mode: the 4-row bucket's
+    assert runner._decode_program(4) is runner._decode_cublas
+    assert runner._decode_program(1) is runner._decode
+    assert runner._decode_cublas._cache_size() == len(SAMPLE_MODES)
 
 
 def test_logprobs_are_log_softmax_of_the_model(tiny_model):
@@ -395,10 +392,10 @@ def test_compiled_steps_go_to_the_persistent_cache(tiny_model, tmp_path):
     jax.config.update("jax_compilation_cache_dir", None)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     try:
-        Engine(
+        Engine(  # one seat, one token a step: the fewest programs a warm-up compiles
             tiny_model,
-            max_num_seqs=2,
-            max_num_batched_tokens=16,
+            max_num_seqs=1,
+            max_num_batched_tokens=1,
             num_pages=8,
             warmup=True,
             attention_impl="xla",

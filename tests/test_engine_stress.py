@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import jaxinfer
 from jaxinfer.engine import Engine
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import SAMPLE_MODES, SamplingParams
 
 EXAMPLES = int(os.environ.get("JAXINFER_STRESS_EXAMPLES", "30"))
 VOCAB = 320  # conftest.TINY
@@ -33,19 +33,36 @@ IDS = "abcde"  # few ids: they are re-used often, also while the old request's s
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     """One engine for every example, its buckets compiled once; 12 pages of 16 slots hold fewer
-    than four long requests, so preemption happens."""
+    than four long requests, so preemption happens. Single steps (decode steps are the GPU's),
+    no program routed to cuBLAS."""
     path = tmp_path_factory.mktemp("stress-llama3")
     build_hf_model("llama3", path)
     model = jaxinfer.load_model(path, dtype="float32")
-    return Engine(
-        model,
-        max_num_seqs=4,
-        max_num_batched_tokens=32,
-        page_size=16,
-        num_pages=12,
-        max_model_len=MAX_MODEL_LEN,
-        warmup=True,
-    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXINFER_DECODE_CUBLAS", "0")
+        return Engine(
+            model,
+            max_num_seqs=4,
+            max_num_batched_tokens=32,
+            page_size=16,
+            num_pages=12,
+            max_model_len=MAX_MODEL_LEN,
+            warmup=True,
+            num_decode_steps=1,
+        )
+
+
+def test_warmup_compiles_each_program_once(engine):
+    """The warm-up's programs: each token bucket's forward, plus its decode-only form where
+    T <= seats, and the sampler of each row bucket in each mode; no second decode jit. (The
+    examples below check that no step compiles more; test_engine checks the same with decode
+    steps.)"""
+    runner = engine.runner
+    buckets = runner.buckets
+    rows = len({min(t, 4) for t in buckets})
+    forwards = len(buckets) + sum(t <= 4 for t in buckets)
+    assert runner.num_compiles == forwards + len(SAMPLE_MODES) * rows
+    assert runner.cublas_rows is None and runner._decode_cublas is None
 
 
 _alone_cache: dict[tuple[int, ...], list[int]] = {}

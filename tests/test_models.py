@@ -93,6 +93,9 @@ def test_stop_token_ends_generation(loaded):
     assert list(jaxinfer.stream(model, prompt, max_new_tokens=16, stop_token_ids=[stop])) == stopped
 
 
+# The sampler does not depend on the family (each family's own tokens are checked against HF
+# above): one dense family and one MoE family.
+@pytest.mark.parametrize("hf_family", ["llama3", "qwen3_moe"], indirect=True)
 def test_sampling_is_seeded_and_top_k_1_is_greedy(loaded):
     _, _, model = loaded
     prompt = [9, 8, 7]
@@ -235,6 +238,13 @@ def test_convert_checkpoint_command(tmp_path, tiny, capsys):
     assert convert_main([str(tmp_path / "nothing"), str(tmp_path / "out2")]) == 2
 
 
+# qwen2 and tied give the kernels what llama3 gives them (4 heads over 2 kv heads of 16): their
+# biases and tied head are outside the kernels.
+@pytest.mark.parametrize(
+    "hf_family",
+    ["llama2", "llama3", "mistral", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe"],
+    indirect=True,
+)
 def test_pallas_kernels_match_hf(loaded):
     """The model through the Pallas kernels (interpret mode on CPU): flash prefill, paged decode."""
     family, hf_model, model = loaded

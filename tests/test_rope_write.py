@@ -77,16 +77,28 @@ def model_h32(tmp_path_factory):
     return dataclasses.replace(model, tokenizer=ModTokenizer())
 
 
+def staggered_with_kernels(model, decode_steps: int, on: str):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXINFER_NORM_KERNEL", on)
+        mp.setenv("JAXINFER_ROPE_KERNEL", on)
+        outs, engine = staggered(model, decode_steps)
+    assert engine.runner.decoder.rope_kernel is (on == "1")
+    return outs
+
+
+@pytest.fixture(scope="module")
+def jnp_outputs(model_h32):
+    """The reference: the jnp forms, one step a program (test_decode_steps checks that decode
+    steps give what single steps give)."""
+    return staggered_with_kernels(model_h32, 1, "0")
+
+
 @pytest.mark.parametrize("decode_steps", [1, 4])
-def test_engine_with_the_fused_kernels_gives_the_same_outputs(model_h32, monkeypatch, decode_steps):
+def test_engine_with_the_fused_kernels_gives_the_same_outputs(model_h32, jnp_outputs, decode_steps):
     """Greedy and seeded samples, stop strings, penalties and logprobs: the same with the add +
-    RMSNorm and RoPE + K/V write kernels (interpret mode) as with the jnp forms."""
-    outs = {}
-    for on in ("0", "1"):
-        monkeypatch.setenv("JAXINFER_NORM_KERNEL", on)
-        monkeypatch.setenv("JAXINFER_ROPE_KERNEL", on)
-        outs[on], engine = staggered(model_h32, decode_steps)
-        assert engine.runner.decoder.rope_kernel is (on == "1")
+    RMSNorm and RoPE + K/V write kernels (interpret mode), in single steps and in multi-step
+    decode programs, as with the jnp forms."""
+    outs = {"0": jnp_outputs, "1": staggered_with_kernels(model_h32, decode_steps, "1")}
     assert outs["0"].keys() == outs["1"].keys() and len(outs["0"]) == 6
     for rid in outs["0"]:
         a, b = outs["0"][rid][-1], outs["1"][rid][-1]

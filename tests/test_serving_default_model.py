@@ -37,6 +37,7 @@ def test_default_model_text_matches_llm_generate(tmp_path):
             str(http_port),
             "--served-model-name",
             "smol",
+            "--no-warmup",  # compiled on first use (test_serving_grpc's server warms up)
             *(f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()),
         ],
         tmp_path / "server.log",
