@@ -102,6 +102,8 @@ def token_buckets(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
 
 
 CUBLAS_DECODE_ROWS = 128
+# XLA's compiler options for the programs whose matmuls go to cuBLAS, not its Triton GEMMs.
+CUBLAS_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def cublas_decode_rows() -> int | None:
@@ -167,9 +169,7 @@ class Runner:
         # (see `cublas_decode_rows`); None: every program as XLA chooses.
         self.cublas_rows = cublas_decode_rows()
         self._decode_cublas = (
-            decode_jit(compiler_options={"xla_gpu_enable_triton_gemm": False})
-            if self.cublas_rows is not None
-            else None
+            decode_jit(compiler_options=CUBLAS_OPTIONS) if self.cublas_rows is not None else None
         )
         # The last dispatched step's sampled tokens [max_num_seqs] (on the device), whether each
         # row stopped in it (multi-step decodes only), and its rows.

@@ -27,6 +27,7 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2_E = math.log2(math.e)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 SM_COUNT_FALLBACK = 132  # an H100 / H200 SXM, for devices that report none
+SM90_SMEM_LIMIT = 232448  # shared memory a CTA may take on sm_90 (227 KiB), Mosaic GPU kernels
 
 
 # ----------------------------------------------------------------------------

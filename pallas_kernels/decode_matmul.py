@@ -33,8 +33,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.common import SM90_SMEM_LIMIT
+
 ROWS = 128  # x's rows in the kernel: two compute warpgroups of 64
-SMEM_LIMIT = 232448  # shared memory a CTA may take on sm_90 (227 KiB)
+SMEM_LIMIT = SM90_SMEM_LIMIT
 SMEM_OVERHEAD = 2048  # barriers and alignment beyond the buffers
 
 

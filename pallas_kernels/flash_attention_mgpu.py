@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import LOG2_E
+from pallas_kernels.common import LOG2_E, SM90_SMEM_LIMIT
 
 
 def _plgpu():
@@ -88,7 +88,7 @@ class MgpuFlashConfig:
 
 # Shared memory per CTA on sm_90 (227 KiB), and what barriers and alignment
 # took beyond the buffers in a measured compile (2,680 bytes, H100).
-SMEM_LIMIT = 232448
+SMEM_LIMIT = SM90_SMEM_LIMIT
 SMEM_OVERHEAD = 3072
 
 

@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import benchmark as bm
+from jaxinfer.runner import CUBLAS_OPTIONS
 
 gm = importlib.import_module("pallas_kernels.grouped_matmul")  # the package exports a function
 dm = importlib.import_module("pallas_kernels.decode_matmul")
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "down": (14336, 4096), "gate_up": (4096, 28672)}
 W_NK = {"qkv": True, "o": True, "down": False, "gate_up": False}  # the decoder's layouts
-CUBLAS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def tiles(quick: bool) -> list:
@@ -114,8 +114,8 @@ def measure(name: str, k: int, n: int, m: int, args, interpret: bool) -> dict:
     row["xla_us"] = timed(lambda w: jnp.dot(x, w), sets)
     row["xla_nk_us"] = timed(lambda w: jnp.dot(x, w.T), nk_sets)
     if not interpret:
-        row["xla_cublas_us"] = timed(lambda w: jnp.dot(x, w), sets, CUBLAS)
-        row["xla_cublas_nk_us"] = timed(lambda w: jnp.dot(x, w.T), nk_sets, CUBLAS)
+        row["xla_cublas_us"] = timed(lambda w: jnp.dot(x, w), sets, CUBLAS_OPTIONS)
+        row["xla_cublas_nk_us"] = timed(lambda w: jnp.dot(x, w.T), nk_sets, CUBLAS_OPTIONS)
     if not interpret and args.torch:
         row["torch_us"] = torch_us(k, n, m, False, count)
         row["torch_nk_us"] = torch_us(k, n, m, True, count)

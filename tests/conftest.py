@@ -99,6 +99,18 @@ FAMILIES = {
 }
 
 
+def load_script(name: str):
+    """`scripts/<name>.py` as a module, for tests that call its functions."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def build_hf_model(family: str, path, **overrides):
     """Builds a random float32 HF model of `family`, perturbs its norms and biases, saves it."""
     import torch

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_script
 
 from pallas_kernels import decode_matmul as dm
 from pallas_kernels.common import on_hopper
@@ -92,16 +91,8 @@ def test_kernel_matches_the_float32_product(m, k, n, cfg, w_nk):
     assert err < 1e-2, err
 
 
-def _bench_script():
-    path = pathlib.Path(__file__).parent.parent / "scripts" / "bench_decode_matmul.py"
-    spec = importlib.util.spec_from_file_location("bench_decode_matmul", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_bench_sweeps_only_configs_of_one_or_two_waves():
-    script = _bench_script()
+    script = load_script("bench_decode_matmul")
     cfgs = script.mgpu_configs(False, 4096, [1, 2])
     waves = [4096 // c.tile_n * c.splits for c in cfgs]
     assert cfgs and all(64 <= w <= 264 for w in waves), waves
@@ -114,7 +105,7 @@ def test_bench_sweeps_only_configs_of_one_or_two_waves():
 
 
 def test_bench_sweep_orders_by_time_and_keeps_each_failure_with_its_error():
-    script = _bench_script()
+    script = load_script("bench_decode_matmul")
     x = np.ones((2, 3), np.float32)
 
     def fn_for(scale):

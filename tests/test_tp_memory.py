@@ -3,22 +3,19 @@ split evenly but for its replicated norms, and `scripts/tp_memory.py` prints and
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import pathlib
 
 import jax
 import numpy as np
 import pytest
+from conftest import load_script
 from jax.sharding import PartitionSpec
 
 from jaxinfer.benchmark import shape
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import abstract_params
 from jaxinfer.sharding import param_specs, weight_bytes_per_device
-
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "tp_memory.py"
 
 
 def leaves_with_specs(cfg, size):
@@ -48,9 +45,7 @@ def test_70b_weights_split_evenly_but_for_the_norms():
 
 
 def test_script_prints_and_writes_the_table(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("tp_memory", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("tp_memory")
     out = tmp_path / "tp.json"
     assert script.main(["--models", "llama2-70b", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
