@@ -244,10 +244,10 @@ def init_pages(
     num_pages: int,
     page_size: int,
     dtype,
-    sharding=None,
+    sharding,
 ) -> tuple:
-    """Zeroed page pools: per layer (k, v), each [K, P, L, H]; on `sharding` if given (a mesh
-    splits K, see `sharding.kv_sharding`), else on the default device."""
+    """Zeroed page pools: per layer (k, v), each [K, P, L, H]; on `sharding` (a mesh splits K,
+    see `sharding.kv_sharding`)."""
     import jax.numpy as jnp
 
     shape = (num_kv_heads, num_pages, page_size, head_dim)

@@ -53,7 +53,7 @@ from jaxinfer.sampling import (
     sampling_arrays,
 )
 from jaxinfer.scheduler import PLACEHOLDER, StepPlan
-from jaxinfer.sharding import MODEL, put_tree
+from jaxinfer.sharding import MODEL, one_device, put_tree
 
 
 class StepBatch(NamedTuple):
@@ -143,9 +143,9 @@ class Runner:
         self.decoder, self.params, self.pages = decoder, params, pages
         self.decode_steps = decode_steps  # k: iterations of a multi-step decode (1: none)
         # The mesh the params and pages are split over, if any; every batch array is then whole
-        # on each of its devices (`replicated`; None: the default device).
+        # on each of its devices (`replicated`; without a mesh: committed to the one device).
         self.mesh = mesh
-        self.replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+        self.replicated = one_device() if mesh is None else NamedSharding(mesh, PartitionSpec())
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
         self.max_model_len = max_model_len
         self.max_pages_per_seq = math.ceil(max_model_len / page_size)
@@ -247,9 +247,9 @@ class Runner:
             return logits
         return jax.lax.with_sharding_constraint(logits, self._logits_sharding(logits.shape[-1]))
 
-    def _logits_sharding(self, vocab: int) -> NamedSharding | None:
+    def _logits_sharding(self, vocab: int) -> jax.sharding.Sharding:
         if self.mesh is None:
-            return None
+            return self.replicated
         split = vocab % self.mesh.shape[MODEL] == 0
         return NamedSharding(self.mesh, PartitionSpec(None, MODEL if split else None))
 
@@ -259,10 +259,13 @@ class Runner:
         next_tokens = (
             jnp.zeros(self.max_num_seqs, jnp.int32).at[: out.tokens.shape[0]].set(out.tokens)
         )
-        return out, next_tokens
+        # Each field [1, B, ...], as a multi-step decode's [k, B, ...]: in the program rather than
+        # as an op per field after it (each a dispatch, and a compile on first use).
+        return jax.tree.map(lambda x: x[None], out), next_tokens
 
     def step(self, batch: StepBatch, mode: str) -> SampleOutput:
-        """Queues the model and the sampler on the device; pages and prev_tokens move on."""
+        """Queues the model and the sampler on the device; pages and prev_tokens move on.
+        The samples' fields are [1, B, ...]."""
         self.pages, logits = self._forward(
             self.params, self.pages, self.prev_tokens, _forward_only(batch)
         )
@@ -314,7 +317,7 @@ class Runner:
             steps = self._decode_steps(plan, rows, batch.sample_idx.shape[0])
             return lambda: self.decode(batch, steps, mode)
         batch = self.build(plan, rows)
-        return lambda: SampleOutput(*(x[None] for x in self.step(batch, mode)))  # [1, B, ...]
+        return lambda: self.step(batch, mode)
 
     def _decode_steps(self, plan: StepPlan | None, rows: Sequence[RowInfo], b: int) -> DecodeSteps:
         """Each row's steps and stop ids, padded to b rows (no plan: b padding rows)."""

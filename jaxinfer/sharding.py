@@ -172,9 +172,8 @@ def load_shardings(cfg: ModelConfig, dtype, parallel: Parallel) -> Any:
     if parallel.mesh is not None:
         return param_shardings(cfg, dtype, parallel)
     from jaxinfer.model import abstract_params
-    from pallas_kernels.common import default_device
 
-    device = jax.sharding.SingleDeviceSharding(default_device())
+    device = one_device()
     return jax.tree.map(lambda _: device, abstract_params(cfg, dtype)[0])
 
 
@@ -221,8 +220,18 @@ def kv_spec() -> PartitionSpec:
     return PartitionSpec(MODEL, None, None, None)
 
 
-def kv_sharding(parallel: Parallel) -> NamedSharding | None:
-    return None if parallel.mesh is None else NamedSharding(parallel.mesh, kv_spec())
+def kv_sharding(parallel: Parallel) -> jax.sharding.Sharding:
+    return one_device() if parallel.mesh is None else NamedSharding(parallel.mesh, kv_spec())
+
+
+def one_device() -> jax.sharding.SingleDeviceSharding:
+    """The default device (`pallas_kernels.common.default_device`) as a sharding. Arrays put
+    on it are committed, as every jitted program's outputs are: an engine's inputs must be
+    too, or a program compiled for the uncommitted pool or batch compiles again when it first
+    gets the committed ones (with several devices; one device keys both alike)."""
+    from pallas_kernels.common import default_device
+
+    return jax.sharding.SingleDeviceSharding(default_device())
 
 
 # -- per-device bytes -----------------------------------------------------------------------------

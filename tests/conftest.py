@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import logging
 import os
+import zlib
 
 # Fake CPU devices for sharding tests; must be set before jax initialises.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -111,6 +115,32 @@ def load_script(name: str):
     return script
 
 
+@contextlib.contextmanager
+def xla_compiles():
+    """Counts the XLA compilations inside the block by program name ("jit(_decode_fn)": 2), from
+    JAX's compile log: a program traced once but compiled twice (another argument placement)
+    counts twice here, where a trace counter sees one."""
+    import jax
+
+    counts = collections.Counter()
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith("Finished XLA compilation of "):
+                counts[message.removeprefix("Finished XLA compilation of ").split(" in ")[0]] += 1
+
+    handler, log = Handler(), logging.getLogger("jax")
+    log.addHandler(handler)
+    was = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)  # process-wide: the warm-up compiles in threads
+    try:
+        yield counts
+    finally:
+        jax.config.update("jax_log_compiles", was)
+        log.removeHandler(handler)
+
+
 def build_hf_model(family: str, path, **overrides):
     """Builds a random float32 HF model of `family`, perturbs its norms and biases, saves it."""
     import torch
@@ -118,7 +148,7 @@ def build_hf_model(family: str, path, **overrides):
 
     config_cls, model_cls, extra = FAMILIES[family]
     config = getattr(transformers, config_cls)(**{**TINY, **extra, **overrides})
-    torch.manual_seed(hash(family) % 1000)
+    torch.manual_seed(zlib.crc32(family.encode()) % 1000)  # the same model in every run
     model = getattr(transformers, model_cls)(config).float().eval()
     with torch.no_grad():  # norms start at 1 and biases at 0: make them count
         for name, p in model.named_parameters():

@@ -8,7 +8,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import build_hf_model
+from conftest import build_hf_model, xla_compiles
 
 import jaxinfer
 from jaxinfer import runner as runner_module
@@ -315,24 +315,41 @@ def test_no_recompiles_after_warmup(tiny_model, monkeypatch):
     (test_engine_stress checks the same of an engine of single steps.)"""
     monkeypatch.setenv("JAXINFER_DECODE_CUBLAS", "1")
     monkeypatch.setattr(runner_module, "CUBLAS_DECODE_ROWS", 4)
-    engine = Engine(
-        tiny_model,
-        max_num_seqs=4,
-        max_num_batched_tokens=32,
-        page_size=16,
-        num_pages=24,
-        warmup=True,
-        attention_impl="xla",
-        num_decode_steps=4,
-    )
+    with xla_compiles() as at_start:
+        engine = Engine(
+            tiny_model,
+            max_num_seqs=4,
+            max_num_batched_tokens=32,
+            page_size=16,
+            num_pages=24,
+            warmup=True,
+            attention_impl="xla",
+            num_decode_steps=4,
+        )
     compiled = engine.runner.num_compiles
     buckets = engine.runner.buckets
     rows = len({min(t, 4) for t in buckets})
     # each bucket's forward and a multi-step decode program per row bucket and sampler mode
-    forwards = len(buckets) + len(SAMPLE_MODES) * rows
+    forwards, decodes = len(buckets), len(SAMPLE_MODES) * rows
     samplers = len(SAMPLE_MODES) * rows  # per row bucket and mode
-    assert compiled == forwards + samplers
+    assert compiled == forwards + decodes + samplers
+    # Each traced once and compiled once: none again for the pools its first calls hand back.
+    compiled_at_start = [at_start[f"jit({f})"] for f in ("_forward_fn", "_decode_fn", "_sample_fn")]
+    assert compiled_at_start == [forwards, decodes, samplers]
     rng = np.random.RandomState(5)
+    with xla_compiles() as later:
+        serve_random_requests(engine, rng)
+    assert engine.stats["steps"] >= 120 // 4
+    assert engine.runner.num_compiles == compiled
+    assert not later  # no program, not even a small op, compiles after start-up
+    runner = engine.runner  # one program per sampler mode: the 4-row bucket's
+    assert runner._decode_program(4) is runner._decode_cublas
+    assert runner._decode_program(1) is runner._decode
+    assert runner._decode_cublas._cache_size() == len(SAMPLE_MODES)
+
+
+def serve_random_requests(engine, rng):
+    """200 steps, a request of random length and sampling every 7th of the first 160."""
     for step in range(200):
         if step % 7 == 0 and step < 160:
             n = int(rng.randint(1, 40))
@@ -347,12 +364,6 @@ def test_no_recompiles_after_warmup(tiny_model, monkeypatch):
                 ),
             )
         engine.step()
-    assert engine.stats["steps"] >= 120 // 4
-    assert engine.runner.num_compiles == compiled
-    runner = engine.runner  # one program per sampler mode: the 4-row bucket's
-    assert runner._decode_program(4) is runner._decode_cublas
-    assert runner._decode_program(1) is runner._decode
-    assert runner._decode_cublas._cache_size() == len(SAMPLE_MODES)
 
 
 def test_logprobs_are_log_softmax_of_the_model(tiny_model):

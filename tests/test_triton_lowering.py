@@ -141,6 +141,7 @@ def test_engine_programs_have_no_host_waits(gpu_kernels, family, decode):
     from jaxinfer.model import Model, init_params
     from jaxinfer.runner import Runner
     from jaxinfer.sampling import SAMPLE_MODES
+    from jaxinfer.sharding import one_device
 
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
     cfg = ModelConfig(
@@ -156,7 +157,9 @@ def test_engine_programs_have_no_host_waits(gpu_kernels, family, decode):
         **(moe if family == "mixtral" else {}),
     )
     model = Model(cfg, init_params(cfg, "bfloat16"), None, jnp.bfloat16, impl="pallas")
-    pages = init_pages(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 32, 16, jnp.bfloat16)
+    pages = init_pages(
+        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 32, 16, jnp.bfloat16, one_device()
+    )
     runner = Runner(
         model.decoder(),
         model.params,
