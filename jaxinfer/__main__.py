@@ -61,13 +61,16 @@ def generate_command(args) -> int:
     from jaxinfer.platform import log_device
     from jaxinfer.tokenizer import IncrementalDetokenizer, encode_prompt
 
+    params = sampling_params(args)  # bad sampling arguments fail before the model loads
     log_device()
     model = jaxinfer.load_model(
         args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size
     )
     prompt = encode_prompt(model.tokenizer, args.prompt, chat=args.chat)
     detok = IncrementalDetokenizer(model.tokenizer)
-    tokens = engine_tokens(model, prompt, args) if several else stream_tokens(model, prompt, args)
+    tokens = (
+        engine_tokens(model, prompt, params) if several else stream_tokens(model, prompt, params)
+    )
     out = sys.stdout if jax.process_index() == 0 else None  # the others compute the same
     for token in tokens:
         text = detok.push(token)
@@ -79,34 +82,40 @@ def generate_command(args) -> int:
     return 0
 
 
-def stream_tokens(model, prompt: list[int], args):
-    """The new tokens of `jaxinfer.stream` (one process)."""
-    import jaxinfer
+def sampling_params(args):
+    """The command's sampling arguments, checked (ValueError naming a bad one)."""
+    from jaxinfer import SamplingParams
 
-    return jaxinfer.stream(
-        model,
-        prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-
-
-def engine_tokens(model, prompt: list[int], args):
-    """The new tokens from the engine, step by step: with several processes, each runs the
-    same steps (`stream` is one process's program)."""
-    from jaxinfer import Engine, SamplingParams
-
-    engine = Engine(model, max_num_seqs=1, warmup=False)
-    params = SamplingParams(
+    return SamplingParams(
         max_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
     )
+
+
+def stream_tokens(model, prompt: list[int], params):
+    """The new tokens of `jaxinfer.stream` (one process)."""
+    import jaxinfer
+
+    return jaxinfer.stream(
+        model,
+        prompt,
+        max_new_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        seed=params.seed,
+    )
+
+
+def engine_tokens(model, prompt: list[int], params):
+    """The new tokens from the engine, step by step: with several processes, each runs the
+    same steps (`stream` is one process's program)."""
+    from jaxinfer import Engine
+
+    engine = Engine(model, max_num_seqs=1, warmup=False)
     engine.add_request("cli", prompt, params)
     while engine.has_unfinished_requests():
         for out in engine.step():

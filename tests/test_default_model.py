@@ -93,6 +93,10 @@ def test_cli_reports_bad_input(capsys):
 
     assert main(["generate", "--model", str(GGUF_PATH), "--temperature", "-1", "hi"]) == 2
     assert "temperature must be a finite float32 number >= 0" in capsys.readouterr().err
+    # checked before the model loads: a missing model is not what it reports
+    assert main(["generate", "--model", "/no/such/model", "--top-p", "2", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "top_p" in err and "/no/such/model" not in err
 
 
 def test_incremental_detokenizer_never_splits_characters(ours):
