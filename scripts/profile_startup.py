@@ -55,8 +55,10 @@ def main() -> int:
         compilation_cache_dir=args.cache,
     )
     t = time.perf_counter()
+    compiles = count_compiles()
     engine = Engine(model, warmup=args.mode == "engine", **opts)
     report["engine_s"] = time.perf_counter() - t
+    report.update(compiles)
     if args.mode != "engine":
         report["programs"] = profile_programs(engine.runner, args.mode == "parallel", args.workers)
         report["programs_total_s"] = time.perf_counter() - t - report["engine_s"]
@@ -66,6 +68,22 @@ def main() -> int:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
     return 0
+
+
+def count_compiles() -> dict:
+    """From now on, XLA programs compiled or loaded from the persistent cache (each jitted
+    program and each small op's) and their seconds, counted into the returned dict."""
+    import jax
+
+    stats = {"xla_compiles": 0, "xla_compile_s": 0.0}
+
+    def listener(event: str, seconds: float, **_):
+        if event == "/jax/core/compile/backend_compile_duration":  # jax._src.dispatch's name
+            stats["xla_compiles"] += 1
+            stats["xla_compile_s"] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return stats
 
 
 def profile_programs(runner, parallel: bool, workers: int) -> list[dict]:
