@@ -212,7 +212,8 @@ def test_grpc_text_stream_and_status_codes():
         # Outputs pending together come in one message: each piece's text is its tokens' text.
         assert "".join(p.text for p in pieces) == "defgh"
         assert all(p.text == "".join(chr(97 + t) for t in p.token_ids) for p in pieces)
-        assert [p.finish_reason for p in pieces][-2:] == ["", "length"]
+        # (how many pieces depends on how fast the client reads: only the last one finishes)
+        assert [p.finish_reason for p in pieces] == [""] * (len(pieces) - 1) + ["length"]
         assert client.generate("wx", max_tokens=9, temperature=0.0).text == "yz"
         with pytest.raises(grpc.RpcError) as e:
             client.generate("abc", request_id="doomed", max_tokens=5)
