@@ -8,6 +8,7 @@ sets (more bytes than L2), one sync per run; the weight-read floor beside them.
 
     python scripts/bench_decode_matmul.py --rows 100 --out bench/results/decode-matmul-m100-<card>.json
     python scripts/bench_decode_matmul.py --rows 128 --mgpu --no-triton --out bench/results/decode-matmul-m128-mgpu-<card>.json
+    python scripts/bench_decode_matmul.py --rows 128 --no-triton --shapes qkv,o,gate_up,qkv_o_gate_up --out bench/results/decode-matmul-m128-one-kernel-<card>.json
     python scripts/bench_decode_matmul.py --rows 16 --quick --shapes o   # CPU smoke (interpret mode)
 
 Each row: shape, k, n, m, w_nk (the decoder's layout is W [N, K]), xla_us, xla_nk_us,
@@ -36,6 +37,9 @@ gm = importlib.import_module("pallas_kernels.grouped_matmul")  # the package exp
 dm = importlib.import_module("pallas_kernels.decode_matmul")
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "down": (14336, 4096), "gate_up": (4096, 28672)}
 W_NK = {"qkv": True, "o": True, "down": False, "gate_up": False}  # the decoder's layouts
+# Not a weight of the model: q/k/v, o and gate/up side by side (the three with K = 4,096), one
+# matmul for their bytes, against the three apart: what two kernels' boundaries cost.
+SHAPES["qkv_o_gate_up"], W_NK["qkv_o_gate_up"] = (4096, 6144 + 4096 + 28672), False
 
 
 def tiles(quick: bool) -> list:
