@@ -58,6 +58,9 @@ class DecodeMatmulConfig:
     stages: int = 4
     splits: int = 1
     cluster: int = 1
+    # Programmatic dependent launch: let the next kernel launch at once, and load the first
+    # weight tiles before waiting for the kernel before (x may be its output; W is not).
+    pdl: bool = False
 
     def __post_init__(self):
         for name in ("tile_n", "tile_k"):
@@ -167,22 +170,36 @@ def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps):
         plgpu.set_max_registers(40, action="decrease")
         first = split * k_steps
 
-        def load(i, slot):
-            k0 = (first + i) * tk
+        def load_x(i, slot):
             plgpu.copy_gmem_to_smem(
-                x_ref.at[:, pl.ds(k0, tk)],
+                x_ref.at[:, pl.ds((first + i) * tk, tk)],
                 x_smem.at[slot],
                 x_loaded.at[slot],
                 collective_axes="cluster" if cfg.cluster > 1 else None,  # multicast
             )
+
+        def load_w(i, slot):
+            k0 = (first + i) * tk
             if w_nk:
                 src = w_ref.at[pl.ds(col, tn), pl.ds(k0, tk)]
             else:
                 src = w_ref.at[pl.ds(k0, tk), pl.ds(col, tn)]
             plgpu.copy_gmem_to_smem(src, w_smem.at[slot], w_loaded.at[slot])
 
-        for i in range(min(stages, k_steps)):
-            load(i, i)
+        def load(i, slot):
+            load_x(i, slot)
+            load_w(i, slot)
+
+        if cfg.pdl:
+            plgpu.griddepcontrol_launch_dependents()
+            for i in range(min(stages, k_steps)):
+                load_w(i, i)
+            plgpu.griddepcontrol_wait()  # x (and this kernel's output) may be the kernel before's
+            for i in range(min(stages, k_steps)):
+                load_x(i, i)
+        else:
+            for i in range(min(stages, k_steps)):
+                load(i, i)
 
         if k_steps > stages:
 

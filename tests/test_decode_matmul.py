@@ -78,6 +78,8 @@ def test_reference_is_the_product_in_either_layout(w_nk):
         (128, 512, 256, dm.DecodeMatmulConfig(64, 64, 6, 4)),  # fewer K steps than stages
         (128, 4096, 2048, dm.DecodeMatmulConfig(256, 64, 3, 2, cluster=2)),  # x multicast
         (64, 2048, 1024, dm.DecodeMatmulConfig(64, 128, 4, 1, cluster=4)),
+        (128, 4096, 1024, dm.DecodeMatmulConfig(64, 128, 4, 1, pdl=True)),  # weights first
+        (128, 512, 256, dm.DecodeMatmulConfig(64, 64, 6, 2, pdl=True)),
     ],
 )
 def test_kernel_matches_the_float32_product(m, k, n, cfg, w_nk):
@@ -89,6 +91,22 @@ def test_kernel_matches_the_float32_product(m, k, n, cfg, w_nk):
     assert got.shape == (m, n) and got.dtype == jnp.bfloat16
     err = np.abs(np.asarray(got, np.float32) - exact).max() / np.abs(exact).max()
     assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_pdl_waits_once_for_the_kernel_before_and_only_when_asked(pdl):
+    """Traced on any machine (the kernel lowers on Hopper only): with `pdl` the memory
+    warpgroup lets the next kernel launch and waits once, after its first weight loads."""
+    x = jnp.zeros((128, 512), jnp.bfloat16)
+    w = jnp.zeros((512, 256), jnp.bfloat16)
+    cfg = dm.DecodeMatmulConfig(64, 64, 6, 2, pdl=pdl)
+    text = str(jax.make_jaxpr(lambda x, w: dm.decode_matmul(x, w, w_nk=False, config=cfg))(x, w))
+    assert text.count("griddepcontrol_wait") == pdl
+    assert text.count("griddepcontrol_launch_dependents") == pdl
+    if pdl:  # the weight copies of the first slots come before the wait, x's after it: a
+        # CTA's K (512 over 2 splits) is 4 steps of 64, fewer than the 6 slots
+        before, after = text.split("griddepcontrol_wait")
+        assert before.count("copy_gmem_to_smem") == after.count("copy_gmem_to_smem") == 4
 
 
 def test_bench_sweeps_only_configs_of_one_or_two_waves():
