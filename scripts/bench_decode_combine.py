@@ -88,8 +88,7 @@ def main() -> None:
     pa._combine_call = current
     if args.out:
         report = {"device": bm.default_device().device_kind, "jax": jax.__version__, "rows": rows}
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=1)
+        bm.write_json(args.out, report)
 
 
 if __name__ == "__main__":

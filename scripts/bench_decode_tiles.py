@@ -92,8 +92,7 @@ def main() -> None:
             rows.append(row)
     if args.out:
         report = {"device": bm.default_device().device_kind, "jax": jax.__version__, "rows": rows}
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=1)
+        bm.write_json(args.out, report)
 
 
 if __name__ == "__main__":
