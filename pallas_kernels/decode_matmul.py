@@ -21,6 +21,11 @@ jaxinfer's decoders (`jaxinfer.models.layers.dense`). x is padded to 128 rows.
 Measured on an H200 at 128 rows over Llama-3-8B's weights, its best configs run at cuBLAS's
 speed, not faster (NOTES.md), so the engine keeps cuBLAS; this kernel stays as a tested base for
 fused or persistent forms.
+
+`decode_matmul_chain` is one persistent form: L dependent matmuls in one kernel, the CTAs
+meeting at a grid barrier between layers. Over [8192, 8192] weights on an H200 it ran at the
+speed of the same tiles as L kernels: a dependency costs cuBLAS ~7 us a matmul, but this
+kernel streams below cuBLAS's rate even with none, so there was nothing to win (NOTES.md).
 """
 
 from __future__ import annotations
@@ -112,6 +117,64 @@ def decode_matmul_reference(x, w, *, w_nk: bool):
     return y.astype(x.dtype)
 
 
+def _tiled(dtype):
+    """128-byte swizzled (8, 128 bytes) tiles: what wgmma and TMA read."""
+    plgpu = _plgpu()
+    elems = 128 // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(128))
+
+
+def _weight_view(w_smem, slot, w_nk: bool):
+    """The wgmma B operand of a ring slot, [tile_k, tile_n]."""
+    if w_nk:  # transpose_ref: what ran on the GPU (as in flash_attention_mgpu)
+        return _plgpu().transpose_ref(w_smem.at[slot], (1, 0))
+    return w_smem.at[slot]
+
+
+def _mma_steps(ring, barriers, *, rows, first, k_steps, cfg, w_nk):
+    """wgmma over the ring's steps [first, first + k_steps) for 64 rows of x, releasing each
+    slot once its wgmma is done; returns the [64, tile_n] float32 product.
+
+    `first` counts steps across the whole kernel (a chain's layers follow each other in the
+    ring, each from step l * k_steps), so every slot's barriers are waited on in order.
+    """
+    plgpu = _plgpu()
+    x_smem, w_smem = ring
+    x_loaded, w_loaded, consumed = barriers
+
+    def run(acc_ref):
+        def step(i, _):
+            stages = jnp.int32(cfg.stages)
+            slot = lax.rem(first + i, stages)
+            plgpu.barrier_wait(x_loaded.at[slot])
+            plgpu.barrier_wait(w_loaded.at[slot])
+            plgpu.wgmma(acc_ref, x_smem.at[slot].at[rows], _weight_view(w_smem, slot, w_nk))
+            plgpu.wgmma_wait(1)  # the previous step's wgmma is done: free its slot
+
+            @pl.when(i > 0)
+            def _():
+                plgpu.barrier_arrive(consumed.at[lax.rem(first + i + stages - 1, stages)])
+
+        lax.fori_loop(0, k_steps, step, None)
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(consumed.at[(first + k_steps - 1) % cfg.stages])
+        return acc_ref[...]
+
+    return pl.run_scoped(run, plgpu.ACC((64, cfg.tile_n), jnp.float32))
+
+
+def _store_tile(acc, out_smem, wg, dst, col, cfg):
+    """acc [64, tile_n] f32 -> dst[:, col:col + tile_n] (GMEM), 64 columns at a time through
+    the warpgroup's output slots in turn; returns once the copies have left shared memory."""
+    plgpu = _plgpu()
+    for c in range(cfg.tile_n // EPI_N):
+        slot = out_smem.at[wg, c % out_slots(cfg)]
+        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slot's last store has read it
+        slot[...] = acc[:, c * EPI_N : (c + 1) * EPI_N].astype(out_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(slot, dst.at[:, pl.ds(col + c * EPI_N, EPI_N)])
+
+
 def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps):
     """One CTA: columns [j * tile_n, +tile_n), K steps [s * k_steps, +k_steps).
 
@@ -132,37 +195,17 @@ def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps):
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         rows = pl.ds(wg * 64, 64)
-
-        def weight(slot):  # the wgmma B operand, [tile_k, tile_n]
-            if w_nk:  # transpose_ref: what ran on the GPU (as in flash_attention_mgpu)
-                return plgpu.transpose_ref(w_smem.at[slot], (1, 0))
-            return w_smem.at[slot]
-
-        def run(acc_ref):
-            def step(i, _):
-                slot = lax.rem(i, jnp.int32(stages))
-                plgpu.barrier_wait(x_loaded.at[slot])
-                plgpu.barrier_wait(w_loaded.at[slot])
-                plgpu.wgmma(acc_ref, x_smem.at[slot].at[rows], weight(slot))
-                plgpu.wgmma_wait(1)  # the previous step's wgmma is done: free its slot
-
-                @pl.when(i > 0)
-                def _():
-                    plgpu.barrier_arrive(consumed.at[lax.rem(i + stages - 1, jnp.int32(stages))])
-
-            lax.fori_loop(0, k_steps, step, None)
-            plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(consumed.at[(k_steps - 1) % stages])
-            return acc_ref[...]
-
-        acc = pl.run_scoped(run, plgpu.ACC((64, tn), jnp.float32))
+        acc = _mma_steps(
+            (x_smem, w_smem),
+            (x_loaded, w_loaded, consumed),
+            rows=rows,
+            first=0,
+            k_steps=k_steps,
+            cfg=cfg,
+            w_nk=w_nk,
+        )
         dst = out_ref.at[rows] if cfg.splits == 1 else out_ref.at[split, rows]
-        for c in range(tn // EPI_N):  # 64 columns at a time, the slots in turn
-            slot = out_smem.at[wg, c % out_slots(cfg)]
-            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the slot's last store has read it
-            slot[...] = acc[:, c * EPI_N : (c + 1) * EPI_N].astype(out_smem.dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(slot, dst.at[:, pl.ds(col + c * EPI_N, EPI_N)])
+        _store_tile(acc, out_smem, wg, dst, col, cfg)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
@@ -233,17 +276,13 @@ def decode_matmul(x, w, *, w_nk: bool, config: DecodeMatmulConfig | None = None)
     out_shape = (ROWS, n) if cfg.splits == 1 else (cfg.splits, ROWS, n)
     kernel = functools.partial(_kernel, cfg=cfg, w_nk=w_nk, k_steps=k_steps)
 
-    def tiled(dtype):  # 128-byte swizzled (8, 128 bytes) tiles: what wgmma and TMA read
-        elems = 128 // jnp.dtype(dtype).itemsize
-        return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(128))
-
     w_tile = (cfg.tile_n, cfg.tile_k) if w_nk else (cfg.tile_k, cfg.tile_n)
 
     def entry(x_ref, w_ref, out_ref):
         smem = (
-            plgpu.SMEM((cfg.stages, ROWS, cfg.tile_k), x.dtype, transforms=tiled(x.dtype)),
-            plgpu.SMEM((cfg.stages, *w_tile), w.dtype, transforms=tiled(w.dtype)),
-            plgpu.SMEM((2, out_slots(cfg), 64, EPI_N), out_dtype, transforms=tiled(out_dtype)),
+            plgpu.SMEM((cfg.stages, ROWS, cfg.tile_k), x.dtype, transforms=_tiled(x.dtype)),
+            plgpu.SMEM((cfg.stages, *w_tile), w.dtype, transforms=_tiled(w.dtype)),
+            plgpu.SMEM((2, out_slots(cfg), 64, EPI_N), out_dtype, transforms=_tiled(out_dtype)),
         )
         if cfg.cluster > 1:  # a slot is free once every CTA sharing its x tile is done with it
             consumed = plgpu.ClusterBarrier(
@@ -273,3 +312,130 @@ def decode_matmul(x, w, *, w_nk: bool, config: DecodeMatmulConfig | None = None)
     if cfg.splits > 1:
         out = out.sum(axis=0).astype(x.dtype)
     return out[:m]
+
+
+def _chain_kernel(x_ref, ws_ref, buf_ref, scoped, *, cfg, layers, k_steps, num_ctas):
+    """One CTA of the persistent chain: columns [j * tile_n, +tile_n) of every layer.
+
+    x_ref [128, K] bf16 (layer 0's input); ws_ref [L, K, K] bf16; buf_ref [2, 128, K] bf16
+    (GMEM): layer l reads buf[l % 2] (x for l = 0) and writes buf[(l + 1) % 2].
+    """
+    plgpu = _plgpu()
+    tn, tk, stages = cfg.tile_n, cfg.tile_k, cfg.stages
+    (x_smem, w_smem, out_smem), (x_loaded, w_loaded), consumed = scoped
+    col = lax.axis_index("n") * tn
+    wg = lax.axis_index("wg")
+    done = pl.get_global(plgpu.SemaphoreType.REGULAR)  # layers' tiles stored, all CTAs
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        rows = pl.ds(wg * 64, 64)
+        for layer in range(layers):
+            acc = _mma_steps(
+                (x_smem, w_smem),
+                (x_loaded, w_loaded, consumed),
+                rows=rows,
+                first=layer * k_steps,
+                k_steps=k_steps,
+                cfg=cfg,
+                w_nk=False,
+            )
+            _store_tile(acc, out_smem, wg, buf_ref.at[(layer + 1) % 2, rows], col, cfg)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=False)  # in GMEM, not just read
+            if layer + 1 < layers:
+                pl.semaphore_signal(done)
+
+    @pl.when(wg == 2)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def load_x(layer, i, slot):
+            src = x_ref if layer == 0 else buf_ref.at[layer % 2]
+            plgpu.copy_gmem_to_smem(
+                src.at[:, pl.ds(i * tk, tk)], x_smem.at[slot], x_loaded.at[slot]
+            )
+
+        def load_w(layer, i, slot):
+            src = ws_ref.at[layer, pl.ds(i * tk, tk), pl.ds(col, tn)]
+            plgpu.copy_gmem_to_smem(src, w_smem.at[slot], w_loaded.at[slot])
+
+        for layer in range(layers):
+            first = layer * k_steps
+            ahead = min(stages, k_steps)
+            for i in range(ahead):  # the weights first: they do not wait for the layer before
+                if first + i >= stages:
+                    plgpu.barrier_wait(consumed.at[(first + i) % stages])
+                load_w(layer, i, (first + i) % stages)
+            if layer > 0:  # every CTA's two warpgroups have stored the layer before
+                pl.semaphore_wait(done, 2 * num_ctas * layer, decrement=False)
+            for i in range(ahead):
+                load_x(layer, i, (first + i) % stages)
+            if k_steps > ahead:
+
+                @pl.loop(ahead, k_steps)
+                def _(i, layer=layer, first=first):
+                    slot = lax.rem(first + i, jnp.int32(stages))
+                    plgpu.barrier_wait(consumed.at[slot])
+                    load_x(layer, i, slot)
+                    load_w(layer, i, slot)
+
+        total = layers * k_steps
+        for g in range(max(0, total - stages), total):  # all released before the CTA exits
+            plgpu.barrier_wait(consumed.at[g % stages])
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def decode_matmul_chain(x, ws, *, config: DecodeMatmulConfig | None = None):
+    """x [M, K] @ ws[0] @ ws[1] ... (ws [L, K, K] bf16, each product rounded to bf16) as one
+    persistent kernel, M <= 128. Hopper GPUs only.
+
+    An experiment on what a decode layer in one kernel could gain: the CTAs of one wave stay
+    resident across the L matmuls, each CTA loads its first weight tiles of a layer before it
+    waits (on a global semaphore) for every CTA to have stored the layer before, so the
+    kernel boundaries' ramp-up and tail overlap. Every CTA must be resident at once (a grid
+    barrier): N // tile_n CTAs, at most the GPU's SM count.
+    """
+    plgpu = _plgpu()
+    cfg = config or DecodeMatmulConfig()
+    m, k = x.shape
+    layers = ws.shape[0]
+    if ws.shape[1:] != (k, k):
+        raise ValueError(f"ws {ws.shape} must be [L, K, K] with K = {k}, x's columns")
+    if cfg.splits != 1 or cfg.cluster != 1 or cfg.pdl:
+        raise ValueError(f"the chain takes neither splits, clusters nor pdl: {cfg}")
+    if reason := why_not(m, k, k, x.dtype, cfg):
+        raise ValueError(f"decode_matmul_chain can't take this call: {reason}")
+    num_ctas = k // cfg.tile_n
+    sms = getattr(jax.devices()[0], "core_count", None)
+    if sms is not None and num_ctas > sms:
+        raise ValueError(f"{num_ctas} CTAs can't all be resident on {sms} SMs (a grid barrier)")
+    xp = jnp.pad(x, ((0, ROWS - m), (0, 0))) if m < ROWS else x
+    kernel = functools.partial(
+        _chain_kernel, cfg=cfg, layers=layers, k_steps=k // cfg.tile_k, num_ctas=num_ctas
+    )
+
+    def entry(x_ref, ws_ref, buf_ref):
+        bf16 = jnp.bfloat16
+        smem = (
+            plgpu.SMEM((cfg.stages, ROWS, cfg.tile_k), bf16, transforms=_tiled(bf16)),
+            plgpu.SMEM((cfg.stages, cfg.tile_k, cfg.tile_n), bf16, transforms=_tiled(bf16)),
+            plgpu.SMEM((2, out_slots(cfg), 64, EPI_N), bf16, transforms=_tiled(bf16)),
+        )
+        pl.run_scoped(
+            lambda *scoped: kernel(x_ref, ws_ref, buf_ref, scoped),
+            smem,
+            (plgpu.Barrier(num_barriers=cfg.stages), plgpu.Barrier(num_barriers=cfg.stages)),
+            plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages),
+            collective_axes="wg",
+        )
+
+    buf = plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct((2, ROWS, k), jnp.bfloat16),
+        grid=(num_ctas,),
+        grid_names=("n",),
+        num_threads=3,
+        thread_name="wg",
+    )(xp, ws)
+    return buf[layers % 2, :m]

@@ -109,6 +109,64 @@ def test_pdl_waits_once_for_the_kernel_before_and_only_when_asked(pdl):
         assert before.count("copy_gmem_to_smem") == after.count("copy_gmem_to_smem") == 4
 
 
+@pytest.mark.skipif(not on_hopper(), reason="Mosaic GPU kernel: Hopper GPUs only")
+@pytest.mark.parametrize(
+    "m,k,layers,cfg",
+    [
+        (128, 2048, 4, dm.DecodeMatmulConfig(64, 128, 4)),
+        (100, 1024, 3, dm.DecodeMatmulConfig(128, 64, 5)),
+        (7, 256, 5, dm.DecodeMatmulConfig(64, 64, 8)),  # fewer K steps than stages
+    ],
+)
+def test_chain_is_bitwise_the_matmuls_one_by_one(m, k, layers, cfg):
+    """The persistent chain runs the same tiles in the same order as separate kernels, so each
+    layer's bf16 product, and the last one, are the same bits."""
+    kx, kw = jax.random.split(jax.random.key(m + k + layers))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    ws = (jax.random.normal(kw, (layers, k, k), jnp.float32) * k**-0.5).astype(jnp.bfloat16)
+    want = x
+    for w in ws:
+        want = dm.decode_matmul(want, w, w_nk=False, config=cfg)
+    for _ in range(3):  # again: the grid barrier's semaphore starts from zero on every call
+        got = dm.decode_matmul_chain(x, ws, config=cfg)
+        assert got.shape == (m, k) and got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    exact = np.asarray(x, np.float32)
+    for w in np.asarray(ws, np.float32):
+        exact = exact @ w
+    err = np.abs(np.asarray(got, np.float32) - exact).max() / np.abs(exact).max()
+    assert err < 3e-2, err
+
+
+def test_chain_loads_a_layers_weights_before_it_waits_for_the_layer_before():
+    """Traced on any machine: L - 1 grid-barrier waits, one signal per compute warpgroup and
+    layer but the last, and before each wait the next layer's first weight copies (4 slots;
+    the first layer's 4 steps of 128 come before any wait, with its x copies)."""
+    x = jnp.zeros((128, 512), jnp.bfloat16)
+    ws = jnp.zeros((3, 512, 512), jnp.bfloat16)
+    cfg = dm.DecodeMatmulConfig(64, 128, 4)
+    text = str(jax.make_jaxpr(lambda x, ws: dm.decode_matmul_chain(x, ws, config=cfg))(x, ws))
+    assert text.count("semaphore_signal") == 2 and text.count("semaphore_wait") == 2
+    first, second, third = text.split("semaphore_wait")  # only the memory warpgroup copies in
+    assert first.count("copy_gmem_to_smem") == 4 + 4 + 4  # layer 0's x and w, layer 1's w
+    assert second.count("copy_gmem_to_smem") == 4 + 4  # layer 1's x, layer 2's w
+    assert third.count("copy_gmem_to_smem") == 4  # layer 2's x
+
+
+def test_chain_refuses_what_it_cannot_run():
+    x = jnp.zeros((128, 512), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"\[L, K, K\]"):
+        dm.decode_matmul_chain(x, jnp.zeros((2, 512, 256), jnp.bfloat16))
+    with pytest.raises(ValueError, match="splits"):
+        dm.decode_matmul_chain(
+            x, jnp.zeros((2, 512, 512), jnp.bfloat16), config=dm.DecodeMatmulConfig(splits=2)
+        )
+    with pytest.raises(ValueError, match="129 rows"):
+        dm.decode_matmul_chain(
+            jnp.zeros((129, 512), jnp.bfloat16), jnp.zeros((2, 512, 512), jnp.bfloat16)
+        )
+
+
 def test_bench_sweeps_only_configs_of_one_or_two_waves():
     script = load_script("bench_decode_matmul")
     cfgs = script.mgpu_configs(False, 4096, [1, 2])
