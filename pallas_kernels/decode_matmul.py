@@ -66,9 +66,6 @@ class DecodeMatmulConfig:
     # Programmatic dependent launch: let the next kernel launch at once, and load the first
     # weight tiles before waiting for the kernel before (x may be its output; W is not).
     pdl: bool = False
-    # Each CTA walks its K steps from its own start (the column tile's index), so that the CTAs
-    # do not all copy the same x tile from L2 at once; the sum's order then differs by column.
-    stagger: bool = False
 
     def __post_init__(self):
         for name in ("tile_n", "tile_k"):
@@ -134,48 +131,36 @@ def _weight_view(w_smem, slot, w_nk: bool):
     return w_smem.at[slot]
 
 
-def _slot(step, slots: int):
-    """The ring slot of a step: static when the step is."""
-    return step % slots if isinstance(step, int) else lax.rem(step, jnp.int32(slots))
-
-
-def _mma_steps(ring, barriers, *, rows, first, k_steps, tile_n, stages, w_nk):
+def _mma_steps(ring, barriers, *, rows, first, k_steps, cfg, w_nk):
     """wgmma over the ring's steps [first, first + k_steps) for 64 rows of x, releasing each
-    step's slots once its wgmma is done; returns the [64, tile_n] float32 product.
+    slot once its wgmma is done; returns the [64, tile_n] float32 product.
 
-    ring: x_smem, w_smem; barriers: x_loaded, w_loaded, x_free, w_free (x_free is w_free when
-    x and the weight share one ring); stages: the x ring's and the weight ring's slots.
     `first` counts steps across the whole kernel (a chain's layers follow each other in the
-    rings, each from step l * k_steps), so every slot's barriers are waited on in order.
+    ring, each from step l * k_steps), so every slot's barriers are waited on in order.
     """
     plgpu = _plgpu()
     x_smem, w_smem = ring
-    x_loaded, w_loaded, x_free, w_free = barriers
-    x_stages, w_stages = stages
-
-    def release(step):
-        plgpu.barrier_arrive(x_free.at[_slot(step, x_stages)])
-        if w_free is not x_free:
-            plgpu.barrier_arrive(w_free.at[_slot(step, w_stages)])
+    x_loaded, w_loaded, consumed = barriers
 
     def run(acc_ref):
         def step(i, _):
-            xs, ws = _slot(first + i, x_stages), _slot(first + i, w_stages)
-            plgpu.barrier_wait(x_loaded.at[xs])
-            plgpu.barrier_wait(w_loaded.at[ws])
-            plgpu.wgmma(acc_ref, x_smem.at[xs].at[rows], _weight_view(w_smem, ws, w_nk))
-            plgpu.wgmma_wait(1)  # the previous step's wgmma is done: free its slots
+            stages = jnp.int32(cfg.stages)
+            slot = lax.rem(first + i, stages)
+            plgpu.barrier_wait(x_loaded.at[slot])
+            plgpu.barrier_wait(w_loaded.at[slot])
+            plgpu.wgmma(acc_ref, x_smem.at[slot].at[rows], _weight_view(w_smem, slot, w_nk))
+            plgpu.wgmma_wait(1)  # the previous step's wgmma is done: free its slot
 
             @pl.when(i > 0)
             def _():
-                release(first + i - 1)
+                plgpu.barrier_arrive(consumed.at[lax.rem(first + i + stages - 1, stages)])
 
         lax.fori_loop(0, k_steps, step, None)
         plgpu.wgmma_wait(0)
-        release(first + k_steps - 1)
+        plgpu.barrier_arrive(consumed.at[(first + k_steps - 1) % cfg.stages])
         return acc_ref[...]
 
-    return pl.run_scoped(run, plgpu.ACC((64, tile_n), jnp.float32))
+    return pl.run_scoped(run, plgpu.ACC((64, cfg.tile_n), jnp.float32))
 
 
 def _store_tile(acc, out_smem, wg, dst, col, cfg):
@@ -212,12 +197,11 @@ def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps):
         rows = pl.ds(wg * 64, 64)
         acc = _mma_steps(
             (x_smem, w_smem),
-            (x_loaded, w_loaded, consumed, consumed),
+            (x_loaded, w_loaded, consumed),
             rows=rows,
             first=0,
             k_steps=k_steps,
-            tile_n=tn,
-            stages=(stages, stages),
+            cfg=cfg,
             w_nk=w_nk,
         )
         dst = out_ref.at[rows] if cfg.splits == 1 else out_ref.at[split, rows]
@@ -229,20 +213,16 @@ def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps):
         plgpu.set_max_registers(40, action="decrease")
         first = split * k_steps
 
-        def k_tile(i):  # the i-th K step's tile of x and W, rotated when staggered (by the
-            # cluster's index: a cluster's CTAs share each x copy)
-            return first + (lax.rem(i + lax.axis_index("n"), k_steps) if cfg.stagger else i)
-
         def load_x(i, slot):
             plgpu.copy_gmem_to_smem(
-                x_ref.at[:, pl.ds(k_tile(i) * tk, tk)],
+                x_ref.at[:, pl.ds((first + i) * tk, tk)],
                 x_smem.at[slot],
                 x_loaded.at[slot],
                 collective_axes="cluster" if cfg.cluster > 1 else None,  # multicast
             )
 
         def load_w(i, slot):
-            k0 = k_tile(i) * tk
+            k0 = (first + i) * tk
             if w_nk:
                 src = w_ref.at[pl.ds(col, tn), pl.ds(k0, tk)]
             else:
@@ -334,23 +314,15 @@ def decode_matmul(x, w, *, w_nk: bool, config: DecodeMatmulConfig | None = None)
     return out[:m]
 
 
-def chain_smem_bytes(cfg: DecodeMatmulConfig, w_stages: int) -> int:
-    """The chain's rings (x: cfg.stages slots, the weight: w_stages) and output chunks."""
-    ring = (cfg.stages * ROWS + w_stages * cfg.tile_n) * cfg.tile_k * 2
-    return ring + 2 * out_slots(cfg) * 64 * EPI_N * 2 + SMEM_OVERHEAD
-
-
-def _chain_kernel(x_ref, ws_ref, buf_ref, scoped, *, cfg, w_stages, layers, k_steps, num_ctas):
+def _chain_kernel(x_ref, ws_ref, buf_ref, scoped, *, cfg, layers, k_steps, num_ctas):
     """One CTA of the persistent chain: columns [j * tile_n, +tile_n) of every layer.
 
     x_ref [128, K] bf16 (layer 0's input); ws_ref [L, K, K] bf16; buf_ref [2, 128, K] bf16
-    (GMEM): layer l reads buf[l % 2] (x for l = 0) and writes buf[(l + 1) % 2]. x and the
-    weight have rings of their own (cfg.stages and w_stages slots): the weight's copies run
-    w_stages - cfg.stages steps ahead of x's, across the grid barrier between layers too.
+    (GMEM): layer l reads buf[l % 2] (x for l = 0) and writes buf[(l + 1) % 2].
     """
     plgpu = _plgpu()
-    tn, tk, x_stages = cfg.tile_n, cfg.tile_k, cfg.stages
-    (x_smem, w_smem, out_smem), (x_loaded, w_loaded), (x_free, w_free) = scoped
+    tn, tk, stages = cfg.tile_n, cfg.tile_k, cfg.stages
+    (x_smem, w_smem, out_smem), (x_loaded, w_loaded), consumed = scoped
     col = lax.axis_index("n") * tn
     wg = lax.axis_index("wg")
     done = pl.get_global(plgpu.SemaphoreType.REGULAR)  # layers' tiles stored, all CTAs
@@ -362,12 +334,11 @@ def _chain_kernel(x_ref, ws_ref, buf_ref, scoped, *, cfg, w_stages, layers, k_st
         for layer in range(layers):
             acc = _mma_steps(
                 (x_smem, w_smem),
-                (x_loaded, w_loaded, x_free, w_free),
+                (x_loaded, w_loaded, consumed),
                 rows=rows,
                 first=layer * k_steps,
                 k_steps=k_steps,
-                tile_n=tn,
-                stages=(x_stages, w_stages),
+                cfg=cfg,
                 w_nk=False,
             )
             _store_tile(acc, out_smem, wg, buf_ref.at[(layer + 1) % 2, rows], col, cfg)
@@ -378,118 +349,84 @@ def _chain_kernel(x_ref, ws_ref, buf_ref, scoped, *, cfg, w_stages, layers, k_st
     @pl.when(wg == 2)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-        total, lag = layers * k_steps, w_stages - x_stages
 
-        def k0_of(g):  # step g of the whole chain: layer g // k_steps, rotated when staggered
-            i = lax.rem(g, k_steps)
-            return (lax.rem(i + col // tn, k_steps) if cfg.stagger else i) * tk
+        def load_x(layer, i, slot):
+            src = x_ref if layer == 0 else buf_ref.at[layer % 2]
+            plgpu.copy_gmem_to_smem(
+                src.at[:, pl.ds(i * tk, tk)], x_smem.at[slot], x_loaded.at[slot]
+            )
 
-        def load_w(g):
-            src = ws_ref.at[g // k_steps, pl.ds(k0_of(g), tk), pl.ds(col, tn)]
-            slot = _slot(g, w_stages)
+        def load_w(layer, i, slot):
+            src = ws_ref.at[layer, pl.ds(i * tk, tk), pl.ds(col, tn)]
             plgpu.copy_gmem_to_smem(src, w_smem.at[slot], w_loaded.at[slot])
 
-        def load_x(g):
-            layer, k0, slot = g // k_steps, k0_of(g), _slot(g, x_stages)
+        for layer in range(layers):
+            first = layer * k_steps
+            ahead = min(stages, k_steps)
+            for i in range(ahead):  # the weights first: they do not wait for the layer before
+                if first + i >= stages:
+                    plgpu.barrier_wait(consumed.at[(first + i) % stages])
+                load_w(layer, i, (first + i) % stages)
+            if layer > 0:  # every CTA's two warpgroups have stored the layer before
+                pl.semaphore_wait(done, 2 * num_ctas * layer, decrement=False)
+            for i in range(ahead):
+                load_x(layer, i, (first + i) % stages)
+            if k_steps > ahead:
 
-            @pl.when(layer == 0)
-            def _():
-                plgpu.copy_gmem_to_smem(
-                    x_ref.at[:, pl.ds(k0, tk)], x_smem.at[slot], x_loaded.at[slot]
-                )
+                @pl.loop(ahead, k_steps)
+                def _(i, layer=layer, first=first):
+                    slot = lax.rem(first + i, jnp.int32(stages))
+                    plgpu.barrier_wait(consumed.at[slot])
+                    load_x(layer, i, slot)
+                    load_w(layer, i, slot)
 
-            @pl.when(layer > 0)
-            def _():
-                src = buf_ref.at[lax.rem(layer, 2), :, pl.ds(k0, tk)]
-                plgpu.copy_gmem_to_smem(src, x_smem.at[slot], x_loaded.at[slot])
-
-        @pl.loop(0, total + lag)
-        def _(g):
-            @pl.when(g < total)
-            def _():
-                @pl.when(g >= w_stages)
-                def _():
-                    plgpu.barrier_wait(w_free.at[_slot(g, w_stages)])
-
-                load_w(g)
-
-            gx = g - lag  # x's copies trail the weight's by `lag` steps
-
-            @pl.when(gx >= 0)
-            def _():
-                layer = gx // k_steps
-
-                @pl.when((layer > 0) & (lax.rem(gx, k_steps) == 0))
-                def _():  # every CTA's two warpgroups have stored the layer before
-                    pl.semaphore_wait(done, 2 * num_ctas * layer, decrement=False)
-
-                @pl.when(gx >= x_stages)
-                def _():
-                    plgpu.barrier_wait(x_free.at[_slot(gx, x_stages)])
-
-                load_x(gx)
-
-        for g in range(max(0, total - w_stages), total):  # all released before the CTA exits
-            plgpu.barrier_wait(w_free.at[g % w_stages])
-        for g in range(max(0, total - x_stages), total):
-            plgpu.barrier_wait(x_free.at[g % x_stages])
+        total = layers * k_steps
+        for g in range(max(0, total - stages), total):  # all released before the CTA exits
+            plgpu.barrier_wait(consumed.at[g % stages])
 
 
-@functools.partial(jax.jit, static_argnames=("config", "w_stages"))
-def decode_matmul_chain(x, ws, *, config: DecodeMatmulConfig | None = None, w_stages=None):
+@functools.partial(jax.jit, static_argnames=("config",))
+def decode_matmul_chain(x, ws, *, config: DecodeMatmulConfig | None = None):
     """x [M, K] @ ws[0] @ ws[1] ... (ws [L, K, K] bf16, each product rounded to bf16) as one
     persistent kernel, M <= 128. Hopper GPUs only.
 
     An experiment on what a decode layer in one kernel could gain: the CTAs of one wave stay
-    resident across the L matmuls, and the weight's copies run ahead of x's (a ring of
-    `w_stages` slots against x's `config.stages`, the same by default) also while a CTA
-    waits (on a global semaphore) for every CTA to have stored the layer before. Every CTA
-    must be resident at once (a grid barrier): N // tile_n CTAs, at most the GPU's SM count.
+    resident across the L matmuls, each CTA loads its first weight tiles of a layer before it
+    waits (on a global semaphore) for every CTA to have stored the layer before, so the
+    kernel boundaries' ramp-up and tail overlap. Every CTA must be resident at once (a grid
+    barrier): N // tile_n CTAs, at most the GPU's SM count.
     """
     plgpu = _plgpu()
     cfg = config or DecodeMatmulConfig()
-    w_stages = w_stages or cfg.stages
     m, k = x.shape
     layers = ws.shape[0]
     if ws.shape[1:] != (k, k):
         raise ValueError(f"ws {ws.shape} must be [L, K, K] with K = {k}, x's columns")
     if cfg.splits != 1 or cfg.cluster != 1 or cfg.pdl:
         raise ValueError(f"the chain takes neither splits, clusters nor pdl: {cfg}")
-    if w_stages < cfg.stages:
-        raise ValueError(f"w_stages={w_stages} below x's {cfg.stages}: the weight leads")
     if reason := why_not(m, k, k, x.dtype, cfg):
         raise ValueError(f"decode_matmul_chain can't take this call: {reason}")
-    if (need := chain_smem_bytes(cfg, w_stages)) > SMEM_LIMIT:
-        raise ValueError(f"{cfg} with w_stages={w_stages} needs {need} bytes of shared memory")
     num_ctas = k // cfg.tile_n
     sms = getattr(jax.devices()[0], "core_count", None)
     if sms is not None and num_ctas > sms:
         raise ValueError(f"{num_ctas} CTAs can't all be resident on {sms} SMs (a grid barrier)")
     xp = jnp.pad(x, ((0, ROWS - m), (0, 0))) if m < ROWS else x
     kernel = functools.partial(
-        _chain_kernel,
-        cfg=cfg,
-        w_stages=w_stages,
-        layers=layers,
-        k_steps=k // cfg.tile_k,
-        num_ctas=num_ctas,
+        _chain_kernel, cfg=cfg, layers=layers, k_steps=k // cfg.tile_k, num_ctas=num_ctas
     )
 
     def entry(x_ref, ws_ref, buf_ref):
         bf16 = jnp.bfloat16
         smem = (
             plgpu.SMEM((cfg.stages, ROWS, cfg.tile_k), bf16, transforms=_tiled(bf16)),
-            plgpu.SMEM((w_stages, cfg.tile_k, cfg.tile_n), bf16, transforms=_tiled(bf16)),
+            plgpu.SMEM((cfg.stages, cfg.tile_k, cfg.tile_n), bf16, transforms=_tiled(bf16)),
             plgpu.SMEM((2, out_slots(cfg), 64, EPI_N), bf16, transforms=_tiled(bf16)),
         )
         pl.run_scoped(
             lambda *scoped: kernel(x_ref, ws_ref, buf_ref, scoped),
             smem,
-            (plgpu.Barrier(num_barriers=cfg.stages), plgpu.Barrier(num_barriers=w_stages)),
-            (
-                plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages),
-                plgpu.Barrier(num_arrivals=2, num_barriers=w_stages),
-            ),
+            (plgpu.Barrier(num_barriers=cfg.stages), plgpu.Barrier(num_barriers=cfg.stages)),
+            plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages),
             collective_axes="wg",
         )
 

@@ -35,8 +35,6 @@ def chain_fn(impl: str, between: bool):
         "pdl": dm.DecodeMatmulConfig(64, 128, 4, pdl=True),
         # wider tiles, K split in two: half the x bytes per weight byte, f32 partials summed
         "mosaic_n128_s2": dm.DecodeMatmulConfig(128, 64, 5, 2),
-        # each CTA from its own K step: not all copying one x tile from L2 at once
-        "mosaic_stagger": dm.DecodeMatmulConfig(64, 128, 4, stagger=True),
     }.get(impl)
 
     def matmul(x, w):
@@ -56,27 +54,18 @@ def chain_fn(impl: str, between: bool):
 
 
 def persistent(x, ws, layers: int, want, report: dict) -> None:
-    """The chain as one persistent kernel, over tilings of one wave and rings in which the
-    weight's copies run ahead of x's; `want` is the Mosaic kernels' chain one by one (the same
-    tiles: the same bits)."""
-    for name, cfg, w_stages in (  # x's slots in the config, the weight's beside it
-        ("chain", dm.DecodeMatmulConfig(64, 128, 4), 4),
-        ("chain_k64", dm.DecodeMatmulConfig(64, 64, 8), 8),
-        ("chain_k64_x4_w16", dm.DecodeMatmulConfig(64, 64, 4), 16),
-        ("chain_stagger", dm.DecodeMatmulConfig(64, 128, 4, stagger=True), 4),
-        ("chain_k64_stagger", dm.DecodeMatmulConfig(64, 64, 8, stagger=True), 8),
-        ("chain_k64_x4_w16_stagger", dm.DecodeMatmulConfig(64, 64, 4, stagger=True), 16),
-        ("chain_k128_x3_w6_stagger", dm.DecodeMatmulConfig(64, 128, 3, stagger=True), 6),
+    """The chain as one persistent kernel, over two tilings of one wave; `want` is the
+    Mosaic kernels' chain one by one (the same tiles: the same bits)."""
+    for name, cfg in (
+        ("chain", dm.DecodeMatmulConfig(64, 128, 4)),
+        ("chain_k64", dm.DecodeMatmulConfig(64, 64, 8)),
     ):
-        fn = lambda x, ws, cfg=cfg, w=w_stages: dm.decode_matmul_chain(  # noqa: E731
-            x, ws, config=cfg, w_stages=w
-        )
+        fn = lambda x, ws, cfg=cfg: dm.decode_matmul_chain(x, ws, config=cfg)  # noqa: E731
         try:
             got = np.asarray(jax.jit(fn)(x, ws).astype(jnp.float32))
             report[f"{name}_finite"] = bool(np.isfinite(got).all())
-            ref = want.get(cfg.stagger)
-            if ref is not None:
-                report[f"{name}_equal"] = bool(np.array_equal(got, ref))
+            if want is not None:
+                report[f"{name}_equal"] = bool(np.array_equal(got, want))
             sec = bm.time_over_sets(fn, [(x, ws)], repeats=5, min_time=0.2)
             report[f"{name}_us_per_matmul"] = sec * 1e6 / layers
         except Exception as e:  # noqa: BLE001 - a failed variant is a result, not the end
@@ -89,11 +78,9 @@ def wide(x, ws, report: dict) -> None:
     dependency between the parts), per part; what the chain's dependencies cost is the gap."""
     w = jnp.concatenate(ws, axis=1)
     cfg = dm.DecodeMatmulConfig(64, 128, 4)
-    staggered = dm.DecodeMatmulConfig(64, 128, 4, stagger=True)
     fns = {
         "xla_wide": lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype),
         "mosaic_wide": lambda x, w: dm.decode_matmul(x, w, w_nk=False, config=cfg),
-        "mosaic_wide_stagger": lambda x, w: dm.decode_matmul(x, w, w_nk=False, config=staggered),
     }
     for name, fn in fns.items():
         try:
@@ -121,8 +108,7 @@ def main() -> None:
     report["floor_us"] = n * n * 2 / 4.4e12 * 1e6
     for between in (False, True):
         outs = {}
-        more = () if between else ("mosaic_n128_s2", "mosaic_stagger")
-        for impl in ("xla", "mosaic", "pdl") + more:
+        for impl in ("xla", "mosaic", "pdl") + (() if between else ("mosaic_n128_s2",)):
             chain = chain_fn(impl, between)
             name = f"{impl}{'_between' if between else ''}"
             try:
@@ -137,8 +123,7 @@ def main() -> None:
             report[f"pdl_equal{tag}"] = bool(np.array_equal(outs["mosaic"], outs["pdl"]))
             report[f"pdl_finite{tag}"] = bool(np.isfinite(outs["pdl"]).all())
         if not between:
-            want = {False: outs.get("mosaic"), True: outs.get("mosaic_stagger")}
-            persistent(x, jnp.stack(ws), args.layers, want, report)
+            persistent(x, jnp.stack(ws), args.layers, outs.get("mosaic"), report)
             wide(x, ws, report)
     print(json.dumps(report), flush=True)
     if args.out:

@@ -80,8 +80,6 @@ def test_reference_is_the_product_in_either_layout(w_nk):
         (64, 2048, 1024, dm.DecodeMatmulConfig(64, 128, 4, 1, cluster=4)),
         (128, 4096, 1024, dm.DecodeMatmulConfig(64, 128, 4, 1, pdl=True)),  # weights first
         (128, 512, 256, dm.DecodeMatmulConfig(64, 64, 6, 2, pdl=True)),
-        (100, 4096, 1024, dm.DecodeMatmulConfig(64, 128, 4, 2, stagger=True)),  # own K starts
-        (128, 4096, 2048, dm.DecodeMatmulConfig(128, 64, 4, 1, cluster=2, stagger=True)),
     ],
 )
 def test_kernel_matches_the_float32_product(m, k, n, cfg, w_nk):
@@ -113,18 +111,14 @@ def test_pdl_waits_once_for_the_kernel_before_and_only_when_asked(pdl):
 
 @pytest.mark.skipif(not on_hopper(), reason="Mosaic GPU kernel: Hopper GPUs only")
 @pytest.mark.parametrize(
-    "m,k,layers,cfg,w_stages",
+    "m,k,layers,cfg",
     [
-        (128, 2048, 4, dm.DecodeMatmulConfig(64, 128, 4), None),
-        (100, 1024, 3, dm.DecodeMatmulConfig(128, 64, 5), None),
-        (7, 256, 5, dm.DecodeMatmulConfig(64, 64, 8), None),  # fewer K steps than stages
-        (128, 2048, 4, dm.DecodeMatmulConfig(64, 64, 4), 16),  # the weight 12 steps ahead
-        (100, 512, 6, dm.DecodeMatmulConfig(64, 128, 2), 8),  # ahead by a whole layer
-        (128, 2048, 3, dm.DecodeMatmulConfig(64, 128, 4, stagger=True), None),
-        (100, 1024, 4, dm.DecodeMatmulConfig(64, 64, 4, stagger=True), 12),
+        (128, 2048, 4, dm.DecodeMatmulConfig(64, 128, 4)),
+        (100, 1024, 3, dm.DecodeMatmulConfig(128, 64, 5)),
+        (7, 256, 5, dm.DecodeMatmulConfig(64, 64, 8)),  # fewer K steps than stages
     ],
 )
-def test_chain_is_bitwise_the_matmuls_one_by_one(m, k, layers, cfg, w_stages):
+def test_chain_is_bitwise_the_matmuls_one_by_one(m, k, layers, cfg):
     """The persistent chain runs the same tiles in the same order as separate kernels, so each
     layer's bf16 product, and the last one, are the same bits."""
     kx, kw = jax.random.split(jax.random.key(m + k + layers))
@@ -134,7 +128,7 @@ def test_chain_is_bitwise_the_matmuls_one_by_one(m, k, layers, cfg, w_stages):
     for w in ws:
         want = dm.decode_matmul(want, w, w_nk=False, config=cfg)
     for _ in range(3):  # again: the grid barrier's semaphore starts from zero on every call
-        got = dm.decode_matmul_chain(x, ws, config=cfg, w_stages=w_stages)
+        got = dm.decode_matmul_chain(x, ws, config=cfg)
         assert got.shape == (m, k) and got.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     exact = np.asarray(x, np.float32)
@@ -144,15 +138,19 @@ def test_chain_is_bitwise_the_matmuls_one_by_one(m, k, layers, cfg, w_stages):
     assert err < 3e-2, err
 
 
-def test_chain_meets_at_one_grid_barrier_a_layer():
-    """Traced on any machine: the memory warpgroup's one loop over the chain's steps waits at
-    the barrier, and each compute warpgroup signals it after every layer but the last."""
+def test_chain_loads_a_layers_weights_before_it_waits_for_the_layer_before():
+    """Traced on any machine: L - 1 grid-barrier waits, one signal per compute warpgroup and
+    layer but the last, and before each wait the next layer's first weight copies (4 slots;
+    the first layer's 4 steps of 128 come before any wait, with its x copies)."""
     x = jnp.zeros((128, 512), jnp.bfloat16)
     ws = jnp.zeros((3, 512, 512), jnp.bfloat16)
-    cfg = dm.DecodeMatmulConfig(64, 128, 2)
-    fn = lambda x, ws: dm.decode_matmul_chain(x, ws, config=cfg, w_stages=4)  # noqa: E731
-    text = str(jax.make_jaxpr(fn)(x, ws))
-    assert text.count("semaphore_signal") == 2 and text.count("semaphore_wait") == 1
+    cfg = dm.DecodeMatmulConfig(64, 128, 4)
+    text = str(jax.make_jaxpr(lambda x, ws: dm.decode_matmul_chain(x, ws, config=cfg))(x, ws))
+    assert text.count("semaphore_signal") == 2 and text.count("semaphore_wait") == 2
+    first, second, third = text.split("semaphore_wait")  # only the memory warpgroup copies in
+    assert first.count("copy_gmem_to_smem") == 4 + 4 + 4  # layer 0's x and w, layer 1's w
+    assert second.count("copy_gmem_to_smem") == 4 + 4  # layer 1's x, layer 2's w
+    assert third.count("copy_gmem_to_smem") == 4  # layer 2's x
 
 
 def test_chain_refuses_what_it_cannot_run():
@@ -162,20 +160,6 @@ def test_chain_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="splits"):
         dm.decode_matmul_chain(
             x, jnp.zeros((2, 512, 512), jnp.bfloat16), config=dm.DecodeMatmulConfig(splits=2)
-        )
-    with pytest.raises(ValueError, match="w_stages=2 below"):
-        dm.decode_matmul_chain(
-            x,
-            jnp.zeros((2, 512, 512), jnp.bfloat16),
-            config=dm.DecodeMatmulConfig(stages=3),
-            w_stages=2,
-        )
-    with pytest.raises(ValueError, match="shared memory"):
-        dm.decode_matmul_chain(
-            x,
-            jnp.zeros((2, 512, 512), jnp.bfloat16),
-            config=dm.DecodeMatmulConfig(64, 64, 8),
-            w_stages=40,
         )
     with pytest.raises(ValueError, match="129 rows"):
         dm.decode_matmul_chain(
