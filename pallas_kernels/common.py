@@ -59,6 +59,18 @@ def resolve_interpret(interpret: bool | None) -> bool:
     return bool(interpret)
 
 
+def mosaic_gpu_interpreter():
+    """JAX's simulator of Mosaic GPU kernels on the CPU (warpgroups, TMA copies, barriers,
+    wgmma) as the `interpret` argument of `plgpu.kernel`, or None where this jax has none.
+    It lacks transposed shared-memory views, clusters, semaphores and programmatic
+    dependent launch (jax 0.10.2)."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError:
+        return None
+    return InterpretGPUParams()
+
+
 def on_hopper(device: jax.Device | None = None) -> bool:
     """The device (default: `default_device()`) is an sm_90 GPU (H100/H200),
     where wgmma exists."""

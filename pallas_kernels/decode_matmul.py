@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import SM90_SMEM_LIMIT
+from pallas_kernels.common import SM90_SMEM_LIMIT, mosaic_gpu_interpreter, resolve_interpret
 
 ROWS = 128  # x's rows in the kernel: two compute warpgroups of 64
 SMEM_LIMIT = SM90_SMEM_LIMIT
@@ -259,10 +259,12 @@ def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps):
             plgpu.barrier_wait(consumed.at[i % stages])
 
 
-@functools.partial(jax.jit, static_argnames=("w_nk", "config"))
-def decode_matmul(x, w, *, w_nk: bool, config: DecodeMatmulConfig | None = None):
-    """x [M, K] @ w ([K, N], or [N, K] when w_nk) -> [M, N] bf16, M <= 128. Hopper GPUs only."""
-    plgpu = _plgpu()
+def decode_matmul(
+    x, w, *, w_nk: bool, config: DecodeMatmulConfig | None = None, interpret: bool | None = None
+):
+    """x [M, K] @ w ([K, N], or [N, K] when w_nk) -> [M, N] bf16, M <= 128. Hopper GPUs, or
+    JAX's Mosaic GPU interpreter on the CPU (`interpret`; None: on the CPU), which runs the
+    same kernel for W [K, N] without clusters or `pdl`."""
     cfg = config or DecodeMatmulConfig()
     m, k = x.shape
     n = w.shape[0] if w_nk else w.shape[1]
@@ -270,6 +272,25 @@ def decode_matmul(x, w, *, w_nk: bool, config: DecodeMatmulConfig | None = None)
         raise ValueError(f"x {x.shape} and w {w.shape} (w_nk={w_nk}) disagree on K")
     if reason := why_not(m, k, n, x.dtype, cfg):
         raise ValueError(f"decode_matmul can't take this call: {reason}")
+    if not resolve_interpret(interpret):
+        return _decode_matmul(x, w, w_nk=w_nk, config=cfg, interpret=False)
+    lacks = [
+        name for name, on in (("w_nk", w_nk), ("cluster", cfg.cluster > 1), ("pdl", cfg.pdl)) if on
+    ]
+    if lacks or mosaic_gpu_interpreter() is None:
+        raise ValueError(
+            f"the Mosaic GPU interpreter can't run decode_matmul with {lacks or 'this jax'}"
+        )
+    return _decode_matmul(x, w, w_nk=w_nk, config=cfg, interpret=True)
+
+
+@functools.partial(jax.jit, static_argnames=("w_nk", "config", "interpret"))
+def _decode_matmul(x, w, *, w_nk: bool, config: DecodeMatmulConfig, interpret: bool):
+    """decode_matmul, its call checked."""
+    plgpu = _plgpu()
+    cfg = config
+    m, k = x.shape
+    n = w.shape[0] if w_nk else w.shape[1]
     xp = jnp.pad(x, ((0, ROWS - m), (0, 0))) if m < ROWS else x
     k_steps = k // (cfg.tile_k * cfg.splits)
     out_dtype = jnp.bfloat16 if cfg.splits == 1 else jnp.float32
@@ -307,6 +328,7 @@ def decode_matmul(x, w, *, w_nk: bool, config: DecodeMatmulConfig | None = None)
         grid_names=("k", "n"),
         num_threads=3,
         thread_name="wg",
+        interpret=mosaic_gpu_interpreter() if interpret else False,
         **clusters,
     )(xp, w)
     if cfg.splits > 1:

@@ -1,4 +1,5 @@
-"""The Mosaic GPU decode matmul: its shape checks everywhere, its numbers on a Hopper GPU."""
+"""The Mosaic GPU decode matmul: its shape checks everywhere, its numbers in JAX's Mosaic GPU
+interpreter on the CPU and on a Hopper GPU."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from conftest import load_script
 
 from pallas_kernels import decode_matmul as dm
-from pallas_kernels.common import on_hopper
+from pallas_kernels.common import mosaic_gpu_interpreter, on_hopper
 
 
 def test_config_rejects_tiles_the_kernel_cannot_lay_out():
@@ -93,6 +94,46 @@ def test_kernel_matches_the_float32_product(m, k, n, cfg, w_nk):
     assert err < 1e-2, err
 
 
+@pytest.mark.parametrize(
+    "m,k,n,cfg",
+    [
+        (100, 256, 128, dm.DecodeMatmulConfig(64, 64, 2, 1)),
+        (128, 512, 256, dm.DecodeMatmulConfig(128, 64, 4, 2)),  # f32 partials, summed
+        (7, 256, 128, dm.DecodeMatmulConfig(64, 64, 6, 1)),  # fewer K steps than stages
+        (128, 512, 512, dm.DecodeMatmulConfig(256, 64, 3, 1)),  # 4 output chunks, 2 slots
+    ],
+)
+def test_kernel_in_jaxs_mosaic_gpu_interpreter_matches_the_product(m, k, n, cfg):
+    """The same kernel, run on the CPU by JAX's Mosaic GPU interpreter (threads, TMA
+    copies, barriers and wgmma simulated): the ring, the slot releases and the output chunks
+    are checked without a GPU."""
+    if mosaic_gpu_interpreter() is None:
+        pytest.skip("this jax has no Mosaic GPU interpreter")
+    kx, kw = jax.random.split(jax.random.key(m + k + n))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = (jax.random.normal(kw, (k, n), jnp.float32) * 0.05).astype(jnp.bfloat16)
+    got = dm.decode_matmul(x, w, w_nk=False, config=cfg, interpret=True)
+    assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+    exact = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+    err = np.abs(np.asarray(got, np.float32) - exact).max() / np.abs(exact).max()
+    assert err < 1e-2, err
+
+
+@pytest.mark.parametrize(
+    "w_nk,cfg,lacks",
+    [
+        (True, dm.DecodeMatmulConfig(64, 64, 2), "w_nk"),
+        (False, dm.DecodeMatmulConfig(64, 64, 2, cluster=2), "cluster"),
+        (False, dm.DecodeMatmulConfig(64, 64, 2, pdl=True), "pdl"),
+    ],
+)
+def test_interpreter_refuses_what_it_cannot_simulate(w_nk, cfg, lacks):
+    x = jnp.zeros((128, 256), jnp.bfloat16)
+    w = jnp.zeros((128, 256) if w_nk else (256, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match=f"interpreter can't run decode_matmul with.*{lacks}"):
+        dm.decode_matmul(x, w, w_nk=w_nk, config=cfg, interpret=True)
+
+
 @pytest.mark.parametrize("pdl", [False, True])
 def test_pdl_waits_once_for_the_kernel_before_and_only_when_asked(pdl):
     """Traced on any machine (the kernel lowers on Hopper only): with `pdl` the memory
@@ -100,7 +141,8 @@ def test_pdl_waits_once_for_the_kernel_before_and_only_when_asked(pdl):
     x = jnp.zeros((128, 512), jnp.bfloat16)
     w = jnp.zeros((512, 256), jnp.bfloat16)
     cfg = dm.DecodeMatmulConfig(64, 64, 6, 2, pdl=pdl)
-    text = str(jax.make_jaxpr(lambda x, w: dm.decode_matmul(x, w, w_nk=False, config=cfg))(x, w))
+    fn = lambda x, w: dm.decode_matmul(x, w, w_nk=False, config=cfg, interpret=False)  # noqa: E731
+    text = str(jax.make_jaxpr(fn)(x, w))
     assert text.count("griddepcontrol_wait") == pdl
     assert text.count("griddepcontrol_launch_dependents") == pdl
     if pdl:  # the weight copies of the first slots come before the wait, x's after it: a
