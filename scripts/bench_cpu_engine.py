@@ -31,7 +31,7 @@ def main() -> int:
 
     import jaxinfer
     from jaxinfer import LLM, SamplingParams
-    from jaxinfer.benchmark import default_device
+    from jaxinfer.benchmark import default_device, write_json
 
     model = jaxinfer.load_model(args.model, dtype=args.dtype)
     ids = model.tokenizer(args.prompt)["input_ids"]
@@ -71,8 +71,7 @@ def main() -> int:
     }
     print(json.dumps(report, indent=1, default=str))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+        write_json(args.out, report)
     return 0
 
 

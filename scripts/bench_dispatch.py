@@ -63,8 +63,9 @@ def main() -> int:
         print(json.dumps(row), flush=True)
     report = {"device": default_device().device_kind, "jax": jax.__version__, "rows": rows}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        from jaxinfer.benchmark import write_json
+
+        write_json(args.out, report)
     return 0
 
 

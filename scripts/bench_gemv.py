@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import platform
 
 import jax
@@ -189,8 +188,7 @@ def main():
         res[name] = measure_shape(k, n, args, dtype, min_bytes)
         report(name, res[name], args)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+        bm.write_json(args.out, res)
 
 
 if __name__ == "__main__":

@@ -330,9 +330,7 @@ def main() -> int:
             report["models"][name]["hf"] = peers[name]
         jax.clear_caches()
         if args.out:  # write as we go: a run cut short keeps what it measured
-            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
+            bm.write_json(args.out, report)
     print_table(report)
     return 0
 

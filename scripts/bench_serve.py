@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_throughput import percentiles, run_engine, workload  # noqa: E402
 
-from jaxinfer.benchmark import SHAPES, default_device, random_model  # noqa: E402
+from jaxinfer.benchmark import SHAPES, default_device, random_model, write_json  # noqa: E402
 
 ENGINE_OPTIONS = (
     "max_num_seqs",
@@ -464,8 +464,7 @@ def stop_server(proc: subprocess.Popen) -> int:
 
 def write(report: dict, path: str | None) -> None:
     if path:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(path, report)
 
 
 def print_table(report: dict) -> None:

@@ -96,8 +96,9 @@ def main() -> int:
         "rows": rows,
     }
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        from jaxinfer.benchmark import write_json
+
+        write_json(args.out, report)
     return 0
 
 

@@ -36,7 +36,7 @@ def main() -> int:
     import jax.numpy as jnp
 
     import jaxinfer
-    from jaxinfer.benchmark import SHAPES, default_device
+    from jaxinfer.benchmark import SHAPES, default_device, write_json
     from jaxinfer.config import ModelConfig
     from jaxinfer.engine import Engine
 
@@ -65,8 +65,7 @@ def main() -> int:
     report["total_s"] = time.perf_counter() - T0
     print(json.dumps(report, indent=1), flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.out, report)
     return 0
 
 

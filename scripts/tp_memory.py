@@ -15,7 +15,6 @@ full-context sequence is marked as not fitting.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -104,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             source="sharding.weight_bytes_per_device / kv_bytes_per_token_per_device",
             rows=rows,
         )
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        from jaxinfer.benchmark import write_json
+
+        write_json(args.json, report)
     return 0
 
 
