@@ -35,6 +35,8 @@ def chain_fn(impl: str, between: bool):
         "pdl": dm.DecodeMatmulConfig(64, 128, 4, pdl=True),
         # wider tiles, K split in two: half the x bytes per weight byte, f32 partials summed
         "mosaic_n128_s2": dm.DecodeMatmulConfig(128, 64, 5, 2),
+        # 256-column tiles (x 1 byte in 3), K split in four to keep one wave of 128 CTAs
+        "mosaic_n256_s4": dm.DecodeMatmulConfig(256, 64, 3, 4),
     }.get(impl)
 
     def matmul(x, w):
@@ -78,9 +80,11 @@ def wide(x, ws, report: dict) -> None:
     dependency between the parts), per part; what the chain's dependencies cost is the gap."""
     w = jnp.concatenate(ws, axis=1)
     cfg = dm.DecodeMatmulConfig(64, 128, 4)
+    wide_tiles = dm.DecodeMatmulConfig(256, 64, 4, 1, 2)  # gate/up's best at 128 rows
     fns = {
         "xla_wide": lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype),
         "mosaic_wide": lambda x, w: dm.decode_matmul(x, w, w_nk=False, config=cfg),
+        "mosaic_wide_n256": lambda x, w: dm.decode_matmul(x, w, w_nk=False, config=wide_tiles),
     }
     for name, fn in fns.items():
         try:
@@ -108,7 +112,8 @@ def main() -> None:
     report["floor_us"] = n * n * 2 / 4.4e12 * 1e6
     for between in (False, True):
         outs = {}
-        for impl in ("xla", "mosaic", "pdl") + (() if between else ("mosaic_n128_s2",)):
+        more = () if between else ("mosaic_n128_s2", "mosaic_n256_s4")
+        for impl in ("xla", "mosaic", "pdl") + more:
             chain = chain_fn(impl, between)
             name = f"{impl}{'_between' if between else ''}"
             try:
