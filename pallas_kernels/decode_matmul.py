@@ -24,8 +24,9 @@ fused or persistent forms.
 
 `decode_matmul_chain` is one persistent form: L dependent matmuls in one kernel, the CTAs
 meeting at a grid barrier between layers. Over [8192, 8192] weights on an H200 it ran at the
-speed of the same tiles as L kernels: a dependency costs cuBLAS ~7 us a matmul, but this
-kernel streams below cuBLAS's rate even with none, so there was nothing to win (NOTES.md).
+speed of the same tiles as L kernels: a dependency costs cuBLAS ~7 us a matmul, but with the
+64-column tiles that fill one wave there this kernel streams below cuBLAS's rate even with
+none, so there was nothing to win (NOTES.md).
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import SM90_SMEM_LIMIT, mosaic_gpu_interpreter, resolve_interpret
+from pallas_kernels.common import (
+    SM90_SMEM_LIMIT,
+    mosaic_gpu_interpreter,
+    num_sms,
+    resolve_interpret,
+)
 
 ROWS = 128  # x's rows in the kernel: two compute warpgroups of 64
 SMEM_LIMIT = SM90_SMEM_LIMIT
@@ -407,7 +413,6 @@ def _chain_kernel(x_ref, ws_ref, buf_ref, scoped, *, cfg, layers, k_steps, num_c
             plgpu.barrier_wait(consumed.at[g % stages])
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
 def decode_matmul_chain(x, ws, *, config: DecodeMatmulConfig | None = None):
     """x [M, K] @ ws[0] @ ws[1] ... (ws [L, K, K] bf16, each product rounded to bf16) as one
     persistent kernel, M <= 128. Hopper GPUs only.
@@ -418,10 +423,8 @@ def decode_matmul_chain(x, ws, *, config: DecodeMatmulConfig | None = None):
     kernel boundaries' ramp-up and tail overlap. Every CTA must be resident at once (a grid
     barrier): N // tile_n CTAs, at most the GPU's SM count.
     """
-    plgpu = _plgpu()
     cfg = config or DecodeMatmulConfig()
     m, k = x.shape
-    layers = ws.shape[0]
     if ws.shape[1:] != (k, k):
         raise ValueError(f"ws {ws.shape} must be [L, K, K] with K = {k}, x's columns")
     if cfg.splits != 1 or cfg.cluster != 1 or cfg.pdl:
@@ -429,9 +432,21 @@ def decode_matmul_chain(x, ws, *, config: DecodeMatmulConfig | None = None):
     if reason := why_not(m, k, k, x.dtype, cfg):
         raise ValueError(f"decode_matmul_chain can't take this call: {reason}")
     num_ctas = k // cfg.tile_n
-    sms = getattr(jax.devices()[0], "core_count", None)
-    if sms is not None and num_ctas > sms:
-        raise ValueError(f"{num_ctas} CTAs can't all be resident on {sms} SMs (a grid barrier)")
+    if num_ctas > num_sms():
+        raise ValueError(
+            f"{num_ctas} CTAs can't all be resident on {num_sms()} SMs (a grid barrier)"
+        )
+    return _decode_matmul_chain(x, ws, config=cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _decode_matmul_chain(x, ws, *, config: DecodeMatmulConfig):
+    """decode_matmul_chain, its call checked."""
+    plgpu = _plgpu()
+    cfg = config
+    m, k = x.shape
+    layers = ws.shape[0]
+    num_ctas = k // cfg.tile_n
     xp = jnp.pad(x, ((0, ROWS - m), (0, 0))) if m < ROWS else x
     kernel = functools.partial(
         _chain_kernel, cfg=cfg, layers=layers, k_steps=k // cfg.tile_k, num_ctas=num_ctas
