@@ -1,12 +1,13 @@
 """Kernel boundaries in a chain of dependent decode matmuls: L matmuls of 128 rows, each
 W_i [8192, 8192] bf16 (128 CTAs of 64 columns, one wave) fed the one before's output, run as
-XLA's dot (cuBLAS, the peer), as the Mosaic GPU decode matmul, as it with `pdl` (the next
-kernel launches at once and loads its first weight tiles before it waits for the one before),
-and as one persistent kernel (`decode_matmul_chain`: the CTAs stay resident and meet at a grid
-barrier between layers, each layer's first weight tiles loaded before it). The first three also
-run with a small elementwise kernel (a scale, like a norm's) between the matmuls, as in a
-layer. The control: the same weights side by side as one wide weight, one matmul with no
-dependencies (`xla_wide`, `mosaic_wide`). Time per matmul of each against the read floor, and
+XLA's dot (cuBLAS, the peer), as the Mosaic GPU decode matmul (also with wider tiles and K
+split), as it with `pdl` (the next kernel launches at once and loads its first weight tiles
+before it waits for the one before), and as one persistent kernel (`decode_matmul_chain`: the
+CTAs stay resident and meet at a grid barrier between layers, each layer's first weight tiles
+loaded before it). XLA, the decode matmul and `pdl` also run with a small elementwise kernel (a
+scale, like a norm's) between the matmuls, as in a layer. The control: the same weights side
+by side as one wide weight, one matmul with no dependencies (`xla_wide`, `mosaic_wide`, and
+`mosaic_wide_n256` with 256-column tiles). Time per matmul of each against the read floor, and
 whether the Mosaic chains' outputs are bitwise equal to the kernel's one by one. Hopper only;
 run once as is and once under XLA_FLAGS=--xla_gpu_enable_pdl=true; `--rows` below 128 shows
 the tensor cores' share (the Mosaic kernel computes 128 rows whatever x has).
@@ -29,7 +30,8 @@ from pallas_kernels import decode_matmul as dm
 
 
 def chain_fn(impl: str, between: bool):
-    """The chain x -> x @ W_1 -> ... as one jitted function; `impl` is xla, mosaic or pdl."""
+    """The chain x -> x @ W_1 -> ... as one jitted function; `impl` is xla or a key of the
+    decode matmul configs below."""
     cfg = {
         "mosaic": dm.DecodeMatmulConfig(64, 128, 4),
         "pdl": dm.DecodeMatmulConfig(64, 128, 4, pdl=True),
