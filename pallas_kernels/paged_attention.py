@@ -23,6 +23,9 @@ K/V row is read once per kv head, not once per query head.
   (packed in q [T, N, H]), the last q_len_b of its kv_len_b cached tokens,
   causal among themselves.
 * ``write_kv``: scatter new K/V rows into their slots (page * L + offset).
+* ``rope_paged_decode``: the decode kernel fed the q/k/v matmul's output as it
+  is: RoPE of q and k, the K/V write and the attention in one launch (the new
+  token's K/V taken from registers, so no program waits for the write).
 
 File layout: kernels -> pallas_call wrappers (tile sizes in frozen configs)
 -> validated public entry points (interpret mode and the SM count decided
@@ -147,13 +150,63 @@ def _kv_tile(
 # ----------------------------------------------------------------------------
 # Decode kernel (split-K).
 # ----------------------------------------------------------------------------
+class _NewToken:
+    """A kv head's new token in the q/k/v matmul's rows [Rp, H] (its G query heads, its k, its
+    v; before RoPE).
+
+    RoPE is `rope_write`'s math element for element: column c pairs with c +- H/2, and
+    c < H/2: x cos - x' sin, else x cos + x' sin, each product and the sum rounded to the
+    dtype; the partner column is loaded through a permuted index instead of a split.
+    """
+
+    def __init__(self, qkv_ref, pos, freq_ref, group: int):
+        self.ref, self.pos, self.freq_ref, self.group = qkv_ref, pos, freq_ref, group
+
+    def _rope(self, load):
+        """load(columns) -> rows [.., H] at those columns; returns them rotated, in the dtype."""
+        head_dim = self.ref.shape[1]
+        half = head_dim // 2
+        dtype, f32 = self.ref.dtype, jnp.float32
+        cols = jnp.arange(head_dim, dtype=jnp.int32)
+        partner = jnp.where(cols < half, cols + half, cols - half)
+        sign = jnp.where(cols < half, -1.0, 1.0).astype(f32)
+        angle = self.pos.astype(f32) * self.freq_ref[...]  # freq [H]: inv_freq twice over
+        cos = jnp.cos(angle).astype(dtype).astype(f32)
+        sin = jnp.sin(angle).astype(dtype).astype(f32)
+        r = lambda a: a.astype(dtype).astype(f32)
+        x, x_partner = load(cols).astype(f32), load(partner).astype(f32)
+        # -(x' sin) is exact, so the sum rounds as rope_write's difference does
+        return r(r(x * cos) + r(sign * x_partner * sin)).astype(dtype)
+
+    def q(self, group_pad: int):
+        """RoPE'd q [Gp, H], rows past G zero."""
+        g = jnp.arange(group_pad, dtype=jnp.int32)[:, None]
+        ok = g < self.group
+        return self._rope(lambda c: plgpu.load(self.ref.at[g, c[None, :]], mask=ok, other=0.0))
+
+    def write(self, k_out, v_out, slot, owner):
+        """Its RoPE'd k and its v into their slot of the pools [P*L, H] (by the split that
+        owns the token; slot < 0: nowhere)."""
+        k = self._rope(lambda c: self.ref[self.group, c])
+        v = self.ref[self.group + 1, :]
+        row = pl.ds(jnp.maximum(slot, 0), 1)
+        live = jnp.full((1, k.shape[0]), owner & (slot >= 0))
+        plgpu.store(k_out.at[row, :], k[None, :].astype(k_out.dtype), mask=live)
+        plgpu.store(v_out.at[row, :], v[None, :].astype(v_out.dtype), mask=live)
+
+
+def _split_tokens(length, num_splits: int, block_k: int):
+    """Tokens a split of a sequence of `length` takes: its share rounded up to whole steps."""
+    return lax.div(lax.div(length + num_splits - 1, num_splits) + block_k - 1, block_k) * block_k
+
+
 def _decode_kernel(
     q_ref,
     k_ref,
     v_ref,
     bt_ref,
     len_ref,
-    *out_refs,
+    *refs,
     qk_scale,
     group,
     head_dim,
@@ -162,9 +215,14 @@ def _decode_kernel(
     num_splits,
     finalize,
     dot_precision,
+    fresh,
+    interpret,
 ):
-    # q_ref [Gp, Hp]; k_ref/v_ref [P*L, Hp]; bt_ref [max_pages]; len_ref [B]
-    group_pad, head_pad = q_ref.shape
+    # q_ref [Gp, Hp], or with `fresh` the new token's q/k/v rows [Rp, H] before RoPE;
+    # k_ref/v_ref [P*L, Hp]; bt_ref [max_pages]; len_ref [B] (the new token counted)
+    # fresh: refs = (pos_ref [B], slot_ref [B], freq_ref [H], *outputs, k_out, v_out)
+    group_pad = max(16, pl.next_power_of_2(group))
+    head_pad = k_ref.shape[-1]
     b = pl.program_id(1)
     split = pl.program_id(2)
     length = len_ref[b]
@@ -174,14 +232,27 @@ def _decode_kernel(
     q_mask = g_ok[:, None]
     if head_mask is not None:
         q_mask = jnp.logical_and(q_mask, head_mask)
-    q = plgpu.load(q_ref, mask=q_mask, other=0.0)
-
     # Each sequence cuts its own length (not the table's width) into num_splits
     # ranges of whole steps: a short sequence in a table sized for long ones
     # still spreads over every split, and only its last step is masked.
-    per_split = (
-        lax.div(lax.div(length + num_splits - 1, num_splits) + block_k - 1, block_k) * block_k
-    )
+    per_split = _split_tokens(length, num_splits, block_k)
+    if fresh:
+        pos_ref, slot_ref, freq_ref, *out_refs, k_out, v_out = refs
+        new_token = _NewToken(q_ref, pos_ref[b], freq_ref, group)
+        q = new_token.q(group_pad)
+        owner = lax.div(length - 1, per_split) == split  # the split holding the new token
+        new_token.write(k_out, v_out, slot_ref[b], owner)
+        # The kv loop reads the new row back like any other, from GMEM, once every thread of
+        # the program has stored its part (a CTA barrier orders global memory too). Taking
+        # it from registers instead, a select on the tile that holds it, cost ~20 us a layer
+        # at 100 x 1,500 on an H200 (bench/README.md). Interpret mode runs programs whole.
+        if not interpret:
+            plgpu.debug_barrier()
+        else:  # on a GPU the same buffers; interpret mode keeps the inputs as they were
+            k_ref, v_ref = k_out, v_out
+    else:
+        out_refs = refs
+        q = plgpu.load(q_ref, mask=q_mask, other=0.0)
     t0 = split * per_split
     t1 = jnp.minimum(t0 + per_split, length)
     n_steps = jnp.maximum(lax.div(t1 - t0 + block_k - 1, block_k), 0)
@@ -236,9 +307,16 @@ def _decode_call(
     config: PagedConfig,
     interpret,
     num_sms,
+    fresh=None,
 ):
-    """q [B, K, G, H]; k_rows/v_rows [K, P*L, H] -> [B, K, G, H]."""
+    """q [B, K, G, H]; k_rows/v_rows [K, P*L, H] -> [B, K, G, H].
+
+    fresh = (positions [B], slots [B], freq [H]): q is instead the q/k/v matmul's output
+    [B, K, G + 2, H] before RoPE, its token the last of each sequence's `lengths`; RoPE and
+    the K/V write happen in the kernel, which returns ([B, K, G, H], k_rows, v_rows)."""
     batch, num_kv_heads, group, head_dim = q.shape
+    if fresh is not None:
+        group -= 2
     num_rows = k_rows.shape[1]
     max_pages = block_tables.shape[1]
     head_pad = pl.next_power_of_2(head_dim)
@@ -259,17 +337,26 @@ def _decode_call(
         num_splits=splits,
         finalize=finalize,
         dot_precision=dot_precision,
+        fresh=fresh is not None,
+        interpret=interpret,
     )
+    q_rows = group_pad if fresh is None else max(group_pad, pl.next_power_of_2(group + 2))
+    out_spec = pl.BlockSpec((None, None, group_pad, head_pad), lambda h, b, s: (b, h, 0, 0))
+    pool_spec = pl.BlockSpec((None, num_rows, head_pad), lambda h, b, s: (h, 0, 0))
+    whole = lambda n: pl.BlockSpec((n,), lambda h, b, s: (0,))
     in_specs = [
-        pl.BlockSpec((None, None, group_pad, head_pad), lambda h, b, s: (b, h, 0, 0)),
-        pl.BlockSpec((None, num_rows, head_pad), lambda h, b, s: (h, 0, 0)),
-        pl.BlockSpec((None, num_rows, head_pad), lambda h, b, s: (h, 0, 0)),
+        pl.BlockSpec((None, None, q_rows, head_pad), lambda h, b, s: (b, h, 0, 0)),
+        pool_spec,
+        pool_spec,
         pl.BlockSpec((None, max_pages), lambda h, b, s: (b, 0)),
-        pl.BlockSpec((batch,), lambda h, b, s: (0,)),
+        whole(batch),
     ]
+    if fresh is not None:
+        in_specs += [whole(batch), whole(batch), whole(head_dim)]
+    out_4d = (batch, num_kv_heads, group, head_dim)
     if finalize:
-        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-        out_specs = [in_specs[0]]
+        out_shape = [jax.ShapeDtypeStruct(out_4d, q.dtype)]
+        out_specs = [out_spec]
     else:
         part = (splits, batch, num_kv_heads, group)
         out_shape = [
@@ -282,21 +369,29 @@ def _decode_call(
             pl.BlockSpec((None, None, None, group_pad), lambda h, b, s: (s, b, h, 0)),
             pl.BlockSpec((None, None, None, group_pad), lambda h, b, s: (s, b, h, 0)),
         ]
+    aliases = {}
+    if fresh is not None:  # the pools, updated in place
+        aliases = {1: len(out_shape), 2: len(out_shape) + 1}
+        out_shape += [jax.ShapeDtypeStruct(k_rows.shape, k_rows.dtype)] * 2
+        out_specs += [pool_spec, pool_spec]
+    name = "rope_paged_decode" if fresh is not None else "paged_decode"
     outs = pl.pallas_call(
         kernel,
         grid=(num_kv_heads, batch, splits),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages or DECODE_STAGES
         ),
         interpret=interpret,
-        name=f"paged_decode_h{head_dim}_L{page_size}_bk{block_k}_s{splits}",
-    )(q, k_rows, v_rows, block_tables, lengths)
-    if finalize:
-        return outs[0]
-    return _combine_call(*outs, q.dtype, interpret=interpret)
+        name=f"{name}_h{head_dim}_L{page_size}_bk{block_k}_s{splits}",
+    )(q, k_rows, v_rows, block_tables, lengths, *(fresh or ()))
+    pools = tuple(outs[-2:]) if fresh is not None else ()
+    outs = outs[: len(outs) - len(pools)]
+    out = outs[0] if finalize else _combine_call(*outs, q.dtype, interpret=interpret)
+    return (out, *pools) if fresh is not None else out
 
 
 def _combine_kernel(acc_ref, m_ref, l_ref, o_ref, *, num_splits, head_dim):
@@ -607,6 +702,91 @@ def _paged_attention(
         num_sms=num_sms,
     )
     return out.reshape(q.shape)
+
+
+def rope_paged_decode(
+    qkv,
+    k_pages,
+    v_pages,
+    block_tables,
+    lengths,
+    positions,
+    slots,
+    inv_freq,
+    *,
+    sm_scale: float | None = None,
+    config: PagedConfig | None = None,
+    interpret: bool | None = None,
+):
+    """`paged_attention` from the q/k/v matmul's output as it is, RoPE and the K/V write in the
+    same kernel: what `rope_write` then `paged_attention` compute, bit for bit, in one launch.
+
+    Args:
+      qkv: [B, K, G + 2, H] per kv head its G query heads, its k and its v, before RoPE: the
+        new token of each sequence, the last of its `lengths`.
+      k_pages, v_pages: [K, P, L, H] page pools, donated (updated in place).
+      block_tables: int32 [B, max_pages].
+      lengths: int32 [B] tokens per sequence with the new one, 1..max_pages * L.
+      positions: int32 [B] the new tokens' positions (RoPE angles).
+      slots: int32 [B] where the new K/V go (page * L + offset; negative: nowhere).
+      inv_freq: [H / 2] RoPE inverse frequencies (float32).
+      sm_scale, config, interpret: as `paged_attention`.
+
+    Returns:
+      ([B, K * G, H] attention output, k_pages, v_pages).
+    """
+    from pallas_kernels.rope_write import supported
+
+    if qkv.ndim != 4 or qkv.shape[2] < 3:
+        raise ValueError(f"qkv must be [B, K, G + 2, H] with G >= 1, got {qkv.shape}")
+    batch, num_kv_heads, rows, head_dim = qkv.shape
+    _check_pages(qkv.reshape(batch, -1, head_dim), k_pages, v_pages, block_tables, batch, "B")
+    if k_pages.shape[0] != num_kv_heads:
+        raise ValueError(f"qkv has {num_kv_heads} kv heads, the pools {k_pages.shape[0]}")
+    if not supported(head_dim, qkv.dtype):
+        raise ValueError(f"head dim {head_dim} / dtype {qkv.dtype}: RoPE's kernel can't take it")
+    for name, x in (("lengths", lengths), ("positions", positions), ("slots", slots)):
+        _check_vector(x, batch, name)
+    if inv_freq.shape != (head_dim // 2,):
+        raise ValueError(f"inv_freq must be [{head_dim // 2}], got {inv_freq.shape}")
+    sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    return _rope_paged_decode(
+        qkv,
+        k_pages,
+        v_pages,
+        block_tables,
+        lengths,
+        positions,
+        slots,
+        jnp.tile(jnp.asarray(inv_freq, jnp.float32), 2),
+        sm_scale=sm_scale,
+        config=config or PagedConfig(),
+        interpret=common.resolve_interpret(interpret),
+        num_sms=common.num_sms(),
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "config", "interpret", "num_sms"),
+    donate_argnums=(1, 2),
+)
+def _rope_paged_decode(
+    qkv, k_pages, v_pages, block_tables, lengths, positions, slots, freq, **static
+):
+    batch, num_kv_heads, rows, head_dim = qkv.shape
+    out, k_rows, v_rows = _decode_call(
+        qkv,
+        _rows_view(k_pages),
+        _rows_view(v_pages),
+        block_tables,
+        lengths,
+        page_size=k_pages.shape[2],
+        fresh=(positions, slots, freq),
+        **static,
+    )
+    out = out.reshape(batch, num_kv_heads * (rows - 2), head_dim)
+    return out, k_rows.reshape(k_pages.shape), v_rows.reshape(v_pages.shape)
 
 
 def ragged_paged_attention(

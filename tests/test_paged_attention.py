@@ -18,6 +18,7 @@ from pallas_kernels.paged_attention import (
     paged_attention_reference,
     ragged_paged_attention,
     ragged_paged_attention_reference,
+    rope_paged_decode,
     write_kv,
     write_kv_reference,
 )
@@ -117,6 +118,80 @@ def test_paged_decode_equals_contiguous():
     assert_close(out, contiguous_decode_reference(q, k, v, lens), jnp.float32)
 
 
+# (lengths with the new token, N, K, H, L, max_pages, dtype, config): Llama-3's 32/8 at H 128,
+# SmolLM2's 9/3 at H 64, splits (the new token in the last split's tail or full step), H 32.
+ROPE_DECODE = [
+    ((1023, 5, 64), 32, 8, 128, 16, 64, jnp.bfloat16, None),
+    ((3, 17, 1, 40), 9, 3, 64, 16, 4, jnp.bfloat16, PagedConfig(num_splits=3)),
+    ((256, 513, 100), 8, 2, 64, 64, 9, jnp.float16, PagedConfig(block_k=32)),
+    ((64, 32, 65, 1), 8, 2, 32, 16, 5, jnp.float32, PagedConfig(block_k=16, num_splits=2)),
+]
+
+
+@pytest.mark.parametrize("lengths,n,k,h,page,max_pages,dtype,config", ROPE_DECODE)
+def test_rope_paged_decode_is_rope_write_then_decode(
+    lengths, n, k, h, page, max_pages, dtype, config
+):
+    """One kernel against the two it stands for: rope_write, then the decode kernel over the
+    written pools (16-bit: bit for bit). The new token's slot holds NaN before the call, so
+    reading it before the write lands would show; the last row writes nowhere (and reads the
+    NaN, as the two kernels do)."""
+    from jaxinfer.models.layers import rope_inv_freq
+    from pallas_kernels.rope_write import rope_write
+
+    rng = np.random.default_rng(sum(lengths) + h)
+    kp, vp, table = make_cache(rng, lengths, k, h, page, max_pages, dtype)
+    tab = np.asarray(table)
+    new_slot = [
+        tab[b, (n_b - 1) // page] * page + (n_b - 1) % page for b, n_b in enumerate(lengths)
+    ]
+    rows = lambda pool: pool.reshape(k, -1, h)
+    kp, vp = (rows(p).at[:, np.array(new_slot)].set(np.nan).reshape(p.shape) for p in (kp, vp))
+    qkv = jnp.asarray(rng.standard_normal((len(lengths), k, n // k + 2, h)), dtype)
+    lens = jnp.asarray(lengths, jnp.int32)
+    positions = lens - 1 + 1000  # angles well away from 0
+    slots = jnp.asarray(new_slot[:-1] + [-1], jnp.int32)
+    inv_freq = jnp.asarray(rope_inv_freq(h, 500000.0, None))
+    out, k_new, v_new = rope_paged_decode(
+        qkv, kp.copy(), vp.copy(), table, lens, positions, slots, inv_freq, config=config
+    )
+    q, k_want, v_want = rope_write(qkv, kp.copy(), vp.copy(), positions, slots, inv_freq)
+    want = paged_attention(q, k_want, v_want, table, lens, config=config)
+    f32 = lambda x: np.asarray(x, np.float32)
+    np.testing.assert_array_equal(f32(k_new), f32(k_want))  # NaN where NaN
+    np.testing.assert_array_equal(f32(v_new), f32(v_want))
+    assert not np.isnan(f32(rows(k_new))[:, np.array(new_slot[:-1])]).any()
+    assert out.shape == q.shape and out.dtype == dtype
+    tol = 0 if dtype != jnp.float32 else 1e-6  # f32: XLA may contract RoPE's ops differently
+    np.testing.assert_allclose(f32(out), f32(want), rtol=tol, atol=tol)  # NaN where NaN
+    assert np.isfinite(f32(out)[:-1]).all() and np.isnan(f32(out)[-1]).all()
+
+
+def test_rope_paged_decode_bad_inputs_name_what_is_wrong():
+    q, kp, vp, table, lens = _decode_args()  # K 2, H 64
+    ints = jnp.zeros((2,), jnp.int32)
+    good = dict(
+        qkv=jnp.ones((2, 2, 6, 64), q.dtype),
+        k_pages=kp,
+        v_pages=vp,
+        block_tables=table,
+        lengths=lens,
+        positions=ints,
+        slots=ints,
+        inv_freq=jnp.ones((32,), jnp.float32),
+    )
+    bad = [
+        ("qkv", jnp.ones((2, 2, 2, 64)), r"qkv must be \[B, K, G \+ 2, H\]"),
+        ("qkv", jnp.ones((2, 1, 6, 64)), "qkv has 1 kv heads, the pools 2"),
+        ("positions", ints.astype(jnp.float32), "positions must be int32"),
+        ("slots", jnp.zeros((3,), jnp.int32), r"slots must be int32 \[2\]"),
+        ("inv_freq", jnp.ones((16,)), r"inv_freq must be \[32\]"),
+    ]
+    for name, value, message in bad:
+        with pytest.raises(ValueError, match=message):
+            rope_paged_decode(**{**good, name: value})
+
+
 # (kv lens, q lens, N, K, H, L, max_pages, dtype, config, pad rows)
 RAGGED = [
     ((1, 17, 40), (1, 3, 17), 8, 2, 64, 16, 3, jnp.float32, None, 0),
@@ -149,7 +224,9 @@ def test_ragged_skip_single_token_serves_only_longer_queries():
     cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
     q = jnp.asarray(rng.standard_normal((sum(q_lens) + 2, 8, 64)), jnp.float32)
     lens = jnp.asarray(kv_lens, jnp.int32)
-    out = np.asarray(ragged_paged_attention(q, kp, vp, table, lens, cu, skip_single_token=True))
+    # interpret mode on every backend: it poisons outputs with NaN, and the check relies on it
+    out = ragged_paged_attention(q, kp, vp, table, lens, cu, skip_single_token=True, interpret=True)
+    out = np.asarray(out)
     ref = ragged_paged_attention_reference(
         q, clean(kp), clean(vp), clean_tables(table, kp.shape[1]), lens, cu
     )
