@@ -184,6 +184,12 @@ def paged_attention(
     )
 
 
+# Decode programs of at most this many rows take the fused kernel. On an H200 (Llama-3-8B,
+# bench/README.md) it was ~1% faster at one row (engine TPOT, two calls) and up to 12% slower
+# per layer at 100 rows of 1,500 tokens; between, kernel timings went either way.
+FUSED_DECODE_MAX_ROWS = 1
+
+
 def rope_paged_attention(
     qkv: Float[Array, "T K G+2 H"],
     k_pages: Float[Array, "K P L H"],
@@ -193,12 +199,30 @@ def rope_paged_attention(
     inv_freq: np.ndarray,
     *,
     impl: str,
+    fused: bool = False,
 ):
     """`paged_attention` from the q/k/v matmul's output as it is, before RoPE: one Pallas kernel
     applies RoPE to q and k and writes K/V (`pallas_kernels.rope_write`), then each token attends
-    to its sequence's pages. One device (no mesh). Returns ([T, N, H], (k_pages, v_pages))."""
+    to its sequence's pages. `fused` with the Pallas decode kernel: all of it in that one kernel
+    (`paged_attention.rope_paged_decode`, the same numbers). One device (no mesh). Returns
+    ([T, N, H], (k_pages, v_pages))."""
+    from pallas_kernels.paged_attention import rope_paged_decode
     from pallas_kernels.rope_write import rope_write
 
+    if fused and impl == "pallas" and meta.decode and qkv.shape[0] <= FUSED_DECODE_MAX_ROWS:
+        # padding rows: length 1, slot -1, dropped
+        lengths = jnp.maximum(meta.kv_lens, 1)
+        out, k_pages, v_pages = rope_paged_decode(
+            qkv,
+            k_pages,
+            v_pages,
+            meta.block_tables,
+            lengths,
+            positions,
+            meta.slot_mapping,
+            inv_freq,
+        )
+        return out, (k_pages, v_pages)
     q, k_pages, v_pages = rope_write(qkv, k_pages, v_pages, positions, meta.slot_mapping, inv_freq)
     return _attend_pages(q, k_pages, v_pages, meta, impl=impl), (k_pages, v_pages)
 

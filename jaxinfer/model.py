@@ -69,9 +69,11 @@ def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dic
     (`norm_kernel`) and, in paged steps, RoPE + the K/V write (`rope_kernel`, for a head dim it
     takes and no q/k norm between the matmul and RoPE), both Pallas kernels with the Pallas
     attention on one GPU (over a mesh the jnp forms, which XLA splits like the rest of the
-    program); and one token's projections as XLA row reductions (`row_gemv`, `layers.dense`),
-    on any GPU. $JAXINFER_NORM_KERNEL / $JAXINFER_ROPE_KERNEL / $JAXINFER_ROW_GEMV = 0 or 1
-    decide instead (for measuring one against the other). Measured on an H200: bench/README."""
+    program); in decode steps, with `rope_kernel`, the attention in that same kernel
+    (`rope_decode`, `paged_attention.rope_paged_decode`); and one token's projections as XLA
+    row reductions (`row_gemv`, `layers.dense`), on any GPU. $JAXINFER_NORM_KERNEL /
+    $JAXINFER_ROPE_KERNEL / $JAXINFER_ROPE_DECODE / $JAXINFER_ROW_GEMV = 0 or 1 decide instead
+    (for measuring one against the other). Measured on an H200: bench/README."""
     gpu = jax.default_backend() == "gpu"
     pallas_alone = impl == "pallas" and parallel.mesh is None and gpu
 
@@ -80,10 +82,12 @@ def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dic
         return forced == "1" if forced in ("0", "1") else auto
 
     rope_fits = rope_write_supported(cfg.head_dim, dtype) and not cfg.qk_norm
+    rope_kernel = rope_fits and choice("JAXINFER_ROPE_KERNEL", pallas_alone)
     return dict(
         norm_kernel=choice("JAXINFER_NORM_KERNEL", pallas_alone),
-        rope_kernel=rope_fits and choice("JAXINFER_ROPE_KERNEL", pallas_alone),
+        rope_kernel=rope_kernel,
         row_gemv=choice("JAXINFER_ROW_GEMV", gpu),
+        rope_decode=rope_kernel and choice("JAXINFER_ROPE_DECODE", pallas_alone),
     )
 
 

@@ -234,6 +234,12 @@ def main() -> int:
         default="8",
         help="decode steps a program; a list (8,1) runs every workload with each, fresh engines",
     )
+    p.add_argument(
+        "--env",
+        default="",
+        help="a list of VAR=VALUE switches (JAXINFER_ROPE_DECODE=1,JAXINFER_ROPE_DECODE=0): every "
+        "workload with each set in turn, fresh engines",
+    )
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas")
     p.add_argument("--moe-parallel", default="expert", choices=["expert", "ffn"])
@@ -273,20 +279,28 @@ def main() -> int:
         report["hf_error"] = hf_error
         print("HF peer failed:\n" + hf_error, flush=True)
     # Every combination of the listed settings, fresh engines each; rows of all but the first
-    # are keyed `<workload>@k1@s512@b4096` by the settings that differ from the first.
+    # are keyed `<workload>@k1@s512@b4096@VAR=VALUE` by the settings that differ from the first.
+    switches = [e for e in args.env.split(",") if e] or [""]
+    for switch in switches:
+        if switch.count("=") != 1:
+            p.error(f"--env takes VAR=VALUE items, got {switch!r}")
     combos = list(
         itertools.product(
             *(
                 [int(v) for v in a.split(",")]
                 for a in (args.num_decode_steps, args.max_num_seqs, args.max_num_batched_tokens)
-            )
+            ),
+            switches,
         )
     )
-    for combo in combos:
+    for *combo, switch in combos:
+        if switch:
+            name, value = switch.split("=")
+            os.environ[name] = value
         engines = make_engines(args, *combo)
         suffix = "".join(
             f"@{tag}{v}" for tag, v, first in zip("ksb", combo, combos[0]) if v != first
-        )
+        ) + (f"@{switch}" if switch != combos[0][-1] else "")
         run_workloads(args, engines, specs, peers, report, suffix)
         for e in engines:  # pools and weights go before the next engines take the memory
             e.close()  # (dropping an engine frees nothing: `Engine.close`)

@@ -101,19 +101,19 @@ def test_decoder_with_the_kernel_matches_without():
 
 def test_the_kernels_are_chosen_for_pallas_on_one_gpu_only(monkeypatch):
     cfg = _tiny_config()
-    for variable in ("JAXINFER_NORM_KERNEL", "JAXINFER_ROPE_KERNEL", "JAXINFER_ROW_GEMV"):
-        monkeypatch.delenv(variable, raising=False)
+    names = ("NORM_KERNEL", "ROPE_KERNEL", "ROW_GEMV", "ROPE_DECODE")
+    keys = ("norm_kernel", "rope_kernel", "row_gemv", "rope_decode")
+    set_all = lambda value: [monkeypatch.setenv(f"JAXINFER_{n}", value) for n in names]
+    for name in names:
+        monkeypatch.delenv(f"JAXINFER_{name}", raising=False)
     on_gpu = jax.default_backend() == "gpu"
     both = lambda impl: model_lib.fused_kernels(cfg, jnp.bfloat16, impl, Parallel())
-    assert both("pallas") == {"norm_kernel": on_gpu, "rope_kernel": on_gpu, "row_gemv": on_gpu}
-    assert both("xla") == {"norm_kernel": False, "rope_kernel": False, "row_gemv": on_gpu}
-    monkeypatch.setenv("JAXINFER_NORM_KERNEL", "1")
-    monkeypatch.setenv("JAXINFER_ROPE_KERNEL", "1")
-    monkeypatch.setenv("JAXINFER_ROW_GEMV", "1")
-    assert both("xla") == {"norm_kernel": True, "rope_kernel": True, "row_gemv": True}
+    assert both("pallas") == dict.fromkeys(keys, on_gpu)
+    assert both("xla") == {**dict.fromkeys(keys, False), "row_gemv": on_gpu}
+    set_all("1")
+    assert both("xla") == dict.fromkeys(keys, True)
     odd = dataclasses.replace(cfg, head_dim=24)  # half of it is no power of two
-    assert model_lib.fused_kernels(odd, jnp.bfloat16, "xla", Parallel())["rope_kernel"] is False
-    monkeypatch.setenv("JAXINFER_NORM_KERNEL", "0")
-    monkeypatch.setenv("JAXINFER_ROPE_KERNEL", "0")
-    monkeypatch.setenv("JAXINFER_ROW_GEMV", "0")
-    assert both("pallas") == {"norm_kernel": False, "rope_kernel": False, "row_gemv": False}
+    odd_kernels = model_lib.fused_kernels(odd, jnp.bfloat16, "xla", Parallel())
+    assert odd_kernels["rope_kernel"] is odd_kernels["rope_decode"] is False  # it needs the first
+    set_all("0")
+    assert both("pallas") == dict.fromkeys(keys, False)

@@ -4,6 +4,7 @@ with the fused kernels (this one and the add + RMSNorm) against one without them
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,13 @@ from conftest import build_hf_model
 from test_decode_steps import ModTokenizer, staggered
 
 import jaxinfer
+from jaxinfer import attention
+from jaxinfer.models import llama
 from jaxinfer.models.layers import rope_inv_freq
 from pallas_kernels.rope_write import rope_write, rope_write_reference
+
+# the module (the package exports its function of the same name)
+paged_attention = importlib.import_module("pallas_kernels.paged_attention")
 
 
 def _inputs(tokens, kv_heads, group, head_dim, pages, page_size, dtype, seed=0):
@@ -77,12 +83,25 @@ def model_h32(tmp_path_factory):
     return dataclasses.replace(model, tokenizer=ModTokenizer())
 
 
-def staggered_with_kernels(model, decode_steps: int, on: str):
+def staggered_with_kernels(model, decode_steps: int, on: str, fused: str = "0", impl: str = "xla"):
+    traced = []  # decode programs built on the fused kernel
+    fused_kernel = paged_attention.rope_paged_decode
+    llama._apply_block_jit.clear_cache()  # layers traced by the other cases are not retraced
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            paged_attention,
+            "rope_paged_decode",
+            lambda *args, **kw: traced.append(1) or fused_kernel(*args, **kw),
+        )
         mp.setenv("JAXINFER_NORM_KERNEL", on)
         mp.setenv("JAXINFER_ROPE_KERNEL", on)
-        outs, engine = staggered(model, decode_steps)
+        mp.setenv("JAXINFER_ROPE_DECODE", fused)
+        # every decode program, not only those of one row
+        mp.setattr(attention, "FUSED_DECODE_MAX_ROWS", 1 << 30)
+        outs, engine = staggered(model, decode_steps, attention_impl=impl)
     assert engine.runner.decoder.rope_kernel is (on == "1")
+    assert engine.runner.decoder.rope_decode is (on == fused == "1")
+    assert bool(traced) is (on == fused == "1" and impl == "pallas")  # it replaces Pallas's
     return outs
 
 
@@ -109,3 +128,20 @@ def test_engine_with_the_fused_kernels_gives_the_same_outputs(model_h32, jnp_out
             for x, y in zip(a.logprobs, b.logprobs):
                 assert x.keys() == y.keys()
                 np.testing.assert_allclose(list(x.values()), list(y.values()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_decode_steps_in_one_kernel_give_the_outputs_of_two(model_h32, decode_steps):
+    """With the Pallas attention, decode steps whose RoPE, K/V write and attention are one
+    kernel (`rope_paged_decode`) give what `rope_write` then the decode kernel give: the same
+    tokens, texts and logprobs, exactly (the kernel computes the same numbers)."""
+    two, one = (
+        staggered_with_kernels(model_h32, decode_steps, "1", fused, impl="pallas")
+        for fused in ("0", "1")
+    )
+    assert sorted(two) == sorted(one) == [str(i) for i in range(6)]
+    for rid in two:
+        a, b = two[rid][-1], one[rid][-1]
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        assert a.logprobs == b.logprobs
+    assert any(two[rid][-1].logprobs for rid in two)  # logprobs were compared

@@ -46,6 +46,7 @@ class Attention(nn.Module):
     parallel: Parallel = Parallel()
     rope_kernel: bool = False  # paged steps: RoPE and the K/V write as one Pallas kernel
     row_gemv: bool = False  # one token's projections as row reductions (`layers.dense`)
+    rope_decode: bool = False  # with rope_kernel, decode steps: the attention in that kernel too
 
     @nn.compact
     def __call__(
@@ -83,7 +84,13 @@ class Attention(nn.Module):
         inv_freq = rope_inv_freq(h, c.rope_theta, c.rope_scaling)
         if paged is not None and self.rope_kernel:  # RoPE and the K/V write in one kernel
             out, cache = attention.rope_paged_attention(
-                qkv[0], *cache, paged, positions[0], inv_freq, impl=self.impl
+                qkv[0],
+                *cache,
+                paged,
+                positions[0],
+                inv_freq,
+                impl=self.impl,
+                fused=self.rope_decode,
             )
             out = out[None]
         else:
@@ -114,6 +121,7 @@ class Block(nn.Module):
     norm_kernel: bool = False
     rope_kernel: bool = False
     row_gemv: bool = False
+    rope_decode: bool = False
 
     @nn.compact
     def __call__(self, x, delta, positions, cache, prefill, paged):
@@ -128,6 +136,7 @@ class Block(nn.Module):
             self.parallel,
             self.rope_kernel,
             self.row_gemv,
+            self.rope_decode,
             name="attn",
         )(h, positions, cache, prefill, paged)
         h, x = RMSNorm(eps, self.dtype, kernel=kernel, name="mlp_norm")(x, h)
@@ -158,6 +167,8 @@ class Decoder(nn.Module):
     norm_kernel: bool = False  # residual adds and norms as Pallas kernels (`RMSNorm`)
     rope_kernel: bool = False  # paged steps: RoPE and the K/V write as one Pallas kernel
     row_gemv: bool = False  # one token's projections as row reductions (`layers.dense`)
+    # with rope_kernel, decode steps: RoPE, the K/V write and the attention as one kernel
+    rope_decode: bool = False
 
     @nn.compact
     def __call__(
@@ -214,6 +225,7 @@ class Decoder(nn.Module):
             self.norm_kernel,
             self.rope_kernel,
             self.row_gemv,
+            self.rope_decode,
         )
         if self.is_initializing() or self.is_mutable_collection("intermediates"):
             return Block(*args, name=f"layers_{i}")(x, delta, positions, cache, prefill, paged)
