@@ -359,6 +359,13 @@ def errors(out, ref) -> dict:
     }
 
 
+def report_header() -> dict:
+    """What every report starts with: the card and the jax version that measured it."""
+    import jax
+
+    return {"device": default_device().device_kind, "jax": jax.__version__}
+
+
 def write_json(path: str, report: dict) -> None:
     """Writes a report (folders made as needed); called as a sweep goes, so that a run cut short
     keeps what it measured."""

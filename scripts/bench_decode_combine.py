@@ -87,7 +87,7 @@ def main() -> None:
                 rows.append(row)
     pa._combine_call = current
     if args.out:
-        report = {"device": bm.default_device().device_kind, "jax": jax.__version__, "rows": rows}
+        report = {**bm.report_header(), "rows": rows}
         bm.write_json(args.out, report)
 
 

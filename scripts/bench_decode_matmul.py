@@ -176,7 +176,7 @@ def main() -> None:
                 print(f"   {kind}", json.dumps(r), flush=True)
         rows.append(row)
     if args.out:
-        report = {"device": bm.default_device().device_kind, "jax": jax.__version__, "rows": rows}
+        report = {**bm.report_header(), "rows": rows}
         bm.write_json(args.out, report)
 
 

@@ -108,7 +108,7 @@ def main() -> None:
     keys = jax.random.split(jax.random.key(0), args.layers + 1)
     x = jax.random.normal(keys[0], (args.rows, n), jnp.bfloat16)
     ws = [jax.random.normal(k, (n, n), jnp.bfloat16) * (n**-0.5) for k in keys[1:]]
-    report = {"device": bm.default_device().device_kind, "jax": jax.__version__}
+    report = bm.report_header()
     report["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     report["rows"] = args.rows
     report["floor_us"] = n * n * 2 / 4.4e12 * 1e6

@@ -160,7 +160,7 @@ def main() -> None:
             for name, fn in peers.items():
                 measure(dict(case=case, peer=name), fn, dense, flops)
     if args.out:
-        report = {"device": bm.default_device().device_kind, "jax": jax.__version__, "rows": rows}
+        report = {**bm.report_header(), "rows": rows}
         bm.write_json(args.out, report)
 
 

@@ -321,7 +321,7 @@ def main() -> int:
     )
     if args.prefill:
         trace_dir = tempfile.mkdtemp(prefix="jaxinfer-trace-")
-        report = {"device": bm.default_device().device_kind, "jax": jax.__version__}
+        report = bm.report_header()
         report.update(model=args.model, layers=cfg.num_layers, seqs=args.seqs)
         report.update(prompt=args.prompt, budget=args.budget, limits=limits)
         report.update(profile_prefill(eng, cfg, args, trace_dir))
