@@ -185,7 +185,7 @@ def paged_attention(
 
 
 # Decode programs of at most this many rows take the fused kernel. On an H200 (Llama-3-8B,
-# bench/README.md) it was ~1% faster at one row (engine TPOT, two calls) and up to 12% slower
+# bench/README.md) it was 1.2-1.5% faster at one row (engine TPOT, three calls) and 12% slower
 # per layer at 100 rows of 1,500 tokens; between, kernel timings went either way.
 FUSED_DECODE_MAX_ROWS = 1
 

@@ -24,8 +24,9 @@ K/V row is read once per kv head, not once per query head.
   causal among themselves.
 * ``write_kv``: scatter new K/V rows into their slots (page * L + offset).
 * ``rope_paged_decode``: the decode kernel fed the q/k/v matmul's output as it
-  is: RoPE of q and k, the K/V write and the attention in one launch (the new
-  token's K/V taken from registers, so no program waits for the write).
+  is: RoPE of q and k, the K/V write and the attention in one launch (the
+  program that owns the new token writes its row, then reads it back with the
+  others after a CTA barrier).
 
 File layout: kernels -> pallas_call wrappers (tile sizes in frozen configs)
 -> validated public entry points (interpret mode and the SM count decided
@@ -245,11 +246,11 @@ def _decode_kernel(
         # The kv loop reads the new row back like any other, from GMEM, once every thread of
         # the program has stored its part (a CTA barrier orders global memory too). Taking
         # it from registers instead, a select on the tile that holds it, cost ~20 us a layer
-        # at 100 x 1,500 on an H200 (bench/README.md). Interpret mode runs programs whole.
+        # at 100 x 1,500 on an H200 (bench/README.md).
         if not interpret:
             plgpu.debug_barrier()
-        else:  # on a GPU the same buffers; interpret mode keeps the inputs as they were
-            k_ref, v_ref = k_out, v_out
+        else:  # one thread, no barrier; the input refs keep the old pools there (on a GPU
+            k_ref, v_ref = k_out, v_out  # they are the same buffers as the outputs)
     else:
         out_refs = refs
         q = plgpu.load(q_ref, mask=q_mask, other=0.0)
