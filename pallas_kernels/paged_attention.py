@@ -196,11 +196,6 @@ class _NewToken:
         plgpu.store(v_out.at[row, :], v[None, :].astype(v_out.dtype), mask=live)
 
 
-def _split_tokens(length, num_splits: int, block_k: int):
-    """Tokens a split of a sequence of `length` takes: its share rounded up to whole steps."""
-    return lax.div(lax.div(length + num_splits - 1, num_splits) + block_k - 1, block_k) * block_k
-
-
 def _decode_kernel(
     q_ref,
     k_ref,
@@ -236,7 +231,9 @@ def _decode_kernel(
     # Each sequence cuts its own length (not the table's width) into num_splits
     # ranges of whole steps: a short sequence in a table sized for long ones
     # still spreads over every split, and only its last step is masked.
-    per_split = _split_tokens(length, num_splits, block_k)
+    per_split = (
+        lax.div(lax.div(length + num_splits - 1, num_splits) + block_k - 1, block_k) * block_k
+    )
     if fresh:
         pos_ref, slot_ref, freq_ref, *out_refs, k_out, v_out = refs
         new_token = _NewToken(q_ref, pos_ref[b], freq_ref, group)
@@ -759,7 +756,7 @@ def rope_paged_decode(
         lengths,
         positions,
         slots,
-        jnp.tile(jnp.asarray(inv_freq, jnp.float32), 2),
+        jnp.asarray(inv_freq, jnp.float32),
         sm_scale=sm_scale,
         config=config or PagedConfig(),
         interpret=common.resolve_interpret(interpret),
@@ -773,9 +770,10 @@ def rope_paged_decode(
     donate_argnums=(1, 2),
 )
 def _rope_paged_decode(
-    qkv, k_pages, v_pages, block_tables, lengths, positions, slots, freq, **static
+    qkv, k_pages, v_pages, block_tables, lengths, positions, slots, inv_freq, **static
 ):
     batch, num_kv_heads, rows, head_dim = qkv.shape
+    freq = jnp.tile(inv_freq, 2)  # [H]: each column's angle, both halves of RoPE's pairs
     out, k_rows, v_rows = _decode_call(
         qkv,
         _rows_view(k_pages),
