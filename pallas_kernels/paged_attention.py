@@ -71,6 +71,9 @@ class PagedConfig:
         program (power of two >= 16).
       num_warps, num_stages: Triton launch parameters; num_stages None: 4 for
         decode, 2 for the ragged kernel.
+      stream: decode in the balanced (stream-K) form: programs_per_sm programs
+        an SM, each the same number of kv steps, sequences cut across programs
+        merged by a second launch (num_splits unused).
       backend: "triton" (Pallas Triton lowering).
     """
 
@@ -80,12 +83,16 @@ class PagedConfig:
     block_rows: int = 64
     num_warps: int = 4
     num_stages: int | None = None
+    stream: bool = False
+    programs_per_sm: int = 2
     backend: str = "triton"
 
     def __post_init__(self):
         check_tiles(self, ("block_k", "block_rows") if self.block_k else ("block_rows",))
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"num_splits={self.num_splits} must be >= 1")
+        if self.programs_per_sm < 1:
+            raise ValueError(f"programs_per_sm={self.programs_per_sm} must be >= 1")
 
 
 RAGGED_BLOCK_K = 32
@@ -430,6 +437,237 @@ def _combine_call(acc, m, l, dtype, *, interpret):
 
 
 # ----------------------------------------------------------------------------
+# Decode kernel, balanced (stream-K): every program the same number of kv steps.
+# ----------------------------------------------------------------------------
+# Per kv head, the sequences' kv steps ("units", block_k tokens each) are laid end to end,
+# sequence after sequence, and program p of that head takes units [p W / Q, (p + 1) W / Q)
+# of the W there are. Every program of the launch then streams the same number of tiles and
+# they all end together: no last wave half empty, whatever the batch. A sequence whose units
+# fall in one program is finished there; one cut by a program boundary leaves a partial
+# (acc, max, sum) in each program's slot (0: the program's first sequence, 1: its last), and
+# a second launch merges those. On an H200 it was slower than the split form at every shape
+# measured (NOTES.md): opt-in, not used by the engine.
+def _stream_units(len_ref, b, block_k):
+    """kv steps of sequence b; at least one, so an empty sequence still gets its zeros written."""
+    return jnp.maximum(lax.div(len_ref[b] + block_k - 1, block_k), 1)
+
+
+def _stream_range(total, prog, num_programs):
+    """(programs in use, first unit of program `prog`): none is left without a unit."""
+    used = jnp.minimum(num_programs, total)
+    return used, lax.div(prog * total, used)
+
+
+def _stream_seq_of(ends, unit):
+    """The sequence that holds `unit`: ends [Bp] each sequence's last unit + 1 (padding: big)."""
+    return jnp.sum((ends <= unit).astype(jnp.int32))
+
+
+def _stream_decode_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    bt_ref,
+    len_ref,
+    ends_ref,
+    o_ref,
+    acc_ref,
+    m_ref,
+    l_ref,
+    *,
+    batch,
+    num_programs,
+    qk_scale,
+    group,
+    head_dim,
+    page_size,
+    block_k,
+    dot_precision,
+):
+    # one kv head: q_ref [B, Gp, Hp]; k_ref/v_ref [P*L, Hp]; bt_ref [B, max_pages]; len_ref [B];
+    # ends_ref [Bp]; o_ref [B, Gp, Hp]; acc_ref [Q, 2, Gp, Hp], m_ref/l_ref [Q, 2, Gp]
+    group_pad, head_pad = q_ref.shape[1:]
+    prog = pl.program_id(1)
+    ends = ends_ref[...]
+    total = ends_ref[batch - 1]
+    used, u0 = _stream_range(total, prog, num_programs)
+    _, u1 = _stream_range(total, prog + 1, num_programs)
+    b_first = _stream_seq_of(ends, u0)
+    n_seqs = jnp.where(prog < used, _stream_seq_of(ends, u1 - 1) - b_first + 1, 0)
+    cols = jnp.arange(head_pad, dtype=jnp.int32)
+    head_mask = (cols < head_dim)[None, :] if head_pad != head_dim else None
+    q_mask = (jnp.arange(group_pad) < group)[:, None]
+    if head_mask is not None:
+        q_mask = jnp.logical_and(q_mask, head_mask)
+    step = functools.partial(online_softmax_step, qk_scale=qk_scale, dot_precision=dot_precision)
+
+    def sequence(i, _):
+        b = b_first + i
+        length = len_ref[b]
+        units = _stream_units(len_ref, b, block_k)
+        start = ends_ref[b] - units
+        j0 = jnp.maximum(u0 - start, 0)
+        j1 = jnp.minimum(u1 - start, units)
+        t0 = j0 * block_k
+        t1 = jnp.minimum(j1 * block_k, length)
+        q = plgpu.load(q_ref.at[b], mask=q_mask, other=0.0)
+        tile = functools.partial(
+            _kv_tile,
+            bt_ref,
+            b,
+            k_ref,
+            v_ref,
+            block_k=block_k,
+            page_size=page_size,
+            cols=cols,
+            head_mask=head_mask,
+        )
+
+        def full_step(j, carry):
+            k, v, _ = tile(t0 + j * block_k, valid=None)
+            return step(q, k, lambda: v, carry, visible=None)
+
+        def tail_step(j, carry):
+            first = t0 + j * block_k
+            valid = first + jnp.arange(block_k, dtype=jnp.int32) < t1
+            k, v, _ = tile(first, valid=valid)
+            return step(q, k, lambda: v, carry, visible=valid[None, :])
+
+        n_full = jnp.maximum(lax.div(t1 - t0, block_k), 0)
+        n_steps = jnp.maximum(lax.div(t1 - t0 + block_k - 1, block_k), 0)
+        carry = lax.fori_loop(0, n_full, full_step, init_carry(group_pad, head_pad))
+        acc, m, l = lax.fori_loop(n_full, n_steps, tail_step, carry)
+        whole = (j0 == 0) & (j1 == units)
+        out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+        plgpu.store(o_ref.at[b], out.astype(o_ref.dtype), mask=q_mask & whole)
+        slot = jnp.minimum(i, 1)
+        cut = jnp.logical_not(whole)
+        plgpu.store(acc_ref.at[prog, slot], acc, mask=jnp.full(acc.shape, cut))
+        plgpu.store(m_ref.at[prog, slot], m, mask=jnp.full(m.shape, cut))
+        plgpu.store(l_ref.at[prog, slot], l, mask=jnp.full(l.shape, cut))
+        return _
+
+    lax.fori_loop(0, n_seqs, sequence, 0)
+
+
+def _stream_combine_kernel(
+    len_ref,
+    ends_ref,
+    acc_ref,
+    m_ref,
+    l_ref,
+    o_in_ref,
+    o_ref,
+    *,
+    batch,
+    num_programs,
+    block_k,
+    group,
+    head_dim,
+):
+    """Program p of a kv head merges the sequence cut at its first unit, if that is the first
+    cut of the sequence (programs p - 1 .. the one holding its last unit hold its partials)."""
+    del o_in_ref  # the same buffer as o_ref: the sequences finished in one program stay
+    group_pad, head_pad = acc_ref.shape[2:]
+    prog = pl.program_id(1)
+    ends = ends_ref[...]
+    total = ends_ref[batch - 1]
+    used, u0 = _stream_range(total, prog, num_programs)
+    _, u_prev = _stream_range(total, jnp.maximum(prog - 1, 0), num_programs)
+    b = jnp.minimum(_stream_seq_of(ends, u0), batch - 1)
+    end = ends_ref[b]
+    start = end - _stream_units(len_ref, b, block_k)
+    mine = (prog > 0) & (prog < used) & (start < u0) & (start >= u_prev)
+    last = lax.div(end * used + total - 1, total) - 1  # the program holding unit end - 1
+    first_slot = jnp.where(u_prev == start, 0, 1)
+
+    def merge(i, carry):
+        acc, m, l = carry
+        p = prog - 1 + i
+        slot = jnp.where(i == 0, first_slot, 0)
+        m_p, l_p = m_ref[p, slot], l_ref[p, slot]
+        m_new = jnp.maximum(m, m_p)
+        a, a_p = jnp.exp2(m - m_new), jnp.exp2(m_p - m_new)
+        return acc * a[:, None] + acc_ref[p, slot] * a_p[:, None], m_new, l * a + l_p * a_p
+
+    n = jnp.where(mine, last - prog + 2, 0)
+    acc, _, l = lax.fori_loop(0, n, merge, init_carry(group_pad, head_pad))
+    out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
+    mask = (jnp.arange(group_pad) < group)[:, None] & (jnp.arange(head_pad) < head_dim)[None, :]
+    plgpu.store(o_ref.at[b], out.astype(o_ref.dtype), mask=mask & mine)
+
+
+def _stream_decode_call(
+    q, k_rows, v_rows, block_tables, lengths, *, sm_scale, page_size, config, interpret, num_sms
+):
+    """q [B, K, G, H]; k_rows/v_rows [K, P*L, H] -> [B, K, G, H], the balanced form."""
+    batch, num_kv_heads, group, head_dim = q.shape
+    num_rows = k_rows.shape[1]
+    head_pad = pl.next_power_of_2(head_dim)
+    group_pad = max(16, pl.next_power_of_2(group))
+    block_k = _decode_block_k(config, batch, num_kv_heads, num_sms)
+    num_programs = pl.cdiv(num_sms * config.programs_per_sm, num_kv_heads)  # per kv head
+    units = jnp.maximum(pl.cdiv(lengths, block_k), 1)
+    batch_pad = pl.next_power_of_2(batch)
+    ends = jnp.full((batch_pad,), jnp.iinfo(jnp.int32).max, jnp.int32)
+    ends = ends.at[:batch].set(jnp.cumsum(units, dtype=jnp.int32))
+    static = dict(batch=batch, num_programs=num_programs, group=group, head_dim=head_dim)
+
+    head_block = pl.BlockSpec((batch, None, group_pad, head_pad), lambda h, p: (0, h, 0, 0))
+    whole = lambda shape: pl.BlockSpec(shape, lambda h, p: (0,) * len(shape))
+    parts = (num_kv_heads, num_programs, 2, group_pad)
+    part_specs = [
+        pl.BlockSpec((None, num_programs, 2, group_pad, head_pad), lambda h, p: (h, 0, 0, 0, 0)),
+        pl.BlockSpec((None, num_programs, 2, group_pad), lambda h, p: (h, 0, 0, 0)),
+        pl.BlockSpec((None, num_programs, 2, group_pad), lambda h, p: (h, 0, 0, 0)),
+    ]
+    params = plgpu.CompilerParams(
+        num_warps=config.num_warps, num_stages=config.num_stages or DECODE_STAGES
+    )
+    name = f"h{head_dim}_L{page_size}_bk{block_k}_q{num_programs}"
+    out, acc, m, l = pl.pallas_call(
+        functools.partial(
+            _stream_decode_kernel,
+            qk_scale=sm_scale * LOG2_E,
+            page_size=page_size,
+            block_k=block_k,
+            dot_precision=common.dot_precision(q.dtype),
+            **static,
+        ),
+        grid=(num_kv_heads, num_programs),
+        in_specs=[
+            head_block,
+            pl.BlockSpec((None, num_rows, head_pad), lambda h, p: (h, 0, 0)),
+            pl.BlockSpec((None, num_rows, head_pad), lambda h, p: (h, 0, 0)),
+            whole(block_tables.shape),
+            whole((batch,)),
+            whole((batch_pad,)),
+        ],
+        out_specs=[head_block, *part_specs],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((*parts, head_pad), jnp.float32),
+            jax.ShapeDtypeStruct(parts, jnp.float32),
+            jax.ShapeDtypeStruct(parts, jnp.float32),
+        ],
+        compiler_params=params,
+        interpret=interpret,
+        name=f"paged_decode_stream_{name}",
+    )(q, k_rows, v_rows, block_tables, lengths, ends)
+    return pl.pallas_call(
+        functools.partial(_stream_combine_kernel, block_k=block_k, **static),
+        grid=(num_kv_heads, num_programs),
+        in_specs=[whole((batch,)), whole((batch_pad,)), *part_specs, head_block],
+        out_specs=head_block,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        input_output_aliases={5: 0},
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name=f"paged_decode_stream_combine_{name}",
+    )(lengths, ends, acc, m, l, out)
+
+
+# ----------------------------------------------------------------------------
 # Ragged kernel (packed queries of several lengths, causal within each).
 # ----------------------------------------------------------------------------
 def _ragged_kernel(
@@ -687,7 +925,7 @@ def _paged_attention(
     batch, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     q4 = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    out = _decode_call(
+    out = (_stream_decode_call if config.stream else _decode_call)(
         q4,
         _rows_view(k_pages),
         _rows_view(v_pages),

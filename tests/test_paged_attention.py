@@ -105,6 +105,39 @@ def test_decode_block_k_follows_the_batch():
     assert_close(out, ref, jnp.float32)
 
 
+# (lengths, N, K, H, L, max_pages, dtype, SMs, programs an SM): the balanced form cuts
+# sequences wherever the programs' equal shares of kv steps end; few SMs make each program hold
+# several sequences (slots 0 and 1 both used), many make one sequence span many programs.
+STREAM_DECODE = [
+    ((1,), 4, 4, 64, 16, 1, jnp.float32, 132, 2),
+    ((3, 17, 1, 40), 8, 2, 80, 16, 4, jnp.bfloat16, 5, 1),
+    ((256, 513, 100), 8, 1, 128, 64, 9, jnp.float32, 5, 2),
+    ((1023, 5), 32, 8, 128, 128, 8, jnp.bfloat16, 132, 2),
+    ((700, 64, 129, 31, 32, 33), 9, 3, 64, 16, 44, jnp.float32, 2, 3),
+    ((300,) * 12, 8, 2, 64, 16, 19, jnp.bfloat16, 9, 1),
+    ((40, 5, 1, 97), 8, 2, 64, 16, 64, jnp.float16, 1, 1),  # one program a kv head: no cut
+]
+
+
+@pytest.mark.parametrize("lengths,n,k,h,page,max_pages,dtype,sms,per_sm", STREAM_DECODE)
+def test_balanced_decode(lengths, n, k, h, page, max_pages, dtype, sms, per_sm):
+    """The stream-K form against the reference (interpret mode fills outputs with NaN: every
+    sequence is written, by its own program or by the merge of its cut)."""
+    from pallas_kernels.common import resolve_interpret
+    from pallas_kernels.paged_attention import _paged_attention
+
+    rng = np.random.default_rng(sum(lengths) + sms)
+    kp, vp, table = make_cache(rng, lengths, k, h, page, max_pages, dtype)
+    q = jnp.asarray(rng.standard_normal((len(lengths), n, h)), dtype)
+    lens = jnp.asarray(lengths, jnp.int32)
+    config = PagedConfig(stream=True, programs_per_sm=per_sm, block_k=16 if page == 16 else 32)
+    static = dict(sm_scale=h**-0.5, config=config, interpret=resolve_interpret(None), num_sms=sms)
+    out = _paged_attention(q, kp, vp, table, lens, **static)
+    ref = paged_attention_reference(q, clean(kp), clean(vp), clean_tables(table, kp.shape[1]), lens)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype)
+
+
 def test_paged_decode_equals_contiguous():
     rng = np.random.default_rng(7)
     lengths, page, max_pages = (37, 64), 16, 4
@@ -316,3 +349,5 @@ def test_config_validates():
         PagedConfig(block_k=48)
     with pytest.raises(ValueError):
         PagedConfig(num_splits=0)
+    with pytest.raises(ValueError, match="programs_per_sm"):
+        PagedConfig(stream=True, programs_per_sm=0)
