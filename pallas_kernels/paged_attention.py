@@ -74,6 +74,8 @@ class PagedConfig:
       stream: decode in the balanced (stream-K) form: programs_per_sm programs
         an SM, each the same number of kv steps, sequences cut across programs
         merged by a second launch (num_splits unused).
+      prefetch_pages: the decode loops load each step's block-table entries
+        one step ahead (carried), not in the step that gathers them.
       backend: "triton" (Pallas Triton lowering).
     """
 
@@ -85,6 +87,7 @@ class PagedConfig:
     num_stages: int | None = None
     stream: bool = False
     programs_per_sm: int = 2
+    prefetch_pages: bool = False
     backend: str = "triton"
 
     def __post_init__(self):
@@ -131,28 +134,93 @@ def _gather_kv(ref, rows, cols, mask):
     return plgpu.load(ref.at[idx], mask=mask, other=0.0)
 
 
+def _tile_pages(bt_ref, bt_row, first_token, *, block_k, page_size, valid):
+    """The page of each token [first_token, first_token + block_k) ([block_k] int32); tokens
+    not `valid` (None: all are) get page 0 and their slot is clamped into the table."""
+    tok = first_token + jnp.arange(block_k, dtype=jnp.int32)
+    slot = lax.div(tok, page_size)
+    if valid is not None:
+        slot = jnp.minimum(slot, bt_ref.shape[-1] - 1)
+    bt_idx = (slot,) if bt_row is None else (bt_row, slot)
+    if valid is None:
+        return bt_ref[bt_idx]
+    return plgpu.load(bt_ref.at[bt_idx], mask=valid, other=0)
+
+
 def _kv_tile(
-    bt_ref, bt_row, k_ref, v_ref, first_token, *, block_k, page_size, cols, head_mask, valid
+    bt_ref,
+    bt_row,
+    k_ref,
+    v_ref,
+    first_token,
+    *,
+    block_k,
+    page_size,
+    cols,
+    head_mask,
+    valid,
+    page=None,
 ):
     """Loads K and V of tokens [first_token, first_token + block_k).
 
     bt_ref is a block-table row [max_pages] (bt_row None) or the whole table
     [B, max_pages] with bt_row the sequence (one indexer: Triton takes one).
     ``valid`` [block_k] masks tokens past the sequence (None: all valid), whose
-    block-table entries may hold anything.
+    block-table entries may hold anything. ``page`` [block_k]: the tokens' pages
+    when already loaded (None: loaded here).
     """
     tok = first_token + jnp.arange(block_k, dtype=jnp.int32)
-    slot = lax.div(tok, page_size)
-    bt_idx = (slot,) if bt_row is None else (bt_row, slot)
-    if valid is None:
-        page = bt_ref[bt_idx]
-    else:
-        page = plgpu.load(bt_ref.at[bt_idx], mask=valid, other=0)
+    if page is None:
+        page = _tile_pages(
+            bt_ref, bt_row, first_token, block_k=block_k, page_size=page_size, valid=valid
+        )
     rows = page * page_size + lax.rem(tok, page_size)
     mask = None if valid is None else valid[:, None]
     if head_mask is not None:
         mask = head_mask if mask is None else jnp.logical_and(mask, head_mask)
     return (_gather_kv(k_ref, rows, cols, mask), _gather_kv(v_ref, rows, cols, mask), tok)
+
+
+def _decode_range(q, bt_ref, bt_row, k_ref, v_ref, t0, t1, *, step, prefetch_pages, **tiles):
+    """One query block's online softmax over kv tokens [t0, t1): whole block_k steps unmasked,
+    then the masked tail. Returns (acc [Gp, Hp], m [Gp], l [Gp]); `tiles` are `_kv_tile`'s
+    block_k, page_size, cols and head_mask."""
+    block_k, page_size = tiles["block_k"], tiles["page_size"]
+    tile = functools.partial(_kv_tile, bt_ref, bt_row, k_ref, v_ref, **tiles)
+    pages = functools.partial(_tile_pages, bt_ref, bt_row, block_k=block_k, page_size=page_size)
+
+    def live(first):
+        return first + jnp.arange(block_k, dtype=jnp.int32) < t1
+
+    def full_step(i, carry):
+        first = t0 + i * block_k
+        if not prefetch_pages:
+            k, v, _ = tile(first, valid=None)
+            return step(q, k, lambda: v, carry, visible=None)
+        # this step's pages came with the carry; the next step's load now, a step ahead of
+        # the gather they address
+        *carry, page = carry
+        page_next = pages(first + block_k, valid=live(first + block_k))
+        k, v, _ = tile(first, valid=None, page=page)
+        return (*step(q, k, lambda: v, tuple(carry), visible=None), page_next)
+
+    def tail_step(i, carry):
+        first = t0 + i * block_k
+        valid = live(first)
+        page = None
+        if prefetch_pages:
+            *carry, page = carry
+        k, v, _ = tile(first, valid=valid, page=page)
+        out = step(q, k, lambda: v, tuple(carry), visible=valid[None, :])
+        return (*out, page) if prefetch_pages else out
+
+    carry = init_carry(*q.shape)
+    if prefetch_pages:
+        carry = (*carry, pages(t0, valid=live(t0)))
+    n_full = jnp.maximum(lax.div(t1 - t0, block_k), 0)
+    n_steps = jnp.maximum(lax.div(t1 - t0 + block_k - 1, block_k), 0)
+    carry = lax.fori_loop(0, n_full, full_step, carry)
+    return lax.fori_loop(n_full, n_steps, tail_step, carry)[:3]
 
 
 # ----------------------------------------------------------------------------
@@ -219,6 +287,7 @@ def _decode_kernel(
     finalize,
     dot_precision,
     fresh,
+    prefetch_pages,
     interpret,
 ):
     # q_ref [Gp, Hp], or with `fresh` the new token's q/k/v rows [Rp, H] before RoPE;
@@ -260,34 +329,22 @@ def _decode_kernel(
         q = plgpu.load(q_ref, mask=q_mask, other=0.0)
     t0 = split * per_split
     t1 = jnp.minimum(t0 + per_split, length)
-    n_steps = jnp.maximum(lax.div(t1 - t0 + block_k - 1, block_k), 0)
-    n_full = jnp.maximum(lax.div(t1 - t0, block_k), 0)
-    tile = functools.partial(
-        _kv_tile,
+    step = functools.partial(online_softmax_step, qk_scale=qk_scale, dot_precision=dot_precision)
+    acc, m, l = _decode_range(
+        q,
         bt_ref,
         None,
         k_ref,
         v_ref,
+        t0,
+        t1,
+        step=step,
+        prefetch_pages=prefetch_pages,
         block_k=block_k,
         page_size=page_size,
         cols=cols,
         head_mask=head_mask,
     )
-    step = functools.partial(online_softmax_step, qk_scale=qk_scale, dot_precision=dot_precision)
-
-    def full_step(i, carry):
-        k, v, _ = tile(t0 + i * block_k, valid=None)
-        return step(q, k, lambda: v, carry, visible=None)
-
-    def tail_step(i, carry):
-        first = t0 + i * block_k
-        valid = first + jnp.arange(block_k, dtype=jnp.int32) < t1
-        k, v, _ = tile(first, valid=valid)
-        return step(q, k, lambda: v, carry, visible=valid[None, :])
-
-    carry = init_carry(group_pad, head_pad)
-    carry = lax.fori_loop(0, n_full, full_step, carry)
-    acc, m, l = lax.fori_loop(n_full, n_steps, tail_step, carry)
 
     if finalize:
         (o_ref,) = out_refs  # [Gp, Hp] of [G, H]
@@ -343,6 +400,7 @@ def _decode_call(
         finalize=finalize,
         dot_precision=dot_precision,
         fresh=fresh is not None,
+        prefetch_pages=config.prefetch_pages,
         interpret=interpret,
     )
     q_rows = group_pad if fresh is None else max(group_pad, pl.next_power_of_2(group + 2))
@@ -483,6 +541,7 @@ def _stream_decode_kernel(
     page_size,
     block_k,
     dot_precision,
+    prefetch_pages,
 ):
     # one kv head: q_ref [B, Gp, Hp]; k_ref/v_ref [P*L, Hp]; bt_ref [B, max_pages]; len_ref [B];
     # ends_ref [Bp]; o_ref [B, Gp, Hp]; acc_ref [Q, 2, Gp, Hp], m_ref/l_ref [Q, 2, Gp]
@@ -499,7 +558,14 @@ def _stream_decode_kernel(
     q_mask = (jnp.arange(group_pad) < group)[:, None]
     if head_mask is not None:
         q_mask = jnp.logical_and(q_mask, head_mask)
-    step = functools.partial(online_softmax_step, qk_scale=qk_scale, dot_precision=dot_precision)
+    loop = dict(
+        step=functools.partial(online_softmax_step, qk_scale=qk_scale, dot_precision=dot_precision),
+        prefetch_pages=prefetch_pages,
+        block_k=block_k,
+        page_size=page_size,
+        cols=cols,
+        head_mask=head_mask,
+    )
 
     def sequence(i, _):
         b = b_first + i
@@ -511,32 +577,7 @@ def _stream_decode_kernel(
         t0 = j0 * block_k
         t1 = jnp.minimum(j1 * block_k, length)
         q = plgpu.load(q_ref.at[b], mask=q_mask, other=0.0)
-        tile = functools.partial(
-            _kv_tile,
-            bt_ref,
-            b,
-            k_ref,
-            v_ref,
-            block_k=block_k,
-            page_size=page_size,
-            cols=cols,
-            head_mask=head_mask,
-        )
-
-        def full_step(j, carry):
-            k, v, _ = tile(t0 + j * block_k, valid=None)
-            return step(q, k, lambda: v, carry, visible=None)
-
-        def tail_step(j, carry):
-            first = t0 + j * block_k
-            valid = first + jnp.arange(block_k, dtype=jnp.int32) < t1
-            k, v, _ = tile(first, valid=valid)
-            return step(q, k, lambda: v, carry, visible=valid[None, :])
-
-        n_full = jnp.maximum(lax.div(t1 - t0, block_k), 0)
-        n_steps = jnp.maximum(lax.div(t1 - t0 + block_k - 1, block_k), 0)
-        carry = lax.fori_loop(0, n_full, full_step, init_carry(group_pad, head_pad))
-        acc, m, l = lax.fori_loop(n_full, n_steps, tail_step, carry)
+        acc, m, l = _decode_range(q, bt_ref, b, k_ref, v_ref, t0, t1, **loop)
         whole = (j0 == 0) & (j1 == units)
         out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
         plgpu.store(o_ref.at[b], out.astype(o_ref.dtype), mask=q_mask & whole)
@@ -632,6 +673,7 @@ def _stream_decode_call(
             page_size=page_size,
             block_k=block_k,
             dot_precision=common.dot_precision(q.dtype),
+            prefetch_pages=config.prefetch_pages,
             **static,
         ),
         grid=(num_kv_heads, num_programs),

@@ -138,6 +138,34 @@ def test_balanced_decode(lengths, n, k, h, page, max_pages, dtype, sms, per_sm):
     assert_close(out, ref, dtype)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        PagedConfig(block_k=16, num_splits=3),
+        PagedConfig(block_k=32, num_splits=1),
+        PagedConfig(stream=True, block_k=16, programs_per_sm=1),
+    ],
+)
+def test_prefetched_pages_change_no_output_bit(config):
+    """Loading a step's block-table entries a step ahead only moves a load: outputs bitwise
+    equal, sequences ending inside a step, on a step's edge and on the table's last page."""
+    import dataclasses
+
+    from pallas_kernels.paged_attention import _paged_attention
+
+    lengths, max_pages = (17, 64, 1, 160, 33), 10
+    rng = np.random.default_rng(5)
+    kp, vp, table = make_cache(rng, lengths, 2, 64, 16, max_pages, jnp.float32)
+    q = jnp.asarray(rng.standard_normal((len(lengths), 8, 64)), jnp.float32)
+    lens = jnp.asarray(lengths, jnp.int32)
+    static = dict(sm_scale=0.125, interpret=True, num_sms=3)
+    base = _paged_attention(q, kp, vp, table, lens, config=config, **static)
+    ahead = dataclasses.replace(config, prefetch_pages=True)
+    out = _paged_attention(q, kp, vp, table, lens, config=ahead, **static)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
+    assert np.isfinite(np.asarray(out)).all()
+
+
 def test_paged_decode_equals_contiguous():
     rng = np.random.default_rng(7)
     lengths, page, max_pages = (37, 64), 16, 4
