@@ -280,10 +280,11 @@ def main() -> int:
         print("HF peer failed:\n" + hf_error, flush=True)
     # Every combination of the listed settings, fresh engines each; rows of all but the first
     # are keyed `<workload>@k1@s512@b4096@VAR=VALUE` by the settings that differ from the first.
-    switches = [e for e in args.env.split(",") if e] or [""]
+    switches = [e for e in args.env.split(",") if e]
     for switch in switches:
         if switch.count("=") != 1:
             p.error(f"--env takes VAR=VALUE items, got {switch!r}")
+    switches = switches or [""]  # one run in the environment as it is
     combos = list(
         itertools.product(
             *(
@@ -293,7 +294,10 @@ def main() -> int:
             switches,
         )
     )
+    saved = dict(os.environ)
     for *combo, switch in combos:
+        os.environ.clear()  # each switch alone over the starting environment
+        os.environ.update(saved)
         if switch:
             name, value = switch.split("=")
             os.environ[name] = value

@@ -149,3 +149,21 @@ def test_ragged_tile_sweep_checks_each_tile_and_times_the_dense_peers(tmp_path):
     peers = {r["peer"] for r in rows if "peer" in r and r["case"] == "2x32x0"}
     assert peers == {"flash_packed", "flash_batched"}  # cuDNN only on a GPU
     assert not any("peer" in r for r in rows if r["case"] == "2x40x24")  # a cache: no dense peer
+
+
+def test_throughput_smoke_runs_with_and_without_env_switches(tmp_path):
+    """`bench_throughput.py`'s CPU smoke: without `--env` one run in the environment as it is;
+    with it, every workload once per switch, keyed by the switches after the first."""
+    base = [sys.executable, "scripts/bench_throughput.py", "--model", "tiny"]
+    base += ["--workloads", "8x8:2", "--num-pages", "64"]
+    plain, switched = tmp_path / "plain.json", tmp_path / "switched.json"
+    subprocess.run([*base, "--out", str(plain)], cwd=ROOT, check=True, capture_output=True)
+    assert list(json.loads(plain.read_text())["workloads"]) == ["8x8:2"]
+    env = ["--env", "JAXINFER_ROW_GEMV=0,JAXINFER_ROW_GEMV=1"]
+    subprocess.run([*base, *env, "--out", str(switched)], cwd=ROOT, check=True, capture_output=True)
+    assert list(json.loads(switched.read_text())["workloads"]) == [
+        "8x8:2",
+        "8x8:2@JAXINFER_ROW_GEMV=1",
+    ]
+    bad = subprocess.run([*base, "--env", "JAXINFER_ROW_GEMV"], cwd=ROOT, capture_output=True)
+    assert bad.returncode != 0 and b"--env takes VAR=VALUE items" in bad.stderr
