@@ -124,9 +124,8 @@ def main() -> None:
         sets, kv_bytes = input_sets(b, ctx, spread, count, page, live, args.contiguous)
         ref = pa.paged_attention_reference(*sets[0])
         split_list = args.splits or ([None, 1, 2, 4, 8] if b > 1 else [None, 16, 33])
-        forms = [(0, s) for s in split_list] + [(n, None) for n in args.programs_per_sm if n]
-        if 0 not in args.programs_per_sm:
-            forms = forms[len(split_list) :]
+        forms = [(0, s) for s in split_list] if 0 in args.programs_per_sm else []
+        forms += [(n, None) for n in args.programs_per_sm if n]
         grid = itertools.product(args.block_k, args.warps, args.stages, forms, args.prefetch)
         for block_k, warps, stages, (per_sm, splits), prefetch in grid:
             if block_k % page and page % block_k:
