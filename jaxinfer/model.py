@@ -17,6 +17,7 @@ from jaxinfer import attention
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.llama import Decoder
 from jaxinfer.sharding import Parallel
+from pallas_kernels.common import on_hopper
 from pallas_kernels.rope_write import supported as rope_write_supported
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
@@ -71,8 +72,10 @@ def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dic
     attention on one GPU (over a mesh the jnp forms, which XLA splits like the rest of the
     program); in decode steps, with `rope_kernel`, the attention in that same kernel
     (`rope_decode`, `paged_attention.rope_paged_decode`); and one token's projections as XLA
-    row reductions (`row_gemv`, `layers.dense`), on any GPU. $JAXINFER_NORM_KERNEL /
-    $JAXINFER_ROPE_KERNEL / $JAXINFER_ROPE_DECODE / $JAXINFER_ROW_GEMV = 0 or 1 decide instead
+    row reductions (`row_gemv`, `layers.dense`), on any GPU; with the Pallas attention on one
+    Hopper GPU in bf16, steps of 65-128 tokens run gate/up and SiLU x up as one Mosaic GPU
+    kernel (`swiglu_kernel`, `layers.MLP`). $JAXINFER_NORM_KERNEL / $JAXINFER_ROPE_KERNEL /
+    $JAXINFER_ROPE_DECODE / $JAXINFER_ROW_GEMV / $JAXINFER_SWIGLU_KERNEL = 0 or 1 decide instead
     (for measuring one against the other). Measured on an H200: bench/README."""
     gpu = jax.default_backend() == "gpu"
     pallas_alone = impl == "pallas" and parallel.mesh is None and gpu
@@ -88,6 +91,8 @@ def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dic
         rope_kernel=rope_kernel,
         row_gemv=choice("JAXINFER_ROW_GEMV", gpu),
         rope_decode=rope_kernel and choice("JAXINFER_ROPE_DECODE", pallas_alone),
+        swiglu_kernel=jnp.dtype(dtype) == jnp.bfloat16
+        and choice("JAXINFER_SWIGLU_KERNEL", pallas_alone and on_hopper()),
     )
 
 

@@ -94,15 +94,16 @@ def out_slots(cfg: DecodeMatmulConfig) -> int:
     return min(2, cfg.tile_n // EPI_N)
 
 
-def smem_bytes(cfg: DecodeMatmulConfig) -> int:
-    """The ring (x and weight tiles, bf16) and the output chunks (bf16 or f32)."""
-    ring = cfg.stages * (ROWS + cfg.tile_n) * cfg.tile_k * 2
+def smem_bytes(cfg: DecodeMatmulConfig, parts: int = 1) -> int:
+    """The ring (x and `parts` weight tiles a slot, bf16) and the output chunks (bf16 or f32)."""
+    ring = cfg.stages * (ROWS + parts * cfg.tile_n) * cfg.tile_k * 2
     out = 2 * out_slots(cfg) * 64 * EPI_N * (2 if cfg.splits == 1 else 4)
     return ring + out + SMEM_OVERHEAD
 
 
-def why_not(m: int, k: int, n: int, dtype, cfg: DecodeMatmulConfig) -> str | None:
-    """Why the kernel can't take these shapes with this config (None when it can)."""
+def why_not(m: int, k: int, n: int, dtype, cfg: DecodeMatmulConfig, parts: int = 1) -> str | None:
+    """Why the kernel can't take these shapes with this config (None when it can); `parts`
+    weight tiles a ring slot (2: `decode_swiglu`'s gate and up)."""
     if dtype != jnp.bfloat16:
         return f"dtype {dtype} (bf16 only)"
     if m > ROWS:
@@ -111,8 +112,9 @@ def why_not(m: int, k: int, n: int, dtype, cfg: DecodeMatmulConfig) -> str | Non
         return f"N={n} is not a multiple of tile_n * cluster = {cfg.tile_n * cfg.cluster}"
     if k % (cfg.tile_k * cfg.splits):
         return f"K={k} is not a multiple of tile_k * splits = {cfg.tile_k * cfg.splits}"
-    if smem_bytes(cfg) > SMEM_LIMIT:
-        return f"{cfg} needs {smem_bytes(cfg)} bytes of shared memory (limit {SMEM_LIMIT})"
+    if smem_bytes(cfg, parts) > SMEM_LIMIT:
+        need = smem_bytes(cfg, parts)
+        return f"{cfg} needs {need} bytes of shared memory (limit {SMEM_LIMIT})"
     return None
 
 
@@ -121,6 +123,14 @@ def decode_matmul_reference(x, w, *, w_nk: bool):
     dims = (((1,), (1,)), ((), ())) if w_nk else (((1,), (0,)), ((), ()))
     y = lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
+
+
+def decode_swiglu_reference(x, w_gate_up):
+    """silu(x @ gate) * (x @ up) for w_gate_up [K, 2, F]: float32 accumulation, each product
+    rounded to x's dtype, silu and the product in float32, x's dtype out."""
+    gu = jnp.einsum("MK,KCF->CMF", x, w_gate_up, preferred_element_type=jnp.float32)
+    gate, up = gu.astype(x.dtype).astype(jnp.float32)
+    return (jax.nn.silu(gate) * up).astype(x.dtype)
 
 
 def _tiled(dtype):
@@ -137,9 +147,10 @@ def _weight_view(w_smem, slot, w_nk: bool):
     return w_smem.at[slot]
 
 
-def _mma_steps(ring, barriers, *, rows, first, k_steps, cfg, w_nk):
+def _mma_steps(ring, barriers, *, rows, first, k_steps, cfg, w_nk, parts=1):
     """wgmma over the ring's steps [first, first + k_steps) for 64 rows of x, releasing each
-    slot once its wgmma is done; returns the [64, tile_n] float32 product.
+    slot once its wgmmas are done; returns `parts` [64, tile_n] float32 products, one per
+    weight tile of a slot (slot s holds tiles s * parts + p of w_smem).
 
     `first` counts steps across the whole kernel (a chain's layers follow each other in the
     ring, each from step l * k_steps), so every slot's barriers are waited on in order.
@@ -148,14 +159,16 @@ def _mma_steps(ring, barriers, *, rows, first, k_steps, cfg, w_nk):
     x_smem, w_smem = ring
     x_loaded, w_loaded, consumed = barriers
 
-    def run(acc_ref):
+    def run(*acc_refs):
         def step(i, _):
             stages = jnp.int32(cfg.stages)
             slot = lax.rem(first + i, stages)
             plgpu.barrier_wait(x_loaded.at[slot])
-            plgpu.barrier_wait(w_loaded.at[slot])
-            plgpu.wgmma(acc_ref, x_smem.at[slot].at[rows], _weight_view(w_smem, slot, w_nk))
-            plgpu.wgmma_wait(1)  # the previous step's wgmma is done: free its slot
+            for p, acc_ref in enumerate(acc_refs):
+                plgpu.barrier_wait(w_loaded.at[slot * parts + p])
+                w_view = _weight_view(w_smem, slot * parts + p, w_nk)
+                plgpu.wgmma(acc_ref, x_smem.at[slot].at[rows], w_view)
+            plgpu.wgmma_wait(parts)  # the previous step's wgmmas are done: free its slot
 
             @pl.when(i > 0)
             def _():
@@ -164,9 +177,10 @@ def _mma_steps(ring, barriers, *, rows, first, k_steps, cfg, w_nk):
         lax.fori_loop(0, k_steps, step, None)
         plgpu.wgmma_wait(0)
         plgpu.barrier_arrive(consumed.at[(first + k_steps - 1) % cfg.stages])
-        return acc_ref[...]
+        return tuple(acc_ref[...] for acc_ref in acc_refs)
 
-    return pl.run_scoped(run, plgpu.ACC((64, cfg.tile_n), jnp.float32))
+    acc = plgpu.ACC((64, cfg.tile_n), jnp.float32)
+    return pl.run_scoped(run, *([acc] * parts))
 
 
 def _store_tile(acc, out_smem, wg, dst, col, cfg):
@@ -181,14 +195,24 @@ def _store_tile(acc, out_smem, wg, dst, col, cfg):
         plgpu.copy_smem_to_gmem(slot, dst.at[:, pl.ds(col + c * EPI_N, EPI_N)])
 
 
-def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps):
+def _silu_times(gate, up):
+    """SwiGLU's silu(gate) * up over float32 products, each rounded to bf16 first as the
+    unfused form stores them."""
+    gate = gate.astype(jnp.bfloat16).astype(jnp.float32)
+    up = up.astype(jnp.bfloat16).astype(jnp.float32)
+    return gate / (1.0 + jnp.exp(-gate)) * up
+
+
+def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps, swiglu=False):
     """One CTA: columns [j * tile_n, +tile_n), K steps [s * k_steps, +k_steps).
 
     x_ref [128, K] bf16; w_ref [K, N] or [N, K] bf16; out_ref [128, N] bf16 or
-    [splits, 128, N] f32 (GMEM).
+    [splits, 128, N] f32 (GMEM). With `swiglu`, w_ref is [K, 2 * N] (gate then up) and each
+    slot holds the tile's gate and up columns; the CTA stores silu(gate) * up.
     """
     plgpu = _plgpu()
     tn, tk, stages = cfg.tile_n, cfg.tile_k, cfg.stages
+    parts = 2 if swiglu else 1
     (x_smem, w_smem, out_smem), (x_loaded, w_loaded), consumed = scoped
     tile = lax.axis_index("n")
     if cfg.cluster > 1:
@@ -201,7 +225,7 @@ def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps):
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         rows = pl.ds(wg * 64, 64)
-        acc = _mma_steps(
+        accs = _mma_steps(
             (x_smem, w_smem),
             (x_loaded, w_loaded, consumed),
             rows=rows,
@@ -209,7 +233,9 @@ def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps):
             k_steps=k_steps,
             cfg=cfg,
             w_nk=w_nk,
+            parts=parts,
         )
+        acc = _silu_times(*accs) if swiglu else accs[0]
         dst = out_ref.at[rows] if cfg.splits == 1 else out_ref.at[split, rows]
         _store_tile(acc, out_smem, wg, dst, col, cfg)
         plgpu.wait_smem_to_gmem(0)
@@ -218,6 +244,7 @@ def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps):
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
         first = split * k_steps
+        width = w_ref.shape[1] // 2  # swiglu: where up's columns start
 
         def load_x(i, slot):
             plgpu.copy_gmem_to_smem(
@@ -229,11 +256,13 @@ def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps):
 
         def load_w(i, slot):
             k0 = (first + i) * tk
-            if w_nk:
-                src = w_ref.at[pl.ds(col, tn), pl.ds(k0, tk)]
-            else:
-                src = w_ref.at[pl.ds(k0, tk), pl.ds(col, tn)]
-            plgpu.copy_gmem_to_smem(src, w_smem.at[slot], w_loaded.at[slot])
+            for p in range(parts):
+                if w_nk:
+                    src = w_ref.at[pl.ds(col, tn), pl.ds(k0, tk)]
+                else:
+                    src = w_ref.at[pl.ds(k0, tk), pl.ds(p * width + col, tn)]
+                dst = slot * parts + p
+                plgpu.copy_gmem_to_smem(src, w_smem.at[dst], w_loaded.at[dst])
 
         def load(i, slot):
             load_x(i, slot)
@@ -266,7 +295,12 @@ def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps):
 
 
 def decode_matmul(
-    x, w, *, w_nk: bool, config: DecodeMatmulConfig | None = None, interpret: bool | None = None
+    x,
+    w,
+    *,
+    w_nk: bool,
+    config: DecodeMatmulConfig | None = None,
+    interpret: bool | None = None,
 ):
     """x [M, K] @ w ([K, N], or [N, K] when w_nk) -> [M, N] bf16, M <= 128. Hopper GPUs, or
     JAX's Mosaic GPU interpreter on the CPU (`interpret`; None: on the CPU), which runs the
@@ -278,37 +312,66 @@ def decode_matmul(
         raise ValueError(f"x {x.shape} and w {w.shape} (w_nk={w_nk}) disagree on K")
     if reason := why_not(m, k, n, x.dtype, cfg):
         raise ValueError(f"decode_matmul can't take this call: {reason}")
+    interpret = _interpret_or_refuse("decode_matmul", interpret, w_nk, cfg)
+    return _decode_matmul(x, w, w_nk=w_nk, config=cfg, interpret=interpret)
+
+
+def decode_swiglu(
+    x, w_gate_up, *, config: DecodeMatmulConfig | None = None, interpret: bool | None = None
+):
+    """silu(x @ gate) * (x @ up) -> [M, F] bf16 for x [M, K] and w_gate_up [K, 2, F] (gate,
+    then up: `jaxinfer.models.layers.MLP`'s weight), M <= 128, in one kernel: each CTA streams
+    tile_n columns of gate and the same columns of up, and stores their SwiGLU, so the [M, 2F]
+    product never leaves the SMs. gate and up are rounded to bf16 before silu, as the unfused
+    form stores them. K is not split (the product is not linear in the partials)."""
+    cfg = config or DecodeMatmulConfig()
+    m, k = x.shape
+    if w_gate_up.ndim != 3 or w_gate_up.shape[:2] != (k, 2):
+        raise ValueError(f"w_gate_up {w_gate_up.shape} must be [K, 2, F] with K = {k}, x's columns")
+    if cfg.splits != 1:
+        raise ValueError(f"decode_swiglu can't split K: {cfg}")
+    n = w_gate_up.shape[2]
+    if reason := why_not(m, k, n, x.dtype, cfg, parts=2):
+        raise ValueError(f"decode_swiglu can't take this call: {reason}")
+    interpret = _interpret_or_refuse("decode_swiglu", interpret, False, cfg)
+    w = w_gate_up.reshape(k, 2 * n)  # gate's columns, then up's
+    return _decode_matmul(x, w, w_nk=False, config=cfg, interpret=interpret, swiglu=True)
+
+
+def _interpret_or_refuse(name: str, interpret: bool | None, w_nk: bool, cfg) -> bool:
+    """Whether to run in JAX's Mosaic GPU interpreter; refuses what it can't simulate."""
     if not resolve_interpret(interpret):
-        return _decode_matmul(x, w, w_nk=w_nk, config=cfg, interpret=False)
+        return False
     lacks = [
         name for name, on in (("w_nk", w_nk), ("cluster", cfg.cluster > 1), ("pdl", cfg.pdl)) if on
     ]
     if lacks or mosaic_gpu_interpreter() is None:
-        raise ValueError(
-            f"the Mosaic GPU interpreter can't run decode_matmul with {lacks or 'this jax'}"
-        )
-    return _decode_matmul(x, w, w_nk=w_nk, config=cfg, interpret=True)
+        raise ValueError(f"the Mosaic GPU interpreter can't run {name} with {lacks or 'this jax'}")
+    return True
 
 
-@functools.partial(jax.jit, static_argnames=("w_nk", "config", "interpret"))
-def _decode_matmul(x, w, *, w_nk: bool, config: DecodeMatmulConfig, interpret: bool):
-    """decode_matmul, its call checked."""
+@functools.partial(jax.jit, static_argnames=("w_nk", "config", "interpret", "swiglu"))
+def _decode_matmul(
+    x, w, *, w_nk: bool, config: DecodeMatmulConfig, interpret: bool, swiglu: bool = False
+):
+    """decode_matmul and decode_swiglu (w [K, 2N]: gate then up), their calls checked."""
     plgpu = _plgpu()
     cfg = config
+    parts = 2 if swiglu else 1
     m, k = x.shape
-    n = w.shape[0] if w_nk else w.shape[1]
+    n = w.shape[0] if w_nk else w.shape[1] // parts
     xp = jnp.pad(x, ((0, ROWS - m), (0, 0))) if m < ROWS else x
     k_steps = k // (cfg.tile_k * cfg.splits)
-    out_dtype = jnp.bfloat16 if cfg.splits == 1 else jnp.float32
-    out_shape = (ROWS, n) if cfg.splits == 1 else (cfg.splits, ROWS, n)
-    kernel = functools.partial(_kernel, cfg=cfg, w_nk=w_nk, k_steps=k_steps)
+    out_dtype = jnp.float32 if cfg.splits > 1 else jnp.bfloat16
+    out_shape = (cfg.splits, ROWS, n) if cfg.splits > 1 else (ROWS, n)
+    kernel = functools.partial(_kernel, cfg=cfg, w_nk=w_nk, k_steps=k_steps, swiglu=swiglu)
 
     w_tile = (cfg.tile_n, cfg.tile_k) if w_nk else (cfg.tile_k, cfg.tile_n)
 
     def entry(x_ref, w_ref, out_ref):
         smem = (
             plgpu.SMEM((cfg.stages, ROWS, cfg.tile_k), x.dtype, transforms=_tiled(x.dtype)),
-            plgpu.SMEM((cfg.stages, *w_tile), w.dtype, transforms=_tiled(w.dtype)),
+            plgpu.SMEM((cfg.stages * parts, *w_tile), w.dtype, transforms=_tiled(w.dtype)),
             plgpu.SMEM((2, out_slots(cfg), 64, EPI_N), out_dtype, transforms=_tiled(out_dtype)),
         )
         if cfg.cluster > 1:  # a slot is free once every CTA sharing its x tile is done with it
@@ -317,10 +380,14 @@ def _decode_matmul(x, w, *, w_nk: bool, config: DecodeMatmulConfig, interpret: b
             )
         else:  # once both compute warpgroups are
             consumed = plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages)
+        loaded = (
+            plgpu.Barrier(num_barriers=cfg.stages),
+            plgpu.Barrier(num_barriers=cfg.stages * parts),
+        )
         pl.run_scoped(
             lambda *scoped: kernel(x_ref, w_ref, out_ref, scoped),
             smem,
-            (plgpu.Barrier(num_barriers=cfg.stages), plgpu.Barrier(num_barriers=cfg.stages)),
+            loaded,
             consumed,
             collective_axes="wg",
         )
@@ -360,7 +427,7 @@ def _chain_kernel(x_ref, ws_ref, buf_ref, scoped, *, cfg, layers, k_steps, num_c
         plgpu.set_max_registers(232, action="increase")
         rows = pl.ds(wg * 64, 64)
         for layer in range(layers):
-            acc = _mma_steps(
+            (acc,) = _mma_steps(
                 (x_smem, w_smem),
                 (x_loaded, w_loaded, consumed),
                 rows=rows,

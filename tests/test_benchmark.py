@@ -167,3 +167,21 @@ def test_throughput_smoke_runs_with_and_without_env_switches(tmp_path):
     ]
     bad = subprocess.run([*base, "--env", "JAXINFER_ROW_GEMV"], cwd=ROOT, capture_output=True)
     assert bad.returncode != 0 and b"--env takes VAR=VALUE items" in bad.stderr
+
+
+def test_decode_fusions_smoke_times_both_forms_and_checks_them_against_f32(tmp_path):
+    """`bench_decode_fusions.py --smoke`: the fused SwiGLU kernel (Mosaic GPU interpreter) and
+    XLA's form, alone and in a layer, each layer's error a bf16 rounding of the f32 layer."""
+    from pallas_kernels.common import mosaic_gpu_interpreter
+
+    if mosaic_gpu_interpreter() is None:
+        pytest.skip("JAX's Mosaic GPU interpreter")
+    out = tmp_path / "fusions.json"
+    cmd = [sys.executable, "scripts/bench_decode_fusions.py", "--smoke", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    rep = json.loads(out.read_text())
+    assert [r["cfg"] for r in rep["swiglu_alone"]] == ["xla", [64, 64, 2, 1, 1]]  # fastest first
+    assert all(r["us"] > 0 for r in rep["swiglu_alone"])
+    assert set(rep["forms"]) == {"xla", "swiglu"}
+    for form in rep["forms"].values():
+        assert form["us_per_layer"] > 0 and 0 < form["err_x"] < 2e-2 and 0 < form["err_norm"] < 2e-2

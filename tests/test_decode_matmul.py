@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 from conftest import load_script
 
+from jaxinfer import model as model_lib
+from jaxinfer.config import ModelConfig
+from jaxinfer.models.llama import Decoder
 from pallas_kernels import decode_matmul as dm
 from pallas_kernels.common import mosaic_gpu_interpreter, on_hopper
 
@@ -117,6 +120,74 @@ def test_kernel_in_jaxs_mosaic_gpu_interpreter_matches_the_product(m, k, n, cfg)
     exact = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
     err = np.abs(np.asarray(got, np.float32) - exact).max() / np.abs(exact).max()
     assert err < 1e-2, err
+
+
+def _swiglu_inputs(m, k, n, seed=0):
+    kx, kw = jax.random.split(jax.random.key(seed + m + k + n))
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = (jax.random.normal(kw, (k, 2, n), jnp.float32) * k**-0.5).astype(jnp.bfloat16)
+    return x, w
+
+
+def _swiglu_exact(x, w):
+    gu = np.einsum("mk,kcf->cmf", np.asarray(x, np.float32), np.asarray(w, np.float32))
+    return gu[0] / (1 + np.exp(-gu[0])) * gu[1]
+
+
+def _check_swiglu(got, x, w):
+    want = dm.decode_swiglu_reference(x, w)
+    assert got.shape == want.shape == (x.shape[0], w.shape[2]) and got.dtype == jnp.bfloat16
+    got32, want32 = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.abs(got32 - want32).max() <= 2e-2 * np.abs(want32).max()
+    exact = _swiglu_exact(x, w)  # and not just the reference's own mistakes
+    assert np.abs(got32 - exact).max() <= 3e-2 * np.abs(exact).max()
+    assert np.abs(exact).max() > 0.5  # a product worth comparing
+
+
+@pytest.mark.parametrize(
+    "m,k,n,cfg",
+    [
+        (100, 256, 128, dm.DecodeMatmulConfig(64, 64, 2, 1)),
+        (128, 512, 256, dm.DecodeMatmulConfig(128, 64, 3, 1)),  # 2 output chunks a tile
+        (7, 128, 64, dm.DecodeMatmulConfig(64, 64, 4, 1)),  # fewer K steps than stages
+    ],
+)
+def test_swiglu_in_the_interpreter_matches_the_reference(m, k, n, cfg):
+    """gate's and up's tiles of a column range in one ring slot, two products, their SwiGLU
+    stored: on the CPU, by JAX's Mosaic GPU interpreter."""
+    if mosaic_gpu_interpreter() is None or jax.default_backend() != "cpu":
+        pytest.skip("JAX's Mosaic GPU interpreter, on the CPU")
+    x, w = _swiglu_inputs(m, k, n)
+    _check_swiglu(dm.decode_swiglu(x, w, config=cfg, interpret=True), x, w)
+
+
+@pytest.mark.skipif(not on_hopper(), reason="Mosaic GPU kernel: Hopper GPUs only")
+@pytest.mark.parametrize(
+    "m,k,n,cfg",
+    [
+        (128, 4096, 1024, dm.DecodeMatmulConfig(128, 64, 4, 1)),
+        (100, 4096, 1024, dm.DecodeMatmulConfig(128, 64, 3, 1, cluster=2)),
+        (64, 1024, 512, dm.DecodeMatmulConfig(64, 64, 6, 1)),
+        (128, 4096, 14336, dm.DecodeMatmulConfig(128, 64, 4, 1)),  # Llama-3-8B's gate/up
+    ],
+)
+def test_swiglu_kernel_matches_the_reference(m, k, n, cfg):
+    x, w = _swiglu_inputs(m, k, n)
+    _check_swiglu(dm.decode_swiglu(x, w, config=cfg), x, w)
+
+
+def test_swiglu_refuses_what_it_cannot_do():
+    x = jnp.zeros((128, 512), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"must be \[K, 2, F\] with K = 512"):
+        dm.decode_swiglu(x, jnp.zeros((512, 256), jnp.bfloat16))
+    with pytest.raises(ValueError, match="can't split K"):
+        dm.decode_swiglu(
+            x, jnp.zeros((512, 2, 128), jnp.bfloat16), config=dm.DecodeMatmulConfig(splits=2)
+        )
+    with pytest.raises(ValueError, match="shared memory"):  # two weight tiles a slot
+        cfg = dm.DecodeMatmulConfig(tile_n=256, tile_k=64, stages=4)
+        assert dm.why_not(128, 512, 512, jnp.bfloat16, cfg) is None  # one tile a slot fits
+        dm.decode_swiglu(x, jnp.zeros((512, 2, 512), jnp.bfloat16), config=cfg)
 
 
 @pytest.mark.parametrize(
@@ -239,3 +310,36 @@ def test_bench_sweep_orders_by_time_and_keeps_each_failure_with_its_error():
     assert rows[0]["us"] == 24.0 and rows[1]["us"] == 48.0
     assert rows[0]["err"] == 0.0 and rows[1]["err"] == pytest.approx(1.0)  # twice the product
     assert "us" not in rows[2] and "Incompatible shapes" in rows[2]["error"]
+
+
+def test_decoder_with_the_swiglu_kernel_matches_without():
+    """A step of 100 tokens runs the MLP's gate/up and SiLU x up as the fused kernel (on the CPU
+    in JAX's Mosaic GPU interpreter), with the logits of the unfused decoder; a step of 40 tokens
+    (fewer rows than the kernel pays off at) keeps XLA's form."""
+    if mosaic_gpu_interpreter() is None and not on_hopper():
+        pytest.skip("JAX's Mosaic GPU interpreter or a Hopper GPU")
+    cfg = ModelConfig(
+        model_type="llama",
+        max_position_embeddings=128,
+        vocab_size=97,
+        hidden_size=128,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+    )
+    params = model_lib.init_params(cfg, "bfloat16", seed=5)
+    logits = {}
+    for t in (100, 40):
+        tokens = jnp.asarray(np.random.default_rng(t).integers(0, 97, (1, t)), jnp.int32)
+        positions = jnp.arange(t, dtype=jnp.int32)[None]
+        for fused in (False, True):
+            dec = Decoder(cfg, jnp.bfloat16, "xla", swiglu_kernel=fused)
+            run = lambda p, tk, ps, dec=dec: dec.apply({"params": p}, tk, ps)[0]  # noqa: E731
+            text = str(jax.make_jaxpr(run)(params, tokens, positions))
+            assert ("_decode_matmul" in text) == (fused and t == 100)
+            logits[t, fused] = np.asarray(jax.jit(run)(params, tokens, positions), np.float32)
+    assert np.std(logits[100, False]) > 0.1
+    np.testing.assert_allclose(logits[100, True], logits[100, False], rtol=0, atol=3e-2)
+    np.testing.assert_array_equal(logits[40, True], logits[40, False])

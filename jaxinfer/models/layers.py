@@ -11,6 +11,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jaxinfer.config import ModelConfig, RopeScaling
+from pallas_kernels import decode_matmul as dm
 from pallas_kernels.rms_norm import rms_norm, rms_norm_reference
 
 _INIT = nn.initializers.normal(stddev=0.02)
@@ -104,12 +105,30 @@ def apply_rope(
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+# `MLP.swiglu_kernel`: the rows where the fused kernel beat XLA's gate/up and SiLU x up on an
+# H200 (it pads to 128 rows, so below ~64 it does the work of 128), and its tiles.
+SWIGLU_ROWS = (65, dm.ROWS)
+SWIGLU_CONFIG = dm.DecodeMatmulConfig(tile_n=128, tile_k=64, stages=4)
+
+
+def swiglu_kernel_fits(rows: int, d: int, f: int, dtype) -> bool:
+    """Whether `MLP.swiglu_kernel` takes a step of `rows` tokens."""
+    if not SWIGLU_ROWS[0] <= rows <= SWIGLU_ROWS[1]:
+        return False
+    return dm.why_not(rows, d, f, jnp.dtype(dtype), SWIGLU_CONFIG, parts=2) is None
+
+
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up))."""
+    """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up)).
+
+    `swiglu_kernel` (Hopper, bf16): steps of 65-128 tokens run gate/up and SiLU x up as one
+    Mosaic GPU kernel (`decode_matmul.decode_swiglu`), which never writes the [T, 2F] product;
+    other steps, and shapes it does not take, as below."""
 
     cfg: ModelConfig
     dtype: jnp.dtype
     features: int | None = None  # F; default: the config's intermediate_size
+    swiglu_kernel: bool = False
 
     @nn.compact
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
@@ -117,6 +136,11 @@ class MLP(nn.Module):
         # gate and up in one matmul: one weight read, one launch.
         gate_up = declare(self, "gate_up", (d, 2, f), ("embed", "gate_up", "mlp"), self.dtype)
         down = declare(self, "down", (f, d), ("mlp", "embed"), self.dtype)
-        h = jnp.einsum("BTD,DCF->BTCF", x, gate_up)  # [B, T, 2, F]
-        h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
+        b, t = x.shape[:2]
+        if self.swiglu_kernel and swiglu_kernel_fits(b * t, d, f, x.dtype):
+            h = dm.decode_swiglu(x.reshape(b * t, d), gate_up, config=SWIGLU_CONFIG)
+            h = h.reshape(b, t, f)
+        else:
+            h = jnp.einsum("BTD,DCF->BTCF", x, gate_up)  # [B, T, 2, F]
+            h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
         return jnp.einsum("BTF,FD->BTD", h, down)

@@ -122,6 +122,7 @@ class Block(nn.Module):
     rope_kernel: bool = False
     row_gemv: bool = False
     rope_decode: bool = False
+    swiglu_kernel: bool = False
 
     @nn.compact
     def __call__(self, x, delta, positions, cache, prefill, paged):
@@ -143,7 +144,7 @@ class Block(nn.Module):
         if self.cfg.num_experts:
             h = MoE(self.cfg, self.dtype, self.impl, self.parallel, name="moe")(h)
         else:
-            h = MLP(self.cfg, self.dtype, name="mlp")(h)
+            h = MLP(self.cfg, self.dtype, swiglu_kernel=self.swiglu_kernel, name="mlp")(h)
         return x, h, cache
 
 
@@ -169,6 +170,7 @@ class Decoder(nn.Module):
     row_gemv: bool = False  # one token's projections as row reductions (`layers.dense`)
     # with rope_kernel, decode steps: RoPE, the K/V write and the attention as one kernel
     rope_decode: bool = False
+    swiglu_kernel: bool = False  # steps of 65-128 tokens: gate/up and SiLU x up as one kernel
 
     @nn.compact
     def __call__(
@@ -226,6 +228,7 @@ class Decoder(nn.Module):
             self.rope_kernel,
             self.row_gemv,
             self.rope_decode,
+            self.swiglu_kernel,
         )
         if self.is_initializing() or self.is_mutable_collection("intermediates"):
             return Block(*args, name=f"layers_{i}")(x, delta, positions, cache, prefill, paged)
