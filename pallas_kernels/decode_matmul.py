@@ -19,8 +19,9 @@ layer (B read through a transposed view of the shared-memory tile): both are lay
 jaxinfer's decoders (`jaxinfer.models.layers.dense`). x is padded to 128 rows.
 
 Measured on an H200 at 128 rows over Llama-3-8B's weights, its best configs run at cuBLAS's
-speed, not faster (NOTES.md), so the engine keeps cuBLAS; this kernel stays as a tested base for
-fused or persistent forms.
+speed, not faster (NOTES.md), so the engine keeps cuBLAS for plain matmuls. `decode_swiglu` is
+the fused form it runs: gate/up with SiLU x up in the epilogue, for decode steps of 65-128
+tokens (`jaxinfer.models.layers.MLP`).
 
 `decode_matmul_chain` is one persistent form: L dependent matmuls in one kernel, the CTAs
 meeting at a grid barrier between layers. Over [8192, 8192] weights on an H200 it ran at the
