@@ -296,12 +296,7 @@ def _kernel(x_ref, w_ref, out_ref, scoped, *, cfg, w_nk, k_steps, swiglu=False):
 
 
 def decode_matmul(
-    x,
-    w,
-    *,
-    w_nk: bool,
-    config: DecodeMatmulConfig | None = None,
-    interpret: bool | None = None,
+    x, w, *, w_nk: bool, config: DecodeMatmulConfig | None = None, interpret: bool | None = None
 ):
     """x [M, K] @ w ([K, N], or [N, K] when w_nk) -> [M, N] bf16, M <= 128. Hopper GPUs, or
     JAX's Mosaic GPU interpreter on the CPU (`interpret`; None: on the CPU), which runs the
@@ -344,7 +339,7 @@ def _interpret_or_refuse(name: str, interpret: bool | None, w_nk: bool, cfg) -> 
     if not resolve_interpret(interpret):
         return False
     lacks = [
-        name for name, on in (("w_nk", w_nk), ("cluster", cfg.cluster > 1), ("pdl", cfg.pdl)) if on
+        what for what, on in (("w_nk", w_nk), ("cluster", cfg.cluster > 1), ("pdl", cfg.pdl)) if on
     ]
     if lacks or mosaic_gpu_interpreter() is None:
         raise ValueError(f"the Mosaic GPU interpreter can't run {name} with {lacks or 'this jax'}")
@@ -363,8 +358,8 @@ def _decode_matmul(
     n = w.shape[0] if w_nk else w.shape[1] // parts
     xp = jnp.pad(x, ((0, ROWS - m), (0, 0))) if m < ROWS else x
     k_steps = k // (cfg.tile_k * cfg.splits)
-    out_dtype = jnp.float32 if cfg.splits > 1 else jnp.bfloat16
-    out_shape = (cfg.splits, ROWS, n) if cfg.splits > 1 else (ROWS, n)
+    out_dtype = jnp.bfloat16 if cfg.splits == 1 else jnp.float32
+    out_shape = (ROWS, n) if cfg.splits == 1 else (cfg.splits, ROWS, n)
     kernel = functools.partial(_kernel, cfg=cfg, w_nk=w_nk, k_steps=k_steps, swiglu=swiglu)
 
     w_tile = (cfg.tile_n, cfg.tile_k) if w_nk else (cfg.tile_k, cfg.tile_n)
