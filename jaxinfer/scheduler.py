@@ -11,7 +11,9 @@ device. A sequence that N finishes may still be in N+1; that token is dropped. E
 2. Running sequences still prefilling get a chunk of the remaining token budget (chunked
    prefill: a long prompt shares steps with decodes and continues next step).
 3. Waiting sequences are admitted in arrival order while seats, budget and pages allow. A prompt
-   starting with cached full pages takes them and starts computing after them.
+   starting with cached full pages takes them and starts computing after them. A seat whose
+   sequence reaches max_tokens in the step in flight is free for this plan: that sequence ends
+   when the step resolves whatever it samples (its pages stay taken until then).
 
 A sequence is scheduled only once its pages for the step are reserved. When pages run out, the
 most recently arrived running sequence not yet scheduled this step is preempted: it loses its
@@ -22,10 +24,10 @@ A sequence needs no prefill/decode flag: it computes `token_ids[num_computed_tok
 step that reaches the end of its tokens samples the next one.
 
 Decode steps in one program (`schedule(decode_steps=k)`): when every live running sequence is a
-decode and no waiting request could be admitted now (none waits, or every seat is taken), each
-gets pages for up to k tokens and an entry with `num_steps` = min(k, tokens left to max_tokens):
-the runner computes its token, samples, computes that sample, and so on, num_steps times, without
-the host. Commit appends num_steps placeholders; resolve puts the samples in place, and a stop
+decode and no waiting request could be admitted now (none waits, or every seat is taken by a
+sequence that goes on after the step in flight), each gets pages for up to k tokens and an entry
+with `num_steps` = min(k, tokens left to max_tokens): the runner computes its token, samples,
+computes that sample, and so on, num_steps times, without the host. Commit appends num_steps placeholders; resolve puts the samples in place, and a stop
 token or the length limit ends the sequence there, its later samples dropped. Full pages are
 keyed by their tokens only once those tokens are known (at resolve).
 """
@@ -342,7 +344,7 @@ class Scheduler:
         for seq in [s for s in live if s.num_uncomputed_tokens > 1]:
             self._schedule_running(seq, step)
         if not step.preempted:  # else pages are short: don't admit the ones just preempted
-            self._admit_waiting(step)
+            self._admit_waiting(step, len(live))
         return step.plan()
 
     def update(self, plan: StepPlan, sampled: dict) -> list[Sequence]:
@@ -482,10 +484,14 @@ class Scheduler:
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _admit_waiting(self, step: _Step) -> None:
-        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _admit_waiting(self, step: _Step, seats_taken: int) -> None:
+        """Admits waiting sequences while budget, pages and seats allow; `seats_taken`: the
+        running sequences that go on after the step in flight (those it ends by length give
+        their seats up, module doc)."""
+        while self.waiting and step.budget > 0 and seats_taken < self.config.max_num_seqs:
             if not self._admit(self.waiting[0], step):
                 break
+            seats_taken += 1
 
     def _admit(self, seq: Sequence, step: _Step) -> bool:
         """Gives the first waiting sequence its cached prefix and pages for a first chunk."""
@@ -521,7 +527,7 @@ class Scheduler:
         or the pages for all of them are not free without preempting."""
         if not live or any(s.num_uncomputed_tokens != 1 for s in live):
             return False
-        if self.waiting and len(self.running) < self.config.max_num_seqs:
+        if self.waiting and len(live) < self.config.max_num_seqs:
             return False
         counts = [min(k, s.max_tokens - s.num_output_tokens) for s in live]
         need = sum(

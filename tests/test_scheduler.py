@@ -224,6 +224,27 @@ def test_max_num_seqs_limits_running():
     assert [s.output_token_ids for s in seqs] == [run_alone(*r) for r in requests]
 
 
+def test_a_seat_the_step_in_flight_frees_by_length_admits_at_once():
+    """Planned while the step before runs (asynchronous scheduling: committed, not resolved), a
+    sequence whose pending token is its last by max_tokens gives its seat to a waiting one in
+    that same plan; a pending token that may not be the last keeps the seat."""
+    sched = Scheduler(config(max_num_seqs=2))
+    model = FakeModel(sched)
+    for i, (prompt, max_tokens) in enumerate([([1, 2], 1), ([3, 4], 5), ([5, 6], 3)]):
+        sched.add(Sequence(f"r{i}", prompt, max_tokens))
+    first = sched.schedule()
+    assert [s.request_id for s in first.seqs] == ["r0", "r1"]
+    sampled = model.step(first)
+    sched.commit(first)  # in flight: r0's pending token is its last, r1's is not
+    second = sched.schedule()
+    assert [(s.request_id, len(s.token_ids)) for s in second.seqs] == [("r1", 1), ("r2", 2)]
+    check_plan(second, sched.config)
+    sched.resolve(first, sampled)
+    assert sched.get("r0") is None and first.seqs[0].request_id == "r0"
+    assert [s.request_id for s in sched.running] == ["r1", "r2"] and not sched.waiting
+    sched.allocator.check_invariants(live_seqs(sched))
+
+
 # ---- finishing ----
 
 
