@@ -468,8 +468,9 @@ class Engine:
             reqs = [self.requests[s.request_id] for s in plan.seqs]
             if not self.config.async_scheduling or any(uses_penalties(r.params) for r in reqs):
                 self.resolve(outputs)  # penalties read the token history on the host
-            handle = self.runner.dispatch(plan, [r.row() for r in reqs])
-            self._count(plan)
+            rows = [r.row() for r in reqs]
+            handle = self.runner.dispatch(plan, rows)
+            self._count(plan, self.runner.multi_step(plan, rows))
         self.resolve(outputs)  # the step before, while this one runs
         if plan.seqs:
             self.scheduler.commit(plan)
@@ -524,14 +525,14 @@ class Engine:
             self.runner.pages = self._new_pages()
             self.scheduler.drop_all_pages()
 
-    def _count(self, plan) -> None:
+    def _count(self, plan, multi_step: bool) -> None:
         self.stats["steps"] += 1
         self.stats["computed_tokens"] += plan.num_computed_tokens
         self.stats["preemptions"] += len(plan.preempted)
         self.stats["decode_steps"] += plan.decode_only
         self.stats["model_steps"] += max(s.num_steps for s in plan.seqs)
-        k = self.runner.decode_steps
-        if k > 1 and plan.decode_only and not self._penalized:  # a multi-step decode program
+        if multi_step:  # a multi-step decode program: k steps of every row, live or not
+            k = self.runner.decode_steps
             self.stats["decode_row_steps"] += k * self.runner.bucket(plan.num_tokens)[1]
             self.stats["decode_planned_tokens"] += sum(s.num_steps for s in plan.seqs)
         used = self.num_pages - self.scheduler.allocator.num_free_pages

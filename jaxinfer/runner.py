@@ -11,8 +11,8 @@ rows compute nothing and sample greedily.
 A PLACEHOLDER token in a plan (a sample of the step dispatched just before, not yet on the host)
 is read inside the jitted step from that step's sampled tokens, which stay on the device.
 
-With `decode_steps` k > 1, a decode-only plan (no penalties) runs as one program of k decode
-steps, a `lax.scan` of k iterations: forward, sample, and the samples are the next step's tokens,
+With `decode_steps` k > 1, a decode-only plan (no penalties) whose rows take more than one step
+runs as one program of k decode steps, a `lax.scan` of k iterations: forward, sample, and the samples are the next step's tokens,
 at the next positions, written to the slots the block tables give. Row i is live for its entry's
 `num_steps` steps and until it samples one of its stop ids (at most MAX_STOP_IDS of them are
 checked on the device; the host checks them all); a row that is not live writes no K/V, and
@@ -290,10 +290,13 @@ class Runner:
         return self._decode
 
     def multi_step(self, plan: StepPlan, rows: Sequence[RowInfo]) -> bool:
-        """Whether `plan` runs as a multi-step decode program."""
+        """Whether `plan` runs as a multi-step decode program: decodes only, no penalties, and
+        some row with more than one step (a plan of single steps runs as one step: the program
+        would run all k steps for one live one)."""
         return (
             self.decode_steps > 1
             and plan.decode_only
+            and any(s.num_steps > 1 for s in plan.seqs)
             and not any(uses_penalties(r.params) for r in rows)
         )
 

@@ -27,9 +27,12 @@ Decode steps in one program (`schedule(decode_steps=k)`): when every live runnin
 decode and no waiting request could be admitted now (none waits, or every seat is taken by a
 sequence that goes on after the step in flight), each gets pages for up to k tokens and an entry
 with `num_steps` = min(k, tokens left to max_tokens): the runner computes its token, samples,
-computes that sample, and so on, num_steps times, without the host. Commit appends num_steps placeholders; resolve puts the samples in place, and a stop
-token or the length limit ends the sequence there, its later samples dropped. Full pages are
-keyed by their tokens only once those tokens are known (at resolve).
+computes that sample, and so on, num_steps times, without the host. The program runs k steps of
+every row, so when fewer than half of them would be live (most rows reach max_tokens within it)
+the sequences get single steps instead, whose rows shrink as they end. Commit appends num_steps
+placeholders; resolve puts the samples in place, and a stop token or the length limit ends the
+sequence there, its later samples dropped. Full pages are keyed by their tokens only once those
+tokens are known (at resolve).
 """
 
 from __future__ import annotations
@@ -524,12 +527,17 @@ class Scheduler:
     def _schedule_decode_steps(self, live: list[Sequence], k: int, step: _Step) -> bool:
         """Plans up to k decode steps for every live sequence (module doc), or returns False
         and plans nothing: a sequence still prefills, a waiting request could be admitted now,
-        or the pages for all of them are not free without preempting."""
+        or the pages for all of them are not free without preempting, or fewer than half of the
+        program's row-steps would be live (most rows reach max_tokens within it)."""
         if not live or any(s.num_uncomputed_tokens != 1 for s in live):
             return False
         if self.waiting and len(live) < self.config.max_num_seqs:
             return False
         counts = [min(k, s.max_tokens - s.num_output_tokens) for s in live]
+        if 2 * sum(counts) < k * len(live):
+            # Most rows end within the program, which still runs k steps of every row: single
+            # steps, whose rows shrink as sequences end, do less work.
+            return False
         need = sum(
             self.allocator.pages_needed(s, s.num_computed_tokens + n) for s, n in zip(live, counts)
         )

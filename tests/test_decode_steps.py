@@ -60,14 +60,33 @@ def test_stats_count_the_rows_and_tokens_of_multi_step_programs():
     """The engine counts each multi-step program's row-steps (padded rows x k) and the tokens
     its rows were planned to make: the benchmark's measure of idle rows."""
     engine = fake_engine(num_decode_steps=4)
-    engine.add_request("a", "abc", SamplingParams(max_tokens=6, temperature=0))
+    engine.add_request("a", "abc", SamplingParams(max_tokens=7, temperature=0))
     run_all(engine)
-    # The prefill samples the first token; then a program plans 4 and the next the 1 left,
-    # each program 4 steps of one row (a lone sequence has a bucket of its own).
+    # The prefill samples the first token; then a program plans 4 (4 steps of one row: a lone
+    # sequence has a bucket of its own) and the next the 2 left, 4 steps again.
     assert engine.runner.bucket(1) == (1, 1)
     assert engine.stats["decode_steps"] == 2
-    assert engine.stats["decode_planned_tokens"] == 5
+    assert engine.stats["decode_planned_tokens"] == 6
     assert engine.stats["decode_row_steps"] == 8
+
+
+def test_rows_ending_early_run_single_steps_not_a_program():
+    """When fewer than half of a program's row-steps would be live (rows reaching max_tokens),
+    the scheduler plans single steps, and a plan of single steps runs as one step rather than
+    as a k-step program: the same tokens, less work."""
+    engine = fake_engine(num_decode_steps=4)
+    engine.add_request("a", "abc", SamplingParams(max_tokens=6, temperature=0))
+    engine.add_request("b", "abc", SamplingParams(max_tokens=2, temperature=0))
+    outs = run_all(engine)
+    # After the prefill: a has 5 tokens to go and b 1, 6 of 8 row-steps live: a program of 4.
+    # Then a has 1 to go, 1 of 4 row-steps live: a single step.
+    assert outs["a"][-1].text == "defghi" and outs["b"][-1].text == "de"
+    assert [len(o.new_token_ids) for o in outs["a"]] == [1, 4, 1]
+    assert engine.stats["decode_steps"] == 2
+    assert engine.stats["decode_planned_tokens"] == 5  # the program's rows only
+    assert engine.stats["decode_row_steps"] == 8  # one program of 4 steps over 2 rows
+    plan = engine.scheduler.schedule(4)  # nothing left to plan
+    assert not plan.seqs and not engine.runner.multi_step(plan, [])
 
 
 def test_token_buckets_give_a_lone_sequence_its_own():
