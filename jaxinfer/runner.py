@@ -12,16 +12,17 @@ A PLACEHOLDER token in a plan (a sample of the step dispatched just before, not 
 is read inside the jitted step from that step's sampled tokens, which stay on the device.
 
 With `decode_steps` k > 1, a decode-only plan (no penalties) whose rows take more than one step
-runs as one program of k decode steps, a `lax.scan` of k iterations: forward, sample, and the samples are the next step's tokens,
-at the next positions, written to the slots the block tables give. Row i is live for its entry's
-`num_steps` steps and until it samples one of its stop ids (at most MAX_STOP_IDS of them are
-checked on the device; the host checks them all); a row that is not live writes no K/V, and
-whether it stopped carries over to the next program like its last sample does. The loop's trip
-count is static, so XLA runs it on a GPU without reading anything back (a `while_loop` that
-stopped once every row had stopped made the host wait on a predicate each step: 0.8 ms of idle
-device a step at batch 1); unrolled, the k copies made a cold engine start 2.7x longer and ran
-20% slower at batch 1 (H200). One program per row bucket and sampler mode; on a GPU those of
-CUBLAS_DECODE_ROWS rows or more have their matmuls compiled for cuBLAS (`cublas_decode_rows`).
+runs as one program of k decode steps, a `lax.scan` of k iterations: forward, sample, and the
+samples are the next step's tokens, at the next positions, written to the slots the block tables
+give. Row i is live for its entry's `num_steps` steps and until it samples one of its stop ids
+(at most MAX_STOP_IDS of them are checked on the device; the host checks them all); a row that is
+not live writes no K/V, and whether it stopped carries over to the next program like its last
+sample does. The loop's trip count is static, so XLA runs it on a GPU without reading anything
+back (a `while_loop` that stopped once every row had stopped made the host wait on a predicate
+each step: 0.8 ms of idle device a step at batch 1); unrolled, the k copies made a cold engine
+start 2.7x longer and ran 20% slower at batch 1 (H200). One program per row bucket and sampler
+mode; on a GPU those of CUBLAS_DECODE_ROWS rows or more have their matmuls compiled for cuBLAS
+(`cublas_decode_rows`).
 """
 
 from __future__ import annotations
