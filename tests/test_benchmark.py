@@ -169,6 +169,38 @@ def test_throughput_smoke_runs_with_and_without_env_switches(tmp_path):
     assert bad.returncode != 0 and b"--env takes VAR=VALUE items" in bad.stderr
 
 
+def test_schedule_replay_counts_the_programs_a_gpu_engine_runs():
+    """`replay_schedule.py`: 8 requests of 16 prompt tokens over 8 seats and 4-step programs, one
+    prompt step first (each request's first token). 8 tokens each: a program of 4 steps, one of
+    3 live steps. 6 of 6 tokens and 2 of 9: a full program; then 1 and 4 tokens left, 14 of 32
+    row-steps live, so a single step; then a program for the 2 rows left (3 steps each). The
+    log's program row-steps are the engine's own count."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import replay_schedule
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    even = replay_schedule.replay("16x8:8", max_num_seqs=8, budget=128, num_decode_steps=4)
+    s = even["summary"]
+    assert s["kinds"] == {"prompt": 1, "program": 2} and s["output_tokens"] == 8 * 8
+    assert s["program_rows"] == {8: 2} and s["program_row_steps"] == 2 * 4 * 8
+    assert s["program_live_row_steps"] == 8 * 7
+    assert s["program_row_steps"] == s["engine_decode_row_steps"]
+    assert s["program_live_row_steps"] == s["engine_decode_planned_tokens"]
+    prompts = [[i + 1] * 16 for i in range(8)]
+    requests = [(p, 6) for p in prompts[:6]] + [(p, 9) for p in prompts[6:]]
+    mixed = replay_schedule.replay("", 8, 128, 4, requests=requests)
+    assert [(x["kind"], x["seqs"], x["live_steps"]) for x in mixed["log"]] == [
+        ("prompt", 8, 8),
+        ("program", 8, 32),
+        ("decode", 8, 8),
+        ("program", 2, 6),
+    ]
+    s = mixed["summary"]
+    assert s["program_row_steps"] == s["engine_decode_row_steps"] == 4 * 8 + 4 * 8
+    assert s["output_tokens"] == 6 * 6 + 2 * 9
+
+
 def test_decode_fusions_smoke_times_both_forms_and_checks_them_against_f32(tmp_path):
     """`bench_decode_fusions.py --smoke`: the fused SwiGLU kernel (Mosaic GPU interpreter) and
     XLA's form, alone and in a layer, each layer's error a bf16 rounding of the f32 layer."""
