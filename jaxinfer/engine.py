@@ -16,7 +16,8 @@ on the host), resolves each step before the next is dispatched.
 
 When every running request decodes and none could be admitted, one program runs up to
 `num_decode_steps` (k) decode steps (scheduler.py, runner.py): the host plans, builds, queues and
-reads back once per k tokens. Stop ids and length limits apply on the device; stop strings,
+reads back once per k tokens (single steps instead when most of its rows would reach max_tokens
+within it). Stop ids and length limits apply on the device; stop strings,
 logprobs and seeded samples are those of single steps, and an output then carries every token
 the program made for its request (the text deltas joined are the same). The cost: a request that
 arrives (or is aborted) meanwhile waits for the program in flight, up to k steps.
