@@ -28,20 +28,22 @@ def replay(spec: str, max_num_seqs: int, budget: int, num_decode_steps: int, req
     """Runs workload `spec` (or `requests`, [(prompt ids, output length)]) through a CPU engine
     with a GPU's settings; returns its step log ([{kind, seqs, tokens, rows, live_steps}], rows:
     the step's row bucket) and a summary."""
-    from jaxinfer.engine import Engine
+    from jaxinfer.engine import Engine, EngineConfig, device_defaults
 
     model = bm.random_model("tiny", "float32")
     requests = requests or workload(spec, model.config.vocab_size)
     longest = max(len(p) + n for p, n in requests)
+    page = EngineConfig.page_size
     engine = Engine(
         model,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget,
         max_model_len=longest,
-        num_pages=sum(-(-(len(p) + n) // 16) for p, n in requests) + 16,
+        num_pages=sum(-(-(len(p) + n) // page) for p, n in requests) + 16,
         enable_prefix_caching=False,
         num_decode_steps=num_decode_steps,
-        smallest_bucket=16,  # a GPU's row buckets
+        # a GPU's row buckets
+        smallest_bucket=device_defaults("gpu", longest)["smallest_bucket"],
         warmup=False,
     )
     runner, log = engine.runner, []
