@@ -471,7 +471,7 @@ class Engine:
                 self.resolve(outputs)  # penalties read the token history on the host
             rows = [r.row() for r in reqs]
             handle = self.runner.dispatch(plan, rows)
-            self._count(plan, self.runner.multi_step(plan, rows))
+            self._count(plan, handle.multi_step)
         self.resolve(outputs)  # the step before, while this one runs
         if plan.seqs:
             self.scheduler.commit(plan)

@@ -81,6 +81,15 @@ class RowInfo(NamedTuple):
     stop_token_ids: frozenset[int] = frozenset()  # sampling one ends it (multi-step decodes)
 
 
+class Dispatched(NamedTuple):
+    """A step queued on the device: its sequences (the plan's rows), its samples (device
+    arrays, each field [S, B, ...]) and whether it runs as a multi-step decode program."""
+
+    num_seqs: int
+    out: Any
+    multi_step: bool
+
+
 class DecodeSteps(NamedTuple):
     """What a multi-step decode program reads besides the step's batch."""
 
@@ -306,17 +315,21 @@ class Runner:
         t = next(b for b in self.buckets if b >= num_tokens)
         return t, min(t, self.max_num_seqs)
 
-    def dispatch(self, plan: StepPlan, rows: Sequence[RowInfo]) -> tuple[int, SampleOutput]:
+    def dispatch(self, plan: StepPlan, rows: Sequence[RowInfo]) -> Dispatched:
         """Queues the plan's step on the device and returns at once: a handle for `collect`."""
-        out = self.prepare(plan, rows)()
+        multi = self.multi_step(plan, rows)
+        out = self._prepare(plan, rows, multi)()
         self._prev_rows = {s.request_id: i for i, s in enumerate(plan.seqs)}
-        return plan.num_seqs, out
+        return Dispatched(plan.num_seqs, out, multi)
 
     def prepare(self, plan: StepPlan, rows: Sequence[RowInfo]) -> Callable[[], SampleOutput]:
         """Builds the plan's batch; returns a function that queues its program (one step, or a
         multi-step decode) and returns the samples, each field [S, B, ...]."""
+        return self._prepare(plan, rows, self.multi_step(plan, rows))
+
+    def _prepare(self, plan, rows, multi: bool) -> Callable[[], SampleOutput]:
         mode = self.sampler_mode([r.params for r in rows])
-        if self.multi_step(plan, rows):
+        if multi:
             batch = self.build(plan, rows, square=True)
             steps = self._decode_steps(plan, rows, batch.sample_idx.shape[0])
             return lambda: self.decode(batch, steps, mode)
@@ -341,11 +354,11 @@ class Runner:
         return SAMPLE_MODES + ((TOP_K_ONLY,) if self.mesh is not None else ())
 
     @staticmethod
-    def collect(handle: tuple[int, SampleOutput]) -> SampleOutput:
+    def collect(handle: Dispatched) -> SampleOutput:
         """Waits for a dispatched step; its sequences' samples on the host, each field [S, n, ...]
         (S: 1, or k of a multi-step decode; rows in plan order). The samples are whole on each
         device: each process reads its first device's copy."""
-        n, out = handle
+        n, out = handle.num_seqs, handle.out
         local = [x.addressable_data(0) for x in out]
         return SampleOutput(*(x[:, :n] for x in jax.device_get(local)))  # one transfer
 

@@ -14,7 +14,7 @@ from test_engine import fake_engine, run_all
 import jaxinfer
 from jaxinfer import runner as runner_module
 from jaxinfer.engine import Engine
-from jaxinfer.runner import cublas_decode_rows, token_buckets
+from jaxinfer.runner import Dispatched, cublas_decode_rows, token_buckets
 from jaxinfer.sampling import SamplingParams
 
 
@@ -109,7 +109,7 @@ def test_a_stop_id_ends_the_row_on_the_device():
     rows = [engine.requests["b"].row()]
     queue = runner.prepare(plan, rows)
     assert not np.asarray(runner.prev_stopped).any()
-    out = runner.collect((1, queue()))
+    out = runner.collect(Dispatched(1, queue(), True))
     assert out.tokens[:3, 0].tolist() == [23, 24, 25]  # x y z
     assert np.asarray(runner.prev_stopped).tolist() == [True, False, False, False]
 
@@ -237,7 +237,9 @@ def test_decode_steps_of_padding_rows_write_nothing(tiny_model):
     runner = engine.runner
     before = [np.asarray(x) for x in runner.pages[0]]
     batch = runner._padding_batch(4, False, True)
-    out = runner.collect((4, runner.decode(batch, runner._decode_steps(None, (), 4), "sample")))
+    out = runner.collect(
+        Dispatched(4, runner.decode(batch, runner._decode_steps(None, (), 4), "sample"), True)
+    )
     assert out.tokens.shape == (4, 4) and not out.tokens.any()
     for a, b in zip(before, runner.pages[0]):
         np.testing.assert_array_equal(a, np.asarray(b))
