@@ -51,7 +51,13 @@ from jaxinfer import attention
 from jaxinfer.distributed import agree_min, check_mesh, local_devices
 from jaxinfer.kv_cache import init_pages
 from jaxinfer.model import Model
-from jaxinfer.platform import free_memory_bytes, log_device, logger, use_compilation_cache
+from jaxinfer.platform import (
+    free_memory_bytes,
+    largest_free_block_bytes,
+    log_device,
+    logger,
+    use_compilation_cache,
+)
 from jaxinfer.runner import RowInfo, Runner, uses_penalties
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
@@ -65,6 +71,10 @@ from jaxinfer.sharding import (
 from jaxinfer.tokenizer import IncrementalDetokenizer
 from jaxinfer.validate import as_int, as_sequence, as_text, as_token_ids
 
+# Device memory left free beyond what the compiled programs report needing when the pool is
+# sized from free memory: the allocator's fragmentation and what XLA's analysis leaves out.
+WORKING_MEMORY_MARGIN = 1 << 30
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -76,6 +86,8 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context (at most 2,048 on a CPU)
     page_size: int = 16
     num_pages: int | None = None
+    # The pool's share of the free memory; with a warm-up, also no more than leaves the compiled
+    # programs' working memory (and WORKING_MEMORY_MARGIN) free.
     kv_cache_memory_fraction: float = 0.9
     enable_prefix_caching: bool = True
     attention_impl: str | None = None  # None: the platform default
@@ -219,22 +231,12 @@ class Engine:
         # A CPU copies a 16-bit pool at every write (XLA widens 16-bit floats there), so its
         # pool is f32: written in place, and exact.
         self.kv_dtype = jnp.dtype(jnp.float32) if _on_cpu() else jnp.dtype(model.dtype)
-        self.num_pages = num_pages = self._num_pages()
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=self.max_model_len,
-                page_size=config.page_size,
-                num_pages=num_pages,
-                enable_prefix_caching=config.enable_prefix_caching,
-            )
-        )
+        self.num_pages = self._num_pages()
         impl = config.attention_impl or attention.default_impl()
         self.runner = Runner(
             model.decoder(impl),
             model.params,
-            self._new_pages(),
+            self._new_pages(abstract=config.warmup),  # a warm-up compiles before the pool is made
             page_size=config.page_size,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -267,13 +269,24 @@ class Engine:
         }
         self._log_sizes()
         if config.warmup:
-            self.runner.warmup()
+            self._compile_and_fit()
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                page_size=config.page_size,
+                num_pages=self.num_pages,
+                enable_prefix_caching=config.enable_prefix_caching,
+            )
+        )
         # Leave everything built so far (params, pools, compiled steps) out of the cyclic GC's
         # scans: measured on the CPU at 256 sequences, a step's host work fell from 4.1 to 2.7 ms.
         gc.collect()
         gc.freeze()
 
-    def _new_pages(self) -> tuple:
+    def _new_pages(self, abstract: bool = False) -> tuple:
+        """The zeroed page pools of `num_pages` pages, or (`abstract`) only their shapes."""
         cfg, parallel = self.model.config, self.model.parallel
         return init_pages(
             cfg.num_layers,
@@ -283,7 +296,40 @@ class Engine:
             self.config.page_size,
             self.kv_dtype,
             kv_sharding(parallel),
+            abstract=abstract,
         )
+
+    def _compile_and_fit(self) -> None:
+        """Compiles every program over the pool's shapes, sizes the pool again with the memory
+        the programs need beside it, then makes the pool and runs each program once. A smaller
+        pool is compiled for once more, and measured again: XLA's autotuning may pick other
+        kernels, with other workspaces, in another compile. Without this a pool sized from free
+        memory alone can leave too little for a large step: Mixtral-8x7B's 8,192-token forward
+        needs ~5 GiB of temporaries, more than the tenth of an H200's free memory the pool left,
+        and the free memory after its weights were made was in pieces."""
+        need = self.runner.compile_programs()
+        for compiles in (1, 2, 3):  # the pool only shrinks; the last compile's need is checked
+            num_pages = agree_min(self._local_num_pages(need))
+            if num_pages >= self.num_pages:
+                break
+            if compiles == 3:
+                raise RuntimeError(
+                    f"the KV cache did not fit beside the programs' working memory "
+                    f"({_gib(need)}) in {compiles} compiles: set num_pages"
+                )
+            logger.info(
+                "KV cache: %d pages, not %d: the programs need %s of working memory beside "
+                "the pool; compiling them for it",
+                num_pages,
+                self.num_pages,
+                _gib(need),
+            )
+            self.num_pages = num_pages
+            self.runner.pages = self._new_pages(abstract=True)
+            need = self.runner.compile_programs()
+        logger.info("KV cache: the programs need %s of working memory beside the pool", _gib(need))
+        self.runner.pages = self._new_pages()
+        self.runner.run_programs()
 
     def _page_bytes(self) -> int:
         """Bytes of one page on each device (a mesh splits the kv heads)."""
@@ -299,22 +345,36 @@ class Engine:
         processes each measure their own devices and take the least pool of them all."""
         return agree_min(self._local_num_pages())
 
-    def _local_num_pages(self) -> int:
+    def _local_num_pages(self, need: int = 0) -> int:
+        """This process's pool: as `_num_pages` says, with `need` bytes (the compiled programs'
+        working memory, once known) left free beside it, and a margin when sized here."""
         c, per_page = self.config, self._page_bytes()
         mesh = self.model.parallel.mesh
-        free = free_memory_bytes(None if mesh is None else local_devices(mesh.devices.flat))
+        devices = None if mesh is None else local_devices(mesh.devices.flat)
+        free = free_memory_bytes(devices)
+        programs = f" and the programs need {_gib(need)} beside it" if need else ""
         if c.num_pages is not None:
-            if free is not None and c.num_pages * per_page > free:
+            if free is not None and c.num_pages * per_page + need > free:
                 raise ValueError(
                     f"num_pages={c.num_pages} needs {_gib(c.num_pages * per_page)} of KV cache "
-                    f"({per_page:,} bytes a page) but {_gib(free)} is free: use num_pages <= "
-                    f"{free // per_page} (or leave it unset to size the pool from free memory)"
+                    f"({per_page:,} bytes a page){programs}, but {_gib(free)} is free: use "
+                    f"num_pages <= {max(0, free - need) // per_page} (or leave it unset to size "
+                    "the pool from free memory)"
                 )
             return c.num_pages
         seats = c.max_num_seqs * math.ceil(self.max_model_len / c.page_size)
         if free is None:
             return seats
-        fit = int(free * c.kv_cache_memory_fraction) // per_page
+        room = int(free * c.kv_cache_memory_fraction)
+        if need:  # the pool and the largest program's temporaries in the largest free block
+            block = largest_free_block_bytes(devices)
+            room = min(room, (free if block is None else block) - need - WORKING_MEMORY_MARGIN)
+        fit = room // per_page
+        if fit < 1:
+            raise ValueError(
+                f"no room for a KV cache: {_gib(free)} is free{programs}; lower "
+                "max_num_batched_tokens or max_num_seqs (smaller steps need less memory)"
+            )
         return min(fit, seats) if _on_cpu() else fit
 
     def _log_sizes(self) -> None:

@@ -245,11 +245,17 @@ def init_pages(
     page_size: int,
     dtype,
     sharding,
+    abstract: bool = False,
 ) -> tuple:
     """Zeroed page pools: per layer (k, v), each [K, P, L, H]; on `sharding` (a mesh splits K,
-    see `sharding.kv_sharding`)."""
+    see `sharding.kv_sharding`). `abstract`: their shapes only (`jax.ShapeDtypeStruct`), to
+    compile programs over before the memory is taken."""
+    import jax
     import jax.numpy as jnp
 
     shape = (num_kv_heads, num_pages, page_size, head_dim)
-    zeros = lambda: jnp.zeros(shape, dtype, device=sharding)
+    if abstract:
+        zeros = lambda: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+    else:
+        zeros = lambda: jnp.zeros(shape, dtype, device=sharding)
     return tuple((zeros(), zeros()) for _ in range(num_layers))

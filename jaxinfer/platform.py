@@ -92,6 +92,20 @@ def free_memory_bytes(devices=None) -> int | None:
     return None if available is None else available // 2 // len(devices)
 
 
+def largest_free_block_bytes(devices=None) -> int | None:
+    """The largest contiguous free block of accelerator memory, the least among `devices`
+    (default: the engine's device); None on a CPU or where the allocator doesn't say. Free
+    memory can be in pieces (a model's weights made on the device leave holes): one program's
+    temporaries must fit in one piece."""
+    from pallas_kernels.common import default_device
+
+    devices = [default_device()] if devices is None else list(devices)
+    if devices[0].platform == "cpu":
+        return None
+    blocks = [(d.memory_stats() or {}).get("largest_free_block_bytes") for d in devices]
+    return None if None in blocks else min(blocks)
+
+
 def _host_available_bytes() -> int | None:
     try:
         with open("/proc/meminfo") as f:

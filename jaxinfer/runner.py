@@ -363,29 +363,48 @@ class Runner:
         return SampleOutput(*(x[:, :n] for x in jax.device_get(local)))  # one transfer
 
     def warmup(self, penalties: bool = False, progress: bool = True) -> None:
-        """Compiles every program once: the forward of each token bucket and its decode-only
-        form where T == B, and the sampler of each row bucket B in every mode (with and without
-        penalties if asked). Tracing holds the GIL, so programs are traced one by one; XLA then
-        compiles them in parallel threads (on an H200's host: 101 s of compiles in 28 s), and each
-        runs once on an all-padding batch. `progress` draws a bar on stderr."""
+        """Compiles every program once (`compile_programs`) and runs each once."""
+        self.compile_programs(penalties, progress)
+        self.run_programs(penalties)
+
+    def compile_programs(self, penalties: bool = False, progress: bool = True) -> int:
+        """Compiles every program start-up needs: the forward of each token bucket and its
+        decode-only form where T == B, and the sampler of each row bucket B in every mode (with
+        and without penalties if asked). `pages` may still be abstract (`jax.ShapeDtypeStruct`):
+        the pool can be sized after. Returns the most device memory one program needs besides
+        its inputs (XLA's temporaries and the outputs that reuse no donated input).
+
+        Tracing holds the GIL, so programs are traced one by one; XLA then compiles them in
+        parallel threads (on an H200's host: 101 s of compiles in 28 s). `progress` draws a bar
+        on stderr."""
         programs = self.warmup_programs(penalties)
         bar = _progress_bar(len(programs), "compiling programs") if progress else None
         lowered = [fn.lower(*args) for fn, args in programs]
         # Parallel compiles were measured on a GPU host; a CPU (2 cores in CI) compiles serially.
         parallel = jax.default_backend() != "cpu"
         workers = max(1, min(len(lowered), os.cpu_count() or 1)) if parallel else 1
+
+        def compile_one(program):
+            compiled = program.compile()
+            if bar is not None:
+                bar.update(1)
+            return working_bytes(compiled)
+
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(lambda program: program.compile(), lowered):
-                if bar is not None:
-                    bar.update(1)
-        for fn, args in programs:  # the calls find the programs compiled above
+            need = max(pool.map(compile_one, lowered), default=0)
+        if bar is not None:
+            bar.close()
+        return need
+
+    def run_programs(self, penalties: bool = False) -> None:
+        """Runs every start-up program once on an all-padding batch (the pool must be real by
+        now); the calls find the programs `compile_programs` compiled."""
+        for fn, args in self.warmup_programs(penalties):
             if fn in (self._forward, self._decode, self._decode_cublas):
                 self.pages = fn(args[0], self.pages, *args[2:])[0]
             else:
                 fn(*args)
         jax.block_until_ready(self.pages)
-        if bar is not None:
-            bar.close()
 
     def warmup_programs(self, penalties: bool) -> list[tuple[Any, tuple]]:
         """(jitted function, example arguments) of every program that start-up compiles."""
@@ -508,6 +527,18 @@ class Runner:
         )
         src = jnp.full(t, -1, jnp.int32, device=self.replicated)
         return StepBatch(zeros(t), src, zeros(t), meta, zeros(b), sampling, *history)
+
+
+def working_bytes(compiled) -> int:
+    """Device memory a compiled program takes while it runs besides its inputs: its temporaries
+    and the outputs that do not reuse a donated input (per device; 0 where XLA can't say)."""
+    try:
+        m = compiled.memory_analysis()
+    except NotImplementedError:
+        return 0
+    if m is None:
+        return 0
+    return int(m.temp_size_in_bytes + max(0, m.output_size_in_bytes - m.alias_size_in_bytes))
 
 
 def _step_tokens(prev_tokens: Int[Array, "R"], batch: StepBatch) -> Int[Array, "T"]:

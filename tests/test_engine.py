@@ -422,6 +422,51 @@ def test_compiled_steps_go_to_the_persistent_cache(tiny_model, tmp_path):
         compilation_cache.reset_cache()  # JAX memoises "cache in use": later tests compile plainly
 
 
+def test_the_pool_leaves_room_for_the_programs_working_memory(tiny_model, monkeypatch):
+    """A pool sized from free memory leaves the largest compiled program's temporaries and
+    outputs free (XLA's memory analysis), so a large step can't run out of memory after start-up:
+    with little free memory it shrinks, its programs are compiled for the smaller pool, and the
+    engine serves with no compile after; a given num_pages that can't fit beside them is refused
+    by name. (On an H200, Mixtral-8x7B's 8,192-token step needs 5.3 GiB of temporaries.)"""
+    from jaxinfer import engine as engine_module
+
+    options = dict(
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        page_size=16,
+        attention_impl="xla",
+        enable_prefix_caching=False,
+        max_model_len=256,  # a CPU pool holds at most every seat's whole context: 64 pages
+    )
+    probe = Engine(tiny_model, num_pages=8, warmup=False, **options)
+    need, page = probe.runner.compile_programs(progress=False), probe._page_bytes()
+    probe.close()
+    assert need > 64 * page  # the tiny model's 32-token forward: ~1.2 MB of temporaries
+    margin = 2 * page
+    free = need + margin + 40 * page + 100
+    monkeypatch.setattr(engine_module, "WORKING_MEMORY_MARGIN", margin)
+    monkeypatch.setattr(engine_module, "free_memory_bytes", lambda devices=None: free)
+    # free memory in pieces: the pool and the temporaries count on the largest alone
+    monkeypatch.setattr(engine_module, "largest_free_block_bytes", lambda d=None: free - 5 * page)
+
+    engine = Engine(tiny_model, warmup=True, **options)
+    assert engine.num_pages == 35  # the largest free block less the programs' need and margin
+    assert int(free * 0.9) // page > 64  # the fraction alone would have taken all 64
+    prompts = prompts_of(tiny_model, (5, 30, 12), seed=2)
+    greedy = [jaxinfer.generate(tiny_model, [p], max_new_tokens=9)[0] for p in prompts]
+    params = SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)
+    with xla_compiles() as later:
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        seen = run_all(engine)
+    assert [seen[str(i)][-1].token_ids for i in range(3)] == greedy
+    assert not later  # the programs were compiled for the pool that was made
+    engine.close()
+
+    with pytest.raises(ValueError, match=r"num_pages=48 .* the programs need"):
+        Engine(tiny_model, warmup=True, num_pages=48, **options)
+
+
 def test_block_tables_as_wide_as_the_step_needs_on_the_xla_path(tiny_model):
     """Programs compiled on first use read tables of a power-of-two width that holds the step's
     longest sequence, not the whole context (the XLA attention gathers every listed page); the
