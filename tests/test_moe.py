@@ -58,7 +58,10 @@ def test_dispatch_holds_no_dense_expert_tensor():
     assert f"{t}x{e}x" not in text and f"[{t},{e}," not in text
 
 
-def test_mixtral_through_the_engine_equals_generate(tmp_path):
+@pytest.mark.parametrize("decode_steps", [1, 4], ids=["single-steps", "4-step-programs"])
+def test_mixtral_through_the_engine_equals_generate(tmp_path, decode_steps):
+    """Greedy tokens of the engine, one step a program and 4 decode steps a program (the
+    sparse dispatch inside the device-side loop), are generate()'s."""
     from conftest import build_hf_model
 
     import jaxinfer
@@ -75,6 +78,7 @@ def test_mixtral_through_the_engine_equals_generate(tmp_path):
         num_pages=16,
         warmup=False,
         attention_impl="xla",
+        num_decode_steps=decode_steps,
     )
     outs = llm.generate(
         prompts,
@@ -82,6 +86,8 @@ def test_mixtral_through_the_engine_equals_generate(tmp_path):
         use_tqdm=False,
     )
     assert [o.token_ids for o in outs] == expected
+    programs = llm.engine.stats["decode_row_steps"]
+    assert (programs > 0) == (decode_steps > 1)  # the 4-step case ran multi-step programs
 
 
 def test_moe_sows_its_routing():
