@@ -362,11 +362,6 @@ class Runner:
         local = [x.addressable_data(0) for x in out]
         return SampleOutput(*(x[:, :n] for x in jax.device_get(local)))  # one transfer
 
-    def warmup(self, penalties: bool = False, progress: bool = True) -> None:
-        """Compiles every program once (`compile_programs`) and runs each once."""
-        self.compile_programs(penalties, progress)
-        self.run_programs(penalties)
-
     def compile_programs(self, penalties: bool = False, progress: bool = True) -> int:
         """Compiles every program start-up needs: the forward of each token bucket and its
         decode-only form where T == B, and the sampler of each row bucket B in every mode (with
