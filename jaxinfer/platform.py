@@ -77,17 +77,12 @@ def free_memory_bytes(devices=None) -> int | None:
     free accelerator memory among them, or on a CPU half the host's available memory shared
     among them (the rest is left to activations, compiles and the machine's other work); None
     where neither can be read."""
-    from pallas_kernels.common import default_device
-
-    devices = [default_device()] if devices is None else list(devices)
+    devices = _engine_devices(devices)
     if devices[0].platform != "cpu":
-        free = []
-        for device in devices:
-            stats = device.memory_stats() or {}
-            if "bytes_limit" not in stats:
-                return None
-            free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-        return min(free)
+        return _least_stat(
+            devices,
+            lambda s: s["bytes_limit"] - s.get("bytes_in_use", 0) if "bytes_limit" in s else None,
+        )
     available = _host_available_bytes()
     return None if available is None else available // 2 // len(devices)
 
@@ -97,13 +92,22 @@ def largest_free_block_bytes(devices=None) -> int | None:
     (default: the engine's device); None on a CPU or where the allocator doesn't say. Free
     memory can be in pieces (a model's weights made on the device leave holes): one program's
     temporaries must fit in one piece."""
-    from pallas_kernels.common import default_device
-
-    devices = [default_device()] if devices is None else list(devices)
+    devices = _engine_devices(devices)
     if devices[0].platform == "cpu":
         return None
-    blocks = [(d.memory_stats() or {}).get("largest_free_block_bytes") for d in devices]
-    return None if None in blocks else min(blocks)
+    return _least_stat(devices, lambda s: s.get("largest_free_block_bytes"))
+
+
+def _engine_devices(devices) -> list:
+    from pallas_kernels.common import default_device
+
+    return [default_device()] if devices is None else list(devices)
+
+
+def _least_stat(devices, read) -> int | None:
+    """The least of `read(memory_stats)` over the devices; None where one of them can't say."""
+    values = [read(device.memory_stats() or {}) for device in devices]
+    return None if None in values else min(values)
 
 
 def _host_available_bytes() -> int | None:

@@ -86,7 +86,7 @@ class Dispatched(NamedTuple):
     arrays, each field [S, B, ...]) and whether it runs as a multi-step decode program."""
 
     num_seqs: int
-    out: Any
+    out: SampleOutput
     multi_step: bool
 
 
