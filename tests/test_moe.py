@@ -90,15 +90,10 @@ def test_mixtral_through_the_engine_equals_generate(tmp_path, decode_steps):
     assert (programs > 0) == (decode_steps > 1)  # the 4-step case ran multi-step programs
 
 
-def test_moe_sows_its_routing():
-    """Applied with mutable intermediates, the MoE block records each token's top-k experts
-    (what bench_generate counts): those of route() on its router logits."""
-    import flax.linen as nn
-
+def _tiny_moe_config():
     from jaxinfer.config import ModelConfig
-    from jaxinfer.models.moe import MoE
 
-    cfg = ModelConfig(
+    return ModelConfig(
         model_type="mixtral",
         vocab_size=64,
         hidden_size=16,
@@ -112,6 +107,16 @@ def test_moe_sows_its_routing():
         num_experts_per_tok=2,
         moe_intermediate_size=24,
     )
+
+
+def test_moe_sows_its_routing():
+    """Applied with mutable intermediates, the MoE block records each token's top-k experts
+    (what bench_generate counts): those of route() on its router logits."""
+    import flax.linen as nn
+
+    from jaxinfer.models.moe import MoE
+
+    cfg = _tiny_moe_config()
     block = MoE(cfg, jnp.float32, "xla")
     x = jax.random.normal(jax.random.key(0), (2, 5, 16))
     params = nn.meta.unbox(block.init(jax.random.key(1), x)["params"])
@@ -121,6 +126,34 @@ def test_moe_sows_its_routing():
     assert sown.shape == (2, 5, 2)
     np.testing.assert_array_equal(np.asarray(sown).reshape(10, 2), np.asarray(expected))
     assert block.apply({"params": params}, x).shape == x.shape  # not mutable: no state, no error
+
+
+def test_padding_tokens_add_no_expert_rows(monkeypatch):
+    """Tokens marked not valid (a bucket's padding) reach no expert: the grouped matmuls get
+    only the valid tokens' pairs, the valid tokens' outputs are those of the unmasked block, and
+    the padding's output is 0."""
+    import flax.linen as nn
+
+    from jaxinfer.models import moe
+
+    cfg = _tiny_moe_config()
+    block = moe.MoE(cfg, jnp.float32, "xla")
+    x = jax.random.normal(jax.random.key(0), (1, 12, 16))
+    valid = (jnp.arange(12) < 7)[None]  # 7 real tokens, 5 of padding
+    params = nn.meta.unbox(block.init(jax.random.key(1), x)["params"])
+    rows = []
+    real_gmm = moe.grouped_matmul
+
+    def counting(lhs, rhs, sizes, impl):
+        rows.append(int(jnp.sum(sizes)))
+        return real_gmm(lhs, rhs, sizes, impl)
+
+    monkeypatch.setattr(moe, "grouped_matmul", counting)
+    full = block.apply({"params": params}, x)
+    masked = block.apply({"params": params}, x, valid)
+    assert rows == [24, 24, 14, 14]  # 12 tokens x top-2, then only the 7 real ones
+    np.testing.assert_allclose(np.asarray(masked[0, :7]), np.asarray(full[0, :7]), rtol=1e-6)
+    assert not np.any(np.asarray(masked[0, 7:]))
 
 
 def test_bench_check_reports_routing_agreement():

@@ -142,7 +142,9 @@ class Block(nn.Module):
         )(h, positions, cache, prefill, paged)
         h, x = RMSNorm(eps, self.dtype, kernel=kernel, name="mlp_norm")(x, h)
         if self.cfg.num_experts:
-            h = MoE(self.cfg, self.dtype, self.impl, self.parallel, name="moe")(h)
+            # A paged step's tokens past cu_q_lens[-1] pad its bucket: no expert work for them.
+            valid = None if paged is None else (jnp.arange(h.shape[1]) < paged.cu_q_lens[-1])[None]
+            h = MoE(self.cfg, self.dtype, self.impl, self.parallel, name="moe")(h, valid)
         else:
             h = MLP(self.cfg, self.dtype, swiglu_kernel=self.swiglu_kernel, name="mlp")(h)
         return x, h, cache

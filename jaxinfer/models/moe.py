@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.layers import MLP, declare
@@ -124,7 +124,11 @@ class MoE(nn.Module):
     parallel: Parallel = Parallel()
 
     @nn.compact
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+    def __call__(
+        self, x: Float[Array, "B T D"], valid: Bool[Array, "B T"] | None = None
+    ) -> Float[Array, "B T D"]:
+        """valid: which tokens are real; the others (a bucket's padding) are routed to no expert,
+        so they add no rows to the grouped matmuls, and their output is 0."""
         c, dt = self.cfg, self.dtype
         e, d, f = c.num_experts, c.hidden_size, c.moe_intermediate_size
         router = declare(self, "router", (d, e), ("embed", "router"), dt)
@@ -138,6 +142,8 @@ class MoE(nn.Module):
         # The routing, for whoever applies with mutable=["intermediates"] (benchmarks count
         # the distinct experts a batch picks); a no-op otherwise.
         self.sow("intermediates", "experts", experts.reshape(b, t, -1))
+        if valid is not None:  # expert index E is no device's: the pair sorts last, does nothing
+            experts = jnp.where(valid.reshape(b * t, 1), experts, c.num_experts)
         y = sharded_dispatch(flat, weights, experts, gate_up, down, self.impl, self.parallel)
         y = y.reshape(b, t, d)
         if c.shared_expert_intermediate_size:
