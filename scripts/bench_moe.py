@@ -36,7 +36,7 @@ def timed(fn, *args, repeats: int) -> float:
 
 
 def parse_configs(text: str):
-    """ "bm,bn,bk,warps,stages[,split_k]" items, ';'-separated."""
+    """ "bm,bn,bk,warps,stages[,split_k[,tail_m]]" items, ';'-separated."""
     from pallas_kernels.grouped_matmul import GroupedMatmulConfig
 
     out = []
@@ -50,6 +50,7 @@ def parse_configs(text: str):
                 num_warps=warps,
                 num_stages=stages,
                 split_k=rest[0] if rest else 1,
+                tail_m=rest[1] if len(rest) > 1 else 0,
             )
         )
     return out
@@ -349,7 +350,7 @@ def main() -> int:
         "--decode-configs",
         default="",
         help="decode section: also time each projection alone with these tiles "
-        "('bm,bn,bk,warps,stages[,split_k]', ';'-separated)",
+        "('bm,bn,bk,warps,stages[,split_k[,tail_m]]', ';'-separated)",
     )
     p.add_argument(
         "--configs",

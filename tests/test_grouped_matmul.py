@@ -26,6 +26,9 @@ from kernel_checks import assert_close as _assert_close
 # multiples of block_m) at modest M.
 SMALL = GroupedMatmulConfig(block_m=16, block_n=32, block_k=32)
 SPLIT3 = dataclasses.replace(SMALL, split_k=3)
+# Items of up to 16 + 16 rows: the second row tile runs only for items over 16 rows.
+TAIL = GroupedMatmulConfig(block_m=16, tail_m=16, block_n=32, block_k=32)
+TAIL128 = GroupedMatmulConfig(block_m=128, tail_m=32, block_n=256, block_k=64, num_warps=8)
 
 
 def assert_close(out, ref, dtype):
@@ -59,6 +62,12 @@ CASES = [
     ((0, 1, 0, 0, 2, 0, 0, 0), 3, 200, 160, SPLIT3),  # decode: 3 tokens
     ((2, 0, 1, 0), 3, 64, 48, dataclasses.replace(SMALL, split_k=8)),  # > steps
     ((2, 0, 1, 0), 3, 160, 48, dataclasses.replace(SMALL, split_k=4)),  # empty
+    # a tail row tile: groups of 17-32 rows in one item, longer ones in several
+    ((5, 0, 40, 1), 60, 72, 100, TAIL),  # 40 > 16 + 16: cut into 16-row items as without it
+    ((20, 17, 0, 33), 80, 40, 24, TAIL),  # 20 and 17 rows: two-tile items; padding rows
+    ((0, 1, 0, 0, 2, 0, 0, 0), 3, 64, 160, TAIL),  # decode: head tiles only
+    ((20, 17, 0, 33), 80, 40, 24, dataclasses.replace(TAIL, split_k=3)),  # with split-K
+    ((150, 0, 129, 20), 320, 64, 256, TAIL128),  # 128 + 32: items of 150, 129 and 20 rows
 ]
 
 
@@ -86,7 +95,7 @@ def test_float16():
     assert_close(out, grouped_matmul_reference(lhs, rhs, group_sizes), jnp.float16)
 
 
-@pytest.mark.parametrize("config", [SMALL, SPLIT3])
+@pytest.mark.parametrize("config", [SMALL, SPLIT3, TAIL])
 def test_empty_expert_weights_never_read(config):
     """NaN in every expert that got no rows (and in padding rows of lhs)."""
     sizes = (0, 9, 0, 0, 30, 0, 4, 0)
@@ -166,3 +175,26 @@ def test_float_group_sizes_rejected():
 def test_bad_config():
     with pytest.raises(ValueError, match="power of two"):
         GroupedMatmulConfig(block_m=24)
+    with pytest.raises(ValueError, match="tail_m=24"):
+        GroupedMatmulConfig(tail_m=24)
+
+
+def test_work_list_with_tail():
+    """With a tail tile, a group of up to block_m + tail_m rows is one item (its weights read
+    once); a longer group is cut into block_m-row items as without the tail."""
+    sizes = (150, 0, 300, 100, 160, 161)  # padding segment: 1000 - 871 = 129 rows
+    work = jax.tree.map(
+        np.asarray, make_work_list(jnp.asarray(sizes, jnp.int32), 1000, 128, tail_m=32)
+    )
+    got = [(int(g), int(hi - lo)) for g, lo, hi in zip(*work) if hi > lo]
+    assert got == [
+        (0, 150),
+        (2, 128),
+        (2, 128),
+        (2, 44),
+        (3, 100),
+        (4, 160),
+        (5, 128),
+        (5, 33),
+        (6, 129),  # the padding rows: one item, stored as zeros
+    ]

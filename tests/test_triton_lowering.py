@@ -65,6 +65,7 @@ def assert_all_verified(built, expected_prefix: str | tuple[str, ...]):
         None,
         GroupedMatmulConfig(block_m=16, block_n=64),
         GroupedMatmulConfig(block_m=128, block_n=256, num_warps=8),
+        GroupedMatmulConfig(block_m=128, tail_m=32, block_n=256, num_warps=8),
     ],
 )
 @pytest.mark.parametrize("k_dim", [256, 200])  # 200: masked K tail
