@@ -129,11 +129,12 @@ class GroupedMatmulConfig:
 # Group metadata (work list), in jnp.
 # ----------------------------------------------------------------------------
 class WorkList(NamedTuple):
-    """Work items, each up to block_m consecutive rows of one segment; all int32 [items].
+    """Work items, each consecutive rows of one segment; all int32 [items].
 
     group: the group whose weights the item multiplies; E for padding items
       (store zeros) and for inactive items (row range empty).
-    lo, hi: the item's rows are [lo, hi), hi - lo <= block_m.
+    lo, hi: the item's rows are [lo, hi), hi - lo <= block_m (+ tail_m for a segment
+      of at most block_m + tail_m rows).
     """
 
     group: jax.Array
