@@ -35,10 +35,17 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def prefill(decoder: Decoder, params, cache, tokens: Int[Array, "B T"], lengths: Int[Array, "B"]):
-    """Runs the prompts through an empty cache; returns last-prompt-token logits [B, V] and the cache."""
+    """Runs the prompts through an empty cache; returns last-prompt-token logits [B, V] and the cache.
+    The padding past each row's length gets no expert work in an MoE model."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     logits, cache = decoder.apply(
-        {"params": params}, tokens, positions, cache, prefill=True, logits_at=lengths - 1
+        {"params": params},
+        tokens,
+        positions,
+        cache,
+        prefill=True,
+        logits_at=lengths - 1,
+        valid=positions < lengths[:, None],
     )
     return logits[:, 0], cache
 

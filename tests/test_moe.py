@@ -156,6 +156,47 @@ def test_padding_tokens_add_no_expert_rows(monkeypatch):
     assert not np.any(np.asarray(masked[0, 7:]))
 
 
+def test_generate_prefill_gives_prompt_padding_no_expert_rows(tmp_path, monkeypatch):
+    """generate()'s prefill of right-padded prompts routes only the real tokens to experts, and
+    its last-token logits are those of each prompt alone."""
+    from conftest import build_hf_model
+
+    import jaxinfer
+    from jaxinfer.generate import prefill
+    from jaxinfer.models import moe
+    from jaxinfer.models.llama import init_cache
+
+    build_hf_model("mixtral", tmp_path)
+    model = jaxinfer.load_model(tmp_path, dtype="float32")
+    k = model.config.num_experts_per_tok
+    rng = np.random.RandomState(3)
+    prompts = [rng.randint(0, model.config.vocab_size, n).tolist() for n in (3, 8)]
+    tokens = jnp.asarray([p + [0] * (8 - len(p)) for p in prompts], jnp.int32)
+    lengths = jnp.asarray([3, 8], jnp.int32)
+    rows = []
+    real_gmm = moe.grouped_matmul
+
+    def counting(lhs, rhs, sizes, impl):  # the layers run jitted: the count comes back
+        jax.debug.callback(lambda n: rows.append(int(n)), jnp.sum(sizes))
+        return real_gmm(lhs, rhs, sizes, impl)
+
+    monkeypatch.setattr(moe, "grouped_matmul", counting)
+    decoder = model.decoder(None)
+    cache = init_cache(model.config, 2, 16, jnp.float32)
+    logits, _ = jax.block_until_ready(prefill(decoder, model.params, cache, tokens, lengths))
+    jax.effects_barrier()
+    assert set(rows) == {(3 + 8) * k}  # every layer's gate_up and down: the 11 real tokens only
+    for i, p in enumerate(prompts):
+        alone, _ = prefill(
+            decoder,
+            model.params,
+            init_cache(model.config, 1, 16, jnp.float32),
+            jnp.asarray([p]),
+            jnp.asarray([len(p)]),
+        )
+        np.testing.assert_allclose(np.asarray(logits[i]), np.asarray(alone[0]), atol=1e-4)
+
+
 def test_bench_check_reports_routing_agreement():
     """The benchmark's whole-model check (bench_generate): in f32 every impl routes exactly as the reference
     (agreement 1.0 in each layer, logits within 1e-5); the decode-routing count of a batch of

@@ -16,7 +16,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxinfer import attention
 from jaxinfer.config import ModelConfig
@@ -125,9 +125,10 @@ class Block(nn.Module):
     swiglu_kernel: bool = False
 
     @nn.compact
-    def __call__(self, x, delta, positions, cache, prefill, paged):
+    def __call__(self, x, delta, positions, cache, prefill, paged, valid=None):
         """x: the residual stream; delta: the previous block's MLP output, not yet added (None
-        in the first block). Returns (x, this block's MLP output, cache)."""
+        in the first block); valid [B, T]: the real tokens (others pad a bucket or a batch; an
+        MoE block gives them no expert work). Returns (x, this block's MLP output, cache)."""
         eps, kernel = self.cfg.rms_norm_eps, self.norm_kernel
         h, x = RMSNorm(eps, self.dtype, kernel=kernel, name="attn_norm")(x, delta)
         h, cache = Attention(
@@ -142,16 +143,16 @@ class Block(nn.Module):
         )(h, positions, cache, prefill, paged)
         h, x = RMSNorm(eps, self.dtype, kernel=kernel, name="mlp_norm")(x, h)
         if self.cfg.num_experts:
-            # A paged step's tokens past cu_q_lens[-1] pad its bucket: no expert work for them.
-            valid = None if paged is None else (jnp.arange(h.shape[1]) < paged.cu_q_lens[-1])[None]
+            if paged is not None:  # a paged step's tokens past cu_q_lens[-1] pad its bucket
+                valid = (jnp.arange(h.shape[1]) < paged.cu_q_lens[-1])[None]
             h = MoE(self.cfg, self.dtype, self.impl, self.parallel, name="moe")(h, valid)
         else:
             h = MLP(self.cfg, self.dtype, swiglu_kernel=self.swiglu_kernel, name="mlp")(h)
         return x, h, cache
 
 
-def _apply_block(block: Block, params, x, delta, positions, cache, prefill: bool, paged):
-    return block.apply({"params": params}, x, delta, positions, cache, prefill, paged)
+def _apply_block(block: Block, params, x, delta, positions, cache, prefill: bool, paged, valid):
+    return block.apply({"params": params}, x, delta, positions, cache, prefill, paged, valid)
 
 
 # Every layer has the same shapes: as a nested jit, a layer is traced once per program, not
@@ -183,13 +184,16 @@ class Decoder(nn.Module):
         prefill: bool = False,
         logits_at: Int[Array, "B"] | None = None,
         paged: attention.PagedMeta | None = None,
+        valid: Bool[Array, "B T"] | None = None,
     ):
         """Returns logits [B, T, V] (or [B, 1, V] at `logits_at`) in f32 and the new cache.
 
         `positions` are absolute; with a cache, row b's tokens are written at slots
         positions[b]. `prefill=True` says the cache was empty before. With `paged`, tokens and
         positions are one packed row [1, T], the cache holds page pools [K, P, L, H], and
-        `logits_at` picks B of the T tokens.
+        `logits_at` picks B of the T tokens. `valid` (unpaged) marks the real tokens of
+        right-padded rows: an MoE block routes the others to no expert (a paged step knows
+        its padding from `paged`).
         """
         c = self.cfg
         embed = declare(
@@ -199,7 +203,9 @@ class Decoder(nn.Module):
         new_cache = []
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache[i]
-            x, delta, layer_cache = self._layer(i, x, delta, positions, layer_cache, prefill, paged)
+            x, delta, layer_cache = self._layer(
+                i, x, delta, positions, layer_cache, prefill, paged, valid
+            )
             new_cache.append(layer_cache)
         if paged is not None and logits_at is not None:
             x, delta = x[0][logits_at][:, None], delta[0][logits_at][:, None]  # [B, 1, D]
@@ -218,7 +224,7 @@ class Decoder(nn.Module):
             logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
         return logits, (None if cache is None else tuple(new_cache))
 
-    def _layer(self, i: int, x, delta, positions, cache, prefill, paged):
+    def _layer(self, i: int, x, delta, positions, cache, prefill, paged, valid):
         """Layer i: declared as a submodule at init (and where intermediates are sown),
         otherwise applied through the one nested jit that every layer shares."""
         args = (
@@ -233,7 +239,9 @@ class Decoder(nn.Module):
             self.swiglu_kernel,
         )
         if self.is_initializing() or self.is_mutable_collection("intermediates"):
-            return Block(*args, name=f"layers_{i}")(x, delta, positions, cache, prefill, paged)
+            return Block(*args, name=f"layers_{i}")(
+                x, delta, positions, cache, prefill, paged, valid
+            )
         params = self.variables["params"][f"layers_{i}"]
         block = Block(*args, parent=None)
-        return _apply_block_jit(block, params, x, delta, positions, cache, prefill, paged)
+        return _apply_block_jit(block, params, x, delta, positions, cache, prefill, paged, valid)
