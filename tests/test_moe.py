@@ -128,7 +128,23 @@ def test_moe_sows_its_routing():
     assert block.apply({"params": params}, x).shape == x.shape  # not mutable: no state, no error
 
 
-def test_padding_tokens_add_no_expert_rows(monkeypatch):
+@pytest.fixture
+def expert_rows(monkeypatch):
+    """The rows every grouped matmul of the MoE dispatch gets, in call order (a callback, so
+    jitted layers report too; read after `jax.effects_barrier()`)."""
+    from jaxinfer.models import moe
+
+    rows, real = [], moe.grouped_matmul
+
+    def counting(lhs, rhs, sizes, impl):
+        jax.debug.callback(lambda n: rows.append(int(n)), jnp.sum(sizes))
+        return real(lhs, rhs, sizes, impl)
+
+    monkeypatch.setattr(moe, "grouped_matmul", counting)
+    return rows
+
+
+def test_padding_tokens_add_no_expert_rows(expert_rows):
     """Tokens marked not valid (a bucket's padding) reach no expert: the grouped matmuls get
     only the valid tokens' pairs, the valid tokens' outputs are those of the unmasked block, and
     the padding's output is 0."""
@@ -141,29 +157,23 @@ def test_padding_tokens_add_no_expert_rows(monkeypatch):
     x = jax.random.normal(jax.random.key(0), (1, 12, 16))
     valid = (jnp.arange(12) < 7)[None]  # 7 real tokens, 5 of padding
     params = nn.meta.unbox(block.init(jax.random.key(1), x)["params"])
-    rows = []
-    real_gmm = moe.grouped_matmul
-
-    def counting(lhs, rhs, sizes, impl):
-        rows.append(int(jnp.sum(sizes)))
-        return real_gmm(lhs, rhs, sizes, impl)
-
-    monkeypatch.setattr(moe, "grouped_matmul", counting)
+    jax.effects_barrier()
+    expert_rows.clear()  # init's own dispatch
     full = block.apply({"params": params}, x)
     masked = block.apply({"params": params}, x, valid)
-    assert rows == [24, 24, 14, 14]  # 12 tokens x top-2, then only the 7 real ones
+    jax.effects_barrier()
+    assert expert_rows == [24, 24, 14, 14]  # 12 tokens x top-2, then only the 7 real ones
     np.testing.assert_allclose(np.asarray(masked[0, :7]), np.asarray(full[0, :7]), rtol=1e-6)
     assert not np.any(np.asarray(masked[0, 7:]))
 
 
-def test_generate_prefill_gives_prompt_padding_no_expert_rows(tmp_path, monkeypatch):
+def test_generate_prefill_gives_prompt_padding_no_expert_rows(tmp_path, expert_rows):
     """generate()'s prefill of right-padded prompts routes only the real tokens to experts, and
     its last-token logits are those of each prompt alone."""
     from conftest import build_hf_model
 
     import jaxinfer
     from jaxinfer.generate import prefill
-    from jaxinfer.models import moe
     from jaxinfer.models.llama import init_cache
 
     build_hf_model("mixtral", tmp_path)
@@ -173,19 +183,12 @@ def test_generate_prefill_gives_prompt_padding_no_expert_rows(tmp_path, monkeypa
     prompts = [rng.randint(0, model.config.vocab_size, n).tolist() for n in (3, 8)]
     tokens = jnp.asarray([p + [0] * (8 - len(p)) for p in prompts], jnp.int32)
     lengths = jnp.asarray([3, 8], jnp.int32)
-    rows = []
-    real_gmm = moe.grouped_matmul
-
-    def counting(lhs, rhs, sizes, impl):  # the layers run jitted: the count comes back
-        jax.debug.callback(lambda n: rows.append(int(n)), jnp.sum(sizes))
-        return real_gmm(lhs, rhs, sizes, impl)
-
-    monkeypatch.setattr(moe, "grouped_matmul", counting)
     decoder = model.decoder(None)
     cache = init_cache(model.config, 2, 16, jnp.float32)
     logits, _ = jax.block_until_ready(prefill(decoder, model.params, cache, tokens, lengths))
     jax.effects_barrier()
-    assert set(rows) == {(3 + 8) * k}  # every layer's gate_up and down: the 11 real tokens only
+    # every layer's gate_up and down: the 11 real tokens only
+    assert set(expert_rows) == {(3 + 8) * k}
     for i, p in enumerate(prompts):
         alone, _ = prefill(
             decoder,

@@ -143,8 +143,6 @@ class Block(nn.Module):
         )(h, positions, cache, prefill, paged)
         h, x = RMSNorm(eps, self.dtype, kernel=kernel, name="mlp_norm")(x, h)
         if self.cfg.num_experts:
-            if paged is not None:  # a paged step's tokens past cu_q_lens[-1] pad its bucket
-                valid = (jnp.arange(h.shape[1]) < paged.cu_q_lens[-1])[None]
             h = MoE(self.cfg, self.dtype, self.impl, self.parallel, name="moe")(h, valid)
         else:
             h = MLP(self.cfg, self.dtype, swiglu_kernel=self.swiglu_kernel, name="mlp")(h)
@@ -191,15 +189,17 @@ class Decoder(nn.Module):
         `positions` are absolute; with a cache, row b's tokens are written at slots
         positions[b]. `prefill=True` says the cache was empty before. With `paged`, tokens and
         positions are one packed row [1, T], the cache holds page pools [K, P, L, H], and
-        `logits_at` picks B of the T tokens. `valid` (unpaged) marks the real tokens of
-        right-padded rows: an MoE block routes the others to no expert (a paged step knows
-        its padding from `paged`).
+        `logits_at` picks B of the T tokens. `valid` marks the real tokens of right-padded
+        rows (a paged step's are those before cu_q_lens[-1]): an MoE block routes the others
+        to no expert.
         """
         c = self.cfg
         embed = declare(
             self, "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.dtype
         )
         x, delta = jnp.take(embed, tokens, axis=0), None  # [B, T, D]
+        if paged is not None:  # a paged step's tokens past cu_q_lens[-1] pad its bucket
+            valid = (jnp.arange(tokens.shape[1]) < paged.cu_q_lens[-1])[None]
         new_cache = []
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache[i]
