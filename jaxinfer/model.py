@@ -74,9 +74,11 @@ def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dic
     (`rope_decode`, `paged_attention.rope_paged_decode`); and one token's projections as XLA
     row reductions (`row_gemv`, `layers.dense`), on any GPU; with the Pallas attention on one
     Hopper GPU in bf16, steps of 65-128 tokens run gate/up and SiLU x up as one Mosaic GPU
-    kernel (`swiglu_kernel`, `layers.MLP`). $JAXINFER_NORM_KERNEL / $JAXINFER_ROPE_KERNEL /
-    $JAXINFER_ROPE_DECODE / $JAXINFER_ROW_GEMV / $JAXINFER_SWIGLU_KERNEL = 0 or 1 decide instead
-    (for measuring one against the other). Measured on an H200: bench/README."""
+    kernel (`swiglu_kernel`, `layers.MLP`); MoE experts run the block-aligned Mosaic GPU
+    kernels (`expert_kernel`, `moe.MoE`) only when asked. $JAXINFER_NORM_KERNEL /
+    $JAXINFER_ROPE_KERNEL / $JAXINFER_ROPE_DECODE / $JAXINFER_ROW_GEMV /
+    $JAXINFER_SWIGLU_KERNEL / $JAXINFER_EXPERT_KERNEL = 0 or 1 decide instead (for measuring
+    one against the other). Measured on an H200: bench/README."""
     gpu = jax.default_backend() == "gpu"
     pallas_alone = impl == "pallas" and parallel.mesh is None and gpu
 
@@ -86,13 +88,16 @@ def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dic
 
     rope_fits = rope_write_supported(cfg.head_dim, dtype) and not cfg.qk_norm
     rope_kernel = rope_fits and choice("JAXINFER_ROPE_KERNEL", pallas_alone)
+    bf16 = jnp.dtype(dtype) == jnp.bfloat16
     return dict(
         norm_kernel=choice("JAXINFER_NORM_KERNEL", pallas_alone),
         rope_kernel=rope_kernel,
         row_gemv=choice("JAXINFER_ROW_GEMV", gpu),
         rope_decode=rope_kernel and choice("JAXINFER_ROPE_DECODE", pallas_alone),
-        swiglu_kernel=jnp.dtype(dtype) == jnp.bfloat16
-        and choice("JAXINFER_SWIGLU_KERNEL", pallas_alone and on_hopper()),
+        swiglu_kernel=bf16 and choice("JAXINFER_SWIGLU_KERNEL", pallas_alone and on_hopper()),
+        # Opt-in: on an H200 it ran a Mixtral layer at 0.82-1.04x the grouped matmul's speed
+        # (bench/README, "Block-aligned expert kernels").
+        expert_kernel=bf16 and bool(cfg.num_experts) and choice("JAXINFER_EXPERT_KERNEL", False),
     )
 
 

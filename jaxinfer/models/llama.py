@@ -123,6 +123,7 @@ class Block(nn.Module):
     row_gemv: bool = False
     rope_decode: bool = False
     swiglu_kernel: bool = False
+    expert_kernel: bool = False
 
     @nn.compact
     def __call__(self, x, delta, positions, cache, prefill, paged, valid=None):
@@ -143,7 +144,10 @@ class Block(nn.Module):
         )(h, positions, cache, prefill, paged)
         h, x = RMSNorm(eps, self.dtype, kernel=kernel, name="mlp_norm")(x, h)
         if self.cfg.num_experts:
-            h = MoE(self.cfg, self.dtype, self.impl, self.parallel, name="moe")(h, valid)
+            moe = MoE(
+                self.cfg, self.dtype, self.impl, self.parallel, self.expert_kernel, name="moe"
+            )
+            h = moe(h, valid)
         else:
             h = MLP(self.cfg, self.dtype, swiglu_kernel=self.swiglu_kernel, name="mlp")(h)
         return x, h, cache
@@ -172,6 +176,7 @@ class Decoder(nn.Module):
     # with rope_kernel, decode steps: RoPE, the K/V write and the attention as one kernel
     rope_decode: bool = False
     swiglu_kernel: bool = False  # steps of 65-128 tokens: gate/up and SiLU x up as one kernel
+    expert_kernel: bool = False  # MoE experts: the block-aligned Mosaic GPU kernels (`MoE`)
 
     @nn.compact
     def __call__(
@@ -237,6 +242,7 @@ class Decoder(nn.Module):
             self.row_gemv,
             self.rope_decode,
             self.swiglu_kernel,
+            self.expert_kernel,
         )
         if self.is_initializing() or self.is_mutable_collection("intermediates"):
             return Block(*args, name=f"layers_{i}")(

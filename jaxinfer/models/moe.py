@@ -23,6 +23,7 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxinfer.config import ModelConfig
 from jaxinfer.models.layers import MLP, declare
 from jaxinfer.sharding import MODEL, Parallel
+from pallas_kernels import expert_matmul as em
 
 
 def route(logits: Float[Array, "T E"], k: int, normalize: bool):
@@ -82,6 +83,40 @@ def dispatch(
     return jnp.zeros(x.shape, jnp.float32).at[token].add(out * scale[:, None])
 
 
+def aligned_dispatch(
+    x: Float[Array, "T D"],
+    weights: Float[Array, "T k"],
+    experts: Int[Array, "T k"],
+    gate_up: Float[Array, "E D 2 F"],
+    down: Float[Array, "E F D"],
+    interpret: bool | None = None,
+) -> Float[Array, "T D"]:
+    """`dispatch` through the Hopper expert kernels (`pallas_kernels.expert_matmul`): each
+    expert's pairs start at a 128-row block, gate/up and SiLU x up are one kernel, down reads
+    its output in the same layout. Pairs routed outside [0, E) add nothing. f32 out."""
+    t, k = experts.shape
+    num_experts = gate_up.shape[0]
+    layout = em.aligned_layout(experts.reshape(-1), num_experts)
+    token = jnp.arange(t * k, dtype=jnp.int32) // k  # pair p is (token p // k, choice p % k)
+    gate_cfg, down_cfg = em.default_configs(t * k, num_experts, gate_up.shape[3])
+    xa = em.to_layout(x, token, layout)  # [P, D]
+    h = em.expert_swiglu(layout.block_expert, xa, gate_up, config=gate_cfg, interpret=interpret)
+    out = em.expert_matmul(layout.block_expert, h, down, config=down_cfg, interpret=interpret)
+    out = em.from_layout(out, layout).reshape(t, k, -1).astype(jnp.float32)  # [T, k, D]
+    # A pair routed nowhere comes back 0, so its weight needs no mask.
+    return jnp.einsum("TkD,Tk->TD", out, weights.astype(jnp.float32))
+
+
+def expert_kernel_fits(d: int, f: int, dtype) -> bool:
+    """Whether `aligned_dispatch` takes experts of width D and F in this dtype."""
+    # Many rows: down unsplit (a split is only taken where it divides F's steps).
+    gate_cfg, down_cfg = em.default_configs(1 << 20, 1, f)
+    return (
+        em.why_not(d, f, jnp.dtype(dtype), gate_cfg, swiglu=True) is None
+        and em.why_not(f, d, jnp.dtype(dtype), down_cfg) is None
+    )
+
+
 def sharded_dispatch(
     x: Float[Array, "T D"],
     weights: Float[Array, "T k"],
@@ -90,10 +125,14 @@ def sharded_dispatch(
     down: Float[Array, "E F D"],
     impl: str,
     parallel: Parallel,
+    expert_kernel: bool = False,
 ) -> Float[Array, "T D"]:
     """`dispatch` on one device or, over `parallel.mesh`, on each device's experts ("expert") or
-    share of F ("ffn"), the partial sums all-reduced. Returns x's dtype."""
+    share of F ("ffn"), the partial sums all-reduced; `expert_kernel` on one device:
+    `aligned_dispatch`. Returns x's dtype."""
     if parallel.mesh is None:
+        if expert_kernel:
+            return aligned_dispatch(x, weights, experts, gate_up, down).astype(x.dtype)
         return dispatch(x, weights, experts, gate_up, down, impl).astype(x.dtype)
     if parallel.moe == "expert":
         w_specs = (PartitionSpec(MODEL), PartitionSpec(MODEL))
@@ -116,12 +155,16 @@ def sharded_dispatch(
 
 
 class MoE(nn.Module):
-    """Router + experts (+ Qwen2-MoE's shared expert behind a sigmoid gate)."""
+    """Router + experts (+ Qwen2-MoE's shared expert behind a sigmoid gate).
+
+    `expert_kernel` (one Hopper GPU, bf16): the experts through `aligned_dispatch`'s Mosaic GPU
+    kernels, where they take the shapes; else `dispatch`'s grouped matmul."""
 
     cfg: ModelConfig
     dtype: jnp.dtype
     impl: str
     parallel: Parallel = Parallel()
+    expert_kernel: bool = False
 
     @nn.compact
     def __call__(
@@ -144,7 +187,10 @@ class MoE(nn.Module):
         self.sow("intermediates", "experts", experts.reshape(b, t, -1))
         if valid is not None:  # expert index E is no device's: the pair sorts last, does nothing
             experts = jnp.where(valid.reshape(b * t, 1), experts, c.num_experts)
-        y = sharded_dispatch(flat, weights, experts, gate_up, down, self.impl, self.parallel)
+        aligned = self.expert_kernel and expert_kernel_fits(d, f, x.dtype)
+        y = sharded_dispatch(
+            flat, weights, experts, gate_up, down, self.impl, self.parallel, aligned
+        )
         y = y.reshape(b, t, d)
         if c.shared_expert_intermediate_size:
             shared = MLP(c, dt, c.shared_expert_intermediate_size, name="shared")(x)
