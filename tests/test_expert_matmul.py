@@ -182,3 +182,22 @@ def test_moe_block_with_the_expert_kernel_matches_without():
     assert np.abs(want).max() > 0.1
     assert np.abs(got - want).max() <= 3e-2 * np.abs(want).max()
     assert not got[0, 6:].any()
+
+
+def test_bench_script_times_both_dispatches_and_compares_them(tmp_path):
+    """`scripts/bench_expert_matmul.py` on the CPU (interpreters, tiny widths): both paths
+    timed, their outputs compared (the tile sweep is left out: ~1 min in the interpreter)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "em.json"
+    cmd = [sys.executable, "scripts/bench_expert_matmul.py", "--d", "128", "--f", "128"]
+    cmd += ["--experts", "2", "--decode-batches", "3", "--prefill-tokens", "", "--repeats", "1"]
+    cmd += ["--sweep-cases", ""]
+    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, timeout=900)
+    row = json.loads(out.read_text())["cases"]["decode_B3"]
+    assert row["pairs"] == 6 and set(row["us"]) == {"triton", "aligned"}
+    assert all(us > 0 for us in row["us"].values())
+    assert row["max_rel_err_aligned_vs_triton"] < 3e-2
+    assert "sweep" not in row
