@@ -71,6 +71,7 @@ def main() -> int:
     p.add_argument("--down-tiles", default="128,64,4;128,64,4,2;128,64,4,4;64,64,6;128,128,3")
     p.add_argument("--sweep-cases", default="decode_B1,decode_B100,decode_B500,prefill_T8192")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--calls", type=int, default=5, help="calls queued per timed run")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -91,7 +92,7 @@ def main() -> int:
     report.update(limits=limits, args=vars(args), cases={})
 
     def timed(fn, *a):
-        return bm.pipelined_time(lambda _: fn(*a), repeats=args.repeats, calls=5)
+        return bm.pipelined_time(lambda _: fn(*a), repeats=args.repeats, calls=args.calls)
 
     triton = jax.jit(lambda x, w, ex, gu, dn: moe.dispatch(x, w, ex, gu, dn, "pallas"))
     aligned = jax.jit(moe.aligned_dispatch)

@@ -194,6 +194,7 @@ def test_bench_script_times_both_dispatches_and_compares_them(tmp_path):
     out = tmp_path / "em.json"
     cmd = [sys.executable, "scripts/bench_expert_matmul.py", "--d", "128", "--f", "128"]
     cmd += ["--experts", "2", "--decode-batches", "3", "--prefill-tokens", "", "--repeats", "1"]
+    cmd += ["--calls", "1"]
     cmd += ["--sweep-cases", ""]
     subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, timeout=900)
     row = json.loads(out.read_text())["cases"]["decode_B3"]
