@@ -346,6 +346,29 @@ def _interpret_or_refuse(name: str, interpret: bool | None, w_nk: bool, cfg) -> 
     return True
 
 
+def _scratch(cfg: DecodeMatmulConfig, x_dtype, w_dtype, out_dtype, parts: int, w_nk: bool):
+    """What `_kernel`'s CTA allocates, for `pl.run_scoped`: shared memory (the ring's x and
+    weight tiles, the output chunks), the loaded barriers (x, weight) and the consumed one."""
+    plgpu = _plgpu()
+    w_tile = (cfg.tile_n, cfg.tile_k) if w_nk else (cfg.tile_k, cfg.tile_n)
+    smem = (
+        plgpu.SMEM((cfg.stages, ROWS, cfg.tile_k), x_dtype, transforms=_tiled(x_dtype)),
+        plgpu.SMEM((cfg.stages * parts, *w_tile), w_dtype, transforms=_tiled(w_dtype)),
+        plgpu.SMEM((2, out_slots(cfg), 64, EPI_N), out_dtype, transforms=_tiled(out_dtype)),
+    )
+    if cfg.cluster > 1:  # a slot is free once every CTA sharing its x tile is done with it
+        consumed = plgpu.ClusterBarrier(
+            collective_axes=("cluster",), num_arrivals=2, num_barriers=cfg.stages
+        )
+    else:  # once both compute warpgroups are
+        consumed = plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages)
+    loaded = (
+        plgpu.Barrier(num_barriers=cfg.stages),
+        plgpu.Barrier(num_barriers=cfg.stages * parts),
+    )
+    return smem, loaded, consumed
+
+
 @functools.partial(jax.jit, static_argnames=("w_nk", "config", "interpret", "swiglu"))
 def _decode_matmul(
     x, w, *, w_nk: bool, config: DecodeMatmulConfig, interpret: bool, swiglu: bool = False
@@ -362,29 +385,10 @@ def _decode_matmul(
     out_shape = (ROWS, n) if cfg.splits == 1 else (cfg.splits, ROWS, n)
     kernel = functools.partial(_kernel, cfg=cfg, w_nk=w_nk, k_steps=k_steps, swiglu=swiglu)
 
-    w_tile = (cfg.tile_n, cfg.tile_k) if w_nk else (cfg.tile_k, cfg.tile_n)
-
     def entry(x_ref, w_ref, out_ref):
-        smem = (
-            plgpu.SMEM((cfg.stages, ROWS, cfg.tile_k), x.dtype, transforms=_tiled(x.dtype)),
-            plgpu.SMEM((cfg.stages * parts, *w_tile), w.dtype, transforms=_tiled(w.dtype)),
-            plgpu.SMEM((2, out_slots(cfg), 64, EPI_N), out_dtype, transforms=_tiled(out_dtype)),
-        )
-        if cfg.cluster > 1:  # a slot is free once every CTA sharing its x tile is done with it
-            consumed = plgpu.ClusterBarrier(
-                collective_axes=("cluster",), num_arrivals=2, num_barriers=cfg.stages
-            )
-        else:  # once both compute warpgroups are
-            consumed = plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages)
-        loaded = (
-            plgpu.Barrier(num_barriers=cfg.stages),
-            plgpu.Barrier(num_barriers=cfg.stages * parts),
-        )
         pl.run_scoped(
             lambda *scoped: kernel(x_ref, w_ref, out_ref, scoped),
-            smem,
-            loaded,
-            consumed,
+            *_scratch(cfg, x.dtype, w.dtype, out_dtype, parts, w_nk),
             collective_axes="wg",
         )
 

@@ -22,6 +22,7 @@ output rows are left unwritten and must not be read (`dest` never points there).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -31,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import decode_matmul as dm
-from pallas_kernels.common import mosaic_gpu_interpreter, resolve_interpret
+from pallas_kernels.common import mosaic_gpu_interpreter
 
 ROWS = dm.ROWS  # rows of a block: the kernel's two compute warpgroups of 64
 
@@ -90,17 +91,20 @@ def from_layout(y: jax.Array, layout: ExpertLayout) -> jax.Array:
     return jnp.take(y, layout.dest, axis=0, mode="fill", fill_value=0)
 
 
+# The tiles of both kernels (down may split K, `default_configs`).
+TILES = dm.DecodeMatmulConfig(tile_n=128, tile_k=64, stages=4)
+
+
 def default_configs(
     pairs: int, num_experts: int, f: int
 ) -> tuple[dm.DecodeMatmulConfig, dm.DecodeMatmulConfig]:
     """Tiles of the gate/up (SwiGLU) and the down kernels for `pairs` rows over `num_experts`
     experts of width F. Down has few output tiles (D / 128 a block): while few blocks have
     rows its K is split, by a count that divides F's steps."""
-    gate = dm.DecodeMatmulConfig(tile_n=128, tile_k=64, stages=4)
     busy_blocks = min(pl.cdiv(pairs, ROWS) + num_experts - 1, pairs)
     want = 4 if busy_blocks <= 2 else 2 if busy_blocks <= 4 else 1
-    splits = next(s for s in (want, 2, 1) if s <= want and (f // gate.tile_k) % s == 0)
-    return gate, dm.DecodeMatmulConfig(tile_n=128, tile_k=64, stages=4, splits=splits)
+    splits = next(s for s in (want, 2, 1) if s <= want and (f // TILES.tile_k) % s == 0)
+    return TILES, dataclasses.replace(TILES, splits=splits)
 
 
 def why_not(k: int, n: int, dtype, cfg: dm.DecodeMatmulConfig, swiglu: bool = False) -> str | None:
@@ -153,26 +157,9 @@ def _expert_matmul(block_expert, x, w, *, config, interpret: bool, swiglu: bool)
     )
 
     def entry(expert_ref, x_ref, w_ref, out_ref):
-        tiled = dm._tiled
-        smem = (
-            plgpu.SMEM((cfg.stages, ROWS, cfg.tile_k), x.dtype, transforms=tiled(x.dtype)),
-            plgpu.SMEM(
-                (cfg.stages * parts, cfg.tile_k, cfg.tile_n), w.dtype, transforms=tiled(w.dtype)
-            ),
-            plgpu.SMEM(
-                (2, dm.out_slots(cfg), 64, dm.EPI_N), out_dtype, transforms=tiled(out_dtype)
-            ),
-        )
-        loaded = (
-            plgpu.Barrier(num_barriers=cfg.stages),
-            plgpu.Barrier(num_barriers=cfg.stages * parts),
-        )
-        consumed = plgpu.Barrier(num_arrivals=2, num_barriers=cfg.stages)
         pl.run_scoped(
             lambda *scoped: kernel(expert_ref, x_ref, w_ref, out_ref, scoped),
-            smem,
-            loaded,
-            consumed,
+            *dm._scratch(cfg, x.dtype, w.dtype, out_dtype, parts, w_nk=False),
             collective_axes="wg",
         )
 
@@ -205,9 +192,7 @@ def _check(name, block_expert, x, w, cfg, swiglu, interpret):
         raise ValueError(f"{name}: dtypes differ: x {x.dtype}, w {w.dtype}")
     if reason := why_not(k, w.shape[-1], x.dtype, cfg, swiglu):
         raise ValueError(f"{name} can't take this call: {reason}")
-    if resolve_interpret(interpret) and mosaic_gpu_interpreter() is None:
-        raise ValueError(f"this jax has no Mosaic GPU interpreter to run {name} on the CPU")
-    return resolve_interpret(interpret)
+    return dm._interpret_or_refuse(name, interpret, False, cfg)
 
 
 def expert_matmul(
@@ -221,7 +206,7 @@ def expert_matmul(
     """out[b] = x[b] @ w[block_expert[b]] for each 128-row block b of x [P, K] (an
     `aligned_layout`), w [E, K, N] bf16 -> [P, N]; blocks of no expert (>= E) are left
     unwritten. Hopper GPUs, or JAX's Mosaic GPU interpreter on the CPU (`interpret`)."""
-    cfg = config or dm.DecodeMatmulConfig()
+    cfg = config or TILES
     interpret = _check("expert_matmul", block_expert, x, w, cfg, False, interpret)
     return _expert_matmul(block_expert, x, w, config=cfg, interpret=interpret, swiglu=False)
 
@@ -237,7 +222,7 @@ def expert_swiglu(
     """silu(x[b] @ gate) * (x[b] @ up), gate and up of expert block_expert[b], for each block
     b of x [P, K]; w_gate_up [E, K, 2, F] bf16 -> [P, F]. gate and up are rounded to bf16
     before silu, as the unfused form stores them."""
-    cfg = config or dm.DecodeMatmulConfig()
+    cfg = config or TILES
     interpret = _check("expert_swiglu", block_expert, x, w_gate_up, cfg, True, interpret)
     e, k, _, f = w_gate_up.shape
     w = w_gate_up.reshape(e, k, 2 * f)  # gate's columns, then up's

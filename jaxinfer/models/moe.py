@@ -109,11 +109,10 @@ def aligned_dispatch(
 
 def expert_kernel_fits(d: int, f: int, dtype) -> bool:
     """Whether `aligned_dispatch` takes experts of width D and F in this dtype."""
-    # Many rows: down unsplit (a split is only taken where it divides F's steps).
-    gate_cfg, down_cfg = em.default_configs(1 << 20, 1, f)
+    # Down's K splits are only taken where they divide F's steps: its unsplit tiles decide.
     return (
-        em.why_not(d, f, jnp.dtype(dtype), gate_cfg, swiglu=True) is None
-        and em.why_not(f, d, jnp.dtype(dtype), down_cfg) is None
+        em.why_not(d, f, jnp.dtype(dtype), em.TILES, swiglu=True) is None
+        and em.why_not(f, d, jnp.dtype(dtype), em.TILES) is None
     )
 
 
