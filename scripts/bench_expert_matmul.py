@@ -144,6 +144,7 @@ def sweep(args, layers, x, gate_up, down, gate_tiles, down_tiles, timed) -> dict
     import jax.numpy as jnp
 
     from pallas_kernels import expert_matmul as em
+    from pallas_kernels.grouped_matmul import grouped_matmul
 
     e = gate_up.shape[0]
     t = x.shape[0]
@@ -156,8 +157,6 @@ def sweep(args, layers, x, gate_up, down, gate_tiles, down_tiles, timed) -> dict
         prepared.append((lay.block_expert, xa, h))
     out = {"gate": {}, "down": {}}
     # The grouped matmul (Pallas Triton) on each projection alone, its default tiles: the peer.
-    from pallas_kernels.grouped_matmul import grouped_matmul
-
     gmm = jax.jit(grouped_matmul)
     w1 = gate_up.reshape(e, gate_up.shape[1], -1)
     for kind, w, width in (("gate", w1, gate_up.shape[1]), ("down", down, down.shape[1])):
