@@ -67,7 +67,7 @@ def generate_command(args) -> int:
         args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size
     )
     prompt = encode_prompt(model.tokenizer, args.prompt, chat=args.chat)
-    detok = IncrementalDetokenizer(model.tokenizer)
+    detok = IncrementalDetokenizer(model.tokenizer, prompt_ids=prompt)
     tokens = (
         engine_tokens(model, prompt, params) if several else stream_tokens(model, prompt, params)
     )

@@ -447,12 +447,18 @@ class Engine:
             allow_empty=True,
             vocab_size=self.model.config.vocab_size,
         )
+        if params.stop and self.model.tokenizer is None:
+            raise ValueError(
+                f"stop={params.stop!r:.80}: stop strings need the model's tokenizer, and this "
+                "model has none (stop_token_ids work without one)"
+            )
         stop_ids = set(params.stop_token_ids) | (
             set() if params.ignore_eos else set(self.model.config.eos_token_ids)
         )
         seq = Seq(request_id, ids, params.max_tokens, stop_ids)
         self.scheduler.check(seq)  # refuses what could never fit
-        detok = IncrementalDetokenizer(self.model.tokenizer) if self.model.tokenizer else None
+        tokenizer = self.model.tokenizer
+        detok = IncrementalDetokenizer(tokenizer, prompt_ids=ids) if tokenizer else None
         return _Request(
             seq, params, -1, detok, 0.0, ids, logprobs=[] if params.logprobs is not None else None
         )

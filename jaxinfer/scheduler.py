@@ -130,7 +130,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.num_computed_tokens = 0  # leading tokens whose K/V are in the pages
-        self.num_cached_tokens = 0  # of those, found in the prefix cache at last admission
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.num_preemptions = 0
         self.block_table: list[int] = []  # page ids, kept by the PageAllocator
         self.page_hashes: list[int] = []  # prefix-cache chain ids, kept by the PageAllocator
@@ -508,7 +508,8 @@ class Scheduler:
             seq.num_computed_tokens = 0
             return False
         self.allocator.reserve(seq, cached + n)
-        seq.num_cached_tokens = cached
+        if not seq.num_preemptions:  # a re-admission finds its own pages, not the prompt's
+            seq.num_cached_tokens = cached
         seq.status = SequenceStatus.RUNNING
         self.waiting.popleft()
         bisect.insort(self.running, seq, key=lambda s: s.arrival)

@@ -15,9 +15,19 @@ def encode_prompt(tokenizer, text: str, *, chat: bool = False) -> list[int]:
         return list(tokenizer(text)["input_ids"])
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("--chat was asked for but this model's tokenizer has no chat template")
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-    )
+    return apply_chat_template(tokenizer, [{"role": "user", "content": text}])
+
+
+def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` under the tokenizer's chat template, ready for the assistant's
+    turn. What the template refuses (a system turn where it allows none, roles out of order: its
+    `raise_exception`) is a ValueError with the template's message."""
+    from jinja2 import TemplateError  # transformers renders templates with jinja2
+
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except TemplateError as e:
+        raise ValueError(f"the model's chat template refused these messages: {e}") from None
     if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
@@ -28,14 +38,18 @@ class IncrementalDetokenizer:
 
     Text is decoded from a short window of recent tokens, so a token's text can depend on its
     left neighbours (SentencePiece spaces, byte-level merges) without re-decoding everything.
+    The window starts on the prompt's last tokens (`prompt_ids`): decoded alone, a first output
+    token such as SentencePiece's "▁Paris" would lose its leading space.
     """
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+    CONTEXT = 5  # prompt tokens the first window starts with
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True, prompt_ids=()):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
-        self.ids: list[int] = []
+        self.ids: list[int] = [int(t) for t in list(prompt_ids)[-self.CONTEXT :]]
         self.prefix_offset = 0  # window start: decoded but already emitted context
-        self.read_offset = 0  # tokens whose text has been emitted
+        self.read_offset = len(self.ids)  # tokens whose text has been emitted (or the prompt's)
 
     def push(self, token_id: int) -> str:
         """Adds one token; returns the text that became final (possibly '')."""

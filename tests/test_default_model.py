@@ -109,6 +109,26 @@ def test_incremental_detokenizer_never_splits_characters(ours):
     assert sum(d == "" for d in deltas) > 0  # some tokens held back a partial character
 
 
+def test_incremental_detokenizer_keeps_a_sentencepiece_first_space():
+    """SentencePiece drops the leading space of a decode: "▁Paris" alone is "Paris". Started on
+    the prompt's last tokens, the first delta keeps it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "▁The", "▁capital", "▁of", "▁France", "▁is", "▁Paris"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace("\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    ids = tok("The capital of France is Paris")["input_ids"]
+    assert ids == [1, 2, 3, 4, 5, 6] and tok.decode([6]) == "Paris"
+    detok = IncrementalDetokenizer(tok, prompt_ids=ids[:-2])
+    assert [detok.push(t) for t in ids[-2:]] == [" is", " Paris"]
+    assert [IncrementalDetokenizer(tok).push(6)] == ["Paris"]  # no prompt: as decode gives
+
+
 def test_llm_on_default_model_matches_generate(ours):
     """Text prompts through the engine (real tokenizer, paged cache) equal `generate` greedy."""
     llm = jaxinfer.LLM(

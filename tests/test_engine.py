@@ -89,6 +89,35 @@ def test_fake_model_streams_exact_text():
     assert all(not o.finished for o in outs["a"][:-1]) and outs["a"][-1].finished
 
 
+class SpacedLetterTokenizer(LetterTokenizer):
+    """As SentencePiece decodes: token t is " " + its letter, and a decode drops one leading space."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(" " + chr(ord("a") + i) for i in ids).removeprefix(" ")
+
+
+def test_first_output_token_keeps_its_leading_space():
+    """Decoded alone, a SentencePiece first token ("▁d") would lose its space: the text starts
+    from the prompt's last tokens, as vLLM's does."""
+    model = FakeModel(FAKE_CONFIG, {}, SpacedLetterTokenizer(), jnp.float32, "xla")
+    engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=16, num_pages=32, warmup=False)
+    engine.add_request("a", "abc", SamplingParams(max_tokens=5, temperature=0, stop=[" e"]))
+    engine.add_request("b", "abc", SamplingParams(max_tokens=3, temperature=0))
+    outs = run_all(engine)
+    assert [o.text_delta for o in outs["b"]] == [" d", " e", " f"]
+    assert outs["b"][-1].text == " d e f"
+    assert outs["a"][-1].text == " d" and outs["a"][-1].finish_reason == "stop"
+
+
+def test_stop_strings_need_a_tokenizer():
+    model = FakeModel(FAKE_CONFIG, {}, None, jnp.float32, "xla")
+    engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=16, num_pages=32, warmup=False)
+    with pytest.raises(ValueError, match="stop strings need the model's tokenizer"):
+        engine.add_request("a", [0, 1], SamplingParams(max_tokens=3, stop=["x"]))
+    engine.add_request("a", [0, 1], SamplingParams(max_tokens=3, stop_token_ids=[3]))
+    assert run_all(engine)["a"][-1].token_ids == [2, 3]
+
+
 def test_stop_string_split_across_tokens_never_appears():
     engine = fake_engine(num_decode_steps=1)
     engine.add_request("a", "abc", SamplingParams(max_tokens=10, temperature=0, stop=["fg", "xyz"]))

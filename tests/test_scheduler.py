@@ -305,6 +305,7 @@ def test_preempted_sequence_recomputes_and_resumes(caching):
     assert resumed.start_pos == (2 if caching else 0)
     assert resumed.start_pos + len(resumed.token_ids) > 2 and resumed.sample
     assert seqs[1].num_preemptions == 1
+    assert seqs[1].num_cached_tokens == 0  # its own pages found again are no prompt cache hit
     assert [s.output_token_ids for s in seqs] == [run_alone([1, 2], 4), run_alone([3, 4], 4)]
 
 
