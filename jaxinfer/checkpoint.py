@@ -395,8 +395,56 @@ OTHER_DTYPES = {
 
 
 def _open_hf(path: pathlib.Path) -> tuple[ModelConfig, Callable]:
-    cfg = ModelConfig.from_json_file(path / "config.json")
+    cfg = with_generation_eos(ModelConfig.from_json_file(path / "config.json"), path)
+    cfg = _untied_if_lm_head_differs(cfg, path)
     return cfg, functools.partial(_load_hf, path, cfg)
+
+
+def _untied_if_lm_head_differs(cfg: ModelConfig, path: pathlib.Path) -> ModelConfig:
+    """A tied config whose files also hold an `lm_head.weight` unlike the embedding (some
+    fine-tunes and merges ship so) gets that head, as transformers does: it ties the two only
+    when they are equal."""
+    if not cfg.tie_word_embeddings:
+        return cfg
+    tensors = _safetensors(path)
+    head, embed = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    if head is None or embed is None or head.shape != embed.shape:
+        return cfg  # nothing to compare; a bad shape is refused when the params are built
+    if np.array_equal(head.read(), embed.read()):
+        return cfg
+    logger.info("%s: lm_head.weight differs from the embedding: the head is not tied", path)
+    return dataclasses.replace(cfg, tie_word_embeddings=False)
+
+
+def with_generation_eos(cfg: ModelConfig, path: pathlib.Path) -> ModelConfig:
+    """`cfg` with the EOS ids of the directory's `generation_config.json` added: instruct models
+    list their end-of-turn token there only (Llama-3-Instruct's <|eot_id|>, Qwen's <|im_end|>),
+    and HF's `generate` stops on them."""
+    file = path / "generation_config.json"
+    if not file.exists():
+        return cfg
+    try:
+        data = json.loads(file.read_text())
+        ids = _as_id_list(data.get("eos_token_id") if isinstance(data, dict) else None)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise ValueError(f"{file} is damaged: {e}") from e
+    extra = tuple(i for i in dict.fromkeys(ids) if i not in cfg.eos_token_ids)
+    if not extra:
+        return cfg
+    try:
+        return dataclasses.replace(cfg, eos_token_ids=cfg.eos_token_ids + extra)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from e
+
+
+def _as_id_list(value) -> list[int]:
+    """An `eos_token_id` field (None, an int or a list of ints) as a list."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        raise TypeError(f"eos_token_id must be an integer or a list of them, got {value!r:.80}")
+    return items
 
 
 def _load_hf(path: pathlib.Path, cfg: ModelConfig, dtype, shardings) -> tuple[dict, Any]:

@@ -189,8 +189,8 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=head_dim,
             max_position_embeddings=max_pos,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=_rope_theta(hf),
+            rms_norm_eps=float(hf.get("rms_norm_eps", _DEFAULTS[model_type]["rms_norm_eps"])),
+            rope_theta=_rope_theta(hf, _DEFAULTS[model_type]["rope_theta"]),
             rope_scaling=_rope_scaling(hf),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
@@ -283,13 +283,20 @@ def _moe_fields(hf: dict, model_type: str) -> dict:
     )
 
 
+# transformers' defaults for what a config.json may leave out, by model_type.
+_DEFAULTS = {t: dict(rms_norm_eps=1e-6, rope_theta=10000.0) for t in SUPPORTED_MODEL_TYPES} | {
+    "mixtral": dict(rms_norm_eps=1e-5, rope_theta=1e6)
+}
+
+
 def _rope_params(hf: dict) -> dict:
-    # transformers >= 5 folds rope_theta and rope_scaling into one `rope_parameters` dict.
-    return dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    # transformers >= 5 folds rope_theta and rope_scaling into one `rope_parameters` dict; a
+    # legacy `rope_scaling` beside it wins, as transformers reads them.
+    return dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
 
 
-def _rope_theta(hf: dict) -> float:
-    theta = hf.get("rope_theta", _rope_params(hf).get("rope_theta", 10000.0))
+def _rope_theta(hf: dict, default: float) -> float:
+    theta = _rope_params(hf).get("rope_theta", hf.get("rope_theta", default))
     return float(theta)
 
 
@@ -302,6 +309,11 @@ def _rope_scaling(hf: dict) -> RopeScaling | None:
     unknown = set(params) - fields - {"rope_type", "type", "rope_theta"}
     if unknown:
         raise ValueError(f"rope_scaling fields {sorted(unknown)} are not supported")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:  # transformers rotates part of each head
+        raise ValueError(
+            f"partial_rotary_factor {hf['partial_rotary_factor']} with rope_type {rope_type!r} "
+            "is not supported"
+        )
     values = {k: v for k, v in params.items() if k in fields}
     if "factor" in values and not math.isfinite(float(values["factor"])):
         raise ValueError(f"rope_scaling factor must be finite, got {values['factor']}")

@@ -255,11 +255,21 @@ def _hf_config(reader: gguf.GGUFReader) -> dict:
         "attention_bias": "blk.0.attn_q.bias" in shapes,
         "mlp_bias": "blk.0.ffn_up.bias" in shapes,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "eos_token_id": _eos_ids(reader),
     }
     if rope_scaling := _rope_scaling(reader, config):
         config["rope_scaling"] = rope_scaling
     return config
+
+
+def _eos_ids(reader: gguf.GGUFReader) -> int | list[int] | None:
+    """EOS, then the end-of-turn and end-of-message tokens, which end a turn as EOS does
+    (llama.cpp stops on each; Llama-3-Instruct files hold <|eot_id|> as eot_token_id); one id
+    alone as an int, as config.json has it."""
+    keys = ("eos_token_id", "eot_token_id", "eom_token_id")
+    ids = [_field(reader, f"tokenizer.ggml.{key}") for key in keys]
+    ids = list(dict.fromkeys(int(i) for i in ids if i is not None))
+    return ids[0] if len(ids) == 1 else ids or None
 
 
 def _rope_scaling(reader: gguf.GGUFReader, config: dict) -> dict | None:

@@ -43,6 +43,8 @@ _SPLITS = {
 # Pre-tokenizers that split every digit on its own before the GPT-2 regex (SmolLM's
 # tokenizer.json: Digits(individual_digits=True), then ByteLevel).
 _DIGIT_SPLIT = {"smollm"}
+# Those that split as GPT-2 does (llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEFAULT and GPT-2).
+_DEFAULT_SPLIT = {"default", "gpt-2", *_DIGIT_SPLIT}
 
 
 def gguf_tokenizer(path: str | os.PathLike):
@@ -100,8 +102,18 @@ def _metadata(reader: gguf.GGUFReader) -> dict:
 def _byte_level_bpe(meta: dict) -> Tokenizer:
     vocab = {token: i for i, token in enumerate(meta["tokens"])}
     merges = [tuple(m.split(" ", 1)) for m in meta.get("merges") or ()]
-    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
     pre = meta.get("pre", "default")
+    if pre not in _SPLITS and pre not in _DEFAULT_SPLIT:
+        known = ", ".join(sorted({*_SPLITS, *_DEFAULT_SPLIT}))
+        raise ValueError(
+            f"GGUF pre-tokenizer {pre!r} is not supported (supported: {known}); its split "
+            "rules differ, and a wrong split gives the model other token ids"
+        )
+    # Llama 3's tokenizer takes a word found whole in the vocabulary before any merge.
+    ignore_merges = _SPLITS.get(pre) is _LLAMA3_SPLIT
+    tok = Tokenizer(
+        models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges)
+    )
     if pre in _SPLITS:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [

@@ -107,6 +107,24 @@ def test_damaged_shard_index(sources, tmp_path):
     refused(model, str(model / "model.safetensors.index.json"), "not a safetensors index")
 
 
+def test_generation_config_eos_ids_are_added(sources, tmp_path):
+    """An instruct model's end-of-turn token listed only in generation_config.json stops it,
+    as HF's `generate` stops; a damaged or out-of-vocabulary list is refused, naming the file."""
+    model = copy_of(sources, "hf", tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config["eos_token_id"] = 3
+    (model / "config.json").write_text(json.dumps(config))
+    file = model / "generation_config.json"
+    file.write_text(json.dumps({"eos_token_id": [3, 7, 5, 7]}))
+    assert jaxinfer.load_model(model, dtype="float32").config.eos_token_ids == (3, 7, 5)
+    file.write_text(json.dumps({"eos_token_id": 10**6}))
+    refused(model, str(file), "eos_token_id 1000000 is outside the vocabulary")
+    file.write_text(json.dumps({"eos_token_id": ["</s>"]}))
+    refused(model, f"{file} is damaged", "eos_token_id must be an integer")
+    file.write_text("{")
+    refused(model, f"{file} is damaged")
+
+
 def test_truncated_config(sources, tmp_path):
     model = copy_of(sources, "hf", tmp_path)
     cut(model / "config.json", 0.5)

@@ -12,6 +12,7 @@ from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from jaxinfer import gguf as jgguf
+from jaxinfer.config import ModelConfig
 from jaxinfer.gguf_tokenizer import gguf_tokenizer
 
 TINY = dict(vocab=96, hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, head_dim=16)
@@ -243,6 +244,50 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
 
 
 # ---------------------------------------------------------------- errors
+
+
+def test_end_of_turn_tokens_stop_as_eos(tmp_path):
+    """llama.cpp stops on eot/eom as on EOS (Llama-3-Instruct files: <|eot_id|> is eot)."""
+    path = tmp_path / "eot.gguf"
+
+    def configure(w):
+        w.add_eot_token_id(5)
+        w.add_eom_token_id(2)  # the EOS again: listed once
+
+    write_gguf(path, tiny_hf_tensors(False), configure=configure)
+    config, _ = jgguf.read_gguf(path)
+    assert config["eos_token_id"] == [2, 5]
+    assert ModelConfig.from_hf(config).eos_token_ids == (2, 5)
+
+
+def write_byte_level_tokenizer(path, pre: str) -> None:
+    """A tiny GGUF whose tokenizer is byte-level BPE: 'h', 'i' and the whole word 'hi', which
+    no merge makes."""
+
+    def configure(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        words = ["<unk>", "<s>", "</s>", "h", "i", "hi"]  # BOS 1, EOS 2 (write_gguf)
+        w.add_token_list(words + [f"x{i}" for i in range(TINY["vocab"] - len(words))])
+        w.add_token_merges([])
+
+    write_gguf(path, tiny_hf_tensors(False), configure=configure)
+
+
+@pytest.mark.parametrize("pre, ids", [("llama-bpe", [5]), ("smollm", [3, 4]), ("gpt-2", [3, 4])])
+def test_llama3_pre_tokenizer_takes_whole_words_first(tmp_path, pre, ids):
+    """Llama 3's tokenizer (HF's tokenizer.json, llama.cpp) takes a word found whole in the
+    vocabulary before any merge (`ignore_merges`); GPT-2-style splits merge from bytes."""
+    write_byte_level_tokenizer(tmp_path / "tok.gguf", pre)
+    tok = gguf_tokenizer(tmp_path / "tok.gguf")
+    assert tok("hi", add_special_tokens=False)["input_ids"] == ids
+
+
+def test_unknown_pre_tokenizer_is_refused(tmp_path):
+    """A split rule this module does not know would give the model other token ids."""
+    write_byte_level_tokenizer(tmp_path / "tok.gguf", "tekken")
+    with pytest.raises(ValueError, match="pre-tokenizer 'tekken' is not supported"):
+        gguf_tokenizer(tmp_path / "tok.gguf")
 
 
 def test_unsupported_tensor_type(tmp_path):

@@ -125,6 +125,31 @@ def test_sharded_safetensors_and_bf16(tmp_path):
     assert err < 5e-2
 
 
+def test_a_tied_config_with_its_own_lm_head_uses_it_as_transformers_does(tmp_path):
+    """Some fine-tunes keep `tie_word_embeddings: true` and ship an lm_head unlike the embedding:
+    transformers then leaves the two untied, and so does the loader; an equal head stays tied."""
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    build_hf_model("tied", tmp_path)
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(file)
+    embed = tensors["model.embed_tokens.weight"]
+    save_file({**tensors, "lm_head.weight": embed.copy()}, file, metadata={"format": "pt"})
+    assert jaxinfer.load_model(tmp_path, dtype="float32").config.tie_word_embeddings
+    head = np.random.RandomState(0).normal(0, 0.1, embed.shape).astype(embed.dtype)
+    save_file({**tensors, "lm_head.weight": head}, file, metadata={"format": "pt"})
+    model = jaxinfer.load_model(tmp_path, dtype="float32")
+    assert not model.config.tie_word_embeddings
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
+    np.testing.assert_array_equal(hf_model.lm_head.weight.detach().numpy(), head)
+    ids = np.random.RandomState(1).randint(0, model.config.vocab_size, (2, 9))
+    ours = np.asarray(jaxinfer.forward(model, ids))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(ids)).logits.numpy()
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
 def test_orbax_checkpoint_round_trip(tmp_path):
     build_hf_model("qwen2", tmp_path / "hf")
     model = jaxinfer.load_model(tmp_path / "hf", dtype="float32")
@@ -158,7 +183,7 @@ def tiny(tmp_path_factory):
         (dict(prompts=[[1]], temperature=-0.5), "temperature must be a finite float32 number >= 0"),
         (dict(prompts=[[1]], top_p=0.0), r"top_p must be a finite float32 number in \(0.0, 1.0\]"),
         (dict(prompts=[[1]], top_p=1.5), r"top_p must be a finite float32 number in \(0.0, 1.0\]"),
-        (dict(prompts=[[1]], top_k=-1), "top_k must be"),
+        (dict(prompts=[[1]], top_k=-2), "top_k must be"),
         (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens must be"),
     ],
 )
@@ -210,6 +235,12 @@ def _edited_copy(src, dst, edit):
             lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0}),
             "'yarn' is not supported",
         ),
+        (
+            lambda c: c.update(
+                partial_rotary_factor=0.5, rope_parameters={"rope_type": "linear", "factor": 2.0}
+            ),
+            "partial_rotary_factor 0.5 with rope_type 'linear' is not supported",
+        ),
         (lambda c: c.pop("hidden_size"), "missing the required field 'hidden_size'"),
         (lambda c: c.update(hidden_size=128), r"has shape \(320, 64\), expected \(320, 128\)"),
         (lambda c: c.update(num_hidden_layers=3), "missing 9 tensor"),
@@ -219,6 +250,47 @@ def _edited_copy(src, dst, edit):
 def test_bad_configs_and_tensors_are_named(tmp_path, tiny, edit, message):
     with pytest.raises(ValueError, match=message):
         jaxinfer.load_model(_edited_copy(tiny[0], tmp_path / "m", edit), dtype="float32")
+
+
+def test_config_defaults_and_rope_precedence_follow_transformers():
+    """What a config.json leaves out takes transformers' default for its model_type, and where
+    both RoPE forms are given, transformers' choice: the legacy rope_scaling over
+    rope_parameters, a theta inside the parameters over the top-level one."""
+    from jaxinfer.config import ModelConfig
+
+    base = dict(
+        model_type="mixtral",
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    mixtral = ModelConfig.from_hf(base)
+    assert (mixtral.rms_norm_eps, mixtral.rope_theta) == (1e-5, 1e6)
+    llama = ModelConfig.from_hf({**base, "model_type": "llama"})
+    assert (llama.rms_norm_eps, llama.rope_theta) == (1e-6, 10000.0)
+    both = ModelConfig.from_hf(
+        {
+            **base,
+            "model_type": "llama",
+            "rope_theta": 5.0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 7.0},
+        }
+    )
+    assert both.rope_theta == 7.0 and both.rope_scaling is None
+    legacy = ModelConfig.from_hf(
+        {
+            **base,
+            "model_type": "llama",
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 7.0},
+        }
+    )
+    assert legacy.rope_scaling.rope_type == "linear" and legacy.rope_scaling.factor == 2.0
 
 
 def test_mistral_sliding_window_is_refused_not_ignored(tmp_path):
