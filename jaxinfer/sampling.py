@@ -24,7 +24,8 @@ class SamplingParams:
     field, the value and the allowed range; numpy scalars are taken as Python numbers, `bool` is
     refused for numbers, and `stop` / `stop_token_ids` take None for none.
 
-    temperature 0 is greedy; top_k 0 and top_p 1 and min_p 0 are off; penalties follow vLLM:
+    temperature 0 (or below GREEDY_BELOW, as in vLLM) is greedy; top_k 0 (or -1, vLLM's "off")
+    and top_p 1 and min_p 0 are off; penalties follow vLLM:
     repetition_penalty (> 0, 1 = off) over prompt and output tokens, presence/frequency penalties
     (in [-2, 2]) over output tokens. `seed` makes the request's samples independent of its batch.
     `logprobs` = n returns the top-n log-probabilities (raw model distribution) of every new token.
@@ -46,10 +47,21 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.top_k, (int, np.integer)) and self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
         for name, check in _FIELD_CHECKS.items():
             value = getattr(self, name)
             if value is not None or name not in _OPTIONAL:
                 object.__setattr__(self, name, check(name, value))
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax: temperature 0, or so small that dividing by it would overflow float32."""
+        return self.temperature < GREEDY_BELOW
+
+
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): logits / 1e-38 overflow to inf.
+GREEDY_BELOW = 1e-5
 
 
 MAX_LOGPROBS = 20  # top-n logprobs computed on device for every row; a request takes its n
@@ -78,7 +90,10 @@ _OPTIONAL = ("seed", "logprobs")  # None means "none"
 # ---------------------------------------------------------------------------------------------
 # The engine's per-row sampler: every setting is a [B] array in the batch pytree.
 #
-#   raw logits → penalties (history) → temperature → top-k → top-p → min-p → Gumbel draw per row
+#   raw logits → penalties (history) → temperature → min-p → top-k → top-p → Gumbel draw per row
+#
+# (vLLM's order: min-p on the whole distribution, top-k keeping ties with the k-th logit, top-p
+# over the renormalised survivors.)
 #
 # A row's token depends only on its own logits, settings, seed and step: filters become masks in
 # vocabulary order and each row draws from its own key, so neither the other rows nor which
@@ -138,7 +153,7 @@ def sampling_arrays(
         return np.asarray([get(p) for p in rows], dtype)
 
     return SamplingArrays(
-        temperature=column(lambda p: p.temperature, np.float32),
+        temperature=column(lambda p: 0.0 if p.greedy else p.temperature, np.float32),
         top_k=column(lambda p: p.top_k, np.int32),
         top_p=column(lambda p: p.top_p, np.float32),
         min_p=column(lambda p: p.min_p, np.float32),
@@ -171,7 +186,7 @@ TOP_K_ONLY = "filter_top_k"  # "filter" where every sampling row fits the candid
 
 def fits_candidates(params: Sequence[SamplingParams]) -> bool:
     """Every sampling row (temperature > 0) keeps at most FILTER_CANDIDATES tokens by top-k."""
-    return all(0 < p.top_k <= FILTER_CANDIDATES for p in params if p.temperature > 0)
+    return all(0 < p.top_k <= FILTER_CANDIDATES for p in params if not p.greedy)
 
 
 def sample_mode(params: Sequence[SamplingParams]) -> str:
@@ -181,9 +196,9 @@ def sample_mode(params: Sequence[SamplingParams]) -> str:
     logprobs, no filter; "filter": also the top-k / top-p / min-p sort. With a static mode the
     sampler needs no `lax.cond`, whose predicate XLA copies to the host and waits for.
     """
-    if any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params):
+    if any(not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params):
         return "filter"
-    if any(p.temperature > 0 or p.logprobs for p in params):
+    if any(not p.greedy or p.logprobs for p in params):
         return "sample"
     return "greedy"
 
@@ -338,22 +353,26 @@ def _draw_among_candidates(
 
 
 def _filter_mask(scaled: Float[Array, "B V"], arrays: SamplingArrays) -> Bool[Array, "B V"]:
-    """Keep-mask in vocabulary order after top-k, then top-p, then min-p (on [B, V] scaled logits).
+    """Keep-mask in vocabulary order after min-p, then top-k, then top-p (on [B, V] scaled
+    logits), as vLLM filters.
 
     The mask is all True for a row whose filters are all off, exactly as when the sort is skipped.
     """
     b, v = scaled.shape
     order = jnp.argsort(-scaled, axis=-1)  # [B, V], most likely first (stable on ties)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    rank = jnp.arange(v)[None, :]
-    keep = rank < jnp.where(arrays.top_k > 0, arrays.top_k, v)[:, None]
+    # min_p: prob >= min_p × max prob  ⇔  logit >= max logit + log(min_p).
+    keep = sorted_logits >= sorted_logits[:, :1] + jnp.log(arrays.min_p)[:, None]
+    keep |= arrays.min_p[:, None] <= 0
+    # top_k: every token at least as likely as the k-th (tokens tied with it stay).
+    k = jnp.where(arrays.top_k > 0, jnp.minimum(arrays.top_k, v), v)
+    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)  # [B, 1]
+    keep &= sorted_logits >= kth
+    # top_p over what is left, renormalised: the smallest prefix whose mass reaches top_p (the
+    # first token always stays; 1 = exactly off).
     probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    # Smallest prefix whose mass reaches top_p (the first token always stays; 1 = exactly off).
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep &= (mass_before < arrays.top_p[:, None]) | (arrays.top_p[:, None] >= 1)
-    # min_p: prob >= min_p × max prob  ⇔  logit >= max logit + log(min_p); renormalising is moot.
-    above_min_p = sorted_logits >= sorted_logits[:, :1] + jnp.log(arrays.min_p)[:, None]
-    keep &= above_min_p | (arrays.min_p[:, None] <= 0)
     return jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], order].set(keep)
 
 

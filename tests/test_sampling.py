@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.sampling import (
+    GREEDY_BELOW,
     MAX_LOGPROBS,
     SAMPLE_MODES,
     SampleOutput,
@@ -254,6 +255,9 @@ def test_frequencies_match_softmax_of_logits_over_temperature():
         (dict(min_p=0.5), [0, 1]),  # keep p >= .25
         (dict(min_p=0.2), [0, 1, 2]),  # keep p >= .1
         (dict(top_k=3, top_p=0.6), [0, 1]),  # top-p on the top-3 renormalised: .53, .32, .16
+        # min-p first (vLLM's order): .5, .3 renormalised are .625, .375, and .625 reaches .6
+        (dict(top_p=0.6, min_p=0.5), [0]),
+        (dict(top_k=3, min_p=0.2, top_p=0.9), [0, 1, 2]),  # .53, .32, .16 after min-p
     ],
 )
 def test_filters_keep_their_support_and_renormalise(setting, support):
@@ -263,6 +267,33 @@ def test_filters_keep_their_support_and_renormalise(setting, support):
     expected = np.zeros(4)
     expected[support] = P4[support] / P4[support].sum()
     np.testing.assert_allclose(got, expected, atol=TOL)
+
+
+def test_top_k_keeps_the_tokens_tied_with_the_kth():
+    """As vLLM: every token at least as likely as the k-th stays, so ties share the draws."""
+    logits = np.array([2.0, 2.0, 0.0, 2.0, -1.0])
+    got = frequencies(logits, N_DRAWS, top_k=1)
+    np.testing.assert_allclose(got, [1 / 3, 1 / 3, 0, 1 / 3, 0], atol=TOL)
+    got = frequencies(np.array([3.0, 1.0, 1.0, 0.0]), N_DRAWS, top_k=2)
+    assert got[3] == 0 and got[1] > 0 and got[2] > 0
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    """logits / 1e-38 overflow to inf (and top-p's softmax to NaN): below GREEDY_BELOW a row
+    takes the argmax, as vLLM's does."""
+    params = [
+        SamplingParams(temperature=1e-38, top_p=0.9),
+        SamplingParams(temperature=GREEDY_BELOW / 2),
+        SamplingParams(temperature=GREEDY_BELOW, top_k=1),
+        SamplingParams(top_k=-1),
+    ]
+    assert [p.greedy for p in params] == [True, True, False, False] and params[3].top_k == 0
+    assert sample_mode(params[:2]) == "greedy" and sample_mode(params) == "filter"
+    arrays = sampling_arrays(params, seeds=[0, 1, 2, 3], steps=[0] * 4, pad_to=4)
+    np.testing.assert_allclose(arrays.temperature, [0.0, 0.0, GREEDY_BELOW, 1.0])
+    logits = random_logits(4, 40, seed=6) * 10
+    out = sample_jit(logits, arrays)
+    np.testing.assert_array_equal(out.tokens[:3], logits[:3].argmax(-1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +412,7 @@ def test_new_settings_do_not_recompile():
     [
         ("max_tokens", 0),
         ("temperature", -0.5),
-        ("top_k", -1),
+        ("top_k", -2),
         ("top_p", 0.0),
         ("top_p", 1.5),
         ("min_p", 1.5),
