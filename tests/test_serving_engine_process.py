@@ -14,6 +14,7 @@ import urllib.request
 import grpc
 import pytest
 from conftest import build_hf_model
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving_utils import ServerProcess, free_port
 from test_engine import fake_engine
 
@@ -25,6 +26,7 @@ from jaxinfer.serving.loop import EngineError, EngineLoop
 from jaxinfer.serving.proto import inference_pb2 as pb
 from jaxinfer.serving.proto import inference_pb2_grpc as pb_grpc
 
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 GREEDY = SamplingParams(max_tokens=5, temperature=0.0)
 ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=64, num_pages=48, max_model_len=128)
 ENGINE_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()] + ["--dtype=float32"]
@@ -167,6 +169,18 @@ def test_killed_engine_fails_requests_in_flight(server, stub):
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(generate_request([1, 2], max_tokens=4), timeout=30)
     assert e.value.code() == grpc.StatusCode.INTERNAL
+    # health says so, for a supervisor to restart the server
+    with server.channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 20
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != NOT_SERVING:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(server.http.replace("/v1/completions", "/health"), timeout=10)
+    assert (
+        e.value.code == 503 and "engine process" in json.loads(e.value.read())["error"]["message"]
+    )
 
 
 def test_outputs_cross_the_pipe_as_deltas_and_are_rebuilt_equal():

@@ -33,7 +33,9 @@ ENGINE_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()] + ["--
 NAME = "tiny"
 ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "{{ m['role'] }} {{ m['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}assistant{% endif %}"
 )
 
@@ -275,6 +277,20 @@ def test_16_concurrent_streams(client, llm):
     assert texts == {i: ref.text for i, ref in enumerate(refs)}
 
 
+def test_chat_default_max_tokens_fits_the_kv_pool():
+    """A chat without max_tokens gets the rest of the context, or of what the whole KV pool
+    holds where that is less (a long-context model on a small card), not a refusal."""
+    from types import SimpleNamespace as NS
+
+    from jaxinfer.serving.http_server import OpenAIFront
+
+    engine = NS(model=NS(tokenizer=None), max_model_len=4096, num_pages=10, config=NS(page_size=16))
+    front = OpenAIFront(NS(engine=engine), NAME)
+    assert front._longest() == 161  # the last sampled token needs no page
+    engine.num_pages = 1000
+    assert front._longest() == 4096
+
+
 def test_models_health_and_metrics(client, server):
     assert [m.id for m in client.models.list().data] == [NAME]
     base = f"http://127.0.0.1:{server.http_port}"
@@ -287,7 +303,17 @@ BAD = {
     "temperature": (dict(temperature=-1), "temperature must be"),
     "top_p": (dict(top_p=0), "top_p must be a finite float32 number in (0.0, 1.0]"),
     "max_tokens": (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
-    "n": (dict(n=0), "n must be an integer >= 1"),
+    "n": (dict(n=0), "n must be an integer in [1, 128]"),
+    "n too large": (dict(n=10**8), "n must be an integer in [1, 128], got 100000000"),
+    "too many choices": (dict(prompt=[[5]] * 40, n=128), "would make 5120 requests"),
+    "logit_bias": (dict(logit_bias={"5": 100}), 'logit_bias={"5": 100} is not supported'),
+    "response_format": (
+        dict(extra_body={"response_format": {"type": "json_object"}}),
+        "response_format=",
+    ),
+    "best_of": (dict(best_of=3), "best_of=3 is not supported"),
+    "min_tokens": (dict(extra_body={"min_tokens": 4}), "min_tokens=4 is not supported"),
+    "suffix": (dict(suffix="x"), 'suffix="x" is not supported'),
     "logprobs": (dict(logprobs=99), "logprobs must be an integer in [0, 20]"),
     "prompt shape": (dict(prompt=[1, "a"]), "prompt must be a string"),
     "token outside the vocab": (dict(prompt=[5, 320]), "outside the vocabulary"),
@@ -308,6 +334,20 @@ def test_bad_values_are_400_in_openai_shape(client):
             assert message in err["message"], (name, err)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=NAME, messages=[], max_tokens=2)
+    hello = [{"role": "user", "content": "w5"}]
+    for kw, message in (
+        (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools="),
+        (dict(top_logprobs=2), "top_logprobs needs logprobs: true"),
+        (dict(messages=[{"role": "tool", "content": "w5"}]), "chat template refused"),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**{"model": NAME, "messages": hello, **kw})
+        assert message in e.value.body["message"], (kw, e.value.body)
+    # the no-op values of those fields are taken
+    out = client.completions.create(
+        model=NAME, prompt=[5, 6], max_tokens=2, best_of=2, n=2, extra_body={"min_tokens": 0}
+    )
+    assert len(out.choices) == 2
 
 
 def test_auth_model_and_queue_errors(client, server):
@@ -341,34 +381,42 @@ def wait_for_log(server, pattern, count=1, timeout=10.0):
         time.sleep(0.05)
 
 
+def post_raw(server, body: dict) -> socket.socket:
+    """A connection on which `body` was posted to /v1/completions (no reply read yet)."""
+    data = json.dumps(body).encode()
+    s = socket.create_connection(("127.0.0.1", server.http_port), timeout=30)
+    s.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + f"authorization: Bearer {KEY}\r\ncontent-length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return s
+
+
+def long_request(seed: int, **fields) -> dict:
+    (prompt,) = prompts(1, seed=seed)
+    return dict(model=NAME, prompt=prompt, max_tokens=230, temperature=0, ignore_eos=True, **fields)
+
+
 def test_disconnect_mid_stream_frees_pages(server):
-    (prompt,) = prompts(1, seed=3)
-    body = json.dumps(
-        {
-            "model": NAME,
-            "prompt": prompt,
-            "max_tokens": 230,
-            "stream": True,
-            "temperature": 0,
-            "ignore_eos": True,
-        }
-    ).encode()
-    with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as s:
-        s.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"authorization: Bearer "
-            + KEY.encode()
-            + b"\r\ncontent-length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body
-        )
+    with post_raw(server, long_request(3, stream=True)) as s:
         got = b""
         while got.count(b"data: ") < 3 and (piece := s.recv(4096)):
             got += piece
         assert got.startswith(b"HTTP/1.1 200") and got.count(b"data: ") >= 3, got
         info = stats(server)
         assert info.kv_pages_free < info.kv_pages_total  # the request holds pages now
+    wait_all_pages_free(server)
+    wait_for_log(server, r"request cmpl-\w+-0: abort, \d+ tokens in \(\d+ cached\), [1-9]")
+
+
+def test_disconnect_before_the_answer_frees_pages(server):
+    """A client that goes away while its whole (non-streamed) answer is made aborts it."""
+    with post_raw(server, long_request(4)):
+        deadline = time.monotonic() + 30
+        while (info := stats(server)).kv_pages_free == info.kv_pages_total:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.02)
     wait_all_pages_free(server)
     wait_for_log(server, r"request cmpl-\w+-0: abort, \d+ tokens in \(\d+ cached\), [1-9]")
 

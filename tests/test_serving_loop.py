@@ -108,6 +108,27 @@ def test_abort_frees_pages_at_once():
     assert [r.outcome for r in loop.records] == ["abort"]
 
 
+def test_a_failing_abort_ends_the_stream_and_the_loop_goes_on():
+    """engine.abort may raise (an engine process that died): the stream still ends, the loop
+    thread lives on, and `failure` says what the engine reports."""
+    engine = slow_steps(fake_engine(max_model_len=64))
+
+    def broken_abort(request_id):
+        raise RuntimeError("pipe broken")
+
+    engine.abort = broken_abort
+    with running(engine) as loop:
+        assert loop.failure is None
+        stream = loop.submit("abc", LONG)
+        next(iter(stream))
+        loop.abort(stream)
+        wait_for(lambda: loop.num_unfinished() == 0)
+        assert loop._thread.is_alive()
+        assert list(loop.submit("wx", GREEDY))[-1].token_ids == [24, 25]
+        engine.dead = "the engine process exited (exit code -9)"
+        assert loop.failure == engine.dead
+
+
 def test_a_failing_step_fails_the_requests_in_flight_and_the_loop_goes_on():
     engine = fake_engine(max_model_len=64)
     step, calls = engine.step, []

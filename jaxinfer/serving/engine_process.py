@@ -295,6 +295,13 @@ class RemoteEngine:
         except (EOFError, OSError) as e:
             self._messages.put(("died", f"the engine process exited ({type(e).__name__})"))
 
+    @property
+    def dead(self) -> str | None:
+        """Why the engine process can serve no more (it exited, or its pipe broke), else None."""
+        if self._died is None and not self._proc.is_alive():
+            return f"the engine process exited (exit code {self._proc.exitcode})"
+        return self._died
+
     # -- what EngineLoop calls (its thread) ----------------------------------------------------
 
     def add_request(

@@ -281,6 +281,16 @@ async def start_server(
     return Server(server, checker, bound)
 
 
+async def watch_engine(server: Server, loop: EngineLoop, every_s: float = 0.5) -> None:
+    """Sets health to NOT_SERVING once the engine can serve no more (its process died), so that
+    a supervisor restarts the server; requests meanwhile fail with INTERNAL."""
+    while not loop.failure:
+        await asyncio.sleep(every_s)
+    log.error("%s: health is NOT_SERVING from now on", loop.failure)
+    for name in ("", SERVICE):
+        await server.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
 async def shutdown(server: Server | None, loop: EngineLoop, grace_s: float, http=None) -> bool:
     """Stops taking requests, lets those in flight finish within `grace_s`; True if all did.
 
@@ -365,10 +375,13 @@ async def serve(args: argparse.Namespace, engine: Engine, model_path: str) -> in
             front.model_name,
             ", API key required" if args.api_key else "",
         )
+    watcher = asyncio.create_task(watch_engine(server, loop)) if server is not None else None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     log.info(
         "stopping: no new requests; %d in flight get %.0fs to finish",
         loop.num_unfinished(),

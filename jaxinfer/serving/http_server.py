@@ -10,12 +10,16 @@ Routes: POST /v1/completions, POST /v1/chat/completions (the model's chat templa
 `stream: true` as server-sent events ending in `data: [DONE]`; GET /v1/models; GET /health;
 GET /metrics when metrics are on. Each prompt times `n` is one engine request; its choices are
 numbered prompt * n + sample. A body is parsed here into SamplingParams, whose checks give the
-400 messages, as the engine's do for what it refuses.
+400 messages, as the engine's do for what it refuses; a field of OpenAI's API (or vLLM's) that
+the server does not implement is a 400 unless its value asks for nothing (`_UNSUPPORTED`), and
+so is what the model's chat template refuses. /health is 503 while draining and once the engine
+process has died.
 
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad values,
 401 a missing or wrong bearer token (--api-key; /health and /metrics stay open), 404 an unknown
 model, 429 --max-queue full, 503 draining, 500 the engine failed. A client that goes away
-mid-stream cancels its response, whose `finally` aborts its requests: their pages are freed.
+mid-stream cancels its response, whose `finally` aborts its requests: their pages are freed; one
+that goes away while a whole answer is made aborts it the same way.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from jaxinfer.engine import RequestOutput
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams
 from jaxinfer.serving.loop import Closed, EngineError, EngineLoop, QueueFull, RequestStream
+from jaxinfer.tokenizer import apply_chat_template
 from jaxinfer.validate import as_bool, as_int, as_token_ids
 
 # Body fields that go to SamplingParams under their own names (vLLM's extras included).
@@ -49,6 +54,47 @@ _SAMPLING = (
     "ignore_eos",
     "stop_token_ids",
 )
+
+
+MAX_N = 128  # samples a prompt, as OpenAI's API allows
+MAX_CHOICES = 4096  # engine requests one call may make (prompts x n)
+
+# Request fields of OpenAI's API (and vLLM's extras) this server does not implement, each with
+# the values that ask for nothing: any other value is refused, never ignored.
+_UNSUPPORTED = {
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "min_tokens": (None, 0),
+    "use_beam_search": (None, False),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "prompt_logprobs": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+    "add_generation_prompt": (None, True),
+    "continue_final_message": (None, False),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+}
+
+
+def refuse_unsupported(body: dict) -> None:
+    """ValueError naming the first field `body` sets that this server does not implement."""
+    for name, no_op in _UNSUPPORTED.items():
+        value = body.get(name)
+        if name == "best_of" and value is not None and value == body.get("n"):
+            continue  # the best of n samples, all returned: the n samples
+        if not any(value == v and type(value) is type(v) for v in no_op):
+            raise ValueError(f"{name}={json.dumps(value)[:80]} is not supported by this server")
 
 
 class ApiError(Exception):
@@ -106,9 +152,7 @@ def sampling_params(
     `sample` is the index among the `n` samples of a prompt: a body's `seed` seeds sample j with
     seed + j, so that the n samples differ and each is reproducible.
     """
-    fields = {k: body[k] for k in _SAMPLING if body.get(k) is not None}
-    if fields.get("top_k") == -1:  # vLLM's "off"
-        fields["top_k"] = 0
+    fields = {k: body[k] for k in _SAMPLING if body.get(k) is not None}  # top_k -1: off
     if body.get("stop") is not None:
         fields["stop"] = body["stop"]  # a string or a list of them
     if body.get("seed") is not None:
@@ -149,7 +193,7 @@ def chat_prompt(tokenizer, messages) -> list[int]:
         if isinstance(content, list):  # content parts: only text is understood
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
                 raise ValueError(f"messages[{i}].content: only text parts are supported")
-            content = "".join(str(p.get("text", "")) for p in content)
+            content = "\n".join(str(p.get("text", "")) for p in content)  # as vLLM joins
         if not isinstance(content, (str, type(None))):
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
         turns.append({"role": m["role"], "content": content or ""})
@@ -157,10 +201,7 @@ def chat_prompt(tokenizer, messages) -> list[int]:
         raise ValueError("this model has no tokenizer: use /v1/completions with token ids")
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template: use /v1/completions")
-    ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
-    if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
+    return apply_chat_template(tokenizer, turns)
 
 
 def _optional_int(body: dict, name: str, low: int, high: int | None = None) -> int | None:
@@ -352,7 +393,8 @@ class OpenAIFront:
 
     def _plan(self, body: dict, chat: bool) -> tuple[list, list[SamplingParams], int, int | None]:
         """(prompts, one SamplingParams per sample index, n, logprobs) of a body; ValueError."""
-        n = _optional_int(body, "n", 1) or 1
+        refuse_unsupported(body)
+        n = _optional_int(body, "n", 1, MAX_N) or 1
         max_tokens = _optional_int(
             body,
             "max_completion_tokens"
@@ -363,10 +405,12 @@ class OpenAIFront:
         if chat:
             prompts = [chat_prompt(self.tokenizer, body.get("messages"))]
             if max_tokens is None:  # the rest of the context, as vLLM does
-                max_tokens = max(self.loop.engine.max_model_len - len(prompts[0]), 1)
+                max_tokens = max(self._longest() - len(prompts[0]), 1)
             logprobs = None
             if body.get("logprobs") is not None and as_bool("logprobs", body["logprobs"]):
-                logprobs = _optional_int(body, "top_logprobs", 0) or 0
+                logprobs = _optional_int(body, "top_logprobs", 0, MAX_LOGPROBS) or 0
+            elif body.get("top_logprobs") is not None:
+                raise ValueError("top_logprobs needs logprobs: true")
         else:
             if "prompt" not in body:
                 raise ValueError("prompt is required")
@@ -374,8 +418,19 @@ class OpenAIFront:
             logprobs = _optional_int(body, "logprobs", 0)
             if body.get("echo"):
                 raise ValueError("echo is not supported")
+        if len(prompts) * n > MAX_CHOICES:
+            raise ValueError(
+                f"{len(prompts)} prompts x n={n} would make {len(prompts) * n} requests "
+                f"(at most {MAX_CHOICES} a call)"
+            )
         params = [sampling_params(body, max_tokens, logprobs, j) for j in range(n)]
         return prompts, params, n, logprobs
+
+    def _longest(self) -> int:
+        """The most tokens (prompt + output) one request may have: the context, or what the
+        whole KV pool holds where that is less (the last token needs no page)."""
+        engine = self.loop.engine
+        return min(engine.max_model_len, engine.num_pages * engine.config.page_size + 1)
 
     def _submit(
         self, prompts: list, params: list[SamplingParams], chat: bool, request_id: str
@@ -419,7 +474,7 @@ class OpenAIFront:
             "model": self.model_name,
         }
         if not stream:
-            return await self._whole(choices, head, logprobs)
+            return await self._whole(request, choices, head, logprobs)
         try:  # the first outputs (or the engine's refusal) before the 200 goes out
             firsts = await _all(_first(c.stream) for c in choices)
         except Exception as e:  # noqa: BLE001
@@ -432,12 +487,22 @@ class OpenAIFront:
             headers={"cache-control": "no-cache"},
         )
 
-    async def _whole(self, choices: list[_Choice], head: dict, logprobs: int | None) -> Response:
+    async def _whole(
+        self, request: Request, choices: list[_Choice], head: dict, logprobs: int | None
+    ) -> Response:
+        work = asyncio.ensure_future(_all(_last(c.stream) for c in choices))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            finals = await _all(_last(c.stream) for c in choices)
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():  # the client went away: nobody reads an answer
+                work.cancel()
+                return Response(status_code=499)
+            finals = work.result()
         except Exception as e:  # noqa: BLE001
             return _api_error(e).response()
-        finally:  # the client went away (cancelled) or one failed: free the others' pages
+        finally:  # the client went away or one failed: free the others' pages
+            work.cancel()
+            gone.cancel()
             self._abort(choices)
         body = {
             **head,
@@ -492,6 +557,13 @@ async def _all(coroutines) -> list:
     finally:
         for t in tasks:
             t.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone away. The body was read, so the next ASGI message is
+    the disconnect (Starlette watches for it only while a streamed response is sent)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _first(stream: RequestStream) -> tuple[AsyncIterator, list[RequestOutput]]:
@@ -572,6 +644,8 @@ def create_app(front: OpenAIFront) -> FastAPI:
             return ApiError(
                 503, "the server is shutting down", "service_unavailable_error", code="draining"
             ).response()
+        if failure := front.loop.failure:  # for ever: a supervisor should restart the server
+            return ApiError(503, failure, "internal_error", code="engine_dead").response()
         return Response(status_code=200)
 
     if front.metrics_text is not None:

@@ -257,6 +257,12 @@ class EngineLoop:
         """True once `close` (or drain, stop) was called: new requests are refused."""
         return self._closed
 
+    @property
+    def failure(self) -> str | None:
+        """Why no request can be served any more (an engine process that died), else None. A
+        failed step is not one: the loop serves the next requests."""
+        return getattr(self.engine, "dead", None)
+
     def drain(self, timeout: float) -> bool:
         """Closes, then waits up to `timeout` seconds for every request to end; True if all did."""
         self.close()
@@ -328,7 +334,10 @@ class EngineLoop:
     def _abort(self, stream: RequestStream) -> None:
         if self._live.pop(stream.engine_id, None) is None:
             return  # ended already
-        self.engine.abort(stream.engine_id)
+        try:
+            self.engine.abort(stream.engine_id)
+        except Exception:  # noqa: BLE001 - an engine process that died: the loop goes on
+            log.exception("engine.abort failed for %s", stream.request_id)
         self._forget(stream)
         self._observe(self._record(stream, None, "abort"))
 
