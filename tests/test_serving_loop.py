@@ -255,3 +255,22 @@ def test_grpc_full_queue_is_resource_exhausted():
             client.generate("abc", max_tokens=2)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         waiting.cancel()
+
+
+def test_server_sizes_and_dtype_default_to_the_device():
+    """scripts/serve.py leaves its sizes, dtype and warm-up to the device, as `LLM` does."""
+    import argparse
+
+    from jaxinfer.serving import options
+
+    parser = argparse.ArgumentParser()
+    options.add_server_args(parser, default_port=1)
+    args = parser.parse_args([])
+    config = options.engine_config(args)
+    assert args.dtype is None and config.warmup is None
+    assert (config.max_num_seqs, config.max_num_batched_tokens) == (None, None)
+    cpu = config.for_device("cpu", 4096)
+    assert (cpu.max_num_seqs, cpu.max_num_batched_tokens, cpu.warmup) == (8, 256, False)
+    gpu = config.for_device("gpu", 4096)
+    assert (gpu.max_num_seqs, gpu.max_num_batched_tokens, gpu.warmup) == (64, 2048, True)
+    assert options.engine_config(parser.parse_args(["--no-warmup"])).warmup is False

@@ -84,6 +84,12 @@ _UNSUPPORTED = {
     "continue_final_message": (None, False),
     "chat_template": (None,),
     "chat_template_kwargs": (None, {}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "logits_processors": (None, []),
 }
 
 
@@ -196,7 +202,10 @@ def chat_prompt(tokenizer, messages) -> list[int]:
             content = "\n".join(str(p.get("text", "")) for p in content)  # as vLLM joins
         if not isinstance(content, (str, type(None))):
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
-        turns.append({"role": m["role"], "content": content or ""})
+        turn = {"role": m["role"], "content": content or ""}
+        # what a template that knows tools reads (one that does not ignores them)
+        turn |= {k: m[k] for k in ("name", "tool_calls", "tool_call_id") if m.get(k) is not None}
+        turns.append(turn)
     if tokenizer is None:
         raise ValueError("this model has no tokenizer: use /v1/completions with token ids")
     if not getattr(tokenizer, "chat_template", None):

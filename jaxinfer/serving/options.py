@@ -23,7 +23,12 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
         default=None,
         help="HF directory, .gguf file or jaxinfer checkpoint (default: SmolLM2-135M-Instruct)",
     )
-    m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    m.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="(default: bfloat16 on a GPU, float32 on a CPU)",
+    )
     m.add_argument(
         "--tensor-parallel-size",
         type=int,
@@ -31,9 +36,17 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
         help="devices to split the model over (tensor parallel, on this host)",
     )
     e = parser.add_argument_group("engine")
-    e.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one step")
     e.add_argument(
-        "--max-num-batched-tokens", type=int, default=2048, help="most tokens in one step"
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="most requests in one step (default: 64 on a GPU, 8 on a CPU)",
+    )
+    e.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="most tokens in one step (default: 2048 on a GPU, 256 on a CPU)",
     )
     e.add_argument(
         "--max-model-len",
@@ -71,8 +84,10 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     e.add_argument(
         "--no-warmup",
         dest="warmup",
-        action="store_false",
-        help="compile each step shape on first use instead of at start-up",
+        action="store_const",
+        const=False,
+        default=None,
+        help="compile each step shape on first use instead of at start-up (a CPU's default)",
     )
     s = parser.add_argument_group("server")
     s.add_argument(
