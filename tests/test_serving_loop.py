@@ -12,7 +12,7 @@ import time
 
 import grpc
 import pytest
-from test_engine import fake_engine
+from test_engine import LetterTokenizer, fake_engine
 
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving.client import Client, generate_request
@@ -228,8 +228,17 @@ def test_grpc_text_stream_and_status_codes():
         return step()
 
     engine.step = maybe_fail
+    threads = []
+
+    class Recording(LetterTokenizer):  # which thread tokenizes: never the engine's
+        def __call__(self, text):
+            threads.append(threading.current_thread().name)
+            return super().__call__(text)
+
+    engine.model.tokenizer.__class__ = Recording
     with running(engine) as loop, grpc_front(loop) as client:
         pieces = list(client.stream("abc", max_tokens=5, temperature=0.0))
+        assert threads and "engine-loop" not in threads
         # Outputs pending together come in one message: each piece's text is its tokens' text.
         assert "".join(p.text for p in pieces) == "defgh"
         assert all(p.text == "".join(chr(97 + t) for t in p.token_ids) for p in pieces)

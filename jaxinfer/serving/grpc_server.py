@@ -72,8 +72,9 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(**fields)
 
 
-def prompt_of(request: pb.GenerateRequest, tokenizer) -> str | list[int]:
-    """The prompt as the engine takes it: text, chat-templated token ids, or token ids."""
+def prompt_of(request: pb.GenerateRequest, tokenizer) -> list[int]:
+    """The prompt's token ids: a text prompt (chat-templated if asked) is tokenized here, off
+    the engine's thread, which then only checks the ids."""
     kind = request.WhichOneof("input")
     if kind == "token_ids":
         if request.chat:
@@ -81,7 +82,7 @@ def prompt_of(request: pb.GenerateRequest, tokenizer) -> str | list[int]:
         return list(request.token_ids.ids)
     if kind is None or not request.text:
         raise ValueError("the prompt is empty: set text or token_ids")
-    return encode_prompt(tokenizer, request.text, chat=True) if request.chat else request.text
+    return encode_prompt(tokenizer, request.text, chat=request.chat)
 
 
 def response_of(
@@ -172,7 +173,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _submit(self, request, context) -> tuple[RequestStream, int | None]:
         try:
             params = sampling_params(request.sampling)
-            prompt = prompt_of(request, self.tokenizer)
+            prompt = await asyncio.to_thread(prompt_of, request, self.tokenizer)
         except ValueError as e:
             self.loop.refused(request.request_id, "invalid")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jaxinfer.engine import RequestOutput
 from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams
 from jaxinfer.serving.loop import Closed, EngineError, EngineLoop, QueueFull, RequestStream
-from jaxinfer.tokenizer import apply_chat_template
+from jaxinfer.tokenizer import apply_chat_template, encode_prompt
 from jaxinfer.validate import as_bool, as_int, as_token_ids
 
 # Body fields that go to SamplingParams under their own names (vLLM's extras included).
@@ -401,7 +401,8 @@ class OpenAIFront:
     # -- completions and chat ------------------------------------------------------------------
 
     def _plan(self, body: dict, chat: bool) -> tuple[list, list[SamplingParams], int, int | None]:
-        """(prompts, one SamplingParams per sample index, n, logprobs) of a body; ValueError."""
+        """(prompts as token ids, one SamplingParams per sample index, n, logprobs) of a body;
+        ValueError."""
         refuse_unsupported(body)
         n = _optional_int(body, "n", 1, MAX_N) or 1
         max_tokens = _optional_int(
@@ -432,6 +433,8 @@ class OpenAIFront:
                 f"{len(prompts)} prompts x n={n} would make {len(prompts) * n} requests "
                 f"(at most {MAX_CHOICES} a call)"
             )
+        # Text is tokenized here, off the engine's thread, which then only checks the ids.
+        prompts = [p if isinstance(p, list) else encode_prompt(self.tokenizer, p) for p in prompts]
         params = [sampling_params(body, max_tokens, logprobs, j) for j in range(n)]
         return prompts, params, n, logprobs
 
@@ -465,8 +468,8 @@ class OpenAIFront:
         """POST /v1/completions or /v1/chat/completions."""
         try:
             body = await self.body(request)
-            try:
-                prompts, params, n, logprobs = self._plan(body, chat)
+            try:  # tokenizing in a worker thread: neither this event loop nor the engine's
+                prompts, params, n, logprobs = await asyncio.to_thread(self._plan, body, chat)
                 stream = body.get("stream") is not None and as_bool("stream", body["stream"])
                 include_usage = _include_usage(body.get("stream_options"))
             except ValueError:
