@@ -381,13 +381,15 @@ def wait_for_log(server, pattern, count=1, timeout=10.0):
         time.sleep(0.05)
 
 
-def post_raw(server, body: dict) -> socket.socket:
-    """A connection on which `body` was posted to /v1/completions (no reply read yet)."""
-    data = json.dumps(body).encode()
+def post_raw(server, body: dict | bytes, length: int | None = None) -> socket.socket:
+    """A connection on which `body` was posted to /v1/completions (no reply read yet), under
+    a content-length of `length` (default: the body's)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
     s = socket.create_connection(("127.0.0.1", server.http_port), timeout=30)
     s.sendall(
         b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        + f"authorization: Bearer {KEY}\r\ncontent-length: {len(data)}\r\n\r\n".encode()
+        + f"authorization: Bearer {KEY}\r\n".encode()
+        + f"content-length: {len(data) if length is None else length}\r\n\r\n".encode()
         + data
     )
     return s
@@ -396,6 +398,12 @@ def post_raw(server, body: dict) -> socket.socket:
 def long_request(seed: int, **fields) -> dict:
     (prompt,) = prompts(1, seed=seed)
     return dict(model=NAME, prompt=prompt, max_tokens=230, temperature=0, ignore_eos=True, **fields)
+
+
+def test_a_body_too_large_is_413_before_it_is_read(server):
+    with post_raw(server, b'{"prompt": "', length=10**9) as s:
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 413") and b"body_too_large" in reply, reply
 
 
 def test_disconnect_mid_stream_frees_pages(server):

@@ -17,9 +17,9 @@ process has died.
 
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad values,
 401 a missing or wrong bearer token (--api-key; /health and /metrics stay open), 404 an unknown
-model, 429 --max-queue full, 503 draining, 500 the engine failed. A client that goes away
-mid-stream cancels its response, whose `finally` aborts its requests: their pages are freed; one
-that goes away while a whole answer is made aborts it the same way.
+model, 413 a body over MAX_BODY_BYTES, 429 --max-queue full, 503 draining, 500 the engine failed.
+A client that goes away mid-stream cancels its response, whose `finally` aborts its requests:
+their pages are freed; one that goes away while a whole answer is made aborts it the same way.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ _SAMPLING = (
 
 
 MAX_N = 128  # samples a prompt, as OpenAI's API allows
+MAX_BODY_BYTES = 32 << 20  # a request body (a 128k-token prompt as JSON ids is ~1 MB)
 MAX_CHOICES = 4096  # engine requests one call may make (prompts x n)
 
 # Request fields of OpenAI's API (and vLLM's extras) this server does not implement, each with
@@ -369,7 +370,7 @@ class OpenAIFront:
     async def body(self, request: Request) -> dict:
         self.check_auth(request)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await _read_body(request))
         except ValueError as e:
             raise ApiError(400, f"the body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
@@ -569,6 +570,21 @@ async def _all(coroutines) -> list:
     finally:
         for t in tasks:
             t.cancel()
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused (413) past MAX_BODY_BYTES before it is all in memory."""
+    too_large = ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes", code="body_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _disconnected(request: Request) -> None:
