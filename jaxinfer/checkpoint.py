@@ -38,6 +38,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.model import Model, abstract_params, resolve_dtype
 from jaxinfer.platform import logger
 from jaxinfer.sharding import Parallel, load_shardings, resolve_parallel
+from jaxinfer.validate import as_token_ids
 
 FORMAT_FILE = "jaxinfer.json"
 FORMAT_VERSION = 3  # 2: fused qkv and gate_up params; 3: qkv and o stored [out..., in...]
@@ -406,7 +407,10 @@ def _untied_if_lm_head_differs(cfg: ModelConfig, path: pathlib.Path) -> ModelCon
     when they are equal."""
     if not cfg.tie_word_embeddings:
         return cfg
-    tensors = _safetensors(path)
+    try:
+        tensors = _safetensors(path)  # headers only; read again by _load_hf
+    except ValueError:
+        return cfg  # damaged files are named when the params are read, after the config's checks
     head, embed = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
     if head is None or embed is None or head.shape != embed.shape:
         return cfg  # nothing to compare; a bad shape is refused when the params are built
@@ -425,8 +429,9 @@ def with_generation_eos(cfg: ModelConfig, path: pathlib.Path) -> ModelConfig:
         return cfg
     try:
         data = json.loads(file.read_text())
-        ids = _as_id_list(data.get("eos_token_id") if isinstance(data, dict) else None)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        ids = data.get("eos_token_id") if isinstance(data, dict) else None
+        ids = as_token_ids("eos_token_id", [ids] if isinstance(ids, int) else ids, allow_empty=True)
+    except ValueError as e:  # bad JSON or UTF-8 too
         raise ValueError(f"{file} is damaged: {e}") from e
     extra = tuple(i for i in dict.fromkeys(ids) if i not in cfg.eos_token_ids)
     if not extra:
@@ -435,16 +440,6 @@ def with_generation_eos(cfg: ModelConfig, path: pathlib.Path) -> ModelConfig:
         return dataclasses.replace(cfg, eos_token_ids=cfg.eos_token_ids + extra)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from e
-
-
-def _as_id_list(value) -> list[int]:
-    """An `eos_token_id` field (None, an int or a list of ints) as a list."""
-    if value is None:
-        return []
-    items = value if isinstance(value, list) else [value]
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-        raise TypeError(f"eos_token_id must be an integer or a list of them, got {value!r:.80}")
-    return items
 
 
 def _load_hf(path: pathlib.Path, cfg: ModelConfig, dtype, shardings) -> tuple[dict, Any]:

@@ -120,7 +120,7 @@ def test_generation_config_eos_ids_are_added(sources, tmp_path):
     file.write_text(json.dumps({"eos_token_id": 10**6}))
     refused(model, str(file), "eos_token_id 1000000 is outside the vocabulary")
     file.write_text(json.dumps({"eos_token_id": ["</s>"]}))
-    refused(model, f"{file} is damaged", "eos_token_id must be an integer")
+    refused(model, f"{file} is damaged", "eos_token_id[0] must be an integer >= 0")
     file.write_text("{")
     refused(model, f"{file} is damaged")
 

@@ -147,9 +147,10 @@ def test_gguf_loads_into_shards(tmp_path):
         (0, "tensor_parallel_size must be an integer >= 1"),
     ],
 )
-def test_bad_layout_fails_before_any_tensor_is_read(tmp_path, tp, message):
+@pytest.mark.parametrize("tied", [False, True])  # tied: the lm_head check reads no garbage
+def test_bad_layout_fails_before_any_tensor_is_read(tmp_path, tp, message, tied):
     """The config alone decides: a garbage weights file is never opened."""
-    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    (tmp_path / "config.json").write_text(json.dumps({**CONFIG, "tie_word_embeddings": tied}))
     (tmp_path / "model.safetensors").write_bytes(np.random.default_rng(3).bytes(5000))
     with pytest.raises(ValueError, match=message):
         jaxinfer.load_model(tmp_path, dtype="float32", tensor_parallel_size=tp)
