@@ -98,6 +98,12 @@ class SchedulerConfig:
             )
 
 
+def pool_tokens(num_pages: int, page_size: int) -> int:
+    """The most tokens (prompt + output) the whole KV pool holds for one request: the last
+    sampled token is never computed, so it needs no page."""
+    return num_pages * page_size + 1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -445,8 +451,8 @@ class Scheduler:
                 f"request {rid!r}: prompt ({seq.num_prompt_tokens} tokens) + max_tokens "
                 f"({seq.max_tokens}) = {total} tokens exceeds max_model_len ({c.max_model_len})"
             )
-        pages = -(-(total - 1) // c.page_size)  # the last sampled token is never computed
-        if pages > c.num_pages:
+        if total > pool_tokens(c.num_pages, c.page_size):
+            pages = -(-(total - 1) // c.page_size)
             raise ValueError(
                 f"request {rid!r}: prompt + max_tokens needs {pages} KV pages of {c.page_size} "
                 f"tokens, more than the whole pool (num_pages={c.num_pages})"

@@ -206,3 +206,33 @@ def test_outputs_cross_the_pipe_as_deltas_and_are_rebuilt_equal():
     last = {out.request_id: out for _, out in pairs}
     assert last["a"].text == "defghijkl" and len(last["a"].logprobs) == 9
     assert last["b"].text == "def" and last["b"].finish_reason == "stop"
+
+
+def test_outputs_ahead_of_a_failed_step_are_not_lost():
+    """A request that ended in a message before a failed step's keeps its end; the failure
+    comes on the next step(), and the messages after it on the ones after."""
+    from jaxinfer.serving.engine_process import _Delta
+
+    engine = RemoteEngine.__new__(RemoteEngine)  # the parent's bookkeeping, no child
+    engine._init_inbox()
+    engine._unfinished |= {"a", "b"}
+
+    def delta(rid, tokens, finished):
+        return _Delta(rid, [1, 2], tokens, "x" * len(tokens), None, finished,
+                      "length" if finished else None, 0.0, 0.0, None, 0, None)  # fmt: skip
+
+    stats = {}
+    engine._messages.put(("step", [delta("a", [5], True), delta("b", [6], False)], stats, None))
+    engine._messages.put(("step", [], stats, "RuntimeError: boom"))
+    engine._messages.put(("step", [delta("c", [7], True)], stats, None))
+    outs = engine.step()
+    assert [(o.request_id, o.finished, o.token_ids) for o in outs] == [
+        ("a", True, [5]),
+        ("b", False, [6]),
+    ]
+    with pytest.raises(RuntimeError, match="boom"):  # "b" is still in flight
+        engine.step()
+    assert [o.request_id for o in engine.step()] == ["c"]  # after the failure, in order
+    engine._messages.put(("step", [], stats, "RuntimeError: again"))
+    with pytest.raises(RuntimeError, match="again"):  # nothing ahead of it: at once
+        engine.step()

@@ -258,12 +258,18 @@ class RemoteEngine:
         self.num_pages: int = info["num_pages"]
         self._stats: dict = info["stats"]
         self._send_lock = threading.Lock()
+        self._init_inbox()
+        self._reader = threading.Thread(target=self._read, name="engine-pipe", daemon=True)
+        self._reader.start()
+
+    def _init_inbox(self) -> None:
+        """The parent's state of the child's messages and of the requests in flight."""
         self._messages: queue.SimpleQueue = queue.SimpleQueue()  # ("step", ...) | ("died", why)
         self._unfinished: set[str] = set()  # added, not ended or aborted
         self._progress: dict[str, _Progress] = {}  # request id -> its outputs so far
         self._died: str | None = None
-        self._reader = threading.Thread(target=self._read, name="engine-pipe", daemon=True)
-        self._reader.start()
+        self._failure: Exception | None = None  # raised by the step() after its outputs
+        self._backlog: list[tuple] = []  # messages after a failure, read by the next step()
 
     @property
     def pid(self) -> int:
@@ -321,13 +327,28 @@ class RemoteEngine:
         return bool(self._unfinished)
 
     def step(self) -> list[RequestOutput]:
-        """Blocks for the child's next message, takes any more already here; their outputs."""
-        messages = [self._messages.get()]
+        """Blocks for the child's next message, takes any more already here; their outputs.
+
+        A failed step (or the child's death) raises, but not before the outputs that came
+        ahead of it are returned: requests that ended before the failure keep their ends. Then
+        the next call raises it, if requests are still unfinished (else nobody was failed)."""
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+        messages, self._backlog = self._backlog or [self._messages.get()], []
         while not self._messages.empty():
             messages.append(self._messages.get_nowait())
         outputs: list[RequestOutput] = []
-        for message in messages:
-            outputs += self._receive(message)
+        for i, message in enumerate(messages):
+            new, failure = self._receive(message)
+            outputs += new
+            if failure is not None:
+                self._backlog = messages[i + 1 :]  # after the failure: for the next calls
+                if not outputs:
+                    raise failure
+                if self._unfinished:
+                    self._failure = failure
+                break
         return outputs
 
     def serving_stats(self) -> dict:
@@ -346,14 +367,17 @@ class RemoteEngine:
             self._died = f"the engine process is gone ({type(e).__name__})"
             raise EngineProcessDied(self._died) from None
 
-    def _receive(self, message: tuple) -> list[RequestOutput]:
-        """A "step" message's outputs (rebuilt from its deltas); raises for "died" or a failed
-        step."""
+    def _receive(self, message: tuple) -> tuple[list[RequestOutput], Exception | None]:
+        """A message's outputs (rebuilt from its deltas) and its failure: the child's death or a
+        failed step."""
         if message[0] == "died":
             self._died = message[1]
             self._messages.put(message)  # every later step() raises too
-            raise EngineProcessDied(message[1])
+            return [], EngineProcessDied(message[1])
         _, deltas, _, failure = message
+        return self._rebuild(deltas), None if failure is None else RuntimeError(failure)
+
+    def _rebuild(self, deltas: list[_Delta]) -> list[RequestOutput]:
         outputs = []
         for d in deltas:
             rid = d.request_id
@@ -364,8 +388,6 @@ class RemoteEngine:
             if d.finished:
                 self._unfinished.discard(rid)
                 self._progress.pop(rid, None)
-        if failure is not None:
-            raise RuntimeError(failure)
         return outputs
 
     def close(self, timeout: float = 30.0) -> None:

@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from jaxinfer.engine import RequestOutput
 from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams
+from jaxinfer.scheduler import pool_tokens
 from jaxinfer.serving.loop import Closed, EngineError, EngineLoop, QueueFull, RequestStream
 from jaxinfer.tokenizer import apply_chat_template, encode_prompt
 from jaxinfer.validate import as_bool, as_int, as_token_ids
@@ -443,7 +444,7 @@ class OpenAIFront:
         """The most tokens (prompt + output) one request may have: the context, or what the
         whole KV pool holds where that is less (the last token needs no page)."""
         engine = self.loop.engine
-        return min(engine.max_model_len, engine.num_pages * engine.config.page_size + 1)
+        return min(engine.max_model_len, pool_tokens(engine.num_pages, engine.config.page_size))
 
     def _submit(
         self, prompts: list, params: list[SamplingParams], chat: bool, request_id: str
