@@ -78,7 +78,7 @@ def generate_command(args) -> int:
             out.write(text)
             out.flush()
     if out is not None:
-        out.write("\n")
+        out.write(detok.flush() + "\n")
     return 0
 
 

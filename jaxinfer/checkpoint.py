@@ -244,9 +244,18 @@ def _place(pre: np.ndarray, perm: tuple[int, ...], dtype, sharding) -> jax.Array
     host array can go): `pre` is split over the devices as the param will be, so each device
     transposes and casts its own shard."""
     if perm == _same(pre.shape) and pre.dtype == dtype:
-        return jax.block_until_ready(jax.device_put(pre, sharding))
-    x = jax.device_put(pre, _permuted(sharding, perm))
+        return jax.block_until_ready(_put(pre, sharding))
+    x = _put(pre, _permuted(sharding, perm))
     return jax.block_until_ready(_layout(perm, np.dtype(dtype), sharding)(x))
+
+
+def _put(host: np.ndarray, sharding) -> jax.Array:
+    """`host` on `sharding`, each device given its own slice: with several processes a process
+    can only place its own devices' shards (device_put refuses a memory-mapped file's array
+    there), and a memory-mapped file is read only where a shard needs it."""
+    if not isinstance(sharding, jax.sharding.Sharding):
+        return jax.device_put(host, sharding)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: np.asarray(host[index]))
 
 
 def _permuted(sharding, perm: tuple[int, ...]):
@@ -560,26 +569,56 @@ def _load_gguf(
 
 
 def save_checkpoint(model: Model, path: str | os.PathLike) -> pathlib.Path:
-    """Writes `jaxinfer.json` (config, dtype), `params/` (orbax) and `tokenizer/` under `path`."""
+    """Writes `jaxinfer.json` (config, dtype), `params/` (orbax) and `tokenizer/` under `path`,
+    a new or empty directory (ValueError otherwise).
+
+    With several processes every one calls it (each writes its own shards, on a filesystem they
+    share); the first writes the rest, and all return once the checkpoint is whole."""
     import orbax.checkpoint as ocp
 
     path = pathlib.Path(path).absolute()
-    if path.exists() and any(path.iterdir()):
-        raise ValueError(f"checkpoint directory {str(path)!r} exists and is not empty")
-    path.mkdir(parents=True, exist_ok=True)
+    _check_new_directory(path)
+    _sync_processes("jaxinfer save_checkpoint: checked")  # none writes before all have looked
+    first = jax.process_index() == 0
+    if first:
+        path.mkdir(parents=True, exist_ok=True)
+    _sync_processes("jaxinfer save_checkpoint: made")
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / "params", model.params)
     checkpointer.wait_until_finished()
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(path / "tokenizer"))
-    meta = {
-        "format": "jaxinfer",
-        "version": FORMAT_VERSION,
-        "dtype": jnp.dtype(model.dtype).name,
-        "config": model.config.to_dict(),
-    }
-    (path / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
+    if first:
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(path / "tokenizer"))
+        meta = {
+            "format": "jaxinfer",
+            "version": FORMAT_VERSION,
+            "dtype": jnp.dtype(model.dtype).name,
+            "config": model.config.to_dict(),
+        }
+        temporary = path / f"{FORMAT_FILE}.partial"
+        temporary.write_text(json.dumps(meta, indent=2))
+        temporary.replace(path / FORMAT_FILE)  # the file is whole or absent, never half-written
+    _sync_processes("jaxinfer save_checkpoint: written")
     return path
+
+
+def _check_new_directory(path: pathlib.Path) -> None:
+    """`path` is a directory that is empty, or can be made: ValueError naming it otherwise."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"checkpoint directory {str(path)!r}: {str(parent)!r} is a file")
+            break
+    if path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"checkpoint directory {str(path)!r} exists and is not empty")
+
+
+def _sync_processes(name: str) -> None:
+    """Waits for every process to get here (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _open_jaxinfer(path: pathlib.Path) -> tuple[ModelConfig, Callable]:
@@ -627,18 +666,36 @@ def checkpoints_dir() -> pathlib.Path:
 def ensure_default_model() -> pathlib.Path:
     """The default model's jaxinfer checkpoint, converted once from its GGUF (kept in f32: lossless)."""
     target = checkpoints_dir() / DEFAULT_MODEL_NAME
-    if (target / FORMAT_FILE).exists():
-        if json.loads((target / FORMAT_FILE).read_text()).get("version") == FORMAT_VERSION:
-            return target
+    if _current_checkpoint(target):
+        return target
+    if (target / FORMAT_FILE).exists() and jax.process_count() == 1:
         shutil.rmtree(target)  # written by an older jaxinfer: convert again
     from jaxinfer.gguf import default_gguf_path
 
     gguf = default_gguf_path()
+    if jax.process_count() > 1:  # the conversion is a one-process job: these read the GGUF
+        logger.info("several processes: %s is read as it is, not converted", gguf.name)
+        return gguf
     logger.info("converting %s once into %s", gguf.name, target)
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    save_checkpoint(load_model(gguf, dtype=jnp.float32), partial)
-    partial.rename(target)  # a conversion cut short never looks finished
+    try:
+        save_checkpoint(load_model(gguf, dtype=jnp.float32), partial)
+        partial.rename(target)  # a conversion cut short never looks finished
+    except OSError:
+        if not _current_checkpoint(target):
+            raise
+        logger.info("another process converted %s first", gguf.name)  # its copy serves
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def _current_checkpoint(path: pathlib.Path) -> bool:
+    """A whole jaxinfer checkpoint of this format version is at `path`."""
+    try:
+        return json.loads((path / FORMAT_FILE).read_text()).get("version") == FORMAT_VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def convert_main(argv: list[str] | None = None) -> int:
@@ -656,9 +713,10 @@ def convert_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args(argv)
     try:
+        _check_new_directory(pathlib.Path(args.dest).absolute())  # before the model is read
         model = load_model(args.source, dtype=args.dtype)
         path = save_checkpoint(model, args.dest)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
         return 2
     c = model.config

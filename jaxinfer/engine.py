@@ -481,7 +481,15 @@ class Engine:
             as_text("prompt", prompt)
             if self.model.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass token ids instead of text")
-            return list(self.model.tokenizer(prompt)["input_ids"])
+            ids = list(self.model.tokenizer(prompt)["input_ids"])
+            vocab = self.model.config.vocab_size
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:  # an embedding lookup out of range gives NaN, not an error
+                raise ValueError(
+                    f"the prompt's text tokenizes to id {bad}, outside the model's vocabulary "
+                    f"[0, {vocab}): the tokenizer does not match the model"
+                )
+            return ids
         return as_token_ids("prompt", prompt, vocab_size=self.model.config.vocab_size)
 
     def abort(self, request_id: str) -> None:
@@ -611,17 +619,26 @@ class Engine:
         now = time.perf_counter()
         req.first_token_time = req.first_token_time or now
         seq = req.seq
+        # A stop token id (EOS among them) that ended the request stays in its ids but adds no
+        # text, as in vLLM: its text is not the answer's (a "\n" given as a stop id, say).
+        stop_id = seq.is_finished and seq.finish_reason == "stop"
+        stop_id = stop_id and seq.token_ids[-1] in seq.stop_token_ids
+        last = len(seq.token_ids) - 1
         for j, token in enumerate(seq.token_ids[at:]):
             if req.logprobs is not None:
                 n = req.params.logprobs
                 ids, values = samples.top_ids[j, i, :n].tolist(), samples.top_logprobs[j, i, :n]
                 top = dict(zip(ids, values.tolist()))
                 req.logprobs.append({token: float(samples.logprob[j, i]), **top})
-            if req.detok is not None:
+            if req.detok is not None and not (stop_id and at + j == last):
                 req.text += req.detok.push(token)
                 if self._check_stop_strings(req):
                     del seq.token_ids[at + j + 1 :]
                     break
+        else:  # no stop string ended it: at its end, the text held back is let out
+            if seq.is_finished and req.detok is not None:
+                req.text += req.detok.flush()
+                self._check_stop_strings(req)
         if seq.is_finished:
             req.finish_time = now
             self._pop(seq.request_id)
@@ -684,11 +701,15 @@ def _on_cpu() -> bool:
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of `text` that begins some stop string: held back, it may yet match."""
-    longest = max((len(s) for s in stops), default=1)
-    for k in range(min(longest - 1, len(text)), 0, -1):
-        if any(s.startswith(text[-k:]) for s in stops):
-            return k
-    return 0
+    hold = 0
+    for stop in stops:  # the first start in the tail that stop begins with is the longest end
+        tail = text[max(0, len(text) - len(stop) + 1) :] if len(stop) > 1 else ""
+        i = tail.find(stop[0]) if tail else -1
+        while i >= 0 and not stop.startswith(tail[i:]):
+            i = tail.find(stop[0], i + 1)
+        if i >= 0:
+            hold = max(hold, len(tail) - i)
+    return hold
 
 
 class LLM:
@@ -711,6 +732,11 @@ class LLM:
     ):
         from jaxinfer.sharding import replica_meshes
 
+        if model is not None and (model_path is not None or dtype is not None):
+            raise ValueError(
+                "give model_path (with dtype) or a loaded model, not both: "
+                f"model_path={model_path!r:.80}, dtype={dtype!r}, model=Model"
+            )
         config = EngineConfig(**engine_options)
         size = config.tensor_parallel_size or (model.parallel.size if model else 1)
         meshes = replica_meshes(size, data_parallel_size) if data_parallel_size != 1 else [None]
@@ -745,9 +771,12 @@ class LLM:
         prompts = _prompt_list(prompts)
         params = _per_prompt(sampling_params, len(prompts))
         ids = [f"llm-{next(_counter)}" for _ in prompts]
-        reqs = [
-            self.engine._prepare(rid, prompt, p) for rid, prompt, p in zip(ids, prompts, params)
-        ]
+        reqs = []
+        for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params)):
+            try:
+                reqs.append(self.engine._prepare(rid, prompt, p))
+            except ValueError as e:
+                raise ValueError(f"prompts[{i}]: {e}") from None
         try:
             load = [0] * len(self.engines)
             for req in reqs:  # each to the replica with the least work queued by this call

@@ -115,11 +115,14 @@ def generate_arrays(
 def row_sampling(
     batch: int, temperature: float, top_k: int, top_p: float, seed: int, mesh=None
 ) -> tuple[SamplingArrays, str]:
-    """Per-row settings for `generate`/`stream` and the sampler's static mode; row b's seed
-    derives from (seed, b) alone. Every value is checked (ValueError naming it)."""
+    """Per-row settings for `generate`/`stream` and the sampler's static mode. Row 0 draws from
+    `seed` itself, as an engine request with SamplingParams(seed=seed) does (so one prompt
+    samples the same tokens either way); row b > 0 from a seed derived from (seed, b) alone.
+    Every value is checked (ValueError naming it)."""
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     seed = as_int("seed", seed, 0)
-    seeds = [int(np.random.SeedSequence([seed, b]).generate_state(1)[0]) for b in range(batch)]
+    derived = [int(np.random.SeedSequence([seed, b]).generate_state(1)[0]) for b in range(batch)]
+    seeds = [seed, *derived[1:]]
     arrays = sampling_arrays([params] * batch, seeds, [0] * batch, batch)
     return jax.tree.map(jnp.asarray, arrays), sampler_mode([params], mesh)
 

@@ -79,12 +79,29 @@ _FIELD_CHECKS = {
     "presence_penalty": lambda n, v: as_float(n, v, -2.0, 2.0),
     "frequency_penalty": lambda n, v: as_float(n, v, -2.0, 2.0),
     "seed": lambda n, v: as_int(n, v, 0),
-    "stop": as_strings,
+    "stop": lambda n, v: _stop_strings(n, v),
     "stop_token_ids": lambda n, v: tuple(as_token_ids(n, v, allow_empty=True)),
     "ignore_eos": as_bool,
     "logprobs": lambda n, v: as_int(n, v, 0, MAX_LOGPROBS),
 }
 _OPTIONAL = ("seed", "logprobs")  # None means "none"
+
+# Every new token is checked against every stop string (on the engine's thread, which all
+# requests share): their number and length are bounded.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 16384  # all of a request's stop strings together
+
+
+def _stop_strings(name: str, value) -> tuple[str, ...]:
+    stops = as_strings(name, value)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"{name} has {len(stops)} strings, more than {MAX_STOP_STRINGS}")
+    if sum(map(len, stops)) > MAX_STOP_CHARS:
+        raise ValueError(
+            f"{name}'s strings hold {sum(map(len, stops))} characters together, more than "
+            f"{MAX_STOP_CHARS}"
+        )
+    return stops
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
     `raise_exception`) is a ValueError with the template's message."""
     from jinja2 import TemplateError  # transformers renders templates with jinja2
 
+    _check_texts("messages", messages)
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     except TemplateError as e:
@@ -31,6 +32,19 @@ def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
     if hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+def _check_texts(name: str, value) -> None:
+    """Every string in `value` (nested dicts and lists) is valid Unicode (ValueError naming it):
+    a lone surrogate would fail in the tokenizer as a TypeError."""
+    if isinstance(value, str):
+        as_text(name, value, allow_empty=True)
+    elif isinstance(value, dict):
+        for key, v in value.items():
+            _check_texts(f"{name}.{key}", v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_texts(f"{name}[{i}]", v)
 
 
 class IncrementalDetokenizer:
@@ -43,6 +57,10 @@ class IncrementalDetokenizer:
     """
 
     CONTEXT = 5  # prompt tokens the first window starts with
+    # Tokens held back while their text ends in U+FFFD before it is let out as it is: a UTF-8
+    # character takes at most 4 bytes, so only invalid bytes (or a U+FFFD the model wrote,
+    # followed by more) stay unfinished that long; the bound keeps each push's decode short.
+    MAX_HELD = 16
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True, prompt_ids=()):
         self.tokenizer = tokenizer
@@ -56,10 +74,20 @@ class IncrementalDetokenizer:
         self.ids.append(int(token_id))
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
+        held = len(self.ids) - self.read_offset
+        if (full.endswith("\ufffd") and held < self.MAX_HELD) or len(full) <= len(prefix):
             return ""  # an incomplete multi-byte character: wait for the next token
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full[len(prefix) :]
+
+    def flush(self) -> str:
+        """The text held back at the end, once no token follows: what came before a character
+        whose bytes never all came (the space of a last token " " + half an emoji, say). The
+        half character itself is left out (trailing U+FFFD), as vLLM leaves it out."""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix) :].rstrip("\ufffd") if len(full) > len(prefix) else ""
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip) if ids else ""

@@ -47,13 +47,23 @@ def as_float(
 ) -> float:
     """`value` as a finite float in [low, high] ((low, high] with `low_open`); ValueError otherwise."""
     number = _is_int(value) or (isinstance(value, (float, np.floating)))
-    f = float(value) if number and abs(float(value)) <= FLOAT32_MAX else None  # NaN fails too
+    f = _float32_range(value) if number else None
     ok = f is not None and (f > low if low_open else f >= low) and (high is None or f <= high)
     if not ok:
         raise ValueError(
             f"{name} must be a finite float32 number {_range(low, high, low_open)}, got {value!r}"
         )
     return f
+
+
+def _float32_range(value) -> float | None:
+    """float(value) if finite and within float32's range, else None (NaN too; an int too large
+    for a float, 10**400 say, too)."""
+    try:
+        f = float(value)
+    except OverflowError:
+        return None
+    return f if abs(f) <= FLOAT32_MAX else None
 
 
 def as_bool(name: str, value) -> bool:

@@ -49,7 +49,7 @@ def test_fake_model_outputs_with_decode_steps():
     assert a[-1].text == "defghi" and a[-1].finish_reason == "length"
     assert "".join(o.text_delta for o in a) == "defghi"
     assert [len(o.new_token_ids) for o in a] == [1, 4, 1]  # prefill, then 4 and the 1 left
-    assert b[-1].token_ids == [24, 25] and b[-1].finish_reason == "stop" and b[-1].text == "yz"
+    assert b[-1].token_ids == [24, 25] and b[-1].finish_reason == "stop" and b[-1].text == "y"
     # The stop string ends "c" inside a program: the tokens after it are dropped.
     assert c[-1].text == "de" and c[-1].token_ids == [3, 4, 5, 6]
     assert c[-1].finish_reason == "stop" and "".join(o.text_delta for o in c) == "de"

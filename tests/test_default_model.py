@@ -81,7 +81,16 @@ def test_default_checkpoint_conversion_and_cli(tmp_path, monkeypatch, capsys, ou
         )
         == 0
     )
-    assert (tmp_path / "smollm2-135m-instruct" / "jaxinfer.json").exists()
+    target = tmp_path / "smollm2-135m-instruct"
+    assert (target / "jaxinfer.json").exists()
+    # a second process that converted at the same time and lost the race: its rename into place
+    # fails, and the winner's copy serves it
+    from jaxinfer import checkpoint
+
+    current, looks = checkpoint._current_checkpoint, iter([False])
+    monkeypatch.setattr(checkpoint, "_current_checkpoint", lambda p: next(looks, current(p)))
+    assert checkpoint.ensure_default_model() == target
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # its partial copy removed
     ids = encode_prompt(ours.tokenizer, "Name a primary colour.", chat=True)
     (tokens,) = jaxinfer.generate(ours, [ids], max_new_tokens=12)
     expected = ours.tokenizer.decode(tokens, skip_special_tokens=True)

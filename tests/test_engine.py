@@ -85,8 +85,65 @@ def test_fake_model_streams_exact_text():
     assert [o.text_delta for o in outs["a"]] == ["d", "e", "f", "g", "h"]
     assert outs["a"][-1].text == "defgh" and outs["a"][-1].finish_reason == "length"
     assert outs["b"][-1].token_ids == [24, 25]  # the EOS token ends the request and is kept
-    assert outs["b"][-1].finish_reason == "stop" and outs["b"][-1].text == "yz"
+    assert outs["b"][-1].finish_reason == "stop"
+    assert outs["b"][-1].text == "y"  # but adds no text, as in vLLM
     assert all(not o.finished for o in outs["a"][:-1]) and outs["a"][-1].finished
+
+
+def test_a_stop_token_id_adds_no_text():
+    """stop_token_ids and EOS end a request with their id kept and their text left out (vLLM's
+    include_stop_str_in_output=False); a stop string still sees the text before them."""
+    engine = fake_engine(num_decode_steps=4)
+    engine.add_request("a", "abc", SamplingParams(max_tokens=9, temperature=0, stop_token_ids=[6]))
+    engine.add_request("b", "abc", SamplingParams(max_tokens=9, temperature=0, stop=["fg"]))
+    engine.add_request("c", "abc", SamplingParams(max_tokens=3, temperature=0, stop_token_ids=[6]))
+    outs = run_all(engine)
+    a, b, c = (outs[r][-1] for r in "abc")
+    assert (a.token_ids, a.text, a.finish_reason) == ([3, 4, 5, 6], "def", "stop")
+    assert "".join(o.text_delta for o in outs["a"]) == "def"
+    assert (b.text, b.finish_reason) == ("de", "stop")
+    assert (c.token_ids, c.text, c.finish_reason) == ([3, 4, 5], "def", "length")
+
+
+class BytesTokenizer(LetterTokenizer):
+    """Token "d" is " " and the first two bytes of "€" (e2 82 ac), "e" its last byte: text held
+    back."""
+
+    BYTES = {3: b" \xe2\x82", 4: b"\xac"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        raw = b"".join(self.BYTES.get(i, bytes([ord("a") + i])) for i in ids)
+        return raw.decode("utf-8", errors="replace")
+
+
+def test_text_held_back_at_the_end_is_let_out():
+    """A request that ends on half a character gets the text before it (held back while more
+    bytes might come), but not the half character (as vLLM)."""
+    model = FakeModel(FAKE_CONFIG, {}, BytesTokenizer(), jnp.float32, "xla")
+    engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=16, num_pages=32, warmup=False)
+    engine.add_request("half", "ab", SamplingParams(max_tokens=2, temperature=0))  # c, d
+    engine.add_request("whole", "ab", SamplingParams(max_tokens=4, temperature=0))  # c, d, e, f
+    engine.add_request("stop", "ab", SamplingParams(max_tokens=2, temperature=0, stop=[" "]))
+    outs = run_all(engine)
+    half, whole, stop = (outs[r][-1] for r in ("half", "whole", "stop"))
+    assert BytesTokenizer().decode(half.token_ids) == "c \ufffd"
+    assert half.text == "c " and [o.text_delta for o in outs["half"]] == ["c", " "]
+    assert whole.text == "c €f"
+    assert (stop.text, stop.finish_reason) == ("c", "stop")  # the flushed text is checked too
+
+
+def test_detokenizer_lets_out_a_long_unfinished_run():
+    """Tokens whose text keeps ending in U+FFFD (bytes that never make a character) are held
+    back for at most MAX_HELD tokens, so each push decodes a short window."""
+    from jaxinfer.tokenizer import IncrementalDetokenizer
+
+    detok = IncrementalDetokenizer(BytesTokenizer())
+    pieces = [detok.push(3) for _ in range(40)]
+    text = "".join(pieces) + detok.flush()
+    assert text == BytesTokenizer().decode([3] * 40).rstrip("\ufffd")
+    held = IncrementalDetokenizer.MAX_HELD
+    assert pieces[held - 2] == "" and pieces[held - 1] == " \ufffd" * held
+    assert detok.prefix_offset >= held  # the window moved on
 
 
 class SpacedLetterTokenizer(LetterTokenizer):
@@ -336,6 +393,10 @@ def test_seeded_sampling_is_batch_independent(tiny_model):
 
     alone, crowded = run(0), run(5)
     assert alone == crowded and len(alone) == 10
+    # generate()'s first row draws from the seed itself, as a request with that seed does
+    kwargs = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
+    (first, _) = jaxinfer.generate(tiny_model, [prompt, prompt], **kwargs)
+    assert list(first) == alone
 
 
 def test_no_recompiles_after_warmup(tiny_model, monkeypatch):

@@ -110,8 +110,12 @@ def test_llm_generate_queues_nothing_when_one_prompt_is_bad(tiny_model):
         model=tiny_model, max_num_seqs=4, max_num_batched_tokens=32, num_pages=24, warmup=False
     )
     good = prompt(tiny_model, 5, 4)
-    with pytest.raises(ValueError, match=r"prompt\[1\]: token id 100000 is outside"):
+    with pytest.raises(ValueError, match=r"^prompts\[1\]: prompt\[1\]: token id 100000 is outside"):
         llm.generate([good, [3, 100_000], good], SamplingParams(max_tokens=3, **GREEDY))
+    with pytest.raises(ValueError, match=r"^prompts\[2\]: prompt must be a non-empty list"):
+        llm.generate([good, good, []], SamplingParams(max_tokens=3, **GREEDY))
+    with pytest.raises(ValueError, match=r"give model_path \(with dtype\) or a loaded model"):
+        LLM("/some/path", model=tiny_model)
     with pytest.raises(ValueError, match="got 2 sampling_params for 3 prompts"):
         llm.generate([good] * 3, [SamplingParams()] * 2)
     assert not llm.engine.has_unfinished_requests()
@@ -211,6 +215,9 @@ def test_numpy_scalars_are_numbers_and_bools_are_not():
         ("stop", ["ok", "\ud800"], r"stop\[1\] has a lone surrogate"),
         ("stop", [3], r"stop\[0\] must be a non-empty string, got 3"),
         ("ignore_eos", 1, r"ignore_eos must be True or False, got 1"),
+        ("temperature", 10**400, r"temperature must be a finite float32 number >= 0.0, got 1000"),
+        ("stop", ["x"] * 65, r"stop has 65 strings, more than 64"),
+        ("stop", ["x" * 9000] * 2, r"stop's strings hold 18000 characters together"),
     ],
 )
 def test_refusals_name_field_value_and_range(field, value, message):
@@ -271,6 +278,8 @@ def test_add_request_refusals():
         engine.add_request("a", "abc", SamplingParams(stop_token_ids=[26]))
     with pytest.raises(ValueError, match="sampling_params must be a SamplingParams, got dict"):
         engine.add_request("a", "abc", {"max_tokens": 2})
+    with pytest.raises(ValueError, match=r"tokenizes to id 26, outside the model's vocabulary"):
+        engine.add_request("a", "ab{", SamplingParams())  # "{" is 26 to this tokenizer
     assert not engine.has_unfinished_requests()
     engine.add_request("a", np.asarray([0, 1, 2]), SamplingParams(max_tokens=2, temperature=0))
     assert run_all(engine)["a"][-1].text == "de"

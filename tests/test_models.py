@@ -308,6 +308,10 @@ def test_convert_checkpoint_command(tmp_path, tiny, capsys):
     ids = np.arange(9)[None]
     np.testing.assert_array_equal(jaxinfer.forward(converted, ids), jaxinfer.forward(tiny[1], ids))
     assert convert_main([str(tmp_path / "nothing"), str(tmp_path / "out2")]) == 2
+    (tmp_path / "a-file").write_text("")
+    for dest in ("a-file", "a-file/x", "out"):  # a file, under a file, not empty
+        assert convert_main([str(tiny[0]), str(tmp_path / dest)]) == 2
+    assert capsys.readouterr().err.count("convert_checkpoint: error: checkpoint directory") == 3
 
 
 # qwen2 and tied give the kernels what llama3 gives them (4 heads over 2 kv heads of 16): their

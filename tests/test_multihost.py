@@ -44,22 +44,37 @@ def tiny_model():
     return Model(cfg, init_params(cfg, "float32", seed=3), None, jnp.float32, "xla")
 
 
-def worker(process_id: int, num_processes: int, address: str, tensor_parallel_size: int):
-    """One process: greedy and seeded-sampled outputs of PROMPTS, as token id lists."""
+def worker(
+    process_id: int, num_processes: int, address: str, tensor_parallel_size: int, *paths: str
+):
+    """One process: greedy and seeded-sampled outputs of PROMPTS, as token id lists. With
+    `paths` (an HF directory, a new directory): the model loaded from the first, saved into the
+    second as a jaxinfer checkpoint, and loaded back from it: both models' outputs."""
     from jaxinfer import distributed
 
     distributed.initialize(address, num_processes, process_id)
-    from jaxinfer import LLM, SamplingParams
+    from jaxinfer import LLM, SamplingParams, load_model, save_checkpoint
 
     options = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64)
-    if num_processes > 1:
+    if num_processes > 1 and not paths:
         check_partial_mesh_refused(options)
-    # The pool: every seat at full length (a CPU's default), the least of the processes'.
-    llm = LLM(model=tiny_model(), tensor_parallel_size=tensor_parallel_size, **options)
+    tp = tensor_parallel_size
+    if paths:
+        loaded = load_model(paths[0], dtype="float32", tensor_parallel_size=tp)
+        save_checkpoint(loaded, paths[1])
+        models = [loaded, load_model(paths[1], dtype="float32", tensor_parallel_size=tp)]
+    else:
+        models = [tiny_model()]
     greedy = SamplingParams(max_tokens=8, temperature=0.0)
     sampled = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=11)
-    outs = llm.generate(PROMPTS + PROMPTS[:1], [greedy] * len(PROMPTS) + [sampled], use_tqdm=False)
-    return [o.token_ids for o in outs]
+    tokens = []
+    for model in models:
+        # The pool: every seat at full length (a CPU's default), the least of the processes'.
+        llm = LLM(model=model, tensor_parallel_size=tp, **options)
+        params = [greedy] * len(PROMPTS) + [sampled]
+        outs = llm.generate(PROMPTS + PROMPTS[:1], params, use_tqdm=False)
+        tokens += [o.token_ids for o in outs]
+    return tokens
 
 
 def check_partial_mesh_refused(options: dict) -> None:
@@ -111,26 +126,45 @@ def result(proc: subprocess.Popen, name: str) -> list:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_two_processes_equal_one():
+def two_and_one(paths=(), alone_paths=()) -> tuple[list, list, list]:
+    """The outputs of two processes of 2 devices (tensor parallel 4) and of one process alone."""
     address = f"127.0.0.1:{free_port()}"
-    procs = [spawn(2, pid, 2, address, 4) for pid in (0, 1)]
-    alone = spawn(4, 0, 1, "-", 1)
+    procs = [spawn(2, pid, 2, address, 4, *paths) for pid in (0, 1)]
+    alone = spawn(4, 0, 1, "-", 1, *alone_paths)
     try:
         first, second = (result(p, f"process {i}") for i, p in enumerate(procs))
-        reference = result(alone, "the one-process run")
+        return first, second, result(alone, "the one-process run")
     finally:
         for p in procs + [alone]:
             if p.poll() is None:
                 p.kill()
+
+
+def test_two_processes_equal_one():
+    first, second, reference = two_and_one()
     assert first == second  # sampled outputs too: every process draws the same tokens
     n = len(PROMPTS)
     assert first[:n] == reference[:n]  # greedy: as on one device
     assert all(len(ids) == 8 for ids in first)
 
 
+def test_two_processes_load_an_hf_directory_save_and_load_again(tmp_path):
+    """Safetensors (memory-mapped) placed shard by shard by each process; a checkpoint saved
+    by both and read back by both; as one process reads the HF directory."""
+    from conftest import build_hf_model
+
+    hf = tmp_path / "hf"
+    build_hf_model("llama3", hf)
+    first, second, reference = two_and_one((hf, tmp_path / "ours"), (hf, tmp_path / "alone"))
+    n = len(PROMPTS) + 1
+    assert first == second and first[:n] == first[n:]  # the saved checkpoint: the same model
+    assert first[: n - 1] == reference[: n - 1]  # greedy: as on one device
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["jaxinfer.json", "params"]
+
+
 if __name__ == "__main__":
-    pid, count, address, tp = sys.argv[1:]
-    tokens = worker(int(pid), int(count), None if address == "-" else address, int(tp))
+    pid, count, address, tp, *paths = sys.argv[1:]
+    tokens = worker(int(pid), int(count), None if address == "-" else address, int(tp), *paths)
     print(json.dumps(tokens), flush=True)
 
 

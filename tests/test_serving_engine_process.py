@@ -47,7 +47,7 @@ def test_remote_fake_engine_behind_the_loop():
         bad = loop.submit("abc", SamplingParams(max_tokens=500))  # past max_model_len
         outs = [list(s) for s in streams]
         assert [o.text_delta for o in outs[0]] == ["d", "e", "f", "g", "h"]
-        assert outs[1][-1].text == "yz" and outs[1][-1].prompt_token_ids == [22, 23]
+        assert outs[1][-1].text == "y" and outs[1][-1].prompt_token_ids == [22, 23]
         with pytest.raises(ValueError, match="max_model_len|exceeds"):
             list(bad)
         stats = loop.stats()

@@ -291,6 +291,20 @@ def test_chat_default_max_tokens_fits_the_kv_pool():
     assert front._longest() == 4096
 
 
+def test_chat_text_with_a_lone_surrogate_is_refused(llm):
+    """JSON may carry "\\ud800"; the tokenizer would fail on it with a TypeError (a 500)."""
+    from jaxinfer.serving.http_server import chat_prompt
+
+    tokenizer = llm.engine.model.tokenizer
+    for messages, name in (
+        ([{"role": "user", "content": "w5 \ud800"}], r"messages\[0\]\.content"),
+        ([{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}], "content"),
+        ([{"role": "user", "content": "w5", "name": "\udfff"}], r"messages\[0\]\.name"),
+    ):
+        with pytest.raises(ValueError, match=name + " has a lone surrogate"):
+            chat_prompt(tokenizer, messages)
+
+
 def test_models_health_and_metrics(client, server):
     assert [m.id for m in client.models.list().data] == [NAME]
     base = f"http://127.0.0.1:{server.http_port}"

@@ -61,7 +61,7 @@ def test_streams_from_threads_are_exact():
         outs = [list(s) for s in streams]
     assert [o.text_delta for o in outs[0]] == ["d", "e", "f", "g", "h"]
     assert outs[0][-1].finish_reason == "length" and outs[0][-1].finished
-    assert outs[1][-1].text == "yz" and outs[1][-1].finish_reason == "stop"  # z is EOS
+    assert outs[1][-1].text == "y" and outs[1][-1].finish_reason == "stop"  # z is EOS: no text
     assert streams[1].request_id == "mine" and streams[0].request_id != streams[1].request_id
     assert sorted(r.outcome for r in loop.records) == ["length", "stop"]
     rec = next(r for r in loop.records if r.request_id == "mine")
@@ -244,7 +244,7 @@ def test_grpc_text_stream_and_status_codes():
         assert all(p.text == "".join(chr(97 + t) for t in p.token_ids) for p in pieces)
         # (how many pieces depends on how fast the client reads: only the last one finishes)
         assert [p.finish_reason for p in pieces] == [""] * (len(pieces) - 1) + ["length"]
-        assert client.generate("wx", max_tokens=9, temperature=0.0).text == "yz"
+        assert client.generate("wx", max_tokens=9, temperature=0.0).text == "y"
         with pytest.raises(grpc.RpcError) as e:
             client.generate("abc", request_id="doomed", max_tokens=5)
         assert e.value.code() == grpc.StatusCode.INTERNAL and "kernel fault" in e.value.details()
