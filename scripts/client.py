@@ -27,7 +27,10 @@ def main() -> int:
     args = p.parse_args()
     if not args.info and not args.prompt:
         p.error("give a prompt (or --info)")
-    client = Client(args.target, api_key=args.api_key, root_cert=args.tls_ca)
+    try:
+        client = Client(args.target, api_key=args.api_key, root_cert=args.tls_ca)
+    except OSError as e:
+        p.error(f"--tls-ca {args.tls_ca!r}: {e.strerror or e}")
     try:
         if args.info:
             print(client.model_info(timeout=10), end="")

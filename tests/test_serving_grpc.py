@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -340,6 +341,31 @@ def serve_refusal(*args: str, env: dict | None = None) -> str:
 def test_tensor_parallel_beyond_the_devices_is_refused_with_one_line():
     line = serve_refusal("--tensor-parallel-size", "2")
     assert "--tensor-parallel-size 2 needs that many devices but 1 exist" in line
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
+        (["--metrics-port", "-1"], "--metrics-port must be in [0, 65535], got -1"),
+        (["--grace-period", "-5"], "--grace-period must be a number of seconds >= 0"),
+        (["--switch-interval-ms", "0"], "--switch-interval-ms must be > 0, got 0.0"),
+        (["--log-level", "loud"], "--log-level must be DEBUG, INFO, WARNING or ERROR"),
+        (["--tls-cert", __file__, "--tls-key", __file__], "do not load as a PEM certificate"),
+        (["--page-size", "0"], "page_size must be"),
+    ],
+)
+def test_bad_server_options_are_one_line(args, message):
+    assert message in serve_refusal(*args)
+
+
+def test_a_port_in_use_is_one_line(tiny_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = serve_refusal("--model", str(tiny_path), "--no-warmup", "--port", str(port))
+    assert line.startswith(f"serve.py: error: gRPC cannot listen on 127.0.0.1:{port}"), line
 
 
 def test_several_processes_are_refused_with_one_line():

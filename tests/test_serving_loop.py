@@ -173,6 +173,39 @@ def test_error_outputs_fail_only_their_request():
         assert list(good)[-1].text == "defgh"
 
 
+def test_outputs_ahead_of_an_error_reach_the_consumer_first():
+    """Tokens made before a request failed (the grace period ran out, the engine died) are the
+    caller's: a stream hands them out, then raises; from a thread and from asyncio alike."""
+    from jaxinfer.engine import RequestOutput
+    from jaxinfer.serving.loop import RequestStream
+
+    def filled() -> RequestStream:
+        stream = RequestStream("r", "r#0")
+        for k in range(3):
+            stream._put(
+                RequestOutput(
+                    "r#0", [1], [5] * (k + 1), "x" * (k + 1), False, *[None] * 2, 0.0, *[None] * 2
+                )
+            )
+        stream._put(Closed("the server stopped"))
+        return stream
+
+    got = []
+    with pytest.raises(Closed, match="the server stopped"):
+        for out in filled():
+            got.append(out.token_ids)
+    assert got == [[5], [5, 5], [5, 5, 5]]
+
+    async def consume():
+        seen = []
+        with pytest.raises(Closed):
+            async for out in filled():
+                seen.append(out.text)
+        return seen
+
+    assert asyncio.run(consume()) == ["x", "xx", "xxx"]
+
+
 def test_queue_limit_close_and_stop():
     loop = EngineLoop(fake_engine(), max_queue=2, observer=(records := []).append)
     first = [loop.submit("abc", GREEDY), loop.submit("abc", GREEDY)]  # not started: both wait

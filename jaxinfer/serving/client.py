@@ -21,7 +21,10 @@ from jaxinfer.serving.proto import inference_pb2_grpc as pb_grpc
 def generate_request(
     prompt: str | Sequence[int], *, request_id: str = "", chat: bool = False, **sampling
 ) -> pb.GenerateRequest:
-    """A GenerateRequest of text or token ids; `sampling` holds SamplingParams fields."""
+    """A GenerateRequest of text or token ids; `sampling` holds SamplingParams fields (`stop`
+    one string or a list of them)."""
+    if isinstance(sampling.get("stop"), str):  # protobuf would take it as a list of characters
+        sampling["stop"] = [sampling["stop"]]
     request = pb.GenerateRequest(
         request_id=request_id, chat=chat, sampling=pb.SamplingParams(**sampling)
     )

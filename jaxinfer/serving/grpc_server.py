@@ -272,10 +272,14 @@ async def start_server(
         [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if tls:
-        bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
-    else:
-        bound = server.add_insecure_port(address)
+    try:
+        if tls:
+            credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc's "Failed to bind to address"
+        raise options.StartError(f"gRPC cannot listen on {address} ({e})") from None
     await server.start()
     for name in ("", SERVICE):
         await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -325,8 +329,37 @@ async def serve(args: argparse.Namespace, engine: Engine, model_path: str) -> in
     metrics = Metrics(loop.stats)
     loop.observer = metrics.observe
     if args.metrics_port is not None:
-        metrics.serve(args.metrics_port, args.host)
+        try:
+            metrics.serve(args.metrics_port, args.host)
+        except OSError as e:
+            raise options.StartError(
+                f"the metrics cannot listen on {args.host}:{args.metrics_port} ({e})"
+            ) from None
     loop.start()
+    try:
+        server, http = await _start_fronts(args, loop, metrics, model_path)
+    except BaseException:
+        await shutdown(None, loop, 0.0)  # the fronts that did start are dropped with the process
+        raise
+    watcher = asyncio.create_task(watch_engine(server, loop)) if server is not None else None
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
+    log.info(
+        "stopping: no new requests; %d in flight get %gs to finish",
+        loop.num_unfinished(),
+        args.grace_period,
+    )
+    await shutdown(server, loop, args.grace_period, http)
+    log.info("stopped")
+    return 0
+
+
+async def _start_fronts(args, loop: EngineLoop, metrics: Metrics, model_path: str):
+    """(the gRPC Server or None, the HTTP front's (server, task) or None), started."""
     tls = None
     if args.tls_cert:
         with open(args.tls_cert, "rb") as c, open(args.tls_key, "rb") as k:
@@ -376,21 +409,7 @@ async def serve(args: argparse.Namespace, engine: Engine, model_path: str) -> in
             front.model_name,
             ", API key required" if args.api_key else "",
         )
-    watcher = asyncio.create_task(watch_engine(server, loop)) if server is not None else None
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    if watcher is not None:
-        watcher.cancel()
-    log.info(
-        "stopping: no new requests; %d in flight get %.0fs to finish",
-        loop.num_unfinished(),
-        args.grace_period,
-    )
-    await shutdown(server, loop, args.grace_period, http)
-    log.info("stopped")
-    return 0
+    return server, http
 
 
 def parser() -> argparse.ArgumentParser:
@@ -426,8 +445,8 @@ def main(argv: list[str] | None = None, model=None, model_spec: tuple | None = N
     )
     load, load_args = model_spec or (options.load_served_model, (args,))
     path = args.model or "(in-process model)"
-    build_args = (load, load_args, options.engine_config(args), path)
     try:
+        build_args = (load, load_args, options.engine_config(args), path)
         if model is not None:
             engine = Engine(model, options.engine_config(args))
         elif remote:
@@ -441,6 +460,9 @@ def main(argv: list[str] | None = None, model=None, model_spec: tuple | None = N
         return 2
     try:
         return asyncio.run(serve(args, engine, path))
+    except options.StartError as e:
+        print(f"serve.py: error: {e}", file=sys.stderr)
+        return 2
     finally:
         if remote:
             engine.close()

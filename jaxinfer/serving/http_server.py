@@ -40,6 +40,7 @@ from jaxinfer.engine import RequestOutput
 from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams
 from jaxinfer.scheduler import pool_tokens
 from jaxinfer.serving.loop import Closed, EngineError, EngineLoop, QueueFull, RequestStream
+from jaxinfer.serving.options import StartError
 from jaxinfer.tokenizer import apply_chat_template, encode_prompt
 from jaxinfer.validate import as_bool, as_int, as_token_ids
 
@@ -170,6 +171,13 @@ def sampling_params(
     if logprobs is not None:
         fields["logprobs"] = logprobs
     return SamplingParams(**fields)
+
+
+def _has_text(prompt) -> bool:
+    """A completions prompt with text to tokenize (not token ids alone)."""
+    return isinstance(prompt, str) or (
+        isinstance(prompt, list) and any(isinstance(p, str) for p in prompt)
+    )
 
 
 def completion_prompts(prompt) -> list[str | list[int]]:
@@ -470,8 +478,13 @@ class OpenAIFront:
         """POST /v1/completions or /v1/chat/completions."""
         try:
             body = await self.body(request)
-            try:  # tokenizing in a worker thread: neither this event loop nor the engine's
-                prompts, params, n, logprobs = await asyncio.to_thread(self._plan, body, chat)
+            try:  # text is tokenized in a worker thread: neither this event loop nor the
+                # engine's; token ids are checked at once (a thread's round trip, times a burst
+                # of requests, delayed the first ones' admission)
+                if chat or _has_text(body.get("prompt")):
+                    prompts, params, n, logprobs = await asyncio.to_thread(self._plan, body, chat)
+                else:
+                    prompts, params, n, logprobs = self._plan(body, chat)
                 stream = body.get("stream") is not None and as_bool("stream", body["stream"])
                 include_usage = _include_usage(body.get("stream_options"))
             except ValueError:
@@ -719,8 +732,11 @@ async def start_http(
     server = _Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
-        if task.done():
-            task.result()  # raises why it could not start (e.g. the port is taken)
-            raise RuntimeError(f"the HTTP server on {host}:{port} did not start")
+        if task.done():  # uvicorn logs why (the port is taken, say) and exits
+            try:
+                task.result()
+            except SystemExit:
+                pass
+            raise StartError(f"HTTP cannot listen on {host}:{port} (see the log above)")
         await asyncio.sleep(0.02)
     return server, task

@@ -109,9 +109,14 @@ class RequestStream:
     # -- the consumer --------------------------------------------------------------------------
 
     def _take(self, items: list) -> list[RequestOutput]:
-        """Outputs up to the end; raises the error if one is among them."""
+        """Outputs up to the end; an error among them is raised once those before it are
+        taken (by the next call: they were made before it, and are the caller's)."""
         for i, item in enumerate(items):
             if isinstance(item, BaseException):
+                if i:
+                    with self._lock:
+                        self._items.extendleft(reversed(items[i:]))
+                    return items[:i]
                 self.done = True
                 raise item
             if item.finished:

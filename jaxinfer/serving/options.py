@@ -10,7 +10,10 @@ engine, path = served_engine(load_served_model, (args,), engine_config(args))
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import os
+import ssl
 
 API_KEY_ENV = "JAXINFER_API_KEY"
 
@@ -159,7 +162,28 @@ def check_server_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--no-grpc leaves no front: give --http-port")
     if args.max_queue < 1:
         parser.error(f"--max-queue must be >= 1, got {args.max_queue}")
+    for name in ("port", "http_port", "metrics_port"):
+        port = getattr(args, name)
+        if port is not None and not 0 <= port <= 65535:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 65535], got {port}")
+    if not 0 <= args.grace_period < math.inf:
+        parser.error(f"--grace-period must be a number of seconds >= 0, got {args.grace_period}")
+    if not 0 < args.switch_interval_ms < math.inf:
+        parser.error(f"--switch-interval-ms must be > 0, got {args.switch_interval_ms}")
+    if args.log_level.upper() not in logging.getLevelNamesMapping():
+        parser.error(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {args.log_level!r}")
+    if args.tls_cert:
+        try:  # a pair that does not load would fail later as "Failed to bind to address"
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                args.tls_cert, args.tls_key
+            )
+        except (ssl.SSLError, OSError) as e:
+            parser.error(f"--tls-cert / --tls-key do not load as a PEM certificate and key: {e}")
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+class StartError(Exception):
+    """A front could not start (its port is taken, say): one line for the user."""
 
 
 def use_engine_process(args: argparse.Namespace) -> bool:
