@@ -93,8 +93,10 @@ def test_bad_input_raises_the_engines_message_and_others_run():
         ]:
             with pytest.raises(ValueError, match=message):
                 list(loop.submit(prompt, params))
+        with pytest.raises(ValueError, match=r"^request 'mine': prompt \(3 tokens\)"):
+            list(loop.submit("abc", SamplingParams(max_tokens=100), "mine"))  # the caller's name
         assert len(list(good)[-1].token_ids) == 60
-    assert [r.outcome for r in loop.records].count("invalid") == 3
+    assert [r.outcome for r in loop.records].count("invalid") == 4
 
 
 def test_abort_frees_pages_at_once():

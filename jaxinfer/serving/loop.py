@@ -186,7 +186,8 @@ class EngineLoop:
         self.observer = observer
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, RequestStream] = {}  # engine id -> stream; loop thread only
-        self._ids = itertools.count()
+        self._ids = itertools.count()  # names of requests the callers did not name
+        self._engine_ids = itertools.count()  # makes each engine id unique
         self._lock = threading.Lock()  # guards the two counts and _closed
         self._queued = 0  # submitted, no first token yet
         self._unfinished = 0  # submitted, not ended
@@ -216,7 +217,7 @@ class EngineLoop:
         Bad input is not raised here but by the stream (ValueError), once the engine checked it.
         """
         name = request_id or f"req-{next(self._ids)}"
-        stream = RequestStream(name, f"{name}#{next(self._ids)}")
+        stream = RequestStream(name, f"{name}#{next(self._engine_ids)}")
         with self._lock:  # after close() returns, no request gets into the inbox
             refusal = self._refusal()
             if refusal is None:
@@ -326,8 +327,9 @@ class EngineLoop:
     def _add(self, stream: RequestStream, prompt, params) -> None:
         try:
             self.engine.add_request(stream.engine_id, prompt, params)
-        except ValueError as e:
-            self._end(stream, ValueError(str(e)), "invalid")
+        except ValueError as e:  # named as its caller named it
+            message = str(e).replace(repr(stream.engine_id), repr(stream.request_id))
+            self._end(stream, ValueError(message), "invalid")
             return
         except Exception as e:  # noqa: BLE001 - the engine's fault, not the request's
             log.exception("engine.add_request failed for %s", stream.request_id)
