@@ -86,13 +86,18 @@ def sampling_params(args):
     """The command's sampling arguments, checked (ValueError naming a bad one)."""
     from jaxinfer import SamplingParams
 
-    return SamplingParams(
-        max_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
+    flags = {"max_tokens": "--max-new-tokens", "top_k": "--top-k", "top_p": "--top-p"}
+    try:
+        return SamplingParams(
+            max_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    except ValueError as e:  # named as the user wrote it: the flag, not the field
+        field, _, rest = str(e).partition(" ")
+        raise ValueError(f"{flags.get(field, '--' + field)} {rest}") from None
 
 
 def stream_tokens(model, prompt: list[int], params):

@@ -101,11 +101,13 @@ def test_cli_reports_bad_input(capsys):
     from jaxinfer.__main__ import main
 
     assert main(["generate", "--model", str(GGUF_PATH), "--temperature", "-1", "hi"]) == 2
-    assert "temperature must be a finite float32 number >= 0" in capsys.readouterr().err
+    assert "--temperature must be a finite float32 number >= 0" in capsys.readouterr().err
     # checked before the model loads: a missing model is not what it reports
     assert main(["generate", "--model", "/no/such/model", "--top-p", "2", "hi"]) == 2
     err = capsys.readouterr().err
-    assert "top_p" in err and "/no/such/model" not in err
+    assert "--top-p must be" in err and "/no/such/model" not in err
+    assert main(["generate", "--max-new-tokens", "0", "hi"]) == 2  # the flag, not the field
+    assert "error: --max-new-tokens must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_incremental_detokenizer_never_splits_characters(ours):
