@@ -86,7 +86,6 @@ def sampling_params(args):
     """The command's sampling arguments, checked (ValueError naming a bad one)."""
     from jaxinfer import SamplingParams
 
-    flags = {"max_tokens": "--max-new-tokens", "top_k": "--top-k", "top_p": "--top-p"}
     try:
         return SamplingParams(
             max_tokens=args.max_new_tokens,
@@ -97,7 +96,8 @@ def sampling_params(args):
         )
     except ValueError as e:  # named as the user wrote it: the flag, not the field
         field, _, rest = str(e).partition(" ")
-        raise ValueError(f"{flags.get(field, '--' + field)} {rest}") from None
+        flag = "--max-new-tokens" if field == "max_tokens" else "--" + field.replace("_", "-")
+        raise ValueError(f"{flag} {rest}") from None
 
 
 def stream_tokens(model, prompt: list[int], params):

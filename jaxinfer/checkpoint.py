@@ -668,14 +668,14 @@ def ensure_default_model() -> pathlib.Path:
     target = checkpoints_dir() / DEFAULT_MODEL_NAME
     if _current_checkpoint(target):
         return target
-    if (target / FORMAT_FILE).exists() and jax.process_count() == 1:
-        shutil.rmtree(target)  # written by an older jaxinfer: convert again
     from jaxinfer.gguf import default_gguf_path
 
     gguf = default_gguf_path()
     if jax.process_count() > 1:  # the conversion is a one-process job: these read the GGUF
         logger.info("several processes: %s is read as it is, not converted", gguf.name)
         return gguf
+    if (target / FORMAT_FILE).exists():
+        shutil.rmtree(target)  # written by an older jaxinfer: convert again
     logger.info("converting %s once into %s", gguf.name, target)
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     try:

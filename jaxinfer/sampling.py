@@ -66,6 +66,24 @@ GREEDY_BELOW = 1e-5
 
 MAX_LOGPROBS = 20  # top-n logprobs computed on device for every row; a request takes its n
 
+# Every new token is checked against every stop string (on the engine's thread, which all
+# requests share): their number and length are bounded.
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 16384  # all of a request's stop strings together
+
+
+def _stop_strings(name: str, value) -> tuple[str, ...]:
+    stops = as_strings(name, value)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"{name} has {len(stops)} strings, more than {MAX_STOP_STRINGS}")
+    chars = sum(map(len, stops))
+    if chars > MAX_STOP_CHARS:
+        raise ValueError(
+            f"{name}'s strings hold {chars} characters together, more than {MAX_STOP_CHARS}"
+        )
+    return stops
+
+
 # Every field's check (jaxinfer/validate.py): each returns the value as a plain Python type.
 # top_k is bounded by int32, the device array it goes into; a top_k at or above the vocabulary
 # size keeps every token (as 0 does).
@@ -79,29 +97,12 @@ _FIELD_CHECKS = {
     "presence_penalty": lambda n, v: as_float(n, v, -2.0, 2.0),
     "frequency_penalty": lambda n, v: as_float(n, v, -2.0, 2.0),
     "seed": lambda n, v: as_int(n, v, 0),
-    "stop": lambda n, v: _stop_strings(n, v),
+    "stop": _stop_strings,
     "stop_token_ids": lambda n, v: tuple(as_token_ids(n, v, allow_empty=True)),
     "ignore_eos": as_bool,
     "logprobs": lambda n, v: as_int(n, v, 0, MAX_LOGPROBS),
 }
 _OPTIONAL = ("seed", "logprobs")  # None means "none"
-
-# Every new token is checked against every stop string (on the engine's thread, which all
-# requests share): their number and length are bounded.
-MAX_STOP_STRINGS = 64
-MAX_STOP_CHARS = 16384  # all of a request's stop strings together
-
-
-def _stop_strings(name: str, value) -> tuple[str, ...]:
-    stops = as_strings(name, value)
-    if len(stops) > MAX_STOP_STRINGS:
-        raise ValueError(f"{name} has {len(stops)} strings, more than {MAX_STOP_STRINGS}")
-    if sum(map(len, stops)) > MAX_STOP_CHARS:
-        raise ValueError(
-            f"{name}'s strings hold {sum(map(len, stops))} characters together, more than "
-            f"{MAX_STOP_CHARS}"
-        )
-    return stops
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,22 +72,27 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Adds one token; returns the text that became final (possibly '')."""
         self.ids.append(int(token_id))
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
+        prefix, full = self._window()
         held = len(self.ids) - self.read_offset
         if (full.endswith("\ufffd") and held < self.MAX_HELD) or len(full) <= len(prefix):
             return ""  # an incomplete multi-byte character: wait for the next token
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full[len(prefix) :]
+        return self._let_out(prefix, full)
 
     def flush(self) -> str:
         """The text held back at the end, once no token follows: what came before a character
         whose bytes never all came (the space of a last token " " + half an emoji, say). The
         half character itself is left out (trailing U+FFFD), as vLLM leaves it out."""
+        return self._let_out(*self._window()).rstrip("\ufffd")
+
+    def _window(self) -> tuple[str, str]:
+        """(the text already let out, all the text) of the window."""
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
+        return prefix, self._decode(self.ids[self.prefix_offset :])
+
+    def _let_out(self, prefix: str, full: str) -> str:
+        """Moves the window past the tokens held back; their text."""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full[len(prefix) :].rstrip("\ufffd") if len(full) > len(prefix) else ""
+        return full[len(prefix) :]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip) if ids else ""

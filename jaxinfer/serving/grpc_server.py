@@ -446,9 +446,10 @@ def main(argv: list[str] | None = None, model=None, model_spec: tuple | None = N
     load, load_args = model_spec or (options.load_served_model, (args,))
     path = args.model or "(in-process model)"
     try:
-        build_args = (load, load_args, options.engine_config(args), path)
+        config = options.engine_config(args)
+        build_args = (load, load_args, config, path)
         if model is not None:
-            engine = Engine(model, options.engine_config(args))
+            engine = Engine(model, config)
         elif remote:
             log.info("starting the engine process")
             engine = RemoteEngine(options.served_engine, build_args)
