@@ -63,6 +63,7 @@ from jaxinfer.sampling import SamplingParams
 from jaxinfer.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
 from jaxinfer.scheduler import Sequence as Seq
 from jaxinfer.sharding import (
+    MOE_MODES,
     kv_bytes_per_token_per_device,
     kv_pool_heads,
     kv_sharding,
@@ -102,7 +103,9 @@ class EngineConfig:
     # Split the model over this many devices (tensor parallel; None: as the model was loaded).
     # A model loaded on one device is placed over the first N devices.
     tensor_parallel_size: int | None = None
-    moe_parallel: str = "expert"  # experts over those devices: "expert" or "ffn" (sharding.py)
+    # Experts over those devices: "expert" or "ffn" (sharding.py; None: as the model was loaded,
+    # "expert" for a model this config loads).
+    moe_parallel: str | None = None
     # Decode steps in one program when every running request decodes (1: one step a program;
     # None: 8 on a GPU, 1 on a CPU). Each step of the program is compiled: k > 1 compiles longer.
     num_decode_steps: int | None = None
@@ -116,6 +119,8 @@ class EngineConfig:
             raise ValueError(f"page_size must be 16, 32, 64 or 128, got {self.page_size!r}")
         if self.num_decode_steps is not None:
             as_int("num_decode_steps", self.num_decode_steps, 1, 64)
+        if self.moe_parallel not in (None, *MOE_MODES):
+            raise ValueError(f"moe_parallel must be one of {MOE_MODES}, got {self.moe_parallel!r}")
 
     def for_device(self, backend: str, model_context: int) -> EngineConfig:
         """This config with every None size filled in for `backend` ("cpu", "gpu", ...)."""
@@ -213,12 +218,7 @@ class Engine:
         config = (config or EngineConfig(**options)).for_device(
             jax.default_backend(), cfg.max_position_embeddings
         )
-        size = config.tensor_parallel_size
-        if size is not None and (size, config.moe_parallel) != (
-            model.parallel.size,
-            model.parallel.moe,
-        ):
-            model = shard_model(model, size, moe=config.moe_parallel)
+        model = _placed(model, config)
         check_mesh(model.parallel.mesh)  # several processes: a mesh over all of them
         self.model, self.config = model, config
         use_compilation_cache(config.compilation_cache_dir)
@@ -699,6 +699,17 @@ def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def _placed(model: Model, config: EngineConfig) -> Model:
+    """`model` split as `config` asks (a field left None keeps the model's own layout)."""
+    size = config.tensor_parallel_size or model.parallel.size
+    moe = config.moe_parallel or model.parallel.moe
+    if (size, moe) == (model.parallel.size, model.parallel.moe):
+        return model
+    # the same size keeps the model's devices (a data-parallel replica's own one, say)
+    mesh = model.parallel.mesh if size == model.parallel.size else None
+    return shard_model(model, None if mesh else size, mesh=mesh, moe=moe)
+
+
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of `text` that begins some stop string: held back, it may yet match."""
     hold = 0
@@ -748,12 +759,15 @@ class LLM:
                 dtype=dtype,
                 tensor_parallel_size=size,
                 mesh=meshes[0],
-                moe=config.moe_parallel,
+                moe=config.moe_parallel or "expert",
             )
         replicas = (
             [model]
             if meshes == [None]
-            else [shard_model(model, mesh=mesh, moe=config.moe_parallel) for mesh in meshes]
+            else [
+                shard_model(model, mesh=mesh, moe=config.moe_parallel or model.parallel.moe)
+                for mesh in meshes
+            ]
         )
         self.engines = [Engine(m, config) for m in replicas]
         self.engine = self.engines[0]

@@ -290,6 +290,25 @@ def test_expert_parallel_needs_divisible_experts():
     assert shard_model(model, 4, moe="ffn").tensor_parallel_size == 4
 
 
+def test_moe_layout_asked_without_a_size_is_applied():
+    """moe_parallel alone re-splits a model's experts over the devices it is on (a replica's
+    too); left out, the model keeps its own layout; an unknown one is refused."""
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+    model = shard_model(tiny(4, layers=1, **moe), 2, moe="expert")
+    assert make_llm(model).engine.model.parallel.moe == "expert"
+    engine = make_llm(model, moe_parallel="ffn").engine
+    assert engine.model.parallel.moe == "ffn"
+    assert engine.model.parallel.mesh == model.parallel.mesh
+    replicas = make_llm(tiny(4, layers=1, **moe), moe_parallel="ffn", data_parallel_size=2)
+    devices = [
+        {d.id for d in e.model.params["embed"].sharding.device_set} for e in replicas.engines
+    ]
+    assert devices == [{0}, {1}]
+    assert [e.model.parallel.moe for e in replicas.engines] == ["ffn", "ffn"]
+    with pytest.raises(ValueError, match="moe_parallel must be one of"):
+        make_llm(model, moe_parallel="experts")
+
+
 def test_sharded_model_back_on_one_device():
     model = tiny(2)
     back = shard_model(shard_model(model, 2), 1)
