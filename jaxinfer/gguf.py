@@ -87,11 +87,12 @@ def open_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, gguf.ReaderTenso
     Raises:
         as `read_gguf`: every tensor's name and type is checked here, before any is read.
     """
-    reader = _reader(_existing(path))
+    reader = gguf_reader(path)
     config = _hf_config(reader)
     for t in reader.tensors:
         if t.tensor_type not in SUPPORTED_TYPES:
             raise ValueError(f"tensor {t.name!r} has unsupported GGML type {t.tensor_type.name}")
+    _check_layout(reader)
     # rope_freqs holds llama3 rope factors: read into config["rope_scaling"] by _hf_config
     return config, {_hf_name(t.name): t for t in reader.tensors if t.name != "rope_freqs.weight"}
 
@@ -187,14 +188,42 @@ def _existing(path: str | os.PathLike) -> pathlib.Path:
     return path
 
 
-def _reader(path: pathlib.Path) -> gguf.GGUFReader:
-    """gguf-py's reader; its numpy errors on a cut-off file become one that says so."""
+class _CheckedReader(gguf.GGUFReader):
+    """gguf-py's reader, refusing any read past the end of the file: it returns a short array
+    there, so a damaged count (an array of 2**62 items) made it loop, growing, for ever."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        end = offset + np.dtype(dtype).itemsize * int(count)
+        if end > len(self.data):
+            raise ValueError(
+                f"{int(count)} x {np.dtype(dtype).name} at byte {offset} run past the end of "
+                f"the file ({len(self.data)} bytes)"
+            )
+        return super()._get(offset, dtype, count, override_order)
+
+
+def gguf_reader(path: str | os.PathLike) -> gguf.GGUFReader:
+    """A GGUF file's reader; FileNotFoundError, or one ValueError for a cut-off or damaged file."""
+    path = _existing(path)
     try:
-        return gguf.GGUFReader(path)
+        return _CheckedReader(path)
     except (ValueError, IndexError, KeyError, OSError) as e:
         raise ValueError(
             f"{path} is not a readable GGUF file (truncated or damaged): {type(e).__name__}: {e}"
         ) from e
+
+
+def _check_layout(reader: gguf.GGUFReader) -> None:
+    """Each tensor's data where llama.cpp requires it: right after the one before, padded to the
+    file's alignment (so none overlaps another or sits off the grid)."""
+    expected = reader.data_offset
+    for t in reader.tensors:
+        if t.data_offset != expected:
+            raise ValueError(
+                f"tensor {t.name!r} has its data at byte {t.data_offset}, expected {expected} "
+                "(the file is damaged: tensors overlap or are out of place)"
+            )
+        expected += -(-int(t.n_bytes) // reader.alignment) * reader.alignment
 
 
 def _hf_name(name: str) -> str:
@@ -226,6 +255,14 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+def _count(reader: gguf.GGUFReader, key: str, default=None) -> int:
+    """A positive integer metadata field; ValueError naming the key if missing or not one."""
+    value = _field(reader, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"GGUF metadata {key} must be a positive integer, got {value!r:.80}")
+    return int(value)
+
+
 def _hf_config(reader: gguf.GGUFReader) -> dict:
     """GGUF metadata → config.json-style dict for `LlamaForCausalLM`."""
     arch = _field(reader, "general.architecture")
@@ -234,23 +271,29 @@ def _hf_config(reader: gguf.GGUFReader) -> dict:
     shapes = {t.name: t.shape.tolist() for t in reader.tensors}  # GGML order (ne0 first)
     if "token_embd.weight" not in shapes:
         raise ValueError("GGUF file has no token_embd.weight tensor")
-    hidden = _field(reader, "llama.embedding_length")
-    heads = _field(reader, "llama.attention.head_count")
+    hidden = _count(reader, "llama.embedding_length")
+    heads = _count(reader, "llama.attention.head_count")
+    eps = _field(reader, "llama.attention.layer_norm_rms_epsilon")
+    if not isinstance(eps, float) or not 0 < eps < 1:
+        raise ValueError(
+            f"GGUF metadata llama.attention.layer_norm_rms_epsilon must be a float in (0, 1), "
+            f"got {eps!r:.80}"
+        )
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "vocab_size": _field(reader, "llama.vocab_size", shapes["token_embd.weight"][-1]),
+        "vocab_size": _count(reader, "llama.vocab_size", shapes["token_embd.weight"][-1]),
         "hidden_size": hidden,
-        "intermediate_size": _field(reader, "llama.feed_forward_length"),
-        "num_hidden_layers": _field(reader, "llama.block_count"),
+        "intermediate_size": _count(reader, "llama.feed_forward_length"),
+        "num_hidden_layers": _layer_count(reader, shapes),
         "num_attention_heads": heads,
-        "num_key_value_heads": _field(reader, "llama.attention.head_count_kv", heads),
+        "num_key_value_heads": _count(reader, "llama.attention.head_count_kv", heads),
         "head_dim": _field(reader, "llama.attention.key_length")
-        or _field(reader, "llama.rope.dimension_count", hidden // heads),
+        or _count(reader, "llama.rope.dimension_count", hidden // heads),
         "hidden_act": "silu",
-        "rms_norm_eps": _field(reader, "llama.attention.layer_norm_rms_epsilon"),
+        "rms_norm_eps": eps,
         "rope_theta": _field(reader, "llama.rope.freq_base", 10000.0),
-        "max_position_embeddings": _field(reader, "llama.context_length"),
+        "max_position_embeddings": _count(reader, "llama.context_length"),
         "tie_word_embeddings": "output.weight" not in shapes,
         "attention_bias": "blk.0.attn_q.bias" in shapes,
         "mlp_bias": "blk.0.ffn_up.bias" in shapes,
@@ -260,6 +303,19 @@ def _hf_config(reader: gguf.GGUFReader) -> dict:
     if rope_scaling := _rope_scaling(reader, config):
         config["rope_scaling"] = rope_scaling
     return config
+
+
+def _layer_count(reader: gguf.GGUFReader, shapes: dict) -> int:
+    """llama.block_count, checked against the blocks the file holds (blk.0 to blk.N-1)."""
+    count = _count(reader, "llama.block_count")
+    blocks = {int(m[1]) for name in shapes if (m := _BLOCK_RE.fullmatch(name))}
+    if len(blocks) != count or blocks != set(range(count)):
+        missing = sorted(set(range(min(count, len(blocks) + 8))) - blocks)[:8]
+        raise ValueError(
+            f"GGUF metadata llama.block_count is {count} but the file holds {len(blocks)} blocks"
+            + (f" (blocks {missing} are missing)" if missing else "")
+        )
+    return count
 
 
 def _eos_ids(reader: gguf.GGUFReader) -> int | list[int] | None:
@@ -274,9 +330,14 @@ def _eos_ids(reader: gguf.GGUFReader) -> int | list[int] | None:
 
 def _rope_scaling(reader: gguf.GGUFReader, config: dict) -> dict | None:
     """HF rope_scaling from `llama.rope.scaling.*` metadata, or llama3 factors in `rope_freqs`."""
-    kind = _field(reader, "llama.rope.scaling.type", "none")
-    if kind != "none":
-        scaling = {"rope_type": kind, "factor": _field(reader, "llama.rope.scaling.factor")}
+    # llama.cpp reads a missing type as linear, and the factor from the older
+    # llama.rope.scale_linear where llama.rope.scaling.factor is absent; a factor of 1 is none
+    factor = _field(reader, "llama.rope.scaling.factor") or _field(
+        reader, "llama.rope.scale_linear"
+    )
+    kind = _field(reader, "llama.rope.scaling.type", "linear" if factor else "none")
+    if kind != "none" and factor not in (None, 0, 1):
+        scaling = {"rope_type": kind, "factor": float(factor)}
         if (orig := _field(reader, "llama.rope.scaling.original_context_length")) is not None:
             scaling["original_max_position_embeddings"] = orig
         return scaling

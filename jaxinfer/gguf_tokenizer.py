@@ -19,6 +19,8 @@ import os
 import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from jaxinfer.gguf import gguf_reader
+
 # llama.cpp token types (gguf.TokenType)
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -55,7 +57,7 @@ def gguf_tokenizer(path: str | os.PathLike):
     """
     from transformers import PreTrainedTokenizerFast
 
-    meta = _metadata(gguf.GGUFReader(path))
+    meta = _metadata(gguf_reader(path))
     kind = meta.get("model")
     if kind == "gpt2":
         backend = _byte_level_bpe(meta)
@@ -67,6 +69,12 @@ def gguf_tokenizer(path: str | os.PathLike):
             "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)"
         )
     _add_special_tokens(backend, meta)
+    for key in ("bos_token_id", "eos_token_id"):  # unk and pad, unused, may be left out
+        if meta.get(key) is not None and not 0 <= meta[key] < len(meta["tokens"]):
+            raise ValueError(
+                f"{os.fspath(path)}: tokenizer.ggml.{key} {meta[key]} is outside the "
+                f"vocabulary [0, {len(meta['tokens'])})"
+            )
     specials = {
         name: meta["tokens"][meta[key]]
         for name, key in (
@@ -77,7 +85,7 @@ def gguf_tokenizer(path: str | os.PathLike):
         )
         if meta.get(key) is not None and meta[key] < len(meta["tokens"])
     }
-    _set_post_processor(backend, meta, specials.get("bos_token"))
+    _set_post_processor(backend, meta, specials.get("bos_token"), specials.get("eos_token"))
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         chat_template=meta.get("chat_template"),
@@ -181,11 +189,16 @@ def _add_special_tokens(tok: Tokenizer, meta: dict) -> None:
     tok.add_tokens(user)
 
 
-def _set_post_processor(tok: Tokenizer, meta: dict, bos: str | None) -> None:
-    """Prepends BOS where the file asks for it (`add_bos_token`; SentencePiece files default to yes)."""
-    add_bos = meta.get("add_bos_token", meta.get("model") == "llama")
-    if add_bos and bos is not None:
-        bos_id = meta["bos_token_id"]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
-        )
+def _set_post_processor(tok: Tokenizer, meta: dict, bos: str | None, eos: str | None) -> None:
+    """Prepends BOS and appends EOS where the file asks for them (`add_bos_token`, SentencePiece
+    files by default; `add_eos_token`), as llama.cpp and transformers do."""
+    add_bos = bos is not None and meta.get("add_bos_token", meta.get("model") == "llama")
+    add_eos = eos is not None and meta.get("add_eos_token", False)
+    if not (add_bos or add_eos):
+        return
+    head, tail = (f"{bos} " if add_bos else ""), (f" {eos}" if add_eos else "")
+    specials = [(bos, meta["bos_token_id"])] if add_bos else []
+    specials += [(eos, meta["eos_token_id"])] if add_eos and eos != bos else []
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{head}$A{tail}", pair=f"{head}$A{tail} {head}$B{tail}", special_tokens=specials
+    )

@@ -1,6 +1,9 @@
 """jaxinfer.gguf against gguf-py's dequantization and HF transformers' own GGUF loader."""
 
 import importlib.util
+import struct
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -315,6 +318,83 @@ def test_non_llama_architecture(tmp_path):
     write_gguf(path, tiny_hf_tensors(tied=True), arch="qwen2")
     with pytest.raises(ValueError, match="qwen2"):
         jgguf.read_gguf(path)
+
+
+def patched(src, dst, key: bytes, skip: int, fmt: str, value):
+    """A copy of the GGUF file `src` with the field `skip` bytes after the length-prefixed
+    string `key` (a metadata key or tensor name) overwritten by `value` packed as `fmt`."""
+    data = bytearray(src.read_bytes())
+    at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key) + skip
+    struct.pack_into(fmt, data, at, value)
+    dst.write_bytes(data)
+    return dst
+
+
+def tensor_offset(path, name: bytes) -> int:
+    """The data offset in the tensor info of `name` (a 2-dim tensor: n_dims, 2 dims, type)."""
+    data = path.read_bytes()
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name) + 4 + 16 + 4
+    return struct.unpack_from("<Q", data, at)[0]
+
+
+def test_damaged_files_are_refused_at_once(tmp_path):
+    """Counts and offsets past the file, a layer count the tensors do not match and overlapping
+    tensors are each a ValueError, not a hang (gguf-py returns short arrays past the end of the
+    file: an array of 2**62 items made it loop, growing, for ever), a MemoryError or garbage."""
+    good = tmp_path / "good.gguf"
+    write_gguf(good, tiny_hf_tensors(tied=True), configure=lambda w: w.add_array("x.a", [7, 8]))
+    cases = {
+        "array": (patched(good, tmp_path / "a.gguf", b"x.a", 8, "<Q", 2**62), "past the end"),
+        "layers": (
+            patched(good, tmp_path / "l.gguf", b"llama.block_count", 4, "<I", 2**31),
+            "block_count is 2147483648 but the file holds 2 blocks",
+        ),
+        "overlap": (
+            patched(
+                good,
+                tmp_path / "o.gguf",
+                b"blk.0.ffn_up.weight",
+                24,
+                "<Q",
+                tensor_offset(good, b"blk.0.ffn_gate.weight"),
+            ),
+            "ffn_up.weight' has its data at byte",
+        ),
+    }
+    script = "import sys; from jaxinfer.gguf import read_gguf; read_gguf(sys.argv[1])"
+    for name, (path, message) in cases.items():
+        run = subprocess.run(  # a regression would hang: time it out
+            [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
+        )
+        error = run.stderr.strip().splitlines()[-1]
+        assert run.returncode == 1 and error.startswith("ValueError: "), (name, run.stderr)
+        assert message in error, (name, error)
+    assert jgguf.read_gguf(good)[0]["num_hidden_layers"] == 2
+
+
+def test_linear_rope_scaling_of_older_files(tmp_path):
+    """llama.cpp reads the older llama.rope.scale_linear, and a missing type as linear."""
+    path = tmp_path / "old.gguf"
+    write_gguf(
+        path,
+        tiny_hf_tensors(tied=True),
+        configure=lambda w: w.add_float32("llama.rope.scale_linear", 4.0),
+    )
+    assert jgguf.read_gguf(path)[0]["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+
+
+def test_add_eos_token_appends_eos(tmp_path):
+    def configure(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        words = ["<unk>", "<s>", "</s>", "h", "i", "hi"]
+        w.add_token_list(words + [f"x{i}" for i in range(TINY["vocab"] - len(words))])
+        w.add_token_merges([])
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(True)
+
+    write_gguf(tmp_path / "tok.gguf", tiny_hf_tensors(False), configure=configure)
+    assert gguf_tokenizer(tmp_path / "tok.gguf")("h")["input_ids"] == [1, 3, 2]
 
 
 def test_missing_file(tmp_path):
