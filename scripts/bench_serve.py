@@ -23,6 +23,13 @@ requests through an in-process `Engine` with the same options (bench_throughput.
 with both; `http_vs_offline` the HTTP front's). Every request is
 greedy with ignore_eos, so it makes exactly its output length on both sides. With both fronts,
 `http_vs_grpc` is the HTTP front's saturation throughput over the gRPC front's.
+`server_cpu_ms_per_request` is the server process's CPU time over a rate's requests (Linux): the
+fronts' own cost where the engine runs in a process of its own (`--engine-process on`, the
+default on a GPU), the engine's too where it runs on the server's thread.
+
+    # CPU: what each front costs per request, the engine in its own process
+    python scripts/bench_serve.py --shape tiny --workload 128x1 --rates inf:1000 --front both \
+        --no-offline --client-procs 4 --server-log-level WARNING --server-extra "--engine-process on"
 """
 
 from __future__ import annotations
@@ -384,6 +391,7 @@ def main() -> int:
         if args.out and args.out.endswith(".json")
         else tempfile.mkdtemp(prefix="bench_serve-") + "/server"
     ) + ".server.log"
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
     report = {"shape": args.shape, "args": vars(args), "server_log": log_path, "rates": []}
     proc = start_server(args, port, http_port, log_path)
     try:
@@ -409,6 +417,7 @@ def main() -> int:
                 )
             for i, (rate, requests) in enumerate(runs):
                 for front in fronts:
+                    cpu = server_cpu_s(proc.pid)
                     row = run_rate(
                         pool,
                         args.client_procs,
@@ -419,6 +428,9 @@ def main() -> int:
                         args.request_timeout,
                         seed=i,
                     )
+                    if cpu is not None:
+                        row["server_cpu_s"] = server_cpu_s(proc.pid) - cpu
+                        row["server_cpu_ms_per_request"] = 1e3 * row["server_cpu_s"] / len(requests)
                     report["rates"].append(row)
                     print(json.dumps(row), flush=True)
                     write(report, args.out)
@@ -440,6 +452,16 @@ def main() -> int:
     write(report, args.out)
     print_table(report)
     return 0
+
+
+def server_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) the process has used; None off Linux."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -477,10 +499,16 @@ def print_table(report: dict) -> None:
         print(
             f"{r.get('front', 'grpc'):4s} rate {r['rate']:>6}/s  {r['completed']:5d}/{r['requests']:<5d} ok  "
             f"{r['out_tok_per_s']:9.0f} out tok/s  {r['req_per_s']:7.1f} req/s  "
-            f"TTFT p50 {r['ttft_s'].get('p50', float('nan')):.3f}s p99 "
+            f"TTFT min {r['ttft_s'].get('min', float('nan')):.3f}s "
+            f"p50 {r['ttft_s'].get('p50', float('nan')):.3f}s p99 "
             f"{r['ttft_s'].get('p99', float('nan')):.3f}s  TPOT p50 "
             f"{1e3 * r['tpot_s'].get('p50', float('nan')):.1f}ms p99 "
             f"{1e3 * r['tpot_s'].get('p99', float('nan')):.1f}ms  errors {r['errors'] or 0}"
+            + (
+                f"  server CPU {r['server_cpu_ms_per_request']:.2f} ms/req"
+                if "server_cpu_ms_per_request" in r
+                else ""
+            )
         )
     if off:
         http = (

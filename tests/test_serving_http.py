@@ -307,6 +307,7 @@ def test_chat_text_with_a_lone_surrogate_is_refused(llm):
 
 def test_models_health_and_metrics(client, server):
     assert [m.id for m in client.models.list().data] == [NAME]
+    client.completions.create(model=NAME, prompt=[5], max_tokens=2, extra_body={"ignore_eos": True})
     base = f"http://127.0.0.1:{server.http_port}"
     assert urllib.request.urlopen(f"{base}/health", timeout=5).status == 200
     text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
@@ -332,6 +333,8 @@ BAD = {
     "prompt shape": (dict(prompt=[1, "a"]), "prompt must be a string"),
     "token outside the vocab": (dict(prompt=[5, 320]), "outside the vocabulary"),
     "too long": (dict(prompt=[5] * 300), "exceeds max_model_len (256)"),
+    "unknown field": (dict(extra_body={"max_new_tokens": 5}), "unknown field 'max_new_tokens'"),
+    "user": (dict(extra_body={"user": ["x"]}), "user must be a string"),
 }
 
 
@@ -346,6 +349,13 @@ def test_bad_values_are_400_in_openai_shape(client):
             err = e.value.body
             assert set(err) >= {"message", "type", "param", "code"}, err
             assert message in err["message"], (name, err)
+            if name in ("temperature", "max_tokens", "n", "logprobs", "user"):
+                assert err["param"] == name, err
+    with pytest.raises(openai.BadRequestError) as e:  # usage chunks need a stream
+        client.completions.create(
+            model=NAME, prompt=[5], max_tokens=2, stream_options={"include_usage": True}
+        )
+    assert "stream_options is only allowed with stream: true" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=NAME, messages=[], max_tokens=2)
     hello = [{"role": "user", "content": "w5"}]
@@ -353,6 +363,10 @@ def test_bad_values_are_400_in_openai_shape(client):
         (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools="),
         (dict(top_logprobs=2), "top_logprobs needs logprobs: true"),
         (dict(messages=[{"role": "tool", "content": "w5"}]), "chat template refused"),
+        (
+            dict(messages=[{"role": "user", "content": "w5", "tool_calls": 5}]),
+            "messages[0].tool_calls must be a list of objects",
+        ),
     ):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(**{"model": NAME, "messages": hello, **kw})
@@ -388,6 +402,24 @@ def test_auth_model_and_queue_errors(client, server):
     wait_all_pages_free(server)
 
 
+def test_unknown_routes_and_methods_are_errors_in_openai_shape(server):
+    base = f"http://127.0.0.1:{server.http_port}"
+    for path, method, status in (
+        ("/v1/embeddings", "POST", 404),
+        ("/v1/completions", "GET", 405),
+        ("/health", "POST", 405),
+    ):
+        request = urllib.request.Request(base + path, method=method, data=b"{}")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        assert e.value.code == status, path
+        error = json.loads(e.value.read())["error"]
+        assert set(error) == {"message", "type", "param", "code"}, error
+        assert path in error["message"] and error["code"] == (
+            "not_found" if status == 404 else "method_not_allowed"
+        ), error
+
+
 def wait_for_log(server, pattern, count=1, timeout=10.0):
     deadline = time.monotonic() + timeout
     while len(re.findall(pattern, server.log())) < count:
@@ -412,6 +444,15 @@ def post_raw(server, body: dict | bytes, length: int | None = None) -> socket.so
 def long_request(seed: int, **fields) -> dict:
     (prompt,) = prompts(1, seed=seed)
     return dict(model=NAME, prompt=prompt, max_tokens=230, temperature=0, ignore_eos=True, **fields)
+
+
+def test_a_deeply_nested_body_is_400(server):
+    body = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with post_raw(server, body) as s:
+        reply = b""
+        while b"nests too deeply" not in reply and (piece := s.recv(4096)):
+            reply += piece
+    assert reply.startswith(b"HTTP/1.1 400") and b"nests too deeply" in reply, reply
 
 
 def test_a_body_too_large_is_413_before_it_is_read(server):
@@ -443,6 +484,16 @@ def test_disconnect_before_the_answer_frees_pages(server):
             time.sleep(0.02)
     wait_all_pages_free(server)
     wait_for_log(server, r"request cmpl-\w+-0: abort, \d+ tokens in \(\d+ cached\), [1-9]")
+
+
+def test_a_stream_whose_client_leaves_while_queued_is_aborted_at_once(server):
+    """The 200 of a stream waits for its first output; a client gone before it is not left
+    queued until then (its prefill would be made for nobody)."""
+    with post_raw(server, long_request(6, stream=True, n=16)) as busy:  # every seat taken
+        assert busy.recv(12) == b"HTTP/1.1 200"
+        post_raw(server, long_request(7, stream=True)).close()
+        wait_for_log(server, r"request cmpl-\w+-0: abort, [1-9]\d* tokens in \(0 cached\), 0 out")
+    wait_all_pages_free(server)
 
 
 def test_draining_is_503_and_the_streams_in_flight_finish(client, server, llm):

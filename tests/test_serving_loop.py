@@ -110,6 +110,18 @@ def test_abort_frees_pages_at_once():
     assert [r.outcome for r in loop.records] == ["abort"]
 
 
+def test_a_request_ended_before_its_first_output_keeps_its_prompt_length():
+    with running(slow_steps(fake_engine(max_model_len=64), 0.2)) as loop:
+        busy = loop.submit("abc", LONG)  # holds the loop in slow steps
+        next(iter(busy))
+        stream = loop.submit([3, 4, 5, 6], LONG, request_id="early")
+        loop.abort(stream)
+        wait_for(lambda: any(r.request_id == "early" for r in loop.records))
+        loop.abort(busy)
+    rec = next(r for r in loop.records if r.request_id == "early")
+    assert (rec.outcome, rec.prompt_tokens, rec.output_tokens) == ("abort", 4, 0)
+
+
 def test_a_failing_abort_ends_the_stream_and_the_loop_goes_on():
     """engine.abort may raise (an engine process that died): the stream still ends, the loop
     thread lives on, and `failure` says what the engine reports."""
@@ -318,3 +330,12 @@ def test_server_sizes_and_dtype_default_to_the_device():
     gpu = config.for_device("gpu", 4096)
     assert (gpu.max_num_seqs, gpu.max_num_batched_tokens, gpu.warmup) == (64, 2048, True)
     assert options.engine_config(parser.parse_args(["--no-warmup"])).warmup is False
+
+
+def test_request_names_in_the_log_cannot_forge_lines():
+    from jaxinfer.serving.metrics import _printable
+
+    assert _printable("cmpl-1") == "cmpl-1"
+    forged = _printable("alice\njaxinfer: request cmpl-FORGED-0: stop")
+    assert "\n" not in forged and forged.startswith("alice\\n")
+    assert len(_printable("x\t" * 500)) == 203

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP front (FastAPI on uvicorn) over the same engine loop as gRPC.
+"""The OpenAI-compatible HTTP front (Starlette on uvicorn) over the same engine loop as gRPC.
 
     python scripts/serve.py --http-port 8000            # gRPC on --port too; --no-grpc: HTTP only
 
@@ -28,13 +28,17 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from jaxinfer.engine import RequestOutput
 from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams
@@ -93,7 +97,40 @@ _UNSUPPORTED = {
     "allowed_token_ids": (None,),
     "bad_words": (None, []),
     "logits_processors": (None, []),
+    "store": (None, False),
+    "service_tier": (None, "auto", "default"),
+    "parallel_tool_calls": (None, True, False),
+    "reasoning_effort": (None,),
+    "priority": (None, 0),
+    "truncate_prompt_tokens": (None,),
 }
+
+# Every field a body may have (besides _SAMPLING and _UNSUPPORTED); any other is refused, so
+# that a misspelt one (max_new_tokens) is not silently left at its default. "metadata" and
+# "user" tag a request for the caller and change nothing.
+_FIELDS = {"model", "n", "stream", "stream_options", "stop", "seed", "logprobs", "user", "metadata"}
+_COMPLETION_FIELDS = _FIELDS | {"prompt", "max_tokens", "echo"}
+_CHAT_FIELDS = _FIELDS | {"messages", "max_tokens", "max_completion_tokens", "top_logprobs"}
+MAX_USER_CHARS = 256
+_THREAD_BYTES = 1 << 20  # bodies above this are decoded and checked off the event loop
+
+
+def refuse_unknown(body: dict, chat: bool) -> None:
+    """ValueError naming the fields `body` has that this server does not know."""
+    known = (_CHAT_FIELDS if chat else _COMPLETION_FIELDS).union(_SAMPLING, _UNSUPPORTED)
+    unknown = sorted(k for k in body if k not in known)
+    if unknown:
+        raise ValueError(
+            f"unknown field{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(k[:80]) for k in unknown[:8])}: not a field of OpenAI's "
+            f"{'chat completions' if chat else 'completions'} API nor one of vLLM's this "
+            "server knows"
+        )
+    user = body.get("user")
+    if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_CHARS):
+        raise ValueError(f"user must be a string of at most {MAX_USER_CHARS} characters")
+    if body.get("stream_options") is not None and body.get("stream") is not True:
+        raise ValueError("stream_options is only allowed with stream: true")
 
 
 def refuse_unsupported(body: dict) -> None:
@@ -134,12 +171,15 @@ class ApiError(Exception):
         }
 
 
-def _api_error(e: Exception) -> ApiError:
-    """The response of an exception out of parsing, `submit` or a stream."""
+def _api_error(e: Exception, body: dict | None = None) -> ApiError:
+    """The response of an exception out of parsing, `submit` or a stream; a 400 names as its
+    param the body's field its message begins with."""
     if isinstance(e, ApiError):
         return e
     if isinstance(e, ValueError):
-        return ApiError(400, str(e))
+        field = re.match(r"[a-z_]+", str(e))
+        param = field[0] if field and body and field[0] in body else None
+        return ApiError(400, str(e), param=param)
     if isinstance(e, QueueFull):
         return ApiError(429, str(e), "rate_limit_error", code="queue_full")
     if isinstance(e, Closed):
@@ -175,9 +215,25 @@ def sampling_params(
 
 def _has_text(prompt) -> bool:
     """A completions prompt with text to tokenize (not token ids alone)."""
+    # the first item decides: a list mixing text and ids is refused on either path
     return isinstance(prompt, str) or (
-        isinstance(prompt, list) and any(isinstance(p, str) for p in prompt)
+        isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], str)
     )
+
+
+def _prompt_count(prompt) -> int:
+    """How many prompts `prompt` holds (one string, one list of ids, or a list of those)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return len(prompt)
+    return 1
+
+
+def _check_choices(prompts: int, n: int) -> None:
+    if prompts * n > MAX_CHOICES:
+        raise ValueError(
+            f"{prompts} prompts x n={n} would make {prompts * n} requests "
+            f"(at most {MAX_CHOICES} a call)"
+        )
 
 
 def completion_prompts(prompt) -> list[str | list[int]]:
@@ -187,7 +243,7 @@ def completion_prompts(prompt) -> list[str | list[int]]:
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             return list(prompt)
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        if set(map(type, prompt)) == {int}:
             return [as_token_ids("prompt", prompt)]
         if all(isinstance(p, list) for p in prompt):
             return [as_token_ids(f"prompt[{i}]", p) for i, p in enumerate(prompt)]
@@ -214,7 +270,15 @@ def chat_prompt(tokenizer, messages) -> list[int]:
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
         turn = {"role": m["role"], "content": content or ""}
         # what a template that knows tools reads (one that does not ignores them)
-        turn |= {k: m[k] for k in ("name", "tool_calls", "tool_call_id") if m.get(k) is not None}
+        for key, kind in (("name", str), ("tool_call_id", str), ("tool_calls", list)):
+            if m.get(key) is None:
+                continue
+            if not isinstance(m[key], kind) or (
+                kind is list and not all(isinstance(c, dict) for c in m[key])
+            ):
+                what = "a string" if kind is str else "a list of objects"
+                raise ValueError(f"messages[{i}].{key} must be {what}")
+            turn[key] = m[key]
         turns.append(turn)
     if tokenizer is None:
         raise ValueError("this model has no tokenizer: use /v1/completions with token ids")
@@ -376,12 +440,17 @@ class OpenAIFront:
                 code="invalid_api_key",
             )
 
-    async def body(self, request: Request) -> dict:
+    async def body(self, request: Request) -> tuple[dict, bool]:
+        """(the body, whether it is large: checked off the event loop)."""
         self.check_auth(request)
+        raw = await _read_body(request)
+        large = len(raw) > _THREAD_BYTES
         try:
-            body = json.loads(await _read_body(request))
+            body = await asyncio.to_thread(json.loads, raw) if large else json.loads(raw)
         except ValueError as e:
             raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "the body is not valid JSON: it nests too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         model = body.get("model")
@@ -392,7 +461,7 @@ class OpenAIFront:
                 param="model",
                 code="model_not_found",
             )
-        return body
+        return body, large
 
     def models(self) -> dict:
         return {
@@ -413,6 +482,7 @@ class OpenAIFront:
     def _plan(self, body: dict, chat: bool) -> tuple[list, list[SamplingParams], int, int | None]:
         """(prompts as token ids, one SamplingParams per sample index, n, logprobs) of a body;
         ValueError."""
+        refuse_unknown(body, chat)
         refuse_unsupported(body)
         n = _optional_int(body, "n", 1, MAX_N) or 1
         max_tokens = _optional_int(
@@ -434,15 +504,11 @@ class OpenAIFront:
         else:
             if "prompt" not in body:
                 raise ValueError("prompt is required")
+            _check_choices(_prompt_count(body["prompt"]), n)  # before a long list is converted
             prompts = completion_prompts(body["prompt"])
             logprobs = _optional_int(body, "logprobs", 0)
             if body.get("echo"):
                 raise ValueError("echo is not supported")
-        if len(prompts) * n > MAX_CHOICES:
-            raise ValueError(
-                f"{len(prompts)} prompts x n={n} would make {len(prompts) * n} requests "
-                f"(at most {MAX_CHOICES} a call)"
-            )
         # Text is tokenized here, off the engine's thread, which then only checks the ids.
         prompts = [p if isinstance(p, list) else encode_prompt(self.tokenizer, p) for p in prompts]
         params = [sampling_params(body, max_tokens, logprobs, j) for j in range(n)]
@@ -476,24 +542,26 @@ class OpenAIFront:
 
     async def create(self, request: Request, chat: bool) -> Response:
         """POST /v1/completions or /v1/chat/completions."""
+        body: dict = {}
         try:
-            body = await self.body(request)
+            body, large = await self.body(request)
             try:  # text is tokenized in a worker thread: neither this event loop nor the
                 # engine's; token ids are checked at once (a thread's round trip, times a burst
-                # of requests, delayed the first ones' admission)
-                if chat or _has_text(body.get("prompt")):
+                # of requests, delayed the first ones' admission), unless there are many
+                if chat or large or _has_text(body.get("prompt")):
                     prompts, params, n, logprobs = await asyncio.to_thread(self._plan, body, chat)
                 else:
                     prompts, params, n, logprobs = self._plan(body, chat)
                 stream = body.get("stream") is not None and as_bool("stream", body["stream"])
                 include_usage = _include_usage(body.get("stream_options"))
             except ValueError:
-                self.loop.refused(body.get("user") or "-", "invalid")
+                user = body.get("user")
+                self.loop.refused(user if isinstance(user, str) and user else "-", "invalid")
                 raise
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             choices = self._submit(prompts, params, chat, rid)
         except Exception as e:  # noqa: BLE001 - _api_error re-raises what it does not know
-            return _api_error(e).response()
+            return _api_error(e, body).response()
         head = {
             "id": rid,
             "object": "chat.completion" if chat else "text_completion",
@@ -503,10 +571,13 @@ class OpenAIFront:
         if not stream:
             return await self._whole(request, choices, head, logprobs)
         try:  # the first outputs (or the engine's refusal) before the 200 goes out
-            firsts = await _all(_first(c.stream) for c in choices)
+            firsts = await _unless_gone(request, _all(_first(c.stream) for c in choices))
         except Exception as e:  # noqa: BLE001
             self._abort(choices)
             return _api_error(e).response()
+        if firsts is _GONE:  # while queued: nobody reads the stream
+            self._abort(choices)
+            return Response(status_code=499)
         head["object"] = "chat.completion.chunk" if chat else "text_completion"
         return StreamingResponse(
             self._events(choices, firsts, head, logprobs, include_usage),
@@ -517,20 +588,14 @@ class OpenAIFront:
     async def _whole(
         self, request: Request, choices: list[_Choice], head: dict, logprobs: int | None
     ) -> Response:
-        work = asyncio.ensure_future(_all(_last(c.stream) for c in choices))
-        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():  # the client went away: nobody reads an answer
-                work.cancel()
-                return Response(status_code=499)
-            finals = work.result()
+            finals = await _unless_gone(request, _all(_last(c.stream) for c in choices))
         except Exception as e:  # noqa: BLE001
             return _api_error(e).response()
         finally:  # the client went away or one failed: free the others' pages
-            work.cancel()
-            gone.cancel()
             self._abort(choices)
+        if finals is _GONE:  # nobody reads an answer
+            return Response(status_code=499)
         body = {
             **head,
             "choices": [
@@ -601,6 +666,21 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+_GONE = object()  # what _unless_gone returns when the client went away first
+
+
+async def _unless_gone(request: Request, work: Awaitable):
+    """`work`'s result, or _GONE (`work` cancelled) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        return task.result() if task.done() else _GONE
+    finally:
+        task.cancel()
+        gone.cancel()
+
+
 async def _disconnected(request: Request) -> None:
     """Returns once the client has gone away. The body was read, so the next ASGI message is
     the disconnect (Starlette watches for it only while a streamed response is sent)."""
@@ -660,28 +740,24 @@ async def _merge(firsts: list) -> AsyncIterator[tuple[int, list]]:
             t.cancel()
 
 
-def create_app(front: OpenAIFront) -> FastAPI:
-    """The FastAPI app of `front`'s routes."""
-    app = FastAPI(title="jaxinfer", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(front: OpenAIFront) -> Starlette:
+    """The Starlette app of `front`'s routes (Starlette alone: FastAPI's per-request dependency
+    and middleware layers cost a burst of requests ~0.1 ms each on the event loop)."""
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def completions(request: Request) -> Response:
         return await front.create(request, chat=False)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def chat_completions(request: Request) -> Response:
         return await front.create(request, chat=True)
 
-    @app.get("/v1/models")
-    async def models(request: Request):
+    async def models(request: Request) -> Response:
         try:
             front.check_auth(request)
         except ApiError as e:
             return e.response()
         return JSONResponse(front.models())
 
-    @app.get("/health")
-    async def health():
+    async def health(request: Request) -> Response:
         if front.loop.closed:
             return ApiError(
                 503, "the server is shutting down", "service_unavailable_error", code="draining"
@@ -690,13 +766,33 @@ def create_app(front: OpenAIFront) -> FastAPI:
             return ApiError(503, failure, "internal_error", code="engine_dead").response()
         return Response(status_code=200)
 
+    async def metrics(request: Request) -> Response:
+        return Response(front.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        """Starlette's 404 / 405 in OpenAI's shape (only routing raises HTTPException here)."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        response = ApiError(exc.status_code, message, code=code).response()
+        response.headers.update(exc.headers or {})  # 405's Allow
+        return response
+
+    routes = [
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ]
     if front.metrics_text is not None:
+        routes.append(Route("/metrics", metrics, methods=["GET"]))
 
-        @app.get("/metrics")
-        async def metrics():
-            return Response(front.metrics_text(), media_type="text/plain; version=0.0.4")
+    async def server_error(request: Request, exc: Exception) -> Response:
+        """Any other failure: a 500 in OpenAI's shape (Starlette logs the traceback)."""
+        return ApiError(500, f"internal error: {type(exc).__name__}", "internal_error").response()
 
-    return app
+    return Starlette(
+        routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error}
+    )
 
 
 class _Server(uvicorn.Server):

@@ -95,6 +95,7 @@ class RequestStream:
         # Loop-thread bookkeeping.
         self._counted = True  # still counted against max_queue
         self._last: RequestOutput | None = None  # the last output put
+        self._prompt_len = 0  # of an admitted prompt of ids: recorded if it ends before an output
 
     # -- the loop thread -----------------------------------------------------------------------
 
@@ -336,6 +337,7 @@ class EngineLoop:
             self._end(stream, EngineError(f"the engine failed to add the request: {e}"), "error")
             return
         self._live[stream.engine_id] = stream
+        stream._prompt_len = 0 if isinstance(prompt, str) else len(prompt)
         self._faulted = False
 
     def _abort(self, stream: RequestStream) -> None:
@@ -418,7 +420,7 @@ class EngineLoop:
         return RequestRecord(
             stream.request_id,
             outcome,
-            prompt_tokens=len(out.prompt_token_ids) if out else 0,
+            prompt_tokens=len(out.prompt_token_ids) if out else stream._prompt_len,
             output_tokens=len(out.token_ids) if out else 0,
             cached_tokens=out.num_cached_tokens if out else 0,
             ttft_s=first - stream.submit_time if first else None,

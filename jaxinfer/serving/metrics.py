@@ -96,7 +96,7 @@ class Metrics:
         total = f"{rec.total_s:.3f}s" if rec.total_s is not None else "-"
         log.info(
             "request %s: %s, %d tokens in (%d cached), %d out, ttft %s, total %s",
-            rec.request_id,
+            _printable(rec.request_id),
             rec.outcome,
             rec.prompt_tokens,
             rec.cached_tokens,
@@ -121,3 +121,11 @@ class Metrics:
     def text(self) -> bytes:
         """The metrics in Prometheus' text format (the HTTP front's /metrics)."""
         return generate_latest(self.registry)
+
+
+def _printable(name: str, limit: int = 200) -> str:
+    """A caller's request name for one log line: control characters escaped, at most `limit`."""
+    if name.isprintable() and len(name) <= limit:
+        return name
+    escaped = name.encode("unicode_escape").decode("ascii")
+    return escaped[:limit] + ("..." if len(escaped) > limit else "")
