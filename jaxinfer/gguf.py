@@ -216,14 +216,14 @@ def gguf_reader(path: str | os.PathLike) -> gguf.GGUFReader:
 def _check_layout(reader: gguf.GGUFReader) -> None:
     """Each tensor's data where llama.cpp requires it: right after the one before, padded to the
     file's alignment (so none overlaps another or sits off the grid)."""
-    expected = reader.data_offset
+    expected, align = int(reader.data_offset), int(reader.alignment)  # numpy ints when set
     for t in reader.tensors:
         if t.data_offset != expected:
             raise ValueError(
                 f"tensor {t.name!r} has its data at byte {t.data_offset}, expected {expected} "
                 "(the file is damaged: tensors overlap or are out of place)"
             )
-        expected += -(-int(t.n_bytes) // reader.alignment) * reader.alignment
+        expected += -(-int(t.n_bytes) // align) * align
 
 
 def _hf_name(name: str) -> str:

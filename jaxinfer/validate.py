@@ -118,8 +118,11 @@ def as_token_ids(
         raise ValueError(f"{name} must be a non-empty list of token ids, got {value!r:.80}")
     if ids and (min(ids) < 0 or (vocab_size is not None and max(ids) >= vocab_size)):
         i = next(i for i, t in enumerate(ids) if t < 0 or (vocab_size and t >= vocab_size))
-        bound = "token ids are >= 0" if vocab_size is None else f"[0, {vocab_size})"
-        raise ValueError(f"{name}[{i}]: token id {ids[i]} is outside the vocabulary {bound}")
+        if vocab_size is None:
+            raise ValueError(f"{name}[{i}] must be an integer >= 0, got {ids[i]}")
+        raise ValueError(
+            f"{name}[{i}]: token id {ids[i]} is outside the vocabulary [0, {vocab_size})"
+        )
     return ids
 
 

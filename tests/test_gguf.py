@@ -372,6 +372,12 @@ def test_damaged_files_are_refused_at_once(tmp_path):
     assert jgguf.read_gguf(good)[0]["num_hidden_layers"] == 2
 
 
+def test_a_file_with_its_own_alignment_loads(tmp_path):
+    path = tmp_path / "aligned.gguf"
+    write_gguf(path, tiny_hf_tensors(tied=True), configure=lambda w: w.add_custom_alignment(64))
+    assert jgguf.read_gguf(path)[0]["num_hidden_layers"] == 2
+
+
 def test_linear_rope_scaling_of_older_files(tmp_path):
     """llama.cpp reads the older llama.rope.scale_linear, and a missing type as linear."""
     path = tmp_path / "old.gguf"

@@ -351,6 +351,8 @@ def test_bad_values_are_400_in_openai_shape(client):
             assert message in err["message"], (name, err)
             if name in ("temperature", "max_tokens", "n", "logprobs", "user"):
                 assert err["param"] == name, err
+            if name == "unknown field":
+                assert err["param"] == "max_new_tokens", err
     with pytest.raises(openai.BadRequestError) as e:  # usage chunks need a stream
         client.completions.create(
             model=NAME, prompt=[5], max_tokens=2, stream_options={"include_usage": True}
@@ -372,10 +374,20 @@ def test_bad_values_are_400_in_openai_shape(client):
             client.chat.completions.create(**{"model": NAME, "messages": hello, **kw})
         assert message in e.value.body["message"], (kw, e.value.body)
     # the no-op values of those fields are taken
+    tags = {"safety_identifier": "u1", "prompt_cache_key": "k", "metadata": {"a": "b"}}
     out = client.completions.create(
-        model=NAME, prompt=[5, 6], max_tokens=2, best_of=2, n=2, extra_body={"min_tokens": 0}
+        model=NAME,
+        prompt=[5, 6],
+        max_tokens=2,
+        best_of=2,
+        n=2,
+        extra_body={"min_tokens": 0, "add_special_tokens": True, "echo": False, **tags},
     )
     assert len(out.choices) == 2
+    out = client.chat.completions.create(
+        model=NAME, messages=hello, max_tokens=2, extra_body={"add_special_tokens": False, **tags}
+    )
+    assert out.choices[0].finish_reason == "length"
 
 
 def test_auth_model_and_queue_errors(client, server):

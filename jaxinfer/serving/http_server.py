@@ -103,44 +103,66 @@ _UNSUPPORTED = {
     "reasoning_effort": (None,),
     "priority": (None, 0),
     "truncate_prompt_tokens": (None,),
+    "verbosity": (None,),
+    "prompt_cache_retention": (None,),
+    "spaces_between_special_tokens": (None, True),
+    "return_tokens_as_token_ids": (None, False),
+    "echo": (None, False),
 }
+# add_special_tokens asks for nothing at what each endpoint does: a completion's text gets
+# them (BOS), a chat's template writes its own
+_ADD_SPECIAL_TOKENS = {False: (None, True), True: (None, False)}  # by chat
 
 # Every field a body may have (besides _SAMPLING and _UNSUPPORTED); any other is refused, so
-# that a misspelt one (max_new_tokens) is not silently left at its default. "metadata" and
-# "user" tag a request for the caller and change nothing.
-_FIELDS = {"model", "n", "stream", "stream_options", "stop", "seed", "logprobs", "user", "metadata"}
-_COMPLETION_FIELDS = _FIELDS | {"prompt", "max_tokens", "echo"}
-_CHAT_FIELDS = _FIELDS | {"messages", "max_tokens", "max_completion_tokens", "top_logprobs"}
-MAX_USER_CHARS = 256
+# that a misspelt one (max_new_tokens) is not silently left at its default. The _TAGS name a
+# request for its caller (short strings) and change nothing; metadata too.
+_TAGS = ("user", "safety_identifier", "prompt_cache_key", "request_id")
+_FIELDS = {"model", "n", "stream", "stream_options", "stop", "seed", "logprobs", "max_tokens"}
+_FIELDS |= {"metadata", "add_special_tokens", *_TAGS}
+_COMPLETION_FIELDS = _FIELDS | {"prompt"}
+_CHAT_FIELDS = _FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+MAX_TAG_CHARS = 256
 _THREAD_BYTES = 1 << 20  # bodies above this are decoded and checked off the event loop
 
 
+class FieldError(ValueError):
+    """A bad body field: its 400 names it as the error's param."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 def refuse_unknown(body: dict, chat: bool) -> None:
-    """ValueError naming the fields `body` has that this server does not know."""
+    """FieldError naming the fields `body` has that this server does not know, or a tag that
+    is not a short string."""
     known = (_CHAT_FIELDS if chat else _COMPLETION_FIELDS).union(_SAMPLING, _UNSUPPORTED)
     unknown = sorted(k for k in body if k not in known)
     if unknown:
-        raise ValueError(
+        raise FieldError(
+            unknown[0],
             f"unknown field{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(repr(k[:80]) for k in unknown[:8])}: not a field of OpenAI's "
             f"{'chat completions' if chat else 'completions'} API nor one of vLLM's this "
-            "server knows"
+            "server knows",
         )
-    user = body.get("user")
-    if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_CHARS):
-        raise ValueError(f"user must be a string of at most {MAX_USER_CHARS} characters")
+    for tag in _TAGS:
+        value = body.get(tag)
+        if value is not None and (not isinstance(value, str) or len(value) > MAX_TAG_CHARS):
+            raise FieldError(tag, f"{tag} must be a string of at most {MAX_TAG_CHARS} characters")
     if body.get("stream_options") is not None and body.get("stream") is not True:
-        raise ValueError("stream_options is only allowed with stream: true")
+        raise FieldError("stream_options", "stream_options is only allowed with stream: true")
 
 
-def refuse_unsupported(body: dict) -> None:
-    """ValueError naming the first field `body` sets that this server does not implement."""
-    for name, no_op in _UNSUPPORTED.items():
+def refuse_unsupported(body: dict, chat: bool) -> None:
+    """FieldError naming the first field `body` sets that this server does not implement."""
+    for name, no_op in (*_UNSUPPORTED.items(), ("add_special_tokens", _ADD_SPECIAL_TOKENS[chat])):
         value = body.get(name)
         if name == "best_of" and value is not None and value == body.get("n"):
             continue  # the best of n samples, all returned: the n samples
         if not any(value == v and type(value) is type(v) for v in no_op):
-            raise ValueError(f"{name}={json.dumps(value)[:80]} is not supported by this server")
+            message = f"{name}={json.dumps(value)[:80]} is not supported by this server"
+            raise FieldError(name, message)
 
 
 class ApiError(Exception):
@@ -176,10 +198,10 @@ def _api_error(e: Exception, body: dict | None = None) -> ApiError:
     param the body's field its message begins with."""
     if isinstance(e, ApiError):
         return e
-    if isinstance(e, ValueError):
+    if isinstance(e, ValueError):  # SamplingParams' and the checks' messages begin with it
         field = re.match(r"[a-z_]+", str(e))
         param = field[0] if field and body and field[0] in body else None
-        return ApiError(400, str(e), param=param)
+        return ApiError(400, str(e), param=getattr(e, "param", param))
     if isinstance(e, QueueFull):
         return ApiError(429, str(e), "rate_limit_error", code="queue_full")
     if isinstance(e, Closed):
@@ -230,9 +252,10 @@ def _prompt_count(prompt) -> int:
 
 def _check_choices(prompts: int, n: int) -> None:
     if prompts * n > MAX_CHOICES:
-        raise ValueError(
+        raise FieldError(
+            "prompt" if n == 1 else "n",
             f"{prompts} prompts x n={n} would make {prompts * n} requests "
-            f"(at most {MAX_CHOICES} a call)"
+            f"(at most {MAX_CHOICES} a call)",
         )
 
 
@@ -483,7 +506,7 @@ class OpenAIFront:
         """(prompts as token ids, one SamplingParams per sample index, n, logprobs) of a body;
         ValueError."""
         refuse_unknown(body, chat)
-        refuse_unsupported(body)
+        refuse_unsupported(body, chat)
         n = _optional_int(body, "n", 1, MAX_N) or 1
         max_tokens = _optional_int(
             body,
@@ -503,12 +526,10 @@ class OpenAIFront:
                 raise ValueError("top_logprobs needs logprobs: true")
         else:
             if "prompt" not in body:
-                raise ValueError("prompt is required")
+                raise FieldError("prompt", "prompt is required")
             _check_choices(_prompt_count(body["prompt"]), n)  # before a long list is converted
             prompts = completion_prompts(body["prompt"])
             logprobs = _optional_int(body, "logprobs", 0)
-            if body.get("echo"):
-                raise ValueError("echo is not supported")
         # Text is tokenized here, off the engine's thread, which then only checks the ids.
         prompts = [p if isinstance(p, list) else encode_prompt(self.tokenizer, p) for p in prompts]
         params = [sampling_params(body, max_tokens, logprobs, j) for j in range(n)]
@@ -787,7 +808,8 @@ def create_app(front: OpenAIFront) -> Starlette:
         routes.append(Route("/metrics", metrics, methods=["GET"]))
 
     async def server_error(request: Request, exc: Exception) -> Response:
-        """Any other failure: a 500 in OpenAI's shape (Starlette logs the traceback)."""
+        """Any other failure: a 500 in OpenAI's shape (Starlette then re-raises the exception,
+        and uvicorn logs its traceback)."""
         return ApiError(500, f"internal error: {type(exc).__name__}", "internal_error").response()
 
     return Starlette(
