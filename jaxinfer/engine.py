@@ -628,7 +628,7 @@ class Engine:
             if req.logprobs is not None:
                 n = req.params.logprobs
                 ids, values = samples.top_ids[j, i, :n].tolist(), samples.top_logprobs[j, i, :n]
-                top = dict(zip(ids, values.tolist()))
+                top = {t: v for t, v in zip(ids, values.tolist()) if t >= 0}  # -1: no token
                 req.logprobs.append({token: float(samples.logprob[j, i]), **top})
             if req.detok is not None and not (stop_id and at + j == last):
                 req.text += req.detok.push(token)

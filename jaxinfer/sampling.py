@@ -185,14 +185,25 @@ def sampling_arrays(
 
 
 def _fold_seed(seed: int) -> int:
-    """Any int >= 0 → 32 bits: the XOR of its 32-bit words (seeds < 2**32 are unchanged)."""
+    """Any int >= 0 → 32 bits: its low word, XOR a mix of the words above it (seeds < 2**32
+    are unchanged; a plain XOR of the words made 2**32 and 1 draw alike)."""
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    seed, folded = int(seed), 0
-    while seed:
-        folded ^= seed & 0xFFFFFFFF
-        seed >>= 32
-    return folded
+    low, high, mixed = int(seed) & 0xFFFFFFFF, int(seed) >> 32, 0
+    while high:
+        mixed = _mix32(mixed ^ (high & 0xFFFFFFFF) ^ 0x9E3779B9)
+        high >>= 32
+    return low ^ mixed
+
+
+def _mix32(x: int) -> int:
+    """MurmurHash3's 32-bit finaliser: a bijection of 32-bit ints whose every output bit
+    depends on every input bit."""
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
 
 
 SAMPLE_MODES = ("greedy", "sample", "filter")
@@ -254,7 +265,9 @@ def sample_rows(
         plain sampling reduce in place: no device gathers whole rows. The filter's sort does,
         unless mode is TOP_K_ONLY: every sampling row has 0 < top_k <= FILTER_CANDIDATES
         (`fits_candidates`), and is filtered and drawn among the devices' top candidates, with
-        the same result (on one device TOP_K_ONLY is "filter").
+        the same result (on one device TOP_K_ONLY is "filter") except where more than
+        FILTER_CANDIDATES tokens of one device tie at the row's k-th logit: top-k keeps every
+        tied token, the candidates only that many of them.
     Returns:
       SampleOutput: tokens [B], logprob [B], top_ids / top_logprobs [B, MAX_LOGPROBS].
     """

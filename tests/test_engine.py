@@ -14,7 +14,7 @@ import jaxinfer
 from jaxinfer import runner as runner_module
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine import LLM, Engine
-from jaxinfer.model import Model
+from jaxinfer.model import Model, init_params
 from jaxinfer.sampling import SAMPLE_MODES, SamplingParams
 
 # ------------------------------------------------------------------------------------------------
@@ -600,3 +600,14 @@ def test_close_frees_the_kv_pages_and_ends_the_engine():
         engine.step()
     with pytest.raises(RuntimeError, match="engine is closed"):
         engine.add_request("b", "abc")
+
+
+def test_logprobs_of_a_vocabulary_smaller_than_asked_are_real_tokens():
+    """logprobs=12 of an 8-token vocabulary: the 8 tokens, no padding id -1."""
+    cfg = dataclasses.replace(FAKE_CONFIG, vocab_size=8, eos_token_ids=(7,))
+    model = Model(cfg, init_params(cfg, "float32", seed=0), None, jnp.float32, "xla")
+    engine = Engine(model, max_num_seqs=2, max_num_batched_tokens=16, num_pages=8, warmup=False)
+    params = SamplingParams(max_tokens=3, temperature=0, logprobs=12, ignore_eos=True)
+    engine.add_request("a", [1, 2], params)
+    logprobs = run_all(engine)["a"][-1].logprobs
+    assert len(logprobs) == 3 and all(sorted(lp) == list(range(8)) for lp in logprobs)

@@ -16,6 +16,7 @@ from jaxinfer.sampling import (
     SampleOutput,
     SamplingArrays,
     SamplingParams,
+    _fold_seed,
     apply_penalties,
     sample_mode,
     sample_rows,
@@ -370,7 +371,8 @@ def test_sampling_arrays_pads_with_greedy_rows():
     np.testing.assert_array_equal(arrays.top_k, [5, 0, 0, 0])
     np.testing.assert_array_equal(arrays.num_logprobs, [4, 0, 0, 0])
     np.testing.assert_array_equal(arrays.step, [7, 0, 0, 0])
-    assert arrays.seed.dtype == np.uint32 and arrays.seed[1] == (1 ^ 2**8)  # 64-bit seed folded
+    assert arrays.seed.dtype == np.uint32 and arrays.seed[0] == 3  # < 2**32: as it is
+    assert arrays.seed[1] == _fold_seed(2**40 + 1) != 1  # 64-bit seed folded
     np.testing.assert_allclose(arrays.repetition_penalty[2:], 1.0)
     np.testing.assert_allclose(arrays.presence_penalty[2:], 0.0)
     logits = random_logits(4, 40, seed=5)
@@ -477,3 +479,14 @@ def test_static_modes_have_no_conditionals():
     for mode in SAMPLE_MODES:
         text = SAMPLERS[mode].lower(logits, arrays, history).as_text()
         assert "stablehlo.case" not in text, mode  # a cond copies its predicate to the host
+
+
+def test_large_seeds_fold_apart():
+    """Folded to 32 bits, seeds past 2**32 do not fall on the small ones (a plain XOR of the
+    32-bit words made 2**32 draw as 1, 2**32 + 1 as 0)."""
+    small = {_fold_seed(s) for s in range(1000)}
+    assert small == set(range(1000))
+    large = [_fold_seed(2**32 * h + s) for h in (1, 2, 3, 2**32 + 1) for s in range(1000)]
+    assert len(set(large)) == len(large) and not small & set(large)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        _fold_seed(-1)
