@@ -309,6 +309,7 @@ def _layer_count(reader: gguf.GGUFReader, shapes: dict) -> int:
     """llama.block_count, checked against the blocks the file holds (blk.0 to blk.N-1)."""
     count = _count(reader, "llama.block_count")
     blocks = {int(m[1]) for name in shapes if (m := _BLOCK_RE.fullmatch(name))}
+    # the length first: the set of a damaged count (2**31) would not fit in memory
     if len(blocks) != count or blocks != set(range(count)):
         missing = sorted(set(range(min(count, len(blocks) + 8))) - blocks)[:8]
         raise ValueError(

@@ -27,7 +27,7 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _all_ints(items: list) -> bool:
+def all_ints(items: list) -> bool:
     """Every item a plain int (bool, a subclass of int, is not)."""
     return set(map(type, items)) <= {int}
 
@@ -110,7 +110,7 @@ def as_token_ids(
     """A list of token ids (ints >= 0, below `vocab_size` when given); None is []."""
     if isinstance(value, np.ndarray) and value.ndim == 1 and np.issubdtype(value.dtype, np.integer):
         ids = value.tolist()  # checked below as Python ints
-    elif isinstance(value, list) and _all_ints(value):
+    elif isinstance(value, list) and all_ints(value):
         ids = list(value)  # the common case, 15x faster than a check per item (bounds below)
     else:
         ids = [as_int(f"{name}[{i}]", t, 0) for i, t in enumerate(as_sequence(name, value))]

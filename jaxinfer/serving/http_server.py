@@ -46,7 +46,7 @@ from jaxinfer.scheduler import pool_tokens
 from jaxinfer.serving.loop import Closed, EngineError, EngineLoop, QueueFull, RequestStream
 from jaxinfer.serving.options import StartError
 from jaxinfer.tokenizer import apply_chat_template, encode_prompt
-from jaxinfer.validate import as_bool, as_int, as_token_ids
+from jaxinfer.validate import all_ints, as_bool, as_int, as_token_ids
 
 # Body fields that go to SamplingParams under their own names (vLLM's extras included).
 _SAMPLING = (
@@ -266,7 +266,7 @@ def completion_prompts(prompt) -> list[str | list[int]]:
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             return list(prompt)
-        if set(map(type, prompt)) == {int}:
+        if all_ints(prompt):  # non-empty here
             return [as_token_ids("prompt", prompt)]
         if all(isinstance(p, list) for p in prompt):
             return [as_token_ids(f"prompt[{i}]", p) for i, p in enumerate(prompt)]
