@@ -119,6 +119,11 @@ class EngineConfig:
             raise ValueError(f"page_size must be 16, 32, 64 or 128, got {self.page_size!r}")
         if self.num_decode_steps is not None:
             as_int("num_decode_steps", self.num_decode_steps, 1, 64)
+        sizes = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_pages")
+        for name in (*sizes, "smallest_bucket", "tensor_parallel_size"):
+            if getattr(self, name) is not None:  # None: the device's default
+                as_int(name, getattr(self, name), 1)
+        as_int("seed", self.seed, 0)
         if self.moe_parallel not in (None, *MOE_MODES):
             raise ValueError(f"moe_parallel must be one of {MOE_MODES}, got {self.moe_parallel!r}")
 

@@ -70,6 +70,7 @@ MAX_LOGPROBS = 20  # top-n logprobs computed on device for every row; a request 
 # requests share): their number and length are bounded.
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 16384  # all of a request's stop strings together
+MAX_STOP_TOKEN_IDS = 1024  # counted before they are checked: a front's thread checks them
 
 
 def _stop_strings(name: str, value) -> tuple[str, ...]:
@@ -98,7 +99,9 @@ _FIELD_CHECKS = {
     "frequency_penalty": lambda n, v: as_float(n, v, -2.0, 2.0),
     "seed": lambda n, v: as_int(n, v, 0),
     "stop": _stop_strings,
-    "stop_token_ids": lambda n, v: tuple(as_token_ids(n, v, allow_empty=True)),
+    "stop_token_ids": lambda n, v: tuple(
+        as_token_ids(n, v, allow_empty=True, max_len=MAX_STOP_TOKEN_IDS)
+    ),
     "ignore_eos": as_bool,
     "logprobs": lambda n, v: as_int(n, v, 0, MAX_LOGPROBS),
 }

@@ -105,12 +105,20 @@ def as_sequence(name: str, value) -> list:
 
 
 def as_token_ids(
-    name: str, value, *, allow_empty: bool = False, vocab_size: int | None = None
+    name: str,
+    value,
+    *,
+    allow_empty: bool = False,
+    vocab_size: int | None = None,
+    max_len: int | None = None,
 ) -> list[int]:
-    """A list of token ids (ints >= 0, below `vocab_size` when given); None is []."""
+    """A list of token ids (ints >= 0, below `vocab_size` when given; at most `max_len` of
+    them, counted before any is checked); None is []."""
+    if max_len is not None and _length(value) > max_len:
+        raise ValueError(f"{name} has {_length(value)} ids, more than {max_len}")
     if isinstance(value, np.ndarray) and value.ndim == 1 and np.issubdtype(value.dtype, np.integer):
         ids = value.tolist()  # checked below as Python ints
-    elif isinstance(value, list) and all_ints(value):
+    elif isinstance(value, (list, tuple)) and all_ints(value):
         ids = list(value)  # the common case, 15x faster than a check per item (bounds below)
     else:
         ids = [as_int(f"{name}[{i}]", t, 0) for i, t in enumerate(as_sequence(name, value))]
@@ -124,6 +132,16 @@ def as_token_ids(
             f"{name}[{i}]: token id {ids[i]} is outside the vocabulary [0, {vocab_size})"
         )
     return ids
+
+
+def _length(value) -> int:
+    """len() of a sequence or array; 0 for anything else (as_sequence then names the type)."""
+    if isinstance(value, (str, bytes)):
+        return 0
+    try:
+        return len(value)
+    except TypeError:
+        return 0
 
 
 def as_strings(name: str, value) -> tuple[str, ...]:

@@ -218,6 +218,9 @@ def test_numpy_scalars_are_numbers_and_bools_are_not():
         ("temperature", 10**400, r"temperature must be a finite float32 number >= 0.0, got 1000"),
         ("stop", ["x"] * 65, r"stop has 65 strings, more than 64"),
         ("stop", ["x" * 9000] * 2, r"stop's strings hold 18000 characters together"),
+        # counted before they are checked: 4 million ids held a front's thread for seconds
+        ("stop_token_ids", (1.5,) * 1025, r"stop_token_ids has 1025 ids, more than 1024"),
+        ("stop_token_ids", np.zeros(2000, np.int32), r"stop_token_ids has 2000 ids"),
     ],
 )
 def test_refusals_name_field_value_and_range(field, value, message):
@@ -372,3 +375,22 @@ def test_drop_all_pages_sends_running_sequences_back_to_recompute():
     sched.allocator.check_invariants([])
     assert sched.allocator.num_free_pages == 8 and sched.allocator.num_cached_pages == 0
     assert len(sched.schedule().seqs) == 2  # they run again
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_num_seqs=-3), r"max_num_seqs must be an integer >= 1, got -3"),
+        (dict(max_num_batched_tokens=0), r"max_num_batched_tokens must be an integer >= 1"),
+        (dict(max_model_len=1.5), r"max_model_len must be an integer >= 1, got 1.5"),
+        (dict(num_pages=-1), r"num_pages must be an integer >= 1, got -1"),
+        (dict(tensor_parallel_size=0), r"tensor_parallel_size must be an integer >= 1"),
+        (dict(seed=-1), r"seed must be an integer >= 0, got -1"),
+        (dict(page_size=0), r"page_size must be 16, 32, 64 or 128, got 0"),
+        (dict(num_decode_steps=65), r"num_decode_steps must be an integer in \[1, 64\]"),
+    ],
+)
+def test_engine_config_refuses_bad_sizes_at_once(kwargs, message):
+    """Before a model is loaded (a negative size used to fail inside jax, as a TypeError)."""
+    with pytest.raises(ValueError, match=message):
+        jaxinfer.EngineConfig(**kwargs)

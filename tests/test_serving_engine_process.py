@@ -5,6 +5,7 @@ engine behind EngineLoop, in this process; then a real server with --engine-proc
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import time
@@ -44,12 +45,13 @@ def test_remote_fake_engine_behind_the_loop():
     try:
         assert engine.model.tokenizer is not None and engine.max_model_len == 64
         streams = [loop.submit("abc", GREEDY), loop.submit("wx", GREEDY)]
-        bad = loop.submit("abc", SamplingParams(max_tokens=500))  # past max_model_len
+        bad = loop.submit("abc", SamplingParams(max_tokens=500), "mine")  # past max_model_len
         outs = [list(s) for s in streams]
         assert [o.text_delta for o in outs[0]] == ["d", "e", "f", "g", "h"]
         assert outs[1][-1].text == "y" and outs[1][-1].prompt_token_ids == [22, 23]
-        with pytest.raises(ValueError, match="max_model_len|exceeds"):
+        with pytest.raises(ValueError, match="max_model_len|exceeds") as refusal:
             list(bad)
+        assert "'mine'" in str(refusal.value) and "#" not in str(refusal.value)  # caller's name
         stats = loop.stats()
         assert stats.kv_pages_free == stats.kv_pages_total == engine.num_pages
         assert stats.steps > 0 and loop.num_unfinished() == 0
@@ -66,6 +68,20 @@ def test_remote_fake_engine_behind_the_loop():
     finally:
         loop.stop()
         engine.close()
+
+
+def build_slowly():
+    time.sleep(120)  # a model that takes minutes to load
+
+
+def test_a_start_cut_short_stops_the_loading_child():
+    """A start-up timeout or a Ctrl-C while the child loads: the child is killed at once (it
+    ignores SIGINT, and would read no "stop" before its load ends)."""
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="not ready within 3s"):
+        RemoteEngine(build_slowly, (), start_timeout=3)
+    assert time.monotonic() - start < 20
+    assert not [p for p in multiprocessing.active_children() if p.name == "jaxinfer-engine"]
 
 
 # -- a real server ------------------------------------------------------------------------------

@@ -210,6 +210,8 @@ BAD_INPUTS = {
     "stop token outside the vocab": (dict(prompt=[5], stop_token_ids=[1000]), "token id 1000"),
     "prompt longer than the context": (dict(prompt=[5] * 300), "exceeds max_model_len (256)"),
     "text without a tokenizer": (dict(prompt="hello"), "has no tokenizer"),
+    "too many stop ids": (dict(prompt=[5], stop_token_ids=[1] * 1025), "1025 ids, more than"),
+    "a long request id": (dict(prompt=[5], request_id="x" * 257), "257 characters, more than"),
 }
 
 
@@ -353,10 +355,20 @@ def test_tensor_parallel_beyond_the_devices_is_refused_with_one_line():
         (["--log-level", "loud"], "--log-level must be DEBUG, INFO, WARNING or ERROR"),
         (["--tls-cert", __file__, "--tls-key", __file__], "do not load as a PEM certificate"),
         (["--page-size", "0"], "page_size must be"),
+        (["--max-num-seqs", "-3"], "--max-num-seqs must be >= 1, got -3"),
+        (["--num-pages", "-1"], "--num-pages must be >= 1, got -1"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        # `--api-key "$KEY"` with KEY unset would have served without a key
+        (["--api-key", ""], "--api-key is empty"),
+        (["--api-key", " "], "--api-key is empty"),
     ],
 )
 def test_bad_server_options_are_one_line(args, message):
     assert message in serve_refusal(*args)
+
+
+def test_an_empty_api_key_variable_is_refused():
+    assert "$JAXINFER_API_KEY is set but empty" in serve_refusal(env={"JAXINFER_API_KEY": ""})
 
 
 def test_a_port_in_use_is_one_line(tiny_path):

@@ -250,7 +250,13 @@ class RemoteEngine:
         )
         self._proc.start()
         child.close()  # the child's end lives only in the child: its death is our EOF
-        info = self._ready(start_timeout)
+        try:
+            info = self._ready(start_timeout)
+        except BaseException:  # Ctrl-C during a minutes-long load too: the child ignores SIGINT
+            self._proc.kill()  # still loading, it would not read a "stop"
+            self._proc.join(5)
+            self._conn.close()
+            raise
         self.path: str = info["path"]
         self.model: RemoteModel = info["model"]
         self.config = info["config"]  # EngineConfig
@@ -277,7 +283,6 @@ class RemoteEngine:
 
     def _ready(self, timeout: float | None) -> dict:
         if not self._conn.poll(timeout):
-            self.close()
             raise RuntimeError(f"the engine process was not ready within {timeout}s")
         try:
             message = self._conn.recv()

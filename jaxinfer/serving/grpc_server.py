@@ -34,6 +34,7 @@ from jaxinfer.engine import Engine, RequestOutput
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving import options
 from jaxinfer.serving.engine_process import RemoteEngine
+from jaxinfer.serving.loop import MAX_REQUEST_ID_CHARS as MAX_ID
 from jaxinfer.serving.loop import Closed, EngineError, EngineLoop, QueueFull, RequestStream
 from jaxinfer.serving.metrics import Metrics
 from jaxinfer.serving.proto import inference_pb2 as pb
@@ -172,10 +173,14 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def _submit(self, request, context) -> tuple[RequestStream, int | None]:
         try:
+            if len(request.request_id) > MAX_ID:  # echoed in every response
+                raise ValueError(
+                    f"request_id has {len(request.request_id)} characters, more than {MAX_ID}"
+                )
             params = sampling_params(request.sampling)
             prompt = await asyncio.to_thread(prompt_of, request, self.tokenizer)
         except ValueError as e:
-            self.loop.refused(request.request_id, "invalid")
+            self.loop.refused(request.request_id[:MAX_ID], "invalid")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
             return self.loop.submit(prompt, params, request.request_id or None), params.logprobs

@@ -43,6 +43,7 @@ from starlette.routing import Route
 from jaxinfer.engine import RequestOutput
 from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams
 from jaxinfer.scheduler import pool_tokens
+from jaxinfer.serving.loop import MAX_REQUEST_ID_CHARS as MAX_ID
 from jaxinfer.serving.loop import Closed, EngineError, EngineLoop, QueueFull, RequestStream
 from jaxinfer.serving.options import StartError
 from jaxinfer.tokenizer import apply_chat_template, encode_prompt
@@ -121,7 +122,7 @@ _FIELDS = {"model", "n", "stream", "stream_options", "stop", "seed", "logprobs",
 _FIELDS |= {"metadata", "add_special_tokens", *_TAGS}
 _COMPLETION_FIELDS = _FIELDS | {"prompt"}
 _CHAT_FIELDS = _FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
-MAX_TAG_CHARS = 256
+MAX_TAG_CHARS = MAX_ID
 _THREAD_BYTES = 1 << 20  # bodies above this are decoded and checked off the event loop
 
 

@@ -39,6 +39,10 @@ from jaxinfer.sampling import SamplingParams
 log = logging.getLogger("jaxinfer.serving")
 
 
+# A caller's name for a request, echoed in its responses and logs: both fronts bound it.
+MAX_REQUEST_ID_CHARS = 256
+
+
 class QueueFull(Exception):
     """More requests are waiting for their first token than `max_queue` allows."""
 
@@ -329,8 +333,7 @@ class EngineLoop:
         try:
             self.engine.add_request(stream.engine_id, prompt, params)
         except ValueError as e:  # named as its caller named it
-            message = str(e).replace(repr(stream.engine_id), repr(stream.request_id))
-            self._end(stream, ValueError(message), "invalid")
+            self._end(stream, ValueError(self._named(stream, str(e))), "invalid")
             return
         except Exception as e:  # noqa: BLE001 - the engine's fault, not the request's
             log.exception("engine.add_request failed for %s", stream.request_id)
@@ -339,6 +342,11 @@ class EngineLoop:
         self._live[stream.engine_id] = stream
         stream._prompt_len = 0 if isinstance(prompt, str) else len(prompt)
         self._faulted = False
+
+    @staticmethod
+    def _named(stream: RequestStream, message: str) -> str:
+        """The engine's message with the request named as its caller named it."""
+        return message.replace(repr(stream.engine_id), repr(stream.request_id))
 
     def _abort(self, stream: RequestStream) -> None:
         if self._live.pop(stream.engine_id, None) is None:
@@ -363,7 +371,7 @@ class EngineLoop:
             if stream is None:
                 continue  # aborted by its caller, or failed already
             if out.finish_reason == "invalid":  # refused by an engine in another process
-                self._end(stream, ValueError(out.error), "invalid")
+                self._end(stream, ValueError(self._named(stream, out.error)), "invalid")
             elif out.finish_reason == "error":  # the engine failed this request alone
                 error = getattr(out, "error", None) or "the engine failed"
                 log.error("engine error in request %s: %s", stream.request_id, error)

@@ -160,8 +160,13 @@ def check_server_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error(f"--{name.replace('_', '-')} {path!r} is not a file")
     if not args.grpc and args.http_port is None:
         parser.error("--no-grpc leaves no front: give --http-port")
-    if args.max_queue < 1:
-        parser.error(f"--max-queue must be >= 1, got {args.max_queue}")
+    sizes = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_pages", "max_queue")
+    for name in (*sizes, "num_decode_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     for name in ("port", "http_port", "metrics_port"):
         port = getattr(args, name)
         if port is not None and not 0 <= port <= 65535:
@@ -179,7 +184,13 @@ def check_server_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
             )
         except (ssl.SSLError, OSError) as e:
             parser.error(f"--tls-cert / --tls-key do not load as a PEM certificate and key: {e}")
-    args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    # An empty key (`--api-key "$KEY"` with KEY unset) would serve without one: refused.
+    if args.api_key is None:
+        args.api_key = os.environ.get(API_KEY_ENV)
+        if args.api_key is not None and not args.api_key.strip():
+            parser.error(f"${API_KEY_ENV} is set but empty; unset it to serve without a key")
+    elif not args.api_key.strip():
+        parser.error("--api-key is empty; leave it out to serve without a key")
 
 
 class StartError(Exception):
