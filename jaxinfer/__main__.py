@@ -9,6 +9,7 @@ computes, process 0 prints.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEFAULT_PROMPT_HELP = "the prompt text"
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return generate_command(args)
+    except BrokenPipeError:  # the reader left (`| head`): quietly, as command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        return 0
     except (ValueError, OSError) as e:  # bad input or an unreadable model: one line, no traceback
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"jaxinfer: error: {message}", file=sys.stderr)

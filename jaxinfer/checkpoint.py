@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -406,23 +407,49 @@ OTHER_DTYPES = {
 
 def _open_hf(path: pathlib.Path) -> tuple[ModelConfig, Callable]:
     cfg = with_generation_eos(ModelConfig.from_json_file(path / "config.json"), path)
-    cfg = _untied_if_lm_head_differs(cfg, path)
+    try:
+        tensors = _safetensors(path)  # headers only; read again by _load_hf
+    except ValueError:
+        tensors = None  # damaged files are named when the params are read, after these checks
+    if tensors is not None:
+        _check_counts(cfg, tensors)
+        cfg = _untied_if_lm_head_differs(cfg, tensors, path)
     return cfg, functools.partial(_load_hf, path, cfg)
 
 
-def _untied_if_lm_head_differs(cfg: ModelConfig, path: pathlib.Path) -> ModelConfig:
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.")
+
+
+def _check_counts(cfg: ModelConfig, tensors: Mapping[str, Any]) -> None:
+    """The config's layer and expert counts against the tensors' names, before anything is
+    built per layer or expert: a config's 10**9 layers would otherwise hang the load."""
+    for what, pattern, count in (
+        ("num_hidden_layers", _LAYER, cfg.num_layers),
+        ("the expert count", _EXPERT, cfg.num_experts),
+    ):
+        found = {int(m.group(1)) for m in map(pattern.match, tensors) if m}
+        if found and len(found) != count:
+            raise ValueError(
+                f"config.json says {what} = {count}, but the checkpoint's tensors hold "
+                f"{len(found)} (indices {min(found)}-{max(found)})"
+            )
+
+
+def _untied_if_lm_head_differs(
+    cfg: ModelConfig, tensors: Mapping[str, LazyTensor], path: pathlib.Path
+) -> ModelConfig:
     """A tied config whose files also hold an `lm_head.weight` unlike the embedding (some
     fine-tunes and merges ship so) gets that head, as transformers does: it ties the two only
     when they are equal."""
     if not cfg.tie_word_embeddings:
         return cfg
-    try:
-        tensors = _safetensors(path)  # headers only; read again by _load_hf
-    except ValueError:
-        return cfg  # damaged files are named when the params are read, after the config's checks
     head, embed = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
-    if head is None or embed is None or head.shape != embed.shape:
-        return cfg  # nothing to compare; a bad shape is refused when the params are built
+    shape = (cfg.vocab_size, cfg.hidden_size)
+    if head is not None and tuple(head.shape) != shape:  # not left out as an unused extra
+        raise ValueError(f"tensor lm_head.weight has shape {tuple(head.shape)}, expected {shape}")
+    if head is None or embed is None or tuple(embed.shape) != shape:
+        return cfg  # nothing to compare; a bad embedding is refused when the params are built
     if np.array_equal(head.read(), embed.read()):
         return cfg
     logger.info("%s: lm_head.weight differs from the embedding: the head is not tied", path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Any
 
@@ -44,8 +45,14 @@ class RopeScaling:
             )
         if self.factor <= 0:
             raise ValueError(f"rope_scaling factor must be > 0, got {self.factor}")
-        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
-            raise ValueError("rope_scaling llama3 needs high_freq_factor > low_freq_factor")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError("rope_scaling llama3 needs high_freq_factor > low_freq_factor > 0")
+        length = self.original_max_position_embeddings
+        if not isinstance(length, numbers.Integral) or isinstance(length, bool) or length <= 0:
+            raise ValueError(
+                f"rope_scaling original_max_position_embeddings must be a positive integer, "
+                f"got {length!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +103,15 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"config field {name} must be a positive integer, got {value!r}")
+        for name in (
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+            "shared_expert_intermediate_size",
+        ):  # 0: none
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"config field {name} must be an integer >= 0, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -162,6 +178,13 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Builds a config from an HF `config.json` dict; raises ValueError on what it can't honour."""
+        try:
+            return cls._from_hf(hf)
+        except TypeError as e:  # a string or a list where a number goes, say
+            raise ValueError(f"config has a value of the wrong type: {e}") from e
+
+    @classmethod
+    def _from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         if not isinstance(hf, dict):
             raise ValueError(f"config must be a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
@@ -177,8 +200,8 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hidden // num_heads
         max_pos = _require(hf, "max_position_embeddings")
         _check_sliding_window(hf, model_type, max_pos)
-        qwen = model_type in ("qwen2", "qwen2_moe")  # q/k/v bias always, o bias never
-        qkv_bias = qwen or bool(hf.get("attention_bias", False))
+        qwen = model_type in ("qwen2", "qwen2_moe")  # q/k/v bias (Qwen2-MoE: unless told), no o
+        qkv_bias = _flag(hf, "qkv_bias", True) if qwen else bool(hf.get("attention_bias", False))
         return cls(
             model_type=model_type,
             vocab_size=_require(hf, "vocab_size"),
@@ -248,11 +271,32 @@ def _check_sliding_window(hf: dict, model_type: str, max_pos: int) -> None:
     window = hf.get("sliding_window")
     if model_type.startswith("qwen") and not hf.get("use_sliding_window", False):
         return  # Qwen2 configs carry a window value that is off unless use_sliding_window is set
+    if not _any_sliding_layer(hf, model_type):
+        return
     if window is not None and window < max_pos:
         raise ValueError(
             f"sliding_window={window} (narrower than max_position_embeddings={max_pos}) is not "
             "supported yet: the model's output would differ from its reference"
         )
+
+
+def _flag(hf: dict, key: str, default: bool) -> bool:
+    value = hf.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"config {key} must be true or false, got {value!r}")
+    return value
+
+
+def _any_sliding_layer(hf: dict, model_type: str) -> bool:
+    """Whether transformers gives any layer the window: `layer_types` when the config lists them;
+    Qwen2 / Qwen3 slide only layers from `max_window_layers` (default 28) on."""
+    types = hf.get("layer_types")
+    if isinstance(types, list):
+        return "sliding_attention" in types
+    layers, first = hf.get("num_hidden_layers"), hf.get("max_window_layers", 28)
+    if model_type in ("qwen2", "qwen3") and isinstance(layers, int) and isinstance(first, int):
+        return first < layers
+    return True
 
 
 def _moe_fields(hf: dict, model_type: str) -> dict:
@@ -300,6 +344,12 @@ def _rope_theta(hf: dict, default: float) -> float:
     return float(theta)
 
 
+_ROPE_REQUIRED = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
 def _rope_scaling(hf: dict) -> RopeScaling | None:
     params = _rope_params(hf)
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -315,6 +365,11 @@ def _rope_scaling(hf: dict) -> RopeScaling | None:
             "is not supported"
         )
     values = {k: v for k, v in params.items() if k in fields}
+    if rope_type == "llama3":  # transformers (>= 5) falls back to the context it is given
+        values.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    missing = sorted(set(_ROPE_REQUIRED.get(rope_type, ())) - set(values))
+    if missing:  # transformers refuses them too; a default would be a guess
+        raise ValueError(f"rope_scaling type {rope_type!r} needs {', '.join(missing)}")
     if "factor" in values and not math.isfinite(float(values["factor"])):
         raise ValueError(f"rope_scaling factor must be finite, got {values['factor']}")
     return RopeScaling(rope_type=rope_type, **values)

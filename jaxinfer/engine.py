@@ -70,7 +70,7 @@ from jaxinfer.sharding import (
     shard_model,
 )
 from jaxinfer.tokenizer import IncrementalDetokenizer
-from jaxinfer.validate import as_int, as_sequence, as_text, as_token_ids
+from jaxinfer.validate import as_bool, as_int, as_sequence, as_text, as_token_ids
 
 # Device memory left free beyond what the compiled programs report needing when the pool is
 # sized from free memory: the allocator's fragmentation and what XLA's analysis leaves out.
@@ -124,6 +124,9 @@ class EngineConfig:
             if getattr(self, name) is not None:  # None: the device's default
                 as_int(name, getattr(self, name), 1)
         as_int("seed", self.seed, 0)
+        for name in ("enable_prefix_caching", "async_scheduling", "warmup"):
+            if getattr(self, name) is not None:  # "false" would be true
+                as_bool(name, getattr(self, name))
         if self.moe_parallel not in (None, *MOE_MODES):
             raise ValueError(f"moe_parallel must be one of {MOE_MODES}, got {self.moe_parallel!r}")
 
@@ -669,7 +672,7 @@ class Engine:
 
     def _output(self, req: _Request, finished: bool) -> RequestOutput:
         seq = req.seq
-        hold = 0 if finished else _stop_prefix_len(req.text, req.params.stop)
+        hold = 0 if finished else _stop_prefix_len(req.text, req.params.stop, req.emitted)
         upto = max(req.emitted, len(req.text) - hold)
         delta, req.emitted = req.text[req.emitted : upto], upto
         output_ids = seq.output_token_ids  # a fresh list: the caller may keep it
@@ -715,16 +718,18 @@ def _placed(model: Model, config: EngineConfig) -> Model:
     return shard_model(model, None if mesh else size, mesh=mesh, moe=moe)
 
 
-def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that begins some stop string: held back, it may yet match."""
+def _stop_prefix_len(text: str, stops: Sequence[str], start: int = 0) -> int:
+    """Length of the longest end of `text` that begins some stop string: held back, it may yet
+    match. Ends beginning before `start` (the text let out already) are not tried: each call lets
+    out only text that begins no stop string, and appending to it cannot change that."""
     hold = 0
     for stop in stops:  # the first start in the tail that stop begins with is the longest end
-        tail = text[max(0, len(text) - len(stop) + 1) :] if len(stop) > 1 else ""
-        i = tail.find(stop[0]) if tail else -1
-        while i >= 0 and not stop.startswith(tail[i:]):
-            i = tail.find(stop[0], i + 1)
+        i = text.find(stop[0], max(start, len(text) - len(stop) + 1))
+        # (the last character first: a one-character test before a copy of the tail)
+        while i >= 0 and not (stop[len(text) - i - 1] == text[-1] and stop.startswith(text[i:])):
+            i = text.find(stop[0], i + 1)
         if i >= 0:
-            hold = max(hold, len(tail) - i)
+            hold = max(hold, len(text) - i)
     return hold
 
 
@@ -755,6 +760,7 @@ class LLM:
             )
         config = EngineConfig(**engine_options)
         size = config.tensor_parallel_size or (model.parallel.size if model else 1)
+        data_parallel_size = as_int("data_parallel_size", data_parallel_size, 1)  # True is not 1
         meshes = replica_meshes(size, data_parallel_size) if data_parallel_size != 1 else [None]
         if model is None:  # loaded straight onto its devices (the first replica's)
             from jaxinfer.checkpoint import load_model

@@ -17,7 +17,16 @@ from __future__ import annotations
 import os
 
 import gguf
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from jaxinfer.gguf import gguf_reader
 
@@ -147,12 +156,17 @@ def _sentencepiece_bpe(meta: dict) -> Tokenizer:
         merges = _merges_from_scores(tokens, meta.get("scores") or [0.0] * len(tokens))
     unk = tokens[meta["unknown_token_id"]] if meta.get("unknown_token_id") is not None else None
     tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    prepend = "first" if meta.get("add_space_prefix", True) else "never"
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="\u2581", prepend_scheme=prepend, split=False
+    # SentencePiece's dummy prefix, as llama.cpp adds it: before every piece of text that starts
+    # the input or follows a special token ("<s>[INST]" -> <s> "\u2581[INST]"), a leading space
+    # or not. (Metaspace's prepend_scheme "first" adds it only at offset 0, and not before a
+    # space, as transformers' GGUF loader does.) Special tokens are split off before this runs.
+    add_prefix = meta.get("add_space_prefix", True)
+    spaces = normalizers.Replace(" ", "\u2581")
+    tok.normalizer = (
+        normalizers.Sequence([normalizers.Prepend("\u2581"), spaces]) if add_prefix else spaces
     )
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if prepend == "first":
+    if add_prefix:
         steps.append(decoders.Strip(" ", 1, 0))
     tok.decoder = decoders.Sequence(steps)
     return tok

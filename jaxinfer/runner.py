@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import itertools
+import logging
 import math
 import os
 import sys
@@ -548,7 +549,10 @@ def _forward_only(batch: StepBatch) -> StepBatch:
 
 
 def _progress_bar(total: int, desc: str):
+    """A bar on stderr, quiet where jaxinfer's log is (JAXINFER_LOG_LEVEL above INFO)."""
     from tqdm.auto import tqdm
+
+    from jaxinfer.platform import logger
 
     return tqdm(
         total=total,
@@ -557,4 +561,5 @@ def _progress_bar(total: int, desc: str):
         file=sys.stderr,
         leave=False,
         dynamic_ncols=True,
+        disable=not logger.isEnabledFor(logging.INFO),
     )

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # a device may flush anything smaller to 0
 INT32_MAX = int(np.iinfo(np.int32).max)
 
 
@@ -54,6 +55,11 @@ def as_float(
     number = _is_int(value) or (isinstance(value, (float, np.floating)))
     f = _float32_range(value) if number else None
     ok = f is not None and (f > low if low_open else f >= low) and (high is None or f <= high)
+    if ok and low_open and low == 0 and f < FLOAT32_TINY:  # 0 on the device: (0, x] broken
+        raise ValueError(
+            f"{name} must be a finite float32 number {_range(low, high, low_open)}, got {value!r} "
+            f"(below float32's smallest normal number, {FLOAT32_TINY:.3g}, it becomes 0)"
+        )
     if not ok:
         raise ValueError(
             f"{name} must be a finite float32 number {_range(low, high, low_open)}, got {value!r}"

@@ -184,6 +184,42 @@ def test_stop_string_split_across_tokens_never_appears():
     assert outs[-1].token_ids == [3, 4, 5, 6]
 
 
+def _longest_held_end(text: str, stops) -> int:  # the definition, by brute force
+    return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+def test_the_held_back_end_streams_as_its_definition():
+    """`_stop_prefix_len` skips the text let out already: over random streams it still holds
+    back exactly the longest end that begins a stop string."""
+    from jaxinfer.engine import _stop_prefix_len
+
+    rng = np.random.RandomState(0)
+    for _ in range(300):
+        stops = ["".join(rng.choice(list("abc"), rng.randint(1, 7))) for _ in range(3)]
+        text, emitted = "", 0
+        while len(text) < 60 and not any(s in text for s in stops):
+            hold = _stop_prefix_len(text, stops, emitted)
+            assert hold == _longest_held_end(text, stops), (text, stops, emitted)
+            emitted = max(emitted, len(text) - hold)
+            text += "".join(rng.choice(list("abc"), rng.randint(1, 4)))
+
+
+def test_a_long_stop_string_costs_little_a_token():
+    """16,384 characters of stop string against text that keeps nearly matching it: each
+    token's check used to copy the tail at every candidate start (~10 ms a call)."""
+    import time
+
+    from jaxinfer.engine import _stop_prefix_len
+
+    for stop, piece in (("ab" * 8192, "a"), ("a" * 16383 + "b", "a"), (" x" * 8192, "the ")):
+        text, emitted, start = "", 0, time.perf_counter()
+        for _ in range(2000):
+            text += piece
+            emitted = max(emitted, len(text) - _stop_prefix_len(text, [stop], emitted))
+        assert len(text) - emitted == _longest_held_end(text[-20000:], [stop])
+        assert time.perf_counter() - start < 2.0, stop[:4]
+
+
 def test_abort_frees_pages_and_reports_abort():
     engine = fake_engine(num_pages=8, page_size=16)
     engine.add_request("a", "abc", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
@@ -611,3 +647,17 @@ def test_logprobs_of_a_vocabulary_smaller_than_asked_are_real_tokens():
     engine.add_request("a", [1, 2], params)
     logprobs = run_all(engine)["a"][-1].logprobs
     assert len(logprobs) == 3 and all(sorted(lp) == list(range(8)) for lp in logprobs)
+
+
+def test_the_compile_bar_is_quiet_where_the_log_is():
+    """JAXINFER_LOG_LEVEL=WARNING quiets the compile progress bar too (README)."""
+    from jaxinfer.platform import logger
+    from jaxinfer.runner import _progress_bar
+
+    level = logger.level
+    try:
+        assert not _progress_bar(3, "test").disable
+        logger.setLevel("WARNING")
+        assert _progress_bar(3, "test").disable
+    finally:
+        logger.setLevel(level)

@@ -286,6 +286,68 @@ def test_llama3_pre_tokenizer_takes_whole_words_first(tmp_path, pre, ids):
     assert tok("hi", add_special_tokens=False)["input_ids"] == ids
 
 
+def write_sentencepiece_tokenizer(tmp_path):
+    """A tiny SentencePiece BPE model (byte fallback) trained here, and a GGUF of its vocabulary
+    as llama.cpp's converter writes one (tokenizer only: gguf_tokenizer reads nothing else)."""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "The quick brown fox jumps over the lazy dog. Hello world! Paris is the capital.\n"
+        "Les élèves écrivent. 東京は日本の首都です。 Numbers 12345 and  double  spaces.\n" * 50
+    )
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=420,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    kinds = [
+        2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+        for i in range(sp.get_piece_size())
+    ]
+    w = gguf.GGUFWriter(str(tmp_path / "sp.gguf"), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+    w.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
+    w.add_token_types(kinds)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return sp, gguf_tokenizer(tmp_path / "sp.gguf")
+
+
+def test_sentencepiece_tokenizer_equals_sentencepiece(tmp_path):
+    """Ids and text as SentencePiece gives them, leading spaces included (its dummy prefix is
+    added to text that already starts with a space); after a special token the prefix is added
+    again, as llama.cpp does: Llama-2's "<s>[INST]" is <s> "\u2581[" ..."""
+    sp, tok = write_sentencepiece_tokenizer(tmp_path)
+    words = ["The", "quick", "Paris", "東京", "🚀", "ñ", "xyz", "12", "\n", "thequick", "élèves"]
+    rng = np.random.RandomState(0)
+    for _ in range(300):
+        text = "".join(
+            rng.choice(["", " ", "  "]) + rng.choice(words) for _ in range(rng.randint(1, 8))
+        )
+        ids = sp.encode(text)
+        assert tok(text)["input_ids"] == [1, *ids], repr(text)
+        assert tok.decode(ids) == sp.decode(ids) == text, repr(text)
+    inst = "[INST] Hello [/INST]"
+    assert tok("<s>" + inst, add_special_tokens=False)["input_ids"] == [1, *sp.encode(inst)]
+
+
 def test_unknown_pre_tokenizer_is_refused(tmp_path):
     """A split rule this module does not know would give the model other token ids."""
     write_byte_level_tokenizer(tmp_path / "tok.gguf", "tekken")

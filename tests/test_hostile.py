@@ -5,6 +5,7 @@ that names the field, the value and the allowed range."""
 from __future__ import annotations
 
 import logging
+import pathlib
 
 import jax
 import numpy as np
@@ -218,6 +219,9 @@ def test_numpy_scalars_are_numbers_and_bools_are_not():
         ("temperature", 10**400, r"temperature must be a finite float32 number >= 0.0, got 1000"),
         ("stop", ["x"] * 65, r"stop has 65 strings, more than 64"),
         ("stop", ["x" * 9000] * 2, r"stop's strings hold 18000 characters together"),
+        # above 0, but 0 in float32 (or flushed to it): every token was filtered out, id 0 drawn
+        ("top_p", 1e-39, r"top_p must be .* got 1e-39 \(below float32's smallest normal"),
+        ("repetition_penalty", 1e-300, r"repetition_penalty must be .* got 1e-300 \(below"),
         # counted before they are checked: 4 million ids held a front's thread for seconds
         ("stop_token_ids", (1.5,) * 1025, r"stop_token_ids has 1025 ids, more than 1024"),
         ("stop_token_ids", np.zeros(2000, np.int32), r"stop_token_ids has 2000 ids"),
@@ -388,9 +392,43 @@ def test_drop_all_pages_sends_running_sequences_back_to_recompute():
         (dict(seed=-1), r"seed must be an integer >= 0, got -1"),
         (dict(page_size=0), r"page_size must be 16, 32, 64 or 128, got 0"),
         (dict(num_decode_steps=65), r"num_decode_steps must be an integer in \[1, 64\]"),
+        (dict(async_scheduling="false"), r"async_scheduling must be True or False, got 'false'"),
+        (dict(warmup=0), r"warmup must be True or False, got 0"),
     ],
 )
 def test_engine_config_refuses_bad_sizes_at_once(kwargs, message):
     """Before a model is loaded (a negative size used to fail inside jax, as a TypeError)."""
     with pytest.raises(ValueError, match=message):
         jaxinfer.EngineConfig(**kwargs)
+
+
+def test_llm_refuses_a_bool_replica_count(tiny_model):
+    with pytest.raises(ValueError, match="data_parallel_size must be an integer >= 1, got True"):
+        jaxinfer.LLM(model=tiny_model, data_parallel_size=True)
+
+
+def test_the_cli_leaves_quietly_when_its_reader_does():
+    """`python -m jaxinfer generate ... | head -c 3`: no "Broken pipe" error, exit code 0."""
+    import subprocess
+    import sys
+
+    code = "\n".join(
+        [
+            "import sys",
+            "import jaxinfer.__main__ as cli",
+            "def endless(args):",
+            "    while True:",
+            "        print('x' * 1000, flush=True)",
+            "cli.generate_command = endless",
+            "sys.exit(cli.main(['generate', 'hi']))",
+        ]
+    )
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin", "JAX_PLATFORMS": "cpu"}
+    cli = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    cli.stdout.read(3)
+    cli.stdout.close()
+    assert cli.wait(timeout=120) == 0
+    assert cli.stderr.read() == b""

@@ -243,13 +243,26 @@ def _edited_copy(src, dst, edit):
         ),
         (lambda c: c.pop("hidden_size"), "missing the required field 'hidden_size'"),
         (lambda c: c.update(hidden_size=128), r"has shape \(320, 64\), expected \(320, 128\)"),
-        (lambda c: c.update(num_hidden_layers=3), "missing 9 tensor"),
-        (lambda c: c.update(num_hidden_layers=1), "unexpected tensor"),
+        (lambda c: c.update(num_hidden_layers=3), "num_hidden_layers = 3, but the checkpoint"),
+        (lambda c: c.update(num_hidden_layers=1), r"tensors hold 2 \(indices 0-1\)"),
+        # counted against the tensors' names before anything is built per layer (it hung)
+        (lambda c: c.update(num_hidden_layers=10**9), "num_hidden_layers = 1000000000"),
     ],
 )
 def test_bad_configs_and_tensors_are_named(tmp_path, tiny, edit, message):
     with pytest.raises(ValueError, match=message):
         jaxinfer.load_model(_edited_copy(tiny[0], tmp_path / "m", edit), dtype="float32")
+
+
+TINY_LLAMA_CONFIG = dict(
+    model_type="llama",
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def test_config_defaults_and_rope_precedence_follow_transformers():
@@ -258,17 +271,7 @@ def test_config_defaults_and_rope_precedence_follow_transformers():
     rope_parameters, a theta inside the parameters over the top-level one."""
     from jaxinfer.config import ModelConfig
 
-    base = dict(
-        model_type="mixtral",
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=64,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
+    base = dict(TINY_LLAMA_CONFIG, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
     mixtral = ModelConfig.from_hf(base)
     assert (mixtral.rms_norm_eps, mixtral.rope_theta) == (1e-5, 1e6)
     llama = ModelConfig.from_hf({**base, "model_type": "llama"})
@@ -291,6 +294,131 @@ def test_config_defaults_and_rope_precedence_follow_transformers():
         }
     )
     assert legacy.rope_scaling.rope_type == "linear" and legacy.rope_scaling.factor == 2.0
+
+
+def test_a_mixtral_config_of_a_billion_experts_is_refused_at_once(tmp_path):
+    build_hf_model("mixtral", tmp_path / "hf")
+    path = _edited_copy(
+        tmp_path / "hf", tmp_path / "m", lambda c: c.update(num_local_experts=10**9)
+    )
+    with pytest.raises(ValueError, match="the expert count = 1000000000, but the checkpoint's"):
+        jaxinfer.load_model(path, dtype="float32")
+
+
+def test_a_tied_config_with_a_misshapen_lm_head_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    build_hf_model("tied", tmp_path)
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(file)
+    head = np.zeros((330, tensors["model.embed_tokens.weight"].shape[1]), np.float32)
+    save_file({**tensors, "lm_head.weight": head}, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lm_head.weight has shape \(330, 64\), expected"):
+        jaxinfer.load_model(tmp_path, dtype="float32")
+
+
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+
+
+@pytest.mark.parametrize(
+    "top, rope",
+    [
+        ({}, LLAMA3_ROPE),  # none given: max_position_embeddings
+        ({}, {**LLAMA3_ROPE, "original_max_position_embeddings": 32}),
+        # a top-level one is Phi-3's place; transformers' Llama does not read it
+        ({"original_max_position_embeddings": 16}, LLAMA3_ROPE),
+        (
+            {"original_max_position_embeddings": 16},
+            {**LLAMA3_ROPE, "original_max_position_embeddings": 32},
+        ),
+    ],
+)
+def test_llama3_rope_takes_its_pretraining_length_where_transformers_does(top, rope):
+    import transformers
+
+    from jaxinfer.config import ModelConfig
+
+    hf = dict(TINY_LLAMA_CONFIG, rope_scaling=rope, **top)
+    theirs = transformers.LlamaConfig(**hf).rope_parameters["original_max_position_embeddings"]
+    assert ModelConfig.from_hf(hf).rope_scaling.original_max_position_embeddings == theirs
+
+
+@pytest.mark.parametrize(
+    "rope, missing",
+    [
+        ({k: v for k, v in LLAMA3_ROPE.items() if k != "low_freq_factor"}, "low_freq_factor"),
+        ({k: v for k, v in LLAMA3_ROPE.items() if k != "factor"}, "factor"),
+        ({"rope_type": "linear"}, "factor"),
+    ],
+)
+def test_rope_scaling_without_a_required_key_is_refused(rope, missing):
+    """transformers refuses these too; a default would be a guess (linear without a factor was
+    no scaling at all)."""
+    from jaxinfer.config import ModelConfig
+
+    hf = dict(TINY_LLAMA_CONFIG, rope_scaling=rope)
+    with pytest.raises(ValueError, match=f"needs {missing}"):
+        ModelConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (dict(sliding_window="x"), "config has a value of the wrong type"),
+        (dict(eos_token_id=2.0), "config has a value of the wrong type"),
+        (
+            dict(model_type="mixtral", num_local_experts=2.5, num_experts_per_tok=2),
+            "num_experts must be an integer >= 0, got 2.5",
+        ),
+        (
+            dict(rope_scaling={**LLAMA3_ROPE, "low_freq_factor": 0}),  # a division by 0 later
+            "high_freq_factor > low_freq_factor > 0",
+        ),
+        (
+            dict(rope_scaling={**LLAMA3_ROPE, "original_max_position_embeddings": "x"}),
+            "original_max_position_embeddings must be a positive integer, got 'x'",
+        ),
+        (dict(model_type="qwen2_moe", qkv_bias="no"), "qkv_bias must be true or false"),
+    ],
+)
+def test_config_values_of_the_wrong_kind_are_value_errors(extra, message):
+    from jaxinfer.config import ModelConfig
+
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf({**TINY_LLAMA_CONFIG, **extra})
+
+
+def test_qwen2_moe_without_qkv_bias_matches_transformers(tmp_path):
+    hf_model = build_hf_model("qwen2_moe", tmp_path, qkv_bias=False)
+    model = jaxinfer.load_model(tmp_path, dtype="float32")
+    assert not model.config.qkv_bias
+    ids = np.random.RandomState(2).randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(jaxinfer.forward(model, ids))
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_a_qwen2_window_that_no_layer_uses_loads(tmp_path):
+    """use_sliding_window with max_window_layers >= the layers: transformers slides no layer."""
+    hf_model = build_hf_model(
+        "qwen2", tmp_path, use_sliding_window=True, sliding_window=16, max_window_layers=2
+    )
+    assert "sliding_attention" not in hf_model.config.layer_types
+    model = jaxinfer.load_model(tmp_path, dtype="float32")
+    ids = np.random.RandomState(3).randint(0, model.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        ref = hf_model(torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(jaxinfer.forward(model, ids)) - ref).max() <= 1e-4 * np.abs(ref).max()
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["layer_types"]  # saved as transformers worked them out; without, from the count
+    (tmp_path / "config.json").write_text(json.dumps({**config, "max_window_layers": 1}))
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        jaxinfer.load_model(tmp_path)
+    layer_types = ["full_attention", "sliding_attention"]
+    (tmp_path / "config.json").write_text(json.dumps({**config, "layer_types": layer_types}))
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        jaxinfer.load_model(tmp_path)
 
 
 def test_mistral_sliding_window_is_refused_not_ignored(tmp_path):

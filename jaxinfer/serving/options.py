@@ -55,7 +55,7 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
         "--max-model-len",
         type=int,
         default=None,
-        help="prompt + max_tokens at most (default: the model's context)",
+        help="prompt + max_tokens at most (default: the model's context, at most 2048 on a CPU)",
     )
     e.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     e.add_argument(
