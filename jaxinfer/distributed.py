@@ -121,7 +121,13 @@ def initialize(
         return False
     _use_cpu_collectives()
     # Our options say it all: no cluster detection (under SLURM it would also pin one device).
-    jax.distributed.initialize(address, count, pid, cluster_detection_method="deactivate")
+    try:
+        jax.distributed.initialize(address, count, pid, cluster_detection_method="deactivate")
+    except RuntimeError as e:  # jax's own error, a traceback's worth, for a port in use too
+        raise OSError(
+            f"process {pid} of {count} could not join the job at {address} (its port in use, "
+            f"or the coordinator out of reach?): {' '.join(str(e).split())[:300]}"
+        ) from e
     return True
 
 
@@ -154,7 +160,7 @@ def _number(name: str, env: str, value) -> int | None:
         if isinstance(value, bool) or int(value) != float(value):
             raise ValueError
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # 10**400 overflows the float
         raise ValueError(f"{name} (${env}) must be an integer, got {value!r}") from None
 
 
@@ -175,8 +181,8 @@ def check_options(address: str | None, count: int | None, pid: int | None) -> No
             f"{count} processes need a coordinator address (${ADDRESS_ENV}, host:port of process 0)"
         )
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"coordinator address {address!r} is not host:port")
+    if not host or not port.isdigit() or not 0 < int(port) <= 65535:  # a bad one hangs the job
+        raise ValueError(f"coordinator address {address!r} is not host:port (port 1-65535)")
     if pid is None:
         raise ValueError(f"{count} processes need this one's process_id (${ID_ENV})")
     if not 0 <= pid < count:

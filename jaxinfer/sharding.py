@@ -90,17 +90,18 @@ def parallel_for(
     """Checks the size against the model and the devices; size 1 is no mesh at all."""
     devices = list(jax.devices() if devices is None else devices)
     check_tensor_parallel(cfg, tensor_parallel_size, len(devices))
-    if cfg.num_experts and moe == "expert" and cfg.num_experts % tensor_parallel_size:
+    e, f, n = cfg.num_experts, cfg.moe_intermediate_size, tensor_parallel_size
+    if e and moe == "expert" and e % n:
+        other = "moe='ffn', or " if not f % n else ""  # advice only where it would work
         raise ValueError(
-            f"expert parallelism over {tensor_parallel_size} devices needs the "
-            f"{cfg.num_experts} experts to divide evenly: use moe='ffn', or a size that "
-            "divides the experts"
+            f"expert parallelism over {n} devices needs the {e} experts to divide evenly: "
+            f"use {other}a size that divides the experts"
         )
-    f = cfg.moe_intermediate_size
-    if cfg.num_experts and moe == "ffn" and f % tensor_parallel_size:
+    if e and moe == "ffn" and f % n:
+        other = "moe='expert', or " if not e % n else ""
         raise ValueError(
-            f"moe='ffn' over {tensor_parallel_size} devices needs the experts' width {f} to "
-            "divide evenly: use moe='expert', or a size that divides it"
+            f"moe='ffn' over {n} devices needs the experts' width {f} to divide evenly: "
+            f"use {other}a size that divides it"
         )
     if tensor_parallel_size == 1:
         return Parallel(None, moe)
@@ -302,8 +303,16 @@ def replica_meshes(tensor_parallel_size: int, data_parallel_size: int, devices=N
     """One mesh of `tensor_parallel_size` devices per data-parallel replica, in device order;
     ValueError where the devices do not suffice."""
     devices = list(jax.devices() if devices is None else devices)
-    if not isinstance(data_parallel_size, (int, np.integer)) or data_parallel_size < 1:
+    bad = isinstance(data_parallel_size, bool) or not isinstance(
+        data_parallel_size, (int, np.integer)
+    )
+    if bad or data_parallel_size < 1:
         raise ValueError(f"data_parallel_size must be an integer >= 1, got {data_parallel_size!r}")
+    if tensor_parallel_size > len(devices):
+        raise ValueError(
+            f"tensor_parallel_size {tensor_parallel_size} needs that many devices but "
+            f"{len(devices)} exist"
+        )
     need = tensor_parallel_size * data_parallel_size
     if need > len(devices):
         raise ValueError(

@@ -183,6 +183,10 @@ if __name__ == "__main__":
         (dict(num_processes=0), "must be >= 1"),
         (dict(num_processes=1, process_id=1), "out of range for 1 process"),
         (dict(num_processes="two"), "must be an integer"),
+        (dict(num_processes=10**400), "must be an integer"),  # an OverflowError traceback
+        # ports past 65535 were taken, and the processes then waited for each other for ever
+        (dict(coordinator_address="h:65536", num_processes=2, process_id=0), "port 1-65535"),
+        (dict(coordinator_address="h:0", num_processes=2, process_id=0), "port 1-65535"),
     ],
 )
 def test_inconsistent_options_are_refused(options, message, monkeypatch):
@@ -250,3 +254,19 @@ def test_a_cluster_of_one_process_is_left_alone(cluster, monkeypatch):
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("called"))
     monkeypatch.setattr(distributed, "detected_cluster", lambda: cluster)
     assert distributed.initialize() is False
+
+
+def test_a_job_that_cannot_be_joined_is_an_oserror(monkeypatch):
+    """jax's RuntimeError (a port in use: "Failed to start RPC server") becomes an OSError that
+    names the address, which the CLI prints as one line."""
+    import jax
+
+    from jaxinfer import distributed
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("UNKNOWN: Failed to start RPC server")
+
+    monkeypatch.setattr(jax.distributed, "initialize", refuse)
+    monkeypatch.setattr(distributed, "_use_cpu_collectives", lambda: None)
+    with pytest.raises(OSError, match=r"could not join the job at h:1 .*Failed to start RPC"):
+        distributed.initialize(coordinator_address="h:1", num_processes=2, process_id=0)

@@ -367,6 +367,11 @@ def test_bad_server_options_are_one_line(args, message):
     assert message in serve_refusal(*args)
 
 
+def test_a_bad_process_count_variable_is_one_line():
+    line = serve_refusal(env={"JAXINFER_NUM_PROCESSES": "two"})
+    assert "num_processes ($JAXINFER_NUM_PROCESSES) must be an integer, got 'two'" in line
+
+
 def test_an_empty_api_key_variable_is_refused():
     assert "$JAXINFER_API_KEY is set but empty" in serve_refusal(env={"JAXINFER_API_KEY": ""})
 

@@ -290,6 +290,21 @@ def test_expert_parallel_needs_divisible_experts():
     assert shard_model(model, 4, moe="ffn").tensor_parallel_size == 4
 
 
+def test_moe_refusals_advise_only_what_would_work():
+    """4 experts of width 36 over 8 devices: neither layout splits them, so neither message
+    sends the user to the other (they used to point at each other)."""
+    model = tiny(4, heads=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=36)
+    for moe in ("expert", "ffn"):
+        with pytest.raises(ValueError, match="to divide evenly: use a size that divides") as e:
+            shard_model(model, 8, moe=moe)
+        assert "use moe=" not in str(e.value)
+
+
+def test_data_parallel_names_a_tensor_parallel_size_that_cannot_fit():
+    with pytest.raises(ValueError, match="tensor_parallel_size 16 needs that many devices but 8"):
+        make_llm(tiny(2), tensor_parallel_size=16, data_parallel_size=2)
+
+
 def test_moe_layout_asked_without_a_size_is_applied():
     """moe_parallel alone re-splits a model's experts over the devices it is on (a replica's
     too); left out, the model keeps its own layout; an unknown one is refused."""

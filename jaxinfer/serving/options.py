@@ -216,7 +216,10 @@ def check_processes_and_devices(
     --tensor-parallel-size beyond this host's devices (which starts jax's backend)."""
     from jaxinfer import distributed
 
-    n = distributed.requested_processes()
+    try:
+        n = distributed.requested_processes()
+    except ValueError as e:  # $JAXINFER_NUM_PROCESSES=two, say
+        parser.error(str(e))
     if n > 1:
         parser.error(
             f"{n} processes asked for (${distributed.COUNT_ENV} or the cluster): a server runs "
