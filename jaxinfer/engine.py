@@ -127,6 +127,13 @@ class EngineConfig:
         for name in ("enable_prefix_caching", "async_scheduling", "warmup"):
             if getattr(self, name) is not None:  # "false" would be true
                 as_bool(name, getattr(self, name))
+        if self.attention_impl is not None:  # before a model is loaded for it
+            attention.check_impl(self.attention_impl)
+            if self.attention_impl not in ENGINE_IMPLS:
+                raise ValueError(
+                    f"attention_impl {self.attention_impl!r} serves forward() and generate() "
+                    f"only (a dense prefill): the engine's paged steps take one of {ENGINE_IMPLS}"
+                )
         if self.moe_parallel not in (None, *MOE_MODES):
             raise ValueError(f"moe_parallel must be one of {MOE_MODES}, got {self.moe_parallel!r}")
 
@@ -240,7 +247,7 @@ class Engine:
         # pool is f32: written in place, and exact.
         self.kv_dtype = jnp.dtype(jnp.float32) if _on_cpu() else jnp.dtype(model.dtype)
         self.num_pages = self._num_pages()
-        impl = config.attention_impl or attention.default_impl()
+        impl = config.attention_impl or _engine_impl(model.impl)
         self.runner = Runner(
             model.decoder(impl),
             model.params,
@@ -705,6 +712,22 @@ def _on_cpu() -> bool:
     import jax
 
     return jax.default_backend() == "cpu"
+
+
+# cuDNN's attention is dense: no paged steps (forward() and generate() take it for prefill).
+ENGINE_IMPLS = ("pallas", "xla", "reference")
+
+
+def _engine_impl(model_impl: str) -> str:
+    """The engine's attention when its config names none: the model's, unless the engine cannot
+    run that one."""
+    if model_impl in ENGINE_IMPLS:
+        return model_impl
+    fallback = attention.default_impl()
+    logger.info(
+        "the model's attention impl %r has no paged steps: the engine runs %r", model_impl, fallback
+    )
+    return fallback
 
 
 def _placed(model: Model, config: EngineConfig) -> Model:

@@ -56,7 +56,7 @@ class Model:
     parallel: Parallel = dataclasses.field(default_factory=Parallel)
 
     def decoder(self, impl: str | None = None) -> Decoder:
-        impl = attention.check_impl(impl or self.impl)
+        impl = attention.check_impl(self.impl if impl is None else impl)  # "" is no impl
         kernels = fused_kernels(self.config, self.dtype, impl, self.parallel)
         return Decoder(self.config, self.dtype, impl, self.parallel, **kernels)
 

@@ -432,3 +432,32 @@ def test_the_cli_leaves_quietly_when_its_reader_does():
     cli.stdout.close()
     assert cli.wait(timeout=120) == 0
     assert cli.stderr.read() == b""
+
+
+@pytest.mark.parametrize(
+    "impl, message",
+    [
+        ("Pallas", r"attention impl 'Pallas' is not one of"),
+        ("", r"attention impl '' is not one of"),  # not the default: None is
+        ("cudnn", r"'cudnn' serves forward\(\) and generate\(\) only"),  # no paged steps
+    ],
+)
+def test_engine_config_checks_its_attention_impl_before_a_load(impl, message):
+    with pytest.raises(ValueError, match=message):
+        jaxinfer.EngineConfig(attention_impl=impl)
+
+
+def test_forward_refuses_an_empty_impl(tiny_model):
+    with pytest.raises(ValueError, match="attention impl '' is not one of"):
+        jaxinfer.forward(tiny_model, [[1, 2, 3]], impl="")
+
+
+def test_the_engine_runs_the_models_own_impl(tiny_model):
+    """A model pinned to an impl keeps it in the engine (it used to get the platform's);
+    one the engine cannot page (cudnn) gives way to the platform's."""
+    import dataclasses
+
+    pinned = dataclasses.replace(tiny_model, impl="reference")
+    assert Engine(pinned).runner.decoder.impl == "reference"
+    dense = dataclasses.replace(tiny_model, impl="cudnn")
+    assert Engine(dense).runner.decoder.impl == jaxinfer.attention.default_impl()
