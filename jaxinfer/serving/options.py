@@ -67,7 +67,10 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     e.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
     e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
     e.add_argument(
-        "--attention-impl", default=None, help="attention kernel (default: the platform's)"
+        "--attention-impl",
+        default=None,
+        choices=["pallas", "xla", "reference"],
+        help="attention kernels (default: the platform's: pallas on a GPU, xla on a CPU)",
     )
     e.add_argument("--seed", type=int, default=0, help="seeds requests that bring none")
     e.add_argument(
