@@ -408,13 +408,13 @@ OTHER_DTYPES = {
 def _open_hf(path: pathlib.Path) -> tuple[ModelConfig, Callable]:
     cfg = with_generation_eos(ModelConfig.from_json_file(path / "config.json"), path)
     try:
-        tensors = _safetensors(path)  # headers only; read again by _load_hf
+        tensors = _safetensors(path)  # headers only: the params are read from them later
     except ValueError:
         tensors = None  # damaged files are named when the params are read, after these checks
     if tensors is not None:
         _check_counts(cfg, tensors)
         cfg = _untied_if_lm_head_differs(cfg, tensors, path)
-    return cfg, functools.partial(_load_hf, path, cfg)
+    return cfg, functools.partial(_load_hf, path, cfg, tensors)
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
@@ -478,8 +478,13 @@ def with_generation_eos(cfg: ModelConfig, path: pathlib.Path) -> ModelConfig:
         raise ValueError(f"{file}: {e}") from e
 
 
-def _load_hf(path: pathlib.Path, cfg: ModelConfig, dtype, shardings) -> tuple[dict, Any]:
-    params = params_from_hf(cfg, _safetensors(path), dtype, shardings)
+def _load_hf(
+    path: pathlib.Path, cfg: ModelConfig, tensors: dict | None, dtype, shardings
+) -> tuple[dict, Any]:
+    """tensors: the headers `_open_hf` read, or None where they did not read (read again here,
+    which names the damage)."""
+    tensors = _safetensors(path) if tensors is None else tensors
+    params = params_from_hf(cfg, tensors, dtype, shardings)
     return params, _hf_tokenizer(path)
 
 

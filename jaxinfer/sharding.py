@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.validate import as_int
 
 MODEL = "model"  # the mesh axis that tensor and expert parallelism split
 MOE_MODES = ("expert", "ffn")
@@ -54,8 +55,7 @@ class Parallel:
 def check_tensor_parallel(cfg: ModelConfig, size: int, num_devices: int | None = None) -> None:
     """ValueError unless `size` devices can split `cfg`: it must divide the query heads, and the
     kv heads must divide it or it them; there must be that many devices."""
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {size!r}")
+    as_int("tensor_parallel_size", size, 1)
     n, k = cfg.num_heads, cfg.num_kv_heads
     ok = [d for d in range(1, n + 1) if n % d == 0 and (k % d == 0 or d % k == 0)]
     if size not in ok:
@@ -303,11 +303,7 @@ def replica_meshes(tensor_parallel_size: int, data_parallel_size: int, devices=N
     """One mesh of `tensor_parallel_size` devices per data-parallel replica, in device order;
     ValueError where the devices do not suffice."""
     devices = list(jax.devices() if devices is None else devices)
-    bad = isinstance(data_parallel_size, bool) or not isinstance(
-        data_parallel_size, (int, np.integer)
-    )
-    if bad or data_parallel_size < 1:
-        raise ValueError(f"data_parallel_size must be an integer >= 1, got {data_parallel_size!r}")
+    as_int("data_parallel_size", data_parallel_size, 1)
     if tensor_parallel_size > len(devices):
         raise ValueError(
             f"tensor_parallel_size {tensor_parallel_size} needs that many devices but "

@@ -120,8 +120,8 @@ def as_token_ids(
 ) -> list[int]:
     """A list of token ids (ints >= 0, below `vocab_size` when given; at most `max_len` of
     them, counted before any is checked); None is []."""
-    if max_len is not None and _length(value) > max_len:
-        raise ValueError(f"{name} has {_length(value)} ids, more than {max_len}")
+    if max_len is not None and (count := _length(value)) > max_len:
+        raise ValueError(f"{name} has {count} ids, more than {max_len}")
     if isinstance(value, np.ndarray) and value.ndim == 1 and np.issubdtype(value.dtype, np.integer):
         ids = value.tolist()  # checked below as Python ints
     elif isinstance(value, (list, tuple)) and all_ints(value):

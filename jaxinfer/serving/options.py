@@ -69,8 +69,8 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     e.add_argument(
         "--attention-impl",
         default=None,
-        choices=["pallas", "xla", "reference"],
-        help="attention kernels (default: the platform's: pallas on a GPU, xla on a CPU)",
+        help="attention kernels: pallas, xla or reference (EngineConfig checks it; default: "
+        "the platform's, pallas on a GPU and xla on a CPU)",
     )
     e.add_argument("--seed", type=int, default=0, help="seeds requests that bring none")
     e.add_argument(
