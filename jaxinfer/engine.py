@@ -20,7 +20,9 @@ reads back once per k tokens (single steps instead when most of its rows would r
 within it). Stop ids and length limits apply on the device; stop strings,
 logprobs and seeded samples are those of single steps, and an output then carries every token
 the program made for its request (the text deltas joined are the same). The cost: a request that
-arrives (or is aborted) meanwhile waits for the program in flight, up to k steps.
+arrives (or is aborted) meanwhile waits for the program in flight, up to k steps. While a request
+with penalties or `logit_bias` runs, or one short of its `min_tokens`, every program takes one
+step: the sampler adds their entries in a program of its own (compiled on first use).
 
 Inside the engine a request is its id and its sequence's arrival number: an id may be reused
 as soon as its request ends (abort, stop), while a step planned for the old one is in flight;
@@ -204,6 +206,7 @@ class _Request:
     prompt_ids: list[int]
     text: str = ""  # all text so far (stop strings cut off)
     emitted: int = 0  # characters of `text` already streamed
+    stop_from: int = 0  # characters of `text` no stop string may begin in (min_tokens' text)
     sent_tokens: int = 0
     logprobs: list | None = None
     first_token_time: float | None = None
@@ -262,7 +265,10 @@ class Engine:
             decode_steps=config.num_decode_steps,
         )
         self.requests: dict[str, _Request] = {}
-        self._penalized: set[str] = set()  # requests with penalties: one step a program
+        # Requests whose steps run one a program: penalties or logit_bias (as long as they run),
+        # min_tokens (until they have them; `_single_steps`)
+        self._penalized: set[str] = set()
+        self._short: set[str] = set()
         self._aborted: list[RequestOutput] = []
         self._in_flight = None  # (plan, runner handle) committed but not resolved
         self._closed = False
@@ -462,6 +468,10 @@ class Engine:
             allow_empty=True,
             vocab_size=self.model.config.vocab_size,
         )
+        vocab = self.model.config.vocab_size
+        bad = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias: token id {bad} is outside the vocabulary [0, {vocab})")
         if params.stop and self.model.tokenizer is None:
             raise ValueError(
                 f"stop={params.stop!r:.80}: stop strings need the model's tokenizer, and this "
@@ -473,7 +483,11 @@ class Engine:
         seq = Seq(request_id, ids, params.max_tokens, stop_ids)
         self.scheduler.check(seq)  # refuses what could never fit
         tokenizer = self.model.tokenizer
-        detok = IncrementalDetokenizer(tokenizer, prompt_ids=ids) if tokenizer else None
+        detok = (
+            IncrementalDetokenizer(tokenizer, params.skip_special_tokens, prompt_ids=ids)
+            if tokenizer
+            else None
+        )
         return _Request(
             seq, params, -1, detok, 0.0, ids, logprobs=[] if params.logprobs is not None else None
         )
@@ -488,8 +502,10 @@ class Engine:
         req.seed = seed
         req.arrival = time.perf_counter()
         self.requests[req.seq.request_id] = req
-        if uses_penalties(params):
+        if uses_penalties(params) or params.logit_bias:
             self._penalized.add(req.seq.request_id)
+        if params.min_tokens:
+            self._short.add(req.seq.request_id)
 
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -519,6 +535,7 @@ class Engine:
     def _pop(self, request_id: str) -> _Request | None:
         """Takes an ended request out of the engine's books."""
         self._penalized.discard(request_id)
+        self._short.discard(request_id)
         return self.requests.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -545,13 +562,24 @@ class Engine:
         """
         self._check_open()
         outputs, self._aborted = self._aborted, []
-        # Penalties read the token history on the host, step by step.
-        plan = self.scheduler.schedule(1 if self._penalized else self.config.num_decode_steps)
+        plan = self.scheduler.schedule(1 if self._single_steps() else self.config.num_decode_steps)
         try:
             self._run(plan, outputs)
         except Exception as error:  # noqa: BLE001 - whatever it is, the other requests go on
             self._fail(plan, error, outputs)
         return outputs
+
+    def _single_steps(self) -> bool:
+        """Whether this step's programs take one step: penalties read the token history on the
+        host, step by step; logit_bias and min_tokens have the sampler's bias entries, which no
+        multi-step program takes (their sampler compiles on first use, not the model's)."""
+        for rid in [r for r in self._short if self._has_min_tokens(r)]:
+            self._short.discard(rid)
+        return bool(self._penalized or self._short)
+
+    def _has_min_tokens(self, request_id: str) -> bool:
+        req = self.requests[request_id]
+        return req.seq.num_output_tokens >= req.params.min_tokens
 
     def _run(self, plan, outputs: list[RequestOutput]) -> None:
         if plan.seqs:
@@ -635,9 +663,11 @@ class Engine:
         req.first_token_time = req.first_token_time or now
         seq = req.seq
         # A stop token id (EOS among them) that ended the request stays in its ids but adds no
-        # text, as in vLLM: its text is not the answer's (a "\n" given as a stop id, say).
+        # text, as in vLLM: its text is not the answer's (a "\n" given as a stop id, say),
+        # unless include_stop_str_in_output asks for it.
         stop_id = seq.is_finished and seq.finish_reason == "stop"
         stop_id = stop_id and seq.token_ids[-1] in seq.stop_token_ids
+        stop_id = stop_id and not req.params.include_stop_str_in_output
         last = len(seq.token_ids) - 1
         for j, token in enumerate(seq.token_ids[at:]):
             if req.logprobs is not None:
@@ -647,7 +677,9 @@ class Engine:
                 req.logprobs.append({token: float(samples.logprob[j, i]), **top})
             if req.detok is not None and not (stop_id and at + j == last):
                 req.text += req.detok.push(token)
-                if self._check_stop_strings(req):
+                if at + j + 1 - seq.num_prompt_tokens < req.params.min_tokens:
+                    req.stop_from = len(req.text)  # min_tokens: no stop string ends it yet
+                elif self._check_stop_strings(req):
                     del seq.token_ids[at + j + 1 :]
                     break
         else:  # no stop string ended it: at its end, the text held back is let out
@@ -666,11 +698,13 @@ class Engine:
         if not stops:
             return False
         longest = max(map(len, stops))
-        start = max(0, req.emitted - longest)  # a match may begin in text held back last time
-        hits = [i for i in (req.text.find(s, start) for s in stops) if i >= 0]
+        # a match may begin in text held back last time, not in min_tokens' text
+        start = max(0, req.emitted - longest, req.stop_from)
+        hits = [(i, len(s)) for i, s in ((req.text.find(s, start), s) for s in stops) if i >= 0]
         if not hits:
             return False
-        req.text = req.text[: min(hits)]
+        at, length = min(hits)
+        req.text = req.text[: at + length if req.params.include_stop_str_in_output else at]
         if req.seq.is_finished:
             req.seq.finish_reason = "stop"
         else:
@@ -679,7 +713,10 @@ class Engine:
 
     def _output(self, req: _Request, finished: bool) -> RequestOutput:
         seq = req.seq
-        hold = 0 if finished else _stop_prefix_len(req.text, req.params.stop, req.emitted)
+        # Text that may begin a stop string is held back, unless the stop string would be kept
+        hold = 0
+        if not (finished or req.params.include_stop_str_in_output):
+            hold = _stop_prefix_len(req.text, req.params.stop, max(req.emitted, req.stop_from))
         upto = max(req.emitted, len(req.text) - hold)
         delta, req.emitted = req.text[req.emitted : upto], upto
         output_ids = seq.output_token_ids  # a fresh list: the caller may keep it

@@ -47,9 +47,12 @@ from jaxinfer.attention import PagedMeta
 from jaxinfer.sampling import (
     SAMPLE_MODES,
     TOP_K_ONLY,
+    LogitBias,
     SampleOutput,
     SamplingArrays,
     SamplingParams,
+    bias_entries,
+    logit_bias_arrays,
     sample_rows,
     sampler_mode,
     sampling_arrays,
@@ -69,6 +72,7 @@ class StepBatch(NamedTuple):
     sampling: SamplingArrays
     history: Int[Array, "B S"] | None  # prompt + output ids for penalties; None when none is used
     history_is_output: Bool[Array, "B S"] | None
+    bias: LogitBias | None = None  # logit_bias and min_tokens entries; None when no row has one
 
 
 class RowInfo(NamedTuple):
@@ -131,6 +135,11 @@ def cublas_decode_rows() -> int | None:
 
 def uses_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def uses_bias(r: RowInfo) -> bool:
+    """Whether the row has LogitBias entries this step (`sampling.bias_entries`)."""
+    return bool(r.params.logit_bias) or r.num_output_tokens < r.params.min_tokens
 
 
 class Runner:
@@ -264,9 +273,13 @@ class Runner:
         split = vocab % self.mesh.shape[MODEL] == 0
         return NamedSharding(self.mesh, PartitionSpec(None, MODEL if split else None))
 
-    def _sample_fn(self, logits, sampling: SamplingArrays, history, history_is_output, mode: str):
+    def _sample_fn(
+        self, logits, sampling: SamplingArrays, history, history_is_output, mode: str, bias=None
+    ):
         self.num_compiles += 1  # runs at trace time only
-        out = sample_rows(logits, sampling, history, history_is_output, mode=mode, mesh=self.mesh)
+        out = sample_rows(
+            logits, sampling, history, history_is_output, mode=mode, mesh=self.mesh, bias=bias
+        )
         next_tokens = (
             jnp.zeros(self.max_num_seqs, jnp.int32).at[: out.tokens.shape[0]].set(out.tokens)
         )
@@ -281,7 +294,7 @@ class Runner:
             self.params, self.pages, self.prev_tokens, _forward_only(batch)
         )
         out, self.prev_tokens = self._sample(
-            logits, batch.sampling, batch.history, batch.history_is_output, mode
+            logits, batch.sampling, batch.history, batch.history_is_output, mode, batch.bias
         )
         self.prev_stopped = self._no_stops
         return out
@@ -301,14 +314,14 @@ class Runner:
         return self._decode
 
     def multi_step(self, plan: StepPlan, rows: Sequence[RowInfo]) -> bool:
-        """Whether `plan` runs as a multi-step decode program: decodes only, no penalties, and
-        some row with more than one step (a plan of single steps runs as one step: the program
-        would run all k steps for one live one)."""
+        """Whether `plan` runs as a multi-step decode program: decodes only, no penalties, no
+        logit bias (nor min_tokens yet to reach), and some row with more than one step (a plan
+        of single steps runs as one step: the program would run all k steps for one live one)."""
         return (
             self.decode_steps > 1
             and plan.decode_only
             and any(s.num_steps > 1 for s in plan.seqs)
-            and not any(uses_penalties(r.params) for r in rows)
+            and not any(uses_penalties(r.params) or uses_bias(r) for r in rows)
         )
 
     def bucket(self, num_tokens: int) -> tuple[int, int]:
@@ -430,6 +443,7 @@ class Runner:
                             batch.history,
                             batch.history_is_output,
                             mode,
+                            None,  # no LogitBias: those compile on first use
                         ),
                     )
                 )
@@ -477,6 +491,7 @@ class Runner:
             sampling,
             history,
             is_output,
+            None if square else self._bias(rows, b),  # no multi-step program runs a bias
         )
 
     def table_width(self, plan: StepPlan) -> int:
@@ -498,6 +513,13 @@ class Runner:
                 ids[i, : len(r.token_ids)] = r.token_ids
                 is_output[i, r.num_prompt_tokens : len(r.token_ids)] = True
         return put_tree((ids, is_output), self.replicated)
+
+    def _bias(self, rows: Sequence[RowInfo], b: int) -> LogitBias | None:
+        """The rows' LogitBias [B, N] when any row has an entry this step, else None."""
+        if not any(map(uses_bias, rows)):
+            return None
+        entries = [bias_entries(r.params, r.stop_token_ids, r.num_output_tokens) for r in rows]
+        return put_tree(logit_bias_arrays(entries, b), self.replicated)
 
     def _padding_batch(self, t: int, penalties: bool, decode: bool) -> StepBatch:
         b = min(t, self.max_num_seqs)
@@ -545,7 +567,7 @@ def _step_tokens(prev_tokens: Int[Array, "R"], batch: StepBatch) -> Int[Array, "
 
 def _forward_only(batch: StepBatch) -> StepBatch:
     """The forward's part of a batch: the sampler's arrays left out of its program."""
-    return batch._replace(sampling=None, history=None, history_is_output=None)
+    return batch._replace(sampling=None, history=None, history_is_output=None, bias=None)
 
 
 def _progress_bar(total: int, desc: str):

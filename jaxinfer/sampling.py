@@ -30,6 +30,13 @@ class SamplingParams:
     (in [-2, 2]) over output tokens. `seed` makes the request's samples independent of its batch.
     `logprobs` = n returns the top-n log-probabilities (raw model distribution) of every new token.
     top_k is at most 2**31 - 1; at or above the vocabulary size it keeps every token.
+
+    As in vLLM: `min_tokens` keeps EOS and `stop_token_ids` from being sampled, and stop strings
+    from matching, until that many tokens are out; `logit_bias` ({token id: bias in [-100, 100]},
+    at most MAX_LOGIT_BIAS entries; stored as sorted (id, bias) pairs) is added to the logits
+    before penalties and sampling (logprobs stay the raw model's); `include_stop_str_in_output`
+    keeps the stop string (or the text of the stop token id) that ended a request in its text;
+    `skip_special_tokens` False writes special tokens into the text.
     """
 
     max_tokens: int = 16
@@ -45,6 +52,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
         if isinstance(self.top_k, (int, np.integer)) and self.top_k == -1:
@@ -53,6 +64,10 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None or name not in _OPTIONAL:
                 object.__setattr__(self, name, check(name, value))
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -71,6 +86,8 @@ MAX_LOGPROBS = 20  # top-n logprobs computed on device for every row; a request 
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 16384  # all of a request's stop strings together
 MAX_STOP_TOKEN_IDS = 1024  # counted before they are checked: a front's thread checks them
+MAX_LOGIT_BIAS = 300  # entries of a request's logit_bias, as OpenAI's API allows
+MAX_BIAS = 100.0  # |bias| of a logit_bias entry, as OpenAI's API allows
 
 
 def _stop_strings(name: str, value) -> tuple[str, ...]:
@@ -83,6 +100,33 @@ def _stop_strings(name: str, value) -> tuple[str, ...]:
             f"{name}'s strings hold {chars} characters together, more than {MAX_STOP_CHARS}"
         )
     return stops
+
+
+def _logit_bias(name: str, value) -> tuple[tuple[int, float], ...]:
+    """{token id: bias} (ids as ints or as decimal strings, a JSON object's keys) or (id, bias)
+    pairs; None is none. Sorted by id; an id given twice ("1" and "01") is refused."""
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError(f"{name} must be a dict of token id -> bias, got {value!r:.80}")
+    if len(items) > MAX_LOGIT_BIAS:
+        raise ValueError(f"{name} has {len(items)} entries, more than {MAX_LOGIT_BIAS}")
+    pairs = {}
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValueError(f"{name} entries must be (token id, bias) pairs, got {item!r:.80}")
+        key, bias = item
+        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10:
+            key = int(key)  # a JSON object's keys are strings
+        token = as_int(f"{name} token id", key, 0, INT32_MAX)
+        if token in pairs:
+            raise ValueError(f"{name} gives token id {token} twice")
+        pairs[token] = as_float(f"{name}[{token}]", bias, -MAX_BIAS, MAX_BIAS)
+    return tuple(sorted(pairs.items()))
 
 
 # Every field's check (jaxinfer/validate.py): each returns the value as a plain Python type.
@@ -104,6 +148,10 @@ _FIELD_CHECKS = {
     ),
     "ignore_eos": as_bool,
     "logprobs": lambda n, v: as_int(n, v, 0, MAX_LOGPROBS),
+    "min_tokens": lambda n, v: as_int(n, v, 0),
+    "logit_bias": _logit_bias,
+    "include_stop_str_in_output": as_bool,
+    "skip_special_tokens": as_bool,
 }
 _OPTIONAL = ("seed", "logprobs")  # None means "none"
 
@@ -134,6 +182,67 @@ class SamplingArrays(NamedTuple):
     seed: UInt32[Array, "B"]  # per-request seed
     step: Int[Array, "B"]  # tokens this request generated before this one
     num_logprobs: Int[Array, "B"]  # top-n logprobs wanted; 0 = none
+
+
+class LogitBias(NamedTuple):
+    """Entries added to rows' logits before penalties and sampling (a pytree; every field
+    [B, N], N a bucket): logit_bias, and while a request is short of min_tokens, -inf on its
+    stop ids. An entry applies while the row's step is below its `until`."""
+
+    ids: Int[Array, "B N"]  # -1 = no entry
+    values: Float[Array, "B N"]
+    until: Int[Array, "B N"]  # INT32_MAX: always
+
+
+def bias_entries(params: SamplingParams, stop_ids, step: int) -> list[tuple[int, float, int]]:
+    """(id, bias, until) of one row: its logit_bias, and -inf on `stop_ids` (its stop token
+    ids, EOS among them unless ignored) while fewer than min_tokens tokens are out (`step`)."""
+    entries = [(t, b, INT32_MAX) for t, b in params.logit_bias]
+    if step < params.min_tokens:
+        entries += [(t, -np.inf, params.min_tokens) for t in sorted(stop_ids)]
+    return entries
+
+
+def logit_bias_arrays(rows: Sequence[list[tuple[int, float, int]]], pad_to: int) -> LogitBias:
+    """Host arrays [pad_to, N] of each row's `bias_entries`; N is the smallest power of two
+    (at least 16) that holds the longest row, so that few programs serve every batch."""
+    n = max(16, 1 << max(0, max(map(len, rows), default=0) - 1).bit_length())
+    ids = np.full((pad_to, n), -1, np.int32)
+    values, until = np.zeros((pad_to, n), np.float32), np.zeros((pad_to, n), np.int32)
+    for i, entries in enumerate(rows):
+        for j, (t, b, u) in enumerate(entries):
+            ids[i, j], values[i, j], until[i, j] = t, b, u
+    return LogitBias(ids, values, until)
+
+
+def apply_logit_bias(
+    logits: Float[Array, "B V"], bias: LogitBias, step: Int[Array, "B"], mesh=None
+) -> Float[Array, "B V"]:
+    """logits with each row's live entries added (an id outside the vocabulary adds nothing).
+    Over `mesh`, where the logits are split by vocab, each device adds the entries in its part."""
+    from jax.sharding import PartitionSpec
+
+    from jaxinfer.sharding import MODEL
+
+    if mesh is None or logits.shape[1] % mesh.shape[MODEL]:
+        return _add_entries(logits, *bias, step, offset=0)
+
+    def local(x, *rest):  # x [B, V / M]: this device's part of the vocabulary
+        return _add_entries(x, *rest, offset=jax.lax.axis_index(MODEL) * x.shape[1])
+
+    whole, split = PartitionSpec(), PartitionSpec(None, MODEL)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(split, *[whole] * 4), out_specs=split, check_vma=False
+    )(logits, *bias, step)
+
+
+def _add_entries(x, ids, values, until, step, *, offset) -> Float[Array, "B V"]:
+    """x [B, V'] (vocabulary ids offset ... offset + V') plus the entries live at `step`."""
+    local = ids - offset
+    live = (ids >= 0) & (local >= 0) & (local < x.shape[1]) & (step[:, None] < until)
+    local = jnp.where(live, local, x.shape[1])  # out of range: dropped by the scatter
+    rows = jnp.arange(x.shape[0])[:, None]
+    return x.at[rows, local].add(jnp.where(live, values, 0.0), mode="drop")
 
 
 class SampleOutput(NamedTuple):
@@ -251,6 +360,7 @@ def sample_rows(
     *,
     mode: str,
     mesh=None,
+    bias: LogitBias | None = None,
 ) -> SampleOutput:
     """Samples one token per row, each row with its own settings, seed and step. Jittable.
 
@@ -271,6 +381,7 @@ def sample_rows(
         the same result (on one device TOP_K_ONLY is "filter") except where more than
         FILTER_CANDIDATES tokens of one device tie at the row's k-th logit: top-k keeps every
         tied token, the candidates only that many of them.
+      bias: LogitBias entries added before the penalties (logit_bias, min_tokens); None: none.
     Returns:
       SampleOutput: tokens [B], logprob [B], top_ids / top_logprobs [B, MAX_LOGPROBS].
     """
@@ -279,7 +390,10 @@ def sample_rows(
     top_k_only = mode == TOP_K_ONLY
     mode = "filter" if top_k_only else mode
     raw = logits.astype(jnp.float32)  # [B, V]
-    penalized = raw if history is None else apply_penalties(raw, arrays, history, history_is_output)
+    biased = raw if bias is None else apply_logit_bias(raw, bias, arrays.step, mesh)
+    penalized = (
+        biased if history is None else apply_penalties(biased, arrays, history, history_is_output)
+    )
     greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)  # [B]
     if mode == "greedy":
         tokens = greedy

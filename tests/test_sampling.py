@@ -17,7 +17,10 @@ from jaxinfer.sampling import (
     SamplingArrays,
     SamplingParams,
     _fold_seed,
+    apply_logit_bias,
     apply_penalties,
+    bias_entries,
+    logit_bias_arrays,
     sample_mode,
     sample_rows,
     sampling_arrays,
@@ -490,3 +493,103 @@ def test_large_seeds_fold_apart():
     assert len(set(large)) == len(large) and not small & set(large)
     with pytest.raises(ValueError, match="seed must be an integer >= 0"):
         _fold_seed(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# logit_bias and min_tokens: LogitBias entries
+
+
+def test_logit_bias_entries_add_to_the_logits_while_live():
+    """Each entry adds its value to its row's logit while the row's step is below its `until`;
+    -1 ids and ids outside the vocabulary add nothing; logprobs stay the raw model's."""
+    logits = np.asarray([[0.0, 1.0, 2.0, 3.0]] * 3, np.float32)
+    entries = [
+        [(0, 10.0, 2**31 - 1)],  # always: 0 wins
+        [(3, -np.inf, 5), (2, -np.inf, 5)],  # min_tokens 5 at step 4: 3 and 2 banned → 1
+        [(3, -np.inf, 4), (9, 50.0, 2**31 - 1)],  # ban ended at step 4; id 9 > V: nothing
+    ]
+    bias = logit_bias_arrays(entries, pad_to=3)
+    assert bias.ids.shape == (3, 16) and (bias.ids[:, 2:] == -1).all()
+    arrays = rows(3, temperature=0.0, step=4, num_logprobs=2)
+    for mode in SAMPLE_MODES:
+        out = jax.jit(functools.partial(sample_rows, mode=mode))(logits, arrays, bias=bias)
+        np.testing.assert_array_equal(out.tokens, [0, 1, 3])
+        np.testing.assert_allclose(out.logprob, jax.nn.log_softmax(logits)[[0, 1, 2], [0, 1, 3]])
+    biased = apply_logit_bias(jnp.asarray(logits), bias, jnp.asarray([4, 4, 4]))
+    np.testing.assert_array_equal(
+        np.asarray(biased), [[10, 1, 2, 3], [0, 1, -np.inf, -np.inf], [0, 1, 2, 3]]
+    )
+
+
+def test_logit_bias_applies_before_penalties_and_sampling():
+    """A banned token is never drawn, whatever the temperature; a +100 bias always is."""
+    logits = np.zeros((64, 5), np.float32)
+    bias = logit_bias_arrays([[(2, -np.inf, 1 << 30)]] * 32 + [[(4, 100.0, 1 << 30)]] * 32, 64)
+    arrays = rows(64, temperature=1.5, seed=np.arange(64), repetition_penalty=1.5)
+    history = np.tile(np.arange(5, dtype=np.int32), (64, 1))
+    out = SAMPLERS["sample"](logits, arrays, history, bias=bias)
+    tokens = np.asarray(out.tokens)
+    assert 2 not in tokens[:32] and len(set(tokens[:32])) > 1
+    assert (tokens[32:] == 4).all()
+
+
+def test_logit_bias_buckets_its_width():
+    assert logit_bias_arrays([[]], 2).ids.shape == (2, 16)
+    assert logit_bias_arrays([[(1, 1.0, 9)] * 17], 1).ids.shape == (1, 32)
+    assert logit_bias_arrays([[(1, 1.0, 9)] * 300, [(2, 1.0, 9)] * 1100], 2).ids.shape == (2, 2048)
+
+
+def test_bias_entries_of_a_row():
+    params = SamplingParams(max_tokens=9, min_tokens=3, logit_bias={"7": -1.5, 2: 4})
+    entries = bias_entries(params, {5, 1}, step=2)
+    assert entries == [(2, 4.0, 2**31 - 1), (7, -1.5, 2**31 - 1), (1, -np.inf, 3), (5, -np.inf, 3)]
+    assert bias_entries(params, {5, 1}, step=3) == entries[:2]  # min_tokens reached
+    assert bias_entries(SamplingParams(), {5}, step=0) == []
+
+
+def test_logit_bias_over_a_vocab_split_mesh_equals_one_device():
+    from jaxinfer.sharding import make_mesh
+
+    mesh = make_mesh(4)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 64)).astype(np.float32)
+    entries = [[(0, 5.0, 9), (63, -3.0, 9)], [(17, -np.inf, 1)], [(33, 2.0, 0)], [(16, 1.0, 9)]]
+    bias = logit_bias_arrays(entries, 4)
+    step = jnp.asarray([0, 0, 0, 8])
+    want = apply_logit_bias(jnp.asarray(logits), bias, step)
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model"))
+    got = jax.jit(functools.partial(apply_logit_bias, mesh=mesh))(
+        jax.device_put(logits, split), bias, step
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.isneginf(np.asarray(got)[1, 17]) and np.asarray(got)[2, 33] == logits[2, 33]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(min_tokens=-1), "^min_tokens must be an integer >= 0"),
+        (dict(max_tokens=4, min_tokens=5), r"^min_tokens \(5\) must be at most max_tokens \(4\)"),
+        (dict(logit_bias={"a": 1}), "^logit_bias token id must be an integer"),
+        (dict(logit_bias={"٣": 1}), "^logit_bias token id must be an integer"),  # not ASCII
+        (dict(logit_bias={5: 100.5}), r"^logit_bias\[5\] must be a finite float32 number"),
+        (dict(logit_bias={5: True}), r"^logit_bias\[5\] must be a finite float32 number"),
+        (dict(logit_bias={"1": 1, "01": 2}), "^logit_bias gives token id 1 twice"),
+        (dict(logit_bias={i: 0 for i in range(301)}), "^logit_bias has 301 entries, more than 300"),
+        (dict(logit_bias=[(1, 2, 3)]), r"^logit_bias entries must be \(token id, bias\) pairs"),
+        (dict(logit_bias="5:1"), "^logit_bias must be a dict"),
+        (dict(include_stop_str_in_output=1), "^include_stop_str_in_output must be True or False"),
+        (dict(skip_special_tokens="no"), "^skip_special_tokens must be True or False"),
+    ],
+)
+def test_new_fields_refuse_bad_values(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**fields)
+
+
+def test_logit_bias_is_stored_as_sorted_pairs():
+    p = SamplingParams(logit_bias={"50256": -100, 3: 2.5})
+    assert p.logit_bias == ((3, 2.5), (50256, -100.0)) and hash(p) == hash(
+        SamplingParams(logit_bias=[(50256, -100.0), (3, 2.5)])
+    )
+    assert SamplingParams(logit_bias=None).logit_bias == ()
