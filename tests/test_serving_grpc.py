@@ -212,6 +212,29 @@ BAD_INPUTS = {
     "text without a tokenizer": (dict(prompt="hello"), "has no tokenizer"),
     "too many stop ids": (dict(prompt=[5], stop_token_ids=[1] * 1025), "1025 ids, more than"),
     "a long request id": (dict(prompt=[5], request_id="x" * 257), "257 characters, more than"),
+    "logit_bias bias": (dict(prompt=[5], logit_bias={5: 101}), "logit_bias[5] must be a finite"),
+    "logit_bias NaN": (dict(prompt=[5], logit_bias={5: float("nan")}), "logit_bias[5] must be"),
+    "logit_bias negative id": (
+        dict(prompt=[5], logit_bias={-1: 1}),
+        "logit_bias token id must be an integer in [0, 2147483647], got -1",
+    ),
+    "logit_bias entries": (
+        dict(prompt=[5], logit_bias={i: 1.0 for i in range(301)}),
+        "logit_bias has 301 entries, more than 300",
+    ),
+    "logit_bias id outside the vocab": (
+        dict(prompt=[5], logit_bias={320: 1}),
+        "logit_bias: token id 320 is outside the vocabulary [0, 320)",
+    ),
+    "min_tokens above max_tokens": (
+        dict(prompt=[5], max_tokens=2, min_tokens=3),
+        "min_tokens (3) must be at most max_tokens (2)",
+    ),
+    "min_tokens above the default max_tokens": (
+        dict(prompt=[5], min_tokens=17),
+        "min_tokens (17) must be at most max_tokens (16)",
+    ),
+    "min_tokens negative": (dict(prompt=[5], min_tokens=-1), "min_tokens must be an integer >= 0"),
 }
 
 
@@ -233,6 +256,70 @@ def test_bad_inputs_are_invalid_argument_and_others_unaffected(stub, llm):
     runner.join(120)
     assert [t for p in good for t in p.token_ids] == ref.token_ids
     wait_all_pages_free(stub)
+
+
+def test_request_options_map_to_sampling_params():
+    """min_tokens, logit_bias (a map), include_stop_str_in_output, skip_special_tokens reach the
+    engine's SamplingParams through the wire format; unset means SamplingParams' default."""
+    from jaxinfer.serving.client import generate_request as request
+    from jaxinfer.serving.grpc_server import sampling_params
+
+    def fields(msg):
+        p = sampling_params(pb.SamplingParams.FromString(msg.SerializeToString()))
+        return p.min_tokens, p.logit_bias, p.include_stop_str_in_output, p.skip_special_tokens
+
+    options = dict(
+        min_tokens=3,
+        logit_bias={"17": 100, 5: -2.5, 300: 0},  # ids as ints or decimal strings, as JSON's
+        include_stop_str_in_output=True,
+        skip_special_tokens=False,
+    )
+    msg = request([5], max_tokens=8, **options).sampling
+    assert fields(msg) == (3, ((5, -2.5), (17, 100.0), (300, 0.0)), True, False)
+    assert fields(request([5], logit_bias=[(9, 1.5)]).sampling)[1] == ((9, 1.5),)
+    defaults = (0, (), False, True)
+    assert fields(pb.SamplingParams()) == defaults
+    assert fields(request([5], logit_bias={}).sampling) == defaults
+    # set to the default values explicitly: the same
+    explicit = dict(min_tokens=0, include_stop_str_in_output=False, skip_special_tokens=True)
+    assert fields(request([5], **explicit).sampling) == defaults
+    # the client refuses what the map cannot say, naming the field
+    for bad, message in (
+        ({"abc": 1}, "logit_bias token id must be an integer, got 'abc'"),
+        ([(5, 1), ("5", 2)], "logit_bias gives token id 5 twice"),
+        (5, "logit_bias must be a dict"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            request([5], logit_bias=bad)
+
+
+def test_logit_bias_and_min_tokens_are_honoured(stub, llm):
+    (prompt,) = prompts(1, seed=6)
+
+    def generate(**sampling):
+        request = generate_request(prompt, **GREEDY, **sampling)
+        return stub.Generate(request, metadata=AUTH, timeout=120)
+
+    plain = list(generate(max_tokens=8, ignore_eos=True).token_ids)
+    target = next(i for i in range(5, 320) if i not in plain)
+    biased = generate(max_tokens=6, ignore_eos=True, logit_bias={target: 100.0})
+    assert list(biased.token_ids) == [target] * 6
+    pieces = stream_all(stub, prompt, max_tokens=6, logit_bias={target: 100.0}, **GREEDY)
+    assert [t for p in pieces for t in p.token_ids] == [target] * 6
+    banned = generate(max_tokens=4, ignore_eos=True, logit_bias={plain[0]: -100.0})
+    assert banned.token_ids[0] != plain[0]
+    # The tiny model has no EOS: its first greedy token, made a stop id, ends it at once...
+    stopped = generate(max_tokens=8, stop_token_ids=[plain[0]])
+    assert (list(stopped.token_ids), stopped.finish_reason) == (plain[:1], "stop")
+    # ... unless min_tokens keeps it from being sampled for the first 4 tokens
+    sampling = dict(max_tokens=8, stop_token_ids=[plain[0]], min_tokens=4)
+    held = generate(**sampling)
+    ids = list(held.token_ids)
+    assert len(ids) >= 4 and plain[0] not in ids[:4], ids
+    if len(ids) < 8:  # ended by the stop id, once it was allowed
+        assert (ids[-1], held.finish_reason) == (plain[0], "stop")
+    (ref,) = reference(llm, [prompt], **sampling, **GREEDY)
+    assert ids == ref.token_ids
 
 
 def test_missing_or_wrong_key_is_refused_health_stays_open(server):

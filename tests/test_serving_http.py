@@ -321,13 +321,17 @@ BAD = {
     "n": (dict(n=0), "n must be an integer in [1, 128]"),
     "n too large": (dict(n=10**8), "n must be an integer in [1, 128], got 100000000"),
     "too many choices": (dict(prompt=[[5]] * 40, n=128), "would make 5120 requests"),
-    "logit_bias": (dict(logit_bias={"5": 100}), 'logit_bias={"5": 100} is not supported'),
+    "echo": (dict(echo=True), "echo=true is not supported"),
     "response_format": (
         dict(extra_body={"response_format": {"type": "json_object"}}),
         "response_format=",
     ),
     "best_of": (dict(best_of=3), "best_of=3 is not supported"),
-    "min_tokens": (dict(extra_body={"min_tokens": 4}), "min_tokens=4 is not supported"),
+    "spaces_between_special_tokens": (
+        dict(extra_body={"spaces_between_special_tokens": False}),
+        "spaces_between_special_tokens=false is not supported",
+    ),
+    "prompt_logprobs": (dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs=1 is not"),
     "suffix": (dict(suffix="x"), 'suffix="x" is not supported'),
     "logprobs": (dict(logprobs=99), "logprobs must be an integer in [0, 20]"),
     "prompt shape": (dict(prompt=[1, "a"]), "prompt must be a string"),
@@ -349,7 +353,7 @@ def test_bad_values_are_400_in_openai_shape(client):
             err = e.value.body
             assert set(err) >= {"message", "type", "param", "code"}, err
             assert message in err["message"], (name, err)
-            if name in ("temperature", "max_tokens", "n", "logprobs", "user"):
+            if name in ("temperature", "max_tokens", "n", "logprobs", "user", "echo"):
                 assert err["param"] == name, err
             if name == "unknown field":
                 assert err["param"] == "max_new_tokens", err
@@ -388,6 +392,203 @@ def test_bad_values_are_400_in_openai_shape(client):
         model=NAME, messages=hello, max_tokens=2, extra_body={"add_special_tokens": False, **tags}
     )
     assert out.choices[0].finish_reason == "length"
+
+
+# vLLM's request options (SamplingParams' min_tokens, logit_bias, include_stop_str_in_output,
+# skip_special_tokens): each bad value, with the message and the param of its 400.
+BAD_OPTIONS = {
+    "logit_bias key": ({"logit_bias": {"abc": 1}}, "logit_bias token id must be an integer"),
+    "logit_bias negative key": ({"logit_bias": {"-1": 1}}, "got '-1'"),
+    "logit_bias bias": ({"logit_bias": {"5": 101}}, "logit_bias[5] must be a finite float32 "),
+    "logit_bias bias type": ({"logit_bias": {"5": "up"}}, "logit_bias[5] must be a finite"),
+    "logit_bias entries": (
+        {"logit_bias": {str(i): 1 for i in range(301)}},
+        "logit_bias has 301 entries, more than 300",
+    ),
+    "logit_bias id twice": ({"logit_bias": {"5": 1, "05": 2}}, "gives token id 5 twice"),
+    "logit_bias list": ({"logit_bias": [[5, 1]]}, "logit_bias must be an object"),
+    "logit_bias id outside the vocab": (  # the engine's refusal
+        {"logit_bias": {"320": 1}},
+        "logit_bias: token id 320 is outside the vocabulary [0, 320)",
+    ),
+    "min_tokens above max_tokens": ({"min_tokens": 3}, "min_tokens (3) must be at most max_tokens"),
+    "min_tokens negative": ({"min_tokens": -1}, "min_tokens must be an integer >= 0, got -1"),
+    "min_tokens fraction": ({"min_tokens": 1.5}, "min_tokens must be an integer"),
+    "skip_special_tokens": (
+        {"skip_special_tokens": "yes"},
+        "skip_special_tokens must be True or False, got 'yes'",
+    ),
+    "include_stop_str_in_output": (
+        {"include_stop_str_in_output": 1},
+        "include_stop_str_in_output must be True or False, got 1",
+    ),
+}
+
+
+def test_bad_request_options_are_400_naming_the_param(client):
+    hello = [{"role": "user", "content": "w5"}]
+    for name, (extra, message) in BAD_OPTIONS.items():
+        param = next(iter(extra))
+        for chat in (False, True):
+            for stream in (False, True):
+                with pytest.raises(openai.BadRequestError) as e:
+                    if chat:
+                        r = client.chat.completions.create(
+                            model=NAME,
+                            messages=hello,
+                            max_tokens=2,
+                            stream=stream,
+                            extra_body=extra,
+                        )
+                    else:
+                        r = client.completions.create(
+                            model=NAME, prompt=[5, 6], max_tokens=2, stream=stream, extra_body=extra
+                        )
+                    list(r) if stream else None
+                err = e.value.body
+                assert e.value.status_code == 400, (name, chat, stream)
+                assert message in err["message"], (name, err)
+                assert err["param"] == param and err["type"] == "invalid_request_error", (name, err)
+
+
+def test_request_options_reach_sampling_params(llm):
+    """Both endpoints' bodies (as JSON gives them: logit_bias ids as strings) make engine
+    requests with these values; unset or null means SamplingParams' default."""
+    from types import SimpleNamespace as NS
+
+    from jaxinfer.serving.http_server import OpenAIFront
+
+    front = OpenAIFront(NS(engine=llm.engine), NAME)
+    options = json.loads(
+        '{"min_tokens": 3, "logit_bias": {"17": 100, "5": -2.5, "300": 0},'
+        ' "include_stop_str_in_output": true, "skip_special_tokens": false}'
+    )
+
+    def fields(p):
+        return p.min_tokens, p.logit_bias, p.include_stop_str_in_output, p.skip_special_tokens
+
+    defaults = (0, (), False, True)
+    for chat, body in (
+        (False, {"prompt": [5, 6], "max_tokens": 8}),
+        (True, {"messages": [{"role": "user", "content": "w5"}], "max_completion_tokens": 8}),
+    ):
+        _, params, n, _ = front._plan({**body, **options, "n": 2}, chat)
+        assert n == 2 and len(params) == 2
+        for p in params:
+            assert fields(p) == (3, ((5, -2.5), (17, 100.0), (300, 0.0)), True, False)
+            assert p.max_tokens == 8
+        for unset in ({}, dict.fromkeys(options), {"logit_bias": {}}):
+            (_, (p,), _, _) = front._plan({**body, **unset}, chat)
+            assert fields(p) == defaults, unset
+        # what the other fields do is unchanged by them
+        (_, (p,), _, _) = front._plan({**body, **options, "temperature": 0}, chat)
+        assert p.temperature == 0 and p.max_tokens == 8 and p.min_tokens == 3
+
+
+def first_words(client, prompt, n, **extra):
+    """The greedy completion's words (ignore_eos) and its usage."""
+    r = client.completions.create(
+        model=NAME,
+        prompt=prompt,
+        max_tokens=n,
+        temperature=0,
+        extra_body={"ignore_eos": True, **extra},
+    )
+    return r.choices[0].text.split(), r.usage.completion_tokens
+
+
+def test_logit_bias_steers_every_greedy_token(client):
+    (prompt,) = prompts(1, seed=8)
+    plain, count = first_words(client, prompt, 6)
+    assert count == 6 and len(plain) == 6  # no special token (w0) among them
+    target = next(i for i in range(5, 300) if f"w{i}" not in plain)
+    r = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=6, temperature=0, logit_bias={str(target): 100}
+    )
+    assert r.choices[0].text.split() == [f"w{target}"] * 6
+    assert r.usage.completion_tokens == 6
+    banned, _ = first_words(client, prompt, 6, logit_bias={str(plain[0][1:]): -100})
+    assert banned[0] != plain[0]  # -100: the greedy first token never comes
+    chat = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": words(prompt)}],
+        max_tokens=4,
+        temperature=0,
+        logit_bias={str(target): 100},
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chat if c.choices)
+    assert text.split() == [f"w{target}"] * 4
+
+
+def test_min_tokens_holds_off_a_stop_id(client):
+    """The tiny model has no EOS: its first greedy token, made a stop id, ends a request at
+    once, unless min_tokens keeps it from being sampled."""
+    (prompt,) = prompts(1, seed=9)
+    plain, _ = first_words(client, prompt, 8)
+    assert len(plain) == 8  # no special token (w0) among them
+    first = int(plain[0][1:])
+    body = dict(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
+    r = client.completions.create(**body, extra_body={"stop_token_ids": [first]})
+    assert (r.choices[0].text, r.usage.completion_tokens) == ("", 1)
+    assert r.choices[0].finish_reason == "stop"
+    for chat in (False, True):
+        extra = {"stop_token_ids": [first], "min_tokens": 4}
+        if chat:
+            r = client.chat.completions.create(
+                model=NAME,
+                messages=[{"role": "user", "content": words(prompt)}],
+                max_tokens=8,
+                temperature=0,
+                extra_body=extra,
+            )
+            text = r.choices[0].message.content
+        else:
+            r = client.completions.create(**body, extra_body=extra)
+            text = r.choices[0].text
+        assert r.usage.completion_tokens >= 4, r
+        assert len(text.split()) >= 4 and f"w{first}" not in text.split(), text
+        if r.usage.completion_tokens < 8:
+            assert r.choices[0].finish_reason == "stop"
+
+
+def test_include_stop_str_in_output_and_skip_special_tokens(client):
+    (prompt,) = prompts(1, seed=10)
+    plain, _ = first_words(client, prompt, 8)
+    assert len(plain) == 8  # no special token (w0) among them
+    body = dict(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
+    # a stop id's text: left out by default, kept when asked
+    first = int(plain[0][1:])
+    for include, text in ((False, ""), (True, plain[0])):
+        r = client.completions.create(
+            **body,
+            extra_body={"stop_token_ids": [first], "include_stop_str_in_output": include},
+        )
+        assert (r.choices[0].text.strip(), r.choices[0].finish_reason) == (text, "stop")
+    # a stop string: the text up to it, and with it when asked (streamed the same)
+    stop = plain[2]
+    cut = client.completions.create(**body, stop=[stop]).choices[0]
+    kept = client.completions.create(
+        **body, stop=[stop], extra_body={"include_stop_str_in_output": True}
+    ).choices[0]
+    assert cut.finish_reason == kept.finish_reason == "stop"
+    assert kept.text.endswith(stop) and cut.text == kept.text[: -len(stop)], (cut, kept)
+    streamed = client.completions.create(
+        **body, stop=[stop], stream=True, extra_body={"include_stop_str_in_output": True}
+    )
+    assert "".join(c.choices[0].text for c in streamed) == kept.text
+    # w0 is the tokenizer's unk and pad token: special, left out of the text unless asked
+    pad = {"logit_bias": {"0": 100}}
+    assert first_words(client, prompt, 3, **pad) == ([], 3)
+    assert first_words(client, prompt, 3, **pad, skip_special_tokens=False) == (["w0"] * 3, 3)
+    chat = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "w5"}],
+        max_tokens=3,
+        temperature=0,
+        extra_body={**pad, "skip_special_tokens": False, "ignore_eos": True},
+    )
+    assert chat.choices[0].message.content.split() == ["w0"] * 3
 
 
 def test_auth_model_and_queue_errors(client, server):

@@ -32,3 +32,29 @@ def test_stubs_import_and_name_the_service():
     engine_fields = {f.name for f in dataclasses.fields(SamplingParams)}
     assert set(fields) == engine_fields  # every engine setting, no other
     assert all(f.has_presence for f in fields.values() if not f.is_repeated)  # unset = default
+
+
+def test_request_options_keep_their_numbers_and_types():
+    """vLLM's request options: fields 14-17; logit_bias a map of int64 ids to double biases."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    from jaxinfer.serving.proto import inference_pb2
+
+    fields = inference_pb2.SamplingParams.DESCRIPTOR.fields_by_name
+    numbers = {
+        "min_tokens": (14, F.TYPE_INT64),
+        "logit_bias": (15, F.TYPE_MESSAGE),
+        "include_stop_str_in_output": (16, F.TYPE_BOOL),
+        "skip_special_tokens": (17, F.TYPE_BOOL),
+    }
+    assert {name: (fields[name].number, fields[name].type) for name in numbers} == numbers
+    entry = fields["logit_bias"].message_type
+    assert entry.GetOptions().map_entry
+    assert [(f.name, f.type) for f in entry.fields] == [
+        ("key", F.TYPE_INT64),
+        ("value", F.TYPE_DOUBLE),
+    ]
+    msg = inference_pb2.SamplingParams(logit_bias={50256: -100.0, 5: 2.5})
+    again = inference_pb2.SamplingParams.FromString(msg.SerializeToString())
+    assert dict(again.logit_bias) == {5: 2.5, 50256: -100.0}
+    assert not again.HasField("min_tokens") and not again.HasField("skip_special_tokens")

@@ -8,8 +8,9 @@ client.generate([1, 2, 3], max_tokens=8).token_ids
 
 from __future__ import annotations
 
+import numbers
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import grpc
 
@@ -22,9 +23,12 @@ def generate_request(
     prompt: str | Sequence[int], *, request_id: str = "", chat: bool = False, **sampling
 ) -> pb.GenerateRequest:
     """A GenerateRequest of text or token ids; `sampling` holds SamplingParams fields (`stop`
-    one string or a list of them)."""
+    one string or a list of them; `logit_bias` a dict {token id: bias}, its ids ints or
+    decimal strings, or (id, bias) pairs). The server checks the values."""
     if isinstance(sampling.get("stop"), str):  # protobuf would take it as a list of characters
         sampling["stop"] = [sampling["stop"]]
+    if sampling.get("logit_bias") is not None:
+        sampling["logit_bias"] = _bias_map(sampling["logit_bias"])
     request = pb.GenerateRequest(
         request_id=request_id, chat=chat, sampling=pb.SamplingParams(**sampling)
     )
@@ -33,6 +37,28 @@ def generate_request(
     else:
         request.token_ids.ids.extend(prompt)
     return request
+
+
+def _bias_map(value) -> dict[int, float]:
+    """`logit_bias` as the proto's map {int64 id: bias}; an id given twice is refused here (the
+    map would keep one of them)."""
+    if not isinstance(value, (Mapping, list, tuple)):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {value!r:.80}")
+    items = value.items() if isinstance(value, Mapping) else value
+    out: dict = {}
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValueError(f"logit_bias entries must be (token id, bias) pairs, got {item!r:.80}")
+        key, bias = item
+        if isinstance(key, str) and key.isascii() and key.isdigit():
+            key = int(key)  # a JSON object's keys
+        if not isinstance(key, numbers.Integral) or isinstance(key, bool):
+            raise ValueError(f"logit_bias token id must be an integer, got {key!r:.80}")
+        key = int(key)
+        if key in out:
+            raise ValueError(f"logit_bias gives token id {key} twice")
+        out[key] = bias
+    return out
 
 
 def credentials(root_cert: str | None) -> grpc.ChannelCredentials | None:

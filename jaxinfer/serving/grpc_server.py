@@ -56,6 +56,9 @@ _OPTIONAL = (
     "seed",
     "ignore_eos",
     "logprobs",
+    "min_tokens",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
 )
 
 
@@ -70,6 +73,8 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
         fields["stop"] = tuple(msg.stop)
     if msg.stop_token_ids:
         fields["stop_token_ids"] = tuple(msg.stop_token_ids)
+    if msg.logit_bias:  # a map: no id twice; SamplingParams checks the ids and biases
+        fields["logit_bias"] = dict(msg.logit_bias)
     return SamplingParams(**fields)
 
 

@@ -60,6 +60,9 @@ _SAMPLING = (
     "frequency_penalty",
     "ignore_eos",
     "stop_token_ids",
+    "min_tokens",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
 )
 
 
@@ -72,16 +75,12 @@ MAX_CHOICES = 4096  # engine requests one call may make (prompts x n)
 _UNSUPPORTED = {
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "min_tokens": (None, 0),
     "use_beam_search": (None, False),
-    "include_stop_str_in_output": (None, False),
-    "skip_special_tokens": (None, True),
     "prompt_logprobs": (None,),
     "guided_json": (None,),
     "guided_regex": (None,),
@@ -119,7 +118,7 @@ _ADD_SPECIAL_TOKENS = {False: (None, True), True: (None, False)}  # by chat
 # request for its caller (short strings) and change nothing; metadata too.
 _TAGS = ("user", "safety_identifier", "prompt_cache_key", "request_id")
 _FIELDS = {"model", "n", "stream", "stream_options", "stop", "seed", "logprobs", "max_tokens"}
-_FIELDS |= {"metadata", "add_special_tokens", *_TAGS}
+_FIELDS |= {"metadata", "add_special_tokens", "logit_bias", *_TAGS}
 _COMPLETION_FIELDS = _FIELDS | {"prompt"}
 _CHAT_FIELDS = _FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 MAX_TAG_CHARS = MAX_ID
@@ -227,6 +226,14 @@ def sampling_params(
     fields = {k: body[k] for k in _SAMPLING if body.get(k) is not None}  # top_k -1: off
     if body.get("stop") is not None:
         fields["stop"] = body["stop"]  # a string or a list of them
+    if body.get("logit_bias") is not None:
+        if not isinstance(body["logit_bias"], dict):  # an object, as OpenAI's API has it
+            raise FieldError(
+                "logit_bias",
+                "logit_bias must be an object of token id -> bias, got "
+                f"{json.dumps(body['logit_bias'])[:80]}",
+            )
+        fields["logit_bias"] = body["logit_bias"]  # {"50256": -100}: ids as strings
     if body.get("seed") is not None:
         fields["seed"] = as_int("seed", body["seed"], 0) + sample
     if max_tokens is not None:
@@ -591,12 +598,12 @@ class OpenAIFront:
             "model": self.model_name,
         }
         if not stream:
-            return await self._whole(request, choices, head, logprobs)
+            return await self._whole(request, choices, head, logprobs, body)
         try:  # the first outputs (or the engine's refusal) before the 200 goes out
             firsts = await _unless_gone(request, _all(_first(c.stream) for c in choices))
         except Exception as e:  # noqa: BLE001
             self._abort(choices)
-            return _api_error(e).response()
+            return _api_error(e, body).response()  # the engine's refusal names the field
         if firsts is _GONE:  # while queued: nobody reads the stream
             self._abort(choices)
             return Response(status_code=499)
@@ -608,24 +615,29 @@ class OpenAIFront:
         )
 
     async def _whole(
-        self, request: Request, choices: list[_Choice], head: dict, logprobs: int | None
+        self,
+        request: Request,
+        choices: list[_Choice],
+        head: dict,
+        logprobs: int | None,
+        body: dict,
     ) -> Response:
         try:
             finals = await _unless_gone(request, _all(_last(c.stream) for c in choices))
         except Exception as e:  # noqa: BLE001
-            return _api_error(e).response()
+            return _api_error(e, body).response()  # the engine's refusal names the field
         finally:  # the client went away or one failed: free the others' pages
             self._abort(choices)
         if finals is _GONE:  # nobody reads an answer
             return Response(status_code=499)
-        body = {
+        answer = {
             **head,
             "choices": [
                 self.fmt.choice(c, [out], True, logprobs) for c, out in zip(choices, finals)
             ],
             "usage": usage(choices),
         }
-        return JSONResponse(body)
+        return JSONResponse(answer)
 
     async def _events(
         self,
