@@ -119,6 +119,8 @@ def initialize(
     check_options(address, count, pid)
     if count == 1:
         return False
+    if pid == 0:
+        _check_port_free(address)
     _use_cpu_collectives()
     # Our options say it all: no cluster detection (under SLURM it would also pin one device).
     try:
@@ -129,6 +131,26 @@ def initialize(
             f"or the coordinator out of reach?): {' '.join(str(e).split())[:300]}"
         ) from e
     return True
+
+
+def _check_port_free(address: str) -> None:
+    """OSError if something listens on the coordinator's port already: jax's coordinator then
+    fails with a long traceback, or at times crashes the process (a segfault)."""
+    import errno
+    import socket
+
+    port = int(address.rsplit(":", 1)[1])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return  # not ours to judge (no IPv4, say): jax tries
+            raise OSError(
+                f"process 0 of the job cannot be the coordinator at {address}: port {port} is "
+                "in use (another job's coordinator still running?)"
+            ) from None
 
 
 def requested_processes() -> int:

@@ -270,3 +270,27 @@ def test_a_job_that_cannot_be_joined_is_an_oserror(monkeypatch):
     monkeypatch.setattr(distributed, "_use_cpu_collectives", lambda: None)
     with pytest.raises(OSError, match=r"could not join the job at h:1 .*Failed to start RPC"):
         distributed.initialize(coordinator_address="h:1", num_processes=2, process_id=0)
+
+
+def test_a_coordinator_port_in_use_is_named_before_jax_tries(monkeypatch):
+    """Process 0 checks the port first: jax's coordinator on a port in use had crashed the
+    process at times (a segfault) rather than raising."""
+    import socket
+
+    import jax
+
+    from jaxinfer import distributed
+
+    def never(*args, **kwargs):
+        raise AssertionError("jax.distributed.initialize was called")
+
+    monkeypatch.setattr(jax.distributed, "initialize", never)
+    monkeypatch.setattr(distributed, "_use_cpu_collectives", lambda: None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(
+            OSError, match=rf"coordinator at 127.0.0.1:{port}: port {port} is in use"
+        ):
+            distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=0)
