@@ -53,9 +53,10 @@ def percentiles(values) -> dict:
     )
 
 
-def run_engine(engines, requests) -> dict:
+def run_engine(engines, requests, biased: int = 0) -> dict:
     """The requests through one engine, or spread over data-parallel replicas (round robin by
-    queued tokens, each stepped in turn)."""
+    queued tokens, each stepped in turn). `biased` of them, spread evenly, carry a one-entry
+    logit_bias (their steps, and all others' beside them, then run one a program)."""
     from jaxinfer.sampling import SamplingParams
 
     engines = engines if isinstance(engines, list) else [engines]
@@ -65,9 +66,9 @@ def run_engine(engines, requests) -> dict:
     for i, (prompt, out_len) in enumerate(requests):
         r = load.index(min(load))
         load[r] += len(prompt) + out_len
-        engines[r].add_request(
-            str(i), prompt, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
-        )
+        bias = {0: -1.0} if biased and i % max(1, len(requests) // biased) == 0 else None
+        params = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True, logit_bias=bias)
+        engines[r].add_request(str(i), prompt, params)
     done = {}
     keys = ("steps", "decode_steps", "decode_row_steps", "decode_planned_tokens", "runner_s")
     before = {k: sum(e.stats[k] for e in engines) for k in keys + ("decode_wait_s",)}
@@ -248,6 +249,12 @@ def main() -> int:
         action="store_true",
         help="place the model on a device mesh even at size 1 (the sharded code path)",
     )
+    p.add_argument(
+        "--biased",
+        type=bm.int_list,
+        default=[0],
+        help="a list (0,1): every workload with that many requests carrying a logit_bias",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     shape = bm.shape(args.model, args.layers)
@@ -331,11 +338,14 @@ def run_workloads(args, engines, specs, peers, report, suffix: str) -> None:
         flush=True,
     )
     runs = [(spec, True) for spec in specs] + ([(specs[0], False)] if args.sync_too else [])
-    for spec, overlap in runs:
+    runs = [(spec, overlap, n) for spec, overlap in runs for n in args.biased]
+    for spec, overlap, biased in runs:
         requests = workload(spec, cfg.vocab_size)
         for e in engines:
             e.config = dataclasses.replace(e.config, async_scheduling=overlap)
-        row = run_engine(engines, requests)
+        row = run_engine(engines, requests, biased)
+        if biased:
+            row["requests_with_logit_bias"] = min(biased, len(requests))
         row.update(
             limits_for(
                 cfg,
@@ -358,7 +368,9 @@ def run_workloads(args, engines, specs, peers, report, suffix: str) -> None:
         row["itl_x_running_roofline"] = itl_ms / row["running_roofline_ms"]
         if len(requests) == 1:
             row["x_batch1_roofline"] = tpot_ms / row["batch1_roofline_ms"]
-        key = (spec if overlap else spec + "-sync") + suffix
+        key = (
+            (spec if overlap else spec + "-sync") + (f"-biased{biased}" if biased else "") + suffix
+        )
         if not suffix and key in peers:
             row["hf"] = peers[key]
         report["workloads"][key] = row

@@ -152,13 +152,18 @@ def test_ragged_tile_sweep_checks_each_tile_and_times_the_dense_peers(tmp_path):
 
 
 def test_throughput_smoke_runs_with_and_without_env_switches(tmp_path):
-    """`bench_throughput.py`'s CPU smoke: without `--env` one run in the environment as it is;
-    with it, every workload once per switch, keyed by the switches after the first."""
+    """`bench_throughput.py`'s CPU smoke: without `--env` one run in the environment as it is
+    (here once more with a request carrying a logit_bias); with it, every workload once per
+    switch, keyed by the switches after the first."""
     base = [sys.executable, "scripts/bench_throughput.py", "--model", "tiny"]
     base += ["--workloads", "8x8:2", "--num-pages", "64"]
     plain, switched = tmp_path / "plain.json", tmp_path / "switched.json"
-    subprocess.run([*base, "--out", str(plain)], cwd=ROOT, check=True, capture_output=True)
-    assert list(json.loads(plain.read_text())["workloads"]) == ["8x8:2"]
+    biased = ["--biased", "0,1"]
+    subprocess.run([*base, *biased, "--out", str(plain)], cwd=ROOT, check=True, capture_output=True)
+    rows = json.loads(plain.read_text())["workloads"]
+    assert list(rows) == ["8x8:2", "8x8:2-biased1"]
+    assert rows["8x8:2-biased1"]["requests_with_logit_bias"] == 1
+    assert rows["8x8:2-biased1"]["output_tokens"] == rows["8x8:2"]["output_tokens"] == 16
     env = ["--env", "JAXINFER_ROW_GEMV=0,JAXINFER_ROW_GEMV=1"]
     subprocess.run([*base, *env, "--out", str(switched)], cwd=ROOT, check=True, capture_output=True)
     assert list(json.loads(switched.read_text())["workloads"]) == [

@@ -188,7 +188,9 @@ def test_a_banned_argmax_gives_the_runner_up(tiny_model, impl):
         )
         outs = {rid: out[-1] for rid, out in run_all(engine).items()}
         assert outs[f"ban{i}"].token_ids == [second]
-        assert outs[f"ban{i}"].logprobs[0][best] == pytest.approx(lp_best, abs=1e-4)
+        # the same raw logprob (the bias moves it by 100); other batches round differently
+        # (on a GPU 2e-4 apart: float32 matmuls in TF32)
+        assert outs[f"ban{i}"].logprobs[0][best] == pytest.approx(lp_best, abs=1e-3)
         assert outs[f"up{i}"].token_ids == [i + 3] * 5
 
 
