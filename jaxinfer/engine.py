@@ -22,7 +22,10 @@ logprobs and seeded samples are those of single steps, and an output then carrie
 the program made for its request (the text deltas joined are the same). The cost: a request that
 arrives (or is aborted) meanwhile waits for the program in flight, up to k steps. While a request
 with penalties or `logit_bias` runs, or one short of its `min_tokens`, every program takes one
-step: the sampler adds their entries in a program of its own (compiled on first use).
+step: the sampler adds their entries in a program of its own (compiled on first use). While a
+request's prompt logprobs are being taken, steps hold at most PROMPT_LOGPROBS_TOKENS tokens: their
+forward keeps every token's logits ([T, V] float32, a program of its own per token bucket); such
+a request skips the prefix cache, whose cached tokens would have no logits.
 
 Inside the engine a request is its id and its sequence's arrival number: an id may be reused
 as soon as its request ends (abort, stop), while a step planned for the old one is in flight;
@@ -61,8 +64,8 @@ from jaxinfer.platform import (
     use_compilation_cache,
 )
 from jaxinfer.runner import RowInfo, Runner, uses_penalties
-from jaxinfer.sampling import SamplingParams
-from jaxinfer.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig
+from jaxinfer.sampling import Entries, SamplingParams, bias_entries
+from jaxinfer.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig, SequenceStatus
 from jaxinfer.scheduler import Sequence as Seq
 from jaxinfer.sharding import (
     MOE_MODES,
@@ -194,6 +197,9 @@ class RequestOutput:
     text_delta: str = ""
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
     error: str | None = None  # with finish_reason "error": what went wrong in the step
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then each one's
+    # {its id: logprob, the top ids: theirs} (as vLLM); None until the whole prompt is computed
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclasses.dataclass
@@ -206,9 +212,11 @@ class _Request:
     prompt_ids: list[int]
     text: str = ""  # all text so far (stop strings cut off)
     emitted: int = 0  # characters of `text` already streamed
-    stop_from: int = 0  # characters of `text` no stop string may begin in (min_tokens' text)
+    stop_from: int = 0  # characters of `text` no stop string may end in (min_tokens' text)
     sent_tokens: int = 0
     logprobs: list | None = None
+    prompt_logprobs: list | None = None  # [None, then one dict per prompt token so far]
+    bias: Entries | None = None  # its sampler's LogitBias entries (logit_bias, min_tokens)
     first_token_time: float | None = None
     finish_time: float | None = None
     error: str | None = None
@@ -222,6 +230,9 @@ class _Request:
             self.seq.token_ids,
             self.seq.num_prompt_tokens,
             self.seq.stop_token_ids,
+            self.prompt_logprobs is not None
+            and len(self.prompt_logprobs) < self.seq.num_prompt_tokens,
+            self.bias,
         )
 
 
@@ -269,6 +280,7 @@ class Engine:
         # min_tokens (until they have them; `_single_steps`)
         self._penalized: set[str] = set()
         self._short: set[str] = set()
+        self._prompting: set[str] = set()  # prompt logprobs to take: smaller steps (see step)
         self._aborted: list[RequestOutput] = []
         self._in_flight = None  # (plan, runner handle) committed but not resolved
         self._closed = False
@@ -481,6 +493,8 @@ class Engine:
             set() if params.ignore_eos else set(self.model.config.eos_token_ids)
         )
         seq = Seq(request_id, ids, params.max_tokens, stop_ids)
+        # its prompt's logprobs need every prompt token computed: no cached prefix
+        seq.skip_prefix_cache = params.prompt_logprobs is not None
         self.scheduler.check(seq)  # refuses what could never fit
         tokenizer = self.model.tokenizer
         detok = (
@@ -489,7 +503,16 @@ class Engine:
             else None
         )
         return _Request(
-            seq, params, -1, detok, 0.0, ids, logprobs=[] if params.logprobs is not None else None
+            seq,
+            params,
+            -1,
+            detok,
+            0.0,
+            ids,
+            logprobs=[] if params.logprobs is not None else None,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            # min_tokens bans EOS even with ignore_eos, as vLLM
+            bias=bias_entries(params, stop_ids | set(self.model.config.eos_token_ids)),
         )
 
     def _queue(self, req: _Request, seed: int | None = None) -> None:
@@ -506,6 +529,8 @@ class Engine:
             self._penalized.add(req.seq.request_id)
         if params.min_tokens:
             self._short.add(req.seq.request_id)
+        if params.prompt_logprobs is not None:
+            self._prompting.add(req.seq.request_id)
 
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -536,6 +561,7 @@ class Engine:
         """Takes an ended request out of the engine's books."""
         self._penalized.discard(request_id)
         self._short.discard(request_id)
+        self._prompting.discard(request_id)
         return self.requests.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -562,7 +588,10 @@ class Engine:
         """
         self._check_open()
         outputs, self._aborted = self._aborted, []
-        plan = self.scheduler.schedule(1 if self._single_steps() else self.config.num_decode_steps)
+        plan = self.scheduler.schedule(
+            1 if self._single_steps() else self.config.num_decode_steps,
+            PROMPT_LOGPROBS_TOKENS if self._prompting_left() else None,
+        )
         try:
             self._run(plan, outputs)
         except Exception as error:  # noqa: BLE001 - whatever it is, the other requests go on
@@ -575,7 +604,18 @@ class Engine:
         multi-step program takes (their sampler compiles on first use, not the model's)."""
         for rid in [r for r in self._short if self._has_min_tokens(r)]:
             self._short.discard(rid)
-        return bool(self._penalized or self._short)
+        # Running ones only: a waiting one joins in a step that admits it, and no multi-step
+        # program is planned while one could be admitted (scheduler.py)
+        running = SequenceStatus.RUNNING
+        return any(self.requests[r].seq.status is running for r in (*self._penalized, *self._short))
+
+    def _prompting_left(self) -> bool:
+        """Whether a request still has prompt logprobs to take: its steps' forward computes
+        the logits of every token ([T, V] float32), so they take at most
+        PROMPT_LOGPROBS_TOKENS tokens (0.5 GiB of logits at a 128k vocabulary)."""
+        for rid in [r for r in self._prompting if _whole_prompt(self.requests[r]) is not None]:
+            self._prompting.discard(rid)
+        return bool(self._prompting)
 
     def _has_min_tokens(self, request_id: str) -> bool:
         req = self.requests[request_id]
@@ -609,6 +649,7 @@ class Engine:
         waited = time.perf_counter() - t0  # time spent waiting for the device
         self.stats["runner_s"] += waited
         self.stats["decode_wait_s"] += waited if plan.decode_only else 0.0
+        self._take_prompt_logprobs(plan, self.runner.collect_prompt(handle))
         tokens = samples.tokens.T.tolist()  # [n][S]: each row's samples
         where = {s.request_id: (i, s.start_pos + len(s.token_ids)) for i, s in enumerate(plan.seqs)}
         sampled = {s.request_id: tokens[i] for i, s in enumerate(plan.seqs) if s.sample}
@@ -617,6 +658,27 @@ class Engine:
             outputs.append(self._advance(self.requests[seq.request_id], samples, i, at))
         self._in_flight = None  # only now: a fault before this ends the step's requests
         return outputs
+
+    def _take_prompt_logprobs(self, plan, prompt) -> None:
+        """Appends each prompt token's logprobs the step computed to its request's list (a
+        recompute after preemption computes them again: those already taken are skipped)."""
+        at = 0
+        for s in plan.seqs:
+            req, n = self.requests.get(s.request_id), len(s.token_ids)
+            lps = req.prompt_logprobs if req is not None and req.seq.arrival == s.arrival else None
+            if prompt is not None and lps is not None:
+                want = req.params.prompt_logprobs
+                # packed token j (position p) predicts prompt token p + 1; none is skipped
+                # (no cached prefix), those already taken are
+                for j in range(max(0, len(lps) - 1 - s.start_pos), n):
+                    p = s.start_pos + j
+                    if p + 1 >= req.seq.num_prompt_tokens:
+                        break
+                    top = prompt.top_ids[at + j, :want].tolist()
+                    values = prompt.top_logprobs[at + j, :want].tolist()
+                    entry = {int(req.seq.token_ids[p + 1]): float(prompt.target[at + j])}
+                    lps.append({**entry, **{t: v for t, v in zip(top, values) if t >= 0}})
+            at += n
 
     def _fail(self, plan, error: Exception, outputs: list[RequestOutput]) -> None:
         """Ends the requests of a failed step (and of the step in flight) with "error"."""
@@ -677,8 +739,8 @@ class Engine:
                 req.logprobs.append({token: float(samples.logprob[j, i]), **top})
             if req.detok is not None and not (stop_id and at + j == last):
                 req.text += req.detok.push(token)
-                if at + j + 1 - seq.num_prompt_tokens < req.params.min_tokens:
-                    req.stop_from = len(req.text)  # min_tokens: no stop string ends it yet
+                if at + j + 1 - seq.num_prompt_tokens <= req.params.min_tokens:
+                    req.stop_from = len(req.text)  # min_tokens: no stop string ends in it (vLLM)
                 elif self._check_stop_strings(req):
                     del seq.token_ids[at + j + 1 :]
                     break
@@ -698,9 +760,10 @@ class Engine:
         if not stops:
             return False
         longest = max(map(len, stops))
-        # a match may begin in text held back last time, not in min_tokens' text
-        start = max(0, req.emitted - longest, req.stop_from)
-        hits = [(i, len(s)) for i, s in ((req.text.find(s, start), s) for s in stops) if i >= 0]
+        # a match may begin in text held back last time; it must end after min_tokens' text
+        start = max(0, req.emitted - longest)
+        found = ((req.text.find(s, max(start, req.stop_from - len(s) + 1)), s) for s in stops)
+        hits = [(i, len(s)) for i, s in found if i >= 0]
         if not hits:
             return False
         at, length = min(hits)
@@ -716,7 +779,7 @@ class Engine:
         # Text that may begin a stop string is held back, unless the stop string would be kept
         hold = 0
         if not (finished or req.params.include_stop_str_in_output):
-            hold = _stop_prefix_len(req.text, req.params.stop, max(req.emitted, req.stop_from))
+            hold = _stop_prefix_len(req.text, req.params.stop, req.emitted)
         upto = max(req.emitted, len(req.text) - hold)
         delta, req.emitted = req.text[req.emitted : upto], upto
         output_ids = seq.output_token_ids  # a fresh list: the caller may keep it
@@ -738,7 +801,14 @@ class Engine:
             text_delta=delta,
             num_cached_tokens=seq.num_cached_tokens,
             error=req.error,
+            prompt_logprobs=_whole_prompt(req),
         )
+
+
+def _whole_prompt(req: _Request) -> list | None:
+    """The request's prompt logprobs once every prompt token has them, else None."""
+    lps = req.prompt_logprobs
+    return lps if lps is not None and len(lps) == req.seq.num_prompt_tokens else None
 
 
 def _gib(nbytes: int) -> str:
@@ -750,6 +820,8 @@ def _on_cpu() -> bool:
 
     return jax.default_backend() == "cpu"
 
+
+PROMPT_LOGPROBS_TOKENS = 1024  # tokens a step while a request's prompt logprobs are taken
 
 # cuDNN's attention is dense: no paged steps (forward() and generate() take it for prefill).
 ENGINE_IMPLS = ("pallas", "xla", "reference")

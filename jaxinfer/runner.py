@@ -47,12 +47,14 @@ from jaxinfer.attention import PagedMeta
 from jaxinfer.sampling import (
     SAMPLE_MODES,
     TOP_K_ONLY,
+    Entries,
     LogitBias,
+    PromptLogprobs,
     SampleOutput,
     SamplingArrays,
     SamplingParams,
-    bias_entries,
     logit_bias_arrays,
+    prompt_logprobs,
     sample_rows,
     sampler_mode,
     sampling_arrays,
@@ -73,6 +75,9 @@ class StepBatch(NamedTuple):
     history: Int[Array, "B S"] | None  # prompt + output ids for penalties; None when none is used
     history_is_output: Bool[Array, "B S"] | None
     bias: LogitBias | None = None  # logit_bias and min_tokens entries; None when no row has one
+    # The next prompt token of each packed token whose row wants prompt logprobs (-1: none);
+    # None when no row does (the forward then computes logits at the sample positions only)
+    lp_targets: Int[Array, "T"] | None = None
 
 
 class RowInfo(NamedTuple):
@@ -84,6 +89,8 @@ class RowInfo(NamedTuple):
     token_ids: Sequence[int]  # prompt + output so far (for penalties)
     num_prompt_tokens: int
     stop_token_ids: frozenset[int] = frozenset()  # sampling one ends it (multi-step decodes)
+    prompt_logprobs: bool = False  # its prompt tokens' logprobs are wanted
+    bias: Entries | None = None  # its LogitBias entries (`sampling.bias_entries`)
 
 
 class Dispatched(NamedTuple):
@@ -93,6 +100,7 @@ class Dispatched(NamedTuple):
     num_seqs: int
     out: SampleOutput
     multi_step: bool
+    prompt: PromptLogprobs | None = None  # [T, ...] of the step's packed tokens, if asked
 
 
 class DecodeSteps(NamedTuple):
@@ -197,12 +205,21 @@ class Runner:
         self._no_stops = jnp.zeros(max_num_seqs, bool, device=self.replicated)
         self.prev_stopped = self._no_stops
         self._prev_rows: dict[str, int] = {}
+        self.last_prompt: PromptLogprobs | None = None  # the last single step's, if asked
 
     def _forward_fn(self, params, pages, prev_tokens, batch: StepBatch):
-        """Packed tokens -> logits [B, V] at each row's sample position; pages written."""
+        """Packed tokens -> logits [B, V] at each row's sample position; pages written. With
+        `lp_targets`, also the PromptLogprobs of every packed token (its logits [T, V] taken
+        whole: a program of its own)."""
         self.num_compiles += 1  # runs at trace time only
         tokens = _step_tokens(prev_tokens, batch)
-        return self._logits(params, pages, tokens, batch.positions, batch.meta, batch.sample_idx)
+        if batch.lp_targets is None:
+            return self._logits(
+                params, pages, tokens, batch.positions, batch.meta, batch.sample_idx
+            )
+        pages, logits = self._logits(params, pages, tokens, batch.positions, batch.meta, None)
+        prompt = prompt_logprobs(logits, batch.lp_targets, self.mesh)
+        return pages, self._logits_layout(logits[batch.sample_idx]), prompt
 
     def _logits(self, params, pages, tokens, positions, meta, sample_idx):
         logits, pages = self.decoder.apply(
@@ -213,7 +230,8 @@ class Runner:
             logits_at=sample_idx,
             paged=meta,
         )
-        return pages, self._logits_layout(logits[:, 0])
+        # [B, V] at sample_idx; [T, V] of every token without it
+        return pages, self._logits_layout(logits[:, 0] if sample_idx is not None else logits[0])
 
     def _decode_fn(
         self, params, pages, prev_tokens, prev_stopped, batch: StepBatch, d: DecodeSteps, mode
@@ -290,9 +308,10 @@ class Runner:
     def step(self, batch: StepBatch, mode: str) -> SampleOutput:
         """Queues the model and the sampler on the device; pages and prev_tokens move on.
         The samples' fields are [1, B, ...]."""
-        self.pages, logits = self._forward(
+        self.pages, logits, *prompt = self._forward(
             self.params, self.pages, self.prev_tokens, _forward_only(batch)
         )
+        self.last_prompt = prompt[0] if prompt else None
         out, self.prev_tokens = self._sample(
             logits, batch.sampling, batch.history, batch.history_is_output, mode, batch.bias
         )
@@ -334,7 +353,7 @@ class Runner:
         multi = self.multi_step(plan, rows)
         out = self._prepare(plan, rows, multi)()
         self._prev_rows = {s.request_id: i for i, s in enumerate(plan.seqs)}
-        return Dispatched(plan.num_seqs, out, multi)
+        return Dispatched(plan.num_seqs, out, multi, None if multi else self.last_prompt)
 
     def prepare(self, plan: StepPlan, rows: Sequence[RowInfo]) -> Callable[[], SampleOutput]:
         """Builds the plan's batch; returns a function that queues its program (one step, or a
@@ -375,6 +394,14 @@ class Runner:
         n, out = handle.num_seqs, handle.out
         local = [x.addressable_data(0) for x in out]
         return SampleOutput(*(x[:, :n] for x in jax.device_get(local)))  # one transfer
+
+    @staticmethod
+    def collect_prompt(handle: Dispatched) -> PromptLogprobs | None:
+        """The step's PromptLogprobs on the host (numpy, [T, ...]), None where none was asked;
+        after `collect`, so it waits for nothing."""
+        if handle.prompt is None:
+            return None
+        return PromptLogprobs(*jax.device_get([x.addressable_data(0) for x in handle.prompt]))
 
     def compile_programs(self, penalties: bool = False, progress: bool = True) -> int:
         """Compiles every program start-up needs: the forward of each token bucket and its
@@ -492,6 +519,7 @@ class Runner:
             history,
             is_output,
             None if square else self._bias(rows, b),  # no multi-step program runs a bias
+            None if square else self._lp_targets(plan, rows, t),
         )
 
     def table_width(self, plan: StepPlan) -> int:
@@ -514,11 +542,25 @@ class Runner:
                 is_output[i, r.num_prompt_tokens : len(r.token_ids)] = True
         return put_tree((ids, is_output), self.replicated)
 
+    def _lp_targets(self, plan: StepPlan, rows: Sequence[RowInfo], t: int):
+        """[T] next prompt token of each packed token of a row that wants prompt logprobs (-1:
+        none), on the device; None when no row of the plan computes such a token."""
+        if not any(r.prompt_logprobs for r in rows):
+            return None
+        targets, at, wanted = np.full(t, -1, np.int32), 0, False
+        for s, r in zip(plan.seqs, rows):
+            n = len(s.token_ids)
+            if r.prompt_logprobs and s.start_pos + 1 < r.num_prompt_tokens:
+                ids = r.token_ids[s.start_pos + 1 : min(s.start_pos + n + 1, r.num_prompt_tokens)]
+                targets[at : at + len(ids)], wanted = ids, True
+            at += n
+        return put_tree(targets, self.replicated) if wanted else None
+
     def _bias(self, rows: Sequence[RowInfo], b: int) -> LogitBias | None:
         """The rows' LogitBias [B, N] when any row has an entry this step, else None."""
         if not any(map(uses_bias, rows)):
             return None
-        entries = [bias_entries(r.params, r.stop_token_ids, r.num_output_tokens) for r in rows]
+        entries = [r.bias if uses_bias(r) else None for r in rows]
         return put_tree(logit_bias_arrays(entries, b), self.replicated)
 
     def _padding_batch(self, t: int, penalties: bool, decode: bool) -> StepBatch:

@@ -31,12 +31,15 @@ class SamplingParams:
     `logprobs` = n returns the top-n log-probabilities (raw model distribution) of every new token.
     top_k is at most 2**31 - 1; at or above the vocabulary size it keeps every token.
 
-    As in vLLM: `min_tokens` keeps EOS and `stop_token_ids` from being sampled, and stop strings
-    from matching, until that many tokens are out; `logit_bias` ({token id: bias in [-100, 100]},
-    at most MAX_LOGIT_BIAS entries; stored as sorted (id, bias) pairs) is added to the logits
-    before penalties and sampling (logprobs stay the raw model's); `include_stop_str_in_output`
+    As in vLLM: `min_tokens`: EOS (even with ignore_eos) and `stop_token_ids` are not sampled
+    as any of the first min_tokens tokens, and a stop string counts only where it ends after
+    their text; `logit_bias` ({token id: bias in [-100, 100]}, at most MAX_LOGIT_BIAS entries;
+    stored as sorted (id, bias) pairs, a bias of 0 left out; out of range is refused, where vLLM
+    clamps) is added to the logits before penalties and sampling (logprobs stay the raw model's); `include_stop_str_in_output`
     keeps the stop string (or the text of the stop token id) that ended a request in its text;
-    `skip_special_tokens` False writes special tokens into the text.
+    `skip_special_tokens` False writes special tokens into the text; `prompt_logprobs` = n
+    returns, for every prompt token after the first, its log-probability given the tokens
+    before it and the top-n (n = 0: its own only; such a request skips the prefix cache).
     """
 
     max_tokens: int = 16
@@ -56,6 +59,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.top_k, (int, np.integer)) and self.top_k == -1:
@@ -120,13 +124,15 @@ def _logit_bias(name: str, value) -> tuple[tuple[int, float], ...]:
         if not isinstance(item, (list, tuple)) or len(item) != 2:
             raise ValueError(f"{name} entries must be (token id, bias) pairs, got {item!r:.80}")
         key, bias = item
-        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10:
+        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 32:
             key = int(key)  # a JSON object's keys are strings
+        elif isinstance(key, str):
+            raise ValueError(f"{name} token id must be an integer >= 0, got {key!r:.40}")
         token = as_int(f"{name} token id", key, 0, INT32_MAX)
         if token in pairs:
             raise ValueError(f"{name} gives token id {token} twice")
         pairs[token] = as_float(f"{name}[{token}]", bias, -MAX_BIAS, MAX_BIAS)
-    return tuple(sorted(pairs.items()))
+    return tuple(sorted((t, b) for t, b in pairs.items() if b != 0))  # a 0 changes nothing
 
 
 # Every field's check (jaxinfer/validate.py): each returns the value as a plain Python type.
@@ -152,8 +158,9 @@ _FIELD_CHECKS = {
     "logit_bias": _logit_bias,
     "include_stop_str_in_output": as_bool,
     "skip_special_tokens": as_bool,
+    "prompt_logprobs": lambda n, v: as_int(n, v, 0, MAX_LOGPROBS),
 }
-_OPTIONAL = ("seed", "logprobs")  # None means "none"
+_OPTIONAL = ("seed", "logprobs", "prompt_logprobs")  # None means "none"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,24 +201,39 @@ class LogitBias(NamedTuple):
     until: Int[Array, "B N"]  # INT32_MAX: always
 
 
-def bias_entries(params: SamplingParams, stop_ids, step: int) -> list[tuple[int, float, int]]:
-    """(id, bias, until) of one row: its logit_bias, and -inf on `stop_ids` (its stop token
-    ids, EOS among them unless ignored) while fewer than min_tokens tokens are out (`step`)."""
-    entries = [(t, b, INT32_MAX) for t, b in params.logit_bias]
-    if step < params.min_tokens:
-        entries += [(t, -np.inf, params.min_tokens) for t in sorted(stop_ids)]
-    return entries
+# Entries a row of LogitBias holds: the width is the first that fits the batch's longest row
+# (300 logit_bias entries + 1,024 stop ids + EOS fit the last), so three programs serve them all.
+BIAS_WIDTHS = (16, 512, 2048)
+
+Entries = tuple[np.ndarray, np.ndarray, np.ndarray]  # one request's (ids, values, until)
 
 
-def logit_bias_arrays(rows: Sequence[list[tuple[int, float, int]]], pad_to: int) -> LogitBias:
-    """Host arrays [pad_to, N] of each row's `bias_entries`; N is the smallest power of two
-    (at least 16) that holds the longest row, so that few programs serve every batch."""
-    n = max(16, 1 << max(0, max(map(len, rows), default=0) - 1).bit_length())
+def bias_entries(params: SamplingParams, ban_ids) -> Entries | None:
+    """One request's LogitBias entries, built once: its logit_bias (always live) and, with
+    min_tokens, -inf on `ban_ids` (its stop ids and EOS) until that many tokens are out. None
+    where it has neither."""
+    bans = sorted(ban_ids) if params.min_tokens else []
+    if not params.logit_bias and not bans:
+        return None
+    bias = params.logit_bias
+    ids = np.asarray([t for t, _ in bias] + bans, np.int32)
+    values = np.asarray([b for _, b in bias] + [-np.inf] * len(bans), np.float32)
+    until = np.asarray([INT32_MAX] * len(bias) + [params.min_tokens] * len(bans), np.int32)
+    return ids, values, until
+
+
+def logit_bias_arrays(rows: Sequence[Entries | None], pad_to: int) -> LogitBias:
+    """Host arrays [pad_to, N] of each row's `bias_entries` (None: none), N from BIAS_WIDTHS."""
+    longest = max((len(r[0]) for r in rows if r is not None), default=0)
+    n = next((w for w in BIAS_WIDTHS if w >= longest), None)
+    if n is None:
+        raise ValueError(f"{longest} logit bias entries in a row, more than {BIAS_WIDTHS[-1]}")
     ids = np.full((pad_to, n), -1, np.int32)
     values, until = np.zeros((pad_to, n), np.float32), np.zeros((pad_to, n), np.int32)
-    for i, entries in enumerate(rows):
-        for j, (t, b, u) in enumerate(entries):
-            ids[i, j], values[i, j], until[i, j] = t, b, u
+    for i, r in enumerate(rows):
+        if r is not None:
+            k = len(r[0])
+            ids[i, :k], values[i, :k], until[i, :k] = r
     return LogitBias(ids, values, until)
 
 
@@ -407,6 +429,25 @@ def sample_rows(
     else:
         top_ids, top_logprobs = _top_logprobs(logprobs, mesh)
     return SampleOutput(tokens, logprob, top_ids, top_logprobs)
+
+
+class PromptLogprobs(NamedTuple):
+    """Each packed token's next-token log-probabilities (`prompt_logprobs`), every field [T, ...]."""
+
+    target: Float[Array, "T"]  # log_softmax(logits)[the next prompt token]; 0 where none
+    top_ids: Int[Array, "T MAX_LOGPROBS"]
+    top_logprobs: Float[Array, "T MAX_LOGPROBS"]
+
+
+def prompt_logprobs(
+    logits: Float[Array, "T V"], targets: Int[Array, "T"], mesh=None
+) -> PromptLogprobs:
+    """The raw model's log-probability of each token's target (-1: none) and its top
+    MAX_LOGPROBS, as the sampled tokens' logprobs are taken."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [T, V]
+    picked = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
+    top_ids, top_logprobs = _top_logprobs(logprobs, mesh)
+    return PromptLogprobs(jnp.where(targets >= 0, picked, 0.0), top_ids, top_logprobs)
 
 
 def apply_penalties(

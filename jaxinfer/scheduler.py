@@ -138,6 +138,7 @@ class Sequence:
         self.num_computed_tokens = 0  # leading tokens whose K/V are in the pages
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.num_preemptions = 0
+        self.skip_prefix_cache = False  # computes every prompt token (its prompt's logprobs)
         self.block_table: list[int] = []  # page ids, kept by the PageAllocator
         self.page_hashes: list[int] = []  # prefix-cache chain ids, kept by the PageAllocator
         # Order of Scheduler.add. With request_id it names this sequence: an id may be reused
@@ -340,10 +341,12 @@ class Scheduler:
 
     # ---- the step ----
 
-    def schedule(self, decode_steps: int = 1) -> StepPlan:
+    def schedule(self, decode_steps: int = 1, max_tokens: int | None = None) -> StepPlan:
         """Plans the next step: decodes, then prefill chunks, then admissions (see module doc);
-        with `decode_steps` k > 1, up to k decode steps per sequence where the module doc says."""
-        step = _Step(self.config.max_num_batched_tokens, self.config.page_size)
+        with `decode_steps` k > 1, up to k decode steps per sequence where the module doc says;
+        `max_tokens`: a smaller token budget for this step."""
+        budget = self.config.max_num_batched_tokens
+        step = _Step(min(budget, max_tokens or budget), self.config.page_size)
         # A sequence whose pending token is its last (max_tokens) finishes when it resolves.
         live = [s for s in self.running if s.num_output_tokens < s.max_tokens]
         if decode_steps > 1 and self._schedule_decode_steps(live, decode_steps, step):
@@ -506,7 +509,7 @@ class Scheduler:
         """Gives the first waiting sequence its cached prefix and pages for a first chunk."""
         # Preempted ones wait at least one step, so their pending token resolved meanwhile.
         assert not seq.has_pending_token, f"{seq.request_id!r} admitted with a pending token"
-        cached = self.allocator.allocate_prompt(seq)
+        cached = 0 if seq.skip_prefix_cache else self.allocator.allocate_prompt(seq)
         seq.num_computed_tokens = cached
         n = self._num_new_tokens(seq, step.budget)
         if not self.allocator.can_reserve(seq, cached + n):

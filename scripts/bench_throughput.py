@@ -53,10 +53,11 @@ def percentiles(values) -> dict:
     )
 
 
-def run_engine(engines, requests, biased: int = 0) -> dict:
+def run_engine(engines, requests, biased: int = 0, prompt_logprobs: int | None = None) -> dict:
     """The requests through one engine, or spread over data-parallel replicas (round robin by
     queued tokens, each stepped in turn). `biased` of them, spread evenly, carry a one-entry
-    logit_bias (their steps, and all others' beside them, then run one a program)."""
+    logit_bias (their steps, and all others' beside them, then run one a program); with
+    `prompt_logprobs` every request asks for its prompt's (as an lm-eval loglikelihood)."""
     from jaxinfer.sampling import SamplingParams
 
     engines = engines if isinstance(engines, list) else [engines]
@@ -67,7 +68,13 @@ def run_engine(engines, requests, biased: int = 0) -> dict:
         r = load.index(min(load))
         load[r] += len(prompt) + out_len
         bias = {0: -1.0} if biased and i % max(1, len(requests) // biased) == 0 else None
-        params = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True, logit_bias=bias)
+        params = SamplingParams(
+            max_tokens=out_len,
+            temperature=0,
+            ignore_eos=True,
+            logit_bias=bias,
+            prompt_logprobs=prompt_logprobs,
+        )
         engines[r].add_request(str(i), prompt, params)
     done = {}
     keys = ("steps", "decode_steps", "decode_row_steps", "decode_planned_tokens", "runner_s")
@@ -255,6 +262,12 @@ def main() -> int:
         default=[0],
         help="a list (0,1): every workload with that many requests carrying a logit_bias",
     )
+    p.add_argument(
+        "--prompt-logprobs",
+        type=int,
+        default=None,
+        help="every request asks for its prompt's logprobs, top n (each workload's key ends -plpN)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     shape = bm.shape(args.model, args.layers)
@@ -343,7 +356,7 @@ def run_workloads(args, engines, specs, peers, report, suffix: str) -> None:
         requests = workload(spec, cfg.vocab_size)
         for e in engines:
             e.config = dataclasses.replace(e.config, async_scheduling=overlap)
-        row = run_engine(engines, requests, biased)
+        row = run_engine(engines, requests, biased, args.prompt_logprobs)
         if biased:
             row["requests_with_logit_bias"] = min(biased, len(requests))
         row.update(
@@ -368,9 +381,8 @@ def run_workloads(args, engines, specs, peers, report, suffix: str) -> None:
         row["itl_x_running_roofline"] = itl_ms / row["running_roofline_ms"]
         if len(requests) == 1:
             row["x_batch1_roofline"] = tpot_ms / row["batch1_roofline_ms"]
-        key = (
-            (spec if overlap else spec + "-sync") + (f"-biased{biased}" if biased else "") + suffix
-        )
+        key = (spec if overlap else spec + "-sync") + (f"-biased{biased}" if biased else "")
+        key += ("" if args.prompt_logprobs is None else f"-plp{args.prompt_logprobs}") + suffix
         if not suffix and key in peers:
             row["hf"] = peers[key]
         report["workloads"][key] = row
@@ -436,13 +448,15 @@ def print_table(report: dict) -> None:
         f"{lim['bf16_matmul_TFLOPs']:.0f} TFLOP/s  copy {lim['copy_read_plus_write_GBps']:.0f} GB/s  "
         f"compiles {report['num_compiles']}"
     )
+    nan = float("nan")
     for spec, r in report["workloads"].items():
-        hf = r.get("hf", {}).get("out_tok_per_s", float("nan"))
+        hf = r.get("hf", {}).get("out_tok_per_s", nan)
+        tpot = {k: 1e3 * r["tpot_s"].get(k, nan) for k in ("p50", "p99")}  # none at 1 token
         print(
             f"{spec:14s} {r['out_tok_per_s']:9.0f} out tok/s (compute bound "
             f"{r['compute_bound_out_tok_per_s']:7.0f})  TTFT p50 {r['ttft_s']['p50']:.2f}s "
-            f"p99 {r['ttft_s']['p99']:.2f}s  TPOT p50 {1e3 * r['tpot_s']['p50']:.1f}ms "
-            f"p99 {1e3 * r['tpot_s']['p99']:.1f}ms  pages {r['max_pages_used']}/{r['num_pages']}  "
+            f"p99 {r['ttft_s']['p99']:.2f}s  TPOT p50 {tpot['p50']:.1f}ms "
+            f"p99 {tpot['p99']:.1f}ms  pages {r['max_pages_used']}/{r['num_pages']}  "
             f"preempt {r['preemptions']}  HF {hf:7.0f} tok/s"
         )
         print(
@@ -453,7 +467,7 @@ def print_table(report: dict) -> None:
         )
         if "x_batch1_roofline" in r:
             print(
-                f"{'':14s} batch-1 TPOT {1e3 * r['tpot_s']['p50']:.2f} ms = "
+                f"{'':14s} batch-1 TPOT {tpot['p50']:.2f} ms = "
                 f"{r['x_batch1_roofline']:.2f}x the HBM roofline {r['batch1_roofline_ms']:.2f} ms"
             )
 

@@ -35,6 +35,8 @@ class NextLetterDecoder:
     impl: str = "fake"
 
     def apply(self, variables, tokens, positions, cache, logits_at=None, paged=None):
+        if logits_at is None:  # every token's: [1, T, V]
+            return 50.0 * jax_one_hot((tokens[0] + 1) % self.vocab, self.vocab)[None], cache
         last = tokens[0][logits_at]  # [B]
         return 50.0 * jax_one_hot((last + 1) % self.vocab, self.vocab)[:, None], cache
 

@@ -58,6 +58,10 @@ def test_min_tokens_holds_off_eos_stop_ids_and_stop_strings(steps):
             # "e" (2nd token) is inside min_tokens' text and cannot stop it; "fg" can
             ("str", "abc", dict(max_tokens=9, min_tokens=3, stop=["e", "fg"])),
             ("str-none", "abc", dict(max_tokens=6, min_tokens=3, stop=["e"])),
+            # the min_tokens-th token's text cannot end it either (vLLM)
+            ("str-last", "abc", dict(max_tokens=6, min_tokens=3, stop=["f"])),
+            # EOS is banned even with ignore_eos (vLLM), then sampled like any token
+            ("ign", "wx", dict(max_tokens=4, min_tokens=2, ignore_eos=True)),
         ],
     )
     assert (got["eos"].token_ids, got["eos"].finish_reason) == ([24, 0, 1, 2, 3], "length")
@@ -70,6 +74,8 @@ def test_min_tokens_holds_off_eos_stop_ids_and_stop_strings(steps):
         "stop",
     )
     assert (got["str-none"].text, got["str-none"].finish_reason) == ("defghi", "length")
+    assert (got["str-last"].text, got["str-last"].finish_reason) == ("defghi", "length")
+    assert got["ign"].token_ids == [24, 0, 1, 2]
 
 
 @pytest.mark.parametrize("steps", [1, 4])
@@ -153,6 +159,17 @@ def test_min_tokens_rows_run_single_steps_until_they_have_them():
     assert sizes[:6] == [1] * 6 and max(sizes[6:]) == 4 and sum(sizes) == 12
 
 
+def test_a_waiting_request_with_options_leaves_the_running_ones_their_programs():
+    """Only running requests with a logit_bias (or penalties, or min_tokens to reach) make
+    programs take one step: one queued behind a full engine does not."""
+    engine = fake_engine(num_decode_steps=4, max_num_seqs=1)
+    engine.add_request("a", "abc", SamplingParams(**GREEDY, max_tokens=13))
+    engine.add_request("b", "abc", SamplingParams(**GREEDY, max_tokens=3, logit_bias={7: 100}))
+    outs = run_all(engine)
+    assert [len(o.new_token_ids) for o in outs["a"]] == [1, 4, 4, 4]
+    assert outs["b"][-1].token_ids == [7, 7, 7]
+
+
 # ---- a real tiny model ---------------------------------------------------------------------------
 
 
@@ -194,9 +211,10 @@ def test_a_banned_argmax_gives_the_runner_up(tiny_model, impl):
         assert outs[f"up{i}"].token_ids == [i + 3] * 5
 
 
-def test_logit_bias_and_min_tokens_over_a_tensor_parallel_mesh(tiny_model):
-    """Over 2 devices the logits are split by vocabulary: each device adds the entries in its
-    half. The outputs are the one-device engine's."""
+def test_request_options_over_a_tensor_parallel_mesh(tiny_model):
+    """Over 2 devices the logits are split by vocabulary: each device adds the bias entries in
+    its half, and the prompt logprobs' top-k merges the halves' candidates. The outputs are the
+    one-device engine's."""
     from jaxinfer.engine import LLM
 
     rng = np.random.RandomState(1)
@@ -210,6 +228,7 @@ def test_logit_bias_and_min_tokens_over_a_tensor_parallel_mesh(tiny_model):
         logit_bias={1: 30, vocab - 1: 30, vocab // 2: -100},
         stop_token_ids=[1],
         logprobs=2,
+        prompt_logprobs=2,
     )
     options = dict(max_num_seqs=4, num_pages=32, max_model_len=64, num_decode_steps=1)
     want = LLM(model=tiny_model, **options).generate(prompts, params, use_tqdm=False)
@@ -217,5 +236,82 @@ def test_logit_bias_and_min_tokens_over_a_tensor_parallel_mesh(tiny_model):
         prompts, params, use_tqdm=False
     )
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    for a, b in zip(got, want):  # prompt logprobs: top-k over the devices' vocabulary parts
+        assert len(a.prompt_logprobs) == len(b.prompt_logprobs) and a.prompt_logprobs[0] is None
+        for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert x.keys() == y.keys()
+            np.testing.assert_allclose(list(x.values()), list(y.values()), atol=1e-5)
     for o in got:  # the +30 ids win; 1 (a stop id) only once 4 tokens are out
         assert set(o.token_ids) <= {1, vocab - 1} and 1 not in o.token_ids[:4]
+
+
+# ---- prompt logprobs ----------------------------------------------------------------------------
+
+
+def test_prompt_logprobs_of_the_fake_model_across_chunks():
+    """Each prompt token after the first: {its id: logprob, top ids}; a prompt cut into chunks
+    of 4 tokens gets every entry once; it comes whole with the first token; a request without
+    them has None."""
+    engine = fake_engine(num_decode_steps=4, max_num_batched_tokens=4)
+    engine.add_request("a", "abxcd", SamplingParams(**GREEDY, max_tokens=3, prompt_logprobs=1))
+    engine.add_request("b", "abc", SamplingParams(**GREEDY, max_tokens=2))
+    outs = run_all(engine)
+    a = outs["a"]
+    assert all(o.prompt_logprobs is not None for o in a) and a[0].new_token_ids == [4]
+    lps = a[-1].prompt_logprobs
+    assert lps[0] is None and len(lps) == 5
+    assert lps[1] == {1: pytest.approx(0.0)}  # b after a: the model's only choice
+    assert lps[2].keys() == {23, 2} and lps[2][23] == pytest.approx(-50.0)  # x, not c
+    assert lps[3].keys() == {2, 24} and lps[3][2] == pytest.approx(-50.0)  # c after x, not y
+    assert lps[4] == {3: pytest.approx(0.0)}
+    assert all(o.prompt_logprobs is None for o in outs["b"])
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_prompt_logprobs_are_log_softmax_of_the_model(tiny_model, impl):
+    """Against the model's forward over the whole prompt: every position, over chunks of 16
+    tokens, with a prefix of the prompt in the prefix cache (skipped: each token computed)."""
+    prompt = np.random.RandomState(7).randint(0, tiny_model.config.vocab_size, 41).tolist()
+    engine = Engine(
+        tiny_model,
+        max_num_seqs=4,
+        max_num_batched_tokens=16,
+        num_pages=32,
+        warmup=False,
+        attention_impl=impl,
+    )
+    engine.add_request("warm", prompt[:33], SamplingParams(max_tokens=1, ignore_eos=True))
+    run_all(engine)
+    params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3, ignore_eos=True)
+    engine.add_request("a", prompt, params)
+    out = run_all(engine)["a"][-1]
+    assert out.num_cached_tokens == 0
+    logits = np.asarray(jaxinfer.forward(tiny_model, [prompt]))[0]  # [T, V]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    lps = out.prompt_logprobs
+    assert lps[0] is None and len(lps) == len(prompt)
+    for p in range(1, len(prompt)):
+        row, entry = logp[p - 1], lps[p]
+        assert entry[prompt[p]] == pytest.approx(row[prompt[p]], abs=1e-4)
+        top = np.argsort(-row)[:3].tolist()
+        assert set(entry) == {prompt[p], *top}
+        for t in top:
+            assert entry[t] == pytest.approx(row[t], abs=1e-4)
+
+
+def test_prompt_logprobs_steps_take_at_most_their_budget(monkeypatch):
+    """While prompt logprobs are taken, a step holds at most PROMPT_LOGPROBS_TOKENS tokens
+    (its forward keeps [T, V] logits); then the engine's own budget again."""
+    from jaxinfer import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PROMPT_LOGPROBS_TOKENS", 4)
+    engine = fake_engine(num_decode_steps=1, max_num_batched_tokens=16)
+    engine.add_request("a", "abcdefghij", SamplingParams(**GREEDY, max_tokens=2, prompt_logprobs=0))
+    engine.step()
+    assert engine.stats["computed_tokens"] == 4
+    outs = run_all(engine)["a"]
+    assert len(outs[-1].prompt_logprobs) == 10
+    engine.add_request("b", "abcdefghij", SamplingParams(**GREEDY, max_tokens=2))
+    engine.step()
+    assert engine.requests["b"].seq.num_computed_tokens == 10  # one step: the whole prompt

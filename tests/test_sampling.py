@@ -499,17 +499,28 @@ def test_large_seeds_fold_apart():
 # logit_bias and min_tokens: LogitBias entries
 
 
+def entries(*triples) -> tuple:
+    """One row's (ids, values, until) from (id, value, until) triples."""
+    ids, values, until = zip(*triples) if triples else ((), (), ())
+    return (
+        np.asarray(ids, np.int32),
+        np.asarray(values, np.float32),
+        np.asarray(until, np.int32),
+    )
+
+
 def test_logit_bias_entries_add_to_the_logits_while_live():
     """Each entry adds its value to its row's logit while the row's step is below its `until`;
     -1 ids and ids outside the vocabulary add nothing; logprobs stay the raw model's."""
     logits = np.asarray([[0.0, 1.0, 2.0, 3.0]] * 3, np.float32)
-    entries = [
-        [(0, 10.0, 2**31 - 1)],  # always: 0 wins
-        [(3, -np.inf, 5), (2, -np.inf, 5)],  # min_tokens 5 at step 4: 3 and 2 banned → 1
-        [(3, -np.inf, 4), (9, 50.0, 2**31 - 1)],  # ban ended at step 4; id 9 > V: nothing
+    per_row = [
+        entries((0, 10.0, 2**31 - 1)),  # always: 0 wins
+        entries((3, -np.inf, 5), (2, -np.inf, 5)),  # min_tokens 5 at step 4: 3 and 2 banned → 1
+        entries((3, -np.inf, 4), (9, 50.0, 2**31 - 1)),  # ban ended at step 4; id 9 > V: nothing
     ]
-    bias = logit_bias_arrays(entries, pad_to=3)
+    bias = logit_bias_arrays(per_row, pad_to=3)
     assert bias.ids.shape == (3, 16) and (bias.ids[:, 2:] == -1).all()
+    assert (bias.ids[0, 1:] == -1).all()
     arrays = rows(3, temperature=0.0, step=4, num_logprobs=2)
     for mode in SAMPLE_MODES:
         out = jax.jit(functools.partial(sample_rows, mode=mode))(logits, arrays, bias=bias)
@@ -524,7 +535,7 @@ def test_logit_bias_entries_add_to_the_logits_while_live():
 def test_logit_bias_applies_before_penalties_and_sampling():
     """A banned token is never drawn, whatever the temperature; a +100 bias always is."""
     logits = np.zeros((64, 5), np.float32)
-    bias = logit_bias_arrays([[(2, -np.inf, 1 << 30)]] * 32 + [[(4, 100.0, 1 << 30)]] * 32, 64)
+    bias = logit_bias_arrays([entries((2, -np.inf, 9))] * 32 + [entries((4, 100.0, 9))] * 32, 64)
     arrays = rows(64, temperature=1.5, seed=np.arange(64), repetition_penalty=1.5)
     history = np.tile(np.arange(5, dtype=np.int32), (64, 1))
     out = SAMPLERS["sample"](logits, arrays, history, bias=bias)
@@ -533,18 +544,24 @@ def test_logit_bias_applies_before_penalties_and_sampling():
     assert (tokens[32:] == 4).all()
 
 
-def test_logit_bias_buckets_its_width():
-    assert logit_bias_arrays([[]], 2).ids.shape == (2, 16)
-    assert logit_bias_arrays([[(1, 1.0, 9)] * 17], 1).ids.shape == (1, 32)
-    assert logit_bias_arrays([[(1, 1.0, 9)] * 300, [(2, 1.0, 9)] * 1100], 2).ids.shape == (2, 2048)
+def test_logit_bias_widths_are_few():
+    """Three widths serve every batch: a few programs, whatever the clients send."""
+    assert logit_bias_arrays([None, None], 2).ids.shape == (2, 16)
+    assert logit_bias_arrays([entries(*[(1, 1.0, 9)] * 17)], 1).ids.shape == (1, 512)
+    big = entries(*[(2, 1.0, 9)] * 1325)  # 300 logit_bias + 1,024 stop ids + EOS
+    assert logit_bias_arrays([None, big], 2).ids.shape == (2, 2048)
+    with pytest.raises(ValueError, match="2049 logit bias entries in a row, more than 2048"):
+        logit_bias_arrays([entries(*[(2, 1.0, 9)] * 2049)], 1)
 
 
-def test_bias_entries_of_a_row():
-    params = SamplingParams(max_tokens=9, min_tokens=3, logit_bias={"7": -1.5, 2: 4})
-    entries = bias_entries(params, {5, 1}, step=2)
-    assert entries == [(2, 4.0, 2**31 - 1), (7, -1.5, 2**31 - 1), (1, -np.inf, 3), (5, -np.inf, 3)]
-    assert bias_entries(params, {5, 1}, step=3) == entries[:2]  # min_tokens reached
-    assert bias_entries(SamplingParams(), {5}, step=0) == []
+def test_bias_entries_of_a_request():
+    params = SamplingParams(max_tokens=9, min_tokens=3, logit_bias={"7": -1.5, 2: 4, 8: 0})
+    ids, values, until = bias_entries(params, {5, 1})
+    assert ids.tolist() == [2, 7, 1, 5]  # the bias of 0 left out
+    assert values.tolist() == [4.0, -1.5, -np.inf, -np.inf]
+    assert until.tolist() == [2**31 - 1, 2**31 - 1, 3, 3]
+    assert bias_entries(SamplingParams(logit_bias={3: 1}), {5})[0].tolist() == [3]  # no min
+    assert bias_entries(SamplingParams(), {5}) is None
 
 
 def test_logit_bias_over_a_vocab_split_mesh_equals_one_device():
@@ -553,8 +570,13 @@ def test_logit_bias_over_a_vocab_split_mesh_equals_one_device():
     mesh = make_mesh(4)
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(4, 64)).astype(np.float32)
-    entries = [[(0, 5.0, 9), (63, -3.0, 9)], [(17, -np.inf, 1)], [(33, 2.0, 0)], [(16, 1.0, 9)]]
-    bias = logit_bias_arrays(entries, 4)
+    per_row = [
+        entries((0, 5.0, 9), (63, -3.0, 9)),
+        entries((17, -np.inf, 1)),
+        entries((33, 2.0, 0)),
+        entries((16, 1.0, 9)),
+    ]
+    bias = logit_bias_arrays(per_row, 4)
     step = jnp.asarray([0, 0, 0, 8])
     want = apply_logit_bias(jnp.asarray(logits), bias, step)
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model"))

@@ -131,6 +131,19 @@ def test_server_answers_equal_generate(server, stub, tiny_path):
     assert info.kv_pages_total == ENGINE["num_pages"] and info.dtype == "float32"
     body = dict(prompt=prompts[0], max_tokens=8, temperature=0.0)
     assert _post(server.http, body)["choices"][0]["text"] == got.text
+    # prompt logprobs cross from the engine's process: gRPC's, and HTTP's echo
+    (ref,) = llm.generate([prompts[0]], SamplingParams(**greedy, logprobs=1, prompt_logprobs=1))
+    want = [lp[t] for lp, t in zip(ref.prompt_logprobs[1:], prompts[0][1:])]
+    got = stub.Generate(generate_request(prompts[0], **greedy, prompt_logprobs=1), timeout=60)
+    assert [e.token_id for e in got.prompt_logprobs] == prompts[0][1:]
+    assert [e.logprob for e in got.prompt_logprobs] == pytest.approx(want, abs=1e-5)
+    chunks = list(
+        stub.GenerateStream(generate_request(prompts[0], **greedy, prompt_logprobs=1), timeout=60)
+    )
+    assert [len(c.prompt_logprobs) for c in chunks] == [3] + [0] * (len(chunks) - 1)
+    echoed = _post(server.http, {**body, "echo": True, "logprobs": 1})["choices"][0]["logprobs"]
+    assert echoed["token_logprobs"][0] is None
+    assert echoed["token_logprobs"][1:4] == pytest.approx(want, abs=1e-5)
 
 
 def _post(url: str, body: dict) -> dict:
@@ -209,19 +222,29 @@ def test_outputs_cross_the_pipe_as_deltas_and_are_rebuilt_equal():
     engine.add_request("a", "abc", SamplingParams(max_tokens=9, temperature=0, logprobs=2))
     engine.add_request("b", "abc", SamplingParams(max_tokens=20, temperature=0, stop=["gh"]))
     engine.add_request("c", "wx", SamplingParams(max_tokens=8, temperature=0.5, seed=3))
-    sent, progress, pairs = set(), {}, []
+    engine.add_request("d", "abxc", SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=1))
+    sent, sent_prompt_lps, progress, pairs, prompt_lps = set(), set(), {}, [], []
     while engine.has_unfinished_requests():
         outputs = engine.step()
-        for d, out in zip(pickle.loads(pickle.dumps(_deltas(outputs, sent))), outputs):
+        deltas = pickle.loads(pickle.dumps(_deltas(outputs, sent, sent_prompt_lps)))
+        for d, out in zip(deltas, outputs):
             if d.prompt_token_ids is not None:
                 progress[d.request_id] = _Progress(d.prompt_token_ids)
+            if d.prompt_logprobs is not None:
+                prompt_lps.append(d.request_id)
             pairs.append((progress[d.request_id].apply(d), out))
-    assert {out.request_id for _, out in pairs} == {"a", "b", "c"} and not sent
+    assert {out.request_id for _, out in pairs} == {"a", "b", "c", "d"}
+    assert not sent and not sent_prompt_lps
     for rebuilt, out in pairs:
         assert rebuilt == out
     last = {out.request_id: out for _, out in pairs}
     assert last["a"].text == "defghijkl" and len(last["a"].logprobs) == 9
     assert last["b"].text == "def" and last["b"].finish_reason == "stop"
+    # the prompt's logprobs cross once, and every rebuilt output of "d" has them
+    assert prompt_lps == ["d"] and last["a"].prompt_logprobs is None
+    d = last["d"].prompt_logprobs
+    assert d[0] is None and [next(iter(x)) for x in d[1:]] == [1, 23, 2]  # b, x, c: own first
+    assert d[2][23] == pytest.approx(-50.0)  # x after b: the fake model says c
 
 
 def test_outputs_ahead_of_a_failed_step_are_not_lost():

@@ -275,7 +275,7 @@ def test_request_options_map_to_sampling_params():
         skip_special_tokens=False,
     )
     msg = request([5], max_tokens=8, **options).sampling
-    assert fields(msg) == (3, ((5, -2.5), (17, 100.0), (300, 0.0)), True, False)
+    assert fields(msg) == (3, ((5, -2.5), (17, 100.0)), True, False)
     assert fields(request([5], logit_bias=[(9, 1.5)]).sampling)[1] == ((9, 1.5),)
     defaults = (0, (), False, True)
     assert fields(pb.SamplingParams()) == defaults
@@ -291,6 +291,70 @@ def test_request_options_map_to_sampling_params():
     ):
         with pytest.raises(ValueError, match=re.escape(message)):
             request([5], logit_bias=bad)
+
+
+def test_prompt_logprobs_maps_to_sampling_params():
+    """SamplingParams.prompt_logprobs (field 18): unset is None (none taken), 0 is 0 (each
+    prompt token's own logprob); out of range is the engine's message, naming the field."""
+    from jaxinfer.serving.client import generate_request as request
+    from jaxinfer.serving.grpc_server import sampling_params
+
+    def prompt_logprobs(msg):
+        return sampling_params(
+            pb.SamplingParams.FromString(msg.SerializeToString())
+        ).prompt_logprobs
+
+    assert prompt_logprobs(pb.SamplingParams()) is None
+    assert prompt_logprobs(request([5], max_tokens=2).sampling) is None
+    assert prompt_logprobs(request([5], prompt_logprobs=0).sampling) == 0
+    assert prompt_logprobs(request([5], prompt_logprobs=3, logprobs=1).sampling) == 3
+    with pytest.raises(
+        ValueError, match=re.escape("prompt_logprobs must be an integer in [0, 20]")
+    ):
+        prompt_logprobs(request([5], prompt_logprobs=21).sampling)
+
+
+def check_prompt_logprobs(entries, prompt: list[int], ref, n: int) -> None:
+    """GenerateResponse.prompt_logprobs against LLM.generate's: one per prompt token after the
+    first, its id, logprob and top n (most likely first)."""
+    assert [e.token_id for e in entries] == prompt[1:]
+    for e, lp in zip(entries, ref.prompt_logprobs[1:], strict=True):
+        assert e.logprob == pytest.approx(lp[e.token_id], abs=1e-5)
+        top = sorted(lp.items(), key=lambda kv: -kv[1])[:n]
+        assert [t.token_id for t in e.top] == [t for t, _ in top]
+        assert [t.logprob for t in e.top] == pytest.approx([v for _, v in top], abs=1e-5)
+
+
+def test_prompt_logprobs_equal_llm_generate(stub, llm):
+    ps = prompts(2, seed=9, length=(6, 40))
+    sampling = dict(max_tokens=5, prompt_logprobs=2, logprobs=1, ignore_eos=True, **GREEDY)
+    refs = reference(llm, ps, **sampling)
+    for prompt, ref in zip(ps, refs):
+        assert ref.prompt_logprobs[0] is None and len(ref.prompt_logprobs) == len(prompt)
+        whole = stub.Generate(generate_request(prompt, **sampling), metadata=AUTH, timeout=120)
+        assert list(whole.token_ids) == ref.token_ids
+        check_prompt_logprobs(whole.prompt_logprobs, prompt, ref, 2)
+        # a stream sends them once, in its first response
+        pieces = stream_all(stub, prompt, **sampling)
+        assert [t for p in pieces for t in p.token_ids] == ref.token_ids
+        assert len(pieces[0].token_ids) > 0 and all(not p.prompt_logprobs for p in pieces[1:])
+        check_prompt_logprobs(pieces[0].prompt_logprobs, prompt, ref, 2)
+    # 0: each token's own logprob alone; unset: none
+    own = stub.Generate(
+        generate_request(ps[0], max_tokens=1, prompt_logprobs=0, **GREEDY),
+        metadata=AUTH,
+        timeout=120,
+    )
+    check_prompt_logprobs(own.prompt_logprobs, ps[0], refs[0], 0)
+    plain = stub.Generate(
+        generate_request(ps[0], max_tokens=1, **GREEDY), metadata=AUTH, timeout=120
+    )
+    assert len(plain.prompt_logprobs) == 0
+    # one prompt token: nothing before it, so no entry
+    one = stub.Generate(
+        generate_request([7], max_tokens=1, prompt_logprobs=2), metadata=AUTH, timeout=120
+    )
+    assert len(one.prompt_logprobs) == 0 and len(one.token_ids) == 1
 
 
 def test_logit_bias_and_min_tokens_are_honoured(stub, llm):

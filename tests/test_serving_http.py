@@ -31,6 +31,7 @@ KEY = "http-key-456"
 ENGINE = dict(max_num_seqs=16, max_num_batched_tokens=128, num_pages=96, max_model_len=256)
 ENGINE_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()] + ["--dtype=float32"]
 NAME = "tiny"
+VOCAB = 320
 ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
@@ -57,7 +58,7 @@ def save_word_tokenizer(path, vocab_size: int) -> None:
 def tiny_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-http")
     build_hf_model("llama3", path)
-    save_word_tokenizer(path, 320)
+    save_word_tokenizer(path, VOCAB)
     return path
 
 
@@ -119,8 +120,13 @@ def prompts(n, seed=0, length=(3, 20)):
     return [rng.integers(2, 310, rng.integers(*length)).tolist() for _ in range(n)]
 
 
+def word(t: int) -> str:
+    """Token t's text (the tokenizer's last ids are the chat roles)."""
+    return f"w{t}" if t < VOCAB - len(ROLES) else ROLES[t - VOCAB + len(ROLES)]
+
+
 def words(ids):
-    return " ".join(f"w{i}" for i in ids)
+    return " ".join(map(word, ids))
 
 
 def stats(server) -> pb.ModelInfoResponse:
@@ -321,7 +327,7 @@ BAD = {
     "n": (dict(n=0), "n must be an integer in [1, 128]"),
     "n too large": (dict(n=10**8), "n must be an integer in [1, 128], got 100000000"),
     "too many choices": (dict(prompt=[[5]] * 40, n=128), "would make 5120 requests"),
-    "echo": (dict(echo=True), "echo=true is not supported"),
+    "echo": (dict(echo="yes"), "echo must be True or False, got 'yes'"),
     "response_format": (
         dict(extra_body={"response_format": {"type": "json_object"}}),
         "response_format=",
@@ -331,7 +337,10 @@ BAD = {
         dict(extra_body={"spaces_between_special_tokens": False}),
         "spaces_between_special_tokens=false is not supported",
     ),
-    "prompt_logprobs": (dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs=1 is not"),
+    "prompt_logprobs": (
+        dict(extra_body={"prompt_logprobs": 21}),
+        "prompt_logprobs must be an integer in [0, 20], got 21",
+    ),
     "suffix": (dict(suffix="x"), 'suffix="x" is not supported'),
     "logprobs": (dict(logprobs=99), "logprobs must be an integer in [0, 20]"),
     "prompt shape": (dict(prompt=[1, "a"]), "prompt must be a string"),
@@ -355,6 +364,8 @@ def test_bad_values_are_400_in_openai_shape(client):
             assert message in err["message"], (name, err)
             if name in ("temperature", "max_tokens", "n", "logprobs", "user", "echo"):
                 assert err["param"] == name, err
+            if name == "prompt_logprobs":
+                assert err["param"] == name, err
             if name == "unknown field":
                 assert err["param"] == "max_new_tokens", err
     with pytest.raises(openai.BadRequestError) as e:  # usage chunks need a stream
@@ -368,6 +379,9 @@ def test_bad_values_are_400_in_openai_shape(client):
     for kw, message in (
         (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools="),
         (dict(top_logprobs=2), "top_logprobs needs logprobs: true"),
+        # completions' own fields (vLLM's chat `echo` means something else)
+        (dict(extra_body={"echo": True}), "echo=true is not supported by /v1/chat/completions"),
+        (dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs=1 is not supported by /v1/chat"),
         (dict(messages=[{"role": "tool", "content": "w5"}]), "chat template refused"),
         (
             dict(messages=[{"role": "user", "content": "w5", "tool_calls": 5}]),
@@ -472,17 +486,252 @@ def test_request_options_reach_sampling_params(llm):
         (False, {"prompt": [5, 6], "max_tokens": 8}),
         (True, {"messages": [{"role": "user", "content": "w5"}], "max_completion_tokens": 8}),
     ):
-        _, params, n, _ = front._plan({**body, **options, "n": 2}, chat)
-        assert n == 2 and len(params) == 2
-        for p in params:
-            assert fields(p) == (3, ((5, -2.5), (17, 100.0), (300, 0.0)), True, False)
-            assert p.max_tokens == 8
+        plan = front._plan({**body, **options, "n": 2}, chat)
+        assert plan.n == 2 and len(plan.params) == 2
+        for p in plan.params:
+            assert fields(p) == (3, ((5, -2.5), (17, 100.0)), True, False)
+            assert p.max_tokens == 8 and p.prompt_logprobs is None
         for unset in ({}, dict.fromkeys(options), {"logit_bias": {}}):
-            (_, (p,), _, _) = front._plan({**body, **unset}, chat)
+            (p,) = front._plan({**body, **unset}, chat).params
             assert fields(p) == defaults, unset
         # what the other fields do is unchanged by them
-        (_, (p,), _, _) = front._plan({**body, **options, "temperature": 0}, chat)
+        (p,) = front._plan({**body, **options, "temperature": 0}, chat).params
         assert p.temperature == 0 and p.max_tokens == 8 and p.min_tokens == 3
+
+
+# ---- echo and prompt logprobs -----------------------------------------------------------------
+
+
+def post_json(server, body: dict) -> dict:
+    """POST `body` to /v1/completions as a plain JSON client does (lm-eval's requests)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.http_port}/v1/completions",
+        json.dumps(body).encode(),
+        {"content-type": "application/json", "authorization": f"Bearer {KEY}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())
+
+
+def top_words(lp: dict, n: int) -> dict:
+    """An engine logprobs dict's top n as the completions' top_logprobs: {word: logprob}."""
+    return {word(t): v for t, v in sorted(lp.items(), key=lambda kv: -kv[1])[:n]}
+
+
+def test_echo_asks_the_engine_for_prompt_logprobs_only_with_logprobs(llm):
+    """echo alone: the prompt's text only (no prompt logprobs, so no prefix-cache bypass); with
+    logprobs n: the engine's prompt_logprobs n; vLLM's field: its own n, the larger taken."""
+    from types import SimpleNamespace as NS
+
+    from jaxinfer.serving.http_server import OpenAIFront
+
+    front = OpenAIFront(NS(engine=llm.engine), NAME)
+    body = {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 2, "n": 2}
+    for extra, want, echo in (
+        ({}, None, None),
+        ({"echo": False, "logprobs": 2}, None, None),
+        ({"echo": True}, None, ["w5 w6 w7", "w8 w9"]),
+        ({"echo": True, "logprobs": 0}, 0, ["w5 w6 w7", "w8 w9"]),
+        ({"echo": True, "logprobs": 3}, 3, ["w5 w6 w7", "w8 w9"]),
+        ({"prompt_logprobs": 2}, 2, None),
+        ({"prompt_logprobs": 2, "echo": True, "logprobs": 5}, 5, ["w5 w6 w7", "w8 w9"]),
+    ):
+        plan = front._plan({**body, **extra}, False)
+        assert [p.prompt_logprobs for p in plan.params] == [want, want], extra
+        assert plan.echo == echo, extra
+        asked = extra.get("prompt_logprobs")
+        assert plan.prompt_logprobs == (None if asked is None else (asked, want)), extra
+    # a text prompt is echoed as given, not as its tokens decode
+    plan = front._plan({"prompt": ["w5  w6\tw7", "w8"], "echo": True}, False)
+    assert plan.echo == ["w5  w6\tw7", "w8"] and plan.prompts == [[5, 6, 7], [8]]
+
+
+def test_echo_prepends_the_prompt_unary_and_streamed(client, llm):
+    ps = prompts(2, seed=11)
+    refs = reference(llm, ps, max_tokens=6, temperature=0.0, ignore_eos=True)
+    tokenizer = llm.engine.model.tokenizer
+    for prompt in (ps, [words(p) for p in ps]):  # ids are decoded; text comes back as given
+        r = client.completions.create(
+            model=NAME,
+            prompt=prompt,
+            max_tokens=6,
+            temperature=0,
+            echo=True,
+            n=2,
+            extra_body={"ignore_eos": True},
+        )
+        assert [c.index for c in r.choices] == [0, 1, 2, 3]
+        for c in r.choices:
+            p, ref = ps[c.index // 2], refs[c.index // 2]
+            assert tokenizer.decode(p) == words(p)
+            assert c.text == words(p) + ref.text and c.logprobs is None
+        assert r.usage.prompt_tokens == sum(map(len, ps)) and r.usage.completion_tokens == 24
+        chunks = list(
+            client.completions.create(
+                model=NAME,
+                prompt=prompt,
+                max_tokens=6,
+                temperature=0,
+                echo=True,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+        )
+        for i, (p, ref) in enumerate(zip(ps, refs)):
+            mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+            assert mine[0].text.startswith(words(p))  # with the first chunk, as vLLM sends it
+            assert not any(c.text.startswith(words(p)) for c in mine[1:] if c.text)
+            assert "".join(c.text for c in mine) == words(p) + ref.text
+    # without echo nothing changes
+    r = client.completions.create(model=NAME, prompt=ps[0], max_tokens=6, temperature=0, echo=False)
+    assert r.choices[0].text == refs[0].text
+
+
+LOGPROBS_FIELDS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+
+
+def check_echo_logprobs(lp: dict, prompt: list[int], ref, n: int, text: str) -> None:
+    """A choice's echoed `logprobs` (JSON) against LLM.generate's prompt_logprobs and logprobs."""
+    k = len(prompt)
+    assert lp["tokens"] == [word(t) for t in prompt + ref.token_ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    want = [ref.prompt_logprobs[i][prompt[i]] for i in range(1, k)]
+    want += [d[t] for d, t in zip(ref.logprobs, ref.token_ids)]
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-5)
+    tops = [top_words(d, n) for d in ref.prompt_logprobs[1:] + ref.logprobs]
+    for got, top in zip(lp["top_logprobs"][1:], tops, strict=True):
+        assert got.keys() == top.keys() and len(got) == n
+        assert list(got.values()) == pytest.approx(list(top.values()), abs=1e-5)
+    # offsets: the prompt's tokens from 0 (each token's text after the one before), the
+    # completion's from where its text begins in the echoed text
+    offsets = lp["text_offset"]
+    assert offsets[:k] == [sum(len(word(t)) for t in prompt[:i]) for i in range(k)]
+    assert offsets[k] == len(words(prompt)) and text[offsets[k] :] == ref.text
+    assert offsets == sorted(offsets)
+
+
+def test_echo_with_logprobs_begins_with_the_prompts_logprobs(client, llm):
+    ps = prompts(2, seed=12, length=(5, 30))
+    params = dict(max_tokens=4, temperature=0.0, logprobs=2, ignore_eos=True)
+    refs = reference(llm, ps, prompt_logprobs=2, **params)
+    plain = reference(llm, ps, **params)  # the engine's own logprobs, without prompt logprobs
+    assert [r.token_ids for r in refs] == [r.token_ids for r in plain]
+    for prompt in (ps, [words(p) for p in ps]):
+        r = client.completions.create(
+            model=NAME,
+            prompt=prompt,
+            max_tokens=4,
+            temperature=0,
+            logprobs=2,
+            echo=True,
+            extra_body={"ignore_eos": True},
+        )
+        for c, p, ref in zip(r.choices, ps, refs):
+            lp = {f: getattr(c.logprobs, f) for f in LOGPROBS_FIELDS}
+            check_echo_logprobs(lp, p, ref, 2, c.text)
+        # streamed: the first chunk holds the prompt's text and logprobs
+        chunks = list(
+            client.completions.create(
+                model=NAME,
+                prompt=prompt[0],
+                max_tokens=4,
+                temperature=0,
+                logprobs=2,
+                echo=True,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+        )
+        first = chunks[0].choices[0]
+        k = len(ps[0])
+        assert first.text.startswith(words(ps[0])) and len(first.logprobs.tokens) > k
+        assert first.logprobs.text_offset[:k] == r.choices[0].logprobs.text_offset[:k]
+        whole = r.choices[0].logprobs
+        for field in ("tokens", "token_logprobs", "top_logprobs"):
+            streamed = [x for c in chunks for x in getattr(c.choices[0].logprobs, field)]
+            assert streamed == getattr(whole, field), field
+        assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+
+
+def test_lm_eval_loglikelihood_requests(server, llm):
+    """lm-evaluation-harness's local-completions loglikelihood: a batch of context +
+    continuation prompts (token ids, or strings with tokenized_requests=False), max_tokens 1,
+    logprobs 1, echo, temperature 0; it reads token_logprobs[ctxlen:-1] and whether each equals
+    its top_logprobs' max (is_greedy). Against LLM.generate's prompt_logprobs."""
+    (context,) = prompts(1, seed=13, length=(9, 10))
+    greedy = reference(llm, [context], max_tokens=3, temperature=0.0, ignore_eos=True)[0]
+    continuations = [greedy.token_ids, [7, 300, 12], [context[0]]]
+    requests = [(context, c) for c in continuations] + [(context[:4], context[4:])]
+    tokens = [ctx + cont for ctx, cont in requests]
+    ctxlens = [len(ctx) for ctx, _ in requests]
+    refs = reference(llm, tokens, max_tokens=1, temperature=0.0, prompt_logprobs=1)
+    want = []
+    for toks, ctxlen, ref in zip(tokens, ctxlens, refs):
+        lps = [ref.prompt_logprobs[i] for i in range(ctxlen, len(toks))]
+        logprob = sum(lp[t] for lp, t in zip(lps, toks[ctxlen:]))
+        want.append((logprob, all(lp[t] == max(lp.values()) for lp, t in zip(lps, toks[ctxlen:]))))
+    assert [g for _, g in want] == [True, False, False, False]  # the greedy continuation
+    for prompt in (tokens, [words(t) for t in tokens]):
+        out = post_json(
+            server,
+            {
+                "model": NAME,
+                "prompt": prompt,
+                "temperature": 0,
+                "max_tokens": 1,
+                "logprobs": 1,
+                "seed": 1234,
+                "echo": True,
+            },
+        )
+        got = []  # lm_eval.models.openai_completions.LocalCompletionsAPI.parse_logprobs
+        for choice, ctxlen in zip(sorted(out["choices"], key=lambda c: c["index"]), ctxlens):
+            token_logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+            top_logprobs = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+            is_greedy = all(t == max(top.values()) for t, top in zip(token_logprobs, top_logprobs))
+            got.append((sum(token_logprobs), is_greedy))
+        assert [g for _, g in got] == [g for _, g in want]
+        assert [x for x, _ in got] == pytest.approx([x for x, _ in want], abs=1e-4)
+        for choice, toks, ref in zip(out["choices"], tokens, refs):
+            lp = choice["logprobs"]
+            assert len(lp["tokens"]) == len(toks) + 1 and lp["token_logprobs"][0] is None
+            assert lp["token_logprobs"][1:-1] == pytest.approx(
+                [ref.prompt_logprobs[i][toks[i]] for i in range(1, len(toks))], abs=1e-5
+            )
+
+
+def test_vllm_prompt_logprobs_field(server, llm):
+    """vLLM's `prompt_logprobs: n` on /v1/completions: each choice's prompt_logprobs is null,
+    then {"<id>": {logprob, rank, decoded_token}}: the prompt token's own entry first (its rank
+    where it is among the top), then the top n by rank. Refused with stream: true, as in vLLM."""
+    ps = prompts(2, seed=14)
+    (ref,) = reference(llm, [ps[0]], max_tokens=2, temperature=0.0, prompt_logprobs=3)
+    for extra, echoed in (({}, False), ({"echo": True, "logprobs": 1}, True)):
+        out = post_json(
+            server,
+            {"prompt": ps[0], "max_tokens": 2, "temperature": 0, "prompt_logprobs": 2, **extra},
+        )
+        choice = out["choices"][0]
+        assert choice["text"].startswith(words(ps[0])) == echoed
+        plps = choice["prompt_logprobs"]
+        assert len(plps) == len(ps[0]) and plps[0] is None
+        for i, (entry, lp) in enumerate(zip(plps[1:], ref.prompt_logprobs[1:]), 1):
+            ranked = sorted(lp.items(), key=lambda kv: -kv[1])
+            ids = [ps[0][i]] + [t for t, _ in ranked[:2] if t != ps[0][i]]
+            assert list(entry) == [str(t) for t in ids]
+            for t in ids:
+                # the server took the top 2: a rank beyond them it does not know
+                rank = next((r + 1 for r, (a, _) in enumerate(ranked[:2]) if a == t), None)
+                assert entry[str(t)]["logprob"] == pytest.approx(lp[t], abs=1e-5)
+                assert (entry[str(t)]["rank"], entry[str(t)]["decoded_token"]) == (rank, word(t))
+        if echoed:  # the echo's top_logprobs keep their own n
+            assert all(len(t) == 1 for t in choice["logprobs"]["top_logprobs"][1:])
+    with pytest.raises(urllib.error.HTTPError) as e:
+        post_json(server, {"prompt": ps[0], "prompt_logprobs": 1, "stream": True})
+    error = json.loads(e.value.read())["error"]
+    assert e.value.code == 400 and error["param"] == "prompt_logprobs"
+    assert "not available with stream: true" in error["message"]
 
 
 def first_words(client, prompt, n, **extra):

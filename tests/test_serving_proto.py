@@ -58,3 +58,30 @@ def test_request_options_keep_their_numbers_and_types():
     again = inference_pb2.SamplingParams.FromString(msg.SerializeToString())
     assert dict(again.logit_bias) == {5: 2.5, 50256: -100.0}
     assert not again.HasField("min_tokens") and not again.HasField("skip_special_tokens")
+
+
+def test_prompt_logprobs_fields_keep_their_numbers_and_types():
+    """SamplingParams.prompt_logprobs is field 18 (optional int64: unset = none); the response
+    carries them as GenerateResponse.prompt_logprobs, field 7, one TokenLogprobs per prompt token
+    after the first, as `logprobs` (field 6) carries the new tokens'."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    from jaxinfer.serving.proto import inference_pb2 as pb
+
+    field = pb.SamplingParams.DESCRIPTOR.fields_by_name["prompt_logprobs"]
+    assert (field.number, field.type, field.has_presence) == (18, F.TYPE_INT64, True)
+    response = pb.GenerateResponse.DESCRIPTOR.fields_by_name
+    for name, number in (("logprobs", 6), ("prompt_logprobs", 7)):
+        assert response[name].number == number and response[name].is_repeated
+        assert response[name].message_type.full_name == "jaxinfer.v1.TokenLogprobs"
+    msg = pb.GenerateResponse(
+        prompt_logprobs=[
+            pb.TokenLogprobs(token_id=9, logprob=-1.5, top=[pb.TopLogprob(token_id=3)])
+        ]
+    )
+    again = pb.GenerateResponse.FromString(msg.SerializeToString())
+    assert [
+        (e.token_id, e.logprob, [t.token_id for t in e.top]) for e in again.prompt_logprobs
+    ] == [(9, -1.5, [3])]
+    assert not pb.SamplingParams().HasField("prompt_logprobs")
+    assert pb.SamplingParams(prompt_logprobs=0).HasField("prompt_logprobs")  # 0 is not unset

@@ -4,6 +4,11 @@ client = Client("127.0.0.1:50051", api_key=None)
 for piece in client.stream("The capital of France is", max_tokens=32, temperature=0):
     print(piece.text, end="")
 client.generate([1, 2, 3], max_tokens=8).token_ids
+# each prompt token after the first: its logprob (`token_id`, `logprob`) and its top-n (`top`)
+client.generate("The capital of France is", max_tokens=1, prompt_logprobs=2).prompt_logprobs
+
+The calls return the proto's GenerateResponse messages as they are (a stream sends
+`prompt_logprobs` once, in its first response).
 """
 
 from __future__ import annotations

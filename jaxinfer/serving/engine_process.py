@@ -15,8 +15,9 @@ take every pending command ("add", "abort", "stop"; it blocks for one only when 
 requests are unfinished, and send ONE message per iteration that did anything: the outputs
 (requests it refused among them, as outputs of finish_reason "invalid") and the engine's counts.
 An output crosses as what it adds (`_Delta`: new token ids, text delta, new logprobs, the prompt
-ids once): the parent keeps each request's tokens, text and logprobs so far and rebuilds the
-engine's cumulative `RequestOutput`, so the bytes per step do not grow with the outputs' length.
+ids once, the prompt's logprobs once): the parent keeps each request's tokens, text and logprobs
+so far and rebuilds the engine's cumulative `RequestOutput`, so the bytes per step do not grow
+with the outputs' length.
 The parent reads those messages on a thread of their own; `step()` returns the outputs of all
 that came since the last call. A dead child makes `step()` and `add_request()` raise
 (`EngineProcessDied`), so EngineLoop fails the requests in flight and keeps answering.
@@ -110,17 +111,28 @@ class _Delta(NamedTuple):
     finish_time: float | None
     num_cached_tokens: int
     error: str | None
+    # the prompt's logprobs, with the first output that has them (the parent keeps them)
+    prompt_logprobs: list | None = None
 
 
-def _deltas(outputs: list[RequestOutput], sent: set[str]) -> list[_Delta]:
-    """The outputs as deltas; `sent`: requests whose prompt ids the parent has (kept here)."""
+def _deltas(
+    outputs: list[RequestOutput], sent: set[str], sent_prompt_lps: set[str] | None = None
+) -> list[_Delta]:
+    """The outputs as deltas; `sent`: requests whose prompt ids the parent has, and
+    `sent_prompt_lps` those whose prompt logprobs it has (both kept here)."""
     deltas = []
+    sent_prompt_lps = set() if sent_prompt_lps is None else sent_prompt_lps
     for out in outputs:
         rid, first = out.request_id, out.request_id not in sent
         if out.finished:
             sent.discard(rid)
         elif first:
             sent.add(rid)
+        prompt_lps = out.prompt_logprobs if rid not in sent_prompt_lps else None
+        if out.finished:
+            sent_prompt_lps.discard(rid)
+        elif prompt_lps is not None:
+            sent_prompt_lps.add(rid)
         new = out.new_token_ids
         lps = out.logprobs
         deltas.append(
@@ -137,6 +149,7 @@ def _deltas(outputs: list[RequestOutput], sent: set[str]) -> list[_Delta]:
                 out.finish_time,
                 out.num_cached_tokens,
                 out.error,
+                prompt_lps,
             )
         )
     return deltas
@@ -145,10 +158,11 @@ def _deltas(outputs: list[RequestOutput], sent: set[str]) -> list[_Delta]:
 class _Progress:
     """The parent's copy of one request's prompt, tokens, text and logprobs so far."""
 
-    __slots__ = ("prompt", "tokens", "text", "logprobs")
+    __slots__ = ("prompt", "tokens", "text", "logprobs", "prompt_logprobs")
 
     def __init__(self, prompt: list[int]):
         self.prompt, self.tokens, self.text, self.logprobs = prompt, [], "", None
+        self.prompt_logprobs = None
 
     def apply(self, d: _Delta) -> RequestOutput:
         self.tokens += d.new_token_ids
@@ -156,6 +170,8 @@ class _Progress:
         if d.new_logprobs is not None:
             self.logprobs = self.logprobs or []
             self.logprobs += d.new_logprobs
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = d.prompt_logprobs
         return RequestOutput(
             request_id=d.request_id,
             prompt_token_ids=self.prompt,
@@ -171,12 +187,14 @@ class _Progress:
             text_delta=d.text_delta,
             num_cached_tokens=d.num_cached_tokens,
             error=d.error,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 
 def _serve(conn, engine) -> None:
     """Commands in, one message of deltas and counts out per busy iteration, until "stop"."""
     sent_prompt: set[str] = set()  # requests whose prompt_token_ids the parent has
+    sent_prompt_lps: set[str] = set()  # requests whose prompt logprobs the parent has
     faulted = False  # the last step raised: step again only once a request is added
     while True:
         busy = engine.has_unfinished_requests() and not faulted
@@ -199,7 +217,8 @@ def _serve(conn, engine) -> None:
             except Exception as e:  # noqa: BLE001 - the parent fails the requests in flight
                 log.exception("engine step failed")
                 failure, faulted = f"{type(e).__name__}: {e}", True
-        conn.send(("step", _deltas(outputs, sent_prompt), engine.serving_stats(), failure))
+        deltas = _deltas(outputs, sent_prompt, sent_prompt_lps)
+        conn.send(("step", deltas, engine.serving_stats(), failure))
 
 
 def _add(engine, command: tuple, outputs: list) -> None:

@@ -59,6 +59,7 @@ _OPTIONAL = (
     "min_tokens",
     "include_stop_str_in_output",
     "skip_special_tokens",
+    "prompt_logprobs",
 )
 
 
@@ -92,10 +93,15 @@ def prompt_of(request: pb.GenerateRequest, tokenizer) -> list[int]:
 
 
 def response_of(
-    stream: RequestStream, outputs: list[RequestOutput], whole: bool, num_logprobs: int | None
+    stream: RequestStream,
+    outputs: list[RequestOutput],
+    whole: bool,
+    params: SamplingParams,
+    with_prompt: bool = True,
 ) -> pb.GenerateResponse:
     """One response for `outputs` (consecutive, in order): all text and tokens so far if `whole`,
-    else only what they added."""
+    else only what they added; the prompt's logprobs if `with_prompt` and the outputs have them
+    (a stream sends them once)."""
     last = outputs[-1]
     if whole:
         text, ids = last.text, last.token_ids
@@ -116,7 +122,12 @@ def response_of(
     if last.logprobs is not None:
         per_token = last.logprobs[len(last.logprobs) - len(ids) :]
         response.logprobs.extend(
-            _logprobs(t, lp, num_logprobs or 0) for t, lp in zip(ids, per_token)
+            _logprobs(t, lp, params.logprobs or 0) for t, lp in zip(ids, per_token)
+        )
+    if with_prompt and last.prompt_logprobs is not None:  # [None, then a dict per token]
+        n, prompt = params.prompt_logprobs or 0, last.prompt_token_ids
+        response.prompt_logprobs.extend(
+            _logprobs(t, lp, n) for t, lp in zip(prompt[1:], last.prompt_logprobs[1:])
         )
     return response
 
@@ -147,16 +158,18 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.tokenizer = loop.engine.model.tokenizer
 
     async def Generate(self, request, context):
-        stream, n = await self._submit(request, context)
+        stream, params = await self._submit(request, context)
         outputs: list[RequestOutput] = []
         async for batch in self._outputs(stream, context):
             outputs = batch
-        return response_of(stream, outputs, whole=True, num_logprobs=n)
+        return response_of(stream, outputs, whole=True, params=params)
 
     async def GenerateStream(self, request, context):
-        stream, n = await self._submit(request, context)
+        stream, params = await self._submit(request, context)
+        prompt_sent = False  # the prompt's logprobs go in the first response that has them
         async for batch in self._outputs(stream, context):
-            yield response_of(stream, batch, whole=False, num_logprobs=n)
+            yield response_of(stream, batch, False, params, with_prompt=not prompt_sent)
+            prompt_sent = prompt_sent or batch[-1].prompt_logprobs is not None
 
     async def ModelInfo(self, request, context):
         engine, stats = self.loop.engine, self.loop.stats()
@@ -176,7 +189,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             requests_waiting=stats.waiting,
         )
 
-    async def _submit(self, request, context) -> tuple[RequestStream, int | None]:
+    async def _submit(self, request, context) -> tuple[RequestStream, SamplingParams]:
         try:
             if len(request.request_id) > MAX_ID:  # echoed in every response
                 raise ValueError(
@@ -188,7 +201,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             self.loop.refused(request.request_id[:MAX_ID], "invalid")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
-            return self.loop.submit(prompt, params, request.request_id or None), params.logprobs
+            return self.loop.submit(prompt, params, request.request_id or None), params
         except QueueFull as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except Closed as e:

@@ -15,6 +15,16 @@ the server does not implement is a 400 unless its value asks for nothing (`_UNSU
 so is what the model's chat template refuses. /health is 503 while draining and once the engine
 process has died.
 
+`echo` (completions only, as OpenAI's and vLLM's): each choice's text begins with its prompt's
+text (a text prompt as given, token ids decoded), in a stream in each choice's first chunk; with
+`logprobs: n` too, its `logprobs` object begins with the prompt's tokens (the first one's
+logprob and top_logprobs null, each other's from the engine's `prompt_logprobs`), and
+`text_offset` counts from the start of that text: the prompt's tokens from 0, the completion's
+from where its text begins. vLLM's `prompt_logprobs: n` (unary completions only, as in vLLM)
+adds each choice's `prompt_logprobs`: null, then per prompt token {"<id>": {"logprob", "rank",
+"decoded_token"}}, the token's own entry first, then the top n; a rank is null where the engine
+does not know it (the prompt token's own, outside the top n).
+
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad values,
 401 a missing or wrong bearer token (--api-key; /health and /metrics stay open), 404 an unknown
 model, 413 a body over MAX_BODY_BYTES, 429 --max-queue full, 503 draining, 500 the engine failed.
@@ -26,12 +36,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
+import itertools
 import json
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NamedTuple
 
 import uvicorn
 from starlette.applications import Starlette
@@ -81,7 +94,6 @@ _UNSUPPORTED = {
     "functions": (None, []),
     "function_call": (None, "none"),
     "use_beam_search": (None, False),
-    "prompt_logprobs": (None,),
     "guided_json": (None,),
     "guided_regex": (None,),
     "guided_choice": (None,),
@@ -107,8 +119,10 @@ _UNSUPPORTED = {
     "prompt_cache_retention": (None,),
     "spaces_between_special_tokens": (None, True),
     "return_tokens_as_token_ids": (None, False),
-    "echo": (None, False),
 }
+# Fields of /v1/completions alone: a chat refuses them unless they ask for nothing (vLLM's chat
+# `echo` repeats the last message, which this server does not do)
+_COMPLETION_ONLY = {"echo": (None, False), "prompt_logprobs": (None,)}
 # add_special_tokens asks for nothing at what each endpoint does: a completion's text gets
 # them (BOS), a chat's template writes its own
 _ADD_SPECIAL_TOKENS = {False: (None, True), True: (None, False)}  # by chat
@@ -119,7 +133,7 @@ _ADD_SPECIAL_TOKENS = {False: (None, True), True: (None, False)}  # by chat
 _TAGS = ("user", "safety_identifier", "prompt_cache_key", "request_id")
 _FIELDS = {"model", "n", "stream", "stream_options", "stop", "seed", "logprobs", "max_tokens"}
 _FIELDS |= {"metadata", "add_special_tokens", "logit_bias", *_TAGS}
-_COMPLETION_FIELDS = _FIELDS | {"prompt"}
+_COMPLETION_FIELDS = _FIELDS | {"prompt", *_COMPLETION_ONLY}
 _CHAT_FIELDS = _FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 MAX_TAG_CHARS = MAX_ID
 _THREAD_BYTES = 1 << 20  # bodies above this are decoded and checked off the event loop
@@ -136,7 +150,9 @@ class FieldError(ValueError):
 def refuse_unknown(body: dict, chat: bool) -> None:
     """FieldError naming the fields `body` has that this server does not know, or a tag that
     is not a short string."""
-    known = (_CHAT_FIELDS if chat else _COMPLETION_FIELDS).union(_SAMPLING, _UNSUPPORTED)
+    known = (_CHAT_FIELDS if chat else _COMPLETION_FIELDS).union(
+        _SAMPLING, _UNSUPPORTED, _COMPLETION_ONLY
+    )
     unknown = sorted(k for k in body if k not in known)
     if unknown:
         raise FieldError(
@@ -155,14 +171,20 @@ def refuse_unknown(body: dict, chat: bool) -> None:
 
 
 def refuse_unsupported(body: dict, chat: bool) -> None:
-    """FieldError naming the first field `body` sets that this server does not implement."""
-    for name, no_op in (*_UNSUPPORTED.items(), ("add_special_tokens", _ADD_SPECIAL_TOKENS[chat])):
+    """FieldError naming the first field `body` sets that this server does not implement (on a
+    chat: the completions' own fields too)."""
+    fields = (*_UNSUPPORTED.items(), ("add_special_tokens", _ADD_SPECIAL_TOKENS[chat]))
+    for name, no_op in (*fields, *(_COMPLETION_ONLY.items() if chat else ())):
         value = body.get(name)
         if name == "best_of" and value is not None and value == body.get("n"):
             continue  # the best of n samples, all returned: the n samples
         if not any(value == v and type(value) is type(v) for v in no_op):
-            message = f"{name}={json.dumps(value)[:80]} is not supported by this server"
-            raise FieldError(name, message)
+            where = (
+                "/v1/chat/completions (a field of /v1/completions only)"
+                if name in _COMPLETION_ONLY
+                else "this server"
+            )
+            raise FieldError(name, f"{name}={json.dumps(value)[:80]} is not supported by {where}")
 
 
 class ApiError(Exception):
@@ -216,12 +238,17 @@ def _api_error(e: Exception, body: dict | None = None) -> ApiError:
 
 
 def sampling_params(
-    body: dict, max_tokens: int | None, logprobs: int | None, sample: int
+    body: dict,
+    max_tokens: int | None,
+    logprobs: int | None,
+    sample: int,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """The engine's SamplingParams of an OpenAI body (unset fields: the engine's defaults).
 
     `sample` is the index among the `n` samples of a prompt: a body's `seed` seeds sample j with
-    seed + j, so that the n samples differ and each is reproducible.
+    seed + j, so that the n samples differ and each is reproducible. `prompt_logprobs`: the top-n
+    the engine takes of each prompt token (echo with logprobs, vLLM's prompt_logprobs).
     """
     fields = {k: body[k] for k in _SAMPLING if body.get(k) is not None}  # top_k -1: off
     if body.get("stop") is not None:
@@ -240,7 +267,18 @@ def sampling_params(
         fields["max_tokens"] = max_tokens
     if logprobs is not None:
         fields["logprobs"] = logprobs
+    if prompt_logprobs is not None:
+        fields["prompt_logprobs"] = prompt_logprobs
     return SamplingParams(**fields)
+
+
+def _reseeded(params: SamplingParams, j: int) -> SamplingParams:
+    """`params` with seed + j, its other (checked) fields as they are: not checked again."""
+    if j == 0:
+        return params
+    out = copy.copy(params)  # no __init__: no checks
+    object.__setattr__(out, "seed", params.seed + j)
+    return out
 
 
 def _has_text(prompt) -> bool:
@@ -329,8 +367,19 @@ def _optional_int(body: dict, name: str, low: int, high: int | None = None) -> i
 class _Choice:
     """What one engine request has said so far, in the shape of one choice."""
 
-    def __init__(self, index: int, prompt: int, stream: RequestStream, chat: bool):
+    def __init__(
+        self,
+        index: int,
+        prompt: int,
+        stream: RequestStream,
+        chat: bool,
+        echo: str | None = None,
+        prompt_logprobs: tuple[int, int] | None = None,
+    ):
         self.index, self.prompt, self.stream, self.chat = index, prompt, stream, chat
+        self.echo = echo  # the prompt's text its text begins with (echo), or None
+        # vLLM's prompt_logprobs: (the top-n asked, the top-n the engine took), or None
+        self.prompt_logprobs = prompt_logprobs
         self.text_len = 0  # characters sent so far (completions' text_offset)
         self.last: RequestOutput | None = None
 
@@ -364,7 +413,7 @@ class Formatter:
 
     def logprobs(self, choice: _Choice, text_len: int, ids: list[int], lps, n: int) -> dict:
         """The `logprobs` object of `ids` (with `lps`, the engine's dicts), top `n` each."""
-        tops = [sorted(lp.items(), key=lambda kv: -kv[1])[:n] for lp in lps]
+        tops = [_top(lp, n) for lp in lps]
         if choice.chat:
 
             def entry(t, v):
@@ -388,6 +437,44 @@ class Formatter:
             "text_offset": offsets,
         }
 
+    def prompt_logprobs(self, ids: list[int], lps: list | None, n: int) -> dict:
+        """The completions `logprobs` object of the prompt's tokens (echo), offsets from 0:
+        the first token's logprob and top_logprobs are null (nothing comes before it), as are
+        every token's if the engine has none (`lps` None: a request ended before its prompt
+        was computed)."""
+        lps = lps if lps is not None else [None] * len(ids)
+        tokens = [self.piece(t) for t in ids]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [None if lp is None else lp[t] for t, lp in zip(ids, lps)],
+            "top_logprobs": [
+                None if lp is None else {self.piece(a): b for a, b in _top(lp, n)} for lp in lps
+            ],
+            "text_offset": list(itertools.accumulate(map(len, tokens), initial=0))[: len(ids)],
+        }
+
+    def vllm_prompt_logprobs(self, ids: list[int], lps: list | None, n: int, taken: int):
+        """vLLM's `prompt_logprobs` of a choice: null, then per prompt token {"<id>": {logprob,
+        rank, decoded_token}}, the token's own entry first, then the top `n` in rank order. The
+        engine took the top `taken` >= n: a token outside them has a rank it does not know
+        (null)."""
+        if lps is None:
+            return None
+        out: list = [None]
+        for t, lp in zip(ids[1:], lps[1:]):
+            own_in_top = len(lp) <= taken  # else: the top `taken`, and the token below them
+            ranked = sorted(((a, b) for a, b in lp.items() if own_in_top or a != t), key=_value)
+            rank = {a: i + 1 for i, (a, _) in enumerate(ranked)}
+            entry = {str(t): self._vllm_logprob(t, lp[t], rank.get(t))}
+            for a, b in ranked[:n]:
+                entry.setdefault(str(a), self._vllm_logprob(a, b, rank[a]))
+            out.append(entry)
+        return out
+
+    def _vllm_logprob(self, token: int, logprob: float, rank: int | None) -> dict:
+        decoded = self.piece(token) if self.tokenizer is not None else None
+        return {"logprob": logprob, "rank": rank, "decoded_token": decoded}
+
     def choice(
         self,
         choice: _Choice,
@@ -396,12 +483,15 @@ class Formatter:
         num_logprobs: int | None,
         first: bool = False,
     ) -> dict:
-        """One choice (whole: the full answer; else a stream chunk's delta)."""
+        """One choice (whole: the full answer; else a stream chunk's delta). With echo, the
+        whole answer and a stream's first chunk begin with the prompt (its text, and its tokens'
+        logprobs if asked)."""
         last = outputs[-1]
         if whole:
             text, ids, lps = last.text, last.token_ids, last.logprobs
         else:
             text, ids, lps = _delta(outputs)
+        echo = choice.echo if whole or first else None
         out = {"index": choice.index}
         if choice.chat:
             key = "message" if whole else "delta"
@@ -411,16 +501,36 @@ class Formatter:
                 else ({"content": text} if text else {})
             )
         else:
+            text = text if echo is None else echo + text
             out["text"] = text
-        out["logprobs"] = (
-            self.logprobs(choice, choice.text_len, ids, lps, num_logprobs or 0)
-            if num_logprobs is not None and lps is not None
-            else None
-        )
+        logprobs = None
+        if num_logprobs is not None and lps is not None:
+            # the completion's offsets count from where its text begins (after an echo)
+            start = choice.text_len + (len(echo) if echo is not None else 0)
+            logprobs = self.logprobs(choice, start, ids, lps, num_logprobs)
+            if echo is not None:  # the prompt's tokens first, from offset 0
+                prompt = last.prompt_token_ids
+                head = self.prompt_logprobs(prompt, last.prompt_logprobs, num_logprobs)
+                logprobs = {k: head[k] + logprobs[k] for k in head}
+        out["logprobs"] = logprobs
         out["finish_reason"] = last.finish_reason if last.finished else None
+        if choice.prompt_logprobs is not None and whole:
+            out["prompt_logprobs"] = self.vllm_prompt_logprobs(
+                last.prompt_token_ids, last.prompt_logprobs, *choice.prompt_logprobs
+            )
         choice.text_len += len(text)
         choice.last = last
         return out
+
+
+def _value(item: tuple[int, float]) -> float:
+    return -item[1]
+
+
+def _top(lp: dict[int, float], n: int) -> list[tuple[int, float]]:
+    """The n most likely of an engine logprobs dict (the token's own entry and the top n, n + 1
+    entries when it is not among them: the n largest are the top n)."""
+    return sorted(lp.items(), key=_value)[:n]
 
 
 def usage(choices: list[_Choice]) -> dict:
@@ -440,6 +550,17 @@ def _sse(obj) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 # The app.
+
+
+class _Plan(NamedTuple):
+    """What a body asks of the engine, and of the answer's shape."""
+
+    prompts: list[list[int]]  # token ids
+    params: list[SamplingParams]  # one per sample index
+    n: int
+    logprobs: int | None  # the completions' top-n (None: no logprobs)
+    echo: list[str] | None  # each prompt's text, its choices' text begins with (None: no echo)
+    prompt_logprobs: tuple[int, int] | None  # vLLM's: (the top-n asked, the engine's top-n)
 
 
 class OpenAIFront:
@@ -510,12 +631,12 @@ class OpenAIFront:
 
     # -- completions and chat ------------------------------------------------------------------
 
-    def _plan(self, body: dict, chat: bool) -> tuple[list, list[SamplingParams], int, int | None]:
-        """(prompts as token ids, one SamplingParams per sample index, n, logprobs) of a body;
-        ValueError."""
+    def _plan(self, body: dict, chat: bool) -> _Plan:
+        """The engine requests of a body (see _Plan); ValueError."""
         refuse_unknown(body, chat)
         refuse_unsupported(body, chat)
         n = _optional_int(body, "n", 1, MAX_N) or 1
+        echo, prompt_logprobs, taken = False, None, None
         max_tokens = _optional_int(
             body,
             "max_completion_tokens"
@@ -537,11 +658,33 @@ class OpenAIFront:
                 raise FieldError("prompt", "prompt is required")
             _check_choices(_prompt_count(body["prompt"]), n)  # before a long list is converted
             prompts = completion_prompts(body["prompt"])
-            logprobs = _optional_int(body, "logprobs", 0)
+            logprobs = _optional_int(body, "logprobs", 0, MAX_LOGPROBS)
+            echo = body.get("echo") is not None and as_bool("echo", body["echo"])
+            prompt_logprobs = _optional_int(body, "prompt_logprobs", 0, MAX_LOGPROBS)
+            if prompt_logprobs is not None and body.get("stream") not in (None, False):
+                raise FieldError(
+                    "prompt_logprobs",
+                    "prompt_logprobs is not available with stream: true (as in vLLM); "
+                    "echo: true with logprobs streams the prompt's logprobs",
+                )
+            # the engine takes the prompt's logprobs only where they are returned: echo with
+            # logprobs, or vLLM's field (such a request skips the prefix cache)
+            wanted = [x for x in (logprobs if echo else None, prompt_logprobs) if x is not None]
+            taken = max(wanted) if wanted else None
+        # The echoed text: a text prompt as given, token ids decoded (special tokens kept), as
+        # vLLM does; no tokenizer: no text, as the completions have none.
+        texts = [(p if isinstance(p, str) else self._decode(p)) for p in prompts] if echo else None
         # Text is tokenized here, off the engine's thread, which then only checks the ids.
         prompts = [p if isinstance(p, list) else encode_prompt(self.tokenizer, p) for p in prompts]
-        params = [sampling_params(body, max_tokens, logprobs, j) for j in range(n)]
-        return prompts, params, n, logprobs
+        # Checked once (a 300-entry logit_bias, n = 128: 60 ms of checks on the event loop);
+        # sample j differs only in its seed, seed + j where a seed is given
+        first = sampling_params(body, max_tokens, logprobs, 0, taken)
+        params = [first if first.seed is None else _reseeded(first, j) for j in range(n)]
+        asked = None if prompt_logprobs is None else (prompt_logprobs, taken)
+        return _Plan(prompts, params, n, logprobs, texts, asked)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
     def _longest(self) -> int:
         """The most tokens (prompt + output) one request may have: the context, or what the
@@ -549,17 +692,16 @@ class OpenAIFront:
         engine = self.loop.engine
         return min(engine.max_model_len, pool_tokens(engine.num_pages, engine.config.page_size))
 
-    def _submit(
-        self, prompts: list, params: list[SamplingParams], chat: bool, request_id: str
-    ) -> list[_Choice]:
+    def _submit(self, plan: _Plan, chat: bool, request_id: str) -> list[_Choice]:
         """One engine request per prompt and sample; on a refusal, aborts those already in."""
         choices: list[_Choice] = []
         try:
-            for i, prompt in enumerate(prompts):
-                for j, p in enumerate(params):
-                    index = i * len(params) + j
+            for i, prompt in enumerate(plan.prompts):
+                echo = plan.echo[i] if plan.echo is not None else None
+                for j, p in enumerate(plan.params):
+                    index = i * len(plan.params) + j
                     stream = self.loop.submit(prompt, p, f"{request_id}-{index}")
-                    choices.append(_Choice(index, i, stream, chat))
+                    choices.append(_Choice(index, i, stream, chat, echo, plan.prompt_logprobs))
         except (QueueFull, Closed):
             self._abort(choices)
             raise
@@ -577,10 +719,11 @@ class OpenAIFront:
             try:  # text is tokenized in a worker thread: neither this event loop nor the
                 # engine's; token ids are checked at once (a thread's round trip, times a burst
                 # of requests, delayed the first ones' admission), unless there are many
-                if chat or large or _has_text(body.get("prompt")):
-                    prompts, params, n, logprobs = await asyncio.to_thread(self._plan, body, chat)
+                if chat or large or _has_text(body.get("prompt")) or body.get("echo") is True:
+                    plan = await asyncio.to_thread(self._plan, body, chat)  # echo: decodes
                 else:
-                    prompts, params, n, logprobs = self._plan(body, chat)
+                    plan = self._plan(body, chat)
+                logprobs = plan.logprobs
                 stream = body.get("stream") is not None and as_bool("stream", body["stream"])
                 include_usage = _include_usage(body.get("stream_options"))
             except ValueError:
@@ -588,7 +731,7 @@ class OpenAIFront:
                 self.loop.refused(user if isinstance(user, str) and user else "-", "invalid")
                 raise
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-            choices = self._submit(prompts, params, chat, rid)
+            choices = self._submit(plan, chat, rid)
         except Exception as e:  # noqa: BLE001 - _api_error re-raises what it does not know
             return _api_error(e, body).response()
         head = {

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&jaxinfer/serving/proto/inference.proto\x12\x0bjaxinfer.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x88\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x03H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\x03H\x0b\x88\x01\x01\x12>\n\nlogit_bias\x18\x0f \x03(\x0b\x32*.jaxinfer.v1.SamplingParams.LogitBiasEntry\x12\'\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\r\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\r\n\x0b_min_tokensB\x1d\n\x1b_include_stop_str_in_outputB\x16\n\x14_skip_special_tokens\"\xa7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.jaxinfer.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.jaxinfer.v1.SamplingParams\x12\x0c\n\x04\x63hat\x18\x05 \x01(\x08\x42\x07\n\x05input\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.jaxinfer.v1.TopLogprob\"\xaf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.jaxinfer.v1.Usage\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.jaxinfer.v1.TokenLogprobs\"\x12\n\x10ModelInfoRequest\"\xa5\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x14\n\x0cmodel_family\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x06 \x01(\r\x12\x16\n\x0ekv_pages_total\x18\x07 \x01(\r\x12\x15\n\rkv_pages_free\x18\x08 \x01(\r\x12\x14\n\x0ckv_page_size\x18\t \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\r\x12\x18\n\x10requests_running\x18\x0b \x01(\r\x12\x18\n\x10requests_waiting\x18\x0c \x01(\r2\xf1\x01\n\tInference\x12G\n\x08Generate\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse0\x01\x12J\n\tModelInfo\x12\x1d.jaxinfer.v1.ModelInfoRequest\x1a\x1e.jaxinfer.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&jaxinfer/serving/proto/inference.proto\x12\x0bjaxinfer.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xba\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x03H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\x03H\x0b\x88\x01\x01\x12>\n\nlogit_bias\x18\x0f \x03(\x0b\x32*.jaxinfer.v1.SamplingParams.LogitBiasEntry\x12\'\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\r\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x12 \x01(\x03H\x0e\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\r\n\x0b_min_tokensB\x1d\n\x1b_include_stop_str_in_outputB\x16\n\x14_skip_special_tokensB\x12\n\x10_prompt_logprobs\"\xa7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.jaxinfer.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.jaxinfer.v1.SamplingParams\x12\x0c\n\x04\x63hat\x18\x05 \x01(\x08\x42\x07\n\x05input\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.jaxinfer.v1.TopLogprob\"\xe4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.jaxinfer.v1.Usage\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.jaxinfer.v1.TokenLogprobs\x12\x33\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1a.jaxinfer.v1.TokenLogprobs\"\x12\n\x10ModelInfoRequest\"\xa5\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x14\n\x0cmodel_family\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x06 \x01(\r\x12\x16\n\x0ekv_pages_total\x18\x07 \x01(\r\x12\x15\n\rkv_pages_free\x18\x08 \x01(\r\x12\x14\n\x0ckv_page_size\x18\t \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\r\x12\x18\n\x10requests_running\x18\x0b \x01(\r\x12\x18\n\x10requests_waiting\x18\x0c \x01(\r2\xf1\x01\n\tInference\x12G\n\x08Generate\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse0\x01\x12J\n\tModelInfo\x12\x1d.jaxinfer.v1.ModelInfoRequest\x1a\x1e.jaxinfer.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=55
   _globals['_TOKENIDS']._serialized_end=78
   _globals['_SAMPLINGPARAMS']._serialized_start=81
-  _globals['_SAMPLINGPARAMS']._serialized_end=857
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=575
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=623
-  _globals['_GENERATEREQUEST']._serialized_start=860
-  _globals['_GENERATEREQUEST']._serialized_end=1027
-  _globals['_USAGE']._serialized_start=1029
-  _globals['_USAGE']._serialized_end=1116
-  _globals['_TOPLOGPROB']._serialized_start=1118
-  _globals['_TOPLOGPROB']._serialized_end=1165
-  _globals['_TOKENLOGPROBS']._serialized_start=1167
-  _globals['_TOKENLOGPROBS']._serialized_end=1255
-  _globals['_GENERATERESPONSE']._serialized_start=1258
-  _globals['_GENERATERESPONSE']._serialized_end=1433
-  _globals['_MODELINFOREQUEST']._serialized_start=1435
-  _globals['_MODELINFOREQUEST']._serialized_end=1453
-  _globals['_MODELINFORESPONSE']._serialized_start=1456
-  _globals['_MODELINFORESPONSE']._serialized_end=1749
-  _globals['_INFERENCE']._serialized_start=1752
-  _globals['_INFERENCE']._serialized_end=1993
+  _globals['_SAMPLINGPARAMS']._serialized_end=907
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=605
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=653
+  _globals['_GENERATEREQUEST']._serialized_start=910
+  _globals['_GENERATEREQUEST']._serialized_end=1077
+  _globals['_USAGE']._serialized_start=1079
+  _globals['_USAGE']._serialized_end=1166
+  _globals['_TOPLOGPROB']._serialized_start=1168
+  _globals['_TOPLOGPROB']._serialized_end=1215
+  _globals['_TOKENLOGPROBS']._serialized_start=1217
+  _globals['_TOKENLOGPROBS']._serialized_end=1305
+  _globals['_GENERATERESPONSE']._serialized_start=1308
+  _globals['_GENERATERESPONSE']._serialized_end=1536
+  _globals['_MODELINFOREQUEST']._serialized_start=1538
+  _globals['_MODELINFOREQUEST']._serialized_end=1556
+  _globals['_MODELINFORESPONSE']._serialized_start=1559
+  _globals['_MODELINFORESPONSE']._serialized_end=1852
+  _globals['_INFERENCE']._serialized_start=1855
+  _globals['_INFERENCE']._serialized_end=2096
 # @@protoc_insertion_point(module_scope)
