@@ -22,10 +22,11 @@ logprobs and seeded samples are those of single steps, and an output then carrie
 the program made for its request (the text deltas joined are the same). The cost: a request that
 arrives (or is aborted) meanwhile waits for the program in flight, up to k steps. While a request
 with penalties or `logit_bias` runs, or one short of its `min_tokens`, every program takes one
-step: the sampler adds their entries in a program of its own (compiled on first use). While a
-request's prompt logprobs are being taken, steps hold at most PROMPT_LOGPROBS_TOKENS tokens: their
-forward keeps every token's logits ([T, V] float32, a program of its own per token bucket); such
-a request skips the prefix cache, whose cached tokens would have no logits.
+step: the sampler adds their entries in a program of its own (compiled on first use). A step
+with a prompt chunk of a request that wants its prompt's logprobs holds at most
+scheduler.ALL_LOGITS_TOKENS tokens: its forward keeps every token's logits ([T, V] float32, a
+program of its own per token bucket); such a request skips the prefix cache, whose cached tokens
+would have no logits.
 
 Inside the engine a request is its id and its sequence's arrival number: an id may be reused
 as soon as its request ends (abort, stop), while a step planned for the old one is in flight;
@@ -280,7 +281,6 @@ class Engine:
         # min_tokens (until they have them; `_single_steps`)
         self._penalized: set[str] = set()
         self._short: set[str] = set()
-        self._prompting: set[str] = set()  # prompt logprobs to take: smaller steps (see step)
         self._aborted: list[RequestOutput] = []
         self._in_flight = None  # (plan, runner handle) committed but not resolved
         self._closed = False
@@ -494,7 +494,7 @@ class Engine:
         )
         seq = Seq(request_id, ids, params.max_tokens, stop_ids)
         # its prompt's logprobs need every prompt token computed: no cached prefix
-        seq.skip_prefix_cache = params.prompt_logprobs is not None
+        seq.all_prompt_logits = params.prompt_logprobs is not None
         self.scheduler.check(seq)  # refuses what could never fit
         tokenizer = self.model.tokenizer
         detok = (
@@ -529,8 +529,6 @@ class Engine:
             self._penalized.add(req.seq.request_id)
         if params.min_tokens:
             self._short.add(req.seq.request_id)
-        if params.prompt_logprobs is not None:
-            self._prompting.add(req.seq.request_id)
 
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -561,7 +559,6 @@ class Engine:
         """Takes an ended request out of the engine's books."""
         self._penalized.discard(request_id)
         self._short.discard(request_id)
-        self._prompting.discard(request_id)
         return self.requests.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -588,10 +585,7 @@ class Engine:
         """
         self._check_open()
         outputs, self._aborted = self._aborted, []
-        plan = self.scheduler.schedule(
-            1 if self._single_steps() else self.config.num_decode_steps,
-            PROMPT_LOGPROBS_TOKENS if self._prompting_left() else None,
-        )
+        plan = self.scheduler.schedule(1 if self._single_steps() else self.config.num_decode_steps)
         try:
             self._run(plan, outputs)
         except Exception as error:  # noqa: BLE001 - whatever it is, the other requests go on
@@ -608,14 +602,6 @@ class Engine:
         # program is planned while one could be admitted (scheduler.py)
         running = SequenceStatus.RUNNING
         return any(self.requests[r].seq.status is running for r in (*self._penalized, *self._short))
-
-    def _prompting_left(self) -> bool:
-        """Whether a request still has prompt logprobs to take: its steps' forward computes
-        the logits of every token ([T, V] float32), so they take at most
-        PROMPT_LOGPROBS_TOKENS tokens (0.5 GiB of logits at a 128k vocabulary)."""
-        for rid in [r for r in self._prompting if _whole_prompt(self.requests[r]) is not None]:
-            self._prompting.discard(rid)
-        return bool(self._prompting)
 
     def _has_min_tokens(self, request_id: str) -> bool:
         req = self.requests[request_id]
@@ -820,8 +806,6 @@ def _on_cpu() -> bool:
 
     return jax.default_backend() == "cpu"
 
-
-PROMPT_LOGPROBS_TOKENS = 1024  # tokens a step while a request's prompt logprobs are taken
 
 # cuDNN's attention is dense: no paged steps (forward() and generate() take it for prefill).
 ENGINE_IMPLS = ("pallas", "xla", "reference")

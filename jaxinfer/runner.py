@@ -219,6 +219,8 @@ class Runner:
             )
         pages, logits = self._logits(params, pages, tokens, batch.positions, batch.meta, None)
         prompt = prompt_logprobs(logits, batch.lp_targets, self.mesh)
+        if self.mesh is not None:  # whole on every device (see `collect_prompt`)
+            prompt = jax.lax.with_sharding_constraint(prompt, self.replicated)
         return pages, self._logits_layout(logits[batch.sample_idx]), prompt
 
     def _logits(self, params, pages, tokens, positions, meta, sample_idx):

@@ -47,6 +47,10 @@ from collections.abc import Iterable
 from jaxinfer.kv_cache import PageAllocator
 
 FINISH_REASONS = ("stop", "length", "abort", "error")  # error: a fault in the step (engine)
+# Tokens a step holds while it prefills a sequence whose prompt logprobs are wanted: its forward
+# keeps every token's logits, [T, V] float32 (0.5 GiB at 1,024 x 128k), and their log_softmax.
+ALL_LOGITS_TOKENS = 1024
+
 PLACEHOLDER = -1  # a sampled token still on the device (committed, not resolved)
 
 
@@ -138,7 +142,9 @@ class Sequence:
         self.num_computed_tokens = 0  # leading tokens whose K/V are in the pages
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.num_preemptions = 0
-        self.skip_prefix_cache = False  # computes every prompt token (its prompt's logprobs)
+        # Its prompt's logprobs are wanted: every prompt token computed (no cached prefix), in
+        # steps of at most ALL_LOGITS_TOKENS tokens while it prefills
+        self.all_prompt_logits = False
         self.block_table: list[int] = []  # page ids, kept by the PageAllocator
         self.page_hashes: list[int] = []  # prefix-cache chain ids, kept by the PageAllocator
         # Order of Scheduler.add. With request_id it names this sequence: an id may be reused
@@ -247,6 +253,7 @@ class _Step:
 
     def __init__(self, budget: int, page_size: int):
         self.budget = budget
+        self.num_tokens = 0  # planned so far
         self.page_size = page_size
         self.seqs: list[ScheduledSeq] = []
         self.ids: set[str] = set()
@@ -269,6 +276,7 @@ class _Step:
         )
         self.ids.add(seq.request_id)
         self.budget -= num_tokens
+        self.num_tokens += num_tokens
 
     def plan(self) -> StepPlan:
         return StepPlan(tuple(self.seqs), tuple(self.preempted))
@@ -341,12 +349,10 @@ class Scheduler:
 
     # ---- the step ----
 
-    def schedule(self, decode_steps: int = 1, max_tokens: int | None = None) -> StepPlan:
+    def schedule(self, decode_steps: int = 1) -> StepPlan:
         """Plans the next step: decodes, then prefill chunks, then admissions (see module doc);
-        with `decode_steps` k > 1, up to k decode steps per sequence where the module doc says;
-        `max_tokens`: a smaller token budget for this step."""
-        budget = self.config.max_num_batched_tokens
-        step = _Step(min(budget, max_tokens or budget), self.config.page_size)
+        with `decode_steps` k > 1, up to k decode steps per sequence where the module doc says."""
+        step = _Step(self.config.max_num_batched_tokens, self.config.page_size)
         # A sequence whose pending token is its last (max_tokens) finishes when it resolves.
         live = [s for s in self.running if s.num_output_tokens < s.max_tokens]
         if decode_steps > 1 and self._schedule_decode_steps(live, decode_steps, step):
@@ -472,9 +478,24 @@ class Scheduler:
     def _schedule_running(self, seq: Sequence, step: _Step) -> None:
         if seq.status is not SequenceStatus.RUNNING:  # preempted earlier this step
             return
+        if not self._fits_all_logits(seq, step):
+            return
         n = self._num_new_tokens(seq, step.budget)
         if n > 0 and self._make_room(seq, n, step):
             step.add(seq, n)
+
+    @staticmethod
+    def _fits_all_logits(seq: Sequence, step: _Step) -> bool:
+        """A prompt chunk of a sequence that needs every prompt token's logits joins a step of
+        at most ALL_LOGITS_TOKENS tokens (its forward keeps [T, V] float32 logits): caps the
+        step's budget, or False where the step holds that many already."""
+        if not (seq.all_prompt_logits and seq.num_computed_tokens < seq.num_prompt_tokens):
+            return True
+        room = ALL_LOGITS_TOKENS - step.num_tokens
+        if room <= 0:
+            return False
+        step.budget = min(step.budget, room)
+        return True
 
     def _make_room(self, seq: Sequence, num_tokens: int, step: _Step) -> bool:
         """Reserves `seq`'s pages for `num_tokens` more, preempting the newest unscheduled."""
@@ -509,7 +530,9 @@ class Scheduler:
         """Gives the first waiting sequence its cached prefix and pages for a first chunk."""
         # Preempted ones wait at least one step, so their pending token resolved meanwhile.
         assert not seq.has_pending_token, f"{seq.request_id!r} admitted with a pending token"
-        cached = 0 if seq.skip_prefix_cache else self.allocator.allocate_prompt(seq)
+        if not self._fits_all_logits(seq, step):
+            return False
+        cached = 0 if seq.all_prompt_logits else self.allocator.allocate_prompt(seq)
         seq.num_computed_tokens = cached
         n = self._num_new_tokens(seq, step.budget)
         if not self.allocator.can_reserve(seq, cached + n):

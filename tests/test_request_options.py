@@ -300,18 +300,26 @@ def test_prompt_logprobs_are_log_softmax_of_the_model(tiny_model, impl):
             assert entry[t] == pytest.approx(row[t], abs=1e-4)
 
 
-def test_prompt_logprobs_steps_take_at_most_their_budget(monkeypatch):
-    """While prompt logprobs are taken, a step holds at most PROMPT_LOGPROBS_TOKENS tokens
-    (its forward keeps [T, V] logits); then the engine's own budget again."""
-    from jaxinfer import engine as engine_module
+def test_a_step_with_a_prompt_logprobs_chunk_holds_at_most_all_logits_tokens(monkeypatch):
+    """A prompt chunk of a request that wants its prompt's logprobs joins a step of at most
+    ALL_LOGITS_TOKENS tokens (its forward keeps [T, V] logits); the step's other chunks are cut
+    to fit it. Steps before it joins, and after its prompt, take the engine's whole budget."""
+    from jaxinfer import scheduler
 
-    monkeypatch.setattr(engine_module, "PROMPT_LOGPROBS_TOKENS", 4)
-    engine = fake_engine(num_decode_steps=1, max_num_batched_tokens=16)
-    engine.add_request("a", "abcdefghij", SamplingParams(**GREEDY, max_tokens=2, prompt_logprobs=0))
-    engine.step()
-    assert engine.stats["computed_tokens"] == 4
-    outs = run_all(engine)["a"]
-    assert len(outs[-1].prompt_logprobs) == 10
-    engine.add_request("b", "abcdefghij", SamplingParams(**GREEDY, max_tokens=2))
-    engine.step()
-    assert engine.requests["b"].seq.num_computed_tokens == 10  # one step: the whole prompt
+    monkeypatch.setattr(scheduler, "ALL_LOGITS_TOKENS", 6)
+    engine = fake_engine(num_decode_steps=1, max_num_batched_tokens=16, max_num_seqs=1)
+    engine.add_request("a", "abcdefghij", SamplingParams(**GREEDY, max_tokens=2))
+    engine.add_request(
+        "b", "abcdefghijkl", SamplingParams(**GREEDY, max_tokens=2, prompt_logprobs=0)
+    )
+    sizes = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        plan = engine._in_flight[0] if engine._in_flight else None
+        if plan is not None:
+            sizes.append([(s.request_id, len(s.token_ids)) for s in plan.seqs])
+    # a: its whole prompt while b waits (a seat each: b is only queued); b: chunks of 6
+    assert sizes[0] == [("a", 10)]
+    b_chunks = [n for step in sizes for rid, n in step if rid == "b"]
+    assert b_chunks[:2] == [6, 6] and all(sum(n for _, n in step) <= 16 for step in sizes)
+    assert all(sum(n for _, n in step) <= 6 for step in sizes if ("b", 6) in step)

@@ -603,12 +603,12 @@ def check_echo_logprobs(lp: dict, prompt: list[int], ref, n: int, text: str) -> 
     for got, top in zip(lp["top_logprobs"][1:], tops, strict=True):
         assert got.keys() == top.keys() and len(got) == n
         assert list(got.values()) == pytest.approx(list(top.values()), abs=1e-5)
-    # offsets: the prompt's tokens from 0 (each token's text after the one before), the
-    # completion's from where its text begins in the echoed text
+    # offsets: each token's text after the one before, the prompt's then the completion's (as
+    # vLLM's); the completion's text is the echoed text's end
     offsets = lp["text_offset"]
-    assert offsets[:k] == [sum(len(word(t)) for t in prompt[:i]) for i in range(k)]
-    assert offsets[k] == len(words(prompt)) and text[offsets[k] :] == ref.text
-    assert offsets == sorted(offsets)
+    pieces = [len(word(t)) for t in prompt + ref.token_ids]
+    assert offsets == [sum(pieces[:i]) for i in range(len(pieces))]
+    assert text == words(prompt) + ref.text
 
 
 def test_echo_with_logprobs_begins_with_the_prompts_logprobs(client, llm):
@@ -985,3 +985,25 @@ def test_draining_is_503_and_the_streams_in_flight_finish(client, server, llm):
     assert texts == [ref.text] * 16
     assert sum(c.choices[0].finish_reason == "length" for c in chunks) == 16
     assert server.proc.wait(60) == 0, server.log()
+
+
+def test_prompt_logprobs_a_call_may_ask_are_bounded(llm, monkeypatch):
+    """Prompt tokens x (top-n + 1) over a body's requests (n samples each take their own) are
+    at most MAX_PROMPT_LOGPROB_ENTRIES: a 400 naming the field asked."""
+    from types import SimpleNamespace as NS
+
+    from jaxinfer.serving import loop
+    from jaxinfer.serving.http_server import FieldError, OpenAIFront
+
+    monkeypatch.setattr(loop, "MAX_PROMPT_LOGPROB_ENTRIES", 100)
+    front = OpenAIFront(NS(engine=llm.engine), NAME)
+    body = {"prompt": [5] * 10, "max_tokens": 1, "echo": True, "logprobs": 4}
+    assert front._plan({**body, "n": 2}, False).params[0].prompt_logprobs == 4  # 2 x 10 x 5
+    with pytest.raises(FieldError, match="are 120 entries, more than 100") as e:
+        front._plan({**body, "n": 2, "logprobs": 5}, False)
+    assert e.value.param == "echo"
+    with pytest.raises(FieldError) as e:
+        front._plan({"prompt": [[5] * 10] * 3, "max_tokens": 1, "prompt_logprobs": 3}, False)
+    assert e.value.param == "prompt_logprobs"
+    plain = front._plan({"prompt": [[5] * 10] * 3, "max_tokens": 1, "logprobs": 20}, False)
+    assert plain.params[0].prompt_logprobs is None  # echo alone takes no prompt logprobs

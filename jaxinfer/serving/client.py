@@ -66,6 +66,9 @@ def _bias_map(value) -> dict[int, float]:
     return out
 
 
+MAX_ANSWER_BYTES = 64 << 20
+
+
 def credentials(root_cert: str | None) -> grpc.ChannelCredentials | None:
     """TLS credentials trusting the PEM file `root_cert` (None: plaintext)."""
     if root_cert is None:
@@ -89,8 +92,12 @@ class Client:
         root_cert: str | None = None,
     ):
         creds = credentials(root_cert)
+        # answers up to 64 MiB (gRPC's default is 4): a long prompt's prompt_logprobs
+        options = [("grpc.max_receive_message_length", MAX_ANSWER_BYTES)]
         self.channel = (
-            grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)
+            grpc.secure_channel(target, creds, options)
+            if creds
+            else grpc.insecure_channel(target, options)
         )
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.metadata = auth_metadata(

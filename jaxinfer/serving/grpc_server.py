@@ -35,7 +35,14 @@ from jaxinfer.sampling import SamplingParams
 from jaxinfer.serving import options
 from jaxinfer.serving.engine_process import RemoteEngine
 from jaxinfer.serving.loop import MAX_REQUEST_ID_CHARS as MAX_ID
-from jaxinfer.serving.loop import Closed, EngineError, EngineLoop, QueueFull, RequestStream
+from jaxinfer.serving.loop import (
+    Closed,
+    EngineError,
+    EngineLoop,
+    QueueFull,
+    RequestStream,
+    check_prompt_logprobs,
+)
 from jaxinfer.serving.metrics import Metrics
 from jaxinfer.serving.proto import inference_pb2 as pb
 from jaxinfer.serving.proto import inference_pb2_grpc as pb_grpc
@@ -197,6 +204,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 )
             params = sampling_params(request.sampling)
             prompt = await asyncio.to_thread(prompt_of, request, self.tokenizer)
+            check_prompt_logprobs(len(prompt), params.prompt_logprobs)
         except ValueError as e:
             self.loop.refused(request.request_id[:MAX_ID], "invalid")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -19,8 +19,9 @@ process has died.
 text (a text prompt as given, token ids decoded), in a stream in each choice's first chunk; with
 `logprobs: n` too, its `logprobs` object begins with the prompt's tokens (the first one's
 logprob and top_logprobs null, each other's from the engine's `prompt_logprobs`), and
-`text_offset` counts from the start of that text: the prompt's tokens from 0, the completion's
-from where its text begins. vLLM's `prompt_logprobs: n` (unary completions only, as in vLLM)
+`text_offset` adds up the tokens' texts from 0, the prompt's then the completion's, as vLLM's
+does (where a text prompt's tokenizer adds a BOS, whose text the echoed prompt does not have,
+they run ahead of the echoed text by that much). vLLM's `prompt_logprobs: n` (unary completions only, as in vLLM)
 adds each choice's `prompt_logprobs`: null, then per prompt token {"<id>": {"logprob", "rank",
 "decoded_token"}}, the token's own entry first, then the top n; a rank is null where the engine
 does not know it (the prompt token's own, outside the top n).
@@ -57,7 +58,14 @@ from jaxinfer.engine import RequestOutput
 from jaxinfer.sampling import MAX_LOGPROBS, SamplingParams
 from jaxinfer.scheduler import pool_tokens
 from jaxinfer.serving.loop import MAX_REQUEST_ID_CHARS as MAX_ID
-from jaxinfer.serving.loop import Closed, EngineError, EngineLoop, QueueFull, RequestStream
+from jaxinfer.serving.loop import (
+    Closed,
+    EngineError,
+    EngineLoop,
+    QueueFull,
+    RequestStream,
+    check_prompt_logprobs,
+)
 from jaxinfer.serving.options import StartError
 from jaxinfer.tokenizer import apply_chat_template, encode_prompt
 from jaxinfer.validate import all_ints, as_bool, as_int, as_token_ids
@@ -381,6 +389,7 @@ class _Choice:
         # vLLM's prompt_logprobs: (the top-n asked, the top-n the engine took), or None
         self.prompt_logprobs = prompt_logprobs
         self.text_len = 0  # characters sent so far (completions' text_offset)
+        self.shift = 0  # the completion's text_offset past text_len (echo with logprobs)
         self.last: RequestOutput | None = None
 
 
@@ -505,12 +514,17 @@ class Formatter:
             out["text"] = text
         logprobs = None
         if num_logprobs is not None and lps is not None:
-            # the completion's offsets count from where its text begins (after an echo)
-            start = choice.text_len + (len(echo) if echo is not None else 0)
-            logprobs = self.logprobs(choice, start, ids, lps, num_logprobs)
+            head = None
             if echo is not None:  # the prompt's tokens first, from offset 0
                 prompt = last.prompt_token_ids
                 head = self.prompt_logprobs(prompt, last.prompt_logprobs, num_logprobs)
+                # As vLLM: offsets add up the tokens' texts, the prompt's then the completion's
+                # (a text prompt's BOS has a text the echoed prompt does not: they then run
+                # ahead of the text by that much, never back)
+                choice.shift = sum(map(len, head["tokens"])) - len(echo)
+            start = choice.text_len + (len(echo) if echo is not None else 0) + choice.shift
+            logprobs = self.logprobs(choice, start, ids, lps, num_logprobs)
+            if head is not None:
                 logprobs = {k: head[k] + logprobs[k] for k in head}
         out["logprobs"] = logprobs
         out["finish_reason"] = last.finish_reason if last.finished else None
@@ -678,6 +692,11 @@ class OpenAIFront:
         prompts = [p if isinstance(p, list) else encode_prompt(self.tokenizer, p) for p in prompts]
         # Checked once (a 300-entry logit_bias, n = 128: 60 ms of checks on the event loop);
         # sample j differs only in its seed, seed + j where a seed is given
+        try:
+            check_prompt_logprobs(n * sum(map(len, prompts)), taken)
+        except ValueError as e:
+            field = "prompt_logprobs" if prompt_logprobs is not None else "echo"
+            raise FieldError(field, str(e)) from None
         first = sampling_params(body, max_tokens, logprobs, 0, taken)
         params = [first if first.seed is None else _reseeded(first, j) for j in range(n)]
         asked = None if prompt_logprobs is None else (prompt_logprobs, taken)

@@ -41,6 +41,22 @@ log = logging.getLogger("jaxinfer.serving")
 
 # A caller's name for a request, echoed in its responses and logs: both fronts bound it.
 MAX_REQUEST_ID_CHARS = 256
+# Prompt logprobs one call may ask for, prompt tokens x (top-n + 1) over its requests: each is a
+# dict entry on the engine's host (~110 bytes) and ~12 bytes of a gRPC answer (12 MB at most).
+MAX_PROMPT_LOGPROB_ENTRIES = 1 << 20
+
+
+def check_prompt_logprobs(num_tokens: int, top: int | None) -> None:
+    """ValueError where `num_tokens` prompt tokens' logprobs, top `top` each, are too many."""
+    if top is None:
+        return
+    entries = num_tokens * (top + 1)
+    if entries > MAX_PROMPT_LOGPROB_ENTRIES:
+        raise ValueError(
+            f"prompt logprobs of {num_tokens} prompt tokens, top {top} each, are {entries} "
+            f"entries, more than {MAX_PROMPT_LOGPROB_ENTRIES} a call: ask fewer tokens or a "
+            "smaller top-n"
+        )
 
 
 class QueueFull(Exception):
