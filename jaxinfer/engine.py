@@ -655,15 +655,19 @@ class Engine:
             if prompt is not None and lps is not None:
                 want = req.params.prompt_logprobs
                 # packed token j (position p) predicts prompt token p + 1; none is skipped
-                # (no cached prefix), those already taken are
-                for j in range(max(0, len(lps) - 1 - s.start_pos), n):
-                    p = s.start_pos + j
-                    if p + 1 >= req.seq.num_prompt_tokens:
-                        break
-                    top = prompt.top_ids[at + j, :want].tolist()
-                    values = prompt.top_logprobs[at + j, :want].tolist()
-                    entry = {int(req.seq.token_ids[p + 1]): float(prompt.target[at + j])}
-                    lps.append({**entry, **{t: v for t, v in zip(top, values) if t >= 0}})
+                # (no cached prefix), those already taken are; one list per array and chunk
+                j0 = max(0, len(lps) - 1 - s.start_pos)
+                j1 = min(n, req.seq.num_prompt_tokens - 1 - s.start_pos)
+                rows = slice(at + j0, at + j1)
+                targets = req.seq.token_ids[s.start_pos + j0 + 1 : s.start_pos + j1 + 1]
+                for target, value, top, values in zip(
+                    targets,
+                    prompt.target[rows].tolist(),
+                    prompt.top_ids[rows, :want].tolist(),
+                    prompt.top_logprobs[rows, :want].tolist(),
+                ):
+                    # its own first, then the top (-1: no token)
+                    lps.append({target: value, **{t: v for t, v in zip(top, values) if t >= 0}})
             at += n
 
     def _fail(self, plan, error: Exception, outputs: list[RequestOutput]) -> None:
