@@ -15,7 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
-from jaxinfer.validate import INT32_MAX, as_bool, as_float, as_int, as_strings, as_token_ids
+from jaxinfer.validate import (
+    INT32_MAX,
+    as_bias_pairs,
+    as_bool,
+    as_float,
+    as_int,
+    as_strings,
+    as_token_ids,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +43,9 @@ class SamplingParams:
     as any of the first min_tokens tokens, and a stop string counts only where it ends after
     their text; `logit_bias` ({token id: bias in [-100, 100]}, at most MAX_LOGIT_BIAS entries;
     stored as sorted (id, bias) pairs, a bias of 0 left out; out of range is refused, where vLLM
-    clamps) is added to the logits before penalties and sampling (logprobs stay the raw model's); `include_stop_str_in_output`
-    keeps the stop string (or the text of the stop token id) that ended a request in its text;
+    clamps) is added to the logits before penalties and sampling (logprobs stay the raw
+    model's); `include_stop_str_in_output` keeps the stop string (or the text of the stop
+    token id) that ended a request in its text;
     `skip_special_tokens` False writes special tokens into the text; `prompt_logprobs` = n
     returns, for every prompt token after the first, its log-probability given the tokens
     before it and the top-n (n = 0: its own only; such a request skips the prefix cache).
@@ -109,30 +118,9 @@ def _stop_strings(name: str, value) -> tuple[str, ...]:
 def _logit_bias(name: str, value) -> tuple[tuple[int, float], ...]:
     """{token id: bias} (ids as ints or as decimal strings, a JSON object's keys) or (id, bias)
     pairs; None is none. Sorted by id; an id given twice ("1" and "01") is refused."""
-    if value is None:
-        return ()
-    if isinstance(value, dict):
-        items = list(value.items())
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        raise ValueError(f"{name} must be a dict of token id -> bias, got {value!r:.80}")
-    if len(items) > MAX_LOGIT_BIAS:
-        raise ValueError(f"{name} has {len(items)} entries, more than {MAX_LOGIT_BIAS}")
-    pairs = {}
-    for item in items:
-        if not isinstance(item, (list, tuple)) or len(item) != 2:
-            raise ValueError(f"{name} entries must be (token id, bias) pairs, got {item!r:.80}")
-        key, bias = item
-        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 32:
-            key = int(key)  # a JSON object's keys are strings
-        elif isinstance(key, str):
-            raise ValueError(f"{name} token id must be an integer >= 0, got {key!r:.40}")
-        token = as_int(f"{name} token id", key, 0, INT32_MAX)
-        if token in pairs:
-            raise ValueError(f"{name} gives token id {token} twice")
-        pairs[token] = as_float(f"{name}[{token}]", bias, -MAX_BIAS, MAX_BIAS)
-    return tuple(sorted((t, b) for t, b in pairs.items() if b != 0))  # a 0 changes nothing
+    pairs = as_bias_pairs(name, value, low=0, high=INT32_MAX, max_len=MAX_LOGIT_BIAS)
+    checked = [(t, as_float(f"{name}[{t}]", b, -MAX_BIAS, MAX_BIAS)) for t, b in pairs]
+    return tuple(sorted((t, b) for t, b in checked if b != 0))  # a 0 changes nothing
 
 
 # Every field's check (jaxinfer/validate.py): each returns the value as a plain Python type.
@@ -432,7 +420,7 @@ def sample_rows(
 
 
 class PromptLogprobs(NamedTuple):
-    """Each packed token's next-token log-probabilities (`prompt_logprobs`), every field [T, ...]."""
+    """Each packed token's next-token log-probabilities (`prompt_logprobs`); fields [T, ...]."""
 
     target: Float[Array, "T"]  # log_softmax(logits)[the next prompt token]; 0 where none
     top_ids: Int[Array, "T MAX_LOGPROBS"]

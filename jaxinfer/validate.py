@@ -15,7 +15,7 @@ Each checker returns the value as a plain Python type, so what is stored is neve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -154,3 +154,42 @@ def as_strings(name: str, value) -> tuple[str, ...]:
     """Non-empty strings from one string, a list of them, or None (none)."""
     items = [value] if isinstance(value, str) else as_sequence(name, value)
     return tuple(as_text(f"{name}[{i}]", s) for i, s in enumerate(items))
+
+
+def as_bias_pairs(
+    name: str,
+    value,
+    *,
+    low: int | None = None,
+    high: int | None = None,
+    max_len: int | None = None,
+) -> list[tuple[int, object]]:
+    """(token id, bias) pairs from {id: bias} (ids ints, or ASCII decimal strings: a JSON
+    object's keys) or a list of (id, bias) pairs; None is none. Ids become ints in [low, high]
+    (None: unbounded), none given twice ("1" and "01"); at most `max_len` pairs, counted first.
+    The biases are the caller's to check."""
+    if value is None:
+        return []
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError(f"{name} must be a dict of token id -> bias, got {value!r:.80}")
+    if max_len is not None and len(items) > max_len:
+        raise ValueError(f"{name} has {len(items)} entries, more than {max_len}")
+    pairs: dict[int, object] = {}
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValueError(f"{name} entries must be (token id, bias) pairs, got {item!r:.80}")
+        key, bias = item
+        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 32:
+            key = int(key)
+        elif isinstance(key, str):  # its repr cut short: a key may be any length
+            bound = "" if low is None and high is None else " " + _range(low, high)
+            raise ValueError(f"{name} token id must be an integer{bound}, got {key!r:.40}")
+        token = as_int(f"{name} token id", key, low, high)
+        if token in pairs:
+            raise ValueError(f"{name} gives token id {token} twice")
+        pairs[token] = bias
+    return list(pairs.items())

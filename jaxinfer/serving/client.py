@@ -13,15 +13,15 @@ The calls return the proto's GenerateResponse messages as they are (a stream sen
 
 from __future__ import annotations
 
-import numbers
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 import grpc
 
 from jaxinfer.serving.options import API_KEY_ENV
 from jaxinfer.serving.proto import inference_pb2 as pb
 from jaxinfer.serving.proto import inference_pb2_grpc as pb_grpc
+from jaxinfer.validate import as_bias_pairs
 
 
 def generate_request(
@@ -46,24 +46,8 @@ def generate_request(
 
 def _bias_map(value) -> dict[int, float]:
     """`logit_bias` as the proto's map {int64 id: bias}; an id given twice is refused here (the
-    map would keep one of them)."""
-    if not isinstance(value, (Mapping, list, tuple)):
-        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {value!r:.80}")
-    items = value.items() if isinstance(value, Mapping) else value
-    out: dict = {}
-    for item in items:
-        if not isinstance(item, (list, tuple)) or len(item) != 2:
-            raise ValueError(f"logit_bias entries must be (token id, bias) pairs, got {item!r:.80}")
-        key, bias = item
-        if isinstance(key, str) and key.isascii() and key.isdigit():
-            key = int(key)  # a JSON object's keys
-        if not isinstance(key, numbers.Integral) or isinstance(key, bool):
-            raise ValueError(f"logit_bias token id must be an integer, got {key!r:.80}")
-        key = int(key)
-        if key in out:
-            raise ValueError(f"logit_bias gives token id {key} twice")
-        out[key] = bias
-    return out
+    map would keep one of them). The server checks the ids' range and the biases."""
+    return dict(as_bias_pairs("logit_bias", value))
 
 
 MAX_ANSWER_BYTES = 64 << 20

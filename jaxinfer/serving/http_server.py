@@ -21,10 +21,10 @@ text (a text prompt as given, token ids decoded), in a stream in each choice's f
 logprob and top_logprobs null, each other's from the engine's `prompt_logprobs`), and
 `text_offset` adds up the tokens' texts from 0, the prompt's then the completion's, as vLLM's
 does (where a text prompt's tokenizer adds a BOS, whose text the echoed prompt does not have,
-they run ahead of the echoed text by that much). vLLM's `prompt_logprobs: n` (unary completions only, as in vLLM)
-adds each choice's `prompt_logprobs`: null, then per prompt token {"<id>": {"logprob", "rank",
-"decoded_token"}}, the token's own entry first, then the top n; a rank is null where the engine
-does not know it (the prompt token's own, outside the top n).
+they run ahead of the echoed text by that much). vLLM's `prompt_logprobs: n` (unary completions
+only, as in vLLM) adds each choice's `prompt_logprobs`: null, then per prompt token {"<id>":
+{"logprob", "rank", "decoded_token"}}, the token's own entry first, then the top n; a rank is
+null where the engine does not know it (the prompt token's own, outside the top n).
 
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad values,
 401 a missing or wrong bearer token (--api-key; /health and /metrics stay open), 404 an unknown
@@ -435,15 +435,12 @@ class Formatter:
                     for t, lp, top in zip(ids, lps, tops)
                 ]
             }
-        offsets, pos = [], text_len
-        for t in ids:
-            offsets.append(pos)
-            pos += len(self.piece(t))
+        tokens = [self.piece(t) for t in ids]
         return {
-            "tokens": [self.piece(t) for t in ids],
+            "tokens": tokens,
             "token_logprobs": [lp[t] for t, lp in zip(ids, lps)],
             "top_logprobs": [{self.piece(a): b for a, b in top} for top in tops],
-            "text_offset": offsets,
+            "text_offset": _offsets(tokens, text_len),
         }
 
     def prompt_logprobs(self, ids: list[int], lps: list | None, n: int) -> dict:
@@ -459,7 +456,7 @@ class Formatter:
             "top_logprobs": [
                 None if lp is None else {self.piece(a): b for a, b in _top(lp, n)} for lp in lps
             ],
-            "text_offset": list(itertools.accumulate(map(len, tokens), initial=0))[: len(ids)],
+            "text_offset": _offsets(tokens, 0),
         }
 
     def vllm_prompt_logprobs(self, ids: list[int], lps: list | None, n: int, taken: int):
@@ -535,6 +532,11 @@ class Formatter:
         choice.text_len += len(text)
         choice.last = last
         return out
+
+
+def _offsets(tokens: list[str], start: int) -> list[int]:
+    """Each token's text_offset: `start`, then each token's text after the one before."""
+    return list(itertools.accumulate(map(len, tokens), initial=start))[: len(tokens)]
 
 
 def _value(item: tuple[int, float]) -> float:
