@@ -7,6 +7,7 @@ Every setting is an array with one value per row, so a new value never recompile
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -550,7 +551,14 @@ def _filter_mask(scaled: Float[Array, "B V"], arrays: SamplingArrays) -> Bool[Ar
     probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep &= (mass_before < arrays.top_p[:, None]) | (arrays.top_p[:, None] >= 1)
-    return jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], order].set(keep)
+    # Each filter keeps a prefix of the sorted row, so the mask in vocabulary order is every token
+    # ahead of the last one kept in (logit descending, id ascending) order, which is the stable
+    # sort's: no scatter of the whole [B, V] mask back.
+    last = jnp.maximum(keep.sum(axis=-1, keepdims=True) - 1, 0)  # [B, 1]
+    cut_logit = jnp.take_along_axis(sorted_logits, last, axis=-1)
+    cut_id = jnp.take_along_axis(order, last, axis=-1)
+    ids = jnp.arange(v)[None, :]
+    return (scaled > cut_logit) | ((scaled == cut_logit) & (ids <= cut_id))
 
 
 def _top_logprobs(
@@ -567,11 +575,41 @@ def _top_logprobs(
     if devices > 1 and v % devices == 0 and v // devices >= n:
         values, ids = _top_k_by_shard(logprobs, n, mesh)
     else:
-        values, ids = jax.lax.top_k(logprobs, n)
+        values, ids = top_k(logprobs, n)
     pad = MAX_LOGPROBS - n
     ids = jnp.pad(ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
     values = jnp.pad(values, ((0, 0), (0, pad)), constant_values=-jnp.inf)
     return ids, values
+
+
+# `top_k`'s block: XLA's GPU top-k has a fast kernel only for k <= 16 and sorts whole rows
+# otherwise. $JAXINFER_TOP_K_BLOCK overrides it when a program is traced (0: whole rows, as
+# before the blockwise form; for measuring).
+TOP_K_BLOCK = 128
+
+
+def top_k(x: Float[Array, "B V"], k: int, block: int | None = None):
+    """`jax.lax.top_k(x, k)` (values [B, k] descending, ids [B, k]; equal values: the lower id
+    first), exactly, without sorting whole rows.
+
+    The row is cut into blocks of `block`; the k blocks with the greatest maxima (the lower block
+    first on ties) hold the top k: an element of a block left out has k block maxima ahead of it
+    in (value, lower id) order. Those blocks, gathered in vocabulary order, are the candidates:
+    k x block of them, whose top k is the row's."""
+    if block is None:
+        block = int(os.environ.get("JAXINFER_TOP_K_BLOCK", TOP_K_BLOCK))
+    b, v = x.shape
+    nblocks = -(-v // block) if block > 0 else 0
+    if nblocks <= 2 * k:  # short rows (the candidates would be most of the row), or block 0
+        return jax.lax.top_k(x, k)
+    padded = jnp.pad(x, ((0, 0), (0, nblocks * block - v)), constant_values=-jnp.inf)
+    blocks = padded.reshape(b, nblocks, block)
+    _, chosen = jax.lax.top_k(blocks.max(axis=-1), k)  # [B, k]
+    chosen = jnp.sort(chosen, axis=-1)  # vocabulary order: top_k's ties go to the lower id
+    candidates = jnp.take_along_axis(blocks, chosen[:, :, None], axis=1).reshape(b, k * block)
+    values, at = jax.lax.top_k(candidates, k)
+    ids = jnp.take_along_axis(chosen, at // block, axis=-1) * block + at % block
+    return values, ids
 
 
 def _top_k_by_shard(x: Float[Array, "B V"], n: int, mesh):
@@ -590,7 +628,7 @@ def _candidates_by_shard(x: Float[Array, "B V"], n: int, mesh, *alongside):
     from jaxinfer.sharding import MODEL
 
     def local(x, *others):  # [B, V / M] each
-        values, ids = jax.lax.top_k(x, n)
+        values, ids = top_k(x, n)
         picked = [jnp.take_along_axis(o, ids, axis=-1) for o in others]
         ids = ids + jax.lax.axis_index(MODEL) * x.shape[1]
         gather = lambda a: jax.lax.all_gather(a, MODEL, axis=1, tiled=True)  # [B, M * n]

@@ -53,11 +53,19 @@ def percentiles(values) -> dict:
     )
 
 
-def run_engine(engines, requests, biased: int = 0, prompt_logprobs: int | None = None) -> dict:
+def run_engine(
+    engines,
+    requests,
+    biased: int = 0,
+    prompt_logprobs: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> dict:
     """The requests through one engine, or spread over data-parallel replicas (round robin by
     queued tokens, each stepped in turn). `biased` of them, spread evenly, carry a one-entry
     logit_bias (their steps, and all others' beside them, then run one a program); with
-    `prompt_logprobs` every request asks for its prompt's (as an lm-eval loglikelihood)."""
+    `prompt_logprobs` every request asks for its prompt's (as an lm-eval loglikelihood);
+    `temperature` > 0 samples (seeded by request), through a top-p filter if `top_p` < 1."""
     from jaxinfer.sampling import SamplingParams
 
     engines = engines if isinstance(engines, list) else [engines]
@@ -70,7 +78,9 @@ def run_engine(engines, requests, biased: int = 0, prompt_logprobs: int | None =
         bias = {0: -1.0} if biased and i % max(1, len(requests) // biased) == 0 else None
         params = SamplingParams(
             max_tokens=out_len,
-            temperature=0,
+            temperature=temperature,
+            top_p=top_p,
+            seed=i if temperature else None,
             ignore_eos=True,
             logit_bias=bias,
             prompt_logprobs=prompt_logprobs,
@@ -268,6 +278,13 @@ def main() -> int:
         default=None,
         help="every request asks for its prompt's logprobs, top n (each workload's key ends -plpN)",
     )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="> 0: every request samples at it (each workload's key ends -tT)",
+    )
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature (key: -pP)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     shape = bm.shape(args.model, args.layers)
@@ -356,7 +373,9 @@ def run_workloads(args, engines, specs, peers, report, suffix: str) -> None:
         requests = workload(spec, cfg.vocab_size)
         for e in engines:
             e.config = dataclasses.replace(e.config, async_scheduling=overlap)
-        row = run_engine(engines, requests, biased, args.prompt_logprobs)
+        row = run_engine(
+            engines, requests, biased, args.prompt_logprobs, args.temperature, args.top_p
+        )
         if biased:
             row["requests_with_logit_bias"] = min(biased, len(requests))
         row.update(
@@ -382,7 +401,9 @@ def run_workloads(args, engines, specs, peers, report, suffix: str) -> None:
         if len(requests) == 1:
             row["x_batch1_roofline"] = tpot_ms / row["batch1_roofline_ms"]
         key = (spec if overlap else spec + "-sync") + (f"-biased{biased}" if biased else "")
-        key += ("" if args.prompt_logprobs is None else f"-plp{args.prompt_logprobs}") + suffix
+        key += "" if args.prompt_logprobs is None else f"-plp{args.prompt_logprobs}"
+        key += f"-t{args.temperature:g}" if args.temperature else ""
+        key += (f"-p{args.top_p:g}" if args.top_p < 1 else "") + suffix
         if not suffix and key in peers:
             row["hf"] = peers[key]
         report["workloads"][key] = row

@@ -236,7 +236,10 @@ def profile_prefill(eng, cfg, args, trace_dir: str) -> dict:
     def run_round(tag: str) -> tuple[int, float]:
         for i in range(args.seqs):
             prompt = rng.integers(0, cfg.vocab_size, args.prompt).tolist()  # no prefix hits
-            eng.add_request(f"{tag}{i}", prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+            params = SamplingParams(
+                max_tokens=1, ignore_eos=True, prompt_logprobs=args.prompt_logprobs
+            )
+            eng.add_request(f"{tag}{i}", prompt, params)
         before, t0 = eng.stats["model_steps"], time.perf_counter()
         while eng.has_unfinished_requests():  # the last engine step only collects the outputs
             eng.step()
@@ -292,6 +295,13 @@ def main() -> int:
         action="store_true",
         help="profile steps that only prefill (--seqs prompts of --prompt tokens, --budget a step)",
     )
+    p.add_argument(
+        "--prompt-logprobs",
+        type=int,
+        default=None,
+        help="with --prefill: the requests ask for this many prompt logprobs (a step then holds "
+        "at most scheduler.ALL_LOGITS_TOKENS tokens)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where it is stuck
@@ -324,6 +334,7 @@ def main() -> int:
         report = bm.report_header()
         report.update(model=args.model, layers=cfg.num_layers, seqs=args.seqs)
         report.update(prompt=args.prompt, budget=args.budget, limits=limits)
+        report.update(prompt_logprobs=args.prompt_logprobs)
         report.update(profile_prefill(eng, cfg, args, trace_dir))
         report.update(trace_report(trace_dir, report["steps_traced"], args))
         if args.out:
@@ -331,7 +342,7 @@ def main() -> int:
         cats = {k: round(v / 1e3, 2) for k, v in report["by_category_us_per_step"].items()}
         print(
             f"{report['device']} {args.model} prefill {args.seqs} x {args.prompt}, budget "
-            f"{args.budget}: {report['engine_step_ms']:.1f} ms a step of "
+            f"{args.budget}, prompt_logprobs {args.prompt_logprobs}: {report['engine_step_ms']:.1f} ms a step of "
             f"{report['prompt_tokens_per_step']:.0f} tokens, {report['achieved_TFLOPs']:.0f} "
             f"TFLOP/s; device busy {report['device_busy_us_per_step'] / 1e3:.1f} ms/step {cats}"
         )

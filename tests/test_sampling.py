@@ -24,6 +24,7 @@ from jaxinfer.sampling import (
     sample_mode,
     sample_rows,
     sampling_arrays,
+    top_k,
 )
 
 SAMPLERS = {mode: jax.jit(functools.partial(sample_rows, mode=mode)) for mode in SAMPLE_MODES}
@@ -282,6 +283,24 @@ def test_top_k_keeps_the_tokens_tied_with_the_kth():
     assert got[3] == 0 and got[1] > 0 and got[2] > 0
 
 
+def test_the_filter_mask_keeps_a_prefix_of_the_stable_sort():
+    """Among tied tokens a filter cuts through, the lower ids stay (the stable sort's order, as
+    vLLM's), -0.0 tying with 0.0; the mask is built from the last token kept, not scattered."""
+    from jaxinfer.sampling import _filter_mask
+
+    tied = np.zeros((1, 10), np.float32)
+    tied[0, 1] = -0.0
+    cases = [  # (logits, settings, the ids kept)
+        (tied, dict(top_p=0.35), [0, 1, 2, 3]),  # mass before the 4th: 0.3 < 0.35
+        (tied, dict(top_k=2), list(range(10))),  # top-k keeps every token tied with the k-th
+        (np.array([[1.0, 3.0, 3.0, -np.inf, 3.0, 2.0]], np.float32), dict(top_p=0.5), [1, 2]),
+        (np.array([[-np.inf, 0.0, -np.inf]], np.float32), {}, [0, 1, 2]),  # filters off: all
+    ]
+    for logits, settings, kept in cases:
+        mask = np.asarray(_filter_mask(jnp.asarray(logits), rows(1, **settings)))[0]
+        np.testing.assert_array_equal(np.flatnonzero(mask), kept, err_msg=str(settings))
+
+
 def test_a_temperature_too_small_to_divide_by_is_greedy():
     """logits / 1e-38 overflow to inf (and top-p's softmax to NaN): below GREEDY_BELOW a row
     takes the argmax, as vLLM's does."""
@@ -330,6 +349,55 @@ def test_logprob_and_top_logprobs_come_from_the_raw_logits():
         out.top_logprobs, np.take_along_axis(reference, top_ids, -1), rtol=1e-5
     )
     assert np.all(np.diff(np.asarray(out.top_logprobs), axis=-1) <= 0)
+
+
+@pytest.mark.parametrize("values", ["normal", "ties", "mostly_inf", "all_inf"])
+@pytest.mark.parametrize(
+    "k, block, v", [(1, 8, 1000), (20, 8, 1003), (20, 128, 5000), (64, 16, 2051)]
+)
+def test_blockwise_top_k_equals_lax_top_k(values, k, block, v):
+    """Values and ids, the lower id first among equal values, a vocab no multiple of the block."""
+    rng = np.random.default_rng(k + v)
+    x = {
+        "normal": rng.normal(size=(6, v)),
+        "ties": rng.integers(0, 3, size=(6, v)),  # thousands tied at the top value
+        "mostly_inf": np.where(rng.random((6, v)) < 0.995, -np.inf, rng.normal(size=(6, v))),
+        "all_inf": np.full((6, v), -np.inf),
+    }[values]
+    x = jnp.asarray(x, jnp.float32)
+    want = jax.lax.top_k(x, k)
+    got = jax.jit(top_k, static_argnums=(1, 2))(x, k, block)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_top_logprobs_of_a_large_vocab_sort_no_whole_row():
+    """XLA's GPU top-k sorts whole rows for k > 16: the sampler's top-20 runs over blocks."""
+    b, v = 3, 8192
+    logits = random_logits(b, v, seed=5)
+    arrays = rows(b, temperature=0.5, seed=np.arange(b), num_logprobs=MAX_LOGPROBS)
+    fn = functools.partial(sample_rows, mode="sample")
+    jaxpr = jax.make_jaxpr(fn)(jnp.asarray(logits), arrays)
+    widths = [
+        e.invars[0].aval.shape[-1] for e in _equations(jaxpr.jaxpr) if "top_k" in str(e.primitive)
+    ]
+    assert widths and max(widths) < v // 2
+    out = jax.jit(fn)(logits, arrays)
+    reference = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
+    top_ids = np.argsort(-reference, axis=-1, kind="stable")[:, :MAX_LOGPROBS]
+    np.testing.assert_array_equal(out.top_ids, top_ids)
+    np.testing.assert_array_equal(out.top_logprobs, np.take_along_axis(reference, top_ids, -1))
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (pjit, shard_map) included."""
+    for e in jaxpr.eqns:
+        yield e
+        for value in e.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _equations(sub)
 
 
 def test_no_logprobs_wanted_gives_zeros():
