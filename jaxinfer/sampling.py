@@ -585,7 +585,7 @@ def _top_logprobs(
 # `top_k`'s block: XLA's GPU top-k has a fast kernel only for k <= 16 and sorts whole rows
 # otherwise. $JAXINFER_TOP_K_BLOCK overrides it when a program is traced (0: whole rows, as
 # before the blockwise form; for measuring).
-TOP_K_BLOCK = 128
+TOP_K_BLOCK = 64
 
 
 def top_k(x: Float[Array, "B V"], k: int, block: int | None = None):

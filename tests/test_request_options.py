@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -291,16 +292,17 @@ def test_prompt_logprobs_are_log_softmax_of_the_model(tiny_model, impl):
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     lps = out.prompt_logprobs
     assert lps[0] is None and len(lps) == len(prompt)
-    # within 1e-3: on a GPU float32 matmuls run in TF32, and the engine's batches differ from
-    # forward()'s (2e-4 apart were seen); near-tied top tokens may then swap places
+    # within 5e-3: on a GPU float32 matmuls run in TF32, and the engine's batches differ from
+    # forward()'s (1.2e-3 apart was seen on an H200); near-tied top tokens may then swap places
+    tol = 5e-3 if jax.default_backend() == "gpu" else 1e-4
     for p in range(1, len(prompt)):
         row, entry = logp[p - 1], lps[p]
         third, fourth = np.sort(row)[-3], np.sort(row)[-4]
         assert prompt[p] in entry and len(entry) <= 4
-        assert all(t in entry for t in np.argsort(-row)[:3] if row[t] > fourth + 1e-3)
+        assert all(t in entry for t in np.argsort(-row)[:3] if row[t] > fourth + tol)
         for t, value in entry.items():
-            assert value == pytest.approx(row[t], abs=1e-3)
-            assert t == prompt[p] or row[t] >= third - 1e-3  # one of the top 3
+            assert value == pytest.approx(row[t], abs=tol)
+            assert t == prompt[p] or row[t] >= third - tol  # one of the top 3
 
 
 def test_a_step_with_a_prompt_logprobs_chunk_holds_at_most_all_logits_tokens(monkeypatch):
