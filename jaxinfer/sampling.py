@@ -558,7 +558,8 @@ def _filter_mask(scaled: Float[Array, "B V"], arrays: SamplingArrays) -> Bool[Ar
     cut_logit = jnp.take_along_axis(sorted_logits, last, axis=-1)
     cut_id = jnp.take_along_axis(order, last, axis=-1)
     ids = jnp.arange(v)[None, :]
-    return (scaled > cut_logit) | ((scaled == cut_logit) & (ids <= cut_id))
+    # keep[:, 0] False: nothing kept (top-p's softmax of an inf logit is NaN), as before
+    return ((scaled > cut_logit) | ((scaled == cut_logit) & (ids <= cut_id))) & keep[:, :1]
 
 
 def _top_logprobs(
@@ -595,9 +596,13 @@ def top_k(x: Float[Array, "B V"], k: int, block: int | None = None):
     The row is cut into blocks of `block`; the k blocks with the greatest maxima (the lower block
     first on ties) hold the top k: an element of a block left out has k block maxima ahead of it
     in (value, lower id) order. Those blocks, gathered in vocabulary order, are the candidates:
-    k x block of them, whose top k is the row's."""
+    k x block of them, whose top k is the row's.
+
+    Exact for rows free of NaN and for rows of NaN only (a log_softmax row is one or the other).
+    Where a row also holds NaNs, `lax.top_k` ranks a -NaN below everything and a block's max
+    carries it through: that row's result may differ (ids stay below V)."""
     if block is None:
-        block = int(os.environ.get("JAXINFER_TOP_K_BLOCK", TOP_K_BLOCK))
+        block = int(os.environ.get("JAXINFER_TOP_K_BLOCK") or TOP_K_BLOCK)
     b, v = x.shape
     nblocks = -(-v // block) if block > 0 else 0
     if nblocks <= 2 * k:  # short rows (the candidates would be most of the row), or block 0
@@ -609,7 +614,7 @@ def top_k(x: Float[Array, "B V"], k: int, block: int | None = None):
     candidates = jnp.take_along_axis(blocks, chosen[:, :, None], axis=1).reshape(b, k * block)
     values, at = jax.lax.top_k(candidates, k)
     ids = jnp.take_along_axis(chosen, at // block, axis=-1) * block + at % block
-    return values, ids
+    return values, jnp.minimum(ids, v - 1)  # a padding id only ever where a row holds NaNs
 
 
 def _top_k_by_shard(x: Float[Array, "B V"], n: int, mesh):
