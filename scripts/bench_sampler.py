@@ -60,9 +60,7 @@ def time_sampler(b: int, v: int, mode: str, entries: int, repeats: int, block: i
 def time_top_k(b: int, v: int, k: int, block: int, repeats: int) -> float:
     """Median us of `sampling.top_k` (block 0: `jax.lax.top_k`) over [b, v] float32."""
     x = _logits(b, v)
-    fn = jax.jit(
-        (lambda x: jax.lax.top_k(x, k)) if not block else (lambda x: sampling.top_k(x, k, block))
-    )
+    fn = jax.jit(lambda x: sampling.top_k(x, k, block))  # block 0 takes lax.top_k itself
     return bm.pipelined_time(lambda _: fn(x), repeats=repeats, min_time=0.2) * 1e6
 
 
