@@ -537,7 +537,7 @@ def _filter_mask(scaled: Float[Array, "B V"], arrays: SamplingArrays) -> Bool[Ar
     The mask is all True for a row whose filters are all off, exactly as when the sort is skipped.
     """
     b, v = scaled.shape
-    order = jnp.argsort(-scaled, axis=-1)  # [B, V], most likely first (stable on ties)
+    order = jnp.argsort(_descending_keys(scaled), axis=-1)  # [B, V], most likely first, stable
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     # min_p: prob >= min_p × max prob  ⇔  logit >= max logit + log(min_p).
     keep = sorted_logits >= sorted_logits[:, :1] + jnp.log(arrays.min_p)[:, None]
@@ -560,6 +560,21 @@ def _filter_mask(scaled: Float[Array, "B V"], arrays: SamplingArrays) -> Bool[Ar
     ids = jnp.arange(v)[None, :]
     # keep[:, 0] False: nothing kept (top-p's softmax of an inf logit is NaN), as before
     return ((scaled > cut_logit) | ((scaled == cut_logit) & (ids <= cut_id))) & keep[:, :1]
+
+
+def _descending_keys(x: Float[Array, "B V"]) -> UInt32[Array, "B V"]:
+    """uint32 keys whose stable ascending sort is `jnp.argsort(-x)`'s, exactly: ±0 equal, NaNs
+    equal and last, as `jnp.sort` orders floats.
+
+    Why: XLA on a GPU sorts unsigned keys with an index through CUB's radix sort, and floats with
+    an index (JAX's NaN-aware comparator) through its own bitonic sort, several times slower at
+    [256, 128256]."""
+    neg = -x.astype(jnp.float32)
+    neg = jnp.where(neg == 0, 0.0, neg)  # -0 → +0
+    neg = jnp.where(jnp.isnan(neg), jnp.nan, neg)  # one NaN, whose key is the greatest
+    bits = jax.lax.bitcast_convert_type(neg, jnp.uint32)
+    # Order-preserving: a negative float's bits all flipped, a positive one's sign bit set.
+    return jnp.where(bits >> 31 == 1, ~bits, bits | np.uint32(1 << 31))
 
 
 def _top_logprobs(

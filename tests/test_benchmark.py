@@ -222,3 +222,17 @@ def test_decode_fusions_smoke_times_both_forms_and_checks_them_against_f32(tmp_p
     assert set(rep["forms"]) == {"xla", "swiglu"}
     for form in rep["forms"].values():
         assert form["us_per_layer"] > 0 and 0 < form["err_x"] < 2e-2 and 0 < form["err_norm"] < 2e-2
+
+
+def test_filter_sort_bench_checks_both_sorts_and_times_each(tmp_path):
+    """`bench_filter_sort.py` at CPU sizes: the uint32 keys give the float sort's order and
+    keep-masks on this backend, and every variant gets a time."""
+    out = tmp_path / "filter.json"
+    cmd = [sys.executable, "scripts/bench_filter_sort.py", "--rows", "2", "--vocab", "300"]
+    cmd += ["--check-rows", "8", "--repeats", "1", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    rep = json.loads(out.read_text())
+    assert all(v for k, v in rep["checks"].items() if "u32" in k) and len(rep["checks"]) == 20
+    assert rep["cub"] == {"2": False, "8": False}  # CUB is a GPU's
+    (row,) = rep["rows"]
+    assert row["rows"] == 2 and all(v > 0 for k, v in row.items() if k != "rows")

@@ -303,6 +303,26 @@ def test_the_filter_mask_keeps_a_prefix_of_the_stable_sort():
         np.testing.assert_array_equal(np.flatnonzero(mask), kept, err_msg=str(settings))
 
 
+def test_the_filter_sorts_unsigned_keys_in_the_float_sort_order():
+    """`_descending_keys` (uint32, which XLA sorts with CUB on a GPU) order every row exactly as a
+    stable `argsort(-x)` of the floats: ties by id, ±0 equal, ±inf, NaNs of either sign last."""
+    from jaxinfer.sampling import _descending_keys
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(6, 500)).astype(np.float32) * 5
+    x[1] = rng.integers(-3, 3, size=500)
+    x[2, ::7], x[2, ::5], x[2, ::11], x[2, ::13] = -0.0, 0.0, np.inf, -np.inf
+    x[3, ::17], x[3, ::23] = np.nan, -0.0
+    x[3, ::19] = -np.float32(np.nan)  # sign bit set
+    x[4] = -np.inf
+    x[5] = -np.abs(x[5])
+    want = np.asarray(jnp.argsort(-jnp.asarray(x), axis=-1))
+    keys = _descending_keys(jnp.asarray(x))
+    assert keys.dtype == jnp.uint32
+    np.testing.assert_array_equal(np.asarray(jnp.argsort(keys, axis=-1)), want)
+    np.testing.assert_array_equal(want[2, :5], np.flatnonzero(x[2] == np.inf)[:5])
+
+
 def test_a_temperature_too_small_to_divide_by_is_greedy():
     """logits / 1e-38 overflow to inf (and top-p's softmax to NaN): below GREEDY_BELOW a row
     takes the argmax, as vLLM's does."""

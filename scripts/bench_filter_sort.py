@@ -1,0 +1,172 @@
+"""The sampling filter's sort (top-k / top-p / min-p keep-mask): float keys against the uint32
+keys of `sampling._descending_keys`, which XLA sorts with CUB's radix sort on a GPU.
+
+Checks on this backend that both give the same order and the same keep-mask (rows of normal
+logits and rows of tied integers with -0.0), then times per row count: each sort alone, the
+mask with each, the mask with the sorted logits read back from the sorted keys instead of
+gathered (`pairs`: not taken, its softmax fuses differently and one tied row's cut moved), the
+plain and filtered sampler, and the filtered sampler with the previous sort.
+
+    python scripts/bench_filter_sort.py --rows 16,64,256,512 --out bench/results/sampler-filter-sort-<card>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import benchmark as bm
+from jaxinfer import sampling
+from jaxinfer.sampling import SamplingParams, sample_rows, sampling_arrays
+
+SETTINGS = (
+    dict(top_p=0.9),
+    dict(top_k=50, top_p=0.95),
+    dict(min_p=0.05),
+    dict(top_k=3000, top_p=0.5),
+)
+
+
+def sort_float(x):
+    return jnp.argsort(-x, axis=-1)  # the form before: float keys with JAX's NaN-aware order
+
+
+def sort_u32(x):
+    return jnp.argsort(sampling._descending_keys(x), axis=-1)
+
+
+def _sorted_pairs(x):
+    b, v = x.shape
+    iota = jax.lax.broadcasted_iota(jnp.int32, (b, v), 1)
+    keys = sampling._descending_keys(x)
+    return jax.lax.sort((keys, iota), dimension=1, num_keys=1, is_stable=True)
+
+
+def sort_pairs(x):
+    return _sorted_pairs(x)[1]
+
+
+def _from_keys(keys):
+    bits = jnp.where(keys >> 31 == 1, keys & np.uint32(0x7FFFFFFF), ~keys)
+    return -jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def mask_with(order_fn, pairs: bool = False):
+    """`sampling._filter_mask` with another sort (the same steps after it)."""
+
+    def _filter_mask(scaled, arrays):
+        b, v = scaled.shape
+        if pairs:
+            keys, order = _sorted_pairs(scaled)
+            sorted_logits = _from_keys(keys)
+        else:
+            order = order_fn(scaled)
+            sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        keep = sorted_logits >= sorted_logits[:, :1] + jnp.log(arrays.min_p)[:, None]
+        keep |= arrays.min_p[:, None] <= 0
+        k = jnp.where(arrays.top_k > 0, jnp.minimum(arrays.top_k, v), v)
+        kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)
+        keep &= sorted_logits >= kth
+        probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep &= (mass_before < arrays.top_p[:, None]) | (arrays.top_p[:, None] >= 1)
+        last = jnp.maximum(keep.sum(axis=-1, keepdims=True) - 1, 0)
+        cut_logit = jnp.take_along_axis(sorted_logits, last, axis=-1)
+        cut_id = jnp.take_along_axis(order, last, axis=-1)
+        ids = jnp.arange(v)[None, :]
+        return ((scaled > cut_logit) | ((scaled == cut_logit) & (ids <= cut_id))) & keep[:, :1]
+
+    return _filter_mask
+
+
+def logits(b: int, v: int, kind: str) -> jax.Array:
+    rng = np.random.default_rng(0)
+    if kind == "normal":
+        return jnp.asarray(rng.normal(size=(b, v)) * 3, jnp.float32)
+    x = rng.integers(-4, 4, size=(b, v)).astype(np.float64)
+    x[:, ::97] = -0.0
+    return jnp.asarray(x, jnp.float32)
+
+
+def arrays(b: int, **settings):
+    params = SamplingParams(temperature=0.8, **settings)
+    return jax.device_put(sampling_arrays([params] * b, range(b), [0] * b, b))
+
+
+def checks(b: int, v: int) -> dict:
+    """True where a variant's order or mask equals the float sort's, on this backend."""
+    out = {}
+    for kind in ("normal", "ties"):
+        x = logits(b, v, kind)
+        want = np.asarray(jax.jit(sort_float)(x))
+        for name, fn in (("u32", sort_u32), ("pairs", sort_pairs)):
+            out[f"order_{name}_{kind}"] = bool((np.asarray(jax.jit(fn)(x)) == want).all())
+        for settings in SETTINGS:
+            a = arrays(b, **settings)
+            want = np.asarray(jax.jit(mask_with(sort_float))(x, a))
+            for name, fn in (("u32", sampling._filter_mask), ("pairs", mask_with(None, True))):
+                got = np.asarray(jax.jit(fn)(x, a))
+                out[f"mask_{name}_{kind}_{settings}"] = bool((got == want).all())
+    return out
+
+
+def times(b: int, v: int, repeats: int) -> dict:
+    """Median us a call of each variant at b rows."""
+    x, a = logits(b, v, "normal"), arrays(b, top_k=50, top_p=0.95)
+
+    def us(fn, *args) -> float:
+        f = jax.jit(fn)
+        return round(bm.pipelined_time(lambda _: f(*args), repeats=repeats, min_time=0.2) * 1e6, 1)
+
+    row = {"rows": b, "top_k_256": us(lambda x: sampling.top_k(x, 256), x)}
+    for name, fn in (("float", sort_float), ("u32", sort_u32), ("pairs", sort_pairs)):
+        row[f"sort_{name}"] = us(fn, x)
+    masks = (
+        ("float", mask_with(sort_float)),
+        ("u32", sampling._filter_mask),
+        ("pairs", mask_with(None, True)),
+    )
+    for name, fn in masks:
+        row[f"mask_{name}"] = us(fn, x, a)
+    for mode in ("sample", "filter"):
+        row[f"sampler_{mode}"] = us(functools.partial(sample_rows, mode=mode), x, a)
+    current = sampling._filter_mask
+    sampling._filter_mask = mask_with(sort_float)  # traced anew: a new partial
+    try:
+        row["sampler_filter_previous"] = us(functools.partial(sample_rows, mode="filter"), x, a)
+    finally:
+        sampling._filter_mask = current
+    return row
+
+
+def uses_cub(b: int, v: int) -> bool:
+    """Whether the compiled uint32 sort at [b, v] calls CUB (XLA picks it by size)."""
+    text = jax.jit(sort_u32).lower(logits(b, v, "normal")).compile().as_text()
+    return "cub_sort" in text  # XLA's custom call target: xla.gpu.ext.cub_sort_{keys,pairs}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=bm.int_list, default=[16, 64, 256, 512])
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--check-rows", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    report = {**bm.report_header(), "vocab": args.vocab, "rows": []}
+    report["checks"] = checks(args.check_rows, args.vocab)
+    report["cub"] = {str(b): uses_cub(b, args.vocab) for b in (args.rows[0], args.check_rows)}
+    print(report["checks"], report["cub"], flush=True)
+    for b in args.rows:
+        report["rows"].append(times(b, args.vocab, args.repeats))
+        print(report["rows"][-1], flush=True)
+        if args.out:
+            bm.write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    main()
