@@ -305,7 +305,8 @@ def test_the_filter_mask_keeps_a_prefix_of_the_stable_sort():
 
 def test_the_filter_sorts_unsigned_keys_in_the_float_sort_order():
     """`_descending_keys` (uint32, which XLA sorts with CUB on a GPU) order every row exactly as a
-    stable `argsort(-x)` of the floats: ties by id, ±0 equal, ±inf, NaNs of either sign last."""
+    stable `argsort(-x)` of the floats: ties by id, ±0 equal, ±inf, subnormals, NaNs of either
+    sign and any payload last."""
     from jaxinfer.sampling import _descending_keys
 
     rng = np.random.default_rng(11)
@@ -314,8 +315,11 @@ def test_the_filter_sorts_unsigned_keys_in_the_float_sort_order():
     x[2, ::7], x[2, ::5], x[2, ::11], x[2, ::13] = -0.0, 0.0, np.inf, -np.inf
     x[3, ::17], x[3, ::23] = np.nan, -0.0
     x[3, ::19] = -np.float32(np.nan)  # sign bit set
+    x[3, ::29] = np.array([0x7F800001], np.uint32).view(np.float32)[0]  # NaN payloads
+    x[3, 1::29] = np.array([0xFFC00123], np.uint32).view(np.float32)[0]
     x[4] = -np.inf
     x[5] = -np.abs(x[5])
+    x[5, ::31], x[5, 1::31] = 1e-40, -1e-40  # subnormals
     want = np.asarray(jnp.argsort(-jnp.asarray(x), axis=-1))
     keys = _descending_keys(jnp.asarray(x))
     assert keys.dtype == jnp.uint32
