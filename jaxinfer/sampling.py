@@ -536,9 +536,18 @@ def _filter_mask(scaled: Float[Array, "B V"], arrays: SamplingArrays) -> Bool[Ar
 
     The mask is all True for a row whose filters are all off, exactly as when the sort is skipped.
     """
-    b, v = scaled.shape
     order = jnp.argsort(_descending_keys(scaled), axis=-1)  # [B, V], most likely first, stable
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    return _mask_from_sorted(scaled, arrays, order, jnp.take_along_axis(scaled, order, axis=-1))
+
+
+def _mask_from_sorted(
+    scaled: Float[Array, "B V"],
+    arrays: SamplingArrays,
+    order: Int[Array, "B V"],
+    sorted_logits: Float[Array, "B V"],
+) -> Bool[Array, "B V"]:
+    """`_filter_mask` from the row's stable descending sort: `order` and the logits in it."""
+    b, v = scaled.shape
     # min_p: prob >= min_p × max prob  ⇔  logit >= max logit + log(min_p).
     keep = sorted_logits >= sorted_logits[:, :1] + jnp.log(arrays.min_p)[:, None]
     keep |= arrays.min_p[:, None] <= 0

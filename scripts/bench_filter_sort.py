@@ -56,29 +56,15 @@ def _from_keys(keys):
 
 
 def mask_with(order_fn, pairs: bool = False):
-    """`sampling._filter_mask` with another sort (the same steps after it)."""
+    """`sampling._filter_mask` with another sort (its own steps after it)."""
 
     def _filter_mask(scaled, arrays):
-        b, v = scaled.shape
         if pairs:
             keys, order = _sorted_pairs(scaled)
-            sorted_logits = _from_keys(keys)
-        else:
-            order = order_fn(scaled)
-            sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-        keep = sorted_logits >= sorted_logits[:, :1] + jnp.log(arrays.min_p)[:, None]
-        keep |= arrays.min_p[:, None] <= 0
-        k = jnp.where(arrays.top_k > 0, jnp.minimum(arrays.top_k, v), v)
-        kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)
-        keep &= sorted_logits >= kth
-        probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep &= (mass_before < arrays.top_p[:, None]) | (arrays.top_p[:, None] >= 1)
-        last = jnp.maximum(keep.sum(axis=-1, keepdims=True) - 1, 0)
-        cut_logit = jnp.take_along_axis(sorted_logits, last, axis=-1)
-        cut_id = jnp.take_along_axis(order, last, axis=-1)
-        ids = jnp.arange(v)[None, :]
-        return ((scaled > cut_logit) | ((scaled == cut_logit) & (ids <= cut_id))) & keep[:, :1]
+            return sampling._mask_from_sorted(scaled, arrays, order, _from_keys(keys))
+        order = order_fn(scaled)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        return sampling._mask_from_sorted(scaled, arrays, order, sorted_logits)
 
     return _filter_mask
 
