@@ -84,6 +84,34 @@ def test_a_start_cut_short_stops_the_loading_child():
     assert not [p for p in multiprocessing.active_children() if p.name == "jaxinfer-engine"]
 
 
+def test_a_hung_engine_process_is_killed_and_fails_its_requests():
+    """A child that sends nothing for step_timeout seconds while a request is in flight (here
+    stopped by SIGSTOP) is killed: the request fails, and so does every later one, with the
+    cause named. Idle for longer than that is not hung."""
+    engine = RemoteEngine(build_fake, (), step_timeout=2.0)
+    loop = EngineLoop(engine)
+    loop.start()
+    try:
+        assert list(loop.submit("abc", GREEDY))[-1].text == "defgh"
+        time.sleep(2.5)
+        assert engine.dead is None and list(loop.submit("wx", GREEDY))[-1].text == "y"
+        os.kill(engine.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(EngineError, match=r"sent nothing for 2 s with 1 request\(s\)"):
+            list(loop.submit("abc", GREEDY))
+        assert 2 <= time.monotonic() - start < 15
+        engine._proc.join(10)
+        assert engine._proc.exitcode == -signal.SIGKILL
+        assert "(hung); it was killed" in loop.failure  # the cause, not the EOF that followed
+        with pytest.raises(EngineError, match="hung"):
+            list(loop.submit("abc", GREEDY))
+    finally:
+        loop.stop()
+        engine.close()
+    with pytest.raises(ValueError, match="step_timeout must be"):
+        RemoteEngine(build_fake, (), step_timeout=0)
+
+
 # -- a real server ------------------------------------------------------------------------------
 
 

@@ -503,6 +503,7 @@ def test_tensor_parallel_beyond_the_devices_is_refused_with_one_line():
         (["--metrics-port", "-1"], "--metrics-port must be in [0, 65535], got -1"),
         (["--grace-period", "-5"], "--grace-period must be a number of seconds >= 0"),
         (["--switch-interval-ms", "0"], "--switch-interval-ms must be > 0, got 0.0"),
+        (["--engine-step-timeout", "nan"], "--engine-step-timeout must be a number of seconds > 0"),
         (["--log-level", "loud"], "--log-level must be DEBUG, INFO, WARNING or ERROR"),
         (["--tls-cert", __file__, "--tls-key", __file__], "do not load as a PEM certificate"),
         (["--page-size", "0"], "page_size must be"),

@@ -20,13 +20,16 @@ so far and rebuilds the engine's cumulative `RequestOutput`, so the bytes per st
 with the outputs' length.
 The parent reads those messages on a thread of their own; `step()` returns the outputs of all
 that came since the last call. A dead child makes `step()` and `add_request()` raise
-(`EngineProcessDied`), so EngineLoop fails the requests in flight and keeps answering.
+(`EngineProcessDied`), so EngineLoop fails the requests in flight and keeps answering. So does a
+hung one: a child that sends nothing for `step_timeout` seconds while requests are in flight is
+killed (a step, even one that compiles a program on first use, takes far less).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import multiprocessing
 import queue
 import signal
@@ -42,6 +45,8 @@ from jaxinfer.sampling import SamplingParams
 log = logging.getLogger("jaxinfer.serving")
 
 INVALID = "invalid"  # finish_reason of a request the engine refused (its `error` says why)
+# Seconds of silence, with requests in flight, after which the engine process is taken for hung.
+DEFAULT_STEP_TIMEOUT = 300.0
 
 
 class EngineProcessDied(RuntimeError):
@@ -251,6 +256,9 @@ class RemoteEngine:
       build: called in the child as `build(*build_args)`; returns (Engine, model path). Both must
         pickle (module-level functions), e.g. `options.served_engine` with (load, load_args, config).
       start_timeout: seconds to wait for "ready" (loading and warm-up), None: no limit.
+      step_timeout: seconds `step()` waits for the child's next message while requests are in
+        flight; past it the child is taken for hung and killed, and `step()` raises
+        EngineProcessDied. None: no limit.
 
     Raises ValueError (the child's message) when the child could not build the engine for a bad
     option or path, RuntimeError (its traceback) for anything else.
@@ -258,7 +266,16 @@ class RemoteEngine:
 
     stats_any_thread = True  # serving_stats() may be read from any thread (EngineLoop.stats)
 
-    def __init__(self, build: Callable, build_args: tuple, start_timeout: float | None = None):
+    def __init__(
+        self,
+        build: Callable,
+        build_args: tuple,
+        start_timeout: float | None = None,
+        step_timeout: float | None = DEFAULT_STEP_TIMEOUT,
+    ):
+        if step_timeout is not None and not 0 < step_timeout < math.inf:
+            raise ValueError(f"step_timeout must be a number of seconds > 0, got {step_timeout}")
+        self.step_timeout = step_timeout
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
@@ -359,7 +376,7 @@ class RemoteEngine:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
-        messages, self._backlog = self._backlog or [self._messages.get()], []
+        messages, self._backlog = self._backlog or [self._next_message()], []
         while not self._messages.empty():
             messages.append(self._messages.get_nowait())
         outputs: list[RequestOutput] = []
@@ -374,6 +391,20 @@ class RemoteEngine:
                     self._failure = failure
                 break
         return outputs
+
+    def _next_message(self) -> tuple:
+        """The child's next message; after `step_timeout` seconds of silence, its death."""
+        try:
+            return self._messages.get(timeout=self.step_timeout)
+        except queue.Empty:
+            pass
+        why = (
+            f"the engine process sent nothing for {self.step_timeout:g} s with "
+            f"{len(self._unfinished)} request(s) in flight (hung); it was killed"
+        )
+        log.error(why)
+        self._proc.kill()
+        return ("died", why)
 
     def serving_stats(self) -> dict:
         """The child's last counts (running, kv_pages_free, kv_pages_total, preemptions, steps)."""
@@ -395,7 +426,7 @@ class RemoteEngine:
         """A message's outputs (rebuilt from its deltas) and its failure: the child's death or a
         failed step."""
         if message[0] == "died":
-            self._died = message[1]
+            self._died = self._died or message[1]  # the first cause, not the EOF it led to
             self._messages.put(message)  # every later step() raises too
             return [], EngineProcessDied(message[1])
         _, deltas, _, failure = message

@@ -483,7 +483,9 @@ def main(argv: list[str] | None = None, model=None, model_spec: tuple | None = N
             engine = Engine(model, config)
         elif remote:
             log.info("starting the engine process")
-            engine = RemoteEngine(options.served_engine, build_args)
+            engine = RemoteEngine(
+                options.served_engine, build_args, step_timeout=args.engine_step_timeout
+            )
             path = engine.path
         else:
             engine, path = options.served_engine(*build_args)

@@ -88,6 +88,13 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
         "when a GPU is visible, off on a CPU)",
     )
     e.add_argument(
+        "--engine-step-timeout",
+        type=float,
+        default=300.0,
+        help="seconds an engine process may go without a step while requests are in flight; "
+        "then it is taken for hung and killed, its requests fail and health turns NOT_SERVING",
+    )
+    e.add_argument(
         "--no-warmup",
         dest="warmup",
         action="store_const",
@@ -176,6 +183,10 @@ def check_server_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error(f"--{name.replace('_', '-')} must be in [0, 65535], got {port}")
     if not 0 <= args.grace_period < math.inf:
         parser.error(f"--grace-period must be a number of seconds >= 0, got {args.grace_period}")
+    if not 0 < args.engine_step_timeout < math.inf:
+        parser.error(
+            f"--engine-step-timeout must be a number of seconds > 0, got {args.engine_step_timeout}"
+        )
     if not 0 < args.switch_interval_ms < math.inf:
         parser.error(f"--switch-interval-ms must be > 0, got {args.switch_interval_ms}")
     if args.log_level.upper() not in logging.getLevelNamesMapping():
