@@ -282,6 +282,7 @@ def test_outputs_ahead_of_a_failed_step_are_not_lost():
 
     engine = RemoteEngine.__new__(RemoteEngine)  # the parent's bookkeeping, no child
     engine._init_inbox()
+    engine.step_timeout = None
     engine._unfinished |= {"a", "b"}
 
     def delta(rid, tokens, finished):
