@@ -17,6 +17,26 @@ os.environ["JAXINFER_COMPILATION_CACHE"] = ""
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_compilation_cache(tmp_path_factory):
+    """One on-disk compilation cache for the whole run: the suite's many engines of the same tiny
+    models compile the same programs, and loading one is faster than compiling it again. A
+    program loaded from it still counts as a compilation in `xla_compiles` (JAX logs both alike).
+    $JAXINFER_TEST_COMPILATION_CACHE=0 leaves it off."""
+    if os.environ.get("JAXINFER_TEST_COMPILATION_CACHE") == "0":
+        yield
+        return
+    import jax
+    from jax._src import compilation_cache
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()  # JAX memoises whether the cache is in use
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
     """Drops JAX's compiled programs after each test module: a CPU executable keeps its JIT'd code

@@ -528,8 +528,11 @@ def test_compiled_steps_go_to_the_persistent_cache(tiny_model, tmp_path):
         jax.config.jax_compilation_cache_dir,
         jax.config.jax_persistent_cache_min_compile_time_secs,
     )
+    from jax._src import compilation_cache
+
     jax.config.update("jax_compilation_cache_dir", None)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.reset_cache()  # the suite's own cache, in use already, is let go
     try:
         Engine(  # one seat, one token a step: the fewest programs a warm-up compiles
             tiny_model,
@@ -545,9 +548,7 @@ def test_compiled_steps_go_to_the_persistent_cache(tiny_model, tmp_path):
     finally:
         jax.config.update("jax_compilation_cache_dir", old[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-        from jax._src import compilation_cache
-
-        compilation_cache.reset_cache()  # JAX memoises "cache in use": later tests compile plainly
+        compilation_cache.reset_cache()  # JAX memoises the cache in use: later tests get theirs
 
 
 def test_the_pool_leaves_room_for_the_programs_working_memory(tiny_model, monkeypatch):
