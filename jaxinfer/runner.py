@@ -386,7 +386,7 @@ class Runner:
         return sampler_mode(params, self.mesh)
 
     def sampler_modes(self) -> tuple[str, ...]:
-        return SAMPLE_MODES + ((TOP_K_ONLY,) if self.mesh is not None else ())
+        return (*SAMPLE_MODES, TOP_K_ONLY)
 
     @staticmethod
     def collect(handle: Dispatched) -> SampleOutput:

@@ -330,8 +330,9 @@ def _mix32(x: int) -> int:
 
 
 SAMPLE_MODES = ("greedy", "sample", "filter")
-# Over a mesh, a filtered batch whose sampling rows all keep at most this many tokens (top-k)
-# draws from each device's top candidates: no row of logits is gathered (mode TOP_K_ONLY).
+# A filtered batch whose sampling rows all keep at most this many tokens (top-k) draws from the
+# row's top candidates (each device's, over a mesh: no row of logits is gathered) instead of
+# sorting whole rows (mode TOP_K_ONLY).
 FILTER_CANDIDATES = 256
 TOP_K_ONLY = "filter_top_k"  # "filter" where every sampling row fits the candidates
 
@@ -356,9 +357,9 @@ def sample_mode(params: Sequence[SamplingParams]) -> str:
 
 
 def sampler_mode(params: Sequence[SamplingParams], mesh=None) -> str:
-    """`sample_mode`, or over a mesh TOP_K_ONLY for a filtered batch that `fits_candidates`."""
+    """`sample_mode`, or TOP_K_ONLY for a filtered batch that `fits_candidates`."""
     mode = sample_mode(params)
-    if mesh is not None and mode == "filter" and fits_candidates(params):
+    if mode == "filter" and fits_candidates(params):
         return TOP_K_ONLY
     return mode
 
@@ -387,11 +388,12 @@ def sample_rows(
       mesh: the mesh whose "model" axis splits the logits' vocab (tensor parallelism), or None.
         The top logprobs are then taken on each device's shard and merged, and greedy and
         plain sampling reduce in place: no device gathers whole rows. The filter's sort does,
-        unless mode is TOP_K_ONLY: every sampling row has 0 < top_k <= FILTER_CANDIDATES
-        (`fits_candidates`), and is filtered and drawn among the devices' top candidates, with
-        the same result (on one device TOP_K_ONLY is "filter") except where more than
-        FILTER_CANDIDATES tokens of one device tie at the row's k-th logit: top-k keeps every
-        tied token, the candidates only that many of them.
+        unless mode is TOP_K_ONLY (below).
+      mode TOP_K_ONLY: every sampling row has 0 < top_k <= FILTER_CANDIDATES
+        (`fits_candidates`); each is filtered and drawn among its top candidates (each
+        device's, over a mesh) instead of its whole sorted row, with the same result except
+        where more than FILTER_CANDIDATES tokens (of one device) tie at the row's k-th logit:
+        top-k keeps every tied token, the candidates only that many of them.
       bias: LogitBias entries added before the penalties (logit_bias, min_tokens); None: none.
     Returns:
       SampleOutput: tokens [B], logprob [B], top_ids / top_logprobs [B, MAX_LOGPROBS].
@@ -491,7 +493,7 @@ def _sample_or_greedy(
     sampling = arrays.temperature > 0
     scaled = logits / jnp.where(sampling, arrays.temperature, 1.0)[:, None]  # [B, V]
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(arrays.seed, arrays.step)
-    if filters and mesh is not None and top_k_only and logits.shape[1] % mesh.size == 0:
+    if filters and top_k_only and (mesh is None or logits.shape[1] % mesh.size == 0):
         drawn = _draw_among_candidates(scaled, arrays, keys, mesh)
         return jnp.where(sampling, drawn, greedy)
     if filters and mesh is not None:
@@ -506,20 +508,26 @@ def _sample_or_greedy(
 def _draw_among_candidates(
     scaled: Float[Array, "B V"], arrays: SamplingArrays, keys, mesh
 ) -> Int[Array, "B"]:
-    """`categorical(key, masked)` of every row whose top-k <= FILTER_CANDIDATES, over vocab-split
-    logits: each device offers its top candidates with their Gumbel noise (the noise drawn for
-    the whole vocabulary, each device making its own part), and the filter and the draw run on
-    the gathered candidates, which hold every token the top-k keeps."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from jaxinfer.sharding import MODEL
-
-    split = NamedSharding(mesh, PartitionSpec(None, MODEL))
+    """`categorical(key, masked)` of every row whose top-k <= FILTER_CANDIDATES: the row offers
+    its top candidates with their Gumbel noise (the noise drawn for the whole vocabulary), and
+    the filter and the draw run on the candidates, which hold every token the top-k keeps. Over
+    vocab-split logits (mesh) each device offers its own top candidates, making its part of the
+    noise, and the candidates are gathered."""
     b, v = scaled.shape
     noise = jax.vmap(lambda key: jax.random.gumbel(key, (v,), scaled.dtype))(keys)  # [B, V]
-    noise = jax.lax.with_sharding_constraint(noise, split)
-    n = min(FILTER_CANDIDATES, v // mesh.size)
-    values, ids, picked = _candidates_by_shard(scaled, n, mesh, noise)
+    if mesh is None:
+        values, ids = top_k(scaled, min(FILTER_CANDIDATES, v))  # [B, n] each
+        picked = jnp.take_along_axis(noise, ids, axis=-1)
+    else:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from jaxinfer.sharding import MODEL
+
+        noise = jax.lax.with_sharding_constraint(
+            noise, NamedSharding(mesh, PartitionSpec(None, MODEL))
+        )
+        n = min(FILTER_CANDIDATES, v // mesh.size)
+        values, ids, picked = _candidates_by_shard(scaled, n, mesh, noise)
     # In vocabulary order, as the full rows would be: the filter's stable sort and the draw's
     # argmax then break ties as they do there.
     order = jnp.argsort(ids, axis=-1)

@@ -5,7 +5,9 @@ Checks on this backend that both give the same order and the same keep-mask (row
 logits and rows of tied integers with -0.0), then times per row count: each sort alone, the
 mask with each, the mask with the sorted logits read back from the sorted keys instead of
 gathered (`pairs`: not taken, its softmax fuses differently and one tied row's cut moved), the
-plain and filtered sampler, and the filtered sampler with the previous sort.
+plain and filtered sampler, the filtered sampler drawing among each row's top 256 (mode
+`filter_top_k`, which batches whose rows all have 0 < top_k <= 256 take), and the filtered
+sampler with the previous sort.
 
     python scripts/bench_filter_sort.py --rows 16,64,256,512 --out bench/results/sampler-filter-sort-<card>.json
 """
@@ -97,6 +99,15 @@ def checks(b: int, v: int) -> dict:
             for name, fn in (("u32", sampling._filter_mask), ("pairs", mask_with(None, True))):
                 got = np.asarray(jax.jit(fn)(x, a))
                 out[f"mask_{name}_{kind}_{settings}"] = bool((got == want).all())
+            if 0 < settings.get("top_k", 0) <= sampling.FILTER_CANDIDATES:
+                # Drawn among the top candidates: the same tokens, unless more tokens than the
+                # candidates tie at the k-th logit (as the rows of ties here do at 128,256).
+                whole, among = (
+                    jax.jit(functools.partial(sample_rows, mode=mode))(x, a).tokens
+                    for mode in ("filter", sampling.TOP_K_ONLY)
+                )
+                same = whole == among
+                out[f"tokens_top_k_only_{kind}_{settings}"] = bool(np.asarray(same).all())
     return out
 
 
@@ -118,7 +129,7 @@ def times(b: int, v: int, repeats: int) -> dict:
     )
     for name, fn in masks:
         row[f"mask_{name}"] = us(fn, x, a)
-    for mode in ("sample", "filter"):
+    for mode in ("sample", "filter", sampling.TOP_K_ONLY):  # the last: among the top 256
         row[f"sampler_{mode}"] = us(functools.partial(sample_rows, mode=mode), x, a)
     current = sampling._filter_mask
     sampling._filter_mask = mask_with(sort_float)  # traced anew: a new partial

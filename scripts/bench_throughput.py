@@ -60,12 +60,14 @@ def run_engine(
     prompt_logprobs: int | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
 ) -> dict:
     """The requests through one engine, or spread over data-parallel replicas (round robin by
     queued tokens, each stepped in turn). `biased` of them, spread evenly, carry a one-entry
     logit_bias (their steps, and all others' beside them, then run one a program); with
     `prompt_logprobs` every request asks for its prompt's (as an lm-eval loglikelihood);
-    `temperature` > 0 samples (seeded by request), through a top-p filter if `top_p` < 1."""
+    `temperature` > 0 samples (seeded by request), through a top-p filter if `top_p` < 1 and a
+    top-k one if `top_k` > 0."""
     from jaxinfer.sampling import SamplingParams
 
     engines = engines if isinstance(engines, list) else [engines]
@@ -80,6 +82,7 @@ def run_engine(
             max_tokens=out_len,
             temperature=temperature,
             top_p=top_p,
+            top_k=top_k,
             seed=i if temperature else None,
             ignore_eos=True,
             logit_bias=bias,
@@ -285,6 +288,7 @@ def main() -> int:
         help="> 0: every request samples at it (each workload's key ends -tT)",
     )
     p.add_argument("--top-p", type=float, default=1.0, help="with --temperature (key: -pP)")
+    p.add_argument("--top-k", type=int, default=0, help="with --temperature (key: -kK)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     shape = bm.shape(args.model, args.layers)
@@ -374,7 +378,13 @@ def run_workloads(args, engines, specs, peers, report, suffix: str) -> None:
         for e in engines:
             e.config = dataclasses.replace(e.config, async_scheduling=overlap)
         row = run_engine(
-            engines, requests, biased, args.prompt_logprobs, args.temperature, args.top_p
+            engines,
+            requests,
+            biased,
+            args.prompt_logprobs,
+            args.temperature,
+            args.top_p,
+            args.top_k,
         )
         if biased:
             row["requests_with_logit_bias"] = min(biased, len(requests))
@@ -403,6 +413,7 @@ def run_workloads(args, engines, specs, peers, report, suffix: str) -> None:
         key = (spec if overlap else spec + "-sync") + (f"-biased{biased}" if biased else "")
         key += "" if args.prompt_logprobs is None else f"-plp{args.prompt_logprobs}"
         key += f"-t{args.temperature:g}" if args.temperature else ""
+        key += f"-k{args.top_k}" if args.top_k > 0 else ""
         key += (f"-p{args.top_p:g}" if args.top_p < 1 else "") + suffix
         if not suffix and key in peers:
             row["hf"] = peers[key]

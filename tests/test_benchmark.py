@@ -232,7 +232,8 @@ def test_filter_sort_bench_checks_both_sorts_and_times_each(tmp_path):
     cmd += ["--check-rows", "8", "--repeats", "1", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     rep = json.loads(out.read_text())
-    assert all(v for k, v in rep["checks"].items() if "u32" in k) and len(rep["checks"]) == 20
+    assert all(v for k, v in rep["checks"].items() if "u32" in k) and len(rep["checks"]) == 22
+    assert rep["checks"]["tokens_top_k_only_normal_{'top_k': 50, 'top_p': 0.95}"]
     assert rep["cub"] == {"2": False, "8": False}  # CUB is a GPU's
     (row,) = rep["rows"]
     assert row["rows"] == 2 and all(v > 0 for k, v in row.items() if k != "rows")

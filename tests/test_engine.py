@@ -15,7 +15,7 @@ from jaxinfer import runner as runner_module
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine import LLM, Engine
 from jaxinfer.model import Model, init_params
-from jaxinfer.sampling import SAMPLE_MODES, SamplingParams
+from jaxinfer.sampling import SamplingParams
 
 # ------------------------------------------------------------------------------------------------
 # A fake model: the next token is always (last token + 1) % 26, and token t is the letter 'a' + t.
@@ -458,8 +458,9 @@ def test_no_recompiles_after_warmup(tiny_model, monkeypatch):
     buckets = engine.runner.buckets
     rows = len({min(t, 4) for t in buckets})
     # each bucket's forward and a multi-step decode program per row bucket and sampler mode
-    forwards, decodes = len(buckets), len(SAMPLE_MODES) * rows
-    samplers = len(SAMPLE_MODES) * rows  # per row bucket and mode
+    modes = len(engine.runner.sampler_modes())  # SAMPLE_MODES and TOP_K_ONLY
+    forwards, decodes = len(buckets), modes * rows
+    samplers = modes * rows  # per row bucket and mode
     assert compiled == forwards + decodes + samplers
     # Each traced once and compiled once: none again for the pools its first calls hand back.
     compiled_at_start = [at_start[f"jit({f})"] for f in ("_forward_fn", "_decode_fn", "_sample_fn")]
@@ -473,7 +474,7 @@ def test_no_recompiles_after_warmup(tiny_model, monkeypatch):
     runner = engine.runner  # one program per sampler mode: the 4-row bucket's
     assert runner._decode_program(4) is runner._decode_cublas
     assert runner._decode_program(1) is runner._decode
-    assert runner._decode_cublas._cache_size() == len(SAMPLE_MODES)
+    assert runner._decode_cublas._cache_size() == modes
 
 
 def serve_random_requests(engine, rng):

@@ -61,7 +61,8 @@ def test_warmup_compiles_each_program_once(engine):
     buckets = runner.buckets
     rows = len({min(t, 4) for t in buckets})
     forwards = len(buckets) + sum(t <= 4 for t in buckets)
-    assert runner.num_compiles == forwards + len(SAMPLE_MODES) * rows
+    assert runner.num_compiles == forwards + len(runner.sampler_modes()) * rows
+    assert runner.sampler_modes() == (*SAMPLE_MODES, "filter_top_k")
     assert runner.cublas_rows is None and runner._decode_cublas is None
 
 

@@ -13,6 +13,7 @@ from jaxinfer.sampling import (
     GREEDY_BELOW,
     MAX_LOGPROBS,
     SAMPLE_MODES,
+    TOP_K_ONLY,
     SampleOutput,
     SamplingArrays,
     SamplingParams,
@@ -23,6 +24,7 @@ from jaxinfer.sampling import (
     logit_bias_arrays,
     sample_mode,
     sample_rows,
+    sampler_mode,
     sampling_arrays,
     top_k,
 )
@@ -569,12 +571,47 @@ def test_sample_mode_picks_the_cheapest_mode_that_serves_the_batch(case):
         sample_rows(logits, arrays, mode="beam")
 
 
+@pytest.mark.parametrize("v, ties", [(96, False), (96, True), (50_000, False)])
+def test_top_k_batches_draw_among_candidates_as_among_whole_rows(v, ties):
+    """A batch whose sampling rows all keep at most FILTER_CANDIDATES tokens by top-k samples in
+    mode TOP_K_ONLY (among each row's top candidates, no sort of the whole row), with the
+    tokens, logprobs and top logprobs of the whole-row filter, top-p and min-p rows included.
+    Tied logits too, while no more than the candidates tie. At 50,000 the candidates come from
+    the blockwise top-k (more than 2 x 256 blocks of 64)."""
+    params = [
+        SamplingParams(temperature=0.9, top_k=7),
+        SamplingParams(temperature=1.1, top_k=256, top_p=0.6),
+        SamplingParams(temperature=0.7, top_k=50, min_p=0.05),
+        SamplingParams(temperature=0.0, logprobs=3),
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=1.3, top_k=200, top_p=0.95, min_p=0.01, logprobs=2),
+    ]
+    assert sampler_mode(params) == TOP_K_ONLY
+    assert sampler_mode([*params, SamplingParams(top_p=0.9)]) == "filter"  # no top-k: every token
+    b = len(params)
+    whole = jax.jit(functools.partial(sample_rows, mode="filter"))
+    candidates = jax.jit(functools.partial(sample_rows, mode=TOP_K_ONLY))
+    drawn = set()
+    for step in range(12):
+        arrays = sampling_arrays(params, list(range(b)), [step] * b, pad_to=b)
+        arrays = jax.tree.map(jnp.asarray, arrays)
+        logits = random_logits(b, v, seed=step)
+        if ties:
+            logits = np.round(logits / 3)  # integers: many tokens share each value
+        want, got = whole(logits, arrays), candidates(logits, arrays)
+        for name in SampleOutput._fields:
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+        drawn.update(np.asarray(got.tokens)[[1, 5]].tolist())
+    assert len(drawn) > 6  # the top-p rows did sample, not only take their argmax
+
+
 def test_static_modes_have_no_conditionals():
     arrays = jax.tree.map(jnp.asarray, sampling_arrays([SamplingParams()], [0], [0], pad_to=1))
     logits = jnp.zeros((1, 32))
     history = jnp.zeros((1, 4), jnp.int32)
-    for mode in SAMPLE_MODES:
-        text = SAMPLERS[mode].lower(logits, arrays, history).as_text()
+    samplers = {**SAMPLERS, TOP_K_ONLY: jax.jit(functools.partial(sample_rows, mode=TOP_K_ONLY))}
+    for mode, sampler in samplers.items():
+        text = sampler.lower(logits, arrays, history).as_text()
         assert "stablehlo.case" not in text, mode  # a cond copies its predicate to the host
 
 

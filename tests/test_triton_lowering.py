@@ -141,7 +141,6 @@ def test_engine_programs_have_no_host_waits(gpu_kernels, family, decode):
     from jaxinfer.kv_cache import init_pages
     from jaxinfer.model import Model, init_params
     from jaxinfer.runner import Runner
-    from jaxinfer.sampling import SAMPLE_MODES
     from jaxinfer.sharding import one_device
 
     moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
@@ -181,7 +180,7 @@ def test_engine_programs_have_no_host_waits(gpu_kernels, family, decode):
     assert "__gpu$xla.gpu.triton" in forward  # the Pallas kernels, not interpret mode
     assert "stablehlo.while" not in forward and "stablehlo.case" not in forward
     logits = jnp.zeros((16, cfg.vocab_size), jnp.float32)
-    for mode in SAMPLE_MODES:
+    for mode in runner.sampler_modes():
         sampler = lower_for_cuda(
             functools.partial(runner._sample_fn, mode=mode), logits, batch.sampling, None, None
         )
