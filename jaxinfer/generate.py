@@ -113,7 +113,7 @@ def generate_arrays(
 
 
 def row_sampling(
-    batch: int, temperature: float, top_k: int, top_p: float, seed: int, mesh=None
+    batch: int, temperature: float, top_k: int, top_p: float, seed: int
 ) -> tuple[SamplingArrays, str]:
     """Per-row settings for `generate`/`stream` and the sampler's static mode. Row 0 draws from
     `seed` itself, as an engine request with SamplingParams(seed=seed) does (so one prompt
@@ -124,7 +124,7 @@ def row_sampling(
     derived = [int(np.random.SeedSequence([seed, b]).generate_state(1)[0]) for b in range(batch)]
     seeds = [seed, *derived[1:]]
     arrays = sampling_arrays([params] * batch, seeds, [0] * batch, batch)
-    return jax.tree.map(jnp.asarray, arrays), sampler_mode([params], mesh)
+    return jax.tree.map(jnp.asarray, arrays), sampler_mode([params])
 
 
 def check_prompts(model: Model, prompts, max_new_tokens: int) -> list[list[int]]:
@@ -189,9 +189,7 @@ def generate(
     max_new_tokens = as_int("max_new_tokens", max_new_tokens, 1)
     prompts = check_prompts(model, prompts, max_new_tokens)
     use_compilation_cache()
-    sampling, mode = row_sampling(
-        len(prompts), temperature, top_k, top_p, seed, model.parallel.mesh
-    )
+    sampling, mode = row_sampling(len(prompts), temperature, top_k, top_p, seed)
     batch, lengths = len(prompts), np.array([len(p) for p in prompts], np.int32)
     t, s = bucket_lengths(model, int(lengths.max()), max_new_tokens)
     tokens = np.zeros((batch, t), np.int32)
@@ -240,7 +238,7 @@ def stream(
     max_new_tokens = as_int("max_new_tokens", max_new_tokens, 1)
     (ids,) = check_prompts(model, [prompt], max_new_tokens)
     use_compilation_cache()
-    sampling, mode = row_sampling(1, temperature, top_k, top_p, seed, model.parallel.mesh)
+    sampling, mode = row_sampling(1, temperature, top_k, top_p, seed)
     stop = set(_stop_ids(model, stop_token_ids).tolist())
     t, s = bucket_lengths(model, len(ids), max_new_tokens)
     tokens = jnp.asarray(np.pad(np.asarray([ids], np.int32), ((0, 0), (0, t - len(ids)))))

@@ -383,7 +383,7 @@ class Runner:
 
     def sampler_mode(self, params: Sequence[SamplingParams]) -> str:
         """The sampler program a batch needs (`sampling.sampler_mode`)."""
-        return sampler_mode(params, self.mesh)
+        return sampler_mode(params)
 
     def sampler_modes(self) -> tuple[str, ...]:
         return (*SAMPLE_MODES, TOP_K_ONLY)

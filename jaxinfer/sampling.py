@@ -356,7 +356,7 @@ def sample_mode(params: Sequence[SamplingParams]) -> str:
     return "greedy"
 
 
-def sampler_mode(params: Sequence[SamplingParams], mesh=None) -> str:
+def sampler_mode(params: Sequence[SamplingParams]) -> str:
     """`sample_mode`, or TOP_K_ONLY for a filtered batch that `fits_candidates`."""
     mode = sample_mode(params)
     if mode == "filter" and fits_candidates(params):
