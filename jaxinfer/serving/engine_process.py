@@ -41,12 +41,11 @@ from typing import Any, NamedTuple
 
 from jaxinfer.engine import RequestOutput
 from jaxinfer.sampling import SamplingParams
+from jaxinfer.serving.options import ENGINE_STEP_TIMEOUT
 
 log = logging.getLogger("jaxinfer.serving")
 
 INVALID = "invalid"  # finish_reason of a request the engine refused (its `error` says why)
-# Seconds of silence, with requests in flight, after which the engine process is taken for hung.
-DEFAULT_STEP_TIMEOUT = 300.0
 
 
 class EngineProcessDied(RuntimeError):
@@ -271,7 +270,7 @@ class RemoteEngine:
         build: Callable,
         build_args: tuple,
         start_timeout: float | None = None,
-        step_timeout: float | None = DEFAULT_STEP_TIMEOUT,
+        step_timeout: float | None = ENGINE_STEP_TIMEOUT,
     ):
         if step_timeout is not None and not 0 < step_timeout < math.inf:
             raise ValueError(f"step_timeout must be a number of seconds > 0, got {step_timeout}")

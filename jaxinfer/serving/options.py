@@ -16,6 +16,8 @@ import os
 import ssl
 
 API_KEY_ENV = "JAXINFER_API_KEY"
+# Seconds of silence, with requests in flight, after which an engine process is taken for hung.
+ENGINE_STEP_TIMEOUT = 300.0
 
 
 def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -90,7 +92,7 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     e.add_argument(
         "--engine-step-timeout",
         type=float,
-        default=300.0,
+        default=ENGINE_STEP_TIMEOUT,
         help="seconds an engine process may go without a step while requests are in flight; "
         "then it is taken for hung and killed, its requests fail and health turns NOT_SERVING",
     )
