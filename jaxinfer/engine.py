@@ -12,7 +12,10 @@ One step reads top to bottom:
 so the host plans and post-processes while the device computes (asynchronous scheduling). A
 request that a step finishes may have one more token computed by the step already queued; that
 token is dropped. `async_scheduling=False`, or a step with a penalty (whose token history must be
-on the host), resolves each step before the next is dispatched.
+on the host), resolves each step before the next is dispatched. A program whose sampler branches
+on the device (mode "filter": the rows that sort their whole rows) is queued by the runner's
+worker thread, since XLA's host waits for each branch's predicate while it queues; a fault while
+it is queued ends its requests at the next step.
 
 When every running request decodes and none could be admitted, one program runs up to
 `num_decode_steps` (k) decode steps (scheduler.py, runner.py): the host plans, builds, queues and
@@ -432,6 +435,7 @@ class Engine:
         no requests or steps after it. Dropping an engine frees nothing: at start-up it moves
         itself out of Python's cyclic GC (`gc.freeze`, for the host's speed), so the reference
         cycles between its parts outlive it. Also `with Engine(...) as engine:`."""
+        self._settle()
         for x in jax.tree.leaves(self.runner.pages):
             x.delete()
         self._closed = True
@@ -687,6 +691,7 @@ class Engine:
             self.scheduler.finish(item.request_id, "error")
             req.seq.finish_reason, req.error, req.finish_time = "error", message, now
             outputs.append(self._output(req, finished=True))
+        self._settle()
         if any(x.is_deleted() for x in jax.tree.leaves(self.runner.pages)):
             logger.warning(
                 "the failed step consumed the KV page pools: rebuilt; running requests "
@@ -694,6 +699,14 @@ class Engine:
             )
             self.runner.pages = self._new_pages()
             self.scheduler.drop_all_pages()
+
+    def _settle(self) -> None:
+        """Waits for the program the runner's worker thread may still be queuing (it holds the
+        pages); its error, if any, belongs to the step in flight, which fails with it."""
+        try:
+            self.runner.settle()
+        except Exception:  # noqa: BLE001 - the step in flight's requests end with it
+            logger.debug("the program in flight failed while queued", exc_info=True)
 
     def _count(self, plan, multi_step: bool) -> None:
         self.stats["steps"] += 1

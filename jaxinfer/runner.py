@@ -95,10 +95,11 @@ class RowInfo(NamedTuple):
 
 class Dispatched(NamedTuple):
     """A step queued on the device: its sequences (the plan's rows), its samples (device
-    arrays, each field [S, B, ...]) and whether it runs as a multi-step decode program."""
+    arrays, each field [S, B, ...]) and whether it runs as a multi-step decode program. A step
+    queued by the runner's worker thread has instead a future of (samples, prompt)."""
 
     num_seqs: int
-    out: SampleOutput
+    out: SampleOutput | concurrent.futures.Future
     multi_step: bool
     prompt: PromptLogprobs | None = None  # [T, ...] of the step's packed tokens, if asked
 
@@ -184,7 +185,8 @@ class Runner:
         self.buckets = token_buckets(max_num_batched_tokens, smallest_bucket)
         self.num_compiles = 0  # traces of the forward and the sampler: each is one compilation
         # Two programs per step: the model (pages donated) and the sampler, whose static mode
-        # (greedy / sample / filter) replaces on-device conds that would stall the host.
+        # (greedy / sample / filter) replaces on-device conds that would stall the host; mode
+        # filter's branches remain, queued from a worker thread (`dispatch`).
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1,))
         # Its samples whole on every device, so each process reads them from its own.
         replicated = {} if mesh is None else {"out_shardings": self.replicated}
@@ -206,6 +208,11 @@ class Runner:
         self.prev_stopped = self._no_stops
         self._prev_rows: dict[str, int] = {}
         self.last_prompt: PromptLogprobs | None = None  # the last single step's, if asked
+        # Mode "filter"'s sampler branches on the device, and XLA's host waits for each branch's
+        # predicate while it queues the program: such programs are queued by a worker thread,
+        # so that the host plans the next step meanwhile (`dispatch`).
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._queueing: concurrent.futures.Future | None = None
 
     def _forward_fn(self, params, pages, prev_tokens, batch: StepBatch):
         """Packed tokens -> logits [B, V] at each row's sample position; pages written. With
@@ -351,11 +358,39 @@ class Runner:
         return t, min(t, self.max_num_seqs)
 
     def dispatch(self, plan: StepPlan, rows: Sequence[RowInfo]) -> Dispatched:
-        """Queues the plan's step on the device and returns at once: a handle for `collect`."""
+        """Queues the plan's step on the device and returns at once: a handle for `collect`.
+
+        A program with on-device branches (sampler mode "filter") is queued by the worker
+        thread, after the program it queued before (`settle`); the others here, after it too."""
         multi = self.multi_step(plan, rows)
-        out = self._prepare(plan, rows, multi)()
+        queue = self._prepare(plan, rows, multi)
         self._prev_rows = {s.request_id: i for i, s in enumerate(plan.seqs)}
-        return Dispatched(plan.num_seqs, out, multi, None if multi else self.last_prompt)
+        self.settle()  # in queue order: each program takes the pages the one before returns
+        if self.sampler_mode([r.params for r in rows]) != "filter":
+            out = queue()
+            return Dispatched(plan.num_seqs, out, multi, None if multi else self.last_prompt)
+
+        def queue_it():
+            out = queue()
+            return out, None if multi else self.last_prompt
+
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, "jaxinfer-queue")
+        self._queueing = self._worker.submit(queue_it)
+        return Dispatched(plan.num_seqs, self._queueing, multi)
+
+    def settle(self) -> None:
+        """Waits until the worker thread has queued the program it holds; raises its error."""
+        queueing, self._queueing = self._queueing, None
+        if queueing is not None:
+            queueing.result()
+
+    def _queued(self, handle: Dispatched) -> tuple[SampleOutput, PromptLogprobs | None]:
+        if not isinstance(handle.out, concurrent.futures.Future):
+            return handle.out, handle.prompt
+        if handle.out is self._queueing:
+            self._queueing = None  # its error, if any, is raised here and not again
+        return handle.out.result()
 
     def prepare(self, plan: StepPlan, rows: Sequence[RowInfo]) -> Callable[[], SampleOutput]:
         """Builds the plan's batch; returns a function that queues its program (one step, or a
@@ -388,22 +423,21 @@ class Runner:
     def sampler_modes(self) -> tuple[str, ...]:
         return (*SAMPLE_MODES, TOP_K_ONLY)
 
-    @staticmethod
-    def collect(handle: Dispatched) -> SampleOutput:
+    def collect(self, handle: Dispatched) -> SampleOutput:
         """Waits for a dispatched step; its sequences' samples on the host, each field [S, n, ...]
         (S: 1, or k of a multi-step decode; rows in plan order). The samples are whole on each
         device: each process reads its first device's copy."""
-        n, out = handle.num_seqs, handle.out
+        n, out = handle.num_seqs, self._queued(handle)[0]
         local = [x.addressable_data(0) for x in out]
         return SampleOutput(*(x[:, :n] for x in jax.device_get(local)))  # one transfer
 
-    @staticmethod
-    def collect_prompt(handle: Dispatched) -> PromptLogprobs | None:
+    def collect_prompt(self, handle: Dispatched) -> PromptLogprobs | None:
         """The step's PromptLogprobs on the host (numpy, [T, ...]), None where none was asked;
         after `collect`, so it waits for nothing."""
-        if handle.prompt is None:
+        prompt = self._queued(handle)[1]
+        if prompt is None:
             return None
-        return PromptLogprobs(*jax.device_get([x.addressable_data(0) for x in handle.prompt]))
+        return PromptLogprobs(*jax.device_get([x.addressable_data(0) for x in prompt]))
 
     def compile_programs(self, penalties: bool = False, progress: bool = True) -> int:
         """Compiles every program start-up needs: the forward of each token bucket and its

@@ -330,9 +330,9 @@ def _mix32(x: int) -> int:
 
 
 SAMPLE_MODES = ("greedy", "sample", "filter")
-# A filtered batch whose sampling rows all keep at most this many tokens (top-k) draws from the
-# row's top candidates (each device's, over a mesh: no row of logits is gathered) instead of
-# sorting whole rows (mode TOP_K_ONLY).
+# A filtered row draws among its top this many tokens (each device's, over a mesh: no row of
+# logits is gathered) where its filters cut inside them; the others sort their whole rows
+# (`_draw_filtered`), unless every row's top-k is within them (mode TOP_K_ONLY: no sort at all).
 FILTER_CANDIDATES = 256
 TOP_K_ONLY = "filter_top_k"  # "filter" where every sampling row fits the candidates
 
@@ -346,8 +346,9 @@ def sample_mode(params: Sequence[SamplingParams]) -> str:
     """The cheapest static sampler mode that serves every row of a batch.
 
     "greedy": no row samples or wants top logprobs (argmax only); "sample": Gumbel draws and top
-    logprobs, no filter; "filter": also the top-k / top-p / min-p sort. With a static mode the
-    sampler needs no `lax.cond`, whose predicate XLA copies to the host and waits for.
+    logprobs, no filter; "filter": also top-k / top-p / min-p. With a static mode the sampler
+    needs no `lax.cond`, whose predicate XLA copies to the host and waits for; the one dynamic
+    part is mode "filter"'s branches for the rows that sort their whole rows (`_draw_filtered`).
     """
     if any(not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params):
         return "filter"
@@ -384,16 +385,19 @@ def sample_rows(
       history_is_output: [B, S] True where history holds a generated token (presence and
         frequency penalties count only those); None = every history token counts as output.
       mode: a static SAMPLE_MODES entry at least as general as every row needs (see
-        `sample_mode`): no on-device branch, whose predicate the host would wait for.
+        `sample_mode`). Mode "filter" draws each row among its top FILTER_CANDIDATES tokens
+        where its filters cut inside them and sorts the whole rows of the others (a flat
+        distribution's top-p), with the whole-row filter's tokens either way
+        (`_draw_filtered`).
       mesh: the mesh whose "model" axis splits the logits' vocab (tensor parallelism), or None.
-        The top logprobs are then taken on each device's shard and merged, and greedy and
-        plain sampling reduce in place: no device gathers whole rows. The filter's sort does,
-        unless mode is TOP_K_ONLY (below).
+        The top logprobs are then taken on each device's shard and merged, greedy and plain
+        sampling reduce in place, and the filter gathers each device's top candidates: no
+        device gathers whole rows, except the filter's rows that sort them.
       mode TOP_K_ONLY: every sampling row has 0 < top_k <= FILTER_CANDIDATES
-        (`fits_candidates`); each is filtered and drawn among its top candidates (each
-        device's, over a mesh) instead of its whole sorted row, with the same result except
-        where more than FILTER_CANDIDATES tokens (of one device) tie at the row's k-th logit:
-        top-k keeps every tied token, the candidates only that many of them.
+        (`fits_candidates`); each is drawn among its top candidates, with no branch for rows
+        that would sort their whole rows: the same result except where more than
+        FILTER_CANDIDATES tokens tie at the row's k-th logit (top-k keeps every tied token,
+        the candidates only that many of them).
       bias: LogitBias entries added before the penalties (logit_bias, min_tokens); None: none.
     Returns:
       SampleOutput: tokens [B], logprob [B], top_ids / top_logprobs [B, MAX_LOGPROBS].
@@ -486,39 +490,39 @@ def _sample_or_greedy(
 ) -> Int[Array, "B"]:
     """Temperature, filters, one Gumbel draw per row from its own key; T = 0 rows stay greedy.
 
-    filters: True sorts for top-k / top-p / min-p, False skips them (no row uses one). The sort
-    needs whole rows: over a mesh, the scaled logits are gathered once for it, unless
-    `top_k_only` (see `sample_rows`).
+    filters: True applies top-k / top-p / min-p (`_draw_filtered`), False skips them (no row
+    uses one). `top_k_only`: no row sorts its whole row (see `sample_rows`).
     """
     sampling = arrays.temperature > 0
     scaled = logits / jnp.where(sampling, arrays.temperature, 1.0)[:, None]  # [B, V]
     keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(arrays.seed, arrays.step)
-    if filters and top_k_only and (mesh is None or logits.shape[1] % mesh.size == 0):
-        drawn = _draw_among_candidates(scaled, arrays, keys, mesh)
-        return jnp.where(sampling, drawn, greedy)
-    if filters and mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        scaled = jax.lax.with_sharding_constraint(scaled, NamedSharding(mesh, PartitionSpec()))
-    masked = jnp.where(_filter_mask(scaled, arrays), scaled, -jnp.inf) if filters else scaled
-    drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)  # [B]
+    if filters:
+        drawn = _draw_filtered(scaled, arrays, keys, mesh, whole_rows=not top_k_only)
+    else:
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)  # [B]
     return jnp.where(sampling, drawn, greedy)
 
 
-def _draw_among_candidates(
-    scaled: Float[Array, "B V"], arrays: SamplingArrays, keys, mesh
+# Rows that sort their whole rows go in the smallest of these many rows (or the batch) that
+# holds them: XLA sorts few rows slowly per row (an H100 sorted 16 rows of 128,256 logits in
+# 0.47 ms, 256 in 2.3 ms). A batch with more rows that surely need it than the largest of these
+# sorts every row, skipping the candidates.
+SLOW_ROW_BUCKETS = (16, 64)
+
+
+def _draw_filtered(
+    scaled: Float[Array, "B V"], arrays: SamplingArrays, keys, mesh, *, whole_rows: bool = True
 ) -> Int[Array, "B"]:
-    """`categorical(key, masked)` of every row whose top-k <= FILTER_CANDIDATES: the row offers
-    its top candidates with their Gumbel noise (the noise drawn for the whole vocabulary), and
-    the filter and the draw run on the candidates, which hold every token the top-k keeps. Over
-    vocab-split logits (mesh) each device offers its own top candidates, making its part of the
-    noise, and the candidates are gathered."""
-    b, v = scaled.shape
+    """`categorical(key, where(_filter_mask(scaled), scaled, -inf))` of each row, mostly without
+    sorting whole rows: each row draws among its top candidates (`_draw_among_candidates`)
+    where its filters keep no token past them, or from its whole row where they are all off.
+    The other rows (a flat distribution's top-p, ties across the candidates' end, a top-k past
+    them) sort their whole rows (`_draw_slow_rows`); where more than the largest
+    SLOW_ROW_BUCKETS surely do, every row sorts its whole row. `whole_rows=False` (mode
+    TOP_K_ONLY) draws every row among its candidates."""
+    v = scaled.shape[1]
     noise = jax.vmap(lambda key: jax.random.gumbel(key, (v,), scaled.dtype))(keys)  # [B, V]
-    if mesh is None:
-        values, ids = top_k(scaled, min(FILTER_CANDIDATES, v))  # [B, n] each
-        picked = jnp.take_along_axis(noise, ids, axis=-1)
-    else:
+    if mesh is not None and v % mesh.size == 0:
         from jax.sharding import NamedSharding, PartitionSpec
 
         from jaxinfer.sharding import MODEL
@@ -526,16 +530,113 @@ def _draw_among_candidates(
         noise = jax.lax.with_sharding_constraint(
             noise, NamedSharding(mesh, PartitionSpec(None, MODEL))
         )
-        n = min(FILTER_CANDIDATES, v // mesh.size)
-        values, ids, picked = _candidates_by_shard(scaled, n, mesh, noise)
-    # In vocabulary order, as the full rows would be: the filter's stable sort and the draw's
-    # argmax then break ties as they do there.
-    order = jnp.argsort(ids, axis=-1)
-    values, ids, picked = (jnp.take_along_axis(a, order, axis=-1) for a in (values, ids, picked))
-    masked = jnp.where(_filter_mask(values, arrays), values, -jnp.inf)
-    return jnp.take_along_axis(ids, jnp.argmax(picked + masked, axis=-1)[:, None], axis=-1)[
-        :, 0
-    ].astype(jnp.int32)
+    if not whole_rows:  # every sampling row has a top-k within the candidates
+        return _draw_among_candidates(scaled, arrays, noise, mesh, whole_mass=False)[0]
+    unfiltered = (
+        ((arrays.top_k <= 0) | (arrays.top_k >= v)) & (arrays.top_p >= 1) & (arrays.min_p <= 0)
+    )
+    plain = jnp.argmax(noise + scaled, axis=-1).astype(jnp.int32)  # categorical's draw
+
+    def among_candidates():
+        drawn, fits = _draw_among_candidates(scaled, arrays, noise, mesh)
+        drawn = jnp.where(unfiltered, plain, drawn)
+        slow = (arrays.temperature > 0) & ~unfiltered & ~fits
+        return _draw_slow_rows(scaled, arrays, noise, slow, drawn, mesh)
+
+    def whole():
+        return jnp.where(unfiltered, plain, _draw_whole_rows(scaled, arrays, noise, mesh))
+
+    flat = (arrays.temperature > 0) & _past_candidates(scaled, arrays)
+    many = flat.sum() > max(min(r, scaled.shape[0]) for r in SLOW_ROW_BUCKETS)
+    return jax.lax.cond(many, whole, among_candidates)
+
+
+def _past_candidates(scaled: Float[Array, "B V"], arrays: SamplingArrays) -> Bool[Array, "B"]:
+    """Rows whose filters surely keep tokens past their top FILTER_CANDIDATES, from one row
+    reduction: no min-p (which might cut inside them), and a top-k past them, or top-p alone
+    where even that many tokens at the top probability carry less than top_p."""
+    n, v = FILTER_CANDIDATES, scaled.shape[1]
+    z = jnp.sum(jnp.exp(scaled - scaled.max(axis=-1, keepdims=True)), axis=-1)  # 1 / top prob
+    no_top_k = (arrays.top_k <= 0) | (arrays.top_k >= v)
+    wide_top_p = no_top_k & (arrays.top_p < 1) & (n < arrays.top_p * z)
+    return (arrays.min_p <= 0) & (((arrays.top_k > n) & ~no_top_k) | wide_top_p)
+
+
+def _draw_whole_rows(scaled, arrays, noise, mesh) -> Int[Array, "B"]:
+    """Each row's filtered draw from its whole sorted row (gathered whole over a mesh)."""
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        scaled, noise = jax.lax.with_sharding_constraint(
+            (scaled, noise), NamedSharding(mesh, PartitionSpec())
+        )
+    masked = jnp.where(_filter_mask(scaled, arrays), scaled, -jnp.inf)
+    return jnp.argmax(noise + masked, axis=-1).astype(jnp.int32)
+
+
+def _draw_slow_rows(scaled, arrays, noise, slow: Bool[Array, "B"], drawn, mesh) -> Int[Array, "B"]:
+    """`drawn` with each `slow` row drawn from its whole sorted row: the slow rows gathered into
+    the smallest SLOW_ROW_BUCKETS size (or the batch) that holds them, one branch a size."""
+    b = scaled.shape[0]
+    sizes = sorted({min(r, b) for r in SLOW_ROW_BUCKETS} | {b})
+    index = jnp.nonzero(slow, size=b, fill_value=b)[0]  # slow rows first, then b (none)
+
+    def sort_first(r: int):
+        def branch(drawn):
+            rows = index[:r]
+            at = jnp.minimum(rows, b - 1)
+            sub = jax.tree.map(lambda a: a[at], arrays)
+            got = _draw_whole_rows(scaled[at], sub, noise[at], mesh)
+            return drawn.at[rows].set(got, mode="drop")
+
+        return branch
+
+    which = jnp.searchsorted(jnp.array([0, *sizes]), slow.sum())  # 0: no slow row
+    return jax.lax.switch(which, [lambda d: d, *(sort_first(r) for r in sizes)], drawn)
+
+
+def _draw_among_candidates(
+    scaled: Float[Array, "B V"],
+    arrays: SamplingArrays,
+    noise: Float[Array, "B V"],
+    mesh,
+    *,
+    whole_mass: bool = True,
+) -> tuple[Int[Array, "B"], Bool[Array, "B"]]:
+    """Each row's draw among its top FILTER_CANDIDATES tokens (with their Gumbel noise, drawn
+    for the whole vocabulary), filtered as its whole sorted row, and whether that draw is the
+    whole row's: [B] each.
+
+    The candidates come in the stable sort's order (over a mesh whose "model" axis splits the
+    vocabulary, each device offers its own top ones, gathered). The filters run on them as on
+    the sorted row (`_keep_sorted`); where what they keep ends above the candidates' last
+    logit, every token past the candidates is cut, and the draw is the whole row's.
+    `whole_mass=False`: top-p's mass without the sum over the whole row (`_keep_sorted`)."""
+    v = scaled.shape[1]
+    n = min(FILTER_CANDIDATES, v)
+    if mesh is not None and v % mesh.size == 0:
+        values, ids, picked = _candidates_by_shard(
+            scaled, min(FILTER_CANDIDATES, v // mesh.size), mesh, noise
+        )
+        values, at = jax.lax.top_k(values, n)
+        ids, picked = (jnp.take_along_axis(a, at, axis=-1) for a in (ids, picked))
+    else:
+        values, ids = top_k(scaled, n)  # [B, n] each
+        picked = jnp.take_along_axis(noise, ids, axis=-1)
+    # The stable descending sort's order (the lower id first among equal logits, ±0 equal).
+    _, ids, values, picked = jax.lax.sort(
+        (_descending_keys(values), ids, values, picked), dimension=1, num_keys=2
+    )
+    keep, exact = _keep_sorted(values, scaled, arrays, whole_mass=whole_mass)  # [B, n], [B]
+    scores = jnp.where(keep, picked + values, -jnp.inf)
+    best = scores.max(axis=-1, keepdims=True)
+    # argmax over the whole row takes the lowest id among equal maxima
+    drawn = jnp.min(jnp.where(scores == best, ids, v), axis=-1).astype(jnp.int32)  # [B]
+    if n == v:
+        return drawn, jnp.ones(drawn.shape, bool)
+    last = jnp.maximum(keep.sum(axis=-1, keepdims=True) - 1, 0)  # [B, 1]
+    cut = jnp.take_along_axis(values, last, axis=-1)[:, 0]
+    return drawn, exact & keep[:, 0] & (cut > values[:, -1])
 
 
 def _filter_mask(scaled: Float[Array, "B V"], arrays: SamplingArrays) -> Bool[Array, "B V"]:
@@ -555,19 +656,8 @@ def _mask_from_sorted(
     sorted_logits: Float[Array, "B V"],
 ) -> Bool[Array, "B V"]:
     """`_filter_mask` from the row's stable descending sort: `order` and the logits in it."""
-    b, v = scaled.shape
-    # min_p: prob >= min_p × max prob  ⇔  logit >= max logit + log(min_p).
-    keep = sorted_logits >= sorted_logits[:, :1] + jnp.log(arrays.min_p)[:, None]
-    keep |= arrays.min_p[:, None] <= 0
-    # top_k: every token at least as likely as the k-th (tokens tied with it stay).
-    k = jnp.where(arrays.top_k > 0, jnp.minimum(arrays.top_k, v), v)
-    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)  # [B, 1]
-    keep &= sorted_logits >= kth
-    # top_p over what is left, renormalised: the smallest prefix whose mass reaches top_p (the
-    # first token always stays; 1 = exactly off).
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep &= (mass_before < arrays.top_p[:, None]) | (arrays.top_p[:, None] >= 1)
+    v = scaled.shape[1]
+    keep, _ = _keep_sorted(sorted_logits, scaled, arrays)
     # Each filter keeps a prefix of the sorted row, so the mask in vocabulary order is every token
     # ahead of the last one kept in (logit descending, id ascending) order, which is the stable
     # sort's: no scatter of the whole [B, V] mask back.
@@ -575,8 +665,65 @@ def _mask_from_sorted(
     cut_logit = jnp.take_along_axis(sorted_logits, last, axis=-1)
     cut_id = jnp.take_along_axis(order, last, axis=-1)
     ids = jnp.arange(v)[None, :]
-    # keep[:, 0] False: nothing kept (top-p's softmax of an inf logit is NaN), as before
+    # keep[:, 0] False: nothing kept (top-p's mass of an inf logit is NaN), as before
     return ((scaled > cut_logit) | ((scaled == cut_logit) & (ids <= cut_id))) & keep[:, :1]
+
+
+def _keep_sorted(
+    sorted_logits: Float[Array, "B N"],
+    scaled: Float[Array, "B V"],
+    arrays: SamplingArrays,
+    *,
+    whole_mass: bool = True,
+) -> tuple[Bool[Array, "B N"], Bool[Array, "B"]]:
+    """The filters' keep flags over a row's stable descending sort, whole (N = V) or its first N:
+    min-p, then top-k, then top-p over what those keep, renormalised (vLLM's order). Each keeps
+    a prefix. Also whether the flags of a prefix are the whole row's.
+
+    Top-p's mass is over every token that min-p and top-k keep: summed over the first
+    FILTER_CANDIDATES sorted tokens where top-k keeps none past them (its k-th among them, no
+    tie with it past them), else over the whole row in vocabulary order; a prefix and the whole
+    row sum alike. A top-k past the prefix leaves the mass unknown unless min-p cuts inside it.
+    The running mass is summed over the first FILTER_CANDIDATES entries on their own, for the
+    same reason. `whole_mass=False` skips the whole row's sum (a prefix's rows all have a top-k
+    within it): a row with ties past the prefix then takes the prefix's."""
+    n, v = sorted_logits.shape[1], scaled.shape[1]
+    m = min(FILTER_CANDIDATES, n)
+    top = sorted_logits[:, :1]  # [B, 1]
+    # min_p: prob >= min_p × max prob  ⇔  logit >= max logit + log(min_p).
+    floor = jnp.where(arrays.min_p[:, None] > 0, top + jnp.log(arrays.min_p)[:, None], -jnp.inf)
+    by_min_p = sorted_logits >= floor
+    # top_k: every token at least as likely as the k-th (tokens tied with it stay).
+    k = jnp.where(arrays.top_k > 0, jnp.minimum(arrays.top_k, v), v)[:, None]  # [B, 1]
+    kth = jnp.take_along_axis(sorted_logits, jnp.minimum(k, n) - 1, axis=-1)
+    kth = jnp.where(k <= n, kth, -jnp.inf)  # past the prefix: no cut inside it
+    keep = by_min_p & (sorted_logits >= kth)
+    # top_p: the smallest prefix whose mass reaches top_p (the first token always stays; 1 =
+    # exactly off).
+    mass = jnp.sum(
+        jnp.where(keep[:, :m], jnp.exp(sorted_logits[:, :m] - top), 0.0), axis=-1, keepdims=True
+    )  # [B, 1]
+    if whole_mass:
+        whole = jnp.sum(
+            jnp.where((scaled >= floor) & (scaled >= kth), jnp.exp(scaled - top), 0.0),
+            axis=-1,
+            keepdims=True,
+        )
+        mass = jnp.where((k <= m) & (sorted_logits[:, m - 1 : m] < kth), mass, whole)
+    probs = jnp.where(keep, jnp.exp(sorted_logits - top), 0.0) / mass
+    mass_before = _cumsum_by_parts(probs) - probs
+    keep &= (mass_before < arrays.top_p[:, None]) | (arrays.top_p[:, None] >= 1)
+    exact = (k[:, 0] <= n) | (k[:, 0] >= v) | ~by_min_p[:, -1]
+    return keep, exact
+
+
+def _cumsum_by_parts(x: Float[Array, "B N"]) -> Float[Array, "B N"]:
+    """cumsum along rows, the first FILTER_CANDIDATES entries summed on their own."""
+    n = FILTER_CANDIDATES
+    if x.shape[1] <= n:
+        return jnp.cumsum(x, axis=-1)
+    head = jnp.cumsum(x[:, :n], axis=-1)
+    return jnp.concatenate([head, head[:, -1:] + jnp.cumsum(x[:, n:], axis=-1)], axis=-1)
 
 
 def _descending_keys(x: Float[Array, "B V"]) -> UInt32[Array, "B V"]:

@@ -9,7 +9,15 @@ plain and filtered sampler, the filtered sampler drawing among each row's top 25
 `filter_top_k`, which batches whose rows all have 0 < top_k <= 256 take), and the filtered
 sampler with the previous sort.
 
+`--candidates` times mode "filter" as it draws (each row among its top 256 where its filters cut
+inside them, the other rows sorting their whole rows) against every row sorting its whole row,
+on logits of three shapes: "sharp" (every row's top-p nucleus inside its top 256), "mixed"
+(about a quarter of the rows past it) and "flat" (every row past it), with other
+SLOW_ROW_BUCKETS and without the slow rows' branch (its cost where no row needs it); and checks
+that both draw the same tokens.
+
     python scripts/bench_filter_sort.py --rows 16,64,256,512 --out bench/results/sampler-filter-sort-<card>.json
+    python scripts/bench_filter_sort.py --candidates --rows 64,256,512 --out bench/results/sampler-filter-candidates-<card>.json
 """
 
 from __future__ import annotations
@@ -140,6 +148,84 @@ def times(b: int, v: int, repeats: int) -> dict:
     return row
 
 
+# Logits N(0, std) before the temperature (0.8): the widths of the three shapes' nuclei.
+SHAPES = {"sharp": 5.0, "mixed": 4.1, "flat": 1.0}
+CANDIDATE_SETTINGS = {"p0.95": dict(top_p=0.95), "k50-p0.95": dict(top_k=50, top_p=0.95)}
+
+
+def whole_rows_draw(scaled, arrays, keys, mesh, *, whole_rows=True):
+    """`sampling._draw_filtered` as every row sorting its whole row."""
+    masked = jnp.where(sampling._filter_mask(scaled, arrays), scaled, -jnp.inf)
+    return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+
+
+def traced_with(fn, **patches):
+    """fn jitted with sampling's attributes patched while it traces (a new function each time,
+    so no earlier trace is reused)."""
+
+    def run(*args):
+        saved = {name: getattr(sampling, name) for name in patches}
+        for name, value in patches.items():
+            setattr(sampling, name, value)
+        try:
+            return fn(*args)
+        finally:
+            for name, value in saved.items():
+                setattr(sampling, name, value)
+
+    return jax.jit(run)
+
+
+def shaped_logits(b: int, v: int, shape: str) -> jax.Array:
+    rng = np.random.default_rng(1)
+    return jnp.asarray(rng.normal(size=(b, v)) * SHAPES[shape], jnp.float32)
+
+
+def slow_rows(x, a) -> int:
+    """Rows of x that sort their whole rows under settings a (temperature > 0 in every row)."""
+    t = a.temperature[:, None]
+    _, fits = sampling._draw_among_candidates(x / t, a, jnp.zeros_like(x), None)
+    return int((~fits).sum())
+
+
+def candidates(b: int, v: int, repeats: int) -> dict:
+    """Mode "filter" with candidates against whole rows at b rows: us a call, slow rows, and
+    whether the tokens agree, per logits shape and settings."""
+    row = {"rows": b}
+    plain = functools.partial(sample_rows, mode="sample")
+    filtered = functools.partial(sample_rows, mode="filter")
+
+    def us(f, *args) -> float:
+        return round(bm.pipelined_time(lambda _: f(*args), repeats=repeats, min_time=0.2) * 1e6, 1)
+
+    for shape in SHAPES:
+        x = shaped_logits(b, v, shape)
+        row[f"{shape}_sampler_sample"] = us(jax.jit(plain), x, arrays(b))
+        for name, settings in CANDIDATE_SETTINGS.items():
+            a, key = arrays(b, **settings), f"{shape}_{name}"
+            whole = traced_with(filtered, _draw_filtered=whole_rows_draw)
+            new = jax.jit(filtered)
+            row[f"{key}_slow_rows"] = slow_rows(x, a)
+            row[f"{key}_same_tokens"] = bool(
+                (np.asarray(new(x, a).tokens) == np.asarray(whole(x, a).tokens)).all()
+            )
+            row[f"{key}_whole_rows"] = us(whole, x, a)
+            row[f"{key}_candidates"] = us(new, x, a)
+            if "top_k" in settings:
+                row[f"{key}_top_k_only"] = us(
+                    jax.jit(functools.partial(sample_rows, mode=sampling.TOP_K_ONLY)), x, a
+                )
+            elif shape == "sharp":
+                skip = traced_with(filtered, _draw_slow_rows=lambda *args: args[4])
+                row[f"{key}_candidates_no_slow_branch"] = us(skip, x, a)
+            else:
+                for buckets in ((16,), (32, 128), (64,)):
+                    f = traced_with(filtered, SLOW_ROW_BUCKETS=buckets)
+                    row[f"{key}_candidates_buckets_{'_'.join(map(str, buckets))}"] = us(f, x, a)
+        print(row, flush=True)
+    return row
+
+
 def uses_cub(b: int, v: int) -> bool:
     """Whether the compiled uint32 sort at [b, v] calls CUB (XLA picks it by size)."""
     text = jax.jit(sort_u32).lower(logits(b, v, "normal")).compile().as_text()
@@ -152,9 +238,17 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--check-rows", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--candidates", action="store_true", help="mode filter's candidates (above)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     report = {**bm.report_header(), "vocab": args.vocab, "rows": []}
+    if args.candidates:
+        report["logit_stds"], report["slow_row_buckets"] = SHAPES, sampling.SLOW_ROW_BUCKETS
+        for b in args.rows:
+            report["rows"].append(candidates(b, args.vocab, args.repeats))
+            if args.out:
+                bm.write_json(args.out, report)
+        return
     report["checks"] = checks(args.check_rows, args.vocab)
     report["cub"] = {str(b): uses_cub(b, args.vocab) for b in (args.rows[0], args.check_rows)}
     print(report["checks"], report["cub"], flush=True)

@@ -18,6 +18,7 @@ from jaxinfer.engine import LLM, Engine
 from jaxinfer.sampling import SamplingParams
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
+FILTERED = dict(temperature=1.0, min_p=1.0, ignore_eos=True)  # sampler mode "filter"; the argmax
 
 
 @pytest.fixture(scope="module")
@@ -316,19 +317,26 @@ def inject_fault(monkeypatch, engine: Engine, where: str) -> None:
 
 @pytest.mark.parametrize("decode_steps", [1, 4])
 @pytest.mark.parametrize("where", ["dispatch", "donated", "collect"])
+@pytest.mark.parametrize("sampling", [GREEDY, FILTERED], ids=["greedy", "filtered"])
 def test_a_fault_in_a_step_ends_its_requests_with_error(
-    tiny_model, monkeypatch, caplog, where, decode_steps
+    tiny_model, monkeypatch, caplog, where, decode_steps, sampling
 ):
+    """Also in the programs of sampler mode "filter", which the runner's worker thread queues:
+    a fault while it queues one shows at the next step."""
     engine = tiny_engine(tiny_model, max_num_seqs=2, num_decode_steps=decode_steps)
     prompts = [prompt(tiny_model, n, 10 + n) for n in (5, 7, 9)]
     for i, ids in enumerate(prompts):  # "2" waits for a seat while the fault happens
-        engine.add_request(str(i), ids, SamplingParams(max_tokens=6, **GREEDY))
+        engine.add_request(str(i), ids, SamplingParams(max_tokens=6, **sampling))
     engine.step()
     if decode_steps == 1:
         engine.step()  # else the next step is the multi-step decode that faults
+    engine.runner.settle()  # the worker thread has queued the step before: the fault is the next
     inject_fault(monkeypatch, engine, where)
     with caplog.at_level(logging.ERROR, logger="jaxinfer.engine"):
         outputs = engine.step()  # does not raise
+        if sampling is FILTERED and where != "collect":
+            assert not any(o.finish_reason == "error" for o in outputs), [o.error for o in outputs]
+            outputs += engine.step()
     errors = {o.request_id: o for o in outputs if o.finish_reason == "error"}
     assert set(errors) == {"0", "1"}
     assert all(o.finished and o.error == "RuntimeError: injected fault" for o in errors.values())

@@ -605,14 +605,17 @@ def test_top_k_batches_draw_among_candidates_as_among_whole_rows(v, ties):
     assert len(drawn) > 6  # the top-p rows did sample, not only take their argmax
 
 
-def test_static_modes_have_no_conditionals():
+def test_only_the_filter_mode_branches():
+    """A branch's predicate goes to the host, which waits for it: only mode "filter" has
+    branches (the rows that sort their whole rows), whose programs the engine queues from a
+    worker thread."""
     arrays = jax.tree.map(jnp.asarray, sampling_arrays([SamplingParams()], [0], [0], pad_to=1))
-    logits = jnp.zeros((1, 32))
+    logits = jnp.zeros((1, 1000))
     history = jnp.zeros((1, 4), jnp.int32)
     samplers = {**SAMPLERS, TOP_K_ONLY: jax.jit(functools.partial(sample_rows, mode=TOP_K_ONLY))}
     for mode, sampler in samplers.items():
         text = sampler.lower(logits, arrays, history).as_text()
-        assert "stablehlo.case" not in text, mode  # a cond copies its predicate to the host
+        assert ("stablehlo.case" in text) == (mode == "filter"), mode
 
 
 def test_large_seeds_fold_apart():
@@ -746,3 +749,104 @@ def test_logit_bias_is_stored_as_sorted_pairs():
         SamplingParams(logit_bias=[(50256, -100.0), (3, 2.5)])
     )
     assert SamplingParams(logit_bias=None).logit_bias == ()
+
+
+def whole_row_tokens(logits, arrays: SamplingArrays) -> np.ndarray:
+    """The filtered draw from every row's whole sorted row (`_filter_mask`, then `categorical`),
+    greedy where temperature is 0: what the candidates must reproduce."""
+    from jaxinfer.sampling import _filter_mask
+
+    t = np.asarray(arrays.temperature)
+    scaled = jnp.asarray(logits) / jnp.where(t > 0, t, 1.0)[:, None]
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(arrays.seed, arrays.step)
+    masked = jnp.where(_filter_mask(scaled, arrays), scaled, -jnp.inf)
+    drawn = np.asarray(jax.vmap(jax.random.categorical)(keys, masked))
+    return np.where(t > 0, drawn, np.asarray(logits).argmax(-1))
+
+
+# (row kind, SamplingParams fields, whether its draw among the top 256 is its whole row's)
+FILTER_ROWS = [
+    ("peaked", dict(top_p=0.9), True),
+    ("peaked", dict(top_p=0.95, top_k=40), True),
+    ("peaked", dict(min_p=0.05), True),
+    ("peaked", dict(top_k=300), False),  # the 300th logit lies past the candidates
+    ("peaked", dict(top_k=300, min_p=0.2), True),  # min-p cuts inside them first
+    ("flat", dict(top_p=0.9), False),  # ~2,000 tokens in its nucleus
+    ("flat", dict(top_p=0.002), True),
+    ("ties", dict(top_k=20), False),  # a fifth of the tokens tie at the 20th: top-k keeps all
+    ("ties", dict(top_k=5), True),  # 10 tie at the top
+    ("peaked", dict(), True),  # no filter: drawn from its whole row, unsorted
+    ("peaked", dict(temperature=0.0), True),
+]
+
+
+def filter_batch(v: int, flat_rows: int, seed: int):
+    """Logits and SamplingParams of FILTER_ROWS, then `flat_rows` more flat top-p rows."""
+    rng = np.random.default_rng(seed)
+    kinds = [kind for kind, _, _ in FILTER_ROWS] + ["flat"] * flat_rows
+    scale = {"peaked": 6.0, "flat": 0.3}
+    ties = np.zeros(v)
+    ties[: v // 5], ties[:10] = 1.0, 3.0
+    logits = np.stack(
+        [
+            rng.permutation(ties) if kind == "ties" else rng.normal(size=v) * scale[kind]
+            for kind in kinds
+        ]
+    ).astype(np.float32)
+    params = [SamplingParams(**{"temperature": 0.9, **f}) for _, f, _ in FILTER_ROWS]
+    params += [SamplingParams(temperature=1.1, top_p=0.8)] * flat_rows
+    return logits, params
+
+
+@pytest.mark.parametrize("v, flat_rows", [(3000, 5), (3000, 20), (3000, 70), (50_000, 20)], ids=str)
+def test_filtered_rows_draw_among_candidates_or_sort_their_whole_rows(v, flat_rows):
+    """Mode "filter" draws each row among its top 256 tokens where its filters cut inside them
+    (top-p of a peaked row, min-p, top-k within them) and sorts the whole rows of the others
+    (gathered into 16 rows, or the batch; with more than 64 flat rows every row sorts its whole
+    row): the tokens of every row are those of the whole-row filter, and the rows that need
+    their whole row are the expected ones. At 50,000 the candidates come from the blockwise
+    top-k."""
+    from jaxinfer.sampling import _draw_among_candidates
+
+    logits, params = filter_batch(v, flat_rows, seed=v)
+    b = len(params)
+    assert sampler_mode(params) == "filter"
+    sampler = jax.jit(functools.partial(sample_rows, mode="filter"))
+    drawn = set()
+    for step in range(6):
+        arrays = jax.tree.map(
+            jnp.asarray, sampling_arrays(params, list(range(b)), [step] * b, pad_to=b)
+        )
+        got = np.asarray(sampler(logits, arrays).tokens)
+        np.testing.assert_array_equal(got, whole_row_tokens(logits, arrays), err_msg=f"step {step}")
+        drawn.update((i, t) for i, t in enumerate(got))
+    assert len({t for i, t in drawn if i == 5}) > 3  # a flat row did sample widely
+    t = np.asarray(arrays.temperature)
+    scaled = jnp.asarray(logits) / jnp.where(t > 0, t, 1.0)[:, None]
+    _, fits = _draw_among_candidates(scaled, arrays, jnp.zeros_like(scaled), None)
+    want = [f for _, _, f in FILTER_ROWS] + [False] * flat_rows
+    np.testing.assert_array_equal(np.asarray(fits)[:9], want[:9])  # rows with a filter
+    np.testing.assert_array_equal(np.asarray(fits)[11:], want[11:])
+
+
+@pytest.mark.parametrize("b", [4, 16, 40])
+def test_whole_rows_sort_only_inside_branches(b):
+    """The whole-row sorts run in the branches taken only where rows need them: XLA must not
+    hoist them (it hoisted a loop's sort where one slice covered all rows)."""
+    import re
+
+    v = 1000
+    params = [SamplingParams(temperature=0.9, top_p=0.9)] * b
+    arrays = jax.tree.map(jnp.asarray, sampling_arrays(params, list(range(b)), [0] * b, pad_to=b))
+    sampler = jax.jit(functools.partial(sample_rows, mode="filter"))
+    text = sampler.lower(jnp.zeros((b, v)), arrays).compile().as_text()
+    computations = re.split(r"\n(?=\S)", text)
+    entry = next(c for c in computations if c.startswith("ENTRY"))
+    whole = [
+        line
+        for c in computations
+        for line in c.splitlines()
+        if " sort(" in line and f",{v}]" in line
+    ]
+    assert whole  # the branches' sorts are compiled
+    assert not [line for line in entry.splitlines() if line in whole]
