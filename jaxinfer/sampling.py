@@ -518,8 +518,9 @@ def _draw_filtered(
     where its filters keep no token past them, or from its whole row where they are all off.
     The other rows (a flat distribution's top-p, ties across the candidates' end, a top-k past
     them) sort their whole rows (`_draw_slow_rows`); where more than the largest
-    SLOW_ROW_BUCKETS surely do, every row sorts its whole row. `whole_rows=False` (mode
-    TOP_K_ONLY) draws every row among its candidates."""
+    SLOW_ROW_BUCKETS surely do, every row sorts its whole row (a check that a batch of no more
+    rows skips). `whole_rows=False` (mode TOP_K_ONLY) draws every row among its candidates, as
+    does a vocabulary of at most FILTER_CANDIDATES: no branch."""
     v = scaled.shape[1]
     noise = jax.vmap(lambda key: jax.random.gumbel(key, (v,), scaled.dtype))(keys)  # [B, V]
     if mesh is not None and v % mesh.size == 0:
@@ -530,8 +531,8 @@ def _draw_filtered(
         noise = jax.lax.with_sharding_constraint(
             noise, NamedSharding(mesh, PartitionSpec(None, MODEL))
         )
-    if not whole_rows:  # every sampling row has a top-k within the candidates
-        return _draw_among_candidates(scaled, arrays, noise, mesh, whole_mass=False)[0]
+    if not whole_rows or v <= FILTER_CANDIDATES:  # top-k within the candidates, or whole rows
+        return _draw_among_candidates(scaled, arrays, noise, mesh, whole_mass=whole_rows)[0]
     unfiltered = (
         ((arrays.top_k <= 0) | (arrays.top_k >= v)) & (arrays.top_p >= 1) & (arrays.min_p <= 0)
     )
@@ -546,9 +547,11 @@ def _draw_filtered(
     def whole():
         return jnp.where(unfiltered, plain, _draw_whole_rows(scaled, arrays, noise, mesh))
 
+    most = max(SLOW_ROW_BUCKETS)
+    if scaled.shape[0] <= most:  # a bucket holds every row
+        return among_candidates()
     flat = (arrays.temperature > 0) & _past_candidates(scaled, arrays)
-    many = flat.sum() > max(min(r, scaled.shape[0]) for r in SLOW_ROW_BUCKETS)
-    return jax.lax.cond(many, whole, among_candidates)
+    return jax.lax.cond(flat.sum() > most, whole, among_candidates)
 
 
 def _past_candidates(scaled: Float[Array, "B V"], arrays: SamplingArrays) -> Bool[Array, "B"]:
@@ -591,7 +594,8 @@ def _draw_slow_rows(scaled, arrays, noise, slow: Bool[Array, "B"], drawn, mesh) 
 
         return branch
 
-    which = jnp.searchsorted(jnp.array([0, *sizes]), slow.sum())  # 0: no slow row
+    # 0: no slow row; compare_all: the default search is a loop, whose predicate the host reads
+    which = jnp.searchsorted(jnp.array([0, *sizes]), slow.sum(), method="compare_all")
     return jax.lax.switch(which, [lambda d: d, *(sort_first(r) for r in sizes)], drawn)
 
 
