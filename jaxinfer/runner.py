@@ -363,10 +363,11 @@ class Runner:
         A program with on-device branches (sampler mode "filter") is queued by the worker
         thread, after the program it queued before (`settle`); the others here, after it too."""
         multi = self.multi_step(plan, rows)
-        queue = self._prepare(plan, rows, multi)
+        mode = self.sampler_mode([r.params for r in rows])
+        queue = self._prepare(plan, rows, multi, mode)
         self._prev_rows = {s.request_id: i for i, s in enumerate(plan.seqs)}
         self.settle()  # in queue order: each program takes the pages the one before returns
-        if self.sampler_mode([r.params for r in rows]) != "filter":
+        if mode != "filter":
             out = queue()
             return Dispatched(plan.num_seqs, out, multi, None if multi else self.last_prompt)
 
@@ -395,10 +396,10 @@ class Runner:
     def prepare(self, plan: StepPlan, rows: Sequence[RowInfo]) -> Callable[[], SampleOutput]:
         """Builds the plan's batch; returns a function that queues its program (one step, or a
         multi-step decode) and returns the samples, each field [S, B, ...]."""
-        return self._prepare(plan, rows, self.multi_step(plan, rows))
-
-    def _prepare(self, plan, rows, multi: bool) -> Callable[[], SampleOutput]:
         mode = self.sampler_mode([r.params for r in rows])
+        return self._prepare(plan, rows, self.multi_step(plan, rows), mode)
+
+    def _prepare(self, plan, rows, multi: bool, mode: str) -> Callable[[], SampleOutput]:
         if multi:
             batch = self.build(plan, rows, square=True)
             steps = self._decode_steps(plan, rows, batch.sample_idx.shape[0])
