@@ -704,9 +704,8 @@ def _keep_sorted(
     keep = by_min_p & (sorted_logits >= kth)
     # top_p: the smallest prefix whose mass reaches top_p (the first token always stays; 1 =
     # exactly off).
-    mass = jnp.sum(
-        jnp.where(keep[:, :m], jnp.exp(sorted_logits[:, :m] - top), 0.0), axis=-1, keepdims=True
-    )  # [B, 1]
+    weights = jnp.where(keep, jnp.exp(sorted_logits - top), 0.0)  # [B, N]
+    mass = jnp.sum(weights[:, :m], axis=-1, keepdims=True)  # [B, 1]
     if whole_mass:
         whole = jnp.sum(
             jnp.where((scaled >= floor) & (scaled >= kth), jnp.exp(scaled - top), 0.0),
@@ -714,7 +713,7 @@ def _keep_sorted(
             keepdims=True,
         )
         mass = jnp.where((k <= m) & (sorted_logits[:, m - 1 : m] < kth), mass, whole)
-    probs = jnp.where(keep, jnp.exp(sorted_logits - top), 0.0) / mass
+    probs = weights / mass
     mass_before = _cumsum_by_parts(probs) - probs
     keep &= (mass_before < arrays.top_p[:, None]) | (arrays.top_p[:, None] >= 1)
     exact = (k[:, 0] <= n) | (k[:, 0] >= v) | ~by_min_p[:, -1]
