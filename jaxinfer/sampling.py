@@ -638,9 +638,8 @@ def _draw_among_candidates(
     drawn = jnp.min(jnp.where(scores == best, ids, v), axis=-1).astype(jnp.int32)  # [B]
     if n == v:
         return drawn, jnp.ones(drawn.shape, bool)
-    last = jnp.maximum(keep.sum(axis=-1, keepdims=True) - 1, 0)  # [B, 1]
-    cut = jnp.take_along_axis(values, last, axis=-1)[:, 0]
-    return drawn, exact & keep[:, 0] & (cut > values[:, -1])
+    (cut,) = _at_last_kept(keep, values)
+    return drawn, exact & keep[:, 0] & (cut[:, 0] > values[:, -1])
 
 
 def _filter_mask(scaled: Float[Array, "B V"], arrays: SamplingArrays) -> Bool[Array, "B V"]:
@@ -665,12 +664,17 @@ def _mask_from_sorted(
     # Each filter keeps a prefix of the sorted row, so the mask in vocabulary order is every token
     # ahead of the last one kept in (logit descending, id ascending) order, which is the stable
     # sort's: no scatter of the whole [B, V] mask back.
-    last = jnp.maximum(keep.sum(axis=-1, keepdims=True) - 1, 0)  # [B, 1]
-    cut_logit = jnp.take_along_axis(sorted_logits, last, axis=-1)
-    cut_id = jnp.take_along_axis(order, last, axis=-1)
+    cut_logit, cut_id = _at_last_kept(keep, sorted_logits, order)
     ids = jnp.arange(v)[None, :]
     # keep[:, 0] False: nothing kept (top-p's mass of an inf logit is NaN), as before
     return ((scaled > cut_logit) | ((scaled == cut_logit) & (ids <= cut_id))) & keep[:, :1]
+
+
+def _at_last_kept(keep: Bool[Array, "B N"], *rows: Array) -> tuple[Array, ...]:
+    """Each of `rows` [B, N] at the last kept entry of its row (a kept prefix; entry 0 where
+    none is kept): [B, 1] each."""
+    last = jnp.maximum(keep.sum(axis=-1, keepdims=True) - 1, 0)  # [B, 1]
+    return tuple(jnp.take_along_axis(r, last, axis=-1) for r in rows)
 
 
 def _keep_sorted(
