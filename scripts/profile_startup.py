@@ -94,6 +94,7 @@ def profile_programs(runner, parallel: bool, workers: int) -> list[dict]:
     rows = [
         {
             "program": getattr(fn, "__name__", str(fn)),
+            "mode": next((a for a in args if isinstance(a, str)), None),  # a sampler's mode
             "shapes": str(
                 jax.tree.map(
                     lambda x: getattr(x, "shape", x), args[-1] if fn is runner._forward else args[0]
@@ -111,15 +112,21 @@ def profile_programs(runner, parallel: bool, workers: int) -> list[dict]:
             t = time.perf_counter()
             lowered[-1].compile()
             row["compile_s"] = time.perf_counter() - t
-    if parallel:
+    if parallel:  # each compile's own seconds too (in a thread among `workers`)
+
+        def compile_one(row_low):
+            t = time.perf_counter()
+            row_low[1].compile()
+            row_low[0]["compile_s"] = time.perf_counter() - t
+
         t = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda low: low.compile(), lowered))
+            list(pool.map(compile_one, zip(rows, lowered)))
         rows[0]["parallel_compile_all_s"] = time.perf_counter() - t
     for row, (fn, args) in zip(rows, programs):
         t = time.perf_counter()
-        if fn is runner._forward:
-            runner.pages, out = fn(args[0], runner.pages, *args[2:])
+        if fn in (runner._forward, runner._decode, runner._decode_cublas):  # donate the pool
+            runner.pages, *out = fn(args[0], runner.pages, *args[2:])
         else:
             out = fn(*args)
         jax.block_until_ready(out)
