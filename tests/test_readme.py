@@ -38,7 +38,7 @@ def test_readme_examples_run(tmp_path):
 def test_readme_commands_are_the_ones_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     main = 'bash scripts/setup.sh && .venv/bin/python -m jaxinfer generate --chat "What is the capital of France?"'
-    tests = "bash scripts/setup.sh --dev && .venv/bin/python -m pytest -q tests"
+    tests = "bash scripts/setup.sh --dev && .venv/bin/python -m pytest -q -n 2 tests"
     for command in (main, tests):
         assert f"    {command}\n" in README
         assert command in ci
