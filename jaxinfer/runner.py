@@ -43,6 +43,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Int
 
+from jaxinfer import scheduler
 from jaxinfer.attention import PagedMeta
 from jaxinfer.sampling import (
     SAMPLE_MODES,
@@ -357,6 +358,13 @@ class Runner:
         t = next(b for b in self.buckets if b >= num_tokens)
         return t, min(t, self.max_num_seqs)
 
+    def all_logits_bucket(self) -> tuple[int, int]:
+        """(T, B) of every step that computes prompt logprobs: the bucket of the most tokens
+        such a step holds (scheduler.ALL_LOGITS_TOKENS), so that one program serves them all,
+        compiled at start-up and counted in the pool's sizing (its [T, V] float32 logits are
+        the largest working memory of a small step)."""
+        return self.bucket(min(scheduler.ALL_LOGITS_TOKENS, self.buckets[-1]))
+
     def dispatch(self, plan: StepPlan, rows: Sequence[RowInfo]) -> Dispatched:
         """Queues the plan's step on the device and returns at once: a handle for `collect`.
 
@@ -488,6 +496,10 @@ class Runner:
             for decode in (False, True) if t <= self.max_num_seqs and not multi else (False,):
                 batch = _forward_only(self._padding_batch(t, False, decode))
                 programs.append((self._forward, (self.params, self.pages, self.prev_tokens, batch)))
+        t = self.all_logits_bucket()[0]  # the forward of prompt-logprobs steps
+        targets = jnp.full(t, -1, jnp.int32, device=self.replicated)
+        batch = _forward_only(self._padding_batch(t, False, False))._replace(lp_targets=targets)
+        programs.append((self._forward, (self.params, self.pages, self.prev_tokens, batch)))
         for b, mode in itertools.product(row_buckets if multi else (), self.sampler_modes()):
             batch, d = self._padding_batch(b, False, True), self._decode_steps(None, (), b)
             args = (self.params, self.pages, self.prev_tokens, self.prev_stopped, batch, d, mode)
@@ -515,7 +527,8 @@ class Runner:
 
     def build(self, plan: StepPlan, rows: Sequence[RowInfo], square: bool = False) -> StepBatch:
         """The step's batch; `square`: a decode-only plan as T == B (a multi-step decode)."""
-        t, b = self.bucket(plan.num_tokens)
+        all_logits = not square and self._wants_prompt_logprobs(plan, rows)
+        t, b = self.all_logits_bucket() if all_logits else self.bucket(plan.num_tokens)
         t = b if square else t
         tokens, positions = np.zeros(t, np.int32), np.zeros(t, np.int32)
         slots, src = np.full(t, -1, np.int32), np.full(t, -1, np.int32)
@@ -556,7 +569,7 @@ class Runner:
             history,
             is_output,
             None if square else self._bias(rows, b),  # no multi-step program runs a bias
-            None if square else self._lp_targets(plan, rows, t),
+            self._lp_targets(plan, rows, t) if all_logits else None,
         )
 
     def table_width(self, plan: StepPlan) -> int:
@@ -579,19 +592,26 @@ class Runner:
                 is_output[i, r.num_prompt_tokens : len(r.token_ids)] = True
         return put_tree((ids, is_output), self.replicated)
 
+    @staticmethod
+    def _wants_prompt_logprobs(plan: StepPlan, rows: Sequence[RowInfo]) -> bool:
+        """Whether a row of the plan computes a prompt token's logprob (its chunk has a next
+        prompt token)."""
+        return any(
+            r.prompt_logprobs and s.start_pos + 1 < r.num_prompt_tokens
+            for s, r in zip(plan.seqs, rows)
+        )
+
     def _lp_targets(self, plan: StepPlan, rows: Sequence[RowInfo], t: int):
         """[T] next prompt token of each packed token of a row that wants prompt logprobs (-1:
-        none), on the device; None when no row of the plan computes such a token."""
-        if not any(r.prompt_logprobs for r in rows):
-            return None
-        targets, at, wanted = np.full(t, -1, np.int32), 0, False
+        none), on the device."""
+        targets, at = np.full(t, -1, np.int32), 0
         for s, r in zip(plan.seqs, rows):
             n = len(s.token_ids)
             if r.prompt_logprobs and s.start_pos + 1 < r.num_prompt_tokens:
                 ids = r.token_ids[s.start_pos + 1 : min(s.start_pos + n + 1, r.num_prompt_tokens)]
-                targets[at : at + len(ids)], wanted = ids, True
+                targets[at : at + len(ids)] = ids
             at += n
-        return put_tree(targets, self.replicated) if wanted else None
+        return put_tree(targets, self.replicated)
 
     def _bias(self, rows: Sequence[RowInfo], b: int) -> LogitBias | None:
         """The rows' LogitBias [B, N] when any row has an entry this step, else None."""

@@ -457,9 +457,10 @@ def test_no_recompiles_after_warmup(tiny_model, monkeypatch):
     compiled = engine.runner.num_compiles
     buckets = engine.runner.buckets
     rows = len({min(t, 4) for t in buckets})
-    # each bucket's forward and a multi-step decode program per row bucket and sampler mode
+    # each bucket's forward, the prompt-logprobs steps' forward, and a multi-step decode
+    # program per row bucket and sampler mode
     modes = len(engine.runner.sampler_modes())  # SAMPLE_MODES and TOP_K_ONLY
-    forwards, decodes = len(buckets), modes * rows
+    forwards, decodes = len(buckets) + 1, modes * rows
     samplers = modes * rows  # per row bucket and mode
     assert compiled == forwards + decodes + samplers
     # Each traced once and compiled once: none again for the pools its first calls hand back.

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import build_hf_model
+from conftest import build_hf_model, xla_compiles
 from test_engine import FAKE_CONFIG, FakeModel, LetterTokenizer, fake_engine, run_all
 
 import jaxinfer
@@ -287,10 +287,14 @@ def test_prompt_logprobs_are_log_softmax_of_the_model(tiny_model, impl):
     engine.add_request("a", prompt, params)
     out = run_all(engine)["a"][-1]
     assert out.num_cached_tokens == 0
-    logits = np.asarray(jaxinfer.forward(tiny_model, [prompt]))[0]  # [T, V]
+    check_top3_prompt_logprobs(tiny_model, prompt, out.prompt_logprobs)
+
+
+def check_top3_prompt_logprobs(model, prompt, lps):
+    """`lps` (prompt_logprobs=3) against the log_softmax of the model's forward over `prompt`."""
+    logits = np.asarray(jaxinfer.forward(model, [prompt]))[0]  # [T, V]
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    lps = out.prompt_logprobs
     assert lps[0] is None and len(lps) == len(prompt)
     # within 5e-3: on a GPU float32 matmuls run in TF32, and the engine's batches differ from
     # forward()'s (1.2e-3 apart was seen on an H200); near-tied top tokens may then swap places
@@ -303,6 +307,41 @@ def test_prompt_logprobs_are_log_softmax_of_the_model(tiny_model, impl):
         for t, value in entry.items():
             assert value == pytest.approx(row[t], abs=tol)
             assert t == prompt[p] or row[t] >= third - tol  # one of the top 3
+
+
+def test_prompt_logprobs_steps_run_one_program_compiled_at_start_up(tiny_model, monkeypatch):
+    """Every step with prompt logprobs runs in the bucket of ALL_LOGITS_TOKENS (here 32 of a
+    64-token budget), whose forward start-up compiles and counts in the pool's sizing: after
+    start-up, prompts of 41 and 4 tokens (a step of 32 tokens, then one of 13) compile nothing,
+    and their logprobs are the model's."""
+    from jaxinfer import scheduler
+    from jaxinfer.runner import working_bytes
+
+    monkeypatch.setattr(scheduler, "ALL_LOGITS_TOKENS", 32)
+    engine = Engine(
+        tiny_model, max_num_seqs=4, max_num_batched_tokens=64, num_pages=32, warmup=True
+    )
+    runner = engine.runner
+    assert runner.all_logits_bucket() == (32, 4)
+    (lp_program,) = [
+        args
+        for fn, args in runner.warmup_programs(False)
+        if fn is runner._forward and args[3].lp_targets is not None
+    ]
+    assert lp_program[3].tokens.shape == (32,)
+    compiled = runner._forward.lower(*lp_program).compile()
+    assert 0 < working_bytes(compiled) <= runner.compile_programs(progress=False)
+    rng = np.random.RandomState(3)
+    prompts = [rng.randint(0, tiny_model.config.vocab_size, n).tolist() for n in (41, 4)]
+    params = SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=3, ignore_eos=True)
+    with xla_compiles() as later:
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        outs = run_all(engine)
+    assert not later  # no program, not even a small op, compiles after start-up
+    for i, p in enumerate(prompts):
+        check_top3_prompt_logprobs(tiny_model, p, outs[str(i)][-1].prompt_logprobs)
+    engine.close()
 
 
 def test_a_step_with_a_prompt_logprobs_chunk_holds_at_most_all_logits_tokens(monkeypatch):
