@@ -27,9 +27,10 @@ arrives (or is aborted) meanwhile waits for the program in flight, up to k steps
 with penalties or `logit_bias` runs, or one short of its `min_tokens`, every program takes one
 step: the sampler adds their entries in a program of its own (compiled on first use). A step
 with a prompt chunk of a request that wants its prompt's logprobs holds at most
-scheduler.ALL_LOGITS_TOKENS tokens: its forward keeps every token's logits ([T, V] float32), in
-one program of that many tokens' bucket that start-up compiles and the pool's sizing counts;
-such a request skips the prefix cache, whose cached tokens would have no logits.
+scheduler.ALL_LOGITS_TOKENS tokens: its forward keeps every token's logits ([T, V] float32).
+Where start-up compiles the programs (`warmup`), every such step runs in that many tokens'
+bucket, one program that start-up compiles and the pool's sizing counts. Such a request skips
+the prefix cache, whose cached tokens would have no logits.
 
 Inside the engine a request is its id and its sequence's arrival number: an id may be reused
 as soon as its request ends (abort, stop), while a step planned for the old one is in flight;

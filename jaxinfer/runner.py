@@ -209,6 +209,10 @@ class Runner:
         self.prev_stopped = self._no_stops
         self._prev_rows: dict[str, int] = {}
         self.last_prompt: PromptLogprobs | None = None  # the last single step's, if asked
+        # Set where start-up compiled the programs: prompt-logprobs steps then run in the one
+        # bucket whose program it compiled (`all_logits_bucket`); without, each in its own
+        # (on a CPU the programs compile on first use, and a short prompt's step stays short).
+        self.one_all_logits_bucket = False
         # Mode "filter"'s sampler branches on the device, and XLA's host waits for each branch's
         # predicate while it queues the program: such programs are queued by a worker thread,
         # so that the host plans the next step meanwhile (`dispatch`).
@@ -459,6 +463,7 @@ class Runner:
         parallel threads (on an H200's host: 101 s of compiles in 28 s). `progress` draws a bar
         on stderr."""
         programs = self.warmup_programs(penalties)
+        self.one_all_logits_bucket = True
         bar = _progress_bar(len(programs), "compiling programs") if progress else None
         lowered = [fn.lower(*args) for fn, args in programs]
         # Parallel compiles were measured on a GPU host; a CPU (2 cores in CI) compiles serially.
@@ -528,7 +533,8 @@ class Runner:
     def build(self, plan: StepPlan, rows: Sequence[RowInfo], square: bool = False) -> StepBatch:
         """The step's batch; `square`: a decode-only plan as T == B (a multi-step decode)."""
         all_logits = not square and self._wants_prompt_logprobs(plan, rows)
-        t, b = self.all_logits_bucket() if all_logits else self.bucket(plan.num_tokens)
+        one = all_logits and self.one_all_logits_bucket
+        t, b = self.all_logits_bucket() if one else self.bucket(plan.num_tokens)
         t = b if square else t
         tokens, positions = np.zeros(t, np.int32), np.zeros(t, np.int32)
         slots, src = np.full(t, -1, np.int32), np.full(t, -1, np.int32)
