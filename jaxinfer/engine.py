@@ -278,6 +278,7 @@ class Engine:
             smallest_bucket=config.smallest_bucket,
             mesh=model.parallel.mesh,
             bucket_tables=impl != "pallas" and not config.warmup,
+            one_all_logits_bucket=config.warmup,
             decode_steps=config.num_decode_steps,
         )
         self.requests: dict[str, _Request] = {}

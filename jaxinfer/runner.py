@@ -168,6 +168,7 @@ class Runner:
         smallest_bucket: int = 16,
         mesh=None,
         bucket_tables: bool = False,
+        one_all_logits_bucket: bool = False,
         decode_steps: int = 1,
     ):
         self.decoder, self.params, self.pages = decoder, params, pages
@@ -209,10 +210,10 @@ class Runner:
         self.prev_stopped = self._no_stops
         self._prev_rows: dict[str, int] = {}
         self.last_prompt: PromptLogprobs | None = None  # the last single step's, if asked
-        # Set where start-up compiled the programs: prompt-logprobs steps then run in the one
-        # bucket whose program it compiled (`all_logits_bucket`); without, each in its own
-        # (on a CPU the programs compile on first use, and a short prompt's step stays short).
-        self.one_all_logits_bucket = False
+        # Where start-up compiles the programs: prompt-logprobs steps run in the one bucket
+        # whose program it compiles (`all_logits_bucket`); without, each in its own (programs
+        # compiled on first use, as on a CPU: a short prompt's step stays short).
+        self.one_all_logits_bucket = one_all_logits_bucket
         # Mode "filter"'s sampler branches on the device, and XLA's host waits for each branch's
         # predicate while it queues the program: such programs are queued by a worker thread,
         # so that the host plans the next step meanwhile (`dispatch`).
@@ -463,7 +464,6 @@ class Runner:
         parallel threads (on an H200's host: 101 s of compiles in 28 s). `progress` draws a bar
         on stderr."""
         programs = self.warmup_programs(penalties)
-        self.one_all_logits_bucket = True
         bar = _progress_bar(len(programs), "compiling programs") if progress else None
         lowered = [fn.lower(*args) for fn, args in programs]
         # Parallel compiles were measured on a GPU host; a CPU (2 cores in CI) compiles serially.
@@ -532,7 +532,7 @@ class Runner:
 
     def build(self, plan: StepPlan, rows: Sequence[RowInfo], square: bool = False) -> StepBatch:
         """The step's batch; `square`: a decode-only plan as T == B (a multi-step decode)."""
-        all_logits = not square and self._wants_prompt_logprobs(plan, rows)
+        all_logits = not square and any(map(_computes_prompt_logprobs, plan.seqs, rows))
         one = all_logits and self.one_all_logits_bucket
         t, b = self.all_logits_bucket() if one else self.bucket(plan.num_tokens)
         t = b if square else t
@@ -598,22 +598,13 @@ class Runner:
                 is_output[i, r.num_prompt_tokens : len(r.token_ids)] = True
         return put_tree((ids, is_output), self.replicated)
 
-    @staticmethod
-    def _wants_prompt_logprobs(plan: StepPlan, rows: Sequence[RowInfo]) -> bool:
-        """Whether a row of the plan computes a prompt token's logprob (its chunk has a next
-        prompt token)."""
-        return any(
-            r.prompt_logprobs and s.start_pos + 1 < r.num_prompt_tokens
-            for s, r in zip(plan.seqs, rows)
-        )
-
     def _lp_targets(self, plan: StepPlan, rows: Sequence[RowInfo], t: int):
         """[T] next prompt token of each packed token of a row that wants prompt logprobs (-1:
         none), on the device."""
         targets, at = np.full(t, -1, np.int32), 0
         for s, r in zip(plan.seqs, rows):
             n = len(s.token_ids)
-            if r.prompt_logprobs and s.start_pos + 1 < r.num_prompt_tokens:
+            if _computes_prompt_logprobs(s, r):
                 ids = r.token_ids[s.start_pos + 1 : min(s.start_pos + n + 1, r.num_prompt_tokens)]
                 targets[at : at + len(ids)] = ids
             at += n
@@ -650,6 +641,12 @@ class Runner:
         )
         src = jnp.full(t, -1, jnp.int32, device=self.replicated)
         return StepBatch(zeros(t), src, zeros(t), meta, zeros(b), sampling, *history)
+
+
+def _computes_prompt_logprobs(seq, row: RowInfo) -> bool:
+    """Whether a scheduled sequence's chunk computes a prompt token's logprob: its request wants
+    them and the chunk has a next prompt token."""
+    return row.prompt_logprobs and seq.start_pos + 1 < row.num_prompt_tokens
 
 
 def working_bytes(compiled) -> int:
