@@ -11,8 +11,9 @@ One step reads top to bottom:
 
 so the host plans and post-processes while the device computes (asynchronous scheduling). A
 request that a step finishes may have one more token computed by the step already queued; that
-token is dropped. `async_scheduling=False`, or a step with a penalty (whose token history must be
-on the host), resolves each step before the next is dispatched. A program whose sampler branches
+token is dropped. `async_scheduling=False` resolves each step before the next is dispatched. A
+step with penalties reads its rows' token histories, the last token of each the sample in
+flight, taken on the device like the step's own input tokens. A program whose sampler branches
 on the device (mode "filter": the rows that sort their whole rows) is queued by the runner's
 worker thread, since XLA's host waits for each branch's predicate while it queues; a fault while
 it is queued ends its requests at the next step.
@@ -25,7 +26,8 @@ logprobs and seeded samples are those of single steps, and an output then carrie
 the program made for its request (the text deltas joined are the same). The cost: a request that
 arrives (or is aborted) meanwhile waits for the program in flight, up to k steps. While a request
 with penalties or `logit_bias` runs, or one short of its `min_tokens`, every program takes one
-step: the sampler adds their entries in a program of its own (compiled on first use). A step
+step: small programs of their own, compiled with the rest, adjust its logits before the
+sampler. A step
 with a prompt chunk of a request that wants its prompt's logprobs holds at most
 scheduler.ALL_LOGITS_TOKENS tokens: its forward keeps every token's logits ([T, V] float32).
 Where start-up compiles the programs (`warmup`), every such step runs in that many tokens'
@@ -599,9 +601,9 @@ class Engine:
         return outputs
 
     def _single_steps(self) -> bool:
-        """Whether this step's programs take one step: penalties read the token history on the
-        host, step by step; logit_bias and min_tokens have the sampler's bias entries, which no
-        multi-step program takes (their sampler compiles on first use, not the model's)."""
+        """Whether this step's programs take one step: penalties (over the token history) and
+        bias entries (logit_bias, min_tokens) adjust a single step's logits in programs of
+        their own (`Runner.step`), not inside a multi-step program."""
         for rid in [r for r in self._short if self._has_min_tokens(r)]:
             self._short.discard(rid)
         # Running ones only: a waiting one joins in a step that admits it, and no multi-step
@@ -616,8 +618,8 @@ class Engine:
     def _run(self, plan, outputs: list[RequestOutput]) -> None:
         if plan.seqs:
             reqs = [self.requests[s.request_id] for s in plan.seqs]
-            if not self.config.async_scheduling or any(uses_penalties(r.params) for r in reqs):
-                self.resolve(outputs)  # penalties read the token history on the host
+            if not self.config.async_scheduling:
+                self.resolve(outputs)
             rows = [r.row() for r in reqs]
             handle = self.runner.dispatch(plan, rows)
             self._count(plan, handle.multi_step)

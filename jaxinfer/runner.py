@@ -2,10 +2,12 @@
 
 The programs are the model forward (page pools donated; packed tokens -> logits of each row) and
 the sampler, compiled per static mode (greedy / sample / filter, picked on the host), so that no
-`lax.cond` makes the host wait for the device. The step's T packed tokens are padded to a token
-bucket (powers of two up to the step budget) and its sequences to B = min(T, max_num_seqs) rows,
-so each bucket compiles once. Padding tokens write to no slot and belong to no sequence; padding
-rows compute nothing and sample greedily.
+`lax.cond` makes the host wait for the device. Where a row has logit bias entries (logit_bias,
+min_tokens) or penalties, one or two programs between them adjust the logits the rows draw
+from (the logprobs stay the model's); start-up compiles these too. The step's T packed tokens
+are padded to a token bucket (powers of two up to the step budget) and its sequences to
+B = min(T, max_num_seqs) rows, so each bucket compiles once. Padding tokens write to no slot
+and belong to no sequence; padding rows compute nothing and sample greedily.
 
 `dispatch` returns as soon as the step is queued on the device; `collect` waits for its samples.
 A PLACEHOLDER token in a plan (a sample of the step dispatched just before, not yet on the host)
@@ -46,6 +48,7 @@ from jaxtyping import Array, Bool, Int
 from jaxinfer import scheduler
 from jaxinfer.attention import PagedMeta
 from jaxinfer.sampling import (
+    BIAS_WIDTHS,
     SAMPLE_MODES,
     TOP_K_ONLY,
     Entries,
@@ -54,8 +57,11 @@ from jaxinfer.sampling import (
     SampleOutput,
     SamplingArrays,
     SamplingParams,
+    apply_logit_bias,
+    apply_penalties,
     logit_bias_arrays,
     prompt_logprobs,
+    sample_adjusted,
     sample_rows,
     sampler_mode,
     sampling_arrays,
@@ -73,7 +79,9 @@ class StepBatch(NamedTuple):
     meta: PagedMeta
     sample_idx: Int[Array, "B"]  # which packed token's logits row b samples from
     sampling: SamplingArrays
-    history: Int[Array, "B S"] | None  # prompt + output ids for penalties; None when none is used
+    # Prompt + output ids for penalties (-1: none; -2 - r: row r's sample of the step before,
+    # still on the device); None when no row uses them.
+    history: Int[Array, "B S"] | None
     history_is_output: Bool[Array, "B S"] | None
     bias: LogitBias | None = None  # logit_bias and min_tokens entries; None when no row has one
     # The next prompt token of each packed token whose row wants prompt logprobs (-1: none);
@@ -192,7 +200,12 @@ class Runner:
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1,))
         # Its samples whole on every device, so each process reads them from its own.
         replicated = {} if mesh is None else {"out_shardings": self.replicated}
-        self._sample = jax.jit(self._sample_fn, static_argnums=(4,), **replicated)
+        self._sample = jax.jit(self._sample_fn, static_argnums=(3,), **replicated)
+        # A step whose rows have logit_bias / min_tokens entries or penalties adjusts the logits
+        # in programs of their own before the sampler (one per row bucket, and bias width):
+        # few and small, so start-up compiles them all.
+        self._add_bias = jax.jit(self._add_bias_fn)
+        self._penalize = jax.jit(self._penalize_fn)
         decode_jit = functools.partial(
             jax.jit, self._decode_fn, donate_argnums=(1,), static_argnums=(6,)
         )
@@ -306,13 +319,11 @@ class Runner:
         split = vocab % self.mesh.shape[MODEL] == 0
         return NamedSharding(self.mesh, PartitionSpec(None, MODEL if split else None))
 
-    def _sample_fn(
-        self, logits, sampling: SamplingArrays, history, history_is_output, mode: str, bias=None
-    ):
+    def _sample_fn(self, logits, adjusted, sampling: SamplingArrays, mode: str):
+        """Samples from `adjusted` (the logits themselves where no row adjusts them); the
+        logprobs are the logits'."""
         self.num_compiles += 1  # runs at trace time only
-        out = sample_rows(
-            logits, sampling, history, history_is_output, mode=mode, mesh=self.mesh, bias=bias
-        )
+        out = sample_adjusted(logits, adjusted, sampling, mode=mode, mesh=self.mesh)
         next_tokens = (
             jnp.zeros(self.max_num_seqs, jnp.int32).at[: out.tokens.shape[0]].set(out.tokens)
         )
@@ -320,16 +331,35 @@ class Runner:
         # as an op per field after it (each a dispatch, and a compile on first use).
         return jax.tree.map(lambda x: x[None], out), next_tokens
 
+    def _add_bias_fn(self, logits, bias: LogitBias, step):
+        self.num_compiles += 1  # runs at trace time only
+        biased = apply_logit_bias(logits.astype(jnp.float32), bias, step, self.mesh)
+        return self._logits_layout(biased)
+
+    def _penalize_fn(self, logits, sampling, history, history_is_output, prev_tokens):
+        """The penalties, with the samples of the step before (`_history`'s -2 - r entries)
+        taken from `prev_tokens` [max_num_seqs]: a step with penalties is queued before the
+        one in flight is resolved."""
+        self.num_compiles += 1  # runs at trace time only
+        history = jnp.where(history <= -2, prev_tokens[jnp.maximum(-2 - history, 0)], history)
+        out = apply_penalties(logits.astype(jnp.float32), sampling, history, history_is_output)
+        return self._logits_layout(out)
+
     def step(self, batch: StepBatch, mode: str) -> SampleOutput:
-        """Queues the model and the sampler on the device; pages and prev_tokens move on.
-        The samples' fields are [1, B, ...]."""
+        """Queues the model, the programs that adjust its logits (if any row has entries or
+        penalties) and the sampler on the device; pages and prev_tokens move on. The samples'
+        fields are [1, B, ...]."""
         self.pages, logits, *prompt = self._forward(
             self.params, self.pages, self.prev_tokens, _forward_only(batch)
         )
         self.last_prompt = prompt[0] if prompt else None
-        out, self.prev_tokens = self._sample(
-            logits, batch.sampling, batch.history, batch.history_is_output, mode, batch.bias
-        )
+        adjusted = logits
+        if batch.bias is not None:
+            adjusted = self._add_bias(adjusted, batch.bias, batch.sampling.step)
+        if batch.history is not None:
+            history = (batch.history, batch.history_is_output)
+            adjusted = self._penalize(adjusted, batch.sampling, *history, self.prev_tokens)
+        out, self.prev_tokens = self._sample(logits, adjusted, batch.sampling, mode)
         self.prev_stopped = self._no_stops
         return out
 
@@ -453,17 +483,18 @@ class Runner:
             return None
         return PromptLogprobs(*jax.device_get([x.addressable_data(0) for x in prompt]))
 
-    def compile_programs(self, penalties: bool = False, progress: bool = True) -> int:
+    def compile_programs(self, progress: bool = True) -> int:
         """Compiles every program start-up needs: the forward of each token bucket and its
-        decode-only form where T == B, and the sampler of each row bucket B in every mode (with
-        and without penalties if asked). `pages` may still be abstract (`jax.ShapeDtypeStruct`):
+        decode-only form where T == B, the multi-step decodes, the sampler of each row bucket B in
+        every mode and the programs that adjust B rows' logits (logit bias of each width,
+        penalties). `pages` may still be abstract (`jax.ShapeDtypeStruct`):
         the pool can be sized after. Returns the most device memory one program needs besides
         its inputs (XLA's temporaries and the outputs that reuse no donated input).
 
         Tracing holds the GIL, so programs are traced one by one; XLA then compiles them in
         parallel threads (on an H200's host: 101 s of compiles in 28 s). `progress` draws a bar
         on stderr."""
-        programs = self.warmup_programs(penalties)
+        programs = self.warmup_programs()
         bar = _progress_bar(len(programs), "compiling programs") if progress else None
         lowered = [fn.lower(*args) for fn, args in programs]
         # Parallel compiles were measured on a GPU host; a CPU (2 cores in CI) compiles serially.
@@ -482,17 +513,17 @@ class Runner:
             bar.close()
         return need
 
-    def run_programs(self, penalties: bool = False) -> None:
+    def run_programs(self) -> None:
         """Runs every start-up program once on an all-padding batch (the pool must be real by
         now); the calls find the programs `compile_programs` compiled."""
-        for fn, args in self.warmup_programs(penalties):
+        for fn, args in self.warmup_programs():
             if fn in (self._forward, self._decode, self._decode_cublas):
                 self.pages = fn(args[0], self.pages, *args[2:])[0]
             else:
                 fn(*args)
         jax.block_until_ready(self.pages)
 
-    def warmup_programs(self, penalties: bool) -> list[tuple[Any, tuple]]:
+    def warmup_programs(self) -> list[tuple[Any, tuple]]:
         """(jitted function, example arguments) of every program that start-up compiles."""
         programs = []
         multi = self.decode_steps > 1  # decode-only steps run as multi-step decodes
@@ -511,23 +542,17 @@ class Runner:
             programs.append((self._decode_program(b), args))
         vocab = self.decoder.cfg.vocab_size
         for b in row_buckets:
-            for mode, pen in itertools.product(
-                self.sampler_modes(), (False, True) if penalties else (False,)
-            ):
-                batch = self._padding_batch(b, pen, False)  # its [b] sampler inputs
-                programs.append(
-                    (
-                        self._sample,
-                        (
-                            jnp.zeros((b, vocab), jnp.float32, device=self._logits_sharding(vocab)),
-                            batch.sampling,
-                            batch.history,
-                            batch.history_is_output,
-                            mode,
-                            None,  # no LogitBias: those compile on first use
-                        ),
-                    )
+            logits = jnp.zeros((b, vocab), jnp.float32, device=self._logits_sharding(vocab))
+            batch = self._padding_batch(b, True, False)  # its [b] sampler inputs, a history
+            for mode in self.sampler_modes():
+                programs.append((self._sample, (logits, logits, batch.sampling, mode)))
+            for width in BIAS_WIDTHS:
+                bias = LogitBias(
+                    *put_tree(logit_bias_arrays([_no_entries(width)], b), self.replicated)
                 )
+                programs.append((self._add_bias, (logits, bias, batch.sampling.step)))
+            history = (batch.history, batch.history_is_output, self.prev_tokens)
+            programs.append((self._penalize, (logits, batch.sampling, *history)))
         return programs
 
     def build(self, plan: StepPlan, rows: Sequence[RowInfo], square: bool = False) -> StepBatch:
@@ -564,7 +589,7 @@ class Runner:
         host = (tokens, src, positions, (slots, tables, kv_lens, cu), sample_idx, sampling)
         # One transfer (over a mesh: the same arrays to every device).
         tokens, src, positions, meta, sample_idx, sampling = put_tree(host, self.replicated)
-        history, is_output = self._history(rows, b)
+        history, is_output = self._history(plan, rows, b)
         return StepBatch(
             tokens,
             src,
@@ -586,16 +611,21 @@ class Runner:
         need = max((len(s.block_table) for s in plan.seqs), default=1)
         return min(self.max_pages_per_seq, 1 << max(need - 1, 0).bit_length())
 
-    def _history(self, rows: Sequence[RowInfo], b: int):
-        """Prompt + output ids [B, max_model_len] when any row uses penalties, else (None, None)."""
+    def _history(self, plan: StepPlan, rows: Sequence[RowInfo], b: int):
+        """Prompt + output ids [B, max_model_len] when any row uses penalties, else (None, None).
+        A sample of the step in flight (a PLACEHOLDER, only ever the last) is -2 - its row there
+        (`_penalize_fn` reads it on the device)."""
         if not any(uses_penalties(r.params) for r in rows):
             return None, None
         ids = np.full((b, self.max_model_len), -1, np.int32)
         is_output = np.zeros((b, self.max_model_len), bool)
-        for i, r in enumerate(rows):
+        for i, (s, r) in enumerate(zip(plan.seqs, rows)):
             if uses_penalties(r.params):
-                ids[i, : len(r.token_ids)] = r.token_ids
-                is_output[i, r.num_prompt_tokens : len(r.token_ids)] = True
+                n = len(r.token_ids)
+                ids[i, :n] = r.token_ids
+                if r.token_ids[-1] == PLACEHOLDER:
+                    ids[i, n - 1] = -2 - self._prev_rows[s.request_id]
+                is_output[i, r.num_prompt_tokens : n] = True
         return put_tree((ids, is_output), self.replicated)
 
     def _lp_targets(self, plan: StepPlan, rows: Sequence[RowInfo], t: int):
@@ -641,6 +671,11 @@ class Runner:
         )
         src = jnp.full(t, -1, jnp.int32, device=self.replicated)
         return StepBatch(zeros(t), src, zeros(t), meta, zeros(b), sampling, *history)
+
+
+def _no_entries(width: int) -> Entries:
+    """A row's LogitBias entries that fill `width` and add nothing."""
+    return np.full(width, -1, np.int32), np.zeros(width, np.float32), np.zeros(width, np.int32)
 
 
 def _computes_prompt_logprobs(seq, row: RowInfo) -> bool:

@@ -402,21 +402,47 @@ def sample_rows(
     Returns:
       SampleOutput: tokens [B], logprob [B], top_ids / top_logprobs [B, MAX_LOGPROBS].
     """
+    raw = logits.astype(jnp.float32)  # [B, V]
+    adjusted = adjust_logits(raw, arrays, history, history_is_output, mesh=mesh, bias=bias)
+    return sample_adjusted(raw, adjusted, arrays, mode=mode, mesh=mesh)
+
+
+def adjust_logits(
+    logits: Float[Array, "B V"],
+    arrays: SamplingArrays,
+    history: Int[Array, "B S"] | None = None,
+    history_is_output: Bool[Array, "B S"] | None = None,
+    *,
+    mesh=None,
+    bias: LogitBias | None = None,
+) -> Float[Array, "B V"]:
+    """The logits the rows draw from (float32): the LogitBias entries added, then the penalties
+    (`sample_rows`'s arguments of the same names; None: none)."""
+    x = logits.astype(jnp.float32)
+    x = x if bias is None else apply_logit_bias(x, bias, arrays.step, mesh)
+    return x if history is None else apply_penalties(x, arrays, history, history_is_output)
+
+
+def sample_adjusted(
+    raw: Float[Array, "B V"],
+    adjusted: Float[Array, "B V"],
+    arrays: SamplingArrays,
+    *,
+    mode: str,
+    mesh=None,
+) -> SampleOutput:
+    """`sample_rows` in two parts: tokens drawn from `adjusted` (`adjust_logits`), logprobs
+    those of `raw` (float32 both; the same array where no row has an adjustment)."""
     if mode not in (*SAMPLE_MODES, TOP_K_ONLY):
         raise ValueError(f"sampler mode {mode!r} is not one of {(*SAMPLE_MODES, TOP_K_ONLY)}")
     top_k_only = mode == TOP_K_ONLY
     mode = "filter" if top_k_only else mode
-    raw = logits.astype(jnp.float32)  # [B, V]
-    biased = raw if bias is None else apply_logit_bias(raw, bias, arrays.step, mesh)
-    penalized = (
-        biased if history is None else apply_penalties(biased, arrays, history, history_is_output)
-    )
-    greedy = jnp.argmax(penalized, axis=-1).astype(jnp.int32)  # [B]
+    greedy = jnp.argmax(adjusted, axis=-1).astype(jnp.int32)  # [B]
     if mode == "greedy":
         tokens = greedy
     else:
         filters = mode == "filter"
-        tokens = _sample_or_greedy(penalized, arrays, greedy, filters, mesh, top_k_only)
+        tokens = _sample_or_greedy(adjusted, arrays, greedy, filters, mesh, top_k_only)
     logprobs = jax.nn.log_softmax(raw, axis=-1)  # [B, V]
     logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     if mode == "greedy":

@@ -53,6 +53,14 @@ def percentiles(values) -> dict:
     )
 
 
+# What `--biased` requests carry (each request's options, from its max_tokens).
+ADJUSTED_OPTIONS = {
+    "logit_bias": lambda n: {"logit_bias": {0: -1.0}},
+    "penalties": lambda n: {"repetition_penalty": 1.1, "frequency_penalty": 0.2},
+    "min_tokens": lambda n: {"min_tokens": n // 2},
+}
+
+
 def run_engine(
     engines,
     requests,
@@ -61,10 +69,12 @@ def run_engine(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    option: str = "logit_bias",
 ) -> dict:
     """The requests through one engine, or spread over data-parallel replicas (round robin by
-    queued tokens, each stepped in turn). `biased` of them, spread evenly, carry a one-entry
-    logit_bias (their steps, and all others' beside them, then run one a program); with
+    queued tokens, each stepped in turn). `biased` of them, spread evenly, carry `option`
+    (ADJUSTED_OPTIONS: a one-entry logit_bias by default; their steps, and all others' beside
+    them, then run one a program); with
     `prompt_logprobs` every request asks for its prompt's (as an lm-eval loglikelihood);
     `temperature` > 0 samples (seeded by request), through a top-p filter if `top_p` < 1 and a
     top-k one if `top_k` > 0."""
@@ -77,7 +87,7 @@ def run_engine(
     for i, (prompt, out_len) in enumerate(requests):
         r = load.index(min(load))
         load[r] += len(prompt) + out_len
-        bias = {0: -1.0} if biased and i % max(1, len(requests) // biased) == 0 else None
+        adjusted = biased and i % max(1, len(requests) // biased) == 0
         params = SamplingParams(
             max_tokens=out_len,
             temperature=temperature,
@@ -85,8 +95,8 @@ def run_engine(
             top_k=top_k,
             seed=i if temperature else None,
             ignore_eos=True,
-            logit_bias=bias,
             prompt_logprobs=prompt_logprobs,
+            **(ADJUSTED_OPTIONS[option](out_len) if adjusted else {}),
         )
         engines[r].add_request(str(i), prompt, params)
     done = {}
@@ -273,7 +283,15 @@ def main() -> int:
         "--biased",
         type=bm.int_list,
         default=[0],
-        help="a list (0,1): every workload with that many requests carrying a logit_bias",
+        help="a list (0,1): every workload with that many requests carrying --biased-with",
+    )
+    p.add_argument(
+        "--biased-with",
+        default="logit_bias",
+        choices=sorted(ADJUSTED_OPTIONS),
+        help="what --biased requests carry: a one-entry logit_bias, repetition and frequency "
+        "penalties, or min_tokens of half their max_tokens (keys -biasedN, -penaltiesN, "
+        "-min_tokensN)",
     )
     p.add_argument(
         "--prompt-logprobs",
@@ -385,9 +403,10 @@ def run_workloads(args, engines, specs, peers, report, suffix: str) -> None:
             args.temperature,
             args.top_p,
             args.top_k,
+            args.biased_with,
         )
         if biased:
-            row["requests_with_logit_bias"] = min(biased, len(requests))
+            row[f"requests_with_{args.biased_with}"] = min(biased, len(requests))
         row.update(
             limits_for(
                 cfg,
@@ -410,7 +429,8 @@ def run_workloads(args, engines, specs, peers, report, suffix: str) -> None:
         row["itl_x_running_roofline"] = itl_ms / row["running_roofline_ms"]
         if len(requests) == 1:
             row["x_batch1_roofline"] = tpot_ms / row["batch1_roofline_ms"]
-        key = (spec if overlap else spec + "-sync") + (f"-biased{biased}" if biased else "")
+        tag = "biased" if args.biased_with == "logit_bias" else args.biased_with
+        key = (spec if overlap else spec + "-sync") + (f"-{tag}{biased}" if biased else "")
         key += "" if args.prompt_logprobs is None else f"-plp{args.prompt_logprobs}"
         key += f"-t{args.temperature:g}" if args.temperature else ""
         key += f"-k{args.top_k}" if args.top_k > 0 else ""

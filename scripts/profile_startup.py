@@ -90,7 +90,7 @@ def profile_programs(runner, parallel: bool, workers: int) -> list[dict]:
     and first call through jit."""
     import jax
 
-    programs = runner.warmup_programs(penalties=False)
+    programs = runner.warmup_programs()
     rows = [
         {
             "program": getattr(fn, "__name__", str(fn)),

@@ -302,6 +302,11 @@ def main() -> int:
         help="with --prefill: the requests ask for this many prompt logprobs (a step then holds "
         "at most scheduler.ALL_LOGITS_TOKENS tokens)",
     )
+    p.add_argument(
+        "--penalties",
+        action="store_true",
+        help="the requests carry repetition and frequency penalties (single, synchronous steps)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1`: where it is stuck
@@ -353,7 +358,10 @@ def main() -> int:
             str(i),
             rng.integers(0, cfg.vocab_size, args.prompt).tolist(),
             SamplingParams(
-                max_tokens=eng.max_model_len - args.prompt, temperature=0, ignore_eos=True
+                max_tokens=eng.max_model_len - args.prompt,
+                temperature=0,
+                ignore_eos=True,
+                **({"repetition_penalty": 1.1, "frequency_penalty": 0.2} if args.penalties else {}),
             ),
         )
     t0 = time.perf_counter()
@@ -384,6 +392,7 @@ def main() -> int:
         "seqs": args.seqs,
         "prompt": args.prompt,
         "num_decode_steps": args.num_decode_steps,
+        "penalties": args.penalties,
         "steps_traced": traced,
         "num_pages": eng.num_pages,
         "engine_step_ms": step_ms,

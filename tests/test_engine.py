@@ -15,7 +15,7 @@ from jaxinfer import runner as runner_module
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine import LLM, Engine
 from jaxinfer.model import Model, init_params
-from jaxinfer.sampling import SamplingParams
+from jaxinfer.sampling import BIAS_WIDTHS, SamplingParams
 
 # ------------------------------------------------------------------------------------------------
 # A fake model: the next token is always (last token + 1) % 26, and token t is the letter 'a' + t.
@@ -349,8 +349,7 @@ def test_staggered_requests_with_preemption_equal_greedy_alone(tiny_model, impl,
 
 
 def test_async_scheduling_equals_sync(tiny_model):
-    """Stop ids that end requests early, seeded sampling and a penalty (which makes its steps
-    synchronous) give the same tokens and finish reasons with and without asynchronous scheduling."""
+    """Stop ids that end requests early, seeded sampling and a penalty give the same tokens and finish reasons with and without asynchronous scheduling."""
     prompts = prompts_of(tiny_model, (7, 30, 12, 3, 21), seed=3)
     greedy = jaxinfer.generate(tiny_model, [prompts[0]], max_new_tokens=12)[0]
     # the first token not seen before it (the weights are random: the output may repeat one token)
@@ -384,6 +383,74 @@ def test_async_scheduling_equals_sync(tiny_model):
     assert overlapped == sync
     assert sync["0"] == (greedy[: k + 1], "stop")
     assert sync["3"][0] and len(sync["3"][0]) == 1
+
+
+def penalized_greedy(model, prompt, n: int, bias: dict, rep: float, freq: float, pres: float):
+    """n greedy tokens of `prompt` under a logit_bias and vLLM's penalties, one full forward a
+    token (numpy)."""
+    out = []
+    for _ in range(n):
+        logits = np.asarray(jaxinfer.forward(model, [prompt + out]))[0, -1].astype(np.float64)
+        for t, b in bias.items():
+            logits[t] += b
+        seen = np.zeros(logits.shape, bool)
+        seen[prompt + out] = True
+        counts = np.bincount(out, minlength=logits.shape[0])
+        logits = np.where(seen, np.where(logits > 0, logits / rep, logits * rep), logits)
+        logits = logits - freq * counts - pres * (counts > 0)
+        out.append(int(np.argmax(logits)))
+    return out
+
+
+BIAS = 3.0  # on a favourite token: over the tiny model's logits, less than its penalties
+
+
+def test_penalized_steps_overlap_and_penalize_the_sample_in_flight(tiny_model):
+    """A step with penalties is queued while the step before runs: each row's last token (that
+    step's sample, still on the device) is in its history all the same, whichever row it had.
+    A logit_bias makes one token each request's favourite, so that only its penalties keep it
+    from coming again at once. Three such requests beside a plain one, rows reordered as the
+    plain one ends."""
+    prompts = prompts_of(tiny_model, (9, 4, 15, 6), seed=8)
+    favourite = [t for t in range(tiny_model.config.vocab_size) if t not in sum(prompts, [])][:3]
+    # (repetition, frequency, presence)
+    settings = [(4.0, 0.0, 0.0), (1.0, 2.0, 0.0), (1.0, 1.0, 1.5)]
+    engine = Engine(
+        tiny_model,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        page_size=16,
+        num_pages=12,
+        warmup=False,
+        attention_impl="xla",
+    )
+    greedy = dict(temperature=0, ignore_eos=True)
+    engine.add_request("plain", prompts[3], SamplingParams(max_tokens=3, **greedy))
+    for i, (rep, freq, pres) in enumerate(settings):
+        params = SamplingParams(
+            max_tokens=10,
+            logit_bias={favourite[i]: BIAS},
+            repetition_penalty=rep,
+            frequency_penalty=freq,
+            presence_penalty=pres,
+            **greedy,
+        )
+        engine.add_request(str(i), prompts[i], params)
+    overlapped = 0
+    seen: dict[str, list] = {}
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        overlapped += engine._in_flight is not None and bool(outs)
+        for out in outs:
+            seen.setdefault(out.request_id, []).append(out)
+    assert overlapped >= 8  # steps that returned outputs with the next one queued
+    for i, (rep, freq, pres) in enumerate(settings):
+        bias = {favourite[i]: BIAS}
+        want = penalized_greedy(tiny_model, prompts[i], 10, bias, rep, freq, pres)
+        # it comes before the last token: the step after it finds it in flight, and without
+        # its penalties would pick it again (its logit_bias)
+        assert favourite[i] in want[:-1], want
+        assert seen[str(i)][-1].token_ids == want, i
 
 
 def test_prefix_cache_hits_skip_compute_and_match(tiny_model):
@@ -462,10 +529,12 @@ def test_no_recompiles_after_warmup(tiny_model, monkeypatch):
     modes = len(engine.runner.sampler_modes())  # SAMPLE_MODES and TOP_K_ONLY
     forwards, decodes = len(buckets) + 1, modes * rows
     samplers = modes * rows  # per row bucket and mode
-    assert compiled == forwards + decodes + samplers
+    biases, penalties = len(BIAS_WIDTHS) * rows, rows  # per row bucket (and bias width)
+    assert compiled == forwards + decodes + samplers + biases + penalties
     # Each traced once and compiled once: none again for the pools its first calls hand back.
-    compiled_at_start = [at_start[f"jit({f})"] for f in ("_forward_fn", "_decode_fn", "_sample_fn")]
-    assert compiled_at_start == [forwards, decodes, samplers]
+    names = ("_forward_fn", "_decode_fn", "_sample_fn", "_add_bias_fn", "_penalize_fn")
+    compiled_at_start = [at_start[f"jit({f})"] for f in names]
+    assert compiled_at_start == [forwards, decodes, samplers, biases, penalties]
     rng = np.random.RandomState(5)
     with xla_compiles() as later:
         serve_random_requests(engine, rng)
@@ -478,8 +547,21 @@ def test_no_recompiles_after_warmup(tiny_model, monkeypatch):
     assert runner._decode_cublas._cache_size() == modes
 
 
+# Request options whose steps adjust the logits in programs of their own: logit bias of each
+# width (16 entries, and 17 + EOS: 512), min_tokens' bans, penalties.
+ADJUSTMENTS = (
+    {},
+    {"logit_bias": {5: 3.0, 7: -100.0}},
+    {"min_tokens": 1},
+    {"repetition_penalty": 1.3, "frequency_penalty": 0.5},
+    {"logit_bias": {t: 1.0 for t in range(17)}, "min_tokens": 1, "presence_penalty": 0.5},
+    {},
+)
+
+
 def serve_random_requests(engine, rng):
-    """200 steps, a request of random length and sampling every 7th of the first 160."""
+    """200 steps, a request of random length and sampling every 7th of the first 160, some with
+    `ADJUSTMENTS`."""
     for step in range(200):
         if step % 7 == 0 and step < 160:
             n = int(rng.randint(1, 40))
@@ -491,6 +573,7 @@ def serve_random_requests(engine, rng):
                     temperature=float(rng.choice([0, 0, 0.7, 0.7, 1])),
                     top_k=int(rng.choice([0, 5])),
                     logprobs=[None, 2][step % 2],
+                    **ADJUSTMENTS[step // 7 % len(ADJUSTMENTS)],
                 ),
             )
         engine.step()

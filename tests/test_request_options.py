@@ -329,7 +329,7 @@ def test_prompt_logprobs_steps_run_one_program_compiled_at_start_up(tiny_model, 
     lazy.close()
     (lp_program,) = [
         args
-        for fn, args in runner.warmup_programs(False)
+        for fn, args in runner.warmup_programs()
         if fn is runner._forward and args[3].lp_targets is not None
     ]
     assert lp_program[3].tokens.shape == (32,)

@@ -188,7 +188,7 @@ def test_engine_with_pallas_kernels_under_shard_map(one_device_refs):
 
 
 def decode_step_hlo(engine: Engine) -> str:
-    for fn, args in engine.runner.warmup_programs(False):
+    for fn, args in engine.runner.warmup_programs():
         if fn is engine.runner._forward and args[3].meta.decode:
             return fn.lower(*args).compile().as_text()
     raise AssertionError("no decode program")
@@ -226,7 +226,7 @@ def test_sampler_gathers_candidates_not_rows():
     modes = ("greedy", "sample", "filter_top_k")
     assert engine.runner.sampler_mode([SAMPLED]) == "filter_top_k"
     assert engine.runner.sampler_mode([SAMPLED, NUCLEUS]) == "filter"
-    for fn, args in engine.runner.warmup_programs(False):
+    for fn, args in engine.runner.warmup_programs():
         if fn is engine.runner._sample and args[-1] in modes:
             text = fn.lower(*args).compile().as_text()
             b, v = args[0].shape
@@ -237,7 +237,8 @@ def test_sampler_gathers_candidates_not_rows():
 
 def test_no_compiles_after_start_up():
     """The programs compiled at start-up are the ones the steps use: the forward pins its
-    logits to the vocab-split layout the sampler was compiled for."""
+    logits to the vocab-split layout the sampler and the programs that adjust them (logit
+    bias, min_tokens, penalties) were compiled for."""
     engine = Engine(
         tiny(4),
         tensor_parallel_size=2,
@@ -248,8 +249,10 @@ def test_no_compiles_after_start_up():
         warmup=True,
     )
     compiles = engine.runner.num_compiles
-    for i, prompt in enumerate(prompts(3)):
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=4, temperature=i / 2))
+    options = ({}, {"logit_bias": {3: 5.0}, "min_tokens": 2}, {"repetition_penalty": 1.5})
+    for i, (prompt, extra) in enumerate(zip(prompts(3), options)):
+        params = SamplingParams(max_tokens=4, temperature=i / 2, **extra)
+        engine.add_request(str(i), prompt, params)
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.runner.num_compiles == compiles

@@ -184,14 +184,23 @@ def test_engine_programs_have_no_host_waits(gpu_kernels, family, decode):
     logits = jnp.zeros((16, cfg.vocab_size), jnp.float32)
     for mode in runner.sampler_modes():
         sampler = lower_for_cuda(
-            functools.partial(runner._sample_fn, mode=mode), logits, batch.sampling, None, None
+            functools.partial(runner._sample_fn, mode=mode), logits, logits, batch.sampling
         )
         assert "stablehlo.while" not in sampler, mode
         assert mode == "filter" or "stablehlo.case" not in sampler, mode
+    # the programs that adjust the logits (logit bias, penalties)
+    (bias_args, penalty_args) = [
+        args
+        for fn, args in runner.warmup_programs()
+        if fn in (runner._add_bias, runner._penalize) and args[0].shape[0] == 16
+    ][-2:]
+    for fn, args in ((runner._add_bias_fn, bias_args), (runner._penalize_fn, penalty_args)):
+        text = lower_for_cuda(fn, *args)
+        assert "stablehlo.while" not in text and "stablehlo.case" not in text, fn
     # past 256 tokens a row, mode "filter" has its branches, and still no loop
     wide = jnp.zeros((16, 1000), jnp.float32)
     sampler = lower_for_cuda(
-        functools.partial(runner._sample_fn, mode="filter"), wide, batch.sampling, None, None
+        functools.partial(runner._sample_fn, mode="filter"), wide, wide, batch.sampling
     )
     assert "stablehlo.case" in sampler and "stablehlo.while" not in sampler
 
