@@ -453,6 +453,48 @@ def test_penalized_steps_overlap_and_penalize_the_sample_in_flight(tiny_model):
         assert seen[str(i)][-1].token_ids == want, i
 
 
+def test_token_histories_copy_what_is_new_and_match_the_lists():
+    """`TokenHistories` keeps each penalized sequence's ids from step to step: its arrays equal
+    the whole lists' (a sample in flight as -2 - its row before) as tokens resolve and arrive,
+    and a request id reused by a new sequence (another arrival) starts afresh."""
+    import types
+
+    from jaxinfer.runner import RowInfo, TokenHistories
+    from jaxinfer.scheduler import PLACEHOLDER
+
+    histories, pen = TokenHistories(16), SamplingParams(repetition_penalty=1.2)
+    lists = {"a": [5, 6, 7], "b": [9, PLACEHOLDER]}
+
+    def step(arrivals: dict, prev_rows: dict):
+        plan = types.SimpleNamespace(
+            seqs=[types.SimpleNamespace(request_id=r, arrival=arrivals[r]) for r in lists]
+        )
+        rows = [RowInfo(pen, 0, 1, t, 2, (), False, None) for t in lists.values()]
+        return histories.arrays(plan, rows, 3, prev_rows)
+
+    def expected(prev_rows: dict):
+        ids = np.full((3, 16), -1, np.int32)
+        for i, (r, t) in enumerate(lists.items()):
+            ids[i, : len(t)] = t
+            if t[-1] == PLACEHOLDER:
+                ids[i, len(t) - 1] = -2 - prev_rows[r]
+        return ids
+
+    ids, is_output = step({"a": 0, "b": 1}, {"b": 0})
+    np.testing.assert_array_equal(ids, expected({"b": 0}))
+    assert is_output[0].tolist() == [False] * 2 + [True] + [False] * 13
+    lists["b"][-1] = 4  # resolved
+    lists["b"].append(PLACEHOLDER)
+    lists["a"].append(PLACEHOLDER)
+    np.testing.assert_array_equal(
+        step({"a": 0, "b": 1}, {"a": 1, "b": 0})[0], expected({"a": 1, "b": 0})
+    )
+    lists["a"][-1], lists["b"][-1] = 8, 3
+    lists["a"] = [1, 2]  # "a" again, a new sequence
+    np.testing.assert_array_equal(step({"a": 2, "b": 1}, {})[0], expected({}))
+    assert step({"a": 2, "b": 1}, {})[0][1, :4].tolist() == [9, 4, 3, -1]
+
+
 def test_prefix_cache_hits_skip_compute_and_match(tiny_model):
     shared = prompts_of(tiny_model, (40,), seed=1)[0]
     a, b = shared + [1, 2, 3], shared + [4, 5]
