@@ -338,7 +338,7 @@ class Runner:
         return self._logits_layout(biased)
 
     def _penalize_fn(self, logits, sampling, history, history_is_output, prev_tokens):
-        """The penalties, with the samples of the step before (`_history`'s -2 - r entries)
+        """The penalties, with the samples of the step before (`TokenHistories`' -2 - r entries)
         taken from `prev_tokens` [max_num_seqs]: a step with penalties is queued before the
         one in flight is resolved."""
         self.num_compiles += 1  # runs at trace time only
