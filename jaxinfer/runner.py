@@ -121,6 +121,7 @@ class DecodeSteps(NamedTuple):
 
 
 MAX_STOP_IDS = 8  # stop ids per row checked on the device (the host checks every one)
+MIN_HISTORY_WIDTH = 128  # the narrowest penalties history (`history_widths`)
 
 
 def token_buckets(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
@@ -132,6 +133,17 @@ def token_buckets(max_tokens: int, smallest: int = 16) -> tuple[int, ...]:
     while sizes[-1] < max_tokens:
         sizes.append(min(sizes[-1] * 2, max_tokens))
     return tuple(sorted({1, *([s for s in sizes if s <= max_tokens] or [max_tokens])}))
+
+
+def history_widths(max_model_len: int) -> tuple[int, ...]:
+    """The widths S of a step's penalties history [B, S]: powers of two from MIN_HISTORY_WIDTH
+    and, last, max_model_len (no sequence is longer). A step takes the narrowest that holds its
+    longest penalized sequence: the host builds and copies, and the device scatters, S ids a
+    row, so rows of ~700 tokens at full width (8,192) cost ~12x what they need."""
+    widths = []
+    while (w := MIN_HISTORY_WIDTH << len(widths)) < max_model_len:
+        widths.append(w)
+    return (*widths, max_model_len)
 
 
 CUBLAS_DECODE_ROWS = 128
@@ -488,7 +500,7 @@ class Runner:
         """Compiles every program start-up needs: the forward of each token bucket and its
         decode-only form where T == B, the multi-step decodes, the sampler of each row bucket B in
         every mode and the programs that adjust B rows' logits (logit bias of each width,
-        penalties). `pages` may still be abstract (`jax.ShapeDtypeStruct`):
+        penalties of each history width). `pages` may still be abstract (`jax.ShapeDtypeStruct`):
         the pool can be sized after. Returns the most device memory one program needs besides
         its inputs (XLA's temporaries and the outputs that reuse no donated input).
 
@@ -531,20 +543,20 @@ class Runner:
         row_buckets = sorted({min(t, self.max_num_seqs) for t in self.buckets})
         for t in self.buckets:
             for decode in (False, True) if t <= self.max_num_seqs and not multi else (False,):
-                batch = _forward_only(self._padding_batch(t, False, decode))
+                batch = _forward_only(self._padding_batch(t, decode))
                 programs.append((self._forward, (self.params, self.pages, self.prev_tokens, batch)))
         t = self.all_logits_bucket()[0]  # the forward of prompt-logprobs steps
         targets = jnp.full(t, -1, jnp.int32, device=self.replicated)
-        batch = _forward_only(self._padding_batch(t, False, False))._replace(lp_targets=targets)
+        batch = _forward_only(self._padding_batch(t, False))._replace(lp_targets=targets)
         programs.append((self._forward, (self.params, self.pages, self.prev_tokens, batch)))
         for b, mode in itertools.product(row_buckets if multi else (), self.sampler_modes()):
-            batch, d = self._padding_batch(b, False, True), self._decode_steps(None, (), b)
+            batch, d = self._padding_batch(b, True), self._decode_steps(None, (), b)
             args = (self.params, self.pages, self.prev_tokens, self.prev_stopped, batch, d, mode)
             programs.append((self._decode_program(b), args))
         vocab = self.decoder.cfg.vocab_size
         for b in row_buckets:
             logits = jnp.zeros((b, vocab), jnp.float32, device=self._logits_sharding(vocab))
-            batch = self._padding_batch(b, True, False)  # its [b] sampler inputs, a history
+            batch = self._padding_batch(b, False)  # its [b] sampler inputs
             for mode in self.sampler_modes():
                 programs.append((self._sample, (logits, logits, batch.sampling, mode)))
             for width in BIAS_WIDTHS:
@@ -552,8 +564,11 @@ class Runner:
                     *put_tree(logit_bias_arrays([_no_entries(width)], b), self.replicated)
                 )
                 programs.append((self._add_bias, (logits, bias, batch.sampling.step)))
-            history = (batch.history, batch.history_is_output, self.prev_tokens)
-            programs.append((self._penalize, (logits, batch.sampling, *history)))
+            for width in self._histories.widths:
+                history = put_tree(_no_history(b, width), self.replicated)
+                programs.append(
+                    (self._penalize, (logits, batch.sampling, *history, self.prev_tokens))
+                )
         return programs
 
     def build(self, plan: StepPlan, rows: Sequence[RowInfo], square: bool = False) -> StepBatch:
@@ -613,7 +628,7 @@ class Runner:
         return min(self.max_pages_per_seq, 1 << max(need - 1, 0).bit_length())
 
     def _history(self, plan: StepPlan, rows: Sequence[RowInfo], b: int):
-        """Prompt + output ids [B, max_model_len] when any row uses penalties, else (None, None)
+        """Prompt + output ids [B, S] when any row uses penalties, else (None, None)
         (`TokenHistories`), on the device."""
         arrays = self._histories.arrays(plan, rows, b, self._prev_rows)
         return (None, None) if arrays is None else put_tree(arrays, self.replicated)
@@ -637,7 +652,7 @@ class Runner:
         entries = [r.bias if uses_bias(r) else None for r in rows]
         return put_tree(logit_bias_arrays(entries, b), self.replicated)
 
-    def _padding_batch(self, t: int, penalties: bool, decode: bool) -> StepBatch:
+    def _padding_batch(self, t: int, decode: bool) -> StepBatch:
         b = min(t, self.max_num_seqs)
         zeros = lambda n: jnp.zeros(n, jnp.int32, device=self.replicated)
         meta = PagedMeta(
@@ -648,25 +663,15 @@ class Runner:
             decode=decode,
         )
         sampling = put_tree(sampling_arrays([], [], [], pad_to=b), self.replicated)
-        history = (
-            put_tree(
-                (
-                    np.full((b, self.max_model_len), -1, np.int32),
-                    np.zeros((b, self.max_model_len), bool),
-                ),
-                self.replicated,
-            )
-            if penalties
-            else (None, None)
-        )
         src = jnp.full(t, -1, jnp.int32, device=self.replicated)
-        return StepBatch(zeros(t), src, zeros(t), meta, zeros(b), sampling, *history)
+        return StepBatch(zeros(t), src, zeros(t), meta, zeros(b), sampling, None, None)
 
 
 class TokenHistories:
     """The host arrays of a step's penalties: each row's prompt + output ids and which are
-    output, [B, max_model_len] (-1: none). A sample of the step in flight (a PLACEHOLDER, only
-    ever the last) is -2 - its row there (`Runner._penalize_fn` reads it on the device).
+    output, [B, S] (-1: none), S the narrowest of `history_widths` that holds the step's longest
+    penalized sequence. A sample of the step in flight (a PLACEHOLDER, only ever the last) is
+    -2 - its row there (`Runner._penalize_fn` reads it on the device).
 
     Each penalized sequence's ids are kept as int32 from step to step (by request id and
     arrival, for this step's rows only): a step copies the tokens resolved since, not the whole
@@ -675,15 +680,17 @@ class TokenHistories:
 
     def __init__(self, max_model_len: int):
         self.max_model_len = max_model_len
+        self.widths = history_widths(max_model_len)
         self._known: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
 
     def arrays(self, plan: StepPlan, rows: Sequence[RowInfo], b: int, prev_rows: dict):
         """(ids, is_output) of the plan's rows, or None where no row uses penalties."""
         known, self._known = self._known, {}  # those of this step's rows stay
-        if not any(uses_penalties(r.params) for r in rows):
+        longest = max((len(r.token_ids) for r in rows if uses_penalties(r.params)), default=0)
+        if not longest:
             return None
-        ids = np.full((b, self.max_model_len), -1, np.int32)
-        is_output = np.zeros((b, self.max_model_len), bool)
+        width = next(w for w in self.widths if w >= longest)
+        ids, is_output = _no_history(b, width)
         for i, (s, r) in enumerate(zip(plan.seqs, rows)):
             if uses_penalties(r.params):
                 n, key = len(r.token_ids), (s.request_id, s.arrival)
@@ -702,6 +709,11 @@ class TokenHistories:
         buf[have:n] = token_ids[have:n]
         self._known[key] = (buf, n - (token_ids[-1] == PLACEHOLDER))
         return buf[:n]
+
+
+def _no_history(b: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host (ids, is_output) [b, width] of rows with no history."""
+    return np.full((b, width), -1, np.int32), np.zeros((b, width), bool)
 
 
 def _no_entries(width: int) -> Entries:

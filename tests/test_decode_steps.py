@@ -236,7 +236,7 @@ def test_decode_steps_of_padding_rows_write_nothing(tiny_model):
     engine = Engine(tiny_model, max_num_seqs=4, num_pages=8, warmup=False, num_decode_steps=4)
     runner = engine.runner
     before = [np.asarray(x) for x in runner.pages[0]]
-    batch = runner._padding_batch(4, False, True)
+    batch = runner._padding_batch(4, True)
     out = runner.collect(
         Dispatched(4, runner.decode(batch, runner._decode_steps(None, (), 4), "sample"), True)
     )

@@ -410,8 +410,8 @@ def test_penalized_steps_overlap_and_penalize_the_sample_in_flight(tiny_model):
     step's sample, still on the device) is in its history all the same, whichever row it had.
     A logit_bias makes one token each request's favourite, so that only its penalties keep it
     from coming again at once. Three such requests beside a plain one, rows reordered as the
-    plain one ends."""
-    prompts = prompts_of(tiny_model, (9, 4, 15, 6), seed=8)
+    plain one ends. The third grows past 128 tokens, so its steps' history widens."""
+    prompts = prompts_of(tiny_model, (9, 4, 124, 6), seed=8)
     favourite = [t for t in range(tiny_model.config.vocab_size) if t not in sum(prompts, [])][:3]
     # (repetition, frequency, presence)
     settings = [(4.0, 0.0, 0.0), (1.0, 2.0, 0.0), (1.0, 1.0, 1.5)]
@@ -420,10 +420,19 @@ def test_penalized_steps_overlap_and_penalize_the_sample_in_flight(tiny_model):
         max_num_seqs=4,
         max_num_batched_tokens=64,
         page_size=16,
-        num_pages=12,
+        num_pages=16,
         warmup=False,
         attention_impl="xla",
     )
+    widths = []  # of each step's history
+    arrays = engine.runner._histories.arrays
+
+    def record_width(*args):
+        out = arrays(*args)
+        widths.extend([] if out is None else [out[0].shape[1]])
+        return out
+
+    engine.runner._histories.arrays = record_width
     greedy = dict(temperature=0, ignore_eos=True)
     engine.add_request("plain", prompts[3], SamplingParams(max_tokens=3, **greedy))
     for i, (rep, freq, pres) in enumerate(settings):
@@ -444,6 +453,7 @@ def test_penalized_steps_overlap_and_penalize_the_sample_in_flight(tiny_model):
         for out in outs:
             seen.setdefault(out.request_id, []).append(out)
     assert overlapped >= 8  # steps that returned outputs with the next one queued
+    assert widths[0] == 128 and widths[-1] == 256 and sorted(widths) == widths
     for i, (rep, freq, pres) in enumerate(settings):
         bias = {favourite[i]: BIAS}
         want = penalized_greedy(tiny_model, prompts[i], 10, bias, rep, freq, pres)
@@ -493,6 +503,14 @@ def test_token_histories_copy_what_is_new_and_match_the_lists():
     lists["a"] = [1, 2]  # "a" again, a new sequence
     np.testing.assert_array_equal(step({"a": 2, "b": 1}, {})[0], expected({}))
     assert step({"a": 2, "b": 1}, {})[0][1, :4].tolist() == [9, 4, 3, -1]
+
+
+def test_history_widths_double_up_to_the_context():
+    from jaxinfer.runner import history_widths
+
+    assert history_widths(8192) == (128, 256, 512, 1024, 2048, 4096, 8192)
+    assert history_widths(1000) == (128, 256, 512, 1000)
+    assert history_widths(128) == (128,) and history_widths(64) == (64,)
 
 
 def test_prefix_cache_hits_skip_compute_and_match(tiny_model):
@@ -571,7 +589,10 @@ def test_no_recompiles_after_warmup(tiny_model, monkeypatch):
     modes = len(engine.runner.sampler_modes())  # SAMPLE_MODES and TOP_K_ONLY
     forwards, decodes = len(buckets) + 1, modes * rows
     samplers = modes * rows  # per row bucket and mode
-    biases, penalties = len(BIAS_WIDTHS) * rows, rows  # per row bucket (and bias width)
+    # per row bucket, and bias width or history width
+    biases = len(BIAS_WIDTHS) * rows
+    penalties = len(engine.runner._histories.widths) * rows
+    assert engine.runner._histories.widths == (128, engine.max_model_len) == (128, 256)
     assert compiled == forwards + decodes + samplers + biases + penalties
     # Each traced once and compiled once: none again for the pools its first calls hand back.
     names = ("_forward_fn", "_decode_fn", "_sample_fn", "_add_bias_fn", "_penalize_fn")

@@ -171,7 +171,7 @@ def test_engine_programs_have_no_host_waits(gpu_kernels, family, decode):
         max_num_batched_tokens=32,
         max_model_len=256,
     )
-    batch = runner._padding_batch(16 if decode else 32, False, decode)
+    batch = runner._padding_batch(16 if decode else 32, decode)
     forward = lower_for_cuda(
         runner._forward_fn,
         model.params,
@@ -189,12 +189,12 @@ def test_engine_programs_have_no_host_waits(gpu_kernels, family, decode):
         assert "stablehlo.while" not in sampler, mode
         assert mode == "filter" or "stablehlo.case" not in sampler, mode
     # the programs that adjust the logits (logit bias, penalties)
-    (bias_args, penalty_args) = [
-        args
-        for fn, args in runner.warmup_programs()
-        if fn in (runner._add_bias, runner._penalize) and args[0].shape[0] == 16
-    ][-2:]
-    for fn, args in ((runner._add_bias_fn, bias_args), (runner._penalize_fn, penalty_args)):
+    programs = runner.warmup_programs()
+    for jitted, fn in (
+        (runner._add_bias, runner._add_bias_fn),
+        (runner._penalize, runner._penalize_fn),
+    ):
+        args = [a for f, a in programs if f is jitted and a[0].shape[0] == 16][-1]  # the widest
         text = lower_for_cuda(fn, *args)
         assert "stablehlo.while" not in text and "stablehlo.case" not in text, fn
     # past 256 tokens a row, mode "filter" has its branches, and still no loop
