@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -642,6 +643,10 @@ def serve_random_requests(engine, rng):
         engine.step()
 
 
+# Float32 logprobs of an engine step against forward()'s: on a GPU float32 matmuls run in TF32.
+LOGPROB_TOL = 5e-3 if jax.default_backend() == "gpu" else 1e-4
+
+
 def test_logprobs_are_log_softmax_of_the_model(tiny_model):
     prompt = prompts_of(tiny_model, (6,), seed=6)[0]
     engine = Engine(
@@ -664,7 +669,7 @@ def test_logprobs_are_log_softmax_of_the_model(tiny_model):
     )
     for i, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
         row = logp[len(prompt) - 1 + i]
-        assert token in entry and abs(entry[token] - row[token]) < 1e-4
+        assert token in entry and abs(entry[token] - row[token]) < LOGPROB_TOL
         top = np.argsort(-row)[:4]
         assert set(top.tolist()) <= set(entry)
 
@@ -750,7 +755,9 @@ def test_block_tables_as_wide_as_the_step_needs_on_the_xla_path(tiny_model):
     tokens are those of full-width tables."""
     prompts = prompts_of(tiny_model, (5, 70, 20), seed=4)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    options = dict(max_num_seqs=4, num_pages=64, max_model_len=256, attention_impl="xla")
+    options = dict(
+        max_num_seqs=4, num_pages=64, max_model_len=256, attention_impl="xla", warmup=False
+    )
     llm = LLM(model=tiny_model, **options)
     widths = []
     build = llm.engine.runner.build

@@ -314,7 +314,7 @@ def test_prompt_logprobs_steps_run_one_program_compiled_at_start_up(tiny_model, 
     of ALL_LOGITS_TOKENS (here 32 of a 64-token budget), whose forward start-up compiles and
     counts in the pool's sizing: after start-up, prompts of 41 and 4 tokens (a step of 32
     tokens, then one of 13) compile nothing, and their logprobs are the model's. Without a
-    start-up compile (a CPU's default) each such step keeps its own bucket."""
+    start-up compile (a CPU's default; here on any device) each such step keeps its own bucket."""
     from jaxinfer import scheduler
     from jaxinfer.runner import working_bytes
 
@@ -324,7 +324,7 @@ def test_prompt_logprobs_steps_run_one_program_compiled_at_start_up(tiny_model, 
     )
     runner = engine.runner
     assert runner.all_logits_bucket() == (32, 4) and runner.one_all_logits_bucket
-    lazy = Engine(tiny_model, max_num_seqs=4, max_num_batched_tokens=64, num_pages=32)
+    lazy = Engine(tiny_model, max_num_seqs=4, max_num_batched_tokens=64, num_pages=32, warmup=False)
     assert not lazy.runner.one_all_logits_bucket
     lazy.close()
     (lp_program,) = [
