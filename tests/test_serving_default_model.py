@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from serving_utils import ROOT, ServerProcess, free_port
+from serving_utils import ROOT, ServerProcess
 
 import jaxinfer
 from jaxinfer.serving.client import Client
@@ -29,12 +29,11 @@ def test_default_model_text_matches_llm_generate(tmp_path):
     from jaxinfer.checkpoint import ensure_default_model
 
     ensure_default_model()  # converted here once, not by two processes at a time
-    http_port = free_port()
     srv = ServerProcess(
         [
             "--dtype=float32",
             "--http-port",
-            str(http_port),
+            "0",
             "--served-model-name",
             "smol",
             "--no-warmup",  # compiled on first use (test_serving_grpc's server warms up)
@@ -75,7 +74,7 @@ def test_default_model_text_matches_llm_generate(tmp_path):
                 timeout=300,
                 cwd=ROOT,
             )
-            chat = pool.submit(openai_chat, http_port, QUESTION)
+            chat = pool.submit(openai_chat, srv.http_port, QUESTION)
             answers = {
                 "stream": stream.result(),
                 "whole": whole.result(),

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from conftest import build_hf_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_utils import ServerProcess, free_port
+from serving_utils import ServerProcess
 from test_engine import fake_engine
 
 import jaxinfer
@@ -124,15 +124,14 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_path, tmp_path_factory):
-    http_port = free_port()
     srv = ServerProcess(
         ["--model", str(tiny_path), *ENGINE_ARGS, "--engine-process", "on", "--no-warmup"]
-        + ["--http-port", str(http_port)],
+        + ["--http-port", "0"],
         tmp_path_factory.mktemp("log") / "server.log",
     )
-    srv.http = f"http://127.0.0.1:{http_port}/v1/completions"
     try:
         srv.wait_healthy(240)
+        srv.http = f"http://127.0.0.1:{srv.http_port}/v1/completions"
         yield srv
     finally:
         assert srv.stop() == 0, srv.log()  # the engine was killed: the server still stops well

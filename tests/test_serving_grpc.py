@@ -20,7 +20,7 @@ import pytest
 from conftest import build_hf_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from serving_utils import ROOT, ServerProcess, free_port, self_signed_cert
+from serving_utils import ROOT, ServerProcess, self_signed_cert
 
 import jaxinfer
 from jaxinfer.serving.client import auth_metadata, generate_request
@@ -45,7 +45,6 @@ def server(tiny_path, tmp_path_factory):
     """TLS, an API key (from $JAXINFER_API_KEY), metrics: started once for the module."""
     d = tmp_path_factory.mktemp("tls")
     cert, key = self_signed_cert(d)
-    metrics_port = free_port()
     srv = ServerProcess(
         [
             "--model",
@@ -56,7 +55,7 @@ def server(tiny_path, tmp_path_factory):
             "--tls-key",
             str(key),
             "--metrics-port",
-            str(metrics_port),
+            "0",
             "--grace-period",
             "60",
         ],
@@ -64,7 +63,6 @@ def server(tiny_path, tmp_path_factory):
         env={"JAXINFER_API_KEY": KEY},
         root_cert=cert.read_bytes(),
     )
-    srv.metrics_port = metrics_port
     try:
         srv.wait_healthy(240)
         yield srv

@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 from conftest import build_hf_model
-from serving_utils import ServerProcess, free_port
+from serving_utils import ServerProcess
 
 import jaxinfer
 from jaxinfer.serving.client import auth_metadata
@@ -65,20 +65,19 @@ def tiny_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_path, tmp_path_factory):
     d = tmp_path_factory.mktemp("http")
-    http_port, metrics_port = free_port(), free_port()
     srv = ServerProcess(
         [
             "--model",
             str(tiny_path),
             *ENGINE_ARGS,
             "--http-port",
-            str(http_port),
+            "0",
             "--served-model-name",
             NAME,
             "--api-key",
             KEY,
             "--metrics-port",
-            str(metrics_port),
+            "0",
             "--max-queue",
             "24",
             "--grace-period",
@@ -87,7 +86,6 @@ def server(tiny_path, tmp_path_factory):
         ],
         d / "server.log",
     )
-    srv.http_port = http_port
     try:
         srv.wait_healthy(240)
         yield srv

@@ -361,11 +361,12 @@ async def serve(args: argparse.Namespace, engine: Engine, model_path: str) -> in
     loop.observer = metrics.observe
     if args.metrics_port is not None:
         try:
-            metrics.serve(args.metrics_port, args.host)
+            port = metrics.serve(args.metrics_port, args.host)
         except OSError as e:
             raise options.StartError(
                 f"the metrics cannot listen on {args.host}:{args.metrics_port} ({e})"
             ) from None
+        log.info("serving metrics on http://%s:%d/metrics", args.host, port)
     loop.start()
     try:
         server, http = await _start_fronts(args, loop, metrics, model_path)
@@ -406,13 +407,12 @@ async def _start_fronts(args, loop: EngineLoop, metrics: Metrics, model_path: st
             tls=tls,
         )
         log.info(
-            "serving gRPC for %s on %s:%d (%s%s)%s",
+            "serving gRPC for %s on %s:%d (%s%s)",
             model_path,
             args.host,
             server.port,
             "TLS" if tls else "plaintext",
             ", API key required" if args.api_key else "",
-            f", metrics on :{args.metrics_port}" if args.metrics_port is not None else "",
         )
     if args.http_port is not None:
         from jaxinfer.serving import http_server

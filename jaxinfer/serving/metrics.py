@@ -114,9 +114,10 @@ class Metrics:
         if rec.total_s is not None:
             self.e2e.observe(rec.total_s)
 
-    def serve(self, port: int, host: str) -> None:
-        """Serves /metrics over HTTP on a daemon thread."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str) -> int:
+        """Serves /metrics over HTTP on a daemon thread; returns the port (0 picks one)."""
+        httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+        return httpd.server_port
 
     def text(self) -> bytes:
         """The metrics in Prometheus' text format (the HTTP front's /metrics)."""
