@@ -27,8 +27,9 @@ LISTENING = {
 
 class ServerProcess:
     """A `scripts/serve.py` subprocess; its log goes to `log_path`. It listens on ports it picks
-    (port 0), which `wait_healthy` reads from its log: two test workers that each picked a free
-    port and passed it on could both have been given the same one."""
+    (port 0), which `wait_healthy` reads from its log (INFO lines, the default level): two test
+    workers that each picked a free port and passed it on could both have been given the same
+    one."""
 
     def __init__(
         self,
