@@ -214,8 +214,8 @@ class Runner:
         replicated = {} if mesh is None else {"out_shardings": self.replicated}
         self._sample = jax.jit(self._sample_fn, static_argnums=(3,), **replicated)
         # A step whose rows have logit_bias / min_tokens entries or penalties adjusts the logits
-        # in programs of their own before the sampler (one per row bucket, and bias width):
-        # few and small, so start-up compiles them all.
+        # in programs of their own before the sampler (one per row bucket, and bias or history
+        # width): few and small, so start-up compiles them all.
         self._add_bias = jax.jit(self._add_bias_fn)
         self._penalize = jax.jit(self._penalize_fn)
         decode_jit = functools.partial(
@@ -686,18 +686,19 @@ class TokenHistories:
     def arrays(self, plan: StepPlan, rows: Sequence[RowInfo], b: int, prev_rows: dict):
         """(ids, is_output) of the plan's rows, or None where no row uses penalties."""
         known, self._known = self._known, {}  # those of this step's rows stay
-        longest = max((len(r.token_ids) for r in rows if uses_penalties(r.params)), default=0)
-        if not longest:
+        penalized = [
+            (i, s, r) for i, (s, r) in enumerate(zip(plan.seqs, rows)) if uses_penalties(r.params)
+        ]
+        if not penalized:
             return None
-        width = next(w for w in self.widths if w >= longest)
-        ids, is_output = _no_history(b, width)
-        for i, (s, r) in enumerate(zip(plan.seqs, rows)):
-            if uses_penalties(r.params):
-                n, key = len(r.token_ids), (s.request_id, s.arrival)
-                ids[i, :n] = self._ids(known.get(key), r.token_ids, key)
-                if r.token_ids[-1] == PLACEHOLDER:
-                    ids[i, n - 1] = -2 - prev_rows[s.request_id]
-                is_output[i, r.num_prompt_tokens : n] = True
+        longest = max(len(r.token_ids) for _, _, r in penalized)
+        ids, is_output = _no_history(b, next(w for w in self.widths if w >= longest))
+        for i, s, r in penalized:
+            n, key = len(r.token_ids), (s.request_id, s.arrival)
+            ids[i, :n] = self._ids(known.get(key), r.token_ids, key)
+            if r.token_ids[-1] == PLACEHOLDER:
+                ids[i, n - 1] = -2 - prev_rows[s.request_id]
+            is_output[i, r.num_prompt_tokens : n] = True
         return ids, is_output
 
     def _ids(self, known, token_ids: Sequence[int], key) -> np.ndarray:
