@@ -12,7 +12,7 @@ One step reads top to bottom:
 so the host plans and post-processes while the device computes (asynchronous scheduling). A
 request that a step finishes may have one more token computed by the step already queued; that
 token is dropped. `async_scheduling=False` resolves each step before the next is dispatched. A
-step with penalties reads its rows' token histories, the last token of each the sample in
+step with penalties reads its rows' token histories, the last tokens of each the samples in
 flight, taken on the device like the step's own input tokens. A program whose sampler branches
 on the device (mode "filter": the rows that sort their whole rows) is queued by the runner's
 worker thread, since XLA's host waits for each branch's predicate while it queues; a fault while
@@ -21,18 +21,18 @@ it is queued ends its requests at the next step.
 When every running request decodes and none could be admitted, one program runs up to
 `num_decode_steps` (k) decode steps (scheduler.py, runner.py): the host plans, builds, queues and
 reads back once per k tokens (single steps instead when most of its rows would reach max_tokens
-within it). Stop ids and length limits apply on the device; stop strings,
-logprobs and seeded samples are those of single steps, and an output then carries every token
-the program made for its request (the text deltas joined are the same). The cost: a request that
-arrives (or is aborted) meanwhile waits for the program in flight, up to k steps. While a request
-with penalties or `logit_bias` runs, or one short of its `min_tokens`, every program takes one
-step: small programs of their own, compiled with the rest, adjust its logits before the
-sampler. A step
-with a prompt chunk of a request that wants its prompt's logprobs holds at most
-scheduler.ALL_LOGITS_TOKENS tokens: its forward keeps every token's logits ([T, V] float32).
-Where start-up compiles the programs (`warmup`), every such step runs in that many tokens'
-bucket, one program that start-up compiles and the pool's sizing counts. Such a request skips
-the prefix cache, whose cached tokens would have no logits.
+within it). Stop ids and length limits apply on the device; stop strings, logprobs, penalties
+(their counts kept up to date step by step in the program) and seeded samples are those of
+single steps, and an output then carries every token the program made for its request (the
+text deltas joined are the same). The cost: a request that arrives (or is aborted) meanwhile
+waits for the program in flight, up to k steps. While a request with `logit_bias` runs, or one
+short of its `min_tokens`, every program takes one step: small programs of their own, compiled
+with the rest, add its entries to the logits before the sampler. A step with a prompt chunk of
+a request that wants its prompt's logprobs holds at most scheduler.ALL_LOGITS_TOKENS tokens: its
+forward keeps every token's logits ([T, V] float32). Where start-up compiles the programs
+(`warmup`), every such step runs in that many tokens' bucket, one program that start-up
+compiles and the pool's sizing counts. Such a request skips the prefix cache, whose cached
+tokens would have no logits.
 
 Inside the engine a request is its id and its sequence's arrival number: an id may be reused
 as soon as its request ends (abort, stop), while a step planned for the old one is in flight;
@@ -70,7 +70,7 @@ from jaxinfer.platform import (
     logger,
     use_compilation_cache,
 )
-from jaxinfer.runner import RowInfo, Runner, uses_penalties
+from jaxinfer.runner import RowInfo, Runner
 from jaxinfer.sampling import Entries, SamplingParams, bias_entries
 from jaxinfer.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig, SequenceStatus
 from jaxinfer.scheduler import Sequence as Seq
@@ -284,9 +284,9 @@ class Engine:
             decode_steps=config.num_decode_steps,
         )
         self.requests: dict[str, _Request] = {}
-        # Requests whose steps run one a program: penalties or logit_bias (as long as they run),
-        # min_tokens (until they have them; `_single_steps`)
-        self._penalized: set[str] = set()
+        # Requests whose steps run one a program: logit_bias (as long as they run), min_tokens
+        # (until they have them; `_single_steps`)
+        self._biased: set[str] = set()
         self._short: set[str] = set()
         self._aborted: list[RequestOutput] = []
         self._in_flight = None  # (plan, runner handle) committed but not resolved
@@ -533,8 +533,8 @@ class Engine:
         req.seed = seed
         req.arrival = time.perf_counter()
         self.requests[req.seq.request_id] = req
-        if uses_penalties(params) or params.logit_bias:
-            self._penalized.add(req.seq.request_id)
+        if params.logit_bias:
+            self._biased.add(req.seq.request_id)
         if params.min_tokens:
             self._short.add(req.seq.request_id)
 
@@ -565,7 +565,7 @@ class Engine:
 
     def _pop(self, request_id: str) -> _Request | None:
         """Takes an ended request out of the engine's books."""
-        self._penalized.discard(request_id)
+        self._biased.discard(request_id)
         self._short.discard(request_id)
         return self.requests.pop(request_id, None)
 
@@ -601,15 +601,15 @@ class Engine:
         return outputs
 
     def _single_steps(self) -> bool:
-        """Whether this step's programs take one step: penalties (over the token history) and
-        bias entries (logit_bias, min_tokens) adjust a single step's logits in programs of
-        their own (`Runner.step`), not inside a multi-step program."""
+        """Whether this step's programs take one step: bias entries (logit_bias, min_tokens)
+        adjust a single step's logits in programs of their own (`Runner.step`), not inside a
+        multi-step program."""
         for rid in [r for r in self._short if self._has_min_tokens(r)]:
             self._short.discard(rid)
         # Running ones only: a waiting one joins in a step that admits it, and no multi-step
         # program is planned while one could be admitted (scheduler.py)
         running = SequenceStatus.RUNNING
-        return any(self.requests[r].seq.status is running for r in (*self._penalized, *self._short))
+        return any(self.requests[r].seq.status is running for r in (*self._biased, *self._short))
 
     def _has_min_tokens(self, request_id: str) -> bool:
         req = self.requests[request_id]

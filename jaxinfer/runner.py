@@ -1,30 +1,33 @@
 """StepPlan -> padded, bucketed batch arrays -> two jitted programs per step -> samples.
 
-The programs are the model forward (page pools donated; packed tokens -> logits of each row) and
-the sampler, compiled per static mode (greedy / sample / filter, picked on the host), so that no
+The programs are the model forward (page pools donated; packed tokens -> logits of each row) and the
+sampler, compiled per static mode (greedy / sample / filter, picked on the host), so that no
 `lax.cond` makes the host wait for the device. Where a row has logit bias entries (logit_bias,
-min_tokens) or penalties, one or two programs between them adjust the logits the rows draw
-from (the logprobs stay the model's); start-up compiles these too. The step's T packed tokens
-are padded to a token bucket (powers of two up to the step budget) and its sequences to
-B = min(T, max_num_seqs) rows, so each bucket compiles once. Padding tokens write to no slot
-and belong to no sequence; padding rows compute nothing and sample greedily.
+min_tokens) or penalties, programs between them adjust the logits the rows draw from (the logprobs
+stay the model's): the bias, and the penalties from each row's `penalty_state` [B, V], which a
+program makes from the rows' token histories; start-up compiles these too. The step's T packed
+tokens are padded to a token bucket (powers of two up to the step budget) and its sequences to B =
+min(T, max_num_seqs) rows, so each bucket compiles once. Padding tokens write to no slot and belong
+to no sequence; padding rows compute nothing and sample greedily.
 
-`dispatch` returns as soon as the step is queued on the device; `collect` waits for its samples.
-A PLACEHOLDER token in a plan (a sample of the step dispatched just before, not yet on the host)
-is read inside the jitted step from that step's sampled tokens, which stay on the device.
+`dispatch` returns as soon as the step is queued on the device; `collect` waits for its samples. A
+PLACEHOLDER token in a plan (a sample of the step dispatched just before, not yet on the host) is
+read inside the jitted step from that step's sampled tokens, which stay on the device.
 
-With `decode_steps` k > 1, a decode-only plan (no penalties) whose rows take more than one step
+With `decode_steps` k > 1, a decode-only plan (no logit bias) whose rows take more than one step
 runs as one program of k decode steps, a `lax.scan` of k iterations: forward, sample, and the
 samples are the next step's tokens, at the next positions, written to the slots the block tables
-give. Row i is live for its entry's `num_steps` steps and until it samples one of its stop ids
-(at most MAX_STOP_IDS of them are checked on the device; the host checks them all); a row that is
-not live writes no K/V, and whether it stopped carries over to the next program like its last
-sample does. The loop's trip count is static, so XLA runs it on a GPU without reading anything
-back (a `while_loop` that stopped once every row had stopped made the host wait on a predicate
-each step: 0.8 ms of idle device a step at batch 1); unrolled, the k copies made a cold engine
-start 2.7x longer and ran 20% slower at batch 1 (H200). One program per row bucket and sampler
-mode; on a GPU those of CUBLAS_DECODE_ROWS rows or more have their matmuls compiled for cuBLAS
-(`cublas_decode_rows`).
+give. Its rows draw with their penalties: the program takes their penalty state (zeros where no row
+has penalties, which leaves the logits bit for bit) and adds each step's samples to it, so a
+penalized row's tokens are those of single steps. Row i is live for its entry's `num_steps` steps
+and until it samples one of its stop ids (at most MAX_STOP_IDS of them are checked on the device;
+the host checks them all); a row that is not live writes no K/V, and whether it stopped carries over
+to the next program like its last sample does. The loop's trip count is static, so XLA runs it on a
+GPU without reading anything back (a `while_loop` that stopped once every row had stopped made the
+host wait on a predicate each step: 0.8 ms of idle device a step at batch 1); unrolled, the k copies
+made a cold engine start 2.7x longer and ran 20% slower at batch 1 (H200). One program per row
+bucket and sampler mode; on a GPU those of CUBLAS_DECODE_ROWS rows or more have their matmuls
+compiled for cuBLAS (`cublas_decode_rows`).
 """
 
 from __future__ import annotations
@@ -58,11 +61,12 @@ from jaxinfer.sampling import (
     SamplingArrays,
     SamplingParams,
     apply_logit_bias,
-    apply_penalties,
+    apply_penalty_state,
+    count_sample,
     logit_bias_arrays,
+    penalty_state,
     prompt_logprobs,
     sample_adjusted,
-    sample_rows,
     sampler_mode,
     sampling_arrays,
 )
@@ -79,8 +83,8 @@ class StepBatch(NamedTuple):
     meta: PagedMeta
     sample_idx: Int[Array, "B"]  # which packed token's logits row b samples from
     sampling: SamplingArrays
-    # Prompt + output ids for penalties (-1: none; -2 - r: row r's sample of the step before,
-    # still on the device); None when no row uses them.
+    # Prompt + output ids for penalties (-1: none; <= -2: a sample of the program before, still
+    # on the device, `TokenHistories`); None when no row uses them.
     history: Int[Array, "B S"] | None
     history_is_output: Bool[Array, "B S"] | None
     bias: LogitBias | None = None  # logit_bias and min_tokens entries; None when no row has one
@@ -215,11 +219,16 @@ class Runner:
         self._sample = jax.jit(self._sample_fn, static_argnums=(3,), **replicated)
         # A step whose rows have logit_bias / min_tokens entries or penalties adjusts the logits
         # in programs of their own before the sampler (one per row bucket, and bias or history
-        # width): few and small, so start-up compiles them all.
+        # width): few and small, so start-up compiles them all. Penalties go through each row's
+        # `penalty_state` [B, V], made from its history by a program of its own; a multi-step
+        # decode takes it too (zeros where no row has penalties) and adds its samples to it.
         self._add_bias = jax.jit(self._add_bias_fn)
+        self._penalty_state = jax.jit(self._penalty_state_fn)
         self._penalize = jax.jit(self._penalize_fn)
+        # 2 x (output count) + 1 must fit: int16 up to 16,383 tokens, half the bytes a step reads
+        self.state_dtype = jnp.int16 if 2 * max_model_len < 2**15 else jnp.int32
         decode_jit = functools.partial(
-            jax.jit, self._decode_fn, donate_argnums=(1,), static_argnums=(6,)
+            jax.jit, self._decode_fn, donate_argnums=(1,), static_argnums=(7,)
         )
         self._decode = decode_jit()
         # Decode programs of many rows with XLA's matmuls by cuBLAS rather than its Triton GEMMs
@@ -229,12 +238,18 @@ class Runner:
             decode_jit(compiler_options=CUBLAS_OPTIONS) if self.cublas_rows is not None else None
         )
         # The last dispatched step's sampled tokens [max_num_seqs] (on the device), whether each
-        # row stopped in it (multi-step decodes only), and its rows.
+        # row stopped in it (multi-step decodes only), and its rows; the last multi-step
+        # decode's samples [k, max_num_seqs] (each step's), and whether the last step was one.
         self.prev_tokens = jnp.zeros(max_num_seqs, jnp.int32, device=self.replicated)
         self._no_stops = jnp.zeros(max_num_seqs, bool, device=self.replicated)
         self.prev_stopped = self._no_stops
+        self.prev_outs = jnp.zeros((decode_steps, max_num_seqs), jnp.int32, device=self.replicated)
         self._prev_rows: dict[str, int] = {}
-        self._histories = TokenHistories(max_model_len)
+        self._prev_multi = False
+        self._histories = TokenHistories(max_model_len, max_num_seqs)
+        # A multi-step decode's penalty state where no row has penalties, one per row bucket
+        # (made once: 2 bytes a row and vocabulary id, 0.26 GB for 512 seats of 128k ids).
+        self._no_penalties: dict[int, jax.Array] = {}
         self.last_prompt: PromptLogprobs | None = None  # the last single step's, if asked
         # Where start-up compiles the programs: prompt-logprobs steps run in the one bucket
         # whose program it compiles (`all_logits_bucket`); without, each in its own (programs
@@ -275,12 +290,21 @@ class Runner:
         return pages, self._logits_layout(logits[:, 0] if sample_idx is not None else logits[0])
 
     def _decode_fn(
-        self, params, pages, prev_tokens, prev_stopped, batch: StepBatch, d: DecodeSteps, mode
+        self,
+        params,
+        pages,
+        prev_tokens,
+        prev_stopped,
+        batch: StepBatch,
+        d: DecodeSteps,
+        penalties: Int[Array, "B V"],
+        mode,
     ):
         """k decode steps of a decode-only batch (T == B: token b is row b's): returns the pages,
         the samples of every step (SampleOutput, each field [k, B, ...]; a row's samples after
-        it stopped are not its), and each row's last sample and whether it stopped,
-        [max_num_seqs] each."""
+        it stopped are not its), each row's last sample and whether it stopped, [max_num_seqs]
+        each, and the samples' tokens [k, max_num_seqs]. Rows draw from their logits with
+        `penalties` (`penalty_state`) applied, and each step's live samples are added to it."""
         self.num_compiles += 1  # runs at trace time only
         size, src = self.page_size, batch.token_src
         tokens = _step_tokens(prev_tokens, batch)  # [B]
@@ -288,7 +312,7 @@ class Runner:
         meta, steps = batch.meta, d.num_steps
 
         def one_step(carry, i):
-            pages, tokens, last, stopped = carry
+            pages, tokens, last, stopped, penalties = carry
             live = (i < steps) & ~stopped  # [B]
             # A row past its steps stays at its last position: its table covers it.
             pos = batch.positions + jnp.minimum(i, jnp.maximum(steps - 1, 0))
@@ -299,25 +323,29 @@ class Runner:
             )
             pages, logits = self._logits(params, pages, tokens, pos, step_meta, batch.sample_idx)
             sampling = batch.sampling._replace(step=batch.sampling.step + i)
-            out = sample_rows(logits, sampling, mode=mode, mesh=self.mesh)
+            raw = logits.astype(jnp.float32)
+            adjusted = self._logits_layout(apply_penalty_state(raw, sampling, penalties))
+            out = sample_adjusted(raw, adjusted, sampling, mode=mode, mesh=self.mesh)
             hit = jnp.any(out.tokens[:, None] == d.stop_ids, axis=1)
             stopped = stopped | (live & hit)
             last = jnp.where(live, out.tokens, last)
-            return (pages, out.tokens, last, stopped), out
+            penalties = count_sample(penalties, out.tokens, live)
+            return (pages, out.tokens, last, stopped, penalties), out
 
-        (pages, tokens, last, stopped), outs = jax.lax.scan(
+        (pages, tokens, last, stopped, _), outs = jax.lax.scan(
             one_step,
-            (pages, tokens, tokens, stopped),
+            (pages, tokens, tokens, stopped, penalties),
             jnp.arange(self.decode_steps),
         )
         b = tokens.shape[0]
         pad = self.max_num_seqs - b
         last, stopped = jnp.pad(last, (0, pad)), jnp.pad(stopped, (0, pad))
+        samples = jnp.pad(outs.tokens, ((0, 0), (0, pad)))
         if self.mesh is not None:  # whole on every device (see `collect`)
-            outs, last, stopped = jax.lax.with_sharding_constraint(
-                (outs, last, stopped), self.replicated
+            outs, last, stopped, samples = jax.lax.with_sharding_constraint(
+                (outs, last, stopped, samples), self.replicated
             )
-        return pages, outs, last, stopped
+        return pages, outs, last, stopped, samples
 
     def _logits_layout(self, logits):
         """Over a mesh, logits stay split by vocab (the sampler reduces them where they are);
@@ -349,13 +377,21 @@ class Runner:
         biased = apply_logit_bias(logits.astype(jnp.float32), bias, step, self.mesh)
         return self._logits_layout(biased)
 
-    def _penalize_fn(self, logits, sampling, history, history_is_output, prev_tokens):
-        """The penalties, with the samples of the step before (`TokenHistories`' -2 - r entries)
-        taken from `prev_tokens` [max_num_seqs]: a step with penalties is queued before the
-        one in flight is resolved."""
+    def _penalty_state_fn(self, history, history_is_output, prev_tokens, prev_outs):
+        """The rows' `penalty_state` [B, V], with the samples of the program before
+        (`TokenHistories`' entries <= -2) taken from `prev_tokens` [max_num_seqs] and
+        `prev_outs` [k, max_num_seqs]: a step with penalties is queued before the one in flight
+        is resolved."""
         self.num_compiles += 1  # runs at trace time only
-        history = jnp.where(history <= -2, prev_tokens[jnp.maximum(-2 - history, 0)], history)
-        out = apply_penalties(logits.astype(jnp.float32), sampling, history, history_is_output)
+        in_flight = jnp.concatenate([prev_tokens, prev_outs.reshape(-1)])
+        history = jnp.where(history <= -2, in_flight[jnp.maximum(-2 - history, 0)], history)
+        vocab = self.decoder.cfg.vocab_size
+        state = penalty_state(history, history_is_output, vocab, self.state_dtype)
+        return self._logits_layout(state)
+
+    def _penalize_fn(self, logits, sampling, penalties):
+        self.num_compiles += 1  # runs at trace time only
+        out = apply_penalty_state(logits.astype(jnp.float32), sampling, penalties)
         return self._logits_layout(out)
 
     def step(self, batch: StepBatch, mode: str) -> SampleOutput:
@@ -370,19 +406,35 @@ class Runner:
         if batch.bias is not None:
             adjusted = self._add_bias(adjusted, batch.bias, batch.sampling.step)
         if batch.history is not None:
-            history = (batch.history, batch.history_is_output)
-            adjusted = self._penalize(adjusted, batch.sampling, *history, self.prev_tokens)
+            adjusted = self._penalize(adjusted, batch.sampling, self._penalties(batch))
         out, self.prev_tokens = self._sample(logits, adjusted, batch.sampling, mode)
         self.prev_stopped = self._no_stops
         return out
 
     def decode(self, batch: StepBatch, d: DecodeSteps, mode: str) -> SampleOutput:
         """Queues a multi-step decode; its samples are [k, B, ...]."""
-        decode = self._decode_program(batch.sample_idx.shape[0])
-        self.pages, out, self.prev_tokens, self.prev_stopped = decode(
-            self.params, self.pages, self.prev_tokens, self.prev_stopped, batch, d, mode
+        b = batch.sample_idx.shape[0]
+        penalties = self._no_penalty_state(b) if batch.history is None else self._penalties(batch)
+        decode = self._decode_program(b)
+        batch = batch._replace(history=None, history_is_output=None)  # in `penalties` now
+        self.pages, out, self.prev_tokens, self.prev_stopped, self.prev_outs = decode(
+            self.params, self.pages, self.prev_tokens, self.prev_stopped, batch, d, penalties, mode
         )
         return out
+
+    def _penalties(self, batch: StepBatch) -> jax.Array:
+        """Queues the program that makes the batch's penalty state from its history."""
+        history = (batch.history, batch.history_is_output)
+        return self._penalty_state(*history, self.prev_tokens, self.prev_outs)
+
+    def _no_penalty_state(self, b: int) -> jax.Array:
+        """Zeros [b, V]: a multi-step decode's penalty state where no row has penalties (a
+        copy from the host, made once: no program to compile)."""
+        if b not in self._no_penalties:
+            zeros = np.zeros((b, self.decoder.cfg.vocab_size), self.state_dtype)
+            sharding = self._logits_sharding(zeros.shape[1])
+            self._no_penalties[b] = jax.device_put(zeros, sharding)
+        return self._no_penalties[b]
 
     def _decode_program(self, rows: int):
         """The jitted multi-step decode for a batch of `rows` rows."""
@@ -391,14 +443,14 @@ class Runner:
         return self._decode
 
     def multi_step(self, plan: StepPlan, rows: Sequence[RowInfo]) -> bool:
-        """Whether `plan` runs as a multi-step decode program: decodes only, no penalties, no
-        logit bias (nor min_tokens yet to reach), and some row with more than one step (a plan
-        of single steps runs as one step: the program would run all k steps for one live one)."""
+        """Whether `plan` runs as a multi-step decode program: decodes only, no logit bias (nor
+        min_tokens yet to reach), and some row with more than one step (a plan of single steps
+        runs as one step: the program would run all k steps for one live one)."""
         return (
             self.decode_steps > 1
             and plan.decode_only
             and any(s.num_steps > 1 for s in plan.seqs)
-            and not any(uses_penalties(r.params) or uses_bias(r) for r in rows)
+            and not any(map(uses_bias, rows))
         )
 
     def bucket(self, num_tokens: int) -> tuple[int, int]:
@@ -422,6 +474,7 @@ class Runner:
         mode = self.sampler_mode([r.params for r in rows])
         queue = self._prepare(plan, rows, multi, mode)
         self._prev_rows = {s.request_id: i for i, s in enumerate(plan.seqs)}
+        self._prev_multi = multi
         self.settle()  # in queue order: each program takes the pages the one before returns
         if mode != "filter":
             out = queue()
@@ -499,10 +552,11 @@ class Runner:
     def compile_programs(self, progress: bool = True) -> int:
         """Compiles every program start-up needs: the forward of each token bucket and its
         decode-only form where T == B, the multi-step decodes, the sampler of each row bucket B in
-        every mode and the programs that adjust B rows' logits (logit bias of each width,
-        penalties of each history width). `pages` may still be abstract (`jax.ShapeDtypeStruct`):
-        the pool can be sized after. Returns the most device memory one program needs besides
-        its inputs (XLA's temporaries and the outputs that reuse no donated input).
+        every mode and the programs that adjust B rows' logits (logit bias of each width, the
+        penalty state of each history width, and the penalties). `pages` may still be abstract
+        (`jax.ShapeDtypeStruct`): the pool can be sized after. Returns the most device memory
+        one program needs besides its inputs (XLA's temporaries and the outputs that reuse no
+        donated input), plus a penalty state's.
 
         Tracing holds the GIL, so programs are traced one by one; XLA then compiles them in
         parallel threads (on an H200's host: 101 s of compiles in 28 s). `progress` draws a bar
@@ -524,7 +578,10 @@ class Runner:
             need = max(pool.map(compile_one, lowered), default=0)
         if bar is not None:
             bar.close()
-        return need
+        # A penalty state lives from its program through the step's, outside both programs'
+        # working memory; counted whole on each device.
+        rows = min(self.buckets[-1], self.max_num_seqs)
+        return need + rows * self.decoder.cfg.vocab_size * jnp.dtype(self.state_dtype).itemsize
 
     def run_programs(self) -> None:
         """Runs every start-up program once on an all-padding batch (the pool must be real by
@@ -551,8 +608,9 @@ class Runner:
         programs.append((self._forward, (self.params, self.pages, self.prev_tokens, batch)))
         for b, mode in itertools.product(row_buckets if multi else (), self.sampler_modes()):
             batch, d = self._padding_batch(b, True), self._decode_steps(None, (), b)
-            args = (self.params, self.pages, self.prev_tokens, self.prev_stopped, batch, d, mode)
-            programs.append((self._decode_program(b), args))
+            state = self._no_penalty_state(b)
+            args = (self.params, self.pages, self.prev_tokens, self.prev_stopped, batch, d)
+            programs.append((self._decode_program(b), (*args, state, mode)))
         vocab = self.decoder.cfg.vocab_size
         for b in row_buckets:
             logits = jnp.zeros((b, vocab), jnp.float32, device=self._logits_sharding(vocab))
@@ -566,9 +624,10 @@ class Runner:
                 programs.append((self._add_bias, (logits, bias, batch.sampling.step)))
             for width in self._histories.widths:
                 history = put_tree(_no_history(b, width), self.replicated)
-                programs.append(
-                    (self._penalize, (logits, batch.sampling, *history, self.prev_tokens))
-                )
+                args = (*history, self.prev_tokens, self.prev_outs)
+                programs.append((self._penalty_state, args))
+            state = jnp.zeros((b, vocab), self.state_dtype, device=self._logits_sharding(vocab))
+            programs.append((self._penalize, (logits, batch.sampling, state)))
         return programs
 
     def build(self, plan: StepPlan, rows: Sequence[RowInfo], square: bool = False) -> StepBatch:
@@ -615,7 +674,7 @@ class Runner:
             sampling,
             history,
             is_output,
-            None if square else self._bias(rows, b),  # no multi-step program runs a bias
+            None if square else self._bias(rows, b),  # no multi-step program takes a bias
             self._lp_targets(plan, rows, t) if all_logits else None,
         )
 
@@ -630,7 +689,7 @@ class Runner:
     def _history(self, plan: StepPlan, rows: Sequence[RowInfo], b: int):
         """Prompt + output ids [B, S] when any row uses penalties, else (None, None)
         (`TokenHistories`), on the device."""
-        arrays = self._histories.arrays(plan, rows, b, self._prev_rows)
+        arrays = self._histories.arrays(plan, rows, b, self._prev_rows, self._prev_multi)
         return (None, None) if arrays is None else put_tree(arrays, self.replicated)
 
     def _lp_targets(self, plan: StepPlan, rows: Sequence[RowInfo], t: int):
@@ -670,21 +729,27 @@ class Runner:
 class TokenHistories:
     """The host arrays of a step's penalties: each row's prompt + output ids and which are
     output, [B, S] (-1: none), S the narrowest of `history_widths` that holds the step's longest
-    penalized sequence. A sample of the step in flight (a PLACEHOLDER, only ever the last) is
-    -2 - its row there (`Runner._penalize_fn` reads it on the device).
+    penalized sequence. The samples of the program in flight (PLACEHOLDERs, the last of the
+    ids) are on the device: after a single step, its row r's one sample is -2 - r (the runner's
+    `prev_tokens`); after a multi-step decode, the row's j-th sample is -2 - R (1 + j) - r (its
+    `prev_outs`, R = max_num_seqs). `Runner._penalty_state_fn` reads them there.
 
     Each penalized sequence's ids are kept as int32 from step to step (by request id and
     arrival, for this step's rows only): a step copies the tokens resolved since, not the whole
     list (512 rows of 1,000 / 4,000 tokens: 2.7 / 3.8 against 11.3 / 37.5 ms of host a step
     on a 2-core CPU, `scripts/bench_history.py`). Resolved tokens never change."""
 
-    def __init__(self, max_model_len: int):
-        self.max_model_len = max_model_len
+    def __init__(self, max_model_len: int, max_num_seqs: int):
+        self.max_model_len, self.max_num_seqs = max_model_len, max_num_seqs
         self.widths = history_widths(max_model_len)
         self._known: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
 
-    def arrays(self, plan: StepPlan, rows: Sequence[RowInfo], b: int, prev_rows: dict):
-        """(ids, is_output) of the plan's rows, or None where no row uses penalties."""
+    def arrays(
+        self, plan: StepPlan, rows: Sequence[RowInfo], b: int, prev_rows: dict, prev_multi: bool
+    ):
+        """(ids, is_output) of the plan's rows, or None where no row uses penalties;
+        `prev_rows`: the rows of the program in flight, `prev_multi`: whether it is a
+        multi-step decode."""
         known, self._known = self._known, {}  # those of this step's rows stay
         penalized = [
             (i, s, r) for i, (s, r) in enumerate(zip(plan.seqs, rows)) if uses_penalties(r.params)
@@ -695,20 +760,33 @@ class TokenHistories:
         ids, is_output = _no_history(b, next(w for w in self.widths if w >= longest))
         for i, s, r in penalized:
             n, key = len(r.token_ids), (s.request_id, s.arrival)
-            ids[i, :n] = self._ids(known.get(key), r.token_ids, key)
-            if r.token_ids[-1] == PLACEHOLDER:
-                ids[i, n - 1] = -2 - prev_rows[s.request_id]
+            row, resolved = ids[i], self._ids(known.get(key), r.token_ids, key)
+            row[:n] = resolved
+            pending = n - self._known[key][1]
+            if pending:
+                row[n - pending : n] = self._in_flight(prev_rows[s.request_id], pending, prev_multi)
             is_output[i, r.num_prompt_tokens : n] = True
         return ids, is_output
 
+    def _in_flight(self, r: int, count: int, multi: bool) -> np.ndarray:
+        """The entries of row r's `count` samples in flight (see the class)."""
+        if not multi:
+            assert count == 1, "a single step samples one token a row"
+            return np.array([-2 - r])
+        return -2 - self.max_num_seqs * (1 + np.arange(count)) - r
+
     def _ids(self, known, token_ids: Sequence[int], key) -> np.ndarray:
         """token_ids as int32 from `known` (the array and count of resolved ids of the step
-        before, if any) plus those since (a PLACEHOLDER copied as it is, resolved next step)."""
+        before, if any) plus those since (the PLACEHOLDERs at the end copied as they are,
+        resolved in a later step)."""
         buf, have = known if known is not None else (np.empty(self.max_model_len, np.int32), 0)
         n = len(token_ids)
         have = min(have, n)
         buf[have:n] = token_ids[have:n]
-        self._known[key] = (buf, n - (token_ids[-1] == PLACEHOLDER))
+        pending = n - have
+        while pending and buf[n - pending] != PLACEHOLDER:
+            pending -= 1
+        self._known[key] = (buf, n - pending)
         return buf[:n]
 
 

@@ -483,27 +483,54 @@ def apply_penalties(
     logit -= frequency × (count in output) + presence × (1 if in output). -1 entries are ignored;
     None for history_is_output counts every history token as output.
     """
+    state = penalty_state(history, history_is_output, logits.shape[-1], jnp.int32)
+    return apply_penalty_state(logits, arrays, state)
+
+
+def penalty_state(
+    history: Int[Array, "B S"],
+    history_is_output: Bool[Array, "B S"] | None,
+    v: int,
+    dtype=jnp.int32,
+) -> Int[Array, "B V"]:
+    """What the penalties need of a history, one integer a token: 2 x (its count in the output)
+    + (1 if it is in the prompt part). > 0: seen (repetition); >> 1: the output count
+    (frequency, presence). A sampled token adds 2 (`count_sample`), so a multi-step decode keeps
+    it up to date without the history. -1 entries are ignored; None for history_is_output counts
+    every history token as output. `dtype` must hold 2 x S + 1."""
     if history_is_output is None:
         history_is_output = jnp.ones(history.shape, bool)
-    seen = _token_counts(history, history >= 0, logits.shape[-1]) > 0  # [B, V]
-    out_counts = _token_counts(history, (history >= 0) & history_is_output, logits.shape[-1])
+    b, _ = history.shape
+    rows = jnp.arange(b)[:, None]
+    valid = history >= 0
+    out_ids = jnp.where(valid & history_is_output, history, v)  # out of range: dropped
+    prompt_ids = jnp.where(valid & ~history_is_output, history, v)
+    outputs = jnp.zeros((b, v), dtype).at[rows, out_ids].add(2, mode="drop")
+    in_prompt = jnp.zeros((b, v), dtype).at[rows, prompt_ids].set(1, mode="drop")
+    return outputs | in_prompt
+
+
+def count_sample(
+    state: Int[Array, "B V"], tokens: Int[Array, "B"], live: Bool[Array, "B"]
+) -> Int[Array, "B V"]:
+    """`penalty_state` with each live row's sampled token added to its output."""
+    rows = jnp.arange(state.shape[0])
+    return state.at[rows, tokens].add(jnp.where(live, 2, 0).astype(state.dtype))
+
+
+def apply_penalty_state(
+    logits: Float[Array, "B V"], arrays: SamplingArrays, state: Int[Array, "B V"]
+) -> Float[Array, "B V"]:
+    """`apply_penalties` from its `penalty_state`. A row whose penalties are neutral (1, 0, 0)
+    keeps its logits bit for bit."""
+    out_counts = (state >> 1).astype(jnp.float32)
     rep = arrays.repetition_penalty[:, None]
-    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = jnp.where(state > 0, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     return (
         logits
         - arrays.frequency_penalty[:, None] * out_counts
         - arrays.presence_penalty[:, None] * (out_counts > 0)
     )
-
-
-def _token_counts(
-    history: Int[Array, "B S"], weight: Bool[Array, "B S"], v: int
-) -> Float[Array, "B V"]:
-    """How often each vocabulary id occurs in history where weight is True (ids >= V dropped)."""
-    b, _ = history.shape
-    ids = jnp.where(weight, history, v)  # out of range → dropped by the scatter
-    rows = jnp.arange(b)[:, None]
-    return jnp.zeros((b, v), jnp.float32).at[rows, ids].add(1.0, mode="drop")
 
 
 def _sample_or_greedy(

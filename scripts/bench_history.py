@@ -63,10 +63,10 @@ def main() -> None:
     report = {**bm.report_header(), "max_model_len": args.max_model_len, "results": []}
     for b in args.rows:
         for n in args.tokens:
-            histories = TokenHistories(args.max_model_len)
+            histories = TokenHistories(args.max_model_len, b)
             prev = {str(i): i for i in range(b)}
             kept = time_steps(
-                lambda plan, rows: histories.arrays(plan, rows, b, prev),  # noqa: B023
+                lambda plan, rows: histories.arrays(plan, rows, b, prev, False),  # noqa: B023
                 b,
                 n,
                 args.max_model_len,

@@ -305,7 +305,7 @@ def main() -> int:
     p.add_argument(
         "--penalties",
         action="store_true",
-        help="the requests carry repetition and frequency penalties (one decode step a program)",
+        help="the requests carry repetition and frequency penalties",
     )
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -132,7 +132,8 @@ def test_abort_with_a_program_in_flight():
 
 def mixed_requests(model):
     rng = np.random.RandomState(7)
-    prompts = [rng.randint(0, model.config.vocab_size, n).tolist() for n in (5, 33, 12, 3, 21, 9)]
+    lengths = (5, 33, 12, 3, 21, 9, 14)
+    prompts = [rng.randint(0, model.config.vocab_size, n).tolist() for n in lengths]
     eos = int(rng.randint(model.config.vocab_size))
     params = [
         SamplingParams(max_tokens=13, temperature=0, ignore_eos=True),
@@ -140,7 +141,23 @@ def mixed_requests(model):
         SamplingParams(max_tokens=9, temperature=1.0, top_p=0.9, logprobs=3, ignore_eos=True),
         SamplingParams(max_tokens=30, temperature=1.0, stop=["kq", "zz"], ignore_eos=True),
         SamplingParams(max_tokens=25, temperature=1.2, stop_token_ids=[eos], seed=5),
-        SamplingParams(max_tokens=12, temperature=0.7, repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(
+            max_tokens=12,
+            temperature=0.7,
+            repetition_penalty=1.3,
+            presence_penalty=2.0,
+            logprobs=2,
+            ignore_eos=True,
+        ),
+        # greedy, whose penalties must push the repeats away step after step inside a program
+        SamplingParams(
+            max_tokens=16,
+            temperature=0,
+            frequency_penalty=1.5,
+            presence_penalty=0.5,
+            repetition_penalty=2.0,
+            ignore_eos=True,
+        ),
     ]
     return prompts, params
 
@@ -184,20 +201,30 @@ RTOL = 2e-3 if jax.default_backend() == "gpu" else 1e-5
     ids=["cublas", "preemption", "sync"],
 )
 def test_decode_steps_give_the_outputs_of_single_steps(tiny_model, monkeypatch, options, cublas):
-    """5 pages force preemption; the penalty request makes the steps it is in single ones.
-    `cublas`: the 4-row decode programs go to their own jit (cuBLAS's matmuls on a GPU), those of
-    fewer rows to the plain one (where the other cases run every decode program)."""
+    """5 pages force preemption. Requests with penalties run in multi-step programs as well,
+    their histories holding the samples of the program in flight. `cublas`: the 4-row decode
+    programs go to their own jit (cuBLAS's matmuls on a GPU), those of fewer rows to the plain
+    one (where the other cases run every decode program)."""
     single, _ = staggered(tiny_model, 1, **options)
     monkeypatch.setenv("JAXINFER_DECODE_CUBLAS", "1" if cublas else "0")
     monkeypatch.setattr(runner_module, "CUBLAS_DECODE_ROWS", 4)
+    penalized = []  # of each multi-step decode: whether it had a history
+    decode = runner_module.Runner.decode
+
+    def record(self, batch, *args):
+        penalized.append(batch.history is not None)
+        return decode(self, batch, *args)
+
+    monkeypatch.setattr(runner_module.Runner, "decode", record)
     multi, engine = staggered(tiny_model, 4, **options)
+    assert sum(penalized) >= 3, penalized
     if cublas:  # programs ran in both jits
         assert engine.runner._decode_cublas._cache_size() > 0
         assert engine.runner._decode._cache_size() > 0
     else:
         assert engine.runner._decode_cublas is None
     assert engine.stats["steps"] < sum(len(o[-1].token_ids) for o in multi.values())
-    assert sorted(single) == sorted(multi) == [str(i) for i in range(6)]
+    assert sorted(single) == sorted(multi) == [str(i) for i in range(7)]
     for rid in single:
         one, many = single[rid][-1], multi[rid][-1]
         assert many.token_ids == one.token_ids, rid

@@ -30,22 +30,6 @@ class LetterTokenizer:
         return "".join(chr(ord("a") + i) for i in ids)
 
 
-@dataclasses.dataclass(frozen=True)
-class NextLetterDecoder:
-    vocab: int = 26
-    impl: str = "fake"
-
-    def apply(self, variables, tokens, positions, cache, logits_at=None, paged=None):
-        if logits_at is None:  # every token's: [1, T, V]
-            return 50.0 * jax_one_hot((tokens[0] + 1) % self.vocab, self.vocab)[None], cache
-        last = tokens[0][logits_at]  # [B]
-        return 50.0 * jax_one_hot((last + 1) % self.vocab, self.vocab)[:, None], cache
-
-
-def jax_one_hot(x, n):
-    return (x[:, None] == jnp.arange(n)[None]).astype(jnp.float32)
-
-
 FAKE_CONFIG = ModelConfig(
     model_type="llama",
     vocab_size=26,
@@ -58,6 +42,23 @@ FAKE_CONFIG = ModelConfig(
     max_position_embeddings=64,
     eos_token_ids=(25,),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class NextLetterDecoder:
+    vocab: int = 26
+    impl: str = "fake"
+    cfg: ModelConfig = FAKE_CONFIG
+
+    def apply(self, variables, tokens, positions, cache, logits_at=None, paged=None):
+        if logits_at is None:  # every token's: [1, T, V]
+            return 50.0 * jax_one_hot((tokens[0] + 1) % self.vocab, self.vocab)[None], cache
+        last = tokens[0][logits_at]  # [B]
+        return 50.0 * jax_one_hot((last + 1) % self.vocab, self.vocab)[:, None], cache
+
+
+def jax_one_hot(x, n):
+    return (x[:, None] == jnp.arange(n)[None]).astype(jnp.float32)
 
 
 class FakeModel(Model):
@@ -466,33 +467,38 @@ def test_penalized_steps_overlap_and_penalize_the_sample_in_flight(tiny_model):
 
 def test_token_histories_copy_what_is_new_and_match_the_lists():
     """`TokenHistories` keeps each penalized sequence's ids from step to step: its arrays equal
-    the whole lists' (a sample in flight as -2 - its row before) as tokens resolve and arrive,
-    and a request id reused by a new sequence (another arrival) starts afresh."""
+    the whole lists' (a sample in flight as -2 - its row before; the j-th of a multi-step
+    decode's as -2 - R (1 + j) - its row) as tokens resolve and arrive, and a request id reused
+    by a new sequence (another arrival) starts afresh."""
     import types
 
     from jaxinfer.runner import RowInfo, TokenHistories
     from jaxinfer.scheduler import PLACEHOLDER
 
-    histories, pen = TokenHistories(16), SamplingParams(repetition_penalty=1.2)
+    seats = 4
+    histories, pen = TokenHistories(16, seats), SamplingParams(repetition_penalty=1.2)
     lists = {"a": [5, 6, 7], "b": [9, PLACEHOLDER]}
 
-    def step(arrivals: dict, prev_rows: dict):
+    def step(arrivals: dict, prev_rows: dict, multi: bool = False):
         plan = types.SimpleNamespace(
             seqs=[types.SimpleNamespace(request_id=r, arrival=arrivals[r]) for r in lists]
         )
         rows = [RowInfo(pen, 0, 1, t, 2, (), False, None) for t in lists.values()]
-        return histories.arrays(plan, rows, 3, prev_rows)
+        return histories.arrays(plan, rows, 3, prev_rows, multi)
 
-    def expected(prev_rows: dict):
+    def expected(prev_rows: dict, multi: bool = False):
         ids = np.full((3, 16), -1, np.int32)
         for i, (r, t) in enumerate(lists.items()):
             ids[i, : len(t)] = t
-            if t[-1] == PLACEHOLDER:
-                ids[i, len(t) - 1] = -2 - prev_rows[r]
+            pending = [j for j, x in enumerate(t) if x == PLACEHOLDER]
+            for j, at in enumerate(pending):
+                row = prev_rows[r]
+                ids[i, at] = -2 - seats * (1 + j) - row if multi else -2 - row
         return ids
 
     ids, is_output = step({"a": 0, "b": 1}, {"b": 0})
     np.testing.assert_array_equal(ids, expected({"b": 0}))
+    assert ids[1, :2].tolist() == [9, -2]
     assert is_output[0].tolist() == [False] * 2 + [True] + [False] * 13
     lists["b"][-1] = 4  # resolved
     lists["b"].append(PLACEHOLDER)
@@ -501,9 +507,20 @@ def test_token_histories_copy_what_is_new_and_match_the_lists():
         step({"a": 0, "b": 1}, {"a": 1, "b": 0})[0], expected({"a": 1, "b": 0})
     )
     lists["a"][-1], lists["b"][-1] = 8, 3
+    lists["b"].extend([PLACEHOLDER] * 3)  # a multi-step decode's three samples
+    lists["a"].extend([PLACEHOLDER] * 2)
+    ids = step({"a": 0, "b": 1}, {"a": 0, "b": 1}, multi=True)[0]
+    np.testing.assert_array_equal(ids, expected({"a": 0, "b": 1}, multi=True))
+    assert ids[1, :7].tolist() == [9, 4, 3, -7, -11, -15, -1]  # R = 4, row 1
+    lists["b"][-3:] = [10, 11, 12]
+    lists["a"][-2:] = [13, 14]
+    lists["a"].append(PLACEHOLDER)
+    ids = step({"a": 0, "b": 1}, {"a": 0})[0]
+    np.testing.assert_array_equal(ids, expected({"a": 0}))
+    assert ids[0, :7].tolist() == [5, 6, 7, 8, 13, 14, -2]
     lists["a"] = [1, 2]  # "a" again, a new sequence
     np.testing.assert_array_equal(step({"a": 2, "b": 1}, {})[0], expected({}))
-    assert step({"a": 2, "b": 1}, {})[0][1, :4].tolist() == [9, 4, 3, -1]
+    assert step({"a": 2, "b": 1}, {})[0][1, :7].tolist() == [9, 4, 3, 10, 11, 12, -1]
 
 
 def test_history_widths_double_up_to_the_context():
@@ -590,15 +607,15 @@ def test_no_recompiles_after_warmup(tiny_model, monkeypatch):
     modes = len(engine.runner.sampler_modes())  # SAMPLE_MODES and TOP_K_ONLY
     forwards, decodes = len(buckets) + 1, modes * rows
     samplers = modes * rows  # per row bucket and mode
-    # per row bucket, and bias width or history width
+    # per row bucket, and bias width or history width (the penalty state); the penalties
     biases = len(BIAS_WIDTHS) * rows
-    penalties = len(engine.runner._histories.widths) * rows
+    states, penalties = len(engine.runner._histories.widths) * rows, rows
     assert engine.runner._histories.widths == (128, engine.max_model_len) == (128, 256)
-    assert compiled == forwards + decodes + samplers + biases + penalties
+    assert compiled == forwards + decodes + samplers + biases + states + penalties
     # Each traced once and compiled once: none again for the pools its first calls hand back.
-    names = ("_forward_fn", "_decode_fn", "_sample_fn", "_add_bias_fn", "_penalize_fn")
-    compiled_at_start = [at_start[f"jit({f})"] for f in names]
-    assert compiled_at_start == [forwards, decodes, samplers, biases, penalties]
+    names = ("_forward_fn", "_decode_fn", "_sample_fn", "_add_bias_fn", "_penalty_state_fn")
+    compiled_at_start = [at_start[f"jit({f})"] for f in (*names, "_penalize_fn")]
+    assert compiled_at_start == [forwards, decodes, samplers, biases, states, penalties]
     rng = np.random.RandomState(5)
     with xla_compiles() as later:
         serve_random_requests(engine, rng)

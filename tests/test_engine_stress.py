@@ -55,14 +55,15 @@ def engine(tmp_path_factory):
 def test_warmup_compiles_each_program_once(engine):
     """The warm-up's programs: each token bucket's forward, plus its decode-only form where
     T <= seats and the forward of prompt-logprobs steps, and the sampler of each row bucket in
-    each mode, and per row bucket the programs that add logit bias (one per width) and
-    penalties (one per history width); no second decode jit. (The examples below check that no step compiles more;
-    test_engine checks the same with decode steps.)"""
+    each mode, and per row bucket the programs that add logit bias (one per width), make the
+    penalty state (one per history width) and apply the penalties; no second decode jit. (The
+    examples below check that no step compiles more; test_engine checks the same with decode
+    steps.)"""
     runner = engine.runner
     buckets = runner.buckets
     rows = len({min(t, 4) for t in buckets})
     forwards = len(buckets) + sum(t <= 4 for t in buckets) + 1
-    adjusts = (len(BIAS_WIDTHS) + len(runner._histories.widths)) * rows
+    adjusts = (len(BIAS_WIDTHS) + len(runner._histories.widths) + 1) * rows
     assert runner.num_compiles == forwards + len(runner.sampler_modes()) * rows + adjusts
     assert runner.sampler_modes() == (*SAMPLE_MODES, "filter_top_k")
     assert runner.cublas_rows is None and runner._decode_cublas is None

@@ -118,7 +118,7 @@ def test_engine_with_the_fused_kernels_gives_the_same_outputs(model_h32, jnp_out
     RMSNorm and RoPE + K/V write kernels (interpret mode), in single steps and in multi-step
     decode programs, as with the jnp forms."""
     outs = {"0": jnp_outputs, "1": staggered_with_kernels(model_h32, decode_steps, "1")}
-    assert outs["0"].keys() == outs["1"].keys() and len(outs["0"]) == 6
+    assert outs["0"].keys() == outs["1"].keys() and len(outs["0"]) == 7
     for rid in outs["0"]:
         a, b = outs["0"][rid][-1], outs["1"][rid][-1]
         assert (
@@ -139,7 +139,7 @@ def test_decode_steps_in_one_kernel_give_the_outputs_of_two(model_h32, decode_st
         staggered_with_kernels(model_h32, decode_steps, "1", fused, impl="pallas")
         for fused in ("0", "1")
     )
-    assert sorted(two) == sorted(one) == [str(i) for i in range(6)]
+    assert sorted(two) == sorted(one) == [str(i) for i in range(7)]
     for rid in two:
         a, b = two[rid][-1], one[rid][-1]
         assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)

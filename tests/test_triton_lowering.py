@@ -188,10 +188,11 @@ def test_engine_programs_have_no_host_waits(gpu_kernels, family, decode):
         )
         assert "stablehlo.while" not in sampler, mode
         assert mode == "filter" or "stablehlo.case" not in sampler, mode
-    # the programs that adjust the logits (logit bias, penalties)
+    # the programs that adjust the logits (logit bias, penalty state, penalties)
     programs = runner.warmup_programs()
     for jitted, fn in (
         (runner._add_bias, runner._add_bias_fn),
+        (runner._penalty_state, runner._penalty_state_fn),
         (runner._penalize, runner._penalize_fn),
     ):
         args = [a for f, a in programs if f is jitted and a[0].shape[0] == 16][-1]  # the widest
