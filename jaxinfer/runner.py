@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import itertools
 import logging
 import math
 import os
@@ -224,6 +223,11 @@ class Runner:
         # decode takes it too (zeros where no row has penalties) and adds its samples to it.
         self._add_bias = jax.jit(self._add_bias_fn)
         self._penalty_state = jax.jit(self._penalty_state_fn)
+        self._no_penalty_state = jax.jit(
+            self._no_penalty_state_fn,
+            static_argnums=(0,),
+            out_shardings=self._logits_sharding(decoder.cfg.vocab_size),
+        )
         self._penalize = jax.jit(self._penalize_fn)
         # 2 x (output count) + 1 must fit: int16 up to 16,383 tokens, half the bytes a step reads
         self.state_dtype = jnp.int16 if 2 * max_model_len < 2**15 else jnp.int32
@@ -247,9 +251,6 @@ class Runner:
         self._prev_rows: dict[str, int] = {}
         self._prev_multi = False
         self._histories = TokenHistories(max_model_len, max_num_seqs)
-        # A multi-step decode's penalty state where no row has penalties, one per row bucket
-        # (made once: 2 bytes a row and vocabulary id, 0.26 GB for 512 seats of 128k ids).
-        self._no_penalties: dict[int, jax.Array] = {}
         self.last_prompt: PromptLogprobs | None = None  # the last single step's, if asked
         # Where start-up compiles the programs: prompt-logprobs steps run in the one bucket
         # whose program it compiles (`all_logits_bucket`); without, each in its own (programs
@@ -427,14 +428,13 @@ class Runner:
         history = (batch.history, batch.history_is_output)
         return self._penalty_state(*history, self.prev_tokens, self.prev_outs)
 
-    def _no_penalty_state(self, b: int) -> jax.Array:
-        """Zeros [b, V]: a multi-step decode's penalty state where no row has penalties (a
-        copy from the host, made once: no program to compile)."""
-        if b not in self._no_penalties:
-            zeros = np.zeros((b, self.decoder.cfg.vocab_size), self.state_dtype)
-            sharding = self._logits_sharding(zeros.shape[1])
-            self._no_penalties[b] = jax.device_put(zeros, sharding)
-        return self._no_penalties[b]
+    def _no_penalty_state_fn(self, b: int):
+        """Zeros [b, V]: a multi-step decode's penalty state where no row has penalties. Made
+        for each program (at 512 rows 131 MB written, ~35 us on an H200, once per k steps)
+        rather than kept: arrays made after the pool's first sizing take pages from it, and a
+        smaller pool compiles every program that takes it again (~26 s of a cold start)."""
+        self.num_compiles += 1  # runs at trace time only
+        return jnp.zeros((b, self.decoder.cfg.vocab_size), self.state_dtype)
 
     def _decode_program(self, rows: int):
         """The jitted multi-step decode for a batch of `rows` rows."""
@@ -606,11 +606,14 @@ class Runner:
         targets = jnp.full(t, -1, jnp.int32, device=self.replicated)
         batch = _forward_only(self._padding_batch(t, False))._replace(lp_targets=targets)
         programs.append((self._forward, (self.params, self.pages, self.prev_tokens, batch)))
-        for b, mode in itertools.product(row_buckets if multi else (), self.sampler_modes()):
+        for b in row_buckets if multi else ():
+            programs.append((self._no_penalty_state, (b,)))
+            vocab = self.decoder.cfg.vocab_size
+            state = jnp.zeros((b, vocab), self.state_dtype, device=self._logits_sharding(vocab))
             batch, d = self._padding_batch(b, True), self._decode_steps(None, (), b)
-            state = self._no_penalty_state(b)
             args = (self.params, self.pages, self.prev_tokens, self.prev_stopped, batch, d)
-            programs.append((self._decode_program(b), (*args, state, mode)))
+            for mode in self.sampler_modes():
+                programs.append((self._decode_program(b), (*args, state, mode)))
         vocab = self.decoder.cfg.vocab_size
         for b in row_buckets:
             logits = jnp.zeros((b, vocab), jnp.float32, device=self._logits_sharding(vocab))

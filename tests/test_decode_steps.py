@@ -149,9 +149,11 @@ def mixed_requests(model):
             logprobs=2,
             ignore_eos=True,
         ),
-        # greedy, whose penalties must push the repeats away step after step inside a program
+        # greedy, whose penalties must push the repeats away step after step inside a program;
+        # admitted last and the longest, it ends alone (one-row programs, whatever the others
+        # sample)
         SamplingParams(
-            max_tokens=16,
+            max_tokens=30,
             temperature=0,
             frequency_penalty=1.5,
             presence_penalty=0.5,

@@ -607,15 +607,18 @@ def test_no_recompiles_after_warmup(tiny_model, monkeypatch):
     modes = len(engine.runner.sampler_modes())  # SAMPLE_MODES and TOP_K_ONLY
     forwards, decodes = len(buckets) + 1, modes * rows
     samplers = modes * rows  # per row bucket and mode
-    # per row bucket, and bias width or history width (the penalty state); the penalties
+    # per row bucket, and bias width or history width (the penalty state); the penalties; the
+    # decodes' penalty state where no row has penalties
     biases = len(BIAS_WIDTHS) * rows
     states, penalties = len(engine.runner._histories.widths) * rows, rows
     assert engine.runner._histories.widths == (128, engine.max_model_len) == (128, 256)
-    assert compiled == forwards + decodes + samplers + biases + states + penalties
+    adjusts = biases + states + penalties + rows
+    assert compiled == forwards + decodes + samplers + adjusts
     # Each traced once and compiled once: none again for the pools its first calls hand back.
     names = ("_forward_fn", "_decode_fn", "_sample_fn", "_add_bias_fn", "_penalty_state_fn")
-    compiled_at_start = [at_start[f"jit({f})"] for f in (*names, "_penalize_fn")]
-    assert compiled_at_start == [forwards, decodes, samplers, biases, states, penalties]
+    names = (*names, "_penalize_fn", "_no_penalty_state_fn")
+    compiled_at_start = [at_start[f"jit({f})"] for f in names]
+    assert compiled_at_start == [forwards, decodes, samplers, biases, states, penalties, rows]
     rng = np.random.RandomState(5)
     with xla_compiles() as later:
         serve_random_requests(engine, rng)
