@@ -387,7 +387,10 @@ class Engine:
 
     def _local_num_pages(self, need: int = 0) -> int:
         """This process's pool: as `_num_pages` says, with `need` bytes (the compiled programs'
-        working memory, once known) left free beside it, and a margin when sized here."""
+        working memory, once known) left free beside it, and a margin when sized here. Once
+        `need` is known the fraction is not taken again: the pool sized by it before the
+        compile stays unless it does not fit beside the programs (a few MB the engine made
+        meanwhile would otherwise cost a page, and compiling every program again)."""
         c, per_page = self.config, self._page_bytes()
         mesh = self.model.parallel.mesh
         devices = None if mesh is None else local_devices(mesh.devices.flat)
@@ -408,7 +411,7 @@ class Engine:
         room = int(free * c.kv_cache_memory_fraction)
         if need:  # the pool and the largest program's temporaries in the largest free block
             block = largest_free_block_bytes(devices)
-            room = min(room, (free if block is None else block) - need - WORKING_MEMORY_MARGIN)
+            room = (free if block is None else block) - need - WORKING_MEMORY_MARGIN
         fit = room // per_page
         if fit < 1:
             raise ValueError(
