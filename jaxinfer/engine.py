@@ -408,10 +408,11 @@ class Engine:
         seats = c.max_num_seqs * math.ceil(self.max_model_len / c.page_size)
         if free is None:
             return seats
-        room = int(free * c.kv_cache_memory_fraction)
         if need:  # the pool and the largest program's temporaries in the largest free block
             block = largest_free_block_bytes(devices)
             room = (free if block is None else block) - need - WORKING_MEMORY_MARGIN
+        else:
+            room = int(free * c.kv_cache_memory_fraction)
         fit = room // per_page
         if fit < 1:
             raise ValueError(

@@ -606,15 +606,17 @@ class Runner:
         targets = jnp.full(t, -1, jnp.int32, device=self.replicated)
         batch = _forward_only(self._padding_batch(t, False))._replace(lp_targets=targets)
         programs.append((self._forward, (self.params, self.pages, self.prev_tokens, batch)))
+        vocab = self.decoder.cfg.vocab_size
+        states = {  # an example penalty state of each row bucket
+            b: jnp.zeros((b, vocab), self.state_dtype, device=self._logits_sharding(vocab))
+            for b in row_buckets
+        }
         for b in row_buckets if multi else ():
             programs.append((self._no_penalty_state, (b,)))
-            vocab = self.decoder.cfg.vocab_size
-            state = jnp.zeros((b, vocab), self.state_dtype, device=self._logits_sharding(vocab))
             batch, d = self._padding_batch(b, True), self._decode_steps(None, (), b)
             args = (self.params, self.pages, self.prev_tokens, self.prev_stopped, batch, d)
             for mode in self.sampler_modes():
-                programs.append((self._decode_program(b), (*args, state, mode)))
-        vocab = self.decoder.cfg.vocab_size
+                programs.append((self._decode_program(b), (*args, states[b], mode)))
         for b in row_buckets:
             logits = jnp.zeros((b, vocab), jnp.float32, device=self._logits_sharding(vocab))
             batch = self._padding_batch(b, False)  # its [b] sampler inputs
@@ -629,8 +631,7 @@ class Runner:
                 history = put_tree(_no_history(b, width), self.replicated)
                 args = (*history, self.prev_tokens, self.prev_outs)
                 programs.append((self._penalty_state, args))
-            state = jnp.zeros((b, vocab), self.state_dtype, device=self._logits_sharding(vocab))
-            programs.append((self._penalize, (logits, batch.sampling, state)))
+            programs.append((self._penalize, (logits, batch.sampling, states[b])))
         return programs
 
     def build(self, plan: StepPlan, rows: Sequence[RowInfo], square: bool = False) -> StepBatch:
@@ -763,9 +764,9 @@ class TokenHistories:
         ids, is_output = _no_history(b, next(w for w in self.widths if w >= longest))
         for i, s, r in penalized:
             n, key = len(r.token_ids), (s.request_id, s.arrival)
-            row, resolved = ids[i], self._ids(known.get(key), r.token_ids, key)
-            row[:n] = resolved
-            pending = n - self._known[key][1]
+            kept, pending = self._ids(known.get(key), r.token_ids, key)
+            row = ids[i]
+            row[:n] = kept
             if pending:
                 row[n - pending : n] = self._in_flight(prev_rows[s.request_id], pending, prev_multi)
             is_output[i, r.num_prompt_tokens : n] = True
@@ -778,10 +779,10 @@ class TokenHistories:
             return np.array([-2 - r])
         return -2 - self.max_num_seqs * (1 + np.arange(count)) - r
 
-    def _ids(self, known, token_ids: Sequence[int], key) -> np.ndarray:
+    def _ids(self, known, token_ids: Sequence[int], key) -> tuple[np.ndarray, int]:
         """token_ids as int32 from `known` (the array and count of resolved ids of the step
         before, if any) plus those since (the PLACEHOLDERs at the end copied as they are,
-        resolved in a later step)."""
+        resolved in a later step), and how many PLACEHOLDERs end them."""
         buf, have = known if known is not None else (np.empty(self.max_model_len, np.int32), 0)
         n = len(token_ids)
         have = min(have, n)
@@ -790,7 +791,7 @@ class TokenHistories:
         while pending and buf[n - pending] != PLACEHOLDER:
             pending -= 1
         self._known[key] = (buf, n - pending)
-        return buf[:n]
+        return buf[:n], pending
 
 
 def _no_history(b: int, width: int) -> tuple[np.ndarray, np.ndarray]:
