@@ -22,12 +22,14 @@ When every running request decodes and none could be admitted, one program runs 
 `num_decode_steps` (k) decode steps (scheduler.py, runner.py): the host plans, builds, queues and
 reads back once per k tokens (single steps instead when most of its rows would reach max_tokens
 within it). Stop ids and length limits apply on the device; stop strings, logprobs, penalties
-(their counts kept up to date step by step in the program) and seeded samples are those of
-single steps, and an output then carries every token the program made for its request (the
-text deltas joined are the same). The cost: a request that arrives (or is aborted) meanwhile
-waits for the program in flight, up to k steps. While a request with `logit_bias` runs, or one
-short of its `min_tokens`, every program takes one step: small programs of their own, compiled
-with the rest, add its entries to the logits before the sampler. A step with a prompt chunk of
+(their counts kept up to date step by step in the program), `logit_bias` and `min_tokens` (its
+bans end at their step inside the program) and seeded samples are those of single steps, and
+an output then carries every token the program made for its request (the text deltas joined
+are the same). The cost: a request that arrives (or is aborted) meanwhile waits for the program
+in flight, up to k steps. A program takes up to 16 bias entries a request (logit_bias entries,
+and min_tokens' bans of its stop ids and EOS until it has them): while a request with more
+runs, every program takes one step, whose own small programs, compiled with the rest, add any
+number to the logits before the sampler. A step with a prompt chunk of
 a request that wants its prompt's logprobs holds at most scheduler.ALL_LOGITS_TOKENS tokens: its
 forward keeps every token's logits ([T, V] float32). Where start-up compiles the programs
 (`warmup`), every such step runs in that many tokens' bucket, one program that start-up
@@ -70,7 +72,7 @@ from jaxinfer.platform import (
     logger,
     use_compilation_cache,
 )
-from jaxinfer.runner import RowInfo, Runner
+from jaxinfer.runner import RowInfo, Runner, fits_decode, uses_bias
 from jaxinfer.sampling import Entries, SamplingParams, bias_entries
 from jaxinfer.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig, SequenceStatus
 from jaxinfer.scheduler import Sequence as Seq
@@ -284,10 +286,9 @@ class Engine:
             decode_steps=config.num_decode_steps,
         )
         self.requests: dict[str, _Request] = {}
-        # Requests whose steps run one a program: logit_bias (as long as they run), min_tokens
-        # (until they have them; `_single_steps`)
-        self._biased: set[str] = set()
-        self._short: set[str] = set()
+        # Requests whose steps run one a program while they have bias entries: more of them
+        # than a multi-step decode takes (`_single_steps`)
+        self._wide: set[str] = set()
         self._aborted: list[RequestOutput] = []
         self._in_flight = None  # (plan, runner handle) committed but not resolved
         self._closed = False
@@ -537,10 +538,8 @@ class Engine:
         req.seed = seed
         req.arrival = time.perf_counter()
         self.requests[req.seq.request_id] = req
-        if params.logit_bias:
-            self._biased.add(req.seq.request_id)
-        if params.min_tokens:
-            self._short.add(req.seq.request_id)
+        if not fits_decode(req.bias):
+            self._wide.add(req.seq.request_id)
 
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -569,8 +568,7 @@ class Engine:
 
     def _pop(self, request_id: str) -> _Request | None:
         """Takes an ended request out of the engine's books."""
-        self._biased.discard(request_id)
-        self._short.discard(request_id)
+        self._wide.discard(request_id)
         return self.requests.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -605,19 +603,15 @@ class Engine:
         return outputs
 
     def _single_steps(self) -> bool:
-        """Whether this step's programs take one step: bias entries (logit_bias, min_tokens)
-        adjust a single step's logits in programs of their own (`Runner.step`), not inside a
-        multi-step program."""
-        for rid in [r for r in self._short if self._has_min_tokens(r)]:
-            self._short.discard(rid)
+        """Whether this step's programs take one step: a running request has more bias entries
+        (logit_bias, min_tokens' bans) than a multi-step decode takes (`runner.fits_decode`);
+        a single step's programs add any number (`Runner.step`)."""
+        for rid in [r for r in self._wide if not uses_bias(self.requests[r].row())]:
+            self._wide.discard(rid)  # min_tokens reached, no logit_bias: no entries left
         # Running ones only: a waiting one joins in a step that admits it, and no multi-step
         # program is planned while one could be admitted (scheduler.py)
         running = SequenceStatus.RUNNING
-        return any(self.requests[r].seq.status is running for r in (*self._biased, *self._short))
-
-    def _has_min_tokens(self, request_id: str) -> bool:
-        req = self.requests[request_id]
-        return req.seq.num_output_tokens >= req.params.min_tokens
+        return any(self.requests[r].seq.status is running for r in self._wide)
 
     def _run(self, plan, outputs: list[RequestOutput]) -> None:
         if plan.seqs:

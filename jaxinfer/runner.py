@@ -14,15 +14,17 @@ to no sequence; padding rows compute nothing and sample greedily.
 PLACEHOLDER token in a plan (a sample of the step dispatched just before, not yet on the host) is
 read inside the jitted step from that step's sampled tokens, which stay on the device.
 
-With `decode_steps` k > 1, a decode-only plan (no logit bias) whose rows take more than one step
-runs as one program of k decode steps, a `lax.scan` of k iterations: forward, sample, and the
-samples are the next step's tokens, at the next positions, written to the slots the block tables
-give. Its rows draw with their penalties: the program takes their penalty state (zeros where no row
-has penalties, which leaves the logits bit for bit) and adds each step's samples to it, so a
-penalized row's tokens are those of single steps. Row i is live for its entry's `num_steps` steps
-and until it samples one of its stop ids (at most MAX_STOP_IDS of them are checked on the device;
-the host checks them all); a row that is not live writes no K/V, and whether it stopped carries over
-to the next program like its last sample does. The loop's trip count is static, so XLA runs it on a
+With `decode_steps` k > 1, a decode-only plan whose rows take more than one step (and have at
+most DECODE_BIAS_WIDTH logit bias entries each) runs as one program of k decode steps, a `lax.scan`
+of k iterations: forward, sample, and the samples are the next step's tokens, at the next
+positions, written to the slots the block tables give. Its rows draw with their bias entries and
+penalties: the program takes their LogitBias (each entry live at each step by its `until`) and
+penalty state (zeros where no row has penalties, which leaves the logits bit for bit) and adds
+each step's samples to the state, so a biased or penalized row's tokens are those of single
+steps. Row i is live for its entry's `num_steps` steps and until it samples one of its stop ids
+(at most MAX_STOP_IDS of them are checked on the device; the host checks them all); a row that is
+not live writes no K/V, and whether it stopped carries over to the next program like its last
+sample does. The loop's trip count is static, so XLA runs it on a
 GPU without reading anything back (a `while_loop` that stopped once every row had stopped made the
 host wait on a predicate each step: 0.8 ms of idle device a step at batch 1); unrolled, the k copies
 made a cold engine start 2.7x longer and ran 20% slower at batch 1 (H200). One program per row
@@ -59,6 +61,7 @@ from jaxinfer.sampling import (
     SampleOutput,
     SamplingArrays,
     SamplingParams,
+    add_bias_entries,
     apply_logit_bias,
     apply_penalty_state,
     count_sample,
@@ -124,6 +127,9 @@ class DecodeSteps(NamedTuple):
 
 
 MAX_STOP_IDS = 8  # stop ids per row checked on the device (the host checks every one)
+# LogitBias entries a multi-step decode takes per row (the narrowest width); a row with more
+# (a long logit_bias, or min_tokens over many stop ids) makes single steps while it has them.
+DECODE_BIAS_WIDTH = BIAS_WIDTHS[0]
 MIN_HISTORY_WIDTH = 128  # the narrowest penalties history (`history_widths`)
 
 
@@ -173,6 +179,11 @@ def uses_penalties(p: SamplingParams) -> bool:
 def uses_bias(r: RowInfo) -> bool:
     """Whether the row has LogitBias entries this step (`sampling.bias_entries`)."""
     return bool(r.params.logit_bias) or r.num_output_tokens < r.params.min_tokens
+
+
+def fits_decode(bias: Entries | None) -> bool:
+    """Whether a request's LogitBias entries fit a multi-step decode (DECODE_BIAS_WIDTH)."""
+    return bias is None or len(bias[0]) <= DECODE_BIAS_WIDTH
 
 
 class Runner:
@@ -304,8 +315,10 @@ class Runner:
         """k decode steps of a decode-only batch (T == B: token b is row b's): returns the pages,
         the samples of every step (SampleOutput, each field [k, B, ...]; a row's samples after
         it stopped are not its), each row's last sample and whether it stopped, [max_num_seqs]
-        each, and the samples' tokens [k, max_num_seqs]. Rows draw from their logits with
-        `penalties` (`penalty_state`) applied, and each step's live samples are added to it."""
+        each, and the samples' tokens [k, max_num_seqs]. Rows draw from their logits with the
+        batch's bias entries [B, DECODE_BIAS_WIDTH] added (each live by its `until` at each
+        step) and then `penalties` (`penalty_state`) applied, and each step's live samples are
+        added to it."""
         self.num_compiles += 1  # runs at trace time only
         size, src = self.page_size, batch.token_src
         tokens = _step_tokens(prev_tokens, batch)  # [B]
@@ -325,7 +338,8 @@ class Runner:
             pages, logits = self._logits(params, pages, tokens, pos, step_meta, batch.sample_idx)
             sampling = batch.sampling._replace(step=batch.sampling.step + i)
             raw = logits.astype(jnp.float32)
-            adjusted = self._logits_layout(apply_penalty_state(raw, sampling, penalties))
+            biased = add_bias_entries(raw, batch.bias, sampling.step)
+            adjusted = self._logits_layout(apply_penalty_state(biased, sampling, penalties))
             out = sample_adjusted(raw, adjusted, sampling, mode=mode, mesh=self.mesh)
             hit = jnp.any(out.tokens[:, None] == d.stop_ids, axis=1)
             stopped = stopped | (live & hit)
@@ -443,14 +457,14 @@ class Runner:
         return self._decode
 
     def multi_step(self, plan: StepPlan, rows: Sequence[RowInfo]) -> bool:
-        """Whether `plan` runs as a multi-step decode program: decodes only, no logit bias (nor
-        min_tokens yet to reach), and some row with more than one step (a plan of single steps
-        runs as one step: the program would run all k steps for one live one)."""
+        """Whether `plan` runs as a multi-step decode program: decodes only, every row's bias
+        entries within DECODE_BIAS_WIDTH, and some row with more than one step (a plan of single
+        steps runs as one step: the program would run all k steps for one live one)."""
         return (
             self.decode_steps > 1
             and plan.decode_only
             and any(s.num_steps > 1 for s in plan.seqs)
-            and not any(map(uses_bias, rows))
+            and all(fits_decode(r.bias) for r in rows if uses_bias(r))
         )
 
     def bucket(self, num_tokens: int) -> tuple[int, int]:
@@ -665,9 +679,10 @@ class Runner:
             [r.num_output_tokens for r in rows],
             pad_to=b,
         )
-        host = (tokens, src, positions, (slots, tables, kv_lens, cu), sample_idx, sampling)
+        bias = self._bias(rows, b, square)
+        host = (tokens, src, positions, (slots, tables, kv_lens, cu), sample_idx, sampling, bias)
         # One transfer (over a mesh: the same arrays to every device).
-        tokens, src, positions, meta, sample_idx, sampling = put_tree(host, self.replicated)
+        tokens, src, positions, meta, sample_idx, sampling, bias = put_tree(host, self.replicated)
         history, is_output = self._history(plan, rows, b)
         return StepBatch(
             tokens,
@@ -678,7 +693,7 @@ class Runner:
             sampling,
             history,
             is_output,
-            None if square else self._bias(rows, b),  # no multi-step program takes a bias
+            bias,
             self._lp_targets(plan, rows, t) if all_logits else None,
         )
 
@@ -708,12 +723,13 @@ class Runner:
             at += n
         return put_tree(targets, self.replicated)
 
-    def _bias(self, rows: Sequence[RowInfo], b: int) -> LogitBias | None:
-        """The rows' LogitBias [B, N] when any row has an entry this step, else None."""
-        if not any(map(uses_bias, rows)):
+    def _bias(self, rows: Sequence[RowInfo], b: int, square: bool) -> LogitBias | None:
+        """The rows' LogitBias [B, N] (host arrays) when any row has an entry this step, else
+        None; a multi-step decode's (`square`) always, [B, DECODE_BIAS_WIDTH]."""
+        if not square and not any(map(uses_bias, rows)):
             return None
         entries = [r.bias if uses_bias(r) else None for r in rows]
-        return put_tree(logit_bias_arrays(entries, b), self.replicated)
+        return logit_bias_arrays(entries, b)
 
     def _padding_batch(self, t: int, decode: bool) -> StepBatch:
         b = min(t, self.max_num_seqs)
@@ -727,7 +743,9 @@ class Runner:
         )
         sampling = put_tree(sampling_arrays([], [], [], pad_to=b), self.replicated)
         src = jnp.full(t, -1, jnp.int32, device=self.replicated)
-        return StepBatch(zeros(t), src, zeros(t), meta, zeros(b), sampling, None, None)
+        # a decode's: no entries (a multi-step decode reads them)
+        bias = put_tree(logit_bias_arrays([], b), self.replicated) if decode else None
+        return StepBatch(zeros(t), src, zeros(t), meta, zeros(b), sampling, None, None, bias)
 
 
 class TokenHistories:

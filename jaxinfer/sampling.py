@@ -256,6 +256,23 @@ def _add_entries(x, ids, values, until, step, *, offset) -> Float[Array, "B V"]:
     return x.at[rows, local].add(jnp.where(live, values, 0.0), mode="drop")
 
 
+def add_bias_entries(
+    logits: Float[Array, "B V"], bias: LogitBias, step: Int[Array, "B"]
+) -> Float[Array, "B V"]:
+    """`apply_logit_bias` as elementwise ops, bit for bit (a token without a live entry keeps
+    its logit; one with two gets both added): each of the N entries compared with every vocab
+    id, N selects of [B, V]. For the narrowest width, inside a multi-step decode: XLA fuses them
+    into the penalties and the sampler, where the scatter would copy the float32 logits each
+    step. Over a mesh the vocab ids follow the logits' split (no per-device offset to apply)."""
+    vocab = jnp.arange(logits.shape[1], dtype=jnp.int32)[None, :]  # [1, V]
+    live = (bias.ids >= 0) & (step[:, None] < bias.until)  # [B, N]
+    x = logits
+    for j in range(bias.ids.shape[1]):
+        hit = live[:, j : j + 1] & (bias.ids[:, j : j + 1] == vocab)  # [B, V]
+        x = jnp.where(hit, x + bias.values[:, j : j + 1], x)
+    return x
+
+
 class SampleOutput(NamedTuple):
     """What the sampler returns for each row."""
 

@@ -136,11 +136,22 @@ def mixed_requests(model):
     prompts = [rng.randint(0, model.config.vocab_size, n).tolist() for n in lengths]
     eos = int(rng.randint(model.config.vocab_size))
     params = [
-        SamplingParams(max_tokens=13, temperature=0, ignore_eos=True),
+        # logit_bias: the greedy tokens of the model's flat logits (top two ~0.1 apart) move
+        SamplingParams(
+            max_tokens=13, temperature=0, ignore_eos=True, logit_bias={199: -100, 95: 0.2, 7: 0.3}
+        ),
         SamplingParams(max_tokens=17, temperature=0.8, top_k=20, seed=11, ignore_eos=True),
         SamplingParams(max_tokens=9, temperature=1.0, top_p=0.9, logprobs=3, ignore_eos=True),
         SamplingParams(max_tokens=30, temperature=1.0, stop=["kq", "zz"], ignore_eos=True),
-        SamplingParams(max_tokens=25, temperature=1.2, stop_token_ids=[eos], seed=5),
+        # min_tokens: its stop ids (frequent ones of its first steps) banned for 8 tokens, the
+        # ban ending inside a program
+        SamplingParams(
+            max_tokens=25,
+            temperature=1.2,
+            stop_token_ids=[eos, 13, 193, 59],
+            seed=5,
+            min_tokens=8,
+        ),
         SamplingParams(
             max_tokens=12,
             temperature=0.7,
@@ -149,15 +160,16 @@ def mixed_requests(model):
             logprobs=2,
             ignore_eos=True,
         ),
-        # greedy, whose penalties must push the repeats away step after step inside a program;
-        # admitted last and the longest, it ends alone (one-row programs, whatever the others
-        # sample)
+        # greedy, whose penalties must push the repeats away step after step inside a program,
+        # after its logit_bias; admitted last and the longest, it ends alone (one-row programs,
+        # whatever the others sample)
         SamplingParams(
             max_tokens=30,
             temperature=0,
             frequency_penalty=1.5,
             presence_penalty=0.5,
             repetition_penalty=2.0,
+            logit_bias={262: 0.5, 53: -0.2},
             ignore_eos=True,
         ),
     ]
@@ -203,23 +215,25 @@ RTOL = 2e-3 if jax.default_backend() == "gpu" else 1e-5
     ids=["cublas", "preemption", "sync"],
 )
 def test_decode_steps_give_the_outputs_of_single_steps(tiny_model, monkeypatch, options, cublas):
-    """5 pages force preemption. Requests with penalties run in multi-step programs as well,
-    their histories holding the samples of the program in flight. `cublas`: the 4-row decode
+    """5 pages force preemption. Requests with penalties, logit_bias and min_tokens run in
+    multi-step programs as well, the penalized ones' histories holding the samples of the
+    program in flight. `cublas`: the 4-row decode
     programs go to their own jit (cuBLAS's matmuls on a GPU), those of fewer rows to the plain
     one (where the other cases run every decode program)."""
     single, _ = staggered(tiny_model, 1, **options)
     monkeypatch.setenv("JAXINFER_DECODE_CUBLAS", "1" if cublas else "0")
     monkeypatch.setattr(runner_module, "CUBLAS_DECODE_ROWS", 4)
-    penalized = []  # of each multi-step decode: whether it had a history
+    penalized, biased = [], []  # of each multi-step decode: a history, bias entries
     decode = runner_module.Runner.decode
 
     def record(self, batch, *args):
         penalized.append(batch.history is not None)
+        biased.append(bool((np.asarray(batch.bias.ids) >= 0).any()))
         return decode(self, batch, *args)
 
     monkeypatch.setattr(runner_module.Runner, "decode", record)
     multi, engine = staggered(tiny_model, 4, **options)
-    assert sum(penalized) >= 3, penalized
+    assert sum(penalized) >= 3 and sum(biased) >= 3, (penalized, biased)
     if cublas:  # programs ran in both jits
         assert engine.runner._decode_cublas._cache_size() > 0
         assert engine.runner._decode._cache_size() > 0

@@ -150,25 +150,47 @@ def test_logit_bias_ids_must_be_in_the_vocabulary():
         engine.add_request("a", "abc", SamplingParams(logit_bias={26: 1}))
 
 
-def test_min_tokens_rows_run_single_steps_until_they_have_them():
-    """A multi-step program runs no row that has bias entries this step; min_tokens' rows
-    join them once they have their tokens."""
+# 17 logit_bias entries: one more than a multi-step program takes (runner.DECODE_BIAS_WIDTH)
+WIDE = {7: 100, **{t: -1.0 for t in range(10, 26)}}
+
+
+def test_rows_with_bias_entries_run_in_programs_unless_they_have_too_many():
+    """Rows with up to 16 bias entries run in multi-step programs, min_tokens' bans ending
+    inside one; a row with more makes single steps until it has none left (min_tokens'
+    bans over 17 stop ids: until it has its tokens)."""
     engine = fake_engine(num_decode_steps=4)
     engine.add_request("a", "abc", SamplingParams(**GREEDY, max_tokens=12, min_tokens=6))
-    outs = run_all(engine)["a"]
-    sizes = [len(o.new_token_ids) for o in outs]
-    assert sizes[:6] == [1] * 6 and max(sizes[6:]) == 4 and sum(sizes) == 12
+    engine.add_request("b", "wx", SamplingParams(**GREEDY, max_tokens=9, logit_bias={7: 100}))
+    outs = run_all(engine)
+    assert [len(o.new_token_ids) for o in outs["a"]] == [1, 4, 4, 3]
+    assert [len(o.new_token_ids) for o in outs["b"]] == [1, 4, 4]
+    assert outs["a"][-1].text == "defghijklmno" and outs["b"][-1].token_ids == [7] * 9
+    stops = list(range(8, 25))  # i to y: reached only once the ban is over
+    engine.add_request("c", "abc", SamplingParams(**GREEDY, max_tokens=12, min_tokens=6))
+    engine.add_request(
+        "d", "abc", SamplingParams(**GREEDY, max_tokens=12, min_tokens=5, stop_token_ids=stops)
+    )
+    outs = run_all(engine)
+    # single steps until d has its 5 tokens; then programs, d stopping in its first at i (8),
+    # banned until then
+    assert [len(o.new_token_ids) for o in outs["c"]] == [1] * 5 + [4, 3]
+    assert [len(o.new_token_ids) for o in outs["d"]] == [1] * 6
+    assert outs["c"][-1].text == "defghijklmno" and outs["d"][-1].text == "defgh"
+    assert outs["d"][-1].token_ids == [3, 4, 5, 6, 7, 8] and outs["d"][-1].finish_reason == "stop"
+    engine.add_request("e", "abc", SamplingParams(**GREEDY, max_tokens=6, logit_bias=WIDE))
+    assert [len(o.new_token_ids) for o in run_all(engine)["e"]] == [1] * 6
 
 
 def test_a_waiting_request_with_options_leaves_the_running_ones_their_programs():
-    """Only running requests with a logit_bias (or penalties, or min_tokens to reach) make
-    programs take one step: one queued behind a full engine does not."""
+    """Only running requests with more bias entries than a program takes make programs take
+    one step: one queued behind a full engine does not."""
     engine = fake_engine(num_decode_steps=4, max_num_seqs=1)
     engine.add_request("a", "abc", SamplingParams(**GREEDY, max_tokens=13))
-    engine.add_request("b", "abc", SamplingParams(**GREEDY, max_tokens=3, logit_bias={7: 100}))
+    engine.add_request("b", "abc", SamplingParams(**GREEDY, max_tokens=3, logit_bias=WIDE))
     outs = run_all(engine)
     assert [len(o.new_token_ids) for o in outs["a"]] == [1, 4, 4, 4]
     assert outs["b"][-1].token_ids == [7, 7, 7]
+    assert [len(o.new_token_ids) for o in outs["b"]] == [1, 1, 1]
 
 
 # ---- a real tiny model ---------------------------------------------------------------------------

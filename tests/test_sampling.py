@@ -18,6 +18,7 @@ from jaxinfer.sampling import (
     SamplingArrays,
     SamplingParams,
     _fold_seed,
+    add_bias_entries,
     apply_logit_bias,
     apply_penalties,
     bias_entries,
@@ -664,6 +665,39 @@ def test_logit_bias_entries_add_to_the_logits_while_live():
     np.testing.assert_array_equal(
         np.asarray(biased), [[10, 1, 2, 3], [0, 1, -np.inf, -np.inf], [0, 1, 2, 3]]
     )
+
+
+def test_bias_entries_as_elementwise_ops_equal_the_scatter_bit_for_bit():
+    """`add_bias_entries` (a multi-step decode's) against `apply_logit_bias` (a single step's):
+    the same bits, -0.0 logits without an entry and a bias on a banned id included; over a
+    mesh that splits the vocabulary, the same again."""
+    rng = np.random.default_rng(0)
+    b, v = 6, 64
+    logits = rng.normal(size=(b, v)).astype(np.float32)
+    logits[:, ::7] = -0.0
+    per_row = [
+        entries((3, 1.5, 9), (3, -np.inf, 5), (60, -2.0, 9)),  # a bias and a ban on one id
+        entries((0, 0.25, 2), (63, 100.0, 9)),  # the first dead at step 4
+        None,
+        entries(
+            *[(int(t), float(x), 9) for t, x in zip(rng.permutation(v)[:16], rng.normal(size=16))]
+        ),
+        entries((7, -np.inf, 5)),  # a ban on a -0.0 logit
+        entries((70, 5.0, 9)),  # outside the vocabulary
+    ]
+    bias = logit_bias_arrays(per_row, b)
+    step = jnp.asarray([4, 4, 4, 4, 4, 4])
+    want = np.asarray(apply_logit_bias(jnp.asarray(logits), bias, step))
+    got = np.asarray(jax.jit(add_bias_entries)(jnp.asarray(logits), bias, step))
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert got[0, 3] == -np.inf and got[1, 0] == logits[1, 0] and got[1, 63] == logits[1, 63] + 100
+    from jaxinfer.sharding import make_mesh
+
+    split = jax.sharding.NamedSharding(make_mesh(4), jax.sharding.PartitionSpec(None, "model"))
+    on_mesh = jax.jit(add_bias_entries, out_shardings=split)(
+        jax.device_put(logits, split), bias, step
+    )
+    np.testing.assert_array_equal(np.asarray(on_mesh).view(np.uint32), want.view(np.uint32))
 
 
 def test_logit_bias_applies_before_penalties_and_sampling():
