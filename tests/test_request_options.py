@@ -234,10 +234,11 @@ def test_a_banned_argmax_gives_the_runner_up(tiny_model, impl):
         assert outs[f"up{i}"].token_ids == [i + 3] * 5
 
 
-def test_request_options_over_a_tensor_parallel_mesh(tiny_model):
+@pytest.mark.parametrize("steps", [1, 4])
+def test_request_options_over_a_tensor_parallel_mesh(tiny_model, steps):
     """Over 2 devices the logits are split by vocabulary: each device adds the bias entries in
-    its half, and the prompt logprobs' top-k merges the halves' candidates. The outputs are the
-    one-device engine's."""
+    its half (a multi-step decode: compares them with its half's ids), and the prompt logprobs'
+    top-k merges the halves' candidates. The outputs are the one-device engine's."""
     from jaxinfer.engine import LLM
 
     rng = np.random.RandomState(1)
@@ -253,7 +254,7 @@ def test_request_options_over_a_tensor_parallel_mesh(tiny_model):
         logprobs=2,
         prompt_logprobs=2,
     )
-    options = dict(max_num_seqs=4, num_pages=32, max_model_len=64, num_decode_steps=1)
+    options = dict(max_num_seqs=4, num_pages=32, max_model_len=64, num_decode_steps=steps)
     want = LLM(model=tiny_model, **options).generate(prompts, params, use_tqdm=False)
     got = LLM(model=tiny_model, tensor_parallel_size=2, **options).generate(
         prompts, params, use_tqdm=False
