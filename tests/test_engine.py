@@ -412,7 +412,8 @@ def test_penalized_steps_overlap_and_penalize_the_sample_in_flight(tiny_model):
     step's sample, still on the device) is in its history all the same, whichever row it had.
     A logit_bias makes one token each request's favourite, so that only its penalties keep it
     from coming again at once. Three such requests beside a plain one, rows reordered as the
-    plain one ends. The third grows past 128 tokens, so its steps' history widens."""
+    plain one ends. The third grows past 128 tokens, so its steps' history widens. Single steps
+    (a GPU's default is multi-step decodes, which take penalties and bias as well)."""
     prompts = prompts_of(tiny_model, (9, 4, 124, 6), seed=8)
     favourite = [t for t in range(tiny_model.config.vocab_size) if t not in sum(prompts, [])][:3]
     # (repetition, frequency, presence)
@@ -425,6 +426,7 @@ def test_penalized_steps_overlap_and_penalize_the_sample_in_flight(tiny_model):
         num_pages=16,
         warmup=False,
         attention_impl="xla",
+        num_decode_steps=1,
     )
     widths = []  # of each step's history
     arrays = engine.runner._histories.arrays
