@@ -72,7 +72,7 @@ from jaxinfer.platform import (
     logger,
     use_compilation_cache,
 )
-from jaxinfer.runner import RowInfo, Runner, fits_decode, uses_bias
+from jaxinfer.runner import RowInfo, Runner, fits_decode
 from jaxinfer.sampling import Entries, SamplingParams, bias_entries
 from jaxinfer.scheduler import PLACEHOLDER, Scheduler, SchedulerConfig, SequenceStatus
 from jaxinfer.scheduler import Sequence as Seq
@@ -538,7 +538,7 @@ class Engine:
         req.seed = seed
         req.arrival = time.perf_counter()
         self.requests[req.seq.request_id] = req
-        if not fits_decode(req.bias):
+        if not fits_decode(req.row()):
             self._wide.add(req.seq.request_id)
 
     def _prompt_ids(self, prompt) -> list[int]:
@@ -603,11 +603,11 @@ class Engine:
         return outputs
 
     def _single_steps(self) -> bool:
-        """Whether this step's programs take one step: a running request has more bias entries
-        (logit_bias, min_tokens' bans) than a multi-step decode takes (`runner.fits_decode`);
-        a single step's programs add any number (`Runner.step`)."""
-        for rid in [r for r in self._wide if not uses_bias(self.requests[r].row())]:
-            self._wide.discard(rid)  # min_tokens reached, no logit_bias: no entries left
+        """Whether this step's programs take one step: a running request has more live bias
+        entries (logit_bias, min_tokens' bans until it has them) than a multi-step decode takes
+        (`runner.fits_decode`); a single step's programs add any number (`Runner.step`)."""
+        for rid in [r for r in self._wide if fits_decode(self.requests[r].row())]:
+            self._wide.discard(rid)  # min_tokens reached: its bans are over
         # Running ones only: a waiting one joins in a step that admits it, and no multi-step
         # program is planned while one could be admitted (scheduler.py)
         running = SequenceStatus.RUNNING

@@ -127,7 +127,7 @@ class DecodeSteps(NamedTuple):
 
 
 MAX_STOP_IDS = 8  # stop ids per row checked on the device (the host checks every one)
-# LogitBias entries a multi-step decode takes per row (the narrowest width); a row with more
+# LogitBias entries a multi-step decode takes per row (the narrowest width); a row with more live
 # (a long logit_bias, or min_tokens over many stop ids) makes single steps while it has them.
 DECODE_BIAS_WIDTH = BIAS_WIDTHS[0]
 MIN_HISTORY_WIDTH = 128  # the narrowest penalties history (`history_widths`)
@@ -176,13 +176,20 @@ def uses_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def uses_bias(r: RowInfo) -> bool:
-    """Whether the row has LogitBias entries this step (`sampling.bias_entries`)."""
-    return bool(r.params.logit_bias) or r.num_output_tokens < r.params.min_tokens
+def live_bias(r: RowInfo) -> Entries | None:
+    """The row's LogitBias entries (`sampling.bias_entries`) live at its next token: min_tokens'
+    bans end once it has them. None where none is."""
+    if r.bias is None:
+        return None
+    keep = r.bias[2] > r.num_output_tokens  # until
+    if keep.all():
+        return r.bias
+    return tuple(x[keep] for x in r.bias) if keep.any() else None
 
 
-def fits_decode(bias: Entries | None) -> bool:
-    """Whether a request's LogitBias entries fit a multi-step decode (DECODE_BIAS_WIDTH)."""
+def fits_decode(r: RowInfo) -> bool:
+    """Whether the row's live entries fit a multi-step decode (DECODE_BIAS_WIDTH)."""
+    bias = live_bias(r)
     return bias is None or len(bias[0]) <= DECODE_BIAS_WIDTH
 
 
@@ -464,7 +471,7 @@ class Runner:
             self.decode_steps > 1
             and plan.decode_only
             and any(s.num_steps > 1 for s in plan.seqs)
-            and all(fits_decode(r.bias) for r in rows if uses_bias(r))
+            and all(map(fits_decode, rows))
         )
 
     def bucket(self, num_tokens: int) -> tuple[int, int]:
@@ -726,9 +733,9 @@ class Runner:
     def _bias(self, rows: Sequence[RowInfo], b: int, square: bool) -> LogitBias | None:
         """The rows' LogitBias [B, N] (host arrays) when any row has an entry this step, else
         None; a multi-step decode's (`square`) always, [B, DECODE_BIAS_WIDTH]."""
-        if not square and not any(map(uses_bias, rows)):
+        entries = [live_bias(r) for r in rows]
+        if not square and all(e is None for e in entries):
             return None
-        entries = [r.bias if uses_bias(r) else None for r in rows]
         return logit_bias_arrays(entries, b)
 
     def _padding_batch(self, t: int, decode: bool) -> StepBatch:

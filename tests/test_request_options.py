@@ -179,6 +179,13 @@ def test_rows_with_bias_entries_run_in_programs_unless_they_have_too_many():
     assert outs["d"][-1].token_ids == [3, 4, 5, 6, 7, 8] and outs["d"][-1].finish_reason == "stop"
     engine.add_request("e", "abc", SamplingParams(**GREEDY, max_tokens=6, logit_bias=WIDE))
     assert [len(o.new_token_ids) for o in run_all(engine)["e"]] == [1] * 6
+    # 1 logit_bias entry and 16 bans: single steps until the bans are over, then programs
+    bans = dict(min_tokens=3, stop_token_ids=list(range(9, 24)))  # + EOS
+    engine.add_request(
+        "f", "abc", SamplingParams(**GREEDY, max_tokens=9, logit_bias={7: 100}, **bans)
+    )
+    f = run_all(engine)["f"]
+    assert [len(o.new_token_ids) for o in f] == [1, 1, 1, 4, 2] and f[-1].token_ids == [7] * 9
 
 
 def test_a_waiting_request_with_options_leaves_the_running_ones_their_programs():
