@@ -4,6 +4,7 @@ interpreter on the CPU and on a Hopper GPU."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -343,3 +344,13 @@ def test_decoder_with_the_swiglu_kernel_matches_without():
     assert np.std(logits[100, False]) > 0.1
     np.testing.assert_allclose(logits[100, True], logits[100, False], rtol=0, atol=3e-2)
     np.testing.assert_array_equal(logits[40, True], logits[40, False])
+
+
+def test_l2_bench_times_a_chain_over_distinct_weights_and_over_one(tmp_path):
+    script = load_script("bench_l2_weights")
+    out = tmp_path / "l2.json"
+    argv = ["--rows", "8", "--sets", "3", "--quick", "--repeats", "1", "--min-time", "0.001"]
+    assert script.main([*argv, "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["m"], row["k"], row["sets"]) == (8, 64, 3)
+    assert row["cold_us"] > 0 and row["hot_us"] > 0
