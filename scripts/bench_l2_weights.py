@@ -28,8 +28,9 @@ def time_chain(m: int, k: int, sets: int, hot: bool, args) -> float:
     keys = jax.random.split(jax.random.key(0), sets + 1)
     x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
     scale = k**-0.5  # keeps the chain's values finite
-    ws = [scale * jax.random.normal(keys[1 + i], (k, k), jnp.bfloat16) for i in range(sets)]
-    ws = [ws[0]] * sets if hot else ws
+    distinct = 1 if hot else sets
+    made = [scale * jax.random.normal(key, (k, k), jnp.bfloat16) for key in keys[1 : 1 + distinct]]
+    ws = made * (sets // distinct)  # hot: the one weight, `sets` times
 
     def chain(x, ws):
         for w in ws:
