@@ -17,6 +17,25 @@ os.environ["JAXINFER_COMPILATION_CACHE"] = ""
 import pytest
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "devices(n): needs n JAX devices; skipped where fewer exist (one GPU)"
+    )
+
+
+def pytest_runtest_setup(item):
+    """A test marked `devices(n)` runs on the CPU's 8 fake devices and is skipped, naming why, on
+    a machine with fewer (the tests also run on one GPU, with JAX_PLATFORMS=cuda)."""
+    mark = item.get_closest_marker("devices")
+    if mark is None:
+        return
+    import jax
+
+    need, have = mark.args[0], jax.device_count()
+    if have < need:
+        pytest.skip(f"needs {need} JAX devices, {have} exist")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_compilation_cache(tmp_path_factory):
     """One on-disk compilation cache for the whole run: the suite's many engines of the same tiny

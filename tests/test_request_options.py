@@ -241,6 +241,7 @@ def test_a_banned_argmax_gives_the_runner_up(tiny_model, impl):
         assert outs[f"up{i}"].token_ids == [i + 3] * 5
 
 
+@pytest.mark.devices(2)
 @pytest.mark.parametrize("steps", [1, 4])
 def test_request_options_over_a_tensor_parallel_mesh(tiny_model, steps):
     """Over 2 devices the logits are split by vocabulary: each device adds the bias entries in

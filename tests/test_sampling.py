@@ -667,10 +667,8 @@ def test_logit_bias_entries_add_to_the_logits_while_live():
     )
 
 
-def test_bias_entries_as_elementwise_ops_equal_the_scatter_bit_for_bit():
-    """`add_bias_entries` (a multi-step decode's) against `apply_logit_bias` (a single step's):
-    the same bits, -0.0 logits without an entry and a bias on a banned id included; over a
-    mesh that splits the vocabulary, the same again."""
+def bias_entries_case():
+    """Logits [6, 64] with -0.0 columns, bias entries of many kinds for them, and the step."""
     rng = np.random.default_rng(0)
     b, v = 6, 64
     logits = rng.normal(size=(b, v)).astype(np.float32)
@@ -685,14 +683,26 @@ def test_bias_entries_as_elementwise_ops_equal_the_scatter_bit_for_bit():
         entries((7, -np.inf, 5)),  # a ban on a -0.0 logit
         entries((70, 5.0, 9)),  # outside the vocabulary
     ]
-    bias = logit_bias_arrays(per_row, b)
-    step = jnp.asarray([4, 4, 4, 4, 4, 4])
+    return logits, logit_bias_arrays(per_row, b), jnp.asarray([4, 4, 4, 4, 4, 4])
+
+
+def test_bias_entries_as_elementwise_ops_equal_the_scatter_bit_for_bit():
+    """`add_bias_entries` (a multi-step decode's) against `apply_logit_bias` (a single step's):
+    the same bits, -0.0 logits without an entry and a bias on a banned id included."""
+    logits, bias, step = bias_entries_case()
     want = np.asarray(apply_logit_bias(jnp.asarray(logits), bias, step))
     got = np.asarray(jax.jit(add_bias_entries)(jnp.asarray(logits), bias, step))
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
     assert got[0, 3] == -np.inf and got[1, 0] == logits[1, 0] and got[1, 63] == logits[1, 63] + 100
+
+
+@pytest.mark.devices(4)
+def test_bias_entries_over_a_vocab_split_mesh_equal_the_scatter_bit_for_bit():
+    """The same over a mesh that splits the vocabulary four ways."""
     from jaxinfer.sharding import make_mesh
 
+    logits, bias, step = bias_entries_case()
+    want = np.asarray(apply_logit_bias(jnp.asarray(logits), bias, step))
     split = jax.sharding.NamedSharding(make_mesh(4), jax.sharding.PartitionSpec(None, "model"))
     on_mesh = jax.jit(add_bias_entries, out_shardings=split)(
         jax.device_put(logits, split), bias, step
@@ -732,6 +742,7 @@ def test_bias_entries_of_a_request():
     assert bias_entries(SamplingParams(), {5}) is None
 
 
+@pytest.mark.devices(4)
 def test_logit_bias_over_a_vocab_split_mesh_equals_one_device():
     from jaxinfer.sharding import make_mesh
 

@@ -17,6 +17,8 @@ from jaxinfer.checkpoint import hf_layout
 from jaxinfer.config import ModelConfig
 from jaxinfer.sharding import load_shardings
 
+pytestmark = pytest.mark.devices(8)  # the CPU's fake devices
+
 # Small, but with tensors large enough (8 MiB at most, 74 MiB in all) that loading everything
 # before placing it would show: the bound below is well under the whole model.
 CONFIG = dict(

@@ -20,6 +20,8 @@ from jaxinfer.model import Model, init_params
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.sharding import MODEL, shard_model
 
+pytestmark = pytest.mark.devices(8)  # the CPU's fake devices
+
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
