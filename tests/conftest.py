@@ -25,13 +25,16 @@ def pytest_configure(config):
 
 def pytest_runtest_setup(item):
     """A test marked `devices(n)` runs on the CPU's 8 fake devices and is skipped, naming why, on
-    a machine with fewer (the tests also run on one GPU, with JAX_PLATFORMS=cuda)."""
+    an accelerator with fewer (the tests also run on one GPU, with JAX_PLATFORMS=cuda). On the
+    CPU too few devices fail it: the fake devices were lost, and a skip would hide the test."""
     mark = item.get_closest_marker("devices")
     if mark is None:
         return
     import jax
 
     need, have = mark.args[0], jax.device_count()
+    if have < need and jax.default_backend() == "cpu":
+        pytest.fail(f"needs {need} JAX devices, {have} exist: XLA_FLAGS should fake 8 on the CPU")
     if have < need:
         pytest.skip(f"needs {need} JAX devices, {have} exist")
 
