@@ -15,6 +15,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -300,14 +301,28 @@ def time_over_sets(
     repeats: int,
     min_time: float | None,
     compiler_options: dict | None = None,
+    compiled_text: list[str] | None = None,
 ) -> float:
     """Median seconds per call of fn over rotating argument sets: one jit (built with
     `compiler_options`) runs fn once per set (the sets differ, so nothing is CSE'd), timed by
-    `pipelined_time`."""
+    `pipelined_time`. The optimized program's text is appended to `compiled_text` when given:
+    XLA may still join the calls (its dot merger fuses dots that share an operand), which
+    `gemm_calls` on that text shows."""
     import jax
 
     group = jax.jit(lambda ss: [fn(*s) for s in ss], compiler_options=compiler_options)
-    return pipelined_time(lambda _: group(sets), repeats=repeats, min_time=min_time) / len(sets)
+    compiled = group.lower(sets).compile()
+    if compiled_text is not None:
+        compiled_text.append(compiled.as_text())
+    return pipelined_time(lambda _: compiled(sets), repeats=repeats, min_time=min_time) / len(sets)
+
+
+def gemm_calls(hlo_text: str) -> int:
+    """GEMM kernels in an optimized GPU program's text: cuBLAS(Lt) custom calls and XLA's
+    Triton GEMM fusions (0 on the CPU, whose dots have other names)."""
+    cublas = re.findall(r'custom_call_target="__cublas', hlo_text)
+    triton = re.findall(r"= \S+ fusion\([^)]*\), kind=kCustom, calls=%gemm_fusion", hlo_text)
+    return len(cublas) + len(triton)
 
 
 def card_limits(repeats: int) -> dict:

@@ -3,8 +3,9 @@
 (cuBLAS, what a PyTorch engine runs) over both, the Triton grouped matmul
 (`pallas_kernels.grouped_matmul`) with one group over a sweep of its tiles, and with `--mgpu` the
 Mosaic GPU decode matmul (`pallas_kernels.decode_matmul`, Hopper only) over a sweep of its
-configs, in the layout the decoder stores each weight in. Time per call over rotating weight
-sets (more bytes than L2), one sync per run; the weight-read floor beside them.
+configs, in the layout the decoder stores each weight in. Time per call over rotating (x,
+weight) sets (more bytes than L2), one sync per run; the weight-read floor beside them. Each
+call has its own x: with one x for all, XLA merged the calls into one matmul.
 
     python scripts/bench_decode_matmul.py --rows 100 --out bench/results/decode-matmul-m100-<card>.json
     python scripts/bench_decode_matmul.py --rows 128 --mgpu --no-triton --out bench/results/decode-matmul-m128-mgpu-<card>.json
@@ -12,7 +13,9 @@ sets (more bytes than L2), one sync per run; the weight-read floor beside them.
     python scripts/bench_decode_matmul.py --rows 16 --quick --shapes o   # CPU smoke (interpret mode)
 
 Each row: shape, k, n, m, w_nk (the decoder's layout is W [N, K]), xla_us, xla_nk_us,
-xla_cublas_us, xla_cublas_nk_us, torch_us, torch_nk_us (GPU with torch only), `triton`:
+xla_cublas_us, xla_cublas_nk_us, torch_us, torch_nk_us (GPU with torch only), gemms_per_call
+(GPU: GEMM kernels in each XLA form's compiled rotation over its calls, 1.0 unless XLA joined
+calls), `triton`:
 [{cfg: [block_n, block_k, warps, stages, split_k], us, err}] fastest first, then the configs
 that failed with their error (err: largest error against the float32 product, relative to its
 largest value), and `mgpu` likewise with cfg [tile_n, tile_k, stages, splits, cluster].
@@ -29,12 +32,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxinfer import benchmark as bm
 from jaxinfer.runner import CUBLAS_OPTIONS
 
 gm = importlib.import_module("pallas_kernels.grouped_matmul")  # the package exports a function
 dm = importlib.import_module("pallas_kernels.decode_matmul")
+NK_DIMS = (((1,), (1,)), ((), ()))  # x [M, K] . w [N, K] -> [M, N]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "down": (14336, 4096), "gate_up": (4096, 28672)}
 W_NK = {"qkv": True, "o": True, "down": False, "gate_up": False}  # the decoder's layouts
 # Not a weight of the model: q/k/v, o and gate/up side by side (the three with K = 4,096), one
@@ -44,10 +49,16 @@ SHAPES["qkv_o_gate_up"], W_NK["qkv_o_gate_up"] = (4096, 6144 + 4096 + 28672), Fa
 
 def tiles(quick: bool) -> list:
     """block_m 128 (one work item holds the batch); (block_n, warps) x block_k x stages x split."""
+
+    def cfg(bn, bk, warps, stages, split):  # by name: the config's fields are not in this order
+        return gm.GroupedMatmulConfig(
+            block_m=128, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, split_k=split
+        )
+
     if quick:
-        return [gm.GroupedMatmulConfig(128, 64, 64, 4, 2, split_k=2)]
+        return [cfg(64, 64, 4, 2, 2)]
     grid = itertools.product(((64, 4), (128, 4), (128, 8), (256, 8)), (64, 128), (3, 4), (1, 2, 4))
-    return [gm.GroupedMatmulConfig(128, bn, bk, w, st, split_k=sk) for (bn, w), bk, st, sk in grid]
+    return [cfg(bn, bk, w, st, sk) for (bn, w), bk, st, sk in grid]
 
 
 def mgpu_configs(quick: bool, n: int, clusters: list[int]) -> list:
@@ -100,26 +111,41 @@ def torch_us(k: int, n: int, m: int, nk: bool, count: int) -> float:
     return float(np.median(runs)) * 1e6
 
 
+def rotation(k: int, n: int, m: int, count: int) -> list[tuple]:
+    """`count` (x [m, k], W [k, n]) sets, each with its own x: calls that shared one x (a
+    closure constant) were merged by XLA's dot merger into one matmul over the concatenated
+    weights, which timed a wide matmul (Triton) or a copy of every weight and then one
+    (cuBLAS), not a call."""
+    keys = jax.random.split(jax.random.key(k + n), 2 * count)
+    xs = [jax.random.normal(kk, (m, k), jnp.bfloat16) for kk in keys[count:]]
+    return [(x, jax.random.normal(kk, (k, n), jnp.bfloat16) * 0.02) for x, kk in zip(xs, keys)]
+
+
 def measure(name: str, k: int, n: int, m: int, args, interpret: bool) -> dict:
     count = max(2, -(-args.min_bytes // (k * n * 2)))
-    keys = jax.random.split(jax.random.key(k + n), count)
-    x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
-    sets = [(jax.random.normal(kk, (k, n), jnp.bfloat16) * 0.02,) for kk in keys]
-    nk_sets = [(w.T.copy(),) for (w,) in sets]
+    sets = rotation(k, n, m, count)
+    nk_sets = [(x, w.T.copy()) for x, w in sets]
+    x = sets[0][0]
     min_time = None if interpret else 0.05
 
-    def timed(fn, ss, options=None):
-        t = bm.time_over_sets(fn, ss, repeats=5, min_time=min_time, compiler_options=options)
+    def timed(fn, ss, options=None, name=None):
+        texts = [] if name else None
+        t = bm.time_over_sets(
+            fn, ss, repeats=5, min_time=min_time, compiler_options=options, compiled_text=texts
+        )
+        if name and not interpret:  # 1.0 unless XLA joined calls (the row's time is not a call's)
+            row.setdefault("gemms_per_call", {})[name] = bm.gemm_calls(texts[0]) / len(ss)
         return t * 1e6
 
-    exact = jnp.dot(x.astype(jnp.float32), sets[0][0].astype(jnp.float32), precision="highest")
+    exact = jnp.dot(x.astype(jnp.float32), sets[0][1].astype(jnp.float32), precision="highest")
     exact = np.asarray(exact)
     row = {"shape": name, "k": k, "n": n, "m": m, "w_nk": W_NK[name]}
-    row["xla_us"] = timed(lambda w: jnp.dot(x, w), sets)
-    row["xla_nk_us"] = timed(lambda w: jnp.dot(x, w.T), nk_sets)
+    nk_dot = lambda x, w: lax.dot_general(x, w, NK_DIMS)  # noqa: E731 -- as `layers.dense`
+    row["xla_us"] = timed(jnp.dot, sets, name="xla")
+    row["xla_nk_us"] = timed(nk_dot, nk_sets, name="xla_nk")
     if not interpret:
-        row["xla_cublas_us"] = timed(lambda w: jnp.dot(x, w), sets, CUBLAS_OPTIONS)
-        row["xla_cublas_nk_us"] = timed(lambda w: jnp.dot(x, w.T), nk_sets, CUBLAS_OPTIONS)
+        row["xla_cublas_us"] = timed(jnp.dot, sets, CUBLAS_OPTIONS, "xla_cublas")
+        row["xla_cublas_nk_us"] = timed(nk_dot, nk_sets, CUBLAS_OPTIONS, "xla_cublas_nk")
     if not interpret and args.torch:
         row["torch_us"] = torch_us(k, n, m, False, count)
         row["torch_nk_us"] = torch_us(k, n, m, True, count)
@@ -130,7 +156,7 @@ def measure(name: str, k: int, n: int, m: int, args, interpret: bool) -> dict:
 
         def triton_fn(c):
             work = gm.make_work_list(sizes, m, c.block_m)  # built once, outside the timed call
-            return lambda w: gm._gmm_call(x, w[None], work, config=c, interpret=interpret)
+            return lambda x, w: gm._gmm_call(x, w[None], work, config=c, interpret=interpret)
 
         triton_row = lambda c: [c.block_n, c.block_k, c.num_warps, c.num_stages, c.split_k]
         row["triton"] = sweep(triton_fn, cfgs, triton_row, sets, exact, timed)
@@ -141,7 +167,7 @@ def measure(name: str, k: int, n: int, m: int, args, interpret: bool) -> dict:
             for c in mgpu_configs(args.quick, n, args.clusters)
             if dm.why_not(m, k, n, x.dtype, c) is None
         ]
-        mgpu_fn = lambda c: lambda w: dm.decode_matmul(x, w, w_nk=w_nk, config=c)
+        mgpu_fn = lambda c: lambda x, w: dm.decode_matmul(x, w, w_nk=w_nk, config=c)
         mgpu_row = lambda c: [c.tile_n, c.tile_k, c.stages, c.splits, c.cluster]
         row["mgpu"] = sweep(mgpu_fn, cfgs, mgpu_row, mine, exact, timed)
     return row
@@ -171,6 +197,8 @@ def main() -> None:
         floor = k * n * 2 / 4.4e12 * 1e6  # the read bandwidth a sum reaches on an H200
         peers = {key: round(v, 1) for key, v in row.items() if key.endswith("_us")}
         print(f"{name} [{args.rows} x {k}] x [{k} x {n}]: {peers}, read floor {floor:.1f} us")
+        if joined := {f: g for f, g in row.get("gemms_per_call", {}).items() if g != 1}:
+            print(f"   XLA joined calls ({joined} GEMM kernels a call): not a call's time")
         for kind in ("triton", "mgpu"):
             for r in row.get(kind, [])[:4]:
                 print(f"   {kind}", json.dumps(r), flush=True)

@@ -37,6 +37,32 @@ def test_pipelined_time_threads_state_through_back_to_back_calls():
     assert len(seen) == 1 + 1 + 2 * 2
 
 
+def test_time_over_sets_hands_back_the_program_it_timed():
+    import jax.numpy as jnp
+
+    sets = [(np.full((4, 8), i, np.float32), np.ones((8, 2), np.float32)) for i in range(3)]
+    texts = []
+    sec = bm.time_over_sets(jnp.dot, sets, repeats=1, min_time=None, compiled_text=texts)
+    assert sec > 0 and len(texts) == 1 and texts[0].count("f32[4,2]") >= 3  # three outputs
+
+
+def test_gemm_calls_counts_cublas_calls_and_triton_gemm_fusions():
+    # Lines as XLA's GPU compiler prints them (a rotation of two o weights that its dot merger
+    # joined: one cuBLAS call over their concatenation; the Triton form, one GEMM fusion).
+    cublas = (
+        "%custom-call.1 = (bf16[128,8192]{1,0}, s8[33554432]{0}) custom-call(%c, %cat), "
+        'custom_call_target="__cublas$lt$matmul", metadata={}'
+    )
+    triton = (
+        "%gemm_fusion_dot.1 = f32[2,128,8192]{2,1,0} fusion(%c, %w0, %w1), kind=kCustom, "
+        "calls=%gemm_fusion_dot.1_computation, metadata={}"
+    )
+    loop = "%wrapped_slice = bf16[128,4096]{1,0} fusion(%g), kind=kLoop, calls=%wrapped_slice_c"
+    assert bm.gemm_calls("\n".join([cublas, loop, cublas])) == 2
+    assert bm.gemm_calls("\n".join([triton, loop])) == 1
+    assert bm.gemm_calls(loop) == 0
+
+
 def test_errors_name_each_measure():
     ref = np.array([[1.0, -2.0], [0.5, 4.0]])
     out = ref + np.array([[0.0, 0.5], [0.0, -1.0]])

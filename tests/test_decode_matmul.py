@@ -294,6 +294,29 @@ def test_bench_sweeps_only_configs_of_one_or_two_waves():
     assert wide and all(c.tile_n >= 128 for c in wide)
 
 
+def test_bench_triton_tiles_are_the_ones_its_rows_name():
+    script = load_script("bench_decode_matmul")
+    (quick,) = script.tiles(True)
+    assert (quick.block_m, quick.tail_m, quick.block_n, quick.block_k) == (128, 0, 64, 64)
+    assert (quick.num_warps, quick.num_stages, quick.split_k) == (4, 2, 2)
+    full = script.tiles(False)
+    assert len(full) == 4 * 2 * 2 * 3 and all(c.block_m == 128 and c.tail_m == 0 for c in full)
+    assert {(c.block_n, c.num_warps) for c in full} == {(64, 4), (128, 4), (128, 8), (256, 8)}
+    assert {c.block_k for c in full} == {64, 128} and {c.split_k for c in full} == {1, 2, 4}
+
+
+def test_bench_rotation_gives_each_call_its_own_x():
+    # One x for all calls let XLA merge them into one matmul over the joined weights.
+    script = load_script("bench_decode_matmul")
+    sets = script.rotation(64, 32, 8, 3)
+    assert [(x.shape, w.shape) for x, w in sets] == [((8, 64), (64, 32))] * 3
+    xs = [np.asarray(x, np.float32) for x, _ in sets]
+    ws = [np.asarray(w, np.float32) for _, w in sets]
+    for i in range(3):
+        for j in range(i):
+            assert not np.array_equal(xs[i], xs[j]) and not np.array_equal(ws[i], ws[j])
+
+
 def test_bench_sweep_orders_by_time_and_keeps_each_failure_with_its_error():
     script = load_script("bench_decode_matmul")
     x = np.ones((2, 3), np.float32)
