@@ -32,14 +32,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jaxinfer import benchmark as bm
+from jaxinfer.models.layers import dense
 from jaxinfer.runner import CUBLAS_OPTIONS
 
 gm = importlib.import_module("pallas_kernels.grouped_matmul")  # the package exports a function
 dm = importlib.import_module("pallas_kernels.decode_matmul")
-NK_DIMS = (((1,), (1,)), ((), ()))  # x [M, K] . w [N, K] -> [M, N]
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "down": (14336, 4096), "gate_up": (4096, 28672)}
 W_NK = {"qkv": True, "o": True, "down": False, "gate_up": False}  # the decoder's layouts
 # Not a weight of the model: q/k/v, o and gate/up side by side (the three with K = 4,096), one
@@ -111,6 +110,11 @@ def torch_us(k: int, n: int, m: int, nk: bool, count: int) -> float:
     return float(np.median(runs)) * 1e6
 
 
+def rotation_count(k: int, n: int, min_bytes: int) -> int:
+    """Weights [k, n] bf16 in a rotation: at least `min_bytes` of them, at least 2."""
+    return max(2, -(-min_bytes // (k * n * 2)))
+
+
 def rotation(k: int, n: int, m: int, count: int) -> list[tuple]:
     """`count` (x [m, k], W [k, n]) sets, each with its own x: calls that shared one x (a
     closure constant) were merged by XLA's dot merger into one matmul over the concatenated
@@ -122,7 +126,7 @@ def rotation(k: int, n: int, m: int, count: int) -> list[tuple]:
 
 
 def measure(name: str, k: int, n: int, m: int, args, interpret: bool) -> dict:
-    count = max(2, -(-args.min_bytes // (k * n * 2)))
+    count = rotation_count(k, n, args.min_bytes)
     sets = rotation(k, n, m, count)
     nk_sets = [(x, w.T.copy()) for x, w in sets]
     x = sets[0][0]
@@ -140,7 +144,7 @@ def measure(name: str, k: int, n: int, m: int, args, interpret: bool) -> dict:
     exact = jnp.dot(x.astype(jnp.float32), sets[0][1].astype(jnp.float32), precision="highest")
     exact = np.asarray(exact)
     row = {"shape": name, "k": k, "n": n, "m": m, "w_nk": W_NK[name]}
-    nk_dot = lambda x, w: lax.dot_general(x, w, NK_DIMS)  # noqa: E731 -- as `layers.dense`
+    nk_dot = lambda x, w: dense(x, w, 1)  # noqa: E731 -- W [N, K] as the decoder contracts it
     row["xla_us"] = timed(jnp.dot, sets, name="xla")
     row["xla_nk_us"] = timed(nk_dot, nk_sets, name="xla_nk")
     if not interpret:

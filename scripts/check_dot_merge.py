@@ -13,14 +13,14 @@ import re
 
 import jax
 import jax.numpy as jnp
-from bench_decode_matmul import SHAPES  # a sibling script: sys.path[0] is scripts/
+from bench_decode_matmul import SHAPES, rotation_count  # a sibling script: sys.path[0] is scripts/
 
 from jaxinfer import benchmark as bm
 from jaxinfer.runner import CUBLAS_OPTIONS
 
 
 def joined(m: int, k: int, n: int, options) -> dict:
-    count = max(2, -(-(1 << 30) // (k * n * 2)))
+    count = rotation_count(k, n, 1 << 30)  # the benchmark's default --min-bytes
     x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
     ws = [jax.ShapeDtypeStruct((k, n), jnp.bfloat16)] * count
     group = jax.jit(lambda ss: [jnp.dot(x, w) for w in ss], compiler_options=options)
