@@ -253,6 +253,12 @@ class Runner:
             jax.jit, self._decode_fn, donate_argnums=(1,), static_argnums=(7,)
         )
         self._decode = decode_jit()
+        # Opt-in ($JAXINFER_PLAIN_DECODE=1): multi-step decodes whose rows have no bias entries
+        # and no penalties run a program of their own that adjusts no logits. Start-up then
+        # compiles twice the decode programs (on a 2-core CPU, a tiny model's 49.5 -> 77.4 s);
+        # what a step gains on a GPU is not measured yet (bench/README, "Multi-step decodes
+        # that adjust no logits").
+        self.plain_decodes = os.environ.get("JAXINFER_PLAIN_DECODE") == "1"
         # Decode programs of many rows with XLA's matmuls by cuBLAS rather than its Triton GEMMs
         # (see `cublas_decode_rows`); None: every program as XLA chooses.
         self.cublas_rows = cublas_decode_rows()
@@ -316,7 +322,7 @@ class Runner:
         prev_stopped,
         batch: StepBatch,
         d: DecodeSteps,
-        penalties: Int[Array, "B V"],
+        penalties: Int[Array, "B V"] | None,
         mode,
     ):
         """k decode steps of a decode-only batch (T == B: token b is row b's): returns the pages,
@@ -325,7 +331,9 @@ class Runner:
         each, and the samples' tokens [k, max_num_seqs]. Rows draw from their logits with the
         batch's bias entries [B, DECODE_BIAS_WIDTH] added (each live by its `until` at each
         step) and then `penalties` (`penalty_state`) applied, and each step's live samples are
-        added to it."""
+        added to it. Without bias entries (`batch.bias` and `penalties` None: `plain_decodes`)
+        the rows draw from the logits as they are: the same samples, without the 16 selects
+        over [B, V] and the state's reads and writes."""
         self.num_compiles += 1  # runs at trace time only
         size, src = self.page_size, batch.token_src
         tokens = _step_tokens(prev_tokens, batch)  # [B]
@@ -345,13 +353,17 @@ class Runner:
             pages, logits = self._logits(params, pages, tokens, pos, step_meta, batch.sample_idx)
             sampling = batch.sampling._replace(step=batch.sampling.step + i)
             raw = logits.astype(jnp.float32)
-            biased = add_bias_entries(raw, batch.bias, sampling.step)
-            adjusted = self._logits_layout(apply_penalty_state(biased, sampling, penalties))
+            adjusted = raw
+            if penalties is not None:
+                adjusted = add_bias_entries(raw, batch.bias, sampling.step)
+                adjusted = apply_penalty_state(adjusted, sampling, penalties)
+            adjusted = self._logits_layout(adjusted)
             out = sample_adjusted(raw, adjusted, sampling, mode=mode, mesh=self.mesh)
             hit = jnp.any(out.tokens[:, None] == d.stop_ids, axis=1)
             stopped = stopped | (live & hit)
             last = jnp.where(live, out.tokens, last)
-            penalties = count_sample(penalties, out.tokens, live)
+            if penalties is not None:
+                penalties = count_sample(penalties, out.tokens, live)
             return (pages, out.tokens, last, stopped, penalties), out
 
         (pages, tokens, last, stopped, _), outs = jax.lax.scan(
@@ -434,9 +446,15 @@ class Runner:
         return out
 
     def decode(self, batch: StepBatch, d: DecodeSteps, mode: str) -> SampleOutput:
-        """Queues a multi-step decode; its samples are [k, B, ...]."""
+        """Queues a multi-step decode; its samples are [k, B, ...]. A batch without bias entries
+        (`_bias`: then no row has penalties either) runs the program that adjusts no logits."""
         b = batch.sample_idx.shape[0]
-        penalties = self._no_penalty_state(b) if batch.history is None else self._penalties(batch)
+        if batch.bias is None:
+            penalties = None
+        elif batch.history is None:
+            penalties = self._no_penalty_state(b)
+        else:
+            penalties = self._penalties(batch)
         decode = self._decode_program(b)
         batch = batch._replace(history=None, history_is_output=None)  # in `penalties` now
         self.pages, out, self.prev_tokens, self.prev_stopped, self.prev_outs = decode(
@@ -636,8 +654,11 @@ class Runner:
             programs.append((self._no_penalty_state, (b,)))
             batch, d = self._padding_batch(b, True), self._decode_steps(None, (), b)
             args = (self.params, self.pages, self.prev_tokens, self.prev_stopped, batch, d)
+            plain = (*args[:4], batch._replace(bias=None), d, None)
             for mode in self.sampler_modes():
                 programs.append((self._decode_program(b), (*args, states[b], mode)))
+                if self.plain_decodes:
+                    programs.append((self._decode_program(b), (*plain, mode)))
         for b in row_buckets:
             logits = jnp.zeros((b, vocab), jnp.float32, device=self._logits_sharding(vocab))
             batch = self._padding_batch(b, False)  # its [b] sampler inputs
@@ -732,9 +753,11 @@ class Runner:
 
     def _bias(self, rows: Sequence[RowInfo], b: int, square: bool) -> LogitBias | None:
         """The rows' LogitBias [B, N] (host arrays) when any row has an entry this step, else
-        None; a multi-step decode's (`square`) always, [B, DECODE_BIAS_WIDTH]."""
+        None; a multi-step decode's (`square`) [B, DECODE_BIAS_WIDTH] also where no row has one,
+        unless `plain_decodes` and no row has penalties (its program then adjusts no logits)."""
         entries = [live_bias(r) for r in rows]
-        if not square and all(e is None for e in entries):
+        adjusts = square and (not self.plain_decodes or any(uses_penalties(r.params) for r in rows))
+        if all(e is None for e in entries) and not adjusts:
             return None
         return logit_bias_arrays(entries, b)
 

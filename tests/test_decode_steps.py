@@ -176,8 +176,15 @@ def mixed_requests(model):
     return prompts, params
 
 
-def staggered(model, decode_steps: int, **options):
-    """One request a step; returns each request's outputs."""
+def unadjusted(params: SamplingParams) -> SamplingParams:
+    """`params` without penalties, logit_bias and min_tokens."""
+    neutral = dict(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+    return dataclasses.replace(params, logit_bias=(), min_tokens=0, **neutral)
+
+
+def staggered(model, decode_steps: int, plain: bool = False, **options):
+    """One request a step; returns each request's outputs. `plain`: the requests without
+    penalties, logit_bias and min_tokens."""
     engine = Engine(
         model,
         **{
@@ -193,6 +200,7 @@ def staggered(model, decode_steps: int, **options):
         },
     )
     prompts, params = mixed_requests(model)
+    params = [unadjusted(p) for p in params] if plain else params
     seen, step = {}, 0
     while step < len(prompts) or engine.has_unfinished_requests():
         if step < len(prompts):
@@ -223,17 +231,19 @@ def test_decode_steps_give_the_outputs_of_single_steps(tiny_model, monkeypatch, 
     single, _ = staggered(tiny_model, 1, **options)
     monkeypatch.setenv("JAXINFER_DECODE_CUBLAS", "1" if cublas else "0")
     monkeypatch.setattr(runner_module, "CUBLAS_DECODE_ROWS", 4)
-    penalized, biased = [], []  # of each multi-step decode: a history, bias entries
+    penalized, biased, plain = [], [], []  # of each multi-step decode
     decode = runner_module.Runner.decode
 
     def record(self, batch, *args):
         penalized.append(batch.history is not None)
-        biased.append(bool((np.asarray(batch.bias.ids) >= 0).any()))
+        biased.append(batch.bias is not None and bool((np.asarray(batch.bias.ids) >= 0).any()))
+        plain.append(batch.bias is None)  # the program that adjusts no logits
         return decode(self, batch, *args)
 
     monkeypatch.setattr(runner_module.Runner, "decode", record)
     multi, engine = staggered(tiny_model, 4, **options)
     assert sum(penalized) >= 3 and sum(biased) >= 3, (penalized, biased)
+    assert not any(plain), plain  # a penalized or biased row was in every program
     if cublas:  # programs ran in both jits
         assert engine.runner._decode_cublas._cache_size() > 0
         assert engine.runner._decode._cache_size() > 0
@@ -253,6 +263,36 @@ def test_decode_steps_give_the_outputs_of_single_steps(tiny_model, monkeypatch, 
                 assert a.keys() == b.keys()
                 np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=RTOL)
     assert multi["3"][-1].finish_reason == "stop" or len(multi["3"][-1].token_ids) == 30
+
+
+@pytest.mark.parametrize("plain_decodes", ["1", "0"])
+def test_decodes_that_adjust_no_logits_give_the_outputs_of_single_steps(
+    tiny_model, monkeypatch, plain_decodes
+):
+    """Requests without penalties, logit_bias and min_tokens: with $JAXINFER_PLAIN_DECODE=1
+    their multi-step decodes run the program that adjusts no logits (otherwise the one that
+    adjusts them, by nothing), and every token and logprob is a single step's either way."""
+    single, _ = staggered(tiny_model, 1, plain=True)
+    monkeypatch.setenv("JAXINFER_PLAIN_DECODE", plain_decodes)
+    plain = []  # of each multi-step decode: whether it adjusts no logits
+    decode = runner_module.Runner.decode
+
+    def record(self, batch, *args):
+        plain.append(batch.bias is None)
+        return decode(self, batch, *args)
+
+    monkeypatch.setattr(runner_module.Runner, "decode", record)
+    multi, engine = staggered(tiny_model, 4, plain=True)
+    assert len(plain) >= 5 and set(plain) == {plain_decodes == "1"}, plain
+    assert engine.runner.plain_decodes == (plain_decodes == "1")
+    for rid in single:
+        one, many = single[rid][-1], multi[rid][-1]
+        assert many.token_ids == one.token_ids, rid
+        assert (many.text, many.finish_reason) == (one.text, one.finish_reason), rid
+        if one.logprobs is not None:
+            for a, b in zip(many.logprobs, one.logprobs, strict=True):
+                assert a.keys() == b.keys()
+                np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=RTOL)
 
 
 def test_cublas_decode_rows_by_backend_and_variable(monkeypatch):

@@ -584,10 +584,14 @@ def test_seeded_sampling_is_batch_independent(tiny_model):
     assert list(first) == alone
 
 
-def test_no_recompiles_after_warmup(tiny_model, monkeypatch):
+@pytest.mark.parametrize("plain_decodes", ["0", "1"])
+def test_no_recompiles_after_warmup(tiny_model, monkeypatch, plain_decodes):
     """With 4 decode steps a program, the decode programs of 4 rows in their own jit (compiled for
     cuBLAS on a GPU) and those of fewer rows in the plain one: one engine checks both jits.
+    With $JAXINFER_PLAIN_DECODE=1 each decode program has a twin that adjusts no logits.
     (test_engine_stress checks the same of an engine of single steps.)"""
+    monkeypatch.setenv("JAXINFER_PLAIN_DECODE", plain_decodes)
+    twins = 2 if plain_decodes == "1" else 1
     monkeypatch.setenv("JAXINFER_DECODE_CUBLAS", "1")
     monkeypatch.setattr(runner_module, "CUBLAS_DECODE_ROWS", 4)
     with xla_compiles() as at_start:
@@ -605,9 +609,9 @@ def test_no_recompiles_after_warmup(tiny_model, monkeypatch):
     buckets = engine.runner.buckets
     rows = len({min(t, 4) for t in buckets})
     # each bucket's forward, the prompt-logprobs steps' forward, and a multi-step decode
-    # program per row bucket and sampler mode
+    # program (and its twin) per row bucket and sampler mode
     modes = len(engine.runner.sampler_modes())  # SAMPLE_MODES and TOP_K_ONLY
-    forwards, decodes = len(buckets) + 1, modes * rows
+    forwards, decodes = len(buckets) + 1, twins * modes * rows
     samplers = modes * rows  # per row bucket and mode
     # per row bucket, and bias width or history width (the penalty state); the penalties; the
     # decodes' penalty state where no row has penalties
@@ -627,10 +631,10 @@ def test_no_recompiles_after_warmup(tiny_model, monkeypatch):
     assert engine.stats["steps"] >= 120 // 4
     assert engine.runner.num_compiles == compiled
     assert not later  # no program, not even a small op, compiles after start-up
-    runner = engine.runner  # one program per sampler mode: the 4-row bucket's
+    runner = engine.runner  # one program (and its twin) per sampler mode: the 4-row bucket's
     assert runner._decode_program(4) is runner._decode_cublas
     assert runner._decode_program(1) is runner._decode
-    assert runner._decode_cublas._cache_size() == modes
+    assert runner._decode_cublas._cache_size() == twins * modes
 
 
 # Request options whose steps adjust the logits in programs of their own: logit bias of each
