@@ -217,6 +217,23 @@ def staggered(model, decode_steps: int, plain: bool = False, **options):
 RTOL = 2e-3 if jax.default_backend() == "gpu" else 1e-5
 
 
+def assert_same_outputs(single: dict, multi: dict) -> None:
+    """`staggered`'s outputs of k steps a program are those of single steps: every request's
+    tokens, text, finish reason and logprobs, and deltas that join to them."""
+    assert sorted(single) == sorted(multi) == [str(i) for i in range(7)]
+    for rid in single:
+        one, many = single[rid][-1], multi[rid][-1]
+        assert many.token_ids == one.token_ids, rid
+        assert (many.text, many.finish_reason) == (one.text, one.finish_reason), rid
+        assert "".join(o.text_delta for o in multi[rid]) == many.text
+        assert [t for o in multi[rid] for t in o.new_token_ids] == many.token_ids
+        if one.logprobs is not None:
+            assert len(many.logprobs) == len(one.logprobs) == len(one.token_ids)
+            for a, b in zip(many.logprobs, one.logprobs):
+                assert a.keys() == b.keys()
+                np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=RTOL)
+
+
 @pytest.mark.parametrize(
     "options, cublas",
     [({}, True), ({"num_pages": 5}, False), ({"async_scheduling": False}, False)],
@@ -250,18 +267,7 @@ def test_decode_steps_give_the_outputs_of_single_steps(tiny_model, monkeypatch, 
     else:
         assert engine.runner._decode_cublas is None
     assert engine.stats["steps"] < sum(len(o[-1].token_ids) for o in multi.values())
-    assert sorted(single) == sorted(multi) == [str(i) for i in range(7)]
-    for rid in single:
-        one, many = single[rid][-1], multi[rid][-1]
-        assert many.token_ids == one.token_ids, rid
-        assert (many.text, many.finish_reason) == (one.text, one.finish_reason), rid
-        assert "".join(o.text_delta for o in multi[rid]) == many.text
-        assert [t for o in multi[rid] for t in o.new_token_ids] == many.token_ids
-        if one.logprobs is not None:
-            assert len(many.logprobs) == len(one.logprobs) == len(one.token_ids)
-            for a, b in zip(many.logprobs, one.logprobs):
-                assert a.keys() == b.keys()
-                np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=RTOL)
+    assert_same_outputs(single, multi)
     assert multi["3"][-1].finish_reason == "stop" or len(multi["3"][-1].token_ids) == 30
 
 
@@ -285,14 +291,7 @@ def test_decodes_that_adjust_no_logits_give_the_outputs_of_single_steps(
     multi, engine = staggered(tiny_model, 4, plain=True)
     assert len(plain) >= 5 and set(plain) == {plain_decodes == "1"}, plain
     assert engine.runner.plain_decodes == (plain_decodes == "1")
-    for rid in single:
-        one, many = single[rid][-1], multi[rid][-1]
-        assert many.token_ids == one.token_ids, rid
-        assert (many.text, many.finish_reason) == (one.text, one.finish_reason), rid
-        if one.logprobs is not None:
-            for a, b in zip(many.logprobs, one.logprobs, strict=True):
-                assert a.keys() == b.keys()
-                np.testing.assert_allclose(list(a.values()), list(b.values()), rtol=RTOL)
+    assert_same_outputs(single, multi)
 
 
 def test_cublas_decode_rows_by_backend_and_variable(monkeypatch):
