@@ -158,6 +158,7 @@ def history_widths(max_model_len: int) -> tuple[int, ...]:
 CUBLAS_DECODE_ROWS = 128
 # XLA's compiler options for the programs whose matmuls go to cuBLAS, not its Triton GEMMs.
 CUBLAS_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+PLAIN_DECODE_ROWS = 128
 
 
 def cublas_decode_rows() -> int | None:
@@ -170,6 +171,24 @@ def cublas_decode_rows() -> int | None:
     if forced == "0" or (forced != "1" and jax.default_backend() != "gpu"):
         return None
     return CUBLAS_DECODE_ROWS
+
+
+def plain_decode_rows() -> int | None:
+    """The fewest rows of a multi-step decode program that has a twin adjusting no logits, run
+    when no row has bias entries or penalties (None: no twins). On an H100 the sampler's fusion
+    with the bias entries' selects and the penalty state took 70 us a step at 128 rows against
+    24 in the twin, and 128x128:1000 (512 rows) made 1.4% more out tok/s with twins; twins of
+    every row bucket made a cold start 22-28 s longer (bench/README, "Multi-step decodes that
+    adjust no logits"). The selects grow with the rows and a step's weight reads do not: in a
+    program of fewer rows they are too small a share for a twin's compile.
+    $JAXINFER_PLAIN_DECODE_ROWS = N decides instead (0: none)."""
+    forced = os.environ.get("JAXINFER_PLAIN_DECODE_ROWS")
+    if forced is None:
+        return PLAIN_DECODE_ROWS
+    rows = int(forced) if forced.isdigit() else -1
+    if rows < 0:
+        raise ValueError(f"$JAXINFER_PLAIN_DECODE_ROWS must be an integer >= 0, got {forced!r}")
+    return rows or None
 
 
 def uses_penalties(p: SamplingParams) -> bool:
@@ -253,12 +272,9 @@ class Runner:
             jax.jit, self._decode_fn, donate_argnums=(1,), static_argnums=(7,)
         )
         self._decode = decode_jit()
-        # Opt-in ($JAXINFER_PLAIN_DECODE=1): multi-step decodes whose rows have no bias entries
-        # and no penalties run a program of their own that adjusts no logits. Start-up then
-        # compiles twice the decode programs (on a 2-core CPU, a tiny model's 49.5 -> 77.4 s);
-        # what a step gains on a GPU is not measured yet (bench/README, "Multi-step decodes
-        # that adjust no logits").
-        self.plain_decodes = os.environ.get("JAXINFER_PLAIN_DECODE") == "1"
+        # Multi-step decodes of at least this many rows whose rows have no bias entries and no
+        # penalties run a twin program that adjusts no logits (`plain_decode_rows`; None: none).
+        self.plain_rows = plain_decode_rows()
         # Decode programs of many rows with XLA's matmuls by cuBLAS rather than its Triton GEMMs
         # (see `cublas_decode_rows`); None: every program as XLA chooses.
         self.cublas_rows = cublas_decode_rows()
@@ -331,7 +347,7 @@ class Runner:
         each, and the samples' tokens [k, max_num_seqs]. Rows draw from their logits with the
         batch's bias entries [B, DECODE_BIAS_WIDTH] added (each live by its `until` at each
         step) and then `penalties` (`penalty_state`) applied, and each step's live samples are
-        added to it. Without bias entries (`batch.bias` and `penalties` None: `plain_decodes`)
+        added to it. Without bias entries (`batch.bias` and `penalties` None: `plain_decode_rows`)
         the rows draw from the logits as they are: the same samples, without the 16 selects
         over [B, V] and the state's reads and writes."""
         self.num_compiles += 1  # runs at trace time only
@@ -657,7 +673,7 @@ class Runner:
             plain = (*args[:4], batch._replace(bias=None), d, None)
             for mode in self.sampler_modes():
                 programs.append((self._decode_program(b), (*args, states[b], mode)))
-                if self.plain_decodes:
+                if self._plain(b):
                     programs.append((self._decode_program(b), (*plain, mode)))
         for b in row_buckets:
             logits = jnp.zeros((b, vocab), jnp.float32, device=self._logits_sharding(vocab))
@@ -751,12 +767,17 @@ class Runner:
             at += n
         return put_tree(targets, self.replicated)
 
+    def _plain(self, rows: int) -> bool:
+        """Whether the multi-step decode program of `rows` rows has a twin that adjusts no
+        logits."""
+        return self.plain_rows is not None and rows >= self.plain_rows
+
     def _bias(self, rows: Sequence[RowInfo], b: int, square: bool) -> LogitBias | None:
         """The rows' LogitBias [B, N] (host arrays) when any row has an entry this step, else
         None; a multi-step decode's (`square`) [B, DECODE_BIAS_WIDTH] also where no row has one,
-        unless `plain_decodes` and no row has penalties (its program then adjusts no logits)."""
+        unless B has a plain twin and no row has penalties (the twin adjusts no logits)."""
         entries = [live_bias(r) for r in rows]
-        adjusts = square and (not self.plain_decodes or any(uses_penalties(r.params) for r in rows))
+        adjusts = square and (not self._plain(b) or any(uses_penalties(r.params) for r in rows))
         if all(e is None for e in entries) and not adjusts:
             return None
         return logit_bias_arrays(entries, b)

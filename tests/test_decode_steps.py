@@ -15,7 +15,7 @@ from test_engine import fake_engine, run_all
 import jaxinfer
 from jaxinfer import runner as runner_module
 from jaxinfer.engine import Engine
-from jaxinfer.runner import Dispatched, cublas_decode_rows, token_buckets
+from jaxinfer.runner import Dispatched, cublas_decode_rows, plain_decode_rows, token_buckets
 from jaxinfer.sampling import SamplingParams
 
 
@@ -271,27 +271,45 @@ def test_decode_steps_give_the_outputs_of_single_steps(tiny_model, monkeypatch, 
     assert multi["3"][-1].finish_reason == "stop" or len(multi["3"][-1].token_ids) == 30
 
 
-@pytest.mark.parametrize("plain_decodes", ["1", "0"])
+@pytest.mark.parametrize("plain_rows", ["1", "0", "4"])
 def test_decodes_that_adjust_no_logits_give_the_outputs_of_single_steps(
-    tiny_model, monkeypatch, plain_decodes
+    tiny_model, monkeypatch, plain_rows
 ):
-    """Requests without penalties, logit_bias and min_tokens: with $JAXINFER_PLAIN_DECODE=1
-    their multi-step decodes run the program that adjusts no logits (otherwise the one that
-    adjusts them, by nothing), and every token and logprob is a single step's either way."""
+    """Requests without penalties, logit_bias and min_tokens: their multi-step decodes of at
+    least $JAXINFER_PLAIN_DECODE_ROWS rows run the program that adjusts no logits (smaller
+    ones, or all with 0, the one that adjusts them, by nothing), and every token and logprob
+    is a single step's either way."""
     single, _ = staggered(tiny_model, 1, plain=True)
-    monkeypatch.setenv("JAXINFER_PLAIN_DECODE", plain_decodes)
-    plain = []  # of each multi-step decode: whether it adjusts no logits
+    monkeypatch.setenv("JAXINFER_PLAIN_DECODE_ROWS", plain_rows)
+    plain = []  # of each multi-step decode: its rows and whether it adjusts no logits
     decode = runner_module.Runner.decode
 
     def record(self, batch, *args):
-        plain.append(batch.bias is None)
+        plain.append((batch.token_src.shape[0], batch.bias is None))
         return decode(self, batch, *args)
 
     monkeypatch.setattr(runner_module.Runner, "decode", record)
     multi, engine = staggered(tiny_model, 4, plain=True)
-    assert len(plain) >= 5 and set(plain) == {plain_decodes == "1"}, plain
-    assert engine.runner.plain_decodes == (plain_decodes == "1")
+    threshold = int(plain_rows)
+    assert engine.runner.plain_rows == (threshold or None)
+    assert len(plain) >= 5
+    assert all(adjusts_none == (0 < threshold <= rows) for rows, adjusts_none in plain), plain
+    if plain_rows == "4":  # both programs ran: the 4-row one plain, smaller ones adjusting
+        assert {a for _, a in plain} == {True, False}, plain
     assert_same_outputs(single, multi)
+
+
+def test_plain_decode_rows_by_variable(monkeypatch):
+    monkeypatch.delenv("JAXINFER_PLAIN_DECODE_ROWS", raising=False)
+    assert plain_decode_rows() == runner_module.PLAIN_DECODE_ROWS == 128
+    monkeypatch.setenv("JAXINFER_PLAIN_DECODE_ROWS", "64")
+    assert plain_decode_rows() == 64
+    monkeypatch.setenv("JAXINFER_PLAIN_DECODE_ROWS", "0")
+    assert plain_decode_rows() is None
+    for bad in ("-1", "all", "1.5"):
+        monkeypatch.setenv("JAXINFER_PLAIN_DECODE_ROWS", bad)
+        with pytest.raises(ValueError, match="JAXINFER_PLAIN_DECODE_ROWS must be an integer"):
+            plain_decode_rows()
 
 
 def test_cublas_decode_rows_by_backend_and_variable(monkeypatch):

@@ -584,14 +584,14 @@ def test_seeded_sampling_is_batch_independent(tiny_model):
     assert list(first) == alone
 
 
-@pytest.mark.parametrize("plain_decodes", ["0", "1"])
-def test_no_recompiles_after_warmup(tiny_model, monkeypatch, plain_decodes):
+@pytest.mark.parametrize("plain_rows", ["0", "4"])
+def test_no_recompiles_after_warmup(tiny_model, monkeypatch, plain_rows):
     """With 4 decode steps a program, the decode programs of 4 rows in their own jit (compiled for
     cuBLAS on a GPU) and those of fewer rows in the plain one: one engine checks both jits.
-    With $JAXINFER_PLAIN_DECODE=1 each decode program has a twin that adjusts no logits.
-    (test_engine_stress checks the same of an engine of single steps.)"""
-    monkeypatch.setenv("JAXINFER_PLAIN_DECODE", plain_decodes)
-    twins = 2 if plain_decodes == "1" else 1
+    With $JAXINFER_PLAIN_DECODE_ROWS=4 the 4-row decode programs have a twin that adjusts no
+    logits. (test_engine_stress checks the same of an engine of single steps.)"""
+    monkeypatch.setenv("JAXINFER_PLAIN_DECODE_ROWS", plain_rows)
+    twins = 2 if plain_rows == "4" else 1  # of the 4-row programs
     monkeypatch.setenv("JAXINFER_DECODE_CUBLAS", "1")
     monkeypatch.setattr(runner_module, "CUBLAS_DECODE_ROWS", 4)
     with xla_compiles() as at_start:
@@ -609,9 +609,9 @@ def test_no_recompiles_after_warmup(tiny_model, monkeypatch, plain_decodes):
     buckets = engine.runner.buckets
     rows = len({min(t, 4) for t in buckets})
     # each bucket's forward, the prompt-logprobs steps' forward, and a multi-step decode
-    # program (and its twin) per row bucket and sampler mode
+    # program per row bucket and sampler mode (and a twin of the 4-row ones)
     modes = len(engine.runner.sampler_modes())  # SAMPLE_MODES and TOP_K_ONLY
-    forwards, decodes = len(buckets) + 1, twins * modes * rows
+    forwards, decodes = len(buckets) + 1, modes * (rows - 1 + twins)
     samplers = modes * rows  # per row bucket and mode
     # per row bucket, and bias width or history width (the penalty state); the penalties; the
     # decodes' penalty state where no row has penalties
