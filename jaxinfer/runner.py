@@ -185,10 +185,9 @@ def plain_decode_rows() -> int | None:
     forced = os.environ.get("JAXINFER_PLAIN_DECODE_ROWS")
     if forced is None:
         return PLAIN_DECODE_ROWS
-    rows = int(forced) if forced.isdigit() else -1
-    if rows < 0:
+    if not forced.isdecimal():  # what int() reads, and no sign
         raise ValueError(f"$JAXINFER_PLAIN_DECODE_ROWS must be an integer >= 0, got {forced!r}")
-    return rows or None
+    return int(forced) or None
 
 
 def uses_penalties(p: SamplingParams) -> bool:

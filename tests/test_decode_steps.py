@@ -306,7 +306,7 @@ def test_plain_decode_rows_by_variable(monkeypatch):
     assert plain_decode_rows() == 64
     monkeypatch.setenv("JAXINFER_PLAIN_DECODE_ROWS", "0")
     assert plain_decode_rows() is None
-    for bad in ("-1", "all", "1.5"):
+    for bad in ("-1", "all", "1.5", "\u00b2"):  # a superscript is a digit, not a decimal
         monkeypatch.setenv("JAXINFER_PLAIN_DECODE_ROWS", bad)
         with pytest.raises(ValueError, match="JAXINFER_PLAIN_DECODE_ROWS must be an integer"):
             plain_decode_rows()
