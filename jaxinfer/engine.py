@@ -66,6 +66,7 @@ from jaxinfer.distributed import agree_min, check_mesh, local_devices
 from jaxinfer.kv_cache import init_pages
 from jaxinfer.model import Model
 from jaxinfer.platform import (
+    device_memory_bytes,
     free_memory_bytes,
     largest_free_block_bytes,
     log_device,
@@ -89,6 +90,10 @@ from jaxinfer.validate import as_bool, as_int, as_sequence, as_text, as_token_id
 # Device memory left free beyond what the compiled programs report needing when the pool is
 # sized from free memory: the allocator's fragmentation and what XLA's analysis leaves out.
 WORKING_MEMORY_MARGIN = 1 << 30
+# A GPU whose allocator may hold this much serves at the sizes every engine figure was measured
+# at (`device_defaults`): an 80 GB card at JAX's default 75%, an H200; smaller cards keep
+# smaller sizes.
+LARGE_DEVICE_BYTES = 40 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,24 +156,31 @@ class EngineConfig:
         if self.moe_parallel not in (None, *MOE_MODES):
             raise ValueError(f"moe_parallel must be one of {MOE_MODES}, got {self.moe_parallel!r}")
 
-    def for_device(self, backend: str, model_context: int) -> EngineConfig:
-        """This config with every None size filled in for `backend` ("cpu", "gpu", ...)."""
+    def for_device(
+        self, backend: str, model_context: int, device_bytes: int | None = None
+    ) -> EngineConfig:
+        """This config with every None size filled in for `backend` ("cpu", "gpu", ...) with
+        `device_bytes` of memory (`device_defaults`)."""
         filled = {
             k: v
-            for k, v in device_defaults(backend, model_context).items()
+            for k, v in device_defaults(backend, model_context, device_bytes).items()
             if getattr(self, k) is None
         }
         return dataclasses.replace(self, **filled)
 
 
-def device_defaults(backend: str, model_context: int) -> dict:
+def device_defaults(backend: str, model_context: int, device_bytes: int | None = None) -> dict:
     """Sizes that fit the device. A GPU serves many sequences and compiles every bucket at
-    start-up; a CPU serves a few, over a shorter context (the XLA attention reads every row's
-    whole block table), and compiles each program on first use (tens of seconds each there),
-    with every power of two as a bucket so a few decodes are not padded to 16. A GPU runs 8
-    decode steps a program (the host's work per step would otherwise set the pace: on an H200,
-    1,000 requests of 128/128 at 512 seats made 17,303 out tok/s against 14,016); a CPU, whose
-    steps take longer than the host's work, one."""
+    start-up. Where its allocator may hold `device_bytes` >= LARGE_DEVICE_BYTES it gets 512
+    seats and 8,192-token steps, the sizes of the engine's measured figures (vLLM likewise sizes
+    its batches by the card); a smaller or unknown one 64 seats and 2,048-token steps, fewer
+    programs to compile and less working memory beside the pool. A GPU runs 8 decode steps a
+    program (the host's work per step would otherwise set the pace: on an H200, 1,000 requests
+    of 128/128 at 512 seats made 17,303 out tok/s against 14,016). A CPU serves a few
+    sequences over a shorter context (the XLA attention reads every row's whole block table),
+    compiles each program on first use (tens of seconds each there), with every power of two
+    as a bucket so a few decodes are not padded to 16, and runs one decode step a program (its
+    steps take longer than the host's work)."""
     if backend == "cpu":
         return dict(
             max_num_seqs=8,
@@ -178,9 +190,10 @@ def device_defaults(backend: str, model_context: int) -> dict:
             smallest_bucket=1,
             num_decode_steps=1,
         )
+    large = device_bytes is not None and device_bytes >= LARGE_DEVICE_BYTES
     return dict(
-        max_num_seqs=64,
-        max_num_batched_tokens=2048,
+        max_num_seqs=512 if large else 64,
+        max_num_batched_tokens=8192 if large else 2048,
         max_model_len=model_context,
         warmup=True,
         smallest_bucket=16,
@@ -254,7 +267,7 @@ class Engine:
         log_device()
         cfg = model.config
         config = (config or EngineConfig(**options)).for_device(
-            jax.default_backend(), cfg.max_position_embeddings
+            jax.default_backend(), cfg.max_position_embeddings, device_memory_bytes()
         )
         model = _placed(model, config)
         check_mesh(model.parallel.mesh)  # several processes: a mesh over all of them

@@ -87,6 +87,15 @@ def free_memory_bytes(devices=None) -> int | None:
     return None if available is None else available // 2 // len(devices)
 
 
+def device_memory_bytes(devices=None) -> int | None:
+    """The accelerator memory JAX's allocator may hold on each of `devices` (default: the
+    engine's device), the least among them; None on a CPU or where the allocator doesn't say."""
+    devices = _engine_devices(devices)
+    if devices[0].platform == "cpu":
+        return None
+    return _least_stat(devices, lambda s: s.get("bytes_limit"))
+
+
 def largest_free_block_bytes(devices=None) -> int | None:
     """The largest contiguous free block of accelerator memory, the least among `devices`
     (default: the engine's device); None on a CPU or where the allocator doesn't say. Free

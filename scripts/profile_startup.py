@@ -26,6 +26,7 @@ def main() -> int:
     p.add_argument("--model", default="llama3-8b")
     p.add_argument("--cache", required=True)
     p.add_argument("--mode", choices=["serial", "parallel", "engine"], default="serial")
+    # 0: the device's default (`engine.device_defaults`)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--workers", type=int, default=8)
@@ -49,8 +50,8 @@ def main() -> int:
     report["init_params_s"] = time.perf_counter() - t
     model = jaxinfer.Model(cfg, params, None, jnp.bfloat16)
     opts = dict(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs or None,
+        max_num_batched_tokens=args.max_num_batched_tokens or None,
         enable_prefix_caching=False,
         compilation_cache_dir=args.cache,
     )
@@ -59,6 +60,8 @@ def main() -> int:
     engine = Engine(model, warmup=args.mode == "engine", **opts)
     report["engine_s"] = time.perf_counter() - t
     report.update(compiles)
+    c = engine.config
+    report.update(max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens)
     if args.mode != "engine":
         report["programs"] = profile_programs(engine.runner, args.mode == "parallel", args.workers)
         report["programs_total_s"] = time.perf_counter() - t - report["engine_s"]

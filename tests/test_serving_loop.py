@@ -327,8 +327,17 @@ def test_server_sizes_and_dtype_default_to_the_device():
     assert (config.max_num_seqs, config.max_num_batched_tokens) == (None, None)
     cpu = config.for_device("cpu", 4096)
     assert (cpu.max_num_seqs, cpu.max_num_batched_tokens, cpu.warmup) == (8, 256, False)
-    gpu = config.for_device("gpu", 4096)
+    gpu = config.for_device("gpu", 4096)  # memory unknown
     assert (gpu.max_num_seqs, gpu.max_num_batched_tokens, gpu.warmup) == (64, 2048, True)
+    from jaxinfer.engine import LARGE_DEVICE_BYTES
+
+    small = config.for_device("gpu", 4096, LARGE_DEVICE_BYTES - 1)
+    assert (small.max_num_seqs, small.max_num_batched_tokens) == (64, 2048)
+    large = config.for_device("gpu", 4096, LARGE_DEVICE_BYTES)
+    assert (large.max_num_seqs, large.max_num_batched_tokens, large.warmup) == (512, 8192, True)
+    assert large.num_decode_steps == 8 and large.max_model_len == 4096
+    chosen = options.engine_config(parser.parse_args(["--max-num-seqs", "100"]))
+    assert chosen.for_device("gpu", 4096, LARGE_DEVICE_BYTES).max_num_seqs == 100
     assert options.engine_config(parser.parse_args(["--no-warmup"])).warmup is False
 
 

@@ -45,13 +45,15 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
         "--max-num-seqs",
         type=int,
         default=None,
-        help="most requests in one step (default: 64 on a GPU, 8 on a CPU)",
+        help="most requests in one step (default: 512 on a GPU whose JAX allocator holds 40 GiB "
+        "or more, 64 on a smaller one, 8 on a CPU)",
     )
     e.add_argument(
         "--max-num-batched-tokens",
         type=int,
         default=None,
-        help="most tokens in one step (default: 2048 on a GPU, 256 on a CPU)",
+        help="most tokens in one step (default: 8192 on a GPU whose JAX allocator holds 40 GiB "
+        "or more, 2048 on a smaller one, 256 on a CPU)",
     )
     e.add_argument(
         "--max-model-len",
