@@ -327,6 +327,9 @@ def test_server_sizes_and_dtype_default_to_the_device():
     assert (config.max_num_seqs, config.max_num_batched_tokens) == (None, None)
     cpu = config.for_device("cpu", 4096)
     assert (cpu.max_num_seqs, cpu.max_num_batched_tokens, cpu.warmup) == (8, 256, False)
+    from jaxinfer.platform import device_memory_bytes
+
+    assert device_memory_bytes() is None  # a CPU: the engine passes no memory, takes CPU sizes
     gpu = config.for_device("gpu", 4096)  # memory unknown
     assert (gpu.max_num_seqs, gpu.max_num_batched_tokens, gpu.warmup) == (64, 2048, True)
     from jaxinfer.engine import LARGE_DEVICE_BYTES
