@@ -266,11 +266,14 @@ class Engine:
 
         log_device()
         cfg = model.config
-        config = (config or EngineConfig(**options)).for_device(
-            jax.default_backend(), cfg.max_position_embeddings, device_memory_bytes()
+        config = config or EngineConfig(**options)
+        model = _placed(model, config)  # the sizes below depend on none of the split's fields
+        mesh = model.parallel.mesh
+        check_mesh(mesh)  # several processes: a mesh over all of them (so each holds some)
+        devices = None if mesh is None else local_devices(mesh.devices.flat)
+        config = config.for_device(  # sizes that fit the least of this process's mesh cards
+            jax.default_backend(), cfg.max_position_embeddings, device_memory_bytes(devices)
         )
-        model = _placed(model, config)
-        check_mesh(model.parallel.mesh)  # several processes: a mesh over all of them
         self.model, self.config = model, config
         use_compilation_cache(config.compilation_cache_dir)
         self.max_model_len = config.max_model_len

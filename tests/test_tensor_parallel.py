@@ -339,6 +339,22 @@ def test_sharded_model_back_on_one_device():
     )
 
 
+def test_default_sizes_read_the_memory_of_the_mesh_cards(monkeypatch):
+    """An engine left to size itself asks for the memory of the cards its mesh spans (the least
+    of them), not of the default device alone."""
+    import jaxinfer.engine as engine_module
+
+    asked = []
+
+    def memory(devices=None):
+        asked.append(None if devices is None else sorted(d.id for d in devices))
+        return None  # unknown, as on a CPU
+
+    monkeypatch.setattr(engine_module, "device_memory_bytes", memory)
+    Engine(tiny(4), tensor_parallel_size=4, num_pages=32, max_model_len=128)
+    assert asked == [sorted(d.id for d in jax.devices()[:4])]
+
+
 def test_no_code_picks_the_first_device_by_hand():
     """Placement goes through sharding.py or `default_device()`, never `jax.devices()[0]`."""
     root = pathlib.Path(__file__).resolve().parent.parent
