@@ -268,11 +268,11 @@ class Engine:
         cfg = model.config
         config = config or EngineConfig(**options)
         model = _placed(model, config)  # the sizes below depend on none of the split's fields
-        mesh = model.parallel.mesh
-        check_mesh(mesh)  # several processes: a mesh over all of them (so each holds some)
-        devices = None if mesh is None else local_devices(mesh.devices.flat)
+        check_mesh(model.parallel.mesh)  # several processes: a mesh over all of them
         config = config.for_device(  # sizes that fit the least of this process's mesh cards
-            jax.default_backend(), cfg.max_position_embeddings, device_memory_bytes(devices)
+            jax.default_backend(),
+            cfg.max_position_embeddings,
+            device_memory_bytes(_held_devices(model)),
         )
         self.model, self.config = model, config
         use_compilation_cache(config.compilation_cache_dir)
@@ -409,8 +409,7 @@ class Engine:
         compile stays unless it does not fit beside the programs (a few MB the engine made
         meanwhile would otherwise cost a page, and compiling every program again)."""
         c, per_page = self.config, self._page_bytes()
-        mesh = self.model.parallel.mesh
-        devices = None if mesh is None else local_devices(mesh.devices.flat)
+        devices = _held_devices(self.model)
         free = free_memory_bytes(devices)
         programs = f" and the programs need {_gib(need)} beside it" if need else ""
         if c.num_pages is not None:
@@ -856,6 +855,13 @@ def _engine_impl(model_impl: str) -> str:
         "the model's attention impl %r has no paged steps: the engine runs %r", model_impl, fallback
     )
     return fallback
+
+
+def _held_devices(model: Model) -> list | None:
+    """The devices of `model`'s mesh that this process holds; None without a mesh (the
+    engine's default device)."""
+    mesh = model.parallel.mesh
+    return None if mesh is None else local_devices(mesh.devices.flat)
 
 
 def _placed(model: Model, config: EngineConfig) -> Model:
