@@ -197,18 +197,22 @@ def rope_paged_attention(
     meta: PagedMeta,
     positions: Int[Array, "T"],
     inv_freq: np.ndarray,
+    qk_norm: tuple[Array, Array, float] | None = None,
     *,
     impl: str,
     fused: bool = False,
 ):
     """`paged_attention` from the q/k/v matmul's output as it is, before RoPE: one Pallas kernel
-    applies RoPE to q and k and writes K/V (`pallas_kernels.rope_write`), then each token attends
-    to its sequence's pages. `fused` with the Pallas decode kernel: all of it in that one kernel
-    (`paged_attention.rope_paged_decode`, the same numbers). One device (no mesh). Returns
-    ([T, N, H], (k_pages, v_pages))."""
+    applies RoPE to q and k and writes K/V (`pallas_kernels.rope_write`; with `qk_norm`, (q
+    scale, k scale, eps), Qwen3's per-head norms first), then each token attends to its
+    sequence's pages. `fused` with the Pallas decode kernel: all of it in that one kernel
+    (`paged_attention.rope_paged_decode`, the same numbers; it has no q/k norm, so not with
+    `qk_norm`). One device (no mesh). Returns ([T, N, H], (k_pages, v_pages))."""
     from pallas_kernels.paged_attention import rope_paged_decode
     from pallas_kernels.rope_write import rope_write
 
+    if fused and qk_norm is not None:
+        raise ValueError("the fused RoPE + decode kernel has no q/k norm: fused=False with qk_norm")
     if fused and impl == "pallas" and meta.decode and qkv.shape[0] <= FUSED_DECODE_MAX_ROWS:
         # padding rows: length 1, slot -1, dropped
         lengths = jnp.maximum(meta.kv_lens, 1)
@@ -223,7 +227,9 @@ def rope_paged_attention(
             inv_freq,
         )
         return out, (k_pages, v_pages)
-    q, k_pages, v_pages = rope_write(qkv, k_pages, v_pages, positions, meta.slot_mapping, inv_freq)
+    q, k_pages, v_pages = rope_write(
+        qkv, k_pages, v_pages, positions, meta.slot_mapping, inv_freq, qk_norm
+    )
     return _attend_pages(q, k_pages, v_pages, meta, impl=impl), (k_pages, v_pages)
 
 

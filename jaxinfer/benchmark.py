@@ -74,6 +74,20 @@ SHAPES = {
         rms_norm_eps=1e-5,
         rope_theta=500000.0,
     ),
+    "qwen3-8b": dict(  # Qwen/Qwen3-8B: q/k norms, untied 151,936-token head
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        qk_norm=True,
+    ),
     "llama2-70b": dict(
         model_type="llama",
         vocab_size=32000,
@@ -211,8 +225,8 @@ def _normal(shape, dtype, sharding, key):
 
 
 def hf_random_model(spec: dict):
-    """HF transformers' Llama / Mixtral of a SHAPES entry with random bf16 weights, on the GPU if
-    there is one: (model, "cuda" | "cpu")."""
+    """HF transformers' Llama / Mixtral / Qwen3 of a SHAPES entry with random bf16 weights, on the
+    GPU if there is one: (model, "cuda" | "cpu")."""
     import torch
     import transformers
 
@@ -238,6 +252,13 @@ def hf_random_model(spec: dict):
             )
         )
         cls = transformers.MixtralForCausalLM
+    elif spec["model_type"] == "qwen3":
+        config = transformers.Qwen3Config(
+            **dict(common, head_dim=spec["head_dim"], rms_norm_eps=spec["rms_norm_eps"])
+        )
+        cls = transformers.Qwen3ForCausalLM
+    elif spec["model_type"] != "llama":
+        raise ValueError(f"no HF peer for model_type {spec['model_type']!r}")
     else:
         config, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -68,9 +68,9 @@ class Model:
 def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dict[str, bool]:
     """Which of the decoder's fused kernels run (`Decoder` fields): the residual add + RMSNorm
     (`norm_kernel`) and, in paged steps, RoPE + the K/V write (`rope_kernel`, for a head dim it
-    takes and no q/k norm between the matmul and RoPE), both Pallas kernels with the Pallas
-    attention on one GPU (over a mesh the jnp forms, which XLA splits like the rest of the
-    program); in decode steps, with `rope_kernel`, the attention in that same kernel
+    takes; Qwen3's q/k norms in it too), both Pallas kernels with the Pallas attention on one
+    GPU (over a mesh the jnp forms, which XLA splits like the rest of the program); in decode
+    steps, with `rope_kernel` and no q/k norms, the attention in that same kernel
     (`rope_decode`, `paged_attention.rope_paged_decode`); and one token's projections as XLA
     row reductions (`row_gemv`, `layers.dense`), on any GPU; with the Pallas attention on one
     Hopper GPU in bf16, steps of 65-128 tokens run gate/up and SiLU x up as one Mosaic GPU
@@ -86,14 +86,17 @@ def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dic
         forced = os.environ.get(variable)
         return forced == "1" if forced in ("0", "1") else auto
 
-    rope_fits = rope_write_supported(cfg.head_dim, dtype) and not cfg.qk_norm
+    rope_fits = rope_write_supported(cfg.head_dim, dtype)
     rope_kernel = rope_fits and choice("JAXINFER_ROPE_KERNEL", pallas_alone)
     bf16 = jnp.dtype(dtype) == jnp.bfloat16
     return dict(
         norm_kernel=choice("JAXINFER_NORM_KERNEL", pallas_alone),
         rope_kernel=rope_kernel,
         row_gemv=choice("JAXINFER_ROW_GEMV", gpu),
-        rope_decode=rope_kernel and choice("JAXINFER_ROPE_DECODE", pallas_alone),
+        # the fused decode kernel has no q/k norm (Qwen3's run in `rope_write`)
+        rope_decode=rope_kernel
+        and not cfg.qk_norm
+        and choice("JAXINFER_ROPE_DECODE", pallas_alone),
         swiglu_kernel=bf16 and choice("JAXINFER_SWIGLU_KERNEL", pallas_alone and on_hopper()),
         # Opt-in: on an H200 it ran a Mixtral layer at 0.82-1.04x the grouped matmul's speed
         # (bench/README, "Block-aligned expert kernels").

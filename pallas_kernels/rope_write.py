@@ -4,7 +4,9 @@ After the q/k/v matmul of a decode step XLA ran five small kernels a layer on a 
 RoPE of k, the V row to write, the two K/V writes; ~1.2-2.2 us each at batch 1, H200); here they
 are one launch, the pools updated in place (aliased). The math is `layers.apply_rope` step for
 step: angles position x inverse frequency in float32, cos and sin cast to the dtype, each product
-and sum rounded to it (the dtype's own arithmetic), HF's half-split pairs (i, i + H/2).
+and sum rounded to it (the dtype's own arithmetic), HF's half-split pairs (i, i + H/2). With
+`qk_norm` scales (Qwen3) each q and k head is first RMS-normalised over H as `layers.RMSNorm`
+does it: float32 statistics, cast to the dtype, times the scale.
 
 Shapes: T tokens, K kv heads, G query heads per kv head (N = K * G), H head dim, pools viewed as
 [K, P * L, H] rows. The input is the q/k/v matmul's output [T, K, G + 2, H] as it is. One program
@@ -35,11 +37,22 @@ def rope_reference(
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def rope_write_reference(qkv, k_pages, v_pages, positions, slots, inv_freq):
-    """(rope(q), pools with rope(k) and v written at `slots`; slot < 0 writes nothing)."""
+def head_norm_reference(x: Float[Array, "... H"], scale: Float[Array, "H"], eps: float):
+    """RMS norm over the last axis as `layers.RMSNorm` computes it (HF's Qwen3 q/k norm)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * x32.astype(x.dtype)
+
+
+def rope_write_reference(qkv, k_pages, v_pages, positions, slots, inv_freq, qk_norm=None):
+    """(rope(q), pools with rope(k) and v written at `slots`; slot < 0 writes nothing).
+    qk_norm: (q_scale [H], k_scale [H], eps) normalises q and k first."""
     t, kv_heads, rows, head_dim = qkv.shape
     q = qkv[:, :, : rows - 2].reshape(t, kv_heads * (rows - 2), head_dim)
     k, v = qkv[:, :, rows - 2], qkv[:, :, rows - 1]
+    if qk_norm is not None:
+        q_scale, k_scale, eps = qk_norm
+        q, k = head_norm_reference(q, q_scale, eps), head_norm_reference(k, k_scale, eps)
     k = rope_reference(k, positions, inv_freq)
     num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
 
@@ -61,9 +74,26 @@ def _rotate(x1, x2, cos, sin, dtype):
     return r(r(x1 * cos) - r(x2 * sin)), r(r(x2 * cos) + r(x1 * sin))
 
 
-def _kernel(pos_ref, slot_ref, freq_ref, qkv_ref, _k_in, _v_in, q_out, k_out, v_out, *, group):
-    # pos_ref/slot_ref [1]; freq_ref [H/2]; qkv_ref [Cp, H] (rows: G query heads, k, v; padded);
-    # q_out [Gp, H]; k_out/v_out [P*L, H]
+def _head_norm(x1, x2, s1, s2, eps, dtype):
+    """The halves of rows [.., H/2] x 2 RMS-normalised over the whole row and scaled (s1, s2
+    [H/2]), rounded as `head_norm_reference` rounds: float32 statistics, the normalised row
+    cast to the dtype, the product with the scale in the dtype."""
+    f32 = jnp.float32
+    x1, x2 = x1.astype(f32), x2.astype(f32)
+    width = 2 * x1.shape[-1]
+    mean_sq = jnp.sum(x1 * x1, axis=-1, keepdims=True) + jnp.sum(x2 * x2, axis=-1, keepdims=True)
+    inv = jax.lax.rsqrt(mean_sq / width + eps)
+    r = lambda a: a.astype(dtype).astype(f32)
+    return r(s1.astype(f32) * r(x1 * inv)), r(s2.astype(f32) * r(x2 * inv))
+
+
+def _kernel(pos_ref, slot_ref, freq_ref, *refs, group, eps):
+    # pos_ref/slot_ref [1]; freq_ref [H/2]; with eps, q_scale_ref/k_scale_ref [H]; qkv_ref
+    # [Cp, H] (rows: G query heads, k, v; padded); q_out [Gp, H]; k_out/v_out [P*L, H]
+    if eps is None:
+        qkv_ref, _k_in, _v_in, q_out, k_out, v_out = refs
+    else:
+        q_scale_ref, k_scale_ref, qkv_ref, _k_in, _v_in, q_out, k_out, v_out = refs
     head_dim = qkv_ref.shape[1]
     group_pad = q_out.shape[0]
     half = head_dim // 2
@@ -77,6 +107,10 @@ def _kernel(pos_ref, slot_ref, freq_ref, qkv_ref, _k_in, _v_in, q_out, k_out, v_
     heads = pl.ds(0, group_pad)
     q1 = plgpu.load(qkv_ref.at[heads, lo], mask=g_ok, other=0.0)
     q2 = plgpu.load(qkv_ref.at[heads, hi], mask=g_ok, other=0.0)
+    k1, k2 = qkv_ref[group, lo], qkv_ref[group, hi]
+    if eps is not None:
+        q1, q2 = _head_norm(q1, q2, q_scale_ref[lo][None, :], q_scale_ref[hi][None, :], eps, dtype)
+        k1, k2 = _head_norm(k1, k2, k_scale_ref[lo], k_scale_ref[hi], eps, dtype)
     r1, r2 = _rotate(q1, q2, cos[None, :], sin[None, :], dtype)
     plgpu.store(q_out.at[:, lo], r1.astype(dtype), mask=g_ok)
     plgpu.store(q_out.at[:, hi], r2.astype(dtype), mask=g_ok)
@@ -84,15 +118,15 @@ def _kernel(pos_ref, slot_ref, freq_ref, qkv_ref, _k_in, _v_in, q_out, k_out, v_
     slot = slot_ref[0]
     row = pl.ds(jnp.maximum(slot, 0), 1)
     live = jnp.full((1, half), slot >= 0)
-    k1, k2 = _rotate(qkv_ref[group, lo], qkv_ref[group, hi], cos, sin, dtype)
+    k1, k2 = _rotate(k1, k2, cos, sin, dtype)
     plgpu.store(k_out.at[row, lo], k1.astype(k_out.dtype)[None, :], mask=live)
     plgpu.store(k_out.at[row, hi], k2.astype(k_out.dtype)[None, :], mask=live)
     plgpu.store(v_out.at[row, lo], qkv_ref[group + 1, lo].astype(v_out.dtype)[None, :], mask=live)
     plgpu.store(v_out.at[row, hi], qkv_ref[group + 1, hi].astype(v_out.dtype)[None, :], mask=live)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",), donate_argnums=(1, 2))
-def _rope_write_call(qkv, k_pages, v_pages, positions, slots, inv_freq, *, interpret):
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"), donate_argnums=(1, 2))
+def _rope_write_call(qkv, k_pages, v_pages, positions, slots, inv_freq, scales, *, eps, interpret):
     tokens, num_kv_heads, rows_per_head, head_dim = qkv.shape
     group = rows_per_head - 2
     num_pages, page_size = k_pages.shape[1:3]
@@ -105,13 +139,16 @@ def _rope_write_call(qkv, k_pages, v_pages, positions, slots, inv_freq, *, inter
     scalar = pl.BlockSpec((1,), lambda t, h: (t,))
     q_spec = pl.BlockSpec((None, None, group_pad, head_dim), lambda t, h: (t, h, 0, 0))
     view = lambda pages: pages.reshape(num_kv_heads, num_rows, head_dim)
+    whole = lambda n: pl.BlockSpec((n,), lambda t, h: (0,))
+    num_scales = len(scales)  # 0, or q's and k's norm scales [H]
     q_out, k_rows, v_rows = pl.pallas_call(
-        functools.partial(_kernel, group=group),
+        functools.partial(_kernel, group=group, eps=eps),
         grid=(tokens, num_kv_heads),
         in_specs=[
             scalar,
             scalar,
-            pl.BlockSpec((head_dim // 2,), lambda t, h: (0,)),
+            whole(head_dim // 2),
+            *[whole(head_dim)] * num_scales,
             pl.BlockSpec((None, None, rows_pad, head_dim), lambda t, h: (t, h, 0, 0)),
             rows_spec,
             rows_spec,
@@ -122,11 +159,11 @@ def _rope_write_call(qkv, k_pages, v_pages, positions, slots, inv_freq, *, inter
             jax.ShapeDtypeStruct((num_kv_heads, num_rows, head_dim), k_pages.dtype),
             jax.ShapeDtypeStruct((num_kv_heads, num_rows, head_dim), v_pages.dtype),
         ],
-        input_output_aliases={4: 1, 5: 2},
+        input_output_aliases={4 + num_scales: 1, 5 + num_scales: 2},
         compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
         interpret=interpret,
-        name=f"rope_write_kv_h{head_dim}",
-    )(positions, slots, inv_freq, qkv, view(k_pages), view(v_pages))
+        name=f"rope_write_kv_h{head_dim}" + ("_qk_norm" if num_scales else ""),
+    )(positions, slots, inv_freq, *scales, qkv, view(k_pages), view(v_pages))
     return q_out, k_rows.reshape(k_pages.shape), v_rows.reshape(v_pages.shape)
 
 
@@ -148,13 +185,15 @@ def rope_write(
     positions: Int[Array, "T"],
     slots: Int[Array, "T"],
     inv_freq: Float[Array, "H/2"],
+    qk_norm: tuple[Float[Array, "H"], Float[Array, "H"], float] | None = None,
     *,
     interpret: bool | None = None,
 ) -> tuple[Float[Array, "T N H"], Float[Array, "K P L H"], Float[Array, "K P L H"]]:
     """(rope(q) [T, N = K * G, H], k_pages, v_pages with rope(k) and v written at `slots`) from
     the q/k/v matmul's output: per kv head its G query heads, then its k and its v (slot = page *
-    L + offset; negative: nothing written). The pools are donated: pass them from a jit that
-    donates its own (the engine's step), or copies are made. interpret: default on CPU."""
+    L + offset; negative: nothing written). qk_norm (q_scale, k_scale, eps): each q and k head
+    RMS-normalised and scaled before RoPE (Qwen3). The pools are donated: pass them from a jit
+    that donates its own (the engine's step), or copies are made. interpret: default on CPU."""
     if qkv.ndim != 4 or qkv.shape[2] < 3:
         raise ValueError(f"qkv must be [T, K, G + 2, H] with G >= 1, got {qkv.shape}")
     tokens, num_kv_heads, rows, head_dim = qkv.shape
@@ -168,6 +207,13 @@ def rope_write(
             raise ValueError(f"{name} must be int32 [{tokens}], got {x.dtype}{x.shape}")
     if inv_freq.shape != (head_dim // 2,):
         raise ValueError(f"inv_freq must be [{head_dim // 2}], got {inv_freq.shape}")
+    scales, eps = (), None
+    if qk_norm is not None:
+        *scales, eps = qk_norm
+        for name, x in zip(("q_scale", "k_scale"), scales):
+            if x.shape != (head_dim,):
+                raise ValueError(f"qk_norm's {name} must be [{head_dim}], got {x.shape}")
+        scales, eps = tuple(scales), float(eps)
     q, k_pages, v_pages = _rope_write_call(
         qkv,
         k_pages,
@@ -175,6 +221,8 @@ def rope_write(
         positions,
         slots,
         jnp.asarray(inv_freq, jnp.float32),
+        scales,
+        eps=eps,
         interpret=common.resolve_interpret(interpret),
     )
     return q.reshape(tokens, num_kv_heads * (rows - 2), head_dim), k_pages, v_pages

@@ -17,7 +17,7 @@ import jaxinfer
 from jaxinfer import attention
 from jaxinfer.models import llama
 from jaxinfer.models.layers import rope_inv_freq
-from pallas_kernels.rope_write import rope_write, rope_write_reference
+from pallas_kernels.rope_write import head_norm_reference, rope_write, rope_write_reference
 
 # the module (the package exports its function of the same name)
 paged_attention = importlib.import_module("pallas_kernels.paged_attention")
@@ -56,6 +56,39 @@ def test_matches_reference(heads, kv_heads, head_dim, dtype):
     np.testing.assert_array_equal(rows(got[2])[:, 23], f32(v)[3])
     assert np.abs(f32(got[0])[3] - f32(q)[3]).max() > 0.1
     np.testing.assert_allclose(f32(got[0])[0], f32(q)[0])  # position 0: no rotation
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim, dtype", [(32, 8, 128, jnp.bfloat16), (4, 2, 32, jnp.float32)]
+)
+def test_qk_norm_matches_reference(heads, kv_heads, head_dim, dtype):
+    """Qwen3's per-head q and k RMS norms in the kernel, before RoPE, against the jnp forms: the
+    same values to one rounding of the dtype (the float32 sum of squares may add in another
+    order), and the norm really applied (q's rows come out at the scale's RMS, not the input's)."""
+    qkv, k_pages, v_pages = _inputs(5, kv_heads, heads // kv_heads, head_dim, 6, 4, dtype)
+    qkv = qkv * 3.0  # rows of RMS ~3: the norm changes them
+    positions = jnp.array([0, 3, 17, 1000, 8191], jnp.int32)
+    slots = jnp.array([5, -1, 0, 23, 6], jnp.int32)
+    inv_freq = jnp.asarray(rope_inv_freq(head_dim, 1e6, None))
+    ks = jax.random.split(jax.random.key(7), 2)
+    scale = lambda k: (1 + 0.2 * jax.random.normal(k, (head_dim,))).astype(dtype)
+    qk_norm = (scale(ks[0]), scale(ks[1]), 1e-6)
+    want = rope_write_reference(qkv, k_pages, v_pages, positions, slots, inv_freq, qk_norm)
+    got = rope_write(qkv, k_pages.copy(), v_pages.copy(), positions, slots, inv_freq, qk_norm)
+    f32 = lambda x: np.asarray(x, np.float32)
+    ulp = 2.0**-7 if dtype == jnp.bfloat16 else 1e-6
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(f32(g), f32(w), rtol=ulp, atol=ulp)
+    # at position 0 RoPE is the identity: q is its norm alone, of RMS ~1 x the scale
+    q0 = f32(got[0])[0]
+    want_q0 = head_norm_reference(qkv[0, :, :-2].reshape(heads, head_dim), qk_norm[0], 1e-6)
+    np.testing.assert_allclose(q0, f32(want_q0), rtol=ulp, atol=ulp)
+    assert abs(np.sqrt(np.mean((q0 / f32(qk_norm[0])) ** 2)) - 1) < 0.02
+    with pytest.raises(ValueError, match=rf"qk_norm's k_scale must be \[{head_dim}\]"):
+        rope_write(
+            qkv, k_pages, v_pages, positions, slots, inv_freq, (*qk_norm[:1], qk_norm[0][:8], 1e-6)
+        )
 
 
 def test_bad_inputs_name_what_is_wrong():
@@ -128,6 +161,30 @@ def test_engine_with_the_fused_kernels_gives_the_same_outputs(model_h32, jnp_out
             for x, y in zip(a.logprobs, b.logprobs):
                 assert x.keys() == y.keys()
                 np.testing.assert_allclose(list(x.values()), list(y.values()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_qwen3_engine_with_the_qk_norm_in_the_kernel_gives_the_same_outputs(
+    tmp_path_factory, decode_steps
+):
+    """A Qwen3 (q/k norms before RoPE, scales perturbed from 1): the engine with its norms
+    inside the RoPE + K/V write kernel (interpret mode) gives the tokens, texts and logprobs of
+    the jnp forms, in single steps and in multi-step decode programs."""
+    path = tmp_path_factory.mktemp("rope-write-qwen3")
+    build_hf_model("qwen3", path)
+    model = dataclasses.replace(
+        jaxinfer.load_model(path, dtype="float32"), tokenizer=ModTokenizer()
+    )
+    assert model.config.qk_norm
+    outs = {on: staggered_with_kernels(model, decode_steps, on) for on in ("0", "1")}
+    assert sorted(outs["0"]) == sorted(outs["1"]) == [str(i) for i in range(7)]
+    for rid in outs["0"]:
+        a, b = outs["0"][rid][-1], outs["1"][rid][-1]
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        for x, y in zip(a.logprobs or [], b.logprobs or []):
+            assert x.keys() == y.keys()
+            np.testing.assert_allclose(list(x.values()), list(y.values()), rtol=1e-4, atol=1e-4)
+    assert any(outs["0"][rid][-1].logprobs for rid in outs["0"])  # logprobs were compared
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])

@@ -70,6 +70,20 @@ class RMSNorm(nn.Module):
         return rms_norm_reference(x, scale, self.eps, h)
 
 
+class NormScale(nn.Module):
+    """The scale [width] of an RMS norm whose math a kernel does (Qwen3's q/k norm inside
+    `rope_write`): the parameter an `RMSNorm` of the same name declares, so checkpoints and
+    sharding see one tree either way."""
+
+    dtype: jnp.dtype
+    axis_name: str
+
+    @nn.compact
+    def __call__(self, width: int) -> Float[Array, "W"]:
+        init = nn.initializers.ones
+        return declare(self, "scale", (width,), (self.axis_name,), self.dtype, init)
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
     """Inverse frequencies [H/2] in float32, with HF's `linear` and `llama3` scalings."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))

@@ -20,9 +20,18 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxinfer import attention
 from jaxinfer.config import ModelConfig
-from jaxinfer.models.layers import MLP, RMSNorm, apply_rope, declare, dense, rope_inv_freq
+from jaxinfer.models.layers import (
+    MLP,
+    NormScale,
+    RMSNorm,
+    apply_rope,
+    declare,
+    dense,
+    rope_inv_freq,
+)
 from jaxinfer.models.moe import MoE
 from jaxinfer.sharding import Parallel, kv_pool_heads, kv_sharding
+from pallas_kernels.rms_norm import rms_norm_reference
 
 LayerCache = tuple[Array, Array]  # (k, v), each [K, B, S, H]
 
@@ -78,22 +87,27 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         q = qkv[:, :, :, :g].reshape(b, t, n, h)  # query head n uses kv head n // G
         kk, vv = qkv[:, :, :, g], qkv[:, :, :, g + 1]
-        if c.qk_norm:  # per head, before RoPE (`rope_kernel` is off: it reads qkv as it is)
-            q = RMSNorm(c.rms_norm_eps, dt, "head_dim", name="q_norm")(q)[0]
-            kk = RMSNorm(c.rms_norm_eps, dt, "head_dim", name="k_norm")(kk)[0]
+        qk_norm = None
+        if c.qk_norm:  # per head, before RoPE (Qwen3)
+            scales = [NormScale(dt, "head_dim", name=f"{x}_norm")(h) for x in "qk"]
+            qk_norm = (*scales, c.rms_norm_eps)
         inv_freq = rope_inv_freq(h, c.rope_theta, c.rope_scaling)
-        if paged is not None and self.rope_kernel:  # RoPE and the K/V write in one kernel
+        if paged is not None and self.rope_kernel:  # (q/k norm,) RoPE, K/V write: one kernel
             out, cache = attention.rope_paged_attention(
                 qkv[0],
                 *cache,
                 paged,
                 positions[0],
                 inv_freq,
+                qk_norm=qk_norm,
                 impl=self.impl,
                 fused=self.rope_decode,
             )
             out = out[None]
         else:
+            if qk_norm is not None:
+                q = rms_norm_reference(q, qk_norm[0], c.rms_norm_eps)[0]
+                kk = rms_norm_reference(kk, qk_norm[1], c.rms_norm_eps)[0]
             q, kk = apply_rope(q, positions, inv_freq), apply_rope(kk, positions, inv_freq)
             out, cache = self._attend(q, kk, vv, positions, cache, prefill, paged)
         y = dense(out, wo, 2, self.row_gemv)  # [B, T, D]
