@@ -115,6 +115,26 @@ def test_paged_attention_lowers(triton_modules):
     assert_all_verified(triton_modules, ("paged_decode", "ragged_paged"))
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_write_lowers(triton_modules, qk_norm):
+    """RoPE + the K/V write, and with Qwen3's q/k norms in it (their reductions over a head)."""
+    from pallas_kernels.rope_write import rope_write
+
+    pool = spec((8, 64, 16, 128))
+    norms = (spec((128,)), spec((128,))) if qk_norm else ()
+
+    def fn(qkv, k_pages, v_pages, positions, slots, inv_freq, *scales):
+        qk = (*scales, 1e-6) if scales else None
+        return rope_write(qkv, k_pages, v_pages, positions, slots, inv_freq, qk, interpret=False)
+
+    ints = spec((4,), jnp.int32)
+    lower_for_cuda(
+        fn, spec((4, 8, 6, 128)), pool, pool, ints, ints, spec((64,), jnp.float32), *norms
+    )
+    assert_all_verified(triton_modules, "rope_write_kv")
+    assert triton_modules[0][0].endswith("_qk_norm") is qk_norm, triton_modules
+
+
 @pytest.fixture
 def gpu_kernels(monkeypatch):
     """Kernels called with interpret=None lower for the GPU (not interpret mode) while on a CPU."""
