@@ -68,7 +68,7 @@ class Model:
 def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dict[str, bool]:
     """Which of the decoder's fused kernels run (`Decoder` fields): the residual add + RMSNorm
     (`norm_kernel`) and, in paged steps, RoPE + the K/V write (`rope_kernel`, for a head dim it
-    takes; Qwen3's q/k norms in it too), both Pallas kernels with the Pallas attention on one
+    takes; with Qwen3's q/k norms in it, on request), both Pallas kernels with the Pallas attention on one
     GPU (over a mesh the jnp forms, which XLA splits like the rest of the program); in decode
     steps, with `rope_kernel` and no q/k norms, the attention in that same kernel
     (`rope_decode`, `paged_attention.rope_paged_decode`); and one token's projections as XLA
@@ -87,7 +87,8 @@ def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dic
         return forced == "1" if forced in ("0", "1") else auto
 
     rope_fits = rope_write_supported(cfg.head_dim, dtype)
-    rope_kernel = rope_fits and choice("JAXINFER_ROPE_KERNEL", pallas_alone)
+    # With Qwen3's q/k norms inside it, on request only until it has run on a GPU (bench/README)
+    rope_kernel = rope_fits and choice("JAXINFER_ROPE_KERNEL", pallas_alone and not cfg.qk_norm)
     bf16 = jnp.dtype(dtype) == jnp.bfloat16
     return dict(
         norm_kernel=choice("JAXINFER_NORM_KERNEL", pallas_alone),

@@ -129,3 +129,19 @@ def test_the_kernels_are_chosen_for_pallas_on_one_gpu_only(monkeypatch):
     assert odd_kernels["rope_kernel"] is odd_kernels["rope_decode"] is False  # it needs the first
     set_all("0")
     assert both("pallas") == {**dict.fromkeys(keys, False), **no_experts}
+
+
+def test_qwen3_norms_join_the_rope_kernel_on_request_only(monkeypatch):
+    """A q/k-norm model keeps the jnp RoPE path by default even where Pallas runs alone on a GPU
+    (the kernel's form with the norms has not run on one yet), takes the kernel when asked, and
+    never the fused decode kernel, which has no norm."""
+    qwen = dataclasses.replace(_tiny_config(), qk_norm=True)
+    for name in ("ROPE_KERNEL", "ROPE_DECODE"):
+        monkeypatch.delenv(f"JAXINFER_{name}", raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    chosen = lambda cfg: model_lib.fused_kernels(cfg, jnp.bfloat16, "pallas", Parallel())
+    assert chosen(_tiny_config())["rope_kernel"] and chosen(_tiny_config())["rope_decode"]
+    assert not chosen(qwen)["rope_kernel"] and not chosen(qwen)["rope_decode"]
+    monkeypatch.setenv("JAXINFER_ROPE_KERNEL", "1")
+    monkeypatch.setenv("JAXINFER_ROPE_DECODE", "1")
+    assert chosen(qwen)["rope_kernel"] and not chosen(qwen)["rope_decode"]
