@@ -68,10 +68,10 @@ class Model:
 def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dict[str, bool]:
     """Which of the decoder's fused kernels run (`Decoder` fields): the residual add + RMSNorm
     (`norm_kernel`) and, in paged steps, RoPE + the K/V write (`rope_kernel`, for a head dim it
-    takes; with Qwen3's q/k norms in it, on request), both Pallas kernels with the Pallas attention on one
-    GPU (over a mesh the jnp forms, which XLA splits like the rest of the program); in decode
-    steps, with `rope_kernel` and no q/k norms, the attention in that same kernel
-    (`rope_decode`, `paged_attention.rope_paged_decode`); and one token's projections as XLA
+    takes; with Qwen3's q/k norms in it, on request), both Pallas kernels with the Pallas
+    attention on one GPU (over a mesh the jnp forms, which XLA splits like the rest of the
+    program); in decode steps, with `rope_kernel` and no q/k norms, the attention in that same
+    kernel (`rope_decode`, `paged_attention.rope_paged_decode`); and one token's projections as XLA
     row reductions (`row_gemv`, `layers.dense`), on any GPU; with the Pallas attention on one
     Hopper GPU in bf16, steps of 65-128 tokens run gate/up and SiLU x up as one Mosaic GPU
     kernel (`swiglu_kernel`, `layers.MLP`); MoE experts run the block-aligned Mosaic GPU

@@ -24,6 +24,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import common
+from pallas_kernels.rms_norm import rms_norm_reference
 
 
 def rope_reference(
@@ -37,13 +38,6 @@ def rope_reference(
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def head_norm_reference(x: Float[Array, "... H"], scale: Float[Array, "H"], eps: float):
-    """RMS norm over the last axis as `layers.RMSNorm` computes it (HF's Qwen3 q/k norm)."""
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale * x32.astype(x.dtype)
-
-
 def rope_write_reference(qkv, k_pages, v_pages, positions, slots, inv_freq, qk_norm=None):
     """(rope(q), pools with rope(k) and v written at `slots`; slot < 0 writes nothing).
     qk_norm: (q_scale [H], k_scale [H], eps) normalises q and k first."""
@@ -52,7 +46,7 @@ def rope_write_reference(qkv, k_pages, v_pages, positions, slots, inv_freq, qk_n
     k, v = qkv[:, :, rows - 2], qkv[:, :, rows - 1]
     if qk_norm is not None:
         q_scale, k_scale, eps = qk_norm
-        q, k = head_norm_reference(q, q_scale, eps), head_norm_reference(k, k_scale, eps)
+        q, k = rms_norm_reference(q, q_scale, eps)[0], rms_norm_reference(k, k_scale, eps)[0]
     k = rope_reference(k, positions, inv_freq)
     num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
 
@@ -76,7 +70,7 @@ def _rotate(x1, x2, cos, sin, dtype):
 
 def _head_norm(x1, x2, s1, s2, eps, dtype):
     """The halves of rows [.., H/2] x 2 RMS-normalised over the whole row and scaled (s1, s2
-    [H/2]), rounded as `head_norm_reference` rounds: float32 statistics, the normalised row
+    [H/2]), rounded as `rms_norm_reference` rounds: float32 statistics, the normalised row
     cast to the dtype, the product with the scale in the dtype."""
     f32 = jnp.float32
     x1, x2 = x1.astype(f32), x2.astype(f32)

@@ -17,7 +17,8 @@ import jaxinfer
 from jaxinfer import attention
 from jaxinfer.models import llama
 from jaxinfer.models.layers import rope_inv_freq
-from pallas_kernels.rope_write import head_norm_reference, rope_write, rope_write_reference
+from pallas_kernels.rms_norm import rms_norm_reference
+from pallas_kernels.rope_write import rope_write, rope_write_reference
 
 # the module (the package exports its function of the same name)
 paged_attention = importlib.import_module("pallas_kernels.paged_attention")
@@ -82,7 +83,7 @@ def test_qk_norm_matches_reference(heads, kv_heads, head_dim, dtype):
         np.testing.assert_allclose(f32(g), f32(w), rtol=ulp, atol=ulp)
     # at position 0 RoPE is the identity: q is its norm alone, of RMS ~1 x the scale
     q0 = f32(got[0])[0]
-    want_q0 = head_norm_reference(qkv[0, :, :-2].reshape(heads, head_dim), qk_norm[0], 1e-6)
+    want_q0 = rms_norm_reference(qkv[0, :, :-2].reshape(heads, head_dim), qk_norm[0], 1e-6)[0]
     np.testing.assert_allclose(q0, f32(want_q0), rtol=ulp, atol=ulp)
     assert abs(np.sqrt(np.mean((q0 / f32(qk_norm[0])) ** 2)) - 1) < 0.02
     with pytest.raises(ValueError, match=rf"qk_norm's k_scale must be \[{head_dim}\]"):
