@@ -12,6 +12,9 @@ Over a mesh (`mesh` given), each entry point runs on every device's share of the
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,9 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxinfer.sharding import MODEL
+
+if TYPE_CHECKING:
+    from pallas_kernels.paged_attention import PagedConfig
 
 IMPLS = ("xla", "reference", "cudnn", "pallas")
 PAGE = 64  # page size under which the paged decode kernel reads a contiguous cache
@@ -190,6 +196,18 @@ def paged_attention(
 FUSED_DECODE_MAX_ROWS = 1
 
 
+def _fused_decode_form() -> tuple[int, PagedConfig | None]:
+    """(most rows, PagedConfig or None) of the decode programs that take the fused kernel.
+    $JAXINFER_ROPE_DECODE_LAST=1: every decode program, with the new token joining the softmax
+    after the kv loop (`PagedConfig.new_token_last`), to be measured against the default: the
+    slowdown at 100 rows came with the new row read back in the loop (bench/README.md)."""
+    from pallas_kernels.paged_attention import PagedConfig
+
+    if os.environ.get("JAXINFER_ROPE_DECODE_LAST") == "1":
+        return 1 << 30, PagedConfig(new_token_last=True)
+    return FUSED_DECODE_MAX_ROWS, None
+
+
 def rope_paged_attention(
     qkv: Float[Array, "T K G+2 H"],
     k_pages: Float[Array, "K P L H"],
@@ -206,14 +224,16 @@ def rope_paged_attention(
     applies RoPE to q and k and writes K/V (`pallas_kernels.rope_write`; with `qk_norm`, (q
     scale, k scale, eps), Qwen3's per-head norms first), then each token attends to its
     sequence's pages. `fused` with the Pallas decode kernel: all of it in that one kernel
-    (`paged_attention.rope_paged_decode`, the same numbers; it has no q/k norm, so not with
+    (`paged_attention.rope_paged_decode`, the same numbers, or within rounding with
+    $JAXINFER_ROPE_DECODE_LAST; it has no q/k norm, so not with
     `qk_norm`). One device (no mesh). Returns ([T, N, H], (k_pages, v_pages))."""
     from pallas_kernels.paged_attention import rope_paged_decode
     from pallas_kernels.rope_write import rope_write
 
     if fused and qk_norm is not None:
         raise ValueError("the fused RoPE + decode kernel has no q/k norm: fused=False with qk_norm")
-    if fused and impl == "pallas" and meta.decode and qkv.shape[0] <= FUSED_DECODE_MAX_ROWS:
+    max_rows, config = _fused_decode_form()
+    if fused and impl == "pallas" and meta.decode and qkv.shape[0] <= max_rows:
         # padding rows: length 1, slot -1, dropped
         lengths = jnp.maximum(meta.kv_lens, 1)
         out, k_pages, v_pages = rope_paged_decode(
@@ -225,6 +245,7 @@ def rope_paged_attention(
             positions,
             meta.slot_mapping,
             inv_freq,
+            config=config,
         )
         return out, (k_pages, v_pages)
     q, k_pages, v_pages = rope_write(

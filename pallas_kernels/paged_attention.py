@@ -76,6 +76,10 @@ class PagedConfig:
         merged by a second launch (num_splits unused).
       prefetch_pages: the decode loops load each step's block-table entries
         one step ahead (carried), not in the step that gathers them.
+      new_token_last: `rope_paged_decode` only: the kv loop reads the old
+        tokens, and the new token joins the softmax after it from registers,
+        its K/V written last (the loop is then the plain decode kernel's; the
+        sums' order differs from the two kernels', within rounding).
       backend: "triton" (Pallas Triton lowering).
     """
 
@@ -88,6 +92,7 @@ class PagedConfig:
     stream: bool = False
     programs_per_sm: int = 2
     prefetch_pages: bool = False
+    new_token_last: bool = False
     backend: str = "triton"
 
     def __post_init__(self):
@@ -260,15 +265,34 @@ class _NewToken:
         ok = g < self.group
         return self._rope(lambda c: plgpu.load(self.ref.at[g, c[None, :]], mask=ok, other=0.0))
 
-    def write(self, k_out, v_out, slot, owner):
-        """Its RoPE'd k and its v into their slot of the pools [P*L, H] (by the split that
-        owns the token; slot < 0: nowhere)."""
-        k = self._rope(lambda c: self.ref[self.group, c])
-        v = self.ref[self.group + 1, :]
+    def kv(self):
+        """Its RoPE'd k and its v, [H] each, in the dtype."""
+        return self._rope(lambda c: self.ref[self.group, c]), self.ref[self.group + 1, :]
+
+    def write(self, k_out, v_out, slot, owner, kv=None):
+        """Its RoPE'd k and its v (`kv`, or from `kv()`) into their slot of the pools [P*L, H]
+        (by the split that owns the token; slot < 0: nowhere)."""
+        k, v = kv or self.kv()
         row = pl.ds(jnp.maximum(slot, 0), 1)
         live = jnp.full((1, k.shape[0]), owner & (slot >= 0))
         plgpu.store(k_out.at[row, :], k[None, :].astype(k_out.dtype), mask=live)
         plgpu.store(v_out.at[row, :], v[None, :].astype(v_out.dtype), mask=live)
+
+
+def _join_token(q, k, v, carry, *, qk_scale, owner):
+    """One more kv token, held in registers (k, v [H]), into the online softmax's carry, as
+    `online_softmax_step` would take a tile of it (p rounded to v's dtype); a program that does
+    not own the token (`owner` false) leaves its carry as it is."""
+    acc, m_prev, l_prev = carry
+    f32 = jnp.float32
+    s = jnp.sum(q.astype(f32) * k.astype(f32)[None, :], axis=1) * qk_scale  # [Gp]
+    s = jnp.where(owner, s, common.MASK_VALUE)
+    m_new = jnp.maximum(m_prev, s)
+    alpha = jnp.exp2(m_prev - m_new)
+    p = jnp.where(owner, jnp.exp2(s - m_new), 0.0)
+    p_v = p.astype(v.dtype).astype(f32)
+    acc = acc * alpha[:, None] + p_v[:, None] * v.astype(f32)[None, :]
+    return acc, m_new, l_prev * alpha + p
 
 
 def _decode_kernel(
@@ -288,6 +312,7 @@ def _decode_kernel(
     dot_precision,
     fresh,
     prefetch_pages,
+    new_token_last,
     interpret,
 ):
     # q_ref [Gp, Hp], or with `fresh` the new token's q/k/v rows [Rp, H] before RoPE;
@@ -315,6 +340,7 @@ def _decode_kernel(
         new_token = _NewToken(q_ref, pos_ref[b], freq_ref, group)
         q = new_token.q(group_pad)
         owner = lax.div(length - 1, per_split) == split  # the split holding the new token
+    if fresh and not new_token_last:
         new_token.write(k_out, v_out, slot_ref[b], owner)
         # The kv loop reads the new row back like any other, from GMEM, once every thread of
         # the program has stored its part (a CTA barrier orders global memory too). Taking
@@ -324,11 +350,13 @@ def _decode_kernel(
             plgpu.debug_barrier()
         else:  # one thread, no barrier; the input refs keep the old pools there (on a GPU
             k_ref, v_ref = k_out, v_out  # they are the same buffers as the outputs)
-    else:
+    elif not fresh:
         out_refs = refs
         q = plgpu.load(q_ref, mask=q_mask, other=0.0)
     t0 = split * per_split
-    t1 = jnp.minimum(t0 + per_split, length)
+    # new_token_last: the loop stops before the new token, which no program then reads from
+    # the pools (its slot may be written while another split reads)
+    t1 = jnp.minimum(t0 + per_split, length - 1 if fresh and new_token_last else length)
     step = functools.partial(online_softmax_step, qk_scale=qk_scale, dot_precision=dot_precision)
     acc, m, l = _decode_range(
         q,
@@ -345,6 +373,10 @@ def _decode_kernel(
         cols=cols,
         head_mask=head_mask,
     )
+    if fresh and new_token_last:
+        kv = new_token.kv()
+        acc, m, l = _join_token(q, *kv, (acc, m, l), qk_scale=qk_scale, owner=owner)
+        new_token.write(k_out, v_out, slot_ref[b], owner, kv)
 
     if finalize:
         (o_ref,) = out_refs  # [Gp, Hp] of [G, H]
@@ -401,6 +433,7 @@ def _decode_call(
         dot_precision=dot_precision,
         fresh=fresh is not None,
         prefetch_pages=config.prefetch_pages,
+        new_token_last=config.new_token_last,
         interpret=interpret,
     )
     q_rows = group_pad if fresh is None else max(group_pad, pl.next_power_of_2(group + 2))
@@ -997,7 +1030,8 @@ def rope_paged_decode(
     interpret: bool | None = None,
 ):
     """`paged_attention` from the q/k/v matmul's output as it is, RoPE and the K/V write in the
-    same kernel: what `rope_write` then `paged_attention` compute, bit for bit, in one launch.
+    same kernel: what `rope_write` then `paged_attention` compute, bit for bit, in one launch
+    (with `config.new_token_last`, the pools bit for bit and the output within rounding).
 
     Args:
       qkv: [B, K, G + 2, H] per kv head its G query heads, its k and its v, before RoPE: the

@@ -57,12 +57,19 @@ def _kernel(*refs, eps: float, rows: int, width: int, add: bool):
     plgpu.store(out_ref, (y * scale[None, :]).astype(out_ref.dtype), mask=ok)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def _rms_norm_call(x, h, scale, *, eps: float, interpret: bool):
+def default_tiles(rows: int, width: int) -> tuple[int, int]:
+    """(rows a program, warps): enough work per launch for many rows, one row when they are
+    few; 4 warps up to 4,096 columns (padded), else 8."""
+    width_pad = pl.next_power_of_2(width)
+    block_rows = 1 if rows < 64 else max(1, min(16, 8192 // width_pad))
+    return block_rows, 4 if width_pad <= 4096 else 8
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "tiles"))
+def _rms_norm_call(x, h, scale, *, eps: float, interpret: bool, tiles: tuple[int, int] | None):
     rows, width = x.shape
     width_pad = pl.next_power_of_2(width)
-    # Rows a program: enough work per launch for many rows, one row when they are few.
-    block_rows = 1 if rows < 64 else max(1, min(16, 8192 // width_pad))
+    block_rows, num_warps = tiles or default_tiles(rows, width)
     row_spec = pl.BlockSpec((block_rows, width_pad), lambda r: (r, 0))
     add = h is not None
     out_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
@@ -72,7 +79,7 @@ def _rms_norm_call(x, h, scale, *, eps: float, interpret: bool):
         in_specs=[row_spec] * (2 if add else 1) + [pl.BlockSpec((width_pad,), lambda r: (0,))],
         out_specs=[row_spec] * (2 if add else 1),
         out_shape=[out_shape] * (2 if add else 1),
-        compiler_params=plgpu.CompilerParams(num_warps=4 if width_pad <= 4096 else 8, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=f"add_rms_norm_d{width}" if add else f"rms_norm_d{width}",
     )(*((x, h, scale) if add else (x, scale)))
@@ -85,10 +92,14 @@ def rms_norm(
     eps: float,
     h: Float[Array, "... D"] | None = None,
     *,
+    tiles: tuple[int, int] | None = None,
     interpret: bool | None = None,
 ) -> tuple[Float[Array, "... D"], Float[Array, "... D"]]:
     """(norm(x + h) * scale, x + h), or (norm(x) * scale, x) without h; x, h and scale of one
-    dtype. interpret: Pallas interpret mode (default: on CPU)."""
+    dtype. tiles: (rows a program, warps), powers of two (None: `default_tiles`). interpret:
+    Pallas interpret mode (default: on CPU)."""
+    if tiles is not None and not all(t >= 1 and t & (t - 1) == 0 for t in tiles):
+        raise ValueError(f"tiles {tiles} must be (rows, warps), each a power of two")
     if h is not None and (h.shape != x.shape or h.dtype != x.dtype):
         raise ValueError(f"h {h.shape} {h.dtype} must match x {x.shape} {x.dtype}")
     if scale.shape != x.shape[-1:]:
@@ -103,5 +114,6 @@ def rms_norm(
         scale.astype(x.dtype),
         eps=float(eps),
         interpret=common.resolve_interpret(interpret),
+        tiles=None if tiles is None else tuple(int(t) for t in tiles),
     )
     return out.reshape(*lead, width), total.reshape(*lead, width)

@@ -7,6 +7,8 @@ unused pages hold NaN: a kernel that reads a page it should not, or a token
 past a sequence's length, turns its output NaN.
 """
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -226,6 +228,54 @@ def test_rope_paged_decode_is_rope_write_then_decode(
     tol = 0 if dtype != jnp.float32 else 1e-6  # f32: XLA may contract RoPE's ops differently
     np.testing.assert_allclose(f32(out), f32(want), rtol=tol, atol=tol)  # NaN where NaN
     assert np.isfinite(f32(out)[:-1]).all() and np.isnan(f32(out)[-1]).all()
+
+
+@pytest.mark.parametrize("lengths,n,k,h,page,max_pages,dtype,config", ROPE_DECODE)
+def test_rope_paged_decode_with_the_new_token_last(
+    lengths, n, k, h, page, max_pages, dtype, config
+):
+    """`new_token_last`: the kv loop reads only the old tokens and the new one joins from
+    registers after it. The pools are rope_write's bit for bit; the output is the float32
+    reference's over the pools with every new row written (the row whose slot is -1 as well:
+    its new token comes from registers, not from the pool), no further from it than the two
+    kernels' output is."""
+    from jaxinfer.models.layers import rope_inv_freq
+    from pallas_kernels.rope_write import rope_write
+
+    config = dataclasses.replace(config or PagedConfig(), new_token_last=True)
+    rng = np.random.default_rng(sum(lengths) + h + 1)
+    kp, vp, table = make_cache(rng, lengths, k, h, page, max_pages, dtype)
+    tab = np.asarray(table)
+    new_slot = [
+        tab[b, (n_b - 1) // page] * page + (n_b - 1) % page for b, n_b in enumerate(lengths)
+    ]
+    rows = lambda pool: pool.reshape(k, -1, h)
+    kp, vp = (rows(p).at[:, np.array(new_slot)].set(np.nan).reshape(p.shape) for p in (kp, vp))
+    qkv = jnp.asarray(rng.standard_normal((len(lengths), k, n // k + 2, h)), dtype)
+    lens = jnp.asarray(lengths, jnp.int32)
+    positions = lens - 1 + 1000
+    slots = jnp.asarray(new_slot[:-1] + [-1], jnp.int32)
+    inv_freq = jnp.asarray(rope_inv_freq(h, 500000.0, None))
+    out, k_new, v_new = rope_paged_decode(
+        qkv, kp.copy(), vp.copy(), table, lens, positions, slots, inv_freq, config=config
+    )
+    q, k_want, v_want = rope_write(qkv, kp.copy(), vp.copy(), positions, slots, inv_freq)
+    f32 = lambda x: np.asarray(x, np.float32)
+    np.testing.assert_array_equal(f32(k_new), f32(k_want))  # NaN where NaN
+    np.testing.assert_array_equal(f32(v_new), f32(v_want))
+    _, k_all, v_all = rope_write(
+        qkv, kp.copy(), vp.copy(), positions, jnp.asarray(new_slot, jnp.int32), inv_freq
+    )
+    up = lambda x: jnp.asarray(x, jnp.float32)
+    clean_table = clean_tables(table, kp.shape[1])
+    ref = f32(
+        paged_attention_reference(up(q), clean(up(k_all)), clean(up(v_all)), clean_table, lens)
+    )
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out, ref, dtype)
+    two = f32(paged_attention(q, k_all, v_all, table, lens, config=config))
+    err = lambda x: np.abs(f32(x) - ref).max()
+    assert err(out) <= 2 * err(two) + 1e-6, (err(out), err(two))
 
 
 def test_rope_paged_decode_bad_inputs_name_what_is_wrong():

@@ -51,6 +51,21 @@ def test_matches_reference_bf16_exactly(shape, add):
     )
 
 
+@pytest.mark.parametrize("tiles", [(1, 1), (4, 2), (16, 8)])
+def test_any_tiles_give_the_default_tiles_outputs(tiles):
+    """Rows a program and warps (`tiles`, swept by scripts/bench_rms_norm.py), with a partial
+    last block of rows: the sums of the default tiles bit for bit, the outputs too but for a rare
+    last-bit flip (the warps change the float32 statistic's summation order on a GPU)."""
+    x, h, scale = _inputs((70, 100), jnp.bfloat16, seed=2)
+    f32 = lambda a: np.asarray(a, np.float32)
+    want_out, want_total = rms_norm(x, scale, 1e-5, h)
+    out, total = rms_norm(x, scale, 1e-5, h, tiles=tiles)
+    np.testing.assert_array_equal(f32(total), f32(want_total))
+    assert (f32(out) != f32(want_out)).mean() < 0.01
+    ref_out = rms_norm_reference(x, scale, 1e-5, h)[0]
+    np.testing.assert_allclose(f32(out), f32(ref_out), rtol=8e-3, atol=0)
+
+
 def test_matches_reference_f32():
     x, h, scale = _inputs((5, 4, 96), jnp.float32, seed=1)
     out, total = rms_norm(x, scale, 1e-6, h)
@@ -69,6 +84,8 @@ def test_bad_inputs_name_what_is_wrong():
         rms_norm(x, scale[:32], 1e-5)
     with pytest.raises(ValueError, match="dtype int32"):
         rms_norm(x.astype(jnp.int32), scale.astype(jnp.int32), 1e-5)
+    with pytest.raises(ValueError, match=r"tiles \(3, 4\) must be \(rows, warps\)"):
+        rms_norm(x, scale, 1e-5, tiles=(3, 4))
 
 
 def _tiny_config() -> ModelConfig:

@@ -117,7 +117,9 @@ def model_h32(tmp_path_factory):
     return dataclasses.replace(model, tokenizer=ModTokenizer())
 
 
-def staggered_with_kernels(model, decode_steps: int, on: str, fused: str = "0", impl: str = "xla"):
+def staggered_with_kernels(
+    model, decode_steps: int, on: str, fused: str = "0", impl: str = "xla", last: str = "0"
+):
     traced = []  # decode programs built on the fused kernel
     fused_kernel = paged_attention.rope_paged_decode
     llama._apply_block_jit.clear_cache()  # layers traced by the other cases are not retraced
@@ -125,17 +127,19 @@ def staggered_with_kernels(model, decode_steps: int, on: str, fused: str = "0", 
         mp.setattr(
             paged_attention,
             "rope_paged_decode",
-            lambda *args, **kw: traced.append(1) or fused_kernel(*args, **kw),
+            lambda *args, **kw: traced.append(kw.get("config")) or fused_kernel(*args, **kw),
         )
         mp.setenv("JAXINFER_NORM_KERNEL", on)
         mp.setenv("JAXINFER_ROPE_KERNEL", on)
         mp.setenv("JAXINFER_ROPE_DECODE", fused)
+        mp.setenv("JAXINFER_ROPE_DECODE_LAST", last)
         # every decode program, not only those of one row
         mp.setattr(attention, "FUSED_DECODE_MAX_ROWS", 1 << 30)
         outs, engine = staggered(model, decode_steps, attention_impl=impl)
     assert engine.runner.decoder.rope_kernel is (on == "1")
     assert engine.runner.decoder.rope_decode is (on == fused == "1")
     assert bool(traced) is (on == fused == "1" and impl == "pallas")  # it replaces Pallas's
+    assert all(bool(c and c.new_token_last) is (last == "1") for c in traced)
     return outs
 
 
@@ -202,4 +206,23 @@ def test_decode_steps_in_one_kernel_give_the_outputs_of_two(model_h32, decode_st
         a, b = two[rid][-1], one[rid][-1]
         assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
         assert a.logprobs == b.logprobs
+    assert any(two[rid][-1].logprobs for rid in two)  # logprobs were compared
+
+
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_decode_steps_with_the_new_token_last_give_the_outputs_of_two_kernels(
+    model_h32, decode_steps
+):
+    """$JAXINFER_ROPE_DECODE_LAST=1: every decode program's attention is the fused kernel with
+    the new token joining after the kv loop. The same tokens and texts as `rope_write` then the
+    decode kernel, logprobs within float32 rounding (its sums run in another order)."""
+    two = staggered_with_kernels(model_h32, decode_steps, "1", "0", impl="pallas")
+    last = staggered_with_kernels(model_h32, decode_steps, "1", "1", impl="pallas", last="1")
+    assert sorted(two) == sorted(last) == [str(i) for i in range(7)]
+    for rid in two:
+        a, b = two[rid][-1], last[rid][-1]
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        for x, y in zip(a.logprobs or [], b.logprobs or []):
+            assert x.keys() == y.keys()
+            np.testing.assert_allclose(list(x.values()), list(y.values()), rtol=1e-5, atol=1e-5)
     assert any(two[rid][-1].logprobs for rid in two)  # logprobs were compared

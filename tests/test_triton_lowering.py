@@ -115,6 +115,23 @@ def test_paged_attention_lowers(triton_modules):
     assert_all_verified(triton_modules, ("paged_decode", "ragged_paged"))
 
 
+@pytest.mark.parametrize("new_token_last", [False, True])
+def test_rope_paged_decode_lowers(triton_modules, new_token_last):
+    """RoPE, the K/V write and the decode in one kernel; with `new_token_last`, the new token
+    joining the softmax from registers after the loop."""
+    from pallas_kernels.paged_attention import PagedConfig, rope_paged_decode
+
+    pool = spec((8, 64, 16, 128))
+    config = PagedConfig(new_token_last=new_token_last)
+    fn = functools.partial(rope_paged_decode, config=config, interpret=False)
+    ints = spec((4,), jnp.int32)
+    table = spec((4, 16), jnp.int32)
+    lower_for_cuda(
+        fn, spec((4, 8, 6, 128)), pool, pool, table, ints, ints, ints, spec((64,), jnp.float32)
+    )
+    assert_all_verified(triton_modules, ("rope_paged_decode", "paged_decode_combine"))
+
+
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_rope_write_lowers(triton_modules, qk_norm):
     """RoPE + the K/V write, and with Qwen3's q/k norms in it (their reductions over a head)."""
