@@ -191,18 +191,12 @@ ROPE_DECODE = [
 ]
 
 
-@pytest.mark.parametrize("lengths,n,k,h,page,max_pages,dtype,config", ROPE_DECODE)
-def test_rope_paged_decode_is_rope_write_then_decode(
-    lengths, n, k, h, page, max_pages, dtype, config
-):
-    """One kernel against the two it stands for: rope_write, then the decode kernel over the
-    written pools (16-bit: bit for bit). The new token's slot holds NaN before the call, so
-    reading it before the write lands would show; the last row writes nowhere (and reads the
-    NaN, as the two kernels do)."""
+def _rope_decode_case(lengths, k, h, n, page, max_pages, dtype, seed):
+    """Pools whose new-token slots hold NaN, the step's qkv, lengths, positions (angles well
+    away from 0) and slots (the last row's -1: it writes nowhere), and every row's slot."""
     from jaxinfer.models.layers import rope_inv_freq
-    from pallas_kernels.rope_write import rope_write
 
-    rng = np.random.default_rng(sum(lengths) + h)
+    rng = np.random.default_rng(seed)
     kp, vp, table = make_cache(rng, lengths, k, h, page, max_pages, dtype)
     tab = np.asarray(table)
     new_slot = [
@@ -212,18 +206,45 @@ def test_rope_paged_decode_is_rope_write_then_decode(
     kp, vp = (rows(p).at[:, np.array(new_slot)].set(np.nan).reshape(p.shape) for p in (kp, vp))
     qkv = jnp.asarray(rng.standard_normal((len(lengths), k, n // k + 2, h)), dtype)
     lens = jnp.asarray(lengths, jnp.int32)
-    positions = lens - 1 + 1000  # angles well away from 0
-    slots = jnp.asarray(new_slot[:-1] + [-1], jnp.int32)
-    inv_freq = jnp.asarray(rope_inv_freq(h, 500000.0, None))
-    out, k_new, v_new = rope_paged_decode(
-        qkv, kp.copy(), vp.copy(), table, lens, positions, slots, inv_freq, config=config
+    step = dict(
+        qkv=qkv,
+        block_tables=table,
+        lengths=lens,
+        positions=lens - 1 + 1000,
+        slots=jnp.asarray(new_slot[:-1] + [-1], jnp.int32),
+        inv_freq=jnp.asarray(rope_inv_freq(h, 500000.0, None)),
     )
-    q, k_want, v_want = rope_write(qkv, kp.copy(), vp.copy(), positions, slots, inv_freq)
-    want = paged_attention(q, k_want, v_want, table, lens, config=config)
+    return kp, vp, step, new_slot
+
+
+def _rope_write(kp, vp, step, slots=None):
+    from pallas_kernels.rope_write import rope_write
+
+    slots = step["slots"] if slots is None else slots
+    return rope_write(step["qkv"], kp.copy(), vp.copy(), step["positions"], slots, step["inv_freq"])
+
+
+@pytest.mark.parametrize("lengths,n,k,h,page,max_pages,dtype,config", ROPE_DECODE)
+def test_rope_paged_decode_is_rope_write_then_decode(
+    lengths, n, k, h, page, max_pages, dtype, config
+):
+    """One kernel against the two it stands for: rope_write, then the decode kernel over the
+    written pools (16-bit: bit for bit). The new token's slot holds NaN before the call, so
+    reading it before the write lands would show; the last row writes nowhere (and reads the
+    NaN, as the two kernels do)."""
+    kp, vp, step, new_slot = _rope_decode_case(
+        lengths, k, h, n, page, max_pages, dtype, sum(lengths) + h
+    )
+    out, k_new, v_new = rope_paged_decode(
+        k_pages=kp.copy(), v_pages=vp.copy(), config=config, **step
+    )
+    q, k_want, v_want = _rope_write(kp, vp, step)
+    want = paged_attention(q, k_want, v_want, step["block_tables"], step["lengths"], config=config)
     f32 = lambda x: np.asarray(x, np.float32)
     np.testing.assert_array_equal(f32(k_new), f32(k_want))  # NaN where NaN
     np.testing.assert_array_equal(f32(v_new), f32(v_want))
-    assert not np.isnan(f32(rows(k_new))[:, np.array(new_slot[:-1])]).any()
+    rows = f32(k_new).reshape(k, -1, h)
+    assert not np.isnan(rows[:, np.array(new_slot[:-1])]).any()
     assert out.shape == q.shape and out.dtype == dtype
     tol = 0 if dtype != jnp.float32 else 1e-6  # f32: XLA may contract RoPE's ops differently
     np.testing.assert_allclose(f32(out), f32(want), rtol=tol, atol=tol)  # NaN where NaN
@@ -239,34 +260,20 @@ def test_rope_paged_decode_with_the_new_token_last(
     reference's over the pools with every new row written (the row whose slot is -1 as well:
     its new token comes from registers, not from the pool), no further from it than the two
     kernels' output is."""
-    from jaxinfer.models.layers import rope_inv_freq
-    from pallas_kernels.rope_write import rope_write
-
     config = dataclasses.replace(config or PagedConfig(), new_token_last=True)
-    rng = np.random.default_rng(sum(lengths) + h + 1)
-    kp, vp, table = make_cache(rng, lengths, k, h, page, max_pages, dtype)
-    tab = np.asarray(table)
-    new_slot = [
-        tab[b, (n_b - 1) // page] * page + (n_b - 1) % page for b, n_b in enumerate(lengths)
-    ]
-    rows = lambda pool: pool.reshape(k, -1, h)
-    kp, vp = (rows(p).at[:, np.array(new_slot)].set(np.nan).reshape(p.shape) for p in (kp, vp))
-    qkv = jnp.asarray(rng.standard_normal((len(lengths), k, n // k + 2, h)), dtype)
-    lens = jnp.asarray(lengths, jnp.int32)
-    positions = lens - 1 + 1000
-    slots = jnp.asarray(new_slot[:-1] + [-1], jnp.int32)
-    inv_freq = jnp.asarray(rope_inv_freq(h, 500000.0, None))
-    out, k_new, v_new = rope_paged_decode(
-        qkv, kp.copy(), vp.copy(), table, lens, positions, slots, inv_freq, config=config
+    kp, vp, step, new_slot = _rope_decode_case(
+        lengths, k, h, n, page, max_pages, dtype, sum(lengths) + h + 1
     )
-    q, k_want, v_want = rope_write(qkv, kp.copy(), vp.copy(), positions, slots, inv_freq)
+    out, k_new, v_new = rope_paged_decode(
+        k_pages=kp.copy(), v_pages=vp.copy(), config=config, **step
+    )
+    q, k_want, v_want = _rope_write(kp, vp, step)
     f32 = lambda x: np.asarray(x, np.float32)
     np.testing.assert_array_equal(f32(k_new), f32(k_want))  # NaN where NaN
     np.testing.assert_array_equal(f32(v_new), f32(v_want))
-    _, k_all, v_all = rope_write(
-        qkv, kp.copy(), vp.copy(), positions, jnp.asarray(new_slot, jnp.int32), inv_freq
-    )
+    _, k_all, v_all = _rope_write(kp, vp, step, jnp.asarray(new_slot, jnp.int32))
     up = lambda x: jnp.asarray(x, jnp.float32)
+    table, lens = step["block_tables"], step["lengths"]
     clean_table = clean_tables(table, kp.shape[1])
     ref = f32(
         paged_attention_reference(up(q), clean(up(k_all)), clean(up(v_all)), clean_table, lens)
