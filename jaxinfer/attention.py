@@ -224,14 +224,12 @@ def rope_paged_attention(
     applies RoPE to q and k and writes K/V (`pallas_kernels.rope_write`; with `qk_norm`, (q
     scale, k scale, eps), Qwen3's per-head norms first), then each token attends to its
     sequence's pages. `fused` with the Pallas decode kernel: all of it in that one kernel
-    (`paged_attention.rope_paged_decode`, the same numbers, or within rounding with
-    $JAXINFER_ROPE_DECODE_LAST; it has no q/k norm, so not with
-    `qk_norm`). One device (no mesh). Returns ([T, N, H], (k_pages, v_pages))."""
+    (`paged_attention.rope_paged_decode`, the q/k norms too; the same numbers, or within
+    rounding with $JAXINFER_ROPE_DECODE_LAST or the norms). One device (no mesh). Returns
+    ([T, N, H], (k_pages, v_pages))."""
     from pallas_kernels.paged_attention import rope_paged_decode
     from pallas_kernels.rope_write import rope_write
 
-    if fused and qk_norm is not None:
-        raise ValueError("the fused RoPE + decode kernel has no q/k norm: fused=False with qk_norm")
     max_rows, config = _fused_decode_form()
     if fused and impl == "pallas" and meta.decode and qkv.shape[0] <= max_rows:
         # padding rows: length 1, slot -1, dropped
@@ -245,6 +243,7 @@ def rope_paged_attention(
             positions,
             meta.slot_mapping,
             inv_freq,
+            qk_norm,
             config=config,
         )
         return out, (k_pages, v_pages)

@@ -70,8 +70,8 @@ def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dic
     (`norm_kernel`) and, in paged steps, RoPE + the K/V write (`rope_kernel`, for a head dim it
     takes; with Qwen3's q/k norms in it, on request), both Pallas kernels with the Pallas
     attention on one GPU (over a mesh the jnp forms, which XLA splits like the rest of the
-    program); in decode steps, with `rope_kernel` and no q/k norms, the attention in that same
-    kernel (`rope_decode`, `paged_attention.rope_paged_decode`); and one token's projections as XLA
+    program); in decode steps, with `rope_kernel` (and so with Qwen3's norms on request too), the
+    attention in that same kernel (`rope_decode`, `paged_attention.rope_paged_decode`); and one token's projections as XLA
     row reductions (`row_gemv`, `layers.dense`), on any GPU; with the Pallas attention on one
     Hopper GPU in bf16, steps of 65-128 tokens run gate/up and SiLU x up as one Mosaic GPU
     kernel (`swiglu_kernel`, `layers.MLP`); MoE experts run the block-aligned Mosaic GPU
@@ -94,10 +94,8 @@ def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dic
         norm_kernel=choice("JAXINFER_NORM_KERNEL", pallas_alone),
         rope_kernel=rope_kernel,
         row_gemv=choice("JAXINFER_ROW_GEMV", gpu),
-        # the fused decode kernel has no q/k norm (Qwen3's run in `rope_write`)
-        rope_decode=rope_kernel
-        and not cfg.qk_norm
-        and choice("JAXINFER_ROPE_DECODE", pallas_alone),
+        # follows rope_kernel: with Qwen3's q/k norms, on request as that kernel is
+        rope_decode=rope_kernel and choice("JAXINFER_ROPE_DECODE", pallas_alone),
         swiglu_kernel=bf16 and choice("JAXINFER_SWIGLU_KERNEL", pallas_alone and on_hopper()),
         # Opt-in: on an H200 it ran a Mixtral layer at 0.82-1.04x the grouped matmul's speed
         # (bench/README, "Block-aligned expert kernels").

@@ -240,11 +240,26 @@ class _NewToken:
     dtype; the partner column is loaded through a permuted index instead of a split.
     """
 
-    def __init__(self, qkv_ref, pos, freq_ref, group: int):
+    def __init__(self, qkv_ref, pos, freq_ref, group: int, qk_norm=None):
         self.ref, self.pos, self.freq_ref, self.group = qkv_ref, pos, freq_ref, group
+        self.qk_norm = qk_norm  # None, or (q_scale_ref [H], k_scale_ref [H], eps)
 
-    def _rope(self, load):
-        """load(columns) -> rows [.., H] at those columns; returns them rotated, in the dtype."""
+    def _norm(self, x, x_partner, scale_ref, cols, partner):
+        """Rows [.., H] (and the same rows at the partner columns) RMS-normalised over H and
+        scaled, as `rope_write`'s q/k norm rounds them (its sum of squares half by half)."""
+        f32, half = jnp.float32, self.ref.shape[1] // 2
+        r = lambda a: a.astype(self.ref.dtype).astype(f32)
+        lo, sq = cols < half, x * x
+        total = jnp.sum(jnp.where(lo, sq, 0.0), axis=-1, keepdims=True) + jnp.sum(
+            jnp.where(lo, 0.0, sq), axis=-1, keepdims=True
+        )
+        inv = lax.rsqrt(total / (2 * half) + self.qk_norm[2])
+        scale, scale_partner = scale_ref[cols].astype(f32), scale_ref[partner].astype(f32)
+        return r(scale * r(x * inv)), r(scale_partner * r(x_partner * inv))
+
+    def _rope(self, load, scale_ref=None):
+        """load(columns) -> rows [.., H] at those columns; returns them rotated (normalised
+        first with `scale_ref`), in the dtype."""
         head_dim = self.ref.shape[1]
         half = head_dim // 2
         dtype, f32 = self.ref.dtype, jnp.float32
@@ -256,6 +271,8 @@ class _NewToken:
         sin = jnp.sin(angle).astype(dtype).astype(f32)
         r = lambda a: a.astype(dtype).astype(f32)
         x, x_partner = load(cols).astype(f32), load(partner).astype(f32)
+        if scale_ref is not None:
+            x, x_partner = self._norm(x, x_partner, scale_ref, cols, partner)
         # -(x' sin) is exact, so the sum rounds as rope_write's difference does
         return r(r(x * cos) + r(sign * x_partner * sin)).astype(dtype)
 
@@ -263,11 +280,15 @@ class _NewToken:
         """RoPE'd q [Gp, H], rows past G zero."""
         g = jnp.arange(group_pad, dtype=jnp.int32)[:, None]
         ok = g < self.group
-        return self._rope(lambda c: plgpu.load(self.ref.at[g, c[None, :]], mask=ok, other=0.0))
+        scale_ref = self.qk_norm[0] if self.qk_norm else None
+        load = lambda c: plgpu.load(self.ref.at[g, c[None, :]], mask=ok, other=0.0)
+        return self._rope(load, scale_ref)
 
     def kv(self):
         """Its RoPE'd k and its v, [H] each, in the dtype."""
-        return self._rope(lambda c: self.ref[self.group, c]), self.ref[self.group + 1, :]
+        scale_ref = self.qk_norm[1] if self.qk_norm else None
+        k = self._rope(lambda c: self.ref[self.group, c], scale_ref)
+        return k, self.ref[self.group + 1, :]
 
     def write(self, k_out, v_out, slot, owner, kv=None):
         """Its RoPE'd k and its v (`kv`, or from `kv()`) into their slot of the pools [P*L, H]
@@ -311,13 +332,15 @@ def _decode_kernel(
     finalize,
     dot_precision,
     fresh,
+    qk_eps,
     prefetch_pages,
     new_token_last,
     interpret,
 ):
     # q_ref [Gp, Hp], or with `fresh` the new token's q/k/v rows [Rp, H] before RoPE;
     # k_ref/v_ref [P*L, Hp]; bt_ref [max_pages]; len_ref [B] (the new token counted)
-    # fresh: refs = (pos_ref [B], slot_ref [B], freq_ref [H], *outputs, k_out, v_out)
+    # fresh: refs = (pos_ref [B], slot_ref [B], freq_ref [H], *outputs, k_out, v_out), with
+    # q_scale_ref, k_scale_ref [H] after freq_ref when qk_eps is set (Qwen3's q/k norms)
     group_pad = max(16, pl.next_power_of_2(group))
     head_pad = k_ref.shape[-1]
     b = pl.program_id(1)
@@ -337,7 +360,11 @@ def _decode_kernel(
     )
     if fresh:
         pos_ref, slot_ref, freq_ref, *out_refs, k_out, v_out = refs
-        new_token = _NewToken(q_ref, pos_ref[b], freq_ref, group)
+        qk_norm = None
+        if qk_eps is not None:
+            q_scale_ref, k_scale_ref, *out_refs = out_refs
+            qk_norm = (q_scale_ref, k_scale_ref, qk_eps)
+        new_token = _NewToken(q_ref, pos_ref[b], freq_ref, group, qk_norm)
         q = new_token.q(group_pad)
         owner = lax.div(length - 1, per_split) == split  # the split holding the new token
     if fresh and not new_token_last:
@@ -402,12 +429,14 @@ def _decode_call(
     interpret,
     num_sms,
     fresh=None,
+    qk_eps=None,
 ):
     """q [B, K, G, H]; k_rows/v_rows [K, P*L, H] -> [B, K, G, H].
 
     fresh = (positions [B], slots [B], freq [H]): q is instead the q/k/v matmul's output
     [B, K, G + 2, H] before RoPE, its token the last of each sequence's `lengths`; RoPE and
-    the K/V write happen in the kernel, which returns ([B, K, G, H], k_rows, v_rows)."""
+    the K/V write happen in the kernel, which returns ([B, K, G, H], k_rows, v_rows). With
+    qk_eps, fresh also holds (q_scale [H], k_scale [H]): the q/k norms before RoPE."""
     batch, num_kv_heads, group, head_dim = q.shape
     if fresh is not None:
         group -= 2
@@ -432,6 +461,7 @@ def _decode_call(
         finalize=finalize,
         dot_precision=dot_precision,
         fresh=fresh is not None,
+        qk_eps=qk_eps,
         prefetch_pages=config.prefetch_pages,
         new_token_last=config.new_token_last,
         interpret=interpret,
@@ -448,7 +478,7 @@ def _decode_call(
         whole(batch),
     ]
     if fresh is not None:
-        in_specs += [whole(batch), whole(batch), whole(head_dim)]
+        in_specs += [whole(batch), whole(batch)] + [whole(head_dim)] * (len(fresh) - 2)
     out_4d = (batch, num_kv_heads, group, head_dim)
     if finalize:
         out_shape = [jax.ShapeDtypeStruct(out_4d, q.dtype)]
@@ -470,7 +500,8 @@ def _decode_call(
         aliases = {1: len(out_shape), 2: len(out_shape) + 1}
         out_shape += [jax.ShapeDtypeStruct(k_rows.shape, k_rows.dtype)] * 2
         out_specs += [pool_spec, pool_spec]
-    name = "rope_paged_decode" if fresh is not None else "paged_decode"
+    name = "paged_decode" if fresh is None else "rope_paged_decode"
+    name += "_qk_norm" if qk_eps is not None else ""
     outs = pl.pallas_call(
         kernel,
         grid=(num_kv_heads, batch, splits),
@@ -1024,6 +1055,7 @@ def rope_paged_decode(
     positions,
     slots,
     inv_freq,
+    qk_norm=None,
     *,
     sm_scale: float | None = None,
     config: PagedConfig | None = None,
@@ -1031,7 +1063,8 @@ def rope_paged_decode(
 ):
     """`paged_attention` from the q/k/v matmul's output as it is, RoPE and the K/V write in the
     same kernel: what `rope_write` then `paged_attention` compute, bit for bit, in one launch
-    (with `config.new_token_last`, the pools bit for bit and the output within rounding).
+    (with `config.new_token_last`, the pools bit for bit and the output within rounding; with
+    `qk_norm`, within the rounding of the norm's float32 sum).
 
     Args:
       qkv: [B, K, G + 2, H] per kv head its G query heads, its k and its v, before RoPE: the
@@ -1042,12 +1075,14 @@ def rope_paged_decode(
       positions: int32 [B] the new tokens' positions (RoPE angles).
       slots: int32 [B] where the new K/V go (page * L + offset; negative: nowhere).
       inv_freq: [H / 2] RoPE inverse frequencies (float32).
+      qk_norm: (q_scale [H], k_scale [H], eps): Qwen3's per-head RMS norms of q and k before
+        RoPE, as `rope_write` takes them.
       sm_scale, config, interpret: as `paged_attention`.
 
     Returns:
       ([B, K * G, H] attention output, k_pages, v_pages).
     """
-    from pallas_kernels.rope_write import supported
+    from pallas_kernels.rope_write import check_qk_norm, supported
 
     if qkv.ndim != 4 or qkv.shape[2] < 3:
         raise ValueError(f"qkv must be [B, K, G + 2, H] with G >= 1, got {qkv.shape}")
@@ -1061,6 +1096,7 @@ def rope_paged_decode(
         _check_vector(x, batch, name)
     if inv_freq.shape != (head_dim // 2,):
         raise ValueError(f"inv_freq must be [{head_dim // 2}], got {inv_freq.shape}")
+    scales, qk_eps = check_qk_norm(qk_norm, head_dim)
     sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
     return _rope_paged_decode(
         qkv,
@@ -1071,20 +1107,22 @@ def rope_paged_decode(
         positions,
         slots,
         jnp.asarray(inv_freq, jnp.float32),
+        scales,
         sm_scale=sm_scale,
         config=config or PagedConfig(),
         interpret=common.resolve_interpret(interpret),
         num_sms=common.num_sms(),
+        qk_eps=qk_eps,
     )
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("sm_scale", "config", "interpret", "num_sms"),
+    static_argnames=("sm_scale", "config", "interpret", "num_sms", "qk_eps"),
     donate_argnums=(1, 2),
 )
 def _rope_paged_decode(
-    qkv, k_pages, v_pages, block_tables, lengths, positions, slots, inv_freq, **static
+    qkv, k_pages, v_pages, block_tables, lengths, positions, slots, inv_freq, scales, **static
 ):
     batch, num_kv_heads, rows, head_dim = qkv.shape
     freq = jnp.tile(inv_freq, 2)  # [H]: each column's angle, both halves of RoPE's pairs
@@ -1095,7 +1133,7 @@ def _rope_paged_decode(
         block_tables,
         lengths,
         page_size=k_pages.shape[2],
-        fresh=(positions, slots, freq),
+        fresh=(positions, slots, freq, *scales),
         **static,
     )
     out = out.reshape(batch, num_kv_heads * (rows - 2), head_dim)

@@ -161,6 +161,18 @@ def _rope_write_call(qkv, k_pages, v_pages, positions, slots, inv_freq, scales, 
     return q_out, k_rows.reshape(k_pages.shape), v_rows.reshape(v_pages.shape)
 
 
+def check_qk_norm(qk_norm, head_dim: int) -> tuple[tuple, float | None]:
+    """((q_scale, k_scale), eps) from `qk_norm`, each scale checked to be [head_dim]; ((),
+    None) without it."""
+    if qk_norm is None:
+        return (), None
+    *scales, eps = qk_norm
+    for name, x in zip(("q_scale", "k_scale"), scales):
+        if x.shape != (head_dim,):
+            raise ValueError(f"qk_norm's {name} must be [{head_dim}], got {x.shape}")
+    return tuple(scales), float(eps)
+
+
 def supported(head_dim: int, dtype) -> bool:
     """Shapes the kernel takes: half the head dim a power of two >= 16; a supported dtype."""
     half = head_dim // 2
@@ -201,13 +213,7 @@ def rope_write(
             raise ValueError(f"{name} must be int32 [{tokens}], got {x.dtype}{x.shape}")
     if inv_freq.shape != (head_dim // 2,):
         raise ValueError(f"inv_freq must be [{head_dim // 2}], got {inv_freq.shape}")
-    scales, eps = (), None
-    if qk_norm is not None:
-        *scales, eps = qk_norm
-        for name, x in zip(("q_scale", "k_scale"), scales):
-            if x.shape != (head_dim,):
-                raise ValueError(f"qk_norm's {name} must be [{head_dim}], got {x.shape}")
-        scales, eps = tuple(scales), float(eps)
+    scales, eps = check_qk_norm(qk_norm, head_dim)
     q, k_pages, v_pages = _rope_write_call(
         qkv,
         k_pages,

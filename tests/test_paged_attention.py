@@ -285,6 +285,41 @@ def test_rope_paged_decode_with_the_new_token_last(
     assert err(out) <= 2 * err(two) + 1e-6, (err(out), err(two))
 
 
+@pytest.mark.parametrize("new_token_last", [False, True])
+@pytest.mark.parametrize("case", [0, 1, 3])
+def test_rope_paged_decode_with_qk_norm_is_rope_write_then_decode(case, new_token_last):
+    """Qwen3's q/k norms in the fused kernel: the pools of `rope_write` with the same norms and
+    its output within rounding of the two kernels' (the norm's float32 sum may add in another
+    order); the norm really applies (scales far from 1 move the output)."""
+    lengths, n, k, h, page, max_pages, dtype, config = ROPE_DECODE[case]
+    config = dataclasses.replace(config or PagedConfig(), new_token_last=new_token_last)
+    kp, vp, step, new_slot = _rope_decode_case(lengths, k, h, n, page, max_pages, dtype, 7 + case)
+    rng = np.random.default_rng(case)
+    scales = [jnp.asarray(1 + 0.5 * rng.standard_normal(h), dtype) for _ in range(2)]
+    qk_norm = (*scales, 1e-6)
+    out, k_new, v_new = rope_paged_decode(
+        k_pages=kp.copy(), v_pages=vp.copy(), config=config, qk_norm=qk_norm, **step
+    )
+    from pallas_kernels.rope_write import rope_write
+
+    all_slots = jnp.asarray(new_slot, jnp.int32)
+    written = lambda slots: rope_write(
+        step["qkv"], kp.copy(), vp.copy(), step["positions"], slots, step["inv_freq"], qk_norm
+    )
+    q, k_want, v_want = written(step["slots"])
+    _, k_all, v_all = written(all_slots)
+    f32 = lambda x: np.asarray(x, np.float32)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype != jnp.float32 else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f32(k_new), f32(k_want), **tol)  # NaN where NaN
+    np.testing.assert_array_equal(f32(v_new), f32(v_want))
+    table, lens = step["block_tables"], step["lengths"]
+    want = paged_attention(q, k_all, v_all, table, lens)
+    rows = slice(None) if new_token_last else slice(0, -1)  # the last row reads NaN otherwise
+    np.testing.assert_allclose(f32(out)[rows], f32(want)[rows], **tol)
+    plain = rope_paged_decode(k_pages=kp.copy(), v_pages=vp.copy(), config=config, **step)[0]
+    assert np.abs(f32(plain)[rows] - f32(out)[rows]).max() > 0.1
+
+
 def test_rope_paged_decode_bad_inputs_name_what_is_wrong():
     q, kp, vp, table, lens = _decode_args()  # K 2, H 64
     ints = jnp.zeros((2,), jnp.int32)
@@ -304,6 +339,7 @@ def test_rope_paged_decode_bad_inputs_name_what_is_wrong():
         ("positions", ints.astype(jnp.float32), "positions must be int32"),
         ("slots", jnp.zeros((3,), jnp.int32), r"slots must be int32 \[2\]"),
         ("inv_freq", jnp.ones((16,)), r"inv_freq must be \[32\]"),
+        ("qk_norm", (jnp.ones(64), jnp.ones(32), 1e-6), r"qk_norm's k_scale must be \[64\]"),
     ]
     for name, value, message in bad:
         with pytest.raises(ValueError, match=message):

@@ -150,8 +150,8 @@ def test_the_kernels_are_chosen_for_pallas_on_one_gpu_only(monkeypatch):
 
 def test_qwen3_norms_join_the_rope_kernel_on_request_only(monkeypatch):
     """A q/k-norm model keeps the jnp RoPE path by default even where Pallas runs alone on a GPU
-    (the kernel's form with the norms has not run on one yet), takes the kernel when asked, and
-    never the fused decode kernel, which has no norm."""
+    (the kernels' forms with the norms have not run on one yet) and takes the RoPE + K/V write
+    kernel when asked, and with it the fused decode kernel (unless that is turned off)."""
     qwen = dataclasses.replace(_tiny_config(), qk_norm=True)
     for name in ("ROPE_KERNEL", "ROPE_DECODE"):
         monkeypatch.delenv(f"JAXINFER_{name}", raising=False)
@@ -160,5 +160,6 @@ def test_qwen3_norms_join_the_rope_kernel_on_request_only(monkeypatch):
     assert chosen(_tiny_config())["rope_kernel"] and chosen(_tiny_config())["rope_decode"]
     assert not chosen(qwen)["rope_kernel"] and not chosen(qwen)["rope_decode"]
     monkeypatch.setenv("JAXINFER_ROPE_KERNEL", "1")
-    monkeypatch.setenv("JAXINFER_ROPE_DECODE", "1")
+    assert chosen(qwen)["rope_kernel"] and chosen(qwen)["rope_decode"]
+    monkeypatch.setenv("JAXINFER_ROPE_DECODE", "0")
     assert chosen(qwen)["rope_kernel"] and not chosen(qwen)["rope_decode"]

@@ -150,46 +150,61 @@ def jnp_outputs(model_h32):
     return staggered_with_kernels(model_h32, 1, "0")
 
 
+def assert_same_outputs(want: dict, got: dict, tol: float | None):
+    """The same 7 requests, tokens, texts and finish reasons; logprobs equal (tol None) or within
+    tol, and some were compared."""
+    assert sorted(want) == sorted(got) == [str(i) for i in range(7)]
+    for rid in want:
+        a, b = want[rid][-1], got[rid][-1]
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        if tol is None:
+            assert a.logprobs == b.logprobs
+            continue
+        assert len(a.logprobs or []) == len(b.logprobs or [])
+        for x, y in zip(a.logprobs or [], b.logprobs or []):
+            assert x.keys() == y.keys()
+            np.testing.assert_allclose(list(x.values()), list(y.values()), rtol=tol, atol=tol)
+    assert any(want[rid][-1].logprobs for rid in want)
+
+
 @pytest.mark.parametrize("decode_steps", [1, 4])
 def test_engine_with_the_fused_kernels_gives_the_same_outputs(model_h32, jnp_outputs, decode_steps):
     """Greedy and seeded samples, stop strings, penalties and logprobs: the same with the add +
     RMSNorm and RoPE + K/V write kernels (interpret mode), in single steps and in multi-step
     decode programs, as with the jnp forms."""
-    outs = {"0": jnp_outputs, "1": staggered_with_kernels(model_h32, decode_steps, "1")}
-    assert outs["0"].keys() == outs["1"].keys() and len(outs["0"]) == 7
-    for rid in outs["0"]:
-        a, b = outs["0"][rid][-1], outs["1"][rid][-1]
-        assert (
-            a.token_ids == b.token_ids and a.text == b.text and a.finish_reason == b.finish_reason
-        )
-        if a.logprobs:
-            for x, y in zip(a.logprobs, b.logprobs):
-                assert x.keys() == y.keys()
-                np.testing.assert_allclose(list(x.values()), list(y.values()), rtol=1e-4, atol=1e-4)
+    assert_same_outputs(jnp_outputs, staggered_with_kernels(model_h32, decode_steps, "1"), 1e-4)
+
+
+@pytest.fixture(scope="module")
+def qwen3_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rope-write-qwen3")
+    build_hf_model("qwen3", path)
+    model = jaxinfer.load_model(path, dtype="float32")
+    assert model.config.qk_norm
+    return dataclasses.replace(model, tokenizer=ModTokenizer())
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])
 def test_qwen3_engine_with_the_qk_norm_in_the_kernel_gives_the_same_outputs(
-    tmp_path_factory, decode_steps
+    qwen3_model, decode_steps
 ):
     """A Qwen3 (q/k norms before RoPE, scales perturbed from 1): the engine with its norms
     inside the RoPE + K/V write kernel (interpret mode) gives the tokens, texts and logprobs of
     the jnp forms, in single steps and in multi-step decode programs."""
-    path = tmp_path_factory.mktemp("rope-write-qwen3")
-    build_hf_model("qwen3", path)
-    model = dataclasses.replace(
-        jaxinfer.load_model(path, dtype="float32"), tokenizer=ModTokenizer()
-    )
-    assert model.config.qk_norm
-    outs = {on: staggered_with_kernels(model, decode_steps, on) for on in ("0", "1")}
-    assert sorted(outs["0"]) == sorted(outs["1"]) == [str(i) for i in range(7)]
-    for rid in outs["0"]:
-        a, b = outs["0"][rid][-1], outs["1"][rid][-1]
-        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
-        for x, y in zip(a.logprobs or [], b.logprobs or []):
-            assert x.keys() == y.keys()
-            np.testing.assert_allclose(list(x.values()), list(y.values()), rtol=1e-4, atol=1e-4)
-    assert any(outs["0"][rid][-1].logprobs for rid in outs["0"])  # logprobs were compared
+    outs = {on: staggered_with_kernels(qwen3_model, decode_steps, on) for on in ("0", "1")}
+    assert_same_outputs(outs["0"], outs["1"], 1e-4)
+
+
+@pytest.mark.parametrize("last", ["0", "1"])
+def test_qwen3_decode_steps_with_the_qk_norm_in_one_kernel_give_the_outputs_of_two(
+    qwen3_model, last
+):
+    """With the Pallas attention, a Qwen3's decode steps (4 a program) with its q/k norms,
+    RoPE, the K/V write and the attention in one kernel (the new token in the loop or after it)
+    give what `rope_write` with the norms then the decode kernel give."""
+    two = staggered_with_kernels(qwen3_model, 4, "1", "0", impl="pallas")
+    one = staggered_with_kernels(qwen3_model, 4, "1", "1", impl="pallas", last=last)
+    assert_same_outputs(two, one, 1e-5)
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])
@@ -201,12 +216,7 @@ def test_decode_steps_in_one_kernel_give_the_outputs_of_two(model_h32, decode_st
         staggered_with_kernels(model_h32, decode_steps, "1", fused, impl="pallas")
         for fused in ("0", "1")
     )
-    assert sorted(two) == sorted(one) == [str(i) for i in range(7)]
-    for rid in two:
-        a, b = two[rid][-1], one[rid][-1]
-        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
-        assert a.logprobs == b.logprobs
-    assert any(two[rid][-1].logprobs for rid in two)  # logprobs were compared
+    assert_same_outputs(two, one, None)
 
 
 @pytest.mark.parametrize("decode_steps", [1, 4])
@@ -218,11 +228,4 @@ def test_decode_steps_with_the_new_token_last_give_the_outputs_of_two_kernels(
     decode kernel, logprobs within float32 rounding (its sums run in another order)."""
     two = staggered_with_kernels(model_h32, decode_steps, "1", "0", impl="pallas")
     last = staggered_with_kernels(model_h32, decode_steps, "1", "1", impl="pallas", last="1")
-    assert sorted(two) == sorted(last) == [str(i) for i in range(7)]
-    for rid in two:
-        a, b = two[rid][-1], last[rid][-1]
-        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
-        for x, y in zip(a.logprobs or [], b.logprobs or []):
-            assert x.keys() == y.keys()
-            np.testing.assert_allclose(list(x.values()), list(y.values()), rtol=1e-5, atol=1e-5)
-    assert any(two[rid][-1].logprobs for rid in two)  # logprobs were compared
+    assert_same_outputs(two, last, 1e-5)

@@ -115,21 +115,38 @@ def test_paged_attention_lowers(triton_modules):
     assert_all_verified(triton_modules, ("paged_decode", "ragged_paged"))
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("new_token_last", [False, True])
-def test_rope_paged_decode_lowers(triton_modules, new_token_last):
+def test_rope_paged_decode_lowers(triton_modules, new_token_last, qk_norm):
     """RoPE, the K/V write and the decode in one kernel; with `new_token_last`, the new token
-    joining the softmax from registers after the loop."""
+    joining the softmax from registers after the loop; with Qwen3's q/k norms."""
     from pallas_kernels.paged_attention import PagedConfig, rope_paged_decode
 
     pool = spec((8, 64, 16, 128))
     config = PagedConfig(new_token_last=new_token_last)
-    fn = functools.partial(rope_paged_decode, config=config, interpret=False)
+    norms = (spec((128,)), spec((128,))) if qk_norm else ()
+
+    def fn(qkv, k_pages, v_pages, table, lengths, positions, slots, inv_freq, *scales):
+        qk = (*scales, 1e-6) if scales else None
+        args = (qkv, k_pages, v_pages, table, lengths, positions, slots, inv_freq, qk)
+        return rope_paged_decode(*args, config=config, interpret=False)
+
     ints = spec((4,), jnp.int32)
     table = spec((4, 16), jnp.int32)
     lower_for_cuda(
-        fn, spec((4, 8, 6, 128)), pool, pool, table, ints, ints, ints, spec((64,), jnp.float32)
+        fn,
+        spec((4, 8, 6, 128)),
+        pool,
+        pool,
+        table,
+        ints,
+        ints,
+        ints,
+        spec((64,), jnp.float32),
+        *norms,
     )
     assert_all_verified(triton_modules, ("rope_paged_decode", "paged_decode_combine"))
+    assert triton_modules[0][0].startswith("rope_paged_decode_qk_norm") is qk_norm, triton_modules
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
