@@ -12,9 +12,6 @@ Over a mesh (`mesh` given), each entry point runs on every device's share of the
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -23,9 +20,6 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxinfer.sharding import MODEL
-
-if TYPE_CHECKING:
-    from pallas_kernels.paged_attention import PagedConfig
 
 IMPLS = ("xla", "reference", "cudnn", "pallas")
 PAGE = 64  # page size under which the paged decode kernel reads a contiguous cache
@@ -192,20 +186,9 @@ def paged_attention(
 
 # Decode programs of at most this many rows take the fused kernel. On an H200 (Llama-3-8B,
 # bench/README.md) it was 1.2-1.5% faster at one row (engine TPOT, three calls) and 12% slower
-# per layer at 100 rows of 1,500 tokens; between, kernel timings went either way.
+# per layer at 100 rows of 1,500 tokens; between, kernel timings went either way. With the new
+# token joined after the kv loop (`new_token_last`), every decode program takes it.
 FUSED_DECODE_MAX_ROWS = 1
-
-
-def _fused_decode_form() -> tuple[int, PagedConfig | None]:
-    """(most rows, PagedConfig or None) of the decode programs that take the fused kernel.
-    $JAXINFER_ROPE_DECODE_LAST=1: every decode program, with the new token joining the softmax
-    after the kv loop (`PagedConfig.new_token_last`), to be measured against the default: the
-    slowdown at 100 rows came with the new row read back in the loop (bench/README.md)."""
-    from pallas_kernels.paged_attention import PagedConfig
-
-    if os.environ.get("JAXINFER_ROPE_DECODE_LAST") == "1":
-        return 1 << 30, PagedConfig(new_token_last=True)
-    return FUSED_DECODE_MAX_ROWS, None
 
 
 def rope_paged_attention(
@@ -219,18 +202,19 @@ def rope_paged_attention(
     *,
     impl: str,
     fused: bool = False,
+    new_token_last: bool = False,
 ):
     """`paged_attention` from the q/k/v matmul's output as it is, before RoPE: one Pallas kernel
     applies RoPE to q and k and writes K/V (`pallas_kernels.rope_write`; with `qk_norm`, (q
     scale, k scale, eps), Qwen3's per-head norms first), then each token attends to its
     sequence's pages. `fused` with the Pallas decode kernel: all of it in that one kernel
     (`paged_attention.rope_paged_decode`, the q/k norms too; the same numbers, or within
-    rounding with $JAXINFER_ROPE_DECODE_LAST or the norms). One device (no mesh). Returns
-    ([T, N, H], (k_pages, v_pages))."""
-    from pallas_kernels.paged_attention import rope_paged_decode
+    rounding with the norms or `new_token_last`: in every decode program, the new token joined
+    after the kv loop). One device (no mesh). Returns ([T, N, H], (k_pages, v_pages))."""
+    from pallas_kernels.paged_attention import PagedConfig, rope_paged_decode
     from pallas_kernels.rope_write import rope_write
 
-    max_rows, config = _fused_decode_form()
+    max_rows = 1 << 30 if new_token_last else FUSED_DECODE_MAX_ROWS
     if fused and impl == "pallas" and meta.decode and qkv.shape[0] <= max_rows:
         # padding rows: length 1, slot -1, dropped
         lengths = jnp.maximum(meta.kv_lens, 1)
@@ -244,7 +228,7 @@ def rope_paged_attention(
             meta.slot_mapping,
             inv_freq,
             qk_norm,
-            config=config,
+            config=PagedConfig(new_token_last=True) if new_token_last else None,
         )
         return out, (k_pages, v_pages)
     q, k_pages, v_pages = rope_write(

@@ -70,13 +70,15 @@ def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dic
     (`norm_kernel`) and, in paged steps, RoPE + the K/V write (`rope_kernel`, for a head dim it
     takes; with Qwen3's q/k norms in it, on request), both Pallas kernels with the Pallas
     attention on one GPU (over a mesh the jnp forms, which XLA splits like the rest of the
-    program); in decode steps, with `rope_kernel` (and so with Qwen3's norms on request too), the
-    attention in that same kernel (`rope_decode`, `paged_attention.rope_paged_decode`); and one token's projections as XLA
-    row reductions (`row_gemv`, `layers.dense`), on any GPU; with the Pallas attention on one
-    Hopper GPU in bf16, steps of 65-128 tokens run gate/up and SiLU x up as one Mosaic GPU
-    kernel (`swiglu_kernel`, `layers.MLP`); MoE experts run the block-aligned Mosaic GPU
-    kernels (`expert_kernel`, `moe.MoE`) only when asked. $JAXINFER_NORM_KERNEL /
-    $JAXINFER_ROPE_KERNEL / $JAXINFER_ROPE_DECODE / $JAXINFER_ROW_GEMV /
+    program); in decode steps, with `rope_kernel` (and so with Qwen3's norms on request too),
+    the attention in that same kernel (`rope_decode`, `paged_attention.rope_paged_decode`; in
+    every decode program with the new token joined after the kv loop, `rope_decode_last`, only
+    when asked); and one token's projections as XLA row reductions (`row_gemv`,
+    `layers.dense`), on any GPU; with the Pallas attention on one Hopper GPU in bf16, steps of
+    65-128 tokens run gate/up and SiLU x up as one Mosaic GPU kernel (`swiglu_kernel`,
+    `layers.MLP`); MoE experts run the block-aligned Mosaic GPU kernels (`expert_kernel`,
+    `moe.MoE`) only when asked. $JAXINFER_NORM_KERNEL / $JAXINFER_ROPE_KERNEL /
+    $JAXINFER_ROPE_DECODE / $JAXINFER_ROPE_DECODE_LAST / $JAXINFER_ROW_GEMV /
     $JAXINFER_SWIGLU_KERNEL / $JAXINFER_EXPERT_KERNEL = 0 or 1 decide instead (for measuring
     one against the other). Measured on an H200: bench/README."""
     gpu = jax.default_backend() == "gpu"
@@ -89,13 +91,16 @@ def fused_kernels(cfg: ModelConfig, dtype, impl: str, parallel: Parallel) -> dic
     rope_fits = rope_write_supported(cfg.head_dim, dtype)
     # With Qwen3's q/k norms inside it, on request only until it has run on a GPU (bench/README)
     rope_kernel = rope_fits and choice("JAXINFER_ROPE_KERNEL", pallas_alone and not cfg.qk_norm)
+    # follows rope_kernel: with Qwen3's q/k norms, on request as that kernel is
+    rope_decode = rope_kernel and choice("JAXINFER_ROPE_DECODE", pallas_alone)
     bf16 = jnp.dtype(dtype) == jnp.bfloat16
     return dict(
         norm_kernel=choice("JAXINFER_NORM_KERNEL", pallas_alone),
         rope_kernel=rope_kernel,
         row_gemv=choice("JAXINFER_ROW_GEMV", gpu),
-        # follows rope_kernel: with Qwen3's q/k norms, on request as that kernel is
-        rope_decode=rope_kernel and choice("JAXINFER_ROPE_DECODE", pallas_alone),
+        rope_decode=rope_decode,
+        # Opt-in until timed on a GPU (pallas_kernels/NOTES.md, "The new token last")
+        rope_decode_last=rope_decode and choice("JAXINFER_ROPE_DECODE_LAST", False),
         swiglu_kernel=bf16 and choice("JAXINFER_SWIGLU_KERNEL", pallas_alone and on_hopper()),
         # Opt-in: on an H200 it ran a Mixtral layer at 0.82-1.04x the grouped matmul's speed
         # (bench/README, "Block-aligned expert kernels").

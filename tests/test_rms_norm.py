@@ -123,8 +123,10 @@ def test_decoder_with_the_kernel_matches_without():
 def test_the_kernels_are_chosen_for_pallas_on_one_gpu_only(monkeypatch):
     cfg = _tiny_config()
     names = ("NORM_KERNEL", "ROPE_KERNEL", "ROW_GEMV", "ROPE_DECODE", "SWIGLU_KERNEL")
+    names += ("ROPE_DECODE_LAST",)
     keys = ("norm_kernel", "rope_kernel", "row_gemv", "rope_decode", "swiglu_kernel")
     no_experts = {"expert_kernel": False}  # a dense model: never, asked or not
+    last = lambda on: {"rope_decode_last": on}  # only when asked
     set_all = lambda value: [monkeypatch.setenv(f"JAXINFER_{n}", value) for n in names]
     for name in names:
         monkeypatch.delenv(f"JAXINFER_{name}", raising=False)
@@ -134,18 +136,25 @@ def test_the_kernels_are_chosen_for_pallas_on_one_gpu_only(monkeypatch):
         **dict.fromkeys(keys, on_gpu),
         "swiglu_kernel": on_hopper(),
         **no_experts,
+        **last(False),
     }
-    assert both("xla") == {**dict.fromkeys(keys, False), "row_gemv": on_gpu, **no_experts}
+    assert both("xla") == {
+        **dict.fromkeys(keys, False),
+        "row_gemv": on_gpu,
+        **no_experts,
+        **last(False),
+    }
     set_all("1")
     monkeypatch.setenv("JAXINFER_EXPERT_KERNEL", "1")
-    assert both("xla") == {**dict.fromkeys(keys, True), **no_experts}
+    assert both("xla") == {**dict.fromkeys(keys, True), **no_experts, **last(True)}
     f32 = model_lib.fused_kernels(cfg, jnp.float32, "xla", Parallel())
     assert not f32["swiglu_kernel"]  # the kernel takes bf16 only
     odd = dataclasses.replace(cfg, head_dim=24)  # half of it is no power of two
     odd_kernels = model_lib.fused_kernels(odd, jnp.bfloat16, "xla", Parallel())
     assert odd_kernels["rope_kernel"] is odd_kernels["rope_decode"] is False  # it needs the first
+    assert odd_kernels["rope_decode_last"] is False
     set_all("0")
-    assert both("pallas") == {**dict.fromkeys(keys, False), **no_experts}
+    assert both("pallas") == {**dict.fromkeys(keys, False), **no_experts, **last(False)}
 
 
 def test_qwen3_norms_join_the_rope_kernel_on_request_only(monkeypatch):

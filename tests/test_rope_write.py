@@ -118,11 +118,18 @@ def model_h32(tmp_path_factory):
 
 
 def staggered_with_kernels(
-    model, decode_steps: int, on: str, fused: str = "0", impl: str = "xla", last: str = "0"
+    model,
+    decode_steps: int,
+    on: str,
+    fused: str = "0",
+    impl: str = "xla",
+    last: str = "0",
+    clear: bool = True,
 ):
     traced = []  # decode programs built on the fused kernel
     fused_kernel = paged_attention.rope_paged_decode
-    llama._apply_block_jit.clear_cache()  # layers traced by the other cases are not retraced
+    if clear:  # layers traced by the other cases are not retraced
+        llama._apply_block_jit.clear_cache()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(
             paged_attention,
@@ -138,6 +145,7 @@ def staggered_with_kernels(
         outs, engine = staggered(model, decode_steps, attention_impl=impl)
     assert engine.runner.decoder.rope_kernel is (on == "1")
     assert engine.runner.decoder.rope_decode is (on == fused == "1")
+    assert engine.runner.decoder.rope_decode_last is (on == fused == last == "1")
     assert bool(traced) is (on == fused == "1" and impl == "pallas")  # it replaces Pallas's
     assert all(bool(c and c.new_token_last) is (last == "1") for c in traced)
     return outs
@@ -229,3 +237,11 @@ def test_decode_steps_with_the_new_token_last_give_the_outputs_of_two_kernels(
     two = staggered_with_kernels(model_h32, decode_steps, "1", "0", impl="pallas")
     last = staggered_with_kernels(model_h32, decode_steps, "1", "1", impl="pallas", last="1")
     assert_same_outputs(two, last, 1e-5)
+
+
+def test_the_new_token_last_switch_reaches_the_next_engine_of_a_process(model_h32):
+    """`bench_throughput.py --env JAXINFER_ROPE_DECODE_LAST=0,...=1` builds its engines in one
+    process: the switch is a `Decoder` field, so the layers' shared jit (keyed by the block)
+    traces the other form for the second engine instead of reusing the first one's trace."""
+    staggered_with_kernels(model_h32, 4, "1", "1", impl="pallas", last="0")
+    staggered_with_kernels(model_h32, 4, "1", "1", impl="pallas", last="1", clear=False)

@@ -56,6 +56,8 @@ class Attention(nn.Module):
     rope_kernel: bool = False  # paged steps: RoPE and the K/V write as one Pallas kernel
     row_gemv: bool = False  # one token's projections as row reductions (`layers.dense`)
     rope_decode: bool = False  # with rope_kernel, decode steps: the attention in that kernel too
+    # with rope_decode: in every decode program, the new token joined after the kv loop
+    rope_decode_last: bool = False
 
     @nn.compact
     def __call__(
@@ -102,6 +104,7 @@ class Attention(nn.Module):
                 qk_norm=qk_norm,
                 impl=self.impl,
                 fused=self.rope_decode,
+                new_token_last=self.rope_decode_last,
             )
             out = out[None]
         else:
@@ -138,6 +141,7 @@ class Block(nn.Module):
     rope_decode: bool = False
     swiglu_kernel: bool = False
     expert_kernel: bool = False
+    rope_decode_last: bool = False
 
     @nn.compact
     def __call__(self, x, delta, positions, cache, prefill, paged, valid=None):
@@ -154,6 +158,7 @@ class Block(nn.Module):
             self.rope_kernel,
             self.row_gemv,
             self.rope_decode,
+            self.rope_decode_last,
             name="attn",
         )(h, positions, cache, prefill, paged)
         h, x = RMSNorm(eps, self.dtype, kernel=kernel, name="mlp_norm")(x, h)
@@ -191,6 +196,8 @@ class Decoder(nn.Module):
     rope_decode: bool = False
     swiglu_kernel: bool = False  # steps of 65-128 tokens: gate/up and SiLU x up as one kernel
     expert_kernel: bool = False  # MoE experts: the block-aligned Mosaic GPU kernels (`MoE`)
+    # with rope_decode: in every decode program, the new token joined after the kv loop
+    rope_decode_last: bool = False
 
     @nn.compact
     def __call__(
@@ -257,6 +264,7 @@ class Decoder(nn.Module):
             self.rope_decode,
             self.swiglu_kernel,
             self.expert_kernel,
+            self.rope_decode_last,
         )
         if self.is_initializing() or self.is_mutable_collection("intermediates"):
             return Block(*args, name=f"layers_{i}")(
