@@ -54,6 +54,7 @@ from pallas_kernels.common import (
     init_carry,
     online_softmax_step,
 )
+from pallas_kernels.rope_write import check_qk_norm, scaled_norm, supported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,16 +247,15 @@ class _NewToken:
 
     def _norm(self, x, x_partner, scale_ref, cols, partner):
         """Rows [.., H] (and the same rows at the partner columns) RMS-normalised over H and
-        scaled, as `rope_write`'s q/k norm rounds them (its sum of squares half by half)."""
-        f32, half = jnp.float32, self.ref.shape[1] // 2
-        r = lambda a: a.astype(self.ref.dtype).astype(f32)
-        lo, sq = cols < half, x * x
-        total = jnp.sum(jnp.where(lo, sq, 0.0), axis=-1, keepdims=True) + jnp.sum(
+        scaled, as `rope_write`'s q/k norm does it (its sum of squares half by half)."""
+        head_dim = self.ref.shape[1]
+        lo, sq = cols < head_dim // 2, x * x
+        sum_sq = jnp.sum(jnp.where(lo, sq, 0.0), axis=-1, keepdims=True) + jnp.sum(
             jnp.where(lo, 0.0, sq), axis=-1, keepdims=True
         )
-        inv = lax.rsqrt(total / (2 * half) + self.qk_norm[2])
-        scale, scale_partner = scale_ref[cols].astype(f32), scale_ref[partner].astype(f32)
-        return r(scale * r(x * inv)), r(scale_partner * r(x_partner * inv))
+        scales = (scale_ref[cols], scale_ref[partner])
+        eps, dtype = self.qk_norm[2], self.ref.dtype
+        return scaled_norm((x, x_partner), scales, sum_sq, head_dim, eps, dtype)
 
     def _rope(self, load, scale_ref=None):
         """load(columns) -> rows [.., H] at those columns; returns them rotated (normalised
@@ -1082,8 +1082,6 @@ def rope_paged_decode(
     Returns:
       ([B, K * G, H] attention output, k_pages, v_pages).
     """
-    from pallas_kernels.rope_write import check_qk_norm, supported
-
     if qkv.ndim != 4 or qkv.shape[2] < 3:
         raise ValueError(f"qkv must be [B, K, G + 2, H] with G >= 1, got {qkv.shape}")
     batch, num_kv_heads, rows, head_dim = qkv.shape

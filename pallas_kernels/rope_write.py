@@ -68,17 +68,24 @@ def _rotate(x1, x2, cos, sin, dtype):
     return r(r(x1 * cos) - r(x2 * sin)), r(r(x2 * cos) + r(x1 * sin))
 
 
+def scaled_norm(xs, scales, sum_sq, width: int, eps: float, dtype):
+    """Each of `xs` (parts of rows, float32) RMS-normalised by the rows' float32 sum of squares
+    `sum_sq` [.., 1] over `width` and scaled by its part of the scale, rounded as
+    `rms_norm_reference` rounds: the normalised values cast to the dtype, the product with the
+    scale in the dtype. The fused decode kernel's q/k norm uses it too."""
+    f32 = jnp.float32
+    inv = jax.lax.rsqrt(sum_sq / width + eps)
+    r = lambda a: a.astype(dtype).astype(f32)
+    return tuple(r(s.astype(f32) * r(x * inv)) for x, s in zip(xs, scales))
+
+
 def _head_norm(x1, x2, s1, s2, eps, dtype):
     """The halves of rows [.., H/2] x 2 RMS-normalised over the whole row and scaled (s1, s2
-    [H/2]), rounded as `rms_norm_reference` rounds: float32 statistics, the normalised row
-    cast to the dtype, the product with the scale in the dtype."""
+    [H/2]): the sum of squares half by half, then `scaled_norm`."""
     f32 = jnp.float32
     x1, x2 = x1.astype(f32), x2.astype(f32)
-    width = 2 * x1.shape[-1]
-    mean_sq = jnp.sum(x1 * x1, axis=-1, keepdims=True) + jnp.sum(x2 * x2, axis=-1, keepdims=True)
-    inv = jax.lax.rsqrt(mean_sq / width + eps)
-    r = lambda a: a.astype(dtype).astype(f32)
-    return r(s1.astype(f32) * r(x1 * inv)), r(s2.astype(f32) * r(x2 * inv))
+    sum_sq = jnp.sum(x1 * x1, axis=-1, keepdims=True) + jnp.sum(x2 * x2, axis=-1, keepdims=True)
+    return scaled_norm((x1, x2), (s1, s2), sum_sq, 2 * x1.shape[-1], eps, dtype)
 
 
 def _kernel(pos_ref, slot_ref, freq_ref, *refs, group, eps):
